@@ -1,0 +1,69 @@
+//! Writes a random BitNet b1.58 checkpoint in the Hugging Face layout.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use bessie::model::hf::Layout;
+use bessie::model::init::{write_random_checkpoint, TokenizerSource};
+use candle_core::DType;
+use clap::Parser;
+
+/// Write a random BitNet b1.58 checkpoint of a named shape, for tests, demos and benchmarks.
+///
+/// Shapes: tiny (hidden 64, 2 layers), large, xl and 3b (the 1bitLLM bitnet_b1_58 models). The output
+/// loads in bessie-prompt, bessie-train and transformers like a downloaded checkpoint.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Output directory (created; must be empty unless --force).
+    #[arg(short, long)]
+    out: PathBuf,
+    /// tiny, large, xl or 3b.
+    #[arg(long, default_value = "tiny")]
+    shape: String,
+    /// Tokenizer: a checkpoint directory or a SentencePiece tokenizer.model. Default: Bessie's small one.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Vocabulary size of the model (default: the tokenizer's, added tokens included).
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Weight dtype on disk: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// File layout of the weights.
+    #[arg(long, value_enum, default_value = "safetensors")]
+    layout: Layout,
+    /// Write into a non-empty directory.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    bessie::cli::run(|| body(Args::parse()))
+}
+
+fn body(args: Args) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("--dtype {other}: use f32, f16 or bf16"),
+    };
+    if !args.force && args.out.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+        bail!("{} is not empty (pass --force to write into it)", args.out.display());
+    }
+    let tokenizer = args.tokenizer.as_deref().map_or(TokenizerSource::Shipped, TokenizerSource::Path);
+    let cfg =
+        write_random_checkpoint(&args.out, &args.shape, tokenizer, args.vocab_size, args.seed, dtype, args.layout)?;
+    println!(
+        "wrote a random {} model ({:.1}M parameters, vocab {}) to {}",
+        args.shape,
+        cfg.num_parameters() as f64 / 1e6,
+        cfg.vocab_size,
+        args.out.display()
+    );
+    Ok(())
+}

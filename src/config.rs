@@ -1,0 +1,184 @@
+//! Configuration: the model's Hugging Face `config.json`.
+//!
+//! Field names and defaults follow transformers' `LlamaConfig` plus the BitNet keys that 1bitLLM writes
+//! (`weight_bits`, `input_bits`). Unknown keys are kept verbatim so a checkpoint saved by Bessie carries
+//! everything the original file said.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    /// transformers' default is `false`; 1bitLLM's checkpoints say `true`.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_weight_bits")]
+    pub weight_bits: u32,
+    #[serde(default = "default_input_bits")]
+    pub input_bits: u32,
+    #[serde(default = "default_bos")]
+    pub bos_token_id: u32,
+    #[serde(default = "default_eos")]
+    pub eos_token_id: u32,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Everything else (`architectures`, `model_type`, `torch_dtype`, ...), kept for saving.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_hidden_act() -> String {
+    "silu".into()
+}
+fn default_weight_bits() -> u32 {
+    1
+}
+fn default_input_bits() -> u32 {
+    8
+}
+fn default_bos() -> u32 {
+    1
+}
+fn default_eos() -> u32 {
+    2
+}
+
+/// Named model shapes: the 1bitLLM family and a tiny one for tests and demos.
+pub const SHAPES: &[&str] = &["tiny", "large", "xl", "3b"];
+
+impl ModelConfig {
+    /// Reads and validates `config.json`; errors name the file and the field.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.validate().with_context(|| format!("invalid {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// A named shape (see [`SHAPES`]) in 1bitLLM's `config.json` form.
+    pub fn shape(name: &str, vocab_size: usize) -> Result<Self> {
+        let (hidden, inter, layers, heads) = match name {
+            "tiny" => (64, 176, 2, 4),
+            "large" => (1536, 4096, 24, 16),
+            "xl" => (2048, 5460, 24, 32),
+            "3b" => (3200, 8640, 26, 32),
+            other => bail!("unknown model shape `{other}` (known: {})", SHAPES.join(", ")),
+        };
+        let cfg = serde_json::json!({
+            "architectures": ["BitnetForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 2048,
+            "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "tie_word_embeddings": true,
+            "weight_bits": 1,
+            "input_bits": 8,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 32000,
+            "attention_bias": false,
+            "initializer_range": 0.02,
+            "torch_dtype": "float32",
+        });
+        let mut cfg: Self = serde_json::from_value(cfg)?;
+        // The pad id is the first added token, right after the SentencePiece vocabulary.
+        cfg.pad_token_id = Some(vocab_size.saturating_sub(2) as u32);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let nonzero = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (key, v) in nonzero {
+            if v == 0 {
+                bail!("field `{key}` must be positive");
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
+            bail!(
+                "field `hidden_size` ({}) must be an even multiple of `num_attention_heads` ({})",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if self.num_attention_heads % self.num_kv_heads() != 0 {
+            bail!(
+                "field `num_key_value_heads` ({}) must divide `num_attention_heads` ({})",
+                self.num_kv_heads(),
+                self.num_attention_heads
+            );
+        }
+        if self.hidden_act != "silu" {
+            bail!("field `hidden_act` is `{}`; only `silu` is supported", self.hidden_act);
+        }
+        if self.weight_bits != 1 || self.input_bits != 8 {
+            bail!(
+                "fields `weight_bits`/`input_bits` are {}/{}; BitNet b1.58 needs 1/8",
+                self.weight_bits,
+                self.input_bits
+            );
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            bail!("field `rope_scaling` is set; RoPE scaling is not supported yet");
+        }
+        if self.extra.get("attention_bias").and_then(|v| v.as_bool()) == Some(true) {
+            bail!("field `attention_bias` is true; BitNet b1.58 has no biases");
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Parameter count, with the embedding counted once when tied.
+    pub fn num_parameters(&self) -> usize {
+        crate::model::parameter_shapes(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+}

@@ -1,0 +1,13 @@
+//! Bessie: SFT, evaluation and prompting of BitNet b1.58 models.
+//!
+//! Data flow at inference: `config` (config.json) -> `model::hf` (weights into a `VarBuilder`) ->
+//! `model::BitNet` (forward with a KV cache) -> `generate` (sampling, stop rules, streaming text through
+//! `tokenizer`).
+
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod model;
+pub mod rng;
+pub mod tokenizer;

@@ -1,0 +1,317 @@
+//! BitNet b1.58 inference: LLaMA blocks whose projections are BitLinear layers, plus the two extra
+//! RMSNorms (`inner_attn_ln` before `o_proj`, `ffn_layernorm` before `down_proj`). Reads like the paper:
+//! `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{kv_cache, RmsNorm, VarBuilder};
+
+use crate::config::ModelConfig;
+
+/// Quantizes a latent weight matrix to ternary: `s = 1 / mean|W|`, `Wq = clamp(round(W s), -1, 1)`.
+/// Returns the ternary matrix (values -1, 0, 1) and `1 / s`, so that `W ≈ Wq / s`.
+pub fn quantize_weight(w: &Tensor) -> Result<(Tensor, f64)> {
+    // The mean in f64 so the scale, and with it every rounding boundary, matches PyTorch's f32 result.
+    let mean_abs = w.to_dtype(DType::F64)?.abs()?.mean_all()?.to_scalar::<f64>()? as f32;
+    let s = 1.0 / mean_abs.max(1e-5);
+    let w = w.to_dtype(DType::F32)?;
+    let ternary = (w * s as f64)?.round()?.clamp(-1f32, 1f32)?;
+    Ok((ternary, 1.0 / s as f64))
+}
+
+/// Quantizes activations per token (last dim) to int8: `s = 127 / max|x|`, `xq = clamp(round(x s), -128, 127)`.
+/// Returns the integer values as f32 and `1 / s` per token (shape `[.., 1]`).
+/// candle rounds halves away from zero where PyTorch rounds them to even; exact halves are measure-zero
+/// events for real activations.
+pub fn quantize_activations(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let x = x.to_dtype(DType::F32)?;
+    let absmax = x.abs()?.max_keepdim(D::Minus1)?.clamp(1e-5f32, f32::INFINITY)?;
+    let scale = (absmax / 127.0)?;
+    let q = x.broadcast_div(&scale)?.round()?.clamp(-128f32, 127f32)?;
+    Ok((q, scale))
+}
+
+/// A BitLinear layer at inference: the ternary weight is computed once at load time.
+#[derive(Debug, Clone)]
+pub struct BitLinear {
+    /// Ternary values in the compute dtype, `[out, in]`; exact in bf16.
+    ternary: Tensor,
+    weight_scale: f64,
+}
+
+impl BitLinear {
+    pub fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> Result<Self> {
+        let latent = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::F32)?;
+        let (ternary, weight_scale) = quantize_weight(&latent)?;
+        Ok(Self { ternary: ternary.to_dtype(vb.dtype())?, weight_scale })
+    }
+}
+
+impl Module for BitLinear {
+    /// `y = (xq @ Wq^T) * x_scale * w_scale`: the product of integers is exact, the scales are applied once.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let (q, x_scale) = quantize_activations(x)?;
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(1);
+        let q2 = q.to_dtype(dtype)?.reshape(((), in_dim))?;
+        let y = q2.matmul(&self.ternary.t()?)?.to_dtype(DType::F32)?;
+        dims.push(self.ternary.dim(0)?);
+        let y = y.reshape(dims)?.broadcast_mul(&(x_scale * self.weight_scale)?)?;
+        y.to_dtype(dtype)
+    }
+}
+
+fn rms_norm(vb: &VarBuilder, dim: usize, eps: f64, name: &str) -> Result<RmsNorm> {
+    let weight = vb.get(dim, &format!("{name}.weight"))?;
+    Ok(RmsNorm::new(weight, eps))
+}
+
+/// Rotary position embedding tables (rotate-half form, as in transformers' LLaMA).
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let d = cfg.head_dim();
+        let inv_freq: Vec<f32> =
+            (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64) as f32).collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
+        let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = t.matmul(&inv_freq)?;
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// Rotates `x: [batch, heads, seq, head_dim]` whose first position is `pos`.
+    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: BitLinear,
+    k_proj: BitLinear,
+    v_proj: BitLinear,
+    o_proj: BitLinear,
+    inner_attn_ln: RmsNorm,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        let kv = cfg.num_kv_heads() * d;
+        Ok(Self {
+            q_proj: BitLinear::load(&vb.pp("q_proj"), h, h)?,
+            k_proj: BitLinear::load(&vb.pp("k_proj"), kv, h)?,
+            v_proj: BitLinear::load(&vb.pp("v_proj"), kv, h)?,
+            o_proj: BitLinear::load(&vb.pp("o_proj"), h, h)?,
+            inner_attn_ln: rms_norm(&vb, h, cfg.rms_norm_eps, "inner_attn_ln")?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_kv_heads(),
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: &mut kv_cache::KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
+        let q = rope.apply(&heads(self.q_proj.forward(x)?, self.num_heads)?, pos)?;
+        let k = rope.apply(&heads(self.k_proj.forward(x)?, self.num_kv_heads)?, pos)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.contiguous()?;
+        let (k, v) = cache.append(&k, &v)?;
+        let groups = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
+
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        self.o_proj.forward(&self.inner_attn_ln.forward(&y)?)
+    }
+}
+
+/// Grouped-query attention: each key/value head serves `groups` query heads.
+fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return x.contiguous();
+    }
+    let (b, n, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, n, groups, t, d))?.reshape((b, n * groups, t, d))
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: BitLinear,
+    up_proj: BitLinear,
+    down_proj: BitLinear,
+    ffn_layernorm: RmsNorm,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: BitLinear::load(&vb.pp("gate_proj"), i, h)?,
+            up_proj: BitLinear::load(&vb.pp("up_proj"), i, h)?,
+            down_proj: BitLinear::load(&vb.pp("down_proj"), h, i)?,
+            ffn_layernorm: rms_norm(&vb, i, cfg.rms_norm_eps, "ffn_layernorm")?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&self.ffn_layernorm.forward(&y)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: rms_norm(&vb, h, eps, "input_layernorm")?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: rms_norm(&vb, h, eps, "post_attention_layernorm")?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+}
+
+/// Keys and values of every layer for the positions seen so far.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<kv_cache::KvCache>,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        // Grows in chunks of 512 positions; dim 2 is the sequence axis of [batch, heads, seq, head_dim].
+        let chunk = cfg.max_position_embeddings.min(512);
+        Self { layers: (0..cfg.num_hidden_layers).map(|_| kv_cache::KvCache::new(2, chunk)).collect() }
+    }
+
+    /// Number of positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.current_seq_len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BitNet {
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+    pub cfg: ModelConfig,
+}
+
+impl BitNet {
+    /// Builds the model from Hugging Face names; `vb`'s dtype is the compute dtype.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = vb.get((v, h), "model.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { vb.get((v, h), "lm_head.weight")? };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| Block::load(vb.pp(format!("model.layers.{l}")), cfg))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: rms_norm(&vb, h, cfg.rms_norm_eps, "model.norm")?,
+            lm_head,
+            rope: Rope::new(cfg, vb.dtype(), vb.device())?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// Runs `ids: [batch, seq]` (u32) after the positions already in `cache` and returns the final hidden
+    /// states `[batch, seq, hidden]` after the last norm.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let pos = cache.len();
+        if pos + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds max_position_embeddings = {}",
+                pos + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let mask = causal_mask(t, pos, self.device())?;
+        for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let a = block.self_attn.forward(
+                &block.input_layernorm.forward(&x)?,
+                &self.rope,
+                pos,
+                mask.as_ref(),
+                layer_cache,
+            )?;
+            x = (x + a)?;
+            x = (&x + block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits in f32 for hidden states `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let mut dims = hidden.dims().to_vec();
+        let h = dims.pop().unwrap_or(1);
+        let y = hidden.reshape(((), h))?.matmul(&self.lm_head.t()?)?;
+        dims.push(self.cfg.vocab_size);
+        y.reshape(dims)?.to_dtype(DType::F32)
+    }
+}
+
+/// Additive mask for `t` new positions after `pos` cached ones: position `i` sees keys `0..=pos + i`.
+/// None when a single token is added (it sees everything).
+fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..pos + t).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (t, pos + t), device).map(Some)
+}

@@ -1,0 +1,290 @@
+//! Hugging Face checkpoint directories: `config.json` plus weights in `model.safetensors`, sharded
+//! safetensors (`model.safetensors.index.json`), or `pytorch_model.bin` (also sharded), in F32, F16 or BF16.
+//! Loading goes through a candle `VarBuilder` whose backend knows which file holds each tensor, so every
+//! error names the file and the tensor. Saving writes the layout transformers' `save_pretrained` writes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::config::ModelConfig;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const SAFETENSORS_FILE: &str = "model.safetensors";
+pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+pub const PTH_FILE: &str = "pytorch_model.bin";
+pub const PTH_INDEX: &str = "pytorch_model.bin.index.json";
+
+enum Storage {
+    Safetensors(MmapedSafetensors),
+    /// PyTorch pickles are read whole: they are not memory-mappable.
+    Pth(HashMap<String, Tensor>),
+}
+
+/// The tensors of a checkpoint directory, by name, with the file each one lives in.
+pub struct WeightFiles {
+    storage: Storage,
+    file_of: HashMap<String, PathBuf>,
+    /// What a missing tensor's error names as the place it was looked for.
+    source: String,
+}
+
+impl WeightFiles {
+    /// Finds the weights in `dir`, preferring safetensors over PyTorch pickles.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let at = |f: &str| dir.join(f);
+        if at(SAFETENSORS_INDEX).exists() {
+            let files = read_index(&at(SAFETENSORS_INDEX))?;
+            Self::safetensors(files, SAFETENSORS_INDEX)
+        } else if at(SAFETENSORS_FILE).exists() {
+            Self::safetensors(vec![at(SAFETENSORS_FILE)], SAFETENSORS_FILE)
+        } else if at(PTH_INDEX).exists() {
+            Self::pth(read_index(&at(PTH_INDEX))?, PTH_INDEX)
+        } else if at(PTH_FILE).exists() {
+            Self::pth(vec![at(PTH_FILE)], PTH_FILE)
+        } else {
+            bail!(
+                "no weights in {}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {PTH_FILE} or {PTH_INDEX}",
+                dir.display()
+            )
+        }
+    }
+
+    fn safetensors(files: Vec<PathBuf>, source: &str) -> Result<Self> {
+        // SAFETY: the files are mapped read-only; Bessie never writes a checkpoint in place (saves go to a
+        // temporary name and are renamed), so the mapping does not change under us.
+        let st = unsafe { MmapedSafetensors::multi(&files) }
+            .with_context(|| format!("reading {}", display_files(&files)))?;
+        let mut file_of = HashMap::new();
+        for f in &files {
+            // SAFETY: as above.
+            let one = unsafe { MmapedSafetensors::new(f) }?;
+            for (name, _) in one.tensors() {
+                file_of.insert(name, f.clone());
+            }
+        }
+        Ok(Self { storage: Storage::Safetensors(st), file_of, source: source.into() })
+    }
+
+    fn pth(files: Vec<PathBuf>, source: &str) -> Result<Self> {
+        let (mut tensors, mut file_of) = (HashMap::new(), HashMap::new());
+        for f in &files {
+            let all = candle_core::pickle::read_all(f).with_context(|| format!("reading {}", f.display()))?;
+            for (name, t) in all {
+                file_of.insert(name.clone(), f.clone());
+                tensors.insert(name, t);
+            }
+        }
+        Ok(Self { storage: Storage::Pth(tensors), file_of, source: source.into() })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.file_of.keys()
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let Some(file) = self.file_of.get(name) else { candle_core::bail!("{}: missing tensor `{name}`", self.source) };
+        let t = match &self.storage {
+            Storage::Safetensors(st) => st.load(name, &Device::Cpu),
+            Storage::Pth(map) => Ok(map[name].clone()),
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", file.display())))?;
+        t.to_dtype(dtype)?.to_device(device)
+    }
+
+    /// A `VarBuilder` over these weights producing `dtype` tensors on `device`.
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for WeightFiles {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let (Some(file), Storage::Safetensors(st)) = (self.file_of.get(name), &self.storage) {
+            // Check the shape from the header before converting gigabytes of data.
+            let found: Shape = st.get(name)?.shape().into();
+            check_shape(file, name, &found, &shape)?;
+        }
+        let t = self.load(name, dtype, device)?;
+        check_shape(&self.file_of[name], name, t.shape(), &shape)?;
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.file_of.contains_key(name)
+    }
+}
+
+fn check_shape(file: &Path, name: &str, found: &Shape, expected: &Shape) -> candle_core::Result<()> {
+    if found != expected {
+        candle_core::bail!(
+            "{}: tensor `{name}` has shape {:?} but config.json implies {:?}",
+            file.display(),
+            found.dims(),
+            expected.dims()
+        );
+    }
+    Ok(())
+}
+
+fn display_files(files: &[PathBuf]) -> String {
+    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The shard files an index's `weight_map` names, in order of first appearance.
+fn read_index(path: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let index: Index = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for f in index.weight_map.values() {
+        let p = dir.join(f);
+        if !files.contains(&p) {
+            if !p.exists() {
+                bail!("{}: lists shard {f}, which does not exist", path.display());
+            }
+            files.push(p);
+        }
+    }
+    Ok(files)
+}
+
+/// Loads `config.json` and a `VarBuilder` over the weights of a checkpoint directory.
+pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, VarBuilder<'static>)> {
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display());
+    }
+    let cfg = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let weights = WeightFiles::open(dir)?;
+    Ok((cfg, weights.var_builder(dtype, device)))
+}
+
+/// How the weights of a saved checkpoint are laid out on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// One `model.safetensors`.
+    Safetensors,
+    /// `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json`.
+    Sharded,
+    /// `pytorch_model.bin` (a PyTorch zip pickle), for tools that want the old format.
+    Pth,
+}
+
+/// Writes a checkpoint directory as transformers' `save_pretrained` does: `config.json`, the weights in
+/// `layout` (tied `lm_head` omitted), and the tokenizer files copied. Each file is written to a temporary
+/// name and renamed, so an interrupted save never leaves a truncated file under the real name.
+pub fn save(
+    dir: &Path,
+    cfg: &ModelConfig,
+    tensors: &[(String, Tensor)],
+    dtype: DType,
+    layout: Layout,
+    tokenizer_files: &[PathBuf],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cfg = cfg.clone();
+    cfg.extra.insert("torch_dtype".into(), dtype_name(dtype)?.into());
+    write_json(&dir.join(CONFIG_FILE), &cfg)?;
+
+    let tensors: Vec<(String, Tensor)> = tensors
+        .iter()
+        .filter(|(n, _)| !(cfg.tie_word_embeddings && n == "lm_head.weight"))
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    match layout {
+        Layout::Safetensors => write_safetensors(&dir.join(SAFETENSORS_FILE), &tensors)?,
+        Layout::Pth => write_atomic(&dir.join(PTH_FILE), |tmp| super::pth::write(tmp, &tensors))?,
+        Layout::Sharded => {
+            // Two shards at least, so the index path is exercised even for tiny models.
+            let total: usize = tensors.iter().map(|(_, t)| t.elem_count() * dtype.size_in_bytes()).sum();
+            let per_shard = (total / 2).max(1);
+            let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+            let mut size = 0;
+            for (n, t) in tensors {
+                let bytes = t.elem_count() * dtype.size_in_bytes();
+                if size > 0 && size + bytes > per_shard && shards.len() < 2 {
+                    shards.push(vec![]);
+                    size = 0;
+                }
+                size += bytes;
+                shards.last_mut().expect("one shard at least").push((n, t));
+            }
+            let m = shards.len();
+            let mut weight_map = BTreeMap::new();
+            for (i, shard) in shards.iter().enumerate() {
+                let file = format!("model-{:05}-of-{m:05}.safetensors", i + 1);
+                write_safetensors(&dir.join(&file), shard)?;
+                weight_map.extend(shard.iter().map(|(n, _)| (n.clone(), file.clone())));
+            }
+            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            write_json(&dir.join(SAFETENSORS_INDEX), &index)?;
+        }
+    }
+    for src in tokenizer_files {
+        let name = src.file_name().context("tokenizer file without a name")?;
+        let dst = dir.join(name);
+        if src != &dst {
+            write_atomic(&dst, |tmp| Ok(std::fs::copy(src, tmp).map(|_| ())?))
+                .with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn dtype_name(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        other => bail!("cannot save weights as {other:?}: use f32, f16 or bf16"),
+    })
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    // transformers checks the `format` metadata of safetensors files it loads.
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let data: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    write_atomic(path, |tmp| Ok(safetensors::serialize_to_file(data, Some(metadata), tmp)?))
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    write_atomic(path, |tmp| Ok(std::fs::write(tmp, serde_json::to_vec_pretty(value)?)?))
+}
+
+/// Writes `path` by letting `write` fill a temporary sibling, fsyncing it, then renaming it into place.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path.file_name().context("path without a file name")?.to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result: Result<()> = (|| {
+        write(&tmp)?;
+        // Some writers create private files; checkpoints are ordinary readable files.
+        #[cfg(unix)]
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}

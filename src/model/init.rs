@@ -1,0 +1,109 @@
+//! Random BitNet checkpoints of any shape, for tests, demos and benchmarks (real weights cannot be
+//! downloaded everywhere). Matrices are N(0, 0.02) as transformers' `initializer_range`; norms are one.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
+
+/// All parameters of `cfg`, f32 on the CPU, from a seeded generator: the same seed gives the same model.
+pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
+    let mut rng = Rng::new(seed);
+    super::parameter_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if super::is_norm(&name) {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+            };
+            Ok((name, Tensor::from_vec(data, shape, &Device::Cpu)?))
+        })
+        .collect()
+}
+
+/// The tokenizer that ships with Bessie (assets/tokenizer), for random models and the built-in demo.
+const SHIPPED_TOKENIZER: &[(&str, &[u8])] = &[
+    ("tokenizer.model", include_bytes!("../../assets/tokenizer/tokenizer.model")),
+    ("tokenizer_config.json", include_bytes!("../../assets/tokenizer/tokenizer_config.json")),
+    ("special_tokens_map.json", include_bytes!("../../assets/tokenizer/special_tokens_map.json")),
+];
+
+/// Where a random checkpoint's tokenizer comes from.
+pub enum TokenizerSource<'a> {
+    /// The small tokenizer in assets/tokenizer.
+    Shipped,
+    /// A checkpoint directory's tokenizer files, or a bare SentencePiece `tokenizer.model`, to which the
+    /// BitNet added tokens `<pad>` and `</line>` are appended as 1bitLLM does.
+    Path(&'a Path),
+}
+
+/// Writes a random checkpoint of the named shape to `out` with its tokenizer. The vocabulary is the
+/// tokenizer's unless `vocab_size` asks for more (benchmarks use 32002 for the 1bitLLM shapes).
+pub fn write_random_checkpoint(
+    out: &Path,
+    shape: &str,
+    tokenizer: TokenizerSource,
+    vocab_size: Option<usize>,
+    seed: u64,
+    dtype: candle_core::DType,
+    layout: super::hf::Layout,
+) -> Result<ModelConfig> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    match tokenizer {
+        TokenizerSource::Shipped => {
+            for (name, bytes) in SHIPPED_TOKENIZER {
+                std::fs::write(out.join(name), bytes)?;
+            }
+        }
+        TokenizerSource::Path(p) if p.is_dir() => {
+            for f in Tokenizer::from_dir(p)?.files() {
+                std::fs::copy(f, out.join(f.file_name().context("tokenizer file name")?))?;
+            }
+        }
+        TokenizerSource::Path(p) => {
+            std::fs::copy(p, out.join("tokenizer.model")).with_context(|| format!("copying {}", p.display()))?;
+            let pieces = Tokenizer::from_dir(out)?.vocab_size();
+            std::fs::write(out.join("tokenizer_config.json"), added_tokens_config(pieces))?;
+        }
+    }
+    let tok = Tokenizer::from_dir(out)?;
+    let vocab = vocab_size.unwrap_or(tok.vocab_size());
+    anyhow::ensure!(
+        vocab >= tok.vocab_size(),
+        "vocab size {vocab} is smaller than the tokenizer's {}",
+        tok.vocab_size()
+    );
+    let mut cfg = ModelConfig::shape(shape, vocab)?;
+    cfg.pad_token_id = tok.pad_id();
+    let weights = random_weights(&cfg, seed)?;
+    super::hf::save(out, &cfg, &weights, dtype, layout, &[])?;
+    Ok(cfg)
+}
+
+/// A `tokenizer_config.json` adding `<pad>` and `</line>` after `pieces` SentencePiece pieces.
+fn added_tokens_config(pieces: usize) -> String {
+    let token = |content: &str| {
+        serde_json::json!({"content": content, "lstrip": false, "normalized": false,
+                           "rstrip": false, "single_word": false, "special": true})
+    };
+    let cfg = serde_json::json!({
+        "added_tokens_decoder": {
+            pieces.to_string(): token("<pad>"),
+            (pieces + 1).to_string(): token("</line>"),
+        },
+        "add_bos_token": true,
+        "add_eos_token": false,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "tokenizer_class": "LlamaTokenizer",
+    });
+    serde_json::to_string_pretty(&cfg).expect("static JSON")
+}
