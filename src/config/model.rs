@@ -1,4 +1,4 @@
-//! Configuration: the model's Hugging Face `config.json`.
+//! The model's Hugging Face `config.json`.
 //!
 //! Field names and defaults follow transformers' `LlamaConfig` plus the BitNet keys that 1bitLLM writes
 //! (`weight_bits`, `input_bits`). Unknown keys are kept verbatim so a checkpoint saved by Bessie carries
