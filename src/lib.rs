@@ -4,10 +4,13 @@
 //! `model::BitNet` (forward with a KV cache) -> `generate` (sampling, stop rules, streaming text through
 //! `tokenizer`).
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod generate;
 pub mod model;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;

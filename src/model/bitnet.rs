@@ -152,7 +152,7 @@ impl Attention {
 }
 
 /// Grouped-query attention: each key/value head serves `groups` query heads.
-fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
+pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
     if groups == 1 {
         return x.contiguous();
     }

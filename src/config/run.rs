@@ -1,0 +1,378 @@
+//! The training run: a TOML file (see configs/) whose every key can be overridden with `--set section.key=value`.
+//!
+//! Every key has a default, and the defaults are the original project's recipe (SEED.md), so a file only names
+//! what it changes. Unknown keys are errors everywhere: a typo must not silently fall back to a default.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::model::SHAPES;
+// The data module defines what these mean; the config only names them (`response`/`all`, `truncate`/`drop`).
+pub use crate::data::{LossOn, Overflow};
+
+/// The built-in demo run, used when no config file is given.
+const EMBEDDED: &str = include_str!("../../configs/tiny.toml");
+/// Where the embedded config lives, so its relative paths resolve as if it had been read from disk.
+const EMBEDDED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub checkpoint: CheckpointSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face checkpoint directory to fine-tune.
+    pub path: PathBuf,
+    /// Or a random model of a named shape (`SHAPES`) with the shipped tokenizer.
+    pub init: String,
+    pub init_seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// JSONL with `prompt`/`response` fields.
+    pub train: PathBuf,
+    /// Optional JSONL for the periodic dev loss; empty means none.
+    pub dev: PathBuf,
+    pub max_seq_len: usize,
+    pub loss_on: LossOn,
+    pub overflow: Overflow,
+    /// Several examples per sequence; attention never crosses examples.
+    pub pack: bool,
+    /// Empty means Bessie's default system prompt.
+    pub system_prompt: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub epochs: usize,
+    /// 0 runs the epochs; more caps the optimizer steps.
+    pub max_steps: usize,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    /// The schedule decays from `lr` to `lr * min_lr_ratio` after warm-up.
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    /// Weight decay skips norms and the embedding unless true.
+    pub decay_norms_and_embeddings: bool,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global-norm gradient clip; 0 turns it off.
+    pub grad_clip: f64,
+    /// Quantizer strength `min(step / N, 1)`; 0 quantizes fully from step 0.
+    pub quant_warmup_steps: usize,
+    /// Seeds the data order.
+    pub seed: u64,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// The dtype gradients are all-reduced in.
+    pub grad_dtype: GradDtype,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub out_dir: PathBuf,
+    /// Optimizer steps between checkpoints; 0 saves only the final one.
+    pub every: usize,
+    /// How many `checkpoint-STEP` directories to keep.
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// Optimizer steps between dev-loss measurements; 0 measures only at the end.
+    pub dev_every: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GradDtype {
+    F32,
+    Bf16,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::new(),
+            dev: PathBuf::new(),
+            max_seq_len: 512,
+            loss_on: LossOn::Response,
+            overflow: Overflow::Truncate,
+            pack: true,
+            system_prompt: String::new(),
+        }
+    }
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            epochs: 2,
+            max_steps: 0,
+            micro_batch: 1,
+            grad_accum: 4,
+            lr: 2e-4,
+            schedule: Schedule::Linear,
+            warmup_steps: 30,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.0,
+            decay_norms_and_embeddings: false,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            quant_warmup_steps: 0,
+            seed: 42,
+            device: "auto".into(),
+            grad_dtype: GradDtype::F32,
+        }
+    }
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self { out_dir: PathBuf::from("runs/bessie"), every: 500, keep: 2 }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self { dev_every: 100 }
+    }
+}
+
+impl RunConfig {
+    /// Reads a TOML file (or, with `None`, the embedded configs/tiny.toml), applies `section.key=value`
+    /// overrides, makes the paths absolute and validates.
+    ///
+    /// Relative paths in the file are relative to the file's directory; relative paths in overrides are
+    /// relative to the current directory, as anything typed on a command line is. Paths end up absolute so
+    /// that [`to_toml`](Self::to_toml) can be saved anywhere and loaded back unchanged.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
+        let (text, name, dir) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                // `run.toml` has the parent "", which std::path::absolute refuses.
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                (text, p.display().to_string(), dir.to_path_buf())
+            }
+            None => (EMBEDDED.to_string(), "configs/tiny.toml (embedded)".to_string(), PathBuf::from(EMBEDDED_DIR)),
+        };
+        // toml's own error names the key and its line and column.
+        let mut cfg: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {name}"))?;
+        cfg.resolve_paths(&std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?);
+        if !overrides.is_empty() {
+            cfg = cfg.with_overrides(overrides)?;
+            cfg.resolve_paths(&std::env::current_dir().context("reading the current directory")?);
+        }
+        let with = if overrides.is_empty() { "" } else { " with the --set overrides" };
+        cfg.validate().with_context(|| format!("invalid run config {name}{with}"))?;
+        Ok(cfg)
+    }
+
+    /// Applies `section.key=value` overrides one at a time, so a bad value is blamed on its own key.
+    fn with_overrides(&self, overrides: &[String]) -> Result<RunConfig> {
+        let mut table = toml::Table::try_from(self).context("serializing the run config")?;
+        let mut cfg = self.clone();
+        for spec in overrides {
+            let (key, raw) = spec
+                .split_once('=')
+                .with_context(|| format!("malformed override `{spec}`: expected section.key=value"))?;
+            let key = key.trim();
+            let (section, field) = key
+                .split_once('.')
+                .with_context(|| format!("malformed override `{spec}`: the key must be section.key"))?;
+            let Some(toml::Value::Table(fields)) = table.get_mut(section) else {
+                let sections: Vec<&str> = table.keys().map(String::as_str).collect();
+                bail!("unknown config key `{key}` (sections: {})", sections.join(", "));
+            };
+            let Some(slot) = fields.get_mut(field) else {
+                let keys: Vec<&str> = fields.keys().map(String::as_str).collect();
+                bail!("unknown config key `{key}` (keys of [{section}]: {})", keys.join(", "));
+            };
+            *slot = override_value(raw, slot);
+            cfg = table.clone().try_into().with_context(|| format!("invalid value `{raw}` for `{key}`"))?;
+        }
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        for p in [&mut self.model.path, &mut self.data.train, &mut self.data.dev, &mut self.checkpoint.out_dir] {
+            // Empty means "not set" and stays empty; joining an absolute path leaves it as it is.
+            if !p.as_os_str().is_empty() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let (m, d, t, c) = (&self.model, &self.data, &self.train, &self.checkpoint);
+        match (m.path.as_os_str().is_empty(), m.init.is_empty()) {
+            (false, true) => {}
+            (true, false) if SHAPES.contains(&m.init.as_str()) => {}
+            (true, false) => bail!("model.init `{}` is not a known shape (known: {})", m.init, SHAPES.join(", ")),
+            _ => bail!("exactly one of model.path and model.init must be set"),
+        }
+        if d.train.as_os_str().is_empty() {
+            bail!("data.train is empty");
+        }
+        if c.out_dir.as_os_str().is_empty() {
+            bail!("checkpoint.out_dir is empty");
+        }
+        let positive = [
+            ("data.max_seq_len", d.max_seq_len),
+            ("train.epochs", t.epochs),
+            ("train.micro_batch", t.micro_batch),
+            ("train.grad_accum", t.grad_accum),
+            ("checkpoint.keep", c.keep),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                bail!("{key} must be positive");
+            }
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            bail!("train.lr must be positive, not {}", t.lr);
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            bail!("train.min_lr_ratio must be in [0, 1], not {}", t.min_lr_ratio);
+        }
+        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{key} must be in [0, 1), not {v}");
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            bail!("train.eps must be positive, not {}", t.eps);
+        }
+        for (key, v) in [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{key} must be zero or positive, not {v}");
+            }
+        }
+        // Only the spelling: whether the device exists is for the run to find out (validating must not need a GPU).
+        let device_ok = matches!(t.device.as_str(), "auto" | "cpu" | "cuda")
+            || t.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if !device_ok {
+            bail!("train.device `{}` must be auto, cpu, cuda or cuda:N", t.device);
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, saved beside checkpoints; [`load`](Self::load) reads it back unchanged.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("every RunConfig field is a TOML scalar and paths are UTF-8")
+    }
+
+    /// The system prompt to train with; `None` means Bessie's default.
+    pub fn system_prompt(&self) -> Option<&str> {
+        Some(self.data.system_prompt.as_str()).filter(|s| !s.is_empty())
+    }
+}
+
+/// Parses an override's value as TOML; a bare word that isn't TOML (`foo.jsonl`, `fast`) is a string.
+/// A string key takes the text as written, so `--set checkpoint.out_dir=2024` is the directory `2024`.
+fn override_value(raw: &str, current: &toml::Value) -> toml::Value {
+    let raw = raw.trim();
+    let parsed = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"));
+    match parsed {
+        Some(v @ toml::Value::String(_)) => v,
+        Some(_) if current.is_str() => toml::Value::String(raw.to_string()),
+        Some(v) => v,
+        None => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> RunConfig {
+        let mut cfg = RunConfig::default();
+        cfg.model.init = "tiny".into();
+        cfg.data.train = "train.jsonl".into();
+        cfg
+    }
+
+    #[test]
+    fn defaults_are_the_original_recipe() {
+        let t = TrainSection::default();
+        assert_eq!((t.lr, t.weight_decay, t.warmup_steps, t.grad_clip), (2e-4, 0.0, 30, 1.0));
+        assert_eq!((t.micro_batch, t.grad_accum, t.epochs, t.schedule), (1, 4, 2, Schedule::Linear));
+        assert_eq!(DataSection::default().max_seq_len, 512);
+        let c = CheckpointSection::default();
+        assert_eq!((c.every, c.keep), (500, 2));
+        // An empty file means the defaults.
+        assert_eq!(toml::from_str::<RunConfig>("").unwrap(), RunConfig::default());
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        type Edit = fn(&mut RunConfig);
+        let cases: [(Edit, &str); 10] = [
+            (|c| c.train.micro_batch = 0, "train.micro_batch must be positive"),
+            (|c| c.data.max_seq_len = 0, "data.max_seq_len must be positive"),
+            (|c| c.train.lr = 0.0, "train.lr must be positive"),
+            (|c| c.train.min_lr_ratio = 1.5, "train.min_lr_ratio"),
+            (|c| c.train.beta2 = 1.0, "train.beta2"),
+            (|c| c.train.grad_clip = -1.0, "train.grad_clip"),
+            (|c| c.train.device = "gpu".into(), "train.device `gpu`"),
+            (|c| c.data.train = PathBuf::new(), "data.train is empty"),
+            (|c| c.model.init = "huge".into(), "model.init `huge` is not a known shape"),
+            (|c| c.model.path = "m".into(), "exactly one of model.path and model.init"),
+        ];
+        for (edit, want) in cases {
+            let mut cfg = valid();
+            edit(&mut cfg);
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(want), "`{err}` should contain `{want}`");
+        }
+    }
+
+    #[test]
+    fn override_values() {
+        let s = toml::Value::String(String::new());
+        let f = toml::Value::Float(0.0);
+        assert_eq!(override_value("foo.jsonl", &s), toml::Value::String("foo.jsonl".into()));
+        assert_eq!(override_value("\"a b\"", &s), toml::Value::String("a b".into()));
+        assert_eq!(override_value("2024", &s), toml::Value::String("2024".into()));
+        assert_eq!(override_value("3e-3", &f), toml::Value::Float(3e-3));
+        assert_eq!(override_value("fast", &f), toml::Value::String("fast".into()));
+        assert_eq!(override_value("false", &toml::Value::Boolean(true)), toml::Value::Boolean(false));
+    }
+
+    #[test]
+    fn system_prompt_is_none_when_empty() {
+        let mut cfg = valid();
+        assert_eq!(cfg.system_prompt(), None);
+        cfg.data.system_prompt = "Moo.".into();
+        assert_eq!(cfg.system_prompt(), Some("Moo."));
+    }
+}

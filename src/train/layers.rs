@@ -1,0 +1,153 @@
+//! The layers of BitNet training, each an explicit forward that returns what its backward needs and a
+//! backward that returns the input gradient and the parameter gradients (llm.c's shape). Tokens are
+//! flattened to rows, `[n, channels]`, except inside attention, which works on `[batch, heads, seq, dim]`.
+//! Statistics (norms, softmax, loss) are computed in f32 whatever the compute dtype.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use crate::model::bitnet::{quantize_activations, quantize_weight};
+
+/// A BitLinear weight as this step's forward sees it: `W + lambda (Q(W) - W)` in the compute dtype, where
+/// `Q(W)` is the ternary weight times its scale. lambda = 1 is plain BitNet; lambda < 1 is the warm-up that
+/// eases a full-precision checkpoint into ternary. Computed once per optimizer step.
+pub fn effective_weight(latent: &Tensor, lambda: f64, dtype: DType) -> Result<Tensor> {
+    let (ternary, scale) = quantize_weight(latent)?;
+    let q = (ternary * scale)?;
+    blend(latent, &q, lambda)?.to_dtype(dtype)
+}
+
+/// `x + lambda (q - x)`, skipping the arithmetic at the ends.
+fn blend(x: &Tensor, q: &Tensor, lambda: f64) -> Result<Tensor> {
+    if lambda >= 1.0 {
+        Ok(q.clone())
+    } else if lambda <= 0.0 {
+        Ok(x.clone())
+    } else {
+        x + ((q - x)? * lambda)?
+    }
+}
+
+/// Activations as the BitLinear GEMM sees them: per-token int8 fake-quantized (blended by lambda).
+pub fn effective_input(x: &Tensor, lambda: f64) -> Result<Tensor> {
+    let (q, scale) = quantize_activations(x)?;
+    let q = q.broadcast_mul(&scale)?;
+    blend(&x.to_dtype(DType::F32)?, &q, lambda)?.to_dtype(x.dtype())
+}
+
+/// `y = x_eff @ W_eff^T` for `x_eff: [n, in]`, `w: [out, in]`.
+pub fn linear_forward(x_eff: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x_eff.matmul(&w.t()?)
+}
+
+/// Straight-through estimator: both quantizers pass gradients unchanged, so the gradients are those of a
+/// plain linear layer at the effective weight and input. Returns `(dx, dW)` with dW in f32.
+pub fn linear_backward(dy: &Tensor, x_eff: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dx = dy.matmul(w)?;
+    let dw = dy.t()?.matmul(x_eff)?.to_dtype(DType::F32)?;
+    Ok((dx, dw))
+}
+
+/// What RMSNorm's backward needs: the input and the reciprocal RMS of each row.
+pub struct RmsNormSaved {
+    x: Tensor,
+    rrms: Tensor,
+}
+
+/// `y = w * x / rms(x)`, rows of `x: [n, c]`, statistics in f32.
+pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let rrms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let y = x32.broadcast_mul(&rrms)?.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+    Ok((y, RmsNormSaved { x: x.clone(), rrms }))
+}
+
+/// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`.
+pub fn rmsnorm_backward(dy: &Tensor, w: &Tensor, s: &RmsNormSaved) -> Result<(Tensor, Tensor)> {
+    let dy = dy.to_dtype(DType::F32)?;
+    let xhat = s.x.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
+    let dw = (&dy * &xhat)?.sum(0)?;
+    let g = dy.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rrms)?;
+    Ok((dx.to_dtype(s.x.dtype())?, dw))
+}
+
+/// SwiGLU: `h = silu(a) * b`.
+pub fn swiglu_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.silu()? * b
+}
+
+/// Returns `(da, db)`; `silu'(a) = s (1 + a (1 - s))` with `s = sigmoid(a)`, in f32.
+pub fn swiglu_backward(dh: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dtype = a.dtype();
+    let (dh, a, b) = (dh.to_dtype(DType::F32)?, a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let s = (a.neg()?.exp()? + 1.0)?.recip()?;
+    let silu = (&a * &s)?;
+    let dsilu = (&s * ((&a * (1.0 - &s)?)? + 1.0)?)?;
+    let da = ((&dh * &b)? * dsilu)?;
+    let db = (dh * silu)?;
+    Ok((da.to_dtype(dtype)?, db.to_dtype(dtype)?))
+}
+
+/// Rotates `x: [batch, heads, seq, dim]` by per-token angles `cos, sin: [batch, seq, dim/2]`.
+pub fn rope_forward(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
+}
+
+/// The inverse rotation: a rotation's transpose is the rotation by the negated angle.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_forward(dy, cos, &sin.neg()?)
+}
+
+/// What attention's backward needs.
+pub struct AttentionSaved {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Softmax probabilities in f32, `[batch, heads, seq, seq]`.
+    probs: Tensor,
+}
+
+/// Softmax attention with an additive mask `[batch, 1, seq, seq]`; scores and softmax in f32.
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, AttentionSaved)> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let y = probs.to_dtype(v.dtype())?.matmul(v)?;
+    Ok((y, AttentionSaved { q: q.clone(), k: k.clone(), v: v.clone(), probs }))
+}
+
+/// Returns `(dq, dk, dv)`: `dV = P^T dY`, `dP = dY V^T`, `dS = P (dP - rowsum(dP P))`, `dQ = dS K c`, `dK = dS^T Q c`.
+pub fn attention_backward(dy: &Tensor, s: &AttentionSaved) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = s.v.dtype();
+    let scale = 1.0 / (s.q.dim(D::Minus1)? as f64).sqrt();
+    let p = s.probs.to_dtype(dtype)?;
+    let dv = p.t()?.matmul(dy)?;
+    let dp = dy.matmul(&s.v.t()?)?.to_dtype(DType::F32)?;
+    let row = (&dp * &s.probs)?.sum_keepdim(D::Minus1)?;
+    let ds = ((dp.broadcast_sub(&row))? * &s.probs)?.to_dtype(dtype)?;
+    let dq = (ds.matmul(&s.k)? * scale)?;
+    let dk = (ds.t()?.matmul(&s.q)? * scale)?;
+    Ok((dq, dk, dv))
+}
+
+/// Summed cross-entropy of `logits: [n, vocab]` (f32) against `targets: [n]` where `mask: [n]` is 1, and
+/// its gradient `(softmax - onehot) * mask`. Summed, not averaged: the step divides by the number of
+/// trained tokens of the whole optimizer step, so accumulation and data parallelism weigh tokens equally.
+pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(f64, Tensor)> {
+    let mask = mask.unsqueeze(1)?;
+    let lse = {
+        let max = logits.max_keepdim(D::Minus1)?;
+        (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?
+    };
+    let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
+    let loss = ((lse.clone() - picked)? * &mask)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let probs = logits.broadcast_sub(&lse)?.exp()?;
+    let vocab = logits.dim(1)? as u32;
+    let onehot = Tensor::arange(0u32, vocab, logits.device())?
+        .unsqueeze(0)?
+        .broadcast_eq(&targets.unsqueeze(1)?)?
+        .to_dtype(DType::F32)?;
+    let dlogits = (probs - onehot)?.broadcast_mul(&mask)?;
+    Ok((loss, dlogits))
+}

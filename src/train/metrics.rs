@@ -1,0 +1,77 @@
+//! What a run reports: one JSON line per optimizer step in `OUT/metrics.jsonl`, and a progress bar.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    /// Mean loss per trained token of this step.
+    pub loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev_loss: Option<f64>,
+    pub lr: f64,
+    /// Before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed this step (padding excluded), all ranks.
+    pub tokens: usize,
+    pub tokens_per_sec: f64,
+    /// Model FLOPs per second (6 x parameters x tokens plus attention), in TFLOP/s.
+    pub tflops: f64,
+    /// Against the GPU's bf16 dense peak; absent on CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+}
+
+/// Appends to `metrics.jsonl`. On resume, lines past the resumed step (written after that checkpoint by
+/// the run that stopped) are dropped, so the file reads as one uninterrupted run.
+pub struct MetricsLog {
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    pub fn open(path: &Path, resume_step: usize) -> Result<Self> {
+        let kept: Vec<String> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= resume_step))
+            .map(str::to_string)
+            .collect();
+        let mut text = kept.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok(Self { file })
+    }
+
+    pub fn log(&mut self, m: &StepMetrics) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(m)?)?;
+        Ok(())
+    }
+}
+
+pub fn progress_bar(total: usize, done: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30.cyan/blue} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+            .expect("static template"),
+    );
+    bar.set_position(done as u64);
+    bar.reset_eta();
+    bar
+}
+
+/// Training FLOPs per token: 6 per parameter (forward and backward of every matmul, the tied head
+/// counted once) plus attention's `12 x layers x seq x hidden`.
+pub fn flops_per_token(cfg: &crate::config::ModelConfig, seq: usize) -> f64 {
+    6.0 * cfg.num_parameters() as f64 + 12.0 * (cfg.num_hidden_layers * seq * cfg.hidden_size) as f64
+}
+
+/// Dense bf16 peak of the H100/H200 (SXM) tensor cores, the cards Bessie is measured on.
+pub const GPU_PEAK_TFLOPS: f64 = 989.0;

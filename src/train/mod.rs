@@ -1,0 +1,303 @@
+//! Supervised fine-tuning (torchtitan's shape: separate parts joined in one short loop).
+//!
+//! config -> model and data -> for each optimizer step: micro-batches -> [`model::forward`] and
+//! [`model::backward`] -> summed gradients / trained tokens -> clip -> AdamW -> metrics -> checkpoint.
+
+pub mod layers;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod params;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::{self, CheckpointWriter, TrainerState};
+use crate::config::run::{RunConfig, TrainSection};
+use crate::config::ModelConfig;
+use crate::data::{self, Batch, DataOptions, Dataset, Row};
+use crate::model::hf::{self, Layout};
+use crate::model::init::{write_random_checkpoint, TokenizerSource};
+use crate::tokenizer::{template::ChatTemplate, Tokenizer};
+use metrics::{MetricsLog, StepMetrics};
+use model::{BatchTensors, RopeTables, StepWeights};
+use optim::{AdamW, AdamWHyper};
+use params::ParamLayout;
+
+/// What every step needs and nothing changes: the model's shape, where parameters live, the device.
+pub struct StepContext {
+    pub model_cfg: ModelConfig,
+    pub layout: ParamLayout,
+    pub rope: RopeTables,
+    pub device: Device,
+    pub dtype: DType,
+    pub hyper: AdamWHyper,
+}
+
+impl StepContext {
+    pub fn new(model_cfg: ModelConfig, train: &TrainSection, device: Device) -> Result<Self> {
+        let hyper =
+            AdamWHyper { beta1: train.beta1, beta2: train.beta2, eps: train.eps, weight_decay: train.weight_decay };
+        Ok(Self {
+            layout: ParamLayout::new(&model_cfg),
+            rope: RopeTables::new(&model_cfg, &device)?,
+            dtype: crate::device::compute_dtype(&device),
+            model_cfg,
+            device,
+            hyper,
+        })
+    }
+}
+
+pub struct StepResult {
+    /// Mean loss per trained token.
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Non-padding tokens processed.
+    pub tokens: usize,
+}
+
+/// Summed loss and gradients (flat, f32) of micro-batches at fixed weights, and the trained-token count.
+fn accumulate(ctx: &StepContext, w: &StepWeights, micro: &[Batch], lambda: f64) -> Result<(f64, Tensor, usize)> {
+    let mut acc: Option<Tensor> = None;
+    let (mut loss, mut tokens) = (0.0, 0);
+    for b in micro {
+        let bt = BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)?;
+        let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, &bt, lambda)?;
+        let grads = ctx.layout.flatten(&model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved)?)?;
+        acc = Some(match acc {
+            Some(a) => (a + grads)?,
+            None => grads,
+        });
+        loss += l;
+        tokens += b.loss_tokens;
+    }
+    Ok((loss, acc.context("a step needs at least one micro-batch")?, tokens))
+}
+
+/// One optimizer step. The parameters are replaced only when the loss is finite, so a NaN leaves the
+/// last good weights (and checkpoints) untouched.
+pub fn train_step(
+    ctx: &StepContext,
+    train: &TrainSection,
+    params: &mut Tensor,
+    adam: &mut AdamW,
+    micro: &[Batch],
+    step: usize,
+    lr: f64,
+) -> Result<StepResult> {
+    let lambda = optim::quant_lambda(train, step);
+    let w = StepWeights::new(&ctx.layout, params, lambda, ctx.dtype)?;
+    let (loss_sum, grads, loss_tokens) = accumulate(ctx, &w, micro, lambda)?;
+    let loss = loss_sum / loss_tokens.max(1) as f64;
+    if !loss.is_finite() {
+        bail!("loss is {loss} at step {step}; stopping with the last good checkpoint intact");
+    }
+    let grads = (grads / loss_tokens.max(1) as f64)?;
+    let (grad_norm, grads) = optim::clip_grad_norm(&grads, train.grad_clip)?;
+    *params = adam.step(params, &grads, lr, &ctx.hyper)?;
+    let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum();
+    Ok(StepResult { loss, grad_norm, tokens })
+}
+
+/// Mean loss per trained token over a dataset, in batches of `batch` rows.
+pub fn dev_loss(
+    ctx: &StepContext,
+    params: &Tensor,
+    ds: &Dataset,
+    opts: &DataOptions,
+    batch: usize,
+    pad: u32,
+) -> Result<f64> {
+    let w = StepWeights::new(&ctx.layout, params, 1.0, ctx.dtype)?;
+    let rows = data::epoch_rows(ds, 0, 0, opts);
+    let (mut loss, mut tokens) = (0.0, 0);
+    for chunk in rows.chunks(batch) {
+        let b = data::make_batch(ds, chunk, pad);
+        let bt = BatchTensors::new(&b, &ctx.rope, ctx.dtype, &ctx.device)?;
+        loss += model::forward(&ctx.model_cfg, &ctx.layout, &w, &bt, 1.0)?.0;
+        tokens += b.loss_tokens;
+    }
+    Ok(loss / tokens.max(1) as f64)
+}
+
+/// Where a finished run left its model.
+pub struct RunSummary {
+    pub final_dir: PathBuf,
+    pub steps: usize,
+    pub last_loss: Option<f64>,
+}
+
+/// The model directory to start from: the configured checkpoint, or a random model written once into
+/// `OUT/base-model` (demos and benchmarks).
+fn base_model(cfg: &RunConfig) -> Result<PathBuf> {
+    if cfg.model.init.is_empty() {
+        return Ok(cfg.model.path.clone());
+    }
+    let dir = cfg.checkpoint.out_dir.join("base-model");
+    if !dir.join(hf::CONFIG_FILE).exists() {
+        write_random_checkpoint(
+            &dir,
+            &cfg.model.init,
+            TokenizerSource::Shipped,
+            None,
+            cfg.model.init_seed,
+            DType::F32,
+            Layout::Safetensors,
+        )?;
+    }
+    Ok(dir)
+}
+
+/// Trains as `cfg` says. With `resume`, continues from the newest complete checkpoint in the output
+/// directory (or starts fresh when there is none).
+pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
+    let out = &cfg.checkpoint.out_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let device = crate::device::parse_device(&cfg.train.device)?;
+    let model_dir = base_model(cfg)?;
+    let (model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
+    if cfg.data.max_seq_len > model_cfg.max_position_embeddings {
+        bail!(
+            "data.max_seq_len = {} exceeds the model's max_position_embeddings = {}",
+            cfg.data.max_seq_len,
+            model_cfg.max_position_embeddings
+        );
+    }
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let template = ChatTemplate::new(cfg.system_prompt());
+    let opts = DataOptions {
+        max_seq_len: cfg.data.max_seq_len,
+        loss_on: cfg.data.loss_on,
+        overflow: cfg.data.overflow,
+        pack: cfg.data.pack,
+    };
+    let cache = out.join("cache");
+    let train_ds = data::load_jsonl(&cfg.data.train, &tokenizer, &template, &opts, Some(&cache))?;
+    let dev_ds = match cfg.data.dev.as_os_str().is_empty() {
+        true => None,
+        false => Some(data::load_jsonl(&cfg.data.dev, &tokenizer, &template, &opts, Some(&cache))?),
+    };
+    let s = &train_ds.stats;
+    eprintln!(
+        "data: {} examples, {} tokens ({} trained) from {}; {} truncated, {} dropped (max_seq_len {})",
+        train_ds.examples.len(),
+        s.tokens,
+        s.loss_tokens,
+        cfg.data.train.display(),
+        s.truncated,
+        s.dropped,
+        cfg.data.max_seq_len
+    );
+
+    let ctx = StepContext::new(model_cfg.clone(), &cfg.train, device.clone())?;
+    let t = &cfg.train;
+    let rows_per_step = t.micro_batch * t.grad_accum;
+    let epoch_rows = |epoch: usize| data::epoch_rows(&train_ds, epoch, t.seed, &opts);
+    let mut total: usize = (0..t.epochs).map(|e| epoch_rows(e).len() / rows_per_step).sum();
+    if t.max_steps > 0 {
+        total = total.min(t.max_steps);
+    }
+    if total == 0 {
+        bail!("{}: too little data for one optimizer step of {rows_per_step} sequences", cfg.data.train.display());
+    }
+
+    let decay_mask = match t.weight_decay {
+        0.0 => None,
+        _ => Some(ctx.layout.decay_mask(t.decay_norms_and_embeddings, &device)?),
+    };
+    let resumed = match resume {
+        true => checkpoint::latest(out)?,
+        false => None,
+    };
+    let (mut params, mut adam, mut state) = match &resumed {
+        Some(dir) => {
+            let r = checkpoint::load(dir, &ctx.layout, &device)?;
+            if r.state.seed != t.seed {
+                bail!("{}: saved with train.seed = {}, the config says {}", dir.display(), r.state.seed, t.seed);
+            }
+            eprintln!("resuming from {} (step {})", dir.display(), r.state.step);
+            let adam = AdamW::new(r.m, r.v, r.state.step as u64, decay_mask);
+            (r.params, adam, r.state)
+        }
+        None => {
+            if resume {
+                eprintln!("--resume: no checkpoint in {}; starting from the beginning", out.display());
+            }
+            let params = ctx.layout.load(&vb, &device)?;
+            let adam = AdamW::zeros(ctx.layout.total, &device, decay_mask)?;
+            (params, adam, TrainerState { step: 0, epoch: 0, epoch_rows_done: 0, seed: t.seed })
+        }
+    };
+    drop(vb);
+
+    let run_toml = cfg.to_toml();
+    std::fs::write(out.join(checkpoint::RUN_CONFIG_FILE), &run_toml)?;
+    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
+    let pad = tokenizer.pad_id().unwrap_or(0);
+    let writer = CheckpointWriter {
+        out_dir: out,
+        model_cfg: &model_cfg,
+        layout: &ctx.layout,
+        tokenizer_files: tokenizer.files(),
+        run_config: &run_toml,
+        keep: cfg.checkpoint.keep,
+    };
+
+    let bar = metrics::progress_bar(total, state.step);
+    let flops_per_token = metrics::flops_per_token(&model_cfg, cfg.data.max_seq_len);
+    let mut rows: Vec<Row> = epoch_rows(state.epoch);
+    let mut last_loss = None;
+    while state.step < total {
+        if state.epoch_rows_done + rows_per_step > rows.len() {
+            state.epoch += 1;
+            state.epoch_rows_done = 0;
+            rows = epoch_rows(state.epoch);
+            continue;
+        }
+        let step_rows = &rows[state.epoch_rows_done..state.epoch_rows_done + rows_per_step];
+        let micro: Vec<Batch> = step_rows.chunks(t.micro_batch).map(|c| data::make_batch(&train_ds, c, pad)).collect();
+        let lr = optim::learning_rate(t, state.step, total);
+        let started = Instant::now();
+        let r = train_step(&ctx, t, &mut params, &mut adam, &micro, state.step, lr)?;
+        let secs = started.elapsed().as_secs_f64();
+        state.step += 1;
+        state.epoch_rows_done += rows_per_step;
+        last_loss = Some(r.loss);
+
+        let measure_dev = cfg.log.dev_every > 0 && state.step % cfg.log.dev_every == 0 || state.step == total;
+        let dev = match (&dev_ds, measure_dev) {
+            (Some(ds), true) => Some(dev_loss(&ctx, &params, ds, &opts, t.micro_batch, pad)?),
+            _ => None,
+        };
+        let tokens_per_sec = r.tokens as f64 / secs;
+        let tflops = tokens_per_sec * flops_per_token / 1e12;
+        log.log(&StepMetrics {
+            step: state.step,
+            loss: r.loss,
+            dev_loss: dev,
+            lr,
+            grad_norm: r.grad_norm,
+            tokens: r.tokens,
+            tokens_per_sec,
+            tflops,
+            mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
+        })?;
+        bar.set_message(format!(
+            "loss {:.4}{} lr {lr:.2e} {:.0} tok/s",
+            r.loss,
+            dev.map(|d| format!(" dev {d:.4}")).unwrap_or_default(),
+            tokens_per_sec
+        ));
+        bar.inc(1);
+        if cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total {
+            writer.save(&params, &adam, &state)?;
+        }
+    }
+    bar.finish();
+    let final_dir = writer.save_final(&params)?;
+    Ok(RunSummary { final_dir, steps: state.step, last_loss })
+}

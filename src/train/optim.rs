@@ -1,0 +1,93 @@
+//! AdamW over the flat parameter buffer, the learning-rate schedule, and global-norm clipping, with
+//! PyTorch's exact semantics (`torch.optim.AdamW`, `clip_grad_norm_`, transformers' schedules) so a run
+//! matches the original project step for step.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use crate::config::run::{Schedule, TrainSection};
+
+/// AdamW state: first and second moments, f32, the shape of the flat parameter buffer.
+pub struct AdamW {
+    pub m: Tensor,
+    pub v: Tensor,
+    /// Optimizer steps taken (PyTorch's `state["step"]`).
+    pub t: u64,
+    decay_mask: Option<Tensor>,
+}
+
+pub struct AdamWHyper {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    /// `decay_mask` (1 decays, 0 does not) is only needed when weight decay is on.
+    pub fn new(m: Tensor, v: Tensor, t: u64, decay_mask: Option<Tensor>) -> Self {
+        Self { m, v, t, decay_mask }
+    }
+
+    pub fn zeros(n: usize, device: &Device, decay_mask: Option<Tensor>) -> Result<Self> {
+        let z = Tensor::zeros(n, candle_core::DType::F32, device)?;
+        Ok(Self::new(z.clone(), z, 0, decay_mask))
+    }
+
+    /// One step; returns the new parameters. Same arithmetic as `torch.optim.AdamW` (single-tensor path):
+    /// `p *= 1 - lr wd`, `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
+    pub fn step(&mut self, params: &Tensor, grads: &Tensor, lr: f64, h: &AdamWHyper) -> Result<Tensor> {
+        self.t += 1;
+        self.m = ((&self.m * h.beta1)? + (grads * (1.0 - h.beta1))?)?;
+        self.v = ((&self.v * h.beta2)? + (grads.sqr()? * (1.0 - h.beta2))?)?;
+        let bc1 = 1.0 - h.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - h.beta2.powi(self.t as i32);
+        let mut p = params.clone();
+        if h.weight_decay != 0.0 {
+            let factor = match &self.decay_mask {
+                Some(mask) => ((mask * (-lr * h.weight_decay))? + 1.0)?,
+                None => anyhow::bail!("weight decay needs a decay mask"),
+            };
+            p = (p * factor)?;
+        }
+        let denom = ((self.v.sqrt()? / bc2.sqrt())? + h.eps)?;
+        Ok((p - ((&self.m / denom)? * (lr / bc1))?)?)
+    }
+}
+
+/// The learning rate of optimizer step `step` (0-based) out of `total`, as transformers' schedulers give
+/// it: linear warm-up from 0, then linear or cosine decay to `lr * min_lr_ratio`.
+pub fn learning_rate(cfg: &TrainSection, step: usize, total: usize) -> f64 {
+    let warmup = cfg.warmup_steps;
+    if step < warmup {
+        return cfg.lr * step as f64 / warmup.max(1) as f64;
+    }
+    let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+    let factor = match cfg.schedule {
+        Schedule::Constant => 1.0,
+        Schedule::Linear => (1.0 - progress).max(0.0),
+        Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()),
+    };
+    cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
+}
+
+/// The quantization warm-up `lambda = min(step / N, 1)`; 1 (plain BitNet) when N is 0.
+pub fn quant_lambda(cfg: &TrainSection, step: usize) -> f64 {
+    if cfg.quant_warmup_steps == 0 {
+        1.0
+    } else {
+        (step as f64 / cfg.quant_warmup_steps as f64).min(1.0)
+    }
+}
+
+/// Global L2 norm of the gradients, and the gradients scaled so the norm is at most `max_norm`
+/// (`torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). 0 disables.
+pub fn clip_grad_norm(grads: &Tensor, max_norm: f64) -> Result<(f64, Tensor)> {
+    let norm = grads.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if max_norm > 0.0 && coef < 1.0 {
+        Ok((norm, (grads * coef)?))
+    } else {
+        Ok((norm, grads.clone()))
+    }
+}

@@ -1,0 +1,89 @@
+//! All parameters in one contiguous f32 buffer (llm.c's layout): the optimizer, the gradient all-reduce
+//! and checkpoints work on flat tensors; layers see named views into it.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::ModelConfig;
+
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Where each parameter lives in the flat buffer, in the order of `model::parameter_shapes`.
+#[derive(Debug, Clone)]
+pub struct ParamLayout {
+    pub slots: Vec<Slot>,
+    pub total: usize,
+    index: HashMap<String, usize>,
+}
+
+impl ParamLayout {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let mut offset = 0;
+        let slots: Vec<Slot> = crate::model::parameter_shapes(cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let len = shape.iter().product();
+                let slot = Slot { name, shape, offset, len };
+                offset += len;
+                slot
+            })
+            .collect();
+        let index = slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        Self { slots, total: offset, index }
+    }
+
+    pub fn index(&self, name: &str) -> usize {
+        *self.index.get(name).unwrap_or_else(|| panic!("no parameter named {name}"))
+    }
+
+    /// The parameter `i` as a view of `flat`, in its own shape.
+    pub fn view(&self, flat: &Tensor, i: usize) -> candle_core::Result<Tensor> {
+        let s = &self.slots[i];
+        flat.narrow(0, s.offset, s.len)?.reshape(s.shape.as_slice())
+    }
+
+    /// Concatenates per-parameter tensors (in slot order) into one flat f32 tensor.
+    pub fn flatten(&self, tensors: &[Tensor]) -> candle_core::Result<Tensor> {
+        let flat: Vec<Tensor> =
+            tensors.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<_>>()?;
+        Tensor::cat(&flat, 0)
+    }
+
+    /// Named views, for saving in the Hugging Face layout.
+    pub fn named(&self, flat: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        (0..self.slots.len()).map(|i| Ok((self.slots[i].name.clone(), self.view(flat, i)?))).collect()
+    }
+
+    /// Reads every parameter from a checkpoint's `VarBuilder` into a flat f32 buffer on `device`.
+    pub fn load(&self, vb: &VarBuilder, device: &Device) -> Result<Tensor> {
+        let tensors: Vec<Tensor> = self
+            .slots
+            .iter()
+            .map(|s| {
+                vb.get_with_hints_dtype(s.shape.as_slice(), &s.name, Default::default(), DType::F32)
+                    .with_context(|| format!("loading {}", s.name))
+            })
+            .collect::<Result<_>>()?;
+        Ok(self.flatten(&tensors)?.to_device(device)?)
+    }
+
+    /// Per-element weight-decay multiplier (1 decays, 0 does not). Norms and the embedding are skipped
+    /// unless asked for, as is usual for transformers.
+    pub fn decay_mask(&self, decay_norms_and_embeddings: bool, device: &Device) -> Result<Tensor> {
+        let mut mask = Vec::with_capacity(self.total);
+        for s in &self.slots {
+            let skip = crate::model::is_norm(&s.name) || s.name == "model.embed_tokens.weight";
+            mask.extend(std::iter::repeat_n(if skip && !decay_norms_and_embeddings { 0f32 } else { 1f32 }, s.len));
+        }
+        Ok(Tensor::from_vec(mask, self.total, device)?)
+    }
+}
