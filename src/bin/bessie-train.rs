@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use bessie::config::run::RunConfig;
+use bessie::train::bench::BenchOptions;
 use clap::Parser;
 
 /// Fine-tune a BitNet b1.58 model on JSONL prompt/response data.
@@ -24,6 +25,25 @@ struct Args {
     /// Continue from the newest complete checkpoint in checkpoint.out_dir.
     #[arg(long)]
     resume: bool,
+    /// Benchmark instead of training: timed optimizer steps on a random model (see --shape, --seq,
+    /// --batch, --steps), one JSON line on stdout.
+    #[arg(long)]
+    bench: bool,
+    /// Benchmark model shape: tiny, large, xl or 3b.
+    #[arg(long, default_value = "large", requires = "bench")]
+    shape: String,
+    /// Benchmark sequence length.
+    #[arg(long, default_value_t = 768, requires = "bench")]
+    seq: usize,
+    /// Benchmark micro-batch (sequences per step).
+    #[arg(long, default_value_t = 8, requires = "bench")]
+    batch: usize,
+    /// Benchmark timed steps (after 2 untimed warm-up steps).
+    #[arg(long, default_value_t = 10, requires = "bench")]
+    steps: usize,
+    /// Benchmark device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", requires = "bench")]
+    device: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +51,18 @@ fn main() -> std::process::ExitCode {
 }
 
 fn body(args: Args) -> Result<()> {
+    if args.bench {
+        let o = BenchOptions {
+            shape: args.shape,
+            seq: args.seq,
+            batch: args.batch,
+            warmup: 2,
+            steps: args.steps,
+            device: args.device,
+        };
+        println!("{}", serde_json::to_string(&bessie::train::bench::bench(&o)?)?);
+        return Ok(());
+    }
     let cfg = RunConfig::load(args.config.as_deref(), &args.overrides)?;
     let summary = bessie::train::run(&cfg, args.resume)?;
     println!(

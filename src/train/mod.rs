@@ -3,6 +3,7 @@
 //! config -> model and data -> for each optimizer step: micro-batches -> [`model::forward`] and
 //! [`model::backward`] -> summed gradients / trained tokens -> clip -> AdamW -> metrics -> checkpoint.
 
+pub mod bench;
 pub mod layers;
 pub mod metrics;
 pub mod model;

@@ -1,0 +1,97 @@
+//! `bessie-train --bench`: optimizer steps on a random model of a named shape with random tokens, timed,
+//! reported as one JSON line. Measures the training step alone: no data loading, logging or checkpoints.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::{metrics, optim::AdamW, train_step, StepContext};
+use crate::config::run::TrainSection;
+use crate::config::ModelConfig;
+use crate::data::Batch;
+use crate::rng::Rng;
+
+pub struct BenchOptions {
+    pub shape: String,
+    pub seq: usize,
+    pub batch: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    pub device: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub shape: String,
+    pub params: usize,
+    pub seq: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub device: String,
+    pub tokens_per_sec: f64,
+    pub tflops: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+    pub step_ms: f64,
+}
+
+/// Full rows of random tokens, loss on every position.
+fn random_batch(rng: &mut Rng, batch: usize, seq: usize, vocab: usize) -> Batch {
+    let n = batch * seq;
+    let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+    let targets = (0..n).map(|i| if (i + 1) % seq == 0 { 0 } else { ids[i + 1] }).collect();
+    let loss_mask: Vec<f32> = (0..n).map(|i| if (i + 1) % seq == 0 { 0.0 } else { 1.0 }).collect();
+    Batch {
+        batch,
+        seq,
+        ids,
+        targets,
+        loss_tokens: loss_mask.iter().filter(|&&m| m > 0.0).count(),
+        loss_mask,
+        positions: (0..n).map(|i| (i % seq) as u32).collect(),
+        segments: vec![1; n],
+    }
+}
+
+pub fn bench(o: &BenchOptions) -> Result<BenchResult> {
+    let device = crate::device::parse_device(&o.device)?;
+    let cfg = ModelConfig::shape(&o.shape, 32002)?;
+    let train = TrainSection::default();
+    let ctx = StepContext::new(cfg.clone(), &train, device.clone())?;
+    let mut params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
+    let mut adam = AdamW::zeros(ctx.layout.total, &device, None)?;
+    let mut rng = Rng::new(0);
+    let micro = [random_batch(&mut rng, o.batch, o.seq, cfg.vocab_size)];
+    let mut run = |steps: usize| -> Result<f64> {
+        let start = Instant::now();
+        for s in 0..steps {
+            train_step(&ctx, &train, &mut params, &mut adam, &micro, s, 1e-4)?;
+        }
+        sync(&params)?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    run(o.warmup)?;
+    let secs = run(o.steps)?;
+    let tokens_per_sec = (o.steps * o.batch * o.seq) as f64 / secs;
+    let tflops = tokens_per_sec * metrics::flops_per_token(&cfg, o.seq) / 1e12;
+    Ok(BenchResult {
+        shape: o.shape.clone(),
+        params: cfg.num_parameters(),
+        seq: o.seq,
+        batch: o.batch,
+        steps: o.steps,
+        device: format!("{device:?}"),
+        tokens_per_sec,
+        tflops,
+        mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
+        step_ms: secs * 1e3 / o.steps as f64,
+    })
+}
+
+/// Waits for the device's queued work by reading one value back.
+fn sync(t: &Tensor) -> Result<()> {
+    t.narrow(0, 0, 1)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    Ok(())
+}
