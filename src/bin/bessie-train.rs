@@ -44,6 +44,9 @@ struct Args {
     /// Benchmark device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", requires = "bench")]
     device: String,
+    /// Benchmark: also report milliseconds per phase of the step.
+    #[arg(long, requires = "bench")]
+    profile: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +62,7 @@ fn body(args: Args) -> Result<()> {
             warmup: 2,
             steps: args.steps,
             device: args.device,
+            profile: args.profile,
         };
         println!("{}", serde_json::to_string(&bessie::train::bench::bench(&o)?)?);
         return Ok(());

@@ -8,14 +8,17 @@ use candle_nn::{kv_cache, RmsNorm, VarBuilder};
 use crate::config::ModelConfig;
 
 /// Quantizes a latent weight matrix to ternary: `s = 1 / mean|W|`, `Wq = clamp(round(W s), -1, 1)`.
-/// Returns the ternary matrix (values -1, 0, 1) and `1 / s`, so that `W ≈ Wq / s`.
-pub fn quantize_weight(w: &Tensor) -> Result<(Tensor, f64)> {
-    // The mean in f64 so the scale, and with it every rounding boundary, matches PyTorch's f32 result.
-    let mean_abs = w.to_dtype(DType::F64)?.abs()?.mean_all()?.to_scalar::<f64>()? as f32;
-    let s = 1.0 / mean_abs.max(1e-5);
+/// Returns the ternary matrix (values -1, 0, 1, f32) and `1 / s` as a one-element f32 tensor, so that
+/// `W ≈ Wq / s` without a device round trip.
+pub fn quantize_weight(w: &Tensor) -> Result<(Tensor, Tensor)> {
     let w = w.to_dtype(DType::F32)?;
-    let ternary = (w * s as f64)?.round()?.clamp(-1f32, 1f32)?;
-    Ok((ternary, 1.0 / s as f64))
+    // Two stages (rows, then their sums in f64): GPU reductions parallelise over the rows, and the f64
+    // second stage keeps the scale, and with it every rounding boundary, as exact as PyTorch's.
+    let rows = w.abs()?.sum(D::Minus1)?.to_dtype(DType::F64)?;
+    let mean = (rows.sum_all()? / w.elem_count() as f64)?.to_dtype(DType::F32)?;
+    let s = mean.clamp(1e-5f32, f32::INFINITY)?.recip()?;
+    let ternary = w.broadcast_mul(&s)?.round()?.clamp(-1f32, 1f32)?;
+    Ok((ternary, s.recip()?))
 }
 
 /// Quantizes activations per token (last dim) to int8: `s = 127 / max|x|`, `xq = clamp(round(x s), -128, 127)`.
@@ -41,8 +44,8 @@ pub struct BitLinear {
 impl BitLinear {
     pub fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> Result<Self> {
         let latent = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::F32)?;
-        let (ternary, weight_scale) = quantize_weight(&latent)?;
-        Ok(Self { ternary: ternary.to_dtype(vb.dtype())?, weight_scale })
+        let (ternary, scale) = quantize_weight(&latent)?;
+        Ok(Self { ternary: ternary.to_dtype(vb.dtype())?, weight_scale: scale.to_scalar::<f32>()? as f64 })
     }
 }
 

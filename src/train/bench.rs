@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{metrics, optim::AdamW, train_step, StepContext};
+use super::{metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
 use crate::config::run::TrainSection;
 use crate::config::ModelConfig;
 use crate::data::Batch;
@@ -20,6 +20,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     pub steps: usize,
     pub device: String,
+    /// Also time each phase of the step (synchronizing the device between phases).
+    pub profile: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -35,6 +37,9 @@ pub struct BenchResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
     pub step_ms: f64,
+    /// Milliseconds per step in each phase, from a separate profiled run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases_ms: Vec<(&'static str, f64)>,
 }
 
 /// Full rows of random tokens, loss on every position.
@@ -64,16 +69,21 @@ pub fn bench(o: &BenchOptions) -> Result<BenchResult> {
     let mut adam = AdamW::zeros(ctx.layout.total, &device, None)?;
     let mut rng = Rng::new(0);
     let micro = [random_batch(&mut rng, o.batch, o.seq, cfg.vocab_size)];
-    let mut run = |steps: usize| -> Result<f64> {
+    let mut run = |steps: usize, mut timer: Option<&mut PhaseTimer>| -> Result<f64> {
         let start = Instant::now();
         for s in 0..steps {
-            train_step(&ctx, &train, &mut params, &mut adam, &micro, s, 1e-4)?;
+            train_step(&ctx, &train, &mut params, &mut adam, &micro, s, 1e-4, timer.as_deref_mut())?;
         }
-        sync(&params)?;
+        device.synchronize()?;
         Ok(start.elapsed().as_secs_f64())
     };
-    run(o.warmup)?;
-    let secs = run(o.steps)?;
+    run(o.warmup, None)?;
+    let secs = run(o.steps, None)?;
+    let mut timer = PhaseTimer::new(&device);
+    if o.profile {
+        run(o.steps, Some(&mut timer))?;
+    }
+    let phases_ms = timer.totals.into_iter().map(|(p, s)| (p, s * 1e3 / o.steps as f64)).collect();
     let tokens_per_sec = (o.steps * o.batch * o.seq) as f64 / secs;
     let tflops = tokens_per_sec * metrics::flops_per_token(&cfg, o.seq) / 1e12;
     Ok(BenchResult {
@@ -87,11 +97,6 @@ pub fn bench(o: &BenchOptions) -> Result<BenchResult> {
         tflops,
         mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
         step_ms: secs * 1e3 / o.steps as f64,
+        phases_ms,
     })
-}
-
-/// Waits for the device's queued work by reading one value back.
-fn sync(t: &Tensor) -> Result<()> {
-    t.narrow(0, 0, 1)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    Ok(())
 }

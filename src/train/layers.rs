@@ -12,7 +12,7 @@ use crate::model::bitnet::{quantize_activations, quantize_weight};
 /// eases a full-precision checkpoint into ternary. Computed once per optimizer step.
 pub fn effective_weight(latent: &Tensor, lambda: f64, dtype: DType) -> Result<Tensor> {
     let (ternary, scale) = quantize_weight(latent)?;
-    let q = (ternary * scale)?;
+    let q = ternary.broadcast_mul(&scale)?;
     blend(latent, &q, lambda)?.to_dtype(dtype)
 }
 
@@ -136,18 +136,14 @@ pub fn attention_backward(dy: &Tensor, s: &AttentionSaved) -> Result<(Tensor, Te
 /// trained tokens of the whole optimizer step, so accumulation and data parallelism weigh tokens equally.
 pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(f64, Tensor)> {
     let mask = mask.unsqueeze(1)?;
-    let lse = {
-        let max = logits.max_keepdim(D::Minus1)?;
-        (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?
-    };
+    let max = logits.max_keepdim(D::Minus1)?;
+    let exp = logits.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    let lse = (sum.log()? + max)?;
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
-    let loss = ((lse.clone() - picked)? * &mask)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let probs = logits.broadcast_sub(&lse)?.exp()?;
-    let vocab = logits.dim(1)? as u32;
-    let onehot = Tensor::arange(0u32, vocab, logits.device())?
-        .unsqueeze(0)?
-        .broadcast_eq(&targets.unsqueeze(1)?)?
-        .to_dtype(DType::F32)?;
-    let dlogits = (probs - onehot)?.broadcast_mul(&mask)?;
+    let loss = ((lse - picked)? * &mask)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    // softmax * mask, then minus the mask at each target: no one-hot matrix of the vocabulary's size.
+    let dlogits = exp.broadcast_mul(&(mask.clone() / sum)?)?;
+    let dlogits = dlogits.scatter_add(&targets.unsqueeze(1)?, &mask.neg()?, 1)?;
     Ok((loss, dlogits))
 }

@@ -61,20 +61,57 @@ pub struct StepResult {
     pub tokens: usize,
 }
 
+/// Wall time per phase of a step, taken by synchronizing the device at each phase boundary (which
+/// costs a little overlap): `bessie-train --bench --profile`.
+pub struct PhaseTimer {
+    device: Device,
+    last: Instant,
+    pub totals: Vec<(&'static str, f64)>,
+}
+
+impl PhaseTimer {
+    pub fn new(device: &Device) -> Self {
+        Self { device: device.clone(), last: Instant::now(), totals: Vec::new() }
+    }
+
+    fn mark(timer: &mut Option<&mut Self>, phase: &'static str) -> Result<()> {
+        let Some(t) = timer else { return Ok(()) };
+        t.device.synchronize()?;
+        let secs = t.last.elapsed().as_secs_f64();
+        match t.totals.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, total)) => *total += secs,
+            None => t.totals.push((phase, secs)),
+        }
+        t.last = Instant::now();
+        Ok(())
+    }
+}
+
 /// Summed loss and gradients (flat, f32) of micro-batches at fixed weights, and the trained-token count.
-fn accumulate(ctx: &StepContext, w: &StepWeights, micro: &[Batch], lambda: f64) -> Result<(f64, Tensor, usize)> {
+fn accumulate(
+    ctx: &StepContext,
+    w: &StepWeights,
+    micro: &[Batch],
+    lambda: f64,
+    timer: &mut Option<&mut PhaseTimer>,
+) -> Result<(f64, Tensor, usize)> {
     let mut acc: Option<Tensor> = None;
     let (mut loss, mut tokens) = (0.0, 0);
     for b in micro {
         let bt = BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)?;
+        PhaseTimer::mark(timer, "batch to device")?;
         let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, &bt, lambda)?;
-        let grads = ctx.layout.flatten(&model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved)?)?;
+        PhaseTimer::mark(timer, "forward + loss")?;
+        let grads = model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved)?;
+        PhaseTimer::mark(timer, "backward")?;
+        let grads = ctx.layout.flatten(&grads)?;
         acc = Some(match acc {
             Some(a) => (a + grads)?,
             None => grads,
         });
         loss += l;
         tokens += b.loss_tokens;
+        PhaseTimer::mark(timer, "gather gradients")?;
     }
     Ok((loss, acc.context("a step needs at least one micro-batch")?, tokens))
 }
@@ -89,17 +126,24 @@ pub fn train_step(
     micro: &[Batch],
     step: usize,
     lr: f64,
+    mut timer: Option<&mut PhaseTimer>,
 ) -> Result<StepResult> {
     let lambda = optim::quant_lambda(train, step);
     let w = StepWeights::new(&ctx.layout, params, lambda, ctx.dtype)?;
-    let (loss_sum, grads, loss_tokens) = accumulate(ctx, &w, micro, lambda)?;
+    PhaseTimer::mark(&mut timer, "quantize weights")?;
+    let (loss_sum, grads, loss_tokens) = accumulate(ctx, &w, micro, lambda, &mut timer)?;
     let loss = loss_sum / loss_tokens.max(1) as f64;
     if !loss.is_finite() {
-        bail!("loss is {loss} at step {step}; stopping with the last good checkpoint intact");
+        bail!("loss is {loss} at step {}; stopping with the last good checkpoint intact", step + 1);
     }
     let grads = (grads / loss_tokens.max(1) as f64)?;
-    let (grad_norm, grads) = optim::clip_grad_norm(&grads, train.grad_clip)?;
+    let (grad_norm, grads) = optim::clip_grad_norm(&grads, &ctx.layout, train.grad_clip)?;
+    PhaseTimer::mark(&mut timer, "clip")?;
+    if !grad_norm.is_finite() {
+        bail!("gradient norm is {grad_norm} at step {}; stopping with the last good checkpoint intact", step + 1);
+    }
     *params = adam.step(params, &grads, lr, &ctx.hyper)?;
+    PhaseTimer::mark(&mut timer, "adamw")?;
     let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum();
     Ok(StepResult { loss, grad_norm, tokens })
 }
@@ -139,7 +183,7 @@ fn base_model(cfg: &RunConfig) -> Result<PathBuf> {
         return Ok(cfg.model.path.clone());
     }
     let dir = cfg.checkpoint.out_dir.join("base-model");
-    if !dir.join(hf::CONFIG_FILE).exists() {
+    if !dir.join(hf::SAFETENSORS_FILE).exists() {
         write_random_checkpoint(
             &dir,
             &cfg.model.init,
@@ -263,7 +307,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
         let micro: Vec<Batch> = step_rows.chunks(t.micro_batch).map(|c| data::make_batch(&train_ds, c, pad)).collect();
         let lr = optim::learning_rate(t, state.step, total);
         let started = Instant::now();
-        let r = train_step(&ctx, t, &mut params, &mut adam, &micro, state.step, lr)?;
+        let r = train_step(&ctx, t, &mut params, &mut adam, &micro, state.step, lr, None)?;
         let secs = started.elapsed().as_secs_f64();
         state.step += 1;
         state.epoch_rows_done += rows_per_step;

@@ -3,7 +3,9 @@
 //! matches the original project step for step.
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
+
+use super::params::ParamLayout;
 
 use crate::config::run::{Schedule, TrainSection};
 
@@ -30,7 +32,7 @@ impl AdamW {
     }
 
     pub fn zeros(n: usize, device: &Device, decay_mask: Option<Tensor>) -> Result<Self> {
-        let z = Tensor::zeros(n, candle_core::DType::F32, device)?;
+        let z = Tensor::zeros(n, DType::F32, device)?;
         Ok(Self::new(z.clone(), z, 0, decay_mask))
     }
 
@@ -80,10 +82,14 @@ pub fn quant_lambda(cfg: &TrainSection, step: usize) -> f64 {
     }
 }
 
-/// Global L2 norm of the gradients, and the gradients scaled so the norm is at most `max_norm`
+/// Global L2 norm of the flat gradients, and the gradients scaled so the norm is at most `max_norm`
 /// (`torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). 0 disables.
-pub fn clip_grad_norm(grads: &Tensor, max_norm: f64) -> Result<(f64, Tensor)> {
-    let norm = grads.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt();
+pub fn clip_grad_norm(grads: &Tensor, layout: &ParamLayout, max_norm: f64) -> Result<(f64, Tensor)> {
+    // Summed per parameter and per row first: GPU reductions parallelise over the rows.
+    let partial = (0..layout.slots.len())
+        .map(|i| layout.view(grads, i)?.sqr()?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let norm = Tensor::stack(&partial, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let coef = max_norm / (norm + 1e-6);
     if max_norm > 0.0 && coef < 1.0 {
         Ok((norm, (grads * coef)?))

@@ -1,0 +1,352 @@
+//! End-to-end runs of the `bessie-train` binary on the built-in tiny demo (CPU, deterministic): reproducible
+//! runs, resuming after SIGKILL at arbitrary moments, stopping on a non-finite loss, and bad input failing
+//! before any training. Each run is kept short with `--set` overrides (a few steps, a short system prompt,
+//! small micro-batches, no dev set).
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use tempfile::TempDir;
+
+const TRAIN: &str = env!("CARGO_BIN_EXE_bessie-train");
+const INIT_MODEL: &str = env!("CARGO_BIN_EXE_bessie-init-model");
+/// Optimizer steps of the runs whose results are compared.
+const STEPS: usize = 12;
+/// What every complete `checkpoint-STEP/` holds (besides config, tokenizer and run config).
+const CHECKPOINT_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "trainer_state.json"];
+
+/// `bessie-train` writing to `out`, `steps` steps, with `extra` overrides (`section.key=value`) after the fast
+/// defaults.
+fn train(out: &Path, steps: usize, extra: &[&str]) -> Command {
+    let fast = [
+        format!("checkpoint.out_dir={}", out.display()),
+        format!("train.max_steps={steps}"),
+        "checkpoint.every=1".into(),
+        "checkpoint.keep=2".into(),
+        "log.dev_every=0".into(),
+        "data.dev=".into(),
+        "data.system_prompt=You are Bessie.".into(),
+        "train.micro_batch=4".into(),
+    ];
+    let mut cmd = Command::new(TRAIN);
+    for s in fast.iter().map(String::as_str).chain(extra.iter().copied()) {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn describe(what: &str, status: ExitStatus, stderr: &[u8]) -> String {
+    format!("{what}: {status}\n--- stderr ---\n{}", String::from_utf8_lossy(stderr))
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("starting bessie-train");
+    assert!(out.status.success(), "{}", describe("bessie-train failed", out.status, &out.stderr));
+    out
+}
+
+fn run_failing(cmd: &mut Command) -> (Output, String) {
+    let out = cmd.output().expect("starting bessie-train");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{}", describe("bessie-train should have failed", out.status, &out.stderr));
+    (out, stderr)
+}
+
+fn load_tensors(file: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(file, &Device::Cpu).unwrap_or_else(|e| panic!("loading {}: {e}", file.display()))
+}
+
+fn f32_values(t: &Tensor) -> Vec<f32> {
+    assert_eq!(t.dtype(), DType::F32);
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn final_weights(out: &Path) -> PathBuf {
+    out.join("final_checkpoint").join("model.safetensors")
+}
+
+fn assert_same_weights(a: &Path, b: &Path) {
+    let (ta, tb) = (load_tensors(a), load_tensors(b));
+    let mut names: Vec<&String> = ta.keys().collect();
+    names.sort();
+    let mut names_b: Vec<&String> = tb.keys().collect();
+    names_b.sort();
+    assert_eq!(names, names_b, "{} and {} hold different tensors", a.display(), b.display());
+    for name in names {
+        let (x, y) = (&ta[name], &tb[name]);
+        assert_eq!(x.dims(), y.dims(), "`{name}`: shapes differ");
+        let (vx, vy) = (f32_values(x), f32_values(y));
+        let differing = vx.iter().zip(&vy).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+        assert_eq!(
+            differing,
+            0,
+            "`{name}`: {differing} of {} values differ between {} and {}",
+            vx.len(),
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// `(step, loss, grad_norm)` of each line of `OUT/metrics.jsonl`, in file order.
+fn metrics(out: &Path) -> Vec<(u64, f64, f64)> {
+    let path = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line `{l}`: {e}", path.display()));
+            // serde_json writes a non-finite float as null.
+            let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            (v["step"].as_u64().unwrap(), num("loss"), num("grad_norm"))
+        })
+        .collect()
+}
+
+/// Steps must be 1..=n in order, with bit-identical losses and gradient norms.
+fn assert_same_metrics(got: &[(u64, f64, f64)], want: &[(u64, f64, f64)]) {
+    let steps: Vec<u64> = got.iter().map(|m| m.0).collect();
+    assert_eq!(steps, (1..=want.len() as u64).collect::<Vec<_>>(), "metrics.jsonl steps");
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            g.1.to_bits() == w.1.to_bits() && g.2.to_bits() == w.2.to_bits(),
+            "step {}: (loss, grad_norm) = ({}, {}), reference ({}, {})",
+            g.0,
+            g.1,
+            g.2,
+            w.1,
+            w.2
+        );
+    }
+}
+
+/// Names in `out` (empty when it does not exist) that start with `prefix`, sorted.
+fn entries(out: &Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = match std::fs::read_dir(out) {
+        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => vec![],
+    };
+    names.retain(|n| n.starts_with(prefix));
+    names.sort();
+    names
+}
+
+/// Every `checkpoint-STEP/` in `out` is complete and its trainer state says STEP; returns the steps.
+fn assert_checkpoints_complete(out: &Path) -> Vec<usize> {
+    let mut steps = vec![];
+    for name in entries(out, "checkpoint-") {
+        let dir = out.join(&name);
+        for f in CHECKPOINT_FILES {
+            assert!(dir.join(f).is_file(), "{} lacks {f}; it has {:?}", dir.display(), entries(&dir, ""));
+        }
+        let step: usize = name["checkpoint-".len()..].parse().unwrap_or_else(|_| panic!("odd name {name}"));
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json")).unwrap()).unwrap();
+        assert_eq!(state["step"].as_u64(), Some(step as u64), "{}/trainer_state.json", dir.display());
+        steps.push(step);
+    }
+    steps.sort();
+    steps
+}
+
+#[test]
+fn fixed_seed_run_is_reproducible() {
+    let started = Instant::now();
+    let (a, b) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    run_ok(&mut train(a.path(), STEPS, &[]));
+    run_ok(&mut train(b.path(), STEPS, &[]));
+    assert_same_weights(&final_weights(a.path()), &final_weights(b.path()));
+    let (ma, mb) = (metrics(a.path()), metrics(b.path()));
+    assert_eq!(ma.len(), STEPS);
+    assert_same_metrics(&mb, &ma);
+    let (first, last) = (ma[0].1, ma[STEPS - 1].1);
+    assert!(last < first, "the loss should fall: step 1 {first}, step {STEPS} {last}");
+    eprintln!("fixed_seed_run_is_reproducible: {:.1?}", started.elapsed());
+}
+
+/// splitmix64: a deterministic stream of kill delays.
+fn next_unit(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[test]
+fn killed_runs_resume_to_the_same_weights() {
+    let started = Instant::now();
+    let root = TempDir::new().unwrap();
+    let reference = root.path().join("reference");
+    let t = Instant::now();
+    run_ok(&mut train(&reference, STEPS, &[]));
+    // Delays are fractions of an uninterrupted run (start-up and tokenization included), so they suit any
+    // machine; the first few kill during start-up (base model, data cache) on purpose.
+    let run_time = t.elapsed();
+    const STARTUP_KILLS_MS: [u64; 4] = [3, 6, 9, 12];
+    const ATTEMPTS: usize = 30;
+
+    let out = root.path().join("killed");
+    let log = root.path().join("attempt.stderr");
+    let mut rng = 0x5EED_u64;
+    let (mut kills, mut startup_kills, mut kills_in_checkpoint_writes) = (0, 0, 0);
+    let mut progress = vec![];
+    let mut finished = false;
+    for attempt in 0..ATTEMPTS {
+        let delay = match STARTUP_KILLS_MS.get(attempt) {
+            Some(&ms) => Duration::from_millis(ms),
+            None => run_time.mul_f64(0.05 + 0.45 * next_unit(&mut rng)),
+        };
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut child = train(&out, STEPS, &[])
+            .arg("--resume")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting bessie-train");
+        let spawned = Instant::now();
+        let mut status = None;
+        while status.is_none() && spawned.elapsed() < delay {
+            status = child.try_wait().unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let status = match status {
+            Some(s) => s,
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap()
+            }
+        };
+        if status.signal() != Some(9) {
+            let text = std::fs::read(&log).unwrap();
+            assert!(status.success(), "{}", describe(&format!("attempt {attempt} (no kill) failed"), status, &text));
+            finished = true;
+            break;
+        }
+        match attempt < STARTUP_KILLS_MS.len() {
+            true => startup_kills += 1,
+            false => kills += 1,
+        }
+        let pid_suffix = format!(".tmp-{}", child.id());
+        if entries(&out, ".checkpoint-").iter().any(|n| n.ends_with(&pid_suffix)) {
+            kills_in_checkpoint_writes += 1;
+        }
+        let steps = assert_checkpoints_complete(&out);
+        progress.push(steps.last().copied().unwrap_or(0));
+    }
+    assert!(finished, "no run finished in {ATTEMPTS} attempts (newest checkpoint after each kill: {progress:?})");
+    assert!(
+        kills >= 2,
+        "only {kills} kills after start-up before a run finished: the delays (fractions of {run_time:?}) are too long"
+    );
+
+    assert_same_weights(&final_weights(&out), &final_weights(&reference));
+    assert_same_metrics(&metrics(&out), &metrics(&reference));
+    assert_checkpoints_complete(&out);
+    let leftovers: Vec<String> = entries(&out, ".").into_iter().filter(|n| n.contains(".tmp-")).collect();
+    eprintln!(
+        "killed_runs_resume_to_the_same_weights: {:.1?}; uninterrupted run {run_time:.1?}; {startup_kills} start-up \
+         kills, {kills} later kills ({kills_in_checkpoint_writes} during checkpoint writes); newest checkpoint after \
+         each kill {progress:?}; temporary directories left in the output: {leftovers:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn nan_loss_stops_with_last_checkpoint_intact() {
+    let started = Instant::now();
+    let out = TempDir::new().unwrap();
+    // Adam moves every weight by about lr per step whatever the gradient: weights of ~1e30 overflow the
+    // f32 activations within a few steps.
+    let huge_lr = ["train.lr=1e30", "train.warmup_steps=0"];
+    let (_, stderr) = run_failing(&mut train(out.path(), STEPS, &huge_lr));
+    let steps = assert_checkpoints_complete(out.path());
+    let newest = *steps.last().unwrap_or_else(|| panic!("no checkpoint before the NaN; stderr:\n{stderr}"));
+    // A non-finite loss, or (a step earlier) a non-finite gradient at a still finite loss.
+    let non_finite = ["loss is NaN", "loss is inf", "gradient norm is NaN", "gradient norm is inf"];
+    assert!(non_finite.iter().any(|m| stderr.contains(m)), "stderr: {stderr}");
+    // The failing step is the one after the newest checkpoint, numbered as metrics.jsonl numbers steps.
+    assert!(stderr.contains(&format!("at step {}", newest + 1)), "newest checkpoint {newest}; stderr: {stderr}");
+    assert!(!out.path().join("final_checkpoint").exists());
+    let logged = metrics(out.path());
+    assert_eq!(logged.len(), newest, "metrics.jsonl should end at the last good step");
+    assert!(logged.iter().all(|m| m.1.is_finite() && m.2.is_finite()), "{logged:?}");
+
+    let dir = out.path().join(format!("checkpoint-{newest}"));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        for (name, t) in load_tensors(&dir.join(file)) {
+            assert!(f32_values(&t).iter().all(|v| v.is_finite()), "{}/{file}: `{name}` is not finite", dir.display());
+        }
+    }
+    // The trainer itself loads it: resuming gets past loading and fails at the same step again.
+    let (_, again) = run_failing(train(out.path(), STEPS, &huge_lr).arg("--resume"));
+    assert!(again.contains(&format!("step {newest})")), "should resume from step {newest}: {again}");
+    assert!(again.contains(&format!("at step {}", newest + 1)), "{again}");
+    eprintln!("nan_loss_stops_with_last_checkpoint_intact: {:.1?}; newest checkpoint {newest}", started.elapsed());
+}
+
+#[test]
+fn bad_input_fails_before_training() {
+    let started = Instant::now();
+    let root = TempDir::new().unwrap();
+    let write = |name: &str, text: &str| -> PathBuf {
+        let p = root.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let good = r#"{"prompt": "How many cows are in the barn?", "response": "There are 3 cows in the barn."}"#;
+    let malformed = write("malformed.jsonl", &format!("{good}\n{{\"prompt\": \"Hi\", \"response\": \"Moo\n{good}\n"));
+    let no_response = write("no_response.jsonl", &format!("{good}\n{good}\n{{\"prompt\": \"Hi\"}}\n"));
+    let empty = write("empty.jsonl", "");
+    let missing = root.path().join("missing.jsonl");
+    // A model directory with a config.json and no weights.
+    let full = root.path().join("full-model");
+    let init = Command::new(INIT_MODEL).arg("--out").arg(&full).args(["--shape", "tiny"]).output().unwrap();
+    assert!(init.status.success(), "{}", describe("bessie-init-model", init.status, &init.stderr));
+    let no_weights = root.path().join("no-weights");
+    std::fs::create_dir(&no_weights).unwrap();
+    std::fs::copy(full.join("config.json"), no_weights.join("config.json")).unwrap();
+
+    let data = |p: &Path| format!("data.train={}", p.display());
+    let model = format!("model.path={}", no_weights.display());
+    let cases: Vec<(&str, Vec<String>, Vec<String>)> = vec![
+        ("malformed line", vec![data(&malformed)], vec![format!("{}:2", malformed.display()), "malformed JSON".into()]),
+        ("no response", vec![data(&no_response)], vec![format!("{}:3", no_response.display()), "`response`".into()]),
+        ("empty file", vec![data(&empty)], vec![empty.display().to_string(), "no examples".into()]),
+        ("missing file", vec![data(&missing)], vec![missing.display().to_string()]),
+        ("unknown key", vec!["train.lrr=1".into()], vec!["unknown config key `train.lrr`".into()]),
+        ("no weights", vec!["model.init=".into(), model], vec![no_weights.display().to_string(), "no weights".into()]),
+    ];
+    for (what, overrides, wanted) in cases {
+        let out = root.path().join(format!("out-{}", what.replace(' ', "-")));
+        let overrides: Vec<&str> = overrides.iter().map(String::as_str).collect();
+        let (output, stderr) = run_failing(&mut train(&out, STEPS, &overrides));
+        assert_eq!(output.status.code(), Some(1), "{what}: {stderr}");
+        for w in &wanted {
+            assert!(stderr.contains(w.as_str()), "{what}: stderr should mention `{w}`:\n{stderr}");
+        }
+        assert!(stderr.starts_with("error: ") && stderr.lines().count() == 1, "{what}: one error line:\n{stderr}");
+        assert_eq!(entries(&out, "checkpoint-"), Vec::<String>::new(), "{what}: checkpoints written");
+        assert!(!out.join("metrics.jsonl").exists(), "{what}: metrics.jsonl written");
+    }
+    eprintln!("bad_input_fails_before_training: {:.1?}", started.elapsed());
+}
+
+#[test]
+fn resume_without_checkpoint_starts_fresh() {
+    let started = Instant::now();
+    let (resumed, fresh) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let out = run_ok(train(resumed.path(), 3, &[]).arg("--resume"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no checkpoint in"), "{stderr}");
+    run_ok(&mut train(fresh.path(), 3, &[]));
+    assert_same_weights(&final_weights(resumed.path()), &final_weights(fresh.path()));
+    assert_same_metrics(&metrics(resumed.path()), &metrics(fresh.path()));
+    eprintln!("resume_without_checkpoint_starts_fresh: {:.1?}", started.elapsed());
+}
