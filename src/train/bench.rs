@@ -65,14 +65,14 @@ pub fn bench(o: &BenchOptions) -> Result<BenchResult> {
     let cfg = ModelConfig::shape(&o.shape, 32002)?;
     let train = TrainSection::default();
     let ctx = StepContext::new(cfg.clone(), &train, device.clone())?;
-    let mut params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
-    let mut adam = AdamW::zeros(ctx.layout.total, &device, None)?;
+    let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
+    let mut adam = AdamW::zeros(ctx.layout.total, &device)?;
     let mut rng = Rng::new(0);
     let micro = [random_batch(&mut rng, o.batch, o.seq, cfg.vocab_size)];
     let mut run = |steps: usize, mut timer: Option<&mut PhaseTimer>| -> Result<f64> {
         let start = Instant::now();
         for s in 0..steps {
-            train_step(&ctx, &train, &mut params, &mut adam, &micro, s, 1e-4, timer.as_deref_mut())?;
+            train_step(&ctx, &train, &params, &mut adam, &micro, s, 1e-4, timer.as_deref_mut())?;
         }
         device.synchronize()?;
         Ok(start.elapsed().as_secs_f64())

@@ -40,8 +40,13 @@ pub struct StepContext {
 
 impl StepContext {
     pub fn new(model_cfg: ModelConfig, train: &TrainSection, device: Device) -> Result<Self> {
-        let hyper =
-            AdamWHyper { beta1: train.beta1, beta2: train.beta2, eps: train.eps, weight_decay: train.weight_decay };
+        let hyper = AdamWHyper {
+            beta1: train.beta1,
+            beta2: train.beta2,
+            eps: train.eps,
+            weight_decay: train.weight_decay,
+            decay_norms_and_embeddings: train.decay_norms_and_embeddings,
+        };
         Ok(Self {
             layout: ParamLayout::new(&model_cfg),
             rope: RopeTables::new(&model_cfg, &device)?,
@@ -102,9 +107,11 @@ fn accumulate(
         PhaseTimer::mark(timer, "batch to device")?;
         let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, &bt, lambda)?;
         PhaseTimer::mark(timer, "forward + loss")?;
-        let grads = model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved)?;
+        let per_param = model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved)?;
         PhaseTimer::mark(timer, "backward")?;
-        let grads = ctx.layout.flatten(&grads)?;
+        // Flattened, the per-parameter gradients are dropped at once: they are as large as the model.
+        let grads = ctx.layout.flatten(&per_param)?;
+        drop(per_param);
         acc = Some(match acc {
             Some(a) => (a + grads)?,
             None => grads,
@@ -121,7 +128,7 @@ fn accumulate(
 pub fn train_step(
     ctx: &StepContext,
     train: &TrainSection,
-    params: &mut Tensor,
+    params: &Tensor,
     adam: &mut AdamW,
     micro: &[Batch],
     step: usize,
@@ -132,17 +139,18 @@ pub fn train_step(
     let w = StepWeights::new(&ctx.layout, params, lambda, ctx.dtype)?;
     PhaseTimer::mark(&mut timer, "quantize weights")?;
     let (loss_sum, grads, loss_tokens) = accumulate(ctx, &w, micro, lambda, &mut timer)?;
+    drop(w);
     let loss = loss_sum / loss_tokens.max(1) as f64;
     if !loss.is_finite() {
         bail!("loss is {loss} at step {}; stopping with the last good checkpoint intact", step + 1);
     }
     let grads = (grads / loss_tokens.max(1) as f64)?;
-    let (grad_norm, grads) = optim::clip_grad_norm(&grads, &ctx.layout, train.grad_clip)?;
+    let (grad_norm, grads) = optim::clip_grad_norm(grads, &ctx.layout, train.grad_clip)?;
     PhaseTimer::mark(&mut timer, "clip")?;
     if !grad_norm.is_finite() {
         bail!("gradient norm is {grad_norm} at step {}; stopping with the last good checkpoint intact", step + 1);
     }
-    *params = adam.step(params, &grads, lr, &ctx.hyper)?;
+    adam.step(params, &grads, &ctx.layout, lr, &ctx.hyper)?;
     PhaseTimer::mark(&mut timer, "adamw")?;
     let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum();
     Ok(StepResult { loss, grad_norm, tokens })
@@ -250,22 +258,18 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
         bail!("{}: too little data for one optimizer step of {rows_per_step} sequences", cfg.data.train.display());
     }
 
-    let decay_mask = match t.weight_decay {
-        0.0 => None,
-        _ => Some(ctx.layout.decay_mask(t.decay_norms_and_embeddings, &device)?),
-    };
     let resumed = match resume {
         true => checkpoint::latest(out)?,
         false => None,
     };
-    let (mut params, mut adam, mut state) = match &resumed {
+    let (params, mut adam, mut state) = match &resumed {
         Some(dir) => {
             let r = checkpoint::load(dir, &ctx.layout, &device)?;
             if r.state.seed != t.seed {
                 bail!("{}: saved with train.seed = {}, the config says {}", dir.display(), r.state.seed, t.seed);
             }
             eprintln!("resuming from {} (step {})", dir.display(), r.state.step);
-            let adam = AdamW::new(r.m, r.v, r.state.step as u64, decay_mask);
+            let adam = AdamW { m: r.m, v: r.v, t: r.state.step as u64 };
             (r.params, adam, r.state)
         }
         None => {
@@ -273,7 +277,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
                 eprintln!("--resume: no checkpoint in {}; starting from the beginning", out.display());
             }
             let params = ctx.layout.load(&vb, &device)?;
-            let adam = AdamW::zeros(ctx.layout.total, &device, decay_mask)?;
+            let adam = AdamW::zeros(ctx.layout.total, &device)?;
             (params, adam, TrainerState { step: 0, epoch: 0, epoch_rows_done: 0, seed: t.seed })
         }
     };
@@ -307,7 +311,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
         let micro: Vec<Batch> = step_rows.chunks(t.micro_batch).map(|c| data::make_batch(&train_ds, c, pad)).collect();
         let lr = optim::learning_rate(t, state.step, total);
         let started = Instant::now();
-        let r = train_step(&ctx, t, &mut params, &mut adam, &micro, state.step, lr, None)?;
+        let r = train_step(&ctx, t, &params, &mut adam, &micro, state.step, lr, None)?;
         let secs = started.elapsed().as_secs_f64();
         state.step += 1;
         state.epoch_rows_done += rows_per_step;

@@ -15,7 +15,6 @@ pub struct AdamW {
     pub v: Tensor,
     /// Optimizer steps taken (PyTorch's `state["step"]`).
     pub t: u64,
-    decay_mask: Option<Tensor>,
 }
 
 pub struct AdamWHyper {
@@ -23,37 +22,45 @@ pub struct AdamWHyper {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Decay norms and the embedding too.
+    pub decay_norms_and_embeddings: bool,
 }
 
 impl AdamW {
-    /// `decay_mask` (1 decays, 0 does not) is only needed when weight decay is on.
-    pub fn new(m: Tensor, v: Tensor, t: u64, decay_mask: Option<Tensor>) -> Self {
-        Self { m, v, t, decay_mask }
+    pub fn zeros(n: usize, device: &Device) -> Result<Self> {
+        Ok(Self { m: Tensor::zeros(n, DType::F32, device)?, v: Tensor::zeros(n, DType::F32, device)?, t: 0 })
     }
 
-    pub fn zeros(n: usize, device: &Device, decay_mask: Option<Tensor>) -> Result<Self> {
-        let z = Tensor::zeros(n, DType::F32, device)?;
-        Ok(Self::new(z.clone(), z, 0, decay_mask))
-    }
-
-    /// One step; returns the new parameters. Same arithmetic as `torch.optim.AdamW` (single-tensor path):
-    /// `p *= 1 - lr wd`, `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
-    pub fn step(&mut self, params: &Tensor, grads: &Tensor, lr: f64, h: &AdamWHyper) -> Result<Tensor> {
+    /// One step, updating `params`, `m` and `v` in place, one parameter at a time so the temporaries stay
+    /// the size of the largest parameter, not of the model. Same arithmetic as `torch.optim.AdamW`
+    /// (single-tensor path): `p *= 1 - lr wd`, `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
+    pub fn step(
+        &mut self,
+        params: &Tensor,
+        grads: &Tensor,
+        layout: &ParamLayout,
+        lr: f64,
+        h: &AdamWHyper,
+    ) -> Result<()> {
         self.t += 1;
-        self.m = ((&self.m * h.beta1)? + (grads * (1.0 - h.beta1))?)?;
-        self.v = ((&self.v * h.beta2)? + (grads.sqr()? * (1.0 - h.beta2))?)?;
         let bc1 = 1.0 - h.beta1.powi(self.t as i32);
         let bc2 = 1.0 - h.beta2.powi(self.t as i32);
-        let mut p = params.clone();
-        if h.weight_decay != 0.0 {
-            let factor = match &self.decay_mask {
-                Some(mask) => ((mask * (-lr * h.weight_decay))? + 1.0)?,
-                None => anyhow::bail!("weight decay needs a decay mask"),
-            };
-            p = (p * factor)?;
+        for (i, slot) in layout.slots.iter().enumerate() {
+            let view = |t: &Tensor| t.narrow(0, slot.offset, slot.len);
+            let g = view(grads)?;
+            let m = ((view(&self.m)? * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
+            let v = ((view(&self.v)? * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
+            let mut p = view(params)?;
+            if h.weight_decay != 0.0 && layout.decays(i, h.decay_norms_and_embeddings) {
+                p = (p * (1.0 - lr * h.weight_decay))?;
+            }
+            let denom = ((v.sqrt()? / bc2.sqrt())? + h.eps)?;
+            let p = (p - ((&m / denom)? * (lr / bc1))?)?;
+            self.m.slice_set(&m, 0, slot.offset)?;
+            self.v.slice_set(&v, 0, slot.offset)?;
+            params.slice_set(&p, 0, slot.offset)?;
         }
-        let denom = ((self.v.sqrt()? / bc2.sqrt())? + h.eps)?;
-        Ok((p - ((&self.m / denom)? * (lr / bc1))?)?)
+        Ok(())
     }
 }
 
@@ -84,16 +91,17 @@ pub fn quant_lambda(cfg: &TrainSection, step: usize) -> f64 {
 
 /// Global L2 norm of the flat gradients, and the gradients scaled so the norm is at most `max_norm`
 /// (`torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). 0 disables.
-pub fn clip_grad_norm(grads: &Tensor, layout: &ParamLayout, max_norm: f64) -> Result<(f64, Tensor)> {
+/// Takes the gradients by value so the unclipped copy is freed as soon as the clipped one exists.
+pub fn clip_grad_norm(grads: Tensor, layout: &ParamLayout, max_norm: f64) -> Result<(f64, Tensor)> {
     // Summed per parameter and per row first: GPU reductions parallelise over the rows.
     let partial = (0..layout.slots.len())
-        .map(|i| layout.view(grads, i)?.sqr()?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all())
+        .map(|i| layout.view(&grads, i)?.sqr()?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all())
         .collect::<candle_core::Result<Vec<_>>>()?;
     let norm = Tensor::stack(&partial, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let coef = max_norm / (norm + 1e-6);
     if max_norm > 0.0 && coef < 1.0 {
         Ok((norm, (grads * coef)?))
     } else {
-        Ok((norm, grads.clone()))
+        Ok((norm, grads))
     }
 }

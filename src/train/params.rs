@@ -27,8 +27,12 @@ pub struct ParamLayout {
 
 impl ParamLayout {
     pub fn new(cfg: &ModelConfig) -> Self {
+        Self::from_shapes(crate::model::parameter_shapes(cfg))
+    }
+
+    pub fn from_shapes(shapes: Vec<(String, Vec<usize>)>) -> Self {
         let mut offset = 0;
-        let slots: Vec<Slot> = crate::model::parameter_shapes(cfg)
+        let slots: Vec<Slot> = shapes
             .into_iter()
             .map(|(name, shape)| {
                 let len = shape.iter().product();
@@ -76,14 +80,10 @@ impl ParamLayout {
         Ok(self.flatten(&tensors)?.to_device(device)?)
     }
 
-    /// Per-element weight-decay multiplier (1 decays, 0 does not). Norms and the embedding are skipped
-    /// unless asked for, as is usual for transformers.
-    pub fn decay_mask(&self, decay_norms_and_embeddings: bool, device: &Device) -> Result<Tensor> {
-        let mut mask = Vec::with_capacity(self.total);
-        for s in &self.slots {
-            let skip = crate::model::is_norm(&s.name) || s.name == "model.embed_tokens.weight";
-            mask.extend(std::iter::repeat_n(if skip && !decay_norms_and_embeddings { 0f32 } else { 1f32 }, s.len));
-        }
-        Ok(Tensor::from_vec(mask, self.total, device)?)
+    /// Whether weight decay applies to parameter `i`: norms and the embedding are skipped unless asked
+    /// for, as is usual for transformers.
+    pub fn decays(&self, i: usize, decay_norms_and_embeddings: bool) -> bool {
+        let name = &self.slots[i].name;
+        decay_norms_and_embeddings || !(crate::model::is_norm(name) || name == "model.embed_tokens.weight")
     }
 }
