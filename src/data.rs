@@ -2,15 +2,19 @@
 //! examples (with the index where the trained tokens start), a tokenization cache, and each epoch's
 //! shuffled, optionally packed rows, their per-rank shards and the micro-batches built from them.
 //!
+//! `check` measures a file for `bessie-data check`.
+//!
 //! Packed rows hold several examples; `Batch::segments` and `Batch::positions` keep them apart (attention
 //! stays within an example and RoPE positions restart), so packing changes throughput, not the math.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::rng::Rng;
 use crate::tokenizer::template::ChatTemplate;
@@ -114,14 +118,12 @@ fn tokenize(
 ) -> Result<Dataset> {
     let file = path.display();
     let mut ds = Dataset { examples: Vec::new(), stats: DataStats::default() };
-    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let at = || format!("{file}:{}", n + 1);
-        let line = std::str::from_utf8(line).map_err(|e| anyhow!("{}: not valid UTF-8: {e}", at()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for line in jsonl_objects(path, bytes) {
+        let (location, mut object) = line?;
+        let at = || location.clone();
         ds.stats.lines += 1;
-        let (prompt, response) = prompt_and_response(line).map_err(|e| anyhow!("{}: {e}", at()))?;
+        let mut field = |name| take_string(&mut object, name).map_err(|e| anyhow!("{location}: {e}"));
+        let (prompt, response) = (field("prompt")?, field("response")?);
         let text = template.render(&prompt, &response);
         let mut ids = tok.encode(&text, true).with_context(at)?;
         let loss_start = match opts.loss_on {
@@ -165,25 +167,46 @@ fn tokenize(
     Ok(ds)
 }
 
-/// The `prompt` and `response` strings of one JSONL line.
-fn prompt_and_response(line: &str) -> Result<(String, String), String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-    let Value::Object(mut object) = value else { return Err("expected a JSON object".into()) };
-    let mut field = |name: &str| match object.remove(name) {
+/// The non-blank lines of a JSONL file's `bytes`, each as its location `FILE:LINE` (for messages) and its
+/// JSON object. A line that is not UTF-8, not JSON or not an object is an error naming its location.
+pub fn jsonl_objects<'a>(
+    path: &'a Path,
+    bytes: &'a [u8],
+) -> impl Iterator<Item = Result<(String, Map<String, Value>)>> + 'a {
+    bytes.split(|&b| b == b'\n').enumerate().filter_map(move |(n, line)| {
+        let at = format!("{}:{}", path.display(), n + 1);
+        let object = match std::str::from_utf8(line) {
+            Err(e) => Err(format!("not valid UTF-8: {e}")),
+            Ok(line) if line.trim().is_empty() => return None,
+            Ok(line) => match serde_json::from_str(line) {
+                Err(e) => Err(format!("malformed JSON: {e}")),
+                Ok(Value::Object(object)) => Ok(object),
+                Ok(_) => Err("expected a JSON object".to_string()),
+            },
+        };
+        Some(object.map(|o| (at.clone(), o)).map_err(|e| anyhow!("{at}: {e}")))
+    })
+}
+
+/// Takes the string field `name` out of a JSONL object; the error says what is wrong with it.
+pub fn take_string(object: &mut Map<String, Value>, name: &str) -> Result<String, String> {
+    match object.remove(name) {
         Some(Value::String(s)) => Ok(s),
         None => Err(format!("missing field `{name}`")),
-        Some(other) => {
-            let kind = match other {
-                Value::Null => "null",
-                Value::Bool(_) => "a boolean",
-                Value::Number(_) => "a number",
-                Value::Array(_) => "an array",
-                _ => "an object",
-            };
-            Err(format!("field `{name}` must be a string, not {kind}"))
-        }
-    };
-    Ok((field("prompt")?, field("response")?))
+        Some(other) => Err(format!("field `{name}` must be a string, not {}", json_kind(&other))),
+    }
+}
+
+/// "a number", "an array", ...: what a JSON value is, for error messages.
+pub fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// Index of the first token of `ids` (BOS and the tokens of `text`) whose text reaches past `prompt`, the
@@ -408,6 +431,106 @@ pub fn make_batch(ds: &Dataset, rows: &[Row], pad_id: u32) -> Batch {
         }
     }
     b
+}
+
+/// What `bessie-data check` reports about a JSONL file of examples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataReport {
+    /// Examples (non-blank lines).
+    pub examples: usize,
+    /// Examples per `source` field; "-" for lines without one.
+    pub sources: BTreeMap<String, usize>,
+    /// Lines with an `answers` list (dev files): with answers, and with an empty list.
+    pub answerable: usize,
+    pub unanswerable: usize,
+    /// Token lengths under the chat template (BOS to end marker), sorted.
+    pub lengths: Vec<usize>,
+    /// Tokens from the first response token on (what `loss_on = "response"` trains).
+    pub response_tokens: usize,
+    pub max_seq_len: usize,
+    /// Examples longer than `max_seq_len`: truncated in training (left out with `overflow = "drop"`).
+    pub over_max: usize,
+    /// Examples whose prompt alone fills `max_seq_len`: training refuses them unless they are dropped.
+    pub prompt_over_max: usize,
+}
+
+impl DataReport {
+    /// The `p`-th percentile (nearest rank) of the token lengths.
+    pub fn percentile(&self, p: f64) -> usize {
+        let rank = (p / 100.0 * self.lengths.len() as f64).ceil() as usize;
+        self.lengths[rank.clamp(1, self.lengths.len()) - 1]
+    }
+}
+
+/// Validates a JSONL file for training (every error `load_jsonl` would give, and `answers` where present)
+/// and measures it under `template` with `tok`.
+pub fn check(path: &Path, tok: &Tokenizer, template: &ChatTemplate, max_seq_len: usize) -> Result<DataReport> {
+    let whole =
+        DataOptions { max_seq_len: usize::MAX, loss_on: LossOn::Response, overflow: Overflow::Truncate, pack: false };
+    let ds = load_jsonl(path, tok, template, &whole, None)?;
+    let mut report = DataReport {
+        examples: ds.examples.len(),
+        sources: BTreeMap::new(),
+        answerable: 0,
+        unanswerable: 0,
+        lengths: ds.examples.iter().map(|e| e.ids.len()).collect(),
+        response_tokens: ds.examples.iter().map(|e| e.ids.len() - e.loss_start).sum(),
+        max_seq_len,
+        over_max: ds.examples.iter().filter(|e| e.ids.len() > max_seq_len).count(),
+        prompt_over_max: ds.examples.iter().filter(|e| e.loss_start >= max_seq_len).count(),
+    };
+    report.lengths.sort_unstable();
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    for line in jsonl_objects(path, &bytes) {
+        let (at, object) = line?;
+        let source = object.get("source").and_then(Value::as_str).unwrap_or("-");
+        *report.sources.entry(source.to_string()).or_default() += 1;
+        if object.contains_key("answers") {
+            match crate::eval::answers(&object).map_err(|e| anyhow!("{at}: {e}"))?.is_empty() {
+                false => report.answerable += 1,
+                true => report.unanswerable += 1,
+            }
+        }
+    }
+    Ok(report)
+}
+
+impl fmt::Display for DataReport {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let tokens: usize = self.lengths.iter().sum();
+        writeln!(f, "{} examples, {tokens} tokens ({} in responses)", self.examples, self.response_tokens)?;
+        for (source, n) in &self.sources {
+            writeln!(f, "  source {source}: {n}")?;
+        }
+        if self.answerable + self.unanswerable > 0 {
+            writeln!(f, "  answers: {} answerable, {} unanswerable", self.answerable, self.unanswerable)?;
+        }
+        writeln!(
+            f,
+            "tokens per example under the chat template: p50 {}, p90 {}, p99 {}, max {}",
+            self.percentile(50.0),
+            self.percentile(90.0),
+            self.percentile(99.0),
+            self.percentile(100.0)
+        )?;
+        write!(
+            f,
+            "max_seq_len {}: {} examples ({:.2}%) are longer (truncated in training, left out with \
+             data.overflow = \"drop\")",
+            self.max_seq_len,
+            self.over_max,
+            100.0 * self.over_max as f64 / self.examples as f64
+        )?;
+        if self.prompt_over_max > 0 {
+            write!(
+                f,
+                "; {} have a prompt of max_seq_len tokens or more (training refuses them: raise data.max_seq_len \
+                 or set data.overflow = \"drop\")",
+                self.prompt_over_max
+            )?;
+        }
+        writeln!(f)
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, ensure, Result};
 use candle_core::{Tensor, D};
 
 use crate::model::{BitNet, KvCache};
@@ -62,6 +62,14 @@ impl Sampler {
         }
         Ok(probs[cut - 1].0)
     }
+
+    /// Picks one token per row of `logits: [batch, vocab]` (f32); greedy picks them in one device call.
+    pub fn sample_batch(&mut self, logits: &Tensor) -> Result<Vec<u32>> {
+        if self.temperature <= 0.0 {
+            return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+        }
+        (0..logits.dim(0)?).map(|r| self.sample(&logits.get(r)?)).collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +107,7 @@ impl Generation {
 
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each piece of answer text as soon
 /// as it is final (trailing whitespace is held back until more text follows, so the newline before the
-/// end marker is never printed).
+/// end marker is never printed). A batch of one for `generate_batch`.
 pub fn generate(
     model: &BitNet,
     tokenizer: &Tokenizer,
@@ -108,54 +116,141 @@ pub fn generate(
     sampler: &mut Sampler,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
-    anyhow::ensure!(!prompt_ids.is_empty(), "empty prompt");
+    let prompts = [prompt_ids.to_vec()];
+    let mut gens = generate_batch(model, tokenizer, &prompts, max_new_tokens, sampler, |_, text| on_text(text))?;
+    Ok(gens.pop().expect("one generation per prompt"))
+}
+
+/// Generates continuations of several prompts at once, in one batch with a shared KV cache: the prompts
+/// are left-padded to the longest (see `KvCache`), then each step adds one token to every row. A row
+/// that has stopped keeps computing (its tokens are dropped) until every row has stopped or the token
+/// budget or the context is used up. `on_text(row, text)` streams each row's answer as `generate` does.
+///
+/// Greedy decoding picks exactly the tokens that decoding each prompt alone picks (up to the
+/// floating-point order of the attention sums, which padding does not change on the CPU).
+/// `prompt_secs` of every generation is the batch's time to its first tokens; `decode_secs` runs until
+/// that row stopped.
+pub fn generate_batch(
+    model: &BitNet,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    sampler: &mut Sampler,
+    mut on_text: impl FnMut(usize, &str) -> Result<()>,
+) -> Result<Vec<Generation>> {
+    ensure!(!prompts.is_empty(), "no prompts");
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {i} of the batch is empty");
+    }
     let start = Instant::now();
-    let mut cache = KvCache::new(&model.cfg);
-    let mut stream = DecodeStream::new(tokenizer, prompt_ids);
-    let (mut ids, mut text, mut emitted) = (Vec::new(), String::new(), 0);
-    let mut input = prompt_ids.to_vec();
-    let mut prompt_secs = None;
-    let stop = loop {
-        if ids.len() == max_new_tokens {
-            break StopReason::MaxNewTokens;
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // Any id will do for padding: no real token attends to it.
+    let pad_id = tokenizer.pad_id().unwrap_or(tokenizer.eos_id());
+    let mut input: Vec<u32> =
+        prompts.iter().flat_map(|p| std::iter::repeat_n(pad_id, width - p.len()).chain(p.iter().copied())).collect();
+    let mut cache = KvCache::left_padded(&model.cfg, prompts.iter().map(|p| width - p.len()).collect());
+    let mut rows: Vec<Row> = prompts.iter().map(|p| Row::new(tokenizer, p)).collect();
+    let (mut t, mut prompt_secs) = (width, None);
+    for step in 0.. {
+        if rows.iter().all(|r| r.stop.is_some()) {
+            break;
         }
-        if cache.len() + input.len() > model.cfg.max_position_embeddings {
-            break StopReason::ContextFull;
+        let limit = if step == max_new_tokens {
+            Some(StopReason::MaxNewTokens)
+        } else if cache.len() + t > model.cfg.max_position_embeddings {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+        if let Some(reason) = limit {
+            let secs = start.elapsed().as_secs_f64();
+            for row in rows.iter_mut().filter(|r| r.stop.is_none()) {
+                row.stop = Some((reason, secs));
+            }
+            break;
         }
-        let x = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
+        let x = Tensor::from_vec(std::mem::take(&mut input), (rows.len(), t), model.device())?;
         let hidden = model.forward(&x, &mut cache)?;
-        let last = hidden.narrow(1, input.len() - 1, 1)?.squeeze(1)?.squeeze(0)?;
-        let id = sampler.sample(&model.logits(&last)?)?;
-        prompt_secs.get_or_insert_with(|| start.elapsed().as_secs_f64());
-        ids.push(id);
-        input = vec![id];
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        input = sampler.sample_batch(&model.logits(&last)?)?;
+        t = 1;
+        let secs = start.elapsed().as_secs_f64();
+        prompt_secs.get_or_insert(secs);
+        for (r, (row, &id)) in rows.iter_mut().zip(&input).enumerate() {
+            if row.stop.is_none() {
+                row.push(tokenizer, id, secs, |text| on_text(r, text))?;
+            }
+        }
+    }
+    let prompt_secs = prompt_secs.unwrap_or_else(|| start.elapsed().as_secs_f64());
+    Ok(rows
+        .into_iter()
+        .zip(prompts)
+        .map(|(row, prompt)| {
+            let (stop, secs) = row.stop.expect("every row stops");
+            let mut text = row.text;
+            text.truncate(text.trim_end().len());
+            Generation {
+                ids: row.ids,
+                text,
+                stop,
+                prompt_tokens: prompt.len(),
+                prompt_secs,
+                decode_secs: (secs - prompt_secs).max(0.0),
+            }
+        })
+        .collect())
+}
+
+/// One row of a batch being generated: its tokens, its answer text and, once it stopped, why and when.
+struct Row<'a> {
+    stream: DecodeStream<'a>,
+    ids: Vec<u32>,
+    text: String,
+    /// Bytes of `text` already passed to `on_text`.
+    emitted: usize,
+    stop: Option<(StopReason, f64)>,
+}
+
+impl<'a> Row<'a> {
+    fn new(tokenizer: &'a Tokenizer, prompt: &[u32]) -> Self {
+        Self {
+            stream: DecodeStream::new(tokenizer, prompt),
+            ids: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            stop: None,
+        }
+    }
+
+    /// Takes the next token `id`, chosen `secs` after the batch started, and streams the text it completes.
+    fn push(
+        &mut self,
+        tokenizer: &Tokenizer,
+        id: u32,
+        secs: f64,
+        mut on_text: impl FnMut(&str) -> Result<()>,
+    ) -> Result<()> {
+        self.ids.push(id);
         if id == tokenizer.eos_id() {
-            break StopReason::Eos;
+            self.stop = Some((StopReason::Eos, secs));
+            return Ok(());
         }
-        if let Some(piece) = stream.push(id)? {
-            text.push_str(&piece);
+        if let Some(piece) = self.stream.push(id)? {
+            self.text.push_str(&piece);
         }
-        let marker = text.find(END_MARKER);
+        let marker = self.text.find(END_MARKER);
         if let Some(at) = marker {
-            text.truncate(at);
+            self.text.truncate(at);
         }
-        let end = text.trim_end().len();
-        if end > emitted {
-            on_text(&text[emitted..end])?;
-            emitted = end;
+        let end = self.text.trim_end().len();
+        if end > self.emitted {
+            on_text(&self.text[self.emitted..end])?;
+            self.emitted = end;
         }
         if marker.is_some() {
-            break StopReason::EndMarker;
+            self.stop = Some((StopReason::EndMarker, secs));
         }
-    };
-    let prompt_secs = prompt_secs.unwrap_or_else(|| start.elapsed().as_secs_f64());
-    text.truncate(text.trim_end().len());
-    Ok(Generation {
-        ids,
-        text,
-        stop,
-        prompt_tokens: prompt_ids.len(),
-        prompt_secs,
-        decode_secs: start.elapsed().as_secs_f64() - prompt_secs,
-    })
+        Ok(())
+    }
 }

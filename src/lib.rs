@@ -2,15 +2,18 @@
 //!
 //! Data flow at inference: `config` (config.json) -> `model::hf` (weights into a `VarBuilder`) ->
 //! `model::BitNet` (forward with a KV cache) -> `generate` (sampling, stop rules, streaming text through
-//! `tokenizer`).
+//! `tokenizer`). Evaluation: `eval` (batched greedy answers, SQuAD v2 metrics) over dev files that
+//! `squad` converts from the official JSON.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod rng;
+pub mod squad;
 pub mod tokenizer;
 pub mod train;

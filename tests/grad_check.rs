@@ -152,7 +152,9 @@ fn check(kv_heads: usize, lambda: f64) {
     let rope = RopeTables::new(&c, &Device::Cpu).unwrap();
     let bt = BatchTensors::new(&b, &rope, DType::F32, &Device::Cpu).unwrap();
     let (loss, saved) = forward(&c, &layout, &w, &bt, lambda).unwrap();
-    let grads = backward(&c, &layout, &w, &bt, saved).unwrap();
+    let flat_grads = Tensor::zeros(layout.total, DType::F32, &Device::Cpu).unwrap();
+    backward(&c, &layout, &w, &bt, saved, &flat_grads).unwrap();
+    let grads: Vec<Tensor> = (0..layout.slots.len()).map(|i| layout.view(&flat_grads, i).unwrap()).collect();
 
     let vars: Vec<Var> = tensors.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
     let ref_loss = reference_loss(&c, &vars, &layout, &b, lambda);

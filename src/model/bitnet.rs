@@ -89,13 +89,19 @@ impl Rope {
         Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
 
-    /// Rotates `x: [batch, heads, seq, head_dim]` whose first position is `pos`.
-    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    /// The cos and sin tables `[batch, seq, head_dim / 2]` of `positions: [batch, seq]` (u32), gathered once
+    /// per forward for all layers.
+    fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let flat = positions.flatten_all()?;
+        let gather = |table: &Tensor| table.index_select(&flat, 0)?.reshape((b, t, ()));
+        Ok((gather(&self.cos)?, gather(&self.sin)?))
     }
+}
+
+/// Rotates `x: [batch, heads, seq, head_dim]` by the tables of `Rope::at`.
+fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
 }
 
 #[derive(Debug, Clone)]
@@ -129,15 +135,14 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        pos: usize,
+        rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: &mut kv_cache::KvCache,
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = rope.apply(&heads(self.q_proj.forward(x)?, self.num_heads)?, pos)?;
-        let k = rope.apply(&heads(self.k_proj.forward(x)?, self.num_kv_heads)?, pos)?;
+        let q = rotate(&heads(self.q_proj.forward(x)?, self.num_heads)?, rope)?;
+        let k = rotate(&heads(self.k_proj.forward(x)?, self.num_kv_heads)?, rope)?;
         let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.contiguous()?;
         let (k, v) = cache.append(&k, &v)?;
         let groups = self.num_heads / self.num_kv_heads;
@@ -210,20 +215,34 @@ impl Block {
     }
 }
 
-/// Keys and values of every layer for the positions seen so far.
+/// Keys and values of every layer for the columns seen so far, `[batch, heads, seq, head_dim]`, and how
+/// many padding columns each row of the batch starts with.
+///
+/// A batch of prompts of different lengths is left-padded to a common width, so that every row's next
+/// token lands in the same column. Row `r`'s token in column `c` then has RoPE position `c - pad[r]` (its
+/// index among the row's own tokens) and no token attends to padding, so each row computes what it would
+/// compute alone.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<kv_cache::KvCache>,
+    /// Left padding per row; empty means none in any row.
+    pad: Vec<usize>,
 }
 
 impl KvCache {
+    /// A cache for rows without padding (one prompt, or prompts of equal length).
     pub fn new(cfg: &ModelConfig) -> Self {
-        // Grows in chunks of 512 positions; dim 2 is the sequence axis of [batch, heads, seq, head_dim].
-        let chunk = cfg.max_position_embeddings.min(512);
-        Self { layers: (0..cfg.num_hidden_layers).map(|_| kv_cache::KvCache::new(2, chunk)).collect() }
+        Self::left_padded(cfg, Vec::new())
     }
 
-    /// Number of positions already in the cache.
+    /// A cache for a batch whose row `r` starts with `pad[r]` padding tokens.
+    pub fn left_padded(cfg: &ModelConfig, pad: Vec<usize>) -> Self {
+        // Grows in chunks of 512 positions; dim 2 is the sequence axis of [batch, heads, seq, head_dim].
+        let chunk = cfg.max_position_embeddings.min(512);
+        Self { layers: (0..cfg.num_hidden_layers).map(|_| kv_cache::KvCache::new(2, chunk)).collect(), pad }
+    }
+
+    /// Number of columns already in the cache (padding included).
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, |c| c.current_seq_len())
     }
@@ -270,28 +289,30 @@ impl BitNet {
         self.embed_tokens.dtype()
     }
 
-    /// Runs `ids: [batch, seq]` (u32) after the positions already in `cache` and returns the final hidden
-    /// states `[batch, seq, hidden]` after the last norm.
+    /// Runs `ids: [batch, seq]` (u32) after the columns already in `cache` and returns the final hidden
+    /// states `[batch, seq, hidden]` after the last norm. The outputs at padding columns are meaningless.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let pos = cache.len();
-        if pos + t > self.cfg.max_position_embeddings {
+        let col = cache.len();
+        let pad = if cache.pad.is_empty() { vec![0; b] } else { cache.pad.clone() };
+        if pad.len() != b {
+            candle_core::bail!("the cache holds padding for {} rows, the batch has {b}", pad.len());
+        }
+        let longest = col + t - pad.iter().min().copied().unwrap_or(0);
+        if longest > self.cfg.max_position_embeddings {
             candle_core::bail!(
-                "sequence of {} tokens exceeds max_position_embeddings = {}",
-                pos + t,
+                "sequence of {longest} tokens exceeds max_position_embeddings = {}",
                 self.cfg.max_position_embeddings
             );
         }
+        // Padding columns get position 0; what they compute is never seen.
+        let positions: Vec<u32> =
+            pad.iter().flat_map(|&p| (col..col + t).map(move |c| c.saturating_sub(p) as u32)).collect();
+        let rope = self.rope.at(&Tensor::from_vec(positions, (b, t), self.device())?)?;
+        let mask = attention_mask(t, col, &pad, self.device())?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
-        let mask = causal_mask(t, pos, self.device())?;
         for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let a = block.self_attn.forward(
-                &block.input_layernorm.forward(&x)?,
-                &self.rope,
-                pos,
-                mask.as_ref(),
-                layer_cache,
-            )?;
+            let a = block.self_attn.forward(&block.input_layernorm.forward(&x)?, &rope, mask.as_ref(), layer_cache)?;
             x = (x + a)?;
             x = (&x + block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?)?;
         }
@@ -308,13 +329,21 @@ impl BitNet {
     }
 }
 
-/// Additive mask for `t` new positions after `pos` cached ones: position `i` sees keys `0..=pos + i`.
-/// None when a single token is added (it sees everything).
-fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Option<Tensor>> {
-    if t == 1 {
+/// Additive mask `[batch, 1, t, col + t]` for `t` new columns after `col` cached ones: the query in column
+/// `q` of row `r` sees key column `k` when `k <= q` (causal) and both or neither are padding (`< pad[r]`).
+/// Padding queries see only padding, so no softmax row is all `-inf` (which would make NaNs that reach
+/// real rows through `0 * NaN`). None when nothing is hidden: one new column and no padding.
+fn attention_mask(t: usize, col: usize, pad: &[usize], device: &Device) -> Result<Option<Tensor>> {
+    if t == 1 && pad.iter().all(|&p| p == 0) {
         return Ok(None);
     }
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..pos + t).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (t, pos + t), device).map(Some)
+    let mask: Vec<f32> = pad
+        .iter()
+        .flat_map(|&p| {
+            (col..col + t).flat_map(move |q| {
+                (0..col + t).map(move |k| if k <= q && (k < p) == (q < p) { 0.0 } else { f32::NEG_INFINITY })
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (pad.len(), 1, t, col + t), device).map(Some)
 }

@@ -100,27 +100,19 @@ fn accumulate(
     lambda: f64,
     timer: &mut Option<&mut PhaseTimer>,
 ) -> Result<(f64, Tensor, usize)> {
-    let mut acc: Option<Tensor> = None;
+    let grads = Tensor::zeros(ctx.layout.total, DType::F32, &ctx.device)?;
     let (mut loss, mut tokens) = (0.0, 0);
     for b in micro {
         let bt = BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)?;
         PhaseTimer::mark(timer, "batch to device")?;
         let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, &bt, lambda)?;
         PhaseTimer::mark(timer, "forward + loss")?;
-        let per_param = model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved)?;
+        model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved, &grads)?;
         PhaseTimer::mark(timer, "backward")?;
-        // Flattened, the per-parameter gradients are dropped at once: they are as large as the model.
-        let grads = ctx.layout.flatten(&per_param)?;
-        drop(per_param);
-        acc = Some(match acc {
-            Some(a) => (a + grads)?,
-            None => grads,
-        });
         loss += l;
         tokens += b.loss_tokens;
-        PhaseTimer::mark(timer, "gather gradients")?;
     }
-    Ok((loss, acc.context("a step needs at least one micro-batch")?, tokens))
+    Ok((loss, grads, tokens))
 }
 
 /// One optimizer step. The parameters are replaced only when the loss is finite, so a NaN leaves the

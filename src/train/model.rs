@@ -206,28 +206,30 @@ pub fn forward(
     Ok((loss, Saved { blocks, final_norm, hidden, dlogits }))
 }
 
-/// Gradients of the summed loss with respect to every parameter, f32, in slot order.
+/// Adds the gradients of the summed loss to `grads`, the flat f32 gradient buffer, each parameter's as
+/// soon as its layer's backward is done (so a layer's activations and gradients are freed as it goes).
 pub fn backward(
     cfg: &ModelConfig,
     layout: &ParamLayout,
     w: &StepWeights,
     b: &BatchTensors,
     saved: Saved,
-) -> Result<Vec<Tensor>> {
+    grads: &Tensor,
+) -> Result<()> {
     let (n, t, h) = (b.batch, b.seq, cfg.hidden_size);
     let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
     let p = &w.tensors;
     let dtype = p[0].dtype();
-    let mut grads: Vec<Option<Tensor>> = vec![None; layout.slots.len()];
+    let add = |slot: usize, g: &Tensor| layout.accumulate(grads, slot, g);
     let heads = |x: &Tensor, k: usize| x.reshape((n, t, k, d))?.transpose(1, 2)?.contiguous();
     let rows = |x: Tensor| x.transpose(1, 2)?.reshape((n * t, ()));
 
     let head = head_slot(cfg, layout);
     let (dhidden, dhead) = linear_backward(&saved.dlogits.to_dtype(dtype)?, &saved.hidden, &p[head])?;
-    grads[head] = Some(dhead);
+    add(head, &dhead)?;
     let norm = layout.index("model.norm.weight");
     let (mut dx, dnorm) = rmsnorm_backward(&dhidden, &p[norm], &saved.final_norm)?;
-    grads[norm] = Some(dnorm);
+    add(norm, &dnorm)?;
 
     for (l, sv) in saved.blocks.iter().enumerate().rev() {
         let s = BlockSlots::new(layout, l);
@@ -265,18 +267,15 @@ pub fn backward(
             (s.v, dv_w),
             (s.input_ln, dinput),
         ] {
-            grads[slot] = Some(g);
+            add(slot, &g)?;
         }
     }
     // The embedding gathers rows; its gradient scatters them back (and adds the tied head's).
     let embed = layout.index("model.embed_tokens.weight");
     let dembed =
         Tensor::zeros((cfg.vocab_size, h), DType::F32, dx.device())?.index_add(&b.ids, &dx.to_dtype(DType::F32)?, 0)?;
-    grads[embed] = Some(match grads[embed].take() {
-        Some(head) => (head + dembed)?,
-        None => dembed,
-    });
-    Ok(grads.into_iter().map(|g| g.expect("every parameter gets a gradient")).collect())
+    add(embed, &dembed)?;
+    Ok(())
 }
 
 /// The backward of [`repeat_kv`]: sum the gradients of the query heads that shared a key/value head.

@@ -62,6 +62,13 @@ impl ParamLayout {
         Tensor::cat(&flat, 0)
     }
 
+    /// `flat[slot i] += g`, in place.
+    pub fn accumulate(&self, flat: &Tensor, i: usize, g: &Tensor) -> candle_core::Result<()> {
+        let s = &self.slots[i];
+        let sum = (flat.narrow(0, s.offset, s.len)? + g.flatten_all()?.to_dtype(DType::F32)?)?;
+        flat.slice_set(&sum, 0, s.offset)
+    }
+
     /// Named views, for saving in the Hugging Face layout.
     pub fn named(&self, flat: &Tensor) -> Result<Vec<(String, Tensor)>> {
         (0..self.slots.len()).map(|i| Ok((self.slots[i].name.clone(), self.view(flat, i)?))).collect()

@@ -1,0 +1,97 @@
+//! SQuAD v2 evaluation of a BitNet b1.58 model (the original project's `tools/eval.py`, which it left as a
+//! TODO).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use bessie::eval;
+use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Evaluate a model on a SQuAD v2 dev file, or re-score existing predictions.
+///
+/// Answers every question greedily (batched, at most --max-new-tokens, stopping at EOS or the 🐂 end
+/// marker) and writes one line per question to --out: the input fields plus `guess`, `is_correct` (the
+/// original project's check: equal to an answer ignoring case, or containing "not in context" for an
+/// unanswerable question), `exact_match` and `f1` (SQuAD v2's official normalized metrics; "Not in
+/// context." is the abstention), `model` and `time` (seconds until the answer was complete). Prints a
+/// table split into HasAns / NoAns and writes it to eval_summary.json beside --out.
+///
+/// Dev lines need `prompt` and `answers` (a list; empty for an unanswerable question); `bessie-data squad
+/// --dev` writes them from the official dev-v2.0.json.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Checkpoint directory in the Hugging Face layout.
+    #[arg(short, long, required_unless_present = "predictions", conflicts_with = "predictions")]
+    model: Option<PathBuf>,
+    /// Dev JSONL file: `prompt` and `answers` on every line.
+    #[arg(short, long, required_unless_present = "predictions", conflicts_with = "predictions")]
+    dev: Option<PathBuf>,
+    /// Output JSONL, one line per question. With --predictions: optional, the re-scored lines.
+    #[arg(short, long, required_unless_present = "predictions")]
+    out: Option<PathBuf>,
+    /// Re-score this bessie-eval output (its `guess` and `answers` fields) without a model; the summary
+    /// goes beside --out, or beside this file without --out.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// Evaluate only the first N questions.
+    #[arg(short = 'n', long)]
+    limit: Option<usize>,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Stop an answer after this many new tokens (the original used 50).
+    #[arg(long, default_value_t = 50)]
+    max_new_tokens: usize,
+    /// auto, cpu, cuda or cuda:N (auto takes the first GPU when there is one).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Replace Bessie's system prompt.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    bessie::cli::run(|| body(Args::parse()))
+}
+
+fn body(args: Args) -> Result<()> {
+    let (lines, summary) = match &args.predictions {
+        Some(path) => eval::rescore(path, args.limit)?,
+        None => evaluate(&args)?,
+    };
+    if let Some(out) = &args.out {
+        eval::write_lines(out, &lines)?;
+    }
+    let beside = args.out.as_ref().or(args.predictions.as_ref()).context("--out is required")?;
+    let summary_path = eval::write_summary(beside, &summary)?;
+    print!("{summary}");
+    let lines_path = args.out.map(|o| format!("{} and ", o.display())).unwrap_or_default();
+    eprintln!("[wrote {lines_path}{}]", summary_path.display());
+    Ok(())
+}
+
+fn evaluate(args: &Args) -> Result<eval::Scored> {
+    let (model_dir, dev) = (args.model.as_ref().context("--model")?, args.dev.as_ref().context("--dev")?);
+    let examples = eval::read_dev(dev, args.limit)?;
+    let device = bessie::device::parse_device(&args.device)?;
+    let model = bessie::model::load(model_dir, &device)?;
+    let tokenizer = Tokenizer::from_dir(model_dir)?;
+    let template = ChatTemplate::new(args.system.as_deref());
+    let bar = ProgressBar::new(examples.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} questions, {per_sec} [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("static template"),
+    );
+    let name = model_dir.display().to_string();
+    let scored =
+        eval::evaluate(&model, &tokenizer, &template, &examples, args.batch_size, args.max_new_tokens, &name, |n| {
+            bar.inc(n as u64)
+        })?;
+    bar.finish_and_clear();
+    Ok(scored)
+}

@@ -1,0 +1,315 @@
+//! SQuAD v2 scoring, batched generation against one-at-a-time generation, `bessie-eval` end to end
+//! (generation, then `--predictions` re-scoring), and the dev-file errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bessie::eval::{self, merge_shards, normalize_answer, score, shard, Score, Summary};
+use bessie::generate::{generate, generate_batch, Sampler};
+use bessie::model::hf::Layout;
+use bessie::model::init::{write_random_checkpoint, TokenizerSource};
+use bessie::tokenizer::template::ChatTemplate;
+use bessie::tokenizer::Tokenizer;
+use candle_core::{DType, Device};
+
+fn answers(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// (exact match, F1, original check) of `guess`.
+fn s(guess: &str, gold: &[&str]) -> (f64, f64, bool) {
+    let Score { exact_match, f1, is_correct } = score(guess, &answers(gold));
+    (exact_match, (f1 * 1e6).round() / 1e6, is_correct)
+}
+
+#[test]
+fn normalization_follows_the_official_script() {
+    for (text, normalized) in [
+        ("The Denver Broncos!", "denver broncos"),
+        ("  a\tan \n the  ", ""),
+        ("theater anthem Thebes", "theater anthem thebes"),
+        ("A-team's (1983)", "ateams 1983"),
+        ("a.k.a. the", "aka"),
+        ("the—cat", "—cat"),
+        ("“The” cow", "“the” cow"),
+        ("ZÜRICH, Straße", "zürich straße"),
+        ("東京 the 大学", "東京 大学"),
+        ("snake_case", "snakecase"),
+        ("", ""),
+    ] {
+        assert_eq!(normalize_answer(text), normalized, "{text:?}");
+    }
+}
+
+#[test]
+fn exact_match_and_f1_take_the_best_gold_answer() {
+    assert_eq!(s("Denver Broncos", &["Broncos", "The Denver Broncos", "Denver"]), (1.0, 1.0, false));
+    assert_eq!(s("the broncos", &["Broncos"]), (1.0, 1.0, false));
+    assert_eq!(s("broncos", &["BRONCOS"]), (1.0, 1.0, true));
+    // guess {broncos, of, denver} against {denver, broncos}: precision 2/3, recall 1.
+    assert_eq!(s("the Broncos of Denver", &["Denver Broncos"]), (0.0, 0.8, false));
+    assert_eq!(s("the Broncos of Denver", &["Broncos", "Denver Broncos"]), (0.0, 0.8, false));
+    // Tokens count as multisets: {x, x, y} against {x, y, y} share two.
+    assert_eq!(s("x x y", &["x y y"]), (0.0, 0.666667, false));
+    assert_eq!(s("Paris.", &["Paris"]), (1.0, 1.0, false));
+    assert_eq!(s("Lisbon", &["Paris"]), (0.0, 0.0, false));
+}
+
+#[test]
+fn unanswerable_questions_need_not_in_context() {
+    assert_eq!(s("Not in context.", &[]), (1.0, 1.0, true));
+    assert_eq!(s("  not in CONTEXT ", &[]), (1.0, 1.0, true));
+    // The original's check only looks for the phrase; the official one wants the abstention alone.
+    assert_eq!(s("It is not in context.", &[]), (0.0, 0.0, true));
+    assert_eq!(s("Paris", &[]), (0.0, 0.0, false));
+    // Gold answers that normalize to nothing leave the question unanswerable, as in the official script.
+    assert_eq!(s("Not in context.", &["The", "."]), (1.0, 1.0, false));
+    // Abstaining on an answerable question scores like an empty guess, not partially ("in context").
+    assert_eq!(s("Not in context.", &["in context"]), (0.0, 0.0, false));
+}
+
+#[test]
+fn empty_guesses_are_wrong() {
+    assert_eq!(s("", &[]), (0.0, 0.0, false));
+    assert_eq!(s("", &["Paris"]), (0.0, 0.0, false));
+    assert_eq!(s("The.", &["Paris"]), (0.0, 0.0, false));
+}
+
+#[test]
+fn unicode_answers_match_after_lower_casing() {
+    assert_eq!(s("ZÜRICH", &["Zürich"]), (1.0, 1.0, true));
+    assert_eq!(s("Lake Zürich", &["Zürich"]), (0.0, 0.666667, false));
+    assert_eq!(s("東京", &["東京"]), (1.0, 1.0, true));
+    assert_eq!(s("ΟΔΟΣ", &["οδος"]), (0.0, 0.0, false), "final sigma lower-cases to ς, as Python's lower()");
+}
+
+#[test]
+fn summary_splits_and_table() {
+    let scores = [
+        (true, score("Paris", &answers(&["Paris"]))),
+        (true, score("the Broncos of Denver", &answers(&["Denver Broncos"]))),
+        (false, score("Not in context.", &[])),
+        (false, score("Paris", &[])),
+    ];
+    let summary = Summary::new(&scores, None).unwrap();
+    assert_eq!(summary.overall.count, 4);
+    assert!((summary.overall.f1 - 100.0 * (1.0 + 0.8 + 1.0) / 4.0).abs() < 1e-9);
+    assert_eq!(summary.overall.exact_match, 50.0);
+    let has = summary.has_ans.as_ref().unwrap();
+    assert_eq!((has.count, has.exact_match, has.original_accuracy), (2, 50.0, 50.0));
+    let no = summary.no_ans.as_ref().unwrap();
+    assert_eq!((no.count, no.exact_match, no.f1), (2, 50.0, 50.0));
+    let table = summary.to_string();
+    for row in ["HasAns", "NoAns", "overall", "90.00"] {
+        assert!(table.contains(row), "{table}");
+    }
+    let json = serde_json::to_string(&summary).unwrap();
+    assert_eq!(serde_json::from_str::<Summary>(&json).unwrap(), summary);
+    assert!(!json.contains("speed"), "{json}");
+
+    let only_answerable = Summary::new(&scores[..2], None).unwrap();
+    assert!(only_answerable.no_ans.is_none() && !only_answerable.to_string().contains("NoAns"));
+    assert!(Summary::new(&[], None).is_err());
+}
+
+#[test]
+fn shards_merge_back_in_input_order() {
+    let items: Vec<u32> = (0..10).collect();
+    for world in 1..=4 {
+        let shards: Vec<Vec<u32>> = (0..world).map(|rank| shard(&items, rank, world)).collect();
+        assert_eq!(merge_shards(shards), items, "world {world}");
+    }
+}
+
+fn tiny_model(seed: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_checkpoint(dir.path(), "tiny", TokenizerSource::Shipped, None, seed, DType::F32, Layout::Safetensors)
+        .unwrap();
+    let path = dir.path().to_path_buf();
+    (dir, path)
+}
+
+const QUESTIONS: [&str; 7] = [
+    "Moo?",
+    "What do cows eat in winter when the grass is covered by snow?",
+    "Name the oxen.",
+    "Context: Cattle are large domesticated bovines. The Oxen of Oxford pull carts.\n\nQuestion: What do they pull?",
+    "Why?",
+    "How many stomachs does a cow have, and what does each of them do?",
+    "Say hello to Bessie the BitNet, the cow who answers questions.",
+];
+
+/// Greedy batched generation picks exactly the tokens one-at-a-time generation picks, for prompts of
+/// different lengths in batches of 1, 3 and 7, and eval's length-sorted batching returns them in order.
+#[test]
+fn batched_generation_equals_one_at_a_time() {
+    let (_d, dir) = tiny_model(5);
+    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let template = ChatTemplate::default();
+    let prompts: Vec<Vec<u32>> =
+        QUESTIONS.iter().map(|q| tok.encode(&template.generation_prompt(q), true).unwrap()).collect();
+    let lengths: std::collections::BTreeSet<usize> = prompts.iter().map(Vec::len).collect();
+    assert!(lengths.len() >= 5, "prompts of different lengths: {lengths:?}");
+    let max_new = 12;
+    let alone: Vec<_> = prompts
+        .iter()
+        .map(|p| generate(&model, &tok, p, max_new, &mut Sampler::greedy(), |_| Ok(())).unwrap())
+        .collect();
+    assert!(alone.iter().all(|g| !g.ids.is_empty()));
+    let examples: Vec<eval::DevExample> = QUESTIONS
+        .iter()
+        .enumerate()
+        .map(|(i, q)| eval::DevExample {
+            at: format!("dev.jsonl:{}", i + 1),
+            fields: Default::default(),
+            prompt: q.to_string(),
+            answers: vec![],
+        })
+        .collect();
+    for batch_size in [1, 3, 7] {
+        let mut streamed = vec![String::new(); batch_size];
+        let mut batched = Vec::new();
+        for (chunk, start) in prompts.chunks(batch_size).zip((0..).step_by(batch_size)) {
+            let gens = generate_batch(&model, &tok, chunk, max_new, &mut Sampler::greedy(), |row, text| {
+                if start == 0 {
+                    streamed[row].push_str(text);
+                }
+                Ok(())
+            })
+            .unwrap();
+            batched.extend(gens);
+        }
+        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            assert_eq!(a.ids, b.ids, "batch size {batch_size}, prompt {i}");
+            assert_eq!((&a.text, a.stop, a.prompt_tokens), (&b.text, b.stop, b.prompt_tokens));
+        }
+        for (row, text) in streamed.iter().enumerate() {
+            assert_eq!(text, &alone[row].text, "streamed text of row {row}");
+        }
+        let mut batches = 0;
+        let guesses =
+            eval::generate_guesses(&model, &tok, &template, &examples, batch_size, max_new, |_| batches += 1).unwrap();
+        assert_eq!(batches, QUESTIONS.len().div_ceil(batch_size));
+        for (g, a) in guesses.iter().zip(&alone) {
+            assert_eq!((&g.text, g.tokens), (&a.text, a.ids.len()), "batch size {batch_size}");
+        }
+    }
+}
+
+fn write_lines(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    path
+}
+
+fn dev_lines() -> Vec<String> {
+    QUESTIONS
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let answers: Vec<&str> = if i % 3 == 0 { vec![] } else { vec!["Hay", "hay and grass"] };
+            serde_json::json!({"prompt": q, "response": "Hay", "answers": answers, "id": format!("q{i}")}).to_string()
+        })
+        .collect()
+}
+
+fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn bessie_eval(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bessie-eval")).args(args).output().unwrap()
+}
+
+/// `bessie-eval` on a random model writes one line per question with the input fields and the scores,
+/// and the summary; `--predictions` re-scores that file to the same summary, without a model.
+#[test]
+fn bessie_eval_writes_rows_and_rescoring_reproduces_the_summary() {
+    let (_d, model) = tiny_model(1);
+    let work = tempfile::tempdir().unwrap();
+    let dev = write_lines(work.path(), "dev.jsonl", &dev_lines());
+    let out = work.path().join("run/eval.jsonl");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let (m, d, o) = (model.to_str().unwrap(), dev.to_str().unwrap(), out.to_str().unwrap());
+    let run = bessie_eval(&["-m", m, "-d", d, "-o", o, "-n", "5", "--batch-size", "2", "--max-new-tokens", "6"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("HasAns") && stdout.contains("NoAns") && stdout.contains("examples/s"), "{stdout}");
+
+    let rows = read_jsonl(&out);
+    assert_eq!(rows.len(), 5);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["id"], format!("q{i}"), "input order is kept");
+        assert_eq!(row["prompt"], QUESTIONS[i]);
+        assert_eq!(row["model"], m);
+        assert!(row["guess"].is_string() && row["is_correct"].is_boolean() && row["time"].as_f64().unwrap() > 0.0);
+        let answers: Vec<String> = serde_json::from_value(row["answers"].clone()).unwrap();
+        let expected = score(row["guess"].as_str().unwrap(), &answers);
+        assert_eq!(row["exact_match"].as_f64().unwrap(), expected.exact_match);
+        assert_eq!(row["f1"].as_f64().unwrap(), expected.f1);
+    }
+    let summary_path = work.path().join("run/eval_summary.json");
+    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    let speed = summary.speed.as_ref().unwrap();
+    assert_eq!((summary.overall.count, speed.examples, speed.batch_size), (5, 5, 2));
+    assert!(speed.generated_tokens > 0 && speed.generated_tokens <= 5 * 6);
+
+    // Re-score a file whose guesses were edited: one now right for an unanswerable question.
+    let mut edited = rows.clone();
+    edited[0]["guess"] = "Not in context.".into();
+    edited[1]["guess"] = "hay".into();
+    let lines: Vec<String> = edited.iter().map(|r| r.to_string()).collect();
+    let predictions = write_lines(work.path(), "edited.jsonl", &lines);
+    let rescored_out = work.path().join("rescored.jsonl");
+    let run = bessie_eval(&["--predictions", predictions.to_str().unwrap(), "-o", rescored_out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rescored = read_jsonl(&rescored_out);
+    assert_eq!(
+        (&rescored[0]["exact_match"], &rescored[0]["is_correct"], &rescored[1]["f1"]),
+        (&1.0.into(), &true.into(), &1.0.into())
+    );
+    assert_eq!(rescored[2..], rows[2..], "unchanged guesses score the same");
+    let again: Summary =
+        serde_json::from_str(&std::fs::read_to_string(work.path().join("eval_summary.json")).unwrap()).unwrap();
+    assert!(again.speed.is_none());
+    let (_, direct) = eval::rescore(&predictions, None).unwrap();
+    assert_eq!(again, direct);
+
+    // Unedited predictions re-score to the generating run's numbers.
+    let (_, same) = eval::rescore(&out, None).unwrap();
+    assert_eq!((same.overall, same.has_ans, same.no_ans), (summary.overall, summary.has_ans, summary.no_ans));
+}
+
+fn dev_error(lines: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_lines(dir.path(), "dev.jsonl", &lines.iter().map(|l| l.to_string()).collect::<Vec<_>>());
+    format!("{:#}", eval::read_dev(&path, None).unwrap_err())
+}
+
+#[test]
+fn dev_file_errors_name_the_line() {
+    let good = r#"{"prompt": "Moo?", "answers": ["moo"]}"#;
+    let e = dev_error(&[good, "", r#"{"prompt": "Moo?", "response": "moo"}"#]);
+    assert!(e.contains("dev.jsonl:3: missing field `answers`") && e.contains("bessie-data squad --dev"), "{e}");
+    let e = dev_error(&[good, r#"{"prompt": "Moo?", "answers": "moo"}"#]);
+    assert!(e.contains("dev.jsonl:2: field `answers` must be a list of strings, not a string"), "{e}");
+    let e = dev_error(&[r#"{"prompt": "Moo?", "answers": ["moo", 7]}"#]);
+    assert!(e.contains("dev.jsonl:1: `answers[1]` must be a string, not a number"), "{e}");
+    let e = dev_error(&[good, r#"{"prompt": "Moo?", "answers": [}"#]);
+    assert!(e.contains("dev.jsonl:2: malformed JSON"), "{e}");
+    let e = dev_error(&[r#"{"answers": []}"#]);
+    assert!(e.contains("dev.jsonl:1: missing field `prompt`"), "{e}");
+    let e = dev_error(&["", "  "]);
+    assert!(e.contains("dev.jsonl: no examples (the file is empty"), "{e}");
+    let e = dev_error(&[]);
+    assert!(e.contains("no examples"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_lines(dir.path(), "eval.jsonl", &[good.to_string()]);
+    let e = format!("{:#}", eval::rescore(&path, None).unwrap_err());
+    assert!(e.contains("eval.jsonl:1: missing field `guess`"), "{e}");
+    let run = bessie_eval(&["--predictions", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.starts_with("error: ") && stderr.contains("eval.jsonl:1"), "{stderr}");
+}
