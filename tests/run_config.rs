@@ -50,7 +50,7 @@ fn every_shipped_config_loads() {
     }
     assert!(n >= 3);
     let large = RunConfig::load(Some(&Path::new(CONFIGS).join("large.toml")), &[]).unwrap();
-    assert_eq!((large.data.max_seq_len, large.train.micro_batch, large.train.grad_accum), (768, 2, 2));
+    assert_eq!((large.data.max_seq_len, large.train.micro_batch, large.train.grad_accum), (768, 1, 4));
     assert_eq!(large.model.path, Path::new(CONFIGS).join("../models/bitnet_b1_58-large"));
     let h100 = RunConfig::load(Some(&Path::new(CONFIGS).join("h100.toml")), &[]).unwrap();
     assert_eq!((h100.data.max_seq_len, h100.train.micro_batch, h100.train.grad_accum), (2048, 4, 1));
