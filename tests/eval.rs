@@ -5,18 +5,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bessie::eval::{self, merge_shards, normalize_answer, score, shard, Score, Summary};
-use bessie::generate::{generate, generate_batch, Sampler};
-use bessie::model::hf::Layout;
-use bessie::model::init::{write_random_checkpoint, TokenizerSource};
+use bessie::generate::{generate, generate_batch, Sampler, StopReason};
+use bessie::model::hf::{self, Layout};
+use bessie::model::init::{random_weights, write_random_checkpoint, TokenizerSource};
+use bessie::model::KvCache;
 use bessie::tokenizer::template::ChatTemplate;
 use bessie::tokenizer::Tokenizer;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 fn answers(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-/// (exact match, F1, original check) of `guess`.
+/// (exact match, F1, original check) of `guess`. Expected normalizations were checked against the
+/// official script's `normalize_answer` in Python.
 fn s(guess: &str, gold: &[&str]) -> (f64, f64, bool) {
     let Score { exact_match, f1, is_correct } = score(guess, &answers(gold));
     (exact_match, (f1 * 1e6).round() / 1e6, is_correct)
@@ -31,7 +33,8 @@ fn normalization_follows_the_official_script() {
         ("A-team's (1983)", "ateams 1983"),
         ("a.k.a. the", "aka"),
         ("the—cat", "—cat"),
-        ("“The” cow", "“the” cow"),
+        // Curly quotes are not ASCII punctuation but do delimit words.
+        ("“The” cow", "“ ” cow"),
         ("ZÜRICH, Straße", "zürich straße"),
         ("東京 the 大学", "東京 大学"),
         ("snake_case", "snakecase"),
@@ -80,7 +83,8 @@ fn unicode_answers_match_after_lower_casing() {
     assert_eq!(s("ZÜRICH", &["Zürich"]), (1.0, 1.0, true));
     assert_eq!(s("Lake Zürich", &["Zürich"]), (0.0, 0.666667, false));
     assert_eq!(s("東京", &["東京"]), (1.0, 1.0, true));
-    assert_eq!(s("ΟΔΟΣ", &["οδος"]), (0.0, 0.0, false), "final sigma lower-cases to ς, as Python's lower()");
+    // A final capital sigma lower-cases to ς, as with Python's lower().
+    assert_eq!(s("ΟΔΟΣ", &["οδος"]), (1.0, 1.0, true));
 }
 
 #[test]
@@ -121,10 +125,36 @@ fn shards_merge_back_in_input_order() {
     }
 }
 
+/// A random tiny model whose projections are scaled up (sharper attention, larger updates to the
+/// residual stream) and whose head is untied, so its greedy tokens depend on the context instead of
+/// repeating one token.
 fn tiny_model(seed: u64) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    write_random_checkpoint(dir.path(), "tiny", TokenizerSource::Shipped, None, seed, DType::F32, Layout::Safetensors)
-        .unwrap();
+    let mut cfg = write_random_checkpoint(
+        dir.path(),
+        "tiny",
+        TokenizerSource::Shipped,
+        None,
+        seed,
+        DType::F32,
+        Layout::Safetensors,
+    )
+    .unwrap();
+    cfg.tie_word_embeddings = false;
+    let weights: Vec<_> = random_weights(&cfg, seed)
+        .unwrap()
+        .into_iter()
+        .map(
+            |(n, t)| {
+                if n.ends_with("proj.weight") || n == "lm_head.weight" {
+                    (n, (t * 10.0).unwrap())
+                } else {
+                    (n, t)
+                }
+            },
+        )
+        .collect();
+    hf::save(dir.path(), &cfg, &weights, DType::F32, Layout::Safetensors, &[]).unwrap();
     let path = dir.path().to_path_buf();
     (dir, path)
 }
@@ -138,6 +168,36 @@ const QUESTIONS: [&str; 7] = [
     "How many stomachs does a cow have, and what does each of them do?",
     "Say hello to Bessie the BitNet, the cow who answers questions.",
 ];
+
+/// The logits of a left-padded batch equal each row's alone (up to the summation order of the head's
+/// matmul, ~1e-7), after the prompt and after a decoding step: padding is hidden from every real token.
+/// (Outputs cannot tell per-row RoPE positions from shared ones: attention depends on relative positions
+/// only, and the int8 activation codes absorb the rounding differences.)
+#[test]
+fn padded_batch_forward_equals_each_row_alone() {
+    let (_d, dir) = tiny_model(5);
+    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    let rows: [&[u32]; 3] = [&[1, 50, 60, 70, 80, 90, 100], &[1, 7], &[1, 300, 301, 302]];
+    let width = rows.iter().map(|r| r.len()).max().unwrap();
+    let padded: Vec<u32> =
+        rows.iter().flat_map(|r| std::iter::repeat_n(0, width - r.len()).chain(r.iter().copied())).collect();
+    let mut cache = KvCache::left_padded(&model.cfg, rows.iter().map(|r| width - r.len()).collect());
+    let last = |h: Tensor| model.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap().squeeze(1).unwrap()).unwrap();
+    let x = Tensor::from_vec(padded, (rows.len(), width), &Device::Cpu).unwrap();
+    let prefill: Vec<Vec<f32>> = last(model.forward(&x, &mut cache).unwrap()).to_vec2().unwrap();
+    let next = Tensor::new(&[[5u32], [6], [7]], &Device::Cpu).unwrap();
+    let step: Vec<Vec<f32>> = last(model.forward(&next, &mut cache).unwrap()).to_vec2().unwrap();
+    for (r, ids) in rows.iter().enumerate() {
+        let mut alone = KvCache::new(&model.cfg);
+        let x = Tensor::new(*ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let first: Vec<Vec<f32>> = last(model.forward(&x, &mut alone).unwrap()).to_vec2().unwrap();
+        let x = Tensor::new(&[[5 + r as u32]], &Device::Cpu).unwrap();
+        let second: Vec<Vec<f32>> = last(model.forward(&x, &mut alone).unwrap()).to_vec2().unwrap();
+        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let (d1, d2) = (diff(&first[0], &prefill[r]), diff(&second[0], &step[r]));
+        assert!(d1 < 1e-5 && d2 < 1e-5, "row {r}: logits differ by {d1:e} after the prompt, {d2:e} after a step");
+    }
+}
 
 /// Greedy batched generation picks exactly the tokens one-at-a-time generation picks, for prompts of
 /// different lengths in batches of 1, 3 and 7, and eval's length-sorted batching returns them in order.
@@ -156,7 +216,10 @@ fn batched_generation_equals_one_at_a_time() {
         .iter()
         .map(|p| generate(&model, &tok, p, max_new, &mut Sampler::greedy(), |_| Ok(())).unwrap())
         .collect();
-    assert!(alone.iter().all(|g| !g.ids.is_empty()));
+    // Every prompt gets its own answer, and one stops early (EOS), so finished rows ride along.
+    let distinct: std::collections::HashSet<&Vec<u32>> = alone.iter().map(|g| &g.ids).collect();
+    assert_eq!(distinct.len(), QUESTIONS.len());
+    assert!(alone.iter().any(|g| g.stop != StopReason::MaxNewTokens), "no early stop to test");
     let examples: Vec<eval::DevExample> = QUESTIONS
         .iter()
         .enumerate()

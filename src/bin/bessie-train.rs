@@ -69,12 +69,13 @@ fn body(args: Args) -> Result<()> {
     }
     let cfg = RunConfig::load(args.config.as_deref(), &args.overrides)?;
     let summary = bessie::train::run(&cfg, args.resume)?;
+    let dir = summary.final_dir.canonicalize().unwrap_or(summary.final_dir);
     println!(
         "trained {} steps{}; final model in {}\nprompt it with: cargo run --release --bin bessie-prompt -- -m {}",
         summary.steps,
         summary.last_loss.map(|l| format!(" (last loss {l:.4})")).unwrap_or_default(),
-        summary.final_dir.display(),
-        summary.final_dir.display()
+        dir.display(),
+        dir.display()
     );
     Ok(())
 }

@@ -327,12 +327,17 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
             tflops,
             mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
         })?;
-        bar.set_message(format!(
+        let status = format!(
             "loss {:.4}{} lr {lr:.2e} {:.0} tok/s",
             r.loss,
             dev.map(|d| format!(" dev {d:.4}")).unwrap_or_default(),
             tokens_per_sec
-        ));
+        );
+        // Without a terminal the bar is hidden; logs get a line every 5% of the run instead.
+        if bar.is_hidden() && (state.step % total.div_ceil(20) == 0 || state.step == total) {
+            eprintln!("step {}/{total} {status}", state.step);
+        }
+        bar.set_message(status);
         bar.inc(1);
         if cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total {
             writer.save(&params, &adam, &state)?;
