@@ -59,7 +59,11 @@ impl CheckpointWriter<'_> {
             Ok(())
         })?;
         for (_, old) in list(self.out_dir)?.into_iter().rev().skip(self.keep.max(1)) {
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+            // Out of the `checkpoint-*` names first, so a kill mid-delete never leaves a partial one there.
+            let name = old.file_name().context("checkpoint without a name")?.to_string_lossy().into_owned();
+            let doomed = self.out_dir.join(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(&old, &doomed).with_context(|| format!("renaming {}", old.display()))?;
+            std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
         }
         Ok(dir)
     }
@@ -133,6 +137,23 @@ pub fn load(dir: &Path, layout: &ParamLayout, device: &Device) -> Result<Resumed
     Ok(Resumed { params, m, v, state })
 }
 
+/// Removes what killed runs left in `out_dir`: `.NAME.tmp-PID` and `.NAME.old-PID` entries (directories
+/// being written or deleted) whose process no longer runs. Partial checkpoints are model-sized.
+pub fn remove_stale_temporaries(out_dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out_dir) else { return Ok(()) };
+    for e in entries {
+        let path = e?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let pid = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-").or_else(|| n.rsplit_once(".old-")));
+        let Some((_, pid)) = pid else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }
+                .with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Fills a temporary sibling directory, fsyncs it, and renames it over `dir` (an existing `dir` is moved
 /// aside first and removed after, since a directory cannot be renamed onto a non-empty one).
 fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -157,4 +178,26 @@ fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resul
         std::fs::remove_dir_all(&old)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let out = tempfile::tempdir().unwrap();
+        let dead = out.path().join(".checkpoint-5.tmp-4000000000"); // beyond Linux's pid range
+        let alive = out.path().join(format!(".checkpoint-6.tmp-{}", std::process::id()));
+        let old = out.path().join(".checkpoint-1.old-4000000000");
+        let file = out.path().join(".metrics.jsonl.tmp-4000000000");
+        let kept = out.path().join("checkpoint-4");
+        for d in [&dead, &alive, &old, &kept] {
+            std::fs::create_dir_all(d.join("x")).unwrap();
+        }
+        std::fs::write(&file, "").unwrap();
+        remove_stale_temporaries(out.path()).unwrap();
+        assert!(!dead.exists() && !old.exists() && !file.exists());
+        assert!(alive.exists() && kept.exists());
+    }
 }

@@ -139,10 +139,11 @@ fn entries(out: &Path, prefix: &str) -> Vec<String> {
 /// Every `checkpoint-STEP/` in `out` is complete and its trainer state says STEP; returns the steps.
 fn assert_checkpoints_complete(out: &Path) -> Vec<usize> {
     let mut steps = vec![];
-    for name in entries(out, "checkpoint-") {
-        let dir = out.join(&name);
+    let all = entries(out, "checkpoint-");
+    for name in &all {
+        let dir = out.join(name);
         for f in CHECKPOINT_FILES {
-            assert!(dir.join(f).is_file(), "{} lacks {f}; it has {:?}", dir.display(), entries(&dir, ""));
+            assert!(dir.join(f).is_file(), "{} lacks {f}; it has {:?}; all: {all:?}", dir.display(), entries(&dir, ""));
         }
         let step: usize = name["checkpoint-".len()..].parse().unwrap_or_else(|_| panic!("odd name {name}"));
         let state: serde_json::Value =
@@ -169,7 +170,7 @@ fn fixed_seed_run_is_reproducible() {
     eprintln!("fixed_seed_run_is_reproducible: {:.1?}", started.elapsed());
 }
 
-/// splitmix64: a deterministic stream of kill delays.
+/// splitmix64: the deterministic randomness of the kill schedule.
 fn next_unit(state: &mut u64) -> f64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
@@ -179,6 +180,43 @@ fn next_unit(state: &mut u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// When an attempt is killed.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// A fixed time after the start.
+    Time(Duration),
+    /// `extra` after the attempt's temporary directory for a checkpoint newer than `after` (or for
+    /// `final_checkpoint`) shows up: in the middle of writing it.
+    Writing { after: usize, extra: Duration },
+    /// `extra` after `checkpoint-N` with N > `after` shows up: just after the rename, while older checkpoints
+    /// are being removed.
+    Renamed { after: usize, extra: Duration },
+}
+
+impl KillAt {
+    fn due(&self, out: &Path, pid: u32, since: Instant) -> bool {
+        let newer = |n: &str, after: usize| n.parse::<usize>().is_ok_and(|n| n > after);
+        match *self {
+            KillAt::Time(d) => since.elapsed() >= d,
+            KillAt::Writing { after, .. } => entries(out, ".").iter().any(|name| {
+                let Some((what, owner)) = name[1..].split_once(".tmp-") else { return false };
+                owner == pid.to_string()
+                    && (what == "final_checkpoint" || what.strip_prefix("checkpoint-").is_some_and(|n| newer(n, after)))
+            }),
+            KillAt::Renamed { after, .. } => {
+                entries(out, "checkpoint-").iter().any(|name| newer(&name["checkpoint-".len()..], after))
+            }
+        }
+    }
+
+    fn extra(&self) -> Duration {
+        match *self {
+            KillAt::Time(_) => Duration::ZERO,
+            KillAt::Writing { extra, .. } | KillAt::Renamed { extra, .. } => extra,
+        }
+    }
+}
+
 #[test]
 fn killed_runs_resume_to_the_same_weights() {
     let started = Instant::now();
@@ -186,22 +224,28 @@ fn killed_runs_resume_to_the_same_weights() {
     let reference = root.path().join("reference");
     let t = Instant::now();
     run_ok(&mut train(&reference, STEPS, &[]));
-    // Delays are fractions of an uninterrupted run (start-up and tokenization included), so they suit any
-    // machine; the first few kill during start-up (base model, data cache) on purpose.
     let run_time = t.elapsed();
+    // Kills during start-up (base model, data cache), then in turn: at a time that is a fraction of an
+    // uninterrupted run (so it suits any machine), while a checkpoint is being written, and just after
+    // one is renamed into place (while old ones are removed).
     const STARTUP_KILLS_MS: [u64; 4] = [3, 6, 9, 12];
-    const ATTEMPTS: usize = 30;
-
+    const ATTEMPTS: usize = 40;
     let out = root.path().join("killed");
     let log = root.path().join("attempt.stderr");
     let mut rng = 0x5EED_u64;
-    let (mut kills, mut startup_kills, mut kills_in_checkpoint_writes) = (0, 0, 0);
-    let mut progress = vec![];
+    let (mut kills, mut startup_kills, mut in_writes) = (0, 0, 0);
+    let mut history = vec![];
     let mut finished = false;
     for attempt in 0..ATTEMPTS {
-        let delay = match STARTUP_KILLS_MS.get(attempt) {
-            Some(&ms) => Duration::from_millis(ms),
-            None => run_time.mul_f64(0.05 + 0.45 * next_unit(&mut rng)),
+        let newest = assert_checkpoints_complete(&out).last().copied().unwrap_or(0);
+        let extra = Duration::from_micros((3000.0 * next_unit(&mut rng)) as u64);
+        let skip = (next_unit(&mut rng) * 2.0) as usize;
+        let kill_at = match (STARTUP_KILLS_MS.get(attempt), attempt % 3) {
+            (Some(&ms), _) => KillAt::Time(Duration::from_millis(ms)),
+            (None, 0) => KillAt::Time(run_time.mul_f64(0.05 + 0.45 * next_unit(&mut rng))),
+            // Let one or two checkpoints complete first, so that every attempt gets somewhere.
+            (None, 1) => KillAt::Writing { after: newest + 1 + skip, extra },
+            (None, _) => KillAt::Renamed { after: newest + skip, extra },
         };
         let stderr = std::fs::File::create(&log).unwrap();
         let mut child = train(&out, STEPS, &[])
@@ -211,21 +255,20 @@ fn killed_runs_resume_to_the_same_weights() {
             .spawn()
             .expect("starting bessie-train");
         let spawned = Instant::now();
-        let mut status = None;
-        while status.is_none() && spawned.elapsed() < delay {
-            status = child.try_wait().unwrap();
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let status = match status {
-            Some(s) => s,
-            None => {
-                child.kill().unwrap();
-                child.wait().unwrap()
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
             }
+            if kill_at.due(&out, child.id(), spawned) {
+                std::thread::sleep(kill_at.extra());
+                child.kill().unwrap();
+                break child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_micros(300));
         };
         if status.signal() != Some(9) {
             let text = std::fs::read(&log).unwrap();
-            assert!(status.success(), "{}", describe(&format!("attempt {attempt} (no kill) failed"), status, &text));
+            assert!(status.success(), "{}", describe(&format!("attempt {attempt} ({kill_at:?})"), status, &text));
             finished = true;
             break;
         }
@@ -234,17 +277,15 @@ fn killed_runs_resume_to_the_same_weights() {
             false => kills += 1,
         }
         let pid_suffix = format!(".tmp-{}", child.id());
-        if entries(&out, ".checkpoint-").iter().any(|n| n.ends_with(&pid_suffix)) {
-            kills_in_checkpoint_writes += 1;
+        if entries(&out, ".").iter().any(|n| n.ends_with(&pid_suffix) && n.contains("checkpoint")) {
+            in_writes += 1;
         }
+        // Whatever the moment of the kill, every checkpoint-* is whole (temporary directories aside).
         let steps = assert_checkpoints_complete(&out);
-        progress.push(steps.last().copied().unwrap_or(0));
+        history.push(steps.last().copied().unwrap_or(0));
     }
-    assert!(finished, "no run finished in {ATTEMPTS} attempts (newest checkpoint after each kill: {progress:?})");
-    assert!(
-        kills >= 2,
-        "only {kills} kills after start-up before a run finished: the delays (fractions of {run_time:?}) are too long"
-    );
+    assert!(finished, "no run finished in {ATTEMPTS} attempts (newest checkpoint after each kill: {history:?})");
+    assert!(kills >= 2, "only {kills} kills after start-up before a run finished (run time {run_time:?})");
 
     assert_same_weights(&final_weights(&out), &final_weights(&reference));
     assert_same_metrics(&metrics(&out), &metrics(&reference));
@@ -252,8 +293,8 @@ fn killed_runs_resume_to_the_same_weights() {
     let leftovers: Vec<String> = entries(&out, ".").into_iter().filter(|n| n.contains(".tmp-")).collect();
     eprintln!(
         "killed_runs_resume_to_the_same_weights: {:.1?}; uninterrupted run {run_time:.1?}; {startup_kills} start-up \
-         kills, {kills} later kills ({kills_in_checkpoint_writes} during checkpoint writes); newest checkpoint after \
-         each kill {progress:?}; temporary directories left in the output: {leftovers:?}",
+         kills, {kills} later kills ({in_writes} during checkpoint writes); newest checkpoint after each kill \
+         {history:?}; temporary directories left in the output: {leftovers:?}",
         started.elapsed()
     );
 }

@@ -58,6 +58,14 @@ fn main() -> std::process::ExitCode {
 }
 
 fn body(args: Args) -> Result<()> {
+    // Fail now, not after hours of generation, when the output cannot be written. (Not when re-scoring:
+    // --out may be the predictions file itself.)
+    if let (Some(out), None) = (&args.out, &args.predictions) {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    }
     let (lines, summary) = match &args.predictions {
         Some(path) => eval::rescore(path, args.limit)?,
         None => evaluate(&args)?,
@@ -88,10 +96,18 @@ fn evaluate(args: &Args) -> Result<eval::Scored> {
         .expect("static template"),
     );
     let name = model_dir.display().to_string();
-    let scored =
-        eval::evaluate(&model, &tokenizer, &template, &examples, args.batch_size, args.max_new_tokens, &name, |n| {
-            bar.inc(n as u64)
-        })?;
+    let (total, mut done) = (examples.len(), 0);
+    let progress = |n: usize| {
+        bar.inc(n as u64);
+        // Without a terminal the bar is hidden; logs get a line every 5% instead.
+        let every = total.div_ceil(20);
+        if bar.is_hidden() && ((done + n) / every > done / every || done + n == total) {
+            eprintln!("{}/{total} questions", done + n);
+        }
+        done += n;
+    };
+    let (batch, max_new) = (args.batch_size, args.max_new_tokens);
+    let scored = eval::evaluate(&model, &tokenizer, &template, &examples, batch, max_new, &name, progress)?;
     bar.finish_and_clear();
     Ok(scored)
 }

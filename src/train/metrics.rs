@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +45,8 @@ impl MetricsLog {
         if !text.is_empty() {
             text.push('\n');
         }
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        // Through a temporary file: a kill here must not lose the lines that are kept.
+        crate::model::hf::write_atomic(path, |tmp| Ok(std::fs::write(tmp, &text)?))?;
         let file = std::fs::OpenOptions::new().append(true).open(path)?;
         Ok(Self { file })
     }

@@ -202,6 +202,9 @@ fn base_model(cfg: &RunConfig) -> Result<PathBuf> {
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
     let out = &cfg.checkpoint.out_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for dir in [out.clone(), out.join("base-model")] {
+        checkpoint::remove_stale_temporaries(&dir)?;
+    }
     let device = crate::device::parse_device(&cfg.train.device)?;
     let model_dir = base_model(cfg)?;
     let (model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
