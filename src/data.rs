@@ -486,9 +486,10 @@ pub fn check(path: &Path, tok: &Tokenizer, template: &ChatTemplate, max_seq_len:
         let source = object.get("source").and_then(Value::as_str).unwrap_or("-");
         *report.sources.entry(source.to_string()).or_default() += 1;
         if object.contains_key("answers") {
-            match crate::eval::answers(&object).map_err(|e| anyhow!("{at}: {e}"))?.is_empty() {
-                false => report.answerable += 1,
-                true => report.unanswerable += 1,
+            if crate::eval::answers(&object).map_err(|e| anyhow!("{at}: {e}"))?.is_empty() {
+                report.unanswerable += 1;
+            } else {
+                report.answerable += 1;
             }
         }
     }
