@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use bessie::config::run::RunConfig;
+use bessie::dist::Communicator;
 use bessie::train::bench::BenchOptions;
 use clap::Parser;
 
@@ -68,7 +69,11 @@ fn body(args: Args) -> Result<()> {
         return Ok(());
     }
     let cfg = RunConfig::load(args.config.as_deref(), &args.overrides)?;
-    let summary = bessie::train::run(&cfg, args.resume)?;
+    let comm = Communicator::from_env()?;
+    let summary = comm.or_abort(bessie::train::run(&cfg, &comm, args.resume))?;
+    if !comm.is_main() {
+        return Ok(());
+    }
     let dir = summary.final_dir.canonicalize().unwrap_or(summary.final_dir);
     println!(
         "trained {} steps{}; final model in {}\nprompt it with: cargo run --release --bin bessie-prompt -- -m {}",

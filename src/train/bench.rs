@@ -11,6 +11,7 @@ use super::{metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
 use crate::config::run::TrainSection;
 use crate::config::ModelConfig;
 use crate::data::Batch;
+use crate::dist::Communicator;
 use crate::rng::Rng;
 
 pub struct BenchOptions {
@@ -72,7 +73,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchResult> {
     let mut run = |steps: usize, mut timer: Option<&mut PhaseTimer>| -> Result<f64> {
         let start = Instant::now();
         for s in 0..steps {
-            train_step(&ctx, &train, &params, &mut adam, &micro, s, 1e-4, timer.as_deref_mut())?;
+            train_step(&ctx, &train, &Communicator::Single, &params, &mut adam, &micro, s, 1e-4, timer.as_deref_mut())?;
         }
         device.synchronize()?;
         Ok(start.elapsed().as_secs_f64())

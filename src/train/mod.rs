@@ -1,7 +1,13 @@
 //! Supervised fine-tuning (torchtitan's shape: separate parts joined in one short loop).
 //!
-//! config -> model and data -> for each optimizer step: micro-batches -> [`model::forward`] and
-//! [`model::backward`] -> summed gradients / trained tokens -> clip -> AdamW -> metrics -> checkpoint.
+//! config -> model and data -> for each optimizer step: this rank's micro-batches -> [`model::forward`] and
+//! [`model::backward`] -> gradients summed over micro-batches, then over ranks -> / trained tokens -> clip ->
+//! AdamW -> metrics -> checkpoint.
+//!
+//! Data parallelism: an optimizer step takes `micro_batch x grad_accum x world` rows of the epoch's order
+//! and each rank trains on its disjoint share. Since gradients and token counts are summed over ranks before
+//! the division, N ranks with accumulation A compute the step of one rank with accumulation N x A. Every rank
+//! then takes the same optimizer step; rank 0 alone writes logs, metrics and checkpoints.
 
 pub mod bench;
 pub mod layers;
@@ -17,9 +23,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointWriter, TrainerState};
-use crate::config::run::{RunConfig, TrainSection};
+use crate::config::run::{GradDtype, RunConfig, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
+use crate::dist::Communicator;
 use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
@@ -58,6 +65,7 @@ impl StepContext {
     }
 }
 
+/// Of the whole step, all ranks together.
 pub struct StepResult {
     /// Mean loss per trained token.
     pub loss: f64,
@@ -115,11 +123,12 @@ fn accumulate(
     Ok((loss, grads, tokens))
 }
 
-/// One optimizer step. The parameters are replaced only when the loss is finite, so a NaN leaves the
-/// last good weights (and checkpoints) untouched.
+/// One optimizer step on this rank's micro-batches. The parameters are replaced only when the loss is
+/// finite, so a NaN leaves the last good weights (and checkpoints) untouched.
 pub fn train_step(
     ctx: &StepContext,
     train: &TrainSection,
+    comm: &Communicator,
     params: &Tensor,
     adam: &mut AdamW,
     micro: &[Batch],
@@ -132,11 +141,22 @@ pub fn train_step(
     PhaseTimer::mark(&mut timer, "quantize weights")?;
     let (loss_sum, grads, loss_tokens) = accumulate(ctx, &w, micro, lambda, &mut timer)?;
     drop(w);
-    let loss = loss_sum / loss_tokens.max(1) as f64;
+    let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum::<usize>();
+    let mut sums = [loss_sum, loss_tokens as f64, tokens as f64];
+    comm.all_reduce_sum_f64(&mut sums)?;
+    let [loss_sum, loss_tokens, tokens] = sums;
+    // The loss is global now, so on a NaN every rank stops here together.
+    let loss = loss_sum / loss_tokens.max(1.0);
     if !loss.is_finite() {
         bail!("loss is {loss} at step {}; stopping with the last good checkpoint intact", step + 1);
     }
-    let grads = (grads / loss_tokens.max(1) as f64)?;
+    let grads = match train.grad_dtype {
+        _ if comm.world() == 1 => grads,
+        GradDtype::F32 => comm.all_reduce_sum(&grads)?,
+        GradDtype::Bf16 => comm.all_reduce_sum(&grads.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)?,
+    };
+    PhaseTimer::mark(&mut timer, "all-reduce")?;
+    let grads = (grads / loss_tokens.max(1.0))?;
     let (grad_norm, grads) = optim::clip_grad_norm(grads, &ctx.layout, train.grad_clip)?;
     PhaseTimer::mark(&mut timer, "clip")?;
     if !grad_norm.is_finite() {
@@ -144,13 +164,13 @@ pub fn train_step(
     }
     adam.step(params, &grads, &ctx.layout, lr, &ctx.hyper)?;
     PhaseTimer::mark(&mut timer, "adamw")?;
-    let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum();
-    Ok(StepResult { loss, grad_norm, tokens })
+    Ok(StepResult { loss, grad_norm, tokens: tokens as usize })
 }
 
-/// Mean loss per trained token over a dataset, in batches of `batch` rows.
+/// Mean loss per trained token over a dataset, in batches of `batch` rows, the rows spread over the ranks.
 pub fn dev_loss(
     ctx: &StepContext,
+    comm: &Communicator,
     params: &Tensor,
     ds: &Dataset,
     opts: &DataOptions,
@@ -158,15 +178,17 @@ pub fn dev_loss(
     pad: u32,
 ) -> Result<f64> {
     let w = StepWeights::new(&ctx.layout, params, 1.0, ctx.dtype)?;
-    let rows = data::epoch_rows(ds, 0, 0, opts);
-    let (mut loss, mut tokens) = (0.0, 0);
+    // Every row once, all of them: `data::shard` would drop the remainder.
+    let rows: Vec<Row> = data::epoch_rows(ds, 0, 0, opts).into_iter().skip(comm.rank()).step_by(comm.world()).collect();
+    let mut sums = [0.0, 0.0];
     for chunk in rows.chunks(batch) {
         let b = data::make_batch(ds, chunk, pad);
         let bt = BatchTensors::new(&b, &ctx.rope, ctx.dtype, &ctx.device)?;
-        loss += model::forward(&ctx.model_cfg, &ctx.layout, &w, &bt, 1.0)?.0;
-        tokens += b.loss_tokens;
+        sums[0] += model::forward(&ctx.model_cfg, &ctx.layout, &w, &bt, 1.0)?.0;
+        sums[1] += b.loss_tokens as f64;
     }
-    Ok(loss / tokens.max(1) as f64)
+    comm.all_reduce_sum_f64(&mut sums)?;
+    Ok(sums[0] / sums[1].max(1.0))
 }
 
 /// Where a finished run left its model.
@@ -176,16 +198,27 @@ pub struct RunSummary {
     pub last_loss: Option<f64>,
 }
 
-/// The model directory to start from: the configured checkpoint, or a random model written once into
-/// `OUT/base-model` (demos and benchmarks).
-fn base_model(cfg: &RunConfig) -> Result<PathBuf> {
-    if cfg.model.init.is_empty() {
-        return Ok(cfg.model.path.clone());
+/// The model directory to start from: the configured checkpoint, or `OUT/base-model` for a random model.
+fn base_model_dir(cfg: &RunConfig) -> PathBuf {
+    match cfg.model.init.is_empty() {
+        true => cfg.model.path.clone(),
+        false => cfg.checkpoint.out_dir.join("base-model"),
     }
-    let dir = cfg.checkpoint.out_dir.join("base-model");
-    if !dir.join(hf::SAFETENSORS_FILE).exists() {
+}
+
+/// Creates the output directory, removes what killed runs left there and writes the random base model
+/// once (demos and benchmarks). Rank 0's job alone: ranks would race on the same files, and on several
+/// nodes a rank cannot tell whether another node's temporaries are stale.
+fn prepare_out_dir(cfg: &RunConfig) -> Result<()> {
+    let out = &cfg.checkpoint.out_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let base = base_model_dir(cfg);
+    for dir in [out, &out.join("base-model")] {
+        checkpoint::remove_stale_temporaries(dir)?;
+    }
+    if !cfg.model.init.is_empty() && !base.join(hf::SAFETENSORS_FILE).exists() {
         write_random_checkpoint(
-            &dir,
+            &base,
             &cfg.model.init,
             TokenizerSource::Shipped,
             None,
@@ -194,19 +227,26 @@ fn base_model(cfg: &RunConfig) -> Result<PathBuf> {
             Layout::Safetensors,
         )?;
     }
-    Ok(dir)
+    Ok(())
 }
 
-/// Trains as `cfg` says. With `resume`, continues from the newest complete checkpoint in the output
-/// directory (or starts fresh when there is none).
-pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
+/// Trains as `cfg` says, as one rank of `comm`. With `resume`, continues from the newest complete
+/// checkpoint in the output directory (or starts fresh when there is none), whatever the world size that
+/// wrote it.
+pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSummary> {
     let out = &cfg.checkpoint.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    for dir in [out.clone(), out.join("base-model")] {
-        checkpoint::remove_stale_temporaries(&dir)?;
+    let note = |msg: String| {
+        if comm.is_main() {
+            eprintln!("{msg}");
+        }
+    };
+    if comm.is_main() {
+        prepare_out_dir(cfg)?;
     }
-    let device = crate::device::parse_device(&cfg.train.device)?;
-    let model_dir = base_model(cfg)?;
+    // The other ranks read the base model once rank 0 has written it.
+    comm.barrier()?;
+    let device = crate::device::rank_device(&cfg.train.device, comm.local_rank())?;
+    let model_dir = base_model_dir(cfg);
     let (model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
     if cfg.data.max_seq_len > model_cfg.max_position_embeddings {
         bail!(
@@ -230,7 +270,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
         false => Some(data::load_jsonl(&cfg.data.dev, &tokenizer, &template, &opts, Some(&cache))?),
     };
     let s = &train_ds.stats;
-    eprintln!(
+    note(format!(
         "data: {} examples, {} tokens ({} trained) from {}; {} truncated, {} dropped (max_seq_len {})",
         train_ds.examples.len(),
         s.tokens,
@@ -239,11 +279,17 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
         s.truncated,
         s.dropped,
         cfg.data.max_seq_len
-    );
+    ));
 
     let ctx = StepContext::new(model_cfg.clone(), &cfg.train, device.clone())?;
     let t = &cfg.train;
-    let rows_per_step = t.micro_batch * t.grad_accum;
+    let rows_per_step = t.micro_batch * t.grad_accum * comm.world();
+    note(format!(
+        "global batch: {rows_per_step} sequences per step (micro-batch {} x accumulation {} x {} ranks)",
+        t.micro_batch,
+        t.grad_accum,
+        comm.world()
+    ));
     let epoch_rows = |epoch: usize| data::epoch_rows(&train_ds, epoch, t.seed, &opts);
     let mut total: usize = (0..t.epochs).map(|e| epoch_rows(e).len() / rows_per_step).sum();
     if t.max_steps > 0 {
@@ -263,13 +309,13 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
             if r.state.seed != t.seed {
                 bail!("{}: saved with train.seed = {}, the config says {}", dir.display(), r.state.seed, t.seed);
             }
-            eprintln!("resuming from {} (step {})", dir.display(), r.state.step);
+            note(format!("resuming from {} (step {})", dir.display(), r.state.step));
             let adam = AdamW { m: r.m, v: r.v, t: r.state.step as u64 };
             (r.params, adam, r.state)
         }
         None => {
             if resume {
-                eprintln!("--resume: no checkpoint in {}; starting from the beginning", out.display());
+                note(format!("--resume: no checkpoint in {}; starting from the beginning", out.display()));
             }
             let params = ctx.layout.load(&vb, &device)?;
             let adam = AdamW::zeros(ctx.layout.total, &device)?;
@@ -279,8 +325,15 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
     drop(vb);
 
     let run_toml = cfg.to_toml();
-    std::fs::write(out.join(checkpoint::RUN_CONFIG_FILE), &run_toml)?;
-    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
+    // Rank 0 reports: metrics and the progress bar.
+    let mut report = match comm.is_main() {
+        true => {
+            std::fs::write(out.join(checkpoint::RUN_CONFIG_FILE), &run_toml)?;
+            let log = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
+            Some((log, metrics::progress_bar(total, state.step)))
+        }
+        false => None,
+    };
     let pad = tokenizer.pad_id().unwrap_or(0);
     let writer = CheckpointWriter {
         out_dir: out,
@@ -291,7 +344,6 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
         keep: cfg.checkpoint.keep,
     };
 
-    let bar = metrics::progress_bar(total, state.step);
     let flops_per_token = metrics::flops_per_token(&model_cfg, cfg.data.max_seq_len);
     let mut rows: Vec<Row> = epoch_rows(state.epoch);
     let mut last_loss = None;
@@ -302,11 +354,12 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
             rows = epoch_rows(state.epoch);
             continue;
         }
-        let step_rows = &rows[state.epoch_rows_done..state.epoch_rows_done + rows_per_step];
-        let micro: Vec<Batch> = step_rows.chunks(t.micro_batch).map(|c| data::make_batch(&train_ds, c, pad)).collect();
+        let step_rows = rows[state.epoch_rows_done..state.epoch_rows_done + rows_per_step].to_vec();
+        let mine = data::shard(step_rows, comm.rank(), comm.world());
+        let micro: Vec<Batch> = mine.chunks(t.micro_batch).map(|c| data::make_batch(&train_ds, c, pad)).collect();
         let lr = optim::learning_rate(t, state.step, total);
         let started = Instant::now();
-        let r = train_step(&ctx, t, &params, &mut adam, &micro, state.step, lr, None)?;
+        let r = train_step(&ctx, t, comm, &params, &mut adam, &micro, state.step, lr, None)?;
         let secs = started.elapsed().as_secs_f64();
         state.step += 1;
         state.epoch_rows_done += rows_per_step;
@@ -314,9 +367,11 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
 
         let measure_dev = cfg.log.dev_every > 0 && state.step % cfg.log.dev_every == 0 || state.step == total;
         let dev = match (&dev_ds, measure_dev) {
-            (Some(ds), true) => Some(dev_loss(&ctx, &params, ds, &opts, t.micro_batch, pad)?),
+            (Some(ds), true) => Some(dev_loss(&ctx, comm, &params, ds, &opts, t.micro_batch, pad)?),
             _ => None,
         };
+        // The other ranks go on to the next step and wait for rank 0 in its all-reduce.
+        let Some((log, bar)) = report.as_mut() else { continue };
         let tokens_per_sec = r.tokens as f64 / secs;
         let tflops = tokens_per_sec * flops_per_token / 1e12;
         log.log(&StepMetrics {
@@ -346,7 +401,14 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<RunSummary> {
             writer.save(&params, &adam, &state)?;
         }
     }
-    bar.finish();
-    let final_dir = writer.save_final(&params)?;
+    let final_dir = match &report {
+        Some((_, bar)) => {
+            bar.finish();
+            writer.save_final(&params)?
+        }
+        None => out.join(checkpoint::FINAL_DIR),
+    };
+    // Every rank returns once the final model is written.
+    comm.barrier()?;
     Ok(RunSummary { final_dir, steps: state.step, last_loss })
 }

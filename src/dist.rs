@@ -1,0 +1,181 @@
+//! The communicator of data-parallel training: the training loop sums across ranks through it without
+//! knowing how many ranks there are or how they talk.
+//!
+//! - `Single`: one process, every collective a no-op.
+//! - `Mpi` (feature `mpi`): ranks started by `mpirun` (or `srun`), collectives through MPI on the host. This is
+//!   how CPU runs and CI test the distributed path (`mpirun -n 2` on CPU).
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+#[cfg(feature = "mpi")]
+use mpi::traits::{Communicator as _, CommunicatorCollectives as _};
+
+pub enum Communicator {
+    Single,
+    #[cfg(feature = "mpi")]
+    Mpi(Mpi),
+}
+
+/// The world size the launcher announces (Open MPI's `mpirun`, or PMI: MPICH's `mpiexec` and Slurm), 1 when
+/// there is none. Read before MPI starts, so that a single process never initializes MPI.
+fn launched_world() -> Result<usize> {
+    for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
+        if let Ok(v) = std::env::var(var) {
+            return v.parse().with_context(|| format!("{var}={v} is not a number"));
+        }
+    }
+    Ok(1)
+}
+
+impl Communicator {
+    /// `Single` unless launched under MPI with more than one rank.
+    pub fn from_env() -> Result<Self> {
+        let world = launched_world()?;
+        if world <= 1 {
+            return Ok(Self::Single);
+        }
+        #[cfg(feature = "mpi")]
+        return Ok(Self::Mpi(Mpi::init()?));
+        #[cfg(not(feature = "mpi"))]
+        anyhow::bail!(
+            "launched with {world} ranks but built without the `mpi` feature: cargo build --release --features mpi"
+        );
+    }
+
+    pub fn rank(&self) -> usize {
+        match self {
+            Self::Single => 0,
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => m.rank,
+        }
+    }
+
+    pub fn world(&self) -> usize {
+        match self {
+            Self::Single => 1,
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => m.world,
+        }
+    }
+
+    /// The rank among the ranks of this node: which GPU of the node this rank takes.
+    pub fn local_rank(&self) -> usize {
+        match self {
+            Self::Single => 0,
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => m.local_rank,
+        }
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// The elementwise sum of `t` over all ranks, in `t`'s dtype (f32, bf16 or f64), on every rank.
+    pub fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Single => Ok(t.clone()),
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => m.all_reduce_sum(t),
+        }
+    }
+
+    /// Sums scalars (loss sums, token counts) over all ranks in place.
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
+    pub fn all_reduce_sum_f64(&self, xs: &mut [f64]) -> Result<()> {
+        match self {
+            Self::Single => Ok(()),
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => {
+                m.sum_into(&xs.to_vec(), xs);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        match self {
+            Self::Single => Ok(()),
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => {
+                m.comm.barrier();
+                Ok(())
+            }
+        }
+    }
+
+    /// Passes `r` through, except that with several ranks an error ends the whole job: it is printed with
+    /// this rank's number and MPI aborts every rank, so that none waits forever in a collective for this one.
+    pub fn or_abort<T>(&self, r: Result<T>) -> Result<T> {
+        #[cfg(feature = "mpi")]
+        if let (Self::Mpi(m), Err(e)) = (self, &r) {
+            // One write, so that lines of ranks failing together do not interleave.
+            let line = format!("rank {}: error: {e:#}\n", m.rank);
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            m.comm.abort(1);
+        }
+        r
+    }
+}
+
+#[cfg(feature = "mpi")]
+pub use with_mpi::Mpi;
+
+#[cfg(feature = "mpi")]
+mod with_mpi {
+    use anyhow::{bail, Context, Result};
+    use candle_core::{DType, Tensor};
+    use mpi::collective::SystemOperation;
+    use mpi::datatype::Equivalence;
+    use mpi::environment::{Threading, Universe};
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::{Communicator as _, CommunicatorCollectives as _};
+
+    pub struct Mpi {
+        pub(super) comm: SimpleCommunicator,
+        pub(super) rank: usize,
+        pub(super) world: usize,
+        pub(super) local_rank: usize,
+        // Dropping it finalizes MPI; it stays alive as long as the communicator does.
+        _universe: Universe,
+    }
+
+    impl Mpi {
+        pub(super) fn init() -> Result<Self> {
+            // Funneled: candle's worker threads exist, but only the main thread calls MPI.
+            let (universe, _) =
+                mpi::initialize_with_threading(Threading::Funneled).context("MPI was initialized twice")?;
+            let comm = universe.world();
+            let local_rank = comm.split_shared(comm.rank()).rank() as usize;
+            // A panic would otherwise unwind into MPI_Finalize while the other ranks wait in a collective.
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                report(info);
+                SimpleCommunicator::world().abort(101);
+            }));
+            Ok(Self { rank: comm.rank() as usize, world: comm.size() as usize, local_rank, comm, _universe: universe })
+        }
+
+        pub(super) fn sum_into<T: Equivalence>(&self, send: &[T], recv: &mut [T]) {
+            self.comm.all_reduce_into(send, recv, SystemOperation::sum());
+        }
+
+        fn summed<T: Equivalence + candle_core::WithDType>(&self, t: &Tensor) -> Result<Tensor> {
+            let send = t.flatten_all()?.to_vec1::<T>()?;
+            let mut recv = send.clone();
+            self.sum_into(&send, &mut recv);
+            Ok(Tensor::from_vec(recv, t.shape(), t.device())?)
+        }
+
+        pub(super) fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            match t.dtype() {
+                DType::F32 => self.summed::<f32>(t),
+                DType::F64 => self.summed::<f64>(t),
+                // MPI has no bf16: the values travel as f32 (exactly) and the sum is rounded back to bf16, the
+                // result of a bf16 all-reduce that accumulates in f32 (the traffic saving is NCCL's to have).
+                DType::BF16 => self.summed::<f32>(&t.to_dtype(DType::F32)?)?.to_dtype(DType::BF16).map_err(Into::into),
+                d => bail!("all-reduce of {d:?} tensors is not supported"),
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Data-parallel training on CPU ranks under `mpirun -n 2` (feature `mpi`): 2 ranks train what 1 rank with
+//! twice the accumulation trains, a run saved on 2 ranks resumes on 1, a NaN stops every rank, and a killed
+//! rank ends the job. Each test is skipped, saying so, when `mpirun` is not on PATH.
+#![cfg(feature = "mpi")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use tempfile::TempDir;
+
+const TRAIN: &str = env!("CARGO_BIN_EXE_bessie-train");
+
+fn have_mpirun(test: &str) -> bool {
+    let found = Command::new("mpirun").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    if !found {
+        eprintln!("{test}: skipped: mpirun is not on PATH (apt-get install openmpi-bin)");
+    }
+    found
+}
+
+/// `bessie-train` writing to `out`, as `ranks` MPI ranks (a plain process for 1), with the fast settings and
+/// then `extra` overrides (`section.key=value`).
+fn train(ranks: usize, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = match ranks {
+        1 => Command::new(TRAIN),
+        n => {
+            let mut c = Command::new("mpirun");
+            c.args(["-n", &n.to_string(), "--allow-run-as-root", "--oversubscribe", TRAIN]);
+            c
+        }
+    };
+    let fast = [
+        format!("checkpoint.out_dir={}", out.display()),
+        "checkpoint.every=0".into(),
+        "log.dev_every=0".into(),
+        "data.dev=".into(),
+        "data.system_prompt=You are Bessie.".into(),
+        "train.device=cpu".into(),
+        "train.micro_batch=2".into(),
+        "train.warmup_steps=0".into(),
+    ];
+    for s in fast.iter().map(String::as_str).chain(extra.iter().copied()) {
+        cmd.arg("--set").arg(s);
+    }
+    // Ranks share the machine's cores; one thread each keeps them from fighting over them.
+    cmd.env("RAYON_NUM_THREADS", "1").stdin(Stdio::null());
+    cmd
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("starting the run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{cmd:?}: {}\n--- stderr ---\n{stderr}", out.status);
+    out
+}
+
+fn final_weights(out: &Path) -> PathBuf {
+    out.join("final_checkpoint").join("model.safetensors")
+}
+
+fn load(file: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(file, &Device::Cpu).unwrap_or_else(|e| panic!("loading {}: {e}", file.display()))
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// How far apart two runs ended, per tensor relative to how far training moved it from `base`
+/// (`|a - b| / |a - base|`, Euclidean), the worst tensor's: summation order differs between the runs, so
+/// they agree to f32 rounding (amplified a little by AdamW and the ternary rounding), not bitwise.
+fn weight_gap(a: &Path, b: &Path, base: &Path) -> f64 {
+    let (ta, tb, t0) = (load(a), load(b), load(base));
+    assert_eq!(ta.len(), tb.len(), "{} and {} hold different tensors", a.display(), b.display());
+    let distance = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| f64::from(p - q).powi(2)).sum::<f64>().sqrt();
+    let mut worst: f64 = 0.0;
+    for (name, x) in &ta {
+        let (x, y, x0) = (values(x), values(&tb[name]), values(&t0[name]));
+        worst = worst.max(distance(&x, &y) / distance(&x, &x0).max(1e-12));
+    }
+    worst
+}
+
+/// `(step, loss, grad_norm)` of each line of `OUT/metrics.jsonl`.
+fn metrics(out: &Path) -> Vec<(u64, f64, f64)> {
+    let path = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn assert_steps(got: &[(u64, f64, f64)], n: u64) {
+    assert_eq!(got.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=n).collect::<Vec<_>>(), "metrics.jsonl steps");
+}
+
+/// Losses and gradient norms agree to `tol` relative.
+fn assert_close_metrics(got: &[(u64, f64, f64)], want: &[(u64, f64, f64)], tol: f64) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        let close = |x: f64, y: f64| (x - y).abs() <= tol * y.abs();
+        assert!(close(g.1, w.1) && close(g.2, w.2), "step {}: (loss, grad_norm) {:?}, reference {:?}", g.0, g, w);
+    }
+}
+
+/// Bound on [`weight_gap`] for runs that differ only in summation order (2e-4 measured); a bf16 reduction
+/// lands near 3e-2.
+const F32_GAP: f64 = 1e-3;
+const STEPS: u64 = 6;
+
+#[test]
+fn two_ranks_match_one_rank_with_double_accumulation() {
+    if !have_mpirun("two_ranks_match_one_rank_with_double_accumulation") {
+        return;
+    }
+    let started = Instant::now();
+    let root = TempDir::new().unwrap();
+    let (two, one) = (root.path().join("two"), root.path().join("one"));
+    let steps = format!("train.max_steps={STEPS}");
+    let out = run_ok(&mut train(2, &two, &[&steps, "train.grad_accum=2"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("micro-batch 2 x accumulation 2 x 2 ranks"), "{stderr}");
+    run_ok(&mut train(1, &one, &[&steps, "train.grad_accum=4"]));
+
+    let base = two.join("base-model").join("model.safetensors");
+    let gap = weight_gap(&final_weights(&two), &final_weights(&one), &base);
+    assert!(gap < F32_GAP, "final weights differ by {gap} of the change training made");
+    let (m2, m1) = (metrics(&two), metrics(&one));
+    assert_steps(&m2, STEPS);
+    assert_close_metrics(&m2, &m1, 1e-5);
+    assert!(m2.last().unwrap().1 < m2[0].1, "the loss should fall: {m2:?}");
+    eprintln!("two_ranks_match_one_rank_with_double_accumulation: {:.1?}; weight gap {gap:.2e}", started.elapsed());
+}
+
+#[test]
+fn bf16_gradient_reduction_stays_close_to_f32() {
+    if !have_mpirun("bf16_gradient_reduction_stays_close_to_f32") {
+        return;
+    }
+    let started = Instant::now();
+    let root = TempDir::new().unwrap();
+    let (f32_out, bf16_out) = (root.path().join("f32"), root.path().join("bf16"));
+    let steps = format!("train.max_steps={STEPS}");
+    run_ok(&mut train(2, &f32_out, &[&steps]));
+    run_ok(&mut train(2, &bf16_out, &[&steps, "train.grad_dtype=bf16"]));
+    let base = f32_out.join("base-model").join("model.safetensors");
+    let gap = weight_gap(&final_weights(&bf16_out), &final_weights(&f32_out), &base);
+    // bf16 keeps 8 bits of each gradient: the runs part, but not by much after a few steps.
+    assert!(gap > F32_GAP && gap < 0.1, "bf16 and f32 reductions: weight gap {gap}");
+    assert_close_metrics(&metrics(&bf16_out), &metrics(&f32_out), 1e-2);
+    eprintln!("bf16_gradient_reduction_stays_close_to_f32: {:.1?}; weight gap {gap:.2e}", started.elapsed());
+}
+
+#[test]
+fn run_saved_on_two_ranks_resumes_on_one() {
+    if !have_mpirun("run_saved_on_two_ranks_resumes_on_one") {
+        return;
+    }
+    let started = Instant::now();
+    let root = TempDir::new().unwrap();
+    let out = root.path().join("out");
+    let steps = format!("train.max_steps={STEPS}");
+    let every = format!("checkpoint.every={}", STEPS / 2);
+    run_ok(&mut train(2, &out, &[&steps, &every]));
+    let two = metrics(&out);
+    let two_final = root.path().join("two-ranks.safetensors");
+    std::fs::copy(final_weights(&out), &two_final).unwrap();
+
+    // The same global batch: 2 ranks x accumulation 1 become 1 rank x accumulation 2.
+    let resumed = run_ok(train(1, &out, &[&steps, &every, "train.grad_accum=2"]).arg("--resume"));
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(stderr.contains(&format!("(step {})", STEPS / 2)), "should resume from step {}: {stderr}", STEPS / 2);
+    let one = metrics(&out);
+    assert_steps(&one, STEPS);
+    let half = STEPS as usize / 2;
+    assert_eq!(one[..half], two[..half], "the lines before the checkpoint are kept as written");
+    assert_close_metrics(&one[half..], &two[half..], 1e-5);
+    let gap = weight_gap(&final_weights(&out), &two_final, &out.join("base-model").join("model.safetensors"));
+    assert!(gap < F32_GAP, "final weights differ by {gap} of the change training made");
+    eprintln!("run_saved_on_two_ranks_resumes_on_one: {:.1?}; weight gap {gap:.2e}", started.elapsed());
+}
+
+#[test]
+fn nan_loss_stops_every_rank() {
+    if !have_mpirun("nan_loss_stops_every_rank") {
+        return;
+    }
+    let started = Instant::now();
+    let out = TempDir::new().unwrap();
+    // As in train_run.rs: weights moved by ~1e30 overflow within a few steps.
+    let huge_lr = ["train.max_steps=12", "checkpoint.every=1", "train.lr=1e30"];
+    let run = train(2, out.path(), &huge_lr).output().expect("starting mpirun");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "the run should fail: {stderr}");
+    // The loss is summed over ranks before the check, so whichever rank reports first names the same step.
+    let newest = metrics(out.path()).len();
+    let reported = (0..2).any(|r| stderr.contains(&format!("rank {r}: error: ")));
+    assert!(reported && stderr.contains(&format!("at step {}", newest + 1)), "{newest} steps logged; stderr: {stderr}");
+    assert!(out.path().join(format!("checkpoint-{newest}")).is_dir(), "the last good checkpoint should be there");
+    assert!(!out.path().join("final_checkpoint").exists());
+    eprintln!("nan_loss_stops_every_rank: {:.1?}; stopped at step {}", started.elapsed(), newest + 1);
+}
+
+#[test]
+fn killed_rank_ends_the_job_and_the_run_resumes() {
+    if !have_mpirun("killed_rank_ends_the_job_and_the_run_resumes") {
+        return;
+    }
+    let started = Instant::now();
+    let root = TempDir::new().unwrap();
+    let out = root.path().join("out");
+    let settings = ["train.max_steps=100", "train.epochs=10", "checkpoint.every=2"];
+    let log = root.path().join("mpirun.stderr");
+    let mut mpirun = train(2, &out, &settings)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("starting mpirun");
+    // Kill a rank once training is under way, with checkpoints written.
+    let logged = || std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
+    while logged() < 5 {
+        assert!(mpirun.try_wait().unwrap().is_none(), "mpirun ended early: {}", std::fs::read_to_string(&log).unwrap());
+        assert!(started.elapsed() < Duration::from_secs(120), "no training steps after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ranks = Command::new("pgrep").arg("-P").arg(mpirun.id().to_string()).output().expect("running pgrep");
+    let pids = String::from_utf8(ranks.stdout).unwrap();
+    let victim = pids.lines().last().unwrap_or_else(|| panic!("no child processes of mpirun"));
+    assert!(Command::new("kill").args(["-KILL", victim]).status().unwrap().success());
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(s) = mpirun.try_wait().unwrap() {
+            break s;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            mpirun.kill().unwrap();
+            panic!("mpirun still running 60 s after a rank was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stopped = killed.elapsed();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "mpirun should fail when a rank dies: {stderr}");
+    assert!(stderr.contains("rank") && stderr.contains("signal 9"), "mpirun should name the killed rank: {stderr}");
+
+    let resumed = run_ok(train(2, &out, &settings).arg("--resume"));
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
+    assert_steps(&metrics(&out), 100);
+    assert!(final_weights(&out).is_file());
+    eprintln!(
+        "killed_rank_ends_the_job_and_the_run_resumes: {:.1?}; mpirun ended {stopped:.1?} after the kill",
+        started.elapsed()
+    );
+}
