@@ -368,12 +368,14 @@ pub fn epoch_rows(ds: &Dataset, epoch: usize, seed: u64, opts: &DataOptions) -> 
     rows
 }
 
-/// The rows rank `rank` of `world` trains on: rows `i` with `i % world == rank`, cut to the same count on
-/// every rank (up to `world - 1` rows are left out), so all ranks take the same number of steps.
+/// The rows rank `rank` of `world` trains on: the `rank`-th of `world` equal contiguous blocks (up to
+/// `world - 1` rows at the end are left out), so all ranks take the same number of steps. Contiguous
+/// blocks make N ranks with accumulation A see exactly the micro-batches one rank with accumulation N*A
+/// sees, so the two runs compute the same gradients, not merely gradients of the same rows.
 pub fn shard(rows: Vec<Row>, rank: usize, world: usize) -> Vec<Row> {
     assert!(rank < world, "rank {rank} of a world of {world}");
     let per_rank = rows.len() / world;
-    rows.into_iter().skip(rank).step_by(world).take(per_rank).collect()
+    rows.into_iter().skip(rank * per_rank).take(per_rank).collect()
 }
 
 /// A micro-batch, each field flattened row-major as `[batch, seq]`.

@@ -4,6 +4,9 @@
 //! - `Single`: one process, every collective a no-op.
 //! - `Mpi` (feature `mpi`): ranks started by `mpirun` (or `srun`), collectives through MPI on the host. This is
 //!   how CPU runs and CI test the distributed path (`mpirun -n 2` on CPU).
+//! - On GPUs (features `cuda` and `mpi`), [`Communicator::use_device`] adds NCCL: rank 0 creates the NCCL
+//!   unique id, MPI broadcasts it, and from then on tensors on the GPU are summed by NCCL on the device's
+//!   stream; MPI keeps the scalars, barriers and aborts.
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
@@ -71,6 +74,17 @@ impl Communicator {
         self.rank() == 0
     }
 
+    /// Tells the communicator which device this rank computes on: with several ranks on CUDA devices,
+    /// GPU tensors are summed through NCCL from now on. A no-op otherwise.
+    #[cfg_attr(not(all(feature = "mpi", feature = "cuda")), allow(unused_variables))]
+    pub fn use_device(&self, device: &candle_core::Device) -> Result<()> {
+        match (self, device) {
+            #[cfg(all(feature = "mpi", feature = "cuda"))]
+            (Self::Mpi(m), candle_core::Device::Cuda(d)) => m.start_nccl(d),
+            _ => Ok(()),
+        }
+    }
+
     /// The elementwise sum of `t` over all ranks, in `t`'s dtype (f32, bf16 or f64), on every rank.
     pub fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         match self {
@@ -136,6 +150,9 @@ mod with_mpi {
         pub(super) rank: usize,
         pub(super) world: usize,
         pub(super) local_rank: usize,
+        /// Set once this rank's GPU is known.
+        #[cfg(feature = "cuda")]
+        nccl: std::cell::OnceCell<cudarc::nccl::safe::Comm>,
         // Dropping it finalizes MPI; it stays alive as long as the communicator does.
         _universe: Universe,
     }
@@ -153,7 +170,15 @@ mod with_mpi {
                 report(info);
                 SimpleCommunicator::world().abort(101);
             }));
-            Ok(Self { rank: comm.rank() as usize, world: comm.size() as usize, local_rank, comm, _universe: universe })
+            Ok(Self {
+                rank: comm.rank() as usize,
+                world: comm.size() as usize,
+                local_rank,
+                comm,
+                #[cfg(feature = "cuda")]
+                nccl: Default::default(),
+                _universe: universe,
+            })
         }
 
         pub(super) fn sum_into<T: Equivalence>(&self, send: &[T], recv: &mut [T]) {
@@ -167,7 +192,26 @@ mod with_mpi {
             Ok(Tensor::from_vec(recv, t.shape(), t.device())?)
         }
 
+        /// Creates the NCCL communicator on `device`'s stream, with the unique id rank 0 made and MPI sent.
+        #[cfg(feature = "cuda")]
+        pub(super) fn start_nccl(&self, device: &candle_core::CudaDevice) -> Result<()> {
+            use cudarc::nccl::safe::{Comm, Id};
+            use mpi::traits::Root as _;
+            let mut id = match self.rank {
+                0 => *Id::new().map_err(|e| anyhow::anyhow!("creating the NCCL unique id: {e:?}"))?.internal(),
+                _ => [0; 128],
+            };
+            self.comm.process_at_rank(0).broadcast_into(&mut id[..]);
+            let comm = Comm::from_rank(device.cuda_stream(), self.rank, self.world, Id::uninit(id))
+                .map_err(|e| anyhow::anyhow!("rank {}: starting NCCL: {e:?}", self.rank))?;
+            self.nccl.set(comm).map_err(|_| anyhow::anyhow!("NCCL was started twice"))
+        }
+
         pub(super) fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            #[cfg(feature = "cuda")]
+            if let (Some(comm), true) = (self.nccl.get(), t.device().is_cuda()) {
+                return Ok(t.contiguous()?.apply_op1_no_bwd(&nccl::Sum(comm))?);
+            }
             match t.dtype() {
                 DType::F32 => self.summed::<f32>(t),
                 DType::F64 => self.summed::<f64>(t),
@@ -175,6 +219,50 @@ mod with_mpi {
                 // result of a bf16 all-reduce that accumulates in f32 (the traffic saving is NCCL's to have).
                 DType::BF16 => self.summed::<f32>(&t.to_dtype(DType::F32)?)?.to_dtype(DType::BF16).map_err(Into::into),
                 d => bail!("all-reduce of {d:?} tensors is not supported"),
+            }
+        }
+    }
+
+    /// NCCL's all-reduce as a candle op: the sum lands in a new buffer on the same stream, so it is ordered
+    /// after the backward that produced the gradients and before the optimizer that reads them.
+    #[cfg(feature = "cuda")]
+    mod nccl {
+        use candle_core::backend::BackendStorage;
+        use candle_core::{CpuStorage, CudaStorage, DType, Layout, Shape};
+        use cudarc::nccl::safe::{Comm, ReduceOp};
+
+        pub struct Sum<'a>(pub &'a Comm);
+
+        impl candle_core::CustomOp1 for Sum<'_> {
+            fn name(&self) -> &'static str {
+                "nccl-all-reduce-sum"
+            }
+
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+                candle_core::bail!("NCCL sums GPU tensors only")
+            }
+
+            fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+                let (start, end) =
+                    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
+                let dev = s.device().clone();
+                macro_rules! reduce {
+                    ($t:ty) => {{
+                        let src = s.as_cuda_slice::<$t>()?.slice(start..end);
+                        // SAFETY: NCCL writes every element before anything reads the buffer.
+                        let mut dst = unsafe { dev.alloc::<$t>(end - start)? };
+                        self.0
+                            .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+                        CudaStorage::wrap_cuda_slice(dst, dev)
+                    }};
+                }
+                let out = match s.dtype() {
+                    DType::F32 => reduce!(f32),
+                    DType::BF16 => reduce!(half::bf16),
+                    d => candle_core::bail!("NCCL all-reduce of {d:?} is not supported"),
+                };
+                Ok((out, l.shape().clone()))
             }
         }
     }

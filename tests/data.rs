@@ -247,7 +247,7 @@ fn shards_are_disjoint_and_equal() {
     let shards: Vec<Vec<Row>> = (0..3).map(|rank| shard(rows.clone(), rank, 3)).collect();
     assert!(shards.iter().all(|s| s.len() == 3));
     let mut all: Vec<u32> = shards.iter().flatten().map(|r| r.examples[0]).collect();
-    assert_eq!(shards[1].iter().map(|r| r.examples[0]).collect::<Vec<_>>(), [1, 4, 7]);
+    assert_eq!(shards[1].iter().map(|r| r.examples[0]).collect::<Vec<_>>(), [3, 4, 5]);
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 9);

@@ -27,7 +27,8 @@ struct Args {
     #[arg(long)]
     resume: bool,
     /// Benchmark instead of training: timed optimizer steps on a random model (see --shape, --seq,
-    /// --batch, --steps), one JSON line on stdout.
+    /// --batch, --steps), one JSON line on stdout. Under mpirun every rank runs --batch sequences per step
+    /// on its own GPU, with the gradient all-reduce of real training.
     #[arg(long)]
     bench: bool,
     /// Benchmark model shape: tiny, large, xl or 3b.
@@ -55,6 +56,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn body(args: Args) -> Result<()> {
+    let comm = Communicator::from_env()?;
     if args.bench {
         let o = BenchOptions {
             shape: args.shape,
@@ -65,11 +67,13 @@ fn body(args: Args) -> Result<()> {
             device: args.device,
             profile: args.profile,
         };
-        println!("{}", serde_json::to_string(&bessie::train::bench::bench(&o)?)?);
+        let result = comm.or_abort(bessie::train::bench::bench(&o, &comm))?;
+        if comm.is_main() {
+            println!("{}", serde_json::to_string(&result)?);
+        }
         return Ok(());
     }
     let cfg = RunConfig::load(args.config.as_deref(), &args.overrides)?;
-    let comm = Communicator::from_env()?;
     let summary = comm.or_abort(bessie::train::run(&cfg, &comm, args.resume))?;
     if !comm.is_main() {
         return Ok(());

@@ -32,8 +32,13 @@ pub struct BenchResult {
     pub seq: usize,
     pub batch: usize,
     pub steps: usize,
+    /// Ranks (GPUs) taking part; each runs `batch` sequences per step.
+    pub world: usize,
     pub device: String,
+    /// All ranks together.
     pub tokens_per_sec: f64,
+    pub tokens_per_sec_per_gpu: f64,
+    /// Per GPU.
     pub tflops: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
@@ -61,19 +66,20 @@ fn random_batch(rng: &mut Rng, batch: usize, seq: usize, vocab: usize) -> Batch 
     }
 }
 
-pub fn bench(o: &BenchOptions) -> Result<BenchResult> {
-    let device = crate::device::parse_device(&o.device)?;
+pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
+    let device = crate::device::rank_device(&o.device, comm.local_rank())?;
+    comm.use_device(&device)?;
     let cfg = ModelConfig::shape(&o.shape, 32002)?;
     let train = TrainSection::default();
     let ctx = StepContext::new(cfg.clone(), &train, device.clone())?;
     let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
     let mut adam = AdamW::zeros(ctx.layout.total, &device)?;
-    let mut rng = Rng::new(0);
+    let mut rng = Rng::new(comm.rank() as u64);
     let micro = [random_batch(&mut rng, o.batch, o.seq, cfg.vocab_size)];
     let mut run = |steps: usize, mut timer: Option<&mut PhaseTimer>| -> Result<f64> {
         let start = Instant::now();
         for s in 0..steps {
-            train_step(&ctx, &train, &Communicator::Single, &params, &mut adam, &micro, s, 1e-4, timer.as_deref_mut())?;
+            train_step(&ctx, &train, comm, &params, &mut adam, &micro, s, 1e-4, timer.as_deref_mut())?;
         }
         device.synchronize()?;
         Ok(start.elapsed().as_secs_f64())
@@ -85,16 +91,18 @@ pub fn bench(o: &BenchOptions) -> Result<BenchResult> {
         run(o.steps, Some(&mut timer))?;
     }
     let phases_ms = timer.totals.into_iter().map(|(p, s)| (p, s * 1e3 / o.steps as f64)).collect();
-    let tokens_per_sec = (o.steps * o.batch * o.seq) as f64 / secs;
-    let tflops = tokens_per_sec * metrics::flops_per_token(&cfg, o.seq) / 1e12;
+    let tokens_per_sec = (o.steps * o.batch * o.seq * comm.world()) as f64 / secs;
+    let tflops = tokens_per_sec / comm.world() as f64 * metrics::flops_per_token(&cfg, o.seq) / 1e12;
     Ok(BenchResult {
         shape: o.shape.clone(),
         params: cfg.num_parameters(),
         seq: o.seq,
         batch: o.batch,
         steps: o.steps,
+        world: comm.world(),
         device: format!("{device:?}"),
         tokens_per_sec,
+        tokens_per_sec_per_gpu: tokens_per_sec / comm.world() as f64,
         tflops,
         mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
         step_ms: secs * 1e3 / o.steps as f64,

@@ -246,6 +246,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
     // The other ranks read the base model once rank 0 has written it.
     comm.barrier()?;
     let device = crate::device::rank_device(&cfg.train.device, comm.local_rank())?;
+    comm.use_device(&device)?;
     let model_dir = base_model_dir(cfg);
     let (model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
     if cfg.data.max_seq_len > model_cfg.max_position_embeddings {
