@@ -132,6 +132,40 @@ impl Communicator {
     }
 }
 
+/// Ends this process when no progress is reported for `timeout`: a rank that hangs (a stuck GPU, a stalled
+/// collective, a stopped process) leaves the others waiting in a collective, where nothing else would
+/// notice. Exiting makes the launcher end every rank, as for a rank that died; the last checkpoint stays.
+pub struct Watchdog {
+    beat: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    start: std::time::Instant,
+}
+
+impl Watchdog {
+    pub fn start(rank: usize, timeout: std::time::Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let beat = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let start = std::time::Instant::now();
+        let seen = beat.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let idle = start.elapsed().as_secs().saturating_sub(seen.load(Ordering::Relaxed));
+            if idle >= timeout.as_secs() {
+                eprintln!(
+                    "rank {rank}: error: no progress for {idle} s (train.step_timeout); a rank has hung or a \
+                     collective stalled: ending the job, the last checkpoint is intact"
+                );
+                std::process::exit(3);
+            }
+        });
+        Self { beat, start }
+    }
+
+    /// Reports progress.
+    pub fn beat(&self) {
+        self.beat.store(self.start.elapsed().as_secs(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(feature = "mpi")]
 pub use with_mpi::Mpi;
 

@@ -258,3 +258,44 @@ fn killed_rank_ends_the_job_and_the_run_resumes() {
         started.elapsed()
     );
 }
+
+/// A rank that hangs (stopped with SIGSTOP, as a stuck GPU would leave it) must not hang the job: the
+/// other rank's watchdog ends it after `train.step_timeout`, naming itself and the cause.
+#[test]
+fn hung_rank_ends_the_job_within_the_step_timeout() {
+    if !have_mpirun("hung_rank_ends_the_job_within_the_step_timeout") {
+        return;
+    }
+    let root = TempDir::new().unwrap();
+    let out = root.path().join("out");
+    let log = root.path().join("mpirun.stderr");
+    let settings = ["train.max_steps=1000", "train.epochs=100", "train.step_timeout=3"];
+    let mut mpirun =
+        train(2, &out, &settings).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let started = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(mpirun.try_wait().unwrap().is_none(), "mpirun ended early: {}", std::fs::read_to_string(&log).unwrap());
+        assert!(started.elapsed() < Duration::from_secs(120), "no training steps after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ranks = Command::new("pgrep").arg("-P").arg(mpirun.id().to_string()).output().unwrap();
+    let victim = String::from_utf8(ranks.stdout).unwrap().lines().last().expect("a rank process").to_string();
+    assert!(Command::new("kill").args(["-STOP", &victim]).status().unwrap().success());
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(s) = mpirun.try_wait().unwrap() {
+            break s;
+        }
+        if stopped.elapsed() > Duration::from_secs(60) {
+            let _ = Command::new("kill").args(["-KILL", &victim]).status();
+            mpirun.kill().unwrap();
+            panic!("mpirun still running 60 s after a rank hung");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = Command::new("kill").args(["-KILL", &victim]).status();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "the job should fail when a rank hangs: {stderr}");
+    assert!(stderr.contains("no progress for") && stderr.contains("train.step_timeout"), "{stderr}");
+    eprintln!("hung_rank_ends_the_job_within_the_step_timeout: ended {:.1?} after the stop", stopped.elapsed());
+}

@@ -82,6 +82,9 @@ pub struct TrainSection {
     pub device: String,
     /// The dtype gradients are all-reduced in.
     pub grad_dtype: GradDtype,
+    /// With several ranks: seconds without a finished optimizer step (or checkpoint, or dev loss) after
+    /// which a rank ends the job, so a hung rank cannot hang the others forever; 0 turns it off.
+    pub step_timeout: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +154,7 @@ impl Default for TrainSection {
             seed: 42,
             device: "auto".into(),
             grad_dtype: GradDtype::F32,
+            step_timeout: 900,
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::config::run::{GradDtype, RunConfig, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
 use crate::dist::Communicator;
+use crate::dist::Watchdog;
 use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
@@ -348,6 +349,9 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
     let flops_per_token = metrics::flops_per_token(&model_cfg, cfg.data.max_seq_len);
     let mut rows: Vec<Row> = epoch_rows(state.epoch);
     let mut last_loss = None;
+    let watchdog = (comm.world() > 1 && t.step_timeout > 0)
+        .then(|| Watchdog::start(comm.rank(), std::time::Duration::from_secs(t.step_timeout)));
+    let beat = || watchdog.as_ref().map(Watchdog::beat);
     while state.step < total {
         if state.epoch_rows_done + rows_per_step > rows.len() {
             state.epoch += 1;
@@ -362,6 +366,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         let started = Instant::now();
         let r = train_step(&ctx, t, comm, &params, &mut adam, &micro, state.step, lr, None)?;
         let secs = started.elapsed().as_secs_f64();
+        beat();
         state.step += 1;
         state.epoch_rows_done += rows_per_step;
         last_loss = Some(r.loss);
@@ -400,6 +405,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         bar.inc(1);
         if cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total {
             writer.save(&params, &adam, &state)?;
+            beat();
         }
     }
     let final_dir = match &report {
