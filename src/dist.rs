@@ -107,6 +107,16 @@ impl Communicator {
         }
     }
 
+    /// Every rank's `bytes`, in rank order, on rank 0 (None elsewhere): how evaluation results reach the
+    /// rank that writes them.
+    pub fn gather_bytes(&self, bytes: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+        match self {
+            Self::Single => Ok(Some(vec![bytes.to_vec()])),
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => Ok(m.gather_bytes(bytes)),
+        }
+    }
+
     pub fn barrier(&self) -> Result<()> {
         match self {
             Self::Single => Ok(()),
@@ -213,6 +223,24 @@ mod with_mpi {
                 nccl: Default::default(),
                 _universe: universe,
             })
+        }
+
+        pub(super) fn gather_bytes(&self, bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+            use mpi::datatype::PartitionMut;
+            use mpi::traits::Root as _;
+            let root = self.comm.process_at_rank(0);
+            let len = bytes.len() as i32;
+            if self.rank != 0 {
+                root.gather_into(&len);
+                root.gather_varcount_into(bytes);
+                return None;
+            }
+            let mut lens = vec![0i32; self.world];
+            root.gather_into_root(&len, &mut lens[..]);
+            let displs: Vec<i32> = lens.iter().scan(0, |at, &l| Some(std::mem::replace(at, *at + l))).collect();
+            let mut all = vec![0u8; lens.iter().sum::<i32>() as usize];
+            root.gather_varcount_into_root(bytes, &mut PartitionMut::new(&mut all[..], &lens[..], &displs[..]));
+            Some(displs.iter().zip(&lens).map(|(&d, &l)| all[d as usize..(d + l) as usize].to_vec()).collect())
         }
 
         pub(super) fn sum_into<T: Equivalence>(&self, send: &[T], recv: &mut [T]) {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::data::{json_kind, jsonl_objects, take_string};
+use crate::dist::Communicator;
 use crate::generate::{generate_batch, Sampler};
 use crate::model::BitNet;
 use crate::squad::NOT_IN_CONTEXT;
@@ -178,7 +179,7 @@ pub fn read_dev(path: &Path, limit: Option<usize>) -> Result<Vec<DevExample>> {
 }
 
 /// A generated answer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Guess {
     pub text: String,
     /// Tokens generated, the stopping EOS or end marker included.
@@ -369,7 +370,8 @@ pub fn score_all<'a>(
 }
 
 /// Answers and scores `examples` with `model` (see `generate_guesses`); each line also gets `model`
-/// (`model_name`) and `time` (`Guess::secs`).
+/// (`model_name`) and `time` (`Guess::secs`). Under several ranks each answers its `shard` and rank 0
+/// alone returns the scored lines, in input order; the others return None.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &BitNet,
@@ -379,17 +381,23 @@ pub fn evaluate(
     batch_size: usize,
     max_new_tokens: usize,
     model_name: &str,
+    comm: &Communicator,
     on_batch: impl FnMut(usize),
-) -> Result<Scored> {
+) -> Result<Option<Scored>> {
     let start = std::time::Instant::now();
-    let guesses = generate_guesses(model, tok, template, examples, batch_size, max_new_tokens, on_batch)?;
+    // Each rank answers its shard; rank 0 gathers the answers back into input order and scores them all.
+    let mine = shard(examples, comm.rank(), comm.world());
+    let guesses = generate_guesses(model, tok, template, &mine, batch_size, max_new_tokens, on_batch)?;
+    let Some(shards) = comm.gather_bytes(&serde_json::to_vec(&guesses)?)? else { return Ok(None) };
+    let shards = shards.iter().map(|b| serde_json::from_slice(b)).collect::<serde_json::Result<Vec<Vec<Guess>>>>()?;
+    let guesses = merge_shards(shards);
     let speed = Speed::new(model_name, batch_size, max_new_tokens, &guesses, start.elapsed().as_secs_f64());
     let (mut lines, summary) = score_all(examples.iter().zip(guesses.iter().map(|g| g.text.as_str())), Some(speed))?;
     for (line, guess) in lines.iter_mut().zip(&guesses) {
         line.insert("model".into(), model_name.into());
         line.insert("time".into(), guess.secs.into());
     }
-    Ok((lines, summary))
+    Ok(Some((lines, summary)))
 }
 
 /// Re-scores the first `limit` lines of a `bessie-eval` output (their `guess` against their `answers`).

@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use tempfile::TempDir;
 
 const TRAIN: &str = env!("CARGO_BIN_EXE_bessie-train");
+const EVAL: &str = env!("CARGO_BIN_EXE_bessie-eval");
 
 fn have_mpirun(test: &str) -> bool {
     let found = Command::new("mpirun").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
@@ -298,4 +299,45 @@ fn hung_rank_ends_the_job_within_the_step_timeout() {
     assert!(!status.success(), "the job should fail when a rank hangs: {stderr}");
     assert!(stderr.contains("no progress for") && stderr.contains("train.step_timeout"), "{stderr}");
     eprintln!("hung_rank_ends_the_job_within_the_step_timeout: ended {:.1?} after the stop", stopped.elapsed());
+}
+
+/// `mpirun -n 2 bessie-eval` answers each half on its own rank and rank 0 writes every line, in input
+/// order, exactly as one process does (the per-line `time` aside).
+#[test]
+fn two_rank_evaluation_equals_one_rank() {
+    if !have_mpirun("two_rank_evaluation_equals_one_rank") {
+        return;
+    }
+    let root = TempDir::new().unwrap();
+    let model = root.path().join("model");
+    let init = env!("CARGO_BIN_EXE_bessie-init-model");
+    run_ok(Command::new(init).args(["--shape", "tiny", "--out"]).arg(&model));
+    let dev = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tiny/dev.jsonl");
+    let eval = |ranks: usize, out: &Path| {
+        let mut cmd = match ranks {
+            1 => Command::new(EVAL),
+            n => {
+                let mut c = Command::new("mpirun");
+                c.args(["-n", &n.to_string(), "--allow-run-as-root", "--oversubscribe", EVAL]);
+                c
+            }
+        };
+        cmd.args(["--device", "cpu", "--max-new-tokens", "8", "--batch-size", "4", "--system", "You are Bessie."]);
+        cmd.arg("-m").arg(&model).arg("-d").arg(dev).arg("-o").arg(out).env("RAYON_NUM_THREADS", "1");
+        run_ok(&mut cmd);
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("time");
+                v
+            })
+            .collect();
+        lines
+    };
+    let one = eval(1, &root.path().join("one.jsonl"));
+    let two = eval(2, &root.path().join("two.jsonl"));
+    assert_eq!(one.len(), 40);
+    assert_eq!(one, two);
 }

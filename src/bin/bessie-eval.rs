@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use bessie::dist::Communicator;
 use bessie::eval;
 use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
 use clap::Parser;
@@ -58,37 +59,46 @@ fn main() -> std::process::ExitCode {
 }
 
 fn body(args: Args) -> Result<()> {
+    let comm = Communicator::from_env()?;
+    comm.or_abort(run(&args, &comm))
+}
+
+fn run(args: &Args, comm: &Communicator) -> Result<()> {
     // Fail now, not after hours of generation, when the output cannot be written. (Not when re-scoring:
     // --out may be the predictions file itself.)
-    if let (Some(out), None) = (&args.out, &args.predictions) {
+    if let (Some(out), None, true) = (&args.out, &args.predictions, comm.is_main()) {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     }
-    let (lines, summary) = match &args.predictions {
-        Some(path) => eval::rescore(path, args.limit)?,
-        None => evaluate(&args)?,
+    let scored = match &args.predictions {
+        Some(path) => Some(eval::rescore(path, args.limit)?),
+        None => evaluate(args, comm)?,
     };
+    // Only rank 0 holds the merged answers.
+    let Some((lines, summary)) = scored else { return Ok(()) };
     if let Some(out) = &args.out {
         eval::write_lines(out, &lines)?;
     }
     let beside = args.out.as_ref().or(args.predictions.as_ref()).context("--out is required")?;
     let summary_path = eval::write_summary(beside, &summary)?;
     print!("{summary}");
-    let lines_path = args.out.map(|o| format!("{} and ", o.display())).unwrap_or_default();
+    let lines_path = args.out.as_ref().map(|o| format!("{} and ", o.display())).unwrap_or_default();
     eprintln!("[wrote {lines_path}{}]", summary_path.display());
     Ok(())
 }
 
-fn evaluate(args: &Args) -> Result<eval::Scored> {
+fn evaluate(args: &Args, comm: &Communicator) -> Result<Option<eval::Scored>> {
     let (model_dir, dev) = (args.model.as_ref().context("--model")?, args.dev.as_ref().context("--dev")?);
     let examples = eval::read_dev(dev, args.limit)?;
-    let device = bessie::device::parse_device(&args.device)?;
+    let device = bessie::device::rank_device(&args.device, comm.local_rank())?;
     let model = bessie::model::load(model_dir, &device)?;
     let tokenizer = Tokenizer::from_dir(model_dir)?;
     let template = ChatTemplate::new(args.system.as_deref());
-    let bar = ProgressBar::new(examples.len() as u64);
+    // Rank 0 shows the progress of its own shard, which stands for all: shards are equal to within one.
+    let total = eval::shard(&examples, comm.rank(), comm.world()).len();
+    let bar = if comm.is_main() { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30.cyan/blue} {pos}/{len} questions, {per_sec} [{elapsed_precise} < {eta_precise}]",
@@ -96,18 +106,18 @@ fn evaluate(args: &Args) -> Result<eval::Scored> {
         .expect("static template"),
     );
     let name = model_dir.display().to_string();
-    let (total, mut done) = (examples.len(), 0);
+    let mut done = 0;
     let progress = |n: usize| {
         bar.inc(n as u64);
         // Without a terminal the bar is hidden; logs get a line every 5% instead.
         let every = total.div_ceil(20);
-        if bar.is_hidden() && ((done + n) / every > done / every || done + n == total) {
+        if comm.is_main() && bar.is_hidden() && ((done + n) / every > done / every || done + n == total) {
             eprintln!("{}/{total} questions", done + n);
         }
         done += n;
     };
     let (batch, max_new) = (args.batch_size, args.max_new_tokens);
-    let scored = eval::evaluate(&model, &tokenizer, &template, &examples, batch, max_new, &name, progress)?;
+    let scored = eval::evaluate(&model, &tokenizer, &template, &examples, batch, max_new, &name, comm, progress)?;
     bar.finish_and_clear();
     Ok(scored)
 }
