@@ -1,13 +1,15 @@
 //! SQuAD v2 scoring, batched generation against one-at-a-time generation, `bessie-eval` end to end
 //! (generation, then `--predictions` re-scoring), and the dev-file errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bessie::eval::{self, merge_shards, normalize_answer, score, shard, Score, Summary};
 use bessie::generate::{generate, generate_batch, Sampler, StopReason};
 use bessie::model::hf::{self, Layout};
-use bessie::model::init::{random_weights, write_random_checkpoint, TokenizerSource};
+use bessie::model::init::random_weights;
 use bessie::model::KvCache;
 use bessie::tokenizer::template::ChatTemplate;
 use bessie::tokenizer::Tokenizer;
@@ -130,16 +132,7 @@ fn shards_merge_back_in_input_order() {
 /// repeating one token.
 fn tiny_model(seed: u64) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = write_random_checkpoint(
-        dir.path(),
-        "tiny",
-        TokenizerSource::Shipped,
-        None,
-        seed,
-        DType::F32,
-        Layout::Safetensors,
-    )
-    .unwrap();
+    let mut cfg = common::tiny_checkpoint(dir.path(), seed);
     cfg.tie_word_embeddings = false;
     let weights: Vec<_> = random_weights(&cfg, seed)
         .unwrap()

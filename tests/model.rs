@@ -1,11 +1,13 @@
 //! Checkpoint loading and the inference forward pass on CPU.
 
+mod common;
+
 use std::path::Path;
 
 use bessie::config::ModelConfig;
 use bessie::generate::{generate, Sampler};
 use bessie::model::hf::{self, Layout};
-use bessie::model::init::{random_weights, write_random_checkpoint, TokenizerSource};
+use bessie::model::init::random_weights;
 use bessie::model::{BitNet, KvCache};
 use bessie::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
@@ -36,9 +38,7 @@ fn grid_weights(cfg: &ModelConfig) -> Vec<(String, Tensor)> {
 
 fn tiny_dir() -> (tempfile::TempDir, ModelConfig) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg =
-        write_random_checkpoint(dir.path(), "tiny", TokenizerSource::Shipped, None, 0, DType::F32, Layout::Safetensors)
-            .unwrap();
+    let cfg = common::tiny_checkpoint(dir.path(), 0);
     (dir, cfg)
 }
 
