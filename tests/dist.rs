@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -22,17 +22,25 @@ fn have_mpirun(test: &str) -> bool {
     found
 }
 
-/// `bessie-train` writing to `out`, as `ranks` MPI ranks (a plain process for 1), with the fast settings and
-/// then `extra` overrides (`section.key=value`).
-fn train(ranks: usize, out: &Path, extra: &[&str]) -> Command {
+/// `program` as `ranks` MPI ranks (a plain process for 1), each with one compute thread: ranks share the
+/// machine's cores, and one thread each keeps them from fighting over them.
+fn launch(ranks: usize, program: &str) -> Command {
     let mut cmd = match ranks {
-        1 => Command::new(TRAIN),
+        1 => Command::new(program),
         n => {
             let mut c = Command::new("mpirun");
-            c.args(["-n", &n.to_string(), "--allow-run-as-root", "--oversubscribe", TRAIN]);
+            c.args(["-n", &n.to_string(), "--allow-run-as-root", "--oversubscribe", program]);
             c
         }
     };
+    cmd.env("RAYON_NUM_THREADS", "1").stdin(Stdio::null());
+    cmd
+}
+
+/// `bessie-train` writing to `out`, as `ranks` ranks, with the fast settings and then `extra` overrides
+/// (`section.key=value`).
+fn train(ranks: usize, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = launch(ranks, TRAIN);
     let fast = [
         format!("checkpoint.out_dir={}", out.display()),
         "checkpoint.every=0".into(),
@@ -46,8 +54,6 @@ fn train(ranks: usize, out: &Path, extra: &[&str]) -> Command {
     for s in fast.iter().map(String::as_str).chain(extra.iter().copied()) {
         cmd.arg("--set").arg(s);
     }
-    // Ranks share the machine's cores; one thread each keeps them from fighting over them.
-    cmd.env("RAYON_NUM_THREADS", "1").stdin(Stdio::null());
     cmd
 }
 
@@ -208,6 +214,42 @@ fn nan_loss_stops_every_rank() {
     eprintln!("nan_loss_stops_every_rank: {:.1?}; stopped at step {}", started.elapsed(), newest + 1);
 }
 
+/// Trains on 2 ranks writing to `ROOT/out`, sends `signal` (a `kill` flag) to one rank once `steps` steps are
+/// logged, and waits (60 s at most) for mpirun to end. Returns its status, how long it took after the
+/// signal, and what it printed. The signalled rank is killed afterwards in case it is only stopped.
+fn signal_a_rank(root: &TempDir, settings: &[&str], steps: usize, signal: &str) -> (ExitStatus, Duration, String) {
+    let (out, log) = (root.path().join("out"), root.path().join("mpirun.stderr"));
+    let mut mpirun = train(2, &out, settings)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("starting mpirun");
+    let started = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < steps {
+        assert!(mpirun.try_wait().unwrap().is_none(), "mpirun ended early: {}", std::fs::read_to_string(&log).unwrap());
+        assert!(started.elapsed() < Duration::from_secs(120), "no training steps after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ranks = Command::new("pgrep").arg("-P").arg(mpirun.id().to_string()).output().expect("running pgrep");
+    let victim = String::from_utf8(ranks.stdout).unwrap().lines().last().expect("a rank process").to_string();
+    assert!(Command::new("kill").args([signal, &victim]).status().unwrap().success());
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(s) = mpirun.try_wait().unwrap() {
+            break s;
+        }
+        if signalled.elapsed() > Duration::from_secs(60) {
+            let _ = Command::new("kill").args(["-KILL", &victim]).status();
+            mpirun.kill().unwrap();
+            panic!("mpirun still running 60 s after `kill {signal}` of a rank");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stopped = signalled.elapsed();
+    let _ = Command::new("kill").args(["-KILL", &victim]).status();
+    (status, stopped, std::fs::read_to_string(&log).unwrap())
+}
+
 #[test]
 fn killed_rank_ends_the_job_and_the_run_resumes() {
     if !have_mpirun("killed_rank_ends_the_job_and_the_run_resumes") {
@@ -217,36 +259,8 @@ fn killed_rank_ends_the_job_and_the_run_resumes() {
     let root = TempDir::new().unwrap();
     let out = root.path().join("out");
     let settings = ["train.max_steps=100", "train.epochs=10", "checkpoint.every=2"];
-    let log = root.path().join("mpirun.stderr");
-    let mut mpirun = train(2, &out, &settings)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("starting mpirun");
     // Kill a rank once training is under way, with checkpoints written.
-    let logged = || std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
-    while logged() < 5 {
-        assert!(mpirun.try_wait().unwrap().is_none(), "mpirun ended early: {}", std::fs::read_to_string(&log).unwrap());
-        assert!(started.elapsed() < Duration::from_secs(120), "no training steps after 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let ranks = Command::new("pgrep").arg("-P").arg(mpirun.id().to_string()).output().expect("running pgrep");
-    let pids = String::from_utf8(ranks.stdout).unwrap();
-    let victim = pids.lines().last().unwrap_or_else(|| panic!("no child processes of mpirun"));
-    assert!(Command::new("kill").args(["-KILL", victim]).status().unwrap().success());
-    let killed = Instant::now();
-    let status = loop {
-        if let Some(s) = mpirun.try_wait().unwrap() {
-            break s;
-        }
-        if killed.elapsed() > Duration::from_secs(60) {
-            mpirun.kill().unwrap();
-            panic!("mpirun still running 60 s after a rank was killed");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stopped = killed.elapsed();
-    let stderr = std::fs::read_to_string(&log).unwrap();
+    let (status, stopped, stderr) = signal_a_rank(&root, &settings, 5, "-KILL");
     assert!(!status.success(), "mpirun should fail when a rank dies: {stderr}");
     assert!(stderr.contains("rank") && stderr.contains("signal 9"), "mpirun should name the killed rank: {stderr}");
 
@@ -268,37 +282,11 @@ fn hung_rank_ends_the_job_within_the_step_timeout() {
         return;
     }
     let root = TempDir::new().unwrap();
-    let out = root.path().join("out");
-    let log = root.path().join("mpirun.stderr");
     let settings = ["train.max_steps=1000", "train.epochs=100", "train.step_timeout=3"];
-    let mut mpirun =
-        train(2, &out, &settings).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
-    let started = Instant::now();
-    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
-        assert!(mpirun.try_wait().unwrap().is_none(), "mpirun ended early: {}", std::fs::read_to_string(&log).unwrap());
-        assert!(started.elapsed() < Duration::from_secs(120), "no training steps after 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let ranks = Command::new("pgrep").arg("-P").arg(mpirun.id().to_string()).output().unwrap();
-    let victim = String::from_utf8(ranks.stdout).unwrap().lines().last().expect("a rank process").to_string();
-    assert!(Command::new("kill").args(["-STOP", &victim]).status().unwrap().success());
-    let stopped = Instant::now();
-    let status = loop {
-        if let Some(s) = mpirun.try_wait().unwrap() {
-            break s;
-        }
-        if stopped.elapsed() > Duration::from_secs(60) {
-            let _ = Command::new("kill").args(["-KILL", &victim]).status();
-            mpirun.kill().unwrap();
-            panic!("mpirun still running 60 s after a rank hung");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = Command::new("kill").args(["-KILL", &victim]).status();
-    let stderr = std::fs::read_to_string(&log).unwrap();
+    let (status, stopped, stderr) = signal_a_rank(&root, &settings, 3, "-STOP");
     assert!(!status.success(), "the job should fail when a rank hangs: {stderr}");
     assert!(stderr.contains("no progress for") && stderr.contains("train.step_timeout"), "{stderr}");
-    eprintln!("hung_rank_ends_the_job_within_the_step_timeout: ended {:.1?} after the stop", stopped.elapsed());
+    eprintln!("hung_rank_ends_the_job_within_the_step_timeout: ended {stopped:.1?} after the stop");
 }
 
 /// `mpirun -n 2 bessie-eval` answers each half on its own rank and rank 0 writes every line, in input
@@ -314,16 +302,9 @@ fn two_rank_evaluation_equals_one_rank() {
     run_ok(Command::new(init).args(["--shape", "tiny", "--out"]).arg(&model));
     let dev = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tiny/dev.jsonl");
     let eval = |ranks: usize, out: &Path| {
-        let mut cmd = match ranks {
-            1 => Command::new(EVAL),
-            n => {
-                let mut c = Command::new("mpirun");
-                c.args(["-n", &n.to_string(), "--allow-run-as-root", "--oversubscribe", EVAL]);
-                c
-            }
-        };
+        let mut cmd = launch(ranks, EVAL);
         cmd.args(["--device", "cpu", "--max-new-tokens", "8", "--batch-size", "4", "--system", "You are Bessie."]);
-        cmd.arg("-m").arg(&model).arg("-d").arg(dev).arg("-o").arg(out).env("RAYON_NUM_THREADS", "1");
+        cmd.arg("-m").arg(&model).arg("-d").arg(dev).arg("-o").arg(out);
         run_ok(&mut cmd);
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(out)
             .unwrap()
