@@ -13,6 +13,8 @@ pub mod device;
 pub mod dist;
 pub mod eval;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod model;
 pub mod rng;
 pub mod squad;

@@ -36,3 +36,185 @@ fn cuda_bf16_forward_matches_cpu_f32() {
         assert!(same * 10 >= ids.len() * 9, "greedy agreement {same}/{}", ids.len());
     }
 }
+
+// Each fused kernel against its candle-op reference on the CPU, on fresh random inputs. Inputs are made on
+// the CPU in the dtype the kernel takes (bf16 activations, f32 flat buffers) and copied, so both sides see
+// the same values; the reference rounds to bf16 where the kernel does, so what differs is the order of
+// f32 sums, and with it, rarely, an int8 or ternary code one step away.
+
+mod fused {
+    use bessie::train::layers::*;
+    use bessie::train::optim::{grad_norm, AdamW, AdamWHyper};
+    use bessie::train::params::ParamLayout;
+    use candle_core::{DType, Device, Tensor};
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("a CUDA device")
+    }
+
+    fn randn(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+        let (g, w) = (values(got), values(want));
+        assert_eq!(g.len(), w.len());
+        let num: f64 = g.iter().zip(&w).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f64 = w.iter().map(|b| b * b).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    /// Fraction of elements that differ at all.
+    fn mismatched(got: &Tensor, want: &Tensor) -> f64 {
+        let (g, w) = (values(got), values(want));
+        g.iter().zip(&w).filter(|(a, b)| a != b).count() as f64 / w.len() as f64
+    }
+
+    #[test]
+    fn rmsnorm_quant_forward_and_backward_match_reference() {
+        let dev = gpu();
+        for (n, c, lambda) in [(37, 64, 1.0), (64, 1000, 0.5), (16, 4096, 1.0), (5, 8640, 0.0)] {
+            let (x, w, dy) = (randn(&[n, c], DType::BF16), randn(&[c], DType::BF16), randn(&[n, c], DType::BF16));
+            let (y_ref, s_ref) = rmsnorm_quant_forward(&x, &w, 1e-6, lambda).unwrap();
+            let (y, s) =
+                rmsnorm_quant_forward(&x.to_device(&dev).unwrap(), &w.to_device(&dev).unwrap(), 1e-6, lambda).unwrap();
+            let (e, m) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
+            println!("rmsnorm+quant n={n} c={c} lambda={lambda}: rel L2 {e:.2e}, {:.3}% codes differ", m * 100.0);
+            assert!(e < 5e-3 && m < 5e-3, "forward: rel L2 {e}, mismatched {m}");
+            let (dx_ref, dw_ref) = rmsnorm_backward(&dy, &w, &s_ref).unwrap();
+            let (dx, dw) = rmsnorm_backward(&dy.to_device(&dev).unwrap(), &w.to_device(&dev).unwrap(), &s).unwrap();
+            let (ex, ew) = (rel_l2(&dx, &dx_ref), rel_l2(&dw, &dw_ref));
+            println!("rmsnorm backward n={n} c={c}: dx rel L2 {ex:.2e}, dw rel L2 {ew:.2e}");
+            assert!(ex < 1e-2 && ew < 1e-4, "backward: dx {ex}, dw {ew}");
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_reference() {
+        let dev = gpu();
+        let (a, b, dh) =
+            (randn(&[33, 517], DType::BF16), randn(&[33, 517], DType::BF16), randn(&[33, 517], DType::BF16));
+        let g = |t: &Tensor| t.to_device(&dev).unwrap();
+        let e = rel_l2(&swiglu_forward(&g(&a), &g(&b)).unwrap(), &swiglu_forward(&a, &b).unwrap());
+        let (da_ref, db_ref) = swiglu_backward(&dh, &a, &b).unwrap();
+        let (da, db) = swiglu_backward(&g(&dh), &g(&a), &g(&b)).unwrap();
+        let (ea, eb) = (rel_l2(&da, &da_ref), rel_l2(&db, &db_ref));
+        println!("swiglu: h rel L2 {e:.2e}, da {ea:.2e}, db {eb:.2e}");
+        assert!(e < 1e-2 && ea < 1e-2 && eb < 1e-2);
+    }
+
+    #[test]
+    fn cross_entropy_matches_reference() {
+        let dev = gpu();
+        let (n, v) = (19, 32002);
+        let logits = (randn(&[n, v], DType::F32) * 3.0).unwrap().to_dtype(DType::BF16).unwrap();
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let mask: Vec<f32> = (0..n).map(|i| if i % 4 == 3 { 0.0 } else { 1.0 }).collect();
+        let (t, m) = (
+            Tensor::new(targets.as_slice(), &Device::Cpu).unwrap(),
+            Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),
+        );
+        let (loss_ref, d_ref) = cross_entropy_forward_backward(&logits, &t, &m).unwrap();
+        let g = |x: &Tensor| x.to_device(&dev).unwrap();
+        let (loss, d) = cross_entropy_forward_backward(&g(&logits), &g(&t), &g(&m)).unwrap();
+        let (el, ed) = ((loss - loss_ref).abs() / loss_ref.abs(), rel_l2(&d, &d_ref));
+        println!("cross-entropy: loss {loss} vs {loss_ref} (rel {el:.2e}), dlogits rel L2 {ed:.2e}");
+        assert!(el < 1e-5 && ed < 1e-2);
+    }
+
+    #[test]
+    fn ternary_weight_matches_reference() {
+        let dev = gpu();
+        for (shape, lambda) in [([96, 64], 1.0), ([1536, 4096], 1.0), ([333, 77], 0.3)] {
+            let w = (randn(&shape, DType::F32) * 0.02).unwrap();
+            let want = effective_weight(&w, lambda, DType::BF16).unwrap();
+            let got = effective_weight(&w.to_device(&dev).unwrap(), lambda, DType::BF16).unwrap();
+            let (e, m) = (rel_l2(&got, &want), mismatched(&got, &want));
+            println!("ternary weight {shape:?} lambda={lambda}: rel L2 {e:.2e}, {m:.2e} of values differ");
+            assert!(m < 1e-4 && e < 1e-3, "rel L2 {e}, mismatched {m}");
+        }
+    }
+
+    #[test]
+    fn grad_norm_and_adamw_match_reference() {
+        let dev = gpu();
+        let layout = ParamLayout::from_shapes(vec![
+            ("model.embed_tokens.weight".into(), vec![100, 64]),
+            ("model.layers.0.mlp.up_proj.weight".into(), vec![300, 64]),
+            ("model.layers.0.mlp.ffn_layernorm.weight".into(), vec![300]),
+            ("model.layers.0.mlp.down_proj.weight".into(), vec![64, 300]),
+        ]);
+        let g = randn(&[layout.total], DType::F32);
+        let (want, got) = (grad_norm(&g, &layout).unwrap(), grad_norm(&g.to_device(&dev).unwrap(), &layout).unwrap());
+        println!("grad norm {got} vs {want}");
+        // The reference sums rows in f32 before f64: its own error is ~1e-7.
+        assert!((got - want).abs() <= 1e-6 * want);
+
+        let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
+        let p0 = randn(&[layout.total], DType::F32);
+        let gs: Vec<Tensor> = (0..3).map(|k| (randn(&[layout.total], DType::F32) * (k + 1) as f64).unwrap()).collect();
+        let replay = |device: &Device| {
+            // A copy: on the CPU `to_device` shares the storage the update writes into.
+            let p = p0.to_device(device).unwrap().copy().unwrap();
+            let mut adam = AdamW::zeros(layout.total, device).unwrap();
+            for g in &gs {
+                adam.step(&p, &g.to_device(device).unwrap(), &layout, 1e-2, &h, 0.37).unwrap();
+            }
+            (p, adam.m, adam.v)
+        };
+        let (pc, mc, vc) = replay(&Device::Cpu);
+        let (pg, mg, vg) = replay(&dev);
+        let update = |p: &Tensor| (p.to_device(&Device::Cpu).unwrap() - &p0).unwrap();
+        let (ep, em, ev) = (rel_l2(&update(&pg), &update(&pc)), rel_l2(&mg, &mc), rel_l2(&vg, &vc));
+        println!("adamw: update rel L2 {ep:.2e}, m {em:.2e}, v {ev:.2e}");
+        assert!(ep < 1e-5 && em < 1e-6 && ev < 1e-6);
+    }
+
+    #[test]
+    fn attention_matches_reference() {
+        let dev = gpu();
+        let (b, h, t, d) = (2, 3, 70, 64);
+        // Row 0: two packed examples then padding; row 1: one example.
+        let segments: Vec<u32> = (0..b * t)
+            .map(|i| match (i / t, i % t) {
+                (0, p) if p < 30 => 1,
+                (0, p) if p < 60 => 2,
+                (0, _) => 0,
+                _ => 1,
+            })
+            .collect();
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for r in 0..b {
+            let seg = &segments[r * t..(r + 1) * t];
+            for i in 0..t {
+                for j in 0..=i {
+                    if i == j || (seg[i] != 0 && seg[i] == seg[j]) {
+                        mask[(r * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu).unwrap();
+        let segs = Tensor::from_vec(segments, (b, t), &Device::Cpu).unwrap();
+        let (q, k, v, dy) = (
+            randn(&[b, h, t, d], DType::BF16),
+            randn(&[b, h, t, d], DType::BF16),
+            randn(&[b, h, t, d], DType::BF16),
+            randn(&[b, h, t, d], DType::BF16),
+        );
+        let g = |x: &Tensor| x.to_device(&dev).unwrap();
+        let (y_ref, s_ref) = attention_forward(&q, &k, &v, &mask, &segs).unwrap();
+        let (y, s) = attention_forward(&g(&q), &g(&k), &g(&v), &g(&mask), &g(&segs)).unwrap();
+        let grads_ref = attention_backward(&dy, &s_ref).unwrap();
+        let grads = attention_backward(&g(&dy), &s).unwrap();
+        let ey = rel_l2(&y, &y_ref);
+        let (eq, ek, ev) =
+            (rel_l2(&grads.0, &grads_ref.0), rel_l2(&grads.1, &grads_ref.1), rel_l2(&grads.2, &grads_ref.2));
+        println!("attention: y rel L2 {ey:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
+        assert!(ey < 1e-2 && eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
+    }
+}

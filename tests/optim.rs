@@ -1,7 +1,7 @@
 //! AdamW, the schedule and clipping against PyTorch's semantics.
 
 use bessie::config::run::{Schedule, TrainSection};
-use bessie::train::optim::{clip_grad_norm, learning_rate, AdamW, AdamWHyper};
+use bessie::train::optim::{clip_factor, grad_norm, learning_rate, AdamW, AdamWHyper};
 use bessie::train::params::ParamLayout;
 use candle_core::{Device, Tensor};
 
@@ -24,7 +24,7 @@ fn adamw_matches_torch() {
     let p = Tensor::new(p0.clone(), &dev).unwrap();
     for k in 0..3 {
         let g: Vec<f32> = (0..n).map(|i| ((0.11 * i as f64 + k as f64).cos() * 0.1 * (k + 1) as f64) as f32).collect();
-        adam.step(&p, &Tensor::new(g, &dev).unwrap(), &layout, 1e-3, &h).unwrap();
+        adam.step(&p, &Tensor::new(g, &dev).unwrap(), &layout, 1e-3, &h, 1.0).unwrap();
     }
     let got: Vec<f32> = p.to_vec1().unwrap();
     for i in 0..n {
@@ -62,12 +62,39 @@ fn clipping_scales_to_the_max_norm_like_torch() {
     let layout = ParamLayout::new(&cfg);
     let mut v = vec![0f32; layout.total];
     (v[0], v[layout.total - 1]) = (3.0, 4.0);
-    let g = Tensor::new(v, &Device::Cpu).unwrap();
-    let (norm, clipped) = clip_grad_norm(g.clone(), &layout, 1.0).unwrap();
+    let norm = grad_norm(&Tensor::new(v, &Device::Cpu).unwrap(), &layout).unwrap();
     assert!((norm - 5.0).abs() < 1e-6);
-    let c: Vec<f32> = clipped.to_vec1().unwrap();
-    let (first, last) = (c[0], c[layout.total - 1]);
-    assert!((first - 3.0 / (5.0 + 1e-6) as f32).abs() < 1e-6 && (last - 4.0 / (5.0 + 1e-6) as f32).abs() < 1e-6);
-    let (_, untouched) = clip_grad_norm(g.clone(), &layout, 10.0).unwrap();
-    assert_eq!(untouched.to_vec1::<f32>().unwrap(), g.to_vec1::<f32>().unwrap());
+    assert_eq!(clip_factor(norm, 1.0), 1.0 / (5.0 + 1e-6));
+    assert_eq!(clip_factor(norm, 10.0), 1.0);
+    assert_eq!(clip_factor(norm, 0.0), 1.0, "0 disables clipping");
+}
+
+/// The gradient scale is applied inside the update: a step with `g` and scale `s` equals a step with `g s`.
+#[test]
+fn adamw_grad_scale_equals_scaled_gradients() {
+    let layout = ParamLayout::from_shapes(vec![("model.layers.0.mlp.up_proj.weight".into(), vec![4, 8])]);
+    let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
+    let g = Tensor::randn(0f32, 1.0, 32, &Device::Cpu).unwrap();
+    let run = |g: &Tensor, scale: f64| {
+        let p = Tensor::ones(32, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mut adam = AdamW::zeros(32, &Device::Cpu).unwrap();
+        adam.step(&p, g, &layout, 1e-2, &h, scale).unwrap();
+        p.to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (run(&g, 0.25), run(&(&g * 0.25).unwrap(), 1.0));
+    assert_eq!(a, b);
+    assert_ne!(a, run(&g, 1.0), "the scale must change the update");
+}
+
+/// Runs of slots that share a flag cover the buffer in order, each as long as its slots together.
+#[test]
+fn layout_runs_group_neighbouring_slots() {
+    let layout = ParamLayout::from_shapes(vec![
+        ("a.weight".into(), vec![2, 3]),
+        ("b.weight".into(), vec![4]),
+        ("c_ln.weight".into(), vec![5]),
+        ("d.weight".into(), vec![1, 7]),
+    ]);
+    let runs = layout.runs(|i| i != 2);
+    assert_eq!(runs, vec![(0, 10, true), (10, 5, false), (15, 7, true)]);
 }

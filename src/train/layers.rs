@@ -2,6 +2,9 @@
 //! backward that returns the input gradient and the parameter gradients (llm.c's shape). Tokens are
 //! flattened to rows, `[n, channels]`, except inside attention, which works on `[batch, heads, seq, dim]`.
 //! Statistics (norms, softmax, loss) are computed in f32 whatever the compute dtype.
+//!
+//! The candle-op bodies here are the reference and the CPU path. On CUDA in bf16, the functions that have a
+//! fused kernel in `crate::kernels` run it instead: same inputs, same outputs, one pass over memory.
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -11,6 +14,10 @@ use crate::model::bitnet::{quantize_activations, quantize_weight};
 /// `Q(W)` is the ternary weight times its scale. lambda = 1 is plain BitNet; lambda < 1 is the warm-up that
 /// eases a full-precision checkpoint into ternary. Computed once per optimizer step.
 pub fn effective_weight(latent: &Tensor, lambda: f64, dtype: DType) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::on_cuda(latent) && latent.dtype() == DType::F32 && dtype == DType::BF16 {
+        return crate::kernels::flat::ternary_weight(&latent.contiguous()?, lambda);
+    }
     let (ternary, scale) = quantize_weight(latent)?;
     let q = ternary.broadcast_mul(&scale)?;
     blend(latent, &q, lambda)?.to_dtype(dtype)
@@ -61,8 +68,25 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsN
     Ok((y, RmsNormSaved { x: x.clone(), rrms }))
 }
 
+/// RMSNorm and the BitLinear input quantization that follows it: `(x_eff, saved)`.
+pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(x) {
+        let x = x.contiguous()?;
+        let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, &w.contiguous()?, eps, lambda)?;
+        return Ok((y, RmsNormSaved { x, rrms }));
+    }
+    let (y, saved) = rmsnorm_forward(x, w, eps)?;
+    Ok((effective_input(&y, lambda)?, saved))
+}
+
 /// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`.
 pub fn rmsnorm_backward(dy: &Tensor, w: &Tensor, s: &RmsNormSaved) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(dy) && crate::kernels::applies(&s.x) {
+        let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
+        return crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms);
+    }
     let dy = dy.to_dtype(DType::F32)?;
     let xhat = s.x.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
     let dw = (&dy * &xhat)?.sum(0)?;
@@ -74,11 +98,20 @@ pub fn rmsnorm_backward(dy: &Tensor, w: &Tensor, s: &RmsNormSaved) -> Result<(Te
 
 /// SwiGLU: `h = silu(a) * b`.
 pub fn swiglu_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(a) {
+        return crate::kernels::swiglu::swiglu_forward(&a.contiguous()?, &b.contiguous()?);
+    }
     a.silu()? * b
 }
 
 /// Returns `(da, db)`; `silu'(a) = s (1 + a (1 - s))` with `s = sigmoid(a)`, in f32.
 pub fn swiglu_backward(dh: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(a) {
+        let (dh, a, b) = (dh.contiguous()?, a.contiguous()?, b.contiguous()?);
+        return crate::kernels::swiglu::swiglu_backward(&dh, &a, &b);
+    }
     let dtype = a.dtype();
     let (dh, a, b) = (dh.to_dtype(DType::F32)?, a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     let s = (a.neg()?.exp()? + 1.0)?.recip()?;
@@ -104,13 +137,28 @@ pub struct AttentionSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// Softmax probabilities in f32, `[batch, heads, seq, seq]`.
+    /// Softmax probabilities, `[batch, heads, seq, seq]`: f32 from the reference, bf16 from the fused kernel.
     probs: Tensor,
 }
 
-/// Softmax attention with an additive mask `[batch, 1, seq, seq]`; scores and softmax in f32.
-pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, AttentionSaved)> {
+/// Softmax attention with the block-diagonal causal mask of packed examples, given both as the reference
+/// adds it (`mask`, `[batch, 1, seq, seq]` f32) and as the fused kernel reads it (`segments`, the example id
+/// of each token, `[batch, seq]` u32). Scores and softmax in f32.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    segments: &Tensor,
+) -> Result<(Tensor, AttentionSaved)> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(q) {
+        let probs = crate::kernels::attention::softmax_forward(&q.matmul(&k.t()?)?, &segments.contiguous()?, scale)?;
+        let y = probs.matmul(v)?;
+        return Ok((y, AttentionSaved { q: q.clone(), k: k.clone(), v: v.clone(), probs }));
+    }
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let y = probs.to_dtype(v.dtype())?.matmul(v)?;
@@ -121,6 +169,12 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> R
 pub fn attention_backward(dy: &Tensor, s: &AttentionSaved) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = s.v.dtype();
     let scale = 1.0 / (s.q.dim(D::Minus1)? as f64).sqrt();
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(&s.probs) {
+        let dv = s.probs.t()?.matmul(dy)?;
+        let ds = crate::kernels::attention::softmax_backward(&s.probs, &dy.matmul(&s.v.t()?)?, scale)?;
+        return Ok((ds.matmul(&s.k)?, ds.t()?.matmul(&s.q)?, dv));
+    }
     let p = s.probs.to_dtype(dtype)?;
     let dv = p.t()?.matmul(dy)?;
     let dp = dy.matmul(&s.v.t()?)?.to_dtype(DType::F32)?;
@@ -131,10 +185,17 @@ pub fn attention_backward(dy: &Tensor, s: &AttentionSaved) -> Result<(Tensor, Te
     Ok((dq, dk, dv))
 }
 
-/// Summed cross-entropy of `logits: [n, vocab]` (f32) against `targets: [n]` where `mask: [n]` is 1, and
-/// its gradient `(softmax - onehot) * mask`. Summed, not averaged: the step divides by the number of
-/// trained tokens of the whole optimizer step, so accumulation and data parallelism weigh tokens equally.
+/// Summed cross-entropy of `logits: [n, vocab]` (any float dtype; computed in f32) against `targets: [n]`
+/// where `mask: [n]` is 1, and its gradient `(softmax - onehot) * mask` (f32, or bf16 from the fused
+/// kernel). Summed, not averaged: the step divides by the number of trained tokens of the whole optimizer
+/// step, so accumulation and data parallelism weigh tokens equally.
 pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(f64, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(logits) {
+        let (logits, targets, mask) = (logits.contiguous()?, targets.contiguous()?, mask.contiguous()?);
+        return crate::kernels::cross_entropy::cross_entropy_forward_backward(&logits, &targets, &mask);
+    }
+    let logits = logits.to_dtype(DType::F32)?;
     let mask = mask.unsqueeze(1)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let exp = logits.broadcast_sub(&max)?.exp()?;

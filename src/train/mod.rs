@@ -157,13 +157,15 @@ pub fn train_step(
         GradDtype::Bf16 => comm.all_reduce_sum(&grads.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)?,
     };
     PhaseTimer::mark(&mut timer, "all-reduce")?;
-    let grads = (grads / loss_tokens.max(1.0))?;
-    let (grad_norm, grads) = optim::clip_grad_norm(grads, &ctx.layout, train.grad_clip)?;
+    // The gradients are sums over the step's tokens: the update divides by their number.
+    let per_token = 1.0 / loss_tokens.max(1.0);
+    let grad_norm = optim::grad_norm(&grads, &ctx.layout)? * per_token;
     PhaseTimer::mark(&mut timer, "clip")?;
     if !grad_norm.is_finite() {
         bail!("gradient norm is {grad_norm} at step {}; stopping with the last good checkpoint intact", step + 1);
     }
-    adam.step(params, &grads, &ctx.layout, lr, &ctx.hyper)?;
+    let grad_scale = per_token * optim::clip_factor(grad_norm, train.grad_clip);
+    adam.step(params, &grads, &ctx.layout, lr, &ctx.hyper, grad_scale)?;
     PhaseTimer::mark(&mut timer, "adamw")?;
     Ok(StepResult { loss, grad_norm, tokens: tokens as usize })
 }

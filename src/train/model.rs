@@ -48,6 +48,8 @@ pub struct BatchTensors {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+    /// The example id of each token, `[batch, seq]`: the mask as the fused attention kernel reads it.
+    segments: Tensor,
     pub loss_tokens: usize,
 }
 
@@ -97,6 +99,7 @@ impl BatchTensors {
             cos: angles(&rope.cos)?,
             sin: angles(&rope.sin)?,
             mask: Tensor::from_vec(mask, (n, 1, t, t), device)?,
+            segments: Tensor::from_slice(&b.segments, (n, t), device)?,
             loss_tokens: b.loss_tokens,
         })
     }
@@ -179,29 +182,25 @@ pub fn forward(
     let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
         let s = BlockSlots::new(layout, l);
-        let (a1, input_norm) = rmsnorm_forward(&x, &p[s.input_ln], eps)?;
-        let a1 = effective_input(&a1, lambda)?;
+        let (a1, input_norm) = rmsnorm_quant_forward(&x, &p[s.input_ln], eps, lambda)?;
         let q = rope_forward(&heads(linear_forward(&a1, &p[s.q])?, nh)?, &b.cos, &b.sin)?;
         let k = rope_forward(&heads(linear_forward(&a1, &p[s.k])?, nkv)?, &b.cos, &b.sin)?;
         let v = heads(linear_forward(&a1, &p[s.v])?, nkv)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let (y, attn) = attention_forward(&q, &k, &v, &b.mask)?;
+        let (y, attn) = attention_forward(&q, &k, &v, &b.mask, &b.segments)?;
         let y = y.transpose(1, 2)?.reshape((n * t, h))?;
-        let (o, inner_norm) = rmsnorm_forward(&y, &p[s.inner_ln], eps)?;
-        let o = effective_input(&o, lambda)?;
+        let (o, inner_norm) = rmsnorm_quant_forward(&y, &p[s.inner_ln], eps, lambda)?;
         x = (x + linear_forward(&o, &p[s.o])?)?;
 
-        let (a2, post_norm) = rmsnorm_forward(&x, &p[s.post_ln], eps)?;
-        let a2 = effective_input(&a2, lambda)?;
+        let (a2, post_norm) = rmsnorm_quant_forward(&x, &p[s.post_ln], eps, lambda)?;
         let gate = linear_forward(&a2, &p[s.gate])?;
         let up = linear_forward(&a2, &p[s.up])?;
-        let (hn, ffn_norm) = rmsnorm_forward(&swiglu_forward(&gate, &up)?, &p[s.ffn_ln], eps)?;
-        let hq = effective_input(&hn, lambda)?;
+        let (hq, ffn_norm) = rmsnorm_quant_forward(&swiglu_forward(&gate, &up)?, &p[s.ffn_ln], eps, lambda)?;
         x = (x + linear_forward(&hq, &p[s.down])?)?;
         blocks.push(BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gate, up, ffn_norm, h: hq });
     }
     let (hidden, final_norm) = rmsnorm_forward(&x, &p[layout.index("model.norm.weight")], eps)?;
-    let logits = linear_forward(&hidden, &p[head_slot(cfg, layout)])?.to_dtype(DType::F32)?;
+    let logits = linear_forward(&hidden, &p[head_slot(cfg, layout)])?;
     let (loss, dlogits) = cross_entropy_forward_backward(&logits, &b.targets, &b.loss_mask)?;
     Ok((loss, Saved { blocks, final_norm, hidden, dlogits }))
 }

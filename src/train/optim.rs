@@ -31,9 +31,12 @@ impl AdamW {
         Ok(Self { m: Tensor::zeros(n, DType::F32, device)?, v: Tensor::zeros(n, DType::F32, device)?, t: 0 })
     }
 
-    /// One step, updating `params`, `m` and `v` in place, one parameter at a time so the temporaries stay
-    /// the size of the largest parameter, not of the model. Same arithmetic as `torch.optim.AdamW`
-    /// (single-tensor path): `p *= 1 - lr wd`, `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
+    /// One step, updating `params`, `m` and `v` in place, with the gradients `grads * grad_scale` (the
+    /// scale folds the per-token normalisation and the clip factor into the update: no pass of its own).
+    /// Same arithmetic as `torch.optim.AdamW` (single-tensor path): `p *= 1 - lr wd`,
+    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. On CUDA one fused kernel runs over each range of
+    /// the flat buffer that shares a weight-decay setting; elsewhere one parameter at a time, so the
+    /// temporaries stay the size of the largest parameter, not of the model.
     pub fn step(
         &mut self,
         params: &Tensor,
@@ -41,17 +44,39 @@ impl AdamW {
         layout: &ParamLayout,
         lr: f64,
         h: &AdamWHyper,
+        grad_scale: f64,
     ) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - h.beta1.powi(self.t as i32);
         let bc2 = 1.0 - h.beta2.powi(self.t as i32);
+        let decay = |i: usize| h.weight_decay != 0.0 && layout.decays(i, h.decay_norms_and_embeddings);
+        #[cfg(feature = "cuda")]
+        if crate::kernels::on_cuda(params) {
+            use crate::kernels::flat::{adamw, AdamWStep};
+            let s = AdamWStep {
+                grad_scale: grad_scale as f32,
+                beta1: h.beta1 as f32,
+                one_minus_beta1: (1.0 - h.beta1) as f32,
+                beta2: h.beta2 as f32,
+                one_minus_beta2: (1.0 - h.beta2) as f32,
+                inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+                eps: h.eps as f32,
+                step_size: (lr / bc1) as f32,
+            };
+            for (offset, len, decays) in layout.runs(decay) {
+                let view = |t: &Tensor| t.narrow(0, offset, len);
+                let factor = if decays { (1.0 - lr * h.weight_decay) as f32 } else { 1.0 };
+                adamw(&view(params)?, &view(grads)?, &view(&self.m)?, &view(&self.v)?, factor, &s)?;
+            }
+            return Ok(());
+        }
         for (i, slot) in layout.slots.iter().enumerate() {
             let view = |t: &Tensor| t.narrow(0, slot.offset, slot.len);
-            let g = view(grads)?;
+            let g = (view(grads)? * grad_scale)?;
             let m = ((view(&self.m)? * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
             let v = ((view(&self.v)? * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
             let mut p = view(params)?;
-            if h.weight_decay != 0.0 && layout.decays(i, h.decay_norms_and_embeddings) {
+            if decay(i) {
                 p = (p * (1.0 - lr * h.weight_decay))?;
             }
             let denom = ((v.sqrt()? / bc2.sqrt())? + h.eps)?;
@@ -89,19 +114,26 @@ pub fn quant_lambda(cfg: &TrainSection, step: usize) -> f64 {
     }
 }
 
-/// Global L2 norm of the flat gradients, and the gradients scaled so the norm is at most `max_norm`
-/// (`torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). 0 disables.
-/// Takes the gradients by value so the unclipped copy is freed as soon as the clipped one exists.
-pub fn clip_grad_norm(grads: Tensor, layout: &ParamLayout, max_norm: f64) -> Result<(f64, Tensor)> {
-    // Summed per parameter and per row first: GPU reductions parallelise over the rows.
+/// Global L2 norm of the flat gradients (f64 accumulation). On CUDA one fused reduction over the buffer;
+/// elsewhere per parameter and per row first, as GPU reductions parallelise over rows.
+pub fn grad_norm(grads: &Tensor, layout: &ParamLayout) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::on_cuda(grads) {
+        return Ok(crate::kernels::flat::sum_squares(grads)?.sqrt());
+    }
     let partial = (0..layout.slots.len())
-        .map(|i| layout.view(&grads, i)?.sqr()?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all())
+        .map(|i| layout.view(grads, i)?.sqr()?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all())
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let norm = Tensor::stack(&partial, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(Tensor::stack(&partial, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` scales the gradients by: `max_norm / (norm + 1e-6)` when
+/// below 1, else 1. A `max_norm` of 0 disables clipping.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     let coef = max_norm / (norm + 1e-6);
     if max_norm > 0.0 && coef < 1.0 {
-        Ok((norm, (grads * coef)?))
+        coef
     } else {
-        Ok((norm, grads))
+        1.0
     }
 }

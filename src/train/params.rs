@@ -93,4 +93,18 @@ impl ParamLayout {
         let name = &self.slots[i].name;
         decay_norms_and_embeddings || !(crate::model::is_norm(name) || name == "model.embed_tokens.weight")
     }
+
+    /// The flat buffer as maximal runs of neighbouring slots on which `pred` agrees: `(offset, len, pred)`.
+    /// Kernels that differ per slot only by a flag (AdamW's weight decay) run once per run, not per slot.
+    pub fn runs(&self, pred: impl Fn(usize) -> bool) -> Vec<(usize, usize, bool)> {
+        let mut out: Vec<(usize, usize, bool)> = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            let p = pred(i);
+            match out.last_mut() {
+                Some((_, len, q)) if *q == p => *len += s.len,
+                _ => out.push((s.offset, s.len, p)),
+            }
+        }
+        out
+    }
 }

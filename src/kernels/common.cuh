@@ -1,0 +1,41 @@
+// Shared by the kernels: bf16 conversions and a deterministic block reduction.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float f32(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16(x); }
+// The value a cast to bf16 and back gives: fused kernels round where the unfused ops stored bf16.
+__device__ __forceinline__ float round_bf16(float x) { return f32(to_bf16(x)); }
+
+struct Sum {
+    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Reduces `v` over the block and gives every thread the result. The order of the additions is fixed by the
+// block's shape, so results repeat bit for bit run to run (no atomics). blockDim.x: a multiple of 32.
+template <typename T, typename Op> __device__ T block_reduce(T v, Op op) {
+    __shared__ T warps[32];
+    for (int o = 16; o > 0; o /= 2) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
+    __syncthreads();  // a previous call may still be reading `warps`
+    if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = warps[0];
+    for (int i = 1; i < blockDim.x / 32; i++) v = op(v, warps[i]);
+    return v;
+}
+
+// `x + lambda (q - x)`, the quantization warm-up, exact at the ends as the reference is.
+__device__ __forceinline__ float blend(float x, float q, float lambda) {
+    if (lambda >= 1.f) return q;
+    if (lambda <= 0.f) return x;
+    return x + (q - x) * lambda;
+}
+
+#define GRID_STRIDE(i, n) \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)

@@ -1,0 +1,18 @@
+//! Cross-entropy forward and backward in one kernel over the bf16 logits.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::{cuda_device, launch, ptr, ptx, uninit, Ptx};
+
+const PTX: Ptx = ptx!("cross_entropy");
+
+/// The summed masked loss and `dlogits` (bf16, the logits' shape) for `logits: [n, vocab]` (bf16),
+/// `targets: [n]` (u32) and `mask: [n]` (f32).
+pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(f64, Tensor)> {
+    let (n, v) = logits.dims2()?;
+    let dev = cuda_device(logits)?;
+    let (loss, dlogits) = (uninit(n, DType::F32, &dev)?, uninit((n, v), DType::BF16, &dev)?);
+    launch!(dev, PTX, "cross_entropy_forward_backward", super::per_row(n, 512);
+        ptr(logits)?, ptr(targets)?, ptr(mask)?, ptr(&loss)?, ptr(&dlogits)?, v as i32);
+    Ok((loss.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?, dlogits))
+}

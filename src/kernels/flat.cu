@@ -1,0 +1,45 @@
+// Kernels over the flat f32 parameter and gradient buffers: partial sums (the weight scale's absmean and
+// the gradient norm), the ternary weight write, and AdamW. References: model::bitnet::quantize_weight,
+// train::layers::effective_weight, train::optim::{grad_norm, AdamW::step}.
+#include "common.cuh"
+
+// Partial sums of |x| (square = 0) or x^2 (square = 1), accumulated in f64, one per block into out[blockIdx.x].
+extern "C" __global__ void sum_partials(const float* x, size_t n, int square, double* out) {
+    double acc = 0.0;
+    GRID_STRIDE(i, n) {
+        double v = x[i];
+        acc += square ? v * v : fabs(v);
+    }
+    acc = block_reduce(acc, Sum());
+    if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
+
+// The BitLinear weight this step's forward uses: s = 1 / max(mean|W|, 1e-5) from the partial sums of |W|
+// (every block sums them, in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda,
+// in bf16.
+extern "C" __global__ void ternary_weight(const float* w, size_t n, const double* partials, int nparts, float lambda,
+                                          bf16* out) {
+    double total = 0.0;
+    for (int i = threadIdx.x; i < nparts; i += blockDim.x) total += partials[i];
+    float s = 1.f / fmaxf((float)(block_reduce(total, Sum()) / (double)n), 1e-5f), inv = 1.f / s;
+    GRID_STRIDE(i, n) {
+        float x = w[i];
+        out[i] = to_bf16(blend(x, fminf(fmaxf(roundf(x * s), -1.f), 1.f) * inv, lambda));
+    }
+}
+
+// torch.optim.AdamW (single-tensor path) on p, m, v in place, with the gradient scaled first (the 1 / tokens
+// normalisation and the clip factor): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p = p decay,
+// p -= step_size m / (sqrt(v) inv_sqrt_bc2 + eps).
+extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, size_t n, float grad_scale,
+                                 float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
+                                 float decay, float inv_sqrt_bc2, float eps, float step_size) {
+    GRID_STRIDE(i, n) {
+        float gi = g[i] * grad_scale;
+        float mi = m[i] * beta1 + gi * one_minus_beta1;
+        float vi = v[i] * beta2 + gi * gi * one_minus_beta2;
+        p[i] = p[i] * decay - mi / (sqrtf(vi) * inv_sqrt_bc2 + eps) * step_size;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}

@@ -1,0 +1,60 @@
+//! Kernels over the flat f32 buffers: the ternary weight of a BitLinear (absmean scale and write), sums of
+//! squares for the gradient norm, and AdamW over the whole parameter buffer.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::{cuda_device, grid_stride, launch, ptr, ptx, uninit, Ptx};
+
+const PTX: Ptx = ptx!("flat");
+
+/// One f64 partial sum per block of `sum(|x|)` or `sum(x^2)` over the contiguous f32 tensor `x`.
+fn sum_partials(x: &Tensor, square: bool) -> Result<(Tensor, usize)> {
+    let n = x.elem_count();
+    let cfg = grid_stride(n);
+    let blocks = cfg.grid_dim.0 as usize;
+    let partials = uninit(blocks, DType::F64, &cuda_device(x)?)?;
+    launch!(cuda_device(x)?, PTX, "sum_partials", cfg; ptr(x)?, n as u64, square as i32, ptr(&partials)?);
+    Ok((partials, blocks))
+}
+
+/// `sum(x^2)` of a contiguous f32 tensor, accumulated in f64.
+pub fn sum_squares(x: &Tensor) -> Result<f64> {
+    sum_partials(x, true)?.0.sum_all()?.to_scalar::<f64>()
+}
+
+/// The BitLinear weight of this step from its f32 latent `w`: ternary times the absmean scale, blended with
+/// `w` by `lambda`, in bf16. Two launches per matrix: the partial sums of `|w|`, then the write, whose blocks
+/// each finish the sum themselves (no round trip to the host).
+pub fn ternary_weight(w: &Tensor, lambda: f64) -> Result<Tensor> {
+    let n = w.elem_count();
+    let dev = cuda_device(w)?;
+    let (partials, blocks) = sum_partials(w, false)?;
+    let out = uninit(w.shape(), DType::BF16, &dev)?;
+    launch!(dev, PTX, "ternary_weight", grid_stride(n);
+        ptr(w)?, n as u64, ptr(&partials)?, blocks as i32, lambda as f32, ptr(&out)?);
+    Ok(out)
+}
+
+/// AdamW's constants for one step, in the f32 the kernel computes with.
+pub struct AdamWStep {
+    pub grad_scale: f32,
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub inv_sqrt_bc2: f32,
+    pub eps: f32,
+    pub step_size: f32,
+}
+
+/// AdamW in place over `params, m, v` (contiguous f32 views of one range of the flat buffers) with the
+/// gradients `grads` of that range; `decay` multiplies the parameters first (1 for no weight decay).
+pub fn adamw(params: &Tensor, grads: &Tensor, m: &Tensor, v: &Tensor, decay: f32, s: &AdamWStep) -> Result<()> {
+    let n = params.elem_count();
+    // SAFETY (of writing through `params`, `m`, `v`): the optimizer owns these buffers, and nothing reads them
+    // between this launch and the next op on the same stream.
+    launch!(cuda_device(params)?, PTX, "adamw", grid_stride(n);
+        ptr(params)?, ptr(grads)?, ptr(m)?, ptr(v)?, n as u64, s.grad_scale, s.beta1, s.one_minus_beta1,
+        s.beta2, s.one_minus_beta2, decay, s.inv_sqrt_bc2, s.eps, s.step_size);
+    Ok(())
+}
