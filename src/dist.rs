@@ -5,11 +5,16 @@
 //! - `Mpi` (feature `mpi`): ranks started by `mpirun` (or `srun`), collectives through MPI on the host. This is
 //!   how CPU runs and CI test the distributed path (`mpirun -n 2` on CPU).
 //! - On GPUs (features `cuda` and `mpi`), [`Communicator::use_device`] adds NCCL: rank 0 creates the NCCL
-//!   unique id, MPI broadcasts it, and from then on tensors on the GPU are summed by NCCL on the device's
-//!   stream; MPI keeps the scalars, barriers and aborts.
+//!   unique id, MPI broadcasts it, and from then on tensors on the GPU are summed by NCCL on a stream of its
+//!   own; MPI keeps the scalars, barriers and aborts.
+//!
+//! Gradients are summed by a [`GradReducer`] range by range as the backward finishes each layer, so on GPUs
+//! the traffic of one layer overlaps the backward of the layers below it.
+
+use std::ops::Range;
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 #[cfg(feature = "mpi")]
 use mpi::traits::{Communicator as _, CommunicatorCollectives as _};
 
@@ -85,13 +90,31 @@ impl Communicator {
         }
     }
 
-    /// The elementwise sum of `t` over all ranks, in `t`'s dtype (f32, bf16 or f64), on every rank.
-    pub fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+    /// Replaces the contiguous tensor `t` (f32, bf16 or f64; a view of a larger buffer is fine) by its
+    /// elementwise sum over all ranks, on every rank. On GPUs the sum runs on NCCL's stream after the work
+    /// queued so far; call [`Communicator::wait_for_sums`] before reading `t` or freeing it.
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
+    pub fn sum_in_place(&self, t: &Tensor) -> Result<()> {
         match self {
-            Self::Single => Ok(t.clone()),
+            Self::Single => Ok(()),
             #[cfg(feature = "mpi")]
-            Self::Mpi(m) => m.all_reduce_sum(t),
+            Self::Mpi(m) => m.sum_in_place(t),
         }
+    }
+
+    /// Makes `device`'s stream wait for the sums queued so far (a no-op off the GPU, where they are done).
+    #[cfg_attr(not(all(feature = "mpi", feature = "cuda")), allow(unused_variables))]
+    pub fn wait_for_sums(&self, device: &candle_core::Device) -> Result<()> {
+        match (self, device) {
+            #[cfg(all(feature = "mpi", feature = "cuda"))]
+            (Self::Mpi(m), candle_core::Device::Cuda(d)) => m.wait_for_sums(d),
+            _ => Ok(()),
+        }
+    }
+
+    /// A reducer for the flat gradient buffer `grads` (f32), sending `wire` (f32 or bf16) over the network.
+    pub fn grad_reducer<'a>(&'a self, grads: &'a Tensor, wire: DType) -> GradReducer<'a> {
+        GradReducer { comm: self, grads, wire, staged: Vec::new() }
     }
 
     /// Sums scalars (loss sums, token counts) over all ranks in place.
@@ -142,6 +165,43 @@ impl Communicator {
     }
 }
 
+/// Sums the flat gradient buffer over the ranks one range at a time, each as soon as the backward has
+/// finished writing it (llm.c's `gpt2_backward_and_reduce`). Every rank must reduce the same ranges in the
+/// same order, which the shared model code guarantees.
+pub struct GradReducer<'a> {
+    comm: &'a Communicator,
+    grads: &'a Tensor,
+    wire: DType,
+    /// bf16 copies of ranges, summed in place, written back into `grads` by [`GradReducer::finish`].
+    staged: Vec<(usize, Tensor)>,
+}
+
+impl GradReducer<'_> {
+    /// Starts summing `grads[range]` over the ranks. With one rank, nothing to do.
+    pub fn reduce(&mut self, range: Range<usize>) -> Result<()> {
+        if self.comm.world() == 1 || range.is_empty() {
+            return Ok(());
+        }
+        let part = self.grads.narrow(0, range.start, range.len())?;
+        if self.wire == DType::F32 {
+            return self.comm.sum_in_place(&part);
+        }
+        let staged = part.to_dtype(self.wire)?;
+        self.comm.sum_in_place(&staged)?;
+        self.staged.push((range.start, staged));
+        Ok(())
+    }
+
+    /// Waits for the sums, then writes the bf16 ones back in f32 (the f32 ones are in place already).
+    pub fn finish(self) -> Result<()> {
+        self.comm.wait_for_sums(self.grads.device())?;
+        for (offset, staged) in self.staged {
+            self.grads.slice_set(&staged.to_dtype(DType::F32)?, 0, offset)?;
+        }
+        Ok(())
+    }
+}
+
 /// Ends this process when no progress is reported for `timeout`: a rank that hangs (a stuck GPU, a stalled
 /// collective, a stopped process) leaves the others waiting in a collective, where nothing else would
 /// notice. Exiting makes the launcher end every rank, as for a rank that died; the last checkpoint stays.
@@ -181,8 +241,8 @@ pub use with_mpi::Mpi;
 
 #[cfg(feature = "mpi")]
 mod with_mpi {
-    use anyhow::{bail, Context, Result};
-    use candle_core::{DType, Tensor};
+    use anyhow::{Context, Result};
+    use candle_core::Tensor;
     use mpi::collective::SystemOperation;
     use mpi::datatype::Equivalence;
     use mpi::environment::{Threading, Universe};
@@ -247,85 +307,104 @@ mod with_mpi {
             self.comm.all_reduce_into(send, recv, SystemOperation::sum());
         }
 
-        fn summed<T: Equivalence + candle_core::WithDType>(&self, t: &Tensor) -> Result<Tensor> {
-            let send = t.flatten_all()?.to_vec1::<T>()?;
-            let mut recv = send.clone();
-            self.sum_into(&send, &mut recv);
-            Ok(Tensor::from_vec(recv, t.shape(), t.device())?)
-        }
-
-        /// Creates the NCCL communicator on `device`'s stream, with the unique id rank 0 made and MPI sent.
+        /// Creates the NCCL communicator, with the unique id rank 0 made and MPI sent, on a high-priority
+        /// stream of its own, so that gradient sums overlap the backward and get SMs when they are ready.
         #[cfg(feature = "cuda")]
         pub(super) fn start_nccl(&self, device: &candle_core::CudaDevice) -> Result<()> {
             use cudarc::nccl::safe::{Comm, Id};
             use mpi::traits::Root as _;
+            // A second stream would make cudarc record and wait on events for every buffer of every
+            // launch (microseconds of CPU each, thousands of launches per step). The two streams meet only
+            // in `sum_in_place` and `wait_for_sums`, which order them explicitly, and every buffer NCCL
+            // touches stays alive until `wait_for_sums`.
+            // SAFETY: called before this rank creates any tensor on `device`; see above for the ordering.
+            unsafe { device.disable_event_tracking() };
+            let ctx = device.cuda_stream().context().clone();
+            let (_, highest) = cudarc::driver::result::stream::get_priority_range().context("stream priorities")?;
+            let stream = ctx.new_stream_with_priority(highest).context("creating NCCL's stream")?;
             let mut id = match self.rank {
                 0 => *Id::new().map_err(|e| anyhow::anyhow!("creating the NCCL unique id: {e:?}"))?.internal(),
                 _ => [0; 128],
             };
             self.comm.process_at_rank(0).broadcast_into(&mut id[..]);
-            let comm = Comm::from_rank(device.cuda_stream(), self.rank, self.world, Id::uninit(id))
+            let comm = Comm::from_rank(stream, self.rank, self.world, Id::uninit(id))
                 .map_err(|e| anyhow::anyhow!("rank {}: starting NCCL: {e:?}", self.rank))?;
             self.nccl.set(comm).map_err(|_| anyhow::anyhow!("NCCL was started twice"))
         }
 
-        pub(super) fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-            #[cfg(feature = "cuda")]
-            if let (Some(comm), true) = (self.nccl.get(), t.device().is_cuda()) {
-                return Ok(t.contiguous()?.apply_op1_no_bwd(&nccl::Sum(comm))?);
+        pub(super) fn sum_in_place(&self, t: &Tensor) -> Result<()> {
+            Ok(t.inplace_op1(&SumInPlace(self))?)
+        }
+
+        #[cfg(feature = "cuda")]
+        pub(super) fn wait_for_sums(&self, device: &candle_core::CudaDevice) -> Result<()> {
+            if let Some(comm) = self.nccl.get() {
+                device.cuda_stream().join(&comm.stream()).context("waiting for NCCL's stream")?;
             }
-            match t.dtype() {
-                DType::F32 => self.summed::<f32>(t),
-                DType::F64 => self.summed::<f64>(t),
-                // MPI has no bf16: the values travel as f32 (exactly) and the sum is rounded back to bf16, the
-                // result of a bf16 all-reduce that accumulates in f32 (the traffic saving is NCCL's to have).
-                DType::BF16 => self.summed::<f32>(&t.to_dtype(DType::F32)?)?.to_dtype(DType::BF16).map_err(Into::into),
-                d => bail!("all-reduce of {d:?} tensors is not supported"),
-            }
+            Ok(())
         }
     }
 
-    /// NCCL's all-reduce as a candle op: the sum lands in a new buffer on the same stream, so it is ordered
-    /// after the backward that produced the gradients and before the optimizer that reads them.
-    #[cfg(feature = "cuda")]
-    mod nccl {
-        use candle_core::backend::BackendStorage;
-        use candle_core::{CpuStorage, CudaStorage, DType, Layout, Shape};
-        use cudarc::nccl::safe::{Comm, ReduceOp};
+    /// The all-reduce as an in-place candle op on a contiguous tensor (or view): NCCL on GPU tensors, MPI
+    /// through host memory on CPU tensors.
+    struct SumInPlace<'a>(&'a Mpi);
 
-        pub struct Sum<'a>(pub &'a Comm);
+    impl candle_core::InplaceOp1 for SumInPlace<'_> {
+        fn name(&self) -> &'static str {
+            "all-reduce-sum"
+        }
 
-        impl candle_core::CustomOp1 for Sum<'_> {
-            fn name(&self) -> &'static str {
-                "nccl-all-reduce-sum"
-            }
-
-            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-                candle_core::bail!("NCCL sums GPU tensors only")
-            }
-
-            fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-                let (start, end) =
-                    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
-                let dev = s.device().clone();
-                macro_rules! reduce {
-                    ($t:ty) => {{
-                        let src = s.as_cuda_slice::<$t>()?.slice(start..end);
-                        // SAFETY: NCCL writes every element before anything reads the buffer.
-                        let mut dst = unsafe { dev.alloc::<$t>(end - start)? };
-                        self.0
-                            .all_reduce(&src, &mut dst, &ReduceOp::Sum)
-                            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
-                        CudaStorage::wrap_cuda_slice(dst, dev)
-                    }};
+        fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
+            use candle_core::backend::BackendStorage as _;
+            use candle_core::CpuStorage;
+            let (start, end) =
+                l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
+            match s {
+                CpuStorage::F32(v) => self.sum_slice(&mut v[start..end]),
+                CpuStorage::F64(v) => self.sum_slice(&mut v[start..end]),
+                // MPI has no bf16: the values travel as f32 (exactly) and the sum is rounded back to bf16, the
+                // result of a bf16 all-reduce that accumulates in f32 (the traffic saving is NCCL's to have).
+                CpuStorage::BF16(v) => {
+                    let mut wide: Vec<f32> = v[start..end].iter().map(|x| x.to_f32()).collect();
+                    self.sum_slice(&mut wide);
+                    v[start..end].iter_mut().zip(wide).for_each(|(x, w)| *x = half::bf16::from_f32(w));
                 }
-                let out = match s.dtype() {
-                    DType::F32 => reduce!(f32),
-                    DType::BF16 => reduce!(half::bf16),
-                    d => candle_core::bail!("NCCL all-reduce of {d:?} is not supported"),
-                };
-                Ok((out, l.shape().clone()))
+                other => candle_core::bail!("all-reduce of {:?} tensors is not supported", other.dtype()),
             }
+            Ok(())
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
+            use candle_core::backend::BackendStorage as _;
+            use candle_core::DType;
+            use cudarc::nccl::safe::ReduceOp;
+            let comm = self.0.nccl.get().ok_or_else(|| candle_core::Error::Msg("NCCL was not started".into()))?;
+            let (start, end) =
+                l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
+            // After the ops that wrote `t` on the compute stream.
+            comm.stream()
+                .join(&s.device.cuda_stream())
+                .map_err(|e| candle_core::Error::Msg(format!("ordering NCCL after the backward: {e:?}")))?;
+            macro_rules! reduce {
+                ($t:ty) => {
+                    comm.all_reduce_in_place(&mut s.as_cuda_slice_mut::<$t>()?.slice_mut(start..end), &ReduceOp::Sum)
+                };
+            }
+            match s.dtype() {
+                DType::F32 => reduce!(f32),
+                DType::BF16 => reduce!(half::bf16),
+                d => candle_core::bail!("NCCL all-reduce of {d:?} is not supported"),
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            Ok(())
+        }
+    }
+
+    impl SumInPlace<'_> {
+        fn sum_slice<T: Equivalence + Copy>(&self, v: &mut [T]) {
+            let send = v.to_vec();
+            self.0.sum_into(&send, v);
         }
     }
 }

@@ -153,7 +153,23 @@ fn check(kv_heads: usize, lambda: f64) {
     let bt = BatchTensors::new(&b, &rope, DType::F32, &Device::Cpu).unwrap();
     let (loss, saved) = forward(&c, &layout, &w, &bt, lambda).unwrap();
     let flat_grads = Tensor::zeros(layout.total, DType::F32, &Device::Cpu).unwrap();
-    backward(&c, &layout, &w, &bt, saved, &flat_grads).unwrap();
+    // Every range the backward declares done must hold its final gradients already (the data-parallel sum
+    // starts there), and the ranges must cover the buffer exactly once.
+    let mut handed: Vec<(std::ops::Range<usize>, Vec<f32>)> = Vec::new();
+    let mut done = |r: std::ops::Range<usize>| {
+        handed.push((r.clone(), flat_grads.narrow(0, r.start, r.len())?.to_vec1()?));
+        Ok(())
+    };
+    backward(&c, &layout, &w, &bt, saved, &flat_grads, &mut done).unwrap();
+    let mut covered: Vec<_> = handed.iter().map(|(r, _)| r.clone()).filter(|r| !r.is_empty()).collect();
+    covered.sort_by_key(|r| r.start);
+    assert_eq!(covered.first().unwrap().start, 0);
+    assert!(covered.windows(2).all(|w| w[0].end == w[1].start), "ranges overlap or leave gaps: {covered:?}");
+    assert_eq!(covered.last().unwrap().end, layout.total);
+    for (r, early) in &handed {
+        let last: Vec<f32> = flat_grads.narrow(0, r.start, r.len()).unwrap().to_vec1().unwrap();
+        assert!(early == &last, "gradients in {r:?} changed after the backward declared them done");
+    }
     let grads: Vec<Tensor> = (0..layout.slots.len()).map(|i| layout.view(&flat_grads, i).unwrap()).collect();
 
     let vars: Vec<Var> = tensors.iter().map(|t| Var::from_tensor(t).unwrap()).collect();

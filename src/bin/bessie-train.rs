@@ -27,8 +27,8 @@ struct Args {
     #[arg(long)]
     resume: bool,
     /// Benchmark instead of training: timed optimizer steps on a random model (see --shape, --seq,
-    /// --batch, --steps), one JSON line on stdout. Under mpirun every rank runs --batch sequences per step
-    /// on its own GPU, with the gradient all-reduce of real training.
+    /// --batch, --accum, --steps), one JSON line on stdout. Under mpirun every rank runs --batch x --accum
+    /// sequences per step on its own GPU, with the gradient all-reduce of real training.
     #[arg(long)]
     bench: bool,
     /// Benchmark model shape: tiny, large, xl or 3b.
@@ -37,9 +37,12 @@ struct Args {
     /// Benchmark sequence length.
     #[arg(long, default_value_t = 768, requires = "bench")]
     seq: usize,
-    /// Benchmark micro-batch (sequences per step).
+    /// Benchmark micro-batch (sequences per forward and backward).
     #[arg(long, default_value_t = 8, requires = "bench")]
     batch: usize,
+    /// Benchmark gradient accumulation: micro-batches per optimizer step (and per all-reduce).
+    #[arg(long, default_value_t = 1, requires = "bench")]
+    accum: usize,
     /// Benchmark timed steps (after 2 untimed warm-up steps).
     #[arg(long, default_value_t = 10, requires = "bench")]
     steps: usize,
@@ -62,6 +65,7 @@ fn body(args: Args) -> Result<()> {
             shape: args.shape,
             seq: args.seq,
             batch: args.batch,
+            accum: args.accum,
             warmup: 2,
             steps: args.steps,
             device: args.device,

@@ -18,6 +18,8 @@ pub struct BenchOptions {
     pub shape: String,
     pub seq: usize,
     pub batch: usize,
+    /// Micro-batches per optimizer step (gradient accumulation); the all-reduce runs once per step.
+    pub accum: usize,
     pub warmup: usize,
     pub steps: usize,
     pub device: String,
@@ -31,6 +33,7 @@ pub struct BenchResult {
     pub params: usize,
     pub seq: usize,
     pub batch: usize,
+    pub accum: usize,
     pub steps: usize,
     /// Ranks (GPUs) taking part; each runs `batch` sequences per step.
     pub world: usize,
@@ -75,7 +78,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
     let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
     let mut adam = AdamW::zeros(ctx.layout.total, &device)?;
     let mut rng = Rng::new(comm.rank() as u64);
-    let micro = [random_batch(&mut rng, o.batch, o.seq, cfg.vocab_size)];
+    let micro: Vec<Batch> = (0..o.accum).map(|_| random_batch(&mut rng, o.batch, o.seq, cfg.vocab_size)).collect();
     let mut run = |steps: usize, mut timer: Option<&mut PhaseTimer>| -> Result<f64> {
         let start = Instant::now();
         for s in 0..steps {
@@ -91,13 +94,14 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         run(o.steps, Some(&mut timer))?;
     }
     let phases_ms = timer.totals.into_iter().map(|(p, s)| (p, s * 1e3 / o.steps as f64)).collect();
-    let tokens_per_sec = (o.steps * o.batch * o.seq * comm.world()) as f64 / secs;
+    let tokens_per_sec = (o.steps * o.accum * o.batch * o.seq * comm.world()) as f64 / secs;
     let tflops = tokens_per_sec / comm.world() as f64 * metrics::flops_per_token(&cfg, o.seq) / 1e12;
     Ok(BenchResult {
         shape: o.shape.clone(),
         params: cfg.num_parameters(),
         seq: o.seq,
         batch: o.batch,
+        accum: o.accum,
         steps: o.steps,
         world: comm.world(),
         device: format!("{device:?}"),

@@ -101,26 +101,35 @@ impl PhaseTimer {
     }
 }
 
-/// Summed loss and gradients (flat, f32) of micro-batches at fixed weights, and the trained-token count.
+/// Summed loss and gradients (flat, f32) of micro-batches at fixed weights, summed over the ranks, and the
+/// trained-token count. The last micro-batch's backward hands each finished range of the gradients to the
+/// reducer, so the all-reduce overlaps the rest of the backward; once per optimizer step, not per micro-batch.
 fn accumulate(
     ctx: &StepContext,
+    comm: &Communicator,
+    wire: DType,
     w: &StepWeights,
     micro: &[Batch],
     lambda: f64,
     timer: &mut Option<&mut PhaseTimer>,
 ) -> Result<(f64, Tensor, usize)> {
     let grads = Tensor::zeros(ctx.layout.total, DType::F32, &ctx.device)?;
+    let mut reducer = comm.grad_reducer(&grads, wire);
     let (mut loss, mut tokens) = (0.0, 0);
-    for b in micro {
+    for (i, b) in micro.iter().enumerate() {
         let bt = BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)?;
         PhaseTimer::mark(timer, "batch to device")?;
         let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, &bt, lambda)?;
         PhaseTimer::mark(timer, "forward + loss")?;
-        model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved, &grads)?;
+        let last = i + 1 == micro.len();
+        let mut done = |range| if last { reducer.reduce(range) } else { Ok(()) };
+        model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved, &grads, &mut done)?;
         PhaseTimer::mark(timer, "backward")?;
         loss += l;
         tokens += b.loss_tokens;
     }
+    reducer.finish()?;
+    PhaseTimer::mark(timer, "all-reduce (the part not overlapped)")?;
     Ok((loss, grads, tokens))
 }
 
@@ -140,7 +149,11 @@ pub fn train_step(
     let lambda = optim::quant_lambda(train, step);
     let w = StepWeights::new(&ctx.layout, params, lambda, ctx.dtype)?;
     PhaseTimer::mark(&mut timer, "quantize weights")?;
-    let (loss_sum, grads, loss_tokens) = accumulate(ctx, &w, micro, lambda, &mut timer)?;
+    let wire = match train.grad_dtype {
+        GradDtype::F32 => DType::F32,
+        GradDtype::Bf16 => DType::BF16,
+    };
+    let (loss_sum, grads, loss_tokens) = accumulate(ctx, comm, wire, &w, micro, lambda, &mut timer)?;
     drop(w);
     let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum::<usize>();
     let mut sums = [loss_sum, loss_tokens as f64, tokens as f64];
@@ -151,12 +164,6 @@ pub fn train_step(
     if !loss.is_finite() {
         bail!("loss is {loss} at step {}; stopping with the last good checkpoint intact", step + 1);
     }
-    let grads = match train.grad_dtype {
-        _ if comm.world() == 1 => grads,
-        GradDtype::F32 => comm.all_reduce_sum(&grads)?,
-        GradDtype::Bf16 => comm.all_reduce_sum(&grads.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)?,
-    };
-    PhaseTimer::mark(&mut timer, "all-reduce")?;
     // The gradients are sums over the step's tokens: the update divides by their number.
     let per_token = 1.0 / loss_tokens.max(1.0);
     let grad_norm = optim::grad_norm(&grads, &ctx.layout)? * per_token;

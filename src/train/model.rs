@@ -2,6 +2,8 @@
 //! `gpt2_backward`): the forward keeps what each layer's backward needs, the backward walks the blocks in
 //! reverse and returns one f32 gradient per parameter, in the order of [`ParamLayout`].
 
+use std::ops::Range;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
@@ -159,6 +161,13 @@ impl BlockSlots {
             down: i("mlp.down_proj"),
         }
     }
+
+    /// The block's span of the flat buffer: its parameters are neighbours, from the input norm to the down
+    /// projection (the order of `model::parameter_shapes`).
+    fn range(&self, layout: &ParamLayout) -> Range<usize> {
+        let last = &layout.slots[self.down];
+        layout.slots[self.input_ln].offset..last.offset + last.len
+    }
 }
 
 fn head_slot(cfg: &ModelConfig, layout: &ParamLayout) -> usize {
@@ -207,6 +216,8 @@ pub fn forward(
 
 /// Adds the gradients of the summed loss to `grads`, the flat f32 gradient buffer, each parameter's as
 /// soon as its layer's backward is done (so a layer's activations and gradients are freed as it goes).
+/// `done` hears each range of `grads` that this backward will not touch again, block by block from the
+/// last, then the rest: the data-parallel sum of a range starts there while earlier blocks still run.
 pub fn backward(
     cfg: &ModelConfig,
     layout: &ParamLayout,
@@ -214,6 +225,7 @@ pub fn backward(
     b: &BatchTensors,
     saved: Saved,
     grads: &Tensor,
+    done: &mut dyn FnMut(Range<usize>) -> Result<()>,
 ) -> Result<()> {
     let (n, t, h) = (b.batch, b.seq, cfg.hidden_size);
     let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
@@ -268,13 +280,20 @@ pub fn backward(
         ] {
             add(slot, &g)?;
         }
+        done(s.range(layout))?;
     }
     // The embedding gathers rows; its gradient scatters them back (and adds the tied head's).
     let embed = layout.index("model.embed_tokens.weight");
     let dembed =
         Tensor::zeros((cfg.vocab_size, h), DType::F32, dx.device())?.index_add(&b.ids, &dx.to_dtype(DType::F32)?, 0)?;
     add(embed, &dembed)?;
-    Ok(())
+    // What lies outside the blocks: the embedding before them, the final norm (and an untied head) after.
+    let blocks = match cfg.num_hidden_layers {
+        0 => layout.total..layout.total,
+        l => BlockSlots::new(layout, 0).range(layout).start..BlockSlots::new(layout, l - 1).range(layout).end,
+    };
+    done(0..blocks.start)?;
+    done(blocks.end..layout.total)
 }
 
 /// The backward of [`repeat_kv`]: sum the gradients of the query heads that shared a key/value head.
