@@ -217,4 +217,22 @@ mod fused {
         println!("attention: y rel L2 {ey:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
         assert!(ey < 1e-2 && eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
     }
+
+    #[test]
+    fn accumulate_matches_reference() {
+        let dev = gpu();
+        let layout =
+            ParamLayout::from_shapes(vec![("a.weight".into(), vec![300, 70]), ("b_ln.weight".into(), vec![70])]);
+        let flat = randn(&[layout.total], DType::F32);
+        let (ga, gb) = (randn(&[300, 70], DType::BF16), randn(&[70], DType::F32));
+        let run = |device: &Device| {
+            let f = flat.to_device(device).unwrap().copy().unwrap();
+            layout.accumulate(&f, 0, &ga.to_device(device).unwrap()).unwrap();
+            layout.accumulate(&f, 1, &gb.to_device(device).unwrap()).unwrap();
+            f
+        };
+        let (want, got) = (run(&Device::Cpu), run(&dev));
+        assert_eq!(values(&got), values(&want), "f32 additions of the same values must agree exactly");
+        assert_ne!(values(&got), values(&flat));
+    }
 }

@@ -69,21 +69,26 @@ fn clipping_scales_to_the_max_norm_like_torch() {
     assert_eq!(clip_factor(norm, 0.0), 1.0, "0 disables clipping");
 }
 
-/// The gradient scale is applied inside the update: a step with `g` and scale `s` equals a step with `g s`.
+/// The gradient scale is applied inside the update: steps with `g` and scale `s` equal steps with `g s`.
+/// (Adam is invariant to one constant scale of every gradient, up to eps, so the two steps differ in scale.)
 #[test]
 fn adamw_grad_scale_equals_scaled_gradients() {
     let layout = ParamLayout::from_shapes(vec![("model.layers.0.mlp.up_proj.weight".into(), vec![4, 8])]);
     let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
     let g = Tensor::randn(0f32, 1.0, 32, &Device::Cpu).unwrap();
-    let run = |g: &Tensor, scale: f64| {
+    // Two steps: (gradient, scale) each.
+    let run = |steps: [(&Tensor, f64); 2]| {
         let p = Tensor::ones(32, candle_core::DType::F32, &Device::Cpu).unwrap();
         let mut adam = AdamW::zeros(32, &Device::Cpu).unwrap();
-        adam.step(&p, g, &layout, 1e-2, &h, scale).unwrap();
+        for (g, scale) in steps {
+            adam.step(&p, g, &layout, 1e-2, &h, scale).unwrap();
+        }
         p.to_vec1::<f32>().unwrap()
     };
-    let (a, b) = (run(&g, 0.25), run(&(&g * 0.25).unwrap(), 1.0));
-    assert_eq!(a, b);
-    assert_ne!(a, run(&g, 1.0), "the scale must change the update");
+    let scaled = (&g * 0.25).unwrap();
+    let a = run([(&g, 1.0), (&g, 0.25)]);
+    assert_eq!(a, run([(&g, 1.0), (&scaled, 1.0)]));
+    assert_ne!(a, run([(&g, 1.0), (&g, 1.0)]), "the scale must change the update");
 }
 
 /// Runs of slots that share a flag cover the buffer in order, each as long as its slots together.

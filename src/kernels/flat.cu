@@ -28,6 +28,14 @@ extern "C" __global__ void ternary_weight(const float* w, size_t n, const double
     }
 }
 
+// dst += src over n elements: a layer's gradient (bf16 from the GEMM, or f32) added into its range of the
+// flat f32 gradient buffer, widened on the way. One pass instead of a cast, an add and a copy.
+template <typename T> __device__ void accumulate(float* dst, const T* src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] += (float)src[i];
+}
+extern "C" __global__ void accumulate_f32(float* dst, const float* src, size_t n) { accumulate(dst, src, n); }
+extern "C" __global__ void accumulate_bf16(float* dst, const bf16* src, size_t n) { accumulate(dst, src, n); }
+
 // torch.optim.AdamW (single-tensor path) on p, m, v in place, with the gradient scaled first (the 1 / tokens
 // normalisation and the clip factor): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p = p decay,
 // p -= step_size m / (sqrt(v) inv_sqrt_bc2 + eps).

@@ -35,6 +35,23 @@ pub fn ternary_weight(w: &Tensor, lambda: f64) -> Result<Tensor> {
     Ok(out)
 }
 
+/// `dst += src` for a contiguous f32 view `dst` of the gradient buffer and a gradient `src` (f32 or bf16)
+/// of as many elements, in place.
+pub fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
+    let n = dst.elem_count();
+    if src.elem_count() != n {
+        candle_core::bail!("accumulate: {n} gradient slots but {} values", src.elem_count());
+    }
+    let dev = cuda_device(dst)?;
+    // SAFETY (of writing through `dst`): the gradient buffer is the backward's alone until it ends.
+    match src.dtype() {
+        DType::F32 => launch!(dev, PTX, "accumulate_f32", grid_stride(n); ptr(dst)?, ptr(src)?, n as u64),
+        DType::BF16 => launch!(dev, PTX, "accumulate_bf16", grid_stride(n); ptr(dst)?, ptr(src)?, n as u64),
+        d => candle_core::bail!("accumulate: no {d:?} gradients"),
+    }
+    Ok(())
+}
+
 /// AdamW's constants for one step, in the f32 the kernel computes with.
 pub struct AdamWStep {
     pub grad_scale: f32,

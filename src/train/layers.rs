@@ -47,11 +47,10 @@ pub fn linear_forward(x_eff: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// Straight-through estimator: both quantizers pass gradients unchanged, so the gradients are those of a
-/// plain linear layer at the effective weight and input. Returns `(dx, dW)` with dW in f32.
+/// plain linear layer at the effective weight and input. Returns `(dx, dW)` in the compute dtype; the flat
+/// gradient buffer widens dW to f32 as it adds it.
 pub fn linear_backward(dy: &Tensor, x_eff: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
-    let dx = dy.matmul(w)?;
-    let dw = dy.t()?.matmul(x_eff)?.to_dtype(DType::F32)?;
-    Ok((dx, dw))
+    Ok((dy.matmul(w)?, dy.t()?.matmul(x_eff)?))
 }
 
 /// What RMSNorm's backward needs: the input and the reciprocal RMS of each row.

@@ -65,6 +65,10 @@ impl ParamLayout {
     /// `flat[slot i] += g`, in place.
     pub fn accumulate(&self, flat: &Tensor, i: usize, g: &Tensor) -> candle_core::Result<()> {
         let s = &self.slots[i];
+        #[cfg(feature = "cuda")]
+        if crate::kernels::on_cuda(flat) {
+            return crate::kernels::flat::accumulate(&flat.narrow(0, s.offset, s.len)?, &g.contiguous()?);
+        }
         let sum = (flat.narrow(0, s.offset, s.len)? + g.flatten_all()?.to_dtype(DType::F32)?)?;
         flat.slice_set(&sum, 0, s.offset)
     }
