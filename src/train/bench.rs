@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::{metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
-use crate::config::run::TrainSection;
+use crate::config::run::{Recompute, RunConfig};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::dist::Communicator;
@@ -23,6 +23,8 @@ pub struct BenchOptions {
     pub device: String,
     /// Also time each phase of the step (synchronizing the device between phases).
     pub profile: bool,
+    /// The `[train]` keys (recompute, attention block, loss chunk, ...) and the RoPE scaling, from `--set`.
+    pub config: RunConfig,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,6 +34,7 @@ pub struct BenchResult {
     pub seq: usize,
     pub batch: usize,
     pub steps: usize,
+    pub recompute: Recompute,
     /// Ranks (GPUs) taking part; each runs `batch` sequences per step.
     pub world: usize,
     pub device: String,
@@ -69,9 +72,12 @@ fn random_batch(rng: &mut Rng, batch: usize, seq: usize, vocab: usize) -> Batch 
 pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
     let device = crate::device::rank_device(&o.device, comm.local_rank())?;
     comm.use_device(&device)?;
-    let cfg = ModelConfig::shape(&o.shape, 32002)?;
-    let train = TrainSection::default();
-    let ctx = StepContext::new(cfg.clone(), &train, device.clone())?;
+    let mut cfg = ModelConfig::shape(&o.shape, 32002)?;
+    if let Some(scaling) = o.config.model.rope() {
+        cfg.set_rope_scaling(Some(scaling));
+    }
+    let train = o.config.train.clone();
+    let ctx = StepContext::new(cfg.clone(), &train, o.seq, device.clone())?;
     let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
     let mut adam = AdamW::zeros(ctx.layout.total, &device)?;
     let mut rng = Rng::new(comm.rank() as u64);
@@ -99,6 +105,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         seq: o.seq,
         batch: o.batch,
         steps: o.steps,
+        recompute: train.recompute,
         world: comm.world(),
         device: format!("{device:?}"),
         tokens_per_sec,
