@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
+use super::{memory, metrics, model::MemoryPlan, optim::AdamW, train_step, PhaseTimer, StepContext};
 use crate::config::run::{Recompute, RunConfig};
 use crate::config::ModelConfig;
 use crate::data::Batch;
@@ -46,6 +46,8 @@ pub struct BenchResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
     pub step_ms: f64,
+    /// `train::memory`'s estimate of this step's peak (CUDA context included on a GPU).
+    pub estimated_peak_gib: f64,
     /// Milliseconds per step in each phase, from a separate profiled run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub phases_ms: Vec<(&'static str, f64)>,
@@ -77,6 +79,18 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         cfg.set_rope_scaling(Some(scaling));
     }
     let train = o.config.train.clone();
+    let shape = memory::StepShape {
+        model: &cfg,
+        micro_batch: o.batch,
+        seq: o.seq,
+        plan: MemoryPlan::new(&train),
+        dtype: crate::device::compute_dtype(&device),
+        cuda: device.is_cuda(),
+    };
+    let estimated_peak_gib = memory::estimate(&shape).gib();
+    if let Some(card) = memory::device_memory(&device)? {
+        memory::check_fits(&shape, card)?;
+    }
     let ctx = StepContext::new(cfg.clone(), &train, o.seq, device.clone())?;
     let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
     let mut adam = AdamW::zeros(ctx.layout.total, &device)?;
@@ -113,6 +127,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         tflops,
         mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
         step_ms: secs * 1e3 / o.steps as f64,
+        estimated_peak_gib,
         phases_ms,
     })
 }

@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod layers;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
@@ -127,6 +128,22 @@ fn accumulate(
     Ok((loss, grads, tokens))
 }
 
+/// This rank's gradients summed over the ranks, in `dtype`. Takes them by value so the unreduced buffer is
+/// freed as soon as possible: at most two gradient-sized buffers exist (what `memory` counts).
+fn reduce_grads(comm: &Communicator, grads: Tensor, dtype: GradDtype) -> Result<Tensor> {
+    if comm.world() == 1 {
+        return Ok(grads);
+    }
+    match dtype {
+        GradDtype::F32 => comm.all_reduce_sum(&grads),
+        GradDtype::Bf16 => {
+            let half = grads.to_dtype(DType::BF16)?;
+            drop(grads);
+            Ok(comm.all_reduce_sum(&half)?.to_dtype(DType::F32)?)
+        }
+    }
+}
+
 /// One optimizer step on this rank's micro-batches. The parameters are replaced only when the loss is
 /// finite, so a NaN leaves the last good weights (and checkpoints) untouched.
 pub fn train_step(
@@ -154,11 +171,7 @@ pub fn train_step(
     if !loss.is_finite() {
         bail!("loss is {loss} at step {}; stopping with the last good checkpoint intact", step + 1);
     }
-    let grads = match train.grad_dtype {
-        _ if comm.world() == 1 => grads,
-        GradDtype::F32 => comm.all_reduce_sum(&grads)?,
-        GradDtype::Bf16 => comm.all_reduce_sum(&grads.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)?,
-    };
+    let grads = reduce_grads(comm, grads, train.grad_dtype)?;
     PhaseTimer::mark(&mut timer, "all-reduce")?;
     let grads = (grads / loss_tokens.max(1.0))?;
     let (grad_norm, grads) = optim::clip_grad_norm(grads, &ctx.layout, train.grad_clip)?;
@@ -258,6 +271,18 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         model_cfg.set_rope_scaling(Some(scaling));
     }
     model_cfg.check_positions(cfg.data.max_seq_len, "data.max_seq_len")?;
+    // Before any weight is on the device: a config that cannot fit fails now, saying what would.
+    let shape = memory::StepShape {
+        model: &model_cfg,
+        micro_batch: cfg.train.micro_batch,
+        seq: cfg.data.max_seq_len,
+        plan: MemoryPlan::new(&cfg.train),
+        dtype: crate::device::compute_dtype(&device),
+        cuda: device.is_cuda(),
+    };
+    if let Some(card) = memory::device_memory(&device)? {
+        memory::check_fits(&shape, card)?;
+    }
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let template = ChatTemplate::new(cfg.system_prompt());
     let opts = DataOptions {
