@@ -3,7 +3,9 @@
 //! lengths that are not a multiple of the block, one block, and blocks of one row.
 
 use bessie::rng::Rng;
-use bessie::train::layers::{attention_backward, attention_forward, flash_attention_backward, flash_attention_forward};
+use bessie::train::layers::{
+    attention_backward, attention_forward, flash_attention_backward, flash_attention_forward, Windows,
+};
 use bessie::train::model::window_starts;
 use candle_core::{Device, Tensor};
 
@@ -42,7 +44,7 @@ fn check(segments: &[u32], batch: usize, heads: usize, dim: usize, block: usize,
     let shape = (batch, heads, seq, dim);
     let (q, k, v, dy) =
         (random(&mut rng, shape), random(&mut rng, shape), random(&mut rng, shape), random(&mut rng, shape));
-    let start = Tensor::from_vec(window_starts(segments, seq).unwrap(), (batch, seq), &Device::Cpu).unwrap();
+    let start = Windows::new(window_starts(segments, seq).unwrap(), batch, seq, &Device::Cpu).unwrap();
 
     let (want_y, saved) = attention_forward(&q, &k, &v, &dense_mask(segments, batch, seq)).unwrap();
     let want = attention_backward(&dy, &saved).unwrap();

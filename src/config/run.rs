@@ -105,7 +105,7 @@ pub struct TrainSection {
 pub enum Recompute {
     /// Keep every tensor the backward needs (fastest).
     None,
-    /// Keep all but attention's (q, k, v, output, log-sum-exp); the backward recomputes the q/k/v
+    /// Keep all but attention's (q, k, v, log-sum-exp); the backward recomputes the q/k/v
     /// projections and the attention forward of each block.
     Attention,
     /// Keep only each block's input; the backward re-runs the block's forward (about a third more compute).

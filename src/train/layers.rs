@@ -148,41 +148,55 @@ pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &
     Ok((loss, dlogits))
 }
 
-/// The additive mask `[batch, 1, nq, nk]` of queries `q0..q0 + nq` against keys `0..nk`. Which keys a query
-/// may see is one number per token, `start: [batch, seq]` (f32, exact below 2^24): query `i` sees keys `j`
-/// with `start[i] <= j <= i`, where `start[i]` is the first token of `i`'s example (packed examples are
-/// contiguous runs) or `i` itself on padding. That is O(seq) per row instead of a `[seq, seq]` mask; each
-/// block of queries builds its slice of the mask on the device.
-pub fn window_mask(start: &Tensor, q0: usize, nq: usize, nk: usize) -> Result<Tensor> {
-    let (b, _) = start.dims2()?;
-    let dev = start.device();
-    let lo = start.narrow(1, q0, nq)?.reshape((b, 1, nq, 1))?;
-    let hi = Tensor::arange(q0 as f32, (q0 + nq) as f32, dev)?.reshape((1, 1, nq, 1))?;
-    let j = Tensor::arange(0f32, nk as f32, dev)?.reshape((1, 1, 1, nk))?;
-    let seen = j.broadcast_ge(&lo)?.broadcast_mul(&j.broadcast_le(&hi)?)?;
-    let shape = (b, 1, nq, nk);
-    let zero = Tensor::zeros((), DType::F32, dev)?.broadcast_as(shape)?;
-    let hidden = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as(shape)?;
-    seen.where_cond(&zero, &hidden)
+/// Which keys each query may see, as one number per token: query `i` sees keys `j` with
+/// `start[i] <= j <= i`, where `start[i]` is the first token of `i`'s example (packed examples are
+/// contiguous runs) or `i` itself on padding. O(seq) per row instead of a `[seq, seq]` mask; each block of
+/// queries builds its slice of the mask on the device ([`Windows::mask`]).
+pub struct Windows {
+    /// f32 `[batch, seq]`, exact below 2^24.
+    start: Tensor,
+    /// f32 `0..seq`, so blocks slice positions on the device instead of copying new ones there.
+    index: Tensor,
 }
 
-/// What [`flash_attention_backward`] needs: the inputs, the output and each query's softmax
-/// log-sum-exp (f32 `[batch, heads, seq, 1]`); no `[seq, seq]` matrix.
+impl Windows {
+    pub fn new(start: Vec<f32>, batch: usize, seq: usize, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            start: Tensor::from_vec(start, (batch, seq), device)?,
+            index: Tensor::arange(0f32, seq as f32, device)?,
+        })
+    }
+
+    /// The additive mask `[batch, 1, nq, nk]` of queries `q0..q0 + nq` against keys `0..nk`.
+    fn mask(&self, q0: usize, nq: usize, nk: usize) -> Result<Tensor> {
+        let b = self.start.dim(0)?;
+        let lo = self.start.narrow(1, q0, nq)?.reshape((b, 1, nq, 1))?;
+        let hi = self.index.narrow(0, q0, nq)?.reshape((1, 1, nq, 1))?;
+        let j = self.index.narrow(0, 0, nk)?.reshape((1, 1, 1, nk))?;
+        let seen = j.broadcast_ge(&lo)?.broadcast_mul(&j.broadcast_le(&hi)?)?;
+        let shape = (b, 1, nq, nk);
+        let zero = Tensor::zeros((), DType::F32, self.start.device())?;
+        let hidden = zero.affine(1.0, f64::NEG_INFINITY)?;
+        seen.where_cond(&zero.broadcast_as(shape)?, &hidden.broadcast_as(shape)?)
+    }
+}
+
+/// What [`flash_attention_backward`] needs: the inputs and each query's softmax log-sum-exp (f32
+/// `[batch, heads, seq, 1]`); no `[seq, seq]` matrix.
 pub struct FlashSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
     lse: Tensor,
 }
 
 /// Masked, scaled scores of queries `q0..q0 + nq` against keys `0..q0 + nq`, f32. Causal attention never
 /// looks further, so the keys after the block's last query are skipped (half the work of the full matrix).
-fn block_scores(q: &Tensor, k: &Tensor, start: &Tensor, q0: usize, nq: usize) -> Result<Tensor> {
+fn block_scores(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let kb = k.narrow(2, 0, q0 + nq)?;
     let scores = (q.narrow(2, q0, nq)?.matmul(&kb.t()?)? * scale)?.to_dtype(DType::F32)?;
-    scores.broadcast_add(&window_mask(start, q0, nq, q0 + nq)?)
+    scores.broadcast_add(&windows.mask(q0, nq, q0 + nq)?)
 }
 
 /// The query blocks `(q0, nq)` of a sequence of `seq` tokens.
@@ -191,53 +205,55 @@ fn query_blocks(seq: usize, block: usize) -> impl Iterator<Item = (usize, usize)
 }
 
 /// Memory-efficient causal softmax attention (flash attention's recurrence, written with candle ops):
-/// `q, k, v: [batch, heads, seq, dim]`, windows from [`window_mask`]'s `start`, queries in blocks of
+/// `q, k, v: [batch, heads, seq, dim]`, each query seeing its [`Windows`], queries in blocks of
 /// `block` rows so at most `[batch, heads, block, seq]` scores exist at once. Scores and softmax in f32.
 /// Equals [`attention_forward`] with the dense mask (a test checks it).
 pub fn flash_attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    start: &Tensor,
+    windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, FlashSaved)> {
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (q0, nq) in query_blocks(q.dim(2)?, block) {
-        let scores = block_scores(q, k, start, q0, nq)?;
+        let scores = block_scores(q, k, windows, q0, nq)?;
         let max = scores.max_keepdim(D::Minus1)?;
-        let exp = scores.broadcast_sub(&max)?.exp()?;
-        let sum = exp.sum_keepdim(D::Minus1)?;
-        let probs = exp.broadcast_div(&sum)?;
+        let lse = (scores.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+        // exp(S - lse), not exp / sum: the backward recomputes exactly these probabilities.
+        let probs = scores.broadcast_sub(&lse)?.exp()?;
         outs.push(probs.to_dtype(v.dtype())?.matmul(&v.narrow(2, 0, q0 + nq)?)?);
-        lses.push((sum.log()? + max)?);
+        lses.push(lse);
     }
-    let out = Tensor::cat(&outs, 2)?;
     let lse = Tensor::cat(&lses, 2)?;
-    Ok((out.clone(), FlashSaved { q: q.clone(), k: k.clone(), v: v.clone(), out, lse }))
+    Ok((Tensor::cat(&outs, 2)?, FlashSaved { q: q.clone(), k: k.clone(), v: v.clone(), lse }))
 }
 
 /// Returns `(dq, dk, dv)` of [`flash_attention_forward`], recomputing each block's probabilities from the
-/// saved log-sum-exp (`P = exp(S - lse)`) and using `rowsum(dP P) = rowsum(dO O)` (flash attention 2), so
-/// again at most one block of scores exists at once. dK and dV are accumulated in f32.
+/// saved log-sum-exp (`P = exp(S - lse)`, flash attention 2), so again at most one block of scores exists
+/// at once. A query block sees all the keys of its rows, so `dS = P (dP - rowsum(dP P))` is taken as the
+/// plain backward takes it, not from `rowsum(dO O)`: that keeps a row with a single key (the first token of
+/// every example) at exactly zero, where the other form leaves rounding noise that AdamW amplifies.
+/// dK and dV are accumulated in f32.
 pub fn flash_attention_backward(
     dy: &Tensor,
     s: &FlashSaved,
-    start: &Tensor,
+    windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = s.v.dtype();
     let scale = 1.0 / (s.q.dim(D::Minus1)? as f64).sqrt();
-    let drow = (dy.to_dtype(DType::F32)? * s.out.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
     let dk = Tensor::zeros(s.k.shape(), DType::F32, s.k.device())?;
     let dv = Tensor::zeros(s.v.shape(), DType::F32, s.v.device())?;
     let mut dqs = Vec::new();
     for (q0, nq) in query_blocks(s.q.dim(2)?, block) {
         let nk = q0 + nq;
-        let probs = block_scores(&s.q, &s.k, start, q0, nq)?.broadcast_sub(&s.lse.narrow(2, q0, nq)?)?.exp()?;
+        let probs = block_scores(&s.q, &s.k, windows, q0, nq)?.broadcast_sub(&s.lse.narrow(2, q0, nq)?)?.exp()?;
         let dyb = dy.narrow(2, q0, nq)?;
         let dvb = probs.to_dtype(dtype)?.t()?.matmul(&dyb)?;
         let dp = dyb.matmul(&s.v.narrow(2, 0, nk)?.t()?)?.to_dtype(DType::F32)?;
-        let ds = (dp.broadcast_sub(&drow.narrow(2, q0, nq)?)? * probs)?.to_dtype(dtype)?;
+        let row = (&dp * &probs)?.sum_keepdim(D::Minus1)?;
+        let ds = (dp.broadcast_sub(&row)? * probs)?.to_dtype(dtype)?;
         dqs.push((ds.matmul(&s.k.narrow(2, 0, nk)?)? * scale)?);
         let dkb = (ds.t()?.matmul(&s.q.narrow(2, q0, nq)?)? * scale)?;
         for (acc, g) in [(&dk, dkb), (&dv, dvb)] {

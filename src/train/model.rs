@@ -43,7 +43,7 @@ pub fn is_bitlinear(name: &str) -> bool {
 }
 
 /// A micro-batch on the device: token ids, targets, loss mask, per-token rotary angles and each token's
-/// attention window (see [`window_mask`]), which keeps packed examples apart in O(seq) memory.
+/// attention window (see [`Windows`]), which keeps packed examples apart in O(seq) memory.
 pub struct BatchTensors {
     pub batch: usize,
     pub seq: usize,
@@ -52,7 +52,7 @@ pub struct BatchTensors {
     loss_mask: Tensor,
     cos: Tensor,
     sin: Tensor,
-    window_start: Tensor,
+    windows: Windows,
     pub loss_tokens: usize,
 }
 
@@ -77,7 +77,7 @@ impl RopeTables {
     }
 }
 
-/// Where each token's attention window starts (see [`window_mask`]), f32 `[batch * seq]`: the first token
+/// Where each token's attention window starts (see [`Windows`]), `[batch * seq]`: the first token
 /// of its example, or itself on padding (segment 0). Segments must be contiguous runs, as packing writes
 /// them; a segment that comes back later in its row is an error.
 pub fn window_starts(segments: &[u32], seq: usize) -> Result<Vec<f32>> {
@@ -110,7 +110,7 @@ impl BatchTensors {
             loss_mask: Tensor::new(b.loss_mask.as_slice(), device)?,
             cos: angles(&rope.cos)?,
             sin: angles(&rope.sin)?,
-            window_start: Tensor::from_vec(window_starts(&b.segments, t)?, (n, t), device)?,
+            windows: Windows::new(window_starts(&b.segments, t)?, n, t, device)?,
             loss_tokens: b.loss_tokens,
         })
     }
@@ -234,7 +234,7 @@ impl Pass<'_> {
         let k = rope_forward(&self.heads(&linear_forward(a1, &p[s.k])?, nkv)?, &b.cos, &b.sin)?;
         let v = self.heads(&linear_forward(a1, &p[s.v])?, nkv)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let (y, saved) = flash_attention_forward(&q, &k, &v, &b.window_start, self.plan.attention_block)?;
+        let (y, saved) = flash_attention_forward(&q, &k, &v, &b.windows, self.plan.attention_block)?;
         Ok((self.rows(&y)?, saved))
     }
 
@@ -291,7 +291,7 @@ impl Pass<'_> {
             }
         };
         let (dq, dk, dv) =
-            flash_attention_backward(&self.heads(&dy, nh)?, attn, &b.window_start, self.plan.attention_block)?;
+            flash_attention_backward(&self.heads(&dy, nh)?, attn, &b.windows, self.plan.attention_block)?;
         let (dk, dv) = (sum_kv_groups(&dk, nh / nkv)?, sum_kv_groups(&dv, nh / nkv)?);
         let dq = self.rows(&rope_backward(&dq, &b.cos, &b.sin)?)?;
         let dk = self.rows(&rope_backward(&dk, &b.cos, &b.sin)?)?;
