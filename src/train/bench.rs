@@ -48,6 +48,10 @@ pub struct BenchResult {
     pub step_ms: f64,
     /// `train::memory`'s estimate of this step's peak (CUDA context included on a GPU).
     pub estimated_peak_gib: f64,
+    /// The card's peak memory in use over the warm-up and timed steps, sampled every 5 ms (every process
+    /// on the card, as nvidia-smi counts it); GPU only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_peak_gib: Option<f64>,
     /// Milliseconds per step in each phase, from a separate profiled run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub phases_ms: Vec<(&'static str, f64)>,
@@ -104,8 +108,10 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         device.synchronize()?;
         Ok(start.elapsed().as_secs_f64())
     };
+    let sampler = memory::PeakSampler::start(&device);
     run(o.warmup, None)?;
     let secs = run(o.steps, None)?;
+    let measured_peak_gib = sampler.stop();
     let mut timer = PhaseTimer::new(&device);
     if o.profile {
         run(o.steps, Some(&mut timer))?;
@@ -128,6 +134,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
         step_ms: secs * 1e3 / o.steps as f64,
         estimated_peak_gib,
+        measured_peak_gib,
         phases_ms,
     })
 }

@@ -153,6 +153,43 @@ pub fn device_memory(device: &Device) -> Result<Option<f64>> {
     }
 }
 
+/// The largest device memory in use (total less free, every process on the card, as nvidia-smi counts
+/// it) while it runs, sampled every 5 ms on its own thread; for `--bench`. Does nothing on the CPU.
+pub struct PeakSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl PeakSampler {
+    pub fn start(device: &Device) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                let (ctx, stop) = (d.cuda_stream().context().clone(), stop.clone());
+                Some(std::thread::spawn(move || {
+                    let mut peak = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok((free, total)) = ctx.mem_get_info() {
+                            peak = peak.max(total - free);
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    peak
+                }))
+            }
+            _ => None,
+        };
+        Self { stop, thread }
+    }
+
+    /// The peak in GiB; `None` on the CPU.
+    pub fn stop(mut self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().unwrap_or(0) as f64 / GIB)
+    }
+}
+
 /// Fails, before anything is allocated, when the estimate exceeds `card` bytes, with the estimate's parts
 /// and the cheapest change that fits: a recompute level (least recomputation first), then a smaller
 /// micro-batch with recompute = "blocks", then a shorter sequence.

@@ -2,7 +2,8 @@
 # Long-context benchmark of issue 7, for a GPU machine: bessie-train --bench on the bitnet_b1_58-large shape at
 # micro-batch 1 for each sequence length and recompute level, beside torch_bitnet.py --mode tuned --ckpt
 # (PyTorch with whole-block activation checkpointing) at the same lengths. One JSON line per run on stdout:
-# bessie-train's own line (tok/s, estimated_peak_gib, ...) or the PyTorch script's, each with `smi_peak_gib`
+# bessie-train's own line (tok/s, estimated_peak_gib, measured_peak_gib, ...) or the PyTorch script's (peak_gib is
+# torch.cuda.max_memory_allocated), each with `smi_peak_gib`
 # (nvidia-smi's peak memory.used during the run, sampled every 50 ms, CUDA context included, less what the
 # card used before the run) and `card`. A run that fails (out of memory, or Bessie's estimate refusing it)
 # prints {"error": ...} with its exit status instead.
