@@ -76,7 +76,7 @@ fn every_shipped_config_loads() {
     };
     assert!(estimate(&long) <= 22.0, "{}", estimate(&long));
     let none = RunConfig::load(Some(&Path::new(CONFIGS).join("long.toml")), &sets(&["train.recompute=none"])).unwrap();
-    assert!(estimate(&none) > estimate(&long) + 3.0, "{} vs {}", estimate(&none), estimate(&long));
+    assert!(estimate(&none) > estimate(&long), "{} vs {}", estimate(&none), estimate(&long));
     let mut scaled = ModelConfig::shape("large", 32002).unwrap();
     scaled.set_rope_scaling(long.model.rope());
     scaled.check_positions(long.data.max_seq_len, "data.max_seq_len").unwrap();

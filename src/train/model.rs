@@ -140,10 +140,9 @@ struct BlockSaved {
     o: Tensor,
     post_norm: RmsNormSaved,
     a2: Tensor,
+    /// down_proj's input is recomputed from these ([`Pass::ffn_inner`]).
     gate: Tensor,
     up: Tensor,
-    ffn_norm: RmsNormSaved,
-    h: Tensor,
 }
 
 /// What the forward keeps of one block.
@@ -254,11 +253,17 @@ impl Pass<'_> {
         let a2 = effective_input(&a2, lambda)?;
         let gate = linear_forward(&a2, &p[s.gate])?;
         let up = linear_forward(&a2, &p[s.up])?;
-        let (hn, ffn_norm) = rmsnorm_forward(&swiglu_forward(&gate, &up)?, &p[s.ffn_ln], eps)?;
-        let h = effective_input(&hn, lambda)?;
-        let x = (x + linear_forward(&h, &p[s.down])?)?;
+        let x = (x + linear_forward(&self.ffn_inner(&s, &gate, &up)?.0, &p[s.down])?)?;
         let attn = keep_attention.then_some(attn);
-        Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gate, up, ffn_norm, h }))
+        Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gate, up }))
+    }
+
+    /// down_proj's input from gate and up (SwiGLU, ffn_layernorm, quantization) and the norm's saved
+    /// statistics. All elementwise, about 1% of a step, so every recompute level has the backward redo it
+    /// rather than the forward keep two intermediate-sized tensors per token and block (a quarter of them).
+    fn ffn_inner(&self, s: &BlockSlots, gate: &Tensor, up: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        let (hn, norm) = rmsnorm_forward(&swiglu_forward(gate, up)?, &self.p[s.ffn_ln], self.cfg.rms_norm_eps)?;
+        Ok((effective_input(&hn, self.lambda)?, norm))
     }
 
     /// Block `l`'s backward: adds its parameters' gradients with `add` and returns the gradient at its input.
@@ -272,8 +277,9 @@ impl Pass<'_> {
         let (p, b, cfg) = (self.p, self.b, self.cfg);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
         let s = BlockSlots::new(self.layout, l);
-        let (dhq, ddown) = linear_backward(&dx, &sv.h, &p[s.down])?;
-        let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &sv.ffn_norm)?;
+        let (h, ffn_norm) = self.ffn_inner(&s, &sv.gate, &sv.up)?;
+        let (dhq, ddown) = linear_backward(&dx, &h, &p[s.down])?;
+        let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm)?;
         let (dgate, dup) = swiglu_backward(&dh, &sv.gate, &sv.up)?;
         let (da2_gate, dgate_w) = linear_backward(&dgate, &sv.a2, &p[s.gate])?;
         let (da2_up, dup_w) = linear_backward(&dup, &sv.a2, &p[s.up])?;
