@@ -14,7 +14,8 @@
 # "768 2048 4096 8192"), LEVELS ("none attention blocks"), STEPS (timed steps per run, default 3, after
 # bessie's 2 and PyTorch's 1 warm-up steps), GPU (the nvidia-smi index watched, default 0), TORCH=0 skips
 # PyTorch. Lengths beyond the shape's 2048 positions run with linear RoPE scaling (factor seq / 2048), which
-# costs nothing per step. About 5 minutes on one H200 with the defaults.
+# costs nothing per step. Expected to take about 5 minutes on one H200 with the defaults (not yet run on a GPU;
+# the JSON plumbing was checked on CPU with a stand-in nvidia-smi).
 set -uo pipefail
 bin=${1:?usage: longctx_bench.sh BESSIE_TRAIN [TORCH_BITNET_PY]}
 here=$(cd "$(dirname "$0")/../.." && pwd)
