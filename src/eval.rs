@@ -201,7 +201,7 @@ pub fn generate_guesses(
     mut on_batch: impl FnMut(usize),
 ) -> Result<Vec<Guess>> {
     anyhow::ensure!(batch_size > 0, "the batch size must be positive");
-    let context = model.cfg.max_position_embeddings;
+    let context = model.max_positions();
     let prompts = examples
         .iter()
         .map(|ex| {
@@ -209,7 +209,7 @@ pub fn generate_guesses(
             anyhow::ensure!(
                 ids.len() < context,
                 "{}: the prompt is {} tokens under the chat template; the model's context \
-                 (max_position_embeddings) is {context}",
+                 (max_position_embeddings, with RoPE scaling) is {context}",
                 ex.at,
                 ids.len()
             );

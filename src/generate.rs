@@ -77,7 +77,7 @@ pub enum StopReason {
     Eos,
     EndMarker,
     MaxNewTokens,
-    /// The model's `max_position_embeddings` is reached.
+    /// The model's context (`max_position_embeddings`, with RoPE scaling) is full.
     ContextFull,
 }
 
@@ -156,7 +156,7 @@ pub fn generate_batch(
         }
         let limit = if step == max_new_tokens {
             Some(StopReason::MaxNewTokens)
-        } else if cache.len() + t > model.cfg.max_position_embeddings {
+        } else if cache.len() + t > model.max_positions() {
             Some(StopReason::ContextFull)
         } else {
             None

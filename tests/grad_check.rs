@@ -1,13 +1,16 @@
 //! The explicit backward against candle's autograd: an independent, autograd-friendly forward (plain
 //! candle ops on `Var`s, straight-through quantizers as `x + (q(x) - x).detach()`) differentiated by
 //! `Tensor::backward`, on tiny models in f32, with packing (two examples and padding in one row),
-//! response-only loss masks, grouped-query attention and the quantization warm-up.
+//! response-only loss masks, grouped-query attention and the quantization warm-up. Attention blocks and
+//! loss chunks are small here so that both loops run several times with a partial last block. Then the
+//! recompute levels: the same flat gradient buffer, bit for bit, as keeping everything.
 
+use bessie::config::run::Recompute;
 use bessie::config::ModelConfig;
 use bessie::data::{make_batch, DataStats, Dataset, Example, Row};
 use bessie::model::init::random_weights;
 use bessie::rng::Rng;
-use bessie::train::model::{backward, forward, BatchTensors, RopeTables, StepWeights};
+use bessie::train::model::{backward, forward, BatchTensors, MemoryPlan, RopeTables, StepWeights};
 use bessie::train::params::ParamLayout;
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -128,12 +131,49 @@ fn reference_loss(c: &ModelConfig, p: &[Var], layout: &ParamLayout, b: &bessie::
     (picked * mask).unwrap().sum_all().unwrap().neg().unwrap()
 }
 
-fn check(kv_heads: usize, lambda: f64) {
-    let c = cfg(kv_heads);
-    let layout = ParamLayout::new(&c);
-    // Norm weights near one but not one, so their gradients are exercised at a generic point.
+/// Attention blocks of 5 query rows and loss chunks of 7 token rows over 2 x 16 tokens.
+fn plan(recompute: Recompute) -> MemoryPlan {
+    MemoryPlan { recompute, attention_block: 5, loss_chunk: 7 }
+}
+
+/// The summed loss and the flat gradient buffer of Bessie's forward and backward.
+fn explicit_grads(
+    c: &ModelConfig,
+    layout: &ParamLayout,
+    flat: &Tensor,
+    b: &bessie::data::Batch,
+    lambda: f64,
+    plan: MemoryPlan,
+) -> (f64, Tensor) {
+    let w = StepWeights::new(layout, flat, lambda, DType::F32).unwrap();
+    let rope = RopeTables::new(c, b.seq, &Device::Cpu).unwrap();
+    let bt = BatchTensors::new(b, &rope, DType::F32, &Device::Cpu).unwrap();
+    let (loss, saved) = forward(c, layout, &w, &bt, lambda, plan).unwrap();
+    let grads = Tensor::zeros(layout.total, DType::F32, &Device::Cpu).unwrap();
+    // Every range the backward declares done must hold its final gradients already (the data-parallel sum
+    // starts there), and the ranges must cover the buffer exactly once.
+    let mut handed: Vec<(std::ops::Range<usize>, Vec<f32>)> = Vec::new();
+    let mut done = |r: std::ops::Range<usize>| {
+        handed.push((r.clone(), grads.narrow(0, r.start, r.len())?.to_vec1()?));
+        Ok(())
+    };
+    backward(c, layout, &w, &bt, plan, saved, &grads, &mut done).unwrap();
+    let mut covered: Vec<_> = handed.iter().map(|(r, _)| r.clone()).filter(|r| !r.is_empty()).collect();
+    covered.sort_by_key(|r| r.start);
+    assert_eq!(covered.first().unwrap().start, 0);
+    assert!(covered.windows(2).all(|w| w[0].end == w[1].start), "ranges overlap or leave gaps: {covered:?}");
+    assert_eq!(covered.last().unwrap().end, layout.total);
+    for (r, early) in &handed {
+        let last: Vec<f32> = grads.narrow(0, r.start, r.len()).unwrap().to_vec1().unwrap();
+        assert!(early == &last, "gradients in {r:?} changed after the backward declared them done");
+    }
+    (loss, grads)
+}
+
+/// Random weights, norm weights near one but not one, so their gradients are exercised at a generic point.
+fn weights(c: &ModelConfig) -> Vec<Tensor> {
     let mut rng = Rng::new(4);
-    let tensors: Vec<Tensor> = random_weights(&c, 8)
+    random_weights(c, 8)
         .unwrap()
         .into_iter()
         .map(|(name, t)| {
@@ -144,33 +184,19 @@ fn check(kv_heads: usize, lambda: f64) {
                 t
             }
         })
-        .collect();
+        .collect()
+}
+
+fn check(kv_heads: usize, lambda: f64) {
+    let c = cfg(kv_heads);
+    let layout = ParamLayout::new(&c);
+    let tensors = weights(&c);
     let flat = layout.flatten(&tensors).unwrap();
     let b = batch(c.vocab_size as u32);
 
-    let w = StepWeights::new(&layout, &flat, lambda, DType::F32).unwrap();
-    let rope = RopeTables::new(&c, &Device::Cpu).unwrap();
-    let bt = BatchTensors::new(&b, &rope, DType::F32, &Device::Cpu).unwrap();
-    let (loss, saved) = forward(&c, &layout, &w, &bt, lambda).unwrap();
-    let flat_grads = Tensor::zeros(layout.total, DType::F32, &Device::Cpu).unwrap();
-    // Every range the backward declares done must hold its final gradients already (the data-parallel sum
-    // starts there), and the ranges must cover the buffer exactly once.
-    let mut handed: Vec<(std::ops::Range<usize>, Vec<f32>)> = Vec::new();
-    let mut done = |r: std::ops::Range<usize>| {
-        handed.push((r.clone(), flat_grads.narrow(0, r.start, r.len())?.to_vec1()?));
-        Ok(())
-    };
-    backward(&c, &layout, &w, &bt, saved, &flat_grads, &mut done).unwrap();
-    let mut covered: Vec<_> = handed.iter().map(|(r, _)| r.clone()).filter(|r| !r.is_empty()).collect();
-    covered.sort_by_key(|r| r.start);
-    assert_eq!(covered.first().unwrap().start, 0);
-    assert!(covered.windows(2).all(|w| w[0].end == w[1].start), "ranges overlap or leave gaps: {covered:?}");
-    assert_eq!(covered.last().unwrap().end, layout.total);
-    for (r, early) in &handed {
-        let last: Vec<f32> = flat_grads.narrow(0, r.start, r.len()).unwrap().to_vec1().unwrap();
-        assert!(early == &last, "gradients in {r:?} changed after the backward declared them done");
-    }
-    let grads: Vec<Tensor> = (0..layout.slots.len()).map(|i| layout.view(&flat_grads, i).unwrap()).collect();
+    let flat_grads = explicit_grads(&c, &layout, &flat, &b, lambda, plan(Recompute::None));
+    let loss = flat_grads.0;
+    let grads: Vec<Tensor> = (0..layout.slots.len()).map(|i| layout.view(&flat_grads.1, i).unwrap()).collect();
 
     let vars: Vec<Var> = tensors.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
     let ref_loss = reference_loss(&c, &vars, &layout, &b, lambda);
@@ -205,4 +231,22 @@ fn grouped_query_attention_backward_equals_autograd() {
 #[test]
 fn quantization_warmup_backward_equals_autograd() {
     check(4, 0.5);
+}
+
+/// Recomputation re-runs the same ops on the same inputs, so every level gives the same loss and the same
+/// gradients bit for bit (with GQA and the quantization warm-up, whose lambda the recompute must reuse).
+#[test]
+fn recomputation_changes_no_gradient() {
+    let c = cfg(2);
+    let layout = ParamLayout::new(&c);
+    let flat = layout.flatten(&weights(&c)).unwrap();
+    let b = batch(c.vocab_size as u32);
+    let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    let (loss, grads) = explicit_grads(&c, &layout, &flat, &b, 0.5, plan(Recompute::None));
+    for level in [Recompute::Attention, Recompute::Blocks] {
+        let (l, g) = explicit_grads(&c, &layout, &flat, &b, 0.5, plan(level));
+        assert_eq!(l.to_bits(), loss.to_bits(), "{level:?}: loss {l} vs {loss}");
+        let differing = bits(&g).iter().zip(bits(&grads)).filter(|(x, y)| **x != *y).count();
+        assert_eq!(differing, 0, "{level:?}: {differing} of {} gradients differ", layout.total);
+    }
 }

@@ -2,8 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use bessie::config::run::{GradDtype, LossOn, Overflow, Schedule};
-use bessie::config::RunConfig;
+use bessie::config::model::{RopeScaling, RopeScalingType};
+use bessie::config::run::{GradDtype, LossOn, Overflow, Recompute, Schedule};
+use bessie::config::{ModelConfig, RunConfig};
+use bessie::train::memory::{self, StepShape};
+use bessie::train::model::MemoryPlan;
+use candle_core::DType;
 
 const CONFIGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
 
@@ -54,6 +58,35 @@ fn every_shipped_config_loads() {
     assert_eq!(large.model.path, Path::new(CONFIGS).join("../models/bitnet_b1_58-large"));
     let h100 = RunConfig::load(Some(&Path::new(CONFIGS).join("h100.toml")), &[]).unwrap();
     assert_eq!((h100.data.max_seq_len, h100.train.micro_batch, h100.train.grad_accum), (2048, 4, 1));
+    // 4096 tokens of the large model on a 24 GB card (issue 7): what the memory estimate says fits 22 GiB.
+    let long = RunConfig::load(Some(&Path::new(CONFIGS).join("long.toml")), &[]).unwrap();
+    assert_eq!((long.data.max_seq_len, long.train.micro_batch, long.train.recompute), (4096, 1, Recompute::Blocks));
+    let model = ModelConfig::shape("large", 32002).unwrap();
+    let estimate = |cfg: &RunConfig| {
+        let plan = MemoryPlan::new(&cfg.train);
+        let shape = StepShape {
+            model: &model,
+            micro_batch: 1,
+            seq: cfg.data.max_seq_len,
+            plan,
+            dtype: DType::BF16,
+            cuda: true,
+        };
+        memory::estimate(&shape).gib()
+    };
+    assert!(estimate(&long) <= 22.0, "{}", estimate(&long));
+    let none = RunConfig::load(Some(&Path::new(CONFIGS).join("long.toml")), &sets(&["train.recompute=none"])).unwrap();
+    assert!(estimate(&none) > estimate(&long), "{} vs {}", estimate(&none), estimate(&long));
+    let mut scaled = ModelConfig::shape("large", 32002).unwrap();
+    scaled.set_rope_scaling(long.model.rope());
+    scaled.check_positions(long.data.max_seq_len, "data.max_seq_len").unwrap();
+    // The RoPE keys take --set like any other.
+    let dynamic = RunConfig::load(
+        Some(&Path::new(CONFIGS).join("long.toml")),
+        &sets(&["model.rope_scaling=dynamic", "model.rope_scaling_factor=4"]),
+    )
+    .unwrap();
+    assert_eq!(dynamic.model.rope(), Some(RopeScaling { kind: RopeScalingType::Dynamic, factor: 4.0 }));
 }
 
 #[test]

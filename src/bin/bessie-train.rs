@@ -28,7 +28,8 @@ struct Args {
     resume: bool,
     /// Benchmark instead of training: timed optimizer steps on a random model (see --shape, --seq,
     /// --batch, --accum, --steps), one JSON line on stdout. Under mpirun every rank runs --batch x --accum
-    /// sequences per step on its own GPU, with the gradient all-reduce of real training.
+    /// sequences per step on its own GPU, with the gradient all-reduce of real training. --set applies to
+    /// the defaults' [train] keys (e.g. train.recompute=blocks) and model.rope_scaling*; --config is not read.
     #[arg(long)]
     bench: bool,
     /// Benchmark model shape: tiny, large, xl or 3b.
@@ -70,6 +71,7 @@ fn body(args: Args) -> Result<()> {
             steps: args.steps,
             device: args.device,
             profile: args.profile,
+            config: RunConfig::for_bench(&args.overrides)?,
         };
         let result = comm.or_abort(bessie::train::bench::bench(&o, &comm))?;
         if comm.is_main() {

@@ -39,11 +39,57 @@ pub struct ModelConfig {
     pub eos_token_id: u32,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// Hugging Face's form, e.g. `{"rope_type": "linear", "factor": 2.0}`; read through
+    /// [`rope_scaling`](Self::rope_scaling), written by [`set_rope_scaling`](Self::set_rope_scaling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// Everything else (`architectures`, `model_type`, `torch_dtype`, ...), kept for saving.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The RoPE scalings Bessie implements, as transformers' `rope_type` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeScalingType {
+    /// No scaling: sequences up to `max_position_embeddings`.
+    #[default]
+    None,
+    /// Position interpolation: positions divided by the factor, so `factor x max_position_embeddings`
+    /// positions fit in the range the model was trained on.
+    Linear,
+    /// Dynamic NTK-aware scaling: for a sequence of `L > max_position_embeddings` tokens the base becomes
+    /// `rope_theta * (factor L / max_position_embeddings - (factor - 1))^(d / (d - 2))`; no length limit.
+    Dynamic,
+}
+
+impl RopeScalingType {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Linear => "linear",
+            Self::Dynamic => "dynamic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeScaling {
+    /// Linear or Dynamic.
+    pub kind: RopeScalingType,
+    pub factor: f64,
+}
+
+/// RoPE's frequencies with the scaling applied: pair `i` of a head rotates position `p` by the angle
+/// `(p / position_divisor) / denominators[i]`. Training and inference round this differently (training
+/// in f64 then to f32, inference in f32 as transformers does) and must keep doing so: only the numbers
+/// are shared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeFrequencies {
+    /// `base^(2i / head_dim)`, base = `rope_theta` or the dynamic-NTK base, in f64.
+    pub denominators: Vec<f64>,
+    /// The linear scaling factor; 1 otherwise.
+    pub position_divisor: f64,
 }
 
 fn default_max_position_embeddings() -> usize {
@@ -160,13 +206,84 @@ impl ModelConfig {
                 self.input_bits
             );
         }
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            bail!("field `rope_scaling` is set; RoPE scaling is not supported yet");
-        }
+        self.rope_scaling()?;
         if self.extra.get("attention_bias").and_then(|v| v.as_bool()) == Some(true) {
             bail!("field `attention_bias` is true; BitNet b1.58 has no biases");
         }
         Ok(())
+    }
+
+    /// The RoPE scaling `config.json` asks for: transformers' `rope_scaling` with `rope_type` (or the older
+    /// `type`) `linear` or `dynamic` and a `factor` of at least 1. Other types are errors naming the field.
+    pub fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
+        let Some(v) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else { return Ok(None) };
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|k| k.as_str());
+        let kind = match kind {
+            Some("linear") => RopeScalingType::Linear,
+            Some("dynamic") => RopeScalingType::Dynamic,
+            Some("default") => return Ok(None),
+            other => bail!(
+                "field `rope_scaling` has rope_type {}; Bessie supports `linear` and `dynamic`",
+                other.map(|k| format!("`{k}`")).unwrap_or_else(|| "missing".into())
+            ),
+        };
+        let factor = v.get("factor").and_then(|f| f.as_f64());
+        match factor {
+            Some(factor) if factor.is_finite() && factor >= 1.0 => Ok(Some(RopeScaling { kind, factor })),
+            _ => bail!("field `rope_scaling` needs a `factor` of at least 1, not {:?}", v.get("factor")),
+        }
+    }
+
+    /// Sets `rope_scaling` in Hugging Face's form. Both `rope_type` (transformers since 4.42) and `type`
+    /// (earlier versions) are written, so either reads it.
+    pub fn set_rope_scaling(&mut self, scaling: Option<RopeScaling>) {
+        self.rope_scaling = scaling
+            .map(|s| serde_json::json!({ "rope_type": s.kind.name(), "type": s.kind.name(), "factor": s.factor }));
+    }
+
+    /// The longest sequence the model supports: `max_position_embeddings`, times the factor with linear
+    /// scaling; `None` (no limit) with dynamic scaling.
+    pub fn max_positions(&self) -> Result<Option<usize>> {
+        Ok(match self.rope_scaling()? {
+            None => Some(self.max_position_embeddings),
+            Some(RopeScaling { kind: RopeScalingType::Linear, factor }) => {
+                Some((self.max_position_embeddings as f64 * factor).floor() as usize)
+            }
+            Some(_) => None,
+        })
+    }
+
+    /// An error naming `what` (the config key or input that asks for `len` positions) and the limit, when
+    /// `len` tokens exceed what the model supports.
+    pub fn check_positions(&self, len: usize, what: &str) -> Result<()> {
+        match self.max_positions()? {
+            Some(max) if len > max => bail!(
+                "{what} needs {len} positions but the model supports {max} (max_position_embeddings = {}{}); \
+                 longer sequences need RoPE scaling: model.rope_scaling = \"linear\" with model.rope_scaling_factor \
+                 >= {:.2}, or \"dynamic\" (in a checkpoint's config.json: `rope_scaling`)",
+                self.max_position_embeddings,
+                self.rope_scaling()?.map(|s| format!(", linear scaling x{}", s.factor)).unwrap_or_default(),
+                len as f64 / self.max_position_embeddings as f64
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// RoPE's frequencies for a sequence of `seq_len` tokens (dynamic scaling depends on it), as
+    /// transformers' `_compute_linear_scaling_rope_parameters` and `_compute_dynamic_ntk_parameters` have them.
+    pub fn rope_frequencies(&self, seq_len: usize) -> Result<RopeFrequencies> {
+        let d = self.head_dim();
+        let (base, position_divisor) = match self.rope_scaling()? {
+            None => (self.rope_theta, 1.0),
+            Some(RopeScaling { kind: RopeScalingType::Linear, factor }) => (self.rope_theta, factor),
+            Some(RopeScaling { factor, .. }) => {
+                let max = self.max_position_embeddings as f64;
+                let len = (seq_len as f64).max(max);
+                (self.rope_theta * (factor * len / max - (factor - 1.0)).powf(d as f64 / (d as f64 - 2.0)), 1.0)
+            }
+        };
+        let denominators = (0..d / 2).map(|i| base.powf(2.0 * i as f64 / d as f64)).collect();
+        Ok(RopeFrequencies { denominators, position_divisor })
     }
 
     pub fn head_dim(&self) -> usize {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::model::SHAPES;
+use crate::config::model::{RopeScaling, RopeScalingType, SHAPES};
 // The data module defines what these mean; the config only names them (`response`/`all`, `truncate`/`drop`).
 pub use crate::data::{LossOn, Overflow};
 
@@ -27,7 +27,7 @@ pub struct RunConfig {
     pub log: LogSection,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
     /// Hugging Face checkpoint directory to fine-tune.
@@ -35,6 +35,11 @@ pub struct ModelSection {
     /// Or a random model of a named shape (`SHAPES`) with the shipped tokenizer.
     pub init: String,
     pub init_seed: u64,
+    /// RoPE scaling for sequences beyond the checkpoint's `max_position_embeddings`: `none` (keep what the
+    /// checkpoint's config.json says), `linear` or `dynamic`. Written into saved checkpoints' config.json.
+    pub rope_scaling: RopeScalingType,
+    /// The scaling factor (at least 1); only with `rope_scaling` linear or dynamic.
+    pub rope_scaling_factor: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +90,26 @@ pub struct TrainSection {
     /// With several ranks: seconds without a finished optimizer step (or checkpoint, or dev loss) after
     /// which a rank ends the job, so a hung rank cannot hang the others forever; 0 turns it off.
     pub step_timeout: u64,
+    /// What the backward recomputes instead of keeping from the forward (README, "Long context").
+    pub recompute: Recompute,
+    /// Query rows per block of the memory-efficient attention: at most `[micro_batch, heads,
+    /// attention_block, seq]` f32 scores exist at once.
+    pub attention_block: usize,
+    /// Token rows per chunk of the loss: the f32 logits `[loss_chunk, vocab]` exist one chunk at a time.
+    pub loss_chunk: usize,
+}
+
+/// Activation recomputation: memory for compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every tensor the backward needs (fastest).
+    None,
+    /// Keep all but attention's (q, k, v, log-sum-exp); the backward recomputes the q/k/v
+    /// projections and the attention forward of each block.
+    Attention,
+    /// Keep only each block's input; the backward re-runs the block's forward (about a third more compute).
+    Blocks,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +142,26 @@ pub enum Schedule {
 pub enum GradDtype {
     F32,
     Bf16,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            init: String::new(),
+            init_seed: 0,
+            rope_scaling: RopeScalingType::None,
+            rope_scaling_factor: 1.0,
+        }
+    }
+}
+
+impl ModelSection {
+    /// The RoPE scaling this config sets, if any.
+    pub fn rope(&self) -> Option<RopeScaling> {
+        (self.rope_scaling != RopeScalingType::None)
+            .then_some(RopeScaling { kind: self.rope_scaling, factor: self.rope_scaling_factor })
+    }
 }
 
 impl Default for DataSection {
@@ -155,6 +200,9 @@ impl Default for TrainSection {
             device: "auto".into(),
             grad_dtype: GradDtype::F32,
             step_timeout: 900,
+            recompute: Recompute::None,
+            attention_block: 256,
+            loss_chunk: 1024,
         }
     }
 }
@@ -200,6 +248,14 @@ impl RunConfig {
         Ok(cfg)
     }
 
+    /// The defaults with `--set` overrides, for `bessie-train --bench`, which reads the `[train]` keys and
+    /// the RoPE scaling and needs no data or model paths.
+    pub fn for_bench(overrides: &[String]) -> Result<RunConfig> {
+        let cfg = RunConfig::default().with_overrides(overrides)?;
+        cfg.validate_settings().context("invalid --set overrides")?;
+        Ok(cfg)
+    }
+
     /// Applies `section.key=value` overrides one at a time, so a bad value is blamed on its own key.
     fn with_overrides(&self, overrides: &[String]) -> Result<RunConfig> {
         let mut table = toml::Table::try_from(self).context("serializing the run config")?;
@@ -236,7 +292,7 @@ impl RunConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let (m, d, t, c) = (&self.model, &self.data, &self.train, &self.checkpoint);
+        let (m, d, c) = (&self.model, &self.data, &self.checkpoint);
         match (m.path.as_os_str().is_empty(), m.init.is_empty()) {
             (false, true) => {}
             (true, false) if SHAPES.contains(&m.init.as_str()) => {}
@@ -249,17 +305,35 @@ impl RunConfig {
         if c.out_dir.as_os_str().is_empty() {
             bail!("checkpoint.out_dir is empty");
         }
+        self.validate_settings()
+    }
+
+    /// Everything but the model, data and output paths.
+    fn validate_settings(&self) -> Result<()> {
+        let (m, d, t, c) = (&self.model, &self.data, &self.train, &self.checkpoint);
         let positive = [
             ("data.max_seq_len", d.max_seq_len),
             ("train.epochs", t.epochs),
             ("train.micro_batch", t.micro_batch),
             ("train.grad_accum", t.grad_accum),
+            ("train.attention_block", t.attention_block),
+            ("train.loss_chunk", t.loss_chunk),
             ("checkpoint.keep", c.keep),
         ];
         for (key, v) in positive {
             if v == 0 {
                 bail!("{key} must be positive");
             }
+        }
+        match m.rope_scaling {
+            RopeScalingType::None if m.rope_scaling_factor != 1.0 => {
+                bail!("model.rope_scaling_factor is {} but model.rope_scaling is none", m.rope_scaling_factor)
+            }
+            RopeScalingType::None => {}
+            _ if !(m.rope_scaling_factor.is_finite() && m.rope_scaling_factor >= 1.0) => {
+                bail!("model.rope_scaling_factor must be at least 1, not {}", m.rope_scaling_factor)
+            }
+            _ => {}
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
             bail!("train.lr must be positive, not {}", t.lr);
@@ -340,7 +414,7 @@ mod tests {
     #[test]
     fn validate_names_the_key() {
         type Edit = fn(&mut RunConfig);
-        let cases: [(Edit, &str); 10] = [
+        let cases: [(Edit, &str); 14] = [
             (|c| c.train.micro_batch = 0, "train.micro_batch must be positive"),
             (|c| c.data.max_seq_len = 0, "data.max_seq_len must be positive"),
             (|c| c.train.lr = 0.0, "train.lr must be positive"),
@@ -351,6 +425,16 @@ mod tests {
             (|c| c.data.train = PathBuf::new(), "data.train is empty"),
             (|c| c.model.init = "huge".into(), "model.init `huge` is not a known shape"),
             (|c| c.model.path = "m".into(), "exactly one of model.path and model.init"),
+            (|c| c.train.attention_block = 0, "train.attention_block must be positive"),
+            (|c| c.train.loss_chunk = 0, "train.loss_chunk must be positive"),
+            (|c| c.model.rope_scaling_factor = 2.0, "model.rope_scaling_factor is 2 but model.rope_scaling is none"),
+            (
+                |c| {
+                    c.model.rope_scaling = RopeScalingType::Linear;
+                    c.model.rope_scaling_factor = 0.5;
+                },
+                "model.rope_scaling_factor must be at least 1",
+            ),
         ];
         for (edit, want) in cases {
             let mut cfg = valid();

@@ -1,41 +1,58 @@
-// The softmax of attention with its mask, forward and backward, between the cuBLAS GEMMs that compute
-// S = Q K^T, Y = P V and their gradients: one pass over the [rows, T] matrix each way, in bf16, instead of
-// the reference's chain of f32 ops. Reference: train::layers::attention_{forward,backward}.
+// The softmax of attention with its mask, forward and backward, for one block of queries between the cuBLAS
+// GEMMs that compute S = Q K^T, Y = P V and their gradients (flash attention 2's recurrence with the block's
+// scores in memory, not in registers): one pass over the [rows, keys] block each way, in bf16, instead of
+// the reference's chain of f32 ops. Reference: train::layers::flash_attention_{forward,backward}.
 #include "common.cuh"
 
-// Query i of row b sees key j when j <= i and both belong to the same packed example (segment id, 0 for
-// padding, which sees only itself): the block-diagonal causal mask of train::model::BatchTensors.
-__device__ __forceinline__ bool visible(const uint32_t* seg, int i, int j) {
-    return j <= i && (j == i || (seg[i] != 0 && seg[i] == seg[j]));
+// Rows are (batch, head, query) of the block, queries q0.. of a sequence of t tokens; `start` [batch, t] is
+// the first position of each token's example (f32, exact below 2^24). Query i sees key j when
+// start[i] <= j <= i: its own example, causally.
+struct Row {
+    size_t base;  // offset of the row in [rows, nk] tensors
+    int i;        // the query's position
+    int lo;       // its first visible key
+};
+
+__device__ __forceinline__ Row row_of(const float* start, int q0, int nq, int nk, int t, int heads) {
+    int r = blockIdx.x % nq, b = blockIdx.x / nq / heads;
+    int i = q0 + r;
+    return Row{(size_t)blockIdx.x * nk, i, (int)start[(size_t)b * t + i]};
 }
 
-// S: [B H, T, T] bf16 unscaled scores; seg: [B, T]. One block per (b, h, i) row: P = softmax(round(S c)) over
-// visible keys, 0 elsewhere, in bf16. The scaled scores are rounded to bf16 as the reference's bf16 op does.
-extern "C" __global__ void attention_softmax_forward(const bf16* s, const uint32_t* seg, bf16* p, int t, int heads,
-                                                     float scale) {
-    int i = blockIdx.x % t;
-    const uint32_t* sg = seg + (size_t)(blockIdx.x / t / heads) * t;
-    const bf16* sr = s + (size_t)blockIdx.x * t;
-    bf16* pr = p + (size_t)blockIdx.x * t;
+// The scaled score as the reference rounds it (its scale is a bf16 op).
+__device__ __forceinline__ float scaled(const bf16* s, size_t at, float scale) { return round_bf16(f32(s[at]) * scale); }
+
+// S: [B H, nq, nk] unscaled bf16 scores. P = exp(S c - lse) on visible keys, 0 elsewhere (bf16, for the
+// P V GEMM), and lse = log sum exp over visible keys (f32, kept for the backward).
+extern "C" __global__ void attention_block_forward(const bf16* s, const float* start, bf16* p, float* lse, int q0,
+                                                   int nq, int nk, int t, int heads, float scale) {
+    Row row = row_of(start, q0, nq, nk, t, heads);
     float m = -INFINITY;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x)
-        if (visible(sg, i, j)) m = fmaxf(m, round_bf16(f32(sr[j]) * scale));
+    for (int j = row.lo + threadIdx.x; j <= row.i; j += blockDim.x) m = fmaxf(m, scaled(s, row.base + j, scale));
     m = block_reduce(m, Max());
     float sum = 0.f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x)
-        if (visible(sg, i, j)) sum += expf(round_bf16(f32(sr[j]) * scale) - m);
-    float inv = 1.f / block_reduce(sum, Sum());
-    for (int j = threadIdx.x; j < t; j += blockDim.x)
-        pr[j] = to_bf16(visible(sg, i, j) ? expf(round_bf16(f32(sr[j]) * scale) - m) * inv : 0.f);
+    for (int j = row.lo + threadIdx.x; j <= row.i; j += blockDim.x) sum += expf(scaled(s, row.base + j, scale) - m);
+    float l = logf(block_reduce(sum, Sum())) + m;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x)
+        p[row.base + j] = to_bf16(j >= row.lo && j <= row.i ? expf(scaled(s, row.base + j, scale) - l) : 0.f);
+    if (threadIdx.x == 0) lse[blockIdx.x] = l;
 }
 
-// dS = c P (dP - rowsum(dP P)) per row of [B H, T, T]: the score gradient with the scale c folded in, so the
-// GEMMs dQ = dS K and dK = dS^T Q need no scaling pass. Masked entries have P = 0 and so dS = 0.
-extern "C" __global__ void attention_softmax_backward(const bf16* p, const bf16* dp, bf16* ds, int t, float scale) {
-    size_t base = (size_t)blockIdx.x * t;
+// From the recomputed scores S, the saved lse and dP = dY V^T (bf16): P as the forward made it (bf16, for
+// dV = P^T dY) and dS = c P (dP - rowsum(dP P)), the score gradient with the scale c folded in (bf16, for
+// dQ = dS K and dK = dS^T Q). A row with one visible key gets dS = 0 exactly.
+extern "C" __global__ void attention_block_backward(const bf16* s, const float* lse, const bf16* dp,
+                                                    const float* start, bf16* p, bf16* ds, int q0, int nq, int nk,
+                                                    int t, int heads, float scale) {
+    Row row = row_of(start, q0, nq, nk, t, heads);
+    float l = lse[blockIdx.x];
     float dot = 0.f;
-    for (int j = threadIdx.x; j < t; j += blockDim.x) dot += f32(dp[base + j]) * f32(p[base + j]);
+    for (int j = row.lo + threadIdx.x; j <= row.i; j += blockDim.x)
+        dot += f32(dp[row.base + j]) * expf(scaled(s, row.base + j, scale) - l);
     dot = block_reduce(dot, Sum());
-    for (int j = threadIdx.x; j < t; j += blockDim.x)
-        ds[base + j] = to_bf16(scale * f32(p[base + j]) * (f32(dp[base + j]) - dot));
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
+        float pj = j >= row.lo && j <= row.i ? expf(scaled(s, row.base + j, scale) - l) : 0.f;
+        p[row.base + j] = to_bf16(pj);
+        ds[row.base + j] = to_bf16(scale * pj * (f32(dp[row.base + j]) - dot));
+    }
 }

@@ -1,4 +1,4 @@
-//! Attention's masked softmax, forward and backward, between cuBLAS GEMMs.
+//! Attention's masked softmax for one block of queries, forward and backward, between cuBLAS GEMMs.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -6,24 +6,36 @@ use super::{cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("attention");
 
-/// `P = softmax(S scale + mask)` in bf16 for unscaled scores `s: [b, heads, t, t]` (bf16) and the packed
-/// examples' segment ids `segments: [b, t]` (u32), which define the block-diagonal causal mask.
-pub fn softmax_forward(s: &Tensor, segments: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, heads, t, _) = s.dims4()?;
+/// For unscaled scores `s: [b, heads, nq, nk]` (bf16) of queries `q0..q0 + nq` against keys `0..nk`, and
+/// `start: [b, t]` (f32, each token's first visible key): the probabilities (bf16, the scores' shape) and
+/// each row's log-sum-exp (f32 `[b, heads, nq, 1]`).
+pub fn block_forward(s: &Tensor, start: &Tensor, q0: usize, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (b, heads, nq, nk) = s.dims4()?;
+    let t = start.dim(1)?;
     let dev = cuda_device(s)?;
-    let p = uninit(s.shape(), DType::BF16, &dev)?;
-    launch!(dev, PTX, "attention_softmax_forward", super::per_row(b * heads * t, 256);
-        ptr(s)?, ptr(segments)?, ptr(&p)?, t as i32, heads as i32, scale as f32);
-    Ok(p)
+    let (p, lse) = (uninit(s.shape(), DType::BF16, &dev)?, uninit((b, heads, nq, 1), DType::F32, &dev)?);
+    launch!(dev, PTX, "attention_block_forward", super::per_row(b * heads * nq, 256);
+        ptr(s)?, ptr(start)?, ptr(&p)?, ptr(&lse)?, q0 as i32, nq as i32, nk as i32, t as i32, heads as i32,
+        scale as f32);
+    Ok((p, lse))
 }
 
-/// The scores' gradient times `scale`, from the saved probabilities `p` and `dp = dY V^T` (bf16).
-pub fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
-    let t = p.dim(3)?;
-    let rows = p.elem_count() / t;
-    let dev = cuda_device(p)?;
-    let ds = uninit(p.shape(), DType::BF16, &dev)?;
-    launch!(dev, PTX, "attention_softmax_backward", super::per_row(rows, 256);
-        ptr(p)?, ptr(dp)?, ptr(&ds)?, t as i32, scale as f32);
-    Ok(ds)
+/// From the recomputed scores `s`, the saved `lse` of the block's rows and `dp = dY V^T` (bf16): the
+/// probabilities and the scores' gradient times `scale`, both bf16 in the scores' shape.
+pub fn block_backward(
+    s: &Tensor,
+    lse: &Tensor,
+    dp: &Tensor,
+    start: &Tensor,
+    q0: usize,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (b, heads, nq, nk) = s.dims4()?;
+    let t = start.dim(1)?;
+    let dev = cuda_device(s)?;
+    let (p, ds) = (uninit(s.shape(), DType::BF16, &dev)?, uninit(s.shape(), DType::BF16, &dev)?);
+    launch!(dev, PTX, "attention_block_backward", super::per_row(b * heads * nq, 256);
+        ptr(s)?, ptr(lse)?, ptr(dp)?, ptr(start)?, ptr(&p)?, ptr(&ds)?, q0 as i32, nq as i32, nk as i32,
+        t as i32, heads as i32, scale as f32);
+    Ok((p, ds))
 }

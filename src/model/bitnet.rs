@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{kv_cache, RmsNorm, VarBuilder};
 
+use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
 
 /// Quantizes a latent weight matrix to ternary: `s = 1 / mean|W|`, `Wq = clamp(round(W s), -1, 1)`.
@@ -69,33 +70,48 @@ fn rms_norm(vb: &VarBuilder, dim: usize, eps: f64, name: &str) -> Result<RmsNorm
     Ok(RmsNorm::new(weight, eps))
 }
 
-/// Rotary position embedding tables (rotate-half form, as in transformers' LLaMA).
+/// Rotary position embeddings (rotate-half form, as in transformers' LLaMA), with the config's RoPE
+/// scaling. Angles are `position x inv_freq` in f32, as transformers computes them.
 #[derive(Debug, Clone)]
 struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    /// Dynamic scaling recomputes the frequencies for sequences beyond `max_position_embeddings`.
+    cfg: ModelConfig,
+    /// f32 `[1, head_dim / 2]`, for sequences up to `max_position_embeddings`.
+    inv_freq: Tensor,
+    dtype: DType,
 }
 
 impl Rope {
     fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let d = cfg.head_dim();
-        let inv_freq: Vec<f32> =
-            (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64) as f32).collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
-        let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.max_position_embeddings, 1))?;
-        let freqs = t.matmul(&inv_freq)?;
-        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+        let inv_freq = Self::inv_freq(cfg, cfg.max_position_embeddings, device)?;
+        Ok(Self { cfg: cfg.clone(), inv_freq, dtype })
     }
 
-    /// The cos and sin tables `[batch, seq, head_dim / 2]` of `positions: [batch, seq]` (u32), gathered once
-    /// per forward for all layers.
-    fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// transformers' `inv_freq` for a sequence of `len` tokens: `1 / base^(2i/d)`, divided by the factor
+    /// under linear scaling.
+    fn inv_freq(cfg: &ModelConfig, len: usize, device: &Device) -> Result<Tensor> {
+        let f = cfg.rope_frequencies(len).map_err(candle_core::Error::msg)?;
+        let inv: Vec<f32> = f.denominators.iter().map(|&den| 1.0 / den as f32 / f.position_divisor as f32).collect();
+        Tensor::from_vec(inv, (1, f.denominators.len()), device)
+    }
+
+    /// The cos and sin tables `[batch, seq, head_dim / 2]` of `positions: [batch, seq]` (u32) in a sequence
+    /// of `len` tokens, computed once per forward for all layers. With dynamic scaling, a sequence longer
+    /// than `max_position_embeddings` rotates its new tokens with the frequencies of its current length,
+    /// as transformers' `dynamic_rope_update` does (cached keys keep theirs).
+    fn at(&self, positions: &Tensor, len: usize) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
-        let flat = positions.flatten_all()?;
-        let gather = |table: &Tensor| table.index_select(&flat, 0)?.reshape((b, t, ()));
-        Ok((gather(&self.cos)?, gather(&self.sin)?))
+        let dynamic = matches!(
+            self.cfg.rope_scaling().map_err(candle_core::Error::msg)?,
+            Some(RopeScaling { kind: RopeScalingType::Dynamic, .. })
+        );
+        let inv_freq = match dynamic && len > self.cfg.max_position_embeddings {
+            true => Self::inv_freq(&self.cfg, len, positions.device())?,
+            false => self.inv_freq.clone(),
+        };
+        let freqs = positions.flatten_all()?.to_dtype(DType::F32)?.reshape((b * t, 1))?.matmul(&inv_freq)?;
+        let table = |x: Tensor| x.to_dtype(self.dtype)?.reshape((b, t, ()));
+        Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
     }
 }
 
@@ -289,6 +305,11 @@ impl BitNet {
         self.embed_tokens.dtype()
     }
 
+    /// The longest sequence the model takes (see [`ModelConfig::max_positions`]); `usize::MAX` for no limit.
+    pub fn max_positions(&self) -> usize {
+        self.cfg.max_positions().ok().flatten().unwrap_or(usize::MAX)
+    }
+
     /// Runs `ids: [batch, seq]` (u32) after the columns already in `cache` and returns the final hidden
     /// states `[batch, seq, hidden]` after the last norm. The outputs at padding columns are meaningless.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -299,16 +320,13 @@ impl BitNet {
             candle_core::bail!("the cache holds padding for {} rows, the batch has {b}", pad.len());
         }
         let longest = col + t - pad.iter().min().copied().unwrap_or(0);
-        if longest > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "sequence of {longest} tokens exceeds max_position_embeddings = {}",
-                self.cfg.max_position_embeddings
-            );
-        }
+        self.cfg
+            .check_positions(longest, "the sequence (prompt and generated tokens)")
+            .map_err(candle_core::Error::msg)?;
         // Padding columns get position 0; what they compute is never seen.
         let positions: Vec<u32> =
             pad.iter().flat_map(|&p| (col..col + t).map(move |c| c.saturating_sub(p) as u32)).collect();
-        let rope = self.rope.at(&Tensor::from_vec(positions, (b, t), self.device())?)?;
+        let rope = self.rope.at(&Tensor::from_vec(positions, (b, t), self.device())?, longest)?;
         let mask = attention_mask(t, col, &pad, self.device())?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {

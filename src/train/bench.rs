@@ -7,8 +7,8 @@ use anyhow::Result;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
-use crate::config::run::TrainSection;
+use super::{memory, metrics, model::MemoryPlan, optim::AdamW, train_step, PhaseTimer, StepContext};
+use crate::config::run::{Recompute, RunConfig};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::dist::Communicator;
@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub device: String,
     /// Also time each phase of the step (synchronizing the device between phases).
     pub profile: bool,
+    /// The `[train]` keys (recompute, attention block, loss chunk, ...) and the RoPE scaling, from `--set`.
+    pub config: RunConfig,
 }
 
 #[derive(Debug, Serialize)]
@@ -35,6 +37,7 @@ pub struct BenchResult {
     pub batch: usize,
     pub accum: usize,
     pub steps: usize,
+    pub recompute: Recompute,
     /// Ranks (GPUs) taking part; each runs `batch` sequences per step.
     pub world: usize,
     pub device: String,
@@ -46,6 +49,12 @@ pub struct BenchResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
     pub step_ms: f64,
+    /// `train::memory`'s estimate of this step's peak (CUDA context included on a GPU).
+    pub estimated_peak_gib: f64,
+    /// The card's peak memory in use over the warm-up and timed steps, sampled every 5 ms (every process
+    /// on the card, as nvidia-smi counts it); GPU only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_peak_gib: Option<f64>,
     /// Milliseconds per step in each phase, from a separate profiled run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub phases_ms: Vec<(&'static str, f64)>,
@@ -72,9 +81,24 @@ fn random_batch(rng: &mut Rng, batch: usize, seq: usize, vocab: usize) -> Batch 
 pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
     let device = crate::device::rank_device(&o.device, comm.local_rank())?;
     comm.use_device(&device)?;
-    let cfg = ModelConfig::shape(&o.shape, 32002)?;
-    let train = TrainSection::default();
-    let ctx = StepContext::new(cfg.clone(), &train, device.clone())?;
+    let mut cfg = ModelConfig::shape(&o.shape, 32002)?;
+    if let Some(scaling) = o.config.model.rope() {
+        cfg.set_rope_scaling(Some(scaling));
+    }
+    let train = o.config.train.clone();
+    let shape = memory::StepShape {
+        model: &cfg,
+        micro_batch: o.batch,
+        seq: o.seq,
+        plan: MemoryPlan::new(&train),
+        dtype: crate::device::compute_dtype(&device),
+        cuda: device.is_cuda(),
+    };
+    let estimated_peak_gib = memory::estimate(&shape).gib();
+    if let Some(card) = memory::device_memory(&device)? {
+        memory::check_fits(&shape, card)?;
+    }
+    let ctx = StepContext::new(cfg.clone(), &train, o.seq, device.clone())?;
     let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
     let mut adam = AdamW::zeros(ctx.layout.total, &device)?;
     let mut rng = Rng::new(comm.rank() as u64);
@@ -87,8 +111,10 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         device.synchronize()?;
         Ok(start.elapsed().as_secs_f64())
     };
+    let sampler = memory::PeakSampler::start(&device);
     run(o.warmup, None)?;
     let secs = run(o.steps, None)?;
+    let measured_peak_gib = sampler.stop();
     let mut timer = PhaseTimer::new(&device);
     if o.profile {
         run(o.steps, Some(&mut timer))?;
@@ -103,6 +129,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         batch: o.batch,
         accum: o.accum,
         steps: o.steps,
+        recompute: train.recompute,
         world: comm.world(),
         device: format!("{device:?}"),
         tokens_per_sec,
@@ -110,6 +137,8 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         tflops,
         mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
         step_ms: secs * 1e3 / o.steps as f64,
+        estimated_peak_gib,
+        measured_peak_gib,
         phases_ms,
     })
 }

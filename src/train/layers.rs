@@ -136,28 +136,14 @@ pub struct AttentionSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// Softmax probabilities, `[batch, heads, seq, seq]`: f32 from the reference, bf16 from the fused kernel.
+    /// Softmax probabilities in f32, `[batch, heads, seq, seq]`.
     probs: Tensor,
 }
 
-/// Softmax attention with the block-diagonal causal mask of packed examples, given both as the reference
-/// adds it (`mask`, `[batch, 1, seq, seq]` f32) and as the fused kernel reads it (`segments`, the example id
-/// of each token, `[batch, seq]` u32). Scores and softmax in f32.
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-pub fn attention_forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    segments: &Tensor,
-) -> Result<(Tensor, AttentionSaved)> {
+/// Softmax attention with an additive mask `[batch, 1, seq, seq]`; scores and softmax in f32. The plain
+/// form, kept as the reference [`flash_attention_forward`] is tested against.
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, AttentionSaved)> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(q) {
-        let probs = crate::kernels::attention::softmax_forward(&q.matmul(&k.t()?)?, &segments.contiguous()?, scale)?;
-        let y = probs.matmul(v)?;
-        return Ok((y, AttentionSaved { q: q.clone(), k: k.clone(), v: v.clone(), probs }));
-    }
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let y = probs.to_dtype(v.dtype())?.matmul(v)?;
@@ -168,12 +154,6 @@ pub fn attention_forward(
 pub fn attention_backward(dy: &Tensor, s: &AttentionSaved) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = s.v.dtype();
     let scale = 1.0 / (s.q.dim(D::Minus1)? as f64).sqrt();
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(&s.probs) {
-        let dv = s.probs.t()?.matmul(dy)?;
-        let ds = crate::kernels::attention::softmax_backward(&s.probs, &dy.matmul(&s.v.t()?)?, scale)?;
-        return Ok((ds.matmul(&s.k)?, ds.t()?.matmul(&s.q)?, dv));
-    }
     let p = s.probs.to_dtype(dtype)?;
     let dv = p.t()?.matmul(dy)?;
     let dp = dy.matmul(&s.v.t()?)?.to_dtype(DType::F32)?;
@@ -206,4 +186,153 @@ pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &
     let dlogits = exp.broadcast_mul(&(mask.clone() / sum)?)?;
     let dlogits = dlogits.scatter_add(&targets.unsqueeze(1)?, &mask.neg()?, 1)?;
     Ok((loss, dlogits))
+}
+
+/// Which keys each query may see, as one number per token: query `i` sees keys `j` with
+/// `start[i] <= j <= i`, where `start[i]` is the first token of `i`'s example (packed examples are
+/// contiguous runs) or `i` itself on padding. O(seq) per row instead of a `[seq, seq]` mask; each block of
+/// queries builds its slice of the mask on the device ([`Windows::mask`]).
+pub struct Windows {
+    /// f32 `[batch, seq]`, exact below 2^24.
+    start: Tensor,
+    /// f32 `0..seq`, so blocks slice positions on the device instead of copying new ones there.
+    index: Tensor,
+}
+
+impl Windows {
+    pub fn new(start: Vec<f32>, batch: usize, seq: usize, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            start: Tensor::from_vec(start, (batch, seq), device)?,
+            index: Tensor::arange(0f32, seq as f32, device)?,
+        })
+    }
+
+    /// The additive mask `[batch, 1, nq, nk]` of queries `q0..q0 + nq` against keys `0..nk`.
+    fn mask(&self, q0: usize, nq: usize, nk: usize) -> Result<Tensor> {
+        let b = self.start.dim(0)?;
+        let lo = self.start.narrow(1, q0, nq)?.reshape((b, 1, nq, 1))?;
+        let hi = self.index.narrow(0, q0, nq)?.reshape((1, 1, nq, 1))?;
+        let j = self.index.narrow(0, 0, nk)?.reshape((1, 1, 1, nk))?;
+        let seen = j.broadcast_ge(&lo)?.broadcast_mul(&j.broadcast_le(&hi)?)?;
+        let shape = (b, 1, nq, nk);
+        let zero = Tensor::zeros((), DType::F32, self.start.device())?;
+        let hidden = zero.affine(1.0, f64::NEG_INFINITY)?;
+        seen.where_cond(&zero.broadcast_as(shape)?, &hidden.broadcast_as(shape)?)
+    }
+}
+
+/// What [`flash_attention_backward`] needs: the inputs and each query's softmax log-sum-exp (f32
+/// `[batch, heads, seq, 1]`); no `[seq, seq]` matrix.
+pub struct FlashSaved {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse: Tensor,
+}
+
+/// Masked, scaled scores of queries `q0..q0 + nq` against keys `0..q0 + nq`, f32. Causal attention never
+/// looks further, so the keys after the block's last query are skipped (half the work of the full matrix).
+fn block_scores(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let kb = k.narrow(2, 0, q0 + nq)?;
+    let scores = (q.narrow(2, q0, nq)?.matmul(&kb.t()?)? * scale)?.to_dtype(DType::F32)?;
+    scores.broadcast_add(&windows.mask(q0, nq, q0 + nq)?)
+}
+
+/// One query block's probabilities (for the `P V` GEMM: f32 from the reference, bf16 from the fused
+/// kernel) and log-sum-exp (f32 `[batch, heads, nq, 1]`).
+fn block_softmax(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(q) {
+        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+        let scores = q.narrow(2, q0, nq)?.matmul(&k.narrow(2, 0, q0 + nq)?.t()?)?;
+        return crate::kernels::attention::block_forward(&scores, &windows.start, q0, scale);
+    }
+    let scores = block_scores(q, k, windows, q0, nq)?;
+    let max = scores.max_keepdim(D::Minus1)?;
+    let lse = (scores.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    // exp(S - lse), not exp / sum: the backward recomputes exactly these probabilities.
+    Ok((scores.broadcast_sub(&lse)?.exp()?, lse))
+}
+
+/// One query block's probabilities, recomputed from the saved log-sum-exp, and the gradient of its scores
+/// times the scale, `c dS` with `dS = P (dP - rowsum(dP P))`, in the compute dtype, from the block's rows
+/// `dyb` of the output gradient.
+fn block_softmax_backward(
+    s: &FlashSaved,
+    dyb: &Tensor,
+    windows: &Windows,
+    q0: usize,
+    nq: usize,
+) -> Result<(Tensor, Tensor)> {
+    let dtype = s.v.dtype();
+    let scale = 1.0 / (s.q.dim(D::Minus1)? as f64).sqrt();
+    let (lse, v) = (s.lse.narrow(2, q0, nq)?, s.v.narrow(2, 0, q0 + nq)?);
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(&s.q) {
+        let scores = s.q.narrow(2, q0, nq)?.matmul(&s.k.narrow(2, 0, q0 + nq)?.t()?)?;
+        let dp = dyb.matmul(&v.t()?)?;
+        return crate::kernels::attention::block_backward(&scores, &lse.contiguous()?, &dp, &windows.start, q0, scale);
+    }
+    let probs = block_scores(&s.q, &s.k, windows, q0, nq)?.broadcast_sub(&lse)?.exp()?;
+    let dp = dyb.matmul(&v.t()?)?.to_dtype(DType::F32)?;
+    let row = (&dp * &probs)?.sum_keepdim(D::Minus1)?;
+    let ds = ((dp.broadcast_sub(&row)? * &probs)? * scale)?.to_dtype(dtype)?;
+    Ok((probs, ds))
+}
+
+/// The query blocks `(q0, nq)` of a sequence of `seq` tokens.
+fn query_blocks(seq: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq).step_by(block.max(1)).map(move |q0| (q0, block.max(1).min(seq - q0)))
+}
+
+/// Memory-efficient causal softmax attention (flash attention's recurrence, written with candle ops):
+/// `q, k, v: [batch, heads, seq, dim]`, each query seeing its [`Windows`], queries in blocks of
+/// `block` rows so at most `[batch, heads, block, seq]` scores exist at once. Scores and softmax in f32.
+/// Equals [`attention_forward`] with the dense mask (a test checks it).
+pub fn flash_attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    windows: &Windows,
+    block: usize,
+) -> Result<(Tensor, FlashSaved)> {
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for (q0, nq) in query_blocks(q.dim(2)?, block) {
+        let (probs, lse) = block_softmax(q, k, windows, q0, nq)?;
+        outs.push(probs.to_dtype(v.dtype())?.matmul(&v.narrow(2, 0, q0 + nq)?)?);
+        lses.push(lse);
+    }
+    let lse = Tensor::cat(&lses, 2)?;
+    Ok((Tensor::cat(&outs, 2)?, FlashSaved { q: q.clone(), k: k.clone(), v: v.clone(), lse }))
+}
+
+/// Returns `(dq, dk, dv)` of [`flash_attention_forward`], recomputing each block's probabilities from the
+/// saved log-sum-exp (`P = exp(S - lse)`, flash attention 2), so again at most one block of scores exists
+/// at once. A query block sees all the keys of its rows, so `dS = P (dP - rowsum(dP P))` is taken as the
+/// plain backward takes it, not from `rowsum(dO O)`: that keeps a row with a single key (the first token of
+/// every example) at exactly zero, where the other form leaves rounding noise that AdamW amplifies.
+/// dK and dV are accumulated in f32.
+pub fn flash_attention_backward(
+    dy: &Tensor,
+    s: &FlashSaved,
+    windows: &Windows,
+    block: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = s.v.dtype();
+    let dk = Tensor::zeros(s.k.shape(), DType::F32, s.k.device())?;
+    let dv = Tensor::zeros(s.v.shape(), DType::F32, s.v.device())?;
+    let mut dqs = Vec::new();
+    for (q0, nq) in query_blocks(s.q.dim(2)?, block) {
+        let nk = q0 + nq;
+        let dyb = dy.narrow(2, q0, nq)?;
+        let (probs, ds) = block_softmax_backward(s, &dyb, windows, q0, nq)?;
+        let dvb = probs.to_dtype(dtype)?.t()?.matmul(&dyb)?;
+        dqs.push(ds.matmul(&s.k.narrow(2, 0, nk)?)?);
+        let dkb = ds.t()?.matmul(&s.q.narrow(2, q0, nq)?)?;
+        for (acc, g) in [(&dk, dkb), (&dv, dvb)] {
+            acc.slice_set(&(acc.narrow(2, 0, nk)? + g.to_dtype(DType::F32)?)?, 2, 0)?;
+        }
+    }
+    Ok((Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?))
 }

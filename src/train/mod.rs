@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod layers;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
@@ -32,7 +33,7 @@ use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
 use metrics::{MetricsLog, StepMetrics};
-use model::{BatchTensors, RopeTables, StepWeights};
+use model::{BatchTensors, MemoryPlan, RopeTables, StepWeights};
 use optim::{AdamW, AdamWHyper};
 use params::ParamLayout;
 
@@ -44,10 +45,12 @@ pub struct StepContext {
     pub device: Device,
     pub dtype: DType,
     pub hyper: AdamWHyper,
+    pub plan: MemoryPlan,
 }
 
 impl StepContext {
-    pub fn new(model_cfg: ModelConfig, train: &TrainSection, device: Device) -> Result<Self> {
+    /// For sequences of up to `max_seq_len` tokens.
+    pub fn new(model_cfg: ModelConfig, train: &TrainSection, max_seq_len: usize, device: Device) -> Result<Self> {
         let hyper = AdamWHyper {
             beta1: train.beta1,
             beta2: train.beta2,
@@ -57,7 +60,8 @@ impl StepContext {
         };
         Ok(Self {
             layout: ParamLayout::new(&model_cfg),
-            rope: RopeTables::new(&model_cfg, &device)?,
+            rope: RopeTables::new(&model_cfg, max_seq_len, &device)?,
+            plan: MemoryPlan::new(train),
             dtype: crate::device::compute_dtype(&device),
             model_cfg,
             device,
@@ -119,11 +123,11 @@ fn accumulate(
     for (i, b) in micro.iter().enumerate() {
         let bt = BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)?;
         PhaseTimer::mark(timer, "batch to device")?;
-        let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, &bt, lambda)?;
+        let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, &bt, lambda, ctx.plan)?;
         PhaseTimer::mark(timer, "forward + loss")?;
         let last = i + 1 == micro.len();
         let mut done = |range| if last { reducer.reduce(range) } else { Ok(()) };
-        model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, saved, &grads, &mut done)?;
+        model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, ctx.plan, saved, &grads, &mut done)?;
         PhaseTimer::mark(timer, "backward")?;
         loss += l;
         tokens += b.loss_tokens;
@@ -194,7 +198,7 @@ pub fn dev_loss(
     for chunk in rows.chunks(batch) {
         let b = data::make_batch(ds, chunk, pad);
         let bt = BatchTensors::new(&b, &ctx.rope, ctx.dtype, &ctx.device)?;
-        sums[0] += model::forward(&ctx.model_cfg, &ctx.layout, &w, &bt, 1.0)?.0;
+        sums[0] += model::loss(&ctx.model_cfg, &ctx.layout, &w, &bt, 1.0, ctx.plan)?;
         sums[1] += b.loss_tokens as f64;
     }
     comm.all_reduce_sum_f64(&mut sums)?;
@@ -258,13 +262,23 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
     let device = crate::device::rank_device(&cfg.train.device, comm.local_rank())?;
     comm.use_device(&device)?;
     let model_dir = base_model_dir(cfg);
-    let (model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
-    if cfg.data.max_seq_len > model_cfg.max_position_embeddings {
-        bail!(
-            "data.max_seq_len = {} exceeds the model's max_position_embeddings = {}",
-            cfg.data.max_seq_len,
-            model_cfg.max_position_embeddings
-        );
+    let (mut model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
+    // The run config's RoPE scaling replaces the checkpoint's and goes into every saved config.json.
+    if let Some(scaling) = cfg.model.rope() {
+        model_cfg.set_rope_scaling(Some(scaling));
+    }
+    model_cfg.check_positions(cfg.data.max_seq_len, "data.max_seq_len")?;
+    // Before any weight is on the device: a config that cannot fit fails now, saying what would.
+    let shape = memory::StepShape {
+        model: &model_cfg,
+        micro_batch: cfg.train.micro_batch,
+        seq: cfg.data.max_seq_len,
+        plan: MemoryPlan::new(&cfg.train),
+        dtype: crate::device::compute_dtype(&device),
+        cuda: device.is_cuda(),
+    };
+    if let Some(card) = memory::device_memory(&device)? {
+        memory::check_fits(&shape, card)?;
     }
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let template = ChatTemplate::new(cfg.system_prompt());
@@ -292,7 +306,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         cfg.data.max_seq_len
     ));
 
-    let ctx = StepContext::new(model_cfg.clone(), &cfg.train, device.clone())?;
+    let ctx = StepContext::new(model_cfg.clone(), &cfg.train, cfg.data.max_seq_len, device.clone())?;
     let t = &cfg.train;
     let rows_per_step = t.micro_batch * t.grad_accum * comm.world();
     note(format!(

@@ -1,6 +1,10 @@
 //! BitNet training forward and backward over the whole network (llm.c's `gpt2_forward` /
 //! `gpt2_backward`): the forward keeps what each layer's backward needs, the backward walks the blocks in
 //! reverse and returns one f32 gradient per parameter, in the order of [`ParamLayout`].
+//!
+//! Long sequences: attention is computed in blocks of queries and keeps no `[seq, seq]` matrix, the loss
+//! in chunks of rows, and `train.recompute` chooses how much of each block the forward keeps
+//! ([`MemoryPlan`]). Recomputation runs the same ops on the same inputs, so it changes no gradient.
 
 use std::ops::Range;
 
@@ -9,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::layers::*;
 use super::params::ParamLayout;
+use crate::config::run::{Recompute, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::model::bitnet::repeat_kv;
@@ -39,8 +44,8 @@ pub fn is_bitlinear(name: &str) -> bool {
     name.ends_with("_proj.weight")
 }
 
-/// A micro-batch on the device: token ids, targets, loss mask, per-token rotary angles and the
-/// block-diagonal causal mask that keeps packed examples apart.
+/// A micro-batch on the device: token ids, targets, loss mask, per-token rotary angles and each token's
+/// attention window (see [`Windows`]), which keeps packed examples apart in O(seq) memory.
 pub struct BatchTensors {
     pub batch: usize,
     pub seq: usize,
@@ -49,27 +54,47 @@ pub struct BatchTensors {
     loss_mask: Tensor,
     cos: Tensor,
     sin: Tensor,
-    mask: Tensor,
-    /// The example id of each token, `[batch, seq]`: the mask as the fused attention kernel reads it.
-    segments: Tensor,
+    windows: Windows,
     pub loss_tokens: usize,
 }
 
-/// RoPE angle tables for every position, f32 `[max_positions, head_dim / 2]`.
+/// RoPE angle tables for positions `0..positions`, f32 `[positions, head_dim / 2]`, with the model's
+/// RoPE scaling. Angles are computed in f64 and rounded once to f32.
 pub struct RopeTables {
-    cos: Tensor,
-    sin: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
 }
 
 impl RopeTables {
-    pub fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
-        let d = cfg.head_dim();
-        let angles: Vec<f32> = (0..cfg.max_position_embeddings)
-            .flat_map(|p| (0..d / 2).map(move |i| (p as f64 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)) as f32))
+    /// Tables for sequences of up to `positions` tokens (the run's `data.max_seq_len`; dynamic scaling
+    /// depends on it). Fails, naming the limit, beyond what the model supports.
+    pub fn new(cfg: &ModelConfig, positions: usize, device: &Device) -> anyhow::Result<Self> {
+        cfg.check_positions(positions, "the training sequence length (data.max_seq_len)")?;
+        let f = cfg.rope_frequencies(positions)?;
+        let angles: Vec<f32> = (0..positions)
+            .flat_map(|p| f.denominators.iter().map(move |den| (p as f64 / f.position_divisor / den) as f32))
             .collect();
-        let angles = Tensor::from_vec(angles, (cfg.max_position_embeddings, d / 2), device)?;
+        let angles = Tensor::from_vec(angles, (positions, f.denominators.len()), device)?;
         Ok(Self { cos: angles.cos()?, sin: angles.sin()? })
     }
+}
+
+/// Where each token's attention window starts (see [`Windows`]), `[batch * seq]`: the first token
+/// of its example, or itself on padding (segment 0). Segments must be contiguous runs, as packing writes
+/// them; a segment that comes back later in its row is an error.
+pub fn window_starts(segments: &[u32], seq: usize) -> Result<Vec<f32>> {
+    let mut start = vec![0f32; segments.len()];
+    for (r, row) in segments.chunks(seq).enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..row.len() {
+            let continues = i > 0 && row[i] != 0 && row[i] == row[i - 1];
+            if !continues && row[i] != 0 && !seen.insert(row[i]) {
+                anyhow::bail!("row {r}: segment {} is not one contiguous run of tokens", row[i]);
+            }
+            start[r * seq + i] = if continues { start[r * seq + i - 1] } else { i as f32 };
+        }
+    }
+    Ok(start)
 }
 
 impl BatchTensors {
@@ -79,19 +104,6 @@ impl BatchTensors {
         let angles = |table: &Tensor| -> Result<Tensor> {
             Ok(table.index_select(&positions, 0)?.reshape((n, t, ()))?.to_dtype(dtype)?)
         };
-        // Query i sees key j when j <= i within the same example; padding (segment 0) sees only itself,
-        // which keeps its softmax finite; no real token attends to padding.
-        let mut mask = vec![f32::NEG_INFINITY; n * t * t];
-        for r in 0..n {
-            let seg = &b.segments[r * t..(r + 1) * t];
-            for i in 0..t {
-                for j in 0..=i {
-                    if i == j || (seg[i] != 0 && seg[i] == seg[j]) {
-                        mask[(r * t + i) * t + j] = 0.0;
-                    }
-                }
-            }
-        }
         Ok(Self {
             batch: n,
             seq: t,
@@ -100,33 +112,58 @@ impl BatchTensors {
             loss_mask: Tensor::new(b.loss_mask.as_slice(), device)?,
             cos: angles(&rope.cos)?,
             sin: angles(&rope.sin)?,
-            mask: Tensor::from_vec(mask, (n, 1, t, t), device)?,
-            segments: Tensor::from_slice(&b.segments, (n, t), device)?,
+            windows: Windows::new(window_starts(&b.segments, t)?, n, t, device)?,
             loss_tokens: b.loss_tokens,
         })
     }
 }
 
+/// How a step trades memory for compute: the `[train]` keys `recompute`, `attention_block`, `loss_chunk`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryPlan {
+    pub recompute: Recompute,
+    pub attention_block: usize,
+    pub loss_chunk: usize,
+}
+
+impl MemoryPlan {
+    pub fn new(train: &TrainSection) -> Self {
+        Self { recompute: train.recompute, attention_block: train.attention_block, loss_chunk: train.loss_chunk }
+    }
+}
+
+/// What one block's backward needs.
 struct BlockSaved {
     input_norm: RmsNormSaved,
     a1: Tensor,
-    attn: AttentionSaved,
+    /// None under `recompute = "attention"`: the backward rebuilds it from `a1`.
+    attn: Option<FlashSaved>,
     inner_norm: RmsNormSaved,
     o: Tensor,
     post_norm: RmsNormSaved,
     a2: Tensor,
+    /// down_proj's input is recomputed from these ([`Pass::ffn_inner`]).
     gate: Tensor,
     up: Tensor,
-    ffn_norm: RmsNormSaved,
-    h: Tensor,
 }
 
-/// What [`backward`] needs from [`forward`].
+/// What the forward keeps of one block.
+enum LayerSaved {
+    All(BlockSaved),
+    /// `recompute = "blocks"`: the block's input; the backward re-runs the block's forward.
+    Input(Tensor),
+}
+
+/// What [`backward`] needs from [`forward`]. The loss's own backward (through the head) is done chunk by
+/// chunk in the forward, so no logits are kept: `dhidden` is the gradient at the final norm's output and
+/// `dhead` the head weight's gradient.
 pub struct Saved {
-    blocks: Vec<BlockSaved>,
+    /// The quantization warm-up's lambda the forward ran with (a recomputed block needs it too).
+    lambda: f64,
+    layers: Vec<LayerSaved>,
     final_norm: RmsNormSaved,
-    hidden: Tensor,
-    dlogits: Tensor,
+    dhidden: Tensor,
+    dhead: Tensor,
 }
 
 /// Names of one block's parameters, resolved to slot indices once.
@@ -174,96 +211,106 @@ fn head_slot(cfg: &ModelConfig, layout: &ParamLayout) -> usize {
     layout.index(if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" })
 }
 
-/// Runs the network on a micro-batch and returns the summed loss over its trained tokens and what the
-/// backward needs (the loss gradient included).
-pub fn forward(
-    cfg: &ModelConfig,
-    layout: &ParamLayout,
-    w: &StepWeights,
-    b: &BatchTensors,
+/// One micro-batch's pass: what every block function needs.
+struct Pass<'a> {
+    cfg: &'a ModelConfig,
+    layout: &'a ParamLayout,
+    p: &'a [Tensor],
+    b: &'a BatchTensors,
     lambda: f64,
-) -> Result<(f64, Saved)> {
-    let (n, t, h) = (b.batch, b.seq, cfg.hidden_size);
-    let (nh, nkv, d, eps) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.rms_norm_eps);
-    let p = &w.tensors;
-    let heads = |x: Tensor, k: usize| x.reshape((n, t, k, d))?.transpose(1, 2)?.contiguous();
-    let mut x = p[layout.index("model.embed_tokens.weight")].index_select(&b.ids, 0)?;
-    let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
-    for l in 0..cfg.num_hidden_layers {
-        let s = BlockSlots::new(layout, l);
-        let (a1, input_norm) = rmsnorm_quant_forward(&x, &p[s.input_ln], eps, lambda)?;
-        let q = rope_forward(&heads(linear_forward(&a1, &p[s.q])?, nh)?, &b.cos, &b.sin)?;
-        let k = rope_forward(&heads(linear_forward(&a1, &p[s.k])?, nkv)?, &b.cos, &b.sin)?;
-        let v = heads(linear_forward(&a1, &p[s.v])?, nkv)?;
+    plan: MemoryPlan,
+}
+
+impl Pass<'_> {
+    /// `[n * t, k * d]` rows to `[n, k, t, d]` heads.
+    fn heads(&self, x: &Tensor, k: usize) -> Result<Tensor> {
+        let (n, t, d) = (self.b.batch, self.b.seq, self.cfg.head_dim());
+        Ok(x.reshape((n, t, k, d))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// `[n, k, t, d]` heads back to `[n * t, k * d]` rows.
+    fn rows(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.transpose(1, 2)?.reshape((self.b.batch * self.b.seq, ()))?)
+    }
+
+    /// Block `l`'s attention from its normed, quantized input `a1`: the output rows (before
+    /// `inner_attn_ln`) and what attention's backward needs.
+    fn attention(&self, s: &BlockSlots, a1: &Tensor) -> Result<(Tensor, FlashSaved)> {
+        let (p, b, cfg) = (self.p, self.b, self.cfg);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let q = rope_forward(&self.heads(&linear_forward(a1, &p[s.q])?, nh)?, &b.cos, &b.sin)?;
+        let k = rope_forward(&self.heads(&linear_forward(a1, &p[s.k])?, nkv)?, &b.cos, &b.sin)?;
+        let v = self.heads(&linear_forward(a1, &p[s.v])?, nkv)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let (y, attn) = attention_forward(&q, &k, &v, &b.mask, &b.segments)?;
-        let y = y.transpose(1, 2)?.reshape((n * t, h))?;
+        let (y, saved) = flash_attention_forward(&q, &k, &v, &b.windows, self.plan.attention_block)?;
+        Ok((self.rows(&y)?, saved))
+    }
+
+    /// Block `l` on its input `x`: the block's output and what its backward needs (attention's part only
+    /// when `keep_attention`).
+    fn block_forward(&self, l: usize, x: &Tensor, keep_attention: bool) -> Result<(Tensor, BlockSaved)> {
+        let (p, eps, lambda) = (self.p, self.cfg.rms_norm_eps, self.lambda);
+        let s = BlockSlots::new(self.layout, l);
+        let (a1, input_norm) = rmsnorm_quant_forward(x, &p[s.input_ln], eps, lambda)?;
+        let (y, attn) = self.attention(&s, &a1)?;
         let (o, inner_norm) = rmsnorm_quant_forward(&y, &p[s.inner_ln], eps, lambda)?;
-        x = (x + linear_forward(&o, &p[s.o])?)?;
+        let x = (x + linear_forward(&o, &p[s.o])?)?;
 
         let (a2, post_norm) = rmsnorm_quant_forward(&x, &p[s.post_ln], eps, lambda)?;
         let gate = linear_forward(&a2, &p[s.gate])?;
         let up = linear_forward(&a2, &p[s.up])?;
-        let (hq, ffn_norm) = rmsnorm_quant_forward(&swiglu_forward(&gate, &up)?, &p[s.ffn_ln], eps, lambda)?;
-        x = (x + linear_forward(&hq, &p[s.down])?)?;
-        blocks.push(BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gate, up, ffn_norm, h: hq });
+        let x = (x + linear_forward(&self.ffn_inner(&s, &gate, &up)?.0, &p[s.down])?)?;
+        let attn = keep_attention.then_some(attn);
+        Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gate, up }))
     }
-    let (hidden, final_norm) = rmsnorm_forward(&x, &p[layout.index("model.norm.weight")], eps)?;
-    let logits = linear_forward(&hidden, &p[head_slot(cfg, layout)])?;
-    let (loss, dlogits) = cross_entropy_forward_backward(&logits, &b.targets, &b.loss_mask)?;
-    Ok((loss, Saved { blocks, final_norm, hidden, dlogits }))
-}
 
-/// Adds the gradients of the summed loss to `grads`, the flat f32 gradient buffer, each parameter's as
-/// soon as its layer's backward is done (so a layer's activations and gradients are freed as it goes).
-/// `done` hears each range of `grads` that this backward will not touch again, block by block from the
-/// last, then the rest: the data-parallel sum of a range starts there while earlier blocks still run.
-pub fn backward(
-    cfg: &ModelConfig,
-    layout: &ParamLayout,
-    w: &StepWeights,
-    b: &BatchTensors,
-    saved: Saved,
-    grads: &Tensor,
-    done: &mut dyn FnMut(Range<usize>) -> Result<()>,
-) -> Result<()> {
-    let (n, t, h) = (b.batch, b.seq, cfg.hidden_size);
-    let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-    let p = &w.tensors;
-    let dtype = p[0].dtype();
-    let add = |slot: usize, g: &Tensor| layout.accumulate(grads, slot, g);
-    let heads = |x: &Tensor, k: usize| x.reshape((n, t, k, d))?.transpose(1, 2)?.contiguous();
-    let rows = |x: Tensor| x.transpose(1, 2)?.reshape((n * t, ()));
+    /// down_proj's input from gate and up (SwiGLU, ffn_layernorm, quantization) and the norm's saved
+    /// statistics. All elementwise, about 1% of a step, so every recompute level has the backward redo it
+    /// rather than the forward keep two intermediate-sized tensors per token and block (a quarter of them).
+    fn ffn_inner(&self, s: &BlockSlots, gate: &Tensor, up: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        Ok(rmsnorm_quant_forward(&swiglu_forward(gate, up)?, &self.p[s.ffn_ln], self.cfg.rms_norm_eps, self.lambda)?)
+    }
 
-    let head = head_slot(cfg, layout);
-    let (dhidden, dhead) = linear_backward(&saved.dlogits.to_dtype(dtype)?, &saved.hidden, &p[head])?;
-    add(head, &dhead)?;
-    let norm = layout.index("model.norm.weight");
-    let (mut dx, dnorm) = rmsnorm_backward(&dhidden, &p[norm], &saved.final_norm)?;
-    add(norm, &dnorm)?;
-
-    for (l, sv) in saved.blocks.iter().enumerate().rev() {
-        let s = BlockSlots::new(layout, l);
-        let (dhq, ddown) = linear_backward(&dx, &sv.h, &p[s.down])?;
-        let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &sv.ffn_norm)?;
+    /// Block `l`'s backward: adds its parameters' gradients with `add` and returns the gradient at its input.
+    fn block_backward(
+        &self,
+        l: usize,
+        sv: &BlockSaved,
+        dx: Tensor,
+        add: &impl Fn(usize, &Tensor) -> candle_core::Result<()>,
+    ) -> Result<Tensor> {
+        let (p, b, cfg) = (self.p, self.b, self.cfg);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let s = BlockSlots::new(self.layout, l);
+        let (h, ffn_norm) = self.ffn_inner(&s, &sv.gate, &sv.up)?;
+        let (dhq, ddown) = linear_backward(&dx, &h, &p[s.down])?;
+        let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm)?;
         let (dgate, dup) = swiglu_backward(&dh, &sv.gate, &sv.up)?;
         let (da2_gate, dgate_w) = linear_backward(&dgate, &sv.a2, &p[s.gate])?;
         let (da2_up, dup_w) = linear_backward(&dup, &sv.a2, &p[s.up])?;
         let (dx2, dpost) = rmsnorm_backward(&(da2_gate + da2_up)?, &p[s.post_ln], &sv.post_norm)?;
-        dx = (dx + dx2)?;
+        let dx = (dx + dx2)?;
 
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p[s.o])?;
         let (dy, dinner) = rmsnorm_backward(&do_, &p[s.inner_ln], &sv.inner_norm)?;
-        let (dq, dk, dv) = attention_backward(&heads(&dy, nh)?, &sv.attn)?;
+        let recomputed;
+        let attn = match &sv.attn {
+            Some(a) => a,
+            None => {
+                recomputed = self.attention(&s, &sv.a1)?.1;
+                &recomputed
+            }
+        };
+        let (dq, dk, dv) =
+            flash_attention_backward(&self.heads(&dy, nh)?, attn, &b.windows, self.plan.attention_block)?;
         let (dk, dv) = (sum_kv_groups(&dk, nh / nkv)?, sum_kv_groups(&dv, nh / nkv)?);
-        let dq = rows(rope_backward(&dq, &b.cos, &b.sin)?)?;
-        let dk = rows(rope_backward(&dk, &b.cos, &b.sin)?)?;
-        let dv = rows(dv)?;
+        let dq = self.rows(&rope_backward(&dq, &b.cos, &b.sin)?)?;
+        let dk = self.rows(&rope_backward(&dk, &b.cos, &b.sin)?)?;
+        let dv = self.rows(&dv)?;
         let (da1_q, dq_w) = linear_backward(&dq, &sv.a1, &p[s.q])?;
         let (da1_k, dk_w) = linear_backward(&dk, &sv.a1, &p[s.k])?;
         let (da1_v, dv_w) = linear_backward(&dv, &sv.a1, &p[s.v])?;
         let (dx1, dinput) = rmsnorm_backward(&((da1_q + da1_k)? + da1_v)?, &p[s.input_ln], &sv.input_norm)?;
-        dx = (dx + dx1)?;
 
         for (slot, g) in [
             (s.down, ddown),
@@ -280,12 +327,127 @@ pub fn backward(
         ] {
             add(slot, &g)?;
         }
-        done(s.range(layout))?;
+        Ok((dx + dx1)?)
+    }
+
+    /// The embedding and every block; `keep` says what to keep of each block (nothing when `None`).
+    fn trunk(&self, keep: Option<Recompute>) -> Result<(Tensor, Vec<LayerSaved>)> {
+        let mut x = self.p[self.layout.index("model.embed_tokens.weight")].index_select(&self.b.ids, 0)?;
+        let mut layers = Vec::new();
+        for l in 0..self.cfg.num_hidden_layers {
+            let (next, saved) = self.block_forward(l, &x, keep == Some(Recompute::None))?;
+            match keep {
+                Some(Recompute::Blocks) => layers.push(LayerSaved::Input(x)),
+                Some(_) => layers.push(LayerSaved::All(saved)),
+                None => {}
+            }
+            x = next;
+        }
+        Ok((x, layers))
+    }
+
+    /// The summed loss of the final hidden rows, `loss_chunk` rows at a time so that only one chunk's f32
+    /// logits exist at once; with `grad`, also the gradients at `hidden` and of the head's weight,
+    /// accumulated chunk by chunk.
+    fn head_loss(&self, hidden: &Tensor, grad: bool) -> Result<(f64, Option<(Tensor, Tensor)>)> {
+        let head = &self.p[head_slot(self.cfg, self.layout)];
+        let rows = hidden.dim(0)?;
+        let (mut loss, mut dhidden, mut dhead) = (0.0, Vec::new(), None::<Tensor>);
+        for r0 in (0..rows).step_by(self.plan.loss_chunk) {
+            let nr = self.plan.loss_chunk.min(rows - r0);
+            let h = hidden.narrow(0, r0, nr)?;
+            let logits = linear_forward(&h, head)?;
+            let targets = self.b.targets.narrow(0, r0, nr)?;
+            let (l, dlogits) = cross_entropy_forward_backward(&logits, &targets, &self.b.loss_mask.narrow(0, r0, nr)?)?;
+            loss += l;
+            if grad {
+                let (dh, dw) = linear_backward(&dlogits.to_dtype(hidden.dtype())?, &h, head)?;
+                // Summed over the chunks in f32 (the GEMM gives the compute dtype).
+                let dw = dw.to_dtype(DType::F32)?;
+                dhidden.push(dh);
+                dhead = Some(match dhead {
+                    Some(acc) => (acc + dw)?,
+                    None => dw,
+                });
+            }
+        }
+        match (grad, dhead) {
+            (true, Some(dhead)) => Ok((loss, Some((Tensor::cat(&dhidden, 0)?, dhead)))),
+            _ => Ok((loss, None)),
+        }
+    }
+}
+
+/// Runs the network on a micro-batch and returns the summed loss over its trained tokens and what the
+/// backward needs (the loss gradient included), keeping activations as `plan.recompute` says.
+pub fn forward(
+    cfg: &ModelConfig,
+    layout: &ParamLayout,
+    w: &StepWeights,
+    b: &BatchTensors,
+    lambda: f64,
+    plan: MemoryPlan,
+) -> Result<(f64, Saved)> {
+    let pass = Pass { cfg, layout, p: &w.tensors, b, lambda, plan };
+    let (x, layers) = pass.trunk(Some(plan.recompute))?;
+    let (hidden, final_norm) = rmsnorm_forward(&x, &w.tensors[layout.index("model.norm.weight")], cfg.rms_norm_eps)?;
+    let (loss, grads) = pass.head_loss(&hidden, true)?;
+    let (dhidden, dhead) = grads.expect("head_loss returns gradients when asked");
+    Ok((loss, Saved { lambda, layers, final_norm, dhidden, dhead }))
+}
+
+/// The summed loss of a micro-batch alone (dev loss): keeps no activations.
+pub fn loss(
+    cfg: &ModelConfig,
+    layout: &ParamLayout,
+    w: &StepWeights,
+    b: &BatchTensors,
+    lambda: f64,
+    plan: MemoryPlan,
+) -> Result<f64> {
+    let pass = Pass { cfg, layout, p: &w.tensors, b, lambda, plan };
+    let (x, _) = pass.trunk(None)?;
+    let (hidden, _) = rmsnorm_forward(&x, &w.tensors[layout.index("model.norm.weight")], cfg.rms_norm_eps)?;
+    Ok(pass.head_loss(&hidden, false)?.0)
+}
+
+/// Adds the gradients of the summed loss to `grads`, the flat f32 gradient buffer, each parameter's as
+/// soon as its layer's backward is done; each block's saved tensors are freed as soon as its backward ends.
+/// Under `recompute = "blocks"` each block's forward is re-run from its input first. `done` hears each
+/// range of `grads` that this backward will not touch again, block by block from the last, then the rest:
+/// the data-parallel sum of a range starts there while earlier blocks still run.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    cfg: &ModelConfig,
+    layout: &ParamLayout,
+    w: &StepWeights,
+    b: &BatchTensors,
+    plan: MemoryPlan,
+    saved: Saved,
+    grads: &Tensor,
+    done: &mut dyn FnMut(Range<usize>) -> Result<()>,
+) -> Result<()> {
+    let pass = Pass { cfg, layout, p: &w.tensors, b, lambda: saved.lambda, plan };
+    let add = |slot: usize, g: &Tensor| layout.accumulate(grads, slot, g);
+    add(head_slot(cfg, layout), &saved.dhead)?;
+    let norm = layout.index("model.norm.weight");
+    let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm)?;
+    add(norm, &dnorm)?;
+    for (l, layer) in saved.layers.into_iter().enumerate().rev() {
+        let sv = match layer {
+            LayerSaved::All(sv) => sv,
+            LayerSaved::Input(x) => pass.block_forward(l, &x, true)?.1,
+        };
+        dx = pass.block_backward(l, &sv, dx, &add)?;
+        done(BlockSlots::new(layout, l).range(layout))?;
     }
     // The embedding gathers rows; its gradient scatters them back (and adds the tied head's).
     let embed = layout.index("model.embed_tokens.weight");
-    let dembed =
-        Tensor::zeros((cfg.vocab_size, h), DType::F32, dx.device())?.index_add(&b.ids, &dx.to_dtype(DType::F32)?, 0)?;
+    let dembed = Tensor::zeros((cfg.vocab_size, cfg.hidden_size), DType::F32, dx.device())?.index_add(
+        &b.ids,
+        &dx.to_dtype(DType::F32)?,
+        0,
+    )?;
     add(embed, &dembed)?;
     // What lies outside the blocks: the embedding before them, the final norm (and an untied head) after.
     let blocks = match cfg.num_hidden_layers {

@@ -1,0 +1,303 @@
+//! Peak device memory of a training step, estimated from the configs before anything is allocated, so a
+//! run that cannot fit says so at once (with a config that would fit) instead of running out of memory
+//! mid-run.
+//!
+//! The estimate counts the bytes of every tensor alive at the two candidate peaks of a step:
+//!
+//! - **forward/backward**: latent f32 weights (4P), the flat f32 gradient buffer (4P), the AdamW moments
+//!   (8P), this step's weights in the compute dtype (eP), the activations the forward keeps
+//!   ([`saved_per_token`] for the recompute level), and the largest transient: either the loss of one
+//!   chunk at the end of the forward (f32 logits, exp and two gradient copies, `16 x chunk x vocab`
+//!   bytes, plus the head gradient) or one block's backward (its weight gradients in f32, the FFN
+//!   backward's f32 temporaries, one attention query block's f32 score-sized temporaries, the f32 dK/dV
+//!   accumulators, and under recomputation the recomputed block's saved tensors);
+//! - **optimizer**: latent weights, moments, two f32 gradient buffers (the step divides and clips into
+//!   new buffers) and AdamW's per-parameter temporaries.
+//!
+//! On CUDA two more parts: the stream-ordered allocator keeps freed blocks for reuse, which costs about
+//! one more largest transient, and the CUDA context with its libraries. Both were calibrated on an H200
+//! against nvidia-smi peaks of the large shape at sequence 768 and 2048 (micro-batch 1 to 8, before the
+//! blocked attention and chunked loss): this accounting applied to that code gave 18.4, 21.1, 38.1, 60.8
+//! and 36.8 GiB for the measured 18.6, 20.8, 37.5, 57.1 and 37.0 GiB (seq x batch 768x1, 768x2,
+//! 2048x2, 2048x4, 768x8), with a 2.5 GiB context.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+use super::model::MemoryPlan;
+use crate::config::run::Recompute;
+use crate::config::ModelConfig;
+
+/// The CUDA context, cuBLAS and candle's kernels (see the module doc for the calibration).
+const CUDA_CONTEXT_BYTES: f64 = 2.5 * GIB;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// What the estimate depends on.
+#[derive(Debug, Clone)]
+pub struct StepShape<'a> {
+    pub model: &'a ModelConfig,
+    pub micro_batch: usize,
+    pub seq: usize,
+    pub plan: MemoryPlan,
+    /// bf16 on CUDA, f32 on CPU.
+    pub dtype: DType,
+    pub cuda: bool,
+}
+
+/// A peak estimate as named parts, in bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimate {
+    pub parts: Vec<(&'static str, f64)>,
+}
+
+impl Estimate {
+    pub fn total(&self) -> f64 {
+        self.parts.iter().map(|(_, b)| b).sum()
+    }
+
+    pub fn gib(&self) -> f64 {
+        self.total() / GIB
+    }
+
+    pub fn part(&self, name: &str) -> f64 {
+        self.parts.iter().find(|(n, _)| *n == name).map_or(0.0, |(_, b)| *b)
+    }
+}
+
+/// Bytes the forward keeps per token and block for a recompute level (`e` = compute dtype bytes). With
+/// nothing recomputed: the block input, the residual after attention, the normed quantized inputs of
+/// q/k/v, o_proj and gate/up, q, k, v, attention's output rows (9 x hidden), gate and up (2 x
+/// intermediate; down_proj's input is always recomputed from them), three f32 RMS statistics and one f32
+/// log-sum-exp per head.
+pub fn saved_per_token(cfg: &ModelConfig, recompute: Recompute, e: f64) -> f64 {
+    let (h, i, heads) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_attention_heads as f64);
+    match recompute {
+        Recompute::None => e * (9.0 * h + 2.0 * i) + 4.0 * (3.0 + heads),
+        // Less q, k, v and the log-sum-exp.
+        Recompute::Attention => e * (6.0 * h + 2.0 * i) + 12.0,
+        Recompute::Blocks => e * h,
+    }
+}
+
+/// The estimated peak of one training step.
+pub fn estimate(s: &StepShape) -> Estimate {
+    let cfg = s.model;
+    let e = s.dtype.size_in_bytes() as f64;
+    let p = cfg.num_parameters() as f64;
+    let (h, i, v) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.vocab_size as f64);
+    let (layers, heads) = (cfg.num_hidden_layers as f64, cfg.num_attention_heads as f64);
+    let n = (s.micro_batch * s.seq) as f64;
+    let block_params = 2.0 * h * h + 2.0 * h * (cfg.num_kv_heads() * cfg.head_dim()) as f64 + 3.0 * h * i;
+
+    // The final norm's input and the gradient at its output stay to the backward.
+    let saved = n * (layers * saved_per_token(cfg, s.plan.recompute, e) + 2.0 * e * h + 4.0);
+    let chunk = s.plan.loss_chunk.min(s.micro_batch * s.seq) as f64;
+    // Logits, exp and two gradient copies in f32; the head gradient and its running sum; dhidden's chunks
+    // while they are joined.
+    let loss = 16.0 * chunk * v + 8.0 * v * h + e * n * h;
+    let query_block = s.plan.attention_block.min(s.seq) as f64;
+    let scores = s.micro_batch as f64 * heads * query_block * s.seq as f64;
+    // Probabilities (f32 and e), dP, dP P, dP - rowsum, dS (f32 and e); dK, dV in f32 and the sum written
+    // back; dY and dQ.
+    let attention = scores * (20.0 + 2.0 * e) + n * h * (12.0 + 2.0 * e);
+    // The recomputed SwiGLU output and down_proj input, and the f32 temporaries of the norm and SwiGLU
+    // backward.
+    let ffn = (32.0 + 2.0 * e) * n * i;
+    let recomputed = match s.plan.recompute {
+        Recompute::None => 0.0,
+        Recompute::Attention => n * (3.0 * e * h + 4.0 * heads),
+        Recompute::Blocks => n * saved_per_token(cfg, Recompute::None, e),
+    };
+    // The block's weight gradients in f32, the head gradient kept to the end, the residual gradients.
+    let backward = 4.0 * block_params + recomputed + attention.max(ffn) + 4.0 * v * h + 2.0 * e * n * h;
+    let transient = loss.max(backward);
+
+    let step = [
+        ("latent weights (f32)", 4.0 * p),
+        ("gradient buffer (f32)", 4.0 * p),
+        ("AdamW moments (f32)", 8.0 * p),
+        ("this step's weights", e * p),
+        ("saved activations", saved),
+        ("largest transient", transient),
+    ];
+    let largest_param =
+        crate::model::parameter_shapes(cfg).iter().map(|(_, shape)| shape.iter().product::<usize>()).max().unwrap_or(0)
+            as f64;
+    let optimizer = 20.0 * p + 20.0 * largest_param;
+    let mut parts: Vec<(&'static str, f64)> = match step.iter().map(|(_, b)| b).sum::<f64>() >= optimizer {
+        true => step.to_vec(),
+        false => vec![
+            ("latent weights (f32)", 4.0 * p),
+            ("AdamW moments (f32)", 8.0 * p),
+            ("gradients, divided and clipped (2 x f32)", 8.0 * p),
+            ("AdamW temporaries", 20.0 * largest_param),
+        ],
+    };
+    if s.cuda {
+        parts.push(("allocator slack (one largest transient)", transient));
+        parts.push(("CUDA context and libraries", CUDA_CONTEXT_BYTES));
+    }
+    Estimate { parts }
+}
+
+/// The device's total memory in bytes; `None` on the CPU.
+pub fn device_memory(device: &Device) -> Result<Option<f64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (_, total) = d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .map_err(|e| anyhow::anyhow!("querying the GPU's memory: {e:?}"))?;
+            Ok(Some(total as f64))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The largest device memory in use (total less free, every process on the card, as nvidia-smi counts
+/// it) while it runs, sampled every 5 ms on its own thread; for `--bench`. Does nothing on the CPU.
+pub struct PeakSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl PeakSampler {
+    pub fn start(device: &Device) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                let (ctx, stop) = (d.cuda_stream().context().clone(), stop.clone());
+                Some(std::thread::spawn(move || {
+                    let mut peak = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok((free, total)) = ctx.mem_get_info() {
+                            peak = peak.max(total - free);
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    peak
+                }))
+            }
+            _ => None,
+        };
+        Self { stop, thread }
+    }
+
+    /// The peak in GiB; `None` on the CPU.
+    pub fn stop(mut self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().unwrap_or(0) as f64 / GIB)
+    }
+}
+
+/// Fails, before anything is allocated, when the estimate exceeds `card` bytes, with the estimate's parts
+/// and the cheapest change that fits: a recompute level (least recomputation first), then a smaller
+/// micro-batch with recompute = "blocks", then a shorter sequence.
+pub fn check_fits(s: &StepShape, card: f64) -> Result<()> {
+    let est = estimate(s);
+    if est.total() <= card {
+        return Ok(());
+    }
+    let parts: Vec<String> = est.parts.iter().map(|(n, b)| format!("{n} {:.2}", b / GIB)).collect();
+    let fits = |recompute: Recompute, micro_batch: usize, seq: usize| {
+        let plan = MemoryPlan { recompute, ..s.plan };
+        let e = estimate(&StepShape { plan, micro_batch, seq, ..s.clone() });
+        (e.total() <= card).then_some(e.gib())
+    };
+    let levels = [Recompute::None, Recompute::Attention, Recompute::Blocks];
+    let from = levels.iter().position(|&l| l == s.plan.recompute).unwrap_or(0);
+    let name = |l: Recompute| format!("{l:?}").to_lowercase();
+    let suggestion = levels[from..]
+        .iter()
+        .find_map(|&l| fits(l, s.micro_batch, s.seq).map(|g| format!("train.recompute = \"{}\" ({g:.1} GiB)", name(l))))
+        .or_else(|| {
+            (1..s.micro_batch).rev().find_map(|b| {
+                fits(Recompute::Blocks, b, s.seq).map(|g| {
+                    format!(
+                        "train.recompute = \"blocks\" with train.micro_batch = {b} and a grad_accum {} times larger \
+                         ({g:.1} GiB)",
+                        s.micro_batch as f64 / b as f64
+                    )
+                })
+            })
+        })
+        .or_else(|| {
+            (1..=s.seq / 256).rev().map(|k| k * 256).find_map(|seq| {
+                fits(Recompute::Blocks, 1, seq).map(|g| {
+                    format!(
+                        "data.max_seq_len = {seq} with train.recompute = \"blocks\" and train.micro_batch = 1 \
+                         ({g:.1} GiB)"
+                    )
+                })
+            })
+        })
+        .unwrap_or_else(|| "nothing: the weights and optimizer state alone do not fit".into());
+    bail!(
+        "this run needs about {:.1} GiB of GPU memory ({}; micro-batch {} x sequence {}, train.recompute = \
+         \"{}\") but the card has {:.1} GiB; what would fit: {suggestion}",
+        est.gib(),
+        parts.join(", "),
+        s.micro_batch,
+        s.seq,
+        name(s.plan.recompute),
+        card / GIB
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(cfg: &ModelConfig, micro_batch: usize, seq: usize, recompute: Recompute) -> StepShape<'_> {
+        let plan = MemoryPlan { recompute, attention_block: 256, loss_chunk: 1024 };
+        StepShape { model: cfg, micro_batch, seq, plan, dtype: DType::BF16, cuda: true }
+    }
+
+    #[test]
+    fn parts_by_hand_on_the_tiny_shape() {
+        let cfg = ModelConfig::shape("tiny", 97).unwrap();
+        let p = cfg.num_parameters() as f64;
+        let est = estimate(&shape(&cfg, 2, 64, Recompute::None));
+        assert_eq!(est.part("latent weights (f32)"), 4.0 * p);
+        assert_eq!(est.part("this step's weights"), 2.0 * p);
+        // hidden 64, intermediate 176, 4 heads, 2 layers: (9 x 64 + 2 x 176) x 2 + 4 x 7 = 1884 bytes a
+        // token and block; 128 tokens; the final norm's 2 x 2 x 64 + 4.
+        assert_eq!(saved_per_token(&cfg, Recompute::None, 2.0), 1884.0);
+        assert_eq!(est.part("saved activations"), 128.0 * (2.0 * 1884.0 + 260.0));
+        assert_eq!(est.part("allocator slack (one largest transient)"), est.part("largest transient"));
+        let sum: f64 = est.parts.iter().map(|(_, b)| b).sum();
+        assert_eq!(est.total(), sum);
+    }
+
+    #[test]
+    fn more_tokens_cost_more_and_recomputing_less() {
+        let cfg = ModelConfig::shape("large", 32002).unwrap();
+        let gib = |b, t, r| estimate(&shape(&cfg, b, t, r)).gib();
+        for r in [Recompute::None, Recompute::Attention, Recompute::Blocks] {
+            assert!(gib(1, 2048, r) < gib(1, 4096, r) && gib(1, 4096, r) < gib(2, 4096, r), "{r:?}");
+        }
+        assert!(gib(1, 4096, Recompute::Blocks) < gib(1, 4096, Recompute::Attention));
+        assert!(gib(1, 4096, Recompute::Attention) < gib(1, 4096, Recompute::None));
+        // The issue's target: bitnet_b1_58-large at 4096 tokens in 22 GiB with whole-block recomputation.
+        assert!(gib(1, 4096, Recompute::Blocks) <= 22.0, "{}", gib(1, 4096, Recompute::Blocks));
+    }
+
+    #[test]
+    fn too_big_suggests_what_fits() {
+        let cfg = ModelConfig::shape("large", 32002).unwrap();
+        let s = shape(&cfg, 1, 4096, Recompute::None);
+        assert!(check_fits(&s, 80.0 * GIB).is_ok());
+        let card = estimate(&shape(&cfg, 1, 4096, Recompute::Blocks)).total() + 1.0;
+        let err = check_fits(&s, card).unwrap_err().to_string();
+        assert!(err.contains("train.recompute = \"blocks\""), "{err}");
+        assert!(err.contains("saved activations"), "{err}");
+        // Micro-batch 4 at blocks does not fit that card either; micro-batch 1 does.
+        let err = check_fits(&shape(&cfg, 4, 4096, Recompute::Blocks), card).unwrap_err().to_string();
+        assert!(err.contains("train.micro_batch = 1 and a grad_accum 4 times larger"), "{err}");
+        let err = check_fits(&shape(&cfg, 1, 4096, Recompute::None), 10.0 * GIB).unwrap_err().to_string();
+        assert!(err.contains("nothing: the weights"), "{err}");
+    }
+}
