@@ -97,6 +97,9 @@ pub struct TrainSection {
     pub attention_block: usize,
     /// Token rows per chunk of the loss: the f32 logits `[loss_chunk, vocab]` exist one chunk at a time.
     pub loss_chunk: usize,
+    /// On a GPU, refuse to start when the estimated peak memory (`train::memory`) exceeds the card's;
+    /// false starts anyway, for when the estimate is wrong.
+    pub check_memory: bool,
 }
 
 /// Activation recomputation: memory for compute.
@@ -203,6 +206,7 @@ impl Default for TrainSection {
             recompute: Recompute::None,
             attention_block: 256,
             loss_chunk: 1024,
+            check_memory: true,
         }
     }
 }

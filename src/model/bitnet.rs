@@ -74,8 +74,9 @@ fn rms_norm(vb: &VarBuilder, dim: usize, eps: f64, name: &str) -> Result<RmsNorm
 /// scaling. Angles are `position x inv_freq` in f32, as transformers computes them.
 #[derive(Debug, Clone)]
 struct Rope {
-    /// Dynamic scaling recomputes the frequencies for sequences beyond `max_position_embeddings`.
     cfg: ModelConfig,
+    /// Dynamic scaling recomputes the frequencies for sequences beyond `max_position_embeddings`.
+    dynamic: bool,
     /// f32 `[1, head_dim / 2]`, for sequences up to `max_position_embeddings`.
     inv_freq: Tensor,
     dtype: DType,
@@ -84,7 +85,11 @@ struct Rope {
 impl Rope {
     fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let inv_freq = Self::inv_freq(cfg, cfg.max_position_embeddings, device)?;
-        Ok(Self { cfg: cfg.clone(), inv_freq, dtype })
+        let dynamic = matches!(
+            cfg.rope_scaling().map_err(candle_core::Error::msg)?,
+            Some(RopeScaling { kind: RopeScalingType::Dynamic, .. })
+        );
+        Ok(Self { cfg: cfg.clone(), dynamic, inv_freq, dtype })
     }
 
     /// transformers' `inv_freq` for a sequence of `len` tokens: `1 / base^(2i/d)`, divided by the factor
@@ -101,11 +106,7 @@ impl Rope {
     /// as transformers' `dynamic_rope_update` does (cached keys keep theirs).
     fn at(&self, positions: &Tensor, len: usize) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
-        let dynamic = matches!(
-            self.cfg.rope_scaling().map_err(candle_core::Error::msg)?,
-            Some(RopeScaling { kind: RopeScalingType::Dynamic, .. })
-        );
-        let inv_freq = match dynamic && len > self.cfg.max_position_embeddings {
+        let inv_freq = match self.dynamic && len > self.cfg.max_position_embeddings {
             true => Self::inv_freq(&self.cfg, len, positions.device())?,
             false => self.inv_freq.clone(),
         };

@@ -277,7 +277,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         dtype: crate::device::compute_dtype(&device),
         cuda: device.is_cuda(),
     };
-    if let Some(card) = memory::device_memory(&device)? {
+    if let Some(card) = memory::device_memory(&device)?.filter(|_| cfg.train.check_memory) {
         memory::check_fits(&shape, card)?;
     }
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
