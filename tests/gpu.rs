@@ -175,7 +175,8 @@ mod fused {
     }
 
     #[test]
-    fn attention_matches_reference() {
+    fn blocked_attention_matches_reference() {
+        use bessie::train::model::window_starts;
         let dev = gpu();
         let (b, h, t, d) = (2, 3, 70, 64);
         // Row 0: two packed examples then padding; row 1: one example.
@@ -187,19 +188,7 @@ mod fused {
                 _ => 1,
             })
             .collect();
-        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
-        for r in 0..b {
-            let seg = &segments[r * t..(r + 1) * t];
-            for i in 0..t {
-                for j in 0..=i {
-                    if i == j || (seg[i] != 0 && seg[i] == seg[j]) {
-                        mask[(r * t + i) * t + j] = 0.0;
-                    }
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu).unwrap();
-        let segs = Tensor::from_vec(segments, (b, t), &Device::Cpu).unwrap();
+        let starts = window_starts(&segments, t).unwrap();
         let (q, k, v, dy) = (
             randn(&[b, h, t, d], DType::BF16),
             randn(&[b, h, t, d], DType::BF16),
@@ -207,15 +196,20 @@ mod fused {
             randn(&[b, h, t, d], DType::BF16),
         );
         let g = |x: &Tensor| x.to_device(&dev).unwrap();
-        let (y_ref, s_ref) = attention_forward(&q, &k, &v, &mask, &segs).unwrap();
-        let (y, s) = attention_forward(&g(&q), &g(&k), &g(&v), &g(&mask), &g(&segs)).unwrap();
-        let grads_ref = attention_backward(&dy, &s_ref).unwrap();
-        let grads = attention_backward(&g(&dy), &s).unwrap();
-        let ey = rel_l2(&y, &y_ref);
-        let (eq, ek, ev) =
-            (rel_l2(&grads.0, &grads_ref.0), rel_l2(&grads.1, &grads_ref.1), rel_l2(&grads.2, &grads_ref.2));
-        println!("attention: y rel L2 {ey:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
-        assert!(ey < 1e-2 && eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
+        // One block of all queries, and blocks of 32 (the last one partial).
+        for block in [t, 32] {
+            let w_cpu = Windows::new(starts.clone(), b, t, &Device::Cpu).unwrap();
+            let w_gpu = Windows::new(starts.clone(), b, t, &dev).unwrap();
+            let (y_ref, s_ref) = flash_attention_forward(&q, &k, &v, &w_cpu, block).unwrap();
+            let (y, s) = flash_attention_forward(&g(&q), &g(&k), &g(&v), &w_gpu, block).unwrap();
+            let grads_ref = flash_attention_backward(&dy, &s_ref, &w_cpu, block).unwrap();
+            let grads = flash_attention_backward(&g(&dy), &s, &w_gpu, block).unwrap();
+            let ey = rel_l2(&y, &y_ref);
+            let (eq, ek, ev) =
+                (rel_l2(&grads.0, &grads_ref.0), rel_l2(&grads.1, &grads_ref.1), rel_l2(&grads.2, &grads_ref.2));
+            println!("attention, query block {block}: y rel L2 {ey:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
+            assert!(ey < 1e-2 && eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
+        }
     }
 
     #[test]

@@ -204,7 +204,7 @@ impl Default for TrainSection {
             grad_dtype: GradDtype::F32,
             step_timeout: 900,
             recompute: Recompute::None,
-            attention_block: 256,
+            attention_block: 1024,
             loss_chunk: 1024,
             check_memory: true,
         }

@@ -7,19 +7,22 @@
 //! - **forward/backward**: latent f32 weights (4P), the flat f32 gradient buffer (4P), the AdamW moments
 //!   (8P), this step's weights in the compute dtype (eP), the activations the forward keeps
 //!   ([`saved_per_token`] for the recompute level), and the largest transient: either the loss of one
-//!   chunk at the end of the forward (f32 logits, exp and two gradient copies, `16 x chunk x vocab`
-//!   bytes, plus the head gradient) or one block's backward (its weight gradients in f32, the FFN
-//!   backward's f32 temporaries, one attention query block's f32 score-sized temporaries, the f32 dK/dV
-//!   accumulators, and under recomputation the recomputed block's saved tensors);
-//! - **optimizer**: latent weights, moments, two f32 gradient buffers (the step divides and clips into
-//!   new buffers) and AdamW's per-parameter temporaries.
+//!   chunk at the end of the forward (its logits and their gradient, plus the head gradient) or one block's
+//!   backward (its weight gradients, the FFN backward's temporaries, one attention query block's
+//!   score-sized temporaries, the f32 dK/dV accumulators, and under recomputation the recomputed block's
+//!   saved tensors). On CUDA the fused kernels (`crate::kernels`) leave one bf16 output where the candle
+//!   ops left several f32 temporaries, and the estimate counts what each path allocates (with
+//!   `BESSIE_UNFUSED=1` it undercounts);
+//! - **optimizer**: latent weights, moments and the gradient buffer, which is summed across ranks,
+//!   normalised and clipped in place; on the CPU path AdamW's per-parameter temporaries.
 //!
 //! On CUDA two more parts: the stream-ordered allocator keeps freed blocks for reuse, which costs about
 //! one more largest transient, and the CUDA context with its libraries. Both were calibrated on an H200
 //! against nvidia-smi peaks of the large shape at sequence 768 and 2048 (micro-batch 1 to 8, before the
-//! blocked attention and chunked loss): this accounting applied to that code gave 18.4, 21.1, 38.1, 60.8
-//! and 36.8 GiB for the measured 18.6, 20.8, 37.5, 57.1 and 37.0 GiB (seq x batch 768x1, 768x2,
-//! 2048x2, 2048x4, 768x8), with a 2.5 GiB context.
+//! blocked attention, the chunked loss and the fused kernels): this accounting applied to that code gave
+//! 18.4, 21.1, 38.1, 60.8 and 36.8 GiB for the measured 18.6, 20.8, 37.5, 57.1 and 37.0 GiB (seq x batch
+//! 768x1, 768x2, 2048x2, 2048x4, 768x8), with a 2.5 GiB context. BENCHMARKS.md has how it compares with
+//! the fused step.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -92,24 +95,29 @@ pub fn estimate(s: &StepShape) -> Estimate {
     // The final norm's input and the gradient at its output stay to the backward.
     let saved = n * (layers * saved_per_token(cfg, s.plan.recompute, e) + 2.0 * e * h + 4.0);
     let chunk = s.plan.loss_chunk.min(s.micro_batch * s.seq) as f64;
-    // Logits, exp and two gradient copies in f32; the head gradient and its running sum; dhidden's chunks
-    // while they are joined.
-    let loss = 16.0 * chunk * v + 8.0 * v * h + e * n * h;
+    // On CUDA the fused kernels (crate::kernels) replace chains of f32 temporaries with one bf16 output.
+    let fused = s.cuda;
+    // The loss chunk: logits, exp and two gradient copies in f32 (fused: bf16 logits and their gradient);
+    // the head gradient in e, widened to f32, and its running sum; dhidden's chunks while they are joined.
+    let logits = if fused { 2.0 * e } else { 16.0 };
+    let loss = logits * chunk * v + (8.0 + e) * v * h + e * n * h;
     let query_block = s.plan.attention_block.min(s.seq) as f64;
     let scores = s.micro_batch as f64 * heads * query_block * s.seq as f64;
-    // Probabilities (f32 and e), dP, dP P, dP - rowsum, dS (f32 and e); dK, dV in f32 and the sum written
-    // back; dY and dQ.
-    let attention = scores * (20.0 + 2.0 * e) + n * h * (12.0 + 2.0 * e);
-    // The recomputed SwiGLU output and down_proj input, and the f32 temporaries of the norm and SwiGLU
-    // backward.
-    let ffn = (32.0 + 2.0 * e) * n * i;
+    // Score-sized temporaries of one query block: probabilities (f32 and e), dP, dP P, dP - rowsum, dS (f32
+    // and e); fused: the scores, P, dP and dS in e. Then dK, dV in f32 and the sum written back; dY and dQ.
+    let per_score = if fused { 4.0 * e } else { 20.0 + 2.0 * e };
+    let attention = scores * per_score + n * h * (12.0 + 2.0 * e);
+    // The recomputed SwiGLU output and down_proj input, and the temporaries of the norm and SwiGLU backward
+    // (f32; fused: their e outputs only).
+    let ffn = if fused { 5.0 * e * n * i } else { (32.0 + 2.0 * e) * n * i };
     let recomputed = match s.plan.recompute {
         Recompute::None => 0.0,
         Recompute::Attention => n * (3.0 * e * h + 4.0 * heads),
         Recompute::Blocks => n * saved_per_token(cfg, Recompute::None, e),
     };
-    // The block's weight gradients in f32, the head gradient kept to the end, the residual gradients.
-    let backward = 4.0 * block_params + recomputed + attention.max(ffn) + 4.0 * v * h + 2.0 * e * n * h;
+    // The block's weight gradients (in e: the flat buffer widens them as it adds them), the head gradient
+    // kept to the end, the residual gradients.
+    let backward = e * block_params + recomputed + attention.max(ffn) + 4.0 * v * h + 2.0 * e * n * h;
     let transient = loss.max(backward);
 
     let step = [
@@ -123,14 +131,17 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let largest_param =
         crate::model::parameter_shapes(cfg).iter().map(|(_, shape)| shape.iter().product::<usize>()).max().unwrap_or(0)
             as f64;
-    let optimizer = 20.0 * p + 20.0 * largest_param;
+    // The gradients are summed across ranks, normalised and clipped in place (inside AdamW's update); the
+    // update's temporaries are per parameter on the CPU path and none in the fused kernel.
+    let temporaries = if fused { 0.0 } else { 20.0 * largest_param };
+    let optimizer = 16.0 * p + temporaries;
     let mut parts: Vec<(&'static str, f64)> = match step.iter().map(|(_, b)| b).sum::<f64>() >= optimizer {
         true => step.to_vec(),
         false => vec![
             ("latent weights (f32)", 4.0 * p),
             ("AdamW moments (f32)", 8.0 * p),
-            ("gradients, divided and clipped (2 x f32)", 8.0 * p),
-            ("AdamW temporaries", 20.0 * largest_param),
+            ("gradient buffer (f32)", 4.0 * p),
+            ("AdamW temporaries", temporaries),
         ],
     };
     if s.cuda {
