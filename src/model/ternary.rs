@@ -1,0 +1,200 @@
+//! Ternary weights packed four to a byte, and the CPU kernel that multiplies them by int8 activations.
+//!
+//! # Packed layout (Bessie's packed checkpoints, `quantization_config.format = "ternary-2bit"` version 1)
+//!
+//! A BitLinear weight `[out, in]` with ternary values `w` (from [`quantize_weight`]) is stored as
+//! - `<name>.weight`: U8 `[out, ceil(in / 4)]`, row-major. Weight `i` of a row lives in byte `i / 4` at bits
+//!   `2 (i % 4)` and `2 (i % 4) + 1` (the first weight in the lowest two bits). Its 2-bit code is `w + 1`:
+//!   `0` is -1, `1` is 0, `2` is +1; `3` is invalid and refused at load. A row whose length is not a
+//!   multiple of four is padded with code 1 (zero).
+//! - `<name>.weight_scale`: F32 `[1]`, the absmean scale `mean|W|`, so that `W ≈ w * weight_scale`.
+//!
+//! The code `w + 1` is the one ggml's TQ2_0 and transformers' packed BitNet weights use, and it keeps the
+//! kernel cheap: with unsigned codes `c = w + 1`, `sum w x = sum c x - sum x`, where `sum x` is computed
+//! once per token.
+//!
+//! [`quantize_weight`]: super::bitnet::quantize_weight
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+/// The 2-bit code of a ternary value `w` is `w + 1`.
+const CODE_OF_ZERO: u8 = 1;
+
+/// A ternary matrix `[rows, cols]` as 2-bit codes, `row_bytes(cols)` bytes per row (layout in the module doc).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedTernary {
+    rows: usize,
+    cols: usize,
+    codes: Arc<Vec<u8>>,
+}
+
+impl PackedTernary {
+    /// Bytes per packed row of `cols` weights.
+    pub fn row_bytes(cols: usize) -> usize {
+        cols.div_ceil(4)
+    }
+
+    /// Packs a `[rows, cols]` tensor of values -1, 0 and 1 (any float dtype, any device).
+    pub fn pack(ternary: &Tensor) -> Result<Self> {
+        let (rows, cols) = ternary.dims2()?;
+        let values = ternary.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let bytes = Self::row_bytes(cols);
+        let mut codes = vec![0u8; rows * bytes];
+        for (r, row) in values.chunks(cols.max(1)).enumerate().take(rows) {
+            let out = &mut codes[r * bytes..(r + 1) * bytes];
+            for i in 0..bytes * 4 {
+                let code = match row.get(i) {
+                    None => CODE_OF_ZERO,
+                    Some(&v) if v == -1.0 || v == 0.0 || v == 1.0 => (v as i8 + 1) as u8,
+                    Some(v) => candle_core::bail!("value {v} at [{r}, {i}] is not ternary (-1, 0 or 1)"),
+                };
+                out[i / 4] |= code << (2 * (i % 4));
+            }
+        }
+        Ok(Self { rows, cols, codes: Arc::new(codes) })
+    }
+
+    /// Wraps stored codes `[rows, row_bytes(cols)]`, refusing the invalid code 3 and non-zero padding.
+    pub fn from_codes(codes: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
+        let bytes = Self::row_bytes(cols);
+        if codes.len() != rows * bytes {
+            candle_core::bail!("{} packed bytes, expected {rows} rows x {bytes}", codes.len());
+        }
+        for (r, row) in codes.chunks(bytes.max(1)).enumerate() {
+            for (j, &b) in row.iter().enumerate() {
+                for k in 0..4 {
+                    let code = (b >> (2 * k)) & 3;
+                    let i = 4 * j + k;
+                    if code == 3 || (i >= cols && code != CODE_OF_ZERO) {
+                        candle_core::bail!("invalid 2-bit code {code} for weight [{r}, {i}] (byte {j} of row {r})");
+                    }
+                }
+            }
+        }
+        Ok(Self { rows, cols, codes: Arc::new(codes) })
+    }
+
+    /// Reads `<prefix>.weight` (U8 codes) and `<prefix>.weight_scale` (F32 `[1]`) of a packed checkpoint.
+    /// Returns the matrix and the scale; errors name the tensor.
+    pub fn load(vb: &VarBuilder, rows: usize, cols: usize) -> Result<(Self, f32)> {
+        let codes = vb.get_with_hints_dtype((rows, Self::row_bytes(cols)), "weight", Default::default(), DType::U8)?;
+        let scale = vb.get_with_hints_dtype(1, "weight_scale", Default::default(), DType::F32)?;
+        let codes = codes.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+        let packed = Self::from_codes(codes, rows, cols)
+            .map_err(|e| candle_core::Error::Msg(format!("tensor `{}.weight`: {e}", vb.prefix())))?;
+        let scale = scale.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0];
+        Ok((packed, scale))
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The stored bytes, `[rows, row_bytes(cols)]` row-major.
+    pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+
+    /// The ternary value of weight `[r, i]`.
+    pub fn value(&self, r: usize, i: usize) -> i8 {
+        let b = self.codes[r * Self::row_bytes(self.cols) + i / 4];
+        ((b >> (2 * (i % 4))) & 3) as i8 - 1
+    }
+
+    /// All values, row-major `[rows, cols]`.
+    pub fn values(&self) -> Vec<i8> {
+        (0..self.rows).flat_map(|r| (0..self.cols).map(move |i| self.value(r, i))).collect()
+    }
+
+    /// The ternary matrix as a tensor of `dtype` on `device` (how packed weights run on a GPU).
+    pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let values: Vec<f32> = self.values().into_iter().map(f32::from).collect();
+        Tensor::from_vec(values, (self.rows, self.cols), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    }
+
+    /// `q @ W^T` for `q: [n, cols]` holding int8 values (as produced by `quantize_activations`, in f32):
+    /// the exact integer products as f32 `[n, rows]`. Integer sums stay below 2^24, so they equal what an
+    /// f32 matmul of the same values computes in any order.
+    pub fn matmul_int8(&self, q: &Tensor) -> Result<Tensor> {
+        let (n, cols) = q.dims2()?;
+        if cols != self.cols {
+            candle_core::bail!("activations have {cols} columns, the packed weight {}", self.cols);
+        }
+        let q: Vec<i8> = q.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|&v| v as i8).collect();
+        let bytes = Self::row_bytes(cols);
+        // Activations regrouped per token into four planes, plane k holding x[4j + k] (0 past the end), so
+        // that the kernel reads codes and activations contiguously; this is O(n cols), the product O(n rows cols).
+        let tokens: Vec<(Vec<i8>, i32)> = q
+            .chunks(cols.max(1))
+            .take(n)
+            .map(|x| {
+                let mut planes = vec![0i8; 4 * bytes];
+                for (i, &v) in x.iter().enumerate() {
+                    planes[(i % 4) * bytes + i / 4] = v;
+                }
+                (planes, x.iter().map(|&v| i32::from(v)).sum())
+            })
+            .collect();
+        // Rows in parallel, each chunk of rows against every token while its codes are in cache.
+        const ROWS_PER_TASK: usize = 32;
+        let mut out = vec![0f32; self.rows * n];
+        out.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
+            let first = task * ROWS_PER_TASK;
+            for (dr, row_out) in chunk.chunks_mut(n).enumerate() {
+                let codes = &self.codes[(first + dr) * bytes..(first + dr + 1) * bytes];
+                for (o, (planes, sum_x)) in row_out.iter_mut().zip(&tokens) {
+                    *o = (dot_codes(codes, planes) - sum_x) as f32;
+                }
+            }
+        });
+        // Computed as [rows, n]; the caller wants [n, rows].
+        Tensor::from_vec(out, (self.rows, n), &Device::Cpu)?.t()?.contiguous()
+    }
+}
+
+/// `sum_i c_i x_i` over one packed row: `codes[j]` holds the codes of x[4j + k] (k = 0..4) and `planes` is
+/// the four planes `[x[4j + k] for j]` one after another.
+fn dot_codes(codes: &[u8], planes: &[i8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { dot_codes_avx2(codes, planes) };
+    }
+    dot_codes_portable(codes, planes)
+}
+
+/// The portable kernel compiled with AVX2 enabled, so that its loops vectorize 16 lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_codes_avx2(codes: &[u8], planes: &[i8]) -> i32 {
+    dot_codes_portable(codes, planes)
+}
+
+#[inline(always)]
+fn dot_codes_portable(codes: &[u8], planes: &[i8]) -> i32 {
+    let n = codes.len();
+    let (p0, rest) = planes.split_at(n);
+    let (p1, rest) = rest.split_at(n);
+    let (p2, p3) = rest.split_at(n);
+    // i16 lanes (wrapping adds, so they vectorize) over chunks of 64 bytes: each partial sum is at most
+    // 64 * 2 * 128 = 16384 in magnitude, then it is widened.
+    const CHUNK: usize = 64;
+    let mut total = 0i32;
+    for start in (0..n).step_by(CHUNK) {
+        let end = (start + CHUNK).min(n);
+        let mut sums = [0i16; 4];
+        for (k, (plane, sum)) in [p0, p1, p2, p3].into_iter().zip(sums.iter_mut()).enumerate() {
+            let shift = 2 * k as u32;
+            for (&b, &x) in codes[start..end].iter().zip(&plane[start..end]) {
+                let c = ((b >> shift) & 3) as i16;
+                *sum = sum.wrapping_add(c * i16::from(x));
+            }
+        }
+        total += sums.iter().map(|&s| i32::from(s)).sum::<i32>();
+    }
+    total
+}
