@@ -168,6 +168,18 @@ impl Tokenizer {
         self.pad
     }
 
+    /// For a SentencePiece tokenizer: every piece with its score and type (see `sentencepiece::Model::pieces`),
+    /// added tokens included, and whether it adds a dummy-prefix space. None for tokenizer.json.
+    pub fn sentencepiece_vocab(&self) -> Option<(Vec<(String, f32, i32)>, bool)> {
+        match &self.backend {
+            Backend::SentencePiece { model, .. } => {
+                let pieces = model.pieces().map(|(text, score, kind)| (text.to_string(), score, kind)).collect();
+                Some((pieces, model.adds_dummy_prefix()))
+            }
+            Backend::HuggingFace(_) => None,
+        }
+    }
+
     pub fn token_to_id(&self, piece: &str) -> Option<u32> {
         match &self.backend {
             Backend::SentencePiece { model, .. } => model.piece_to_id(piece),
