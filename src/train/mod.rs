@@ -250,6 +250,13 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
     comm.use_device(&device)?;
     let model_dir = base_model_dir(cfg);
     let (model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
+    if model_cfg.is_packed_ternary() {
+        bail!(
+            "{} is a packed ternary export (bessie-export): it has no latent weights to train; train from the \
+             checkpoint it was exported from",
+            model_dir.display()
+        );
+    }
     if cfg.data.max_seq_len > model_cfg.max_position_embeddings {
         bail!(
             "data.max_seq_len = {} exceeds the model's max_position_embeddings = {}",
