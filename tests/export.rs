@@ -124,34 +124,36 @@ fn bf16_packed_checkpoint_matches_a_bf16_latent_one() {
     assert!(size(&out) * 2 < size(latent.path()), "{} vs {}", size(&out), size(latent.path()));
 }
 
-/// The kernel against the plain product of the unpacked values, on a row length that is not a multiple
-/// of four (padding) and activations at the int8 extremes, for one and for several tokens.
+/// The kernel against the plain product of the unpacked values, on rows shorter and longer than one AVX2
+/// step (128 weights), of lengths that are not a multiple of four (padding), and activations at the int8
+/// extremes, for one and for several tokens.
 #[test]
 fn packed_kernel_equals_the_dense_product() {
-    let (rows, cols) = (70, 37);
     let mut rng = bessie::rng::Rng::new(11);
-    let values: Vec<f32> = (0..rows * cols).map(|_| (rng.normal() * 1.2).round().clamp(-1.0, 1.0) as f32).collect();
-    let w = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
-    let packed = PackedTernary::pack(&w).unwrap();
-    assert_eq!(
-        packed.to_tensor(DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap(),
-        w.to_vec2::<f32>().unwrap()
-    );
-    for n in [1, 5] {
-        let mut q: Vec<f32> =
-            (0..n * cols).map(|_| (rng.normal() * 60.0).round().clamp(-128.0, 127.0) as f32).collect();
-        (q[0], q[1]) = (-128.0, 127.0);
-        let q = Tensor::from_vec(q, (n, cols), &Device::Cpu).unwrap();
-        let expected = q.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(packed.matmul_int8(&q).unwrap().to_vec2::<f32>().unwrap(), expected, "{n} tokens");
+    for (rows, cols) in [(70, 37), (33, 301)] {
+        let values: Vec<f32> = (0..rows * cols).map(|_| (rng.normal() * 1.2).round().clamp(-1.0, 1.0) as f32).collect();
+        let w = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let packed = PackedTernary::pack(&w).unwrap();
+        let unpacked = packed.to_tensor(DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(unpacked.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        for n in [1, 5] {
+            let mut q: Vec<f32> =
+                (0..n * cols).map(|_| (rng.normal() * 60.0).round().clamp(-128.0, 127.0) as f32).collect();
+            (q[0], q[1], q[cols - 1]) = (-128.0, 127.0, -128.0);
+            let q = Tensor::from_vec(q, (n, cols), &Device::Cpu).unwrap();
+            let expected = q.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(packed.matmul_int8(&q).unwrap().to_vec2::<f32>().unwrap(), expected, "{rows}x{cols}, {n}");
+        }
     }
     // Code 3 is invalid, and so is a non-zero weight in the padding of a row.
+    let (rows, cols) = (4, 37);
+    let packed = PackedTernary::pack(&Tensor::zeros((rows, cols), DType::F32, &Device::Cpu).unwrap()).unwrap();
     let mut codes = packed.codes().to_vec();
     codes[3] |= 0b11;
     let e = PackedTernary::from_codes(codes, rows, cols).unwrap_err().to_string();
     assert!(e.contains("invalid 2-bit code 3"), "{e}");
     let mut codes = packed.codes().to_vec();
-    codes[cols.div_ceil(4) - 1] = 0b1001_0110; // weights 36 (real, code 2), 37 (code 1), 38 (code 1), 39 (code 2)
+    codes[cols.div_ceil(4) - 1] = 0b1001_0110; // weights 36 (real, code 2), 37 and 38 (code 1), 39 (code 2)
     let e = PackedTernary::from_codes(codes, rows, cols).unwrap_err().to_string();
     assert!(e.contains("[0, 39]"), "{e}");
 }

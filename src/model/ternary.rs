@@ -159,6 +159,11 @@ impl PackedTernary {
 /// `sum_i c_i x_i` over one packed row: `codes[j]` holds the codes of x[4j + k] (k = 0..4) and `planes` is
 /// the four planes `[x[4j + k] for j]` one after another.
 fn dot_codes(codes: &[u8], planes: &[i8]) -> i32 {
+    let n = codes.len();
+    let (p0, rest) = planes.split_at(n);
+    let (p1, rest) = rest.split_at(n);
+    let (p2, p3) = rest.split_at(n);
+    let planes = [p0, p1, p2, &p3[..n]];
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
@@ -167,34 +172,45 @@ fn dot_codes(codes: &[u8], planes: &[i8]) -> i32 {
     dot_codes_portable(codes, planes)
 }
 
-/// The portable kernel compiled with AVX2 enabled, so that its loops vectorize 16 lanes wide.
+/// AVX2: 32 code bytes (128 weights) per step; `maddubs` multiplies the unsigned codes by the signed
+/// activations and adds pairs (at most 2 * 2 * 128 in magnitude, no saturation), `madd` widens to i32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn dot_codes_avx2(codes: &[u8], planes: &[i8]) -> i32 {
-    dot_codes_portable(codes, planes)
+unsafe fn dot_codes_avx2(codes: &[u8], planes: [&[i8]; 4]) -> i32 {
+    use std::arch::x86_64::*;
+    let full = codes.len() / 32 * 32;
+    let (mask, ones) = (_mm256_set1_epi8(3), _mm256_set1_epi16(1));
+    let mut acc = _mm256_setzero_si256();
+    for j in (0..full).step_by(32) {
+        // SAFETY: j + 32 <= full <= codes.len() = planes[k].len(); unaligned loads.
+        let [x0, x1, x2, x3] = planes.map(|p| p.as_ptr().add(j).cast::<__m256i>());
+        let b = _mm256_loadu_si256(codes.as_ptr().add(j).cast());
+        let c0 = _mm256_and_si256(b, mask);
+        let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(b), mask);
+        let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask);
+        let c3 = _mm256_and_si256(_mm256_srli_epi16::<6>(b), mask);
+        let s01 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c0, _mm256_loadu_si256(x0)),
+            _mm256_maddubs_epi16(c1, _mm256_loadu_si256(x1)),
+        );
+        let s23 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c2, _mm256_loadu_si256(x2)),
+            _mm256_maddubs_epi16(c3, _mm256_loadu_si256(x3)),
+        );
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(s01, s23), ones));
+    }
+    let mut lanes = [0i32; 8];
+    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc);
+    let tail = planes.map(|p| &p[full..]);
+    lanes.iter().sum::<i32>() + dot_codes_portable(&codes[full..], tail)
 }
 
-#[inline(always)]
-fn dot_codes_portable(codes: &[u8], planes: &[i8]) -> i32 {
-    let n = codes.len();
-    let (p0, rest) = planes.split_at(n);
-    let (p1, rest) = rest.split_at(n);
-    let (p2, p3) = rest.split_at(n);
-    // i16 lanes (wrapping adds, so they vectorize) over chunks of 64 bytes: each partial sum is at most
-    // 64 * 2 * 128 = 16384 in magnitude, then it is widened.
-    const CHUNK: usize = 64;
+/// Any CPU, and the AVX2 kernel's tail.
+fn dot_codes_portable(codes: &[u8], planes: [&[i8]; 4]) -> i32 {
     let mut total = 0i32;
-    for start in (0..n).step_by(CHUNK) {
-        let end = (start + CHUNK).min(n);
-        let mut sums = [0i16; 4];
-        for (k, (plane, sum)) in [p0, p1, p2, p3].into_iter().zip(sums.iter_mut()).enumerate() {
-            let shift = 2 * k as u32;
-            for (&b, &x) in codes[start..end].iter().zip(&plane[start..end]) {
-                let c = ((b >> shift) & 3) as i16;
-                *sum = sum.wrapping_add(c * i16::from(x));
-            }
-        }
-        total += sums.iter().map(|&s| i32::from(s)).sum::<i32>();
+    for (k, plane) in planes.into_iter().enumerate() {
+        let shift = 2 * k as u32;
+        total += codes.iter().zip(plane).map(|(&b, &x)| i32::from((b >> shift) & 3) * i32::from(x)).sum::<i32>();
     }
     total
 }
