@@ -290,7 +290,7 @@ fn check_gguf(src: &Path, ternary_type: &str) -> Option<serde_json::Value> {
     }
     let eps = m["bitnet.attention.layer_norm_rms_epsilon"].as_f64().unwrap();
     assert_eq!(eps as f32, cfg.rms_norm_eps as f32);
-    let (pieces, _) = tok.sentencepiece_vocab().unwrap();
+    let pieces = tok.sentencepiece_vocab().unwrap().pieces;
     let tokens: Vec<&str> =
         m["tokenizer.ggml.tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert_eq!(tokens, pieces.iter().map(|p| p.0.as_str()).collect::<Vec<_>>());

@@ -196,9 +196,10 @@ fn tensor(name: &str, param: &Param) -> Result<GgufTensor> {
 fn metadata(src: &Source) -> Result<Vec<(String, Value)>> {
     let cfg = &src.cfg;
     let tok = &src.tokenizer;
-    let (pieces, dummy_prefix) = tok.sentencepiece_vocab().with_context(|| {
+    let vocab = tok.sentencepiece_vocab().with_context(|| {
         format!("{}: GGUF export needs a SentencePiece tokenizer.model (the LLaMA vocabulary)", src.dir.display())
     })?;
+    let pieces = vocab.pieces;
     ensure!(
         pieces.len() <= cfg.vocab_size,
         "{}: the tokenizer has {} tokens but config.json's vocab_size is {}",
@@ -255,7 +256,7 @@ fn metadata(src: &Source) -> Result<Vec<(String, Value)>> {
     // Bessie's tokenizer adds BOS and never EOS (as 1bitLLM's tokenizer_config.json says).
     kv.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)));
     kv.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
-    kv.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(dummy_prefix)));
+    kv.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(vocab.adds_dummy_prefix)));
     Ok(kv)
 }
 
