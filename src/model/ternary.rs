@@ -181,9 +181,10 @@ unsafe fn dot_codes_avx2(codes: &[u8], planes: [&[i8]; 4]) -> i32 {
     let full = codes.len() / 32 * 32;
     let (mask, ones) = (_mm256_set1_epi8(3), _mm256_set1_epi16(1));
     let mut acc = _mm256_setzero_si256();
+    let [p0, p1, p2, p3] = [planes[0].as_ptr(), planes[1].as_ptr(), planes[2].as_ptr(), planes[3].as_ptr()];
     for j in (0..full).step_by(32) {
         // SAFETY: j + 32 <= full <= codes.len() = planes[k].len(); unaligned loads.
-        let [x0, x1, x2, x3] = planes.map(|p| p.as_ptr().add(j).cast::<__m256i>());
+        let (x0, x1, x2, x3) = (p0.add(j).cast(), p1.add(j).cast(), p2.add(j).cast(), p3.add(j).cast());
         let b = _mm256_loadu_si256(codes.as_ptr().add(j).cast());
         let c0 = _mm256_and_si256(b, mask);
         let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(b), mask);
