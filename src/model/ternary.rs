@@ -64,15 +64,22 @@ impl PackedTernary {
         if codes.len() != rows * bytes {
             candle_core::bail!("{} packed bytes, expected {rows} rows x {bytes}", codes.len());
         }
+        // A byte holds a 3 when some bit pair has both bits set; the exact weight is found only for the error.
+        let bad = |b: u8| b & (b >> 1) & 0b0101_0101 != 0;
+        // Padding weights (past `cols` in a row's last byte) must be code 1.
+        let pad_mask = (0..4).filter(|k| 4 * bytes.saturating_sub(1) + k >= cols).fold(0u8, |m, k| m | (3 << (2 * k)));
         for (r, row) in codes.chunks(bytes.max(1)).enumerate() {
-            for (j, &b) in row.iter().enumerate() {
-                for k in 0..4 {
-                    let code = (b >> (2 * k)) & 3;
-                    let i = 4 * j + k;
-                    if code == 3 || (i >= cols && code != CODE_OF_ZERO) {
-                        candle_core::bail!("invalid 2-bit code {code} for weight [{r}, {i}] (byte {j} of row {r})");
-                    }
-                }
+            let last = row.len() - 1;
+            let pad_ok = row[last] & pad_mask == 0b0101_0101 & pad_mask;
+            if let Some(j) = row.iter().position(|&b| bad(b)).or((!pad_ok).then_some(last)) {
+                let code = |k: usize| (row[j] >> (2 * k)) & 3;
+                let is_pad = |k: usize| j == last && (pad_mask >> (2 * k)) & 3 != 0;
+                let k = (0..4).find(|&k| code(k) == 3 || (is_pad(k) && code(k) != 1)).unwrap_or(0);
+                candle_core::bail!(
+                    "invalid 2-bit code {} for weight [{r}, {}] (byte {j} of row {r})",
+                    code(k),
+                    4 * j + k
+                );
             }
         }
         Ok(Self { rows, cols, codes: Arc::new(codes) })
