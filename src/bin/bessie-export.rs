@@ -14,8 +14,9 @@ use clap::Parser;
 /// --format ternary writes a checkpoint directory: BitLinear weights as 2-bit codes (four per byte, code =
 /// value + 1) with an f32 `weight_scale` each, the embedding, norms and any untied lm_head in --dtype, a
 /// config.json whose `quantization_config` marks the layout, and the tokenizer files. bessie-prompt and
-/// bessie-eval load it directly, give the tokens the latent checkpoint gives, and on CPU multiply the
-/// packed weights by int8 activations. bitnet_b1_58-large: 2.9 GB -> about 0.27 GB.
+/// bessie-eval load it directly and compute what the latent checkpoint computes (bit for bit when --dtype
+/// is the latent checkpoint's dtype); on CPU they multiply the packed weights by int8 activations, several
+/// times faster. bitnet_b1_58-large: 2.9 GB -> about 0.27 GB.
 ///
 /// --format gguf writes one GGUF file for llama.cpp's `bitnet` architecture (and bitnet.cpp's llama.cpp
 /// fork): ternary matrices in ggml type TQ2_0, the embedding in F16, norms in F32, the LLaMA SentencePiece
@@ -34,8 +35,8 @@ struct Args {
     /// Output directory (ternary) or file (gguf).
     #[arg(short, long)]
     out: PathBuf,
-    /// Dtype of the packed checkpoint's embedding, norms and untied lm_head: bf16 (the size), or
-    /// f32 for logits bit-identical to an f32 latent checkpoint. Not used for GGUF.
+    /// Dtype of the packed checkpoint's embedding, norms and untied lm_head: bf16 (smallest), or f32
+    /// for logits bit-identical to an f32 latent checkpoint. Not used for GGUF.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DenseDtype,
     /// Replace an existing output.

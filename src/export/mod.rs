@@ -23,7 +23,7 @@ use crate::tokenizer::Tokenizer;
 /// What `bessie-export` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// A checkpoint directory with packed ternary weights (`model::ternary` documents the layout).
+    /// A checkpoint directory with packed ternary weights (README.md documents the layout).
     Ternary,
     /// One GGUF file for llama.cpp / bitnet.cpp.
     Gguf,
