@@ -1,7 +1,8 @@
 //! GGUF for llama.cpp's BitNet support and bitnet.cpp.
 //!
 //! What is written is what llama.cpp's `convert_hf_to_gguf.py --outtype tq2_0` writes for a 1bitLLM
-//! `BitnetForCausalLM` checkpoint (class `BitnetModel`, read from llama.cpp master of 2025):
+//! `BitnetForCausalLM` checkpoint (class `BitnetModel`, read from llama.cpp master of 2025; the vendored
+//! llama.cpp of llama-cpp-python 0.3.36 runs it, see tests/reference/llama_cpp_eval.py):
 //! - GGUF version 3, alignment 32, `general.architecture = "bitnet"`, `general.file_type = 37`
 //!   (MOSTLY_TQ2_0), `general.quantization_version = 2`;
 //! - `bitnet.{context_length, embedding_length, block_count, feed_forward_length, vocab_size}`,
@@ -25,7 +26,7 @@
 //! (rotate-half) RoPE, the layout of the Hugging Face weights.
 //!
 //! bitnet.cpp (microsoft/BitNet) runs a llama.cpp fork (Eddie-Wang1120/llama.cpp, branch merge-dev) that
-//! has the same `bitnet` architecture and the TQ1_0/TQ2_0 types (ids 34/35); its own I2_S/TL1/TL2 types
+//! has the same `bitnet` architecture and lists the TQ1_0/TQ2_0 types (ids 34/35); its own I2_S/TL1/TL2 types
 //! are made from an F32/F16 GGUF by its `llama-quantize`, and I2_S has no reader outside that fork, which
 //! is why this file uses TQ2_0.
 
