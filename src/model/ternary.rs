@@ -146,11 +146,12 @@ impl PackedTernary {
                 (planes, x.iter().map(|&v| i32::from(v)).sum())
             })
             .collect();
-        // Rows in parallel, each chunk of rows against every token while its codes are in cache.
-        const ROWS_PER_TASK: usize = 32;
+        // Rows in parallel, each chunk of rows against every token while its codes are in cache. A few
+        // chunks per thread balance the load; more would cost more in scheduling than they save.
+        let rows_per_task = self.rows.div_ceil(4 * rayon::current_num_threads()).max(16);
         let mut out = vec![0f32; self.rows * n];
-        out.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, chunk)| {
-            let first = task * ROWS_PER_TASK;
+        out.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, chunk)| {
+            let first = task * rows_per_task;
             for (dr, row_out) in chunk.chunks_mut(n).enumerate() {
                 let codes = &self.codes[(first + dr) * bytes..(first + dr + 1) * bytes];
                 for (o, (planes, sum_x)) in row_out.iter_mut().zip(&tokens) {
@@ -209,8 +210,12 @@ unsafe fn dot_codes_avx2(codes: &[u8], planes: [&[i8]; 4]) -> i32 {
     }
     let mut lanes = [0i32; 8];
     _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc);
-    let tail = planes.map(|p| &p[full..]);
-    lanes.iter().sum::<i32>() + dot_codes_portable(&codes[full..], tail)
+    let sum = lanes.iter().sum::<i32>();
+    if full == codes.len() {
+        return sum;
+    }
+    let tail = [&planes[0][full..], &planes[1][full..], &planes[2][full..], &planes[3][full..]];
+    sum + dot_codes_portable(&codes[full..], tail)
 }
 
 /// Any CPU, and the AVX2 kernel's tail.
