@@ -3,7 +3,8 @@
 //! Data flow at inference: `config` (config.json) -> `model::hf` (weights into a `VarBuilder`) ->
 //! `model::BitNet` (forward with a KV cache) -> `generate` (sampling, stop rules, streaming text through
 //! `tokenizer`). Evaluation: `eval` (batched greedy answers, SQuAD v2 metrics) over dev files that
-//! `squad` converts from the official JSON.
+//! `squad` converts from the official JSON. Export: `export` writes packed ternary checkpoints (which
+//! `model` loads) and GGUF files.
 
 pub mod checkpoint;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod dist;
 pub mod eval;
+pub mod export;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod kernels;

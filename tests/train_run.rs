@@ -14,6 +14,7 @@ use tempfile::TempDir;
 
 const TRAIN: &str = env!("CARGO_BIN_EXE_bessie-train");
 const INIT_MODEL: &str = env!("CARGO_BIN_EXE_bessie-init-model");
+const EXPORT: &str = env!("CARGO_BIN_EXE_bessie-export");
 /// Optimizer steps of the runs whose results are compared.
 const STEPS: usize = 12;
 /// What every complete `checkpoint-STEP/` holds (besides config, tokenizer and run config).
@@ -374,9 +375,14 @@ fn bad_input_fails_before_training() {
     let no_weights = root.path().join("no-weights");
     std::fs::create_dir(&no_weights).unwrap();
     std::fs::copy(full.join("config.json"), no_weights.join("config.json")).unwrap();
+    let packed = root.path().join("packed");
+    let export = Command::new(EXPORT).arg("-m").arg(&full).arg("-o").arg(&packed).args(["-f", "ternary"]).output();
+    let export = export.unwrap();
+    assert!(export.status.success(), "{}", describe("bessie-export", export.status, &export.stderr));
 
     let data = |p: &Path| format!("data.train={}", p.display());
     let model = format!("model.path={}", no_weights.display());
+    let packed_model = format!("model.path={}", packed.display());
     let cases: Vec<(&str, Vec<String>, Vec<String>)> = vec![
         ("malformed line", vec![data(&malformed)], vec![format!("{}:2", malformed.display()), "malformed JSON".into()]),
         ("no response", vec![data(&no_response)], vec![format!("{}:3", no_response.display()), "`response`".into()]),
@@ -384,6 +390,11 @@ fn bad_input_fails_before_training() {
         ("missing file", vec![data(&missing)], vec![missing.display().to_string()]),
         ("unknown key", vec!["train.lrr=1".into()], vec!["unknown config key `train.lrr`".into()]),
         ("no weights", vec!["model.init=".into(), model], vec![no_weights.display().to_string(), "no weights".into()]),
+        (
+            "packed",
+            vec!["model.init=".into(), packed_model],
+            vec![packed.display().to_string(), "packed ternary".into()],
+        ),
     ];
     for (what, overrides, wanted) in cases {
         let out = root.path().join(format!("out-{}", what.replace(' ', "-")));

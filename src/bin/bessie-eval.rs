@@ -24,7 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Checkpoint directory in the Hugging Face layout.
+    /// Checkpoint directory in the Hugging Face layout: latent weights, or a packed checkpoint from bessie-export.
     #[arg(short, long, required_unless_present = "predictions", conflicts_with = "predictions")]
     model: Option<PathBuf>,
     /// Dev JSONL file: `prompt` and `answers` on every line.

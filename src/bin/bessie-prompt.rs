@@ -16,7 +16,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Checkpoint directory in the Hugging Face layout (config.json, weights, tokenizer files).
+    /// Checkpoint directory in the Hugging Face layout (config.json, weights, tokenizer files): latent
+    /// weights, or a packed checkpoint from bessie-export.
     #[arg(short, long)]
     model: PathBuf,
     /// Answer this prompt and exit instead of reading prompts from stdin.

@@ -117,6 +117,14 @@ fn default_eos() -> u32 {
     2
 }
 
+/// `quantization_config.quant_method` of Bessie's packed ternary checkpoints (`bessie-export --format
+/// ternary`; the layout is documented in `model::ternary`). Deliberately not transformers' `"bitnet"`, whose
+/// packing differs: transformers refuses an unknown method with a clear error instead of misreading.
+pub const PACKED_QUANT_METHOD: &str = "bessie_ternary";
+/// `quantization_config.format` and `.version` of that layout.
+pub const PACKED_FORMAT: &str = "ternary-2bit";
+pub const PACKED_VERSION: u64 = 1;
+
 /// Named model shapes: the 1bitLLM family and a tiny one for tests and demos.
 pub const SHAPES: &[&str] = &["tiny", "large", "xl", "3b"];
 
@@ -210,6 +218,19 @@ impl ModelConfig {
         if self.extra.get("attention_bias").and_then(|v| v.as_bool()) == Some(true) {
             bail!("field `attention_bias` is true; BitNet b1.58 has no biases");
         }
+        if let Some(q) = self.extra.get("quantization_config") {
+            let is = |key: &str, value: serde_json::Value| q.get(key) == Some(&value);
+            if !(is("quant_method", PACKED_QUANT_METHOD.into())
+                && is("format", PACKED_FORMAT.into())
+                && is("version", PACKED_VERSION.into()))
+            {
+                bail!(
+                    "field `quantization_config` is {q}; Bessie reads latent checkpoints and its own packed ternary \
+                     ones ({{\"quant_method\": \"{PACKED_QUANT_METHOD}\", \"format\": \"{PACKED_FORMAT}\", \
+                     \"version\": {PACKED_VERSION}}})"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -284,6 +305,17 @@ impl ModelConfig {
         };
         let denominators = (0..d / 2).map(|i| base.powf(2.0 * i as f64 / d as f64)).collect();
         Ok(RopeFrequencies { denominators, position_divisor })
+    }
+
+    /// The `quantization_config` that marks a packed ternary checkpoint.
+    pub fn packed_quantization_config() -> serde_json::Value {
+        serde_json::json!({"quant_method": PACKED_QUANT_METHOD, "format": PACKED_FORMAT, "version": PACKED_VERSION})
+    }
+
+    /// Whether the weights are Bessie's packed ternary export rather than latent weights (`validate` has
+    /// refused any other `quantization_config`).
+    pub fn is_packed_ternary(&self) -> bool {
+        self.extra.contains_key("quantization_config")
     }
 
     pub fn head_dim(&self) -> usize {

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{kv_cache, RmsNorm, VarBuilder};
 
+use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
 
@@ -34,32 +35,58 @@ pub fn quantize_activations(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((q, scale))
 }
 
-/// A BitLinear layer at inference: the ternary weight is computed once at load time.
+/// How a BitLinear layer holds its ternary weight.
+#[derive(Debug, Clone)]
+enum TernaryWeight {
+    /// Ternary values in the compute dtype, `[out, in]` (exact in bf16), multiplied by candle's matmul.
+    Dense(Tensor),
+    /// 2-bit codes multiplied by the CPU integer kernel (packed checkpoints on the CPU).
+    Packed(PackedTernary),
+}
+
+/// A BitLinear layer at inference: the ternary weight is computed (or read, from a packed checkpoint)
+/// once at load time.
 #[derive(Debug, Clone)]
 pub struct BitLinear {
-    /// Ternary values in the compute dtype, `[out, in]`; exact in bf16.
-    ternary: Tensor,
+    weight: TernaryWeight,
     weight_scale: f64,
 }
 
 impl BitLinear {
-    pub fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> Result<Self> {
+    /// Loads the latent weight `<prefix>.weight` and quantizes it, or with `packed` reads the packed codes
+    /// and scale (see `model::ternary`). On a GPU packed weights are unpacked to the dense ternary tensor.
+    pub fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize, packed: bool) -> Result<Self> {
+        if packed {
+            let (codes, scale) = PackedTernary::load(vb, out_dim, in_dim)?;
+            let weight = match vb.device() {
+                Device::Cpu => TernaryWeight::Packed(codes),
+                device => TernaryWeight::Dense(codes.to_tensor(vb.dtype(), device)?),
+            };
+            return Ok(Self { weight, weight_scale: scale as f64 });
+        }
         let latent = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::F32)?;
         let (ternary, scale) = quantize_weight(&latent)?;
-        Ok(Self { ternary: ternary.to_dtype(vb.dtype())?, weight_scale: scale.to_scalar::<f32>()? as f64 })
+        let weight = TernaryWeight::Dense(ternary.to_dtype(vb.dtype())?);
+        Ok(Self { weight, weight_scale: scale.to_scalar::<f32>()? as f64 })
     }
 }
 
 impl Module for BitLinear {
     /// `y = (xq @ Wq^T) * x_scale * w_scale`: the product of integers is exact, the scales are applied once.
+    /// Both weight forms compute the same integers, and the scales the same way, so they agree bit for bit.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let (q, x_scale) = quantize_activations(x)?;
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(1);
-        let q2 = q.to_dtype(dtype)?.reshape(((), in_dim))?;
-        let y = q2.matmul(&self.ternary.t()?)?.to_dtype(DType::F32)?;
-        dims.push(self.ternary.dim(0)?);
+        let q2 = q.reshape(((), in_dim))?;
+        let (y, out_dim) = match &self.weight {
+            TernaryWeight::Dense(ternary) => {
+                (q2.to_dtype(dtype)?.matmul(&ternary.t()?)?.to_dtype(DType::F32)?, ternary.dim(0)?)
+            }
+            TernaryWeight::Packed(codes) => (codes.matmul_int8(&q2)?, codes.dims().0),
+        };
+        dims.push(out_dim);
         let y = y.reshape(dims)?.broadcast_mul(&(x_scale * self.weight_scale)?)?;
         y.to_dtype(dtype)
     }
@@ -137,11 +164,12 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim());
         let kv = cfg.num_kv_heads() * d;
+        let packed = cfg.is_packed_ternary();
         Ok(Self {
-            q_proj: BitLinear::load(&vb.pp("q_proj"), h, h)?,
-            k_proj: BitLinear::load(&vb.pp("k_proj"), kv, h)?,
-            v_proj: BitLinear::load(&vb.pp("v_proj"), kv, h)?,
-            o_proj: BitLinear::load(&vb.pp("o_proj"), h, h)?,
+            q_proj: BitLinear::load(&vb.pp("q_proj"), h, h, packed)?,
+            k_proj: BitLinear::load(&vb.pp("k_proj"), kv, h, packed)?,
+            v_proj: BitLinear::load(&vb.pp("v_proj"), kv, h, packed)?,
+            o_proj: BitLinear::load(&vb.pp("o_proj"), h, h, packed)?,
             inner_attn_ln: rms_norm(&vb, h, cfg.rms_norm_eps, "inner_attn_ln")?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_kv_heads(),
@@ -196,10 +224,11 @@ struct Mlp {
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let packed = cfg.is_packed_ternary();
         Ok(Self {
-            gate_proj: BitLinear::load(&vb.pp("gate_proj"), i, h)?,
-            up_proj: BitLinear::load(&vb.pp("up_proj"), i, h)?,
-            down_proj: BitLinear::load(&vb.pp("down_proj"), h, i)?,
+            gate_proj: BitLinear::load(&vb.pp("gate_proj"), i, h, packed)?,
+            up_proj: BitLinear::load(&vb.pp("up_proj"), i, h, packed)?,
+            down_proj: BitLinear::load(&vb.pp("down_proj"), h, i, packed)?,
             ffn_layernorm: rms_norm(&vb, i, cfg.rms_norm_eps, "ffn_layernorm")?,
         })
     }

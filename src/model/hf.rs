@@ -239,7 +239,12 @@ pub fn save(
             write_json(&dir.join(SAFETENSORS_INDEX), &index)?;
         }
     }
-    for src in tokenizer_files {
+    copy_files(dir, tokenizer_files)
+}
+
+/// Copies `files` (tokenizer files) into `dir` under their own names, each atomically.
+pub(crate) fn copy_files(dir: &Path, files: &[PathBuf]) -> Result<()> {
+    for src in files {
         let name = src.file_name().context("tokenizer file without a name")?;
         let dst = dir.join(name);
         if src != &dst {
@@ -250,7 +255,7 @@ pub fn save(
     Ok(())
 }
 
-fn dtype_name(dtype: DType) -> Result<&'static str> {
+pub(crate) fn dtype_name(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
@@ -259,14 +264,14 @@ fn dtype_name(dtype: DType) -> Result<&'static str> {
     })
 }
 
-fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     // transformers checks the `format` metadata of safetensors files it loads.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let data: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     write_atomic(path, |tmp| Ok(safetensors::serialize_to_file(data, Some(metadata), tmp)?))
 }
 
-fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     write_atomic(path, |tmp| Ok(std::fs::write(tmp, serde_json::to_vec_pretty(value)?)?))
 }
 

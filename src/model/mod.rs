@@ -4,6 +4,7 @@ pub mod bitnet;
 pub mod hf;
 pub mod init;
 mod pth;
+pub mod ternary;
 
 pub use bitnet::{BitNet, KvCache};
 
@@ -14,7 +15,8 @@ use candle_core::Device;
 
 use crate::config::ModelConfig;
 
-/// Loads a Hugging Face checkpoint directory for inference on `device` in its compute dtype.
+/// Loads a Hugging Face checkpoint directory for inference on `device` in its compute dtype: latent weights,
+/// or a packed ternary export (`config.json` says which; see `ternary`).
 pub fn load(dir: &Path, device: &Device) -> Result<BitNet> {
     let (cfg, vb) = hf::open(dir, crate::device::compute_dtype(device), device)?;
     BitNet::load(vb, &cfg).with_context(|| format!("loading the model in {}", dir.display()))
@@ -47,6 +49,11 @@ pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         out.push(("lm_head.weight".to_string(), vec![v, h]));
     }
     out
+}
+
+/// The seven projections of each block are BitLinear layers; the embedding, norms and lm_head are not.
+pub fn is_bitlinear(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
 }
 
 /// Norm weights start at one; everything else is a matrix.

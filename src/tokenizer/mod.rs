@@ -168,6 +168,17 @@ impl Tokenizer {
         self.pad
     }
 
+    /// The SentencePiece vocabulary, added tokens included; None for a tokenizer.json tokenizer.
+    pub fn sentencepiece_vocab(&self) -> Option<SentencePieceVocab> {
+        match &self.backend {
+            Backend::SentencePiece { model, .. } => Some(SentencePieceVocab {
+                pieces: model.pieces().map(|(text, score, kind)| (text.to_string(), score, kind)).collect(),
+                adds_dummy_prefix: model.adds_dummy_prefix(),
+            }),
+            Backend::HuggingFace(_) => None,
+        }
+    }
+
     pub fn token_to_id(&self, piece: &str) -> Option<u32> {
         match &self.backend {
             Backend::SentencePiece { model, .. } => model.piece_to_id(piece),
@@ -181,6 +192,15 @@ impl Tokenizer {
             Backend::HuggingFace(t) => t.id_to_token(id),
         }
     }
+}
+
+/// A SentencePiece vocabulary as GGUF stores it.
+pub struct SentencePieceVocab {
+    /// Text, score and type of each id; types are sentencepiece's (and GGUF's): NORMAL 1, UNKNOWN 2,
+    /// CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6.
+    pub pieces: Vec<(String, f32, i32)>,
+    /// Whether encoding puts a space before the text.
+    pub adds_dummy_prefix: bool,
 }
 
 /// An added token as the config files describe it.

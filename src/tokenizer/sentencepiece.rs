@@ -122,6 +122,27 @@ impl Model {
         self.trainer_ids[2]
     }
 
+    /// Every piece (appended tokens included) with its score and its `ModelProto.SentencePiece.Type`
+    /// number: NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6 (GGUF's token types).
+    pub fn pieces(&self) -> impl Iterator<Item = (&str, f32, i32)> + '_ {
+        self.pieces.iter().map(|p| {
+            let kind = match p.kind {
+                Kind::Normal => 1,
+                Kind::Unknown => 2,
+                Kind::Control => 3,
+                Kind::UserDefined => 4,
+                Kind::Unused => 5,
+                Kind::Byte(_) => 6,
+            };
+            (p.text.as_str(), p.score, kind)
+        })
+    }
+
+    /// Whether encoding puts a space before the text (`normalizer_spec.add_dummy_prefix`).
+    pub fn adds_dummy_prefix(&self) -> bool {
+        self.add_dummy_prefix
+    }
+
     pub fn piece_to_id(&self, piece: &str) -> Option<u32> {
         self.ids.get(piece).copied()
     }

@@ -263,6 +263,13 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
     comm.use_device(&device)?;
     let model_dir = base_model_dir(cfg);
     let (mut model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
+    if model_cfg.is_packed_ternary() {
+        bail!(
+            "{} is a packed ternary export (bessie-export): it has no latent weights to train; train from the \
+             checkpoint it was exported from",
+            model_dir.display()
+        );
+    }
     // The run config's RoPE scaling replaces the checkpoint's and goes into every saved config.json.
     if let Some(scaling) = cfg.model.rope() {
         model_cfg.set_rope_scaling(Some(scaling));

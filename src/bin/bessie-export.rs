@@ -1,0 +1,55 @@
+//! Exports a BitNet b1.58 checkpoint as real ternary weights: a packed checkpoint or a GGUF file.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use bessie::export::{disk_size, export, DenseDtype, Format};
+use clap::Parser;
+
+/// Export a trained BitNet b1.58 checkpoint as real ternary weights.
+///
+/// Every BitLinear weight is quantized exactly as training and inference quantize it (ternary values and
+/// one absmean scale per matrix); the source may be latent (f32/f16/bf16) or an earlier packed export.
+///
+/// --format ternary writes a checkpoint directory: BitLinear weights as 2-bit codes (four per byte, code =
+/// value + 1) with an f32 `weight_scale` each, the embedding, norms and any untied lm_head in --dtype, a
+/// config.json whose `quantization_config` marks the layout, and the tokenizer files. bessie-prompt and
+/// bessie-eval load it directly and compute what the latent checkpoint computes (bit for bit when --dtype
+/// is the latent checkpoint's dtype); on CPU they multiply the packed weights by int8 activations, several
+/// times faster. bitnet_b1_58-large: 2.9 GB -> about 0.27 GB.
+///
+/// --format gguf writes one GGUF file for llama.cpp's `bitnet` architecture (and bitnet.cpp's llama.cpp
+/// fork): ternary matrices in ggml type TQ2_0, the embedding in F16, norms in F32, the LLaMA SentencePiece
+/// vocabulary embedded. Needs a tied lm_head and a tokenizer.model. README.md says which versions it targets.
+///
+/// The output must not exist unless --force; it is replaced only once the new one is complete.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Checkpoint directory to export (Hugging Face layout: config.json, weights, tokenizer files).
+    #[arg(short, long)]
+    model: PathBuf,
+    /// ternary (a packed checkpoint directory) or gguf (one file).
+    #[arg(short, long, value_enum)]
+    format: Format,
+    /// Output directory (ternary) or file (gguf).
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Dtype of the packed checkpoint's embedding, norms and untied lm_head: bf16 (smallest), or f32
+    /// for logits bit-identical to an f32 latent checkpoint. Not used for GGUF.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DenseDtype,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    bessie::cli::run(|| body(Args::parse()))
+}
+
+fn body(args: Args) -> Result<()> {
+    export(&args.model, &args.out, args.format, args.dtype, args.force)?;
+    println!("wrote {} ({:.1} MB)", args.out.display(), disk_size(&args.out)? as f64 / 1e6);
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Exporting a trained BitNet as real ternary weights instead of f32 latent ones:
+//! - `ternary`: Bessie's packed checkpoint (2 bits per BitLinear weight plus one f32 scale per matrix; the
+//!   rest in bf16 or f32), which `bessie-prompt` and `bessie-eval` load like any checkpoint;
+//! - `gguf`: a GGUF file for llama.cpp's `bitnet` architecture (ggml type TQ2_0), also read by bitnet.cpp.
+//!
+//! Both start from the same ternary values and scales: `model::bitnet::quantize_weight` of the latent
+//! weights, or the stored codes when the source is already packed.
+
+pub mod gguf;
+pub mod ternary;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::model::bitnet::quantize_weight;
+use crate::model::hf;
+use crate::model::ternary::PackedTernary;
+use crate::tokenizer::Tokenizer;
+
+/// What `bessie-export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A checkpoint directory with packed ternary weights (README.md documents the layout).
+    Ternary,
+    /// One GGUF file for llama.cpp / bitnet.cpp.
+    Gguf,
+}
+
+/// The dtype of a packed checkpoint's dense tensors (embedding, norms, an untied lm_head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DenseDtype {
+    /// Half the size; logits then match a latent checkpoint stored in bf16 exactly.
+    Bf16,
+    /// Logits match an f32 latent checkpoint exactly.
+    F32,
+}
+
+impl DenseDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            DenseDtype::Bf16 => DType::BF16,
+            DenseDtype::F32 => DType::F32,
+        }
+    }
+}
+
+/// One parameter on its way out.
+pub enum Param {
+    /// A BitLinear weight: its ternary values and absmean scale (`W ≈ values * scale`).
+    Ternary { codes: PackedTernary, scale: f32 },
+    /// Everything else (embedding, norms, an untied lm_head), f32 on the CPU.
+    Dense(Tensor),
+}
+
+/// A checkpoint read for export: its config, every parameter in `model::parameter_shapes` order, and its
+/// tokenizer.
+pub struct Source {
+    pub dir: PathBuf,
+    pub cfg: ModelConfig,
+    pub params: Vec<(String, Param)>,
+    pub tokenizer: Tokenizer,
+}
+
+/// The architectures 1bitLLM's and Bessie's BitNet checkpoints declare.
+const BITNET_ARCHITECTURES: [&str; 2] = ["BitnetForCausalLM", "BitNetForCausalLM"];
+
+impl Source {
+    /// Reads a BitNet checkpoint directory, latent or packed. Refuses checkpoints whose config.json does
+    /// not declare a BitNet architecture (quantizing a full-precision model to ternary would destroy it);
+    /// `ModelConfig::from_file` has already refused `weight_bits`/`input_bits` other than 1/8.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let (cfg, vb) = hf::open(dir, DType::F32, &Device::Cpu)?;
+        let archs = cfg.extra.get("architectures");
+        let is_bitnet = archs
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| a.iter().any(|v| v.as_str().is_some_and(|s| BITNET_ARCHITECTURES.contains(&s))));
+        ensure!(
+            is_bitnet,
+            "{}: field `architectures` is {}; only BitNet b1.58 checkpoints ({}) can be exported as ternary weights",
+            dir.join(hf::CONFIG_FILE).display(),
+            archs.map_or("missing".to_string(), |a| a.to_string()),
+            BITNET_ARCHITECTURES[0]
+        );
+        let packed = cfg.is_packed_ternary();
+        let mut params = Vec::new();
+        for (name, shape) in crate::model::parameter_shapes(&cfg) {
+            let param = if crate::model::is_bitlinear(&name) {
+                let (codes, scale) = if packed {
+                    let prefix = name.strip_suffix(".weight").expect("BitLinear names end in .weight");
+                    PackedTernary::load(&vb.pp(prefix), shape[0], shape[1])?
+                } else {
+                    let (ternary, scale) = quantize_weight(&vb.get(shape.as_slice(), &name)?)?;
+                    (PackedTernary::pack(&ternary)?, scale.to_scalar::<f32>()?)
+                };
+                Param::Ternary { codes, scale }
+            } else {
+                Param::Dense(vb.get(shape.as_slice(), &name)?)
+            };
+            params.push((name, param));
+        }
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        Ok(Self { dir: dir.to_path_buf(), cfg, params, tokenizer })
+    }
+}
+
+/// Exports the checkpoint in `src` to `out` as `format`; `dense` is the dtype of the packed checkpoint's
+/// dense tensors (GGUF has its own). An existing `out` is an error unless `force`, and it is only replaced once the new output
+/// is complete.
+pub fn export(src: &Path, out: &Path, format: Format, dense: DenseDtype, force: bool) -> Result<()> {
+    if out.exists() || out.is_symlink() {
+        ensure!(force, "{} already exists; pass --force to replace it", out.display());
+        let (a, b) = (src.canonicalize(), out.canonicalize());
+        ensure!(
+            a.is_err() || a.ok() != b.ok(),
+            "the output {} is the checkpoint being exported; choose another path",
+            out.display()
+        );
+    }
+    let source = Source::read(src)?;
+    match format {
+        Format::Ternary => replace_dir(out, |dir| ternary::write(dir, &source, dense.dtype())),
+        Format::Gguf => hf::write_atomic(out, |tmp| gguf::write(tmp, &source)),
+    }
+}
+
+/// Writes a directory by letting `write` fill a temporary sibling, then swaps it in for `path` (removing
+/// what was there), so that an interrupted export never leaves a half-written checkpoint under `path`.
+fn replace_dir(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path.file_name().context("output path without a name")?.to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result: Result<()> = (|| {
+        std::fs::create_dir_all(&tmp)?;
+        write(&tmp)?;
+        if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(path)?;
+        } else if path.exists() || path.is_symlink() {
+            std::fs::remove_file(path)?;
+        }
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Bytes of a file or of all files in a directory (for the size report).
+pub fn disk_size(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(meta.len());
+    }
+    let mut total = 0;
+    for entry in std::fs::read_dir(path)? {
+        total += disk_size(&entry?.path())?;
+    }
+    Ok(total)
+}
