@@ -33,7 +33,7 @@ measure() {
     base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$gpu")
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$gpu" -lms 50 >"$log" &
     local sampler=$!
-    out=$(timeout 300 "$@" 2>/tmp/longctx_bench.err)
+    out=$(timeout ${RUN_TIMEOUT:-300} "$@" 2>/tmp/longctx_bench.err)
     rc=$?
     kill "$sampler" 2>/dev/null
     wait "$sampler" 2>/dev/null
