@@ -124,6 +124,8 @@ impl Communicator {
             Self::Single => Ok(()),
             #[cfg(feature = "mpi")]
             Self::Mpi(m) => {
+                // MPI's send and receive buffers must not alias: the copy is the send buffer.
+                #[allow(clippy::unnecessary_to_owned)]
                 m.sum_into(&xs.to_vec(), xs);
                 Ok(())
             }

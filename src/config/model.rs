@@ -190,14 +190,14 @@ impl ModelConfig {
                 bail!("field `{key}` must be positive");
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) || !self.head_dim().is_multiple_of(2) {
             bail!(
                 "field `hidden_size` ({}) must be an even multiple of `num_attention_heads` ({})",
                 self.hidden_size,
                 self.num_attention_heads
             );
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             bail!(
                 "field `num_key_value_heads` ({}) must divide `num_attention_heads` ({})",
                 self.num_kv_heads(),

@@ -23,9 +23,9 @@ pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, w: &Tensor, rrms: &Tensor) -> R
     let (n, c) = x.dims2()?;
     // Each thread keeps the dw sums of up to 32 columns in registers (RMS_BWD_COLS in the kernel).
     let threads = match c {
-        ..=8192 => 256,
-        ..=16384 => 512,
-        ..=32768 => 1024,
+        0..=8192 => 256,
+        8193..=16384 => 512,
+        16385..=32768 => 1024,
         _ => bail!("rmsnorm_backward supports up to 32768 channels, not {c}"),
     };
     // Blocks share the rows; each writes one row of dw partial sums, which the sum below reduces.
