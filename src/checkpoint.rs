@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::model::hf::{self, Layout};
-use crate::train::optim::AdamW;
 use crate::train::params::ParamLayout;
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -47,13 +46,13 @@ pub struct CheckpointWriter<'a> {
 }
 
 impl CheckpointWriter<'_> {
-    /// Writes `OUT/checkpoint-STEP/` atomically, then removes all but the newest `keep` checkpoints.
-    pub fn save(&self, params: &Tensor, adam: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+    /// Writes `OUT/checkpoint-STEP/` atomically, then removes all but the newest `keep` checkpoints. `m` and
+    /// `v` are AdamW's whole moments ([`crate::train::optim::AdamW::gather_moments`]), so any number of ranks can resume it.
+    pub fn save(&self, params: &Tensor, m: &Tensor, v: &Tensor, state: &TrainerState) -> Result<PathBuf> {
         let dir = self.out_dir.join(format!("checkpoint-{}", state.step));
         write_dir_atomic(&dir, |tmp| {
             self.save_model(tmp, params)?;
-            let moments =
-                HashMap::from([("exp_avg".to_string(), adam.m.clone()), ("exp_avg_sq".to_string(), adam.v.clone())]);
+            let moments = HashMap::from([("exp_avg".to_string(), m.clone()), ("exp_avg_sq".to_string(), v.clone())]);
             candle_core::safetensors::save(&moments, tmp.join(OPTIMIZER_FILE))?;
             std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(state)?)?;
             Ok(())

@@ -92,7 +92,7 @@ impl Communicator {
 
     /// Replaces the contiguous tensor `t` (f32, bf16 or f64; a view of a larger buffer is fine) by its
     /// elementwise sum over all ranks, on every rank. On GPUs the sum runs on NCCL's stream after the work
-    /// queued so far; call [`Communicator::wait_for_sums`] before reading `t` or freeing it.
+    /// queued so far; call [`Communicator::wait_for_collectives`] before reading `t` or freeing it.
     #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
     pub fn sum_in_place(&self, t: &Tensor) -> Result<()> {
         match self {
@@ -102,12 +102,24 @@ impl Communicator {
         }
     }
 
-    /// Makes `device`'s stream wait for the sums queued so far (a no-op off the GPU, where they are done).
+    /// Replaces the contiguous tensor `t` (a view of a larger buffer is fine) on every rank by its value on
+    /// rank `root`. On GPUs it runs on NCCL's stream like [`Communicator::sum_in_place`].
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
+    pub fn broadcast_in_place(&self, t: &Tensor, root: usize) -> Result<()> {
+        match self {
+            Self::Single => Ok(()),
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => Ok(t.inplace_op1(&with_mpi::Collective { mpi: m, op: with_mpi::Op::Broadcast(root) })?),
+        }
+    }
+
+    /// Makes `device`'s stream wait for the collectives queued so far (a no-op off the GPU, where they are
+    /// done).
     #[cfg_attr(not(all(feature = "mpi", feature = "cuda")), allow(unused_variables))]
-    pub fn wait_for_sums(&self, device: &candle_core::Device) -> Result<()> {
+    pub fn wait_for_collectives(&self, device: &candle_core::Device) -> Result<()> {
         match (self, device) {
             #[cfg(all(feature = "mpi", feature = "cuda"))]
-            (Self::Mpi(m), candle_core::Device::Cuda(d)) => m.wait_for_sums(d),
+            (Self::Mpi(m), candle_core::Device::Cuda(d)) => m.wait_for_collectives(d),
             _ => Ok(()),
         }
     }
@@ -196,7 +208,7 @@ impl GradReducer<'_> {
 
     /// Waits for the sums, then writes the bf16 ones back in f32 (the f32 ones are in place already).
     pub fn finish(self) -> Result<()> {
-        self.comm.wait_for_sums(self.grads.device())?;
+        self.comm.wait_for_collectives(self.grads.device())?;
         for (offset, staged) in self.staged {
             self.grads.slice_set(&staged.to_dtype(DType::F32)?, 0, offset)?;
         }
@@ -317,8 +329,8 @@ mod with_mpi {
             use mpi::traits::Root as _;
             // A second stream would make cudarc record and wait on events for every buffer of every
             // launch (microseconds of CPU each, thousands of launches per step). The two streams meet only
-            // in `sum_in_place` and `wait_for_sums`, which order them explicitly, and every buffer NCCL
-            // touches stays alive until `wait_for_sums`.
+            // in the collectives and `wait_for_collectives`, which order them explicitly, and every buffer
+            // NCCL touches stays alive until `wait_for_collectives`.
             // SAFETY: called before this rank creates any tensor on `device`; see above for the ordering.
             unsafe { device.disable_event_tracking() };
             let ctx = device.cuda_stream().context().clone();
@@ -335,11 +347,11 @@ mod with_mpi {
         }
 
         pub(super) fn sum_in_place(&self, t: &Tensor) -> Result<()> {
-            Ok(t.inplace_op1(&SumInPlace(self))?)
+            Ok(t.inplace_op1(&Collective { mpi: self, op: Op::Sum })?)
         }
 
         #[cfg(feature = "cuda")]
-        pub(super) fn wait_for_sums(&self, device: &candle_core::CudaDevice) -> Result<()> {
+        pub(super) fn wait_for_collectives(&self, device: &candle_core::CudaDevice) -> Result<()> {
             if let Some(comm) = self.nccl.get() {
                 device.cuda_stream().join(&comm.stream()).context("waiting for NCCL's stream")?;
             }
@@ -347,13 +359,25 @@ mod with_mpi {
         }
     }
 
-    /// The all-reduce as an in-place candle op on a contiguous tensor (or view): NCCL on GPU tensors, MPI
-    /// through host memory on CPU tensors.
-    struct SumInPlace<'a>(&'a Mpi);
+    pub(super) enum Op {
+        Sum,
+        /// From this rank.
+        Broadcast(usize),
+    }
 
-    impl candle_core::InplaceOp1 for SumInPlace<'_> {
+    /// A collective as an in-place candle op on a contiguous tensor (or view): NCCL on GPU tensors, MPI
+    /// through host memory on CPU tensors.
+    pub(super) struct Collective<'a> {
+        pub mpi: &'a Mpi,
+        pub op: Op,
+    }
+
+    impl candle_core::InplaceOp1 for Collective<'_> {
         fn name(&self) -> &'static str {
-            "all-reduce-sum"
+            match self.op {
+                Op::Sum => "all-reduce-sum",
+                Op::Broadcast(_) => "broadcast",
+            }
         }
 
         fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
@@ -362,13 +386,13 @@ mod with_mpi {
             let (start, end) =
                 l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
             match s {
-                CpuStorage::F32(v) => self.sum_slice(&mut v[start..end]),
-                CpuStorage::F64(v) => self.sum_slice(&mut v[start..end]),
-                // MPI has no bf16: the values travel as f32 (exactly) and the sum is rounded back to bf16, the
+                CpuStorage::F32(v) => self.on_host(&mut v[start..end]),
+                CpuStorage::F64(v) => self.on_host(&mut v[start..end]),
+                // MPI has no bf16: the values travel as f32 (exactly) and a sum is rounded back to bf16, the
                 // result of a bf16 all-reduce that accumulates in f32 (the traffic saving is NCCL's to have).
                 CpuStorage::BF16(v) => {
                     let mut wide: Vec<f32> = v[start..end].iter().map(|x| x.to_f32()).collect();
-                    self.sum_slice(&mut wide);
+                    self.on_host(&mut wide);
                     v[start..end].iter_mut().zip(wide).for_each(|(x, w)| *x = half::bf16::from_f32(w));
                 }
                 other => candle_core::bail!("all-reduce of {:?} tensors is not supported", other.dtype()),
@@ -381,7 +405,7 @@ mod with_mpi {
             use candle_core::backend::BackendStorage as _;
             use candle_core::DType;
             use cudarc::nccl::safe::ReduceOp;
-            let comm = self.0.nccl.get().ok_or_else(|| candle_core::Error::Msg("NCCL was not started".into()))?;
+            let comm = self.mpi.nccl.get().ok_or_else(|| candle_core::Error::Msg("NCCL was not started".into()))?;
             let (start, end) =
                 l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
             // After the ops that wrote `t` on the compute stream.
@@ -389,24 +413,36 @@ mod with_mpi {
                 .join(&s.device.cuda_stream())
                 .map_err(|e| candle_core::Error::Msg(format!("ordering NCCL after the backward: {e:?}")))?;
             macro_rules! reduce {
-                ($t:ty) => {
-                    comm.all_reduce_in_place(&mut s.as_cuda_slice_mut::<$t>()?.slice_mut(start..end), &ReduceOp::Sum)
-                };
+                ($t:ty) => {{
+                    let mut view = s.as_cuda_slice_mut::<$t>()?.slice_mut(start..end);
+                    match self.op {
+                        Op::Sum => comm.all_reduce_in_place(&mut view, &ReduceOp::Sum),
+                        Op::Broadcast(root) => comm.broadcast_in_place(&mut view, root as i32),
+                    }
+                }};
             }
             match s.dtype() {
                 DType::F32 => reduce!(f32),
                 DType::BF16 => reduce!(half::bf16),
                 d => candle_core::bail!("NCCL all-reduce of {d:?} is not supported"),
             }
-            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL {}: {e:?}", self.name())))?;
             Ok(())
         }
     }
 
-    impl SumInPlace<'_> {
-        fn sum_slice<T: Equivalence + Copy>(&self, v: &mut [T]) {
-            let send = v.to_vec();
-            self.0.sum_into(&send, v);
+    impl Collective<'_> {
+        fn on_host<T: Equivalence + Copy>(&self, v: &mut [T]) {
+            match self.op {
+                Op::Sum => {
+                    let send = v.to_vec();
+                    self.mpi.sum_into(&send, v);
+                }
+                Op::Broadcast(root) => {
+                    use mpi::traits::Root as _;
+                    self.mpi.comm.process_at_rank(root as i32).broadcast_into(v);
+                }
+            }
         }
     }
 }

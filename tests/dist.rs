@@ -193,6 +193,41 @@ fn run_saved_on_two_ranks_resumes_on_one() {
     eprintln!("run_saved_on_two_ranks_resumes_on_one: {:.1?}; weight gap {gap:.2e}", started.elapsed());
 }
 
+/// ZeRO-1 changes where the optimizer state lives, not the arithmetic: 2 ranks with it end with the weights,
+/// losses and checkpointed moments of 2 ranks without it, to the bit, and its checkpoint resumes on 1 rank.
+#[test]
+fn zero1_matches_plain_data_parallelism_and_resumes_on_one_rank() {
+    if !have_mpirun("zero1_matches_plain_data_parallelism_and_resumes_on_one_rank") {
+        return;
+    }
+    let started = Instant::now();
+    let root = TempDir::new().unwrap();
+    let (zero, plain) = (root.path().join("zero1"), root.path().join("plain"));
+    let steps = format!("train.max_steps={STEPS}");
+    let every = format!("checkpoint.every={}", STEPS / 2);
+    run_ok(&mut train(2, &zero, &[&steps, &every, "train.zero1=true"]));
+    run_ok(&mut train(2, &plain, &[&steps, &every]));
+    let (wz, wp) = (load(&final_weights(&zero)), load(&final_weights(&plain)));
+    for (name, t) in &wz {
+        assert_eq!(values(t), values(&wp[name]), "{name} differs with ZeRO-1");
+    }
+    assert_eq!(metrics(&zero), metrics(&plain));
+    let moments = |out: &Path| load(&out.join(format!("checkpoint-{}", STEPS / 2)).join("optimizer.safetensors"));
+    let (mz, mp) = (moments(&zero), moments(&plain));
+    for name in ["exp_avg", "exp_avg_sq"] {
+        assert_eq!(values(&mz[name]), values(&mp[name]), "checkpointed {name} differs with ZeRO-1");
+    }
+
+    let zero_final = root.path().join("zero1.safetensors");
+    std::fs::copy(final_weights(&zero), &zero_final).unwrap();
+    let resumed = run_ok(train(1, &zero, &[&steps, &every, "train.grad_accum=2", "train.zero1=true"]).arg("--resume"));
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(stderr.contains(&format!("(step {})", STEPS / 2)), "should resume from step {}: {stderr}", STEPS / 2);
+    let gap = weight_gap(&final_weights(&zero), &zero_final, &zero.join("base-model").join("model.safetensors"));
+    assert!(gap < F32_GAP, "final weights differ by {gap} of the change training made");
+    eprintln!("zero1_matches_plain_data_parallelism: {:.1?}; resumed weight gap {gap:.2e}", started.elapsed());
+}
+
 #[test]
 fn nan_loss_stops_every_rank() {
     if !have_mpirun("nan_loss_stops_every_rank") {

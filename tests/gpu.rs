@@ -160,7 +160,7 @@ mod fused {
         let replay = |device: &Device| {
             // A copy: on the CPU `to_device` shares the storage the update writes into.
             let p = p0.to_device(device).unwrap().copy().unwrap();
-            let mut adam = AdamW::zeros(layout.total, device).unwrap();
+            let mut adam = AdamW::zeros(0..layout.total, device).unwrap();
             for g in &gs {
                 adam.step(&p, &g.to_device(device).unwrap(), &layout, 1e-2, &h, 0.37).unwrap();
             }

@@ -19,7 +19,7 @@ fn adamw_matches_torch() {
         ("model.layers.0.mlp.up_proj.weight".into(), vec![4, 8]),
         ("model.layers.0.mlp.ffn_layernorm.weight".into(), vec![32]),
     ]);
-    let mut adam = AdamW::zeros(n, &dev).unwrap();
+    let mut adam = AdamW::zeros(0..n, &dev).unwrap();
     let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
     let p = Tensor::new(p0.clone(), &dev).unwrap();
     for k in 0..3 {
@@ -79,7 +79,7 @@ fn adamw_grad_scale_equals_scaled_gradients() {
     // Two steps: (gradient, scale) each.
     let run = |steps: [(&Tensor, f64); 2]| {
         let p = Tensor::ones(32, candle_core::DType::F32, &Device::Cpu).unwrap();
-        let mut adam = AdamW::zeros(32, &Device::Cpu).unwrap();
+        let mut adam = AdamW::zeros(0..32, &Device::Cpu).unwrap();
         for (g, scale) in steps {
             adam.step(&p, g, &layout, 1e-2, &h, scale).unwrap();
         }
@@ -102,4 +102,45 @@ fn layout_runs_group_neighbouring_slots() {
     ]);
     let runs = layout.runs(|i| i != 2);
     assert_eq!(runs, vec![(0, 10, true), (10, 5, false), (15, 7, true)]);
+}
+
+/// ZeRO-1's split: optimizers for the shares of a buffer, each updating only its share, together give the
+/// whole buffer's update, for shares that cut through parameters and weight-decay runs.
+#[test]
+fn sharded_adamw_equals_the_whole() {
+    use bessie::train::optim::shard_of;
+    let layout = ParamLayout::from_shapes(vec![
+        ("model.embed_tokens.weight".into(), vec![7, 5]),
+        ("model.layers.0.input_layernorm.weight".into(), vec![5]),
+        ("model.layers.0.mlp.up_proj.weight".into(), vec![9, 5]),
+        ("model.layers.0.mlp.ffn_layernorm.weight".into(), vec![9]),
+        ("model.layers.0.mlp.down_proj.weight".into(), vec![5, 9]),
+    ]);
+    let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
+    let p0 = Tensor::randn(0f32, 1.0, layout.total, &Device::Cpu).unwrap();
+    let grads: Vec<Tensor> = (0..3).map(|_| Tensor::randn(0f32, 1.0, layout.total, &Device::Cpu).unwrap()).collect();
+    let run = |shards: Vec<std::ops::Range<usize>>| {
+        let p = p0.copy().unwrap();
+        let mut opts: Vec<AdamW> = shards.into_iter().map(|s| AdamW::zeros(s, &Device::Cpu).unwrap()).collect();
+        for g in &grads {
+            for adam in &mut opts {
+                adam.step(&p, g, &layout, 1e-2, &h, 0.5).unwrap();
+            }
+        }
+        p.to_vec1::<f32>().unwrap()
+    };
+    #[allow(clippy::single_range_in_vec_init)] // one optimizer for the whole buffer
+    let whole = run(vec![0..layout.total]);
+    for world in [2, 3, 7] {
+        let split = run((0..world).map(|r| shard_of(layout.total, r, world)).collect());
+        assert_eq!(split, whole, "{world} shares");
+    }
+    // A share updates only its own range.
+    let p = p0.copy().unwrap();
+    let mut first = AdamW::zeros(shard_of(layout.total, 0, 2), &Device::Cpu).unwrap();
+    first.step(&p, &grads[0], &layout, 1e-2, &h, 1.0).unwrap();
+    let (after, before) = (p.to_vec1::<f32>().unwrap(), p0.to_vec1::<f32>().unwrap());
+    let half = shard_of(layout.total, 0, 2).end;
+    assert_eq!(after[half..], before[half..]);
+    assert_ne!(after[..half], before[..half]);
 }

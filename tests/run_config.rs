@@ -71,6 +71,7 @@ fn every_shipped_config_loads() {
             plan,
             dtype: DType::BF16,
             cuda: true,
+            optimizer_shards: 1,
         };
         memory::estimate(&shape).gib()
     };

@@ -100,6 +100,10 @@ pub struct TrainSection {
     /// On a GPU, refuse to start when the estimated peak memory (`train::memory`) exceeds the card's;
     /// false starts anyway, for when the estimate is wrong.
     pub check_memory: bool,
+    /// With several ranks, ZeRO-1: each rank keeps the AdamW moments of its share of the parameters only
+    /// and updates that share, then the ranks exchange the updated shares. Optimizer memory falls by the
+    /// number of ranks; the weights are the same as without it.
+    pub zero1: bool,
 }
 
 /// Activation recomputation: memory for compute.
@@ -207,6 +211,7 @@ impl Default for TrainSection {
             attention_block: 1024,
             loss_chunk: 1024,
             check_memory: true,
+            zero1: false,
         }
     }
 }

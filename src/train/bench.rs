@@ -93,6 +93,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         plan: MemoryPlan::new(&train),
         dtype: crate::device::compute_dtype(&device),
         cuda: device.is_cuda(),
+        optimizer_shards: if train.zero1 { comm.world() } else { 1 },
     };
     let estimated_peak_gib = memory::estimate(&shape).gib();
     if let Some(card) = memory::device_memory(&device)?.filter(|_| train.check_memory) {
@@ -100,7 +101,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
     }
     let ctx = StepContext::new(cfg.clone(), &train, o.seq, device.clone())?;
     let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
-    let mut adam = AdamW::zeros(ctx.layout.total, &device)?;
+    let mut adam = AdamW::zeros(super::optimizer_shard(&train, comm, ctx.layout.total), &device)?;
     let mut rng = Rng::new(comm.rank() as u64);
     let micro: Vec<Batch> = (0..o.accum).map(|_| random_batch(&mut rng, o.batch, o.seq, cfg.vocab_size)).collect();
     let mut run = |steps: usize, mut timer: Option<&mut PhaseTimer>| -> Result<f64> {

@@ -5,7 +5,7 @@
 //! The estimate counts the bytes of every tensor alive at the two candidate peaks of a step:
 //!
 //! - **forward/backward**: latent f32 weights (4P), the flat f32 gradient buffer (4P), the AdamW moments
-//!   (8P), this step's weights in the compute dtype (eP), the activations the forward keeps
+//!   (8P, or 8P/N with ZeRO-1 over N ranks), this step's weights in the compute dtype (eP), the activations the forward keeps
 //!   ([`saved_per_token`] for the recompute level), and the largest transient: either the loss of one
 //!   chunk at the end of the forward (its logits and their gradient, plus the head gradient) or one block's
 //!   backward (its weight gradients, the FFN backward's temporaries, one attention query block's
@@ -48,6 +48,8 @@ pub struct StepShape<'a> {
     /// bf16 on CUDA, f32 on CPU.
     pub dtype: DType,
     pub cuda: bool,
+    /// How many ranks share the AdamW moments: the world size under ZeRO-1, else 1.
+    pub optimizer_shards: usize,
 }
 
 /// A peak estimate as named parts, in bytes.
@@ -123,10 +125,11 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let backward = e * block_params + recomputed + attention.max(ffn) + 4.0 * v * h + 2.0 * e * n * h;
     let transient = loss.max(backward);
 
+    let moments = 8.0 * p / s.optimizer_shards.max(1) as f64;
     let step = [
         ("latent weights (f32)", 4.0 * p),
         ("gradient buffer (f32)", 4.0 * p),
-        ("AdamW moments (f32)", 8.0 * p),
+        ("AdamW moments (f32)", moments),
         ("this step's weights", e * p),
         ("saved activations", saved),
         ("largest transient", transient),
@@ -137,12 +140,12 @@ pub fn estimate(s: &StepShape) -> Estimate {
     // The gradients are summed across ranks, normalised and clipped in place (inside AdamW's update); the
     // update's temporaries are per parameter on the CPU path and none in the fused kernel.
     let temporaries = if fused { 0.0 } else { 20.0 * largest_param };
-    let optimizer = 16.0 * p + temporaries;
+    let optimizer = 8.0 * p + moments + temporaries;
     let mut parts: Vec<(&'static str, f64)> = match step.iter().map(|(_, b)| b).sum::<f64>() >= optimizer {
         true => step.to_vec(),
         false => vec![
             ("latent weights (f32)", 4.0 * p),
-            ("AdamW moments (f32)", 8.0 * p),
+            ("AdamW moments (f32)", moments),
             ("gradient buffer (f32)", 4.0 * p),
             ("AdamW temporaries", temporaries),
         ],
@@ -268,7 +271,17 @@ mod tests {
 
     fn shape(cfg: &ModelConfig, micro_batch: usize, seq: usize, recompute: Recompute) -> StepShape<'_> {
         let plan = MemoryPlan { recompute, attention_block: 256, loss_chunk: 1024 };
-        StepShape { model: cfg, micro_batch, seq, plan, dtype: DType::BF16, cuda: true }
+        StepShape { model: cfg, micro_batch, seq, plan, dtype: DType::BF16, cuda: true, optimizer_shards: 1 }
+    }
+
+    #[test]
+    fn zero1_divides_the_moments_by_the_ranks() {
+        let cfg = ModelConfig::shape("tiny", 97).unwrap();
+        let p = cfg.num_parameters() as f64;
+        let one = estimate(&shape(&cfg, 2, 64, Recompute::None));
+        let four = estimate(&StepShape { optimizer_shards: 4, ..shape(&cfg, 2, 64, Recompute::None) });
+        assert_eq!(four.part("AdamW moments (f32)"), 2.0 * p);
+        assert_eq!(one.total() - four.total(), 6.0 * p);
     }
 
     #[test]

@@ -137,6 +137,15 @@ fn accumulate(
     Ok((loss, grads, tokens))
 }
 
+/// This rank's share of the flat buffer for the optimizer: all of it, or with `train.zero1` and several
+/// ranks its ZeRO-1 share.
+pub fn optimizer_shard(train: &TrainSection, comm: &Communicator, total: usize) -> std::ops::Range<usize> {
+    match train.zero1 {
+        true => optim::shard_of(total, comm.rank(), comm.world()),
+        false => 0..total,
+    }
+}
+
 /// One optimizer step on this rank's micro-batches. The parameters are replaced only when the loss is
 /// finite, so a NaN leaves the last good weights (and checkpoints) untouched.
 pub fn train_step(
@@ -177,6 +186,15 @@ pub fn train_step(
     }
     let grad_scale = per_token * optim::clip_factor(grad_norm, train.grad_clip);
     adam.step(params, &grads, &ctx.layout, lr, &ctx.hyper, grad_scale)?;
+    drop(grads);
+    // ZeRO-1: each rank updated its share of the weights; now every rank gets every share.
+    if adam.shard.len() < ctx.layout.total {
+        for r in 0..comm.world() {
+            let s = optim::shard_of(ctx.layout.total, r, comm.world());
+            comm.broadcast_in_place(&params.narrow(0, s.start, s.len())?, r)?;
+        }
+        comm.wait_for_collectives(params.device())?;
+    }
     PhaseTimer::mark(&mut timer, "adamw")?;
     Ok(StepResult { loss, grad_norm, tokens: tokens as usize })
 }
@@ -283,6 +301,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         plan: MemoryPlan::new(&cfg.train),
         dtype: crate::device::compute_dtype(&device),
         cuda: device.is_cuda(),
+        optimizer_shards: if cfg.train.zero1 { comm.world() } else { 1 },
     };
     if let Some(card) = memory::device_memory(&device)?.filter(|_| cfg.train.check_memory) {
         memory::check_fits(&shape, card)?;
@@ -342,7 +361,13 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
                 bail!("{}: saved with train.seed = {}, the config says {}", dir.display(), r.state.seed, t.seed);
             }
             note(format!("resuming from {} (step {})", dir.display(), r.state.step));
-            let adam = AdamW { m: r.m, v: r.v, t: r.state.step as u64 };
+            // A checkpoint holds the whole moments, whatever the world size it was saved on.
+            let shard = optimizer_shard(t, comm, ctx.layout.total);
+            let share = |x: Tensor| match shard.len() == ctx.layout.total {
+                true => Ok(x),
+                false => x.narrow(0, shard.start, shard.len())?.copy(),
+            };
+            let adam = AdamW { m: share(r.m)?, v: share(r.v)?, t: r.state.step as u64, shard };
             (r.params, adam, r.state)
         }
         None => {
@@ -350,7 +375,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
                 note(format!("--resume: no checkpoint in {}; starting from the beginning", out.display()));
             }
             let params = ctx.layout.load(&vb, &device)?;
-            let adam = AdamW::zeros(ctx.layout.total, &device)?;
+            let adam = AdamW::zeros(optimizer_shard(t, comm, ctx.layout.total), &device)?;
             (params, adam, TrainerState { step: 0, epoch: 0, epoch_rows_done: 0, seed: t.seed })
         }
     };
@@ -406,6 +431,12 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
             (Some(ds), true) => Some(dev_loss(&ctx, comm, &params, ds, &opts, t.micro_batch, pad)?),
             _ => None,
         };
+        let checkpoint_due = cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total;
+        // Under ZeRO-1 every rank takes part in collecting the moments; rank 0 alone writes them.
+        let moments = match checkpoint_due {
+            true => adam.gather_moments(comm, ctx.layout.total)?,
+            false => None,
+        };
         // The other ranks go on to the next step and wait for rank 0 in its all-reduce.
         let Some((log, bar)) = report.as_mut() else { continue };
         let tokens_per_sec = r.tokens as f64 / secs;
@@ -433,8 +464,8 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         }
         bar.set_message(status);
         bar.inc(1);
-        if cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total {
-            writer.save(&params, &adam, &state)?;
+        if let Some((m, v)) = &moments {
+            writer.save(&params, m, v, &state)?;
             beat();
         }
     }

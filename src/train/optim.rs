@@ -2,19 +2,31 @@
 //! PyTorch's exact semantics (`torch.optim.AdamW`, `clip_grad_norm_`, transformers' schedules) so a run
 //! matches the original project step for step.
 
+use std::ops::Range;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::params::ParamLayout;
 
 use crate::config::run::{Schedule, TrainSection};
+use crate::dist::Communicator;
 
-/// AdamW state: first and second moments, f32, the shape of the flat parameter buffer.
+/// AdamW state for the range `shard` of the flat parameter buffer, which this optimizer updates: all of it,
+/// or under ZeRO-1 this rank's share. First and second moments in f32, `shard.len()` long.
 pub struct AdamW {
     pub m: Tensor,
     pub v: Tensor,
     /// Optimizer steps taken (PyTorch's `state["step"]`).
     pub t: u64,
+    pub shard: Range<usize>,
+}
+
+/// Rank `rank`'s share of a flat buffer of `total` elements among `world` ranks under ZeRO-1: contiguous,
+/// all of equal length but the last.
+pub fn shard_of(total: usize, rank: usize, world: usize) -> Range<usize> {
+    let per = total.div_ceil(world.max(1));
+    (rank * per).min(total)..((rank + 1) * per).min(total)
 }
 
 pub struct AdamWHyper {
@@ -27,16 +39,43 @@ pub struct AdamWHyper {
 }
 
 impl AdamW {
-    pub fn zeros(n: usize, device: &Device) -> Result<Self> {
-        Ok(Self { m: Tensor::zeros(n, DType::F32, device)?, v: Tensor::zeros(n, DType::F32, device)?, t: 0 })
+    /// Zero moments for `shard` of the flat buffer (`0..total` for all of it).
+    pub fn zeros(shard: Range<usize>, device: &Device) -> Result<Self> {
+        let n = shard.len();
+        Ok(Self { m: Tensor::zeros(n, DType::F32, device)?, v: Tensor::zeros(n, DType::F32, device)?, t: 0, shard })
+    }
+
+    /// The whole moments, on rank 0 (None on the others), for a checkpoint. Under ZeRO-1 each rank's share
+    /// is broadcast in turn and rank 0 keeps them in host memory, so no device holds more than a share.
+    pub fn gather_moments(&self, comm: &Communicator, total: usize) -> Result<Option<(Tensor, Tensor)>> {
+        if self.shard.len() == total {
+            return Ok(comm.is_main().then(|| (self.m.clone(), self.v.clone())));
+        }
+        let gather = |mine: &Tensor| -> Result<Option<Tensor>> {
+            let mut parts = Vec::new();
+            for r in 0..comm.world() {
+                let len = shard_of(total, r, comm.world()).len();
+                let buf = match r == comm.rank() {
+                    true => mine.copy()?,
+                    false => Tensor::zeros(len, DType::F32, mine.device())?,
+                };
+                comm.broadcast_in_place(&buf, r)?;
+                comm.wait_for_collectives(mine.device())?;
+                if comm.is_main() {
+                    parts.push(buf.to_device(&Device::Cpu)?);
+                }
+            }
+            Ok(comm.is_main().then(|| Tensor::cat(&parts, 0)).transpose()?)
+        };
+        Ok(gather(&self.m)?.zip(gather(&self.v)?))
     }
 
     /// One step, updating `params`, `m` and `v` in place, with the gradients `grads * grad_scale` (the
     /// scale folds the per-token normalisation and the clip factor into the update: no pass of its own).
     /// Same arithmetic as `torch.optim.AdamW` (single-tensor path): `p *= 1 - lr wd`,
-    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. On CUDA one fused kernel runs over each range of
-    /// the flat buffer that shares a weight-decay setting; elsewhere one parameter at a time, so the
-    /// temporaries stay the size of the largest parameter, not of the model.
+    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Only `params[shard]` changes. It runs over each
+    /// range of the shard that shares a weight-decay setting: one fused kernel each on CUDA; candle ops
+    /// elsewhere, whose temporaries stay the size of a few parameters, not of the model.
     pub fn step(
         &mut self,
         params: &Tensor,
@@ -63,29 +102,42 @@ impl AdamW {
                 eps: h.eps as f32,
                 step_size: (lr / bc1) as f32,
             };
-            for (offset, len, decays) in layout.runs(decay) {
-                let view = |t: &Tensor| t.narrow(0, offset, len);
+            for (global, local, n, decays) in self.runs(layout, decay) {
                 let factor = if decays { (1.0 - lr * h.weight_decay) as f32 } else { 1.0 };
-                adamw(&view(params)?, &view(grads)?, &view(&self.m)?, &view(&self.v)?, factor, &s)?;
+                let (m, v) = (self.m.narrow(0, local, n)?, self.v.narrow(0, local, n)?);
+                adamw(&params.narrow(0, global, n)?, &grads.narrow(0, global, n)?, &m, &v, factor, &s)?;
             }
             return Ok(());
         }
-        for (i, slot) in layout.slots.iter().enumerate() {
-            let view = |t: &Tensor| t.narrow(0, slot.offset, slot.len);
-            let g = (view(grads)? * grad_scale)?;
-            let m = ((view(&self.m)? * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
-            let v = ((view(&self.v)? * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
-            let mut p = view(params)?;
-            if decay(i) {
+        for (global, local, n, decays) in self.runs(layout, decay) {
+            let g = (grads.narrow(0, global, n)? * grad_scale)?;
+            let m = ((self.m.narrow(0, local, n)? * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
+            let v = ((self.v.narrow(0, local, n)? * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
+            let mut p = params.narrow(0, global, n)?;
+            if decays {
                 p = (p * (1.0 - lr * h.weight_decay))?;
             }
             let denom = ((v.sqrt()? / bc2.sqrt())? + h.eps)?;
             let p = (p - ((&m / denom)? * (lr / bc1))?)?;
-            self.m.slice_set(&m, 0, slot.offset)?;
-            self.v.slice_set(&v, 0, slot.offset)?;
-            params.slice_set(&p, 0, slot.offset)?;
+            self.m.slice_set(&m, 0, local)?;
+            self.v.slice_set(&v, 0, local)?;
+            params.slice_set(&p, 0, global)?;
         }
         Ok(())
+    }
+
+    /// The runs of slots that share a weight-decay setting, cut to the shard: `(offset in the flat buffer,
+    /// offset in the moments, length, decays)`.
+    fn runs(&self, layout: &ParamLayout, decay: impl Fn(usize) -> bool) -> Vec<(usize, usize, usize, bool)> {
+        let s = &self.shard;
+        layout
+            .runs(decay)
+            .into_iter()
+            .filter_map(|(offset, len, decays)| {
+                let (lo, hi) = (offset.max(s.start), (offset + len).min(s.end));
+                (lo < hi).then(|| (lo, lo - s.start, hi - lo, decays))
+            })
+            .collect()
     }
 }
 
