@@ -12,8 +12,9 @@ fn sum_partials(x: &Tensor, square: bool) -> Result<(Tensor, usize)> {
     let n = x.elem_count();
     let cfg = grid_stride(n);
     let blocks = cfg.grid_dim.0 as usize;
-    let partials = uninit(blocks, DType::F64, &cuda_device(x)?)?;
-    launch!(cuda_device(x)?, PTX, "sum_partials", cfg; ptr(x)?, n as u64, square as i32, ptr(&partials)?);
+    let dev = cuda_device(x)?;
+    let partials = uninit(blocks, DType::F64, &dev)?;
+    launch!(dev, PTX, "sum_partials", cfg; ptr(x)?, n as u64, square as i32, ptr(&partials)?);
     Ok((partials, blocks))
 }
 

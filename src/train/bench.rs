@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{memory, metrics, model::MemoryPlan, optim::AdamW, train_step, PhaseTimer, StepContext};
+use super::{memory, metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
 use crate::config::run::{Recompute, RunConfig};
 use crate::config::ModelConfig;
 use crate::data::Batch;
@@ -86,19 +86,9 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         cfg.set_rope_scaling(Some(scaling));
     }
     let train = o.config.train.clone();
-    let shape = memory::StepShape {
-        model: &cfg,
-        micro_batch: o.batch,
-        seq: o.seq,
-        plan: MemoryPlan::new(&train),
-        dtype: crate::device::compute_dtype(&device),
-        cuda: device.is_cuda(),
-        optimizer_shards: if train.zero1 { comm.world() } else { 1 },
-    };
+    let shape = memory::StepShape::of_run(&cfg, &train, o.batch, o.seq, &device, comm.world());
     let estimated_peak_gib = memory::estimate(&shape).gib();
-    if let Some(card) = memory::device_memory(&device)?.filter(|_| train.check_memory) {
-        memory::check_fits(&shape, card)?;
-    }
+    memory::check_device(&shape, &device, train.check_memory)?;
     let ctx = StepContext::new(cfg.clone(), &train, o.seq, device.clone())?;
     let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
     let mut adam = AdamW::zeros(super::optimizer_shard(&train, comm, ctx.layout.total), &device)?;

@@ -143,8 +143,7 @@ pub struct AttentionSaved {
 /// Softmax attention with an additive mask `[batch, 1, seq, seq]`; scores and softmax in f32. The plain
 /// form, kept as the reference [`flash_attention_forward`] is tested against.
 pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, AttentionSaved)> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+    let scores = (q.matmul(&k.t()?)? * score_scale(q)?)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let y = probs.to_dtype(v.dtype())?.matmul(v)?;
     Ok((y, AttentionSaved { q: q.clone(), k: k.clone(), v: v.clone(), probs }))
@@ -153,7 +152,7 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> R
 /// Returns `(dq, dk, dv)`: `dV = P^T dY`, `dP = dY V^T`, `dS = P (dP - rowsum(dP P))`, `dQ = dS K c`, `dK = dS^T Q c`.
 pub fn attention_backward(dy: &Tensor, s: &AttentionSaved) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = s.v.dtype();
-    let scale = 1.0 / (s.q.dim(D::Minus1)? as f64).sqrt();
+    let scale = score_scale(&s.q)?;
     let p = s.probs.to_dtype(dtype)?;
     let dv = p.t()?.matmul(dy)?;
     let dp = dy.matmul(&s.v.t()?)?.to_dtype(DType::F32)?;
@@ -230,12 +229,21 @@ pub struct FlashSaved {
     lse: Tensor,
 }
 
-/// Masked, scaled scores of queries `q0..q0 + nq` against keys `0..q0 + nq`, f32. Causal attention never
-/// looks further, so the keys after the block's last query are skipped (half the work of the full matrix).
+/// Attention's score scale, `1 / sqrt(head_dim)`.
+fn score_scale(q: &Tensor) -> Result<f64> {
+    Ok(1.0 / (q.dim(D::Minus1)? as f64).sqrt())
+}
+
+/// Unscaled scores `Q K^T` of queries `q0..q0 + nq` against keys `0..q0 + nq`, in the compute dtype. Causal
+/// attention never looks further, so the keys after the block's last query are skipped (half the work of
+/// the full matrix).
+fn block_qk(q: &Tensor, k: &Tensor, q0: usize, nq: usize) -> Result<Tensor> {
+    q.narrow(2, q0, nq)?.matmul(&k.narrow(2, 0, q0 + nq)?.t()?)
+}
+
+/// Masked, scaled scores of a block ([`block_qk`]) in f32.
 fn block_scores(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let kb = k.narrow(2, 0, q0 + nq)?;
-    let scores = (q.narrow(2, q0, nq)?.matmul(&kb.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = (block_qk(q, k, q0, nq)? * score_scale(q)?)?.to_dtype(DType::F32)?;
     scores.broadcast_add(&windows.mask(q0, nq, q0 + nq)?)
 }
 
@@ -244,9 +252,7 @@ fn block_scores(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize)
 fn block_softmax(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if crate::kernels::applies(q) {
-        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-        let scores = q.narrow(2, q0, nq)?.matmul(&k.narrow(2, 0, q0 + nq)?.t()?)?;
-        return crate::kernels::attention::block_forward(&scores, &windows.start, q0, scale);
+        return crate::kernels::attention::block_forward(&block_qk(q, k, q0, nq)?, &windows.start, q0, score_scale(q)?);
     }
     let scores = block_scores(q, k, windows, q0, nq)?;
     let max = scores.max_keepdim(D::Minus1)?;
@@ -266,11 +272,11 @@ fn block_softmax_backward(
     nq: usize,
 ) -> Result<(Tensor, Tensor)> {
     let dtype = s.v.dtype();
-    let scale = 1.0 / (s.q.dim(D::Minus1)? as f64).sqrt();
+    let scale = score_scale(&s.q)?;
     let (lse, v) = (s.lse.narrow(2, q0, nq)?, s.v.narrow(2, 0, q0 + nq)?);
     #[cfg(feature = "cuda")]
     if crate::kernels::applies(&s.q) {
-        let scores = s.q.narrow(2, q0, nq)?.matmul(&s.k.narrow(2, 0, q0 + nq)?.t()?)?;
+        let scores = block_qk(&s.q, &s.k, q0, nq)?;
         let dp = dyb.matmul(&v.t()?)?;
         return crate::kernels::attention::block_backward(&scores, &lse.contiguous()?, &dp, &windows.start, q0, scale);
     }

@@ -30,7 +30,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
 use super::model::MemoryPlan;
-use crate::config::run::Recompute;
+use crate::config::run::{Recompute, TrainSection};
 use crate::config::ModelConfig;
 
 /// The CUDA context, cuBLAS, the kernels and the pool's rounding, for the fused and the candle-op step
@@ -50,6 +50,29 @@ pub struct StepShape<'a> {
     pub cuda: bool,
     /// How many ranks share the AdamW moments: the world size under ZeRO-1, else 1.
     pub optimizer_shards: usize,
+}
+
+impl<'a> StepShape<'a> {
+    /// The step a run with `train` makes on `device`, `micro_batch` sequences of `seq` tokens at a time, on
+    /// each of `world` ranks.
+    pub fn of_run(
+        model: &'a ModelConfig,
+        train: &TrainSection,
+        micro_batch: usize,
+        seq: usize,
+        device: &Device,
+        world: usize,
+    ) -> Self {
+        Self {
+            model,
+            micro_batch,
+            seq,
+            plan: MemoryPlan::new(train),
+            dtype: crate::device::compute_dtype(device),
+            cuda: device.is_cuda(),
+            optimizer_shards: if train.zero1 { world } else { 1 },
+        }
+    }
 }
 
 /// A peak estimate as named parts, in bytes.
@@ -207,6 +230,15 @@ impl PeakSampler {
     pub fn stop(mut self) -> Option<f64> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.take().map(|t| t.join().unwrap_or(0) as f64 / GIB)
+    }
+}
+
+/// [`check_fits`] against `device`'s memory, unless `enabled` is false (`train.check_memory`); nothing
+/// to check on the CPU.
+pub fn check_device(s: &StepShape, device: &Device, enabled: bool) -> Result<()> {
+    match device_memory(device)?.filter(|_| enabled) {
+        Some(card) => check_fits(s, card),
+        None => Ok(()),
     }
 }
 

@@ -294,18 +294,9 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
     }
     model_cfg.check_positions(cfg.data.max_seq_len, "data.max_seq_len")?;
     // Before any weight is on the device: a config that cannot fit fails now, saying what would.
-    let shape = memory::StepShape {
-        model: &model_cfg,
-        micro_batch: cfg.train.micro_batch,
-        seq: cfg.data.max_seq_len,
-        plan: MemoryPlan::new(&cfg.train),
-        dtype: crate::device::compute_dtype(&device),
-        cuda: device.is_cuda(),
-        optimizer_shards: if cfg.train.zero1 { comm.world() } else { 1 },
-    };
-    if let Some(card) = memory::device_memory(&device)?.filter(|_| cfg.train.check_memory) {
-        memory::check_fits(&shape, card)?;
-    }
+    let t = &cfg.train;
+    let shape = memory::StepShape::of_run(&model_cfg, t, t.micro_batch, cfg.data.max_seq_len, &device, comm.world());
+    memory::check_device(&shape, &device, t.check_memory)?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let template = ChatTemplate::new(cfg.system_prompt());
     let opts = DataOptions {
@@ -332,8 +323,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         cfg.data.max_seq_len
     ));
 
-    let ctx = StepContext::new(model_cfg.clone(), &cfg.train, cfg.data.max_seq_len, device.clone())?;
-    let t = &cfg.train;
+    let ctx = StepContext::new(model_cfg.clone(), t, cfg.data.max_seq_len, device.clone())?;
     let rows_per_step = t.micro_batch * t.grad_accum * comm.world();
     note(format!(
         "global batch: {rows_per_step} sequences per step (micro-batch {} x accumulation {} x {} ranks)",
