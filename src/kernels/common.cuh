@@ -39,3 +39,22 @@ __device__ __forceinline__ float blend(float x, float q, float lambda) {
 
 #define GRID_STRIDE(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+// Eight bf16 in one 16-byte access (the address must be 16-byte aligned), widened to f32 or rounded back.
+__device__ __forceinline__ void load8(const bf16* p, float* out) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        float2 f = __bfloat1622float2(h[e]);
+        out[2 * e] = f.x;
+        out[2 * e + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void store8(bf16* p, const float* in) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(in[2 * e], in[2 * e + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}

@@ -24,16 +24,20 @@ pub fn sum_squares(x: &Tensor) -> Result<f64> {
 }
 
 /// The BitLinear weight of this step from its f32 latent `w`: ternary times the absmean scale, blended with
-/// `w` by `lambda`, in bf16. Two launches per matrix: the partial sums of `|w|`, then the write, whose blocks
-/// each finish the sum themselves (no round trip to the host).
-pub fn ternary_weight(w: &Tensor, lambda: f64) -> Result<Tensor> {
+/// `w` by `lambda`, written in bf16 to `out` (a contiguous view of as many elements). Two launches per matrix:
+/// the partial sums of `|w|`, then the write, whose blocks each finish the sum themselves (no round trip to
+/// the host).
+pub fn ternary_weight(w: &Tensor, lambda: f64, out: &Tensor) -> Result<()> {
     let n = w.elem_count();
+    if out.elem_count() != n || out.dtype() != DType::BF16 {
+        candle_core::bail!("ternary_weight: {n} weights but {} bf16 outputs", out.elem_count());
+    }
     let dev = cuda_device(w)?;
     let (partials, blocks) = sum_partials(w, false)?;
-    let out = uninit(w.shape(), DType::BF16, &dev)?;
+    // SAFETY (of writing through `out`): the step's weight buffer is being built; nothing reads it yet.
     launch!(dev, PTX, "ternary_weight", grid_stride(n);
-        ptr(w)?, n as u64, ptr(&partials)?, blocks as i32, lambda as f32, ptr(&out)?);
-    Ok(out)
+        ptr(w)?, n as u64, ptr(&partials)?, blocks as i32, lambda as f32, ptr(out)?);
+    Ok(())
 }
 
 /// `dst += src` for a contiguous f32 view `dst` of the gradient buffer and a gradient `src` (f32 or bf16)

@@ -10,8 +10,11 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod embedding;
 pub mod flat;
+pub mod gemm;
 pub mod rmsnorm;
+pub mod rope;
 pub mod swiglu;
 
 use candle_core::cuda_backend::CudaStorage;
@@ -32,7 +35,7 @@ pub(crate) use ptx;
 /// Launches kernel `$name` of module `$ptx` on `$dev`'s stream with the given arguments (each a value
 /// the kernel takes by copy: device addresses as `u64`, scalars as `i32`/`u64`/`f32`).
 macro_rules! launch {
-    ($dev:expr, $ptx:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
+    ($dev:expr, $ptx:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         use cudarc::driver::PushKernelArg as _;
         let func = $dev.get_or_load_custom_func($name, $ptx.0, $ptx.1)?;
         let mut builder = func.builder();
@@ -84,6 +87,15 @@ pub(crate) fn ptr(t: &Tensor) -> Result<u64> {
         d => bail!("fused kernels take no {d:?} tensors"),
     };
     Ok(base + (start * t.dtype().size_in_bytes()) as u64)
+}
+
+/// [`ptr`] for kernels that access 16 bytes at a time (`load8`/`store8` in `common.cuh`).
+pub(crate) fn aligned_ptr(t: &Tensor) -> Result<u64> {
+    let p = ptr(t)?;
+    if !p.is_multiple_of(16) {
+        bail!("a vectorized kernel was given a tensor that does not start on a 16-byte boundary");
+    }
+    Ok(p)
 }
 
 /// A tensor whose elements the next kernel writes, all of them; no zero-fill pass.

@@ -1,68 +1,148 @@
 // RMSNorm with the BitLinear input quantization that always follows it, forward and backward.
 // Reference: train::layers::{rmsnorm_forward + effective_input, rmsnorm_backward}.
+//
+// A row of c channels is spread over one block: thread `t` owns the 8-channel vectors t, t + blockDim.x, ...
+// (K of them, K a template parameter so they live in registers), so each row is read from memory once, in
+// 16-byte accesses (x, dy, dx; c % 8 == 0 keeps every row aligned), and kept in registers between the passes that need its statistics. c % 8 == 0.
 #include "common.cuh"
+
+// The channel of vector k of this thread, or c when it has none.
+__device__ __forceinline__ int column(int k, int c) {
+    int i = (threadIdx.x + k * blockDim.x) * 8;
+    return i < c ? i : c;
+}
+
+// The norm weight's 8 channels from i. Read one by one: the weight is a view into the step's flat weight
+// buffer, not always 16-byte aligned, and it is read once per row from cache.
+__device__ __forceinline__ void load_weights(const bf16* w, float* out) {
+#pragma unroll
+    for (int e = 0; e < 8; e++) out[e] = f32(w[e]);
+}
 
 // Per row of x [n, c] (one block each): r = 1 / sqrt(mean(x^2) + eps), y = bf16(x r w), then y quantized per
 // token to int8 (scale max|y| / 127) and back, blended with y by lambda. Writes the BitLinear input and r.
-// Three passes over the row, which stays in L1/L2: one read from memory, one write.
-extern "C" __global__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, float* rrms, int c,
-                                                 float inv_c, float eps, float lambda) {
-    const bf16* xr = x + (size_t)blockIdx.x * c;
-    bf16* yr = y + (size_t)blockIdx.x * c;
+template <int K>
+__device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, float* rrms, int c, float inv_c,
+                                      float eps, float lambda) {
+    size_t row = (size_t)blockIdx.x * c;
+    float v[K][8];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        float v = f32(xr[i]);
-        ss += v * v;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        int i = column(k, c);
+        if (i == c) continue;
+        load8(x + row + i, v[k]);
+#pragma unroll
+        for (int e = 0; e < 8; e++) ss += v[k][e] * v[k][e];
     }
     float r = 1.f / sqrtf(block_reduce(ss, Sum()) * inv_c + eps);
     float amax = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) amax = fmaxf(amax, fabsf(round_bf16(f32(xr[i]) * r * f32(w[i]))));
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        int i = column(k, c);
+        if (i == c) continue;
+        float wv[8];
+        load_weights(w + i, wv);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            v[k][e] = round_bf16(v[k][e] * r * wv[e]);
+            amax = fmaxf(amax, fabsf(v[k][e]));
+        }
+    }
     float scale = fmaxf(block_reduce(amax, Max()), 1e-5f) * (1.f / 127.f);
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        float v = round_bf16(f32(xr[i]) * r * f32(w[i]));
-        float q = fminf(fmaxf(roundf(v / scale), -128.f), 127.f) * scale;
-        yr[i] = to_bf16(blend(v, q, lambda));
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        int i = column(k, c);
+        if (i == c) continue;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float q = fminf(fmaxf(roundf(v[k][e] / scale), -128.f), 127.f) * scale;
+            v[k][e] = blend(v[k][e], q, lambda);
+        }
+        store8(y + row + i, v[k]);
     }
     if (threadIdx.x == 0) rrms[blockIdx.x] = r;
 }
 
-// Columns a thread owns in the backward: c <= RMS_BWD_COLS * blockDim.x.
-#define RMS_BWD_COLS 32
-
-// With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)). Each block takes rows blockIdx.x + k gridDim.x
-// and writes its share of dw = sum_rows(dy xhat) to dw_partial[blockIdx.x, :]; the caller sums the
-// gridDim.x partial rows (a fixed order: deterministic, unlike atomics).
-extern "C" __global__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, bf16* dx,
-                                            float* dw_partial, int n, int c, float inv_c) {
-    float acc[RMS_BWD_COLS];
+// With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)). Each block takes rows blockIdx.x + j gridDim.x
+// and writes its share of dw = sum_rows(dy xhat) to dw_partial[blockIdx.x, :]; `column_sums` adds the
+// partial rows in a fixed order (deterministic, unlike atomics).
+template <int K>
+__device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, bf16* dx,
+                                 float* dw_partial, int n, int c, float inv_c) {
+    float acc[K][8], wv[K][8];
 #pragma unroll
-    for (int k = 0; k < RMS_BWD_COLS; k++) acc[k] = 0.f;
+    for (int k = 0; k < K; k++) {
+        int i = column(k, c);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[k][e] = 0.f;
+        if (i < c) load_weights(w + i, wv[k]);
+    }
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         size_t base = (size_t)row * c;
         float r = rrms[row];
+        float d[K][8], xh[K][8];
         float dot = 0.f;
 #pragma unroll
-        for (int k = 0; k < RMS_BWD_COLS; k++) {
-            int i = threadIdx.x + k * blockDim.x;
-            if (i < c) {
-                float d = f32(dy[base + i]), xh = f32(x[base + i]) * r;
-                dot += d * f32(w[i]) * xh;
-                acc[k] += d * xh;
+        for (int k = 0; k < K; k++) {
+            int i = column(k, c);
+            if (i == c) continue;
+            load8(dy + base + i, d[k]);
+            load8(x + base + i, xh[k]);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                xh[k][e] *= r;
+                dot += d[k][e] * wv[k][e] * xh[k][e];
+                acc[k][e] += d[k][e] * xh[k][e];
             }
         }
         float proj = block_reduce(dot, Sum()) * inv_c;
 #pragma unroll
-        for (int k = 0; k < RMS_BWD_COLS; k++) {
-            int i = threadIdx.x + k * blockDim.x;
-            if (i < c) {
-                float g = f32(dy[base + i]) * f32(w[i]), xh = f32(x[base + i]) * r;
-                dx[base + i] = to_bf16((g - xh * proj) * r);
-            }
+        for (int k = 0; k < K; k++) {
+            int i = column(k, c);
+            if (i == c) continue;
+            float o[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = (d[k][e] * wv[k][e] - xh[k][e] * proj) * r;
+            store8(dx + base + i, o);
         }
     }
 #pragma unroll
-    for (int k = 0; k < RMS_BWD_COLS; k++) {
-        int i = threadIdx.x + k * blockDim.x;
-        if (i < c) dw_partial[(size_t)blockIdx.x * c + i] = acc[k];
+    for (int k = 0; k < K; k++) {
+        int i = column(k, c);
+        if (i == c) continue;
+#pragma unroll
+        for (int e = 0; e < 8; e++) dw_partial[(size_t)blockIdx.x * c + i + e] = acc[k][e];
+    }
+}
+
+#define RMSNORM_KERNELS(K)                                                                                         \
+    extern "C" __global__ void rmsnorm_quant_forward_##K(const bf16* x, const bf16* w, bf16* y, float* rrms,     \
+                                                         int c, float inv_c, float eps, float lambda) {          \
+        rmsnorm_quant_forward<K>(x, w, y, rrms, c, inv_c, eps, lambda);                                            \
+    }                                                                                                              \
+    extern "C" __global__ void rmsnorm_backward_##K(const bf16* dy, const bf16* x, const bf16* w,                \
+                                                    const float* rrms, bf16* dx, float* dw_partial, int n, int c, \
+                                                    float inv_c) {                                                \
+        rmsnorm_backward<K>(dy, x, w, rrms, dx, dw_partial, n, c, inv_c);                                          \
+    }
+RMSNORM_KERNELS(1)
+RMSNORM_KERNELS(2)
+RMSNORM_KERNELS(4)
+
+// out[j] = sum over rows of x[:, j] for x [rows, cols] f32, rows in order. Block (32, 8): 32 columns, the 8
+// thread rows take every 8th row, then the first adds the 8 sums.
+extern "C" __global__ void column_sums(const float* x, int rows, int cols, float* out) {
+    __shared__ float part[8][33];
+    int j = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.f;
+    if (j < cols)
+        for (int r = threadIdx.y; r < rows; r += 8) s += x[(size_t)r * cols + j];
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < cols) {
+        float total = 0.f;
+        for (int y = 0; y < 8; y++) total += part[y][threadIdx.x];
+        out[j] = total;
     }
 }

@@ -1,39 +1,56 @@
 //! RMSNorm fused with the int8 quantization of the BitLinear input that follows it, and RMSNorm's backward.
 
 use candle_core::{bail, DType, Result, Tensor};
+use cudarc::driver::LaunchConfig;
 
-use super::{cuda_device, launch, ptr, ptx, uninit, Ptx};
+use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("rmsnorm");
+
+/// Whether the kernels take rows of `c` channels: whole 8-channel vectors, at most 4 per thread of a block.
+pub fn supports(c: usize) -> bool {
+    c.is_multiple_of(8) && c <= 4 * 8 * 1024
+}
+
+/// The kernels' variant (vectors per thread, 1, 2 or 4) and threads per block for rows of `c` channels.
+fn shape(c: usize) -> Result<(usize, u32)> {
+    if !supports(c) {
+        bail!("the RMSNorm kernels take a multiple of 8 channels up to 32768, not {c}");
+    }
+    let vectors = c / 8;
+    let k = [1, 2, 4].into_iter().find(|k| vectors.div_ceil(*k) <= 1024).expect("supports() bounds c");
+    Ok((k, (vectors.div_ceil(k).div_ceil(32) * 32) as u32))
+}
 
 /// For `x: [n, c]` and the norm weight `w: [c]` (bf16): the BitLinear input (normed, fake-quantized to int8
 /// per row, blended by `lambda`), bf16 `[n, c]`, and the reciprocal RMS of each row, f32 `[n, 1]`.
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, Tensor)> {
     let (n, c) = x.dims2()?;
+    let (k, threads) = shape(c)?;
     let dev = cuda_device(x)?;
     let (y, rrms) = (uninit((n, c), DType::BF16, &dev)?, uninit((n, 1), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
-    launch!(dev, PTX, "rmsnorm_quant_forward", super::per_row(n, 256);
-        ptr(x)?, ptr(w)?, ptr(&y)?, ptr(&rrms)?, c as i32, inv_c, eps as f32, lambda as f32);
+    let name = ["rmsnorm_quant_forward_1", "rmsnorm_quant_forward_2", "", "rmsnorm_quant_forward_4"][k - 1];
+    launch!(dev, PTX, name, super::per_row(n, threads);
+        aligned_ptr(x)?, ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, c as i32, inv_c, eps as f32, lambda as f32);
     Ok((y, rrms))
 }
 
 /// `(dx, dw)` of RMSNorm for `dy, x: [n, c]` (bf16), `w: [c]`, `rrms: [n, 1]` (f32); `dw` in f32.
 pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, w: &Tensor, rrms: &Tensor) -> Result<(Tensor, Tensor)> {
     let (n, c) = x.dims2()?;
-    // Each thread keeps the dw sums of up to 32 columns in registers (RMS_BWD_COLS in the kernel).
-    let threads = match c {
-        0..=8192 => 256,
-        8193..=16384 => 512,
-        16385..=32768 => 1024,
-        _ => bail!("rmsnorm_backward supports up to 32768 channels, not {c}"),
-    };
-    // Blocks share the rows; each writes one row of dw partial sums, which the sum below reduces.
+    let (k, threads) = shape(c)?;
+    // Blocks share the rows; each writes one row of dw partial sums, which `column_sums` adds.
     let blocks = n.clamp(1, 1024);
     let dev = cuda_device(x)?;
     let (dx, partial) = (uninit((n, c), DType::BF16, &dev)?, uninit((blocks, c), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
-    launch!(dev, PTX, "rmsnorm_backward", super::per_row(blocks, threads);
-        ptr(dy)?, ptr(x)?, ptr(w)?, ptr(rrms)?, ptr(&dx)?, ptr(&partial)?, n as i32, c as i32, inv_c);
-    Ok((dx, partial.sum(0)?))
+    let name = ["rmsnorm_backward_1", "rmsnorm_backward_2", "", "rmsnorm_backward_4"][k - 1];
+    launch!(dev, PTX, name, super::per_row(blocks, threads);
+        aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, aligned_ptr(&dx)?, ptr(&partial)?,
+        n as i32, c as i32, inv_c);
+    let dw = uninit(c, DType::F32, &dev)?;
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "column_sums", cfg; ptr(&partial)?, blocks as i32, c as i32, ptr(&dw)?);
+    Ok((dx, dw))
 }

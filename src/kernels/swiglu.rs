@@ -1,26 +1,32 @@
-//! SwiGLU `h = silu(a) b`, forward and backward, elementwise in one pass each.
+//! SwiGLU over the fused gate/up projection, forward and backward.
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{cuda_device, grid_stride, launch, ptr, ptx, uninit, Ptx};
+use super::{aligned_ptr, cuda_device, grid_stride, launch, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("swiglu");
 
-/// `silu(a) * b` for bf16 `a, b` of one shape.
-pub fn swiglu_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dev = cuda_device(a)?;
-    let h = uninit(a.shape(), DType::BF16, &dev)?;
-    let n = a.elem_count();
-    launch!(dev, PTX, "swiglu_forward", grid_stride(n); ptr(a)?, ptr(b)?, ptr(&h)?, n as u64);
+/// Whether the kernels take `m` channels per half: whole 8-channel vectors.
+pub fn supports(m: usize) -> bool {
+    m.is_multiple_of(8)
+}
+
+/// `h = silu(gate) * up` for `gu = [gate | up]: [n, 2m]` (bf16); `h: [n, m]`.
+pub fn swiglu_forward(gu: &Tensor) -> Result<Tensor> {
+    let (n, m) = (gu.dim(0)?, gu.dim(1)? / 2);
+    let dev = cuda_device(gu)?;
+    let h = uninit((n, m), DType::BF16, &dev)?;
+    launch!(dev, PTX, "swiglu_forward", grid_stride(n * m / 8);
+        aligned_ptr(gu)?, aligned_ptr(&h)?, n as i32, m as i32);
     Ok(h)
 }
 
-/// `(da, db)` for the upstream gradient `dh`.
-pub fn swiglu_backward(dh: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
-    let dev = cuda_device(a)?;
-    let (da, db) = (uninit(a.shape(), DType::BF16, &dev)?, uninit(a.shape(), DType::BF16, &dev)?);
-    let n = a.elem_count();
-    launch!(dev, PTX, "swiglu_backward", grid_stride(n);
-        ptr(dh)?, ptr(a)?, ptr(b)?, ptr(&da)?, ptr(&db)?, n as u64);
-    Ok((da, db))
+/// `[dgate | dup]: [n, 2m]` from `dh: [n, m]` and `gu` (bf16).
+pub fn swiglu_backward(dh: &Tensor, gu: &Tensor) -> Result<Tensor> {
+    let (n, m) = dh.dims2()?;
+    let dev = cuda_device(gu)?;
+    let dgu = uninit((n, 2 * m), DType::BF16, &dev)?;
+    launch!(dev, PTX, "swiglu_backward", grid_stride(n * m / 8);
+        aligned_ptr(dh)?, aligned_ptr(gu)?, aligned_ptr(&dgu)?, n as i32, m as i32);
+    Ok(dgu)
 }

@@ -10,17 +10,19 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::model::bitnet::{quantize_activations, quantize_weight};
 
-/// A BitLinear weight as this step's forward sees it: `W + lambda (Q(W) - W)` in the compute dtype, where
-/// `Q(W)` is the ternary weight times its scale. lambda = 1 is plain BitNet; lambda < 1 is the warm-up that
-/// eases a full-precision checkpoint into ternary. Computed once per optimizer step.
-pub fn effective_weight(latent: &Tensor, lambda: f64, dtype: DType) -> Result<Tensor> {
+/// A BitLinear weight as this step's forward sees it: `W + lambda (Q(W) - W)` in `dst`'s dtype, written to
+/// `dst[offset..]` (the step's flat weight buffer), where `Q(W)` is the ternary weight times its scale.
+/// lambda = 1 is plain BitNet; lambda < 1 is the warm-up that eases a full-precision checkpoint into ternary.
+/// Computed once per optimizer step.
+pub fn effective_weight(latent: &Tensor, lambda: f64, dst: &Tensor, offset: usize) -> Result<()> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::on_cuda(latent) && latent.dtype() == DType::F32 && dtype == DType::BF16 {
-        return crate::kernels::flat::ternary_weight(&latent.contiguous()?, lambda);
+    if crate::kernels::on_cuda(latent) && latent.dtype() == DType::F32 && dst.dtype() == DType::BF16 {
+        let out = dst.narrow(0, offset, latent.elem_count())?;
+        return crate::kernels::flat::ternary_weight(&latent.contiguous()?, lambda, &out);
     }
     let (ternary, scale) = quantize_weight(latent)?;
     let q = ternary.broadcast_mul(&scale)?;
-    blend(latent, &q, lambda)?.to_dtype(dtype)
+    dst.slice_set(&blend(latent, &q, lambda)?.to_dtype(dst.dtype())?.flatten_all()?, 0, offset)
 }
 
 /// `x + lambda (q - x)`, skipping the arithmetic at the ends.
@@ -47,10 +49,38 @@ pub fn linear_forward(x_eff: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// Straight-through estimator: both quantizers pass gradients unchanged, so the gradients are those of a
-/// plain linear layer at the effective weight and input. Returns `(dx, dW)` in the compute dtype; the flat
-/// gradient buffer widens dW to f32 as it adds it.
-pub fn linear_backward(dy: &Tensor, x_eff: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((dy.matmul(w)?, dy.t()?.matmul(x_eff)?))
+/// plain linear layer at the effective weight and input. Returns `dx` in the compute dtype and `dW` as the
+/// product still to take ([`WeightGrad::Product`]), which the gradient buffer takes in place.
+pub fn linear_backward(dy: &Tensor, x_eff: &Tensor, w: &Tensor) -> Result<(Tensor, WeightGrad)> {
+    Ok((dy.matmul(w)?, WeightGrad::Product { dy: dy.clone(), x: x_eff.clone() }))
+}
+
+/// A parameter's gradient as it leaves a layer's backward: a tensor, or a linear layer's `dy^T x`, left as
+/// a product so that on CUDA one GEMM adds it into the f32 gradient buffer (f32 accumulation, no bf16
+/// gradient in memory, no separate addition).
+pub enum WeightGrad {
+    Tensor(Tensor),
+    Product { dy: Tensor, x: Tensor },
+}
+
+impl WeightGrad {
+    /// `flat[range] += self`, in place, for the f32 buffer `flat`.
+    pub fn add_to(&self, flat: &Tensor, range: std::ops::Range<usize>) -> Result<()> {
+        let dst = flat.narrow(0, range.start, range.len())?;
+        #[cfg(feature = "cuda")]
+        if crate::kernels::on_cuda(flat) {
+            return match self {
+                Self::Tensor(g) => crate::kernels::flat::accumulate(&dst, &g.contiguous()?),
+                Self::Product { dy, x } if crate::kernels::applies(dy) => crate::kernels::gemm::add_at_b(&dst, dy, x),
+                Self::Product { dy, x } => crate::kernels::flat::accumulate(&dst, &dy.t()?.matmul(x)?.contiguous()?),
+            };
+        }
+        let g = match self {
+            Self::Tensor(g) => g.clone(),
+            Self::Product { dy, x } => dy.t()?.matmul(x)?,
+        };
+        flat.slice_set(&(dst + g.flatten_all()?.to_dtype(DType::F32)?)?, 0, range.start)
+    }
 }
 
 /// What RMSNorm's backward needs: the input and the reciprocal RMS of each row.
@@ -70,7 +100,7 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsN
 /// RMSNorm and the BitLinear input quantization that follows it: `(x_eff, saved)`.
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(x) {
+    if crate::kernels::applies(x) && crate::kernels::rmsnorm::supports(x.dim(D::Minus1)?) {
         let x = x.contiguous()?;
         let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, &w.contiguous()?, eps, lambda)?;
         return Ok((y, RmsNormSaved { x, rrms }));
@@ -82,7 +112,7 @@ pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> R
 /// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`.
 pub fn rmsnorm_backward(dy: &Tensor, w: &Tensor, s: &RmsNormSaved) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(dy) && crate::kernels::applies(&s.x) {
+    if crate::kernels::applies(dy) && crate::kernels::applies(&s.x) && crate::kernels::rmsnorm::supports(s.x.dim(1)?) {
         let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
         return crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms);
     }
@@ -95,30 +125,35 @@ pub fn rmsnorm_backward(dy: &Tensor, w: &Tensor, s: &RmsNormSaved) -> Result<(Te
     Ok((dx.to_dtype(s.x.dtype())?, dw))
 }
 
-/// SwiGLU: `h = silu(a) * b`.
-pub fn swiglu_forward(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// SwiGLU of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = silu(gate) * up`, `[n, m]`.
+pub fn swiglu_forward(gu: &Tensor) -> Result<Tensor> {
+    let m = gu.dim(1)? / 2;
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(a) {
-        return crate::kernels::swiglu::swiglu_forward(&a.contiguous()?, &b.contiguous()?);
+    if crate::kernels::applies(gu) && crate::kernels::swiglu::supports(m) {
+        return crate::kernels::swiglu::swiglu_forward(&gu.contiguous()?);
     }
-    a.silu()? * b
+    gu.narrow(1, 0, m)?.silu()? * gu.narrow(1, m, m)?
 }
 
-/// Returns `(da, db)`; `silu'(a) = s (1 + a (1 - s))` with `s = sigmoid(a)`, in f32.
-pub fn swiglu_backward(dh: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+/// Returns `[dgate | dup]`; `silu'(a) = s (1 + a (1 - s))` with `s = sigmoid(a)`, in f32.
+pub fn swiglu_backward(dh: &Tensor, gu: &Tensor) -> Result<Tensor> {
+    let m = dh.dim(1)?;
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(a) {
-        let (dh, a, b) = (dh.contiguous()?, a.contiguous()?, b.contiguous()?);
-        return crate::kernels::swiglu::swiglu_backward(&dh, &a, &b);
+    if crate::kernels::applies(gu) && crate::kernels::swiglu::supports(m) {
+        return crate::kernels::swiglu::swiglu_backward(&dh.contiguous()?, &gu.contiguous()?);
     }
-    let dtype = a.dtype();
-    let (dh, a, b) = (dh.to_dtype(DType::F32)?, a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let dtype = gu.dtype();
+    let (dh, a, b) = (
+        dh.to_dtype(DType::F32)?,
+        gu.narrow(1, 0, m)?.to_dtype(DType::F32)?,
+        gu.narrow(1, m, m)?.to_dtype(DType::F32)?,
+    );
     let s = (a.neg()?.exp()? + 1.0)?.recip()?;
     let silu = (&a * &s)?;
     let dsilu = (&s * ((&a * (1.0 - &s)?)? + 1.0)?)?;
     let da = ((&dh * &b)? * dsilu)?;
     let db = (dh * silu)?;
-    Ok((da.to_dtype(dtype)?, db.to_dtype(dtype)?))
+    Tensor::cat(&[da, db], 1)?.to_dtype(dtype)
 }
 
 /// Rotates `x: [batch, heads, seq, dim]` by per-token angles `cos, sin: [batch, seq, dim/2]`.
@@ -129,6 +164,52 @@ pub fn rope_forward(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The inverse rotation: a rotation's transpose is the rotation by the negated angle.
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     rope_forward(dy, cos, &sin.neg()?)
+}
+
+/// The shape of attention's heads: `[batch, heads, seq, head_dim]`, `q_heads` for queries, `kv_heads` for
+/// keys and values.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The rows of the fused q, k, v projection, `qkv: [batch * seq, (q_heads + 2 kv_heads) head_dim]`, as
+/// heads `(q, k, v)`, q and k rotated by RoPE. On CUDA one kernel does the split, the transposes and both
+/// rotations.
+pub fn qkv_heads(qkv: &Tensor, s: HeadShape, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(qkv) {
+        return crate::kernels::rope::qkv_heads(&qkv.contiguous()?, s, &cos.contiguous()?, &sin.contiguous()?);
+    }
+    let d = s.head_dim;
+    let heads = |h0: usize, nh: usize| {
+        qkv.narrow(1, h0 * d, nh * d)?.reshape((s.batch, s.seq, nh, d))?.transpose(1, 2)?.contiguous()
+    };
+    let q = rope_forward(&heads(0, s.q_heads)?, cos, sin)?;
+    let k = rope_forward(&heads(s.q_heads, s.kv_heads)?, cos, sin)?;
+    Ok((q, k, heads(s.q_heads + s.kv_heads, s.kv_heads)?))
+}
+
+/// The backward of [`qkv_heads`]: the gradient at the projection rows from the heads' gradients.
+pub fn qkv_heads_backward(
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    s: HeadShape,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(dq) {
+        let (dq, dk, dv) = (dq.contiguous()?, dk.contiguous()?, dv.contiguous()?);
+        return crate::kernels::rope::qkv_heads_backward(&dq, &dk, &dv, s, &cos.contiguous()?, &sin.contiguous()?);
+    }
+    let rows = |x: &Tensor| x.transpose(1, 2)?.reshape((s.batch * s.seq, ()));
+    Tensor::cat(&[rows(&rope_backward(dq, cos, sin)?)?, rows(&rope_backward(dk, cos, sin)?)?, rows(dv)?], 1)
 }
 
 /// What attention's backward needs.
@@ -185,6 +266,42 @@ pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &
     let dlogits = exp.broadcast_mul(&(mask.clone() / sum)?)?;
     let dlogits = dlogits.scatter_add(&targets.unsqueeze(1)?, &mask.neg()?, 1)?;
     Ok((loss, dlogits))
+}
+
+/// Which rows of a batch hold each token id, for [`embedding_backward`]: the rows sorted by id (stable),
+/// and per distinct id `(id, first, end)` into that order; u32 tensors on the batch's device.
+pub struct TokenRows {
+    pub order: Tensor,
+    pub runs: Tensor,
+    pub distinct: usize,
+}
+
+impl TokenRows {
+    pub fn new(ids: &[u32], device: &candle_core::Device) -> Result<Self> {
+        let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+        order.sort_by_key(|&r| ids[r as usize]);
+        let mut runs: Vec<u32> = Vec::new();
+        for (k, &r) in order.iter().enumerate() {
+            let id = ids[r as usize];
+            match runs.len() {
+                n if n > 0 && runs[n - 3] == id => runs[n - 1] = k as u32 + 1,
+                _ => runs.extend([id, k as u32, k as u32 + 1]),
+            }
+        }
+        let distinct = runs.len() / 3;
+        Ok(Self { order: Tensor::new(order, device)?, runs: Tensor::from_vec(runs, (distinct, 3), device)?, distinct })
+    }
+}
+
+/// The embedding table's gradient, f32 `[vocab, c]`: row `id` sums the rows of `dx: [n, c]` whose token is
+/// `id` (`ids`, on the device, and `rows` describe the same tokens).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn embedding_backward(dx: &Tensor, ids: &Tensor, rows: &TokenRows, vocab: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(dx) {
+        return crate::kernels::embedding::embedding_backward(&dx.contiguous()?, rows, vocab);
+    }
+    Tensor::zeros((vocab, dx.dim(1)?), DType::F32, dx.device())?.index_add(ids, &dx.to_dtype(DType::F32)?, 0)
 }
 
 /// Which keys each query may see, as one number per token: query `i` sees keys `j` with
@@ -318,7 +435,8 @@ pub fn flash_attention_forward(
 /// at once. A query block sees all the keys of its rows, so `dS = P (dP - rowsum(dP P))` is taken as the
 /// plain backward takes it, not from `rowsum(dO O)`: that keeps a row with a single key (the first token of
 /// every example) at exactly zero, where the other form leaves rounding noise that AdamW amplifies.
-/// dK and dV are accumulated in f32.
+/// With one query block (sequences up to `block`) that block's dK and dV are the whole gradients; with more,
+/// they are accumulated in f32.
 pub fn flash_attention_backward(
     dy: &Tensor,
     s: &FlashSaved,
@@ -326,17 +444,27 @@ pub fn flash_attention_backward(
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = s.v.dtype();
-    let dk = Tensor::zeros(s.k.shape(), DType::F32, s.k.device())?;
-    let dv = Tensor::zeros(s.v.shape(), DType::F32, s.v.device())?;
-    let mut dqs = Vec::new();
-    for (q0, nq) in query_blocks(s.q.dim(2)?, block) {
+    let block_grads = |(q0, nq): (usize, usize)| -> Result<(Tensor, Tensor, Tensor)> {
         let nk = q0 + nq;
         let dyb = dy.narrow(2, q0, nq)?;
         let (probs, ds) = block_softmax_backward(s, &dyb, windows, q0, nq)?;
-        let dvb = probs.to_dtype(dtype)?.t()?.matmul(&dyb)?;
-        dqs.push(ds.matmul(&s.k.narrow(2, 0, nk)?)?);
-        let dkb = ds.t()?.matmul(&s.q.narrow(2, q0, nq)?)?;
+        let dv = probs.to_dtype(dtype)?.t()?.matmul(&dyb)?;
+        let dq = ds.matmul(&s.k.narrow(2, 0, nk)?)?;
+        let dk = ds.t()?.matmul(&s.q.narrow(2, q0, nq)?)?;
+        Ok((dq, dk, dv))
+    };
+    let blocks: Vec<_> = query_blocks(s.q.dim(2)?, block).collect();
+    if let [only] = blocks[..] {
+        return block_grads(only);
+    }
+    let dk = Tensor::zeros(s.k.shape(), DType::F32, s.k.device())?;
+    let dv = Tensor::zeros(s.v.shape(), DType::F32, s.v.device())?;
+    let mut dqs = Vec::new();
+    for b in blocks {
+        let (dq, dkb, dvb) = block_grads(b)?;
+        dqs.push(dq);
         for (acc, g) in [(&dk, dkb), (&dv, dvb)] {
+            let nk = g.dim(2)?;
             acc.slice_set(&(acc.narrow(2, 0, nk)? + g.to_dtype(DType::F32)?)?, 2, 0)?;
         }
     }

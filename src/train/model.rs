@@ -6,7 +6,7 @@
 //! in chunks of rows, and `train.recompute` chooses how much of each block the forward keeps
 //! ([`MemoryPlan`]). Recomputation runs the same ops on the same inputs, so it changes no gradient.
 
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -18,25 +18,35 @@ use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::model::bitnet::repeat_kv;
 
-/// This step's weights in the compute dtype, one per parameter slot: BitLinear weights already quantized
-/// (once per optimizer step, shared by every micro-batch), norms and the embedding cast.
+/// This step's weights in the compute dtype, laid out as the flat f32 buffer: BitLinear weights already
+/// quantized (once per optimizer step, shared by every micro-batch), norms and the embedding cast.
+/// Neighbouring matrices that read the same input (q, k, v; gate, up) are thus one matrix, for one GEMM.
 pub struct StepWeights {
+    flat: Tensor,
+    /// Each slot's view of `flat`, in its own shape.
     pub tensors: Vec<Tensor>,
 }
 
 impl StepWeights {
     pub fn new(layout: &ParamLayout, flat: &Tensor, lambda: f64, dtype: DType) -> Result<Self> {
-        let tensors = (0..layout.slots.len())
-            .map(|i| {
-                let w = layout.view(flat, i)?;
-                if is_bitlinear(&layout.slots[i].name) {
-                    effective_weight(&w, lambda, dtype)
-                } else {
-                    w.to_dtype(dtype)
-                }
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self { tensors })
+        let out = Tensor::zeros(layout.total, dtype, flat.device())?;
+        for (i, slot) in layout.slots.iter().enumerate() {
+            let w = layout.view(flat, i)?;
+            if is_bitlinear(&slot.name) {
+                effective_weight(&w, lambda, &out, slot.offset)?;
+            } else {
+                out.slice_set(&w.flatten_all()?.to_dtype(dtype)?, 0, slot.offset)?;
+            }
+        }
+        let tensors = (0..layout.slots.len()).map(|i| layout.view(&out, i)).collect::<candle_core::Result<_>>()?;
+        Ok(Self { flat: out, tensors })
+    }
+
+    /// The neighbouring matrices `slots`, which share their number of columns, as one: their rows stacked.
+    fn stacked(&self, layout: &ParamLayout, slots: std::ops::RangeInclusive<usize>) -> Result<Tensor> {
+        let cols = layout.slots[*slots.start()].shape[1];
+        let r = layout.span(slots);
+        Ok(self.flat.narrow(0, r.start, r.len())?.reshape((r.len() / cols, cols))?)
     }
 }
 
@@ -55,6 +65,7 @@ pub struct BatchTensors {
     cos: Tensor,
     sin: Tensor,
     windows: Windows,
+    token_rows: TokenRows,
     pub loss_tokens: usize,
 }
 
@@ -113,6 +124,7 @@ impl BatchTensors {
             cos: angles(&rope.cos)?,
             sin: angles(&rope.sin)?,
             windows: Windows::new(window_starts(&b.segments, t)?, n, t, device)?,
+            token_rows: TokenRows::new(&b.ids, device)?,
             loss_tokens: b.loss_tokens,
         })
     }
@@ -142,9 +154,9 @@ struct BlockSaved {
     o: Tensor,
     post_norm: RmsNormSaved,
     a2: Tensor,
-    /// down_proj's input is recomputed from these ([`Pass::ffn_inner`]).
-    gate: Tensor,
-    up: Tensor,
+    /// The fused gate and up projections, `[gate | up]`; down_proj's input is recomputed from them
+    /// ([`Pass::ffn_inner`]).
+    gu: Tensor,
 }
 
 /// What the forward keeps of one block.
@@ -156,7 +168,7 @@ enum LayerSaved {
 
 /// What [`backward`] needs from [`forward`]. The loss's own backward (through the head) is done chunk by
 /// chunk in the forward, so no logits are kept: `dhidden` is the gradient at the final norm's output and
-/// `dhead` the head weight's gradient.
+/// `dhead` the head weight's gradient (flat f32).
 pub struct Saved {
     /// The quantization warm-up's lambda the forward ran with (a recomputed block needs it too).
     lambda: f64,
@@ -169,8 +181,8 @@ pub struct Saved {
 /// Names of one block's parameters, resolved to slot indices once.
 struct BlockSlots {
     input_ln: usize,
+    /// q, k and v are neighbours: the first and last of them.
     q: usize,
-    k: usize,
     v: usize,
     inner_ln: usize,
     o: usize,
@@ -187,7 +199,6 @@ impl BlockSlots {
         Self {
             input_ln: i("input_layernorm"),
             q: i("self_attn.q_proj"),
-            k: i("self_attn.k_proj"),
             v: i("self_attn.v_proj"),
             inner_ln: i("self_attn.inner_attn_ln"),
             o: i("self_attn.o_proj"),
@@ -215,41 +226,50 @@ fn head_slot(cfg: &ModelConfig, layout: &ParamLayout) -> usize {
 struct Pass<'a> {
     cfg: &'a ModelConfig,
     layout: &'a ParamLayout,
-    p: &'a [Tensor],
+    w: &'a StepWeights,
     b: &'a BatchTensors,
     lambda: f64,
     plan: MemoryPlan,
 }
 
 impl Pass<'_> {
+    fn head_shape(&self) -> HeadShape {
+        let c = self.cfg;
+        HeadShape {
+            batch: self.b.batch,
+            seq: self.b.seq,
+            q_heads: c.num_attention_heads,
+            kv_heads: c.num_kv_heads(),
+            head_dim: c.head_dim(),
+        }
+    }
+
+    /// `[n, k, t, d]` heads to `[n * t, k * d]` rows.
+    fn rows(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.transpose(1, 2)?.reshape((self.b.batch * self.b.seq, ()))?)
+    }
+
     /// `[n * t, k * d]` rows to `[n, k, t, d]` heads.
     fn heads(&self, x: &Tensor, k: usize) -> Result<Tensor> {
         let (n, t, d) = (self.b.batch, self.b.seq, self.cfg.head_dim());
         Ok(x.reshape((n, t, k, d))?.transpose(1, 2)?.contiguous()?)
     }
 
-    /// `[n, k, t, d]` heads back to `[n * t, k * d]` rows.
-    fn rows(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.transpose(1, 2)?.reshape((self.b.batch * self.b.seq, ()))?)
-    }
-
     /// Block `l`'s attention from its normed, quantized input `a1`: the output rows (before
-    /// `inner_attn_ln`) and what attention's backward needs.
+    /// `inner_attn_ln`) and what attention's backward needs. q, k and v are one GEMM.
     fn attention(&self, s: &BlockSlots, a1: &Tensor) -> Result<(Tensor, FlashSaved)> {
-        let (p, b, cfg) = (self.p, self.b, self.cfg);
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
-        let q = rope_forward(&self.heads(&linear_forward(a1, &p[s.q])?, nh)?, &b.cos, &b.sin)?;
-        let k = rope_forward(&self.heads(&linear_forward(a1, &p[s.k])?, nkv)?, &b.cos, &b.sin)?;
-        let v = self.heads(&linear_forward(a1, &p[s.v])?, nkv)?;
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let (y, saved) = flash_attention_forward(&q, &k, &v, &b.windows, self.plan.attention_block)?;
+        let qkv = linear_forward(a1, &self.w.stacked(self.layout, s.q..=s.v)?)?;
+        let (q, k, v) = qkv_heads(&qkv, self.head_shape(), &self.b.cos, &self.b.sin)?;
+        let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads();
+        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
+        let (y, saved) = flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?;
         Ok((self.rows(&y)?, saved))
     }
 
     /// Block `l` on its input `x`: the block's output and what its backward needs (attention's part only
     /// when `keep_attention`).
     fn block_forward(&self, l: usize, x: &Tensor, keep_attention: bool) -> Result<(Tensor, BlockSaved)> {
-        let (p, eps, lambda) = (self.p, self.cfg.rms_norm_eps, self.lambda);
+        let (p, eps, lambda) = (&self.w.tensors, self.cfg.rms_norm_eps, self.lambda);
         let s = BlockSlots::new(self.layout, l);
         let (a1, input_norm) = rmsnorm_quant_forward(x, &p[s.input_ln], eps, lambda)?;
         let (y, attn) = self.attention(&s, &a1)?;
@@ -257,38 +277,36 @@ impl Pass<'_> {
         let x = (x + linear_forward(&o, &p[s.o])?)?;
 
         let (a2, post_norm) = rmsnorm_quant_forward(&x, &p[s.post_ln], eps, lambda)?;
-        let gate = linear_forward(&a2, &p[s.gate])?;
-        let up = linear_forward(&a2, &p[s.up])?;
-        let x = (x + linear_forward(&self.ffn_inner(&s, &gate, &up)?.0, &p[s.down])?)?;
+        let gu = linear_forward(&a2, &self.w.stacked(self.layout, s.gate..=s.up)?)?;
+        let x = (x + linear_forward(&self.ffn_inner(&s, &gu)?.0, &p[s.down])?)?;
         let attn = keep_attention.then_some(attn);
-        Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gate, up }))
+        Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gu }))
     }
 
     /// down_proj's input from gate and up (SwiGLU, ffn_layernorm, quantization) and the norm's saved
     /// statistics. All elementwise, about 1% of a step, so every recompute level has the backward redo it
     /// rather than the forward keep two intermediate-sized tensors per token and block (a quarter of them).
-    fn ffn_inner(&self, s: &BlockSlots, gate: &Tensor, up: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
-        Ok(rmsnorm_quant_forward(&swiglu_forward(gate, up)?, &self.p[s.ffn_ln], self.cfg.rms_norm_eps, self.lambda)?)
+    fn ffn_inner(&self, s: &BlockSlots, gu: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        Ok(rmsnorm_quant_forward(&swiglu_forward(gu)?, &self.w.tensors[s.ffn_ln], self.cfg.rms_norm_eps, self.lambda)?)
     }
 
-    /// Block `l`'s backward: adds its parameters' gradients with `add` and returns the gradient at its input.
+    /// Block `l`'s backward: adds its parameters' gradients with `add` (to a slot or to neighbouring slots
+    /// that one GEMM computed) and returns the gradient at its input.
     fn block_backward(
         &self,
         l: usize,
         sv: &BlockSaved,
         dx: Tensor,
-        add: &impl Fn(usize, &Tensor) -> candle_core::Result<()>,
+        add: &impl Fn(RangeInclusive<usize>, &WeightGrad) -> candle_core::Result<()>,
     ) -> Result<Tensor> {
-        let (p, b, cfg) = (self.p, self.b, self.cfg);
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
-        let s = BlockSlots::new(self.layout, l);
-        let (h, ffn_norm) = self.ffn_inner(&s, &sv.gate, &sv.up)?;
+        let (p, layout) = (&self.w.tensors, self.layout);
+        let s = BlockSlots::new(layout, l);
+        let (h, ffn_norm) = self.ffn_inner(&s, &sv.gu)?;
         let (dhq, ddown) = linear_backward(&dx, &h, &p[s.down])?;
         let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm)?;
-        let (dgate, dup) = swiglu_backward(&dh, &sv.gate, &sv.up)?;
-        let (da2_gate, dgate_w) = linear_backward(&dgate, &sv.a2, &p[s.gate])?;
-        let (da2_up, dup_w) = linear_backward(&dup, &sv.a2, &p[s.up])?;
-        let (dx2, dpost) = rmsnorm_backward(&(da2_gate + da2_up)?, &p[s.post_ln], &sv.post_norm)?;
+        let dgu = swiglu_backward(&dh, &sv.gu)?;
+        let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &self.w.stacked(layout, s.gate..=s.up)?)?;
+        let (dx2, dpost) = rmsnorm_backward(&da2, &p[s.post_ln], &sv.post_norm)?;
         let dx = (dx + dx2)?;
 
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p[s.o])?;
@@ -301,38 +319,32 @@ impl Pass<'_> {
                 &recomputed
             }
         };
+        let (nh, groups) = (self.cfg.num_attention_heads, self.cfg.num_attention_heads / self.cfg.num_kv_heads());
         let (dq, dk, dv) =
-            flash_attention_backward(&self.heads(&dy, nh)?, attn, &b.windows, self.plan.attention_block)?;
-        let (dk, dv) = (sum_kv_groups(&dk, nh / nkv)?, sum_kv_groups(&dv, nh / nkv)?);
-        let dq = self.rows(&rope_backward(&dq, &b.cos, &b.sin)?)?;
-        let dk = self.rows(&rope_backward(&dk, &b.cos, &b.sin)?)?;
-        let dv = self.rows(&dv)?;
-        let (da1_q, dq_w) = linear_backward(&dq, &sv.a1, &p[s.q])?;
-        let (da1_k, dk_w) = linear_backward(&dk, &sv.a1, &p[s.k])?;
-        let (da1_v, dv_w) = linear_backward(&dv, &sv.a1, &p[s.v])?;
-        let (dx1, dinput) = rmsnorm_backward(&((da1_q + da1_k)? + da1_v)?, &p[s.input_ln], &sv.input_norm)?;
+            flash_attention_backward(&self.heads(&dy, nh)?, attn, &self.b.windows, self.plan.attention_block)?;
+        let (dk, dv) = (sum_kv_groups(&dk, groups)?, sum_kv_groups(&dv, groups)?);
+        let dqkv = qkv_heads_backward(&dq, &dk, &dv, self.head_shape(), &self.b.cos, &self.b.sin)?;
+        let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &self.w.stacked(layout, s.q..=s.v)?)?;
+        let (dx1, dinput) = rmsnorm_backward(&da1, &p[s.input_ln], &sv.input_norm)?;
 
-        for (slot, g) in [
-            (s.down, ddown),
-            (s.ffn_ln, dffn),
-            (s.gate, dgate_w),
-            (s.up, dup_w),
-            (s.post_ln, dpost),
-            (s.o, do_w),
-            (s.inner_ln, dinner),
-            (s.q, dq_w),
-            (s.k, dk_w),
-            (s.v, dv_w),
-            (s.input_ln, dinput),
+        for (slots, g) in [
+            (s.down..=s.down, ddown),
+            (s.ffn_ln..=s.ffn_ln, WeightGrad::Tensor(dffn)),
+            (s.gate..=s.up, dgu_w),
+            (s.post_ln..=s.post_ln, WeightGrad::Tensor(dpost)),
+            (s.o..=s.o, do_w),
+            (s.inner_ln..=s.inner_ln, WeightGrad::Tensor(dinner)),
+            (s.q..=s.v, dqkv_w),
+            (s.input_ln..=s.input_ln, WeightGrad::Tensor(dinput)),
         ] {
-            add(slot, &g)?;
+            add(slots, &g)?;
         }
         Ok((dx + dx1)?)
     }
 
     /// The embedding and every block; `keep` says what to keep of each block (nothing when `None`).
     fn trunk(&self, keep: Option<Recompute>) -> Result<(Tensor, Vec<LayerSaved>)> {
-        let mut x = self.p[self.layout.index("model.embed_tokens.weight")].index_select(&self.b.ids, 0)?;
+        let mut x = self.w.tensors[self.layout.index("model.embed_tokens.weight")].index_select(&self.b.ids, 0)?;
         let mut layers = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
             let (next, saved) = self.block_forward(l, &x, keep == Some(Recompute::None))?;
@@ -350,9 +362,14 @@ impl Pass<'_> {
     /// logits exist at once; with `grad`, also the gradients at `hidden` and of the head's weight,
     /// accumulated chunk by chunk.
     fn head_loss(&self, hidden: &Tensor, grad: bool) -> Result<(f64, Option<(Tensor, Tensor)>)> {
-        let head = &self.p[head_slot(self.cfg, self.layout)];
+        let head = &self.w.tensors[head_slot(self.cfg, self.layout)];
         let rows = hidden.dim(0)?;
-        let (mut loss, mut dhidden, mut dhead) = (0.0, Vec::new(), None::<Tensor>);
+        // The head's gradient is summed over the chunks in f32, flat.
+        let dhead = match grad {
+            true => Some(Tensor::zeros(head.elem_count(), DType::F32, hidden.device())?),
+            false => None,
+        };
+        let (mut loss, mut dhidden) = (0.0, Vec::new());
         for r0 in (0..rows).step_by(self.plan.loss_chunk) {
             let nr = self.plan.loss_chunk.min(rows - r0);
             let h = hidden.narrow(0, r0, nr)?;
@@ -360,20 +377,15 @@ impl Pass<'_> {
             let targets = self.b.targets.narrow(0, r0, nr)?;
             let (l, dlogits) = cross_entropy_forward_backward(&logits, &targets, &self.b.loss_mask.narrow(0, r0, nr)?)?;
             loss += l;
-            if grad {
+            if let Some(dhead) = &dhead {
                 let (dh, dw) = linear_backward(&dlogits.to_dtype(hidden.dtype())?, &h, head)?;
-                // Summed over the chunks in f32 (the GEMM gives the compute dtype).
-                let dw = dw.to_dtype(DType::F32)?;
+                dw.add_to(dhead, 0..dhead.elem_count())?;
                 dhidden.push(dh);
-                dhead = Some(match dhead {
-                    Some(acc) => (acc + dw)?,
-                    None => dw,
-                });
             }
         }
-        match (grad, dhead) {
-            (true, Some(dhead)) => Ok((loss, Some((Tensor::cat(&dhidden, 0)?, dhead)))),
-            _ => Ok((loss, None)),
+        match dhead {
+            Some(dhead) => Ok((loss, Some((Tensor::cat(&dhidden, 0)?, dhead)))),
+            None => Ok((loss, None)),
         }
     }
 }
@@ -388,7 +400,7 @@ pub fn forward(
     lambda: f64,
     plan: MemoryPlan,
 ) -> Result<(f64, Saved)> {
-    let pass = Pass { cfg, layout, p: &w.tensors, b, lambda, plan };
+    let pass = Pass { cfg, layout, w, b, lambda, plan };
     let (x, layers) = pass.trunk(Some(plan.recompute))?;
     let (hidden, final_norm) = rmsnorm_forward(&x, &w.tensors[layout.index("model.norm.weight")], cfg.rms_norm_eps)?;
     let (loss, grads) = pass.head_loss(&hidden, true)?;
@@ -405,7 +417,7 @@ pub fn loss(
     lambda: f64,
     plan: MemoryPlan,
 ) -> Result<f64> {
-    let pass = Pass { cfg, layout, p: &w.tensors, b, lambda, plan };
+    let pass = Pass { cfg, layout, w, b, lambda, plan };
     let (x, _) = pass.trunk(None)?;
     let (hidden, _) = rmsnorm_forward(&x, &w.tensors[layout.index("model.norm.weight")], cfg.rms_norm_eps)?;
     Ok(pass.head_loss(&hidden, false)?.0)
@@ -427,12 +439,13 @@ pub fn backward(
     grads: &Tensor,
     done: &mut dyn FnMut(Range<usize>) -> Result<()>,
 ) -> Result<()> {
-    let pass = Pass { cfg, layout, p: &w.tensors, b, lambda: saved.lambda, plan };
-    let add = |slot: usize, g: &Tensor| layout.accumulate(grads, slot, g);
-    add(head_slot(cfg, layout), &saved.dhead)?;
+    let pass = Pass { cfg, layout, w, b, lambda: saved.lambda, plan };
+    let add = |slots: RangeInclusive<usize>, g: &WeightGrad| layout.accumulate(grads, slots, g);
+    let head = head_slot(cfg, layout);
+    add(head..=head, &WeightGrad::Tensor(saved.dhead))?;
     let norm = layout.index("model.norm.weight");
     let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm)?;
-    add(norm, &dnorm)?;
+    add(norm..=norm, &WeightGrad::Tensor(dnorm))?;
     for (l, layer) in saved.layers.into_iter().enumerate().rev() {
         let sv = match layer {
             LayerSaved::All(sv) => sv,
@@ -443,12 +456,8 @@ pub fn backward(
     }
     // The embedding gathers rows; its gradient scatters them back (and adds the tied head's).
     let embed = layout.index("model.embed_tokens.weight");
-    let dembed = Tensor::zeros((cfg.vocab_size, cfg.hidden_size), DType::F32, dx.device())?.index_add(
-        &b.ids,
-        &dx.to_dtype(DType::F32)?,
-        0,
-    )?;
-    add(embed, &dembed)?;
+    let dembed = embedding_backward(&dx, &b.ids, &b.token_rows, cfg.vocab_size)?;
+    add(embed..=embed, &WeightGrad::Tensor(dembed))?;
     // What lies outside the blocks: the embedding before them, the final norm (and an untied head) after.
     let blocks = match cfg.num_hidden_layers {
         0 => layout.total..layout.total,

@@ -2,12 +2,14 @@
 //! and checkpoints work on flat tensors; layers see named views into it.
 
 use std::collections::HashMap;
+use std::ops::{Range, RangeInclusive};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
+use crate::train::layers::WeightGrad;
 
 #[derive(Debug, Clone)]
 pub struct Slot {
@@ -62,15 +64,16 @@ impl ParamLayout {
         Tensor::cat(&flat, 0)
     }
 
-    /// `flat[slot i] += g`, in place.
-    pub fn accumulate(&self, flat: &Tensor, i: usize, g: &Tensor) -> candle_core::Result<()> {
-        let s = &self.slots[i];
-        #[cfg(feature = "cuda")]
-        if crate::kernels::on_cuda(flat) {
-            return crate::kernels::flat::accumulate(&flat.narrow(0, s.offset, s.len)?, &g.contiguous()?);
-        }
-        let sum = (flat.narrow(0, s.offset, s.len)? + g.flatten_all()?.to_dtype(DType::F32)?)?;
-        flat.slice_set(&sum, 0, s.offset)
+    /// The elements of the neighbouring slots `slots`, from the first's offset to the last's end.
+    pub fn span(&self, slots: RangeInclusive<usize>) -> Range<usize> {
+        let last = &self.slots[*slots.end()];
+        self.slots[*slots.start()].offset..last.offset + last.len
+    }
+
+    /// `flat[slots] += g`, in place: one parameter's gradient, or the stacked gradient of neighbouring
+    /// matrices that one GEMM computed (q, k, v; gate, up).
+    pub fn accumulate(&self, flat: &Tensor, slots: RangeInclusive<usize>, g: &WeightGrad) -> candle_core::Result<()> {
+        g.add_to(flat, self.span(slots))
     }
 
     /// Named views, for saving in the Hugging Face layout.

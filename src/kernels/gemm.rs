@@ -1,0 +1,60 @@
+//! The weight-gradient GEMM of a linear layer, accumulated straight into the f32 gradient buffer: one cuBLAS
+//! call with bf16 inputs, f32 accumulation and beta = 1, instead of a bf16 gradient in memory and an addition.
+
+use candle_core::{bail, DType, Result, Tensor};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+
+use super::{cuda_device, ptr};
+
+/// `c += a^T b` for row-major bf16 `a: [n, m]` and `b: [n, k]`, into the contiguous f32 `c` of `m * k`
+/// elements (row-major `[m, k]`).
+pub fn add_at_b(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+    let ((n, m), (nb, k)) = (a.dims2()?, b.dims2()?);
+    if n != nb
+        || c.elem_count() != m * k
+        || c.dtype() != DType::F32
+        || a.dtype() != DType::BF16
+        || b.dtype() != DType::BF16
+    {
+        bail!(
+            "add_at_b: c {:?} {:?} += a^T b with a {:?} {:?}, b {:?} {:?}",
+            c.shape(),
+            c.dtype(),
+            a.shape(),
+            a.dtype(),
+            b.shape(),
+            b.dtype()
+        );
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let blas = cuda_device(c)?.cublas_handle();
+    let (alpha, beta) = (1f32, 1f32);
+    // cuBLAS is column-major and sees each row-major matrix transposed: c^T = b^T a, with b^T a k x n
+    // matrix (ld k) and a^T an m x n one (ld m), so the first operand is b as is, the second a transposed.
+    // SAFETY: the three addresses point into live contiguous tensors of the sizes checked above, and the
+    // handle runs on candle's stream, ordered with the kernels that made and will read them.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_N,
+            cublasOperation_t::CUBLAS_OP_T,
+            k as i32,
+            m as i32,
+            n as i32,
+            &alpha as *const f32 as *const _,
+            ptr(&b)? as *const _,
+            cudaDataType::CUDA_R_16BF,
+            k as i32,
+            ptr(&a)? as *const _,
+            cudaDataType::CUDA_R_16BF,
+            m as i32,
+            &beta as *const f32 as *const _,
+            ptr(c)? as *mut _,
+            cudaDataType::CUDA_R_32F,
+            k as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("cublasGemmEx (weight gradient): {e:?}")))
+}

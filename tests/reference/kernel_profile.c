@@ -1,0 +1,124 @@
+// A kernel-level profile of any CUDA program without Nsight (the GPU machines have none): CUPTI's activity
+// API, loaded by the CUDA driver through CUDA_INJECTION64_PATH, records every kernel, memcpy and memset, and at
+// exit prints the time per kernel name and how long the GPU sat idle between them (launch-bound time).
+//
+// Build (here, against the CUPTI wheel's headers; `pip download nvidia-cuda-cupti==13.0.*`):
+//   gcc -O2 -shared -fPIC -o libkprof.so kernel_profile.c -I$CUPTI/include -L$CUPTI/lib -l:libcupti.so.13
+// Run (there, with libcupti.so.13 beside it on LD_LIBRARY_PATH):
+//   CUDA_INJECTION64_PATH=./libkprof.so KPROF_SKIP_S=5 KPROF_TOP=40 bessie-train --bench ...
+// KPROF_SKIP_S drops what ran in the first seconds after the first kernel (model init, warm-up). Gaps of more
+// than 10 ms between kernels (host-side work such as building the model) count as pauses, not as idle time.
+#include <cupti.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+  const char *name;
+  unsigned long long start, end;
+} Record;
+
+static Record *records;
+static size_t count, capacity;
+
+static void add(const char *name, unsigned long long start, unsigned long long end) {
+  if (count == capacity) {
+    capacity = capacity ? 2 * capacity : 1 << 16;
+    records = realloc(records, capacity * sizeof(Record));
+  }
+  records[count++] = (Record){name, start, end};
+}
+
+static void CUPTIAPI requested(uint8_t **buffer, size_t *size, size_t *max_records) {
+  *size = 16 << 20;
+  *buffer = aligned_alloc(8, *size);
+  *max_records = 0;
+}
+
+static void CUPTIAPI completed(CUcontext ctx, uint32_t stream, uint8_t *buffer, size_t size, size_t valid) {
+  CUpti_Activity *r = NULL;
+  while (cuptiActivityGetNextRecord(buffer, valid, &r) == CUPTI_SUCCESS) {
+    if (r->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) {
+      CUpti_ActivityKernel10 *k = (CUpti_ActivityKernel10 *)r;
+      add(k->name, k->start, k->end);
+    } else if (r->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+      CUpti_ActivityMemcpy6 *m = (CUpti_ActivityMemcpy6 *)r;
+      add(m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_HTOD ? "[memcpy HtoD]"
+          : m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOH ? "[memcpy DtoH]" : "[memcpy other]",
+          m->start, m->end);
+    } else if (r->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
+      CUpti_ActivityMemset4 *m = (CUpti_ActivityMemset4 *)r;
+      add("[memset]", m->start, m->end);
+    }
+  }
+  free(buffer);
+}
+
+typedef struct {
+  const char *name;
+  size_t calls;
+  double ns;
+} Total;
+
+static int by_start(const void *a, const void *b) {
+  const Record *x = a, *y = b;
+  return x->start < y->start ? -1 : x->start > y->start;
+}
+
+static int by_time(const void *a, const void *b) {
+  const Total *x = a, *y = b;
+  return x->ns < y->ns ? 1 : x->ns > y->ns ? -1 : 0;
+}
+
+static void report(void) {
+  cuptiActivityFlushAll(1);
+  if (!count) return;
+  qsort(records, count, sizeof(Record), by_start);
+  const char *skip = getenv("KPROF_SKIP_S"), *top = getenv("KPROF_TOP");
+  unsigned long long from = records[0].start + (unsigned long long)((skip ? atof(skip) : 0) * 1e9);
+  size_t first = 0;
+  while (first < count && records[first].start < from) first++;
+  if (first == count) return;
+  // Busy time is the union of the intervals (streams overlap), idle the rest of the window.
+  unsigned long long busy = 0, paused = 0, cur_start = records[first].start, cur_end = records[first].end,
+                     last_end = 0;
+  Total *totals = calloc(count - first, sizeof(Total));
+  size_t kinds = 0;
+  for (size_t i = first; i < count; i++) {
+    Record *r = &records[i];
+    if (r->start > cur_end) {
+      busy += cur_end - cur_start;
+      if (r->start - cur_end > 10000000ull) paused += r->start - cur_end;
+      cur_start = r->start;
+    }
+    if (r->end > cur_end) cur_end = r->end;
+    if (r->end > last_end) last_end = r->end;
+    size_t t = 0;
+    while (t < kinds && strcmp(totals[t].name, r->name)) t++;
+    if (t == kinds) totals[kinds++].name = r->name;
+    totals[t].calls++;
+    totals[t].ns += r->end - r->start;
+  }
+  busy += cur_end - cur_start;
+  double span = last_end - records[first].start - paused, sum = 0;
+  for (size_t t = 0; t < kinds; t++) sum += totals[t].ns;
+  qsort(totals, kinds, sizeof(Total), by_time);
+  fprintf(stderr,
+          "kprof: window %.1f ms (pauses of over 10 ms taken out: %.1f ms), GPU busy %.1f ms (%.1f%%), idle %.1f ms, "
+          "%zu launches, kernel time %.1f ms\n",
+          span / 1e6, paused / 1e6, busy / 1e6, 100.0 * busy / span, (span - busy) / 1e6, count - first, sum / 1e6);
+  fprintf(stderr, "kprof: %8s %10s %9s %6s  %s\n", "calls", "total ms", "avg us", "%", "kernel");
+  size_t n = top ? (size_t)atoi(top) : 30;
+  for (size_t t = 0; t < kinds && t < n; t++)
+    fprintf(stderr, "kprof: %8zu %10.2f %9.2f %6.2f  %.150s\n", totals[t].calls, totals[t].ns / 1e6,
+            totals[t].ns / 1e3 / totals[t].calls, 100.0 * totals[t].ns / sum, totals[t].name);
+}
+
+int InitializeInjection(void) {
+  cuptiActivityRegisterCallbacks(requested, completed);
+  cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+  cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);
+  cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET);
+  atexit(report);
+  return 1;
+}
