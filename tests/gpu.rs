@@ -91,6 +91,18 @@ mod fused {
             println!("rmsnorm backward n={n} c={c}: dx rel L2 {ex:.2e}, dw rel L2 {ew:.2e}");
             assert!(ex < 1e-2 && ew < 1e-4, "backward: dx {ex}, dw {ew}");
         }
+        // Attention's output heads [b, h, t, d] normed as rows [b t, h d], read in place; dx in the heads.
+        let (x, w, dy) =
+            (randn(&[2, 3, 5, 64], DType::BF16), randn(&[192], DType::BF16), randn(&[10, 192], DType::BF16));
+        let (y_ref, s_ref) = rmsnorm_quant_forward(&x, &w, 1e-6, 1.0).unwrap();
+        let g = |t: &Tensor| t.to_device(&dev).unwrap();
+        let (y, s) = rmsnorm_quant_forward(&g(&x), &g(&w), 1e-6, 1.0).unwrap();
+        let (dx_ref, dw_ref) = rmsnorm_backward(&dy, &w, &s_ref).unwrap();
+        let (dx, dw) = rmsnorm_backward(&g(&dy), &g(&w), &s).unwrap();
+        assert_eq!(dx.dims(), &[2, 3, 5, 64]);
+        let (ey, ex, ew) = (rel_l2(&y, &y_ref), rel_l2(&dx, &dx_ref), rel_l2(&dw, &dw_ref));
+        println!("rmsnorm on heads: y rel L2 {ey:.2e}, dx {ex:.2e}, dw {ew:.2e}");
+        assert!(ey < 5e-3 && ex < 1e-2 && ew < 1e-4);
     }
 
     #[test]
@@ -176,11 +188,20 @@ mod fused {
             Tensor::new(targets.as_slice(), &Device::Cpu).unwrap(),
             Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(),
         );
-        let (loss_ref, d_ref) = cross_entropy_forward_backward(&logits, &t, &m).unwrap();
+        let (loss_ref, d_ref) = cross_entropy_forward_backward(&logits, v, &t, &m).unwrap();
         let g = |x: &Tensor| x.to_device(&dev).unwrap();
-        let (loss, d) = cross_entropy_forward_backward(&g(&logits), &g(&t), &g(&m)).unwrap();
+        let (loss, d) = cross_entropy_forward_backward(&g(&logits), v, &g(&t), &g(&m)).unwrap();
+        let (loss, loss_ref) = (loss.to_scalar::<f64>().unwrap(), loss_ref.to_scalar::<f64>().unwrap());
         let (el, ed) = ((loss - loss_ref).abs() / loss_ref.abs(), rel_l2(&d, &d_ref));
         println!("cross-entropy: loss {loss} vs {loss_ref} (rel {el:.2e}), dlogits rel L2 {ed:.2e}");
+        // Padded to 32008 columns, as the head pads them: the same loss, and no gradient on the padding.
+        let padded =
+            Tensor::cat(&[&logits, &(randn(&[n, 6], DType::F32) * 50.0).unwrap().to_dtype(DType::BF16).unwrap()], 1)
+                .unwrap();
+        let (loss_pad, d_pad) = cross_entropy_forward_backward(&g(&padded), v, &g(&t), &g(&m)).unwrap();
+        assert_eq!(loss_pad.to_scalar::<f64>().unwrap(), loss);
+        assert_eq!(values(&d_pad.narrow(1, 0, v).unwrap()), values(&d));
+        assert!(values(&d_pad.narrow(1, v, 6).unwrap()).iter().all(|&x| x == 0.0));
         assert!(el < 1e-5 && ed < 1e-2);
     }
 
@@ -188,9 +209,9 @@ mod fused {
     fn ternary_weight_matches_reference() {
         let dev = gpu();
         for (shape, lambda) in [([96, 64], 1.0), ([1536, 4096], 1.0), ([333, 77], 0.3)] {
-            let w = (randn(&shape, DType::F32) * 0.02).unwrap();
-            // Written at an offset of a larger buffer, as the step's flat weights hold it.
-            let n = w.elem_count();
+            // Read from an odd offset of a larger buffer and written at another, as the flat buffers hold them.
+            let n = shape[0] * shape[1];
+            let w = (randn(&[n + 3], DType::F32) * 0.02).unwrap().narrow(0, 1, n).unwrap().reshape(&shape[..]).unwrap();
             let write = |w: &Tensor| {
                 let dst = Tensor::zeros(n + 24, DType::BF16, w.device()).unwrap();
                 effective_weight(w, lambda, &dst, 8).unwrap();
@@ -219,6 +240,11 @@ mod fused {
         println!("grad norm {got} vs {want}");
         // The reference sums rows in f32 before f64: its own error is ~1e-7.
         assert!((got - want).abs() <= 1e-6 * want);
+        // A view that starts and ends off the 16-byte grid: the kernel's scalar head and tail.
+        let part = g.narrow(0, 1, layout.total - 4).unwrap();
+        let want: f64 = values(&part).iter().map(|x| x * x).sum();
+        let got = bessie::kernels::flat::sum_squares(&part.to_device(&dev).unwrap()).unwrap();
+        assert!((got - want).abs() <= 1e-9 * want, "sum of squares {got} vs {want}");
 
         let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
         let p0 = randn(&[layout.total], DType::F32);
@@ -244,37 +270,40 @@ mod fused {
     fn blocked_attention_matches_reference() {
         use bessie::train::model::window_starts;
         let dev = gpu();
-        let (b, h, t, d) = (2, 3, 70, 64);
-        // Row 0: two packed examples then padding; row 1: one example.
-        let segments: Vec<u32> = (0..b * t)
-            .map(|i| match (i / t, i % t) {
-                (0, p) if p < 30 => 1,
-                (0, p) if p < 60 => 2,
-                (0, _) => 0,
-                _ => 1,
-            })
-            .collect();
-        let starts = window_starts(&segments, t).unwrap();
-        let (q, k, v, dy) = (
-            randn(&[b, h, t, d], DType::BF16),
-            randn(&[b, h, t, d], DType::BF16),
-            randn(&[b, h, t, d], DType::BF16),
-            randn(&[b, h, t, d], DType::BF16),
-        );
-        let g = |x: &Tensor| x.to_device(&dev).unwrap();
-        // One block of all queries, and blocks of 32 (the last one partial).
-        for block in [t, 32] {
-            let w_cpu = Windows::new(starts.clone(), b, t, &Device::Cpu).unwrap();
-            let w_gpu = Windows::new(starts.clone(), b, t, &dev).unwrap();
-            let (y_ref, s_ref) = flash_attention_forward(&q, &k, &v, &w_cpu, block).unwrap();
-            let (y, s) = flash_attention_forward(&g(&q), &g(&k), &g(&v), &w_gpu, block).unwrap();
-            let grads_ref = flash_attention_backward(&dy, &s_ref, &w_cpu, block).unwrap();
-            let grads = flash_attention_backward(&g(&dy), &s, &w_gpu, block).unwrap();
-            let ey = rel_l2(&y, &y_ref);
-            let (eq, ek, ev) =
-                (rel_l2(&grads.0, &grads_ref.0), rel_l2(&grads.1, &grads_ref.1), rel_l2(&grads.2, &grads_ref.2));
-            println!("attention, query block {block}: y rel L2 {ey:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
-            assert!(ey < 1e-2 && eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
+        // Rows of 70 keys (not a multiple of 8: the kernels' scalar path) and of 300 (several vectors of 8
+        // per lane); one block of all queries, and blocks whose key counts are multiples of 8 and not.
+        for (t, blocks) in [(70, [70, 32]), (300, [300, 128])] {
+            let (b, h, d) = (2, 3, 64);
+            // Row 0: two packed examples then padding; row 1: one example.
+            let segments: Vec<u32> = (0..b * t)
+                .map(|i| match (i / t, i % t) {
+                    (0, p) if p < 3 * t / 7 => 1,
+                    (0, p) if p < 6 * t / 7 => 2,
+                    (0, _) => 0,
+                    _ => 1,
+                })
+                .collect();
+            let starts = window_starts(&segments, t).unwrap();
+            let (q, k, v, dy) = (
+                randn(&[b, h, t, d], DType::BF16),
+                randn(&[b, h, t, d], DType::BF16),
+                randn(&[b, h, t, d], DType::BF16),
+                randn(&[b, h, t, d], DType::BF16),
+            );
+            let g = |x: &Tensor| x.to_device(&dev).unwrap();
+            for block in blocks {
+                let w_cpu = Windows::new(starts.clone(), b, t, &Device::Cpu).unwrap();
+                let w_gpu = Windows::new(starts.clone(), b, t, &dev).unwrap();
+                let (y_ref, s_ref) = flash_attention_forward(&q, &k, &v, &w_cpu, block).unwrap();
+                let (y, s) = flash_attention_forward(&g(&q), &g(&k), &g(&v), &w_gpu, block).unwrap();
+                let grads_ref = flash_attention_backward(&dy, &s_ref, &w_cpu, block).unwrap();
+                let grads = flash_attention_backward(&g(&dy), &s, &w_gpu, block).unwrap();
+                let ey = rel_l2(&y, &y_ref);
+                let (eq, ek, ev) =
+                    (rel_l2(&grads.0, &grads_ref.0), rel_l2(&grads.1, &grads_ref.1), rel_l2(&grads.2, &grads_ref.2));
+                println!("attention, {t} tokens, query block {block}: y rel L2 {ey:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
+                assert!(ey < 1e-2 && eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
+            }
         }
     }
 

@@ -6,13 +6,19 @@ use super::{cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("cross_entropy");
 
-/// The summed masked loss and `dlogits` (bf16, the logits' shape) for `logits: [n, vocab]` (bf16),
-/// `targets: [n]` (u32) and `mask: [n]` (f32).
-pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(f64, Tensor)> {
-    let (n, v) = logits.dims2()?;
+/// The summed masked loss (an f64 scalar on the device) and `dlogits` (bf16, the logits' shape) for
+/// `logits: [n, stride]` (bf16) of which the first `v` columns are the vocabulary, `targets: [n]` (u32) and
+/// `mask: [n]` (f32).
+pub fn cross_entropy_forward_backward(
+    logits: &Tensor,
+    v: usize,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (n, stride) = logits.dims2()?;
     let dev = cuda_device(logits)?;
-    let (loss, dlogits) = (uninit(n, DType::F32, &dev)?, uninit((n, v), DType::BF16, &dev)?);
+    let (loss, dlogits) = (uninit(n, DType::F32, &dev)?, uninit((n, stride), DType::BF16, &dev)?);
     launch!(dev, PTX, "cross_entropy_forward_backward", super::per_row(n, 512);
-        ptr(logits)?, ptr(targets)?, ptr(mask)?, ptr(&loss)?, ptr(&dlogits)?, v as i32);
-    Ok((loss.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?, dlogits))
+        ptr(logits)?, ptr(targets)?, ptr(mask)?, ptr(&loss)?, ptr(&dlogits)?, v as i32, stride as i32);
+    Ok((loss.to_dtype(DType::F64)?.sum_all()?, dlogits))
 }

@@ -4,11 +4,22 @@
 #include "common.cuh"
 
 // Partial sums of |x| (square = 0) or x^2 (square = 1), accumulated in f64, one per block into out[blockIdx.x].
+// 16-byte loads between the first and last 16-byte boundaries (x is a view at any float offset); block 0
+// adds the scalars before and after them.
+__device__ __forceinline__ double term(float v, int square) { return square ? (double)v * v : fabs((double)v); }
+
 extern "C" __global__ void sum_partials(const float* x, size_t n, int square, double* out) {
+    size_t head = min(n, (size_t)((16 - ((uintptr_t)x & 15)) & 15) / 4);
+    size_t quads = (n - head) / 4;
+    const float4* x4 = reinterpret_cast<const float4*>(x + head);
     double acc = 0.0;
-    GRID_STRIDE(i, n) {
-        double v = x[i];
-        acc += square ? v * v : fabs(v);
+    GRID_STRIDE(i, quads) {
+        float4 q = x4[i];
+        acc += term(q.x, square) + term(q.y, square) + term(q.z, square) + term(q.w, square);
+    }
+    if (blockIdx.x == 0) {
+        for (size_t i = threadIdx.x; i < head; i += blockDim.x) acc += term(x[i], square);
+        for (size_t i = head + quads * 4 + threadIdx.x; i < n; i += blockDim.x) acc += term(x[i], square);
     }
     acc = block_reduce(acc, Sum());
     if (threadIdx.x == 0) out[blockIdx.x] = acc;

@@ -3,8 +3,16 @@
 //
 // A row of c channels is spread over one block: thread `t` owns the 8-channel vectors t, t + blockDim.x, ...
 // (K of them, K a template parameter so they live in registers), so each row is read from memory once, in
-// 16-byte accesses (x, dy, dx; c % 8 == 0 keeps every row aligned), and kept in registers between the passes that need its statistics. c % 8 == 0.
+// 16-byte accesses (x, dy, dx; c % 8 == 0 keeps every row aligned; x and dx may be attention's heads, see `at`), and kept in registers between the passes that need its statistics. c % 8 == 0.
 #include "common.cuh"
+
+// Where channel i of row `row` lies in x (and dx): rows [n, c] when d == 0, else attention's heads
+// [b, c / d, t, d] read as rows [b t, c] (d % 8 == 0, so a vector of 8 channels stays in one head).
+__device__ __forceinline__ size_t at(int row, int i, int c, int t, int d) {
+    if (d == 0) return (size_t)row * c + i;
+    int bi = row / t, ti = row - bi * t, h = i / d;
+    return (((size_t)bi * (c / d) + h) * t + ti) * d + (i - h * d);
+}
 
 // The channel of vector k of this thread, or c when it has none.
 __device__ __forceinline__ int column(int k, int c) {
@@ -23,7 +31,7 @@ __device__ __forceinline__ void load_weights(const bf16* w, float* out) {
 // token to int8 (scale max|y| / 127) and back, blended with y by lambda. Writes the BitLinear input and r.
 template <int K>
 __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, float* rrms, int c, float inv_c,
-                                      float eps, float lambda) {
+                                      float eps, float lambda, int t, int hd) {
     size_t row = (size_t)blockIdx.x * c;
     float v[K][8];
     float ss = 0.f;
@@ -31,7 +39,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
     for (int k = 0; k < K; k++) {
         int i = column(k, c);
         if (i == c) continue;
-        load8(x + row + i, v[k]);
+        load8(x + at(blockIdx.x, i, c, t, hd), v[k]);
 #pragma unroll
         for (int e = 0; e < 8; e++) ss += v[k][e] * v[k][e];
     }
@@ -69,7 +77,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
 // partial rows in a fixed order (deterministic, unlike atomics).
 template <int K>
 __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, bf16* dx,
-                                 float* dw_partial, int n, int c, float inv_c) {
+                                 float* dw_partial, int n, int c, float inv_c, int t, int hd) {
     float acc[K][8], wv[K][8];
 #pragma unroll
     for (int k = 0; k < K; k++) {
@@ -88,7 +96,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             int i = column(k, c);
             if (i == c) continue;
             load8(dy + base + i, d[k]);
-            load8(x + base + i, xh[k]);
+            load8(x + at(row, i, c, t, hd), xh[k]);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 xh[k][e] *= r;
@@ -104,7 +112,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             float o[8];
 #pragma unroll
             for (int e = 0; e < 8; e++) o[e] = (d[k][e] * wv[k][e] - xh[k][e] * proj) * r;
-            store8(dx + base + i, o);
+            store8(dx + at(row, i, c, t, hd), o);
         }
     }
 #pragma unroll
@@ -118,13 +126,14 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
 
 #define RMSNORM_KERNELS(K)                                                                                         \
     extern "C" __global__ void rmsnorm_quant_forward_##K(const bf16* x, const bf16* w, bf16* y, float* rrms,     \
-                                                         int c, float inv_c, float eps, float lambda) {          \
-        rmsnorm_quant_forward<K>(x, w, y, rrms, c, inv_c, eps, lambda);                                            \
+                                                         int c, float inv_c, float eps, float lambda, int t,     \
+                                                         int hd) {                                                \
+        rmsnorm_quant_forward<K>(x, w, y, rrms, c, inv_c, eps, lambda, t, hd);                                     \
     }                                                                                                              \
     extern "C" __global__ void rmsnorm_backward_##K(const bf16* dy, const bf16* x, const bf16* w,                \
                                                     const float* rrms, bf16* dx, float* dw_partial, int n, int c, \
-                                                    float inv_c) {                                                \
-        rmsnorm_backward<K>(dy, x, w, rrms, dx, dw_partial, n, c, inv_c);                                          \
+                                                    float inv_c, int t, int hd) {                                 \
+        rmsnorm_backward<K>(dy, x, w, rrms, dx, dw_partial, n, c, inv_c, t, hd);                                   \
     }
 RMSNORM_KERNELS(1)
 RMSNORM_KERNELS(2)

@@ -22,33 +22,46 @@ fn shape(c: usize) -> Result<(usize, u32)> {
     Ok((k, (vectors.div_ceil(k).div_ceil(32) * 32) as u32))
 }
 
-/// For `x: [n, c]` and the norm weight `w: [c]` (bf16): the BitLinear input (normed, fake-quantized to int8
-/// per row, blended by `lambda`), bf16 `[n, c]`, and the reciprocal RMS of each row, f32 `[n, 1]`.
+/// `(n, c, t, d)` of `x`: rows `[n, c]` (t = d = 0), or attention's heads `[b, h, t, d]` read as rows
+/// `[b t, h d]`.
+pub fn row_shape(x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    match *x.dims() {
+        [n, c] => Ok((n, c, 0, 0)),
+        [b, h, t, d] if d.is_multiple_of(8) => Ok((b * t, h * d, t, d)),
+        _ => bail!("the RMSNorm kernels take rows [n, c] or heads [b, h, t, d] with d % 8 == 0, not {:?}", x.dims()),
+    }
+}
+
+/// For `x` (rows `[n, c]` or heads, see [`row_shape`]) and the norm weight `w: [c]` (bf16): the BitLinear input
+/// (normed, fake-quantized to int8 per row, blended by `lambda`), bf16 rows `[n, c]`, and the reciprocal RMS of
+/// each row, f32 `[n, 1]`.
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, Tensor)> {
-    let (n, c) = x.dims2()?;
+    let (n, c, t, d) = row_shape(x)?;
     let (k, threads) = shape(c)?;
     let dev = cuda_device(x)?;
     let (y, rrms) = (uninit((n, c), DType::BF16, &dev)?, uninit((n, 1), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
     let name = ["rmsnorm_quant_forward_1", "rmsnorm_quant_forward_2", "", "rmsnorm_quant_forward_4"][k - 1];
     launch!(dev, PTX, name, super::per_row(n, threads);
-        aligned_ptr(x)?, ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, c as i32, inv_c, eps as f32, lambda as f32);
+        aligned_ptr(x)?, ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, c as i32, inv_c, eps as f32, lambda as f32,
+        t as i32, d as i32);
     Ok((y, rrms))
 }
 
-/// `(dx, dw)` of RMSNorm for `dy, x: [n, c]` (bf16), `w: [c]`, `rrms: [n, 1]` (f32); `dw` in f32.
+/// `(dx, dw)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows or heads, see [`row_shape`]), `w: [c]`,
+/// `rrms: [n, 1]` (f32); `dx` in `x`'s shape, `dw` in f32.
 pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, w: &Tensor, rrms: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (n, c) = x.dims2()?;
+    let (n, c, t, d) = row_shape(x)?;
     let (k, threads) = shape(c)?;
     // Blocks share the rows; each writes one row of dw partial sums, which `column_sums` adds.
     let blocks = n.clamp(1, 1024);
     let dev = cuda_device(x)?;
-    let (dx, partial) = (uninit((n, c), DType::BF16, &dev)?, uninit((blocks, c), DType::F32, &dev)?);
+    let (dx, partial) = (uninit(x.shape(), DType::BF16, &dev)?, uninit((blocks, c), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
     let name = ["rmsnorm_backward_1", "rmsnorm_backward_2", "", "rmsnorm_backward_4"][k - 1];
     launch!(dev, PTX, name, super::per_row(blocks, threads);
         aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, aligned_ptr(&dx)?, ptr(&partial)?,
-        n as i32, c as i32, inv_c);
+        n as i32, c as i32, inv_c, t as i32, d as i32);
     let dw = uninit(c, DType::F32, &dev)?;
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     launch!(dev, PTX, "column_sums", cfg; ptr(&partial)?, blocks as i32, c as i32, ptr(&dw)?);

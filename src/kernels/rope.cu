@@ -5,17 +5,18 @@
 // q [b, hq, t, d], k and v [b, hkv, t, d] are the layout of the attention GEMMs. Forward: rows to heads,
 // q and k rotated by their token's angles. Backward: heads to rows, rotated back (the transpose of a
 // rotation is the rotation by the negated angle). LLaMA's pairs: channel j with j + d/2. cos, sin
-// [b, t, d/2] in the compute dtype. One thread per pair, in f32, rounded once.
+// [b, t, d/2] in the compute dtype. In f32, rounded once.
 #include "common.cuh"
 
-// One block per token row (grid-stride), its threads over the row's (head, pair) slots; 32-bit index math.
+// One block per token row (grid-stride), its threads over the row's (head, 8 pairs) slots: 16-byte accesses
+// to channels j..j+8 and their partners j+d/2..; half = d/2 must be a multiple of 8.
 extern "C" __global__ void qkv_rope(bf16* qkv, bf16* q, bf16* k, bf16* v, const bf16* cos, const bf16* sin,
                                     int b, int t, int hq, int hkv, int d, int backward) {
-    int half = d / 2, heads = hq + 2 * hkv;
+    int half = d / 2, heads = hq + 2 * hkv, vecs = half / 8;
     for (int row = blockIdx.x; row < b * t; row += gridDim.x) {  // the token: batch row * t + position
         int ti = row % t, bi = row / t;
-        for (int slot = threadIdx.x; slot < heads * half; slot += blockDim.x) {
-            int h = slot / half, j = slot - h * half;
+        for (int slot = threadIdx.x; slot < heads * vecs; slot += blockDim.x) {
+            int h = slot / vecs, j = (slot - h * vecs) * 8;
             bf16* x = qkv + ((size_t)row * heads + h) * d;
             bf16* head;
             int nh;
@@ -28,16 +29,23 @@ extern "C" __global__ void qkv_rope(bf16* qkv, bf16* q, bf16* k, bf16* v, const 
             }
             bf16* y = head + (((size_t)bi * nh + h) * t + ti) * d;
             bf16 *src = backward ? y : x, *dst = backward ? x : y;
-            float x1 = f32(src[j]), x2 = f32(src[j + half]);
+            float x1[8], x2[8];
+            load8(src + j, x1);
+            load8(src + j + half, x2);
             if (head != v) {
-                float c = f32(cos[(size_t)row * half + j]), s = f32(sin[(size_t)row * half + j]);
-                if (backward) s = -s;
-                float y1 = x1 * c - x2 * s;
-                x2 = x1 * s + x2 * c;
-                x1 = y1;
+                float c[8], s[8];
+                load8(cos + (size_t)row * half + j, c);
+                load8(sin + (size_t)row * half + j, s);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float sn = backward ? -s[e] : s[e];
+                    float y1 = x1[e] * c[e] - x2[e] * sn;
+                    x2[e] = x1[e] * sn + x2[e] * c[e];
+                    x1[e] = y1;
+                }
             }
-            dst[j] = to_bf16(x1);
-            dst[j + half] = to_bf16(x2);
+            store8(dst + j, x1);
+            store8(dst + j + half, x2);
         }
     }
 }

@@ -2,10 +2,15 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{cuda_device, launch, ptr, ptx, uninit, Ptx};
+use super::{aligned_ptr, cuda_device, launch, ptx, uninit, Ptx};
 use crate::train::layers::HeadShape;
 
 const PTX: Ptx = ptx!("rope");
+
+/// Whether the kernel takes heads of `head_dim` channels: halves of whole 8-channel vectors.
+pub fn supports(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(16)
+}
 
 fn launch_qkv_rope(
     qkv: &Tensor,
@@ -18,7 +23,8 @@ fn launch_qkv_rope(
     let dev = cuda_device(qkv)?;
     let rows = (s.batch * s.seq).clamp(1, 65_535);
     launch!(dev, PTX, "qkv_rope", super::per_row(rows, 256);
-        ptr(qkv)?, ptr(heads[0])?, ptr(heads[1])?, ptr(heads[2])?, ptr(cos)?, ptr(sin)?,
+        aligned_ptr(qkv)?, aligned_ptr(heads[0])?, aligned_ptr(heads[1])?, aligned_ptr(heads[2])?, aligned_ptr(cos)?,
+        aligned_ptr(sin)?,
         s.batch as i32, s.seq as i32, s.q_heads as i32, s.kv_heads as i32, s.head_dim as i32, backward as i32);
     Ok(())
 }

@@ -89,6 +89,14 @@ pub struct RmsNormSaved {
     rrms: Tensor,
 }
 
+/// `x` as rows `[n, c]`: rows already, or attention's heads `[b, h, t, d]` as `[b t, h d]`.
+fn as_rows(x: &Tensor) -> Result<Tensor> {
+    match *x.dims() {
+        [b, h, t, d] => x.transpose(1, 2)?.reshape((b * t, h * d)),
+        _ => Ok(x.clone()),
+    }
+}
+
 /// `y = w * x / rms(x)`, rows of `x: [n, c]`, statistics in f32.
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
     let x32 = x.to_dtype(DType::F32)?;
@@ -97,32 +105,44 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsN
     Ok((y, RmsNormSaved { x: x.clone(), rrms }))
 }
 
-/// RMSNorm and the BitLinear input quantization that follows it: `(x_eff, saved)`.
+/// RMSNorm and the BitLinear input quantization that follows it: `(x_eff, saved)`, `x_eff` as rows `[n, c]`.
+/// `x` is rows, or attention's output heads `[b, h, t, d]` normed as rows `[b t, h d]` (read in place by the
+/// kernel: no transposing copy; the backward gives `dx` in the same heads).
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(x) && crate::kernels::rmsnorm::supports(x.dim(D::Minus1)?) {
+    if crate::kernels::applies(x)
+        && crate::kernels::rmsnorm::row_shape(x).is_ok_and(|s| crate::kernels::rmsnorm::supports(s.1))
+    {
         let x = x.contiguous()?;
         let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, &w.contiguous()?, eps, lambda)?;
         return Ok((y, RmsNormSaved { x, rrms }));
     }
-    let (y, saved) = rmsnorm_forward(x, w, eps)?;
-    Ok((effective_input(&y, lambda)?, saved))
+    let (y, saved) = rmsnorm_forward(&as_rows(x)?, w, eps)?;
+    Ok((effective_input(&y, lambda)?, RmsNormSaved { x: x.clone(), rrms: saved.rrms }))
 }
 
 /// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`.
+/// `dy` is rows; `dx` has the shape of the forward's input (rows or heads).
 pub fn rmsnorm_backward(dy: &Tensor, w: &Tensor, s: &RmsNormSaved) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(dy) && crate::kernels::applies(&s.x) && crate::kernels::rmsnorm::supports(s.x.dim(1)?) {
+    if crate::kernels::applies(dy)
+        && crate::kernels::applies(&s.x)
+        && crate::kernels::rmsnorm::row_shape(&s.x).is_ok_and(|s| crate::kernels::rmsnorm::supports(s.1))
+    {
         let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
         return crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms);
     }
     let dy = dy.to_dtype(DType::F32)?;
-    let xhat = s.x.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
+    let xhat = as_rows(&s.x)?.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
     let dw = (&dy * &xhat)?.sum(0)?;
     let g = dy.broadcast_mul(&w.to_dtype(DType::F32)?)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
-    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rrms)?;
-    Ok((dx.to_dtype(s.x.dtype())?, dw))
+    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rrms)?.to_dtype(s.x.dtype())?;
+    let dx = match *s.x.dims() {
+        [b, h, t, d] => dx.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?,
+        _ => dx,
+    };
+    Ok((dx, dw))
 }
 
 /// SwiGLU of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = silu(gate) * up`, `[n, m]`.
@@ -182,7 +202,7 @@ pub struct HeadShape {
 /// rotations.
 pub fn qkv_heads(qkv: &Tensor, s: HeadShape, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(qkv) {
+    if crate::kernels::applies(qkv) && crate::kernels::rope::supports(s.head_dim) {
         return crate::kernels::rope::qkv_heads(&qkv.contiguous()?, s, &cos.contiguous()?, &sin.contiguous()?);
     }
     let d = s.head_dim;
@@ -204,7 +224,7 @@ pub fn qkv_heads_backward(
     sin: &Tensor,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(dq) {
+    if crate::kernels::applies(dq) && crate::kernels::rope::supports(s.head_dim) {
         let (dq, dk, dv) = (dq.contiguous()?, dk.contiguous()?, dv.contiguous()?);
         return crate::kernels::rope::qkv_heads_backward(&dq, &dk, &dv, s, &cos.contiguous()?, &sin.contiguous()?);
     }
@@ -244,28 +264,39 @@ pub fn attention_backward(dy: &Tensor, s: &AttentionSaved) -> Result<(Tensor, Te
     Ok((dq, dk, dv))
 }
 
-/// Summed cross-entropy of `logits: [n, vocab]` (any float dtype; computed in f32) against `targets: [n]`
-/// where `mask: [n]` is 1, and its gradient `(softmax - onehot) * mask` (f32, or bf16 from the fused
-/// kernel). Summed, not averaged: the step divides by the number of trained tokens of the whole optimizer
-/// step, so accumulation and data parallelism weigh tokens equally.
-pub fn cross_entropy_forward_backward(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(f64, Tensor)> {
+/// Summed cross-entropy of `logits: [n, stride]` (any float dtype; computed in f32), whose first `vocab`
+/// columns are the vocabulary and the rest padding, against `targets: [n]` where `mask: [n]` is 1, and its
+/// gradient `(softmax - onehot) * mask` (f32, or bf16 from the fused kernel; 0 on the padding). The loss is an
+/// f64 scalar on the device, read once per micro-batch rather than once per chunk. Summed, not averaged: the
+/// step divides by the number of trained tokens of the whole optimizer step, so accumulation and data
+/// parallelism weigh tokens equally.
+pub fn cross_entropy_forward_backward(
+    logits: &Tensor,
+    vocab: usize,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if crate::kernels::applies(logits) {
         let (logits, targets, mask) = (logits.contiguous()?, targets.contiguous()?, mask.contiguous()?);
-        return crate::kernels::cross_entropy::cross_entropy_forward_backward(&logits, &targets, &mask);
+        return crate::kernels::cross_entropy::cross_entropy_forward_backward(&logits, vocab, &targets, &mask);
     }
-    let logits = logits.to_dtype(DType::F32)?;
+    let (n, stride) = logits.dims2()?;
+    let logits = logits.narrow(1, 0, vocab)?.to_dtype(DType::F32)?.contiguous()?;
     let mask = mask.unsqueeze(1)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let exp = logits.broadcast_sub(&max)?.exp()?;
     let sum = exp.sum_keepdim(D::Minus1)?;
     let lse = (sum.log()? + max)?;
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
-    let loss = ((lse - picked)? * &mask)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let loss = ((lse - picked)? * &mask)?.sum_all()?.to_dtype(DType::F64)?;
     // softmax * mask, then minus the mask at each target: no one-hot matrix of the vocabulary's size.
     let dlogits = exp.broadcast_mul(&(mask.clone() / sum)?)?;
     let dlogits = dlogits.scatter_add(&targets.unsqueeze(1)?, &mask.neg()?, 1)?;
-    Ok((loss, dlogits))
+    match stride - vocab {
+        0 => Ok((loss, dlogits)),
+        pad => Ok((loss, Tensor::cat(&[dlogits, Tensor::zeros((n, pad), DType::F32, logits.device())?], 1)?)),
+    }
 }
 
 /// Which rows of a batch hold each token id, for [`embedding_backward`]: the rows sorted by id (stable),

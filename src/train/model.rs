@@ -244,26 +244,14 @@ impl Pass<'_> {
         }
     }
 
-    /// `[n, k, t, d]` heads to `[n * t, k * d]` rows.
-    fn rows(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.transpose(1, 2)?.reshape((self.b.batch * self.b.seq, ()))?)
-    }
-
-    /// `[n * t, k * d]` rows to `[n, k, t, d]` heads.
-    fn heads(&self, x: &Tensor, k: usize) -> Result<Tensor> {
-        let (n, t, d) = (self.b.batch, self.b.seq, self.cfg.head_dim());
-        Ok(x.reshape((n, t, k, d))?.transpose(1, 2)?.contiguous()?)
-    }
-
-    /// Block `l`'s attention from its normed, quantized input `a1`: the output rows (before
-    /// `inner_attn_ln`) and what attention's backward needs. q, k and v are one GEMM.
+    /// Block `l`'s attention from its normed, quantized input `a1`: the output heads `[b, h, t, d]` (before
+    /// `inner_attn_ln`, which reads them as rows) and what attention's backward needs. q, k and v are one GEMM.
     fn attention(&self, s: &BlockSlots, a1: &Tensor) -> Result<(Tensor, FlashSaved)> {
         let qkv = linear_forward(a1, &self.w.stacked(self.layout, s.q..=s.v)?)?;
         let (q, k, v) = qkv_heads(&qkv, self.head_shape(), &self.b.cos, &self.b.sin)?;
         let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads();
         let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
-        let (y, saved) = flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?;
-        Ok((self.rows(&y)?, saved))
+        Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
 
     /// Block `l` on its input `x`: the block's output and what its backward needs (attention's part only
@@ -310,6 +298,7 @@ impl Pass<'_> {
         let dx = (dx + dx2)?;
 
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p[s.o])?;
+        // The attention output's gradient, in its heads.
         let (dy, dinner) = rmsnorm_backward(&do_, &p[s.inner_ln], &sv.inner_norm)?;
         let recomputed;
         let attn = match &sv.attn {
@@ -319,9 +308,8 @@ impl Pass<'_> {
                 &recomputed
             }
         };
-        let (nh, groups) = (self.cfg.num_attention_heads, self.cfg.num_attention_heads / self.cfg.num_kv_heads());
-        let (dq, dk, dv) =
-            flash_attention_backward(&self.heads(&dy, nh)?, attn, &self.b.windows, self.plan.attention_block)?;
+        let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads();
+        let (dq, dk, dv) = flash_attention_backward(&dy, attn, &self.b.windows, self.plan.attention_block)?;
         let (dk, dv) = (sum_kv_groups(&dk, groups)?, sum_kv_groups(&dv, groups)?);
         let dqkv = qkv_heads_backward(&dq, &dk, &dv, self.head_shape(), &self.b.cos, &self.b.sin)?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &self.w.stacked(layout, s.q..=s.v)?)?;
@@ -363,28 +351,38 @@ impl Pass<'_> {
     /// accumulated chunk by chunk.
     fn head_loss(&self, hidden: &Tensor, grad: bool) -> Result<(f64, Option<(Tensor, Tensor)>)> {
         let head = &self.w.tensors[head_slot(self.cfg, self.layout)];
-        let rows = hidden.dim(0)?;
-        // The head's gradient is summed over the chunks in f32, flat.
+        let (vocab, channels) = head.dims2()?;
+        // The head's rows padded to a multiple of 8: cuBLAS's fast kernels need the logits' rows aligned, and
+        // vocabularies such as 32002 are not. The loss ignores the padding's logits; its gradient is dropped.
+        let rows = vocab.next_multiple_of(8);
+        let head = match rows - vocab {
+            0 => head.clone(),
+            pad => Tensor::cat(&[head, &Tensor::zeros((pad, channels), head.dtype(), head.device())?], 0)?,
+        };
+        // The head's gradient is summed over the chunks in f32, flat, padding included.
         let dhead = match grad {
-            true => Some(Tensor::zeros(head.elem_count(), DType::F32, hidden.device())?),
+            true => Some(Tensor::zeros(rows * channels, DType::F32, hidden.device())?),
             false => None,
         };
-        let (mut loss, mut dhidden) = (0.0, Vec::new());
-        for r0 in (0..rows).step_by(self.plan.loss_chunk) {
-            let nr = self.plan.loss_chunk.min(rows - r0);
+        let (mut loss, mut dhidden) = (Tensor::zeros((), DType::F64, hidden.device())?, Vec::new());
+        let n = hidden.dim(0)?;
+        for r0 in (0..n).step_by(self.plan.loss_chunk) {
+            let nr = self.plan.loss_chunk.min(n - r0);
             let h = hidden.narrow(0, r0, nr)?;
-            let logits = linear_forward(&h, head)?;
+            let logits = linear_forward(&h, &head)?;
             let targets = self.b.targets.narrow(0, r0, nr)?;
-            let (l, dlogits) = cross_entropy_forward_backward(&logits, &targets, &self.b.loss_mask.narrow(0, r0, nr)?)?;
-            loss += l;
+            let mask = self.b.loss_mask.narrow(0, r0, nr)?;
+            let (l, dlogits) = cross_entropy_forward_backward(&logits, vocab, &targets, &mask)?;
+            loss = (loss + l)?;
             if let Some(dhead) = &dhead {
-                let (dh, dw) = linear_backward(&dlogits.to_dtype(hidden.dtype())?, &h, head)?;
+                let (dh, dw) = linear_backward(&dlogits.to_dtype(hidden.dtype())?, &h, &head)?;
                 dw.add_to(dhead, 0..dhead.elem_count())?;
                 dhidden.push(dh);
             }
         }
+        let loss = loss.to_scalar::<f64>()?;
         match dhead {
-            Some(dhead) => Ok((loss, Some((Tensor::cat(&dhidden, 0)?, dhead)))),
+            Some(dhead) => Ok((loss, Some((Tensor::cat(&dhidden, 0)?, dhead.narrow(0, 0, vocab * channels)?)))),
             None => Ok((loss, None)),
         }
     }
@@ -426,8 +424,8 @@ pub fn loss(
 /// Adds the gradients of the summed loss to `grads`, the flat f32 gradient buffer, each parameter's as
 /// soon as its layer's backward is done; each block's saved tensors are freed as soon as its backward ends.
 /// Under `recompute = "blocks"` each block's forward is re-run from its input first. `done` hears each
-/// range of `grads` that this backward will not touch again, block by block from the last, then the rest:
-/// the data-parallel sum of a range starts there while earlier blocks still run.
+/// range of `grads` that this backward will not touch again: what follows the blocks, each block from the
+/// last, then the embedding; the data-parallel sum of a range starts there while earlier blocks still run.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     cfg: &ModelConfig,
@@ -446,6 +444,13 @@ pub fn backward(
     let norm = layout.index("model.norm.weight");
     let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm)?;
     add(norm..=norm, &WeightGrad::Tensor(dnorm))?;
+    // What follows the blocks (the final norm, an untied head) is final already: its sum can run under the
+    // whole backward instead of after it.
+    let blocks = match cfg.num_hidden_layers {
+        0 => layout.total..layout.total,
+        l => BlockSlots::new(layout, 0).range(layout).start..BlockSlots::new(layout, l - 1).range(layout).end,
+    };
+    done(blocks.end..layout.total)?;
     for (l, layer) in saved.layers.into_iter().enumerate().rev() {
         let sv = match layer {
             LayerSaved::All(sv) => sv,
@@ -458,13 +463,8 @@ pub fn backward(
     let embed = layout.index("model.embed_tokens.weight");
     let dembed = embedding_backward(&dx, &b.ids, &b.token_rows, cfg.vocab_size)?;
     add(embed..=embed, &WeightGrad::Tensor(dembed))?;
-    // What lies outside the blocks: the embedding before them, the final norm (and an untied head) after.
-    let blocks = match cfg.num_hidden_layers {
-        0 => layout.total..layout.total,
-        l => BlockSlots::new(layout, 0).range(layout).start..BlockSlots::new(layout, l - 1).range(layout).end,
-    };
-    done(0..blocks.start)?;
-    done(blocks.end..layout.total)
+    // The embedding, before the blocks (and a tied head with it).
+    done(0..blocks.start)
 }
 
 /// The backward of [`repeat_kv`]: sum the gradients of the query heads that shared a key/value head.
