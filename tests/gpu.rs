@@ -85,8 +85,13 @@ mod fused {
             let (e, m) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
             println!("rmsnorm+quant n={n} c={c} lambda={lambda}: rel L2 {e:.2e}, {:.3}% codes differ", m * 100.0);
             assert!(e < 5e-3 && m < 5e-3, "forward: rel L2 {e}, mismatched {m}");
-            let (dx_ref, dw_ref) = rmsnorm_backward(&dy, &w, &s_ref).unwrap();
-            let (dx, dw) = rmsnorm_backward(&dy.to_device(&dev).unwrap(), &w.to_device(&dev).unwrap(), &s).unwrap();
+            // With the residual stream's gradient added (as every block's two norms get it) and without.
+            let residual = (lambda == 1.0).then(|| randn(&[n, c], DType::BF16));
+            let (dx_ref, dw_ref) = rmsnorm_backward(&dy, &w, &s_ref, residual.as_ref()).unwrap();
+            let residual = residual.map(|r| r.to_device(&dev).unwrap());
+            let (dx, dw) =
+                rmsnorm_backward(&dy.to_device(&dev).unwrap(), &w.to_device(&dev).unwrap(), &s, residual.as_ref())
+                    .unwrap();
             let (ex, ew) = (rel_l2(&dx, &dx_ref), rel_l2(&dw, &dw_ref));
             println!("rmsnorm backward n={n} c={c}: dx rel L2 {ex:.2e}, dw rel L2 {ew:.2e}");
             assert!(ex < 1e-2 && ew < 1e-4, "backward: dx {ex}, dw {ew}");
@@ -97,8 +102,8 @@ mod fused {
         let (y_ref, s_ref) = rmsnorm_quant_forward(&x, &w, 1e-6, 1.0).unwrap();
         let g = |t: &Tensor| t.to_device(&dev).unwrap();
         let (y, s) = rmsnorm_quant_forward(&g(&x), &g(&w), 1e-6, 1.0).unwrap();
-        let (dx_ref, dw_ref) = rmsnorm_backward(&dy, &w, &s_ref).unwrap();
-        let (dx, dw) = rmsnorm_backward(&g(&dy), &g(&w), &s).unwrap();
+        let (dx_ref, dw_ref) = rmsnorm_backward(&dy, &w, &s_ref, None).unwrap();
+        let (dx, dw) = rmsnorm_backward(&g(&dy), &g(&w), &s, None).unwrap();
         assert_eq!(dx.dims(), &[2, 3, 5, 64]);
         let (ey, ex, ew) = (rel_l2(&y, &y_ref), rel_l2(&dx, &dx_ref), rel_l2(&dw, &dw_ref));
         println!("rmsnorm on heads: y rel L2 {ey:.2e}, dx {ex:.2e}, dw {ew:.2e}");
@@ -206,23 +211,27 @@ mod fused {
     }
 
     #[test]
-    fn ternary_weight_matches_reference() {
+    fn step_weights_match_reference() {
         let dev = gpu();
-        for (shape, lambda) in [([96, 64], 1.0), ([1536, 4096], 1.0), ([333, 77], 0.3)] {
-            // Read from an odd offset of a larger buffer and written at another, as the flat buffers hold them.
-            let n = shape[0] * shape[1];
-            let w = (randn(&[n + 3], DType::F32) * 0.02).unwrap().narrow(0, 1, n).unwrap().reshape(&shape[..]).unwrap();
-            let write = |w: &Tensor| {
-                let dst = Tensor::zeros(n + 24, DType::BF16, w.device()).unwrap();
-                effective_weight(w, lambda, &dst, 8).unwrap();
-                dst
-            };
-            let (want, got) = (write(&w), write(&w.to_device(&dev).unwrap()));
-            let (e, m) = (rel_l2(&got, &want), mismatched(&got, &want));
-            println!("ternary weight {shape:?} lambda={lambda}: rel L2 {e:.2e}, {m:.2e} of values differ");
-            assert!(m < 1e-4 && e < 1e-3, "rel L2 {e}, mismatched {m}");
-            assert_eq!(values(&got.narrow(0, 0, 8).unwrap()), vec![0.0; 8], "wrote before its offset");
-            assert_eq!(values(&got.narrow(0, n + 8, 16).unwrap()), vec![0.0; 16], "wrote past its end");
+        // BitLinear matrices and cast slots at offsets off the 16-byte grid, as the flat buffer holds them.
+        let sizes =
+            [(3, None), (96 * 64, Some(64)), (37, None), (1536 * 4096, Some(4096)), (333 * 77, Some(77)), (5, None)];
+        let mut slots = Vec::new();
+        let mut at = 0;
+        for (len, columns) in sizes {
+            slots.push((at..at + len, columns));
+            at += len;
+        }
+        let flat = (randn(&[at], DType::F32) * 0.02).unwrap();
+        for lambda in [1.0, 0.3] {
+            let want = step_weights(&flat, &slots, lambda, DType::BF16).unwrap();
+            let got = step_weights(&flat.to_device(&dev).unwrap(), &slots, lambda, DType::BF16).unwrap();
+            for (r, columns) in &slots {
+                let (g, w) = (got.narrow(0, r.start, r.len()).unwrap(), want.narrow(0, r.start, r.len()).unwrap());
+                let (e, m) = (rel_l2(&g, &w), mismatched(&g, &w));
+                println!("step weights {r:?} matrix columns {columns:?} lambda={lambda}: rel L2 {e:.2e}, {m:.2e} of values differ");
+                assert!(m < 1e-4 && e < 1e-3, "rel L2 {e}, mismatched {m}");
+            }
         }
     }
 

@@ -1,41 +1,67 @@
 // Kernels over the flat f32 parameter and gradient buffers: partial sums (the weight scale's absmean and
-// the gradient norm), the ternary weight write, and AdamW. References: model::bitnet::quantize_weight,
+// the gradient norm), this step's weights (ternary BitLinear matrices, cast norms and embeddings), and AdamW. References: model::bitnet::quantize_weight,
 // train::layers::effective_weight, train::optim::{grad_norm, AdamW::step}.
 #include "common.cuh"
 
-// Partial sums of |x| (square = 0) or x^2 (square = 1), accumulated in f64, one per block into out[blockIdx.x].
-// 16-byte loads between the first and last 16-byte boundaries (x is a view at any float offset); block 0
-// adds the scalars before and after them.
+// This block's part (of `parts`, grid-stride) of sum |x| (square = 0) or sum x^2 (square = 1) over x[0..n], in
+// f64, reduced over the block. 16-byte loads between the first and last 16-byte boundaries (x is a view at
+// any float offset); part 0 adds the scalars before and after them.
 __device__ __forceinline__ double term(float v, int square) { return square ? (double)v * v : fabs((double)v); }
 
-extern "C" __global__ void sum_partials(const float* x, size_t n, int square, double* out) {
+__device__ double partial_sum(const float* x, size_t n, int square, int part, int parts) {
     size_t head = min(n, (size_t)((16 - ((uintptr_t)x & 15)) & 15) / 4);
     size_t quads = (n - head) / 4;
     const float4* x4 = reinterpret_cast<const float4*>(x + head);
     double acc = 0.0;
-    GRID_STRIDE(i, quads) {
+    for (size_t i = (size_t)part * blockDim.x + threadIdx.x; i < quads; i += (size_t)parts * blockDim.x) {
         float4 q = x4[i];
         acc += term(q.x, square) + term(q.y, square) + term(q.z, square) + term(q.w, square);
     }
-    if (blockIdx.x == 0) {
+    if (part == 0) {
         for (size_t i = threadIdx.x; i < head; i += blockDim.x) acc += term(x[i], square);
         for (size_t i = head + quads * 4 + threadIdx.x; i < n; i += blockDim.x) acc += term(x[i], square);
     }
-    acc = block_reduce(acc, Sum());
+    return block_reduce(acc, Sum());
+}
+
+// One partial sum per block into out[blockIdx.x].
+extern "C" __global__ void sum_partials(const float* x, size_t n, int square, double* out) {
+    double acc = partial_sum(x, n, square, blockIdx.x, gridDim.x);
     if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
-// The BitLinear weight this step's forward uses: s = 1 / max(mean|W|, 1e-5) from the partial sums of |W|
-// (every block sums them, in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda,
-// in bf16.
-extern "C" __global__ void ternary_weight(const float* w, size_t n, const double* partials, int nparts, float lambda,
-                                          bf16* out) {
+// This step's weights for every slot of the flat f32 buffer at once, written to `out` (bf16, the same
+// layout). slots[3 k .. 3 k + 3] = offset, length, ternary: slot k is blockIdx.y of both kernels, and
+// blockIdx.x its part (gridDim.x parts).
+//
+// First the partial sums of |W| of each BitLinear matrix, partials[k * parts + part].
+extern "C" __global__ void slot_absmean_partials(const float* flat, const long long* slots, double* partials) {
+    const long long* s = slots + 3 * blockIdx.y;
+    if (!s[2]) return;
+    double acc = partial_sum(flat + s[0], s[1], 0, blockIdx.x, gridDim.x);
+    if (threadIdx.x == 0) partials[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
+}
+
+// Then the writes. A BitLinear matrix: s = 1 / max(mean|W|, 1e-5) from its partial sums (every block adds
+// them in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda (the reference:
+// train::layers::effective_weight). Any other parameter: cast.
+extern "C" __global__ void step_weights(const float* flat, const long long* slots, const double* partials,
+                                        float lambda, bf16* out) {
+    const long long* sl = slots + 3 * blockIdx.y;
+    const float* w = flat + sl[0];
+    bf16* o = out + sl[0];
+    size_t n = sl[1];
+    size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    if (!sl[2]) {
+        for (size_t i = first; i < n; i += stride) o[i] = to_bf16(w[i]);
+        return;
+    }
     double total = 0.0;
-    for (int i = threadIdx.x; i < nparts; i += blockDim.x) total += partials[i];
+    for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x) total += partials[(size_t)blockIdx.y * gridDim.x + i];
     float s = 1.f / fmaxf((float)(block_reduce(total, Sum()) / (double)n), 1e-5f), inv = 1.f / s;
-    GRID_STRIDE(i, n) {
+    for (size_t i = first; i < n; i += stride) {
         float x = w[i];
-        out[i] = to_bf16(blend(x, fminf(fmaxf(roundf(x * s), -1.f), 1.f) * inv, lambda));
+        o[i] = to_bf16(blend(x, fminf(fmaxf(roundf(x * s), -1.f), 1.f) * inv, lambda));
     }
 }
 

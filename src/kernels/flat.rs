@@ -1,7 +1,9 @@
-//! Kernels over the flat f32 buffers: the ternary weight of a BitLinear (absmean scale and write), sums of
-//! squares for the gradient norm, and AdamW over the whole parameter buffer.
+//! Kernels over the flat f32 buffers: this step's weights (the ternary BitLinear matrices, absmean scale and
+//! write, and the cast of the rest), sums of squares for the gradient norm, and AdamW over the whole buffer.
 
 use candle_core::{DType, Result, Tensor};
+
+use cudarc::driver::LaunchConfig;
 
 use super::{cuda_device, grid_stride, launch, ptr, ptx, uninit, Ptx};
 
@@ -23,21 +25,26 @@ pub fn sum_squares(x: &Tensor) -> Result<f64> {
     sum_partials(x, true)?.0.sum_all()?.to_scalar::<f64>()
 }
 
-/// The BitLinear weight of this step from its f32 latent `w`: ternary times the absmean scale, blended with
-/// `w` by `lambda`, written in bf16 to `out` (a contiguous view of as many elements). Two launches per matrix:
-/// the partial sums of `|w|`, then the write, whose blocks each finish the sum themselves (no round trip to
-/// the host).
-pub fn ternary_weight(w: &Tensor, lambda: f64, out: &Tensor) -> Result<()> {
-    let n = w.elem_count();
-    if out.elem_count() != n || out.dtype() != DType::BF16 {
-        candle_core::bail!("ternary_weight: {n} weights but {} bf16 outputs", out.elem_count());
-    }
-    let dev = cuda_device(w)?;
-    let (partials, blocks) = sum_partials(w, false)?;
-    // SAFETY (of writing through `out`): the step's weight buffer is being built; nothing reads it yet.
-    launch!(dev, PTX, "ternary_weight", grid_stride(n);
-        ptr(w)?, n as u64, ptr(&partials)?, blocks as i32, lambda as f32, ptr(out)?);
-    Ok(())
+/// Blocks per slot in [`step_weights`]: enough for the largest matrices to fill the card, few enough that
+/// a norm's blocks finish at once.
+const SLOT_PARTS: u32 = 32;
+
+/// This step's weights in bf16, `[flat.len()]`, the layout of the f32 `flat`: every slot either the BitLinear
+/// weight of its latent (`(range, Some(columns))`: ternary times the absmean scale, blended by `lambda`) or a
+/// cast (`(range, None)`). Two launches for the whole model: every matrix's partial sums of `|W|`, then every
+/// slot's writes.
+pub fn step_weights(flat: &Tensor, slots: &[(std::ops::Range<usize>, Option<usize>)], lambda: f64) -> Result<Tensor> {
+    let dev = cuda_device(flat)?;
+    let table: Vec<i64> =
+        slots.iter().flat_map(|(r, c)| [r.start as i64, r.len() as i64, c.is_some() as i64]).collect();
+    let table = Tensor::new(table, flat.device())?;
+    let partials = uninit(slots.len() * SLOT_PARTS as usize, DType::F64, &dev)?;
+    let out = uninit(flat.elem_count(), DType::BF16, &dev)?;
+    let grid =
+        LaunchConfig { grid_dim: (SLOT_PARTS, slots.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "slot_absmean_partials", grid; ptr(flat)?, ptr(&table)?, ptr(&partials)?);
+    launch!(dev, PTX, "step_weights", grid; ptr(flat)?, ptr(&table)?, ptr(&partials)?, lambda as f32, ptr(&out)?);
+    Ok(out)
 }
 
 /// `dst += src` for a contiguous f32 view `dst` of the gradient buffer and a gradient `src` (f32 or bf16)

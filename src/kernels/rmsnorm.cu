@@ -72,12 +72,13 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
     if (threadIdx.x == 0) rrms[blockIdx.x] = r;
 }
 
-// With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)). Each block takes rows blockIdx.x + j gridDim.x
+// With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)), plus the residual stream's gradient when
+// `residual` is not null (the add that follows every pre-norm block's branch, fused). Each block takes rows blockIdx.x + j gridDim.x
 // and writes its share of dw = sum_rows(dy xhat) to dw_partial[blockIdx.x, :]; `column_sums` adds the
 // partial rows in a fixed order (deterministic, unlike atomics).
 template <int K>
-__device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, bf16* dx,
-                                 float* dw_partial, int n, int c, float inv_c, int t, int hd) {
+__device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual,
+                                 bf16* dx, float* dw_partial, int n, int c, float inv_c, int t, int hd) {
     float acc[K][8], wv[K][8];
 #pragma unroll
     for (int k = 0; k < K; k++) {
@@ -109,9 +110,10 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
         for (int k = 0; k < K; k++) {
             int i = column(k, c);
             if (i == c) continue;
-            float o[8];
+            float o[8], res[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            if (residual) load8(residual + at(row, i, c, t, hd), res);
 #pragma unroll
-            for (int e = 0; e < 8; e++) o[e] = (d[k][e] * wv[k][e] - xh[k][e] * proj) * r;
+            for (int e = 0; e < 8; e++) o[e] = (d[k][e] * wv[k][e] - xh[k][e] * proj) * r + res[e];
             store8(dx + at(row, i, c, t, hd), o);
         }
     }
@@ -131,9 +133,9 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
         rmsnorm_quant_forward<K>(x, w, y, rrms, c, inv_c, eps, lambda, t, hd);                                     \
     }                                                                                                              \
     extern "C" __global__ void rmsnorm_backward_##K(const bf16* dy, const bf16* x, const bf16* w,                \
-                                                    const float* rrms, bf16* dx, float* dw_partial, int n, int c, \
-                                                    float inv_c, int t, int hd) {                                 \
-        rmsnorm_backward<K>(dy, x, w, rrms, dx, dw_partial, n, c, inv_c, t, hd);                                   \
+                                                    const float* rrms, const bf16* residual, bf16* dx,            \
+                                                    float* dw_partial, int n, int c, float inv_c, int t, int hd) { \
+        rmsnorm_backward<K>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd);                         \
     }
 RMSNORM_KERNELS(1)
 RMSNORM_KERNELS(2)

@@ -49,18 +49,26 @@ pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> R
 }
 
 /// `(dx, dw)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows or heads, see [`row_shape`]), `w: [c]`,
-/// `rrms: [n, 1]` (f32); `dx` in `x`'s shape, `dw` in f32.
-pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, w: &Tensor, rrms: &Tensor) -> Result<(Tensor, Tensor)> {
+/// `rrms: [n, 1]` (f32); `dx` in `x`'s shape with `residual` (the same shape) added, `dw` in f32.
+pub fn rmsnorm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    rrms: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let (n, c, t, d) = row_shape(x)?;
     let (k, threads) = shape(c)?;
-    // Blocks share the rows; each writes one row of dw partial sums, which `column_sums` adds.
-    let blocks = n.clamp(1, 1024);
+    // Blocks share the rows, at least 4 each: each block writes one row of dw partial sums, which
+    // `column_sums` adds, and with one row per block that traffic would match the rows' own.
+    let blocks = n.div_ceil(4).clamp(1, 1024);
     let dev = cuda_device(x)?;
     let (dx, partial) = (uninit(x.shape(), DType::BF16, &dev)?, uninit((blocks, c), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
     let name = ["rmsnorm_backward_1", "rmsnorm_backward_2", "", "rmsnorm_backward_4"][k - 1];
     launch!(dev, PTX, name, super::per_row(blocks, threads);
-        aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, aligned_ptr(&dx)?, ptr(&partial)?,
+        aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
+        aligned_ptr(&dx)?, ptr(&partial)?,
         n as i32, c as i32, inv_c, t as i32, d as i32);
     let dw = uninit(c, DType::F32, &dev)?;
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };

@@ -10,19 +10,39 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::model::bitnet::{quantize_activations, quantize_weight};
 
-/// A BitLinear weight as this step's forward sees it: `W + lambda (Q(W) - W)` in `dst`'s dtype, written to
-/// `dst[offset..]` (the step's flat weight buffer), where `Q(W)` is the ternary weight times its scale.
-/// lambda = 1 is plain BitNet; lambda < 1 is the warm-up that eases a full-precision checkpoint into ternary.
-/// Computed once per optimizer step.
-pub fn effective_weight(latent: &Tensor, lambda: f64, dst: &Tensor, offset: usize) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::on_cuda(latent) && latent.dtype() == DType::F32 && dst.dtype() == DType::BF16 {
-        let out = dst.narrow(0, offset, latent.elem_count())?;
-        return crate::kernels::flat::ternary_weight(&latent.contiguous()?, lambda, &out);
-    }
+/// A BitLinear weight as this step's forward sees it: `W + lambda (Q(W) - W)` in `dtype`, where `Q(W)` is the
+/// ternary weight times its scale. lambda = 1 is plain BitNet; lambda < 1 is the warm-up that eases a
+/// full-precision checkpoint into ternary.
+pub fn effective_weight(latent: &Tensor, lambda: f64, dtype: DType) -> Result<Tensor> {
     let (ternary, scale) = quantize_weight(latent)?;
     let q = ternary.broadcast_mul(&scale)?;
-    dst.slice_set(&blend(latent, &q, lambda)?.to_dtype(dst.dtype())?.flatten_all()?, 0, offset)
+    blend(latent, &q, lambda)?.to_dtype(dtype)
+}
+
+/// This step's weights, computed once per optimizer step: every slot of the flat f32 buffer in `dtype`, in the
+/// same layout; a slot `(range, Some(columns))` is a BitLinear matrix and becomes its [`effective_weight`],
+/// a slot `(range, None)` is cast. On CUDA in bf16, two launches for the whole model.
+pub fn step_weights(
+    flat: &Tensor,
+    slots: &[(std::ops::Range<usize>, Option<usize>)],
+    lambda: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::on_cuda(flat) && dtype == DType::BF16 {
+        return crate::kernels::flat::step_weights(&flat.contiguous()?, slots, lambda);
+    }
+    let out = Tensor::zeros(flat.elem_count(), dtype, flat.device())?;
+    for (r, columns) in slots {
+        let w = flat.narrow(0, r.start, r.len())?;
+        let w = match columns {
+            // As a matrix: the scale's reduction goes by rows, as the model's quantizer's does.
+            Some(c) => effective_weight(&w.reshape((r.len() / c, *c))?, lambda, dtype)?.flatten_all()?,
+            None => w.to_dtype(dtype)?,
+        };
+        out.slice_set(&w, 0, r.start)?;
+    }
+    Ok(out)
 }
 
 /// `x + lambda (q - x)`, skipping the arithmetic at the ends.
@@ -122,15 +142,22 @@ pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> R
 }
 
 /// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`.
-/// `dy` is rows; `dx` has the shape of the forward's input (rows or heads).
-pub fn rmsnorm_backward(dy: &Tensor, w: &Tensor, s: &RmsNormSaved) -> Result<(Tensor, Tensor)> {
+/// `dy` is rows; `dx` has the shape of the forward's input (rows or heads). A pre-norm block adds its branch
+/// to the residual stream, so the stream's gradient `residual` is added to `dx` here (fused on CUDA).
+pub fn rmsnorm_backward(
+    dy: &Tensor,
+    w: &Tensor,
+    s: &RmsNormSaved,
+    residual: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if crate::kernels::applies(dy)
         && crate::kernels::applies(&s.x)
         && crate::kernels::rmsnorm::row_shape(&s.x).is_ok_and(|s| crate::kernels::rmsnorm::supports(s.1))
     {
         let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
-        return crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms);
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
+        return crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms, residual.as_ref());
     }
     let dy = dy.to_dtype(DType::F32)?;
     let xhat = as_rows(&s.x)?.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
@@ -142,7 +169,10 @@ pub fn rmsnorm_backward(dy: &Tensor, w: &Tensor, s: &RmsNormSaved) -> Result<(Te
         [b, h, t, d] => dx.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?,
         _ => dx,
     };
-    Ok((dx, dw))
+    match residual {
+        Some(r) => Ok(((dx + r)?, dw)),
+        None => Ok((dx, dw)),
+    }
 }
 
 /// SwiGLU of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = silu(gate) * up`, `[n, m]`.

@@ -29,15 +29,12 @@ pub struct StepWeights {
 
 impl StepWeights {
     pub fn new(layout: &ParamLayout, flat: &Tensor, lambda: f64, dtype: DType) -> Result<Self> {
-        let out = Tensor::zeros(layout.total, dtype, flat.device())?;
-        for (i, slot) in layout.slots.iter().enumerate() {
-            let w = layout.view(flat, i)?;
-            if is_bitlinear(&slot.name) {
-                effective_weight(&w, lambda, &out, slot.offset)?;
-            } else {
-                out.slice_set(&w.flatten_all()?.to_dtype(dtype)?, 0, slot.offset)?;
-            }
-        }
+        let slots: Vec<_> = layout
+            .slots
+            .iter()
+            .map(|s| (s.offset..s.offset + s.len, is_bitlinear(&s.name).then(|| s.shape[1])))
+            .collect();
+        let out = step_weights(flat, &slots, lambda, dtype)?;
         let tensors = (0..layout.slots.len()).map(|i| layout.view(&out, i)).collect::<candle_core::Result<_>>()?;
         Ok(Self { flat: out, tensors })
     }
@@ -291,15 +288,14 @@ impl Pass<'_> {
         let s = BlockSlots::new(layout, l);
         let (h, ffn_norm) = self.ffn_inner(&s, &sv.gu)?;
         let (dhq, ddown) = linear_backward(&dx, &h, &p[s.down])?;
-        let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm)?;
+        let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm, None)?;
         let dgu = swiglu_backward(&dh, &sv.gu)?;
         let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &self.w.stacked(layout, s.gate..=s.up)?)?;
-        let (dx2, dpost) = rmsnorm_backward(&da2, &p[s.post_ln], &sv.post_norm)?;
-        let dx = (dx + dx2)?;
+        let (dx, dpost) = rmsnorm_backward(&da2, &p[s.post_ln], &sv.post_norm, Some(&dx))?;
 
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p[s.o])?;
         // The attention output's gradient, in its heads.
-        let (dy, dinner) = rmsnorm_backward(&do_, &p[s.inner_ln], &sv.inner_norm)?;
+        let (dy, dinner) = rmsnorm_backward(&do_, &p[s.inner_ln], &sv.inner_norm, None)?;
         let recomputed;
         let attn = match &sv.attn {
             Some(a) => a,
@@ -313,7 +309,7 @@ impl Pass<'_> {
         let (dk, dv) = (sum_kv_groups(&dk, groups)?, sum_kv_groups(&dv, groups)?);
         let dqkv = qkv_heads_backward(&dq, &dk, &dv, self.head_shape(), &self.b.cos, &self.b.sin)?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &self.w.stacked(layout, s.q..=s.v)?)?;
-        let (dx1, dinput) = rmsnorm_backward(&da1, &p[s.input_ln], &sv.input_norm)?;
+        let (dx, dinput) = rmsnorm_backward(&da1, &p[s.input_ln], &sv.input_norm, Some(&dx))?;
 
         for (slots, g) in [
             (s.down..=s.down, ddown),
@@ -327,7 +323,7 @@ impl Pass<'_> {
         ] {
             add(slots, &g)?;
         }
-        Ok((dx + dx1)?)
+        Ok(dx)
     }
 
     /// The embedding and every block; `keep` says what to keep of each block (nothing when `None`).
@@ -442,7 +438,7 @@ pub fn backward(
     let head = head_slot(cfg, layout);
     add(head..=head, &WeightGrad::Tensor(saved.dhead))?;
     let norm = layout.index("model.norm.weight");
-    let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm)?;
+    let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm, None)?;
     add(norm..=norm, &WeightGrad::Tensor(dnorm))?;
     // What follows the blocks (the final norm, an untied head) is final already: its sum can run under the
     // whole backward instead of after it.
