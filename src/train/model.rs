@@ -286,16 +286,24 @@ impl Pass<'_> {
     ) -> Result<Tensor> {
         let (p, layout) = (&self.w.tensors, self.layout);
         let s = BlockSlots::new(layout, l);
+        // Each gradient is added as soon as it exists, so that what it holds (a GEMM's inputs) is freed.
+        let norm = |slot: usize, g: Tensor| add(slot..=slot, &WeightGrad::Tensor(g));
         let (h, ffn_norm) = self.ffn_inner(&s, &sv.gu)?;
         let (dhq, ddown) = linear_backward(&dx, &h, &p[s.down])?;
+        add(s.down..=s.down, &ddown)?;
         let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm, None)?;
+        norm(s.ffn_ln, dffn)?;
         let dgu = swiglu_backward(&dh, &sv.gu)?;
         let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &self.w.stacked(layout, s.gate..=s.up)?)?;
+        add(s.gate..=s.up, &dgu_w)?;
         let (dx, dpost) = rmsnorm_backward(&da2, &p[s.post_ln], &sv.post_norm, Some(&dx))?;
+        norm(s.post_ln, dpost)?;
 
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p[s.o])?;
+        add(s.o..=s.o, &do_w)?;
         // The attention output's gradient, in its heads.
         let (dy, dinner) = rmsnorm_backward(&do_, &p[s.inner_ln], &sv.inner_norm, None)?;
+        norm(s.inner_ln, dinner)?;
         let recomputed;
         let attn = match &sv.attn {
             Some(a) => a,
@@ -309,20 +317,9 @@ impl Pass<'_> {
         let (dk, dv) = (sum_kv_groups(&dk, groups)?, sum_kv_groups(&dv, groups)?);
         let dqkv = qkv_heads_backward(&dq, &dk, &dv, self.head_shape(), &self.b.cos, &self.b.sin)?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &self.w.stacked(layout, s.q..=s.v)?)?;
+        add(s.q..=s.v, &dqkv_w)?;
         let (dx, dinput) = rmsnorm_backward(&da1, &p[s.input_ln], &sv.input_norm, Some(&dx))?;
-
-        for (slots, g) in [
-            (s.down..=s.down, ddown),
-            (s.ffn_ln..=s.ffn_ln, WeightGrad::Tensor(dffn)),
-            (s.gate..=s.up, dgu_w),
-            (s.post_ln..=s.post_ln, WeightGrad::Tensor(dpost)),
-            (s.o..=s.o, do_w),
-            (s.inner_ln..=s.inner_ln, WeightGrad::Tensor(dinner)),
-            (s.q..=s.v, dqkv_w),
-            (s.input_ln..=s.input_ln, WeightGrad::Tensor(dinput)),
-        ] {
-            add(slots, &g)?;
-        }
+        norm(s.input_ln, dinput)?;
         Ok(dx)
     }
 
