@@ -32,8 +32,8 @@ pub fn block_forward(s: &Tensor, start: &Tensor, q0: usize, scale: f64) -> Resul
     let (p, lse) = (uninit(s.shape(), DType::BF16, &dev)?, uninit((b, heads, nq, 1), DType::F32, &dev)?);
     let rows = b * heads * nq;
     launch!(dev, PTX, "attention_block_forward", warp_per_row(rows);
-        aligned(s, nk)?, ptr(start)?, aligned(&p, nk)?, ptr(&lse)?, rows as i32, q0 as i32, nq as i32, nk as i32, t as i32, heads as i32,
-        scale as f32);
+        aligned(s, nk)?, ptr(start)?, aligned(&p, nk)?, ptr(&lse)?,
+        rows as i32, q0 as i32, nq as i32, nk as i32, t as i32, heads as i32, scale as f32);
     Ok((p, lse))
 }
 
@@ -53,7 +53,7 @@ pub fn block_backward(
     let (p, ds) = (uninit(s.shape(), DType::BF16, &dev)?, uninit(s.shape(), DType::BF16, &dev)?);
     let rows = b * heads * nq;
     launch!(dev, PTX, "attention_block_backward", warp_per_row(rows);
-        aligned(s, nk)?, ptr(lse)?, aligned(dp, nk)?, ptr(start)?, aligned(&p, nk)?, aligned(&ds, nk)?, rows as i32, q0 as i32, nq as i32, nk as i32,
-        t as i32, heads as i32, scale as f32);
+        aligned(s, nk)?, ptr(lse)?, aligned(dp, nk)?, ptr(start)?, aligned(&p, nk)?, aligned(&ds, nk)?,
+        rows as i32, q0 as i32, nq as i32, nk as i32, t as i32, heads as i32, scale as f32);
     Ok((p, ds))
 }

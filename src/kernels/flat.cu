@@ -1,6 +1,7 @@
 // Kernels over the flat f32 parameter and gradient buffers: partial sums (the weight scale's absmean and
-// the gradient norm), this step's weights (ternary BitLinear matrices, cast norms and embeddings), and AdamW. References: model::bitnet::quantize_weight,
-// train::layers::effective_weight, train::optim::{grad_norm, AdamW::step}.
+// the gradient norm), this step's weights (ternary BitLinear matrices, cast norms and embeddings), and
+// AdamW. References: model::bitnet::quantize_weight, train::layers::effective_weight,
+// train::optim::{grad_norm, AdamW::step}.
 #include "common.cuh"
 
 // This block's part (of `parts`, grid-stride) of sum |x| (square = 0) or sum x^2 (square = 1) over x[0..n], in

@@ -12,6 +12,11 @@ pub fn supports(c: usize) -> bool {
     c.is_multiple_of(8) && c <= 4 * 8 * 1024
 }
 
+/// Whether the kernels apply to `x`: bf16 on CUDA, rows or heads (see [`row_shape`]) of channels they take.
+pub fn takes(x: &Tensor) -> bool {
+    super::applies(x) && row_shape(x).is_ok_and(|(_, c, _, _)| supports(c))
+}
+
 /// The kernels' variant (vectors per thread, 1, 2 or 4) and threads per block for rows of `c` channels.
 fn shape(c: usize) -> Result<(usize, u32)> {
     if !supports(c) {

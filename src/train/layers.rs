@@ -130,9 +130,7 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsN
 /// kernel: no transposing copy; the backward gives `dx` in the same heads).
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(x)
-        && crate::kernels::rmsnorm::row_shape(x).is_ok_and(|s| crate::kernels::rmsnorm::supports(s.1))
-    {
+    if crate::kernels::rmsnorm::takes(x) {
         let x = x.contiguous()?;
         let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, &w.contiguous()?, eps, lambda)?;
         return Ok((y, RmsNormSaved { x, rrms }));
@@ -151,10 +149,7 @@ pub fn rmsnorm_backward(
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(dy)
-        && crate::kernels::applies(&s.x)
-        && crate::kernels::rmsnorm::row_shape(&s.x).is_ok_and(|s| crate::kernels::rmsnorm::supports(s.1))
-    {
+    if crate::kernels::applies(dy) && crate::kernels::rmsnorm::takes(&s.x) {
         let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
         let residual = residual.map(|r| r.contiguous()).transpose()?;
         return crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms, residual.as_ref());

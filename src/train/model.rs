@@ -17,6 +17,7 @@ use crate::config::run::{Recompute, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::model::bitnet::repeat_kv;
+use crate::model::is_bitlinear;
 
 /// This step's weights in the compute dtype, laid out as the flat f32 buffer: BitLinear weights already
 /// quantized (once per optimizer step, shared by every micro-batch), norms and the embedding cast.
@@ -45,10 +46,6 @@ impl StepWeights {
         let r = layout.span(slots);
         Ok(self.flat.narrow(0, r.start, r.len())?.reshape((r.len() / cols, cols))?)
     }
-}
-
-pub fn is_bitlinear(name: &str) -> bool {
-    name.ends_with("_proj.weight")
 }
 
 /// A micro-batch on the device: token ids, targets, loss mask, per-token rotary angles and each token's
@@ -210,8 +207,7 @@ impl BlockSlots {
     /// The block's span of the flat buffer: its parameters are neighbours, from the input norm to the down
     /// projection (the order of `model::parameter_shapes`).
     fn range(&self, layout: &ParamLayout) -> Range<usize> {
-        let last = &layout.slots[self.down];
-        layout.slots[self.input_ln].offset..last.offset + last.len
+        layout.span(self.input_ln..=self.down)
     }
 }
 
@@ -323,8 +319,9 @@ impl Pass<'_> {
         Ok(dx)
     }
 
-    /// The embedding and every block; `keep` says what to keep of each block (nothing when `None`).
-    fn trunk(&self, keep: Option<Recompute>) -> Result<(Tensor, Vec<LayerSaved>)> {
+    /// The embedding, every block and the final norm: the hidden rows the head reads, what was kept of each
+    /// block (`keep`; nothing when `None`) and the final norm's saved statistics.
+    fn trunk(&self, keep: Option<Recompute>) -> Result<(Tensor, Vec<LayerSaved>, RmsNormSaved)> {
         let mut x = self.w.tensors[self.layout.index("model.embed_tokens.weight")].index_select(&self.b.ids, 0)?;
         let mut layers = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
@@ -336,7 +333,9 @@ impl Pass<'_> {
             }
             x = next;
         }
-        Ok((x, layers))
+        let (hidden, final_norm) =
+            rmsnorm_forward(&x, &self.w.tensors[self.layout.index("model.norm.weight")], self.cfg.rms_norm_eps)?;
+        Ok((hidden, layers, final_norm))
     }
 
     /// The summed loss of the final hidden rows, `loss_chunk` rows at a time so that only one chunk's f32
@@ -392,8 +391,7 @@ pub fn forward(
     plan: MemoryPlan,
 ) -> Result<(f64, Saved)> {
     let pass = Pass { cfg, layout, w, b, lambda, plan };
-    let (x, layers) = pass.trunk(Some(plan.recompute))?;
-    let (hidden, final_norm) = rmsnorm_forward(&x, &w.tensors[layout.index("model.norm.weight")], cfg.rms_norm_eps)?;
+    let (hidden, layers, final_norm) = pass.trunk(Some(plan.recompute))?;
     let (loss, grads) = pass.head_loss(&hidden, true)?;
     let (dhidden, dhead) = grads.expect("head_loss returns gradients when asked");
     Ok((loss, Saved { lambda, layers, final_norm, dhidden, dhead }))
@@ -409,8 +407,7 @@ pub fn loss(
     plan: MemoryPlan,
 ) -> Result<f64> {
     let pass = Pass { cfg, layout, w, b, lambda, plan };
-    let (x, _) = pass.trunk(None)?;
-    let (hidden, _) = rmsnorm_forward(&x, &w.tensors[layout.index("model.norm.weight")], cfg.rms_norm_eps)?;
+    let (hidden, _, _) = pass.trunk(None)?;
     Ok(pass.head_loss(&hidden, false)?.0)
 }
 
