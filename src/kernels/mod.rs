@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod flash_attention;
 pub mod flat;
 pub mod gemm;
 pub mod rmsnorm;

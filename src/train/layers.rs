@@ -399,6 +399,8 @@ pub struct FlashSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// The output, for the fused backward's `rowsum(dO O)`.
+    o: Tensor,
     lse: Tensor,
 }
 
@@ -468,7 +470,9 @@ fn query_blocks(seq: usize, block: usize) -> impl Iterator<Item = (usize, usize)
 /// Memory-efficient causal softmax attention (flash attention's recurrence, written with candle ops):
 /// `q, k, v: [batch, heads, seq, dim]`, each query seeing its [`Windows`], queries in blocks of
 /// `block` rows so at most `[batch, heads, block, seq]` scores exist at once. Scores and softmax in f32.
-/// Equals [`attention_forward`] with the dense mask (a test checks it).
+/// Equals [`attention_forward`] with the dense mask (a test checks it). On CUDA, for head dims the
+/// tensor-core kernel takes ([`crate::kernels::flash_attention`]), the scores never leave registers and
+/// `block` does not apply.
 pub fn flash_attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -476,14 +480,20 @@ pub fn flash_attention_forward(
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, FlashSaved)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(q) && crate::kernels::flash_attention::supports(q.dim(D::Minus1)?) {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (o, lse) = crate::kernels::flash_attention::forward(&q, &k, &v, &windows.start)?;
+        return Ok((o.clone(), FlashSaved { q, k, v, o, lse }));
+    }
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (q0, nq) in query_blocks(q.dim(2)?, block) {
         let (probs, lse) = block_softmax(q, k, windows, q0, nq)?;
         outs.push(probs.to_dtype(v.dtype())?.matmul(&v.narrow(2, 0, q0 + nq)?)?);
         lses.push(lse);
     }
-    let lse = Tensor::cat(&lses, 2)?;
-    Ok((Tensor::cat(&outs, 2)?, FlashSaved { q: q.clone(), k: k.clone(), v: v.clone(), lse }))
+    let (o, lse) = (Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?);
+    Ok((o.clone(), FlashSaved { q: q.clone(), k: k.clone(), v: v.clone(), o, lse }))
 }
 
 /// Returns `(dq, dk, dv)` of [`flash_attention_forward`], recomputing each block's probabilities from the
@@ -492,13 +502,19 @@ pub fn flash_attention_forward(
 /// plain backward takes it, not from `rowsum(dO O)`: that keeps a row with a single key (the first token of
 /// every example) at exactly zero, where the other form leaves rounding noise that AdamW amplifies.
 /// With one query block (sequences up to `block`) that block's dK and dV are the whole gradients; with more,
-/// they are accumulated in f32.
+/// they are accumulated in f32. The fused kernel cannot see a row's keys at once and takes `rowsum(dO O)`,
+/// setting single-key rows to zero itself.
 pub fn flash_attention_backward(
     dy: &Tensor,
     s: &FlashSaved,
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(&s.q) && crate::kernels::flash_attention::supports(s.q.dim(D::Minus1)?) {
+        let (q, k, v, o) = (&s.q, &s.k, &s.v, &s.o);
+        return crate::kernels::flash_attention::backward(&dy.contiguous()?, q, k, v, o, &s.lse, &windows.start);
+    }
     let dtype = s.v.dtype();
     let block_grads = |(q0, nq): (usize, usize)| -> Result<(Tensor, Tensor, Tensor)> {
         let nk = q0 + nq;

@@ -1,0 +1,474 @@
+// Flash attention 2 (Dao, 2023) for bf16 heads of 64, 96 or 128 dims on tensor cores (mma.sync m16n8k16):
+// the scores live in registers, never in memory. Causal, each query also bounded below by the first token
+// of its packed example (`start`, as train::layers::Windows). Forward: one block per 64 queries; backward:
+// one kernel per 64 keys for dK and dV and one per 64 queries for dQ, each summing in registers in a fixed
+// order (no atomics: the same inputs give the same bits). The plain reference is
+// train::layers::flash_attention_{forward,backward} on the CPU.
+#include "common.cuh"
+
+#define THREADS 128  // four warps, each owning 16 rows of the block's tile
+
+// Fragments of mma.sync.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"): lane = 4 g + c holds
+// A rows g and g + 8, B column g and C rows g and g + 8, at columns 2c and 2c + 1 of each 8-wide piece.
+__device__ __forceinline__ void mma(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8x8 matrices from shared memory, one row address per lane (lanes 8m..8m+7: matrix m).
+__device__ __forceinline__ void ldsm(uint32_t* r, const bf16* p) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_t(uint32_t* r, const bf16* p) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Shared tiles are row-major with 8 bf16 of padding per row, so the 8 rows one ldmatrix reads fall in
+// different banks.
+template <int D> struct Tile {
+    static constexpr int LD = D + 8;
+};
+
+// The A operand (16 rows x 16 columns at row r0, column c0) of a row-major tile.
+template <int D> __device__ __forceinline__ void load_a(uint32_t* a, const bf16* s, int r0, int c0, int lane) {
+    ldsm(a, s + (r0 + lane % 16) * Tile<D>::LD + c0 + lane / 16 * 8);
+}
+// B operands of two 8-wide pieces (16 columns of the product from n0) over k0..k0+15, when the tile holds
+// B transposed, row n = column n of B (K for Q K^T): pieces {b[0], b[1]} and {b[2], b[3]}.
+template <int D> __device__ __forceinline__ void load_bt(uint32_t* b, const bf16* s, int n0, int k0, int lane) {
+    ldsm(b, s + (n0 + lane % 8 + lane / 16 * 8) * Tile<D>::LD + k0 + lane / 8 % 2 * 8);
+}
+// The same when the tile holds B itself, row k (V for P V).
+template <int D> __device__ __forceinline__ void load_b(uint32_t* b, const bf16* s, int k0, int n0, int lane) {
+    ldsm_t(b, s + (k0 + lane % 8 + lane / 8 % 2 * 8) * Tile<D>::LD + n0 + lane / 16 * 8);
+}
+
+// Rows row0.. of a [t, D] head into a shared tile of `rows` rows, zeros past t: cp.async, 16 bytes per thread
+// and step, so the copy runs while the block computes. The caller commits the group and waits for it.
+template <int D> __device__ void load_rows(bf16* s, const bf16* g, int row0, int rows, int t) {
+    for (int c = threadIdx.x; c < rows * D / 8; c += THREADS) {
+        int r = c / (D / 8), col = c % (D / 8) * 8;
+        bool in = row0 + r < t;
+        uint32_t dst = (uint32_t)__cvta_generic_to_shared(s + r * Tile<D>::LD + col);
+        const bf16* src = g + (size_t)(in ? row0 + r : 0) * D + col;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
+    }
+}
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n"); }
+// Waits until at most N committed groups are in flight; a barrier then makes the data visible to all.
+template <int N> __device__ __forceinline__ void wait_loads() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Two 8-wide C fragments (16 columns) as one A fragment of a 16-deep k step: a product's output feeds the
+// next product without leaving registers.
+__device__ __forceinline__ void as_a(uint32_t* a, const float* lo, const float* hi) {
+    a[0] = pack(lo[0], lo[1]), a[1] = pack(lo[2], lo[3]), a[2] = pack(hi[0], hi[1]), a[3] = pack(hi[2], hi[3]);
+}
+
+// The window start of a row past the sequence: it sees no key.
+#define NO_KEYS (1 << 30)
+
+// Whether query i (of window start lo) sees key j. `start` is non-decreasing along a sequence (examples are
+// contiguous runs, padding starts at itself), so a tile's first row has the tile's first key, its last row
+// the last window start, and the queries that see a key form one run.
+__device__ __forceinline__ bool sees(int i, int lo, int j) { return j >= lo && j <= i; }
+
+// Whether every query of rows q0..q0+nq-1 (the last of window start lo_last) sees every key k0..k0+nk-1:
+// then the tile needs no mask.
+__device__ __forceinline__ bool all_seen(int q0, int nq, int lo_last, int k0, int nk, int t) {
+    return q0 >= k0 + nk - 1 && lo_last <= k0 && q0 + nq <= t;
+}
+
+// Q, K, V, O: [batch * heads, t, D]; start: [batch, t] (f32); lse: [batch * heads, t] (natural log).
+// scale2 = log2(e) / sqrt(D): the softmax runs in base 2. K and V have separate tiles so that V's copy runs
+// during Q K^T and the next K's during P V (flash attention 2's pipeline).
+template <int D>
+__device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o, float* lse,
+                        int t, int heads, float scale2) {
+    constexpr int BQ = 64, BK = 64, LD = Tile<D>::LD;
+    __shared__ __align__(16) bf16 ks[BK * LD], vs[BK * LD];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
+    size_t head = (size_t)blockIdx.y * t * D;
+    start += (size_t)(blockIdx.y / heads) * t;
+
+    load_rows<D>(ks, q + head, q0, BQ, t);  // Q passes through the K tile into registers
+    commit();
+    wait_loads<0>();
+    __syncthreads();
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) load_a<D>(qf[kk], ks, warp * 16, kk * 16, lane);
+    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) lo[h] = rows[h] < t ? (int)start[rows[h]] : NO_KEYS;
+    int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
+    int k_first = (int)start[q0] / BK * BK;
+    __syncthreads();  // every warp has its Q
+    load_rows<D>(ks, k + head, k_first, BK, t);
+    commit();
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[D / 8][4] = {};
+    for (int k0 = k_first; k0 < k_end; k0 += BK) {
+        wait_loads<0>();
+        __syncthreads();  // K is in; every warp is done with the last V
+        load_rows<D>(vs, v + head, k0, BK, t);
+        commit();
+        float s[BK / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+            for (int n = 0; n < BK / 16; n++) {
+                uint32_t b[4];
+                load_bt<D>(b, ks, n * 16, kk * 16, lane);
+                mma(s[2 * n], qf[kk], b);
+                mma(s[2 * n + 1], qf[kk], b + 2);
+            }
+        bool masked = !all_seen(q0, BQ, lo_last, k0, BK, t);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float& x = s[n][2 * h + e];
+                    x = masked && !sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e) ? -INFINITY : x * scale2;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            float m_new = fmaxf(m[h], mx);
+            float base = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: keep everything at 0, not NaN
+            float alpha = exp2f(m[h] - base);
+            m[h] = m_new;
+            l[h] *= alpha;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) acc[n][2 * h] *= alpha, acc[n][2 * h + 1] *= alpha;
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float& x = s[n][2 * h + e];
+                    x = exp2f(x - base);
+                    l[h] += x;
+                }
+        }
+        wait_loads<0>();
+        __syncthreads();  // V is in; every warp is done with K
+        if (k0 + BK < k_end) {
+            load_rows<D>(ks, k + head, k0 + BK, BK, t);
+            commit();
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            uint32_t a[4];
+            as_a(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int n = 0; n < D / 16; n++) {
+                uint32_t b[4];
+                load_b<D>(b, vs, kk * 16, n * 16, lane);
+                mma(acc[2 * n], a, b);
+                mma(acc[2 * n + 1], a, b + 2);
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
+        if (rows[h] >= t) continue;
+        float inv = 1.f / l[h];
+        bf16* out = o + head + (size_t)rows[h] * D + 2 * c;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *reinterpret_cast<uint32_t*>(out + n * 8) = pack(acc[n][2 * h] * inv, acc[n][2 * h + 1] * inv);
+        if (c == 0) lse[(size_t)blockIdx.y * t + rows[h]] = (m[h] + log2f(l[h])) * 0.69314718056f;
+    }
+}
+
+// delta[row] = sum over d of dO O: the row's sum of dP P, which dS = P (dP - delta) needs. One warp per row.
+extern "C" __global__ void flash_delta(const bf16* dout, const bf16* out, float* delta, int rows, int d) {
+    int r = blockIdx.x * (THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    float sum = 0.f;
+    for (int v = lane; v < d / 8; v += 32) {
+        float a[8], b[8];
+        load8(dout + (size_t)r * d + 8 * v, a);
+        load8(out + (size_t)r * d + 8 * v, b);
+#pragma unroll
+        for (int e = 0; e < 8; e++) sum += a[e] * b[e];
+    }
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if (lane == 0) delta[r] = sum;
+}
+
+// Softmax gradient of one score s (unscaled, in place: becomes P) with dp (becomes dS / sqrt(D), the scale
+// folded in for dQ and dK). A query that sees one key (each example's first token) has dS = 0 exactly, as
+// the plain backward gives.
+__device__ __forceinline__ void grad_of(float& s, float& dp, bool seen, bool alone, float lse2, float delta,
+                                        float scale2) {
+    s = seen ? exp2f(s * scale2 - lse2) : 0.f;
+    dp = seen && !alone ? s * (dp - delta) * (scale2 * 0.69314718056f) : 0.f;
+}
+
+// The query tile of the dK/dV kernel: Q and dO rows, and per row lse (base 2), delta and window start.
+template <int D, int BQ> struct QueryTile {
+    bf16 *q, *dout;
+    float *lse2, *delta;
+    int* lo;
+    __device__ void load(const bf16* gq, const bf16* gdo, const float* glse, const float* gdelta, const float* start,
+                         int q0, int t) {
+        load_rows<D>(q, gq, q0, BQ, t);
+        load_rows<D>(dout, gdo, q0, BQ, t);
+        commit();
+        int i = q0 + threadIdx.x;
+        if (threadIdx.x < BQ) {
+            bool in = i < t;
+            lse2[threadIdx.x] = in ? glse[i] * 1.44269504089f : 0.f;
+            delta[threadIdx.x] = in ? gdelta[i] : 0.f;
+            lo[threadIdx.x] = in ? (int)start[i] : NO_KEYS;
+        }
+    }
+};
+
+// Shared memory of the dK/dV kernel: K and V tiles, then two query tiles (one in use, the next in flight),
+// then their per-row values. flash_attention.rs sizes the launch by the same formula.
+template <int D> struct KvShared {
+    static constexpr int BK = 64, BQ = D <= 96 ? 64 : 16, LD = Tile<D>::LD;  // BQ 16 at D = 128: registers
+    static __device__ QueryTile<D, BQ> tile(unsigned char* smem, int stage) {
+        bf16* rows = reinterpret_cast<bf16*>(smem) + (2 * BK + 2 * stage * BQ) * LD;
+        float* small = reinterpret_cast<float*>(reinterpret_cast<bf16*>(smem) + (2 * BK + 4 * BQ) * LD) + 3 * stage * BQ;
+        return {rows, rows + BQ * LD, small, small + BQ, reinterpret_cast<int*>(small + 2 * BQ)};
+    }
+};
+
+// dK and dV for 64 keys: for each tile of BQ queries that sees them, S^T = K Q^T and dP^T = V dO^T in
+// registers (keys as rows), then dV += P^T dO and dK += dS^T Q.
+template <int D>
+__device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                            const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,
+                            float scale2) {
+    using S = KvShared<D>;
+    constexpr int BK = S::BK, BQ = S::BQ, LD = S::LD;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* ks = reinterpret_cast<bf16*>(smem);
+    bf16* vs = ks + BK * LD;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
+    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t;
+    start += (size_t)(blockIdx.y / heads) * t;
+    lse += rows0, delta += rows0;
+    int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+    // The query tiles that see these keys: from k0 on, those whose first row's window starts in them.
+    int n_tiles = 0;
+    for (int base = 0;; base += THREADS) {
+        int i = k0 + (base + threadIdx.x) * BQ;
+        int n = __syncthreads_count(i < t && (int)start[i] < k0 + BK);
+        n_tiles += n;
+        if (n < THREADS) break;
+    }
+    load_rows<D>(ks, k + head, k0, BK, t);
+    load_rows<D>(vs, v + head, k0, BK, t);
+    S::tile(smem, 0).load(q + head, dout + head, lse, delta, start, k0, t);
+
+    float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
+    for (int it = 0; it < n_tiles; it++) {
+        int q0 = k0 + it * BQ;
+        QueryTile<D, BQ> tile = S::tile(smem, it % 2);
+        if (it + 1 < n_tiles) {
+            S::tile(smem, (it + 1) % 2).load(q + head, dout + head, lse, delta, start, q0 + BQ, t);
+            wait_loads<1>();
+        } else {
+            wait_loads<0>();
+        }
+        __syncthreads();
+        float s[BQ / 8][4] = {}, dp[BQ / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t ka[4], va[4];
+            load_a<D>(ka, ks, warp * 16, kk * 16, lane);
+            load_a<D>(va, vs, warp * 16, kk * 16, lane);
+#pragma unroll
+            for (int n = 0; n < BQ / 16; n++) {
+                uint32_t b[4];
+                load_bt<D>(b, tile.q, n * 16, kk * 16, lane);
+                mma(s[2 * n], ka, b);
+                mma(s[2 * n + 1], ka, b + 2);
+                load_bt<D>(b, tile.dout, n * 16, kk * 16, lane);
+                mma(dp[2 * n], va, b);
+                mma(dp[2 * n + 1], va, b + 2);
+            }
+        }
+        bool masked = !all_seen(q0, BQ, tile.lo[BQ - 1], k0, BK, t);
+#pragma unroll
+        for (int n = 0; n < BQ / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = tile.lo[col];
+                bool seen = !masked || sees(qi, lo, keys[e / 2]);
+                grad_of(s[n][e], dp[n][e], seen, lo == qi, tile.lse2[col], tile.delta[col], scale2);
+            }
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; kk++) {
+            uint32_t pa[4], da[4];
+            as_a(pa, s[2 * kk], s[2 * kk + 1]);
+            as_a(da, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+            for (int n = 0; n < D / 16; n++) {
+                uint32_t b[4];
+                load_b<D>(b, tile.dout, kk * 16, n * 16, lane);
+                mma(dv_acc[2 * n], pa, b);
+                mma(dv_acc[2 * n + 1], pa, b + 2);
+                load_b<D>(b, tile.q, kk * 16, n * 16, lane);
+                mma(dk_acc[2 * n], da, b);
+                mma(dk_acc[2 * n + 1], da, b + 2);
+            }
+        }
+        __syncthreads();  // every warp is done with this tile before the one after next overwrites it
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (keys[h] >= t) continue;
+        size_t at = head + (size_t)keys[h] * D + 2 * c;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            *reinterpret_cast<uint32_t*>(dk + at + n * 8) = pack(dk_acc[n][2 * h], dk_acc[n][2 * h + 1]);
+            *reinterpret_cast<uint32_t*>(dv + at + n * 8) = pack(dv_acc[n][2 * h], dv_acc[n][2 * h + 1]);
+        }
+    }
+}
+
+// dQ for 64 queries: over the keys they see, S = Q K^T and dP = dO V^T in registers, then dQ += dS K. Two
+// stages of K and V tiles: the next one is copied while this one is used.
+template <int D>
+__device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                           const float* delta, const float* start, bf16* dq, int t, int heads, float scale2) {
+    constexpr int BQ = 64, BK = 32, LD = Tile<D>::LD;
+    __shared__ __align__(16) bf16 buf[4 * BK * LD];  // Q and dO (2 BQ rows), then two stages of K and V
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t;
+    start += (size_t)(blockIdx.y / heads) * t;
+
+    load_rows<D>(buf, q + head, q0, BQ, t);
+    load_rows<D>(buf + BQ * LD, dout + head, q0, BQ, t);
+    commit();
+    wait_loads<0>();
+    __syncthreads();
+    uint32_t qf[D / 16][4], dof[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        load_a<D>(qf[kk], buf, warp * 16, kk * 16, lane);
+        load_a<D>(dof[kk], buf + BQ * LD, warp * 16, kk * 16, lane);
+    }
+    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
+    float lse2[2], dl[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        bool in = rows[h] < t;
+        lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
+        lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
+        dl[h] = in ? delta[rows0 + rows[h]] : 0.f;
+    }
+    int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
+    int k_first = (int)start[q0] / BK * BK;
+    __syncthreads();  // every warp has its Q and dO
+    auto stage = [&](int i) { return buf + i % 2 * 2 * BK * LD; };
+    auto load = [&](int i, int k0) {
+        load_rows<D>(stage(i), k + head, k0, BK, t);
+        load_rows<D>(stage(i) + BK * LD, v + head, k0, BK, t);
+        commit();
+    };
+    load(0, k_first);
+
+    float acc[D / 8][4] = {};
+    for (int it = 0, k0 = k_first; k0 < k_end; it++, k0 += BK) {
+        const bf16 *ks = stage(it), *vs = ks + BK * LD;
+        if (k0 + BK < k_end) {
+            load(it + 1, k0 + BK);
+            wait_loads<1>();
+        } else {
+            wait_loads<0>();
+        }
+        __syncthreads();
+        float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+            for (int n = 0; n < BK / 16; n++) {
+                uint32_t b[4];
+                load_bt<D>(b, ks, n * 16, kk * 16, lane);
+                mma(s[2 * n], qf[kk], b);
+                mma(s[2 * n + 1], qf[kk], b + 2);
+                load_bt<D>(b, vs, n * 16, kk * 16, lane);
+                mma(dp[2 * n], dof[kk], b);
+                mma(dp[2 * n + 1], dof[kk], b + 2);
+            }
+        bool masked = !all_seen(q0, BQ, lo_last, k0, BK, t);
+#pragma unroll
+        for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int h = e / 2;
+                bool seen = !masked || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
+                grad_of(s[n][e], dp[n][e], seen, lo[h] == rows[h], lse2[h], dl[h], scale2);
+            }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            uint32_t da[4];
+            as_a(da, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+            for (int n = 0; n < D / 16; n++) {
+                uint32_t b[4];
+                load_b<D>(b, ks, kk * 16, n * 16, lane);
+                mma(acc[2 * n], da, b);
+                mma(acc[2 * n + 1], da, b + 2);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before the one after next overwrites it
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (rows[h] >= t) continue;
+        bf16* out = dq + head + (size_t)rows[h] * D + 2 * c;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *reinterpret_cast<uint32_t*>(out + n * 8) = pack(acc[n][2 * h], acc[n][2 * h + 1]);
+    }
+}
+
+#define FLASH(D)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
+        flash_forward_##D(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o, float* lse,   \
+                          int t, int heads, float scale2) {                                                       \
+        forward<D>(q, k, v, start, o, lse, t, heads, scale2);                                                     \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
+        flash_backward_kv_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,    \
+                              const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,       \
+                              float scale2) {                                                                     \
+        backward_kv<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, scale2);                               \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
+        flash_backward_q_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,     \
+                             const float* delta, const float* start, bf16* dq, int t, int heads, float scale2) {  \
+        backward_q<D>(q, k, v, dout, lse, delta, start, dq, t, heads, scale2);                                    \
+    }
+
+FLASH(64)
+FLASH(96)
+FLASH(128)

@@ -1,0 +1,87 @@
+//! Flash attention on tensor cores, forward and backward: no `[seq, seq]` scores in memory.
+
+use candle_core::{DType, Result, Tensor};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::LaunchConfig;
+
+use super::{aligned_ptr, cuda_device, launch, per_row, ptr, ptx, uninit, Ptx};
+
+const PTX: Ptx = ptx!("flash_attention");
+
+/// Threads per block (`THREADS` in the kernel) and rows per block (64 queries or keys).
+const THREADS: u32 = 128;
+const TILE: usize = 64;
+
+/// Head dims the kernels are instantiated for; others take the blocked path.
+pub fn supports(head_dim: usize) -> bool {
+    matches!(head_dim, 64 | 96 | 128)
+}
+
+/// One block per 64 rows of each `(batch, head)`.
+fn tiles(t: usize, heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (t.div_ceil(TILE) as u32, heads as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The dK/dV kernel's dynamic shared memory (`KvShared` in the kernel): K and V tiles of 64 rows, two query
+/// tiles of Q and dO rows, their per-row values; rows of `d + 8` bf16.
+fn kv_shared_bytes(d: usize) -> u32 {
+    let bq = if d <= 96 { 64 } else { 16 };
+    ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4) as u32
+}
+
+/// `log2(e) / sqrt(d)`: the kernels' softmax runs in base 2.
+fn scale2(d: usize) -> f32 {
+    (std::f64::consts::LOG2_E / (d as f64).sqrt()) as f32
+}
+
+/// `q, k, v: [b, h, t, d]` (bf16, contiguous), `start: [b, t]` (f32, see `train::layers::Windows`): the
+/// output `[b, h, t, d]` and each row's softmax log-sum-exp (f32 `[b, h, t, 1]`).
+pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, start: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, h, t, d) = q.dims4()?;
+    let dev = cuda_device(q)?;
+    let (o, lse) = (uninit(q.shape(), DType::BF16, &dev)?, uninit((b, h, t, 1), DType::F32, &dev)?);
+    let name = format!("flash_forward_{d}");
+    launch!(dev, PTX, &name, tiles(t, b * h);
+        aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, ptr(start)?, aligned_ptr(&o)?, ptr(&lse)?,
+        t as i32, h as i32, scale2(d));
+    Ok((o, lse))
+}
+
+/// The gradients `(dq, dk, dv)` of [`forward`] from `dy`, the gradient at its output `o`.
+pub fn backward(
+    dy: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    start: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, h, t, d) = q.dims4()?;
+    let dev = cuda_device(q)?;
+    let rows = b * h * t;
+    let delta = uninit(rows, DType::F32, &dev)?;
+    launch!(dev, PTX, "flash_delta", per_row(rows.div_ceil(THREADS as usize / 32), THREADS);
+        aligned_ptr(dy)?, aligned_ptr(o)?, ptr(&delta)?, rows as i32, d as i32);
+    let grad = || uninit(q.shape(), DType::BF16, &dev);
+    let (dq, dk, dv) = (grad()?, grad()?, grad()?);
+    // Both kernels read the same inputs; dK and dV in one, dQ in the other, so no sum crosses blocks.
+    let name = format!("flash_backward_kv_{d}");
+    let bytes = kv_shared_bytes(d);
+    // Above 48 KB a block's shared memory must be opted into, per function.
+    let func = dev.get_or_load_custom_func(&name, PTX.0, PTX.1)?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory of {bytes} bytes: {e:?}")))?;
+    launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
+        aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?, ptr(start)?,
+        aligned_ptr(&dk)?, aligned_ptr(&dv)?, t as i32, h as i32, scale2(d));
+    let name = format!("flash_backward_q_{d}");
+    launch!(dev, PTX, &name, tiles(t, b * h);
+        aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?, ptr(start)?,
+        aligned_ptr(&dq)?, t as i32, h as i32, scale2(d));
+    Ok((dq, dk, dv))
+}
