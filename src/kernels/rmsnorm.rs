@@ -17,14 +17,27 @@ pub fn takes(x: &Tensor) -> bool {
     super::applies(x) && row_shape(x).is_ok_and(|(_, c, _, _)| supports(c))
 }
 
-/// The kernels' variant (vectors per thread, 1, 2 or 4) and threads per block for rows of `c` channels.
-fn shape(c: usize) -> Result<(usize, u32)> {
+/// How a kernel spreads rows of `c` channels: with `warps` (the forward), a warp per row up to 1536 channels
+/// (6 vectors of 8 per lane), else a block per row of up to 1024 threads with 1, 2 or 4 vectors each (see
+/// `rmsnorm.cu` for the measurements behind the limits).
+struct Variant {
+    /// The kernels' name suffix: `w` or `b` and the vectors per thread.
+    suffix: String,
+    threads: u32,
+    /// Rows (groups of threads) per block.
+    groups: usize,
+}
+
+fn variant(c: usize, warps: bool) -> Result<Variant> {
     if !supports(c) {
         bail!("the RMSNorm kernels take a multiple of 8 channels up to 32768, not {c}");
     }
     let vectors = c / 8;
+    if let Some(k) = [1, 2, 4, 6].into_iter().find(|k| warps && vectors.div_ceil(32) <= *k) {
+        return Ok(Variant { suffix: format!("w{k}"), threads: 256, groups: 8 });
+    }
     let k = [1, 2, 4].into_iter().find(|k| vectors.div_ceil(*k) <= 1024).expect("supports() bounds c");
-    Ok((k, (vectors.div_ceil(k).div_ceil(32) * 32) as u32))
+    Ok(Variant { suffix: format!("b{k}"), threads: (vectors.div_ceil(k).div_ceil(32) * 32) as u32, groups: 1 })
 }
 
 /// `(n, c, t, d)` of `x`: rows `[n, c]` (t = d = 0), or attention's heads `[b, h, t, d]` read as rows
@@ -42,14 +55,14 @@ pub fn row_shape(x: &Tensor) -> Result<(usize, usize, usize, usize)> {
 /// each row, f32 `[n, 1]`.
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, Tensor)> {
     let (n, c, t, d) = row_shape(x)?;
-    let (k, threads) = shape(c)?;
+    let v = variant(c, true)?;
     let dev = cuda_device(x)?;
     let (y, rrms) = (uninit((n, c), DType::BF16, &dev)?, uninit((n, 1), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
-    let name = ["rmsnorm_quant_forward_1", "rmsnorm_quant_forward_2", "", "rmsnorm_quant_forward_4"][k - 1];
-    launch!(dev, PTX, name, super::per_row(n, threads);
-        aligned_ptr(x)?, ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, c as i32, inv_c, eps as f32, lambda as f32,
-        t as i32, d as i32);
+    let name = format!("rmsnorm_quant_forward_{}", v.suffix);
+    launch!(dev, PTX, &name, super::per_row(n.div_ceil(v.groups), v.threads);
+        aligned_ptr(x)?, ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, n as i32, c as i32, inv_c, eps as f32,
+        lambda as f32, t as i32, d as i32);
     Ok((y, rrms))
 }
 
@@ -63,15 +76,15 @@ pub fn rmsnorm_backward(
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     let (n, c, t, d) = row_shape(x)?;
-    let (k, threads) = shape(c)?;
+    let v = variant(c, false)?;
     // Blocks share the rows, at least 4 each: each block writes one row of dw partial sums, which
     // `column_sums` adds, and with one row per block that traffic would match the rows' own.
     let blocks = n.div_ceil(4).clamp(1, 1024);
     let dev = cuda_device(x)?;
     let (dx, partial) = (uninit(x.shape(), DType::BF16, &dev)?, uninit((blocks, c), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
-    let name = ["rmsnorm_backward_1", "rmsnorm_backward_2", "", "rmsnorm_backward_4"][k - 1];
-    launch!(dev, PTX, name, super::per_row(blocks, threads);
+    let name = format!("rmsnorm_backward_{}", v.suffix);
+    launch!(dev, PTX, &name, super::per_row(blocks, v.threads);
         aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
         aligned_ptr(&dx)?, ptr(&partial)?,
         n as i32, c as i32, inv_c, t as i32, d as i32);
