@@ -113,6 +113,16 @@ mod fused {
     }
 
     #[test]
+    fn residual_add_matches_reference() {
+        let dev = gpu();
+        let (x, branch) = (randn(&[37, 1000], DType::BF16), randn(&[37, 1000], DType::BF16));
+        let want = residual_add(&x, &branch).unwrap();
+        let got = residual_add(&x.to_device(&dev).unwrap(), &branch.to_device(&dev).unwrap()).unwrap();
+        // One f32 add rounded to bf16 on both sides: equal bit for bit.
+        assert_eq!(mismatched(&got, &want), 0.0);
+    }
+
+    #[test]
     fn swiglu_matches_reference() {
         let dev = gpu();
         let (m, n) = (520, 33);

@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod flash_attention;
 pub mod flat;
 pub mod gemm;
+pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;

@@ -170,6 +170,15 @@ pub fn rmsnorm_backward(
     }
 }
 
+/// The residual stream's add after each block's branch, `x + branch` (one shape, the compute dtype).
+pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::applies(x) && crate::kernels::residual::supports(x.elem_count()) {
+        return crate::kernels::residual::residual_add(&x.contiguous()?, &branch.contiguous()?);
+    }
+    x + branch
+}
+
 /// SwiGLU of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = silu(gate) * up`, `[n, m]`.
 pub fn swiglu_forward(gu: &Tensor) -> Result<Tensor> {
     let m = gu.dim(1)? / 2;

@@ -255,11 +255,11 @@ impl Pass<'_> {
         let (a1, input_norm) = rmsnorm_quant_forward(x, &p[s.input_ln], eps, lambda)?;
         let (y, attn) = self.attention(&s, &a1)?;
         let (o, inner_norm) = rmsnorm_quant_forward(&y, &p[s.inner_ln], eps, lambda)?;
-        let x = (x + linear_forward(&o, &p[s.o])?)?;
+        let x = residual_add(x, &linear_forward(&o, &p[s.o])?)?;
 
         let (a2, post_norm) = rmsnorm_quant_forward(&x, &p[s.post_ln], eps, lambda)?;
         let gu = linear_forward(&a2, &self.w.stacked(self.layout, s.gate..=s.up)?)?;
-        let x = (x + linear_forward(&self.ffn_inner(&s, &gu)?.0, &p[s.down])?)?;
+        let x = residual_add(&x, &linear_forward(&self.ffn_inner(&s, &gu)?.0, &p[s.down])?)?;
         let attn = keep_attention.then_some(attn);
         Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gu }))
     }
