@@ -12,11 +12,6 @@ const PTX: Ptx = ptx!("flash_attention");
 const THREADS: u32 = 128;
 const TILE: usize = 64;
 
-/// Head dims the kernels are instantiated for; others take the blocked path.
-pub fn supports(head_dim: usize) -> bool {
-    matches!(head_dim, 64 | 96 | 128)
-}
-
 /// One block per 64 rows of each `(batch, head)`.
 fn tiles(t: usize, heads: usize) -> LaunchConfig {
     LaunchConfig {

@@ -408,9 +408,16 @@ pub struct FlashSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// The output, for the fused backward's `rowsum(dO O)`.
+    /// The output, for the fused backward's `rowsum(dO O)` (only CUDA reads it).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     o: Tensor,
     lse: Tensor,
+}
+
+/// Whether CUDA runs attention as one tensor-core kernel (`crate::kernels::flash_attention`, instantiated
+/// for these head dims) rather than the blocked softmax between GEMMs.
+pub fn flash_kernel_takes(head_dim: usize) -> bool {
+    matches!(head_dim, 64 | 96 | 128)
 }
 
 /// Attention's score scale, `1 / sqrt(head_dim)`.
@@ -490,7 +497,7 @@ pub fn flash_attention_forward(
     block: usize,
 ) -> Result<(Tensor, FlashSaved)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(q) && crate::kernels::flash_attention::supports(q.dim(D::Minus1)?) {
+    if crate::kernels::applies(q) && flash_kernel_takes(q.dim(D::Minus1)?) {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (o, lse) = crate::kernels::flash_attention::forward(&q, &k, &v, &windows.start)?;
         return Ok((o.clone(), FlashSaved { q, k, v, o, lse }));
@@ -520,7 +527,7 @@ pub fn flash_attention_backward(
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(&s.q) && crate::kernels::flash_attention::supports(s.q.dim(D::Minus1)?) {
+    if crate::kernels::applies(&s.q) && flash_kernel_takes(s.q.dim(D::Minus1)?) {
         let (q, k, v, o) = (&s.q, &s.k, &s.v, &s.o);
         return crate::kernels::flash_attention::backward(&dy.contiguous()?, q, k, v, o, &s.lse, &windows.start);
     }

@@ -9,8 +9,8 @@
 //!   ([`saved_per_token`] for the recompute level), and the largest transient: either the loss of one
 //!   chunk at the end of the forward (its logits and their gradient, plus the head gradient) or one block's
 //!   backward (its weight gradients, the FFN backward's temporaries, one attention query block's
-//!   score-sized temporaries, the f32 dK/dV accumulators, and under recomputation the recomputed block's
-//!   saved tensors). On CUDA the fused kernels (`crate::kernels`) leave one bf16 output where the candle
+//!   score-sized temporaries (none with the flash kernel), the f32 dK/dV accumulators, and under
+//!   recomputation the recomputed block's saved tensors). On CUDA the fused kernels (`crate::kernels`) leave one bf16 output where the candle
 //!   ops left several f32 temporaries, and the estimate counts what each path allocates (with
 //!   `BESSIE_UNFUSED=1` it undercounts);
 //! - **optimizer**: latent weights, moments and the gradient buffer, which is summed across ranks,
@@ -29,6 +29,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
+use super::layers::flash_kernel_takes;
 use super::model::MemoryPlan;
 use crate::config::run::{Recompute, TrainSection};
 use crate::config::ModelConfig;
@@ -133,8 +134,11 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let scores = s.micro_batch as f64 * heads * query_block * s.seq as f64;
     // Score-sized temporaries of one query block: probabilities (f32 and e), dP, dP P, dP - rowsum, dS (f32
     // and e); fused: the scores, P, dP and dS in e. Then dK, dV in f32 and the sum written back; dY and dQ.
-    let per_score = if fused { 4.0 * e } else { 20.0 + 2.0 * e };
-    let attention = scores * per_score + n * h * (12.0 + 2.0 * e);
+    // The flash kernel keeps no scores: dY, dQ, dK, dV in e and one f32 per row.
+    let attention = match fused && flash_kernel_takes(cfg.head_dim()) {
+        true => n * (4.0 * e * h + 4.0 * heads),
+        false => scores * if fused { 4.0 * e } else { 20.0 + 2.0 * e } + n * h * (12.0 + 2.0 * e),
+    };
     // The recomputed SwiGLU output and down_proj input, and the temporaries of the norm and SwiGLU backward
     // (f32; fused: their e outputs only).
     let ffn = if fused { 5.0 * e * n * i } else { (32.0 + 2.0 * e) * n * i };
