@@ -36,7 +36,12 @@ fn variant(c: usize, warps: bool) -> Result<Variant> {
     if let Some(k) = [1, 2, 4, 6].into_iter().find(|k| warps && vectors.div_ceil(32) <= *k) {
         return Ok(Variant { suffix: format!("w{k}"), threads: 256, groups: 8 });
     }
-    let k = [1, 2, 4].into_iter().find(|k| vectors.div_ceil(*k) <= 1024).expect("supports() bounds c");
+    // The forward takes the most vectors per thread (smaller blocks, more rows in flight per SM); the
+    // backward the fewest (it holds four arrays of them).
+    let k = match warps {
+        true => 4,
+        false => [1, 2, 4].into_iter().find(|k| vectors.div_ceil(*k) <= 1024).expect("supports() bounds c"),
+    };
     Ok(Variant { suffix: format!("b{k}"), threads: (vectors.div_ceil(k).div_ceil(32) * 32) as u32, groups: 1 })
 }
 
