@@ -94,7 +94,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
 
 // With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)), plus the residual stream's gradient when
 // `residual` is not null (the add that follows every pre-norm block's branch, fused). Group j takes rows
-// j + i * (groups) and writes its share of dw = sum_rows(dy xhat) to dw_partial[j, :]; `column_sums` adds
+// j + i * (groups) and writes its share of dw = sum_rows(dy xhat) to dw_partial[j, :]; `add_column_sums` adds
 // the partial rows in a fixed order (deterministic, unlike atomics).
 template <int K>
 __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual,
@@ -174,9 +174,10 @@ RMSNORM_BACKWARD(1, b1)
 RMSNORM_BACKWARD(2, b2)
 RMSNORM_BACKWARD(4, b4)
 
-// out[j] = sum over rows of x[:, j] for x [rows, cols] f32, rows in order. Block (32, 8): 32 columns, the 8
-// thread rows take every 8th row, then the first adds the 8 sums.
-extern "C" __global__ void column_sums(const float* x, int rows, int cols, float* out) {
+// out[j] += sum over rows of x[:, j] for x [rows, cols] f32, rows in order: the weight's gradient added
+// straight into the gradient buffer. Block (32, 8): 32 columns, the 8 thread rows take every 8th row, then
+// the first adds the 8 sums.
+extern "C" __global__ void add_column_sums(const float* x, int rows, int cols, float* out) {
     __shared__ float part[8][33];
     int j = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
@@ -187,6 +188,6 @@ extern "C" __global__ void column_sums(const float* x, int rows, int cols, float
     if (threadIdx.y == 0 && j < cols) {
         float total = 0.f;
         for (int y = 0; y < 8; y++) total += part[y][threadIdx.x];
-        out[j] = total;
+        out[j] += total;
     }
 }

@@ -71,8 +71,9 @@ pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> R
     Ok((y, rrms))
 }
 
-/// `(dx, dw)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows or heads, see [`row_shape`]), `w: [c]`,
-/// `rrms: [n, 1]` (f32); `dx` in `x`'s shape with `residual` (the same shape) added, `dw` in f32.
+/// `(dx, partial)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows or heads, see [`row_shape`]), `w: [c]`,
+/// `rrms: [n, 1]` (f32); `dx` in `x`'s shape with `residual` (the same shape) added; the weight's gradient as
+/// rows of partial sums (f32 `[blocks, c]`), for [`add_column_sums`].
 pub fn rmsnorm_backward(
     dy: &Tensor,
     x: &Tensor,
@@ -83,7 +84,7 @@ pub fn rmsnorm_backward(
     let (n, c, t, d) = row_shape(x)?;
     let v = variant(c, false)?;
     // Blocks share the rows, at least 4 each: each block writes one row of dw partial sums, which
-    // `column_sums` adds, and with one row per block that traffic would match the rows' own.
+    // `add_column_sums` adds, and with one row per block that traffic would match the rows' own.
     let blocks = n.div_ceil(4).clamp(1, 1024);
     let dev = cuda_device(x)?;
     let (dx, partial) = (uninit(x.shape(), DType::BF16, &dev)?, uninit((blocks, c), DType::F32, &dev)?);
@@ -93,8 +94,15 @@ pub fn rmsnorm_backward(
         aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
         aligned_ptr(&dx)?, ptr(&partial)?,
         n as i32, c as i32, inv_c, t as i32, d as i32);
-    let dw = uninit(c, DType::F32, &dev)?;
+    Ok((dx, partial))
+}
+
+/// `dst += sum over rows of partial` for `partial: [rows, c]` and a contiguous f32 `dst` of `c` elements (a
+/// slot of the flat gradient buffer): rows added in a fixed order.
+pub fn add_column_sums(dst: &Tensor, partial: &Tensor) -> Result<()> {
+    let (rows, c) = partial.dims2()?;
+    let dev = cuda_device(partial)?;
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "column_sums", cfg; ptr(&partial)?, blocks as i32, c as i32, ptr(&dw)?);
-    Ok((dx, dw))
+    launch!(dev, PTX, "add_column_sums", cfg; ptr(partial)?, rows as i32, c as i32, ptr(dst)?);
+    Ok(())
 }

@@ -75,12 +75,14 @@ pub fn linear_backward(dy: &Tensor, x_eff: &Tensor, w: &Tensor) -> Result<(Tenso
     Ok((dy.matmul(w)?, WeightGrad::Product { dy: dy.clone(), x: x_eff.clone() }))
 }
 
-/// A parameter's gradient as it leaves a layer's backward: a tensor, or a linear layer's `dy^T x`, left as
+/// A parameter's gradient as it leaves a layer's backward: a tensor, a linear layer's `dy^T x`, left as
 /// a product so that on CUDA one GEMM adds it into the f32 gradient buffer (f32 accumulation, no bf16
-/// gradient in memory, no separate addition).
+/// gradient in memory, no separate addition), or rows of partial sums (f32 `[k, c]`, RMSNorm's per-block
+/// shares of its weight's gradient) whose column sums one kernel adds into the buffer.
 pub enum WeightGrad {
     Tensor(Tensor),
     Product { dy: Tensor, x: Tensor },
+    RowSums(Tensor),
 }
 
 impl WeightGrad {
@@ -93,11 +95,13 @@ impl WeightGrad {
                 Self::Tensor(g) => crate::kernels::flat::accumulate(&dst, &g.contiguous()?),
                 Self::Product { dy, x } if crate::kernels::applies(dy) => crate::kernels::gemm::add_at_b(&dst, dy, x),
                 Self::Product { dy, x } => crate::kernels::flat::accumulate(&dst, &dy.t()?.matmul(x)?.contiguous()?),
+                Self::RowSums(p) => crate::kernels::rmsnorm::add_column_sums(&dst, &p.contiguous()?),
             };
         }
         let g = match self {
             Self::Tensor(g) => g.clone(),
             Self::Product { dy, x } => dy.t()?.matmul(x)?,
+            Self::RowSums(p) => p.sum(0)?,
         };
         flat.slice_set(&(dst + g.flatten_all()?.to_dtype(DType::F32)?)?, 0, range.start)
     }
@@ -139,7 +143,8 @@ pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> R
     Ok((effective_input(&y, lambda)?, RmsNormSaved { x: x.clone(), rrms: saved.rrms }))
 }
 
-/// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`.
+/// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`
+/// (on CUDA as [`WeightGrad::RowSums`]).
 /// `dy` is rows; `dx` has the shape of the forward's input (rows or heads). A pre-norm block adds its branch
 /// to the residual stream, so the stream's gradient `residual` is added to `dx` here (fused on CUDA).
 pub fn rmsnorm_backward(
@@ -147,12 +152,13 @@ pub fn rmsnorm_backward(
     w: &Tensor,
     s: &RmsNormSaved,
     residual: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, WeightGrad)> {
     #[cfg(feature = "cuda")]
     if crate::kernels::applies(dy) && crate::kernels::rmsnorm::takes(&s.x) {
         let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
         let residual = residual.map(|r| r.contiguous()).transpose()?;
-        return crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms, residual.as_ref());
+        let (dx, partial) = crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms, residual.as_ref())?;
+        return Ok((dx, WeightGrad::RowSums(partial)));
     }
     let dy = dy.to_dtype(DType::F32)?;
     let xhat = as_rows(&s.x)?.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
@@ -164,6 +170,7 @@ pub fn rmsnorm_backward(
         [b, h, t, d] => dx.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?,
         _ => dx,
     };
+    let dw = WeightGrad::Tensor(dw);
     match residual {
         Some(r) => Ok(((dx + r)?, dw)),
         None => Ok((dx, dw)),

@@ -283,7 +283,7 @@ impl Pass<'_> {
         let (p, layout) = (&self.w.tensors, self.layout);
         let s = BlockSlots::new(layout, l);
         // Each gradient is added as soon as it exists, so that what it holds (a GEMM's inputs) is freed.
-        let norm = |slot: usize, g: Tensor| add(slot..=slot, &WeightGrad::Tensor(g));
+        let norm = |slot: usize, g: WeightGrad| add(slot..=slot, &g);
         let (h, ffn_norm) = self.ffn_inner(&s, &sv.gu)?;
         let (dhq, ddown) = linear_backward(&dx, &h, &p[s.down])?;
         add(s.down..=s.down, &ddown)?;
@@ -433,7 +433,7 @@ pub fn backward(
     add(head..=head, &WeightGrad::Tensor(saved.dhead))?;
     let norm = layout.index("model.norm.weight");
     let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm, None)?;
-    add(norm..=norm, &WeightGrad::Tensor(dnorm))?;
+    add(norm..=norm, &dnorm)?;
     // What follows the blocks (the final norm, an untied head) is final already: its sum can run under the
     // whole backward instead of after it.
     let blocks = match cfg.num_hidden_layers {
