@@ -1,6 +1,7 @@
 // A kernel-level profile of any CUDA program without Nsight (the GPU machines have none): CUPTI's activity
 // API, loaded by the CUDA driver through CUDA_INJECTION64_PATH, records every kernel, memcpy and memset, and at
-// exit prints the time per kernel name and how long the GPU sat idle between them (launch-bound time).
+// exit prints the time per kernel name and how long the GPU sat idle between them (launch-bound time), with the
+// kernels the idle time came before (what the GPU was waiting to be given: after a host sync, the next launch).
 //
 // Build (here, against the CUPTI wheel's headers; `pip download nvidia-cuda-cupti==13.0.*`):
 //   gcc -O2 -shared -fPIC -o libkprof.so kernel_profile.c -I$CUPTI/include -L$CUPTI/lib -l:libcupti.so.13
@@ -60,6 +61,15 @@ typedef struct {
   double ns;
 } Total;
 
+// Adds `ns` to the entry of `name` in `totals` (of `*kinds` entries).
+static void tally(Total *totals, size_t *kinds, const char *name, double ns) {
+  size_t t = 0;
+  while (t < *kinds && strcmp(totals[t].name, name)) t++;
+  if (t == *kinds) totals[(*kinds)++].name = name;
+  totals[t].calls++;
+  totals[t].ns += ns;
+}
+
 static int by_start(const void *a, const void *b) {
   const Record *x = a, *y = b;
   return x->start < y->start ? -1 : x->start > y->start;
@@ -82,22 +92,19 @@ static void report(void) {
   // Busy time is the union of the intervals (streams overlap), idle the rest of the window.
   unsigned long long busy = 0, paused = 0, cur_start = records[first].start, cur_end = records[first].end,
                      last_end = 0;
-  Total *totals = calloc(count - first, sizeof(Total));
-  size_t kinds = 0;
+  Total *totals = calloc(count - first, sizeof(Total)), *waits = calloc(count - first, sizeof(Total));
+  size_t kinds = 0, wait_kinds = 0;
   for (size_t i = first; i < count; i++) {
     Record *r = &records[i];
     if (r->start > cur_end) {
       busy += cur_end - cur_start;
       if (r->start - cur_end > 10000000ull) paused += r->start - cur_end;
+      else tally(waits, &wait_kinds, r->name, r->start - cur_end);
       cur_start = r->start;
     }
     if (r->end > cur_end) cur_end = r->end;
     if (r->end > last_end) last_end = r->end;
-    size_t t = 0;
-    while (t < kinds && strcmp(totals[t].name, r->name)) t++;
-    if (t == kinds) totals[kinds++].name = r->name;
-    totals[t].calls++;
-    totals[t].ns += r->end - r->start;
+    tally(totals, &kinds, r->name, r->end - r->start);
   }
   busy += cur_end - cur_start;
   double span = last_end - records[first].start - paused, sum = 0;
@@ -112,6 +119,11 @@ static void report(void) {
   for (size_t t = 0; t < kinds && t < n; t++)
     fprintf(stderr, "kprof: %8zu %10.2f %9.2f %6.2f  %.150s\n", totals[t].calls, totals[t].ns / 1e6,
             totals[t].ns / 1e3 / totals[t].calls, 100.0 * totals[t].ns / sum, totals[t].name);
+  qsort(waits, wait_kinds, sizeof(Total), by_time);
+  fprintf(stderr, "kprof: idle before: %8s %10s %9s  %s\n", "gaps", "total ms", "avg us", "kernel");
+  for (size_t t = 0; t < wait_kinds && t < n / 2; t++)
+    fprintf(stderr, "kprof: idle before: %8zu %10.2f %9.2f  %.150s\n", waits[t].calls, waits[t].ns / 1e6,
+            waits[t].ns / 1e3 / waits[t].calls, waits[t].name);
 }
 
 int InitializeInjection(void) {
