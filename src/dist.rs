@@ -9,7 +9,8 @@
 //!   own; MPI keeps the scalars, barriers and aborts.
 //!
 //! Gradients are summed by a [`GradReducer`] range by range as the backward finishes each layer, so on GPUs
-//! the traffic of one layer overlaps the backward of the layers below it.
+//! the traffic of one layer overlaps the backward of the layers below it; under ZeRO-1 each part of a range
+//! is summed onto the rank that owns it only (half the traffic of an all-reduce).
 
 use std::ops::Range;
 
@@ -113,6 +114,36 @@ impl Communicator {
         }
     }
 
+    /// Replaces the contiguous tensor `t` on rank `root` by its elementwise sum over all ranks; elsewhere `t`
+    /// is left as it was. Half the traffic of [`Communicator::sum_in_place`], for a sum only `root` needs. On
+    /// GPUs it runs on NCCL's stream like [`Communicator::sum_in_place`].
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
+    pub fn reduce_in_place(&self, t: &Tensor, root: usize) -> Result<()> {
+        match self {
+            Self::Single => Ok(()),
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => Ok(t.inplace_op1(&with_mpi::Collective { mpi: m, op: with_mpi::Op::Reduce(root) })?),
+        }
+    }
+
+    /// Gives every rank the shards of the others: `t[shards[r]]` of rank `r` replaces it on every rank (`t`
+    /// contiguous, `shards` one disjoint range per rank). An all-gather whose shards may differ in length:
+    /// one broadcast per rank, on GPUs in one NCCL group so that they run at once, each link busy in both
+    /// directions; on NCCL's stream like [`Communicator::sum_in_place`].
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
+    pub fn all_gather_in_place(&self, t: &Tensor, shards: &[Range<usize>]) -> Result<()> {
+        match self {
+            Self::Single => Ok(()),
+            #[cfg(feature = "mpi")]
+            Self::Mpi(m) => m.group(|| {
+                for (r, s) in shards.iter().enumerate() {
+                    self.broadcast_in_place(&t.narrow(0, s.start, s.len())?, r)?;
+                }
+                Ok(())
+            }),
+        }
+    }
+
     /// Makes `device`'s stream wait for the collectives queued so far (a no-op off the GPU, where they are
     /// done).
     #[cfg_attr(not(all(feature = "mpi", feature = "cuda")), allow(unused_variables))]
@@ -125,8 +156,15 @@ impl Communicator {
     }
 
     /// A reducer for the flat gradient buffer `grads` (f32), sending `wire` (f32 or bf16) over the network.
-    pub fn grad_reducer<'a>(&'a self, grads: &'a Tensor, wire: DType) -> GradReducer<'a> {
-        GradReducer { comm: self, grads, wire, staged: Vec::new() }
+    /// With `owners` (ZeRO-1: each rank's shard of the buffer, in rank order), each part of a range is summed
+    /// onto the rank that owns it only, and the rest of `grads` is left partial; without, onto every rank.
+    pub fn grad_reducer<'a>(
+        &'a self,
+        grads: &'a Tensor,
+        wire: DType,
+        owners: Option<Vec<Range<usize>>>,
+    ) -> GradReducer<'a> {
+        GradReducer { comm: self, grads, wire, owners, staged: Vec::new() }
     }
 
     /// Sums scalars (loss sums, token counts) over all ranks in place.
@@ -186,30 +224,57 @@ pub struct GradReducer<'a> {
     comm: &'a Communicator,
     grads: &'a Tensor,
     wire: DType,
-    /// bf16 copies of ranges, summed in place, written back into `grads` by [`GradReducer::finish`].
-    staged: Vec<(usize, Tensor)>,
+    /// ZeRO-1: each rank's shard of `grads`, where its parts of every range are summed.
+    owners: Option<Vec<Range<usize>>>,
+    /// bf16 copies of ranges, summed in place and kept alive until the sums are done; those whose sum this
+    /// rank holds (the flag) are written back into `grads` by [`GradReducer::finish`].
+    staged: Vec<(usize, Tensor, bool)>,
 }
 
 impl GradReducer<'_> {
-    /// Starts summing `grads[range]` over the ranks. With one rank, nothing to do.
+    /// Starts summing `grads[range]` over the ranks, onto every rank or, split at the shard boundaries,
+    /// each part onto its owner. With one rank, nothing to do.
     pub fn reduce(&mut self, range: Range<usize>) -> Result<()> {
         if self.comm.world() == 1 || range.is_empty() {
             return Ok(());
         }
-        let part = self.grads.narrow(0, range.start, range.len())?;
-        if self.wire == DType::F32 {
-            return self.comm.sum_in_place(&part);
+        let parts: Vec<(Range<usize>, Option<usize>)> = match &self.owners {
+            None => vec![(range, None)],
+            Some(owners) => owners
+                .iter()
+                .enumerate()
+                .map(|(rank, s)| (range.start.max(s.start)..range.end.min(s.end), Some(rank)))
+                .filter(|(part, _)| !part.is_empty())
+                .collect(),
+        };
+        for (part, root) in parts {
+            self.sum(part, root)?;
         }
-        let staged = part.to_dtype(self.wire)?;
-        self.comm.sum_in_place(&staged)?;
-        self.staged.push((range.start, staged));
         Ok(())
     }
 
-    /// Waits for the sums, then writes the bf16 ones back in f32 (the f32 ones are in place already).
+    /// Starts summing `grads[range]` onto rank `root`, or onto every rank.
+    fn sum(&mut self, range: Range<usize>, root: Option<usize>) -> Result<()> {
+        let part = self.grads.narrow(0, range.start, range.len())?;
+        let wire = match self.wire {
+            DType::F32 => part,
+            dtype => part.to_dtype(dtype)?,
+        };
+        match root {
+            None => self.comm.sum_in_place(&wire)?,
+            Some(r) => self.comm.reduce_in_place(&wire, r)?,
+        }
+        if self.wire != DType::F32 {
+            self.staged.push((range.start, wire, root.is_none_or(|r| r == self.comm.rank())));
+        }
+        Ok(())
+    }
+
+    /// Waits for the sums, then writes the bf16 ones this rank holds back in f32 (the f32 ones are in place
+    /// already).
     pub fn finish(self) -> Result<()> {
         self.comm.wait_for_collectives(self.grads.device())?;
-        for (offset, staged) in self.staged {
+        for (offset, staged, _) in self.staged.into_iter().filter(|s| s.2) {
             self.grads.slice_set(&staged.to_dtype(DType::F32)?, 0, offset)?;
         }
         Ok(())
@@ -350,6 +415,19 @@ mod with_mpi {
             Ok(t.inplace_op1(&Collective { mpi: self, op: Op::Sum })?)
         }
 
+        /// Runs `f`, whose NCCL collectives start together as one group when it returns.
+        pub(super) fn group(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+            #[cfg(feature = "cuda")]
+            if self.nccl.get().is_some() {
+                use cudarc::nccl::result::{group_end, group_start};
+                group_start().map_err(|e| anyhow::anyhow!("starting an NCCL group: {e:?}"))?;
+                let r = f();
+                group_end().map_err(|e| anyhow::anyhow!("running an NCCL group: {e:?}"))?;
+                return r;
+            }
+            f()
+        }
+
         #[cfg(feature = "cuda")]
         pub(super) fn wait_for_collectives(&self, device: &candle_core::CudaDevice) -> Result<()> {
             if let Some(comm) = self.nccl.get() {
@@ -361,6 +439,8 @@ mod with_mpi {
 
     pub(super) enum Op {
         Sum,
+        /// Onto this rank.
+        Reduce(usize),
         /// From this rank.
         Broadcast(usize),
     }
@@ -376,6 +456,7 @@ mod with_mpi {
         fn name(&self) -> &'static str {
             match self.op {
                 Op::Sum => "all-reduce-sum",
+                Op::Reduce(_) => "reduce-sum",
                 Op::Broadcast(_) => "broadcast",
             }
         }
@@ -395,7 +476,7 @@ mod with_mpi {
                     self.on_host(&mut wide);
                     v[start..end].iter_mut().zip(wide).for_each(|(x, w)| *x = half::bf16::from_f32(w));
                 }
-                other => candle_core::bail!("all-reduce of {:?} tensors is not supported", other.dtype()),
+                other => candle_core::bail!("MPI {} of {:?} tensors is not supported", self.name(), other.dtype()),
             }
             Ok(())
         }
@@ -417,6 +498,7 @@ mod with_mpi {
                     let mut view = s.as_cuda_slice_mut::<$t>()?.slice_mut(start..end);
                     match self.op {
                         Op::Sum => comm.all_reduce_in_place(&mut view, &ReduceOp::Sum),
+                        Op::Reduce(root) => comm.reduce_in_place(&mut view, &ReduceOp::Sum, root as i32),
                         Op::Broadcast(root) => comm.broadcast_in_place(&mut view, root as i32),
                     }
                 }};
@@ -424,7 +506,8 @@ mod with_mpi {
             match s.dtype() {
                 DType::F32 => reduce!(f32),
                 DType::BF16 => reduce!(half::bf16),
-                d => candle_core::bail!("NCCL all-reduce of {d:?} is not supported"),
+                DType::F64 => reduce!(f64),
+                d => candle_core::bail!("NCCL {} of {d:?} is not supported", self.name()),
             }
             .map_err(|e| candle_core::Error::Msg(format!("NCCL {}: {e:?}", self.name())))?;
             Ok(())
@@ -437,6 +520,14 @@ mod with_mpi {
                 Op::Sum => {
                     let send = v.to_vec();
                     self.mpi.sum_into(&send, v);
+                }
+                Op::Reduce(root) => {
+                    use mpi::traits::Root as _;
+                    let at = self.mpi.comm.process_at_rank(root as i32);
+                    match self.mpi.rank == root {
+                        true => at.reduce_into_root(&v.to_vec()[..], v, SystemOperation::sum()),
+                        false => at.reduce_into(&*v, SystemOperation::sum()),
+                    }
                 }
                 Op::Broadcast(root) => {
                     use mpi::traits::Root as _;

@@ -1,4 +1,4 @@
-//! AdamW, the schedule and clipping against PyTorch's semantics.
+//! AdamW, the schedule and clipping against PyTorch's semantics; ZeRO-1's shards against the whole buffer.
 
 use bessie::config::run::{Schedule, TrainSection};
 use bessie::train::optim::{clip_factor, grad_norm, learning_rate, AdamW, AdamWHyper};
@@ -143,4 +143,53 @@ fn sharded_adamw_equals_the_whole() {
     let half = shard_of(layout.total, 0, 2).end;
     assert_eq!(after[half..], before[half..]);
     assert_ne!(after[..half], before[..half]);
+}
+
+/// ZeRO-1's step weights: each shard written with the scales of its matrices' absmean sums added up over the
+/// shards, put together, are the whole buffer's step weights, for shards that cut through matrices and rows;
+/// and the shards' sums of squared gradients add up to the squared norm. Values on a 1/128 grid, whose sums
+/// are exact in any order, so the results are too.
+#[test]
+fn sharded_step_weights_and_grad_norm_equal_the_whole() {
+    use bessie::train::model::{shard_abs_sums, shard_step_weights, StepWeights};
+    use bessie::train::optim::{grad_squares, shards};
+    use candle_core::DType;
+    let layout = ParamLayout::from_shapes(vec![
+        ("model.embed_tokens.weight".into(), vec![7, 5]),
+        ("model.layers.0.input_layernorm.weight".into(), vec![5]),
+        ("model.layers.0.mlp.up_proj.weight".into(), vec![9, 5]),
+        ("model.layers.0.mlp.ffn_layernorm.weight".into(), vec![9]),
+        ("model.layers.0.mlp.down_proj.weight".into(), vec![5, 9]),
+    ]);
+    let grid: Vec<f32> = (0..layout.total).map(|i| ((i * 7919) % 257) as f32 / 128.0 - 1.0).collect();
+    let flat = Tensor::new(grid, &Device::Cpu).unwrap();
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for lambda in [1.0, 0.3, 0.0] {
+        let whole = StepWeights::new(&layout, &flat, lambda, DType::F32).unwrap();
+        for world in [2, 3, 7] {
+            let shards = shards(layout.total, world);
+            let sums = shards
+                .iter()
+                .map(|s| shard_abs_sums(&layout, &flat, s.clone(), DType::F32).unwrap())
+                .reduce(|a, b| (a + b).unwrap())
+                .unwrap();
+            let parts: Vec<Tensor> = shards
+                .iter()
+                .map(|s| {
+                    let w = shard_step_weights(&layout, &flat, s.clone(), &sums, lambda, DType::F32).unwrap();
+                    w.narrow(0, s.start, s.len()).unwrap()
+                })
+                .collect();
+            let split = StepWeights::from_flat(&layout, Tensor::cat(&parts, 0).unwrap()).unwrap();
+            for (i, (a, b)) in split.tensors.iter().zip(&whole.tensors).enumerate() {
+                assert_eq!(values(a), values(b), "{}: {world} shards, lambda {lambda}", layout.slots[i].name);
+            }
+        }
+    }
+    let norm = grad_norm(&flat, &layout).unwrap();
+    for world in [2, 3, 7] {
+        let squares: f64 =
+            shards(layout.total, world).into_iter().map(|s| grad_squares(&flat, &layout, s).unwrap()).sum();
+        assert_eq!(squares.sqrt(), norm, "{world} shards");
+    }
 }

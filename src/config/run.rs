@@ -100,9 +100,13 @@ pub struct TrainSection {
     /// On a GPU, refuse to start when the estimated peak memory (`train::memory`) exceeds the card's;
     /// false starts anyway, for when the estimate is wrong.
     pub check_memory: bool,
-    /// With several ranks, ZeRO-1: each rank keeps the AdamW moments of its share of the parameters only
-    /// and updates that share, then the ranks exchange the updated shares. Optimizer memory falls by the
-    /// number of ranks; the weights are the same as without it.
+    /// With several ranks, ZeRO-1: each rank owns a contiguous share of the flat parameters. The backward
+    /// sums each gradient share onto its owner only (a reduce, half an all-reduce's traffic); each rank
+    /// keeps the AdamW moments of its share only and updates its share of the f32 latents; each step's
+    /// weights (ternary matrices, every matrix's absmean summed over the ranks) are built share by share
+    /// and exchanged in the compute dtype (bf16 on GPUs). The f32 latents are gathered only for checkpoints.
+    /// Optimizer memory falls by the number of ranks; the weights are those of a run without it, to f32
+    /// rounding (sums taken in another order).
     pub zero1: bool,
 }
 

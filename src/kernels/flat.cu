@@ -32,20 +32,22 @@ extern "C" __global__ void sum_partials(const float* x, size_t n, int square, do
 }
 
 // This step's weights for every slot of the flat f32 buffer at once, written to `out` (bf16, the same
-// layout). slots[3 k .. 3 k + 3] = offset, length, ternary: slot k is blockIdx.y of both kernels, and
-// blockIdx.x its part (gridDim.x parts).
+// layout). slots[3 k .. 3 k + 3] = first, count, matrix: slot k's elements flat[first .. first + count] (the
+// whole slot, or under ZeRO-1 its part in this rank's shard; count 0 when none) and, for a BitLinear matrix,
+// the element count of the whole matrix (0 for a parameter that is only cast). Slot k is blockIdx.y of both
+// kernels, and blockIdx.x its part (gridDim.x parts).
 //
-// First the partial sums of |W| of each BitLinear matrix, partials[k * parts + part].
+// First the partial sums of |W| over each BitLinear matrix's elements, partials[k * parts + part] (0 for the
+// other slots, so that the partials of ranks holding disjoint parts of a matrix sum to the matrix's).
 extern "C" __global__ void slot_absmean_partials(const float* flat, const long long* slots, double* partials) {
     const long long* s = slots + 3 * blockIdx.y;
-    if (!s[2]) return;
-    double acc = partial_sum(flat + s[0], s[1], 0, blockIdx.x, gridDim.x);
+    double acc = s[2] ? partial_sum(flat + s[0], s[1], 0, blockIdx.x, gridDim.x) : 0.0;
     if (threadIdx.x == 0) partials[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
 
-// Then the writes. A BitLinear matrix: s = 1 / max(mean|W|, 1e-5) from its partial sums (every block adds
-// them in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda (the reference:
-// train::layers::effective_weight). Any other parameter: cast.
+// Then the writes. A BitLinear matrix: s = 1 / max(mean|W|, 1e-5) from the partial sums of the whole matrix
+// (under ZeRO-1 summed over the ranks first; every block adds them in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda (the
+// reference: train::layers::effective_weight). Any other parameter: cast.
 extern "C" __global__ void step_weights(const float* flat, const long long* slots, const double* partials,
                                         float lambda, bf16* out) {
     const long long* sl = slots + 3 * blockIdx.y;
@@ -59,7 +61,7 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
     }
     double total = 0.0;
     for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x) total += partials[(size_t)blockIdx.y * gridDim.x + i];
-    float s = 1.f / fmaxf((float)(block_reduce(total, Sum()) / (double)n), 1e-5f), inv = 1.f / s;
+    float s = 1.f / fmaxf((float)(block_reduce(total, Sum()) / (double)sl[2]), 1e-5f), inv = 1.f / s;
     for (size_t i = first; i < n; i += stride) {
         float x = w[i];
         o[i] = to_bf16(blend(x, fminf(fmaxf(roundf(x * s), -1.f), 1.f) * inv, lambda));

@@ -1,5 +1,8 @@
 //! Kernels over the flat f32 buffers: this step's weights (the ternary BitLinear matrices, absmean scale and
-//! write, and the cast of the rest), sums of squares for the gradient norm, and AdamW over the whole buffer.
+//! write, and the cast of the rest; of the whole buffer or of a ZeRO-1 shard), sums of squares for the
+//! gradient norm, and AdamW over the whole buffer.
+
+use std::ops::Range;
 
 use candle_core::{DType, Result, Tensor};
 
@@ -33,18 +36,56 @@ const SLOT_PARTS: u32 = 32;
 /// weight of its latent (`(range, Some(columns))`: ternary times the absmean scale, blended by `lambda`) or a
 /// cast (`(range, None)`). Two launches for the whole model: every matrix's partial sums of `|W|`, then every
 /// slot's writes.
-pub fn step_weights(flat: &Tensor, slots: &[(std::ops::Range<usize>, Option<usize>)], lambda: f64) -> Result<Tensor> {
+pub fn step_weights(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], lambda: f64) -> Result<Tensor> {
+    let all = 0..flat.elem_count();
+    step_weights_in(flat, slots, all.clone(), &absmean_partials(flat, slots, all)?, lambda)
+}
+
+/// The first launch of [`step_weights`] over the elements of `flat` in `range`: `SLOT_PARTS` partial sums
+/// of `|W|` per slot (f64, `[slots.len() * SLOT_PARTS]`), 0 for casts and for what lies outside `range`.
+/// Under ZeRO-1 each rank sums its shard, and the partials summed over the ranks are the whole matrices'.
+pub fn absmean_partials(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<Tensor> {
     let dev = cuda_device(flat)?;
-    let table: Vec<i64> =
-        slots.iter().flat_map(|(r, c)| [r.start as i64, r.len() as i64, c.is_some() as i64]).collect();
-    let table = Tensor::new(table, flat.device())?;
+    let table = slot_table(flat, slots, range)?;
     let partials = uninit(slots.len() * SLOT_PARTS as usize, DType::F64, &dev)?;
+    launch!(dev, PTX, "slot_absmean_partials", slot_grid(slots); ptr(flat)?, ptr(&table)?, ptr(&partials)?);
+    Ok(partials)
+}
+
+/// The second launch of [`step_weights`]: this step's weights of the elements of `flat` in `range`, each
+/// BitLinear matrix scaled by the `partials` of the whole matrix, in a bf16 buffer laid out as `flat` whose
+/// elements outside `range` are left unset (under ZeRO-1, for the other ranks to send).
+pub fn step_weights_in(
+    flat: &Tensor,
+    slots: &[(Range<usize>, Option<usize>)],
+    range: Range<usize>,
+    partials: &Tensor,
+    lambda: f64,
+) -> Result<Tensor> {
+    let dev = cuda_device(flat)?;
+    let table = slot_table(flat, slots, range)?;
     let out = uninit(flat.elem_count(), DType::BF16, &dev)?;
-    let grid =
-        LaunchConfig { grid_dim: (SLOT_PARTS, slots.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "slot_absmean_partials", grid; ptr(flat)?, ptr(&table)?, ptr(&partials)?);
-    launch!(dev, PTX, "step_weights", grid; ptr(flat)?, ptr(&table)?, ptr(&partials)?, lambda as f32, ptr(&out)?);
+    launch!(dev, PTX, "step_weights", slot_grid(slots);
+        ptr(flat)?, ptr(&table)?, ptr(partials)?, lambda as f32, ptr(&out)?);
     Ok(out)
+}
+
+/// The kernels' table: per slot, the first element and the count of its part in `range`, and for a BitLinear
+/// matrix its whole element count (0 for a cast).
+fn slot_table(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<Tensor> {
+    let table: Vec<i64> = slots
+        .iter()
+        .flat_map(|(r, c)| {
+            let (first, end) = (r.start.max(range.start), r.end.min(range.end));
+            [first as i64, end.saturating_sub(first) as i64, if c.is_some() { r.len() as i64 } else { 0 }]
+        })
+        .collect();
+    Tensor::new(table, flat.device())
+}
+
+/// One block row of `SLOT_PARTS` blocks per slot.
+fn slot_grid(slots: &[(Range<usize>, Option<usize>)]) -> LaunchConfig {
+    LaunchConfig { grid_dim: (SLOT_PARTS, slots.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// `dst += src` for a contiguous f32 view `dst` of the gradient buffer and a gradient `src` (f32 or bf16)

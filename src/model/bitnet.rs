@@ -17,9 +17,15 @@ pub fn quantize_weight(w: &Tensor) -> Result<(Tensor, Tensor)> {
     // Two stages (rows, then their sums in f64): GPU reductions parallelise over the rows, and the f64
     // second stage keeps the scale, and with it every rounding boundary, as exact as PyTorch's.
     let rows = w.abs()?.sum(D::Minus1)?.to_dtype(DType::F64)?;
-    let mean = (rows.sum_all()? / w.elem_count() as f64)?.to_dtype(DType::F32)?;
+    quantize_weight_part(&w, &rows.sum_all()?, w.elem_count())
+}
+
+/// [`quantize_weight`] of some elements of a matrix of `n` elements (under ZeRO-1, a rank's shard of it), the
+/// scale from `abs_sum`, the f64 sum of `|W|` over the whole matrix.
+pub fn quantize_weight_part(w: &Tensor, abs_sum: &Tensor, n: usize) -> Result<(Tensor, Tensor)> {
+    let mean = (abs_sum / n as f64)?.to_dtype(DType::F32)?;
     let s = mean.clamp(1e-5f32, f32::INFINITY)?.recip()?;
-    let ternary = w.broadcast_mul(&s)?.round()?.clamp(-1f32, 1f32)?;
+    let ternary = w.to_dtype(DType::F32)?.broadcast_mul(&s)?.round()?.clamp(-1f32, 1f32)?;
     Ok((ternary, s.recip()?))
 }
 

@@ -46,7 +46,7 @@ pub fn step_weights(
 }
 
 /// `x + lambda (q - x)`, skipping the arithmetic at the ends.
-fn blend(x: &Tensor, q: &Tensor, lambda: f64) -> Result<Tensor> {
+pub(crate) fn blend(x: &Tensor, q: &Tensor, lambda: f64) -> Result<Tensor> {
     if lambda >= 1.0 {
         Ok(q.clone())
     } else if lambda <= 0.0 {

@@ -7,7 +7,8 @@
 //! Data parallelism: an optimizer step takes `micro_batch x grad_accum x world` rows of the epoch's order
 //! and each rank trains on its disjoint share. Since gradients and token counts are summed over ranks before
 //! the division, N ranks with accumulation A compute the step of one rank with accumulation N x A. Every rank
-//! then takes the same optimizer step; rank 0 alone writes logs, metrics and checkpoints.
+//! then takes the same optimizer step (under ZeRO-1, each on its own shard of the parameters:
+//! [`optimizer_shard`]); rank 0 alone writes logs, metrics and checkpoints.
 
 pub mod bench;
 pub mod layers;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -27,8 +29,7 @@ use crate::checkpoint::{self, CheckpointWriter, TrainerState};
 use crate::config::run::{GradDtype, RunConfig, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
-use crate::dist::Communicator;
-use crate::dist::Watchdog;
+use crate::dist::{Communicator, GradReducer, Watchdog};
 use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
@@ -105,20 +106,19 @@ impl PhaseTimer {
     }
 }
 
-/// Summed loss and gradients (flat, f32) of micro-batches at fixed weights, summed over the ranks, and the
-/// trained-token count. The last micro-batch's backward hands each finished range of the gradients to the
-/// reducer, so the all-reduce overlaps the rest of the backward; once per optimizer step, not per micro-batch.
+/// Summed loss and trained-token count of micro-batches at fixed weights, their gradients added into `grads`
+/// (flat, f32) and summed over the ranks by `reducer`. The last micro-batch's backward hands each finished
+/// range of the gradients to the reducer, so the reduction overlaps the rest of the backward; once per
+/// optimizer step, not per micro-batch.
 fn accumulate(
     ctx: &StepContext,
-    comm: &Communicator,
-    wire: DType,
     w: &StepWeights,
     micro: &[Batch],
     lambda: f64,
+    grads: &Tensor,
+    mut reducer: GradReducer,
     timer: &mut Option<&mut PhaseTimer>,
-) -> Result<(f64, Tensor, usize)> {
-    let grads = Tensor::zeros(ctx.layout.total, DType::F32, &ctx.device)?;
-    let mut reducer = comm.grad_reducer(&grads, wire);
+) -> Result<(f64, usize)> {
     let (mut loss, mut tokens) = (0.0, 0);
     for (i, b) in micro.iter().enumerate() {
         let bt = BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)?;
@@ -127,23 +127,57 @@ fn accumulate(
         PhaseTimer::mark(timer, "forward + loss")?;
         let last = i + 1 == micro.len();
         let mut done = |range| if last { reducer.reduce(range) } else { Ok(()) };
-        model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, ctx.plan, saved, &grads, &mut done)?;
+        model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, ctx.plan, saved, grads, &mut done)?;
         PhaseTimer::mark(timer, "backward")?;
         loss += l;
         tokens += b.loss_tokens;
     }
     reducer.finish()?;
     PhaseTimer::mark(timer, "all-reduce (the part not overlapped)")?;
-    Ok((loss, grads, tokens))
+    Ok((loss, tokens))
 }
 
 /// This rank's share of the flat buffer for the optimizer: all of it, or with `train.zero1` and several
 /// ranks its ZeRO-1 share.
-pub fn optimizer_shard(train: &TrainSection, comm: &Communicator, total: usize) -> std::ops::Range<usize> {
+pub fn optimizer_shard(train: &TrainSection, comm: &Communicator, total: usize) -> Range<usize> {
     match train.zero1 {
         true => optim::shard_of(total, comm.rank(), comm.world()),
         false => 0..total,
     }
+}
+
+/// This step's weights from the f32 latents `params`, whose `shard` this rank's optimizer updates. Under
+/// ZeRO-1 the latents are current in this rank's shard only: each rank quantizes its shard, each matrix's
+/// absmean summed over the ranks' parts of it, and the ranks exchange the shards in the compute dtype (half
+/// the bytes of exchanging the f32 latents on GPUs). Otherwise every rank builds them from the whole buffer.
+fn step_weights(
+    ctx: &StepContext,
+    comm: &Communicator,
+    params: &Tensor,
+    shard: &Range<usize>,
+    lambda: f64,
+) -> Result<StepWeights> {
+    if shard.len() == ctx.layout.total {
+        return StepWeights::new(&ctx.layout, params, lambda, ctx.dtype);
+    }
+    let sums = model::shard_abs_sums(&ctx.layout, params, shard.clone(), ctx.dtype)?;
+    comm.sum_in_place(&sums)?;
+    comm.wait_for_collectives(&ctx.device)?;
+    let flat = model::shard_step_weights(&ctx.layout, params, shard.clone(), &sums, lambda, ctx.dtype)?;
+    comm.all_gather_in_place(&flat, &optim::shards(ctx.layout.total, comm.world()))?;
+    comm.wait_for_collectives(&ctx.device)?;
+    StepWeights::from_flat(&ctx.layout, flat)
+}
+
+/// Gives every rank the whole f32 latents: under ZeRO-1 each rank's are current in its `shard` only (the
+/// steps exchange the compute-dtype weights instead), so this runs before anything reads all of `params`
+/// (checkpoints), on every rank. A no-op otherwise.
+pub fn gather_params(comm: &Communicator, params: &Tensor, shard: &Range<usize>) -> Result<()> {
+    if shard.len() == params.elem_count() {
+        return Ok(());
+    }
+    comm.all_gather_in_place(params, &optim::shards(params.elem_count(), comm.world()))?;
+    comm.wait_for_collectives(params.device())
 }
 
 /// One optimizer step on this rank's micro-batches. The parameters are replaced only when the loss is
@@ -163,18 +197,29 @@ pub fn train_step(
     mut timer: Option<&mut PhaseTimer>,
 ) -> Result<StepResult> {
     let lambda = optim::quant_lambda(train, step);
-    let w = StepWeights::new(&ctx.layout, params, lambda, ctx.dtype)?;
+    let w = step_weights(ctx, comm, params, &adam.shard, lambda)?;
     PhaseTimer::mark(&mut timer, "quantize weights")?;
     let wire = match train.grad_dtype {
         GradDtype::F32 => DType::F32,
         GradDtype::Bf16 => DType::BF16,
     };
-    let (loss_sum, grads, loss_tokens) = accumulate(ctx, comm, wire, &w, micro, lambda, &mut timer)?;
+    // ZeRO-1: each rank needs the summed gradients of its own shard only, so each part is summed onto its
+    // owner (half the traffic of an all-reduce); the rest of this rank's `grads` stays partial.
+    let sharded = adam.shard.len() < ctx.layout.total;
+    let owners = sharded.then(|| optim::shards(ctx.layout.total, comm.world()));
+    let grads = Tensor::zeros(ctx.layout.total, DType::F32, &ctx.device)?;
+    let reducer = comm.grad_reducer(&grads, wire, owners);
+    let (loss_sum, loss_tokens) = accumulate(ctx, &w, micro, lambda, &grads, reducer, &mut timer)?;
     drop(w);
     let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum::<usize>();
-    let mut sums = [loss_sum, loss_tokens as f64, tokens as f64];
+    // Under ZeRO-1 the squared gradient norm is the sum of the shards', summed with the other scalars.
+    let shard_squares = match sharded {
+        true => optim::grad_squares(&grads, &ctx.layout, adam.shard.clone())?,
+        false => 0.0,
+    };
+    let mut sums = [loss_sum, loss_tokens as f64, tokens as f64, shard_squares];
     comm.all_reduce_sum_f64(&mut sums)?;
-    let [loss_sum, loss_tokens, tokens] = sums;
+    let [loss_sum, loss_tokens, tokens, squares] = sums;
     // The loss is global now, so on a NaN every rank stops here together.
     let loss = loss_sum / loss_tokens.max(1.0);
     if !loss.is_finite() {
@@ -182,37 +227,39 @@ pub fn train_step(
     }
     // The gradients are sums over the step's tokens: the update divides by their number.
     let per_token = 1.0 / loss_tokens.max(1.0);
-    let grad_norm = optim::grad_norm(&grads, &ctx.layout)? * per_token;
+    let norm = match sharded {
+        true => squares.sqrt(),
+        false => optim::grad_norm(&grads, &ctx.layout)?,
+    };
+    let grad_norm = norm * per_token;
     PhaseTimer::mark(&mut timer, "clip")?;
     if !grad_norm.is_finite() {
         bail!("gradient norm is {grad_norm} at step {}; stopping with the last good checkpoint intact", step + 1);
     }
     let grad_scale = per_token * optim::clip_factor(grad_norm, train.grad_clip);
+    // Only `params[adam.shard]` changes: under ZeRO-1 the other ranks' shards of it are stale from now on
+    // (the next step weights are built from the shards; checkpoints gather them first).
     adam.step(params, &grads, &ctx.layout, lr, &ctx.hyper, grad_scale)?;
     drop(grads);
-    // ZeRO-1: each rank updated its share of the weights; now every rank gets every share.
-    if adam.shard.len() < ctx.layout.total {
-        for r in 0..comm.world() {
-            let s = optim::shard_of(ctx.layout.total, r, comm.world());
-            comm.broadcast_in_place(&params.narrow(0, s.start, s.len())?, r)?;
-        }
-        comm.wait_for_collectives(params.device())?;
-    }
     PhaseTimer::mark(&mut timer, "adamw")?;
     Ok(StepResult { loss, grad_norm, tokens: tokens as usize })
 }
 
 /// Mean loss per trained token over a dataset, in batches of `batch` rows, the rows spread over the ranks.
+/// `shard` is this rank's optimizer shard ([`optimizer_shard`]), where `params` is current.
+// As train_step: each argument is a separate input.
+#[allow(clippy::too_many_arguments)]
 pub fn dev_loss(
     ctx: &StepContext,
     comm: &Communicator,
     params: &Tensor,
+    shard: &Range<usize>,
     ds: &Dataset,
     opts: &DataOptions,
     batch: usize,
     pad: u32,
 ) -> Result<f64> {
-    let w = StepWeights::new(&ctx.layout, params, 1.0, ctx.dtype)?;
+    let w = step_weights(ctx, comm, params, shard, 1.0)?;
     // Every row once, all of them: `data::shard` would drop the remainder.
     let rows: Vec<Row> = data::epoch_rows(ds, 0, 0, opts).into_iter().skip(comm.rank()).step_by(comm.world()).collect();
     let mut sums = [0.0, 0.0];
@@ -421,13 +468,16 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
 
         let measure_dev = cfg.log.dev_every > 0 && state.step % cfg.log.dev_every == 0 || state.step == total;
         let dev = match (&dev_ds, measure_dev) {
-            (Some(ds), true) => Some(dev_loss(&ctx, comm, &params, ds, &opts, t.micro_batch, pad)?),
+            (Some(ds), true) => Some(dev_loss(&ctx, comm, &params, &adam.shard, ds, &opts, t.micro_batch, pad)?),
             _ => None,
         };
         let checkpoint_due = cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total;
-        // Under ZeRO-1 every rank takes part in collecting the moments; rank 0 alone writes them.
+        // Under ZeRO-1 every rank takes part in collecting the weights and moments; rank 0 alone writes them.
         let moments = match checkpoint_due {
-            true => adam.gather_moments(comm, ctx.layout.total)?,
+            true => {
+                gather_params(comm, &params, &adam.shard)?;
+                adam.gather_moments(comm, ctx.layout.total)?
+            }
             false => None,
         };
         // The other ranks go on to the next step and wait for rank 0 in its all-reduce.
@@ -462,6 +512,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
             beat();
         }
     }
+    gather_params(comm, &params, &adam.shard)?;
     let final_dir = match &report {
         Some((_, bar)) => {
             bar.finish();

@@ -16,7 +16,7 @@ use super::params::ParamLayout;
 use crate::config::run::{Recompute, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::Batch;
-use crate::model::bitnet::repeat_kv;
+use crate::model::bitnet::{quantize_weight_part, repeat_kv};
 use crate::model::is_bitlinear;
 
 /// This step's weights in the compute dtype, laid out as the flat f32 buffer: BitLinear weights already
@@ -30,14 +30,13 @@ pub struct StepWeights {
 
 impl StepWeights {
     pub fn new(layout: &ParamLayout, flat: &Tensor, lambda: f64, dtype: DType) -> Result<Self> {
-        let slots: Vec<_> = layout
-            .slots
-            .iter()
-            .map(|s| (s.offset..s.offset + s.len, is_bitlinear(&s.name).then(|| s.shape[1])))
-            .collect();
-        let out = step_weights(flat, &slots, lambda, dtype)?;
-        let tensors = (0..layout.slots.len()).map(|i| layout.view(&out, i)).collect::<candle_core::Result<_>>()?;
-        Ok(Self { flat: out, tensors })
+        Self::from_flat(layout, step_weights(flat, &slot_kinds(layout), lambda, dtype)?)
+    }
+
+    /// The step weights in `flat`, built whole or gathered from the ZeRO-1 shards ([`shard_step_weights`]).
+    pub fn from_flat(layout: &ParamLayout, flat: Tensor) -> Result<Self> {
+        let tensors = (0..layout.slots.len()).map(|i| layout.view(&flat, i)).collect::<candle_core::Result<_>>()?;
+        Ok(Self { flat, tensors })
     }
 
     /// The neighbouring matrices `slots`, which share their number of columns, as one: their rows stacked.
@@ -46,6 +45,68 @@ impl StepWeights {
         let r = layout.span(slots);
         Ok(self.flat.narrow(0, r.start, r.len())?.reshape((r.len() / cols, cols))?)
     }
+}
+
+/// Each slot's elements and, for a BitLinear matrix, its number of columns: the slots [`step_weights`] takes.
+fn slot_kinds(layout: &ParamLayout) -> Vec<(Range<usize>, Option<usize>)> {
+    layout.slots.iter().map(|s| (s.offset..s.offset + s.len, is_bitlinear(&s.name).then(|| s.shape[1]))).collect()
+}
+
+/// Whether the fused kernels build the step weights, as in [`step_weights`]: bf16 on CUDA.
+#[cfg(feature = "cuda")]
+fn fused(flat: &Tensor, dtype: DType) -> bool {
+    crate::kernels::on_cuda(flat) && dtype == DType::BF16
+}
+
+/// ZeRO-1's step weights, first half: the sums of `|W|` over the part inside `shard` of every BitLinear
+/// matrix (f64, 0 for the other slots; on CUDA the kernels' partial sums, several per slot). Summed over the
+/// ranks, whose shards cover the buffer once, they are the whole matrices' sums [`shard_step_weights`] takes.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn shard_abs_sums(layout: &ParamLayout, flat: &Tensor, shard: Range<usize>, dtype: DType) -> Result<Tensor> {
+    let slots = slot_kinds(layout);
+    #[cfg(feature = "cuda")]
+    if fused(flat, dtype) {
+        return Ok(crate::kernels::flat::absmean_partials(flat, &slots, shard)?);
+    }
+    let mut sums = vec![Tensor::zeros((), DType::F64, flat.device())?; slots.len()];
+    for (i, part) in layout.parts(shard) {
+        if slots[i].1.is_some() {
+            sums[i] = layout.part_sum(flat, i, part, Tensor::abs)?;
+        }
+    }
+    Ok(Tensor::stack(&sums, 0)?)
+}
+
+/// ZeRO-1's step weights, second half: this step's weights of the elements in `shard`, in `dtype`, in a buffer
+/// laid out as `flat` whose other elements are left for the ranks that own them. Each BitLinear matrix is
+/// [`effective_weight`] with the scale from its whole matrix's sum in `sums` (every rank's
+/// [`shard_abs_sums`], summed); the other slots are cast.
+pub fn shard_step_weights(
+    layout: &ParamLayout,
+    flat: &Tensor,
+    shard: Range<usize>,
+    sums: &Tensor,
+    lambda: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    let slots = slot_kinds(layout);
+    #[cfg(feature = "cuda")]
+    if fused(flat, dtype) {
+        return Ok(crate::kernels::flat::step_weights_in(flat, &slots, shard, sums, lambda)?);
+    }
+    let out = Tensor::zeros(flat.elem_count(), dtype, flat.device())?;
+    for (i, part) in layout.parts(shard) {
+        let x = flat.narrow(0, part.start, part.len())?;
+        let w = match slots[i].1 {
+            Some(_) => {
+                let (ternary, scale) = quantize_weight_part(&x, &sums.get(i)?, layout.slots[i].len)?;
+                blend(&x, &ternary.broadcast_mul(&scale)?, lambda)?
+            }
+            None => x,
+        };
+        out.slice_set(&w.to_dtype(dtype)?, 0, part.start)?;
+    }
+    Ok(out)
 }
 
 /// A micro-batch on the device: token ids, targets, loss mask, per-token rotary angles and each token's

@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::params::ParamLayout;
 
@@ -27,6 +27,11 @@ pub struct AdamW {
 pub fn shard_of(total: usize, rank: usize, world: usize) -> Range<usize> {
     let per = total.div_ceil(world.max(1));
     (rank * per).min(total)..((rank + 1) * per).min(total)
+}
+
+/// Every rank's [`shard_of`], in rank order.
+pub fn shards(total: usize, world: usize) -> Vec<Range<usize>> {
+    (0..world).map(|r| shard_of(total, r, world)).collect()
 }
 
 pub struct AdamWHyper {
@@ -166,17 +171,24 @@ pub fn quant_lambda(cfg: &TrainSection, step: usize) -> f64 {
     }
 }
 
-/// Global L2 norm of the flat gradients (f64 accumulation). On CUDA one fused reduction over the buffer;
-/// elsewhere per parameter and per row first, as GPU reductions parallelise over rows.
+/// Global L2 norm of the flat gradients (f64 accumulation).
 pub fn grad_norm(grads: &Tensor, layout: &ParamLayout) -> Result<f64> {
+    Ok(grad_squares(grads, layout, 0..layout.total)?.sqrt())
+}
+
+/// The sum of squares of `grads[range]` (f64 accumulation): all of it, or under ZeRO-1 the shard whose sums
+/// this rank holds. On CUDA one fused reduction over the range; elsewhere per parameter and per row first,
+/// as GPU reductions parallelise over rows ([`ParamLayout::part_sum`]).
+pub fn grad_squares(grads: &Tensor, layout: &ParamLayout, range: Range<usize>) -> Result<f64> {
     #[cfg(feature = "cuda")]
     if crate::kernels::on_cuda(grads) {
-        return Ok(crate::kernels::flat::sum_squares(grads)?.sqrt());
+        return Ok(crate::kernels::flat::sum_squares(&grads.narrow(0, range.start, range.len())?)?);
     }
-    let partial = (0..layout.slots.len())
-        .map(|i| layout.view(grads, i)?.sqr()?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all())
+    let partial = layout
+        .parts(range)
+        .map(|(i, part)| layout.part_sum(grads, i, part, Tensor::sqr))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&partial, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    Ok(Tensor::stack(&partial, 0)?.sum_all()?.to_scalar::<f64>()?)
 }
 
 /// The factor `torch.nn.utils.clip_grad_norm_` scales the gradients by: `max_norm / (norm + 1e-6)` when

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::ops::{Range, RangeInclusive};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
@@ -62,6 +62,30 @@ impl ParamLayout {
         let flat: Vec<Tensor> =
             tensors.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<_>>()?;
         Tensor::cat(&flat, 0)
+    }
+
+    /// The slots that meet `range` (a ZeRO-1 shard), each with its part inside it: `(slot, part)`.
+    pub fn parts(&self, range: Range<usize>) -> impl Iterator<Item = (usize, Range<usize>)> + '_ {
+        self.slots.iter().enumerate().filter_map(move |(i, s)| {
+            let part = s.offset.max(range.start)..(s.offset + s.len).min(range.end);
+            (!part.is_empty()).then_some((i, part))
+        })
+    }
+
+    /// `sum(f(x))` over `flat[part]`, a part of slot `i`, as a one-element f64 tensor (`f` elementwise: abs,
+    /// sqr). A whole slot is summed by rows first and then in f64, as GPU reductions parallelise and as the
+    /// weight quantizer sums; a part of one (where a ZeRO-1 shard cuts it) has no rows and is summed in f64.
+    pub fn part_sum(
+        &self,
+        flat: &Tensor,
+        i: usize,
+        part: Range<usize>,
+        f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if part.len() == self.slots[i].len {
+            return f(&self.view(flat, i)?)?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all();
+        }
+        f(&flat.narrow(0, part.start, part.len())?.to_dtype(DType::F64)?)?.sum_all()
     }
 
     /// The elements of the neighbouring slots `slots`, from the first's offset to the last's end.

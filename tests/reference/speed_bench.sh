@@ -2,7 +2,8 @@
 # Speed benchmark of issue 6, for a one-GPU machine, in one call: the GPU kernel tests, the tiny config's loss
 # curve fused / unfused (BESSIE_UNFUSED=1) / CPU f32 over 200 steps, bessie-train --bench on the
 # bitnet_b1_58-large shape beside torch_bitnet.py --mode compiled and --mode seed, and the CUPTI kernel profile
-# of the 768 x 8 step (tests/reference/kernel_profile.c, built as libkprof.so beside libcupti.so.13 in KPROF).
+# of the 768 x 8 and 1 x 4 steps (tests/reference/kernel_profile.c, built as libkprof.so beside libcupti.so.13
+# in KPROF). The 8192-token row checks the memory estimate at long context.
 # Writes what it measured under OUT.
 #
 #   OUT=results KPROF=dir tests/reference/speed_bench.sh bessie-train gpu-test-binary torch_bitnet.py
@@ -22,7 +23,7 @@ def gap(a,b): d=[abs(x-y) for x,y in zip(L[a],L[b])]; return f'max {max(d):.4f} 
 print('fused vs unfused:', gap('fused','unfused')); print('unfused bf16 vs cpu f32:', gap('unfused','cpu')); print('fused vs cpu f32:', gap('fused','cpu'))
 for i in [0,49,99,149,199]: print(i+1, *(round(L[r][i],4) for r in L))
 PY
-for sba in "768 8 1" "2048 4 1" "768 1 4"; do set -- $sba
+for sba in "768 8 1" "2048 4 1" "768 1 4" "8192 1 1"; do set -- $sba
   $BT --bench --shape large --seq $1 --batch $2 --accum $3 --steps 8 --device cuda | tee -a $OUT/bench.jsonl
 done
 for sb in "768 8" "2048 4"; do set -- $sb
@@ -33,4 +34,6 @@ $BT --bench --shape large --seq 768 --batch 8 --steps 3 --device cuda --profile 
 if [ -n "$KPROF" ]; then
   LD_LIBRARY_PATH=$KPROF:${LD_LIBRARY_PATH:-} CUDA_INJECTION64_PATH=$KPROF/libkprof.so KPROF_TOP=40 \
     $BT --bench --shape large --seq 768 --batch 8 --steps 20 --device cuda 2>&1 | grep '^kprof' | tee $OUT/kprof_b8.txt
+  LD_LIBRARY_PATH=$KPROF:${LD_LIBRARY_PATH:-} CUDA_INJECTION64_PATH=$KPROF/libkprof.so KPROF_TOP=40 \
+    $BT --bench --shape large --seq 768 --batch 1 --accum 4 --steps 12 --device cuda 2>&1 | grep '^kprof' > $OUT/kprof_1x4.txt
 fi
