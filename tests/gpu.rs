@@ -454,7 +454,7 @@ fn training_step_matches_cpu_f32() {
         let (loss, saved) = forward(&c, &layout, &w, &bt, 1.0, plan).unwrap();
         let grads = Tensor::zeros(layout.total, DType::F32, dev).unwrap();
         backward(&c, &layout, &w, &bt, plan, saved, &grads, &mut |_| Ok(())).unwrap();
-        (loss, grads.to_device(&Device::Cpu).unwrap().to_vec1().unwrap())
+        (loss.to_scalar::<f64>().unwrap(), grads.to_device(&Device::Cpu).unwrap().to_vec1().unwrap())
     };
     let (loss_ref, g_ref) = step(&Device::Cpu, DType::F32);
     let (loss, g) = step(&Device::new_cuda(0).expect("a CUDA device"), DType::BF16);

@@ -167,7 +167,7 @@ fn explicit_grads(
         let last: Vec<f32> = grads.narrow(0, r.start, r.len()).unwrap().to_vec1().unwrap();
         assert!(early == &last, "gradients in {r:?} changed after the backward declared them done");
     }
-    (loss, grads)
+    (loss.to_scalar::<f64>().unwrap(), grads)
 }
 
 /// Random weights, norm weights near one but not one, so their gradients are exercised at a generic point.

@@ -119,7 +119,8 @@ fn accumulate(
     mut reducer: GradReducer,
     timer: &mut Option<&mut PhaseTimer>,
 ) -> Result<(f64, usize)> {
-    let (mut loss, mut tokens) = (0.0, 0);
+    // The loss stays on the device until every micro-batch is queued: one host sync per step.
+    let (mut loss, mut tokens) = (Tensor::zeros((), DType::F64, &ctx.device)?, 0);
     for (i, b) in micro.iter().enumerate() {
         let bt = BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)?;
         PhaseTimer::mark(timer, "batch to device")?;
@@ -129,12 +130,12 @@ fn accumulate(
         let mut done = |range| if last { reducer.reduce(range) } else { Ok(()) };
         model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, ctx.plan, saved, grads, &mut done)?;
         PhaseTimer::mark(timer, "backward")?;
-        loss += l;
+        loss = (loss + l)?;
         tokens += b.loss_tokens;
     }
     reducer.finish()?;
     PhaseTimer::mark(timer, "all-reduce (the part not overlapped)")?;
-    Ok((loss, tokens))
+    Ok((loss.to_scalar::<f64>()?, tokens))
 }
 
 /// This rank's share of the flat buffer for the optimizer: all of it, or with `train.zero1` and several

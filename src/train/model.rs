@@ -399,10 +399,10 @@ impl Pass<'_> {
         Ok((hidden, layers, final_norm))
     }
 
-    /// The summed loss of the final hidden rows, `loss_chunk` rows at a time so that only one chunk's f32
-    /// logits exist at once; with `grad`, also the gradients at `hidden` and of the head's weight,
-    /// accumulated chunk by chunk.
-    fn head_loss(&self, hidden: &Tensor, grad: bool) -> Result<(f64, Option<(Tensor, Tensor)>)> {
+    /// The summed loss of the final hidden rows (an f64 scalar on the device), `loss_chunk` rows at a time so
+    /// that only one chunk's f32 logits exist at once; with `grad`, also the gradients at `hidden` and of
+    /// the head's weight, accumulated chunk by chunk.
+    fn head_loss(&self, hidden: &Tensor, grad: bool) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let head = &self.w.tensors[head_slot(self.cfg, self.layout)];
         let (vocab, channels) = head.dims2()?;
         // The head's rows padded to a multiple of 8: cuBLAS's fast kernels need the logits' rows aligned, and
@@ -433,7 +433,6 @@ impl Pass<'_> {
                 dhidden.push(dh);
             }
         }
-        let loss = loss.to_scalar::<f64>()?;
         match dhead {
             Some(dhead) => Ok((loss, Some((Tensor::cat(&dhidden, 0)?, dhead.narrow(0, 0, vocab * channels)?)))),
             None => Ok((loss, None)),
@@ -441,7 +440,8 @@ impl Pass<'_> {
     }
 }
 
-/// Runs the network on a micro-batch and returns the summed loss over its trained tokens and what the
+/// Runs the network on a micro-batch and returns the summed loss over its trained tokens (an f64 scalar left
+/// on the device: reading it would make the host wait for the GPU before queueing the backward) and what the
 /// backward needs (the loss gradient included), keeping activations as `plan.recompute` says.
 pub fn forward(
     cfg: &ModelConfig,
@@ -450,7 +450,7 @@ pub fn forward(
     b: &BatchTensors,
     lambda: f64,
     plan: MemoryPlan,
-) -> Result<(f64, Saved)> {
+) -> Result<(Tensor, Saved)> {
     let pass = Pass { cfg, layout, w, b, lambda, plan };
     let (hidden, layers, final_norm) = pass.trunk(Some(plan.recompute))?;
     let (loss, grads) = pass.head_loss(&hidden, true)?;
@@ -469,7 +469,7 @@ pub fn loss(
 ) -> Result<f64> {
     let pass = Pass { cfg, layout, w, b, lambda, plan };
     let (hidden, _, _) = pass.trunk(None)?;
-    Ok(pass.head_loss(&hidden, false)?.0)
+    Ok(pass.head_loss(&hidden, false)?.0.to_scalar::<f64>()?)
 }
 
 /// Adds the gradients of the summed loss to `grads`, the flat f32 gradient buffer, each parameter's as
