@@ -259,33 +259,14 @@ mod fused {
     /// shards, and the shards put together equal the step weights of the whole buffer.
     #[test]
     fn sharded_step_weights_match_the_whole() {
-        use bessie::train::model::{shard_abs_sums, shard_step_weights, StepWeights};
-        use bessie::train::optim::shards;
+        use bessie::train::model::StepWeights;
         let dev = gpu();
-        let layout = ParamLayout::from_shapes(vec![
-            ("model.embed_tokens.weight".into(), vec![100, 64]),
-            ("model.layers.0.mlp.up_proj.weight".into(), vec![300, 64]),
-            ("model.layers.0.mlp.ffn_layernorm.weight".into(), vec![300]),
-            ("model.layers.0.mlp.down_proj.weight".into(), vec![64, 300]),
-        ]);
+        let layout = crate::common::mlp_layout(64, 300);
         let flat = (randn(&[layout.total], DType::F32) * 0.02).unwrap().to_device(&dev).unwrap();
         for lambda in [1.0, 0.3] {
             let whole = StepWeights::new(&layout, &flat, lambda, DType::BF16).unwrap();
             for world in [2, 3] {
-                let shards = shards(layout.total, world);
-                let sums = shards
-                    .iter()
-                    .map(|s| shard_abs_sums(&layout, &flat, s.clone(), DType::BF16).unwrap())
-                    .reduce(|a, b| (a + b).unwrap())
-                    .unwrap();
-                let parts: Vec<Tensor> = shards
-                    .iter()
-                    .map(|s| {
-                        let w = shard_step_weights(&layout, &flat, s.clone(), &sums, lambda, DType::BF16).unwrap();
-                        w.narrow(0, s.start, s.len()).unwrap()
-                    })
-                    .collect();
-                let split = StepWeights::from_flat(&layout, Tensor::cat(&parts, 0).unwrap()).unwrap();
+                let split = crate::common::sharded_step_weights(&layout, &flat, world, lambda, DType::BF16);
                 for (a, b) in split.tensors.iter().zip(&whole.tensors) {
                     let (e, m) = (rel_l2(a, b), mismatched(a, b));
                     println!("{world} shards, lambda {lambda}: rel L2 {e:.2e}, mismatched {m:.2e}");
@@ -298,12 +279,7 @@ mod fused {
     #[test]
     fn grad_norm_and_adamw_match_reference() {
         let dev = gpu();
-        let layout = ParamLayout::from_shapes(vec![
-            ("model.embed_tokens.weight".into(), vec![100, 64]),
-            ("model.layers.0.mlp.up_proj.weight".into(), vec![300, 64]),
-            ("model.layers.0.mlp.ffn_layernorm.weight".into(), vec![300]),
-            ("model.layers.0.mlp.down_proj.weight".into(), vec![64, 300]),
-        ]);
+        let layout = crate::common::mlp_layout(64, 300);
         let g = randn(&[layout.total], DType::F32);
         let (want, got) = (grad_norm(&g, &layout).unwrap(), grad_norm(&g.to_device(&dev).unwrap(), &layout).unwrap());
         println!("grad norm {got} vs {want}");

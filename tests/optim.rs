@@ -1,5 +1,7 @@
 //! AdamW, the schedule and clipping against PyTorch's semantics; ZeRO-1's shards against the whole buffer.
 
+mod common;
+
 use bessie::config::run::{Schedule, TrainSection};
 use bessie::train::optim::{clip_factor, grad_norm, learning_rate, AdamW, AdamWHyper};
 use bessie::train::params::ParamLayout;
@@ -109,13 +111,7 @@ fn layout_runs_group_neighbouring_slots() {
 #[test]
 fn sharded_adamw_equals_the_whole() {
     use bessie::train::optim::shard_of;
-    let layout = ParamLayout::from_shapes(vec![
-        ("model.embed_tokens.weight".into(), vec![7, 5]),
-        ("model.layers.0.input_layernorm.weight".into(), vec![5]),
-        ("model.layers.0.mlp.up_proj.weight".into(), vec![9, 5]),
-        ("model.layers.0.mlp.ffn_layernorm.weight".into(), vec![9]),
-        ("model.layers.0.mlp.down_proj.weight".into(), vec![5, 9]),
-    ]);
+    let layout = common::mlp_layout(5, 9);
     let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
     let p0 = Tensor::randn(0f32, 1.0, layout.total, &Device::Cpu).unwrap();
     let grads: Vec<Tensor> = (0..3).map(|_| Tensor::randn(0f32, 1.0, layout.total, &Device::Cpu).unwrap()).collect();
@@ -151,36 +147,17 @@ fn sharded_adamw_equals_the_whole() {
 /// are exact in any order, so the results are too.
 #[test]
 fn sharded_step_weights_and_grad_norm_equal_the_whole() {
-    use bessie::train::model::{shard_abs_sums, shard_step_weights, StepWeights};
+    use bessie::train::model::StepWeights;
     use bessie::train::optim::{grad_squares, shards};
     use candle_core::DType;
-    let layout = ParamLayout::from_shapes(vec![
-        ("model.embed_tokens.weight".into(), vec![7, 5]),
-        ("model.layers.0.input_layernorm.weight".into(), vec![5]),
-        ("model.layers.0.mlp.up_proj.weight".into(), vec![9, 5]),
-        ("model.layers.0.mlp.ffn_layernorm.weight".into(), vec![9]),
-        ("model.layers.0.mlp.down_proj.weight".into(), vec![5, 9]),
-    ]);
+    let layout = common::mlp_layout(5, 9);
     let grid: Vec<f32> = (0..layout.total).map(|i| ((i * 7919) % 257) as f32 / 128.0 - 1.0).collect();
     let flat = Tensor::new(grid, &Device::Cpu).unwrap();
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for lambda in [1.0, 0.3, 0.0] {
         let whole = StepWeights::new(&layout, &flat, lambda, DType::F32).unwrap();
         for world in [2, 3, 7] {
-            let shards = shards(layout.total, world);
-            let sums = shards
-                .iter()
-                .map(|s| shard_abs_sums(&layout, &flat, s.clone(), DType::F32).unwrap())
-                .reduce(|a, b| (a + b).unwrap())
-                .unwrap();
-            let parts: Vec<Tensor> = shards
-                .iter()
-                .map(|s| {
-                    let w = shard_step_weights(&layout, &flat, s.clone(), &sums, lambda, DType::F32).unwrap();
-                    w.narrow(0, s.start, s.len()).unwrap()
-                })
-                .collect();
-            let split = StepWeights::from_flat(&layout, Tensor::cat(&parts, 0).unwrap()).unwrap();
+            let split = common::sharded_step_weights(&layout, &flat, world, lambda, DType::F32);
             for (i, (a, b)) in split.tensors.iter().zip(&whole.tensors).enumerate() {
                 assert_eq!(values(a), values(b), "{}: {world} shards, lambda {lambda}", layout.slots[i].name);
             }

@@ -78,6 +78,39 @@ __device__ __forceinline__ void as_a(uint32_t* a, const float* lo, const float* 
     a[0] = pack(lo[0], lo[1]), a[1] = pack(lo[2], lo[3]), a[2] = pack(hi[0], hi[1]), a[3] = pack(hi[2], hi[3]);
 }
 
+// c[0 .. N/8) += A B^T: A 16 rows x D (fragments a[D/16], in registers), B the N rows of a shared tile (K for
+// Q K^T).
+template <int D, int N>
+__device__ __forceinline__ void mma_abt(float (*c)[4], const uint32_t (*a)[4], const bf16* tile, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+        for (int n = 0; n < N / 16; n++) {
+            uint32_t b[4];
+            load_bt<D>(b, tile, n * 16, kk * 16, lane);
+            mma(c[2 * n], a[kk], b);
+            mma(c[2 * n + 1], a[kk], b + 2);
+        }
+}
+
+// acc[0 .. D/8) += C B: C 16 rows x K (the C fragments c[0 .. K/8) of an earlier product, as A fragments), B
+// the K rows of a shared tile (V for P V).
+template <int D, int K>
+__device__ __forceinline__ void mma_cb(float (*acc)[4], const float (*c)[4], const bf16* tile, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) {
+        uint32_t a[4];
+        as_a(a, c[2 * kk], c[2 * kk + 1]);
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) {
+            uint32_t b[4];
+            load_b<D>(b, tile, kk * 16, n * 16, lane);
+            mma(acc[2 * n], a, b);
+            mma(acc[2 * n + 1], a, b + 2);
+        }
+    }
+}
+
 // The window start of a row past the sequence: it sees no key.
 #define NO_KEYS (1 << 30)
 
@@ -128,15 +161,7 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
         load_rows<D>(vs, v + head, k0, BK, t);
         commit();
         float s[BK / 8][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-            for (int n = 0; n < BK / 16; n++) {
-                uint32_t b[4];
-                load_bt<D>(b, ks, n * 16, kk * 16, lane);
-                mma(s[2 * n], qf[kk], b);
-                mma(s[2 * n + 1], qf[kk], b + 2);
-            }
+        mma_abt<D, BK>(s, qf, ks, lane);
         bool masked = !all_seen(q0, BQ, lo_last, k0, BK, t);
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -173,18 +198,7 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
             load_rows<D>(ks, k + head, k0 + BK, BK, t);
             commit();
         }
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) {
-            uint32_t a[4];
-            as_a(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int n = 0; n < D / 16; n++) {
-                uint32_t b[4];
-                load_b<D>(b, vs, kk * 16, n * 16, lane);
-                mma(acc[2 * n], a, b);
-                mma(acc[2 * n + 1], a, b + 2);
-            }
-        }
+        mma_cb<D, BK>(acc, s, vs, lane);
     }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -322,22 +336,8 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
                 bool seen = !masked || sees(qi, lo, keys[e / 2]);
                 grad_of(s[n][e], dp[n][e], seen, lo == qi, tile.lse2[col], tile.delta[col], scale2);
             }
-#pragma unroll
-        for (int kk = 0; kk < BQ / 16; kk++) {
-            uint32_t pa[4], da[4];
-            as_a(pa, s[2 * kk], s[2 * kk + 1]);
-            as_a(da, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-            for (int n = 0; n < D / 16; n++) {
-                uint32_t b[4];
-                load_b<D>(b, tile.dout, kk * 16, n * 16, lane);
-                mma(dv_acc[2 * n], pa, b);
-                mma(dv_acc[2 * n + 1], pa, b + 2);
-                load_b<D>(b, tile.q, kk * 16, n * 16, lane);
-                mma(dk_acc[2 * n], da, b);
-                mma(dk_acc[2 * n + 1], da, b + 2);
-            }
-        }
+        mma_cb<D, BQ>(dv_acc, s, tile.dout, lane);
+        mma_cb<D, BQ>(dk_acc, dp, tile.q, lane);
         __syncthreads();  // every warp is done with this tile before the one after next overwrites it
     }
 #pragma unroll
@@ -406,18 +406,8 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         }
         __syncthreads();
         float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-            for (int n = 0; n < BK / 16; n++) {
-                uint32_t b[4];
-                load_bt<D>(b, ks, n * 16, kk * 16, lane);
-                mma(s[2 * n], qf[kk], b);
-                mma(s[2 * n + 1], qf[kk], b + 2);
-                load_bt<D>(b, vs, n * 16, kk * 16, lane);
-                mma(dp[2 * n], dof[kk], b);
-                mma(dp[2 * n + 1], dof[kk], b + 2);
-            }
+        mma_abt<D, BK>(s, qf, ks, lane);
+        mma_abt<D, BK>(dp, dof, vs, lane);
         bool masked = !all_seen(q0, BQ, lo_last, k0, BK, t);
 #pragma unroll
         for (int n = 0; n < BK / 8; n++)
@@ -427,18 +417,7 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
                 bool seen = !masked || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
                 grad_of(s[n][e], dp[n][e], seen, lo[h] == rows[h], lse2[h], dl[h], scale2);
             }
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) {
-            uint32_t da[4];
-            as_a(da, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-            for (int n = 0; n < D / 16; n++) {
-                uint32_t b[4];
-                load_b<D>(b, ks, kk * 16, n * 16, lane);
-                mma(acc[2 * n], da, b);
-                mma(acc[2 * n + 1], da, b + 2);
-            }
-        }
+        mma_cb<D, BK>(acc, dp, ks, lane);
         __syncthreads();  // every warp is done with this stage before the one after next overwrites it
     }
 #pragma unroll
