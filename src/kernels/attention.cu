@@ -42,6 +42,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 // The scaled score as the reference rounds it (its scale is a bf16 op).
 __device__ __forceinline__ float scaled(float s, float scale) { return round_bf16(s * scale); }
 
+// The probabilities P = exp(S c - lse) of the eight keys from column 8 v of a row, 0 on keys it does not see.
+__device__ __forceinline__ void probs8(const bf16* s, const Row& row, int v, int nk, float scale, float l, float* p) {
+    load_row8(s + row.base, v, nk, p);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int j = 8 * v + e;
+        p[e] = j >= row.lo && j <= row.i ? expf(scaled(p[e], scale) - l) : 0.f;
+    }
+}
+
 // S: [B H, nq, nk] unscaled bf16 scores. P = exp(S c - lse) on visible keys, 0 elsewhere (bf16, for the
 // P V GEMM), and lse = log sum exp over visible keys (f32, kept for the backward). The max and the sum in one
 // pass (online softmax), the write in a second.
@@ -76,12 +86,7 @@ extern "C" __global__ void attention_block_forward(const bf16* s, const float* s
     float l = logf(sum) + m;
     for (int v = lane; v < (nk + 7) / 8; v += 32) {
         float x[8];
-        load_row8(s + row.base, v, nk, x);
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            int j = 8 * v + e;
-            x[e] = j >= row.lo && j <= row.i ? expf(scaled(x[e], scale) - l) : 0.f;
-        }
+        probs8(s, row, v, nk, scale, l, x);
         store_row8(p + row.base, v, nk, x);
     }
     if (lane == 0) lse[r] = l;
@@ -98,27 +103,21 @@ extern "C" __global__ void attention_block_backward(const bf16* s, const float* 
     Row row = row_of(r, start, q0, nq, nk, t, heads);
     float l = lse[r];
     float dot = 0.f;
+    // The first pass reads only the vectors with visible keys.
     for (int v = row.lo / 8 + lane; v <= row.i / 8; v += 32) {
         float x[8], d[8];
-        load_row8(s + row.base, v, nk, x);
+        probs8(s, row, v, nk, scale, l, x);
         load_row8(dp + row.base, v, nk, d);
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            int j = 8 * v + e;
-            if (j >= row.lo && j <= row.i) dot += d[e] * expf(scaled(x[e], scale) - l);
-        }
+        for (int e = 0; e < 8; e++) dot += d[e] * x[e];
     }
     dot = warp_sum(dot);
     for (int v = lane; v < (nk + 7) / 8; v += 32) {
         float x[8], d[8];
-        load_row8(s + row.base, v, nk, x);
+        probs8(s, row, v, nk, scale, l, x);
         load_row8(dp + row.base, v, nk, d);
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            int j = 8 * v + e;
-            x[e] = j >= row.lo && j <= row.i ? expf(scaled(x[e], scale) - l) : 0.f;
-            d[e] = scale * x[e] * (d[e] - dot);
-        }
+        for (int e = 0; e < 8; e++) d[e] = scale * x[e] * (d[e] - dot);
         store_row8(p + row.base, v, nk, x);
         store_row8(ds + row.base, v, nk, d);
     }
