@@ -32,40 +32,63 @@ extern "C" __global__ void sum_partials(const float* x, size_t n, int square, do
 }
 
 // This step's weights for every slot of the flat f32 buffer at once, written to `out` (bf16, the same
-// layout). slots[3 k .. 3 k + 3] = first, count, matrix: slot k's elements flat[first .. first + count] (the
-// whole slot, or under ZeRO-1 its part in this rank's shard; count 0 when none) and, for a BitLinear matrix,
-// the element count of the whole matrix (0 for a parameter that is only cast). Slot k is blockIdx.y of both
-// kernels, and blockIdx.x its part (gridDim.x parts).
+// layout). slots[4 k .. 4 k + 4] = first, count, matrix, first block: slot k's elements flat[first .. first +
+// count] (the whole slot, or under ZeRO-1 its part in this rank's shard; count 0 when none), for a BitLinear
+// matrix the element count of the whole matrix (0 for a parameter that is only cast), and the first block of
+// the writes' grid that is the slot's.
 //
-// First the partial sums of |W| over each BitLinear matrix's elements, partials[k * parts + part] (0 for the
-// other slots, so that the partials of ranks holding disjoint parts of a matrix sum to the matrix's).
+// First the partial sums of |W| over each BitLinear matrix's elements: slot k is blockIdx.y, its `parts` (gridDim.x)
+// partial sums partials[k * parts + part] (0 for the other slots, so that the partials of ranks holding disjoint
+// parts of a matrix sum to the matrix's).
 extern "C" __global__ void slot_absmean_partials(const float* flat, const long long* slots, double* partials) {
-    const long long* s = slots + 3 * blockIdx.y;
+    const long long* s = slots + 4 * blockIdx.y;
     double acc = s[2] ? partial_sum(flat + s[0], s[1], 0, blockIdx.x, gridDim.x) : 0.0;
     if (threadIdx.x == 0) partials[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
 
-// Then the writes. A BitLinear matrix: s = 1 / max(mean|W|, 1e-5) from the partial sums of the whole matrix
-// (under ZeRO-1 summed over the ranks first; every block adds them in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda (the
-// reference: train::layers::effective_weight). Any other parameter: cast.
-extern "C" __global__ void step_weights(const float* flat, const long long* slots, const double* partials,
-                                        float lambda, bf16* out) {
-    const long long* sl = slots + 3 * blockIdx.y;
-    const float* w = flat + sl[0];
-    bf16* o = out + sl[0];
-    size_t n = sl[1];
-    size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
-    if (!sl[2]) {
-        for (size_t i = first; i < n; i += stride) o[i] = to_bf16(w[i]);
-        return;
+__device__ __forceinline__ bf16 step_weight(float x, float s, float inv, float lambda, bool matrix) {
+    return to_bf16(matrix ? blend(x, fminf(fmaxf(roundf(x * s), -1.f), 1.f) * inv, lambda) : x);
+}
+
+// Then the writes, over a grid whose blocks each slot shares in proportion to its size (a block per ~8192
+// elements), so that the embedding and the head do not run on as many blocks as a norm. A BitLinear matrix:
+// s = 1 / max(mean|W|, 1e-5) from the partial sums of the whole matrix (under ZeRO-1 summed over the ranks
+// first; every block adds them in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda
+// (the reference: train::layers::effective_weight). Any other parameter: cast. Four elements per access
+// between the slot's first and last multiples of 4 (16 bytes in, 8 out); block 0 of the slot takes the ends.
+extern "C" __global__ void step_weights(const float* flat, const long long* slots, int n_slots,
+                                        const double* partials, int parts, float lambda, bf16* out) {
+    int lo = 0, hi = n_slots - 1;  // the slot: the last whose first block is at most this one
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (slots[4 * mid + 3] <= blockIdx.x) lo = mid; else hi = mid - 1;
     }
-    double total = 0.0;
-    for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x) total += partials[(size_t)blockIdx.y * gridDim.x + i];
-    float s = 1.f / fmaxf((float)(block_reduce(total, Sum()) / (double)sl[2]), 1e-5f), inv = 1.f / s;
-    for (size_t i = first; i < n; i += stride) {
-        float x = w[i];
-        o[i] = to_bf16(blend(x, fminf(fmaxf(roundf(x * s), -1.f), 1.f) * inv, lambda));
+    const long long* sl = slots + 4 * lo;
+    size_t first = sl[0], n = sl[1], part = blockIdx.x - sl[3];
+    size_t blocks = (lo + 1 < n_slots ? slots[4 * (lo + 1) + 3] : gridDim.x) - sl[3];
+    bool matrix = sl[2] != 0;
+    float s = 1.f, inv = 1.f;
+    if (matrix) {
+        double total = 0.0;
+        for (int i = threadIdx.x; i < parts; i += blockDim.x) total += partials[(size_t)lo * parts + i];
+        s = 1.f / fmaxf((float)(block_reduce(total, Sum()) / (double)sl[2]), 1e-5f);
+        inv = 1.f / s;
     }
+    const float* w = flat + first;
+    bf16* o = out + first;
+    size_t head = min(n, (4 - first % 4) % 4), quads = (n - head) / 4;
+    for (size_t q = part * blockDim.x + threadIdx.x; q < quads; q += blocks * blockDim.x) {
+        size_t i = head + 4 * q;
+        float4 x = *reinterpret_cast<const float4*>(w + i);
+        __nv_bfloat162 y[2] = {{step_weight(x.x, s, inv, lambda, matrix), step_weight(x.y, s, inv, lambda, matrix)},
+                               {step_weight(x.z, s, inv, lambda, matrix), step_weight(x.w, s, inv, lambda, matrix)}};
+        *reinterpret_cast<uint2*>(o + i) = *reinterpret_cast<uint2*>(y);
+    }
+    if (part == 0)
+        for (size_t i = threadIdx.x; i < n - 4 * quads; i += blockDim.x) {
+            size_t j = i < head ? i : 4 * quads + i;
+            o[j] = step_weight(w[j], s, inv, lambda, matrix);
+        }
 }
 
 // dst += src over n elements: a layer's gradient (bf16 from the GEMM, or f32) added into its range of the

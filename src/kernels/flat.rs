@@ -46,9 +46,11 @@ pub fn step_weights(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], lamb
 /// Under ZeRO-1 each rank sums its shard, and the partials summed over the ranks are the whole matrices'.
 pub fn absmean_partials(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<Tensor> {
     let dev = cuda_device(flat)?;
-    let table = slot_table(flat, slots, range)?;
+    let (table, _) = slot_table(flat, slots, range)?;
     let partials = uninit(slots.len() * SLOT_PARTS as usize, DType::F64, &dev)?;
-    launch!(dev, PTX, "slot_absmean_partials", slot_grid(slots); ptr(flat)?, ptr(&table)?, ptr(&partials)?);
+    let cfg =
+        LaunchConfig { grid_dim: (SLOT_PARTS, slots.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "slot_absmean_partials", cfg; ptr(flat)?, ptr(&table)?, ptr(&partials)?);
     Ok(partials)
 }
 
@@ -63,29 +65,32 @@ pub fn step_weights_in(
     lambda: f64,
 ) -> Result<Tensor> {
     let dev = cuda_device(flat)?;
-    let table = slot_table(flat, slots, range)?;
+    let (table, blocks) = slot_table(flat, slots, range)?;
     let out = uninit(flat.elem_count(), DType::BF16, &dev)?;
-    launch!(dev, PTX, "step_weights", slot_grid(slots);
-        ptr(flat)?, ptr(&table)?, ptr(partials)?, lambda as f32, ptr(&out)?);
+    if blocks == 0 {
+        return Ok(out);
+    }
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "step_weights", cfg;
+        ptr(flat)?, ptr(&table)?, slots.len() as i32, ptr(partials)?, SLOT_PARTS as i32, lambda as f32, ptr(&out)?);
     Ok(out)
 }
 
-/// The kernels' table: per slot, the first element and the count of its part in `range`, and for a BitLinear
-/// matrix its whole element count (0 for a cast).
-fn slot_table(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<Tensor> {
-    let table: Vec<i64> = slots
-        .iter()
-        .flat_map(|(r, c)| {
-            let (first, end) = (r.start.max(range.start), r.end.min(range.end));
-            [first as i64, end.saturating_sub(first) as i64, if c.is_some() { r.len() as i64 } else { 0 }]
-        })
-        .collect();
-    Tensor::new(table, flat.device())
-}
+/// Elements per block of the step weights' writes (8 accesses of 4 per thread).
+const WRITE_CHUNK: usize = 256 * 4 * 8;
 
-/// One block row of `SLOT_PARTS` blocks per slot.
-fn slot_grid(slots: &[(Range<usize>, Option<usize>)]) -> LaunchConfig {
-    LaunchConfig { grid_dim: (SLOT_PARTS, slots.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+/// The kernels' table and the writes' block count: per slot, the first element and the count of its part in
+/// `range`, for a BitLinear matrix its whole element count (0 for a cast), and its first block of the writes.
+fn slot_table(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<(Tensor, u32)> {
+    let mut blocks = 0;
+    let mut table = Vec::with_capacity(4 * slots.len());
+    for (r, c) in slots {
+        let (first, end) = (r.start.max(range.start), r.end.min(range.end));
+        let count = end.saturating_sub(first);
+        table.extend([first as i64, count as i64, if c.is_some() { r.len() as i64 } else { 0 }, blocks as i64]);
+        blocks += count.div_ceil(WRITE_CHUNK);
+    }
+    Ok((Tensor::new(table, flat.device())?, blocks as u32))
 }
 
 /// `dst += src` for a contiguous f32 view `dst` of the gradient buffer and a gradient `src` (f32 or bf16)
