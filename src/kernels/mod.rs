@@ -17,7 +17,6 @@ pub mod gemm;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
-pub mod swiglu;
 
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::op::BackpropOp;

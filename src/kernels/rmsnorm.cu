@@ -1,6 +1,10 @@
 // RMSNorm with the BitLinear input quantization that always follows it, forward and backward.
 // Reference: train::layers::{rmsnorm_forward + effective_input, rmsnorm_backward}.
 //
+// The `swiglu_` kernels norm down_proj's input h = silu(gate) up without it ever being in memory: they read
+// the fused gate/up rows [n, 2c] (GLU), compute h in registers, and the backward writes [dgate | dup]
+// instead of dh (reference: train::layers::swiglu_{forward,backward} around the norm).
+//
 // A row of c channels is spread over a group of threads: in the forward a warp (G = 32, rows up to 1536
 // channels: no block barriers, and each lane has several loads in flight), else the whole block (G = 0). Lane `l`
 // owns the 8-channel vectors l, l + group size, ... (K of them, K a template parameter so they live in
@@ -37,16 +41,50 @@ template <int G> struct Group {
     }
 };
 
-// The norm weight's 8 channels from i. Read one by one: the weight is a view into the step's flat weight
-// buffer, not always 16-byte aligned, and it is read once per row from cache.
+// The kernels are as much arithmetic as memory traffic, so the exponentials and divisions are the fast
+// intrinsics (a few ulp of f32, below the bf16 rounding that follows; the tests compare against the exact
+// reference).
+__device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.f, 1.f + __expf(-g)); }
+__device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
+
+// SwiGLU h = silu(gate) up, rounded to bf16 where the unfused ops stored it (silu, then the product).
+__device__ __forceinline__ float swiglu_h(float g, float u) { return round_bf16(round_bf16(silu(g)) * u); }
+
+// SwiGLU's gradients: silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g); dgate = dh up silu'(g), dup = dh silu(g).
+__device__ __forceinline__ void swiglu_grad(float dh, float g, float u, float& dg, float& du) {
+    float s = sigmoid(g);
+    dg = dh * u * (s * (g * (1.f - s) + 1.f));
+    du = dh * g * s;
+}
+
+// The 8 input channels from i of row `row`: x itself, or with GLU h computed from the gate and up halves of
+// the row of gu [n, 2c] (what `swiglu_h` rounds is what the unfused SwiGLU stored); `g` and `u` keep the halves
+// for the backward.
+template <bool GLU>
+__device__ __forceinline__ void load_input(const bf16* x, int row, int i, int c, int t, int hd, float* v, float* g,
+                                           float* u) {
+    if constexpr (GLU) {
+        load8(x + (size_t)row * 2 * c + i, g);
+        load8(x + (size_t)row * 2 * c + c + i, u);
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = swiglu_h(g[e], u[e]);
+    } else {
+        load8(x + at(row, i, c, t, hd), v);
+    }
+}
+
+// The norm weight's 8 channels from i: the weight is a view into the step's flat weight buffer, in one 16-byte
+// access where it lies on the 16-byte grid (the same for every thread: c % 8 == 0), else one by one. Read
+// per row from L1.
 __device__ __forceinline__ void load_weights(const bf16* w, float* out) {
+    if (((uintptr_t)w & 15) == 0) return load8(w, out);
 #pragma unroll
     for (int e = 0; e < 8; e++) out[e] = f32(w[e]);
 }
 
 // Per row of x [n, c] (one block each): r = 1 / sqrt(mean(x^2) + eps), y = bf16(x r w), then y quantized per
 // token to int8 (scale max|y| / 127) and back, blended with y by lambda. Writes the BitLinear input and r.
-template <int K, int G>
+template <int K, int G, bool GLU>
 __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, float* rrms, int n, int c,
                                       float inv_c, float eps, float lambda, int t, int hd) {
     using R = Group<G>;
@@ -59,7 +97,8 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
     for (int k = 0; k < K; k++) {
         int i = R::column(k, c);
         if (i == c) continue;
-        load8(x + at(rw, i, c, t, hd), v[k]);
+        float g[8], u[8];
+        load_input<GLU>(x, rw, i, c, t, hd, v[k], g, u);
 #pragma unroll
         for (int e = 0; e < 8; e++) ss += v[k][e] * v[k][e];
     }
@@ -84,7 +123,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
         if (i == c) continue;
 #pragma unroll
         for (int e = 0; e < 8; e++) {
-            float q = fminf(fmaxf(roundf(v[k][e] / scale), -128.f), 127.f) * scale;
+            float q = fminf(fmaxf(roundf(__fdividef(v[k][e], scale)), -128.f), 127.f) * scale;
             v[k][e] = blend(v[k][e], q, lambda);
         }
         store8(y + row + i, v[k]);
@@ -95,35 +134,32 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
 // With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)), plus the residual stream's gradient when
 // `residual` is not null (the add that follows every pre-norm block's branch, fused). Group j takes rows
 // j + i * (groups) and writes its share of dw = sum_rows(dy xhat) to dw_partial[j, :]; `add_column_sums` adds
-// the partial rows in a fixed order (deterministic, unlike atomics).
-template <int K>
+// the partial rows in a fixed order (deterministic, unlike atomics). The row is read twice, for its
+// projection and then for dx (the second time from cache), and the weight per row from L1: what a thread
+// keeps across the reduction is its dw sums only, so that at 4096 channels two blocks of 512 fit an SM
+// (the row kept in registers allowed one: 187 us a call at 6144 rows of gate/up, H200).
+template <int K, int G, bool GLU>
 __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual,
                                  bf16* dx, float* dw_partial, int n, int c, float inv_c, int t, int hd) {
-    using R = Group<0>;
-    float acc[K][8], wv[K][8];
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        int i = R::column(k, c);
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc[k][e] = 0.f;
-        if (i < c) load_weights(w + i, wv[k]);
-    }
+    using R = Group<G>;
+    float acc[K][8] = {};
     for (int row = R::index(); row < n; row += R::count()) {
         size_t base = (size_t)row * c;
         float r = rrms[row];
-        float d[K][8], xh[K][8];
         float dot = 0.f;
 #pragma unroll
         for (int k = 0; k < K; k++) {
             int i = R::column(k, c);
             if (i == c) continue;
-            load8(dy + base + i, d[k]);
-            load8(x + at(row, i, c, t, hd), xh[k]);
+            float d[8], xh[8], g[8], u[8], wv[8];
+            load8(dy + base + i, d);
+            load_input<GLU>(x, row, i, c, t, hd, xh, g, u);
+            load_weights(w + i, wv);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                xh[k][e] *= r;
-                dot += d[k][e] * wv[k][e] * xh[k][e];
-                acc[k][e] += d[k][e] * xh[k][e];
+                xh[e] *= r;
+                dot += d[e] * wv[e] * xh[e];
+                acc[k][e] += d[e] * xh[e];
             }
         }
         float proj = R::reduce(dot, Sum()) * inv_c;
@@ -131,48 +167,65 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
         for (int k = 0; k < K; k++) {
             int i = R::column(k, c);
             if (i == c) continue;
-            float o[8], res[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            float d[8], xh[8], g[8], u[8], wv[8], o[8], res[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            load8(dy + base + i, d);
+            load_input<GLU>(x, row, i, c, t, hd, xh, g, u);
+            load_weights(w + i, wv);
             if (residual) load8(residual + at(row, i, c, t, hd), res);
 #pragma unroll
-            for (int e = 0; e < 8; e++) o[e] = (d[k][e] * wv[k][e] - xh[k][e] * proj) * r + res[e];
-            store8(dx + at(row, i, c, t, hd), o);
+            for (int e = 0; e < 8; e++) o[e] = (d[e] * wv[e] - xh[e] * r * proj) * r + res[e];
+            if constexpr (GLU) {
+                // dh rounded to bf16 as the unfused norm stored it, then through SwiGLU into [dgate | dup].
+                float dg[8], du[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) swiglu_grad(round_bf16(o[e]), g[e], u[e], dg[e], du[e]);
+                store8(dx + (size_t)row * 2 * c + i, dg);
+                store8(dx + (size_t)row * 2 * c + c + i, du);
+            } else {
+                store8(dx + at(row, i, c, t, hd), o);
+            }
         }
     }
 #pragma unroll
     for (int k = 0; k < K; k++) {
         int i = R::column(k, c);
         if (i == c) continue;
-#pragma unroll
-        for (int e = 0; e < 8; e++) dw_partial[(size_t)R::index() * c + i + e] = acc[k][e];
+        float4* out = reinterpret_cast<float4*>(dw_partial + (size_t)R::index() * c + i);
+        out[0] = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
+        out[1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
     }
 }
 
-// Kernels `rmsnorm_quant_forward_{w,b}K` (a warp or a block per row) and `rmsnorm_backward_bK`. Measured on
-// an H200 at 6144 rows: a warp per row is slower where its registers allow one block per SM, the backward
-// at 1536 channels (66 us against about 35 us) and the forward at 4096 (119 us against 58 us).
-#define RMSNORM_FORWARD(K, G, NAME)                                                                                \
-    extern "C" __global__ void rmsnorm_quant_forward_##NAME(const bf16* x, const bf16* w, bf16* y, float* rrms,  \
-                                                            int n, int c, float inv_c, float eps, float lambda,   \
-                                                            int t, int hd) {                                      \
-        rmsnorm_quant_forward<K, G>(x, w, y, rrms, n, c, inv_c, eps, lambda, t, hd);                              \
+// Kernels `[swiglu_]rmsnorm_quant_forward_{w,b}K` (a warp or a block per row) and `[swiglu_]rmsnorm_backward_bK`.
+// Measured on an H200 at 6144 rows: a warp per row is slower where its registers allow one block per SM, the
+// backward at 1536 channels (68 us against 31 us) and the forward at 4096 (119 us against 58 us).
+#define RMSNORM_FORWARD(K, G, GLU, NAME)                                                                           \
+    extern "C" __global__ void NAME(const bf16* x, const bf16* w, bf16* y, float* rrms, int n, int c, float inv_c, \
+                                    float eps, float lambda, int t, int hd) {                                      \
+        rmsnorm_quant_forward<K, G, GLU>(x, w, y, rrms, n, c, inv_c, eps, lambda, t, hd);                          \
     }
-#define RMSNORM_BACKWARD(K, NAME)                                                                                  \
-    extern "C" __global__ void rmsnorm_backward_##NAME(const bf16* dy, const bf16* x, const bf16* w,             \
-                                                       const float* rrms, const bf16* residual, bf16* dx,         \
-                                                       float* dw_partial, int n, int c, float inv_c, int t,       \
-                                                       int hd) {                                                  \
-        rmsnorm_backward<K>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd);                     \
+#define RMSNORM_BACKWARD(K, G, GLU, NAME)                                                                          \
+    extern "C" __global__ void __launch_bounds__(512, 2) NAME(const bf16* dy, const bf16* x, const bf16* w, const float* rrms,               \
+                                    const bf16* residual, bf16* dx, float* dw_partial, int n, int c, float inv_c,  \
+                                    int t, int hd) {                                                               \
+        rmsnorm_backward<K, G, GLU>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd);                 \
     }
-RMSNORM_FORWARD(1, 32, w1)
-RMSNORM_FORWARD(2, 32, w2)
-RMSNORM_FORWARD(4, 32, w4)
-RMSNORM_FORWARD(6, 32, w6)
-RMSNORM_FORWARD(1, 0, b1)
-RMSNORM_FORWARD(2, 0, b2)
-RMSNORM_FORWARD(4, 0, b4)
-RMSNORM_BACKWARD(1, b1)
-RMSNORM_BACKWARD(2, b2)
-RMSNORM_BACKWARD(4, b4)
+// The forward: a warp per row with 1, 2, 4 or 6 vectors per lane, or a block per row with 4; the backward: a
+// block per row (at most 512 threads) with 1, 2 or 4.
+#define FORWARDS(GLU, PREFIX)                      \
+    RMSNORM_FORWARD(1, 32, GLU, PREFIX##w1)        \
+    RMSNORM_FORWARD(2, 32, GLU, PREFIX##w2)        \
+    RMSNORM_FORWARD(4, 32, GLU, PREFIX##w4)        \
+    RMSNORM_FORWARD(6, 32, GLU, PREFIX##w6)        \
+    RMSNORM_FORWARD(4, 0, GLU, PREFIX##b4)
+#define BACKWARDS(GLU, PREFIX)                     \
+    RMSNORM_BACKWARD(1, 0, GLU, PREFIX##b1)        \
+    RMSNORM_BACKWARD(2, 0, GLU, PREFIX##b2)        \
+    RMSNORM_BACKWARD(4, 0, GLU, PREFIX##b4)
+FORWARDS(false, rmsnorm_quant_forward_)
+FORWARDS(true, swiglu_rmsnorm_quant_forward_)
+BACKWARDS(false, rmsnorm_backward_)
+BACKWARDS(true, swiglu_rmsnorm_backward_)
 
 // out[j] += sum over rows of x[:, j] for x [rows, cols] f32, rows in order: the weight's gradient added
 // straight into the gradient buffer. Block (32, 8): 32 columns, the 8 thread rows take every 8th row, then

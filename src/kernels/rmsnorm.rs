@@ -1,4 +1,6 @@
-//! RMSNorm fused with the int8 quantization of the BitLinear input that follows it, and RMSNorm's backward.
+//! RMSNorm fused with the int8 quantization of the BitLinear input that follows it, and RMSNorm's backward;
+//! with `glu`, the norm's input is SwiGLU's output computed on the fly from the fused gate/up rows (down_proj's
+//! input: h never reaches memory, and the backward writes the gate/up gradient).
 
 use candle_core::{bail, DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
@@ -7,90 +9,100 @@ use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("rmsnorm");
 
-/// Whether the kernels take rows of `c` channels: whole 8-channel vectors, at most 4 per thread of a block.
+/// Whether the kernels take rows of `c` channels: whole 8-channel vectors, at most 4 per thread of a block of 512.
 pub fn supports(c: usize) -> bool {
-    c.is_multiple_of(8) && c <= 4 * 8 * 1024
+    c.is_multiple_of(8) && c <= 4 * 8 * 512
 }
 
 /// Whether the kernels apply to `x`: bf16 on CUDA, rows or heads (see [`row_shape`]) of channels they take.
-pub fn takes(x: &Tensor) -> bool {
-    super::applies(x) && row_shape(x).is_ok_and(|(_, c, _, _)| supports(c))
+pub fn takes(x: &Tensor, glu: bool) -> bool {
+    super::applies(x) && row_shape(x, glu).is_ok_and(|(_, c, _, _)| supports(c))
 }
 
-/// How a kernel spreads rows of `c` channels: with `warps` (the forward), a warp per row up to 1536 channels
-/// (6 vectors of 8 per lane), else a block per row of up to 1024 threads with 1, 2 or 4 vectors each (see
-/// `rmsnorm.cu` for the measurements behind the limits).
+/// The kernel's name: `swiglu_` for the gate/up input, then the kind and the variant.
+fn kernel(kind: &str, glu: bool, v: &Variant) -> String {
+    format!("{}rmsnorm_{kind}_{}", if glu { "swiglu_" } else { "" }, v.suffix)
+}
+
+/// How a kernel spreads rows: its name suffix (`w` or `b` and the vectors of 8 channels per thread), threads
+/// per block and rows (groups of threads) per block.
 struct Variant {
-    /// The kernels' name suffix: `w` or `b` and the vectors per thread.
     suffix: String,
     threads: u32,
-    /// Rows (groups of threads) per block.
     groups: usize,
 }
 
-fn variant(c: usize, warps: bool) -> Result<Variant> {
+/// The variant for rows of `c` channels. The forward: a warp per row up to 1536 channels (6 vectors per lane),
+/// else a block per row with 4 vectors per thread. The backward: a block per row of at most 512 threads (two
+/// fit an SM) with 1, 2 or 4 vectors each. `rmsnorm.cu` gives the measurements behind the limits.
+fn variant(c: usize, backward: bool) -> Result<Variant> {
     if !supports(c) {
-        bail!("the RMSNorm kernels take a multiple of 8 channels up to 32768, not {c}");
+        bail!("the RMSNorm kernels take a multiple of 8 channels up to 16384, not {c}");
     }
     let vectors = c / 8;
-    if let Some(k) = [1, 2, 4, 6].into_iter().find(|k| warps && vectors.div_ceil(32) <= *k) {
-        return Ok(Variant { suffix: format!("w{k}"), threads: 256, groups: 8 });
-    }
-    // The forward takes the most vectors per thread (smaller blocks, more rows in flight per SM); the
-    // backward the fewest (it holds four arrays of them).
-    let k = match warps {
-        true => 4,
-        false => [1, 2, 4].into_iter().find(|k| vectors.div_ceil(*k) <= 1024).expect("supports() bounds c"),
+    let block = |k: usize| Variant {
+        suffix: format!("b{k}"),
+        threads: (vectors.div_ceil(k).div_ceil(32) * 32) as u32,
+        groups: 1,
     };
-    Ok(Variant { suffix: format!("b{k}"), threads: (vectors.div_ceil(k).div_ceil(32) * 32) as u32, groups: 1 })
+    if backward {
+        return Ok(block([1, 2, 4].into_iter().find(|k| vectors.div_ceil(*k) <= 512).expect("supports() bounds c")));
+    }
+    match [1, 2, 4, 6].into_iter().find(|k| vectors.div_ceil(32) <= *k) {
+        Some(k) => Ok(Variant { suffix: format!("w{k}"), threads: 256, groups: 8 }),
+        None => Ok(block(4)),
+    }
 }
 
 /// `(n, c, t, d)` of `x`: rows `[n, c]` (t = d = 0), or attention's heads `[b, h, t, d]` read as rows
-/// `[b t, h d]`.
-pub fn row_shape(x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+/// `[b t, h d]`; with `glu`, gate/up rows `[n, 2c]`.
+pub fn row_shape(x: &Tensor, glu: bool) -> Result<(usize, usize, usize, usize)> {
     match *x.dims() {
+        [n, c2] if glu && c2.is_multiple_of(2) => Ok((n, c2 / 2, 0, 0)),
+        _ if glu => bail!("the SwiGLU norm kernels take gate/up rows [n, 2c], not {:?}", x.dims()),
         [n, c] => Ok((n, c, 0, 0)),
         [b, h, t, d] if d.is_multiple_of(8) => Ok((b * t, h * d, t, d)),
         _ => bail!("the RMSNorm kernels take rows [n, c] or heads [b, h, t, d] with d % 8 == 0, not {:?}", x.dims()),
     }
 }
 
-/// For `x` (rows `[n, c]` or heads, see [`row_shape`]) and the norm weight `w: [c]` (bf16): the BitLinear input
-/// (normed, fake-quantized to int8 per row, blended by `lambda`), bf16 rows `[n, c]`, and the reciprocal RMS of
-/// each row, f32 `[n, 1]`.
-pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, Tensor)> {
-    let (n, c, t, d) = row_shape(x)?;
-    let v = variant(c, true)?;
+/// For `x` (rows `[n, c]` or heads, or with `glu` gate/up rows `[n, 2c]`: see [`row_shape`]) and the norm
+/// weight `w: [c]` (bf16): the BitLinear input (normed, fake-quantized to int8 per row, blended by `lambda`),
+/// bf16 rows `[n, c]`, and the reciprocal RMS of each row, f32 `[n, 1]`.
+pub fn rmsnorm_quant_forward(x: &Tensor, glu: bool, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, Tensor)> {
+    let (n, c, t, d) = row_shape(x, glu)?;
+    let v = variant(c, false)?;
     let dev = cuda_device(x)?;
     let (y, rrms) = (uninit((n, c), DType::BF16, &dev)?, uninit((n, 1), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
-    let name = format!("rmsnorm_quant_forward_{}", v.suffix);
-    launch!(dev, PTX, &name, super::per_row(n.div_ceil(v.groups), v.threads);
+    launch!(dev, PTX, &kernel("quant_forward", glu, &v), super::per_row(n.div_ceil(v.groups), v.threads);
         aligned_ptr(x)?, ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, n as i32, c as i32, inv_c, eps as f32,
         lambda as f32, t as i32, d as i32);
     Ok((y, rrms))
 }
 
-/// `(dx, partial)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows or heads, see [`row_shape`]), `w: [c]`,
-/// `rrms: [n, 1]` (f32); `dx` in `x`'s shape with `residual` (the same shape) added; the weight's gradient as
-/// rows of partial sums (f32 `[blocks, c]`), for [`add_column_sums`].
+/// `(dx, partial)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows, heads or with `glu` gate/up rows, see
+/// [`row_shape`]), `w: [c]`, `rrms: [n, 1]` (f32); `dx` in `x`'s shape (with `glu`, `[dgate | dup]`) with
+/// `residual` (the same shape) added; the weight's gradient as rows of partial sums (f32 `[blocks, c]`), for
+/// [`add_column_sums`].
 pub fn rmsnorm_backward(
     dy: &Tensor,
     x: &Tensor,
+    glu: bool,
     w: &Tensor,
     rrms: &Tensor,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let (n, c, t, d) = row_shape(x)?;
-    let v = variant(c, false)?;
-    // Blocks share the rows, at least 4 each: each block writes one row of dw partial sums, which
-    // `add_column_sums` adds, and with one row per block that traffic would match the rows' own.
-    let blocks = n.div_ceil(4).clamp(1, 1024);
+    let (n, c, t, d) = row_shape(x, glu)?;
+    let v = variant(c, true)?;
+    // Groups share the rows, at least 4 each: each group writes one row of dw partial sums, which
+    // `add_column_sums` adds, and with one row per group that traffic would match the rows' own.
+    let blocks = n.div_ceil(4 * v.groups).clamp(1, 1024);
     let dev = cuda_device(x)?;
-    let (dx, partial) = (uninit(x.shape(), DType::BF16, &dev)?, uninit((blocks, c), DType::F32, &dev)?);
+    let partial = uninit((blocks * v.groups, c), DType::F32, &dev)?;
+    let dx = uninit(x.shape(), DType::BF16, &dev)?;
     let inv_c = (1.0 / c as f64) as f32;
-    let name = format!("rmsnorm_backward_{}", v.suffix);
-    launch!(dev, PTX, &name, super::per_row(blocks, v.threads);
+    launch!(dev, PTX, &kernel("backward", glu, &v), super::per_row(blocks, v.threads);
         aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
         aligned_ptr(&dx)?, ptr(&partial)?,
         n as i32, c as i32, inv_c, t as i32, d as i32);

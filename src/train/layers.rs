@@ -107,10 +107,12 @@ impl WeightGrad {
     }
 }
 
-/// What RMSNorm's backward needs: the input and the reciprocal RMS of each row.
+/// What RMSNorm's backward needs: the input and the reciprocal RMS of each row; `glu` when the input is the
+/// fused gate/up rows whose SwiGLU the norm read ([`swiglu_rmsnorm_quant_forward`]).
 pub struct RmsNormSaved {
     x: Tensor,
     rrms: Tensor,
+    glu: bool,
 }
 
 /// `x` as rows `[n, c]`: rows already, or attention's heads `[b, h, t, d]` as `[b t, h d]`.
@@ -126,26 +128,39 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsN
     let x32 = x.to_dtype(DType::F32)?;
     let rrms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let y = x32.broadcast_mul(&rrms)?.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-    Ok((y, RmsNormSaved { x: x.clone(), rrms }))
+    Ok((y, RmsNormSaved { x: x.clone(), rrms, glu: false }))
 }
 
 /// RMSNorm and the BitLinear input quantization that follows it: `(x_eff, saved)`, `x_eff` as rows `[n, c]`.
 /// `x` is rows, or attention's output heads `[b, h, t, d]` normed as rows `[b t, h d]` (read in place by the
 /// kernel: no transposing copy; the backward gives `dx` in the same heads).
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
+    norm_quant_forward(x, false, w, eps, lambda)
+}
+
+/// down_proj's input from the fused gate and up projections `gu = [gate | up]: [n, 2m]`: SwiGLU, then
+/// ffn_layernorm and the quantization, as [`rmsnorm_quant_forward`] of [`swiglu_forward`]. On CUDA one kernel,
+/// and `h = silu(gate) up` never reaches memory; the backward gives `[dgate | dup]`.
+pub fn swiglu_rmsnorm_quant_forward(gu: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
+    norm_quant_forward(gu, true, w, eps, lambda)
+}
+
+fn norm_quant_forward(x: &Tensor, glu: bool, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::rmsnorm::takes(x) {
+    if crate::kernels::rmsnorm::takes(x, glu) {
         let x = x.contiguous()?;
-        let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, &w.contiguous()?, eps, lambda)?;
-        return Ok((y, RmsNormSaved { x, rrms }));
+        let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, glu, &w.contiguous()?, eps, lambda)?;
+        return Ok((y, RmsNormSaved { x, rrms, glu }));
     }
-    let (y, saved) = rmsnorm_forward(&as_rows(x)?, w, eps)?;
-    Ok((effective_input(&y, lambda)?, RmsNormSaved { x: x.clone(), rrms: saved.rrms }))
+    let h = if glu { swiglu_forward(x)? } else { x.clone() };
+    let (y, saved) = rmsnorm_forward(&as_rows(&h)?, w, eps)?;
+    Ok((effective_input(&y, lambda)?, RmsNormSaved { x: x.clone(), rrms: saved.rrms, glu }))
 }
 
 /// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`
 /// (on CUDA as [`WeightGrad::RowSums`]).
-/// `dy` is rows; `dx` has the shape of the forward's input (rows or heads). A pre-norm block adds its branch
+/// `dy` is rows; `dx` has the shape of the forward's input (rows or heads; after SwiGLU's norm, `[dgate | dup]`,
+/// through [`swiglu_backward`]). A pre-norm block adds its branch
 /// to the residual stream, so the stream's gradient `residual` is added to `dx` here (fused on CUDA).
 pub fn rmsnorm_backward(
     dy: &Tensor,
@@ -154,20 +169,22 @@ pub fn rmsnorm_backward(
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, WeightGrad)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(dy) && crate::kernels::rmsnorm::takes(&s.x) {
+    if crate::kernels::applies(dy) && crate::kernels::rmsnorm::takes(&s.x, s.glu) {
         let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
         let residual = residual.map(|r| r.contiguous()).transpose()?;
-        let (dx, partial) = crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, &w, &s.rrms, residual.as_ref())?;
+        let (dx, partial) = crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, s.glu, &w, &s.rrms, residual.as_ref())?;
         return Ok((dx, WeightGrad::RowSums(partial)));
     }
     let dy = dy.to_dtype(DType::F32)?;
-    let xhat = as_rows(&s.x)?.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
+    let x = if s.glu { swiglu_forward(&s.x)? } else { as_rows(&s.x)? };
+    let xhat = x.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
     let dw = (&dy * &xhat)?.sum(0)?;
     let g = dy.broadcast_mul(&w.to_dtype(DType::F32)?)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
     let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rrms)?.to_dtype(s.x.dtype())?;
     let dx = match *s.x.dims() {
         [b, h, t, d] => dx.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?,
+        _ if s.glu => swiglu_backward(&dx, &s.x)?,
         _ => dx,
     };
     let dw = WeightGrad::Tensor(dw);
@@ -187,22 +204,16 @@ pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
 }
 
 /// SwiGLU of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = silu(gate) * up`, `[n, m]`.
+/// The reference of the SwiGLU part of [`swiglu_rmsnorm_quant_forward`]'s kernel.
 pub fn swiglu_forward(gu: &Tensor) -> Result<Tensor> {
     let m = gu.dim(1)? / 2;
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(gu) && crate::kernels::swiglu::supports(m) {
-        return crate::kernels::swiglu::swiglu_forward(&gu.contiguous()?);
-    }
-    gu.narrow(1, 0, m)?.silu()? * gu.narrow(1, m, m)?
+    // silu in f32, rounded once (as torch computes it, and the kernel), then the product.
+    gu.narrow(1, 0, m)?.to_dtype(DType::F32)?.silu()?.to_dtype(gu.dtype())? * gu.narrow(1, m, m)?
 }
 
 /// Returns `[dgate | dup]`; `silu'(a) = s (1 + a (1 - s))` with `s = sigmoid(a)`, in f32.
 pub fn swiglu_backward(dh: &Tensor, gu: &Tensor) -> Result<Tensor> {
     let m = dh.dim(1)?;
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(gu) && crate::kernels::swiglu::supports(m) {
-        return crate::kernels::swiglu::swiglu_backward(&dh.contiguous()?, &gu.contiguous()?);
-    }
     let dtype = gu.dtype();
     let (dh, a, b) = (
         dh.to_dtype(DType::F32)?,

@@ -326,10 +326,10 @@ impl Pass<'_> {
     }
 
     /// down_proj's input from gate and up (SwiGLU, ffn_layernorm, quantization) and the norm's saved
-    /// statistics. All elementwise, about 1% of a step, so every recompute level has the backward redo it
-    /// rather than the forward keep two intermediate-sized tensors per token and block (a quarter of them).
+    /// statistics. One elementwise pass over `gu`, so every recompute level has the backward redo it rather
+    /// than the forward keep an intermediate-sized tensor per token and block.
     fn ffn_inner(&self, s: &BlockSlots, gu: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
-        Ok(rmsnorm_quant_forward(&swiglu_forward(gu)?, &self.w.tensors[s.ffn_ln], self.cfg.rms_norm_eps, self.lambda)?)
+        Ok(swiglu_rmsnorm_quant_forward(gu, &self.w.tensors[s.ffn_ln], self.cfg.rms_norm_eps, self.lambda)?)
     }
 
     /// Block `l`'s backward: adds its parameters' gradients with `add` (to a slot or to neighbouring slots
@@ -348,9 +348,9 @@ impl Pass<'_> {
         let (h, ffn_norm) = self.ffn_inner(&s, &sv.gu)?;
         let (dhq, ddown) = linear_backward(&dx, &h, &p[s.down])?;
         add(s.down..=s.down, &ddown)?;
-        let (dh, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm, None)?;
+        // Through ffn_layernorm and SwiGLU at once: the gate/up gradient.
+        let (dgu, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm, None)?;
         norm(s.ffn_ln, dffn)?;
-        let dgu = swiglu_backward(&dh, &sv.gu)?;
         let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &self.w.stacked(layout, s.gate..=s.up)?)?;
         add(s.gate..=s.up, &dgu_w)?;
         let (dx, dpost) = rmsnorm_backward(&da2, &p[s.post_ln], &sv.post_norm, Some(&dx))?;
