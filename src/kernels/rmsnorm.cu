@@ -228,19 +228,19 @@ BACKWARDS(false, rmsnorm_backward_)
 BACKWARDS(true, swiglu_rmsnorm_backward_)
 
 // out[j] += sum over rows of x[:, j] for x [rows, cols] f32, rows in order: the weight's gradient added
-// straight into the gradient buffer. Block (32, 8): 32 columns, the 8 thread rows take every 8th row, then
-// the first adds the 8 sums.
+// straight into the gradient buffer. Block (32, 32): 32 columns, the 32 thread rows take every 32nd row (many
+// loads in flight: the grid is only cols / 32 blocks), then the first adds the 32 sums.
 extern "C" __global__ void add_column_sums(const float* x, int rows, int cols, float* out) {
-    __shared__ float part[8][33];
+    __shared__ float part[32][33];
     int j = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
     if (j < cols)
-        for (int r = threadIdx.y; r < rows; r += 8) s += x[(size_t)r * cols + j];
+        for (int r = threadIdx.y; r < rows; r += 32) s += x[(size_t)r * cols + j];
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && j < cols) {
         float total = 0.f;
-        for (int y = 0; y < 8; y++) total += part[y][threadIdx.x];
+        for (int y = 0; y < 32; y++) total += part[y][threadIdx.x];
         out[j] += total;
     }
 }

@@ -114,7 +114,7 @@ pub fn rmsnorm_backward(
 pub fn add_column_sums(dst: &Tensor, partial: &Tensor) -> Result<()> {
     let (rows, c) = partial.dims2()?;
     let dev = cuda_device(partial)?;
-    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
     launch!(dev, PTX, "add_column_sums", cfg; ptr(partial)?, rows as i32, c as i32, ptr(dst)?);
     Ok(())
 }
