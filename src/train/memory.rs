@@ -98,14 +98,13 @@ impl Estimate {
 
 /// Bytes the forward keeps per token and block for a recompute level (`e` = compute dtype bytes). With
 /// nothing recomputed: the block input, the residual after attention, the normed quantized inputs of
-/// q/k/v, o_proj and gate/up, q, k, v, attention's output rows (9 x hidden), gate and up (2 x
-/// intermediate; down_proj's input is always recomputed from them), three f32 RMS statistics and one f32
-/// log-sum-exp per head.
+/// q/k/v, o_proj and gate/up, q, k, v, attention's output rows (9 x hidden), gate, up and down_proj's input
+/// (3 x intermediate), four f32 RMS statistics and one f32 log-sum-exp per head.
 pub fn saved_per_token(cfg: &ModelConfig, recompute: Recompute, e: f64) -> f64 {
     let (h, i, heads) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_attention_heads as f64);
     match recompute {
-        Recompute::None => e * (9.0 * h + 2.0 * i) + 4.0 * (3.0 + heads),
-        // Less q, k, v and the log-sum-exp.
+        Recompute::None => e * (9.0 * h + 3.0 * i) + 4.0 * (4.0 + heads),
+        // Less q, k, v, the log-sum-exp, down_proj's input and its statistics.
         Recompute::Attention => e * (6.0 * h + 2.0 * i) + 12.0,
         Recompute::Blocks => e * h,
     }
@@ -139,9 +138,11 @@ pub fn estimate(s: &StepShape) -> Estimate {
         true => n * (4.0 * e * h + 4.0 * heads),
         false => scores * if fused { 4.0 * e } else { 20.0 + 2.0 * e } + n * h * (12.0 + 2.0 * e),
     };
-    // The recomputed SwiGLU output and down_proj input, and the temporaries of the norm and SwiGLU backward
-    // (f32; fused: their e outputs only).
-    let ffn = if fused { 5.0 * e * n * i } else { (32.0 + 2.0 * e) * n * i };
+    // down_proj's input where the backward recomputes it (a recomputed block keeps it, as recompute = "none"
+    // does), and the temporaries of the norm and SwiGLU backward (f32; fused: its input's gradient and
+    // [dgate | dup]).
+    let kept = s.plan.recompute != Recompute::Attention;
+    let ffn = if fused { (3.0 + f64::from(!kept)) * e * n * i } else { (32.0 + 2.0 * e) * n * i };
     let recomputed = match s.plan.recompute {
         Recompute::None => 0.0,
         Recompute::Attention => n * (3.0 * e * h + 4.0 * heads),
@@ -327,10 +328,10 @@ mod tests {
         let est = estimate(&shape(&cfg, 2, 64, Recompute::None));
         assert_eq!(est.part("latent weights (f32)"), 4.0 * p);
         assert_eq!(est.part("this step's weights"), 2.0 * p);
-        // hidden 64, intermediate 176, 4 heads, 2 layers: (9 x 64 + 2 x 176) x 2 + 4 x 7 = 1884 bytes a
+        // hidden 64, intermediate 176, 4 heads, 2 layers: (9 x 64 + 3 x 176) x 2 + 4 x 8 = 2240 bytes a
         // token and block; 128 tokens; the final norm's 2 x 2 x 64 + 4.
-        assert_eq!(saved_per_token(&cfg, Recompute::None, 2.0), 1884.0);
-        assert_eq!(est.part("saved activations"), 128.0 * (2.0 * 1884.0 + 260.0));
+        assert_eq!(saved_per_token(&cfg, Recompute::None, 2.0), 2240.0);
+        assert_eq!(est.part("saved activations"), 128.0 * (2.0 * 2240.0 + 260.0));
         assert_eq!(est.part("allocator slack (one largest transient)"), est.part("largest transient"));
         let sum: f64 = est.parts.iter().map(|(_, b)| b).sum();
         assert_eq!(est.total(), sum);

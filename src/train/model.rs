@@ -209,9 +209,11 @@ struct BlockSaved {
     o: Tensor,
     post_norm: RmsNormSaved,
     a2: Tensor,
-    /// The fused gate and up projections, `[gate | up]`; down_proj's input is recomputed from them
-    /// ([`Pass::ffn_inner`]).
+    /// The fused gate and up projections, `[gate | up]`.
     gu: Tensor,
+    /// down_proj's input and ffn_layernorm's statistics; None unless `recompute = "none"`: the backward
+    /// rebuilds them from `gu` ([`Pass::ffn_inner`]).
+    ffn: Option<(Tensor, RmsNormSaved)>,
 }
 
 /// What the forward keeps of one block.
@@ -308,9 +310,9 @@ impl Pass<'_> {
         Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
 
-    /// Block `l` on its input `x`: the block's output and what its backward needs (attention's part only
-    /// when `keep_attention`).
-    fn block_forward(&self, l: usize, x: &Tensor, keep_attention: bool) -> Result<(Tensor, BlockSaved)> {
+    /// Block `l` on its input `x`: the block's output and what its backward needs (attention's part and
+    /// down_proj's input only when `keep_all`).
+    fn block_forward(&self, l: usize, x: &Tensor, keep_all: bool) -> Result<(Tensor, BlockSaved)> {
         let (p, eps, lambda) = (&self.w.tensors, self.cfg.rms_norm_eps, self.lambda);
         let s = BlockSlots::new(self.layout, l);
         let (a1, input_norm) = rmsnorm_quant_forward(x, &p[s.input_ln], eps, lambda)?;
@@ -320,14 +322,14 @@ impl Pass<'_> {
 
         let (a2, post_norm) = rmsnorm_quant_forward(&x, &p[s.post_ln], eps, lambda)?;
         let gu = linear_forward(&a2, &self.w.stacked(self.layout, s.gate..=s.up)?)?;
-        let x = residual_add(&x, &linear_forward(&self.ffn_inner(&s, &gu)?.0, &p[s.down])?)?;
-        let attn = keep_attention.then_some(attn);
-        Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gu }))
+        let (h, ffn_norm) = self.ffn_inner(&s, &gu)?;
+        let x = residual_add(&x, &linear_forward(&h, &p[s.down])?)?;
+        let (attn, ffn) = (keep_all.then_some(attn), keep_all.then_some((h, ffn_norm)));
+        Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gu, ffn }))
     }
 
     /// down_proj's input from gate and up (SwiGLU, ffn_layernorm, quantization) and the norm's saved
-    /// statistics. One elementwise pass over `gu`, so every recompute level has the backward redo it rather
-    /// than the forward keep an intermediate-sized tensor per token and block.
+    /// statistics: one elementwise pass over `gu`, which the backward redoes unless `recompute = "none"`.
     fn ffn_inner(&self, s: &BlockSlots, gu: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
         Ok(swiglu_rmsnorm_quant_forward(gu, &self.w.tensors[s.ffn_ln], self.cfg.rms_norm_eps, self.lambda)?)
     }
@@ -345,11 +347,18 @@ impl Pass<'_> {
         let s = BlockSlots::new(layout, l);
         // Each gradient is added as soon as it exists, so that what it holds (a GEMM's inputs) is freed.
         let norm = |slot: usize, g: WeightGrad| add(slot..=slot, &g);
-        let (h, ffn_norm) = self.ffn_inner(&s, &sv.gu)?;
-        let (dhq, ddown) = linear_backward(&dx, &h, &p[s.down])?;
+        let recomputed_ffn;
+        let (h, ffn_norm) = match &sv.ffn {
+            Some((h, n)) => (h, n),
+            None => {
+                recomputed_ffn = self.ffn_inner(&s, &sv.gu)?;
+                (&recomputed_ffn.0, &recomputed_ffn.1)
+            }
+        };
+        let (dhq, ddown) = linear_backward(&dx, h, &p[s.down])?;
         add(s.down..=s.down, &ddown)?;
         // Through ffn_layernorm and SwiGLU at once: the gate/up gradient.
-        let (dgu, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], &ffn_norm, None)?;
+        let (dgu, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], ffn_norm, None)?;
         norm(s.ffn_ln, dffn)?;
         let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &self.w.stacked(layout, s.gate..=s.up)?)?;
         add(s.gate..=s.up, &dgu_w)?;
