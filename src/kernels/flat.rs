@@ -37,60 +37,64 @@ const SLOT_PARTS: u32 = 32;
 /// cast (`(range, None)`). Two launches for the whole model: every matrix's partial sums of `|W|`, then every
 /// slot's writes.
 pub fn step_weights(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], lambda: f64) -> Result<Tensor> {
-    let all = 0..flat.elem_count();
-    step_weights_in(flat, slots, all.clone(), &absmean_partials(flat, slots, all)?, lambda)
+    let table = SlotTable::new(flat, slots, 0..flat.elem_count())?;
+    step_weights_in(flat, &table, &absmean_partials(flat, &table)?, lambda)
 }
 
-/// The first launch of [`step_weights`] over the elements of `flat` in `range`: `SLOT_PARTS` partial sums
-/// of `|W|` per slot (f64, `[slots.len() * SLOT_PARTS]`), 0 for casts and for what lies outside `range`.
-/// Under ZeRO-1 each rank sums its shard, and the partials summed over the ranks are the whole matrices'.
-pub fn absmean_partials(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<Tensor> {
-    let dev = cuda_device(flat)?;
-    let (table, _) = slot_table(flat, slots, range)?;
-    let partials = uninit(slots.len() * SLOT_PARTS as usize, DType::F64, &dev)?;
-    let cfg =
-        LaunchConfig { grid_dim: (SLOT_PARTS, slots.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "slot_absmean_partials", cfg; ptr(flat)?, ptr(&table)?, ptr(&partials)?);
-    Ok(partials)
-}
-
-/// The second launch of [`step_weights`]: this step's weights of the elements of `flat` in `range`, each
-/// BitLinear matrix scaled by the `partials` of the whole matrix, in a bf16 buffer laid out as `flat` whose
-/// elements outside `range` are left unset (under ZeRO-1, for the other ranks to send).
-pub fn step_weights_in(
-    flat: &Tensor,
-    slots: &[(Range<usize>, Option<usize>)],
-    range: Range<usize>,
-    partials: &Tensor,
-    lambda: f64,
-) -> Result<Tensor> {
-    let dev = cuda_device(flat)?;
-    let (table, blocks) = slot_table(flat, slots, range)?;
-    let out = uninit(flat.elem_count(), DType::BF16, &dev)?;
-    if blocks == 0 {
-        return Ok(out);
-    }
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "step_weights", cfg;
-        ptr(flat)?, ptr(&table)?, slots.len() as i32, ptr(partials)?, SLOT_PARTS as i32, lambda as f32, ptr(&out)?);
-    Ok(out)
+/// The slots as the kernels read them, for the elements of the flat buffer in a range (the whole buffer, or
+/// under ZeRO-1 a rank's shard): per slot, the first element and the count of its part in the range, for a
+/// BitLinear matrix its whole element count (0 for a cast), and its first block of the writes. One upload,
+/// which waits for the stream: a step makes one.
+pub struct SlotTable {
+    table: Tensor,
+    slots: usize,
+    /// The writes' blocks, a block per `WRITE_CHUNK` elements of each slot's part.
+    blocks: u32,
 }
 
 /// Elements per block of the step weights' writes (8 accesses of 4 per thread).
 const WRITE_CHUNK: usize = 256 * 4 * 8;
 
-/// The kernels' table and the writes' block count: per slot, the first element and the count of its part in
-/// `range`, for a BitLinear matrix its whole element count (0 for a cast), and its first block of the writes.
-fn slot_table(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<(Tensor, u32)> {
-    let mut blocks = 0;
-    let mut table = Vec::with_capacity(4 * slots.len());
-    for (r, c) in slots {
-        let (first, end) = (r.start.max(range.start), r.end.min(range.end));
-        let count = end.saturating_sub(first);
-        table.extend([first as i64, count as i64, if c.is_some() { r.len() as i64 } else { 0 }, blocks as i64]);
-        blocks += count.div_ceil(WRITE_CHUNK);
+impl SlotTable {
+    pub fn new(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<Self> {
+        let mut blocks = 0;
+        let mut table = Vec::with_capacity(4 * slots.len());
+        for (r, c) in slots {
+            let (first, end) = (r.start.max(range.start), r.end.min(range.end));
+            let count = end.saturating_sub(first);
+            table.extend([first as i64, count as i64, if c.is_some() { r.len() as i64 } else { 0 }, blocks as i64]);
+            blocks += count.div_ceil(WRITE_CHUNK);
+        }
+        Ok(Self { table: Tensor::new(table, flat.device())?, slots: slots.len(), blocks: blocks as u32 })
     }
-    Ok((Tensor::new(table, flat.device())?, blocks as u32))
+}
+
+/// The first launch of [`step_weights`]: `SLOT_PARTS` partial sums of `|W|` per slot of `table` (f64,
+/// `[slots * SLOT_PARTS]`), 0 for casts and for what lies outside its range. Under ZeRO-1 each rank sums its
+/// shard, and the partials summed over the ranks are the whole matrices'.
+pub fn absmean_partials(flat: &Tensor, table: &SlotTable) -> Result<Tensor> {
+    let dev = cuda_device(flat)?;
+    let partials = uninit(table.slots * SLOT_PARTS as usize, DType::F64, &dev)?;
+    let cfg =
+        LaunchConfig { grid_dim: (SLOT_PARTS, table.slots as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "slot_absmean_partials", cfg; ptr(flat)?, ptr(&table.table)?, ptr(&partials)?);
+    Ok(partials)
+}
+
+/// The second launch of [`step_weights`]: this step's weights of the elements of `flat` in the table's range,
+/// each BitLinear matrix scaled by the `partials` of the whole matrix, in a bf16 buffer laid out as `flat`
+/// whose elements outside the range are left unset (under ZeRO-1, for the other ranks to send).
+pub fn step_weights_in(flat: &Tensor, table: &SlotTable, partials: &Tensor, lambda: f64) -> Result<Tensor> {
+    let dev = cuda_device(flat)?;
+    let out = uninit(flat.elem_count(), DType::BF16, &dev)?;
+    if table.blocks == 0 {
+        return Ok(out);
+    }
+    let cfg = LaunchConfig { grid_dim: (table.blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "step_weights", cfg;
+        ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, SLOT_PARTS as i32, lambda as f32,
+        ptr(&out)?);
+    Ok(out)
 }
 
 /// `dst += src` for a contiguous f32 view `dst` of the gradient buffer and a gradient `src` (f32 or bf16)

@@ -113,7 +113,7 @@ impl PhaseTimer {
 fn accumulate(
     ctx: &StepContext,
     w: &StepWeights,
-    micro: &[Batch],
+    micro: &[BatchTensors],
     lambda: f64,
     grads: &Tensor,
     mut reducer: GradReducer,
@@ -121,17 +121,15 @@ fn accumulate(
 ) -> Result<(f64, usize)> {
     // The loss stays on the device until every micro-batch is queued: one host sync per step.
     let (mut loss, mut tokens) = (Tensor::zeros((), DType::F64, &ctx.device)?, 0);
-    for (i, b) in micro.iter().enumerate() {
-        let bt = BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)?;
-        PhaseTimer::mark(timer, "batch to device")?;
-        let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, &bt, lambda, ctx.plan)?;
+    for (i, bt) in micro.iter().enumerate() {
+        let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, bt, lambda, ctx.plan)?;
         PhaseTimer::mark(timer, "forward + loss")?;
         let last = i + 1 == micro.len();
         let mut done = |range| if last { reducer.reduce(range) } else { Ok(()) };
-        model::backward(&ctx.model_cfg, &ctx.layout, w, &bt, ctx.plan, saved, grads, &mut done)?;
+        model::backward(&ctx.model_cfg, &ctx.layout, w, bt, ctx.plan, saved, grads, &mut done)?;
         PhaseTimer::mark(timer, "backward")?;
         loss = (loss + l)?;
-        tokens += b.loss_tokens;
+        tokens += bt.loss_tokens;
     }
     reducer.finish()?;
     PhaseTimer::mark(timer, "all-reduce (the part not overlapped)")?;
@@ -198,6 +196,11 @@ pub fn train_step(
     mut timer: Option<&mut PhaseTimer>,
 ) -> Result<StepResult> {
     let lambda = optim::quant_lambda(train, step);
+    // The batches go to the device first, while the last step's AdamW still runs: each upload waits for the
+    // stream, and behind this step's own kernels it would leave the GPU idle while the host catches up.
+    let batches =
+        micro.iter().map(|b| BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)).collect::<Result<Vec<_>>>()?;
+    PhaseTimer::mark(&mut timer, "batch to device")?;
     let w = step_weights(ctx, comm, params, &adam.shard, lambda)?;
     PhaseTimer::mark(&mut timer, "quantize weights")?;
     let wire = match train.grad_dtype {
@@ -210,8 +213,8 @@ pub fn train_step(
     let owners = sharded.then(|| optim::shards(ctx.layout.total, comm.world()));
     let grads = Tensor::zeros(ctx.layout.total, DType::F32, &ctx.device)?;
     let reducer = comm.grad_reducer(&grads, wire, owners);
-    let (loss_sum, loss_tokens) = accumulate(ctx, &w, micro, lambda, &grads, reducer, &mut timer)?;
-    drop(w);
+    let (loss_sum, loss_tokens) = accumulate(ctx, &w, &batches, lambda, &grads, reducer, &mut timer)?;
+    drop((w, batches));
     let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum::<usize>();
     // Under ZeRO-1 the squared gradient norm is the sum of the shards', summed with the other scalars.
     let shard_squares = match sharded {

@@ -66,7 +66,8 @@ pub fn shard_abs_sums(layout: &ParamLayout, flat: &Tensor, shard: Range<usize>, 
     let slots = slot_kinds(layout);
     #[cfg(feature = "cuda")]
     if fused(flat, dtype) {
-        return Ok(crate::kernels::flat::absmean_partials(flat, &slots, shard)?);
+        let table = crate::kernels::flat::SlotTable::new(flat, &slots, shard)?;
+        return Ok(crate::kernels::flat::absmean_partials(flat, &table)?);
     }
     let mut sums = vec![Tensor::zeros((), DType::F64, flat.device())?; slots.len()];
     for (i, part) in layout.parts(shard) {
@@ -92,7 +93,8 @@ pub fn shard_step_weights(
     let slots = slot_kinds(layout);
     #[cfg(feature = "cuda")]
     if fused(flat, dtype) {
-        return Ok(crate::kernels::flat::step_weights_in(flat, &slots, shard, sums, lambda)?);
+        let table = crate::kernels::flat::SlotTable::new(flat, &slots, shard)?;
+        return Ok(crate::kernels::flat::step_weights_in(flat, &table, sums, lambda)?);
     }
     let out = Tensor::zeros(flat.elem_count(), dtype, flat.device())?;
     for (i, part) in layout.parts(shard) {
