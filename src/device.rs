@@ -24,7 +24,30 @@ pub fn rank_device(spec: &str, local_rank: usize) -> Result<Device> {
     if !cfg!(feature = "cuda") {
         bail!("device `{spec}` needs a CUDA build: cargo build --release --features cuda");
     }
-    Ok(Device::new_cuda(ordinal)?)
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    keep_pool_memory(ordinal)?;
+    Ok(device)
+}
+
+/// Keeps freed GPU memory in the allocator's pool across synchronizations. cudarc allocates with
+/// cuMemAllocAsync from the device's default pool, whose release threshold is 0: every sync (a step reads
+/// its loss) hands the freed memory back to the driver, and the next step maps it again, host work that
+/// leaves the GPU idle behind it (PyTorch's caching allocator keeps its blocks the same way).
+#[cfg(feature = "cuda")]
+fn keep_pool_memory(ordinal: usize) -> Result<()> {
+    use cudarc::driver::{result, sys};
+    let mut threshold = u64::MAX;
+    // SAFETY: the device is the one candle just opened; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(result::device::get(ordinal as i32)?)?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        )?;
+    }
+    Ok(())
 }
 
 /// f32 on CPU (exact reference), bf16 on the GPU (tensor cores).
