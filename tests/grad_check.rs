@@ -148,8 +148,8 @@ fn explicit_grads(
     let w = StepWeights::new(layout, flat, lambda, DType::F32).unwrap();
     let rope = RopeTables::new(c, b.seq, &Device::Cpu).unwrap();
     let bt = BatchTensors::new(b, &rope, DType::F32, &Device::Cpu).unwrap();
-    let (loss, saved) = forward(c, layout, &w, &bt, lambda, plan).unwrap();
     let grads = Tensor::zeros(layout.total, DType::F32, &Device::Cpu).unwrap();
+    let (loss, saved) = forward(c, layout, &w, &bt, lambda, plan, &grads).unwrap();
     // Every range the backward declares done must hold its final gradients already (the data-parallel sum
     // starts there), and the ranges must cover the buffer exactly once.
     let mut handed: Vec<(std::ops::Range<usize>, Vec<f32>)> = Vec::new();

@@ -4,10 +4,11 @@
 use candle_core::{bail, DType, Result, Tensor};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 
-use super::{cuda_device, ptr};
+use super::{cuda_device, ptr, rows_ptr};
 
 /// `c += a^T b` for row-major bf16 `a: [n, m]` and `b: [n, k]`, into the contiguous f32 `c` of `m * k`
-/// elements (row-major `[m, k]`).
+/// elements (row-major `[m, k]`). `a`'s rows may lie further apart than `m` (the first columns of a wider
+/// matrix: the head's gradient skips the logits' padding columns so).
 pub fn add_at_b(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     let ((n, m), (nb, k)) = (a.dims2()?, b.dims2()?);
     if n != nb
@@ -26,11 +27,13 @@ pub fn add_at_b(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
             b.dtype()
         );
     }
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let b = b.contiguous()?;
+    let (a_ptr, lda) = rows_ptr(a)?;
     let blas = cuda_device(c)?.cublas_handle();
     let (alpha, beta) = (1f32, 1f32);
     // cuBLAS is column-major and sees each row-major matrix transposed: c^T = b^T a, with b^T a k x n
-    // matrix (ld k) and a^T an m x n one (ld m), so the first operand is b as is, the second a transposed.
+    // matrix (ld k) and a^T an m x n one (ld: a's row stride), so the first operand is b as is, the second a
+    // transposed.
     // SAFETY: the three addresses point into live contiguous tensors of the sizes checked above, and the
     // handle runs on candle's stream, ordered with the kernels that made and will read them.
     unsafe {
@@ -45,9 +48,9 @@ pub fn add_at_b(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
             ptr(&b)? as *const _,
             cudaDataType::CUDA_R_16BF,
             k as i32,
-            ptr(&a)? as *const _,
+            a_ptr as *const _,
             cudaDataType::CUDA_R_16BF,
-            m as i32,
+            lda as i32,
             &beta as *const f32 as *const _,
             ptr(c)? as *mut _,
             cudaDataType::CUDA_R_32F,

@@ -76,19 +76,31 @@ pub(crate) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
 /// The device address of `t`'s first element. `t` must be contiguous (no hidden copy whose buffer could be
 /// freed before the kernel runs) and must outlive the launch; frees after it are ordered on the stream.
 pub(crate) fn ptr(t: &Tensor) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
+    let Some((start, _)) = t.layout().contiguous_offsets() else { bail!("a fused kernel was given a strided tensor") };
+    Ok(storage_ptr(t)? + (start * t.dtype().size_in_bytes()) as u64)
+}
+
+/// The address and row stride of a matrix whose rows are contiguous but may lie further apart (the first
+/// columns of a wider matrix), for cuBLAS's leading dimension; as [`ptr`] otherwise.
+pub(crate) fn rows_ptr(t: &Tensor) -> Result<(u64, usize)> {
+    let l = t.layout();
+    let [rows, 1] = *l.stride() else { bail!("a GEMM was given a matrix whose rows are not contiguous") };
+    Ok((storage_ptr(t)? + (l.start_offset() * t.dtype().size_in_bytes()) as u64, rows))
+}
+
+/// The device address of the start of `t`'s storage.
+fn storage_ptr(t: &Tensor) -> Result<u64> {
+    let (storage, _) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else { bail!("a fused kernel was given a tensor that is not on a CUDA device") };
-    let Some((start, _)) = layout.contiguous_offsets() else { bail!("a fused kernel was given a strided tensor") };
     let stream = s.device.cuda_stream();
-    let base = match t.dtype() {
+    Ok(match t.dtype() {
         DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
         DType::F64 => s.as_cuda_slice::<f64>()?.device_ptr(&stream).0,
         DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
         DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
         DType::I64 => s.as_cuda_slice::<i64>()?.device_ptr(&stream).0,
         d => bail!("fused kernels take no {d:?} tensors"),
-    };
-    Ok(base + (start * t.dtype().size_in_bytes()) as u64)
+    })
 }
 
 /// [`ptr`] for kernels that access 16 bytes at a time (`load8`/`store8` in `common.cuh`).

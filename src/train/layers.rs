@@ -78,11 +78,13 @@ pub fn linear_backward(dy: &Tensor, x_eff: &Tensor, w: &Tensor) -> Result<(Tenso
 /// A parameter's gradient as it leaves a layer's backward: a tensor, a linear layer's `dy^T x`, left as
 /// a product so that on CUDA one GEMM adds it into the f32 gradient buffer (f32 accumulation, no bf16
 /// gradient in memory, no separate addition), or rows of partial sums (f32 `[k, c]`, RMSNorm's per-block
-/// shares of its weight's gradient) whose column sums one kernel adds into the buffer.
+/// shares of its weight's gradient) whose column sums one kernel adds into the buffer, or the embedding's
+/// token rows `dx` scattered to their ids' rows, which one kernel adds straight into the buffer's table.
 pub enum WeightGrad {
     Tensor(Tensor),
     Product { dy: Tensor, x: Tensor },
     RowSums(Tensor),
+    Scatter { dx: Tensor, ids: Tensor, rows: TokenRows },
 }
 
 impl WeightGrad {
@@ -94,16 +96,29 @@ impl WeightGrad {
             return match self {
                 Self::Tensor(g) => crate::kernels::flat::accumulate(&dst, &g.contiguous()?),
                 Self::Product { dy, x } if crate::kernels::applies(dy) => crate::kernels::gemm::add_at_b(&dst, dy, x),
-                Self::Product { dy, x } => crate::kernels::flat::accumulate(&dst, &dy.t()?.matmul(x)?.contiguous()?),
+                Self::Product { .. } => crate::kernels::flat::accumulate(&dst, &self.dense(range.len())?.contiguous()?),
                 Self::RowSums(p) => crate::kernels::rmsnorm::add_column_sums(&dst, &p.contiguous()?),
+                Self::Scatter { dx, rows, .. } if crate::kernels::applies(dx) => {
+                    crate::kernels::embedding::add_embedding_rows(&dst, &dx.contiguous()?, rows)
+                }
+                Self::Scatter { .. } => crate::kernels::flat::accumulate(&dst, &self.dense(range.len())?),
             };
         }
-        let g = match self {
-            Self::Tensor(g) => g.clone(),
-            Self::Product { dy, x } => dy.t()?.matmul(x)?,
-            Self::RowSums(p) => p.sum(0)?,
-        };
+        let g = self.dense(range.len())?;
         flat.slice_set(&(dst + g.flatten_all()?.to_dtype(DType::F32)?)?, 0, range.start)
+    }
+
+    /// The gradient as a tensor of `n` elements (the reference path).
+    fn dense(&self, n: usize) -> Result<Tensor> {
+        match self {
+            Self::Tensor(g) => Ok(g.clone()),
+            Self::Product { dy, x } => dy.contiguous()?.t()?.matmul(x),
+            Self::RowSums(p) => p.sum(0),
+            Self::Scatter { dx, ids, .. } => {
+                let c = dx.dim(1)?;
+                Tensor::zeros((n / c, c), DType::F32, dx.device())?.index_add(ids, &dx.to_dtype(DType::F32)?, 0)
+            }
+        }
     }
 }
 
@@ -353,6 +368,7 @@ pub fn cross_entropy_forward_backward(
 
 /// Which rows of a batch hold each token id, for [`embedding_backward`]: the rows sorted by id (stable),
 /// and per distinct id `(id, first, end)` into that order; u32 tensors on the batch's device.
+#[derive(Clone)]
 pub struct TokenRows {
     pub order: Tensor,
     pub runs: Tensor,
@@ -376,15 +392,10 @@ impl TokenRows {
     }
 }
 
-/// The embedding table's gradient, f32 `[vocab, c]`: row `id` sums the rows of `dx: [n, c]` whose token is
-/// `id` (`ids`, on the device, and `rows` describe the same tokens).
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-pub fn embedding_backward(dx: &Tensor, ids: &Tensor, rows: &TokenRows, vocab: usize) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(dx) {
-        return crate::kernels::embedding::embedding_backward(&dx.contiguous()?, rows, vocab);
-    }
-    Tensor::zeros((vocab, dx.dim(1)?), DType::F32, dx.device())?.index_add(ids, &dx.to_dtype(DType::F32)?, 0)
+/// The embedding table's gradient: row `id` sums the rows of `dx: [n, c]` whose token is `id` (`ids`, on the
+/// device, and `rows` describe the same tokens), added into the gradient buffer's table in place.
+pub fn embedding_backward(dx: &Tensor, ids: &Tensor, rows: &TokenRows) -> WeightGrad {
+    WeightGrad::Scatter { dx: dx.clone(), ids: ids.clone(), rows: rows.clone() }
 }
 
 /// Which keys each query may see, as one number per token: query `i` sees keys `j` with

@@ -126,9 +126,12 @@ pub fn estimate(s: &StepShape) -> Estimate {
     // On CUDA the fused kernels (crate::kernels) replace chains of f32 temporaries with one bf16 output.
     let fused = s.cuda;
     // The loss chunk: logits, exp and two gradient copies in f32 (fused: bf16 logits and their gradient);
-    // the head gradient in e, widened to f32, and its running sum; dhidden's chunks while they are joined.
+    // the head padded to a multiple of 8 rows; dhidden's chunks while they are joined. On CUDA the head's and
+    // the embedding's gradients go straight into the buffer; elsewhere each is a dense f32 table first, then
+    // its sum with the buffer.
     let logits = if fused { 2.0 * e } else { 16.0 };
-    let loss = logits * chunk * v + (8.0 + e) * v * h + e * n * h;
+    let dense_grads = if fused { 0.0 } else { 8.0 * v * h };
+    let loss = logits * chunk * v + e * v * h + dense_grads + e * n * h;
     let query_block = s.plan.attention_block.min(s.seq) as f64;
     let scores = s.micro_batch as f64 * heads * query_block * s.seq as f64;
     // Score-sized temporaries of one query block: probabilities (f32 and e), dP, dP P, dP - rowsum, dS (f32
@@ -148,9 +151,9 @@ pub fn estimate(s: &StepShape) -> Estimate {
         Recompute::Attention => n * (3.0 * e * h + 4.0 * heads),
         Recompute::Blocks => n * saved_per_token(cfg, Recompute::None, e),
     };
-    // The block's weight gradients (in e: the flat buffer widens them as it adds them), the head gradient
-    // kept to the end, the residual gradients.
-    let backward = e * block_params + recomputed + attention.max(ffn) + 4.0 * v * h + 2.0 * e * n * h;
+    // The block's weight gradients (in e: the flat buffer widens them as it adds them), the residual
+    // gradients, and off CUDA the embedding's dense gradient.
+    let backward = e * block_params + recomputed + attention.max(ffn) + dense_grads + 2.0 * e * n * h;
     let transient = loss.max(backward);
 
     let moments = 8.0 * p / s.optimizer_shards.max(1) as f64;

@@ -122,7 +122,7 @@ fn accumulate(
     // The loss stays on the device until every micro-batch is queued: one host sync per step.
     let (mut loss, mut tokens) = (Tensor::zeros((), DType::F64, &ctx.device)?, 0);
     for (i, bt) in micro.iter().enumerate() {
-        let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, bt, lambda, ctx.plan)?;
+        let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, bt, lambda, ctx.plan, grads)?;
         PhaseTimer::mark(timer, "forward + loss")?;
         let last = i + 1 == micro.len();
         let mut done = |range| if last { reducer.reduce(range) } else { Ok(()) };

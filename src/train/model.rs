@@ -226,15 +226,14 @@ enum LayerSaved {
 }
 
 /// What [`backward`] needs from [`forward`]. The loss's own backward (through the head) is done chunk by
-/// chunk in the forward, so no logits are kept: `dhidden` is the gradient at the final norm's output and
-/// `dhead` the head weight's gradient (flat f32).
+/// chunk in the forward, so no logits are kept: `dhidden` is the gradient at the final norm's output (the
+/// head weight's gradient is in the gradient buffer already).
 pub struct Saved {
     /// The quantization warm-up's lambda the forward ran with (a recomputed block needs it too).
     lambda: f64,
     layers: Vec<LayerSaved>,
     final_norm: RmsNormSaved,
     dhidden: Tensor,
-    dhead: Tensor,
 }
 
 /// Names of one block's parameters, resolved to slot indices once.
@@ -411,10 +410,11 @@ impl Pass<'_> {
     }
 
     /// The summed loss of the final hidden rows (an f64 scalar on the device), `loss_chunk` rows at a time so
-    /// that only one chunk's f32 logits exist at once; with `grad`, also the gradients at `hidden` and of
-    /// the head's weight, accumulated chunk by chunk.
-    fn head_loss(&self, hidden: &Tensor, grad: bool) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        let head = &self.w.tensors[head_slot(self.cfg, self.layout)];
+    /// that only one chunk's logits exist at once; with `grads` (the flat f32 gradient buffer), also the
+    /// gradient at `hidden`, and the head weight's gradient added into `grads` chunk by chunk.
+    fn head_loss(&self, hidden: &Tensor, grads: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        let slot = head_slot(self.cfg, self.layout);
+        let head = &self.w.tensors[slot];
         let (vocab, channels) = head.dims2()?;
         // The head's rows padded to a multiple of 8: cuBLAS's fast kernels need the logits' rows aligned, and
         // vocabularies such as 32002 are not. The loss ignores the padding's logits; its gradient is dropped.
@@ -422,11 +422,6 @@ impl Pass<'_> {
         let head = match rows - vocab {
             0 => head.clone(),
             pad => Tensor::cat(&[head, &Tensor::zeros((pad, channels), head.dtype(), head.device())?], 0)?,
-        };
-        // The head's gradient is summed over the chunks in f32, flat, padding included.
-        let dhead = match grad {
-            true => Some(Tensor::zeros(rows * channels, DType::F32, hidden.device())?),
-            false => None,
         };
         let (mut loss, mut dhidden) = (Tensor::zeros((), DType::F64, hidden.device())?, Vec::new());
         let n = hidden.dim(0)?;
@@ -438,22 +433,24 @@ impl Pass<'_> {
             let mask = self.b.loss_mask.narrow(0, r0, nr)?;
             let (l, dlogits) = cross_entropy_forward_backward(&logits, vocab, &targets, &mask)?;
             loss = (loss + l)?;
-            if let Some(dhead) = &dhead {
-                let (dh, dw) = linear_backward(&dlogits.to_dtype(hidden.dtype())?, &h, &head)?;
-                dw.add_to(dhead, 0..dhead.elem_count())?;
+            if let Some(grads) = grads {
+                let dlogits = dlogits.to_dtype(hidden.dtype())?;
+                let (dh, _) = linear_backward(&dlogits, &h, &head)?;
+                // The weight's gradient from the vocabulary's columns only: the padding rows have none.
+                let dw = WeightGrad::Product { dy: dlogits.narrow(1, 0, vocab)?, x: h };
+                self.layout.accumulate(grads, slot..=slot, &dw)?;
                 dhidden.push(dh);
             }
         }
-        match dhead {
-            Some(dhead) => Ok((loss, Some((Tensor::cat(&dhidden, 0)?, dhead.narrow(0, 0, vocab * channels)?)))),
-            None => Ok((loss, None)),
-        }
+        Ok((loss, grads.map(|_| Tensor::cat(&dhidden, 0)).transpose()?))
     }
 }
 
 /// Runs the network on a micro-batch and returns the summed loss over its trained tokens (an f64 scalar left
 /// on the device: reading it would make the host wait for the GPU before queueing the backward) and what the
-/// backward needs (the loss gradient included), keeping activations as `plan.recompute` says.
+/// backward needs (the loss gradient included), keeping activations as `plan.recompute` says. The head
+/// weight's gradient is added into `grads` (the flat f32 gradient buffer) here, chunk by chunk.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     cfg: &ModelConfig,
     layout: &ParamLayout,
@@ -461,12 +458,13 @@ pub fn forward(
     b: &BatchTensors,
     lambda: f64,
     plan: MemoryPlan,
+    grads: &Tensor,
 ) -> Result<(Tensor, Saved)> {
     let pass = Pass { cfg, layout, w, b, lambda, plan };
     let (hidden, layers, final_norm) = pass.trunk(Some(plan.recompute))?;
-    let (loss, grads) = pass.head_loss(&hidden, true)?;
-    let (dhidden, dhead) = grads.expect("head_loss returns gradients when asked");
-    Ok((loss, Saved { lambda, layers, final_norm, dhidden, dhead }))
+    let (loss, dhidden) = pass.head_loss(&hidden, Some(grads))?;
+    let dhidden = dhidden.expect("head_loss returns the gradient when given the buffer");
+    Ok((loss, Saved { lambda, layers, final_norm, dhidden }))
 }
 
 /// The summed loss of a micro-batch alone (dev loss): keeps no activations.
@@ -480,7 +478,7 @@ pub fn loss(
 ) -> Result<f64> {
     let pass = Pass { cfg, layout, w, b, lambda, plan };
     let (hidden, _, _) = pass.trunk(None)?;
-    Ok(pass.head_loss(&hidden, false)?.0.to_scalar::<f64>()?)
+    Ok(pass.head_loss(&hidden, None)?.0.to_scalar::<f64>()?)
 }
 
 /// Adds the gradients of the summed loss to `grads`, the flat f32 gradient buffer, each parameter's as
@@ -501,13 +499,11 @@ pub fn backward(
 ) -> Result<()> {
     let pass = Pass { cfg, layout, w, b, lambda: saved.lambda, plan };
     let add = |slots: RangeInclusive<usize>, g: &WeightGrad| layout.accumulate(grads, slots, g);
-    let head = head_slot(cfg, layout);
-    add(head..=head, &WeightGrad::Tensor(saved.dhead))?;
     let norm = layout.index("model.norm.weight");
     let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm, None)?;
     add(norm..=norm, &dnorm)?;
-    // What follows the blocks (the final norm, an untied head) is final already: its sum can run under the
-    // whole backward instead of after it.
+    // What follows the blocks (the final norm, an untied head, whose gradient the forward added) is final
+    // already: its sum can run under the whole backward instead of after it.
     let blocks = match cfg.num_hidden_layers {
         0 => layout.total..layout.total,
         l => BlockSlots::new(layout, 0).range(layout).start..BlockSlots::new(layout, l - 1).range(layout).end,
@@ -523,8 +519,7 @@ pub fn backward(
     }
     // The embedding gathers rows; its gradient scatters them back (and adds the tied head's).
     let embed = layout.index("model.embed_tokens.weight");
-    let dembed = embedding_backward(&dx, &b.ids, &b.token_rows, cfg.vocab_size)?;
-    add(embed..=embed, &WeightGrad::Tensor(dembed))?;
+    add(embed..=embed, &embedding_backward(&dx, &b.ids, &b.token_rows))?;
     // The embedding, before the blocks (and a tied head with it).
     done(0..blocks.start)
 }
