@@ -300,7 +300,8 @@ mod fused {
         // A view that starts and ends off the 16-byte grid: the kernel's scalar head and tail.
         let part = g.narrow(0, 1, layout.total - 4).unwrap();
         let want: f64 = values(&part).iter().map(|x| x * x).sum();
-        let got = bessie::kernels::flat::sum_squares(&part.to_device(&dev).unwrap()).unwrap();
+        let got =
+            bessie::kernels::flat::sum_squares(&part.to_device(&dev).unwrap()).unwrap().to_scalar::<f64>().unwrap();
         assert!((got - want).abs() <= 1e-9 * want, "sum of squares {got} vs {want}");
 
         let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };

@@ -165,8 +165,10 @@ fn sharded_step_weights_and_grad_norm_equal_the_whole() {
     }
     let norm = grad_norm(&flat, &layout).unwrap();
     for world in [2, 3, 7] {
-        let squares: f64 =
-            shards(layout.total, world).into_iter().map(|s| grad_squares(&flat, &layout, s).unwrap()).sum();
+        let squares: f64 = shards(layout.total, world)
+            .into_iter()
+            .map(|s| grad_squares(&flat, &layout, s).unwrap().to_scalar::<f64>().unwrap())
+            .sum();
         assert_eq!(squares.sqrt(), norm, "{world} shards");
     }
 }

@@ -23,9 +23,9 @@ fn sum_partials(x: &Tensor, square: bool) -> Result<(Tensor, usize)> {
     Ok((partials, blocks))
 }
 
-/// `sum(x^2)` of a contiguous f32 tensor, accumulated in f64.
-pub fn sum_squares(x: &Tensor) -> Result<f64> {
-    sum_partials(x, true)?.0.sum_all()?.to_scalar::<f64>()
+/// `sum(x^2)` of a contiguous f32 tensor, accumulated in f64: an f64 scalar left on the device.
+pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
+    sum_partials(x, true)?.0.sum_all()
 }
 
 /// Blocks per slot in [`step_weights`]: enough for the largest matrices to fill the card, few enough that

@@ -106,7 +106,7 @@ impl PhaseTimer {
     }
 }
 
-/// Summed loss and trained-token count of micro-batches at fixed weights, their gradients added into `grads`
+/// Summed loss (an f64 scalar on the device) and trained-token count of micro-batches at fixed weights, their gradients added into `grads`
 /// (flat, f32) and summed over the ranks by `reducer`. The last micro-batch's backward hands each finished
 /// range of the gradients to the reducer, so the reduction overlaps the rest of the backward; once per
 /// optimizer step, not per micro-batch.
@@ -118,7 +118,7 @@ fn accumulate(
     grads: &Tensor,
     mut reducer: GradReducer,
     timer: &mut Option<&mut PhaseTimer>,
-) -> Result<(f64, usize)> {
+) -> Result<(Tensor, usize)> {
     // The loss stays on the device until every micro-batch is queued: one host sync per step.
     let (mut loss, mut tokens) = (Tensor::zeros((), DType::F64, &ctx.device)?, 0);
     for (i, bt) in micro.iter().enumerate() {
@@ -133,7 +133,7 @@ fn accumulate(
     }
     reducer.finish()?;
     PhaseTimer::mark(timer, "all-reduce (the part not overlapped)")?;
-    Ok((loss.to_scalar::<f64>()?, tokens))
+    Ok((loss, tokens))
 }
 
 /// This rank's share of the flat buffer for the optimizer: all of it, or with `train.zero1` and several
@@ -216,14 +216,15 @@ pub fn train_step(
     let (loss_sum, loss_tokens) = accumulate(ctx, &w, &batches, lambda, &grads, reducer, &mut timer)?;
     drop((w, batches));
     let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum::<usize>();
-    // Under ZeRO-1 the squared gradient norm is the sum of the shards', summed with the other scalars.
-    let shard_squares = match sharded {
-        true => optim::grad_squares(&grads, &ctx.layout, adam.shard.clone())?,
-        false => 0.0,
-    };
-    let mut sums = [loss_sum, loss_tokens as f64, tokens as f64, shard_squares];
+    // The squared gradient norm is queued before the host reads anything back, so that it waits for the GPU
+    // once for both. Under ZeRO-1 it is this rank's shard's, summed over the ranks with the other scalars.
+    let squares = optim::grad_squares(&grads, &ctx.layout, adam.shard.clone())?;
+    let [loss_sum, squares]: [f64; 2] =
+        Tensor::stack(&[loss_sum, squares], 0)?.to_vec1::<f64>()?.try_into().expect("two scalars");
+    let mut sums = [loss_sum, loss_tokens as f64, tokens as f64, if sharded { squares } else { 0.0 }];
     comm.all_reduce_sum_f64(&mut sums)?;
-    let [loss_sum, loss_tokens, tokens, squares] = sums;
+    let squares = if sharded { sums[3] } else { squares };
+    let [loss_sum, loss_tokens, tokens, _] = sums;
     // The loss is global now, so on a NaN every rank stops here together.
     let loss = loss_sum / loss_tokens.max(1.0);
     if !loss.is_finite() {
@@ -231,11 +232,7 @@ pub fn train_step(
     }
     // The gradients are sums over the step's tokens: the update divides by their number.
     let per_token = 1.0 / loss_tokens.max(1.0);
-    let norm = match sharded {
-        true => squares.sqrt(),
-        false => optim::grad_norm(&grads, &ctx.layout)?,
-    };
-    let grad_norm = norm * per_token;
+    let grad_norm = squares.sqrt() * per_token;
     PhaseTimer::mark(&mut timer, "clip")?;
     if !grad_norm.is_finite() {
         bail!("gradient norm is {grad_norm} at step {}; stopping with the last good checkpoint intact", step + 1);

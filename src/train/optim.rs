@@ -173,13 +173,13 @@ pub fn quant_lambda(cfg: &TrainSection, step: usize) -> f64 {
 
 /// Global L2 norm of the flat gradients (f64 accumulation).
 pub fn grad_norm(grads: &Tensor, layout: &ParamLayout) -> Result<f64> {
-    Ok(grad_squares(grads, layout, 0..layout.total)?.sqrt())
+    Ok(grad_squares(grads, layout, 0..layout.total)?.to_scalar::<f64>()?.sqrt())
 }
 
-/// The sum of squares of `grads[range]` (f64 accumulation): all of it, or under ZeRO-1 the shard whose sums
-/// this rank holds. On CUDA one fused reduction over the range; elsewhere per parameter and per row first,
-/// as GPU reductions parallelise over rows ([`ParamLayout::part_sum`]).
-pub fn grad_squares(grads: &Tensor, layout: &ParamLayout, range: Range<usize>) -> Result<f64> {
+/// The sum of squares of `grads[range]` (f64 accumulation), an f64 scalar left on the device: all of it, or
+/// under ZeRO-1 the shard whose sums this rank holds. On CUDA one fused reduction over the range; elsewhere
+/// per parameter and per row first, as GPU reductions parallelise over rows ([`ParamLayout::part_sum`]).
+pub fn grad_squares(grads: &Tensor, layout: &ParamLayout, range: Range<usize>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::kernels::on_cuda(grads) {
         return Ok(crate::kernels::flat::sum_squares(&grads.narrow(0, range.start, range.len())?)?);
@@ -188,7 +188,7 @@ pub fn grad_squares(grads: &Tensor, layout: &ParamLayout, range: Range<usize>) -
         .parts(range)
         .map(|(i, part)| layout.part_sum(grads, i, part, Tensor::sqr))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&partial, 0)?.sum_all()?.to_scalar::<f64>()?)
+    Ok(Tensor::stack(&partial, 0)?.sum_all()?)
 }
 
 /// The factor `torch.nn.utils.clip_grad_norm_` scales the gradients by: `max_norm / (norm + 1e-6)` when
