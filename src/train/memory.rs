@@ -182,7 +182,10 @@ pub fn estimate(s: &StepShape) -> Estimate {
         ],
     };
     if s.cuda {
-        parts.push(("allocator slack (one largest transient)", transient));
+        // The memory pool keeps freed blocks for reuse (device::rank_device), and blocks of one size cannot
+        // always serve another: at 768 x 8 on an H100, 20.64-20.70 GiB in use at the peak against 20.40
+        // counted with one transient of slack (0.23 GiB); two count 20.63.
+        parts.push(("allocator slack (two largest transients)", 2.0 * transient));
         parts.push(("CUDA context and libraries", CUDA_CONTEXT_BYTES[if fused { 0 } else { 1 }]));
     }
     Estimate { parts }
@@ -335,7 +338,7 @@ mod tests {
         // token and block; 128 tokens; the final norm's 2 x 2 x 64 + 4.
         assert_eq!(saved_per_token(&cfg, Recompute::None, 2.0), 2240.0);
         assert_eq!(est.part("saved activations"), 128.0 * (2.0 * 2240.0 + 260.0));
-        assert_eq!(est.part("allocator slack (one largest transient)"), est.part("largest transient"));
+        assert_eq!(est.part("allocator slack (two largest transients)"), 2.0 * est.part("largest transient"));
         let sum: f64 = est.parts.iter().map(|(_, b)| b).sum();
         assert_eq!(est.total(), sum);
     }
