@@ -26,6 +26,9 @@ pub struct StepWeights {
     flat: Tensor,
     /// Each slot's view of `flat`, in its own shape.
     pub tensors: Vec<Tensor>,
+    /// The head padded to a multiple of 8 rows ([`Pass::head_loss`]), made by the step's first micro-batch
+    /// and kept for the others.
+    padded_head: std::sync::OnceLock<Tensor>,
 }
 
 impl StepWeights {
@@ -36,7 +39,7 @@ impl StepWeights {
     /// The step weights in `flat`, built whole or gathered from the ZeRO-1 shards ([`shard_step_weights`]).
     pub fn from_flat(layout: &ParamLayout, flat: Tensor) -> Result<Self> {
         let tensors = (0..layout.slots.len()).map(|i| layout.view(&flat, i)).collect::<candle_core::Result<_>>()?;
-        Ok(Self { flat, tensors })
+        Ok(Self { flat, tensors, padded_head: std::sync::OnceLock::new() })
     }
 
     /// The neighbouring matrices `slots`, which share their number of columns, as one: their rows stacked.
@@ -419,9 +422,13 @@ impl Pass<'_> {
         // The head's rows padded to a multiple of 8: cuBLAS's fast kernels need the logits' rows aligned, and
         // vocabularies such as 32002 are not. The loss ignores the padding's logits; its gradient is dropped.
         let rows = vocab.next_multiple_of(8);
-        let head = match rows - vocab {
-            0 => head.clone(),
-            pad => Tensor::cat(&[head, &Tensor::zeros((pad, channels), head.dtype(), head.device())?], 0)?,
+        let head = match (rows - vocab, self.w.padded_head.get()) {
+            (0, _) => head.clone(),
+            (_, Some(padded)) => padded.clone(),
+            (pad, None) => {
+                let padded = Tensor::cat(&[head, &Tensor::zeros((pad, channels), head.dtype(), head.device())?], 0)?;
+                self.w.padded_head.get_or_init(|| padded).clone()
+            }
         };
         let (mut loss, mut dhidden) = (Tensor::zeros((), DType::F64, hidden.device())?, Vec::new());
         let n = hidden.dim(0)?;
