@@ -28,8 +28,8 @@ pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
     sum_partials(x, true)?.0.sum_all()
 }
 
-/// Blocks per slot in [`step_weights`]: enough for the largest matrices to fill the card, few enough that
-/// a norm's blocks finish at once.
+/// Partial sums of `|W|` per slot in [`absmean_partials`] (the same count on every rank, so that ZeRO-1's
+/// ranks can sum them elementwise): enough blocks for the largest matrices to fill the card.
 const SLOT_PARTS: u32 = 32;
 
 /// This step's weights in bf16, `[flat.len()]`, the layout of the f32 `flat`: every slot either the BitLinear

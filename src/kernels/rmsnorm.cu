@@ -138,10 +138,10 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
 // projection and then for dx (the second time from cache), and the weight per row from L1: what a thread
 // keeps across the reduction is its dw sums only, so that at 4096 channels two blocks of 512 fit an SM
 // (the row kept in registers allowed one: 187 us a call at 6144 rows of gate/up, H200).
-template <int K, int G, bool GLU>
+template <int K, bool GLU>
 __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual,
                                  bf16* dx, float* dw_partial, int n, int c, float inv_c, int t, int hd) {
-    using R = Group<G>;
+    using R = Group<0>;  // a block per row
     float acc[K][8] = {};
     for (int row = R::index(); row < n; row += R::count()) {
         size_t base = (size_t)row * c;
@@ -204,11 +204,11 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
                                     float eps, float lambda, int t, int hd) {                                      \
         rmsnorm_quant_forward<K, G, GLU>(x, w, y, rrms, n, c, inv_c, eps, lambda, t, hd);                          \
     }
-#define RMSNORM_BACKWARD(K, G, GLU, NAME)                                                                          \
-    extern "C" __global__ void __launch_bounds__(512, 2) NAME(const bf16* dy, const bf16* x, const bf16* w, const float* rrms,               \
-                                    const bf16* residual, bf16* dx, float* dw_partial, int n, int c, float inv_c,  \
-                                    int t, int hd) {                                                               \
-        rmsnorm_backward<K, G, GLU>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd);                 \
+#define RMSNORM_BACKWARD(K, GLU, NAME)                                                                             \
+    extern "C" __global__ void __launch_bounds__(512, 2)                                                           \
+        NAME(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual, bf16* dx,     \
+             float* dw_partial, int n, int c, float inv_c, int t, int hd) {                                        \
+        rmsnorm_backward<K, GLU>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd);                    \
     }
 // The forward: a warp per row with 1, 2, 4 or 6 vectors per lane, or a block per row with 4; the backward: a
 // block per row (at most 512 threads) with 1, 2 or 4.
@@ -219,9 +219,9 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
     RMSNORM_FORWARD(6, 32, GLU, PREFIX##w6)        \
     RMSNORM_FORWARD(4, 0, GLU, PREFIX##b4)
 #define BACKWARDS(GLU, PREFIX)                     \
-    RMSNORM_BACKWARD(1, 0, GLU, PREFIX##b1)        \
-    RMSNORM_BACKWARD(2, 0, GLU, PREFIX##b2)        \
-    RMSNORM_BACKWARD(4, 0, GLU, PREFIX##b4)
+    RMSNORM_BACKWARD(1, GLU, PREFIX##b1)           \
+    RMSNORM_BACKWARD(2, GLU, PREFIX##b2)           \
+    RMSNORM_BACKWARD(4, GLU, PREFIX##b4)
 FORWARDS(false, rmsnorm_quant_forward_)
 FORWARDS(true, swiglu_rmsnorm_quant_forward_)
 BACKWARDS(false, rmsnorm_backward_)

@@ -106,8 +106,8 @@ impl PhaseTimer {
     }
 }
 
-/// Summed loss (an f64 scalar on the device) and trained-token count of micro-batches at fixed weights, their gradients added into `grads`
-/// (flat, f32) and summed over the ranks by `reducer`. The last micro-batch's backward hands each finished
+/// Summed loss (an f64 scalar on the device) and trained-token count of micro-batches at fixed weights, their
+/// gradients added into `grads` (flat, f32) and summed over the ranks by `reducer`. The last micro-batch's backward hands each finished
 /// range of the gradients to the reducer, so the reduction overlaps the rest of the backward; once per
 /// optimizer step, not per micro-batch.
 fn accumulate(
@@ -223,8 +223,9 @@ pub fn train_step(
         Tensor::stack(&[loss_sum, squares], 0)?.to_vec1::<f64>()?.try_into().expect("two scalars");
     let mut sums = [loss_sum, loss_tokens as f64, tokens as f64, if sharded { squares } else { 0.0 }];
     comm.all_reduce_sum_f64(&mut sums)?;
-    let squares = if sharded { sums[3] } else { squares };
-    let [loss_sum, loss_tokens, tokens, _] = sums;
+    let [loss_sum, loss_tokens, tokens, shard_squares] = sums;
+    // Without ZeRO-1 every rank holds the whole summed gradient, and its own squares are the norm's.
+    let squares = if sharded { shard_squares } else { squares };
     // The loss is global now, so on a NaN every rank stops here together.
     let loss = loss_sum / loss_tokens.max(1.0);
     if !loss.is_finite() {
