@@ -10,6 +10,7 @@ use bessie::config::ModelConfig;
 use bessie::data::{make_batch, DataStats, Dataset, Example, Row};
 use bessie::model::init::random_weights;
 use bessie::rng::Rng;
+use bessie::train::grads::Gradients;
 use bessie::train::model::{backward, forward, BatchTensors, MemoryPlan, RopeTables, StepWeights};
 use bessie::train::params::ParamLayout;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -148,16 +149,21 @@ fn explicit_grads(
     let w = StepWeights::new(layout, flat, lambda, DType::F32).unwrap();
     let rope = RopeTables::new(c, b.seq, &Device::Cpu).unwrap();
     let bt = BatchTensors::new(b, &rope, DType::F32, &Device::Cpu).unwrap();
-    let grads = Tensor::zeros(layout.total, DType::F32, &Device::Cpu).unwrap();
+    // A buffer of NaN, as uninitialized as the GPU's: each slot's first gradient must overwrite it.
+    let grads = Gradients::over(layout, Tensor::full(f32::NAN, layout.total, &Device::Cpu).unwrap());
     let (loss, saved) = forward(c, layout, &w, &bt, lambda, plan, &grads).unwrap();
     // Every range the backward declares done must hold its final gradients already (the data-parallel sum
-    // starts there), and the ranges must cover the buffer exactly once.
+    // starts there, once settled as the step settles it), and the ranges must cover the buffer exactly once.
     let mut handed: Vec<(std::ops::Range<usize>, Vec<f32>)> = Vec::new();
     let mut done = |r: std::ops::Range<usize>| {
-        handed.push((r.clone(), grads.narrow(0, r.start, r.len())?.to_vec1()?));
+        grads.settle(layout, r.clone())?;
+        handed.push((r.clone(), grads.tensor().narrow(0, r.start, r.len())?.to_vec1()?));
         Ok(())
     };
     backward(c, layout, &w, &bt, plan, saved, &grads, &mut done).unwrap();
+    let grads = grads.tensor().clone();
+    let values: Vec<f32> = grads.to_vec1().unwrap();
+    assert!(values.iter().all(|v| v.is_finite()), "a gradient added to the buffer before it was written");
     let mut covered: Vec<_> = handed.iter().map(|(r, _)| r.clone()).filter(|r| !r.is_empty()).collect();
     covered.sort_by_key(|r| r.start);
     assert_eq!(covered.first().unwrap().start, 0);

@@ -91,13 +91,18 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
         }
 }
 
-// dst += src over n elements: a layer's gradient (bf16 from the GEMM, or f32) added into its range of the
-// flat f32 gradient buffer, widened on the way. One pass instead of a cast, an add and a copy.
-template <typename T> __device__ void accumulate(float* dst, const T* src, size_t n) {
-    GRID_STRIDE(i, n) dst[i] += (float)src[i];
+// dst += src (add = 1) or dst = src (add = 0, the step's first gradient of the range: dst is not read, it may
+// hold anything) over n elements: a layer's gradient (bf16 from the GEMM, or f32) into its range of the flat
+// f32 gradient buffer, widened on the way. One pass instead of a cast, an add and a copy.
+template <typename T> __device__ void accumulate(float* dst, const T* src, size_t n, int add) {
+    GRID_STRIDE(i, n) dst[i] = add ? dst[i] + (float)src[i] : (float)src[i];
 }
-extern "C" __global__ void accumulate_f32(float* dst, const float* src, size_t n) { accumulate(dst, src, n); }
-extern "C" __global__ void accumulate_bf16(float* dst, const bf16* src, size_t n) { accumulate(dst, src, n); }
+extern "C" __global__ void accumulate_f32(float* dst, const float* src, size_t n, int add) {
+    accumulate(dst, src, n, add);
+}
+extern "C" __global__ void accumulate_bf16(float* dst, const bf16* src, size_t n, int add) {
+    accumulate(dst, src, n, add);
+}
 
 // torch.optim.AdamW (single-tensor path) on p, m, v in place, with the gradient scaled first (the 1 / tokens
 // normalisation and the clip factor): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p = p decay,

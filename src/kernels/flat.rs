@@ -97,21 +97,33 @@ pub fn step_weights_in(flat: &Tensor, table: &SlotTable, partials: &Tensor, lamb
     Ok(out)
 }
 
-/// `dst += src` for a contiguous f32 view `dst` of the gradient buffer and a gradient `src` (f32 or bf16)
-/// of as many elements, in place.
-pub fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
+/// `dst += src` (`add`), or `dst = src` (not reading `dst`), for a contiguous f32 view `dst` of the gradient
+/// buffer and a gradient `src` (f32 or bf16) of as many elements, in place.
+pub fn accumulate(dst: &Tensor, src: &Tensor, add: bool) -> Result<()> {
     let n = dst.elem_count();
     if src.elem_count() != n {
         candle_core::bail!("accumulate: {n} gradient slots but {} values", src.elem_count());
     }
     let dev = cuda_device(dst)?;
+    let add = add as i32;
     // SAFETY (of writing through `dst`): the gradient buffer is the backward's alone until it ends.
     match src.dtype() {
-        DType::F32 => launch!(dev, PTX, "accumulate_f32", grid_stride(n); ptr(dst)?, ptr(src)?, n as u64),
-        DType::BF16 => launch!(dev, PTX, "accumulate_bf16", grid_stride(n); ptr(dst)?, ptr(src)?, n as u64),
+        DType::F32 => launch!(dev, PTX, "accumulate_f32", grid_stride(n); ptr(dst)?, ptr(src)?, n as u64, add),
+        DType::BF16 => launch!(dev, PTX, "accumulate_bf16", grid_stride(n); ptr(dst)?, ptr(src)?, n as u64, add),
         d => candle_core::bail!("accumulate: no {d:?} gradients"),
     }
     Ok(())
+}
+
+/// `dst = 0` for a contiguous f32 view `dst` of the gradient buffer: one memset on candle's stream.
+pub fn zero(dst: &Tensor) -> Result<()> {
+    let stream = cuda_device(dst)?.cuda_stream();
+    let bytes = dst.elem_count() * dst.dtype().size_in_bytes();
+    let to_err = |e: cudarc::driver::DriverError| candle_core::Error::Msg(format!("zeroing gradients: {e:?}"));
+    stream.context().bind_to_thread().map_err(to_err)?;
+    // SAFETY: `ptr` is the address of `dst`'s first element and the `bytes` after it are `dst`'s own; the
+    // gradient buffer is the backward's alone until it ends, and the stream orders the memset with its kernels.
+    unsafe { cudarc::driver::result::memset_d8_async(ptr(dst)?, 0, bytes, stream.cu_stream()) }.map_err(to_err)
 }
 
 /// AdamW's constants for one step, in the f32 the kernel computes with.

@@ -1,15 +1,17 @@
-//! The weight-gradient GEMM of a linear layer, accumulated straight into the f32 gradient buffer: one cuBLAS
-//! call with bf16 inputs, f32 accumulation and beta = 1, instead of a bf16 gradient in memory and an addition.
+//! The weight-gradient GEMM of a linear layer, straight into the f32 gradient buffer: one cuBLAS call with bf16
+//! inputs, f32 accumulation and beta = 1 (or 0 for the step's first gradient of the slot), instead of a bf16
+//! gradient in memory and an addition.
 
 use candle_core::{bail, DType, Result, Tensor};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 
 use super::{cuda_device, ptr, rows_ptr};
 
-/// `c += a^T b` for row-major bf16 `a: [n, m]` and `b: [n, k]`, into the contiguous f32 `c` of `m * k`
-/// elements (row-major `[m, k]`). `a`'s rows may lie further apart than `m` (the first columns of a wider
-/// matrix: the head's gradient skips the logits' padding columns so).
-pub fn add_at_b(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+/// `c += a^T b` (`add`), or `c = a^T b` (beta = 0: cuBLAS does not read `c`), for row-major bf16 `a: [n, m]`
+/// and `b: [n, k]`, into the contiguous f32 `c` of `m * k` elements (row-major `[m, k]`). `a`'s rows may lie
+/// further apart than `m` (the first columns of a wider matrix: the head's gradient skips the logits' padding
+/// columns so).
+pub fn gemm_at_b(c: &Tensor, a: &Tensor, b: &Tensor, add: bool) -> Result<()> {
     let ((n, m), (nb, k)) = (a.dims2()?, b.dims2()?);
     if n != nb
         || c.elem_count() != m * k
@@ -18,7 +20,7 @@ pub fn add_at_b(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
         || b.dtype() != DType::BF16
     {
         bail!(
-            "add_at_b: c {:?} {:?} += a^T b with a {:?} {:?}, b {:?} {:?}",
+            "gemm_at_b: c {:?} {:?} (+)= a^T b with a {:?} {:?}, b {:?} {:?}",
             c.shape(),
             c.dtype(),
             a.shape(),
@@ -30,7 +32,7 @@ pub fn add_at_b(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     let b = b.contiguous()?;
     let (a_ptr, lda) = rows_ptr(a)?;
     let blas = cuda_device(c)?.cublas_handle();
-    let (alpha, beta) = (1f32, 1f32);
+    let (alpha, beta) = (1f32, if add { 1f32 } else { 0f32 });
     // cuBLAS is column-major and sees each row-major matrix transposed: c^T = b^T a, with b^T a k x n
     // matrix (ld k) and a^T an m x n one (ld: a's row stride), so the first operand is b as is, the second a
     // transposed.

@@ -133,7 +133,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
 
 // With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)), plus the residual stream's gradient when
 // `residual` is not null (the add that follows every pre-norm block's branch, fused). Group j takes rows
-// j + i * (groups) and writes its share of dw = sum_rows(dy xhat) to dw_partial[j, :]; `add_column_sums` adds
+// j + i * (groups) and writes its share of dw = sum_rows(dy xhat) to dw_partial[j, :]; `column_sums` sums
 // the partial rows in a fixed order (deterministic, unlike atomics). The row is read twice, for its
 // projection and then for dx (the second time from cache), and the weight per row from L1: what a thread
 // keeps across the reduction is its dw sums only, so that at 4096 channels two blocks of 512 fit an SM
@@ -227,10 +227,11 @@ FORWARDS(true, swiglu_rmsnorm_quant_forward_)
 BACKWARDS(false, rmsnorm_backward_)
 BACKWARDS(true, swiglu_rmsnorm_backward_)
 
-// out[j] += sum over rows of x[:, j] for x [rows, cols] f32, rows in order: the weight's gradient added
-// straight into the gradient buffer. Block (32, 32): 32 columns, the 32 thread rows take every 32nd row (many
-// loads in flight: the grid is only cols / 32 blocks), then the first adds the 32 sums.
-extern "C" __global__ void add_column_sums(const float* x, int rows, int cols, float* out) {
+// out[j] += sum over rows of x[:, j] (add = 1; add = 0: out[j] = the sum, out not read) for x [rows, cols] f32,
+// rows in order: the weight's gradient straight into the gradient buffer. Block (32, 32): 32 columns, the 32
+// thread rows take every 32nd row (many loads in flight: the grid is only cols / 32 blocks), then the first
+// adds the 32 sums.
+extern "C" __global__ void column_sums(const float* x, int rows, int cols, int add, float* out) {
     __shared__ float part[32][33];
     int j = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
@@ -241,6 +242,6 @@ extern "C" __global__ void add_column_sums(const float* x, int rows, int cols, f
     if (threadIdx.y == 0 && j < cols) {
         float total = 0.f;
         for (int y = 0; y < 32; y++) total += part[y][threadIdx.x];
-        out[j] += total;
+        out[j] = add ? out[j] + total : total;
     }
 }

@@ -84,7 +84,7 @@ pub fn rmsnorm_quant_forward(x: &Tensor, glu: bool, w: &Tensor, eps: f64, lambda
 /// `(dx, partial)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows, heads or with `glu` gate/up rows, see
 /// [`row_shape`]), `w: [c]`, `rrms: [n, 1]` (f32); `dx` in `x`'s shape (with `glu`, `[dgate | dup]`) with
 /// `residual` (the same shape) added; the weight's gradient as rows of partial sums (f32 `[blocks, c]`), for
-/// [`add_column_sums`].
+/// [`column_sums`].
 pub fn rmsnorm_backward(
     dy: &Tensor,
     x: &Tensor,
@@ -96,7 +96,7 @@ pub fn rmsnorm_backward(
     let (n, c, t, d) = row_shape(x, glu)?;
     let v = variant(c, true)?;
     // Groups share the rows, at least 4 each: each group writes one row of dw partial sums, which
-    // `add_column_sums` adds, and with one row per group that traffic would match the rows' own.
+    // `column_sums` sums, and with one row per group that traffic would match the rows' own.
     let blocks = n.div_ceil(4 * v.groups).clamp(1, 1024);
     let dev = cuda_device(x)?;
     let partial = uninit((blocks * v.groups, c), DType::F32, &dev)?;
@@ -109,12 +109,12 @@ pub fn rmsnorm_backward(
     Ok((dx, partial))
 }
 
-/// `dst += sum over rows of partial` for `partial: [rows, c]` and a contiguous f32 `dst` of `c` elements (a
-/// slot of the flat gradient buffer): rows added in a fixed order.
-pub fn add_column_sums(dst: &Tensor, partial: &Tensor) -> Result<()> {
+/// `dst += sum over rows of partial` (`add`), or `dst = ` it (not reading `dst`), for `partial: [rows, c]` and a
+/// contiguous f32 `dst` of `c` elements (a slot of the flat gradient buffer): rows added in a fixed order.
+pub fn column_sums(dst: &Tensor, partial: &Tensor, add: bool) -> Result<()> {
     let (rows, c) = partial.dims2()?;
     let dev = cuda_device(partial)?;
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "add_column_sums", cfg; ptr(partial)?, rows as i32, c as i32, ptr(dst)?);
+    launch!(dev, PTX, "column_sums", cfg; ptr(partial)?, rows as i32, c as i32, add as i32, ptr(dst)?);
     Ok(())
 }

@@ -76,9 +76,9 @@ pub fn linear_backward(dy: &Tensor, x_eff: &Tensor, w: &Tensor) -> Result<(Tenso
 }
 
 /// A parameter's gradient as it leaves a layer's backward: a tensor, a linear layer's `dy^T x`, left as
-/// a product so that on CUDA one GEMM adds it into the f32 gradient buffer (f32 accumulation, no bf16
+/// a product so that on CUDA one GEMM writes it into the f32 gradient buffer (f32 accumulation, no bf16
 /// gradient in memory, no separate addition), or rows of partial sums (f32 `[k, c]`, RMSNorm's per-block
-/// shares of its weight's gradient) whose column sums one kernel adds into the buffer, or the embedding's
+/// shares of its weight's gradient) whose column sums one kernel writes into the buffer, or the embedding's
 /// token rows `dx` scattered to their ids' rows, which one kernel adds straight into the buffer's table.
 pub enum WeightGrad {
     Tensor(Tensor),
@@ -87,25 +87,44 @@ pub enum WeightGrad {
     Scatter { dx: Tensor, ids: Tensor, rows: TokenRows },
 }
 
+/// How a gradient meets its range of the gradient buffer: the step's first gradient of a slot overwrites
+/// whatever the buffer holds there (it is not zero-filled: `train::grads::Gradients`), later ones add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Overwrite,
+    Add,
+}
+
 impl WeightGrad {
-    /// `flat[range] += self`, in place, for the f32 buffer `flat`.
-    pub fn add_to(&self, flat: &Tensor, range: std::ops::Range<usize>) -> Result<()> {
+    /// `flat[range] = self` or `flat[range] += self` as `mode` says, in place, for the f32 buffer `flat`.
+    /// Overwriting never reads `flat[range]`.
+    pub fn add_to(&self, flat: &Tensor, range: std::ops::Range<usize>, mode: Mode) -> Result<()> {
         let dst = flat.narrow(0, range.start, range.len())?;
         #[cfg(feature = "cuda")]
         if crate::kernels::on_cuda(flat) {
+            use crate::kernels as k;
+            let add = mode == Mode::Add;
             return match self {
-                Self::Tensor(g) => crate::kernels::flat::accumulate(&dst, &g.contiguous()?),
-                Self::Product { dy, x } if crate::kernels::applies(dy) => crate::kernels::gemm::add_at_b(&dst, dy, x),
-                Self::Product { .. } => crate::kernels::flat::accumulate(&dst, &self.dense(range.len())?.contiguous()?),
-                Self::RowSums(p) => crate::kernels::rmsnorm::add_column_sums(&dst, &p.contiguous()?),
-                Self::Scatter { dx, rows, .. } if crate::kernels::applies(dx) => {
-                    crate::kernels::embedding::add_embedding_rows(&dst, &dx.contiguous()?, rows)
+                Self::Tensor(g) => k::flat::accumulate(&dst, &g.contiguous()?, add),
+                Self::Product { dy, x } if k::applies(dy) => k::gemm::gemm_at_b(&dst, dy, x, add),
+                Self::Product { .. } => k::flat::accumulate(&dst, &self.dense(range.len())?.contiguous()?, add),
+                Self::RowSums(p) => k::rmsnorm::column_sums(&dst, &p.contiguous()?, add),
+                Self::Scatter { dx, rows, .. } if k::applies(dx) => {
+                    // The kernel writes the rows of the batch's ids only: the table's other rows need zeros.
+                    if !add {
+                        k::flat::zero(&dst)?;
+                    }
+                    k::embedding::add_embedding_rows(&dst, &dx.contiguous()?, rows)
                 }
-                Self::Scatter { .. } => crate::kernels::flat::accumulate(&dst, &self.dense(range.len())?),
+                Self::Scatter { .. } => k::flat::accumulate(&dst, &self.dense(range.len())?, add),
             };
         }
-        let g = self.dense(range.len())?;
-        flat.slice_set(&(dst + g.flatten_all()?.to_dtype(DType::F32)?)?, 0, range.start)
+        let g = self.dense(range.len())?.flatten_all()?.to_dtype(DType::F32)?;
+        let g = match mode {
+            Mode::Overwrite => g,
+            Mode::Add => (dst + g)?,
+        };
+        flat.slice_set(&g, 0, range.start)
     }
 
     /// The gradient as a tensor of `n` elements (the reference path).

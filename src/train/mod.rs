@@ -11,6 +11,7 @@
 //! [`optimizer_shard`]); rank 0 alone writes logs, metrics and checkpoints.
 
 pub mod bench;
+pub mod grads;
 pub mod layers;
 pub mod memory;
 pub mod metrics;
@@ -33,6 +34,7 @@ use crate::dist::{Communicator, GradReducer, Watchdog};
 use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
+use grads::Gradients;
 use metrics::{MetricsLog, StepMetrics};
 use model::{BatchTensors, MemoryPlan, RopeTables, StepWeights};
 use optim::{AdamW, AdamWHyper};
@@ -107,15 +109,15 @@ impl PhaseTimer {
 }
 
 /// Summed loss (an f64 scalar on the device) and trained-token count of micro-batches at fixed weights, their
-/// gradients added into `grads` (flat, f32) and summed over the ranks by `reducer`. The last micro-batch's backward hands each finished
-/// range of the gradients to the reducer, so the reduction overlaps the rest of the backward; once per
-/// optimizer step, not per micro-batch.
+/// gradients summed into `grads` and over the ranks by `reducer`, all of `grads` settled. The last
+/// micro-batch's backward hands each finished range of the gradients to the reducer, so the reduction overlaps
+/// the rest of the backward; once per optimizer step, not per micro-batch.
 fn accumulate(
     ctx: &StepContext,
     w: &StepWeights,
     micro: &[BatchTensors],
     lambda: f64,
-    grads: &Tensor,
+    grads: &Gradients,
     mut reducer: GradReducer,
     timer: &mut Option<&mut PhaseTimer>,
 ) -> Result<(Tensor, usize)> {
@@ -125,12 +127,21 @@ fn accumulate(
         let (l, saved) = model::forward(&ctx.model_cfg, &ctx.layout, w, bt, lambda, ctx.plan, grads)?;
         PhaseTimer::mark(timer, "forward + loss")?;
         let last = i + 1 == micro.len();
-        let mut done = |range| if last { reducer.reduce(range) } else { Ok(()) };
+        let mut done = |range: Range<usize>| {
+            if !last {
+                return Ok(());
+            }
+            // The sum reads all of the range, slots without a gradient included.
+            grads.settle(&ctx.layout, range.clone())?;
+            reducer.reduce(range)
+        };
         model::backward(&ctx.model_cfg, &ctx.layout, w, bt, ctx.plan, saved, grads, &mut done)?;
         PhaseTimer::mark(timer, "backward")?;
         loss = (loss + l)?;
         tokens += bt.loss_tokens;
     }
+    // The gradient norm and AdamW read the whole buffer (nothing to fill when the backward handed it all over).
+    grads.settle(&ctx.layout, 0..ctx.layout.total)?;
     reducer.finish()?;
     PhaseTimer::mark(timer, "all-reduce (the part not overlapped)")?;
     Ok((loss, tokens))
@@ -211,14 +222,14 @@ pub fn train_step(
     // owner (half the traffic of an all-reduce); the rest of this rank's `grads` stays partial.
     let sharded = adam.shard.len() < ctx.layout.total;
     let owners = sharded.then(|| optim::shards(ctx.layout.total, comm.world()));
-    let grads = Tensor::zeros(ctx.layout.total, DType::F32, &ctx.device)?;
-    let reducer = comm.grad_reducer(&grads, wire, owners);
+    let grads = Gradients::new(&ctx.layout, &ctx.device)?;
+    let reducer = comm.grad_reducer(grads.tensor(), wire, owners);
     let (loss_sum, loss_tokens) = accumulate(ctx, &w, &batches, lambda, &grads, reducer, &mut timer)?;
     drop((w, batches));
     let tokens = micro.iter().map(|b| b.segments.iter().filter(|&&s| s != 0).count()).sum::<usize>();
     // The squared gradient norm is queued before the host reads anything back, so that it waits for the GPU
     // once for both. Under ZeRO-1 it is this rank's shard's, summed over the ranks with the other scalars.
-    let squares = optim::grad_squares(&grads, &ctx.layout, adam.shard.clone())?;
+    let squares = optim::grad_squares(grads.tensor(), &ctx.layout, adam.shard.clone())?;
     let [loss_sum, squares]: [f64; 2] =
         Tensor::stack(&[loss_sum, squares], 0)?.to_vec1::<f64>()?.try_into().expect("two scalars");
     let mut sums = [loss_sum, loss_tokens as f64, tokens as f64, if sharded { squares } else { 0.0 }];
@@ -241,7 +252,7 @@ pub fn train_step(
     let grad_scale = per_token * optim::clip_factor(grad_norm, train.grad_clip);
     // Only `params[adam.shard]` changes: under ZeRO-1 the other ranks' shards of it are stale from now on
     // (the next step weights are built from the shards; checkpoints gather them first).
-    adam.step(params, &grads, &ctx.layout, lr, &ctx.hyper, grad_scale)?;
+    adam.step(params, grads.tensor(), &ctx.layout, lr, &ctx.hyper, grad_scale)?;
     drop(grads);
     PhaseTimer::mark(&mut timer, "adamw")?;
     Ok(StepResult { loss, grad_norm, tokens: tokens as usize })

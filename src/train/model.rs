@@ -11,6 +11,7 @@ use std::ops::{Range, RangeInclusive};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
+use super::grads::Gradients;
 use super::layers::*;
 use super::params::ParamLayout;
 use crate::config::run::{Recompute, TrainSection};
@@ -415,7 +416,7 @@ impl Pass<'_> {
     /// The summed loss of the final hidden rows (an f64 scalar on the device), `loss_chunk` rows at a time so
     /// that only one chunk's logits exist at once; with `grads` (the flat f32 gradient buffer), also the
     /// gradient at `hidden`, and the head weight's gradient added into `grads` chunk by chunk.
-    fn head_loss(&self, hidden: &Tensor, grads: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    fn head_loss(&self, hidden: &Tensor, grads: Option<&Gradients>) -> Result<(Tensor, Option<Tensor>)> {
         let slot = head_slot(self.cfg, self.layout);
         let head = &self.w.tensors[slot];
         let (vocab, channels) = head.dims2()?;
@@ -445,7 +446,7 @@ impl Pass<'_> {
                 let (dh, _) = linear_backward(&dlogits, &h, &head)?;
                 // The weight's gradient from the vocabulary's columns only: the padding rows have none.
                 let dw = WeightGrad::Product { dy: dlogits.narrow(1, 0, vocab)?, x: h };
-                self.layout.accumulate(grads, slot..=slot, &dw)?;
+                grads.add(self.layout, slot..=slot, &dw)?;
                 dhidden.push(dh);
             }
         }
@@ -465,7 +466,7 @@ pub fn forward(
     b: &BatchTensors,
     lambda: f64,
     plan: MemoryPlan,
-    grads: &Tensor,
+    grads: &Gradients,
 ) -> Result<(Tensor, Saved)> {
     let pass = Pass { cfg, layout, w, b, lambda, plan };
     let (hidden, layers, final_norm) = pass.trunk(Some(plan.recompute))?;
@@ -492,7 +493,8 @@ pub fn loss(
 /// soon as its layer's backward is done; each block's saved tensors are freed as soon as its backward ends.
 /// Under `recompute = "blocks"` each block's forward is re-run from its input first. `done` hears each
 /// range of `grads` that this backward will not touch again: what follows the blocks, each block from the
-/// last, then the embedding; the data-parallel sum of a range starts there while earlier blocks still run.
+/// last, then the embedding; the data-parallel sum of a range starts there while earlier blocks still run
+/// (after [`Gradients::settle`]).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     cfg: &ModelConfig,
@@ -501,11 +503,11 @@ pub fn backward(
     b: &BatchTensors,
     plan: MemoryPlan,
     saved: Saved,
-    grads: &Tensor,
+    grads: &Gradients,
     done: &mut dyn FnMut(Range<usize>) -> Result<()>,
 ) -> Result<()> {
     let pass = Pass { cfg, layout, w, b, lambda: saved.lambda, plan };
-    let add = |slots: RangeInclusive<usize>, g: &WeightGrad| layout.accumulate(grads, slots, g);
+    let add = |slots: RangeInclusive<usize>, g: &WeightGrad| grads.add(layout, slots, g);
     let norm = layout.index("model.norm.weight");
     let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm, None)?;
     add(norm..=norm, &dnorm)?;

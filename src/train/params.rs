@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
-use crate::train::layers::WeightGrad;
 
 #[derive(Debug, Clone)]
 pub struct Slot {
@@ -92,12 +91,6 @@ impl ParamLayout {
     pub fn span(&self, slots: RangeInclusive<usize>) -> Range<usize> {
         let last = &self.slots[*slots.end()];
         self.slots[*slots.start()].offset..last.offset + last.len
-    }
-
-    /// `flat[slots] += g`, in place: one parameter's gradient, or the stacked gradient of neighbouring
-    /// matrices that one GEMM computed (q, k, v; gate, up).
-    pub fn accumulate(&self, flat: &Tensor, slots: RangeInclusive<usize>, g: &WeightGrad) -> candle_core::Result<()> {
-        g.add_to(flat, self.span(slots))
     }
 
     /// Named views, for saving in the Hugging Face layout.
