@@ -307,21 +307,38 @@ mod fused {
         let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
         let p0 = randn(&[layout.total], DType::F32);
         let gs: Vec<Tensor> = (0..3).map(|k| (randn(&[layout.total], DType::F32) * (k + 1) as f64).unwrap()).collect();
-        let replay = |device: &Device| {
-            // A copy: on the CPU `to_device` shares the storage the update writes into.
-            let p = p0.to_device(device).unwrap().copy().unwrap();
-            let mut adam = AdamW::zeros(0..layout.total, device).unwrap();
-            for g in &gs {
-                adam.step(&p, &g.to_device(device).unwrap(), &layout, 1e-2, &h, 0.37).unwrap();
+        // The whole buffer, and a ZeRO-1 shard that starts off the 16-byte grid (the kernel's scalar path).
+        for shard in [0..layout.total, 3..layout.total - 5] {
+            let replay = |device: &Device| {
+                // A copy: on the CPU `to_device` shares the storage the update writes into.
+                let p = p0.to_device(device).unwrap().copy().unwrap();
+                let mut adam = AdamW::zeros(shard.clone(), device).unwrap();
+                for g in &gs {
+                    adam.step(&p, &g.to_device(device).unwrap(), &layout, 1e-2, &h, 0.37).unwrap();
+                }
+                let sums = adam.take_abs_sums();
+                (p, adam.m, adam.v, sums)
+            };
+            let (pc, mc, vc, _) = replay(&Device::Cpu);
+            let (pg, mg, vg, sums) = replay(&dev);
+            let update = |p: &Tensor| (p.to_device(&Device::Cpu).unwrap() - &p0).unwrap();
+            let (ep, em, ev) = (rel_l2(&update(&pg), &update(&pc)), rel_l2(&mg, &mc), rel_l2(&vg, &vc));
+            println!("adamw {shard:?}: update rel L2 {ep:.2e}, m {em:.2e}, v {ev:.2e}");
+            assert!(ep < 1e-5 && em < 1e-6 && ev < 1e-6);
+            // The sums of |W| the kernel took as it wrote the new weights: those of the shard's part of each
+            // BitLinear matrix (0 for the other slots), which the next step weights take.
+            let want = bessie::train::model::shard_abs_sums(
+                &layout,
+                &pg.to_device(&Device::Cpu).unwrap(),
+                shard.clone(),
+                DType::F32,
+            )
+            .unwrap();
+            let got = sums.expect("AdamW on a GPU leaves the sums of |W|").to_device(&Device::Cpu).unwrap();
+            for (k, (g, w)) in values(&got).iter().zip(values(&want)).enumerate() {
+                assert!((g - w).abs() <= 1e-6 * w.abs(), "slot {k}: sum of |W| {g} vs {w}");
             }
-            (p, adam.m, adam.v)
-        };
-        let (pc, mc, vc) = replay(&Device::Cpu);
-        let (pg, mg, vg) = replay(&dev);
-        let update = |p: &Tensor| (p.to_device(&Device::Cpu).unwrap() - &p0).unwrap();
-        let (ep, em, ev) = (rel_l2(&update(&pg), &update(&pc)), rel_l2(&mg, &mc), rel_l2(&vg, &vc));
-        println!("adamw: update rel L2 {ep:.2e}, m {em:.2e}, v {ev:.2e}");
-        assert!(ep < 1e-5 && em < 1e-6 && ev < 1e-6);
+        }
     }
 
     #[test]

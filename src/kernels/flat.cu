@@ -31,17 +31,39 @@ extern "C" __global__ void sum_partials(const float* x, size_t n, int square, do
     if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
+// The slot table (flat.rs's SlotTable): slots[SLOT_COLS k ..] = first, count, matrix, first block, decays: slot
+// k's elements flat[first .. first + count] (the whole slot, or under ZeRO-1 its part in this rank's shard;
+// count 0 when none), for a BitLinear matrix the element count of the whole matrix (0 for a parameter that is
+// only cast), the first block of the grid that is the slot's (the grid of step_weights and adamw: a block per
+// ~8192 elements of each slot), and whether AdamW's weight decay applies to it.
+#define SLOT_COLS 5
+
+// This block's slot (the last whose first block is at most this one), its place among the slot's blocks and
+// their number.
+struct SlotPart {
+    int slot;
+    size_t part, blocks;
+    __device__ SlotPart(const long long* slots, int n_slots) {
+        int lo = 0, hi = n_slots - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (slots[SLOT_COLS * mid + 3] <= blockIdx.x) lo = mid; else hi = mid - 1;
+        }
+        slot = lo;
+        part = blockIdx.x - slots[SLOT_COLS * lo + 3];
+        blocks = (lo + 1 < n_slots ? slots[SLOT_COLS * (lo + 1) + 3] : gridDim.x) - slots[SLOT_COLS * lo + 3];
+    }
+};
+
 // This step's weights for every slot of the flat f32 buffer at once, written to `out` (bf16, the same
-// layout). slots[4 k .. 4 k + 4] = first, count, matrix, first block: slot k's elements flat[first .. first +
-// count] (the whole slot, or under ZeRO-1 its part in this rank's shard; count 0 when none), for a BitLinear
-// matrix the element count of the whole matrix (0 for a parameter that is only cast), and the first block of
-// the writes' grid that is the slot's.
+// layout).
 //
 // First the partial sums of |W| over each BitLinear matrix's elements: slot k is blockIdx.y, its `parts` (gridDim.x)
 // partial sums partials[k * parts + part] (0 for the other slots, so that the partials of ranks holding disjoint
-// parts of a matrix sum to the matrix's).
+// parts of a matrix sum to the matrix's). After an AdamW step the sums come from adamw and slot_totals instead
+// (parts = 1), which saw the new weights as it wrote them.
 extern "C" __global__ void slot_absmean_partials(const float* flat, const long long* slots, double* partials) {
-    const long long* s = slots + 4 * blockIdx.y;
+    const long long* s = slots + SLOT_COLS * blockIdx.y;
     double acc = s[2] ? partial_sum(flat + s[0], s[1], 0, blockIdx.x, gridDim.x) : 0.0;
     if (threadIdx.x == 0) partials[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
@@ -50,22 +72,18 @@ __device__ __forceinline__ bf16 step_weight(float x, float s, float inv, float l
     return to_bf16(matrix ? blend(x, fminf(fmaxf(roundf(x * s), -1.f), 1.f) * inv, lambda) : x);
 }
 
-// Then the writes, over a grid whose blocks each slot shares in proportion to its size (a block per ~8192
-// elements), so that the embedding and the head do not run on as many blocks as a norm. A BitLinear matrix:
+// Then the writes, over the table's grid, which each slot shares in proportion to its size, so that the
+// embedding and the head do not run on as many blocks as a norm. A BitLinear matrix:
 // s = 1 / max(mean|W|, 1e-5) from the partial sums of the whole matrix (under ZeRO-1 summed over the ranks
 // first; every block adds them in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda
 // (the reference: train::layers::effective_weight). Any other parameter: cast. Four elements per access
 // between the slot's first and last multiples of 4 (16 bytes in, 8 out); block 0 of the slot takes the ends.
 extern "C" __global__ void step_weights(const float* flat, const long long* slots, int n_slots,
                                         const double* partials, int parts, float lambda, bf16* out) {
-    int lo = 0, hi = n_slots - 1;  // the slot: the last whose first block is at most this one
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (slots[4 * mid + 3] <= blockIdx.x) lo = mid; else hi = mid - 1;
-    }
-    const long long* sl = slots + 4 * lo;
-    size_t first = sl[0], n = sl[1], part = blockIdx.x - sl[3];
-    size_t blocks = (lo + 1 < n_slots ? slots[4 * (lo + 1) + 3] : gridDim.x) - sl[3];
+    SlotPart sp(slots, n_slots);
+    int lo = sp.slot;
+    const long long* sl = slots + SLOT_COLS * lo;
+    size_t first = sl[0], n = sl[1], part = sp.part, blocks = sp.blocks;
     bool matrix = sl[2] != 0;
     float s = 1.f, inv = 1.f;
     if (matrix) {
@@ -117,19 +135,28 @@ struct AdamW {
     }
 };
 
-// The four buffers are views of one range of equally aligned flat buffers, so they share their offset from
-// the 16-byte grid: the elements before it one by one, then 16-byte accesses (28 bytes of traffic per
-// parameter, at the memory's bandwidth), then the rest one by one.
-extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, size_t n, float grad_scale,
-                                 float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
-                                 float decay, float inv_sqrt_bc2, float eps, float step_size) {
-    const AdamW h{grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, inv_sqrt_bc2, eps, step_size};
-    uintptr_t off = (uintptr_t)p & 15;
-    bool together = ((uintptr_t)g & 15) == off && ((uintptr_t)m & 15) == off && ((uintptr_t)v & 15) == off;
-    size_t head = together ? min(n, (size_t)((16 - off) & 15) / 4) : n;
-    size_t quads = (n - head) / 4;
-    GRID_STRIDE(i, head) h.update(p[i], g[i], m[i], v[i]);
-    GRID_STRIDE(q, quads) {
+// AdamW over every slot's part of this rank's shard in one launch, on the table's grid, each slot with its own
+// weight decay (`decay` where it applies, else 1); m and v hold the shard, from flat element `shard_start`.
+// Each block also sums |p| of the BitLinear weights it wrote (0 for other slots) into partials[block], which
+// slot_totals turns into the next step weights' absmean: no separate pass over the parameters for it.
+// 16-byte accesses between each slot's first and last multiples of 4 (28 bytes of traffic per parameter, at
+// the memory's bandwidth) where the shard starts on one (m and v then share p's offset from the grid), block
+// 0 of the slot taking the ends; one by one otherwise.
+extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, size_t shard_start,
+                                 const long long* slots, int n_slots, float grad_scale, float beta1,
+                                 float one_minus_beta1, float beta2, float one_minus_beta2, float decay,
+                                 float inv_sqrt_bc2, float eps, float step_size, double* partials) {
+    SlotPart sp(slots, n_slots);
+    const long long* sl = slots + SLOT_COLS * sp.slot;
+    size_t first = sl[0], n = sl[1];
+    const AdamW h{grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, sl[4] ? decay : 1.f, inv_sqrt_bc2,
+                  eps, step_size};
+    p += first, g += first, m += first - shard_start, v += first - shard_start;
+    bool vectors = shard_start % 4 == 0;
+    size_t head = vectors ? min(n, (4 - first % 4) % 4) : n, quads = vectors ? (n - head) / 4 : 0;
+    size_t stride = sp.blocks * blockDim.x;
+    double acc = 0.0;
+    for (size_t q = sp.part * blockDim.x + threadIdx.x; q < quads; q += stride) {
         size_t i = head + 4 * q;
         float4 pp = *reinterpret_cast<float4*>(p + i), gg = *reinterpret_cast<const float4*>(g + i);
         float4 mm = *reinterpret_cast<float4*>(m + i), vv = *reinterpret_cast<float4*>(v + i);
@@ -140,9 +167,26 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, s
         *reinterpret_cast<float4*>(p + i) = pp;
         *reinterpret_cast<float4*>(m + i) = mm;
         *reinterpret_cast<float4*>(v + i) = vv;
+        acc += (double)fabsf(pp.x) + (double)fabsf(pp.y) + (double)fabsf(pp.z) + (double)fabsf(pp.w);
     }
-    GRID_STRIDE(i, n - head - 4 * quads) {
-        size_t j = head + 4 * quads + i;
+    // The ends around the 16-byte run (all of the part when there is none), spread over the slot's blocks.
+    size_t rest = n - 4 * quads;
+    for (size_t i = sp.part * blockDim.x + threadIdx.x; i < rest; i += stride) {
+        size_t j = i < head ? i : 4 * quads + i;
         h.update(p[j], g[j], m[j], v[j]);
+        acc += fabsf(p[j]);
     }
+    acc = block_reduce(sl[2] ? acc : 0.0, Sum());
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// totals[k] = the sum of slot k's blocks' partials (adamw's), in block order: one block per slot.
+extern "C" __global__ void slot_totals(const double* partials, const long long* slots, int n_slots, int blocks,
+                                       double* totals) {
+    int k = blockIdx.x;
+    long long from = slots[SLOT_COLS * k + 3], to = k + 1 < n_slots ? slots[SLOT_COLS * (k + 1) + 3] : blocks;
+    double acc = 0.0;
+    for (long long b = from + threadIdx.x; b < to; b += blockDim.x) acc += partials[b];
+    acc = block_reduce(acc, Sum());
+    if (threadIdx.x == 0) totals[k] = acc;
 }

@@ -37,35 +37,47 @@ const SLOT_PARTS: u32 = 32;
 /// cast (`(range, None)`). Two launches for the whole model: every matrix's partial sums of `|W|`, then every
 /// slot's writes.
 pub fn step_weights(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], lambda: f64) -> Result<Tensor> {
-    let table = SlotTable::new(flat, slots, 0..flat.elem_count())?;
+    let table = SlotTable::new(flat, slots, 0..flat.elem_count(), |_| false)?;
     step_weights_in(flat, &table, &absmean_partials(flat, &table)?, lambda)
 }
 
 /// The slots as the kernels read them, for the elements of the flat buffer in a range (the whole buffer, or
 /// under ZeRO-1 a rank's shard): per slot, the first element and the count of its part in the range, for a
-/// BitLinear matrix its whole element count (0 for a cast), and its first block of the writes. One upload,
-/// which waits for the stream: a step makes one.
+/// BitLinear matrix its whole element count (0 for a cast), its first block of the grid of the step weights'
+/// writes and of AdamW, and whether weight decay applies to it (AdamW's table only). One upload, which waits
+/// for the stream.
 pub struct SlotTable {
     table: Tensor,
     slots: usize,
-    /// The writes' blocks, a block per `WRITE_CHUNK` elements of each slot's part.
+    /// The grid: a block per `WRITE_CHUNK` elements of each slot's part.
     blocks: u32,
 }
 
-/// Elements per block of the step weights' writes (8 accesses of 4 per thread).
+/// Elements per block of the step weights' writes and of AdamW (8 accesses of 4 per thread).
 const WRITE_CHUNK: usize = 256 * 4 * 8;
 
 impl SlotTable {
-    pub fn new(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], range: Range<usize>) -> Result<Self> {
+    /// `decays(k)`: whether AdamW's weight decay applies to slot k.
+    pub fn new(
+        flat: &Tensor,
+        slots: &[(Range<usize>, Option<usize>)],
+        range: Range<usize>,
+        decays: impl Fn(usize) -> bool,
+    ) -> Result<Self> {
         let mut blocks = 0;
-        let mut table = Vec::with_capacity(4 * slots.len());
-        for (r, c) in slots {
+        let mut table = Vec::with_capacity(5 * slots.len());
+        for (k, (r, c)) in slots.iter().enumerate() {
             let (first, end) = (r.start.max(range.start), r.end.min(range.end));
             let count = end.saturating_sub(first);
-            table.extend([first as i64, count as i64, if c.is_some() { r.len() as i64 } else { 0 }, blocks as i64]);
+            let matrix = if c.is_some() { r.len() as i64 } else { 0 };
+            table.extend([first as i64, count as i64, matrix, blocks as i64, decays(k) as i64]);
             blocks += count.div_ceil(WRITE_CHUNK);
         }
         Ok(Self { table: Tensor::new(table, flat.device())?, slots: slots.len(), blocks: blocks as u32 })
+    }
+
+    fn grid(&self) -> LaunchConfig {
+        LaunchConfig { grid_dim: (self.blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 }
 
@@ -82,18 +94,18 @@ pub fn absmean_partials(flat: &Tensor, table: &SlotTable) -> Result<Tensor> {
 }
 
 /// The second launch of [`step_weights`]: this step's weights of the elements of `flat` in the table's range,
-/// each BitLinear matrix scaled by the `partials` of the whole matrix, in a bf16 buffer laid out as `flat`
-/// whose elements outside the range are left unset (under ZeRO-1, for the other ranks to send).
+/// each BitLinear matrix scaled by the sums of `|W|` of the whole matrix in `partials` (f64, a fixed number per
+/// slot: [`absmean_partials`]'s, or one from [`adamw`]), in a bf16 buffer laid out as `flat` whose elements
+/// outside the range are left unset (under ZeRO-1, for the other ranks to send).
 pub fn step_weights_in(flat: &Tensor, table: &SlotTable, partials: &Tensor, lambda: f64) -> Result<Tensor> {
     let dev = cuda_device(flat)?;
     let out = uninit(flat.elem_count(), DType::BF16, &dev)?;
     if table.blocks == 0 {
         return Ok(out);
     }
-    let cfg = LaunchConfig { grid_dim: (table.blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "step_weights", cfg;
-        ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, SLOT_PARTS as i32, lambda as f32,
-        ptr(&out)?);
+    let parts = (partials.elem_count() / table.slots) as i32;
+    launch!(dev, PTX, "step_weights", table.grid();
+        ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, parts, lambda as f32, ptr(&out)?);
     Ok(out)
 }
 
@@ -133,19 +145,39 @@ pub struct AdamWStep {
     pub one_minus_beta1: f32,
     pub beta2: f32,
     pub one_minus_beta2: f32,
+    /// What weight decay multiplies the parameters by, where it applies.
+    pub decay: f32,
     pub inv_sqrt_bc2: f32,
     pub eps: f32,
     pub step_size: f32,
 }
 
-/// AdamW in place over `params, m, v` (contiguous f32 views of one range of the flat buffers) with the
-/// gradients `grads` of that range; `decay` multiplies the parameters first (1 for no weight decay).
-pub fn adamw(params: &Tensor, grads: &Tensor, m: &Tensor, v: &Tensor, decay: f32, s: &AdamWStep) -> Result<()> {
-    let n = params.elem_count();
+/// AdamW in place over the table's range of `params` and `grads` (the flat f32 buffers) and over `m, v` (that
+/// range's moments, the range starting at flat element `shard_start`), each slot's parameters multiplied by
+/// `s.decay` first where the table says weight decay applies. Returns the sum of `|W|` over each BitLinear matrix's part of the range after the update (f64, one
+/// per slot, 0 for the others): the next step weights' absmean sums ([`step_weights_in`]).
+pub fn adamw(
+    params: &Tensor,
+    grads: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    table: &SlotTable,
+    shard_start: usize,
+    s: &AdamWStep,
+) -> Result<Tensor> {
+    let dev = cuda_device(params)?;
+    let partials = uninit(table.blocks.max(1) as usize, DType::F64, &dev)?;
+    let totals = uninit(table.slots, DType::F64, &dev)?;
     // SAFETY (of writing through `params`, `m`, `v`): the optimizer owns these buffers, and nothing reads them
     // between this launch and the next op on the same stream.
-    launch!(cuda_device(params)?, PTX, "adamw", grid_stride(n);
-        ptr(params)?, ptr(grads)?, ptr(m)?, ptr(v)?, n as u64, s.grad_scale, s.beta1, s.one_minus_beta1,
-        s.beta2, s.one_minus_beta2, decay, s.inv_sqrt_bc2, s.eps, s.step_size);
-    Ok(())
+    if table.blocks > 0 {
+        launch!(dev, PTX, "adamw", table.grid();
+            ptr(params)?, ptr(grads)?, ptr(m)?, ptr(v)?, shard_start as u64, ptr(&table.table)?, table.slots as i32,
+            s.grad_scale, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.decay, s.inv_sqrt_bc2, s.eps,
+            s.step_size, ptr(&partials)?);
+    }
+    let cfg = LaunchConfig { grid_dim: (table.slots as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "slot_totals", cfg;
+        ptr(&partials)?, ptr(&table.table)?, table.slots as i32, table.blocks as i32, ptr(&totals)?);
+    Ok(totals)
 }

@@ -160,23 +160,33 @@ pub fn optimizer_shard(train: &TrainSection, comm: &Communicator, total: usize) 
 /// ZeRO-1 the latents are current in this rank's shard only: each rank quantizes its shard, each matrix's
 /// absmean summed over the ranks' parts of it, and the ranks exchange the shards in the compute dtype (half
 /// the bytes of exchanging the f32 latents on GPUs). Otherwise every rank builds them from the whole buffer.
+/// `sums`: the shard's sums of `|W|` where the last AdamW step left them ([`AdamW::take_abs_sums`], on GPUs),
+/// which saves a pass over the latents.
 fn step_weights(
     ctx: &StepContext,
     comm: &Communicator,
     params: &Tensor,
     shard: &Range<usize>,
+    sums: Option<Tensor>,
     lambda: f64,
 ) -> Result<StepWeights> {
-    if shard.len() == ctx.layout.total {
-        return StepWeights::new(&ctx.layout, params, lambda, ctx.dtype);
+    let layout = &ctx.layout;
+    let whole = shard.len() == layout.total;
+    let sums = match sums {
+        Some(sums) => sums,
+        None if whole => return StepWeights::new(layout, params, lambda, ctx.dtype),
+        None => model::shard_abs_sums(layout, params, shard.clone(), ctx.dtype)?,
+    };
+    if !whole {
+        comm.sum_in_place(&sums)?;
+        comm.wait_for_collectives(&ctx.device)?;
     }
-    let sums = model::shard_abs_sums(&ctx.layout, params, shard.clone(), ctx.dtype)?;
-    comm.sum_in_place(&sums)?;
-    comm.wait_for_collectives(&ctx.device)?;
-    let flat = model::shard_step_weights(&ctx.layout, params, shard.clone(), &sums, lambda, ctx.dtype)?;
-    comm.all_gather_in_place(&flat, &optim::shards(ctx.layout.total, comm.world()))?;
-    comm.wait_for_collectives(&ctx.device)?;
-    StepWeights::from_flat(&ctx.layout, flat)
+    let flat = model::shard_step_weights(layout, params, shard.clone(), &sums, lambda, ctx.dtype)?;
+    if !whole {
+        comm.all_gather_in_place(&flat, &optim::shards(layout.total, comm.world()))?;
+        comm.wait_for_collectives(&ctx.device)?;
+    }
+    StepWeights::from_flat(layout, flat)
 }
 
 /// Gives every rank the whole f32 latents: under ZeRO-1 each rank's are current in its `shard` only (the
@@ -212,7 +222,8 @@ pub fn train_step(
     let batches =
         micro.iter().map(|b| BatchTensors::new(b, &ctx.rope, ctx.dtype, &ctx.device)).collect::<Result<Vec<_>>>()?;
     PhaseTimer::mark(&mut timer, "batch to device")?;
-    let w = step_weights(ctx, comm, params, &adam.shard, lambda)?;
+    let sums = adam.take_abs_sums();
+    let w = step_weights(ctx, comm, params, &adam.shard, sums, lambda)?;
     PhaseTimer::mark(&mut timer, "quantize weights")?;
     let wire = match train.grad_dtype {
         GradDtype::F32 => DType::F32,
@@ -272,7 +283,7 @@ pub fn dev_loss(
     batch: usize,
     pad: u32,
 ) -> Result<f64> {
-    let w = step_weights(ctx, comm, params, shard, 1.0)?;
+    let w = step_weights(ctx, comm, params, shard, None, 1.0)?;
     // Every row once, all of them: `data::shard` would drop the remainder.
     let rows: Vec<Row> = data::epoch_rows(ds, 0, 0, opts).into_iter().skip(comm.rank()).step_by(comm.world()).collect();
     let mut sums = [0.0, 0.0];
@@ -420,7 +431,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
                 true => Ok(x),
                 false => x.narrow(0, shard.start, shard.len())?.copy(),
             };
-            let adam = AdamW { m: share(r.m)?, v: share(r.v)?, t: r.state.step as u64, shard };
+            let adam = AdamW::new(share(r.m)?, share(r.v)?, r.state.step as u64, shard);
             (r.params, adam, r.state)
         }
         None => {

@@ -52,7 +52,7 @@ impl StepWeights {
 }
 
 /// Each slot's elements and, for a BitLinear matrix, its number of columns: the slots [`step_weights`] takes.
-fn slot_kinds(layout: &ParamLayout) -> Vec<(Range<usize>, Option<usize>)> {
+pub(crate) fn slot_kinds(layout: &ParamLayout) -> Vec<(Range<usize>, Option<usize>)> {
     layout.slots.iter().map(|s| (s.offset..s.offset + s.len, is_bitlinear(&s.name).then(|| s.shape[1]))).collect()
 }
 
@@ -70,7 +70,7 @@ pub fn shard_abs_sums(layout: &ParamLayout, flat: &Tensor, shard: Range<usize>, 
     let slots = slot_kinds(layout);
     #[cfg(feature = "cuda")]
     if fused(flat, dtype) {
-        let table = crate::kernels::flat::SlotTable::new(flat, &slots, shard)?;
+        let table = crate::kernels::flat::SlotTable::new(flat, &slots, shard, |_| false)?;
         return Ok(crate::kernels::flat::absmean_partials(flat, &table)?);
     }
     let mut sums = vec![Tensor::zeros((), DType::F64, flat.device())?; slots.len()];
@@ -97,7 +97,7 @@ pub fn shard_step_weights(
     let slots = slot_kinds(layout);
     #[cfg(feature = "cuda")]
     if fused(flat, dtype) {
-        let table = crate::kernels::flat::SlotTable::new(flat, &slots, shard)?;
+        let table = crate::kernels::flat::SlotTable::new(flat, &slots, shard, |_| false)?;
         return Ok(crate::kernels::flat::step_weights_in(flat, &table, sums, lambda)?);
     }
     let out = Tensor::zeros(flat.elem_count(), dtype, flat.device())?;

@@ -20,6 +20,13 @@ pub struct AdamW {
     /// Optimizer steps taken (PyTorch's `state["step"]`).
     pub t: u64,
     pub shard: Range<usize>,
+    /// On a GPU, the slot table of AdamW's kernel, made at the first step (one upload).
+    #[cfg(feature = "cuda")]
+    table: Option<crate::kernels::flat::SlotTable>,
+    /// The sums of `|W|` over each BitLinear matrix's part of the shard, as the last step left them (f64, one
+    /// per slot; on a GPU only, where the update computes them as it writes): the next step weights' absmean
+    /// without another pass over the parameters. Taken by [`AdamW::take_abs_sums`].
+    abs_sums: Option<Tensor>,
 }
 
 /// Rank `rank`'s share of a flat buffer of `total` elements among `world` ranks under ZeRO-1: contiguous,
@@ -47,7 +54,21 @@ impl AdamW {
     /// Zero moments for `shard` of the flat buffer (`0..total` for all of it).
     pub fn zeros(shard: Range<usize>, device: &Device) -> Result<Self> {
         let n = shard.len();
-        Ok(Self { m: Tensor::zeros(n, DType::F32, device)?, v: Tensor::zeros(n, DType::F32, device)?, t: 0, shard })
+        Ok(Self::new(Tensor::zeros(n, DType::F32, device)?, Tensor::zeros(n, DType::F32, device)?, 0, shard))
+    }
+
+    /// The state `m, v` after `t` steps (a checkpoint's) for `shard`.
+    pub fn new(m: Tensor, v: Tensor, t: u64, shard: Range<usize>) -> Self {
+        #[cfg(feature = "cuda")]
+        return Self { m, v, t, shard, table: None, abs_sums: None };
+        #[cfg(not(feature = "cuda"))]
+        Self { m, v, t, shard, abs_sums: None }
+    }
+
+    /// The sums of `|W|` the last step computed ([`AdamW`]'s `abs_sums`), if it did; valid while nothing but
+    /// this optimizer changes the parameters' shard, so they are handed out once.
+    pub fn take_abs_sums(&mut self) -> Option<Tensor> {
+        self.abs_sums.take()
     }
 
     /// The whole moments, on rank 0 (None on the others), for a checkpoint. Under ZeRO-1 each rank's share
@@ -78,9 +99,10 @@ impl AdamW {
     /// One step, updating `params`, `m` and `v` in place, with the gradients `grads * grad_scale` (the
     /// scale folds the per-token normalisation and the clip factor into the update: no pass of its own).
     /// Same arithmetic as `torch.optim.AdamW` (single-tensor path): `p *= 1 - lr wd`,
-    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Only `params[shard]` changes. It runs over each
-    /// range of the shard that shares a weight-decay setting: one fused kernel each on CUDA; candle ops
-    /// elsewhere, whose temporaries stay the size of a few parameters, not of the model.
+    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Only `params[shard]` changes. On CUDA one fused
+    /// kernel over the whole shard, which also sums the new BitLinear weights' `|W|`
+    /// ([`AdamW::take_abs_sums`]); elsewhere candle ops over each range of the shard that shares a weight-decay
+    /// setting, whose temporaries stay the size of a few parameters, not of the model.
     pub fn step(
         &mut self,
         params: &Tensor,
@@ -96,22 +118,24 @@ impl AdamW {
         let decay = |i: usize| h.weight_decay != 0.0 && layout.decays(i, h.decay_norms_and_embeddings);
         #[cfg(feature = "cuda")]
         if crate::kernels::on_cuda(params) {
-            use crate::kernels::flat::{adamw, AdamWStep};
+            use crate::kernels::flat::{adamw, AdamWStep, SlotTable};
             let s = AdamWStep {
                 grad_scale: grad_scale as f32,
                 beta1: h.beta1 as f32,
                 one_minus_beta1: (1.0 - h.beta1) as f32,
                 beta2: h.beta2 as f32,
                 one_minus_beta2: (1.0 - h.beta2) as f32,
+                decay: (1.0 - lr * h.weight_decay) as f32,
                 inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
                 eps: h.eps as f32,
                 step_size: (lr / bc1) as f32,
             };
-            for (global, local, n, decays) in self.runs(layout, decay) {
-                let factor = if decays { (1.0 - lr * h.weight_decay) as f32 } else { 1.0 };
-                let (m, v) = (self.m.narrow(0, local, n)?, self.v.narrow(0, local, n)?);
-                adamw(&params.narrow(0, global, n)?, &grads.narrow(0, global, n)?, &m, &v, factor, &s)?;
+            if self.table.is_none() {
+                let slots = super::model::slot_kinds(layout);
+                self.table = Some(SlotTable::new(params, &slots, self.shard.clone(), decay)?);
             }
+            let table = self.table.as_ref().expect("made above");
+            self.abs_sums = Some(adamw(params, grads, &self.m, &self.v, table, self.shard.start, &s)?);
             return Ok(());
         }
         for (global, local, n, decays) in self.runs(layout, decay) {
