@@ -227,17 +227,16 @@ mod fused {
         );
         let (loss_ref, d_ref) = cross_entropy_forward_backward(&logits, v, &t, &m).unwrap();
         let g = |x: &Tensor| x.to_device(&dev).unwrap();
-        let (loss, d) = cross_entropy_forward_backward(&g(&logits), v, &g(&t), &g(&m)).unwrap();
-        let (loss, loss_ref) = (loss.to_scalar::<f64>().unwrap(), loss_ref.to_scalar::<f64>().unwrap());
-        let (el, ed) = ((loss - loss_ref).abs() / loss_ref.abs(), rel_l2(&d, &d_ref));
-        println!("cross-entropy: loss {loss} vs {loss_ref} (rel {el:.2e}), dlogits rel L2 {ed:.2e}");
-        // Padded to 32008 columns, as the head pads them: the same loss, and no gradient on the padding.
+        // Padded to 32008 columns, as the head pads them (the kernel reads rows of a multiple of 8), the padding
+        // large, so that it would show in the loss: the same loss, and no gradient on the padding.
         let padded =
             Tensor::cat(&[&logits, &(randn(&[n, 6], DType::F32) * 50.0).unwrap().to_dtype(DType::BF16).unwrap()], 1)
                 .unwrap();
-        let (loss_pad, d_pad) = cross_entropy_forward_backward(&g(&padded), v, &g(&t), &g(&m)).unwrap();
-        assert_eq!(loss_pad.to_scalar::<f64>().unwrap(), loss);
-        assert_eq!(values(&d_pad.narrow(1, 0, v).unwrap()), values(&d));
+        let (loss, d_pad) = cross_entropy_forward_backward(&g(&padded), v, &g(&t), &g(&m)).unwrap();
+        let d = d_pad.narrow(1, 0, v).unwrap();
+        let (loss, loss_ref) = (loss.to_scalar::<f64>().unwrap(), loss_ref.to_scalar::<f64>().unwrap());
+        let (el, ed) = ((loss - loss_ref).abs() / loss_ref.abs(), rel_l2(&d, &d_ref));
+        println!("cross-entropy: loss {loss} vs {loss_ref} (rel {el:.2e}), dlogits rel L2 {ed:.2e}");
         assert!(values(&d_pad.narrow(1, v, 6).unwrap()).iter().all(|&x| x == 0.0));
         assert!(el < 1e-5 && ed < 1e-2);
     }

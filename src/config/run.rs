@@ -95,7 +95,8 @@ pub struct TrainSection {
     /// Query rows per block of the memory-efficient attention: at most `[micro_batch, heads,
     /// attention_block, seq]` f32 scores exist at once.
     pub attention_block: usize,
-    /// Token rows per chunk of the loss: the f32 logits `[loss_chunk, vocab]` exist one chunk at a time.
+    /// Token rows per chunk of the loss: the logits `[loss_chunk, vocab]` and their gradient exist one chunk at
+    /// a time (bf16 on a GPU, f32 on the CPU).
     pub loss_chunk: usize,
     /// On a GPU, refuse to start when the estimated peak memory (`train::memory`) exceeds the card's;
     /// false starts anyway, for when the estimate is wrong.
@@ -213,7 +214,7 @@ impl Default for TrainSection {
             step_timeout: 900,
             recompute: Recompute::None,
             attention_block: 1024,
-            loss_chunk: 1024,
+            loss_chunk: 2048,
             check_memory: true,
             zero1: false,
         }

@@ -2,13 +2,13 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{cuda_device, launch, ptr, ptx, uninit, Ptx};
+use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("cross_entropy");
 
 /// The summed masked loss (an f64 scalar on the device) and `dlogits` (bf16, the logits' shape) for
-/// `logits: [n, stride]` (bf16) of which the first `v` columns are the vocabulary, `targets: [n]` (u32) and
-/// `mask: [n]` (f32).
+/// `logits: [n, stride]` (bf16, `stride` a multiple of 8: the kernel reads 16 bytes at a time) of which the
+/// first `v` columns are the vocabulary, `targets: [n]` (u32) and `mask: [n]` (f32).
 pub fn cross_entropy_forward_backward(
     logits: &Tensor,
     v: usize,
@@ -16,9 +16,12 @@ pub fn cross_entropy_forward_backward(
     mask: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (n, stride) = logits.dims2()?;
+    if stride % 8 != 0 {
+        candle_core::bail!("cross-entropy: rows of {stride} logits, not a multiple of 8");
+    }
     let dev = cuda_device(logits)?;
     let (loss, dlogits) = (uninit(n, DType::F32, &dev)?, uninit((n, stride), DType::BF16, &dev)?);
     launch!(dev, PTX, "cross_entropy_forward_backward", super::per_row(n, 512);
-        ptr(logits)?, ptr(targets)?, ptr(mask)?, ptr(&loss)?, ptr(&dlogits)?, v as i32, stride as i32);
+        aligned_ptr(logits)?, ptr(targets)?, ptr(mask)?, ptr(&loss)?, aligned_ptr(&dlogits)?, v as i32, stride as i32);
     Ok((loss.to_dtype(DType::F64)?.sum_all()?, dlogits))
 }

@@ -96,13 +96,14 @@ pub fn rmsnorm_backward(
     let (n, c, t, d) = row_shape(x, glu)?;
     let v = variant(c, true)?;
     // Groups share the rows, at least 4 each: each group writes one row of dw partial sums, which
-    // `column_sums` sums, and with one row per group that traffic would match the rows' own.
-    let blocks = n.div_ceil(4 * v.groups).clamp(1, 1024);
+    // `column_sums` sums, and with one row per group that traffic would match the rows' own. At most one wave.
     let dev = cuda_device(x)?;
+    let name = kernel("backward", glu, &v);
+    let blocks = n.div_ceil(4 * v.groups).clamp(1, super::one_wave(&dev, PTX, &name, v.threads)?);
     let partial = uninit((blocks * v.groups, c), DType::F32, &dev)?;
     let dx = uninit(x.shape(), DType::BF16, &dev)?;
     let inv_c = (1.0 / c as f64) as f32;
-    launch!(dev, PTX, &kernel("backward", glu, &v), super::per_row(blocks, v.threads);
+    launch!(dev, PTX, &name, super::per_row(blocks, v.threads);
         aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
         aligned_ptr(&dx)?, ptr(&partial)?,
         n as i32, c as i32, inv_c, t as i32, d as i32);

@@ -362,8 +362,9 @@ pub fn cross_entropy_forward_backward(
     targets: &Tensor,
     mask: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    // The kernel reads rows of a multiple of 8 logits, as the head pads them.
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(logits) {
+    if crate::kernels::applies(logits) && logits.dim(1)? % 8 == 0 {
         let (logits, targets, mask) = (logits.contiguous()?, targets.contiguous()?, mask.contiguous()?);
         return crate::kernels::cross_entropy::cross_entropy_forward_backward(&logits, vocab, &targets, &mask);
     }
