@@ -2,7 +2,8 @@
 // the scores live in registers, never in memory. Causal, each query also bounded below by the first token
 // of its packed example (`start`, as train::layers::Windows). Forward: one block per 64 queries; backward:
 // one kernel per 64 keys for dK and dV and one per 64 queries for dQ, each summing in registers in a fixed
-// order (no atomics: the same inputs give the same bits). The plain reference is
+// order (no atomics: the same inputs give the same bits). The dQ kernel runs first: it also writes each row's
+// rowsum(dO O), which the dK/dV kernel reads. The plain reference is
 // train::layers::flash_attention_{forward,backward} on the CPU.
 #include "common.cuh"
 
@@ -214,22 +215,6 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
     }
 }
 
-// delta[row] = sum over d of dO O: the row's sum of dP P, which dS = P (dP - delta) needs. One warp per row.
-extern "C" __global__ void flash_delta(const bf16* dout, const bf16* out, float* delta, int rows, int d) {
-    int r = blockIdx.x * (THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (r >= rows) return;
-    float sum = 0.f;
-    for (int v = lane; v < d / 8; v += 32) {
-        float a[8], b[8];
-        load8(dout + (size_t)r * d + 8 * v, a);
-        load8(out + (size_t)r * d + 8 * v, b);
-#pragma unroll
-        for (int e = 0; e < 8; e++) sum += a[e] * b[e];
-    }
-    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
-    if (lane == 0) delta[r] = sum;
-}
-
 // Softmax gradient of one score s (unscaled, in place: becomes P) with dp (becomes dS / sqrt(D), the scale
 // folded in for dQ and dK). A query that sees one key (each example's first token) has dS = 0 exactly, as
 // the plain backward gives.
@@ -352,11 +337,27 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
     }
 }
 
+// The sum over row r's channels of a * b for A fragments of 16 rows x D (load_a's layout): this thread's share
+// of rows g (out[0]) and g + 8 (out[1]), to be summed over the quad's four lanes.
+template <int D> __device__ __forceinline__ void rows_dot(float* out, const uint32_t (*a)[4], const uint32_t (*b)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[kk][e]));
+            float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b[kk][e]));
+            out[e % 2] += x.x * y.x + x.y * y.y;
+        }
+}
+
 // dQ for 64 queries: over the keys they see, S = Q K^T and dP = dO V^T in registers, then dQ += dS K. Two
-// stages of K and V tiles: the next one is copied while this one is used.
+// stages of K and V tiles: the next one is copied while this one is used. First each row's delta = sum over
+// d of dO O (dS = P (dP - delta)), from the dO fragments it holds anyway and O's, written for the dK/dV
+// kernel, which runs after this one.
 template <int D>
-__device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                           const float* delta, const float* start, bf16* dq, int t, int heads, float scale2) {
+__device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
+                           const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,
+                           float scale2) {
     constexpr int BQ = 64, BK = 32, LD = Tile<D>::LD;
     __shared__ __align__(16) bf16 buf[4 * BK * LD];  // Q and dO (2 BQ rows), then two stages of K and V
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
@@ -375,18 +376,32 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         load_a<D>(qf[kk], buf, warp * 16, kk * 16, lane);
         load_a<D>(dof[kk], buf + BQ * LD, warp * 16, kk * 16, lane);
     }
+    __syncthreads();  // every warp has its Q and dO
+    load_rows<D>(buf, o + head, q0, BQ, t);
+    commit();
+    wait_loads<0>();
+    __syncthreads();
+    float dl[2] = {0.f, 0.f};
+    {
+        uint32_t of[D / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) load_a<D>(of[kk], buf, warp * 16, kk * 16, lane);
+        rows_dot<D>(dl, of, dof);
+    }
     int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
-    float lse2[2], dl[2];
+    float lse2[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
+        dl[h] += __shfl_xor_sync(0xffffffff, dl[h], 1);
+        dl[h] += __shfl_xor_sync(0xffffffff, dl[h], 2);
         bool in = rows[h] < t;
         lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
         lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
-        dl[h] = in ? delta[rows0 + rows[h]] : 0.f;
+        if (in && c == 0) delta[rows0 + rows[h]] = dl[h];
     }
     int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
     int k_first = (int)start[q0] / BK * BK;
-    __syncthreads();  // every warp has its Q and dO
+    __syncthreads();  // every warp has read O
     auto stage = [&](int i) { return buf + i % 2 * 2 * BK * LD; };
     auto load = [&](int i, int k0) {
         load_rows<D>(stage(i), k + head, k0, BK, t);
@@ -443,9 +458,10 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         backward_kv<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, scale2);                               \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
-        flash_backward_q_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,     \
-                             const float* delta, const float* start, bf16* dq, int t, int heads, float scale2) {  \
-        backward_q<D>(q, k, v, dout, lse, delta, start, dq, t, heads, scale2);                                    \
+        flash_backward_q_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,        \
+                             const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,       \
+                             float scale2) {                                                                       \
+        backward_q<D>(q, k, v, dout, o, lse, delta, start, dq, t, heads, scale2);                                 \
     }
 
 FLASH(64)

@@ -4,7 +4,7 @@ use candle_core::{DType, Result, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::LaunchConfig;
 
-use super::{aligned_ptr, cuda_device, launch, per_row, ptr, ptx, uninit, Ptx};
+use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flash_attention");
 
@@ -58,13 +58,15 @@ pub fn backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, t, d) = q.dims4()?;
     let dev = cuda_device(q)?;
-    let rows = b * h * t;
-    let delta = uninit(rows, DType::F32, &dev)?;
-    launch!(dev, PTX, "flash_delta", per_row(rows.div_ceil(THREADS as usize / 32), THREADS);
-        aligned_ptr(dy)?, aligned_ptr(o)?, ptr(&delta)?, rows as i32, d as i32);
+    let delta = uninit(b * h * t, DType::F32, &dev)?;
     let grad = || uninit(q.shape(), DType::BF16, &dev);
     let (dq, dk, dv) = (grad()?, grad()?, grad()?);
-    // Both kernels read the same inputs; dK and dV in one, dQ in the other, so no sum crosses blocks.
+    // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes each
+    // row's delta = rowsum(dO O), which both need.
+    let name = format!("flash_backward_q_{d}");
+    launch!(dev, PTX, &name, tiles(t, b * h);
+        aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, aligned_ptr(o)?, ptr(lse)?, ptr(&delta)?,
+        ptr(start)?, aligned_ptr(&dq)?, t as i32, h as i32, scale2(d));
     let name = format!("flash_backward_kv_{d}");
     let bytes = kv_shared_bytes(d);
     // Above 48 KB a block's shared memory must be opted into, per function.
@@ -74,9 +76,5 @@ pub fn backward(
     launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
         aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?, ptr(start)?,
         aligned_ptr(&dk)?, aligned_ptr(&dv)?, t as i32, h as i32, scale2(d));
-    let name = format!("flash_backward_q_{d}");
-    launch!(dev, PTX, &name, tiles(t, b * h);
-        aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?, ptr(start)?,
-        aligned_ptr(&dq)?, t as i32, h as i32, scale2(d));
     Ok((dq, dk, dv))
 }
