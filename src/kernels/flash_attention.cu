@@ -217,7 +217,12 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
 
 // Softmax gradient of one score s (unscaled, in place: becomes P) with dp (becomes dS / sqrt(D), the scale
 // folded in for dQ and dK). A query that sees one key (each example's first token) has dS = 0 exactly, as
-// the plain backward gives.
+// the plain backward gives. The backward kernels call it for a whole tile with `masked` a compile-time
+// constant: a tile whose queries all see all its keys (so none sees only one) skips the tests per score,
+// which made the integer pipe the busiest of the dK/dV kernel.
+template <bool M> struct Masked {
+    static constexpr bool value = M;
+};
 __device__ __forceinline__ void grad_of(float& s, float& dp, bool seen, bool alone, float lse2, float delta,
                                         float scale2) {
     s = seen ? exp2f(s * scale2 - lse2) : 0.f;
@@ -312,15 +317,18 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
                 mma(dp[2 * n + 1], va, b + 2);
             }
         }
-        bool masked = !all_seen(q0, BQ, tile.lo[BQ - 1], k0, BK, t);
+        auto grads = [&](auto tag) {
+            constexpr bool masked = decltype(tag)::value;
 #pragma unroll
-        for (int n = 0; n < BQ / 8; n++)
+            for (int n = 0; n < BQ / 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = tile.lo[col];
-                bool seen = !masked || sees(qi, lo, keys[e / 2]);
-                grad_of(s[n][e], dp[n][e], seen, lo == qi, tile.lse2[col], tile.delta[col], scale2);
-            }
+                for (int e = 0; e < 4; e++) {
+                    int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = masked ? tile.lo[col] : 0;
+                    bool seen = !masked || sees(qi, lo, keys[e / 2]);
+                    grad_of(s[n][e], dp[n][e], seen, masked && lo == qi, tile.lse2[col], tile.delta[col], scale2);
+                }
+        };
+        if (all_seen(q0, BQ, tile.lo[BQ - 1], k0, BK, t)) grads(Masked<false>{}); else grads(Masked<true>{});
         mma_cb<D, BQ>(dv_acc, s, tile.dout, lane);
         mma_cb<D, BQ>(dk_acc, dp, tile.q, lane);
         __syncthreads();  // every warp is done with this tile before the one after next overwrites it
@@ -423,15 +431,18 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
         mma_abt<D, BK>(s, qf, ks, lane);
         mma_abt<D, BK>(dp, dof, vs, lane);
-        bool masked = !all_seen(q0, BQ, lo_last, k0, BK, t);
+        auto grads = [&](auto tag) {
+            constexpr bool masked = decltype(tag)::value;
 #pragma unroll
-        for (int n = 0; n < BK / 8; n++)
+            for (int n = 0; n < BK / 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int h = e / 2;
-                bool seen = !masked || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
-                grad_of(s[n][e], dp[n][e], seen, lo[h] == rows[h], lse2[h], dl[h], scale2);
-            }
+                for (int e = 0; e < 4; e++) {
+                    int h = e / 2;
+                    bool seen = !masked || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
+                    grad_of(s[n][e], dp[n][e], seen, masked && lo[h] == rows[h], lse2[h], dl[h], scale2);
+                }
+        };
+        if (all_seen(q0, BQ, lo_last, k0, BK, t)) grads(Masked<false>{}); else grads(Masked<true>{});
         mma_cb<D, BK>(acc, dp, ks, lane);
         __syncthreads();  // every warp is done with this stage before the one after next overwrites it
     }
