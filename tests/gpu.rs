@@ -96,6 +96,12 @@ mod fused {
             let (e, m) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
             println!("rmsnorm+quant n={n} c={c} lambda={lambda}: rel L2 {e:.2e}, {:.3}% codes differ", m * 100.0);
             assert!(e < 5e-3 && m < 5e-3, "forward: rel L2 {e}, mismatched {m}");
+            // The plain norm (the final one), the same kernel without the quantization.
+            let (y_ref, _) = rmsnorm_forward(&x, &w, 1e-6).unwrap();
+            let (y, _) = rmsnorm_forward(&x.to_device(&dev).unwrap(), &w.to_device(&dev).unwrap(), 1e-6).unwrap();
+            let (e, m) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
+            println!("rmsnorm n={n} c={c}: rel L2 {e:.2e}, {:.3}% of values differ", m * 100.0);
+            assert!(e < 1e-3 && m < 2e-2, "plain forward: rel L2 {e}, mismatched {m}");
             // With the residual stream's gradient added (as every block's two norms get it) and without.
             let residual = (lambda == 1.0).then(|| randn(&[n, c], DType::BF16));
             let (dx_ref, dw_ref) = rmsnorm_backward(&dy, &w, &s_ref, residual.as_ref()).unwrap();

@@ -157,8 +157,14 @@ fn as_rows(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `y = w * x / rms(x)`, rows of `x: [n, c]`, statistics in f32.
+/// `y = w * x / rms(x)`, rows of `x: [n, c]`, statistics in f32. On CUDA the norm kernel of
+/// [`rmsnorm_quant_forward`] with the quantization blended out (lambda 0 gives y exactly): the final norm ran as
+/// eight candle kernels, 0.6 ms a step of the large model at 768 x 8 (H100).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
+    #[cfg(feature = "cuda")]
+    if crate::kernels::rmsnorm::takes(x, false) && x.rank() == 2 {
+        return norm_quant_forward(x, false, w, eps, 0.0);
+    }
     let x32 = x.to_dtype(DType::F32)?;
     let rrms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let y = x32.broadcast_mul(&rrms)?.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
