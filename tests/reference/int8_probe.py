@@ -1,7 +1,7 @@
 # Is cuBLASLt's int8 x int8 -> int32 GEMM (torch._int_mm) worth a BitLinear forward on this card?
 # Forward GEMMs of bitnet_b1_58-large at 768 x 8 (6144 tokens): Y[M,N] = X[M,K] W[N,K]^T.
+#   python3 tests/reference/int8_probe.py      (on a GPU machine; results in BENCHMARKS.md)
 import torch
-torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
 M = 6144
 shapes = {"qkv": (1536, 4608), "o": (1536, 1536), "gate_up": (1536, 8192), "down": (4096, 1536)}
 def timeit(f, n=50):
@@ -19,7 +19,7 @@ for name, (K, N) in shapes.items():
     wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     xi = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     wi = torch.randint(-1, 2, (N, K), device="cuda", dtype=torch.int8)
-    sx = torch.rand(M, 1, device="cuda"); 
+    sx = torch.rand(M, 1, device="cuda")
     tb = timeit(lambda: xb @ wb.t())
     ti = timeit(lambda: torch._int_mm(xi, wi.t()))
     # int32 out, scaled to bf16 in a separate pass (what a consumer kernel would fold in)
