@@ -72,6 +72,7 @@ impl Source {
     /// not declare a BitNet architecture (quantizing a full-precision model to ternary would destroy it);
     /// `ModelConfig::from_file` has already refused `weight_bits`/`input_bits` other than 1/8.
     pub fn read(dir: &Path) -> Result<Self> {
+        crate::manifest::verify(dir)?;
         let (cfg, vb) = hf::open(dir, DType::F32, &Device::Cpu)?;
         let archs = cfg.extra.get("architectures");
         let is_bitnet = archs

@@ -16,8 +16,10 @@ use candle_core::Device;
 use crate::config::ModelConfig;
 
 /// Loads a Hugging Face checkpoint directory for inference on `device` in its compute dtype: latent weights,
-/// or a packed ternary export (`config.json` says which; see `ternary`).
+/// or a packed ternary export (`config.json` says which; see `ternary`). Checkpoints with a checksum
+/// manifest are verified first (`manifest`).
 pub fn load(dir: &Path, device: &Device) -> Result<BitNet> {
+    crate::manifest::verify(dir)?;
     let (cfg, vb) = hf::open(dir, crate::device::compute_dtype(device), device)?;
     BitNet::load(vb, &cfg).with_context(|| format!("loading the model in {}", dir.display()))
 }
