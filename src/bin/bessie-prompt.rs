@@ -4,7 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Result;
-use bessie::generate::{generate, Sampler};
+use bessie::generate::{check_prompt_fits, generate, parse_temperature, parse_top_p, Sampler};
 use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
 use clap::Parser;
 
@@ -29,11 +29,11 @@ struct Args {
     /// Stop after this many new tokens.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, at least 0; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
     temperature: f64,
-    /// Nucleus sampling: sample from the most likely tokens whose probabilities add up to this.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: sample from the most likely tokens whose probabilities add up to this, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = parse_top_p)]
     top_p: f64,
     /// Seed for sampling.
     #[arg(long, default_value_t = 42)]
@@ -55,21 +55,14 @@ fn body(args: Args) -> Result<()> {
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
     let mut answer = |prompt: &str| -> Result<()> {
         let ids = tokenizer.encode(&template.generation_prompt(prompt), true)?;
+        check_prompt_fits(ids.len(), model.max_positions())?;
         let mut out = std::io::stdout();
         let g = generate(&model, &tokenizer, &ids, args.max_new_tokens, &mut sampler, |text| {
             out.write_all(text.as_bytes())?;
             Ok(out.flush()?)
         })?;
         println!();
-        eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} new tokens at {:.1} tok/s, {:.2} s, stop: {:?}]",
-            g.prompt_tokens,
-            g.prompt_tokens_per_sec(),
-            g.ids.len(),
-            g.decode_tokens_per_sec(),
-            g.prompt_secs + g.decode_secs,
-            g.stop
-        );
+        eprintln!("{}", g.report());
         Ok(())
     };
     if let Some(prompt) = &args.prompt {

@@ -351,20 +351,20 @@ fn prepare_out_dir(cfg: &RunConfig, start: Start) -> Result<Lock> {
 
 /// Refuses examples that cannot be what tokenizing made (a damaged data cache): a trained span past the
 /// example's end, or an id beyond the model's vocabulary.
-fn check_examples(ds: &Dataset, vocab_size: usize, what: &std::path::Path) -> Result<()> {
+fn check_examples(ds: &Dataset, vocab_size: usize, what: &std::path::Path, cache: &std::path::Path) -> Result<()> {
     for (i, ex) in ds.examples.iter().enumerate() {
         let bad_id = ex.ids.iter().find(|&&id| id as usize >= vocab_size);
         if ex.ids.is_empty() || ex.loss_start > ex.ids.len() || bad_id.is_some() {
             bail!(
-                "{}: example {} (of {}) has {} tokens, trained from token {}{}: its data cache in {} is damaged; \
-                 delete the cache directory to tokenize the file again",
+                "{}: example {} (of {}) has {} tokens, trained from token {}{}: the data cache in {} is damaged; \
+                 delete that directory to tokenize the file again",
                 what.display(),
                 i + 1,
                 ds.examples.len(),
                 ex.ids.len(),
                 ex.loss_start,
                 bad_id.map(|id| format!(", and token id {id} beyond the vocabulary of {vocab_size}")).unwrap_or_default(),
-                CACHE_DIR
+                cache.display()
             );
         }
     }
@@ -429,9 +429,9 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         true => None,
         false => Some(data::load_jsonl(&cfg.data.dev, &tokenizer, &template, &opts, Some(&cache))?),
     };
-    check_examples(&train_ds, model_cfg.vocab_size, &cfg.data.train)?;
+    check_examples(&train_ds, model_cfg.vocab_size, &cfg.data.train, &cache)?;
     if let Some(ds) = &dev_ds {
-        check_examples(ds, model_cfg.vocab_size, &cfg.data.dev)?;
+        check_examples(ds, model_cfg.vocab_size, &cfg.data.dev, &cache)?;
     }
     let s = &train_ds.stats;
     note(format!(
@@ -481,9 +481,6 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
             let state_file = dir.join(checkpoint::STATE_FILE);
             resume::check_state(&r.state, total, t.epochs, |e| epoch_rows(e).len())
                 .with_context(|| format!("{}: the trainer state does not fit this run", state_file.display()))?;
-            if r.state.seed != t.seed {
-                bail!("{}: saved with train.seed = {}, the config says {}", dir.display(), r.state.seed, t.seed);
-            }
             let saved_config = dir.join(checkpoint::RUN_CONFIG_FILE);
             let saved_toml = std::fs::read_to_string(&saved_config)
                 .with_context(|| format!("reading {}", saved_config.display()))?;

@@ -56,7 +56,8 @@ pub struct Differences {
 }
 
 fn split(id: &RunIdentity) -> String {
-    format!("{} ranks x micro-batch {} x accumulation {}", id.world_size, id.micro_batch, id.grad_accum)
+    let ranks = if id.world_size == 1 { "1 rank".to_string() } else { format!("{} ranks", id.world_size) };
+    format!("{ranks} x micro-batch {} x accumulation {}", id.micro_batch, id.grad_accum)
 }
 
 /// Compares the checkpoint's `run_config.toml` text and recorded identity (None: saved by an older
@@ -155,7 +156,7 @@ mod tests {
         assert_eq!(
             d.changes[2],
             "global batch: 16 sequences per step in the checkpoint (2 ranks x micro-batch 4 x accumulation 2), 8 now \
-             (1 ranks x micro-batch 4 x accumulation 2)"
+             (1 rank x micro-batch 4 x accumulation 2)"
         );
         // Two ranks resumed on one with twice the accumulation: the same steps, with a notice.
         let d = compare(then, Some(&id(2, 4, 2, "aa")), then, &id(1, 4, 4, "aa")).unwrap();
