@@ -291,11 +291,46 @@ mod tests {
         assert!(!out.path().join("checkpoint-1").exists(), "a checkpoint being deleted stays deleted");
     }
 
+    /// A diverged step's weights or moments are refused before anything is written, naming the tensor.
+    #[test]
+    fn non_finite_weights_are_never_saved() {
+        let out = tempfile::tempdir().unwrap();
+        let cfg = ModelConfig::shape("tiny", 300).unwrap();
+        let layout = ParamLayout::new(&cfg);
+        let writer = CheckpointWriter {
+            out_dir: out.path(),
+            model_cfg: &cfg,
+            layout: &layout,
+            tokenizer_files: &[],
+            run_config: "",
+            keep: 2,
+        };
+        let state = TrainerState { step: 7, epoch: 0, epoch_rows_done: 0, seed: 1, run: None };
+        let good = Tensor::full(0.5f32, layout.total, &Device::Cpu).unwrap();
+        let slot = &layout.slots[layout.index("model.layers.1.mlp.up_proj.weight")];
+        let mut values = vec![0.5f32; layout.total];
+        values[slot.offset + 3] = f32::INFINITY;
+        let bad = Tensor::from_vec(values, layout.total, &Device::Cpu).unwrap();
+        for (p, m, what) in [(&bad, &good, "weight"), (&good, &bad, "AdamW moment exp_avg of")] {
+            let e = format!("{:#}", writer.save(p, m, &good, &state).unwrap_err());
+            assert!(
+                e.contains("checkpoint-7 after step 7") && e.contains(&format!("{what} `{}` holds inf", slot.name)),
+                "{e}"
+            );
+        }
+        let e = format!("{:#}", writer.save_final(&bad).unwrap_err());
+        assert!(e.contains("not saving") && e.contains("holds inf"), "{e}");
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0, "nothing written");
+        writer.save(&good, &good, &good, &state).unwrap();
+        manifest::verify(&out.path().join("checkpoint-7")).unwrap();
+    }
+
     /// A kill between the two renames that replace `final_checkpoint` leaves only the hidden copies.
     #[test]
     fn a_directory_killed_mid_replacement_is_restored() {
         let out = tempfile::tempdir().unwrap();
-        let (old, new) = (out.path().join(".final_checkpoint.old-4000000000"), out.path().join(".final_checkpoint.tmp-4000000000"));
+        let (old, new) =
+            (out.path().join(".final_checkpoint.old-4000000000"), out.path().join(".final_checkpoint.tmp-4000000000"));
         let final_dir = out.path().join(FINAL_DIR);
         for (dir, text) in [(&old, "old"), (&new, "new")] {
             std::fs::create_dir_all(dir).unwrap();

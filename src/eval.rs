@@ -645,8 +645,8 @@ impl PartialOutput {
             );
         }
         for (n, line) in lines {
-            let l: PartialLine =
-                serde_json::from_str(line).with_context(|| format!("{}:{}: malformed answer", path.display(), n + 1))?;
+            let l: PartialLine = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: malformed answer", path.display(), n + 1))?;
             if l.index < questions {
                 done.insert(l.index, l.guess);
             }

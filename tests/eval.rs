@@ -327,7 +327,7 @@ fn bessie_eval_writes_rows_and_rescoring_reproduces_the_summary() {
     );
     assert_eq!(rescored[2..], rows[2..], "unchanged guesses score the same");
     let again: Summary =
-        serde_json::from_str(&std::fs::read_to_string(work.path().join("eval_summary.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(work.path().join("rescored_summary.json")).unwrap()).unwrap();
     assert!(again.speed.is_none());
     let (_, direct) = eval::rescore(&predictions, None).unwrap();
     assert_eq!(again, direct);
@@ -413,7 +413,11 @@ fn bessie_eval_never_loses_the_output_or_the_dev_set() {
     assert_eq!((sa.overall.count, sb.overall.count), (3, 3));
     let run = bessie_eval(&["--predictions", o]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_eq!(read_summary("a_summary.json"), sa, "re-scoring unchanged predictions keeps the summary, speed included");
+    assert_eq!(
+        read_summary("a_summary.json"),
+        sa,
+        "re-scoring unchanged predictions keeps the summary, speed included"
+    );
     assert!(!work.path().join("eval_summary.json").exists());
 }
 
@@ -493,10 +497,14 @@ fn an_over_long_question_is_skipped_and_counted() {
     let rows = read_jsonl(&out);
     assert_eq!(rows.len(), lines.len());
     let why = rows[2]["skipped"].as_str().unwrap();
-    assert!(why.contains("dev.jsonl:3: the prompt is") && why.contains("too many for the model's context of 2048"), "{why}");
+    assert!(
+        why.contains("dev.jsonl:3: the prompt is") && why.contains("too many for the model's context of 2048"),
+        "{why}"
+    );
     assert_eq!((&rows[2]["guess"], &rows[2]["f1"]), (&"".into(), &0.0.into()));
     assert!(rows.iter().enumerate().all(|(i, r)| (i == 2) == r.get("skipped").is_some()));
-    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(work.path().join("eval_summary.json")).unwrap()).unwrap();
+    let summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(work.path().join("eval_summary.json")).unwrap()).unwrap();
     assert_eq!((summary.skipped, summary.overall.count), (1, lines.len()));
     assert!(String::from_utf8_lossy(&run.stdout).contains("1 questions skipped"));
 }

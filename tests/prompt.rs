@@ -22,7 +22,8 @@ fn a_prompt_beyond_the_context_says_by_how_much() {
     common::tiny_checkpoint(dir.path(), 1);
     let stderr = failing(&prompt(dir.path(), &["--prompt", &"moo ".repeat(3000)]));
     assert!(stderr.starts_with("error: the prompt is ") && stderr.lines().count() == 1, "{stderr}");
-    let (tokens, rest) = stderr["error: the prompt is ".len()..].split_once(" tokens with the chat template, ").unwrap();
+    let (tokens, rest) =
+        stderr["error: the prompt is ".len()..].split_once(" tokens with the chat template, ").unwrap();
     let (too_many, rest) = rest.split_once(" too many").unwrap();
     assert!(rest.starts_with(" for the model's context of 2048"), "{stderr}");
     assert_eq!(tokens.parse::<usize>().unwrap() + 1 - 2048, too_many.parse::<usize>().unwrap(), "{stderr}");
@@ -59,8 +60,11 @@ fn sampling_settings_outside_their_range_are_refused() {
 fn a_damaged_model_is_one_error_line_even_with_rust_backtrace() {
     let dir = tempfile::tempdir().unwrap();
     common::tiny_checkpoint(dir.path(), 1);
-    let weights = dir.path().join("model.safetensors");
-    std::fs::write(&weights, b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}").unwrap();
+    // Weights of another shape than config.json says: candle's error, which carries a backtrace then.
+    let config = dir.path().join("config.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json["intermediate_size"] = 180.into();
+    std::fs::write(&config, json.to_string()).unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_bessie-prompt"))
         .arg("-m")
         .arg(dir.path())
@@ -70,4 +74,5 @@ fn a_damaged_model_is_one_error_line_even_with_rust_backtrace() {
         .unwrap();
     let stderr = failing(&run);
     assert!(stderr.starts_with("error: ") && stderr.lines().count() == 1, "{stderr}");
+    assert!(stderr.contains("has shape [176, 64] but config.json implies [180, 64]"), "{stderr}");
 }

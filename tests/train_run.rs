@@ -336,6 +336,8 @@ fn nan_loss_stops_with_last_checkpoint_intact() {
     assert!(non_finite.iter().any(|m| stderr.contains(m)), "stderr: {stderr}");
     // The failing step is the one after the newest checkpoint, numbered as metrics.jsonl numbers steps.
     assert!(stderr.contains(&format!("at step {}", newest + 1)), "newest checkpoint {newest}; stderr: {stderr}");
+    let good = out.path().join(format!("checkpoint-{newest}"));
+    assert!(stderr.contains(&format!("the last good checkpoint is {}", good.display())), "{stderr}");
     assert!(!out.path().join("final_checkpoint").exists());
     let logged = metrics(out.path());
     assert_eq!(logged.len(), newest, "metrics.jsonl should end at the last good step");
@@ -484,7 +486,10 @@ fn one_run_at_a_time_and_a_killed_runs_lock_is_taken_over() {
     assert!(lock.exists(), "a killed run leaves its lock");
     let out2 = run_ok(train(out.path(), 2, &[]).arg("--overwrite"));
     let stderr = String::from_utf8_lossy(&out2.stderr);
-    assert!(stderr.contains(&format!("taking over the lock of a run that no longer runs (pid {}", first.id())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("taking over the lock of a run that no longer runs (pid {}", first.id())),
+        "{stderr}"
+    );
     assert!(!lock.exists(), "a finished run releases its lock");
 }
 
@@ -500,7 +505,10 @@ fn resuming_a_changed_run_is_refused_unless_accepted() {
     let refused = [
         (vec!["train.lr=1e-3"], vec!["train.lr: 0.003 in the checkpoint, 0.001 now"]),
         (vec!["train.micro_batch=2"], vec!["global batch: 4 sequences per step in the checkpoint", "2 now (1 rank x"]),
-        (vec!["data.system_prompt=You are a cow."], vec!["data.system_prompt", "data: the tokenized training examples differ"]),
+        (
+            vec!["data.system_prompt=You are a cow."],
+            vec!["data.system_prompt", "data: the tokenized training examples differ"],
+        ),
         (vec!["train.seed=7"], vec!["train.seed: 42 in the checkpoint, 7 now"]),
     ];
     for (changes, wanted) in refused {
@@ -593,7 +601,10 @@ fn a_resumed_state_or_cache_that_does_not_fit_the_run_is_refused() {
     std::fs::write(&cache, &bytes).unwrap();
     let (_, stderr) = run_failing(train(out.path(), 3, &[]).arg("--resume"));
     assert!(stderr.contains("example 1 (of") && stderr.contains("trained from token 4294967295"), "{stderr}");
-    assert!(stderr.contains(&format!("the data cache in {} is damaged", out.path().join("cache").display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the data cache in {} is damaged", out.path().join("cache").display())),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -623,7 +634,8 @@ fn ctrl_c_saves_a_checkpoint_and_says_how_to_resume() {
     // No periodic checkpoints: the one after the signal is the run's only one.
     let args = ["checkpoint.every=0", "train.epochs=1000"];
     for sig in ["INT", "TERM"] {
-        let child = train(out.path(), 10_000, &args).arg("--resume").stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
+        let child =
+            train(out.path(), 10_000, &args).arg("--resume").stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
         let child = child.unwrap();
         let started = Instant::now();
         let before = metrics_lines(out.path());

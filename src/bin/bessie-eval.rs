@@ -162,7 +162,10 @@ fn evaluate(args: &Args, comm: &Communicator) -> Result<Option<Outcome>> {
         bar.inc(n as u64);
         // Without a terminal the bar is hidden; logs get a line every 5% instead.
         let every = total.div_ceil(20).max(1);
-        if comm.is_main() && bar.is_hidden() && ((progress_done + n) / every > progress_done / every || progress_done + n == total) {
+        if comm.is_main()
+            && bar.is_hidden()
+            && ((progress_done + n) / every > progress_done / every || progress_done + n == total)
+        {
             eprintln!("{}/{total} questions", progress_done + n);
         }
         progress_done += n;
@@ -171,7 +174,8 @@ fn evaluate(args: &Args, comm: &Communicator) -> Result<Option<Outcome>> {
         Some(p) => p.append(answers),
         None => Ok(()),
     };
-    let settings = eval::Settings { batch_size: args.batch_size, max_new_tokens: args.max_new_tokens, model_name: &name };
+    let settings =
+        eval::Settings { batch_size: args.batch_size, max_new_tokens: args.max_new_tokens, model_name: &name };
     let scored = eval::evaluate(&model, &tokenizer, &template, &examples, done, &settings, comm, record, progress)?;
     bar.finish_and_clear();
     let Some((lines, summary)) = scored else { return Ok(None) };

@@ -363,7 +363,9 @@ fn check_examples(ds: &Dataset, vocab_size: usize, what: &std::path::Path, cache
                 ds.examples.len(),
                 ex.ids.len(),
                 ex.loss_start,
-                bad_id.map(|id| format!(", and token id {id} beyond the vocabulary of {vocab_size}")).unwrap_or_default(),
+                bad_id
+                    .map(|id| format!(", and token id {id} beyond the vocabulary of {vocab_size}"))
+                    .unwrap_or_default(),
                 cache.display()
             );
         }

@@ -62,7 +62,12 @@ fn split(id: &RunIdentity) -> String {
 
 /// Compares the checkpoint's `run_config.toml` text and recorded identity (None: saved by an older
 /// version) with this run's.
-pub fn compare(saved_toml: &str, saved: Option<&RunIdentity>, now_toml: &str, now: &RunIdentity) -> Result<Differences> {
+pub fn compare(
+    saved_toml: &str,
+    saved: Option<&RunIdentity>,
+    now_toml: &str,
+    now: &RunIdentity,
+) -> Result<Differences> {
     let parse = |text: &str, what: &str| -> Result<toml::Table> {
         text.parse().map_err(|e| anyhow::anyhow!("parsing the {what} run config: {e}"))
     };
@@ -148,7 +153,8 @@ mod tests {
     #[test]
     fn differences_are_named_and_operational_keys_ignored() {
         let then = "[train]\nlr = 0.0002\nseed = 42\ndevice = \"cpu\"\nmicro_batch = 4\n[log]\ndev_every = 5\n";
-        let now = "[train]\nlr = 0.001\nseed = 42\ndevice = \"cuda\"\nmicro_batch = 2\nnew_key = 1\n[log]\ndev_every = 9\n";
+        let now =
+            "[train]\nlr = 0.001\nseed = 42\ndevice = \"cuda\"\nmicro_batch = 2\nnew_key = 1\n[log]\ndev_every = 9\n";
         let d = compare(then, Some(&id(2, 4, 2, "aa")), now, &id(1, 4, 2, "bb")).unwrap();
         assert_eq!(d.changes.len(), 3, "{d:?}");
         assert_eq!(d.changes[0], "train.lr: 0.0002 in the checkpoint, 0.001 now");

@@ -164,8 +164,10 @@ impl Drop for Lock {
 
 /// The files of an earlier run in `out`: its checkpoints, final checkpoint and (non-empty) metrics.
 fn earlier_run(out: &Path) -> Result<Vec<String>> {
-    let mut found: Vec<String> =
-        checkpoint::list(out)?.iter().map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into()).collect();
+    let mut found: Vec<String> = checkpoint::list(out)?
+        .iter()
+        .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into())
+        .collect();
     if out.join(FINAL_DIR).exists() {
         found.push(FINAL_DIR.into());
     }
