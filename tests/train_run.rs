@@ -471,12 +471,8 @@ fn one_run_at_a_time_and_a_killed_runs_lock_is_taken_over() {
     let out = TempDir::new().unwrap();
     let lock = out.path().join("bessie-train.lock");
     let long = ["train.epochs=1000"];
-    let mut first = train(out.path(), 10_000, &long).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let started = Instant::now();
-    while metrics_lines(out.path()) < 1 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the first run never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let first = train(out.path(), 10_000, &long).stderr(Stdio::null()).spawn().unwrap();
+    let mut first = wait_for_steps(first, out.path(), 1);
     let held: serde_json::Value = serde_json::from_slice(&std::fs::read(&lock).unwrap()).unwrap();
     assert_eq!(held["pid"].as_u64(), Some(first.id() as u64));
     let (_, stderr) = run_failing(train(out.path(), 10_000, &long).arg("--resume"));
@@ -495,6 +491,16 @@ fn one_run_at_a_time_and_a_killed_runs_lock_is_taken_over() {
 
 fn metrics_lines(out: &Path) -> usize {
     std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+/// Returns `run` (just started, writing to `out`) once it has logged `steps` more steps (2 minutes at most).
+fn wait_for_steps(run: std::process::Child, out: &Path, steps: usize) -> std::process::Child {
+    let (started, before) = (Instant::now(), metrics_lines(out));
+    while metrics_lines(out) < before + steps {
+        assert!(started.elapsed() < Duration::from_secs(120), "no steps logged in 2 minutes");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run
 }
 
 #[test]
@@ -633,16 +639,9 @@ fn ctrl_c_saves_a_checkpoint_and_says_how_to_resume() {
     let out = TempDir::new().unwrap();
     // No periodic checkpoints: the one after the signal is the run's only one.
     let args = ["checkpoint.every=0", "train.epochs=1000"];
+    let resumed = || train(out.path(), 10_000, &args).arg("--resume").stderr(Stdio::piped()).spawn().unwrap();
     for sig in ["INT", "TERM"] {
-        let child =
-            train(out.path(), 10_000, &args).arg("--resume").stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
-        let child = child.unwrap();
-        let started = Instant::now();
-        let before = metrics_lines(out.path());
-        while metrics_lines(out.path()) < before + 2 {
-            assert!(started.elapsed() < Duration::from_secs(120), "no steps");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = wait_for_steps(resumed(), out.path(), 2);
         signal(child.id(), sig);
         let done = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&done.stderr);
@@ -656,14 +655,7 @@ fn ctrl_c_saves_a_checkpoint_and_says_how_to_resume() {
     }
     // A second signal exits at once, without saving.
     let before = assert_checkpoints_complete(out.path());
-    let child = train(out.path(), 10_000, &args).arg("--resume").stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
-    let child = child.unwrap();
-    let started = Instant::now();
-    let logged = metrics_lines(out.path());
-    while metrics_lines(out.path()) < logged + 1 {
-        assert!(started.elapsed() < Duration::from_secs(120), "no steps");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let child = wait_for_steps(resumed(), out.path(), 1);
     signal(child.id(), "INT");
     signal(child.id(), "INT");
     let done = child.wait_with_output().unwrap();

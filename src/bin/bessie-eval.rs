@@ -115,9 +115,6 @@ fn check_output(out: &Path, dev: &Path) -> Result<()> {
             bail!("{what} {} is the dev file {}: writing it would destroy the dev set", path.display(), dev.display());
         }
     }
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     Ok(())
 }
 
@@ -140,6 +137,9 @@ fn evaluate(args: &Args, comm: &Communicator) -> Result<Option<Outcome>> {
     };
     let (mut partial, done) = match comm.is_main() {
         true => {
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
             let (partial, done) = PartialOutput::open(out, &header, args.resume, examples.len())?;
             if !done.is_empty() {
                 eprintln!("--resume: {} of {} questions answered already", done.len(), examples.len());
