@@ -600,6 +600,11 @@ impl PartialOutput {
         let path = Self::path_for(out);
         let mut done = BTreeMap::new();
         let existing = match std::fs::read(&path) {
+            // Killed before its header was complete: it holds no answers.
+            Ok(bytes) if !bytes.contains(&b'\n') => {
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                None
+            }
             Ok(bytes) => Some(bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),

@@ -463,6 +463,10 @@ fn a_killed_evaluation_resumes() {
     let again = Command::new(env!("CARGO_BIN_EXE_bessie-eval")).args(args(&out)).output().unwrap();
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(!again.status.success() && stderr.contains("pass --resume to continue it"), "{stderr}");
+    let other_system = ["--resume", "--system", "Moo."];
+    let other = Command::new(env!("CARGO_BIN_EXE_bessie-eval")).args(args(&out)).args(other_system).output().unwrap();
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && stderr.contains("was written by another evaluation"), "{stderr}");
     let resumed = Command::new(env!("CARGO_BIN_EXE_bessie-eval")).args(args(&out)).arg("--resume").output().unwrap();
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{stderr}");
