@@ -167,12 +167,18 @@ def byte_decoder():
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def tiktoken_encoding(spec: dict) -> tiktoken.Encoding:
+def mergeable_ranks(spec: dict) -> dict:
+    """tokenizer.json's BPE vocabulary as tiktoken ranks: token bytes -> id."""
     dec = byte_decoder()
     ranks = {bytes(dec[ch] for ch in token): rank for token, rank in spec["model"]["vocab"].items()}
     assert sorted(ranks.values()) == list(range(len(ranks))), "vocab ids are not 0..n-1"
+    return ranks
+
+
+def tiktoken_encoding(spec: dict) -> tiktoken.Encoding:
     specials = {t["content"]: t["id"] for t in spec["added_tokens"]}
-    return tiktoken.Encoding(name="llama3", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    return tiktoken.Encoding(name="llama3", pat_str=PATTERN, mergeable_ranks=mergeable_ranks(spec),
+                             special_tokens=specials)
 
 
 def main():
