@@ -33,6 +33,7 @@ from tiktoken.load import load_tiktoken_bpe
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixture_json  # noqa: E402
 from bpe_ids import TOKENIZER, mergeable_ranks  # noqa: E402
 from chat_templates import CONVERSATIONS, TEMPLATES, render  # noqa: E402
 
@@ -77,9 +78,7 @@ def main():
         "bos_id": ms.bos_id,
         "eot_id": chat.eot_id,
     }
-    lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in header.items()]
-    body = ",\n".join(json.dumps(c, ensure_ascii=False) for c in cases)
-    OUT.write_text("{\n" + ",\n".join(lines) + ',\n"cases": [\n' + body + "\n]\n}\n")
+    fixture_json.write(OUT, header, {"cases": cases})
     print(f"{OUT}: {len(cases)} conversations, {sum(c['same_as_template'] for c in cases)} tokenized as the template")
     return 0
 

@@ -26,6 +26,8 @@ import tiktoken
 import transformers
 from transformers import PreTrainedTokenizerFast
 
+import fixture_json
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "llama3_bpe_ids.json"
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama3" / "tokenizer.json"
@@ -212,9 +214,7 @@ def main():
         "vocab_size": len(hf),
         "special_tokens": specials,
     }
-    lines = [f"{json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in header.items()]
-    body = ",\n".join(json.dumps(c, ensure_ascii=False) for c in cases)
-    FIXTURE.write_text("{\n" + ",\n".join(lines) + ',\n"cases": [\n' + body + "\n]\n}\n")
+    fixture_json.write(FIXTURE, header, {"cases": cases})
     print(f"{FIXTURE}: {len(cases)} texts, transformers and tiktoken agree on all")
     return 0
 

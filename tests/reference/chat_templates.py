@@ -33,6 +33,8 @@ from pathlib import Path
 import transformers
 from transformers.utils.chat_template_utils import render_jinja_template
 
+import fixture_json
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 TEMPLATES = FIXTURES / "chat_templates"
@@ -165,11 +167,7 @@ def main():
         "templates": templates,
         "conversations": CONVERSATIONS,
     }
-    lines = [f"{json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in header.items()]
-    body = ",\n".join(json.dumps(r, ensure_ascii=False) for r in renderings)
-    turn_lines = ",\n".join(json.dumps(t, ensure_ascii=False) for t in all_turns)
-    OUT.write_text("{\n" + ",\n".join(lines) + ',\n"renderings": [\n' + body + '\n],\n"turns": [\n' + turn_lines
-                   + "\n]\n}\n")
+    fixture_json.write(OUT, header, {"renderings": renderings, "turns": all_turns})
     print(f"{OUT}: {len(renderings)} renderings, {len(all_turns)} turns")
     for name, t in templates.items():
         print(f"  {name}: prefix_consistent={t['prefix_consistent']} token_prefix_consistent={t['token_prefix_consistent']}")
