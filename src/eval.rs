@@ -17,10 +17,10 @@ use serde_json::{Map, Value};
 
 use crate::data::{json_kind, jsonl_objects, take_string};
 use crate::dist::Communicator;
-use crate::generate::{check_prompt_fits, generate_batch, Sampler};
+use crate::generate::{check_prompt_fits, generate_batch, Sampler, Stop};
 use crate::model::BitNet;
 use crate::squad::NOT_IN_CONTEXT;
-use crate::tokenizer::template::ChatTemplate;
+use crate::tokenizer::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
 
 /// SQuAD v2's `normalize_answer`: lower-case, remove ASCII punctuation (Python's `string.punctuation`),
@@ -212,7 +212,7 @@ impl Plan {
         anyhow::ensure!(batch_size > 0, "the batch size must be positive");
         let (mut skipped, mut prompts) = (Vec::new(), Vec::new());
         for &(i, ex) in questions {
-            let ids = tok.encode(&template.generation_prompt(&ex.prompt), true).with_context(|| ex.at.clone())?;
+            let ids = template.prompt_ids(tok, &[Message::new("user", &ex.prompt)]).with_context(|| ex.at.clone())?;
             match check_prompt_fits(ids.len(), model.max_positions()) {
                 Ok(()) => prompts.push((i, ids)),
                 Err(e) => {
@@ -230,11 +230,12 @@ impl Plan {
 fn answer_batch(
     model: &BitNet,
     tok: &Tokenizer,
+    stop: &Stop,
     batch: &[(usize, Vec<u32>)],
     max_new_tokens: usize,
 ) -> Result<Vec<(usize, Guess)>> {
     let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-    let gens = generate_batch(model, tok, &prompts, max_new_tokens, &mut Sampler::greedy(), |_, _| Ok(()))?;
+    let gens = generate_batch(model, tok, stop, &prompts, max_new_tokens, &mut Sampler::greedy(), |_, _| Ok(()))?;
     Ok(batch
         .iter()
         .zip(gens)
@@ -259,12 +260,13 @@ pub fn generate_guesses(
 ) -> Result<Vec<Guess>> {
     let questions: Vec<(usize, &DevExample)> = examples.iter().enumerate().collect();
     let plan = Plan::new(model, tok, template, &questions, batch_size)?;
+    let stop = Stop::new(tok, template);
     let mut guesses = vec![None; examples.len()];
     for (i, g) in plan.skipped {
         guesses[i] = Some(g);
     }
     for batch in &plan.batches {
-        for (i, g) in answer_batch(model, tok, batch, max_new_tokens)? {
+        for (i, g) in answer_batch(model, tok, &stop, batch, max_new_tokens)? {
             guesses[i] = Some(g);
         }
         on_batch(batch.len());
@@ -465,6 +467,7 @@ pub fn evaluate(
     let todo: Vec<(usize, &DevExample)> =
         examples.iter().enumerate().filter(|(i, _)| left[*i] == comm.world() as f64).collect();
     let plan = Plan::new(model, tok, template, &shard(&todo, comm.rank(), comm.world()), settings.batch_size)?;
+    let stop = Stop::new(tok, template);
     // Every rank takes part in every round, with an empty batch when its shard is done.
     let rounds = todo.len().div_ceil(comm.world()).div_ceil(settings.batch_size).max(1);
     let mut skipped = plan.skipped;
@@ -472,7 +475,7 @@ pub fn evaluate(
     for round in 0..rounds {
         let mut answers = std::mem::take(&mut skipped);
         if let Some(batch) = plan.batches.get(round) {
-            answers.extend(answer_batch(model, tok, batch, settings.max_new_tokens)?);
+            answers.extend(answer_batch(model, tok, &stop, batch, settings.max_new_tokens)?);
             on_batch(batch.len());
         }
         let Some(shards) = comm.gather_bytes(&serde_json::to_vec(&answers)?)? else { continue };
@@ -561,6 +564,8 @@ pub struct PartialHeader {
     pub model: String,
     pub dev: String,
     pub max_new_tokens: usize,
+    /// The chat template chosen (`--template`).
+    pub template: String,
     pub system: Option<String>,
 }
 
@@ -644,7 +649,7 @@ impl PartialOutput {
         if &saved != header {
             bail!(
                 "{} was written by another evaluation ({}); resume with the same model, dev file, \
-                 --max-new-tokens and --system, or delete it to start over",
+                 --max-new-tokens, --template and --system, or delete it to start over",
                 path.display(),
                 serde_json::to_string(&saved)?
             );

@@ -600,13 +600,20 @@ fn a_resumed_state_or_cache_that_does_not_fit_the_run_is_refused() {
     assert!(stderr.contains("rows of epoch 0 done, but the epoch has"), "{stderr}");
     std::fs::write(&state_file, &state).unwrap();
 
-    // A data cache whose trained span starts past its example's end.
+    // A data cache whose first token id is beyond the vocabulary (its structure intact, which the cache
+    // reader checks): after the magic and six counts, the first example's length and number of trained
+    // ranges, its ranges, then its ids.
     let cache = std::fs::read_dir(out.path().join("cache")).unwrap().next().unwrap().unwrap().path();
     let mut bytes = std::fs::read(&cache).unwrap();
-    bytes[56..60].copy_from_slice(&u32::MAX.to_le_bytes()); // after the magic and six counts: the first loss_start
+    let ranges = u32::from_le_bytes(bytes[60..64].try_into().unwrap()) as usize;
+    let first_id = 64 + 8 * ranges;
+    bytes[first_id..first_id + 4].copy_from_slice(&4_000_000u32.to_le_bytes());
     std::fs::write(&cache, &bytes).unwrap();
     let (_, stderr) = run_failing(train(out.path(), 3, &[]).arg("--resume"));
-    assert!(stderr.contains("example 1 (of") && stderr.contains("trained from token 4294967295"), "{stderr}");
+    assert!(
+        stderr.contains("example 1 (of") && stderr.contains("token id 4000000, beyond the model's vocabulary"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains(&format!("the data cache in {} is damaged", out.path().join("cache").display())),
         "{stderr}"

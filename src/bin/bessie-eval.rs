@@ -6,17 +6,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use bessie::dist::Communicator;
 use bessie::eval::{self, PartialOutput};
-use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Evaluate a model on a SQuAD v2 dev file, or re-score existing predictions.
 ///
-/// Answers every question greedily (batched, at most --max-new-tokens, stopping at EOS or the 🐂 end
-/// marker) and writes one line per question to --out: the input fields plus `guess`, `is_correct` (the
-/// original project's check: equal to an answer ignoring case, or containing "not in context" for an
-/// unanswerable question), `exact_match` and `f1` (SQuAD v2's official normalized metrics; "Not in
-/// context." is the abstention), `model` and `time` (seconds until the answer was complete). Prints a
+/// Answers every question greedily (batched, at most --max-new-tokens, stopping at the checkpoint's
+/// end-of-turn ids or the Bessie template's 🐂 end marker) and writes one line per question to --out:
+/// the input fields plus `guess`, `is_correct` (the original project's check: equal to an answer
+/// ignoring case, or containing "not in context" for an unanswerable question), `exact_match` and `f1`
+/// (SQuAD v2's official normalized metrics; "Not in context." is the abstention), `model` and `time` (seconds until the answer was complete). Prints a
 /// table split into HasAns / NoAns and writes it beside --out, named after it (eval.jsonl ->
 /// eval_summary.json).
 ///
@@ -44,8 +43,8 @@ struct Args {
     /// it, from that run's summary).
     #[arg(long)]
     predictions: Option<PathBuf>,
-    /// Continue an interrupted evaluation from OUT.partial (the same model, dev file, --max-new-tokens and
-    /// --system).
+    /// Continue an interrupted evaluation from OUT.partial (the same model, dev file, --max-new-tokens,
+    /// --template and --system).
     #[arg(long, conflicts_with = "predictions")]
     resume: bool,
     /// Evaluate only the first N questions.
@@ -60,9 +59,8 @@ struct Args {
     /// auto, cpu, cuda or cuda:N (auto takes the first GPU when there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Replace Bessie's system prompt.
-    #[arg(long)]
-    system: Option<String>,
+    #[command(flatten)]
+    chat: bessie::cli::ChatArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -126,14 +124,14 @@ fn evaluate(args: &Args, comm: &Communicator) -> Result<Option<Outcome>> {
     check_output(out, dev)?;
     let device = bessie::device::rank_device(&args.device, comm.local_rank())?;
     let model = bessie::model::load(model_dir, &device)?;
-    let tokenizer = Tokenizer::from_dir(model_dir)?;
-    let template = ChatTemplate::new(args.system.as_deref());
+    let (tokenizer, template) = args.chat.load(model_dir, model.cfg.vocab_size)?;
     let name = model_dir.display().to_string();
     let header = eval::PartialHeader {
         model: name.clone(),
         dev: dev.display().to_string(),
         max_new_tokens: args.max_new_tokens,
-        system: args.system.clone(),
+        template: format!("{:?}", args.chat.template),
+        system: args.chat.system.clone(),
     };
     let (mut partial, done) = match comm.is_main() {
         true => {

@@ -349,23 +349,17 @@ fn prepare_out_dir(cfg: &RunConfig, start: Start) -> Result<Lock> {
     Ok(lock)
 }
 
-/// Refuses examples that cannot be what tokenizing made (a damaged data cache): a trained span past the
-/// example's end, or an id beyond the model's vocabulary.
+/// Refuses token ids beyond the model's vocabulary (a damaged or crafted data cache: the cache reader
+/// checks its structure, not the ids), which would otherwise index past the embedding.
 fn check_examples(ds: &Dataset, vocab_size: usize, what: &std::path::Path, cache: &std::path::Path) -> Result<()> {
     for (i, ex) in ds.examples.iter().enumerate() {
-        let bad_id = ex.ids.iter().find(|&&id| id as usize >= vocab_size);
-        if ex.ids.is_empty() || ex.loss_start > ex.ids.len() || bad_id.is_some() {
+        if let Some(id) = ex.ids.iter().find(|&&id| id as usize >= vocab_size) {
             bail!(
-                "{}: example {} (of {}) has {} tokens, trained from token {}{}: the data cache in {} is damaged; \
-                 delete that directory to tokenize the file again",
+                "{}: example {} (of {}) has token id {id}, beyond the model's vocabulary of {vocab_size}: the data \
+                 cache in {} is damaged; delete that directory to tokenize the file again",
                 what.display(),
                 i + 1,
                 ds.examples.len(),
-                ex.ids.len(),
-                ex.loss_start,
-                bad_id
-                    .map(|id| format!(", and token id {id} beyond the vocabulary of {vocab_size}"))
-                    .unwrap_or_default(),
                 cache.display()
             );
         }
@@ -418,7 +412,8 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
     let shape = memory::StepShape::of_run(&model_cfg, t, t.micro_batch, cfg.data.max_seq_len, &device, comm.world());
     memory::check_device(&shape, &device, t.check_memory)?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
-    let template = ChatTemplate::new(cfg.system_prompt());
+    tokenizer.check_fits(model_cfg.vocab_size, &model_dir.join("config.json"))?;
+    let template = ChatTemplate::load(&cfg.template()?, &model_dir, &tokenizer, cfg.system_prompt())?;
     let opts = DataOptions {
         max_seq_len: cfg.data.max_seq_len,
         loss_on: cfg.data.loss_on,

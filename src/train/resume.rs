@@ -32,12 +32,16 @@ const NOT_TRAJECTORY_SECTIONS: [&str; 2] = ["checkpoint", "log"];
 /// How run_config.toml records an accepted change (a comment line each, kept by later saves).
 pub const CHANGE_NOTE: &str = "# resumed at step ";
 
-/// CRC-32 of the tokenized examples (each one's trained span and ids): what the data, the tokenizer, the
+/// CRC-32 of the tokenized examples (each one's trained ranges and ids): what the data, the tokenizer, the
 /// template and the data options made of them.
 pub fn data_fingerprint(ds: &Dataset) -> String {
     let mut h = crc32fast::Hasher::new();
     for ex in &ds.examples {
-        h.update(&(ex.loss_start as u64).to_le_bytes());
+        h.update(&(ex.trained.len() as u64).to_le_bytes());
+        for r in &ex.trained {
+            h.update(&(r.start as u64).to_le_bytes());
+            h.update(&(r.end as u64).to_le_bytes());
+        }
         h.update(&(ex.ids.len() as u64).to_le_bytes());
         for id in &ex.ids {
             h.update(&id.to_le_bytes());
