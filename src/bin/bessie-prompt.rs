@@ -107,7 +107,11 @@ fn body(args: Args) -> Result<()> {
             conversation.clear();
         }
         if !line.is_empty() && line != "/reset" {
-            answer(&mut conversation, line)?;
+            match answer(&mut conversation, line) {
+                // At a terminal a message too long for the context must not end the conversation.
+                Err(e) if interactive => eprintln!("error: {}", bessie::cli::message(&e)),
+                r => r?,
+            }
         }
     }
     Ok(())
