@@ -2,7 +2,8 @@
 //!
 //! `OUT/checkpoint-STEP/` holds the model in the Hugging Face layout (f32 latent weights, `config.json`,
 //! tokenizer files, so any checkpoint can be prompted or evaluated directly), `optimizer.safetensors`
-//! (AdamW moments), `trainer_state.json` (step, data position, what defines the run) and `run_config.toml`,
+//! (AdamW moments), `trainer_state.json` (step, data position, what defines the run), `run_config.toml`,
+//! the chat template trained with (`chat_template.jinja`, so prompting the checkpoint uses it),
 //! and `checksums.json` (`manifest`) over all of them. It is written under a temporary name and renamed
 //! into place once complete, so `checkpoint-*` directories are always whole; only then are old ones beyond
 //! `keep` removed. `final_checkpoint/` is written the same way. Weights or moments holding NaN or Inf are
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ModelConfig;
 use crate::manifest;
 use crate::model::hf::{self, Layout};
+use crate::tokenizer::template::TEMPLATE_FILE;
 use crate::train::params::ParamLayout;
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -66,6 +68,8 @@ pub struct CheckpointWriter<'a> {
     pub model_cfg: &'a ModelConfig,
     pub layout: &'a ParamLayout,
     pub tokenizer_files: &'a [PathBuf],
+    /// The chat template trained with, written as `chat_template.jinja` (`ChatTemplate::standalone`).
+    pub chat_template: &'a str,
     pub run_config: &'a str,
     /// How many `checkpoint-STEP` directories to keep.
     pub keep: usize,
@@ -109,6 +113,7 @@ impl CheckpointWriter<'_> {
     fn save_model(&self, dir: &Path, params: &Tensor) -> Result<()> {
         let named = self.layout.named(params)?;
         hf::save(dir, self.model_cfg, &named, DType::F32, Layout::Safetensors, self.tokenizer_files)?;
+        std::fs::write(dir.join(TEMPLATE_FILE), self.chat_template)?;
         Ok(std::fs::write(dir.join(RUN_CONFIG_FILE), self.run_config)?)
     }
 }
@@ -302,6 +307,7 @@ mod tests {
             model_cfg: &cfg,
             layout: &layout,
             tokenizer_files: &[],
+            chat_template: "",
             run_config: "",
             keep: 2,
         };

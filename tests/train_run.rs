@@ -664,6 +664,19 @@ fn ctrl_c_saves_a_checkpoint_and_says_how_to_resume() {
     let before = assert_checkpoints_complete(out.path());
     let child = wait_for_steps(resumed(), out.path(), 1);
     signal(child.id(), "INT");
+    // Two signals sent at once can merge into one (a pending signal is not queued twice): the second goes
+    // once the first has left the process's pending set.
+    let status = format!("/proc/{}/status", child.id());
+    let pending = || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("ShdPnd:") || l.starts_with("SigPnd:"))
+            .any(|l| u64::from_str_radix(l.split_whitespace().nth(1).unwrap_or("0"), 16).unwrap_or(0) & 2 != 0)
+    };
+    let start = std::time::Instant::now();
+    while pending() && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     signal(child.id(), "INT");
     let done = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&done.stderr);

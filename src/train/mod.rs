@@ -540,11 +540,14 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         false => None,
     };
     let pad = tokenizer.pad_id().unwrap_or(0);
+    // The template the model learns goes with every checkpoint, so prompting it finds that one.
+    let chat_template = template.standalone();
     let writer = CheckpointWriter {
         out_dir: out,
         model_cfg: &model_cfg,
         layout: &ctx.layout,
         tokenizer_files: tokenizer.files(),
+        chat_template: &chat_template,
         run_config: &run_toml,
         keep: cfg.checkpoint.keep,
     };
