@@ -173,6 +173,9 @@ struct Tokenized {
     example: Example,
     /// Whether the text was cut at `BYTES_PER_TOKEN_BOUND` before tokenizing.
     cut: bool,
+    /// Whether that cut came before the first assistant turn, which counts as a text before the first
+    /// reply longer than `max_seq_len` tokens.
+    reply_cut_off: bool,
 }
 
 /// Renders one line's conversation and tokenizes it, its trained tokens those that overlap an assistant
@@ -213,7 +216,8 @@ fn tokenize_line(
             trained
         }
     };
-    Ok(Tokenized { format, example: Example { ids: enc.ids, trained }, cut })
+    let reply_cut_off = cut && spans.first().is_some_and(|s| s.start >= text.len());
+    Ok(Tokenized { format, example: Example { ids: enc.ids, trained }, cut, reply_cut_off })
 }
 
 /// The examples of a JSONL file, tokenized on every core; each line's result in file order, with its
@@ -293,7 +297,7 @@ fn tokenize(
     let mut problems = Problems::default();
     for (at, line) in tokenize_lines(path, bytes, tok, template, opts) {
         ds.stats.lines += 1;
-        let Tokenized { mut example, cut, .. } = match line {
+        let Tokenized { mut example, cut, reply_cut_off, .. } = match line {
             Ok(t) => t,
             Err(e) => {
                 problems.add(format!("{e:#}"));
@@ -307,11 +311,15 @@ fn tokenize(
                     continue;
                 }
                 Overflow::Truncate => {
-                    let first = example.trained.first().map(|r| r.start);
+                    let first = example.trained.first().map(|r| format!("{} tokens", r.start));
                     example.truncate(opts.max_seq_len);
-                    if let (Some(first), true) = (first, example.trained.is_empty()) {
+                    let first = match reply_cut_off {
+                        true => Some(format!("longer than max_seq_len x {BYTES_PER_TOKEN_BOUND} bytes")),
+                        false => first.filter(|_| example.trained.is_empty()),
+                    };
+                    if let Some(first) = first {
                         problems.add(format!(
-                            "{at}: the text before the first reply is {first} tokens; max_seq_len is {}: raise \
+                            "{at}: the text before the first reply is {first}; max_seq_len is {}: raise \
                              data.max_seq_len or set data.overflow = \"drop\"",
                             opts.max_seq_len
                         ));
@@ -726,7 +734,7 @@ pub fn check(path: &Path, tok: &Tokenizer, template: &ChatTemplate, max_seq_len:
         report.trained_tokens += ex.trained_tokens();
         if t.cut || ex.ids.len() > max_seq_len {
             report.over_max += 1;
-            if !ex.trained.is_empty() && ex.trained[0].start >= max_seq_len {
+            if t.reply_cut_off || ex.trained.first().is_some_and(|r| r.start >= max_seq_len) {
                 report.prompt_over_max += 1;
             }
         }

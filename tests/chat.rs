@@ -317,6 +317,32 @@ fn bessie_data_tokenize_prints_the_ids() {
     let out = run(&["--tokenizer", json.to_str().unwrap(), "--bos", "--text", cases[0]["text"].as_str().unwrap()]);
     let got: Vec<u32> = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(got, [vec![128000], ids(&cases[0]["ids"])].concat());
+    // Without --tokenizer: the shipped one, as bessie-init-model's default.
+    let shipped = Tokenizer::from_dir(&root().join("assets/tokenizer")).unwrap();
+    let got: Vec<u32> = serde_json::from_str(run(&["--text", "Moo, said Bessie 🐂"]).trim()).unwrap();
+    assert_eq!(got, shipped.encode("Moo, said Bessie 🐂", false).unwrap());
+}
+
+#[test]
+fn bessie_data_check_fails_when_training_would_refuse_the_file() {
+    let (_d, path) = jsonl(&[json!({"prompt": "a", "response": "b"}), json!({"prompt": "a"}), json!([1])]);
+    let check = |max: &str| {
+        Command::new(env!("CARGO_BIN_EXE_bessie-data"))
+            .args(["check", path.to_str().unwrap(), "--max-seq-len", max])
+            .output()
+            .unwrap()
+    };
+    let out = check("512");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && stderr.contains("bessie-train would refuse"), "{stderr}");
+    assert!(
+        stdout.contains("2 lines have problems") && stdout.contains("data.jsonl:2: missing field `response`"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("data.jsonl:3: expected a JSON object"), "{stdout}");
+    std::fs::write(&path, format!("{}\n", json!({"prompt": "a", "response": "b"}))).unwrap();
+    assert!(check("512").status.success());
+    assert!(!check("3").status.success(), "no trained token fits in 3");
 }
 
 #[test]

@@ -329,3 +329,26 @@ fn tiny_demo_set_loads_whole_with_exact_boundaries() {
         );
     }
 }
+
+/// A huge line costs no more than `max_seq_len` x 64 bytes of tokenizing: a 20 MB response is truncated
+/// (or dropped) in well under a second, and a 20 MB prompt is the too-long-prompt error, not minutes of work.
+#[test]
+fn huge_lines_are_bounded() {
+    let huge = "moo ".repeat(5 << 20);
+    let (_d, path) = jsonl(&[&line("How many cows?", &huge), &line("Hi", "Moo.")]);
+    let start = std::time::Instant::now();
+    let ds = load(&path, &opts(256)).unwrap();
+    assert_eq!((ds.stats.truncated, ds.examples[0].ids.len()), (1, 256));
+    let ds = load(&path, &DataOptions { overflow: Overflow::Drop, ..opts(256) }).unwrap();
+    assert_eq!((ds.stats.dropped, ds.examples.len()), (1, 1));
+    let (_e, path) = jsonl(&[&line(&huge, "Seven.")]);
+    let e = format!("{:#}", load(&path, &opts(256)).unwrap_err());
+    assert!(e.contains("data.jsonl:1: the text before the first reply is longer than max_seq_len x 64 bytes"), "{e}");
+    assert!(start.elapsed().as_secs_f64() < 5.0, "{:?}", start.elapsed());
+}
+
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let (_d, path) = jsonl(&[&format!("\u{FEFF}{}", line("How many cows?", "Seven."))]);
+    assert_eq!(load(&path, &opts(256)).unwrap().examples.len(), 1);
+}

@@ -47,8 +47,9 @@ enum Command {
         /// The JSONL file.
         file: PathBuf,
         /// The tokenizer: a checkpoint directory (also --model), a tokenizer.json or a tokenizer.model.
+        /// Default: the small tokenizer that ships with Bessie (assets/tokenizer), as bessie-init-model's.
         #[arg(short, long, visible_alias = "model")]
-        tokenizer: PathBuf,
+        tokenizer: Option<PathBuf>,
         /// The training max sequence length (data.max_seq_len).
         #[arg(long, default_value_t = 512)]
         max_seq_len: usize,
@@ -61,8 +62,9 @@ enum Command {
     /// default. With --file, one array per line of the file.
     Tokenize {
         /// The tokenizer: a checkpoint directory (also --model), a tokenizer.json or a tokenizer.model.
+        /// Default: the small tokenizer that ships with Bessie (assets/tokenizer), as bessie-init-model's.
         #[arg(short, long, visible_alias = "model")]
-        tokenizer: PathBuf,
+        tokenizer: Option<PathBuf>,
         /// The text.
         #[arg(long, conflicts_with = "file", required_unless_present = "file")]
         text: Option<String>,
@@ -86,16 +88,14 @@ fn body(args: Args) -> Result<()> {
             println!("{}: {stats}", out.display());
         }
         Command::Check { file, tokenizer, max_seq_len, chat } => {
-            let tok = Tokenizer::load(&tokenizer)?;
-            let dir =
-                if tokenizer.is_dir() { tokenizer.as_path() } else { tokenizer.parent().unwrap_or(Path::new(".")) };
-            let template = ChatTemplate::load(&chat.template, dir, &tok, chat.system.as_deref())?;
+            let (tok, dir, _shipped) = load_tokenizer(tokenizer.as_deref())?;
+            let template = ChatTemplate::load(&chat.template, &dir, &tok, chat.system.as_deref())?;
             let report = bessie::data::check(&file, &tok, &template, max_seq_len)?;
             print!("{}: chat template {}\n{report}", file.display(), template.origin());
             ensure!(!report.refused(), "bessie-train would refuse {} as it is (see above)", file.display());
         }
         Command::Tokenize { tokenizer, text, file, bos } => {
-            let tok = Tokenizer::load(&tokenizer)?;
+            let (tok, _, _shipped) = load_tokenizer(tokenizer.as_deref())?;
             let mut out = std::io::stdout().lock();
             let mut print = |line: &str| -> Result<()> {
                 let ids = tok.encode(line, bos)?;
@@ -114,4 +114,19 @@ fn body(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The tokenizer at `path` (a checkpoint directory or a tokenizer file), or the shipped one, with the
+/// directory its chat template would be in and, for the shipped one, the guard of its temporary files.
+fn load_tokenizer(path: Option<&Path>) -> Result<(Tokenizer, PathBuf, Option<tempfile::TempDir>)> {
+    Ok(match path {
+        None => {
+            let (dir, tok) = bessie::model::init::shipped_tokenizer()?;
+            (tok, dir.path().to_path_buf(), Some(dir))
+        }
+        Some(p) => {
+            let dir = if p.is_dir() { p } else { p.parent().unwrap_or(Path::new(".")) };
+            (Tokenizer::load(p)?, dir.to_path_buf(), None)
+        }
+    })
 }

@@ -34,6 +34,17 @@ const SHIPPED_TOKENIZER: &[(&str, &[u8])] = &[
     ("special_tokens_map.json", include_bytes!("../../assets/tokenizer/special_tokens_map.json")),
 ];
 
+/// The shipped tokenizer, written to a fresh temporary directory that lives as long as the returned guard:
+/// the default of programs that only tokenize (`bessie-data`).
+pub fn shipped_tokenizer() -> Result<(tempfile::TempDir, Tokenizer)> {
+    let dir = tempfile::tempdir().context("creating a temporary directory for the shipped tokenizer")?;
+    for (name, bytes) in SHIPPED_TOKENIZER {
+        std::fs::write(dir.path().join(name), bytes)?;
+    }
+    let tok = Tokenizer::from_dir(dir.path())?;
+    Ok((dir, tok))
+}
+
 /// Where a random checkpoint's tokenizer comes from.
 pub enum TokenizerSource<'a> {
     /// The small tokenizer in assets/tokenizer.
