@@ -461,6 +461,18 @@ fn the_chat_demo_config_trains_and_answers_in_its_template() {
     let err = String::from_utf8_lossy(&prompt.stderr);
     assert!(prompt.status.success() && err.contains("prompt tokens"), "{err}");
 
+    // Training further from that checkpoint with its own template (configs/tiny-chat-more.toml).
+    let more = dir.path().join("more");
+    let train = Command::new(env!("CARGO_BIN_EXE_bessie-train"))
+        .args(["--config", root().join("configs/tiny-chat-more.toml").to_str().unwrap()])
+        .args(set(format!("model.path={}", final_dir.display())))
+        .args(set(format!("checkpoint.out_dir={}", more.display())))
+        .args(set("train.max_steps=5".into()))
+        .output()
+        .unwrap();
+    assert!(train.status.success(), "{}", String::from_utf8_lossy(&train.stderr));
+    assert_eq!(std::fs::read_to_string(more.join("final_checkpoint/chat_template.jinja")).unwrap(), template);
+
     // A run with the Bessie template saves it whole (its system prompt written in) and reads it back as
     // the Bessie template: answers end at 🐂 as before.
     let tok = Tokenizer::from_dir(&root().join("assets/tokenizer")).unwrap();
