@@ -321,7 +321,8 @@ fn signal_a_rank(root: &TempDir, settings: &[&str], steps: usize, signal: &str) 
         std::thread::sleep(Duration::from_millis(20));
     }
     let ranks = Command::new("pgrep").arg("-P").arg(mpirun.id().to_string()).output().expect("running pgrep");
-    let victim = String::from_utf8(ranks.stdout).unwrap().lines().last().expect("a rank process").to_string();
+    let ranks: Vec<String> = String::from_utf8(ranks.stdout).unwrap().lines().map(str::to_string).collect();
+    let victim = ranks.last().expect("a rank process").clone();
     assert!(Command::new("kill").args([signal, &victim]).status().unwrap().success());
     let signalled = Instant::now();
     let status = loop {
@@ -337,6 +338,14 @@ fn signal_a_rank(root: &TempDir, settings: &[&str], steps: usize, signal: &str) 
     };
     let stopped = signalled.elapsed();
     let _ = Command::new("kill").args(["-KILL", &victim]).status();
+    // mpirun can return while the ranks it ended are still exiting; a run started at once would find the
+    // output directory's lock held by one of them.
+    let alive =
+        |pid: &String| Command::new("kill").args(["-0", pid]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let waited = Instant::now();
+    while ranks.iter().any(alive) && waited.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     (status, stopped, std::fs::read_to_string(&log).unwrap())
 }
 

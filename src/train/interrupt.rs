@@ -14,9 +14,12 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
-    pub fn install() -> Result<Self> {
+    /// Catches SIGINT, and SIGTERM unless `several_ranks`: when one rank of an MPI job dies, mpirun ends the
+    /// others with SIGTERM, and they must end then (their peer is gone, so no step can finish).
+    pub fn install(several_ranks: bool) -> Result<Self> {
         let flag = Arc::new(AtomicBool::new(false));
-        for signal in [SIGINT, SIGTERM] {
+        let signals: &[i32] = if several_ranks { &[SIGINT] } else { &[SIGINT, SIGTERM] };
+        for &signal in signals {
             // Registered first, so it sees the flag as it was before this signal: set only by an earlier one.
             signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&flag))
                 .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&flag)))

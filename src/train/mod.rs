@@ -559,7 +559,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         .then(|| Watchdog::start(comm.rank(), std::time::Duration::from_secs(t.step_timeout)));
     let beat = || watchdog.as_ref().map(Watchdog::beat);
     // From here on Ctrl-C saves before stopping; earlier, nothing would be lost by stopping at once.
-    let interrupt = Interrupt::install()?;
+    let interrupt = Interrupt::install(comm.world() > 1)?;
     let stopped = |e: anyhow::Error| e.context(format!("training stopped; {}", last_good(out)));
     let mut saved_at_stop = None;
     while state.step < total {
