@@ -6,7 +6,7 @@
 mod sentencepiece;
 pub mod template;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -239,7 +239,7 @@ impl Config {
                 let bad = || format!("{}: bad added token {id:?}: {token}", path.display());
                 let content = token_content(Some(token)).with_context(bad)?;
                 let special = token.get("special").and_then(Value::as_bool).unwrap_or(false);
-                c.added.insert(id.parse().with_context(bad)?, AddedToken { content, special, file });
+                c.add(id.parse().with_context(bad)?, AddedToken { content, special, file }, dir)?;
             }
         }
         let file = "added_tokens.json";
@@ -250,10 +250,28 @@ impl Config {
                 let id = id.as_u64().and_then(|id| u32::try_from(id).ok());
                 let id = id.with_context(|| format!("{}: bad id for {content:?}", path.display()))?;
                 // Where both files list a token, tokenizer_config.json also says whether it is special.
-                c.added.entry(id).or_insert_with(|| AddedToken { content: content.clone(), special: false, file });
+                match c.added.get(&id) {
+                    Some(t) if t.content == *content => {}
+                    _ => c.add(id, AddedToken { content: content.clone(), special: false, file }, dir)?,
+                }
             }
         }
         Ok(c)
+    }
+
+    /// Records an added token. An empty one would match everywhere (encoding would never advance) and two
+    /// for one text or one id make the ids ambiguous: errors naming the file and the id.
+    fn add(&mut self, id: u32, token: AddedToken, dir: &Path) -> Result<()> {
+        let here = || format!("{}: added token id {id}", dir.join(token.file).display());
+        ensure!(!token.content.is_empty(), "{}: the token is empty", here());
+        if let Some(old) = self.added.get(&id) {
+            bail!("{}: {:?}, but {} gives that id to {:?}", here(), token.content, old.file, old.content);
+        }
+        if let Some((other, _)) = self.added.iter().find(|(_, t)| t.content == token.content) {
+            bail!("{}: {:?} is also added token id {other}", here(), token.content);
+        }
+        self.added.insert(id, token);
+        Ok(())
     }
 }
 
