@@ -72,6 +72,20 @@ fn empty_or_duplicate_added_tokens_name_the_file_and_id() {
     assert!(msg.contains("added_tokens.json: added token id 1000: \"<x>\""), "{msg}");
 }
 
+#[test]
+fn a_broken_tokenizer_json_is_an_error_not_a_panic() {
+    // The `tokenizers` crate panics on a syntax error inside the `decoder` section.
+    let json = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/shipped_tokenizer_json/tokenizer.json"),
+    )
+    .unwrap();
+    let at = json.find("\"decoder\"").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), &json[..at + 20]).unwrap();
+    let msg = err(Tokenizer::from_dir(dir.path()));
+    assert!(msg.contains("tokenizer.json") && msg.contains("EOF while parsing"), "{msg}");
+}
+
 /// A pickle op by op, as torch.save writes them.
 #[derive(Default)]
 struct Pickle(Vec<u8>);

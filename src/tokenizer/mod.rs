@@ -44,8 +44,7 @@ impl Tokenizer {
         let json = dir.join("tokenizer.json");
         let (backend, defaults) = if json.is_file() {
             // tokenizer.json lists its added tokens itself.
-            let tok =
-                tokenizers::Tokenizer::from_file(&json).map_err(|e| anyhow!("loading {}: {e}", json.display()))?;
+            let tok = read_tokenizer_json(&json)?;
             let defaults = [tok.token_to_id("<s>"), tok.token_to_id("</s>"), None];
             (Backend::HuggingFace(Box::new(tok)), defaults)
         } else {
@@ -281,6 +280,14 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
+}
+
+/// A `tokenizer.json` through the `tokenizers` crate, which panics on some syntax errors (in its `decoder`
+/// section) instead of returning them: the syntax is checked first, so those become errors naming the file.
+fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text).with_context(|| format!("parsing {}", path.display()))?;
+    text.parse().map_err(|e| anyhow!("loading {}: {e}", path.display()))
 }
 
 /// A token in the config files: `"<s>"` or `{"content": "<s>", ...}`; `null` means none.
