@@ -253,6 +253,15 @@ fn shard_names_stay_in_the_checkpoint_directory() {
     assert!(std::process::Command::new("mkfifo").arg(dir.join("fifo")).status().unwrap().success());
     let msg = with_shard(embed, "fifo");
     assert!(msg.contains("fifo is not a regular file"), "{msg}");
+    // Nor is a FIFO in place of config.json or the single weight file read.
+    for (file, layout) in [("config.json", Layout::Safetensors), ("model.safetensors", Layout::Safetensors)] {
+        let single = root.path().join(format!("fifo-{file}"));
+        small_checkpoint(&single, layout);
+        std::fs::remove_file(single.join(file)).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(single.join(file)).status().unwrap().success());
+        let msg = err(hf::open(&single, DType::F32, &Device::Cpu));
+        assert!(msg.contains(&format!("{file} is not a regular file")), "{msg}");
+    }
     // The tensor exists, but in the other shard.
     let shards: Vec<String> = index["weight_map"].as_object().unwrap().values().map(|v| v.to_string()).collect();
     let (first, second) = (shards.first().unwrap().trim_matches('"'), shards.last().unwrap().trim_matches('"'));

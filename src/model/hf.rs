@@ -288,6 +288,7 @@ pub fn open_with(
         bail!("model directory {} does not exist", dir.display());
     }
     let config = dir.join(CONFIG_FILE);
+    is_regular_file(&config)?; // a FIFO would block the read
     let cfg = ModelConfig::from_file(&config)?;
     let weights = WeightFiles::open(dir, nonfinite)?;
     check_sizes(&cfg, &weights).with_context(|| format!("{} does not match the weights", config.display()))?;
