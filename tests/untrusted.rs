@@ -2,6 +2,8 @@
 //! is wrong, never crash, hang or exhaust memory: one regression test per kind of attack, each building
 //! its input here. `tests/fuzz.rs` mutates valid files at random for the same properties.
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 
@@ -353,4 +355,23 @@ fn integer_and_non_finite_weights_are_named() {
     );
     assert!(msg.contains(&format!("tensor `{q}` has 3 NaN or infinite values")), "{msg}");
     bessie::model::load(dir.path(), &Device::Cpu).unwrap();
+
+    // The warning, from bessie-prompt on a checkpoint with its tokenizer.
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_checkpoint(dir.path(), 0);
+    let file = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let shape = tensors[q].shape().clone();
+    tensors.insert(q.into(), Tensor::full(f32::NAN, shape, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bessie-prompt"))
+        .args(["--model", dir.path().to_str().unwrap(), "--prompt", "Moo", "--max-new-tokens", "2", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let n = 64 * 64;
+    assert!(
+        stderr.contains(&format!("warning: {}: tensor `{q}` has {n} NaN or infinite values", file.display())),
+        "{stderr}"
+    );
 }
