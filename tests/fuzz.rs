@@ -349,6 +349,16 @@ fn mutated(bytes: &[u8], name: &str, rng: &mut Rng) -> Vec<u8> {
     if name.ends_with(".bin") && rng.below(4) != 0 {
         return mutated_zip(bytes, rng);
     }
+    // Half the JSON and TOML cases (and a third of the safetensors headers) change values, not syntax, so
+    // they get past the parser to the checks behind it.
+    let structural = match name.rsplit('.').next() {
+        Some("json" | "toml") => rng.below(2) == 0,
+        Some("safetensors") => rng.below(3) == 0,
+        _ => false,
+    };
+    if let Some(out) = structural.then(|| mutated_document(bytes, name, rng)).flatten() {
+        return out;
+    }
     let focus = if name.ends_with(".safetensors") && bytes.len() >= 8 {
         8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
     } else {
@@ -359,6 +369,100 @@ fn mutated(bytes: &[u8], name: &str, rng: &mut Rng) -> Vec<u8> {
         mutate(&mut out, focus.min(bytes.len()), rng);
     }
     out
+}
+
+/// `bytes` (JSON, TOML, or a safetensors file's JSON header) with one to three values changed; None
+/// when the result cannot be written in the file's syntax (TOML has no null).
+fn mutated_document(bytes: &[u8], name: &str, rng: &mut Rng) -> Option<Vec<u8>> {
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+    let mut doc: serde_json::Value = if name.ends_with(".toml") {
+        serde_json::to_value(text(bytes)?.parse::<toml::Table>().ok()?).ok()?
+    } else if name.ends_with(".safetensors") {
+        serde_json::from_slice(&bytes[8..8 + u64::from_le_bytes(bytes[..8].try_into().ok()?) as usize]).ok()?
+    } else {
+        serde_json::from_slice(bytes).ok()?
+    };
+    let strings = {
+        let mut all = vec![];
+        collect_strings(&doc, &mut all);
+        all
+    };
+    for _ in 0..1 + rng.below(3) {
+        mutate_value(&mut doc, &strings, rng);
+    }
+    Some(if name.ends_with(".toml") {
+        toml::to_string(&toml::Value::try_from(&doc).ok()?).ok()?.into_bytes()
+    } else if name.ends_with(".safetensors") {
+        let header = serde_json::to_vec(&doc).ok()?;
+        let data = &bytes[8 + u64::from_le_bytes(bytes[..8].try_into().ok()?) as usize..];
+        [&(header.len() as u64).to_le_bytes()[..], &header, data].concat()
+    } else {
+        serde_json::to_vec_pretty(&doc).ok()?
+    })
+}
+
+fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_strings(v, out)),
+        serde_json::Value::Object(o) => o.iter().for_each(|(k, v)| {
+            out.push(k.clone());
+            collect_strings(v, out)
+        }),
+        _ => {}
+    }
+}
+
+/// Walks to a random node of `v` and changes it: an extreme number, an empty or borrowed string (duplicates),
+/// another type, a removed key or element, a repeated element, or a key renamed to another string.
+fn mutate_value(v: &mut serde_json::Value, strings: &[String], rng: &mut Rng) {
+    use serde_json::Value;
+    let children = match v {
+        Value::Array(a) => a.len(),
+        Value::Object(o) => o.len(),
+        _ => 0,
+    };
+    if children > 0 && rng.below(4) != 0 {
+        let i = rng.below(children);
+        match v {
+            Value::Array(a) => match rng.below(8) {
+                0 => {
+                    a.remove(i);
+                }
+                1 => {
+                    let copy = a[i].clone();
+                    a.insert(i, copy);
+                }
+                _ => mutate_value(&mut a[i], strings, rng),
+            },
+            Value::Object(o) => {
+                let key = o.keys().nth(i).unwrap().clone();
+                match rng.below(8) {
+                    0 => {
+                        o.remove(&key);
+                    }
+                    1 if !strings.is_empty() => {
+                        let value = o.remove(&key).unwrap();
+                        o.insert(rng.pick(strings).clone(), value);
+                    }
+                    _ => mutate_value(o.get_mut(&key).unwrap(), strings, rng),
+                }
+            }
+            _ => unreachable!(),
+        }
+        return;
+    }
+    *v = match rng.below(6) {
+        0 | 1 => {
+            let n =
+                *rng.pick(&[0i128, -1, 1, 2, 3, 65_536, 1 << 30, 1 << 31, 1 << 32, 1 << 62, 1 << 63, u64::MAX as i128]);
+            serde_json::from_str(&n.to_string()).unwrap_or(Value::Null)
+        }
+        2 => Value::String(String::new()),
+        3 if !strings.is_empty() => Value::String(rng.pick(strings).clone()),
+        4 => rng.pick(&[Value::Null, Value::Bool(true), serde_json::json!(1e308), serde_json::json!(-0.5)]).clone(),
+        _ => rng.pick(&[serde_json::json!([]), serde_json::json!({}), serde_json::json!([[1, 2]])]).clone(),
+    };
 }
 
 fn mutated_zip(bytes: &[u8], rng: &mut Rng) -> Vec<u8> {
