@@ -109,8 +109,9 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 
 /// How deep containers may nest: a state dict is a dict of tensors whose `_metadata` nests a few levels.
 const MAX_DEPTH: usize = 32;
-/// The largest pickle accepted; a state dict's is about 100 bytes per tensor.
-const MAX_PICKLE_BYTES: u64 = 64 << 20;
+/// The largest pickle accepted; a state dict's is about 100 bytes per tensor. The machine's stack and memo
+/// hold at most one value (24 bytes) per pickle byte.
+const MAX_PICKLE_BYTES: u64 = 16 << 20;
 
 /// The GLOBALs a state dict needs, found by exact module and name.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -177,6 +178,8 @@ enum Value {
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
 }
+
+const _: () = assert!(std::mem::size_of::<Value>() <= 24);
 
 impl Value {
     fn depth(&self) -> usize {
