@@ -1,6 +1,7 @@
 //! A mutation fuzzer over Bessie's readers of downloaded files: tokenizer.model, tokenizer_config.json,
-//! added_tokens.json, tokenizer.json, model.safetensors and its sharded index, pytorch_model.bin,
-//! config.json, the run config and a training checkpoint's trainer_state.json and optimizer.safetensors.
+//! added_tokens.json, tokenizer.json, model.safetensors and its sharded index, pytorch_model.bin (as
+//! Bessie and as torch.save write it), config.json, the run config and a training checkpoint's
+//! trainer_state.json and optimizer.safetensors.
 //!
 //! Valid seed files are built here; each case copies one seed directory, mutates one file with a small
 //! deterministic mutator, and runs the real reader on it in a child process (this binary again) under a
@@ -13,6 +14,8 @@
 //! `BESSIE_FUZZ_SEED` shifts the cases, `BESSIE_FUZZ_JOBS` sets the parallel children (default 2), and
 //! `BESSIE_FUZZ_VERBOSE=1` prints every case's outcome.
 //! Failing inputs are kept under the test's temporary directory, and the summary says where.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -28,6 +31,7 @@ use bessie::model::hf::{self, Layout};
 use bessie::tokenizer::Tokenizer;
 use bessie::train::params::ParamLayout;
 use candle_core::{DType, Device, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 
 const DEFAULT_CASES: usize = 2400;
 const TIME_LIMIT: Duration = Duration::from_secs(20);
@@ -52,6 +56,7 @@ const TARGETS: &[Target] = &[
     Target { name: "model.safetensors.index.json", seed: "sharded", file: "model.safetensors.index.json" },
     Target { name: "model-00001-of-00002.safetensors", seed: "sharded", file: "model-00001-of-00002.safetensors" },
     Target { name: "pytorch_model.bin", seed: "pth", file: "pytorch_model.bin" },
+    Target { name: "torch.save state dict", seed: "torch-save", file: "pytorch_model.bin" },
     Target { name: "run config", seed: "run", file: "run.toml" },
     Target { name: "trainer_state.json", seed: "checkpoint", file: "trainer_state.json" },
     Target { name: "optimizer.safetensors", seed: "checkpoint", file: "optimizer.safetensors" },
@@ -72,6 +77,13 @@ fn read_case(seed: &str, dir: &Path) -> anyhow::Result<()> {
             // Training's and export's paths: all parameters as f32 latents.
             let (cfg, vb) = hf::open(dir, DType::F32, &cpu)?;
             ParamLayout::new(&cfg).load(&vb, &cpu)?;
+        }
+        "torch-save" => {
+            // The `_metadata`, memo gets and strided views of torch.save's own output, read as any dtype.
+            let weights = hf::WeightFiles::open(dir, hf::NonFinite::Warn)?;
+            for name in weights.names() {
+                weights.get_unchecked(name, DType::F32, &cpu)?;
+            }
         }
         "run" => {
             RunConfig::load(Some(&dir.join("run.toml")), &[])?;
@@ -300,6 +312,10 @@ fn build_seeds(root: &Path) {
     for (name, layout) in [("safetensors", Layout::Safetensors), ("sharded", Layout::Sharded), ("pth", Layout::Pth)] {
         hf::save(&root.join(name), &cfg, &weights, DType::F32, layout, &[]).unwrap();
     }
+    let torch_save = root.join("torch-save");
+    std::fs::create_dir(&torch_save).unwrap();
+    let state_dict = common::torch_zip(&common::state_dict_pickle("FloatStorage", [2, 3]), &common::six_floats());
+    std::fs::write(torch_save.join("pytorch_model.bin"), state_dict).unwrap();
     let run = root.join("run");
     std::fs::create_dir(&run).unwrap();
     let toml = std::fs::read_to_string(repo.join("configs/tiny.toml")).unwrap();
@@ -319,7 +335,7 @@ fn build_seeds(root: &Path) {
     let state = TrainerState { step: 3, epoch: 0, epoch_rows_done: 12, seed: 42 };
     let saved = writer.save(&params, &params, &params, &state).unwrap();
     std::fs::rename(saved, root.join("checkpoint")).unwrap();
-    for seed in ["tokenizer", "tokenizer-json", "safetensors", "sharded", "pth", "run", "checkpoint"] {
+    for seed in ["tokenizer", "tokenizer-json", "safetensors", "sharded", "pth", "torch-save", "run", "checkpoint"] {
         read_case(seed, &root.join(seed)).unwrap_or_else(|e| panic!("seed {seed} does not load: {e:#}"));
     }
 }

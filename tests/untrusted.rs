@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 
 use bessie::config::{ModelConfig, RunConfig};
@@ -12,6 +11,7 @@ use bessie::model::hf::{self, Layout, NonFinite, WeightFiles};
 use bessie::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::var_builder::SimpleBackend;
+use common::{six_floats, state_dict_pickle, torch_zip, Pickle};
 
 fn err<T>(r: anyhow::Result<T>) -> String {
     match r {
@@ -88,75 +88,6 @@ fn a_broken_tokenizer_json_is_an_error_not_a_panic() {
     assert!(msg.contains("tokenizer.json") && msg.contains("EOF while parsing"), "{msg}");
 }
 
-/// A pickle op by op, as torch.save writes them.
-#[derive(Default)]
-struct Pickle(Vec<u8>);
-
-impl Pickle {
-    fn raw(&mut self, b: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(b);
-        self
-    }
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.0.push(b'X');
-        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        self.raw(s.as_bytes())
-    }
-    fn global(&mut self, module: &str, name: &str) -> &mut Self {
-        self.raw(format!("c{module}\n{name}\n").as_bytes())
-    }
-    /// BINPUT `i`.
-    fn put(&mut self, i: u8) -> &mut Self {
-        self.raw(&[b'q', i])
-    }
-    fn get(&mut self, i: u8) -> &mut Self {
-        self.raw(&[b'h', i])
-    }
-    fn int(&mut self, v: u32) -> &mut Self {
-        self.raw(b"J").raw(&v.to_le_bytes())
-    }
-}
-
-/// What torch 2.x's `torch.save(state_dict)` writes for `{"w": [[1, 2, 3], [4, 5, 6]], "wt": w.t()}`: both
-/// views of storage 0, `wt` with strides (1, 3); the memo reuses globals and strings; the OrderedDict's
-/// `_metadata` comes last through BUILD. `storage` and `size` may be changed for the malformed variants.
-fn state_dict_pickle(storage: &str, size: [u32; 2]) -> Vec<u8> {
-    let mut p = Pickle::default();
-    p.raw(&[0x80, 2]).global("collections", "OrderedDict").put(0).raw(b")R").put(1).raw(b"(");
-    p.str("w").put(2).global("torch._utils", "_rebuild_tensor_v2").put(3).raw(b"((");
-    p.str("storage").put(4).global("torch", storage).put(5).str("0").put(6).str("cpu").put(7).int(6).raw(b"t").put(8);
-    p.raw(b"Q").int(0).int(size[0]).int(size[1]).raw(&[0x86]).put(9).int(3).int(1).raw(&[0x86]).put(10);
-    p.raw(&[0x89]).get(0).raw(b")R").put(11).raw(b"t").put(12).raw(b"R").put(13);
-    p.str("wt").put(14).get(3).raw(b"((").get(4).get(5).get(6).get(7).int(6).raw(b"t").put(15).raw(b"Q");
-    p.int(0).int(3).int(2).raw(&[0x86]).int(1).int(3).raw(&[0x86, 0x89]).get(0).raw(b")Rt").raw(b"R").put(16);
-    p.raw(b"u}").put(17).str("_metadata").get(0).raw(b")R").put(18).str("").raw(b"}").str("version");
-    p.raw(b"K\x01sssb.");
-    p.0
-}
-
-/// A torch.save zip archive holding `pickle` and storage 0.
-fn torch_zip(pickle: &[u8], storage: &[u8]) -> Vec<u8> {
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for (name, bytes) in [
-        ("archive/data.pkl", pickle),
-        ("archive/.format_version", b"1"),
-        ("archive/.storage_alignment", b"64"),
-        ("archive/byteorder", b"little"),
-        ("archive/data/0", storage),
-        ("archive/version", b"3\n"),
-        ("archive/.data/serialization_id", b"1234567890"),
-    ] {
-        zip.start_file(name, opts).unwrap();
-        zip.write_all(bytes).unwrap();
-    }
-    zip.finish().unwrap().into_inner()
-}
-
-fn six_floats() -> Vec<u8> {
-    [1f32, 2., 3., 4., 5., 6.].iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 fn open_bin(bytes: &[u8]) -> anyhow::Result<WeightFiles> {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pytorch_model.bin"), bytes).unwrap();
@@ -169,6 +100,22 @@ fn torch_save_state_dicts_load() {
     let get = |name: &str| w.get_unchecked(name, DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(get("w"), [[1., 2., 3.], [4., 5., 6.]]);
     assert_eq!(get("wt"), [[1., 4.], [2., 5.], [3., 6.]]);
+}
+
+#[test]
+fn real_torch_save_files_load() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_save");
+    let read = |file: &str, name: &str| {
+        let w = open_bin(&std::fs::read(fixtures.join(file)).unwrap()).unwrap();
+        let t = w.get_unchecked(name, DType::I64, &Device::Cpu).unwrap();
+        // Integers are not read as weights.
+        let msg = format!("{:#}", w.get_unchecked(name, DType::F32, &Device::Cpu).unwrap_err());
+        assert!(msg.contains(&format!("tensor `{name}` is I64, expected F32")), "{msg}");
+        (t.dims().to_vec(), t.flatten_all().unwrap().to_vec1::<i64>().unwrap())
+    };
+    assert_eq!(read("test.pt", "test"), (vec![2, 4], (1..=8).collect()));
+    // Fortran order: strides (1, 2, 6), read in row-major order.
+    assert_eq!(read("fortran_tensor_3d.pth", "tensor_fortran"), (vec![2, 3, 4], (1..=24).collect()));
 }
 
 #[test]
