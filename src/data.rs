@@ -1,6 +1,7 @@
-//! Training data: JSONL lines (`prompt`, `response`) rendered with the chat template and tokenized into
-//! examples (with the index where the trained tokens start), a tokenization cache, and each epoch's
-//! shuffled, optionally packed rows, their per-rank shards and the micro-batches built from them.
+//! Training data: JSONL lines, each one conversation (`prompt`/`response`, or TRL's `messages`), rendered
+//! with the chat template and tokenized into examples (with the tokens the loss covers), a tokenization
+//! cache, and each epoch's shuffled, optionally packed rows, their per-rank shards and the micro-batches
+//! built from them.
 //!
 //! `check` measures a file for `bessie-data check`.
 //!
@@ -10,23 +11,25 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::rng::Rng;
-use crate::tokenizer::template::ChatTemplate;
-use crate::tokenizer::{DecodeStream, Tokenizer};
+use crate::tokenizer::template::{ChatTemplate, Message};
+use crate::tokenizer::Tokenizer;
 
 /// Which predictions the loss covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LossOn {
-    /// The response and its end marker only.
+    /// The assistant turns, each with what closes it (the end marker, `<|eot_id|>`).
     Response,
-    /// Every token after BOS, system prompt included (what the original trained on).
+    /// Every token after the first, system prompt included (what the original trained on).
     All,
 }
 
@@ -48,13 +51,49 @@ pub struct DataOptions {
     pub pack: bool,
 }
 
-/// One tokenized example: BOS and the tokens of the rendered prompt and response (after truncation).
+/// Bytes of rendered text per allowed token that are tokenized at most: a line of 50 MB must not cost
+/// minutes and gigabytes before it is truncated. No real tokenizer averages 64 bytes a token, so this
+/// changes no real example; a longer text is cut there first and counts as longer than `max_seq_len`.
+const BYTES_PER_TOKEN_BOUND: usize = 64;
+
+/// Where problems are listed in full before the rest are only counted.
+const PROBLEMS_LISTED: usize = 20;
+
+/// One tokenized example: the tokens of the rendered conversation (after truncation) and which of them
+/// the loss trains on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
     pub ids: Vec<u32>,
-    /// Index of the first token whose prediction is trained: the first response token, or 1 (everything
-    /// after BOS) with `LossOn::All`.
-    pub loss_start: usize,
+    /// Ascending, disjoint ranges of token indices whose prediction (from the tokens before) is trained;
+    /// never index 0, which nothing predicts.
+    pub trained: Vec<Range<usize>>,
+}
+
+impl Example {
+    /// An example trained from token `loss_start` to its end (a single-turn response).
+    pub fn from_loss_start(ids: Vec<u32>, loss_start: usize) -> Self {
+        let start = loss_start.max(1);
+        let trained = Some(start..ids.len()).filter(|r| !r.is_empty()).into_iter().collect();
+        Example { ids, trained }
+    }
+
+    /// The number of trained predictions.
+    pub fn trained_tokens(&self) -> usize {
+        self.trained.iter().map(|r| r.len()).sum()
+    }
+
+    /// Whether token `t`'s prediction is trained.
+    pub fn is_trained(&self, t: usize) -> bool {
+        self.trained.iter().any(|r| r.contains(&t))
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.ids.truncate(len);
+        self.trained.retain(|r| r.start < len);
+        if let Some(last) = self.trained.last_mut() {
+            last.end = last.end.min(len);
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,16 +114,141 @@ pub struct DataStats {
     pub loss_tokens: usize,
 }
 
-/// Reads a JSONL file (`prompt` and `response` strings required, other fields ignored, blank lines
-/// skipped), renders each line with `template` and tokenizes it with BOS.
+/// How a JSONL line gives its conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LineFormat {
+    /// `prompt` and `response` strings: one user turn and the assistant's reply.
+    PromptResponse,
+    /// `messages`: a list of `{role, content}` turns (TRL's conversational format), system prompt included.
+    Messages,
+}
+
+impl fmt::Display for LineFormat {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            LineFormat::PromptResponse => "prompt/response",
+            LineFormat::Messages => "messages",
+        })
+    }
+}
+
+/// The conversation of a JSONL object: `messages`, or `prompt` and `response`; other fields are ignored.
+/// The error says what is wrong, for the caller to prefix with the line.
+pub fn conversation(object: &mut Map<String, Value>) -> Result<(LineFormat, Vec<Message>), String> {
+    if let Some(messages) = object.remove("messages") {
+        if object.contains_key("prompt") || object.contains_key("response") {
+            return Err("has both `messages` and `prompt`/`response`: use one format per line".into());
+        }
+        let Value::Array(list) = messages else {
+            return Err(format!(
+                "field `messages` must be a list of {{role, content}} objects, not {}",
+                json_kind(&messages)
+            ));
+        };
+        let mut out = Vec::with_capacity(list.len());
+        for (i, m) in list.into_iter().enumerate() {
+            let Value::Object(mut m) = m else {
+                return Err(format!(
+                    "messages[{i}] must be an object with `role` and `content`, not {}",
+                    json_kind(&m)
+                ));
+            };
+            let role = take_string(&mut m, "role").map_err(|e| format!("messages[{i}]: {e}"))?;
+            let content = take_string(&mut m, "content").map_err(|e| format!("messages[{i}]: {e}"))?;
+            out.push(Message { role, content });
+        }
+        if !out.iter().any(|m| m.role == "assistant") {
+            return Err("`messages` has no assistant turn, so nothing would be trained".into());
+        }
+        return Ok((LineFormat::Messages, out));
+    }
+    let prompt = take_string(object, "prompt")?;
+    let response = take_string(object, "response")?;
+    Ok((LineFormat::PromptResponse, vec![Message::new("user", &prompt), Message::new("assistant", &response)]))
+}
+
+/// A line's example before the length limit, or why it cannot be one.
+struct Tokenized {
+    format: LineFormat,
+    example: Example,
+    /// Whether the text was cut at `BYTES_PER_TOKEN_BOUND` before tokenizing.
+    cut: bool,
+}
+
+/// Renders one line's conversation and tokenizes it, its trained tokens those that overlap an assistant
+/// turn (a token straddling a turn's edge is trained: it is part of what the model must write).
+fn tokenize_line(
+    mut object: Map<String, Value>,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    opts: &DataOptions,
+) -> Result<Tokenized> {
+    let (format, messages) = conversation(&mut object).map_err(|e| anyhow!(e))?;
+    let (mut text, spans) = template.render_with_spans(&messages)?;
+    let bound = opts.max_seq_len.saturating_mul(BYTES_PER_TOKEN_BOUND);
+    let cut = text.len() > bound;
+    if cut {
+        let mut at = bound;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+    }
+    let enc = tok.encode_with_offsets(&text, template.add_bos())?;
+    let trained = match opts.loss_on {
+        LossOn::All => Some(1..enc.ids.len()).filter(|r| !r.is_empty()).into_iter().collect(),
+        LossOn::Response => {
+            let mut trained: Vec<Range<usize>> = Vec::new();
+            let mut spans = spans.iter().peekable();
+            for (t, off) in enc.offsets.iter().enumerate().skip(1) {
+                while spans.next_if(|s| s.end <= off.start && !off.is_empty()).is_some() {}
+                let Some(span) = spans.peek() else { break };
+                if off.start < span.end && off.end > span.start {
+                    match trained.last_mut() {
+                        Some(last) if last.end == t => last.end = t + 1,
+                        _ => trained.push(t..t + 1),
+                    }
+                }
+            }
+            trained
+        }
+    };
+    Ok(Tokenized { format, example: Example { ids: enc.ids, trained }, cut })
+}
+
+/// The examples of a JSONL file, tokenized on every core; each line's result in file order, with its
+/// location `FILE:LINE`.
+fn tokenize_lines(
+    path: &Path,
+    bytes: &[u8],
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    opts: &DataOptions,
+) -> Vec<(String, Result<Tokenized>)> {
+    let lines: Vec<_> = jsonl_objects(path, bytes).collect();
+    lines
+        .into_par_iter()
+        .map(|line| match line {
+            Err(e) => (String::new(), Err(e)),
+            Ok((at, object)) => {
+                let result = tokenize_line(object, tok, template, opts).with_context(|| at.clone());
+                (at, result)
+            }
+        })
+        .collect()
+}
+
+/// Reads a JSONL file of conversations (see `conversation`; blank lines skipped), renders each with
+/// `template` and tokenizes it.
 ///
-/// Every problem is reported before training starts, naming `FILE:LINE`: malformed JSON, a missing or
-/// non-string field, a file without examples, and (with `Overflow::Truncate` and `LossOn::Response`) a
-/// prompt so long that not even one response token fits in `max_seq_len`. With `Overflow::Drop` every
-/// example longer than `max_seq_len` is left out and counted.
+/// Every problem is reported before training starts, each naming `FILE:LINE` (the first
+/// `PROBLEMS_LISTED`, and how many more): malformed JSON, a missing or non-string field, a file without
+/// examples, and (with `Overflow::Truncate` and `LossOn::Response`) an example of which not even one
+/// trained token fits in `max_seq_len`. With `Overflow::Drop` every example longer than `max_seq_len` is
+/// left out and counted.
 ///
 /// With `cache_dir`, the result is stored there under a hash of everything it depends on (the file, the
-/// tokenizer files, the system prompt, the options) and reused by later runs.
+/// tokenizer files and code, the template and system prompt, the options) and reused by later runs.
 pub fn load_jsonl(
     path: &Path,
     tok: &Tokenizer,
@@ -116,50 +280,49 @@ fn tokenize(
     template: &ChatTemplate,
     opts: &DataOptions,
 ) -> Result<Dataset> {
-    let file = path.display();
     let mut ds = Dataset { examples: Vec::new(), stats: DataStats::default() };
-    for line in jsonl_objects(path, bytes) {
-        let (location, mut object) = line?;
-        let at = || location.clone();
+    let mut problems = Problems::default();
+    for (at, line) in tokenize_lines(path, bytes, tok, template, opts) {
         ds.stats.lines += 1;
-        let mut field = |name| take_string(&mut object, name).map_err(|e| anyhow!("{location}: {e}"));
-        let (prompt, response) = (field("prompt")?, field("response")?);
-        let text = template.render(&prompt, &response);
-        let mut ids = tok.encode(&text, true).with_context(at)?;
-        let loss_start = match opts.loss_on {
-            LossOn::All => 1,
-            LossOn::Response => {
-                response_start(tok, &ids, &text, &template.generation_prompt(&prompt)).with_context(at)?
+        let Tokenized { mut example, cut, .. } = match line {
+            Ok(t) => t,
+            Err(e) => {
+                problems.add(format!("{e:#}"));
+                continue;
             }
         };
-        if ids.len() > opts.max_seq_len {
+        if cut || example.ids.len() > opts.max_seq_len {
             match opts.overflow {
                 Overflow::Drop => {
                     ds.stats.dropped += 1;
                     continue;
                 }
                 Overflow::Truncate => {
-                    ensure!(
-                        loss_start < opts.max_seq_len,
-                        "{}: the prompt alone is {loss_start} tokens; max_seq_len is {}: raise data.max_seq_len \
-                         or set data.overflow = \"drop\"",
-                        at(),
-                        opts.max_seq_len
-                    );
-                    ids.truncate(opts.max_seq_len);
+                    let first = example.trained.first().map(|r| r.start);
+                    example.truncate(opts.max_seq_len);
+                    if let (Some(first), true) = (first, example.trained.is_empty()) {
+                        problems.add(format!(
+                            "{at}: the text before the first reply is {first} tokens; max_seq_len is {}: raise \
+                             data.max_seq_len or set data.overflow = \"drop\"",
+                            opts.max_seq_len
+                        ));
+                        continue;
+                    }
                     ds.stats.truncated += 1;
                 }
             }
         }
-        ds.stats.tokens += ids.len();
-        ds.stats.loss_tokens += ids.len() - loss_start;
-        ds.examples.push(Example { ids, loss_start });
+        ds.stats.tokens += example.ids.len();
+        ds.stats.loss_tokens += example.trained_tokens();
+        ds.examples.push(example);
     }
+    problems.into_result(path)?;
     if ds.examples.is_empty() {
         match ds.stats.lines {
-            0 => bail!("{file}: no examples (the file is empty or has only blank lines)"),
+            0 => bail!("{}: no examples (the file is empty or has only blank lines)", path.display()),
             n => bail!(
-                "{file}: all {n} examples are longer than data.max_seq_len = {} and were dropped",
+                "{}: all {n} examples are longer than data.max_seq_len = {} and were dropped",
+                path.display(),
                 opts.max_seq_len
             ),
         }
@@ -167,12 +330,42 @@ fn tokenize(
     Ok(ds)
 }
 
+/// The problems found in a file: the first `PROBLEMS_LISTED` in full, the rest counted.
+#[derive(Default)]
+struct Problems {
+    listed: Vec<String>,
+    count: usize,
+}
+
+impl Problems {
+    fn add(&mut self, problem: String) {
+        self.count += 1;
+        if self.listed.len() < PROBLEMS_LISTED {
+            self.listed.push(problem);
+        }
+    }
+
+    fn into_result(self, path: &Path) -> Result<()> {
+        match self.count {
+            0 => Ok(()),
+            1 => bail!("{}", self.listed[0]),
+            n => {
+                let more = n - self.listed.len();
+                let more = if more > 0 { format!("\n  ... and {more} more") } else { String::new() };
+                bail!("{}: {n} lines have problems:\n  {}{more}", path.display(), self.listed.join("\n  "))
+            }
+        }
+    }
+}
+
 /// The non-blank lines of a JSONL file's `bytes`, each as its location `FILE:LINE` (for messages) and its
-/// JSON object. A line that is not UTF-8, not JSON or not an object is an error naming its location.
+/// JSON object. A line that is not UTF-8, not JSON or not an object is an error naming its location. A
+/// UTF-8 byte-order mark at the start of the file (Windows editors write one) is skipped.
 pub fn jsonl_objects<'a>(
     path: &'a Path,
     bytes: &'a [u8],
 ) -> impl Iterator<Item = Result<(String, Map<String, Value>)>> + 'a {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     bytes.split(|&b| b == b'\n').enumerate().filter_map(move |(n, line)| {
         let at = format!("{}:{}", path.display(), n + 1);
         let object = match std::str::from_utf8(line) {
@@ -209,35 +402,8 @@ pub fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-/// Index of the first token of `ids` (BOS and the tokens of `text`) whose text reaches past `prompt`, the
-/// generation prompt `text` starts with; a token straddling the boundary belongs to the response. The
-/// whole text is tokenized once because tokens may merge across the boundary, so `encode(prompt)` need
-/// not be a prefix of `ids`. `ids.len()` if no token does.
-fn response_start(tok: &Tokenizer, ids: &[u32], text: &str, prompt: &str) -> Result<usize> {
-    // Decoded byte lengths are compared. Tokenizers that round-trip (LLaMA's byte-fallback SentencePiece
-    // does) decode the prompt to itself; for others (an <unk> decodes as " ⁇ ") the prompt's own decoded
-    // form is the measure.
-    let prompt_len =
-        if tok.decode(ids)? == text { prompt.len() } else { tok.decode(&tok.encode(prompt, true)?)?.len() };
-    let mut stream = DecodeStream::new(tok, &ids[..1]);
-    let (mut len, mut pending) = (0, None);
-    for (i, &id) in ids.iter().enumerate().skip(1) {
-        // The stream holds text back while a character's bytes are incomplete; the text it then returns
-        // starts in the first token it held back.
-        let first = *pending.get_or_insert(i);
-        if let Some(piece) = stream.push(id)? {
-            len += piece.len();
-            if len > prompt_len {
-                return Ok(first);
-            }
-            pending = None;
-        }
-    }
-    Ok(ids.len())
-}
-
 /// First bytes of a cache file; part of the cache key too, so a format change never reads old files.
-const CACHE_MAGIC: &[u8; 8] = b"BSDATA01";
+const CACHE_MAGIC: &[u8; 8] = b"BSDATA02";
 
 /// FNV-1a (64-bit), a cache key: it guards against stale caches, not against crafted collisions.
 struct Fnv(u64);
@@ -264,27 +430,30 @@ impl Fnv {
 fn cache_key(jsonl: &[u8], tok: &Tokenizer, template: &ChatTemplate, opts: &DataOptions) -> Result<u64> {
     let mut h = Fnv::new();
     h.field(CACHE_MAGIC);
+    h.field(&crate::tokenizer::CODE_VERSION.to_le_bytes());
     h.field(jsonl);
     for file in tok.files() {
         h.field(file.file_name().unwrap_or_default().as_encoded_bytes());
         h.field(&fs::read(file).with_context(|| format!("reading {}", file.display()))?);
     }
-    h.field(template.system.as_bytes());
+    h.field(template.identity().as_bytes());
     h.field(format!("{} {:?} {:?}", opts.max_seq_len, opts.loss_on, opts.overflow).as_bytes());
     Ok(h.0)
 }
 
 /// Layout (little-endian): magic, the five stats and the example count as u64, then per example its
-/// `loss_start` and length as u32 and its ids as u32.
+/// length and number of trained ranges as u32, the ranges' starts and ends as u32, and its ids as u32.
 fn write_cache(path: &Path, ds: &Dataset) -> Result<()> {
     let s = &ds.stats;
-    let mut out = Vec::with_capacity(64 + 4 * (s.tokens + 2 * ds.examples.len()));
+    let mut out = Vec::with_capacity(64 + 4 * (s.tokens + 4 * ds.examples.len()));
     out.extend_from_slice(CACHE_MAGIC);
     for n in [s.lines, s.truncated, s.dropped, s.tokens, s.loss_tokens, ds.examples.len()] {
         out.extend_from_slice(&(n as u64).to_le_bytes());
     }
     for ex in &ds.examples {
-        for n in [ex.loss_start as u32, ex.ids.len() as u32].iter().chain(&ex.ids) {
+        let ranges = ex.trained.iter().flat_map(|r| [r.start as u32, r.end as u32]);
+        for n in [ex.ids.len() as u32, ex.trained.len() as u32].into_iter().chain(ranges).chain(ex.ids.iter().copied())
+        {
             out.extend_from_slice(&n.to_le_bytes());
         }
     }
@@ -298,6 +467,8 @@ fn write_cache(path: &Path, ds: &Dataset) -> Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// Reads a cache file back, checking every field against what it must be (ranges ascending, disjoint,
+/// within the example and past index 0): a damaged or crafted file is an error, never a wrong dataset.
 fn read_cache(path: &Path) -> Result<Dataset> {
     fn take<const N: usize>(r: &mut &[u8]) -> Result<[u8; N]> {
         let (head, rest) = r.split_first_chunk::<N>().context("the file ends early")?;
@@ -305,7 +476,7 @@ fn read_cache(path: &Path) -> Result<Dataset> {
         Ok(*head)
     }
     let u64 = |r: &mut &[u8]| take(r).map(|b| u64::from_le_bytes(b) as usize);
-    let u32 = |r: &mut &[u8]| take(r).map(u32::from_le_bytes);
+    let u32 = |r: &mut &[u8]| take(r).map(|b| u32::from_le_bytes(b) as usize);
     let bytes = fs::read(path)?;
     let mut r = bytes.strip_prefix(CACHE_MAGIC.as_slice()).context("not a Bessie data cache")?;
     let r = &mut r;
@@ -314,13 +485,26 @@ fn read_cache(path: &Path) -> Result<Dataset> {
     let n = u64(r)?;
     let mut examples = Vec::with_capacity(n.min(r.len() / 8));
     for _ in 0..n {
-        let loss_start = u32(r)? as usize;
-        let len = u32(r)?;
-        let ids = (0..len).map(|_| u32(r)).collect::<Result<_>>()?;
-        examples.push(Example { ids, loss_start });
+        let (len, ranges) = (u32(r)?, u32(r)?);
+        ensure!(ranges <= len && 8 * ranges + 4 * len <= r.len(), "the file ends early");
+        let mut trained: Vec<Range<usize>> = Vec::with_capacity(ranges);
+        for _ in 0..ranges {
+            let range = u32(r)?..u32(r)?;
+            let after = trained.last().map_or(1, |last| last.end);
+            ensure!(after <= range.start && range.start < range.end && range.end <= len, "a bad trained range");
+            trained.push(range);
+        }
+        let ids = (0..len).map(|_| u32(r).map(|id| id as u32)).collect::<Result<_>>()?;
+        examples.push(Example { ids, trained });
     }
     ensure!(r.is_empty(), "trailing bytes");
-    Ok(Dataset { examples, stats })
+    let ds = Dataset { examples, stats };
+    ensure!(
+        ds.stats.tokens == ds.examples.iter().map(|e| e.ids.len()).sum::<usize>()
+            && ds.stats.loss_tokens == ds.examples.iter().map(Example::trained_tokens).sum::<usize>(),
+        "counts that disagree with the examples"
+    );
+    Ok(ds)
 }
 
 /// One training sequence: indices into `Dataset::examples` of the examples packed into it, in order.
@@ -388,7 +572,7 @@ pub struct Batch {
     pub ids: Vec<u32>,
     /// `targets[t] = ids[t + 1]` where both belong to the same example, else 0.
     pub targets: Vec<u32>,
-    /// 1.0 where `targets[t]` is trained (same example and `t + 1 >= loss_start`), else 0.0: padding and
+    /// 1.0 where `targets[t]` is trained (same example and `Example::is_trained(t + 1)`), else 0.0: padding and
     /// each example's last token have 0.
     pub loss_mask: Vec<f32>,
     /// Position within the token's own example: RoPE restarts with each example.
@@ -423,7 +607,7 @@ pub fn make_batch(ds: &Dataset, rows: &[Row], pad_id: u32) -> Batch {
                 b.segments[at] = segment as u32 + 1;
                 if let Some(&next) = ex.ids.get(t + 1) {
                     b.targets[at] = next;
-                    if t + 1 >= ex.loss_start {
+                    if ex.is_trained(t + 1) {
                         b.loss_mask[at] = 1.0;
                         b.loss_tokens += 1;
                     }
@@ -438,101 +622,160 @@ pub fn make_batch(ds: &Dataset, rows: &[Row], pad_id: u32) -> Batch {
 /// What `bessie-data check` reports about a JSONL file of examples.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataReport {
-    /// Examples (non-blank lines).
+    /// Examples (non-blank lines without problems).
     pub examples: usize,
+    /// Examples per line format.
+    pub formats: BTreeMap<LineFormat, usize>,
     /// Examples per `source` field; "-" for lines without one.
     pub sources: BTreeMap<String, usize>,
     /// Lines with an `answers` list (dev files): with answers, and with an empty list.
     pub answerable: usize,
     pub unanswerable: usize,
-    /// Token lengths under the chat template (BOS to end marker), sorted.
+    /// Token lengths under the chat template, sorted.
     pub lengths: Vec<usize>,
-    /// Tokens from the first response token on (what `loss_on = "response"` trains).
-    pub response_tokens: usize,
+    /// Tokens the loss trains on (`loss_on = "response"`: the assistant turns).
+    pub trained_tokens: usize,
     pub max_seq_len: usize,
     /// Examples longer than `max_seq_len`: truncated in training (left out with `overflow = "drop"`).
     pub over_max: usize,
-    /// Examples whose prompt alone fills `max_seq_len`: training refuses them unless they are dropped.
+    /// Examples with no trained token within `max_seq_len`: training refuses them unless they are dropped.
     pub prompt_over_max: usize,
+    /// Problems that make training refuse the file, each naming its line: the first `PROBLEMS_LISTED`.
+    pub problems: Vec<String>,
+    /// All problems, listed or not.
+    pub problem_count: usize,
 }
 
 impl DataReport {
-    /// The `p`-th percentile (nearest rank) of the token lengths.
+    /// The `p`-th percentile (nearest rank) of the token lengths; 0 without examples.
     pub fn percentile(&self, p: f64) -> usize {
         let rank = (p / 100.0 * self.lengths.len() as f64).ceil() as usize;
-        self.lengths[rank.clamp(1, self.lengths.len()) - 1]
+        self.lengths.get(rank.clamp(1, self.lengths.len().max(1)) - 1).copied().unwrap_or(0)
+    }
+
+    /// Whether `bessie-train` would refuse this file with `data.overflow = "truncate"`.
+    pub fn refused(&self) -> bool {
+        self.problem_count > 0 || self.prompt_over_max > 0 || self.examples == 0
     }
 }
 
-/// Validates a JSONL file for training (every error `load_jsonl` would give, and `answers` where present)
-/// and measures it under `template` with `tok`.
+/// Validates a JSONL file for training and measures it under `template` with `tok`: every problem
+/// `load_jsonl` would report (all of them, the first `PROBLEMS_LISTED` in full), and `answers` where
+/// present. Lines are tokenized up to `max_seq_len` x `BYTES_PER_TOKEN_BOUND` bytes, as in training.
 pub fn check(path: &Path, tok: &Tokenizer, template: &ChatTemplate, max_seq_len: usize) -> Result<DataReport> {
-    let whole =
-        DataOptions { max_seq_len: usize::MAX, loss_on: LossOn::Response, overflow: Overflow::Truncate, pack: false };
-    let ds = load_jsonl(path, tok, template, &whole, None)?;
+    let opts = DataOptions { max_seq_len, loss_on: LossOn::Response, overflow: Overflow::Truncate, pack: false };
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut report = DataReport {
-        examples: ds.examples.len(),
+        examples: 0,
+        formats: BTreeMap::new(),
         sources: BTreeMap::new(),
         answerable: 0,
         unanswerable: 0,
-        lengths: ds.examples.iter().map(|e| e.ids.len()).collect(),
-        response_tokens: ds.examples.iter().map(|e| e.ids.len() - e.loss_start).sum(),
+        lengths: Vec::new(),
+        trained_tokens: 0,
         max_seq_len,
-        over_max: ds.examples.iter().filter(|e| e.ids.len() > max_seq_len).count(),
-        prompt_over_max: ds.examples.iter().filter(|e| e.loss_start >= max_seq_len).count(),
+        over_max: 0,
+        prompt_over_max: 0,
+        problems: Vec::new(),
+        problem_count: 0,
     };
-    report.lengths.sort_unstable();
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    for line in jsonl_objects(path, &bytes) {
-        let (at, object) = line?;
+    let mut problems = Problems::default();
+    let lines = tokenize_lines(path, &bytes, tok, template, &opts).into_iter().zip(jsonl_objects(path, &bytes));
+    for ((at, tokenized), object) in lines {
+        let t = match tokenized {
+            Ok(t) => t,
+            Err(e) => {
+                problems.add(format!("{e:#}"));
+                continue;
+            }
+        };
+        let (_, object) = object.expect("a line that tokenized is an object");
+        if object.contains_key("answers") {
+            match crate::eval::answers(&object) {
+                Err(e) => {
+                    problems.add(format!("{at}: {e}"));
+                    continue;
+                }
+                Ok(a) if a.is_empty() => report.unanswerable += 1,
+                Ok(_) => report.answerable += 1,
+            }
+        }
         let source = object.get("source").and_then(Value::as_str).unwrap_or("-");
         *report.sources.entry(source.to_string()).or_default() += 1;
-        if object.contains_key("answers") {
-            if crate::eval::answers(&object).map_err(|e| anyhow!("{at}: {e}"))?.is_empty() {
-                report.unanswerable += 1;
-            } else {
-                report.answerable += 1;
+        *report.formats.entry(t.format).or_default() += 1;
+        let ex = t.example;
+        report.examples += 1;
+        report.lengths.push(ex.ids.len());
+        report.trained_tokens += ex.trained_tokens();
+        if t.cut || ex.ids.len() > max_seq_len {
+            report.over_max += 1;
+            if !ex.trained.is_empty() && ex.trained[0].start >= max_seq_len {
+                report.prompt_over_max += 1;
             }
         }
     }
+    report.lengths.sort_unstable();
+    report.problem_count = problems.count;
+    report.problems = problems.listed;
     Ok(report)
 }
 
 impl fmt::Display for DataReport {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         let tokens: usize = self.lengths.iter().sum();
-        writeln!(f, "{} examples, {tokens} tokens ({} in responses)", self.examples, self.response_tokens)?;
+        writeln!(
+            f,
+            "{} examples, {tokens} tokens, {} trained ({:.1}%; the rest is masked out of the loss)",
+            self.examples,
+            self.trained_tokens,
+            100.0 * self.trained_tokens as f64 / tokens.max(1) as f64
+        )?;
+        for (format, n) in &self.formats {
+            writeln!(f, "  format {format}: {n}")?;
+        }
         for (source, n) in &self.sources {
             writeln!(f, "  source {source}: {n}")?;
         }
         if self.answerable + self.unanswerable > 0 {
             writeln!(f, "  answers: {} answerable, {} unanswerable", self.answerable, self.unanswerable)?;
         }
-        writeln!(
-            f,
-            "tokens per example under the chat template: p50 {}, p90 {}, p99 {}, max {}",
-            self.percentile(50.0),
-            self.percentile(90.0),
-            self.percentile(99.0),
-            self.percentile(100.0)
-        )?;
-        write!(
-            f,
-            "max_seq_len {}: {} examples ({:.2}%) are longer (truncated in training, left out with \
-             data.overflow = \"drop\")",
-            self.max_seq_len,
-            self.over_max,
-            100.0 * self.over_max as f64 / self.examples as f64
-        )?;
-        if self.prompt_over_max > 0 {
+        if self.examples > 0 {
+            writeln!(
+                f,
+                "tokens per example under the chat template: p50 {}, p90 {}, p99 {}, max {}",
+                self.percentile(50.0),
+                self.percentile(90.0),
+                self.percentile(99.0),
+                self.percentile(100.0)
+            )?;
             write!(
                 f,
-                "; {} have a prompt of max_seq_len tokens or more (training refuses them: raise data.max_seq_len \
-                 or set data.overflow = \"drop\")",
-                self.prompt_over_max
+                "max_seq_len {}: {} examples ({:.2}%) are longer (truncated in training, left out with \
+                 data.overflow = \"drop\")",
+                self.max_seq_len,
+                self.over_max,
+                100.0 * self.over_max as f64 / self.examples as f64
             )?;
+            if self.prompt_over_max > 0 {
+                write!(
+                    f,
+                    "; {} have no trained token within max_seq_len (training refuses them: raise data.max_seq_len \
+                     or set data.overflow = \"drop\")",
+                    self.prompt_over_max
+                )?;
+            }
+            writeln!(f)?;
         }
-        writeln!(f)
+        if self.problem_count > 0 {
+            writeln!(f, "{} lines have problems (training refuses the file):", self.problem_count)?;
+            for p in &self.problems {
+                writeln!(f, "  {p}")?;
+            }
+            if self.problem_count > self.problems.len() {
+                writeln!(f, "  ... and {} more", self.problem_count - self.problems.len())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -554,8 +797,11 @@ mod tests {
     #[test]
     fn cache_file_round_trips_and_rejects_damage() {
         let ds = Dataset {
-            examples: vec![Example { ids: vec![1, 5, 7], loss_start: 2 }, Example { ids: vec![1, 9], loss_start: 1 }],
-            stats: DataStats { lines: 3, truncated: 1, dropped: 1, tokens: 5, loss_tokens: 2 },
+            examples: vec![
+                Example { ids: vec![1, 5, 7, 8, 9], trained: vec![1..2, 3..5] },
+                Example::from_loss_start(vec![1, 9], 1),
+            ],
+            stats: DataStats { lines: 3, truncated: 1, dropped: 1, tokens: 7, loss_tokens: 4 },
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/x.tokens");
@@ -563,6 +809,19 @@ mod tests {
         assert_eq!(read_cache(&path).unwrap(), ds);
         let bytes = fs::read(&path).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(read_cache(&path).is_err());
+        // Ranges out of order, overlapping, past the end or at index 0, and counts that disagree: refused.
+        for trained in [vec![3..5, 1..2], vec![1..3, 2..4], vec![1..9], vec![0..2], vec![2..2]] {
+            let mut bad = ds.clone();
+            bad.stats.loss_tokens =
+                4 - bad.examples[0].trained_tokens() + trained.iter().map(|r| r.len()).sum::<usize>();
+            bad.examples[0].trained = trained;
+            write_cache(&path, &bad).unwrap();
+            assert!(read_cache(&path).is_err(), "{:?}", bad.examples[0].trained);
+        }
+        let mut bad = ds.clone();
+        bad.stats.tokens += 1;
+        write_cache(&path, &bad).unwrap();
         assert!(read_cache(&path).is_err());
     }
 }

@@ -17,10 +17,10 @@ use serde_json::{Map, Value};
 
 use crate::data::{json_kind, jsonl_objects, take_string};
 use crate::dist::Communicator;
-use crate::generate::{generate_batch, Sampler};
+use crate::generate::{generate_batch, Sampler, Stop};
 use crate::model::BitNet;
 use crate::squad::NOT_IN_CONTEXT;
-use crate::tokenizer::template::ChatTemplate;
+use crate::tokenizer::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
 
 /// SQuAD v2's `normalize_answer`: lower-case, remove ASCII punctuation (Python's `string.punctuation`),
@@ -202,10 +202,11 @@ pub fn generate_guesses(
 ) -> Result<Vec<Guess>> {
     anyhow::ensure!(batch_size > 0, "the batch size must be positive");
     let context = model.max_positions();
+    let stop = Stop::new(tok, template);
     let prompts = examples
         .iter()
         .map(|ex| {
-            let ids = tok.encode(&template.generation_prompt(&ex.prompt), true).with_context(|| ex.at.clone())?;
+            let ids = template.prompt_ids(tok, &[Message::new("user", &ex.prompt)]).with_context(|| ex.at.clone())?;
             anyhow::ensure!(
                 ids.len() < context,
                 "{}: the prompt is {} tokens under the chat template; the model's context \
@@ -221,7 +222,8 @@ pub fn generate_guesses(
     let mut guesses = vec![None; prompts.len()];
     for batch in order.chunks(batch_size) {
         let batch_prompts: Vec<Vec<u32>> = batch.iter().map(|&i| prompts[i].clone()).collect();
-        let gens = generate_batch(model, tok, &batch_prompts, max_new_tokens, &mut Sampler::greedy(), |_, _| Ok(()))?;
+        let gens =
+            generate_batch(model, tok, &stop, &batch_prompts, max_new_tokens, &mut Sampler::greedy(), |_, _| Ok(()))?;
         for (&i, g) in batch.iter().zip(gens) {
             guesses[i] = Some(Guess { text: g.text, tokens: g.ids.len(), secs: g.prompt_secs + g.decode_secs });
         }

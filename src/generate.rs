@@ -1,5 +1,6 @@
 //! Text generation: greedy or nucleus sampling with a KV cache, streaming text as it becomes final, and
-//! stopping at EOS, at the 🐂 end marker, at a token budget or at the model's context length.
+//! stopping at an end-of-turn id (EOS, the checkpoint's `generation_config.json` ids), at the chat
+//! template's end marker (Bessie's 🐂), at a token budget or at the model's context length.
 
 use std::time::Instant;
 
@@ -8,8 +9,24 @@ use candle_core::{Tensor, D};
 
 use crate::model::{BitNet, KvCache};
 use crate::rng::Rng;
-use crate::tokenizer::template::END_MARKER;
+use crate::tokenizer::template::ChatTemplate;
 use crate::tokenizer::{DecodeStream, Tokenizer};
+
+/// What ends an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    /// End-of-turn ids: the tokenizer's `stop_ids`.
+    pub ids: Vec<u32>,
+    /// A text that ends the answer where it appears: the template's end marker (🐂 for Bessie's).
+    pub marker: Option<&'static str>,
+}
+
+impl Stop {
+    /// The stop rule of answers in `template`'s format from a model with tokenizer `tok`.
+    pub fn new(tok: &Tokenizer, template: &ChatTemplate) -> Self {
+        Stop { ids: tok.stop_ids().to_vec(), marker: template.end_marker() }
+    }
+}
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone)]
@@ -74,6 +91,7 @@ impl Sampler {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
+    /// An end-of-turn id (`Stop::ids`).
     Eos,
     EndMarker,
     MaxNewTokens,
@@ -83,7 +101,7 @@ pub enum StopReason {
 
 #[derive(Debug, Clone)]
 pub struct Generation {
-    /// Generated ids, including the EOS or marker tokens that stopped it.
+    /// Generated ids, including the end-of-turn or marker tokens that stopped it.
     pub ids: Vec<u32>,
     /// The answer: the text before the end marker, trailing whitespace removed.
     pub text: String,
@@ -111,13 +129,14 @@ impl Generation {
 pub fn generate(
     model: &BitNet,
     tokenizer: &Tokenizer,
+    stop: &Stop,
     prompt_ids: &[u32],
     max_new_tokens: usize,
     sampler: &mut Sampler,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
     let prompts = [prompt_ids.to_vec()];
-    let mut gens = generate_batch(model, tokenizer, &prompts, max_new_tokens, sampler, |_, text| on_text(text))?;
+    let mut gens = generate_batch(model, tokenizer, stop, &prompts, max_new_tokens, sampler, |_, text| on_text(text))?;
     Ok(gens.pop().expect("one generation per prompt"))
 }
 
@@ -132,6 +151,7 @@ pub fn generate(
 pub fn generate_batch(
     model: &BitNet,
     tokenizer: &Tokenizer,
+    stop: &Stop,
     prompts: &[Vec<u32>],
     max_new_tokens: usize,
     sampler: &mut Sampler,
@@ -177,7 +197,7 @@ pub fn generate_batch(
         prompt_secs.get_or_insert(secs);
         for (r, (row, &id)) in rows.iter_mut().zip(&input).enumerate() {
             if row.stop.is_none() {
-                row.push(tokenizer, id, secs, |text| on_text(r, text))?;
+                row.push(stop, id, secs, |text| on_text(r, text))?;
             }
         }
     }
@@ -223,22 +243,16 @@ impl<'a> Row<'a> {
     }
 
     /// Takes the next token `id`, chosen `secs` after the batch started, and streams the text it completes.
-    fn push(
-        &mut self,
-        tokenizer: &Tokenizer,
-        id: u32,
-        secs: f64,
-        mut on_text: impl FnMut(&str) -> Result<()>,
-    ) -> Result<()> {
+    fn push(&mut self, stop: &Stop, id: u32, secs: f64, mut on_text: impl FnMut(&str) -> Result<()>) -> Result<()> {
         self.ids.push(id);
-        if id == tokenizer.eos_id() {
+        if stop.ids.contains(&id) {
             self.stop = Some((StopReason::Eos, secs));
             return Ok(());
         }
         if let Some(piece) = self.stream.push(id)? {
             self.text.push_str(&piece);
         }
-        let marker = self.text.find(END_MARKER);
+        let marker = stop.marker.and_then(|m| self.text.find(m));
         if let Some(at) = marker {
             self.text.truncate(at);
         }

@@ -4,7 +4,7 @@
 use bessie::data::{
     epoch_rows, load_jsonl, make_batch, shard, DataOptions, DataStats, Dataset, Example, LossOn, Overflow, Row,
 };
-use bessie::tokenizer::template::ChatTemplate;
+use bessie::tokenizer::template::{ChatTemplate, Message};
 use bessie::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +33,7 @@ fn line(prompt: &str, response: &str) -> String {
 }
 
 fn load(path: &Path, opts: &DataOptions) -> anyhow::Result<Dataset> {
-    load_jsonl(path, &tok(), &ChatTemplate::default(), opts, None)
+    load_jsonl(path, &tok(), &ChatTemplate::bessie(None), opts, None)
 }
 
 /// The full error message of loading these lines with `opts`.
@@ -42,10 +42,32 @@ fn load_error(lines: &[&str], opts: &DataOptions) -> String {
     format!("{:#}", load(&path, opts).unwrap_err())
 }
 
-/// `loss_start` is the first token whose text reaches past the generation prompt `gp`.
+/// One user turn and the reply.
+fn turn(prompt: &str, response: &str) -> Vec<Message> {
+    vec![Message::new("user", prompt), Message::new("assistant", response)]
+}
+
+/// The Bessie text of a single-turn example.
+fn rendered(t: &ChatTemplate, prompt: &str, response: &str) -> String {
+    t.render(&turn(prompt, response), false).unwrap()
+}
+
+/// The Bessie generation prompt of `prompt`.
+fn gen_prompt(t: &ChatTemplate, prompt: &str) -> String {
+    t.generation_prompt(&[Message::new("user", prompt)]).unwrap()
+}
+
+/// Where a single-turn example's trained tokens start; they run to its end.
+fn loss_start(ex: &Example) -> usize {
+    assert_eq!(ex.trained.len(), 1, "{:?}", ex.trained);
+    assert_eq!(ex.trained[0].end, ex.ids.len());
+    ex.trained[0].start
+}
+
+/// The trained tokens start at the first token whose text reaches past the generation prompt `gp`.
 fn check_boundary(tok: &Tokenizer, ex: &Example, gp: &str) {
-    let before = tok.decode(&ex.ids[..ex.loss_start]).unwrap();
-    let with = tok.decode(&ex.ids[..=ex.loss_start]).unwrap();
+    let before = tok.decode(&ex.ids[..loss_start(ex)]).unwrap();
+    let with = tok.decode(&ex.ids[..=loss_start(ex)]).unwrap();
     assert!(gp.starts_with(&before) && with.len() > gp.len(), "{before:?} / {with:?} around {gp:?}");
 }
 
@@ -93,22 +115,22 @@ fn blank_lines_are_skipped_and_extra_fields_ignored() {
 #[test]
 fn loss_starts_at_the_first_response_token() {
     let tok = tok();
-    let t = ChatTemplate::default();
+    let t = ChatTemplate::bessie(None);
     let (prompt, response) = ("How many cows are in the barn?", "There are 7 cows in the barn.");
     let (_d, path) = jsonl(&[&line(prompt, response)]);
     let ds = load(&path, &opts(256)).unwrap();
     let ex = &ds.examples[0];
-    assert_eq!(ex.ids, tok.encode(&t.render(prompt, response), true).unwrap());
-    assert_eq!(tok.decode(&ex.ids[..ex.loss_start]).unwrap(), t.generation_prompt(prompt));
-    assert!(tok.decode(&ex.ids[ex.loss_start..]).unwrap().starts_with(response));
-    assert_eq!(ds.stats.loss_tokens, ex.ids.len() - ex.loss_start);
+    assert_eq!(ex.ids, tok.encode(&rendered(&t, prompt, response), true).unwrap());
+    assert_eq!(tok.decode(&ex.ids[..loss_start(ex)]).unwrap(), gen_prompt(&t, prompt));
+    assert!(tok.decode(&ex.ids[loss_start(ex)..]).unwrap().starts_with(response));
+    assert_eq!(ds.stats.loss_tokens, ex.ids.len() - loss_start(ex));
     assert_eq!(ds.stats.tokens, ex.ids.len());
 
     // Responses that start with a multi-byte character (byte-fallback tokens), whitespace or a newline.
     for response in ["🐄 moo", "é", " Seven.", "\nSeven.", "\n\n🐂"] {
         let (_d, path) = jsonl(&[&line(prompt, response)]);
         let ex = &load(&path, &opts(256)).unwrap().examples[0];
-        check_boundary(&tok, ex, &t.generation_prompt(prompt));
+        check_boundary(&tok, ex, &gen_prompt(&t, prompt));
     }
 
     // Text that does not decode back to itself: a literal `<pad>` becomes the pad token, which decodes to
@@ -116,17 +138,17 @@ fn loss_starts_at_the_first_response_token() {
     let prompt = "Say <pad> twice.";
     let (_d, path) = jsonl(&[&line(prompt, "Moo moo.")]);
     let ex = &load(&path, &opts(256)).unwrap().examples[0];
-    let gp = tok.decode(&tok.encode(&t.generation_prompt(prompt), true).unwrap()).unwrap();
+    let gp = tok.decode(&tok.encode(&gen_prompt(&t, prompt), true).unwrap()).unwrap();
     assert!(!gp.contains("<pad>"));
-    assert_eq!(tok.decode(&ex.ids[..ex.loss_start]).unwrap(), gp);
-    assert!(tok.decode(&ex.ids[ex.loss_start..]).unwrap().starts_with("Moo moo."));
+    assert_eq!(tok.decode(&ex.ids[..loss_start(ex)]).unwrap(), gp);
+    assert!(tok.decode(&ex.ids[loss_start(ex)..]).unwrap().starts_with("Moo moo."));
 }
 
 #[test]
 fn loss_on_all_starts_after_bos() {
     let (_d, path) = jsonl(&[&line("How many cows?", "Seven."), &line("And goats?", "Two.")]);
     let ds = load(&path, &DataOptions { loss_on: LossOn::All, ..opts(256) }).unwrap();
-    assert!(ds.examples.iter().all(|e| e.loss_start == 1));
+    assert!(ds.examples.iter().all(|e| loss_start(e) == 1));
     assert_eq!(ds.stats.loss_tokens, ds.stats.tokens - 2);
 }
 
@@ -134,18 +156,18 @@ fn loss_on_all_starts_after_bos() {
 fn truncation_keeps_the_first_tokens_and_counts() {
     let (prompt, response) =
         ("How many cows are in the barn?", "There are 7 cows in the barn, and 3 goats in the shed.");
-    let full = tok().encode(&ChatTemplate::default().render(prompt, response), true).unwrap();
+    let full = tok().encode(&rendered(&ChatTemplate::bessie(None), prompt, response), true).unwrap();
     let short = line("Hi", "Moo.");
     let (_d, path) = jsonl(&[&line(prompt, response), &short]);
     let ds = load(&path, &opts(256)).unwrap();
-    let loss_start = ds.examples[0].loss_start;
-    let max = loss_start + 3;
+    let start = loss_start(&ds.examples[0]);
+    let max = start + 3;
     assert!(full.len() > max && ds.examples[1].ids.len() <= max);
     let ds = load(&path, &opts(max)).unwrap();
-    assert_eq!(ds.examples[0], Example { ids: full[..max].to_vec(), loss_start });
+    assert_eq!(ds.examples[0], Example::from_loss_start(full[..max].to_vec(), start));
     assert_eq!(ds.stats.truncated, 1);
     assert_eq!(ds.stats.tokens, max + ds.examples[1].ids.len());
-    assert_eq!(ds.stats.loss_tokens, 3 + ds.examples[1].ids.len() - ds.examples[1].loss_start);
+    assert_eq!(ds.stats.loss_tokens, 3 + ds.examples[1].ids.len() - loss_start(&ds.examples[1]));
 }
 
 #[test]
@@ -156,11 +178,11 @@ fn a_prompt_without_room_for_a_response_token_is_an_error_or_dropped() {
     let short = line("Hi", "Moo.");
     let lines = [short.as_str(), long.as_str(), long_response.as_str(), short.as_str()];
     let e = load_error(&lines, &opts(200));
-    let prompt_tokens = tok().encode(&ChatTemplate::default().generation_prompt(&long_prompt), true).unwrap().len();
+    let prompt_tokens = tok().encode(&gen_prompt(&ChatTemplate::bessie(None), &long_prompt), true).unwrap().len();
     assert!(
         e.ends_with(&format!(
-            "data.jsonl:2: the prompt alone is {prompt_tokens} tokens; max_seq_len is 200: raise data.max_seq_len \
-             or set data.overflow = \"drop\""
+            "data.jsonl:2: the text before the first reply is {prompt_tokens} tokens; max_seq_len is 200: raise \
+             data.max_seq_len or set data.overflow = \"drop\""
         )),
         "{e}"
     );
@@ -181,7 +203,7 @@ fn cache_is_reused_and_keyed_on_options_and_system_prompt() {
     let cache = tempfile::tempdir().unwrap();
     let files = || std::fs::read_dir(cache.path()).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();
     let (_d, path) = jsonl(&[&line("How many cows?", "Seven."), &line("And goats?", "Two.")]);
-    let t = ChatTemplate::default();
+    let t = ChatTemplate::bessie(None);
     let load = |t: &ChatTemplate, o: &DataOptions| load_jsonl(&path, &tok, t, o, Some(cache.path())).unwrap();
     let first = load(&t, &opts(256));
     assert_eq!(first, load_jsonl(&path, &tok, &t, &opts(256), None).unwrap());
@@ -199,7 +221,7 @@ fn cache_is_reused_and_keyed_on_options_and_system_prompt() {
     // Anything the tokens depend on misses.
     assert_eq!(load(&t, &opts(255)).stats, first.stats);
     assert_eq!(load(&t, &DataOptions { loss_on: LossOn::All, ..opts(256) }).stats.lines, first.stats.lines);
-    assert_eq!(load(&ChatTemplate::new(Some("Be brief.")), &opts(256)).stats.lines, first.stats.lines);
+    assert_eq!(load(&ChatTemplate::bessie(Some("Be brief.")), &opts(256)).stats.lines, first.stats.lines);
     assert_eq!(files().len(), 4);
     let (_e, other) = jsonl(&[&line("How many cows?", "Eight."), &line("And goats?", "Two.")]);
     assert_ne!(load_jsonl(&other, &tok, &t, &opts(256), Some(cache.path())).unwrap().examples, first.examples);
@@ -209,7 +231,7 @@ fn cache_is_reused_and_keyed_on_options_and_system_prompt() {
 /// Examples of lengths 3..=40 with loss from token 2; only lengths matter to packing.
 fn synthetic(n: usize) -> Dataset {
     let examples: Vec<Example> =
-        (0..n).map(|i| Example { ids: (0..3 + (i * 7) % 38).map(|t| t as u32).collect(), loss_start: 2 }).collect();
+        (0..n).map(|i| Example::from_loss_start((0..3 + (i * 7) % 38).map(|t| t as u32).collect(), 2)).collect();
     let tokens = examples.iter().map(|e| e.ids.len()).sum();
     Dataset { stats: DataStats { lines: n, tokens, ..DataStats::default() }, examples }
 }
@@ -257,10 +279,7 @@ fn shards_are_disjoint_and_equal() {
 #[test]
 fn batch_of_a_packed_row_and_a_padded_row() {
     let ds = Dataset {
-        examples: vec![
-            Example { ids: vec![1, 10, 11, 12], loss_start: 2 },
-            Example { ids: vec![1, 20, 21], loss_start: 2 },
-        ],
+        examples: vec![Example::from_loss_start(vec![1, 10, 11, 12], 2), Example::from_loss_start(vec![1, 20, 21], 2)],
         stats: DataStats::default(),
     };
     let b = make_batch(&ds, &[Row { examples: vec![0, 1] }, Row { examples: vec![1] }], 99);
@@ -284,7 +303,7 @@ fn batch_of_a_packed_row_and_a_padded_row() {
 #[test]
 fn tiny_demo_set_loads_whole_with_exact_boundaries() {
     let tok = tok();
-    let t = ChatTemplate::default();
+    let t = ChatTemplate::bessie(None);
     for (name, lines) in [("train.jsonl", 400), ("dev.jsonl", 40)] {
         let path = root().join("data/tiny").join(name);
         let ds = load_jsonl(&path, &tok, &t, &opts(256), None).unwrap();
@@ -294,8 +313,8 @@ fn tiny_demo_set_loads_whole_with_exact_boundaries() {
         for (ex, line) in ds.examples.iter().zip(text.lines()) {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             let (prompt, response) = (v["prompt"].as_str().unwrap(), v["response"].as_str().unwrap());
-            assert_eq!(tok.decode(&ex.ids[..ex.loss_start]).unwrap(), t.generation_prompt(prompt));
-            assert!(tok.decode(&ex.ids[ex.loss_start..]).unwrap().starts_with(response));
+            assert_eq!(tok.decode(&ex.ids[..loss_start(ex)]).unwrap(), gen_prompt(&t, prompt));
+            assert!(tok.decode(&ex.ids[loss_start(ex)..]).unwrap().starts_with(response));
             if name == "dev.jsonl" {
                 assert!(v["answers"].is_array(), "{line}");
             }

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bessie::eval::{self, merge_shards, normalize_answer, score, shard, Score, Summary};
-use bessie::generate::{generate, generate_batch, Sampler, StopReason};
+use bessie::generate::{generate, generate_batch, Sampler, Stop, StopReason};
 use bessie::model::hf::{self, Layout};
 use bessie::model::init::random_weights;
 use bessie::model::KvCache;
-use bessie::tokenizer::template::ChatTemplate;
+use bessie::tokenizer::template::{ChatTemplate, Message};
 use bessie::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
 
@@ -199,15 +199,16 @@ fn batched_generation_equals_one_at_a_time() {
     let (_d, dir) = tiny_model(5);
     let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
-    let template = ChatTemplate::default();
+    let template = ChatTemplate::bessie(None);
     let prompts: Vec<Vec<u32>> =
-        QUESTIONS.iter().map(|q| tok.encode(&template.generation_prompt(q), true).unwrap()).collect();
+        QUESTIONS.iter().map(|q| template.prompt_ids(&tok, &[Message::new("user", q)]).unwrap()).collect();
+    let stop = Stop::new(&tok, &template);
     let lengths: std::collections::BTreeSet<usize> = prompts.iter().map(Vec::len).collect();
     assert!(lengths.len() >= 5, "prompts of different lengths: {lengths:?}");
     let max_new = 12;
     let alone: Vec<_> = prompts
         .iter()
-        .map(|p| generate(&model, &tok, p, max_new, &mut Sampler::greedy(), |_| Ok(())).unwrap())
+        .map(|p| generate(&model, &tok, &stop, p, max_new, &mut Sampler::greedy(), |_| Ok(())).unwrap())
         .collect();
     // Every prompt gets its own answer, and one stops early (EOS), so finished rows ride along.
     let distinct: std::collections::HashSet<&Vec<u32>> = alone.iter().map(|g| &g.ids).collect();
@@ -227,7 +228,7 @@ fn batched_generation_equals_one_at_a_time() {
         let mut streamed = vec![String::new(); batch_size];
         let mut batched = Vec::new();
         for (chunk, start) in prompts.chunks(batch_size).zip((0..).step_by(batch_size)) {
-            let gens = generate_batch(&model, &tok, chunk, max_new, &mut Sampler::greedy(), |row, text| {
+            let gens = generate_batch(&model, &tok, &stop, chunk, max_new, &mut Sampler::greedy(), |row, text| {
                 if start == 0 {
                     streamed[row].push_str(text);
                 }

@@ -8,13 +8,13 @@ use std::process::Command;
 
 use bessie::config::ModelConfig;
 use bessie::export::{export, DenseDtype, Format};
-use bessie::generate::{generate, Sampler};
+use bessie::generate::{generate, Sampler, Stop};
 use bessie::model::bitnet::quantize_weight;
 use bessie::model::hf::{self, Layout};
 use bessie::model::init::random_weights;
 use bessie::model::ternary::PackedTernary;
 use bessie::model::{is_bitlinear, BitNet, KvCache};
-use bessie::tokenizer::Tokenizer;
+use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
 use candle_core::{DType, Device, Tensor};
 
 const IDS: [u32; 16] = [1, 5, 99, 250, 7, 7, 7, 300, 12, 0, 3, 800, 42, 42, 611, 2];
@@ -32,7 +32,8 @@ fn logits(model: &BitNet) -> Vec<Vec<f32>> {
 fn greedy(dir: &Path, n: usize) -> Vec<u32> {
     let tok = Tokenizer::from_dir(dir).unwrap();
     let prompt = tok.encode("The cow said", true).unwrap();
-    generate(&load(dir), &tok, &prompt, n, &mut Sampler::greedy(), |_| Ok(())).unwrap().ids
+    let stop = Stop::new(&tok, &ChatTemplate::bessie(None));
+    generate(&load(dir), &tok, &stop, &prompt, n, &mut Sampler::greedy(), |_| Ok(())).unwrap().ids
 }
 
 fn export_ok(src: &Path, out: &Path, format: Format, dense: DenseDtype) {

@@ -491,9 +491,8 @@ fn training_step_matches_cpu_f32() {
     c.num_key_value_heads = Some(2);
     let layout = ParamLayout::new(&c);
     let flat = layout.flatten(&random_weights(&c, 3).unwrap().into_iter().map(|(_, t)| t).collect::<Vec<_>>()).unwrap();
-    let ex = |len: usize, loss_start: usize, k: u32| Example {
-        ids: (0..len as u32).map(|i| (i * 31 + k) % 97).collect(),
-        loss_start,
+    let ex = |len: usize, loss_start: usize, k: u32| {
+        Example::from_loss_start((0..len as u32).map(|i| (i * 31 + k) % 97).collect(), loss_start)
     };
     let ds = Dataset { examples: vec![ex(40, 5, 1), ex(23, 3, 2), ex(50, 10, 3)], stats: DataStats::default() };
     let b = make_batch(&ds, &[Row { examples: vec![0, 1] }, Row { examples: vec![2] }], 0);

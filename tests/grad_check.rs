@@ -28,11 +28,13 @@ fn cfg(kv_heads: usize) -> ModelConfig {
 /// holds one short example and padding.
 fn batch(vocab: u32) -> bessie::data::Batch {
     let mut rng = Rng::new(11);
-    let mut ex = |len: usize, loss_start: usize| Example {
+    let mut ex = |len: usize, trained: &[(usize, usize)]| Example {
         ids: (0..len).map(|_| (rng.next_u64() % vocab as u64) as u32).collect(),
-        loss_start,
+        trained: trained.iter().map(|&(a, b)| a..b).collect(),
     };
-    let ds = Dataset { examples: vec![ex(7, 1), ex(6, 3), ex(9, 5)], stats: DataStats::default() };
+    // The last example has two assistant turns: a gap in the trained tokens, as multi-turn data gives.
+    let examples = vec![ex(7, &[(1, 7)]), ex(6, &[(3, 6)]), ex(9, &[(2, 4), (6, 9)])];
+    let ds = Dataset { examples, stats: DataStats::default() };
     make_batch(&ds, &[Row { examples: vec![0, 1] }, Row { examples: vec![2] }], 0)
 }
 

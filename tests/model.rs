@@ -5,11 +5,11 @@ mod common;
 use std::path::Path;
 
 use bessie::config::ModelConfig;
-use bessie::generate::{generate, Sampler};
+use bessie::generate::{generate, Sampler, Stop};
 use bessie::model::hf::{self, Layout};
 use bessie::model::init::random_weights;
 use bessie::model::{BitNet, KvCache};
-use bessie::tokenizer::Tokenizer;
+use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
 use candle_core::{DType, Device, Tensor};
 
 const IDS: [u32; 16] = [1, 5, 99, 250, 7, 7, 7, 300, 12, 0, 3, 800, 42, 42, 611, 2];
@@ -164,7 +164,8 @@ fn kv_cache_generation_equals_full_recompute() {
         let model = bessie::model::load(dir.path(), &Device::Cpu).unwrap();
         let tok = Tokenizer::from_dir(dir.path()).unwrap();
         let prompt = tok.encode("The cow said", true).unwrap();
-        let g = generate(&model, &tok, &prompt, 24, &mut Sampler::greedy(), |_| Ok(())).unwrap();
+        let stop = Stop::new(&tok, &ChatTemplate::bessie(None));
+        let g = generate(&model, &tok, &stop, &prompt, 24, &mut Sampler::greedy(), |_| Ok(())).unwrap();
         let mut ids = prompt.clone();
         for _ in 0..g.ids.len() {
             let last = all_logits(&model, &ids).pop().unwrap();

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use bessie::squad::{self, SquadStats};
-use bessie::tokenizer::template::ChatTemplate;
+use bessie::tokenizer::template::{ChatTemplate, Message};
 use bessie::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 
@@ -79,7 +79,7 @@ fn inconsistent_or_foreign_json_is_refused() {
 fn check_reports_counts_lengths_and_truncation() {
     let (_d, out, _) = convert(&fixture(), true);
     let tok = tok();
-    let template = ChatTemplate::default();
+    let template = ChatTemplate::bessie(None);
     let report = bessie::data::check(&out, &tok, &template, 512).unwrap();
     assert_eq!((report.examples, report.answerable, report.unanswerable), (3, 2, 1));
     assert_eq!(report.sources.get("squad_v2"), Some(&3));
@@ -87,8 +87,9 @@ fn check_reports_counts_lengths_and_truncation() {
     let mut lengths: Vec<usize> = ds
         .iter()
         .map(|l| {
-            let text = template.render(l["prompt"].as_str().unwrap(), l["response"].as_str().unwrap());
-            tok.encode(&text, true).unwrap().len()
+            let (prompt, response) = (l["prompt"].as_str().unwrap(), l["response"].as_str().unwrap());
+            let turn = [Message::new("user", prompt), Message::new("assistant", response)];
+            tok.encode(&template.render(&turn, false).unwrap(), true).unwrap().len()
         })
         .collect();
     lengths.sort();
@@ -108,17 +109,26 @@ fn check_reports_counts_lengths_and_truncation() {
 }
 
 #[test]
-fn check_names_the_bad_line() {
+fn check_names_every_bad_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mix.jsonl");
-    std::fs::write(
-        &path,
-        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\", \"response\": \"b\", \"answers\": 3}\n",
-    )
-    .unwrap();
-    let e = format!("{:#}", bessie::data::check(&path, &tok(), &ChatTemplate::default(), 512).unwrap_err());
-    assert!(e.contains("mix.jsonl:2: field `answers` must be a list of strings"), "{e}");
-    std::fs::write(&path, "{\"prompt\": \"a\"}\n").unwrap();
-    let e = format!("{:#}", bessie::data::check(&path, &tok(), &ChatTemplate::default(), 512).unwrap_err());
-    assert!(e.contains("mix.jsonl:1: missing field `response`"), "{e}");
+    let good = "{\"prompt\": \"a\", \"response\": \"b\"}\n";
+    std::fs::write(&path, format!("{good}{{\"prompt\": \"a\", \"response\": \"b\", \"answers\": 3}}\n{good}")).unwrap();
+    let check = || bessie::data::check(&path, &tok(), &ChatTemplate::bessie(None), 512).unwrap();
+    let report = check();
+    assert_eq!((report.examples, report.problem_count), (2, 1));
+    assert!(report.refused());
+    assert!(report.problems[0].contains("mix.jsonl:2: field `answers` must be a list of strings"), "{report}");
+
+    // Every problem counts; the first 20 are listed.
+    let bad: String = (0..25).map(|i| if i % 2 == 0 { "{\"prompt\": \"a\"}\n" } else { "[1]\n" }).collect();
+    std::fs::write(&path, format!("{good}{bad}")).unwrap();
+    let report = check();
+    assert_eq!((report.examples, report.problem_count, report.problems.len()), (1, 25, 20));
+    assert!(report.problems[0].contains("mix.jsonl:2: missing field `response`"), "{report}");
+    assert!(report.problems[1].contains("mix.jsonl:3: expected a JSON object"), "{report}");
+    assert!(report.to_string().contains("... and 5 more"), "{report}");
+
+    std::fs::write(&path, good).unwrap();
+    assert!(!check().refused());
 }

@@ -61,14 +61,29 @@ fn added_tokens_config(n: u32) -> String {
 #[test]
 fn llama_matches_sentencepiece() {
     let model = root().join("../shared/tokenizers/llama/tokenizer.model");
-    if !model.exists() {
-        println!("skipping: ../shared/tokenizers/llama/tokenizer.model not found");
-        return;
-    }
+    assert!(model.exists(), "{} is missing: the LLaMA tokenizer is this test's oracle input", model.display());
     let dir = dir_with(std::slice::from_ref(&model), &[]);
     let tok = Tokenizer::from_dir(dir.path()).unwrap();
     assert_eq!((tok.vocab_size(), tok.bos_id(), tok.eos_id(), tok.pad_id()), (32000, 1, 2, None));
     check_fixture(&tok, &fixture("llama_sentencepiece_ids.json"));
+    // Each token's byte range: in order, covering the text, and decoding to it where pieces are whole.
+    for text in fixture("llama_sentencepiece_ids.json").into_keys() {
+        let enc = tok.encode_with_offsets(&text, true).unwrap();
+        assert_eq!(enc.offsets[0], 0..0, "BOS");
+        let mut covered = 0;
+        for (id, r) in enc.ids.iter().zip(&enc.offsets).skip(1) {
+            let piece = tok.id_to_piece(*id).unwrap();
+            // Only the dummy-prefix space, alone, covers no byte of the text.
+            let dummy = piece == "\u{2581}" && *r == (0..0);
+            assert!(r.start <= covered && (r.start < r.end || dummy) && r.end <= text.len(), "{text:?}: {r:?}");
+            covered = covered.max(r.end);
+            if !piece.starts_with("<0x") {
+                let [piece, here] = [piece.as_str(), &text[r.clone()]].map(|s| s.replace('\u{2581}', " "));
+                assert_eq!(piece.trim_start(), here.trim_start(), "{text:?}");
+            }
+        }
+        assert_eq!(covered, text.len(), "{text:?}");
+    }
 
     let dir = dir_with(&[model], &[("tokenizer_config.json", &added_tokens_config(32000))]);
     let tok = Tokenizer::from_dir(dir.path()).unwrap();
@@ -76,6 +91,8 @@ fn llama_matches_sentencepiece() {
     assert_eq!(tok.token_to_id("</line>"), Some(32001));
     let ids = tok.encode("Hello<pad>world</line>", true).unwrap();
     assert_eq!(ids, [1, 15043, 32000, 11526, 32001]); // "world" without the dummy-prefix space
+    let offsets = tok.encode_with_offsets("Hello<pad>world</line>", true).unwrap().offsets;
+    assert_eq!(offsets, [0..0, 0..5, 5..10, 10..15, 15..22]);
     assert_eq!(tok.decode(&ids).unwrap(), "Helloworld</line>");
     let text = &fixture("llama_sentencepiece_ids.json").into_keys().find(|t| t.contains("Bessie:\nA cow")).unwrap();
     assert_eq!(stream_all(&tok, &[1], &tok.encode(text, false).unwrap()), *text);
@@ -247,4 +264,28 @@ fn errors_name_the_file() {
         }
     }
     assert!(shipped().decode(&[1002]).is_err());
+}
+
+/// Tokenization is linear in the input: a megabyte of spaces, of one repeated character, or of random
+/// characters each take under a second in both tokenizers (0.06-0.8 s measured on a busy 2-core machine;
+/// the bound leaves room for a loaded CI machine running tests in parallel, where a quadratic pass over a
+/// megabyte would take minutes).
+#[test]
+fn tokenization_is_linear_in_the_input() {
+    let mut rng = bessie::rng::Rng::new(3);
+    let random: String = std::iter::repeat_with(|| char::from_u32((rng.next_u64() % 0x3000) as u32).unwrap_or('x'))
+        .take(400_000)
+        .collect();
+    let llama3 = Tokenizer::load(&root().join("../shared/tokenizers/llama3/tokenizer.json")).unwrap();
+    for (name, tok) in [("SentencePiece", shipped()), ("LLaMA-3 BPE", llama3)] {
+        for (what, text) in
+            [("spaces", " ".repeat(1 << 20)), ("one character", "a".repeat(1 << 20)), ("random", random.clone())]
+        {
+            let start = std::time::Instant::now();
+            let n = tok.encode_with_offsets(&text, true).unwrap().ids.len();
+            let secs = start.elapsed().as_secs_f64();
+            println!("{name}, 1 MB of {what}: {n} tokens in {secs:.3} s");
+            assert!(secs < 3.0, "{name}, {what}: {secs:.2} s");
+        }
+    }
 }

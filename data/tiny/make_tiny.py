@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Writes the tiny demo data set: data/tiny/train.jsonl and data/tiny/dev.jsonl.
+"""Writes the tiny demo data set: data/tiny/train.jsonl, data/tiny/dev.jsonl and data/tiny/chat.jsonl.
 
 The demo trains a random BitNet of a few hundred thousand parameters for about a minute on CPU, so the
 responses are short and follow a handful of fixed patterns whose loss visibly falls: counting animals from a
 one- or two-sentence context, adding two digits, naming a color from the context, and answering
 "Not in context." when the context does not say. Lines have the project's JSONL format (`prompt`,
 `response`, `source`); dev lines also carry `answers` (an empty list means unanswerable). The output is
-deterministic (fixed seed); dev prompts never occur in train.
+deterministic (fixed seed); dev prompts never occur in train. chat.jsonl holds the same kinds of exchange as
+multi-turn conversations in TRL's `messages` format, with a system prompt (configs/tiny-chat.toml).
 
     python3 data/tiny/make_tiny.py
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SEED = 1234
-TRAIN, DEV = 400, 40
+TRAIN, DEV, CHAT = 400, 40, 200
+SYSTEM = "You are Bessie, a farm assistant. Answer in one sentence."
 
 ANIMALS = ["cows", "calves", "goats", "hens", "sheep", "pigs", "horses", "ducks"]
 PLACES = ["barn", "field", "pasture", "shed", "yard", "stable"]
@@ -78,7 +80,16 @@ def main():
         if line["prompt"] not in seen:
             seen.add(line["prompt"])
             dev.append({**line, "answers": answers})
-    for name, lines in [("train.jsonl", train), ("dev.jsonl", dev)]:
+    # Its own generator, so train.jsonl and dev.jsonl stay as they were.
+    chat_rng = random.Random(SEED + 1)
+    chat = []
+    for _ in range(CHAT):
+        messages = [{"role": "system", "content": SYSTEM}]
+        for _ in range(chat_rng.randint(2, 3)):
+            line, _ = example(chat_rng)
+            messages += [{"role": "user", "content": line["prompt"]}, {"role": "assistant", "content": line["response"]}]
+        chat.append({"messages": messages, "source": "tiny-farm/chat"})
+    for name, lines in [("train.jsonl", train), ("dev.jsonl", dev), ("chat.jsonl", chat)]:
         with open(HERE / name, "w", encoding="utf-8") as f:
             for line in lines:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")

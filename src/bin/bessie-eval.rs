@@ -6,16 +6,15 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use bessie::dist::Communicator;
 use bessie::eval;
-use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Evaluate a model on a SQuAD v2 dev file, or re-score existing predictions.
 ///
-/// Answers every question greedily (batched, at most --max-new-tokens, stopping at EOS or the 🐂 end
-/// marker) and writes one line per question to --out: the input fields plus `guess`, `is_correct` (the
-/// original project's check: equal to an answer ignoring case, or containing "not in context" for an
-/// unanswerable question), `exact_match` and `f1` (SQuAD v2's official normalized metrics; "Not in
+/// Answers every question greedily (batched, at most --max-new-tokens, stopping at the checkpoint's
+/// end-of-turn ids or the Bessie template's 🐂 end marker) and writes one line per question to --out:
+/// the input fields plus `guess`, `is_correct` (the original project's check: equal to an answer
+/// ignoring case, or containing "not in context" for an unanswerable question), `exact_match` and `f1` (SQuAD v2's official normalized metrics; "Not in
 /// context." is the abstention), `model` and `time` (seconds until the answer was complete). Prints a
 /// table split into HasAns / NoAns and writes it to eval_summary.json beside --out.
 ///
@@ -49,9 +48,8 @@ struct Args {
     /// auto, cpu, cuda or cuda:N (auto takes the first GPU when there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Replace Bessie's system prompt.
-    #[arg(long)]
-    system: Option<String>,
+    #[command(flatten)]
+    chat: bessie::cli::ChatArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -94,8 +92,7 @@ fn evaluate(args: &Args, comm: &Communicator) -> Result<Option<eval::Scored>> {
     let examples = eval::read_dev(dev, args.limit)?;
     let device = bessie::device::rank_device(&args.device, comm.local_rank())?;
     let model = bessie::model::load(model_dir, &device)?;
-    let tokenizer = Tokenizer::from_dir(model_dir)?;
-    let template = ChatTemplate::new(args.system.as_deref());
+    let (tokenizer, template) = args.chat.load(model_dir, model.cfg.vocab_size)?;
     // Rank 0 shows the progress of its own shard, which stands for all: shards are equal to within one.
     let total = eval::shard(&examples, comm.rank(), comm.world()).len();
     let bar = if comm.is_main() { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };

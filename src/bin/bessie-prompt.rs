@@ -4,15 +4,19 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Result;
-use bessie::generate::{generate, Sampler};
-use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
+use bessie::generate::{generate, Sampler, Stop};
+use bessie::tokenizer::template::Message;
 use clap::Parser;
 
 /// Chat with a base or fine-tuned BitNet b1.58 model.
 ///
-/// Reads one prompt per line from the terminal or a pipe (or answers `--prompt` once), renders it with
-/// the Bessie chat template, and streams the answer until EOS, the 🐂 end marker or --max-new-tokens.
-/// After each answer it prints the prompt-processing and decoding speed to stderr.
+/// Reads one message per line from the terminal or a pipe (or answers `--prompt` once) and keeps the
+/// conversation: each answer sees the turns before it, rendered with the chat template (the
+/// checkpoint's own, or Bessie's for checkpoints without one). A line `/reset` starts a new
+/// conversation; `--single-turn` answers every line on its own. When the conversation outgrows the
+/// model's context, its oldest turns are left out (and a note says so). Answers stream until an
+/// end-of-turn id (EOS, generation_config.json's eos_token_id), the Bessie template's 🐂 end marker or
+/// --max-new-tokens. After each answer it prints the prompt-processing and decoding speed to stderr.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -23,9 +27,11 @@ struct Args {
     /// Answer this prompt and exit instead of reading prompts from stdin.
     #[arg(short, long)]
     prompt: Option<String>,
-    /// Replace Bessie's system prompt.
+    /// Answer each line on its own instead of continuing one conversation.
     #[arg(long)]
-    system: Option<String>,
+    single_turn: bool,
+    #[command(flatten)]
+    chat: bessie::cli::ChatArgs,
     /// Stop after this many new tokens.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
@@ -50,13 +56,22 @@ fn main() -> std::process::ExitCode {
 fn body(args: Args) -> Result<()> {
     let device = bessie::device::parse_device(&args.device)?;
     let model = bessie::model::load(&args.model, &device)?;
-    let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let template = ChatTemplate::new(args.system.as_deref());
+    let (tokenizer, template) = args.chat.load(&args.model, model.cfg.vocab_size)?;
+    let stop = Stop::new(&tokenizer, &template);
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
-    let mut answer = |prompt: &str| -> Result<()> {
-        let ids = tokenizer.encode(&template.generation_prompt(prompt), true)?;
+    let mut conversation: Vec<Message> = Vec::new();
+    let mut answer = |conversation: &mut Vec<Message>, prompt: &str| -> Result<()> {
+        conversation.push(Message::new("user", prompt));
+        let mut ids = template.prompt_ids(&tokenizer, conversation)?;
+        // Earlier turns go first when the context is full: the newest message is what must be answered.
+        while ids.len() >= model.max_positions() && conversation.len() > 1 {
+            let next_user = conversation.iter().skip(1).position(|m| m.role == "user").map_or(1, |i| i + 1);
+            conversation.drain(..next_user);
+            eprintln!("[the conversation outgrew the context: its oldest turn is left out]");
+            ids = template.prompt_ids(&tokenizer, conversation)?;
+        }
         let mut out = std::io::stdout();
-        let g = generate(&model, &tokenizer, &ids, args.max_new_tokens, &mut sampler, |text| {
+        let g = generate(&model, &tokenizer, &stop, &ids, args.max_new_tokens, &mut sampler, |text| {
             out.write_all(text.as_bytes())?;
             Ok(out.flush()?)
         })?;
@@ -70,14 +85,19 @@ fn body(args: Args) -> Result<()> {
             g.prompt_secs + g.decode_secs,
             g.stop
         );
+        conversation.push(Message::new("assistant", &g.text));
         Ok(())
     };
     if let Some(prompt) = &args.prompt {
-        return answer(prompt);
+        return answer(&mut conversation, prompt);
     }
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("Bessie on {:?}. One prompt per line; Ctrl-D to quit.", device);
+        eprintln!(
+            "Bessie on {:?} ({}). One message per line; /reset starts over; Ctrl-D quits.",
+            device,
+            template.origin()
+        );
     }
     let mut lines = std::io::stdin().lock().lines();
     loop {
@@ -85,8 +105,12 @@ fn body(args: Args) -> Result<()> {
             eprint!("\nUser: ");
         }
         let Some(line) = lines.next().transpose()? else { break };
-        if !line.trim().is_empty() {
-            answer(line.trim())?;
+        let line = line.trim();
+        if args.single_turn || line == "/reset" {
+            conversation.clear();
+        }
+        if !line.is_empty() && line != "/reset" {
+            answer(&mut conversation, line)?;
         }
     }
     Ok(())

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::model::{RopeScaling, RopeScalingType, SHAPES};
+use crate::tokenizer::template::TemplateChoice;
 // The data module defines what these mean; the config only names them (`response`/`all`, `truncate`/`drop`).
 pub use crate::data::{LossOn, Overflow};
 
@@ -59,8 +60,12 @@ pub struct DataSection {
     pub overflow: Overflow,
     /// Several examples per sequence; attention never crosses examples.
     pub pack: bool,
-    /// Empty means Bessie's default system prompt.
+    /// The system message of conversations without one; empty means none (with the Bessie template,
+    /// Bessie's own system prompt).
     pub system_prompt: String,
+    /// The chat template: `auto` (the checkpoint's own when it has one, else Bessie's), `checkpoint`,
+    /// `bessie`, or the path of a Jinja file.
+    pub template: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,6 +196,7 @@ impl Default for DataSection {
             overflow: Overflow::Truncate,
             pack: true,
             system_prompt: String::new(),
+            template: "auto".into(),
         }
     }
 }
@@ -308,6 +314,9 @@ impl RunConfig {
                 *p = dir.join(&*p);
             }
         }
+        if let Ok(TemplateChoice::File(path)) = self.data.template.parse() {
+            self.data.template = dir.join(path).display().to_string();
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -321,6 +330,7 @@ impl RunConfig {
         if d.train.as_os_str().is_empty() {
             bail!("data.train is empty");
         }
+        self.template()?;
         if c.out_dir.as_os_str().is_empty() {
             bail!("checkpoint.out_dir is empty");
         }
@@ -399,9 +409,14 @@ impl RunConfig {
         toml::to_string(self).expect("every RunConfig field is a TOML scalar and paths are UTF-8")
     }
 
-    /// The system prompt to train with; `None` means Bessie's default.
+    /// The system prompt to train with; `None` means none (Bessie's own with the Bessie template).
     pub fn system_prompt(&self) -> Option<&str> {
         Some(self.data.system_prompt.as_str()).filter(|s| !s.is_empty())
+    }
+
+    /// Which chat template `data.template` names.
+    pub fn template(&self) -> Result<TemplateChoice> {
+        self.data.template.parse().context("data.template")
     }
 }
 

@@ -1,7 +1,11 @@
 //! Tokenizers of LLaMA-style checkpoints: `tokenizer.json` through the `tokenizers` crate when the
 //! checkpoint has one, else the SentencePiece `tokenizer.model` read directly (the 1bitLLM BitNet
 //! checkpoints ship only that), plus the tokens the Hugging Face config files add after the vocabulary
-//! (`<pad>` = 32000 and `</line>` = 32001 for 1bitLLM).
+//! (`<pad>` = 32000 and `</line>` = 32001 for 1bitLLM). `tokenizer.json` covers the byte-level BPE
+//! tokenizers of LLaMA-3 (BitNet b1.58 2B4T, Llama3-8B-1.58) and Falcon3.
+//!
+//! The ids generation stops at are the tokenizer's EOS and every `eos_token_id` of the checkpoint's
+//! `generation_config.json` (LLaMA-3 instruct models end a turn with `<|eot_id|>`, not EOS).
 
 mod sentencepiece;
 pub mod template;
@@ -9,11 +13,36 @@ pub mod template;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// The files a checkpoint's tokenizer may consist of.
-const FILES: [&str; 5] =
-    ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"];
+const FILES: [&str; 7] = [
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Changes whenever a change of this module's code may change ids, so cached tokenized data is rebuilt.
+pub const CODE_VERSION: u32 = 2;
+
+/// Token ids and, for each, the byte range of the text it came from (empty for BOS).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Encoding {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<Range<usize>>,
+}
+
+impl Encoding {
+    fn push(&mut self, id: u32, range: Range<usize>) {
+        self.ids.push(id);
+        self.offsets.push(range);
+    }
+}
 
 pub struct Tokenizer {
     backend: Backend,
@@ -21,6 +50,8 @@ pub struct Tokenizer {
     bos: u32,
     eos: u32,
     pad: Option<u32>,
+    /// EOS and the ids `generation_config.json` lists, in that order, without repeats.
+    stop: Vec<u32>,
 }
 
 enum Backend {
@@ -33,24 +64,49 @@ enum Backend {
 }
 
 impl Tokenizer {
+    /// Loads from a checkpoint directory, or from one tokenizer file (`tokenizer.json`, or a SentencePiece
+    /// `tokenizer.model` under any name) with the config files beside it.
+    pub fn load(path: &Path) -> Result<Tokenizer> {
+        if path.is_dir() {
+            return Tokenizer::from_dir(path);
+        }
+        ensure!(path.is_file(), "tokenizer {} does not exist", path.display());
+        let path = std::path::absolute(path)?;
+        let dir = path.parent().context("a tokenizer file has a directory")?;
+        Tokenizer::from_files(dir, &path)
+    }
+
     /// Loads from a checkpoint dir: tokenizer.json when present (via the `tokenizers` crate), else
     /// tokenizer.model read directly, plus added tokens from tokenizer_config.json (`added_tokens_decoder`)
     /// and/or added_tokens.json. Errors name the file.
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         ensure!(dir.is_dir(), "tokenizer directory {} does not exist", dir.display());
         let dir = std::path::absolute(dir)?;
-        let files = FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()).collect();
-        let config = Config::read(&dir)?;
         let json = dir.join("tokenizer.json");
-        let (backend, defaults) = if json.is_file() {
+        let main = if json.is_file() { json } else { dir.join("tokenizer.model") };
+        ensure!(main.is_file(), "{} has neither tokenizer.json nor tokenizer.model", dir.display());
+        Tokenizer::from_files(&dir, &main)
+    }
+
+    /// The tokenizer in `main` (a `.json` file is a `tokenizers` one, anything else SentencePiece), with
+    /// the config files of `dir`.
+    fn from_files(dir: &Path, main: &Path) -> Result<Tokenizer> {
+        // The file in use first; the others too, so a saved checkpoint keeps what its source had (a
+        // tokenizer.model beside tokenizer.json serves transformers' slow tokenizer).
+        let mut files = vec![main.to_path_buf()];
+        files.extend(FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file() && p != main));
+        let config = Config::read(dir)?;
+        let json = main;
+        let (backend, defaults) = if json.extension().is_some_and(|e| e == "json") {
             // tokenizer.json lists its added tokens itself.
-            let tok = read_tokenizer_json(&json)?;
-            let defaults = [tok.token_to_id("<s>"), tok.token_to_id("</s>"), None];
+            let tok = read_tokenizer_json(json)?;
+            // SentencePiece-style names, else LLaMA-3's.
+            let named = |names: [&str; 2]| names.iter().find_map(|n| tok.token_to_id(n));
+            let defaults = [named(["<s>", "<|begin_of_text|>"]), named(["</s>", "<|end_of_text|>"]), None];
             (Backend::HuggingFace(Box::new(tok)), defaults)
         } else {
-            let path = dir.join("tokenizer.model");
-            ensure!(path.is_file(), "{} has neither tokenizer.json nor tokenizer.model", dir.display());
-            let mut model = sentencepiece::Model::load(&path)?;
+            let path = main;
+            let mut model = sentencepiece::Model::load(path)?;
             let defaults = [model.bos(), model.eos(), model.pad()];
             let mut added = Vec::new();
             for (&id, token) in &config.added {
@@ -72,7 +128,7 @@ impl Tokenizer {
             added.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
             (Backend::SentencePiece { model, added }, defaults)
         };
-        let mut tok = Tokenizer { backend, files, bos: 0, eos: 0, pad: None };
+        let mut tok = Tokenizer { backend, files, bos: 0, eos: 0, pad: None, stop: Vec::new() };
         let [bos, eos, pad] = [&config.bos, &config.eos, &config.pad].map(|name| {
             name.as_ref().map(|n| {
                 tok.token_to_id(n).with_context(|| {
@@ -89,48 +145,84 @@ impl Tokenizer {
         tok.bos = bos.transpose()?.or(defaults[0]).with_context(|| missing("BOS"))?;
         tok.eos = eos.transpose()?.or(defaults[1]).with_context(|| missing("EOS"))?;
         tok.pad = pad.transpose()?.or(defaults[2]);
+        tok.stop = vec![tok.eos];
+        for id in generation_eos_ids(dir)? {
+            let n = tok.vocab_size();
+            ensure!(
+                (id as usize) < n,
+                "{}: eos_token_id {id} is outside the tokenizer's vocabulary of {n}",
+                dir.join("generation_config.json").display()
+            );
+            if !tok.stop.contains(&id) {
+                tok.stop.push(id);
+            }
+        }
         Ok(tok)
     }
 
-    /// Files that make up this tokenizer (absolute paths), so a checkpoint saver can copy them.
+    /// An error unless every id of this tokenizer is a row of a model with `model_vocab` rows
+    /// (`vocab_size` of `config`): a model cannot embed ids past its table.
+    pub fn check_fits(&self, model_vocab: usize, config: &Path) -> Result<()> {
+        let n = self.vocab_size();
+        ensure!(
+            n <= model_vocab,
+            "the tokenizer ({}) has {n} ids but the model has {model_vocab} (vocab_size in {}): they do not belong \
+             together",
+            self.files.first().map_or_else(String::new, |f| f.display().to_string()),
+            config.display()
+        );
+        Ok(())
+    }
+
+    /// Files that make up this tokenizer (absolute paths; the one in use first), so a checkpoint saver can
+    /// copy them.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
     }
 
     /// Token ids of `text`, with BOS first when `add_bos`; never adds EOS.
-    ///
-    /// Added tokens (`<pad>`, `</line>`) in the text are split out first and become their ids, as in
-    /// Hugging Face tokenizers. The dummy-prefix space goes only before text at the very start of the
-    /// input, not before text that follows an added token, so "a</line>b" encodes "b" without a space it
-    /// never had: that is what HF's LlamaTokenizer does with `legacy: false` and tokenizer.json files with
-    /// `prepend_scheme: "first"` (the legacy mode prefixes every segment, which sentencepiece itself never
-    /// does inside a text). Text that starts with an added token gets no dummy prefix at all, as in HF.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let mut ids = Vec::with_capacity(text.len() / 3 + 2);
+        Ok(self.encode_with_offsets(text, add_bos)?.ids)
+    }
+
+    /// Token ids of `text` and the byte range of `text` each came from, with BOS first when `add_bos`.
+    ///
+    /// Added tokens (`<pad>`, `</line>`, `<|eot_id|>`) in the text are split out first and become their
+    /// ids, as in Hugging Face tokenizers. The dummy-prefix space goes only before text at the very start
+    /// of the input, not before text that follows an added token, so "a</line>b" encodes "b" without a
+    /// space it never had: that is what HF's LlamaTokenizer does with `legacy: false` and tokenizer.json
+    /// files with `prepend_scheme: "first"` (the legacy mode prefixes every segment, which sentencepiece
+    /// itself never does inside a text). Text that starts with an added token gets no dummy prefix at all,
+    /// as in HF.
+    pub fn encode_with_offsets(&self, text: &str, add_bos: bool) -> Result<Encoding> {
+        let mut out = Encoding::default();
+        out.ids.reserve(text.len() / 3 + 2);
         if add_bos {
-            ids.push(self.bos);
+            out.push(self.bos, 0..0);
         }
         match &self.backend {
             Backend::HuggingFace(t) => {
-                ids.extend_from_slice(t.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids())
+                let e = t.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+                out.ids.extend_from_slice(e.get_ids());
+                out.offsets.extend(e.get_offsets().iter().map(|&(a, b)| a..b));
             }
             Backend::SentencePiece { model, added } => {
                 let (mut segment, mut i) = (0, 0);
                 while let Some(c) = text[i..].chars().next() {
                     match added.iter().find(|(t, _)| text[i..].starts_with(t.as_str())) {
                         Some((t, id)) => {
-                            model.encode(&text[segment..i], segment == 0, &mut ids);
-                            ids.push(*id);
+                            model.encode(&text[segment..i], segment == 0, segment, &mut out);
+                            out.push(*id, i..i + t.len());
                             i += t.len();
                             segment = i;
                         }
                         None => i += c.len_utf8(),
                     }
                 }
-                model.encode(&text[segment..], segment == 0, &mut ids);
+                model.encode(&text[segment..], segment == 0, segment, &mut out);
             }
         }
-        Ok(ids)
+        Ok(out)
     }
 
     /// The text of `ids`, exactly as Python sentencepiece's `decode` renders it for tokenizer.model
@@ -165,6 +257,11 @@ impl Tokenizer {
 
     pub fn pad_id(&self) -> Option<u32> {
         self.pad
+    }
+
+    /// The ids that end a generated answer: EOS and the checkpoint's `generation_config.json` EOS ids.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop
     }
 
     /// The SentencePiece vocabulary, added tokens included; None for a tokenizer.json tokenizer.
@@ -271,6 +368,19 @@ impl Config {
         }
         self.added.insert(id, token);
         Ok(())
+    }
+}
+
+/// The `eos_token_id` (a number or a list) of `dir/generation_config.json`; none without the file.
+fn generation_eos_ids(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    let Some(json) = read_json(&path)? else { return Ok(Vec::new()) };
+    let id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+    let bad = || format!("{}: eos_token_id must be a token id or a list of them", path.display());
+    match json.get("eos_token_id") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(list)) => list.iter().map(|v| id(v).with_context(bad)).collect(),
+        Some(v) => Ok(vec![id(v).with_context(bad)?]),
     }
 }
 

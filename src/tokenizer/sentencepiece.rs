@@ -163,41 +163,55 @@ impl Model {
         Ok(id)
     }
 
-    /// Encodes `text`, appending ids to `out`. `at_start` says whether the text begins the input, the only
-    /// place the dummy-prefix space goes.
-    pub fn encode(&self, text: &str, at_start: bool, out: &mut Vec<u32>) {
-        let normalized = self.normalize(text, at_start);
+    /// Encodes `text`, appending its ids to `out`, each with the byte range of `text` it came from shifted
+    /// by `base` (a byte token covers its whole character). `at_start` says whether the text begins the
+    /// input, the only place the dummy-prefix space goes (its range is empty at the first character).
+    pub fn encode(&self, text: &str, at_start: bool, base: usize, out: &mut super::Encoding) {
+        let (normalized, origin) = self.normalize(text, at_start);
         let mut is_prev_unk = false;
         for (piece, id) in self.bpe(&normalized) {
+            let start = piece.as_ptr() as usize - normalized.as_ptr() as usize;
+            let range = base + origin[start]..base + origin[start + piece.len()];
             let is_unk = id == self.unk;
             if is_unk && self.byte_fallback {
-                out.extend(piece.bytes().map(|b| self.byte_ids[usize::from(b)].unwrap_or(self.unk)));
+                for b in piece.bytes() {
+                    out.push(self.byte_ids[usize::from(b)].unwrap_or(self.unk), range.clone());
+                }
             } else if !(is_unk && is_prev_unk) {
                 // Without byte fallback a run of unknown symbols becomes a single <unk>.
-                out.push(id);
+                out.push(id, range);
+            } else if let Some(last) = out.offsets.last_mut() {
+                last.end = range.end;
             }
             is_prev_unk = is_unk;
         }
     }
 
-    /// `Normalizer::Normalize` with an identity character map.
-    fn normalize(&self, text: &str, at_start: bool) -> String {
-        let text = if self.remove_extra_whitespaces { text.trim_start_matches(' ') } else { text };
-        if text.is_empty() {
-            return String::new();
+    /// `Normalizer::Normalize` with an identity character map; also, for each byte of the result and one
+    /// past its end, the byte of `text` it came from.
+    fn normalize(&self, text: &str, at_start: bool) -> (String, Vec<usize>) {
+        let trimmed = if self.remove_extra_whitespaces { text.trim_start_matches(' ') } else { text };
+        if trimmed.is_empty() {
+            return (String::new(), vec![text.len()]);
         }
+        let skipped = text.len() - trimmed.len();
         let space = if self.escape_whitespaces { SPACE } else { " " };
-        let mut out = String::with_capacity(text.len() + 2 * SPACE.len());
+        let mut out = String::with_capacity(trimmed.len() + 2 * SPACE.len());
+        let mut origin = Vec::with_capacity(out.capacity() + 1);
+        let mut push = |out: &mut String, s: &str, at: usize| {
+            out.push_str(s);
+            origin.resize(out.len(), at);
+        };
         if self.add_dummy_prefix && at_start {
-            out.push_str(SPACE);
+            push(&mut out, SPACE, skipped);
         }
         let mut is_prev_space = self.remove_extra_whitespaces;
-        for c in text.chars() {
+        for (i, c) in trimmed.char_indices() {
             if c != ' ' {
-                out.push(c);
+                push(&mut out, c.encode_utf8(&mut [0; 4]), skipped + i);
                 is_prev_space = false;
             } else if !(is_prev_space && self.remove_extra_whitespaces) {
-                out.push_str(space);
+                push(&mut out, space, skipped + i);
                 is_prev_space = true;
             }
         }
@@ -205,8 +219,10 @@ impl Model {
             while let Some(rest) = out.strip_suffix(space) {
                 out.truncate(rest.len());
             }
+            origin.truncate(out.len());
         }
-        out
+        origin.push(text.len());
+        (out, origin)
     }
 
     /// Id of a piece that BPE may produce by merging (`pieces_` in model_interface.cc).
@@ -713,9 +729,9 @@ mod tests {
     fn merges_by_score_and_falls_back_to_bytes() {
         let m = Model::parse(&tiny(&identity(false), &[])).unwrap();
         let enc = |s: &str, at_start| {
-            let mut out = Vec::new();
-            m.encode(s, at_start, &mut out);
-            out
+            let mut out = crate::tokenizer::Encoding::default();
+            m.encode(s, at_start, 0, &mut out);
+            out.ids
         };
         assert_eq!(enc("abc", true), [6]); // ▁a + bc -> ▁abc
         assert_eq!(enc("", true), Vec::<u32>::new());
@@ -734,11 +750,12 @@ mod tests {
     #[test]
     fn removes_extra_whitespaces_when_asked() {
         let m = Model::parse(&tiny(&identity(true), &[])).unwrap();
-        assert_eq!(m.normalize("  a  b ", true), "▁a▁b");
-        assert_eq!(m.normalize("   ", true), "");
+        // Each normalized byte maps to the input byte it came from, and one past the end to the input's end.
+        assert_eq!(m.normalize("  a  b ", true), ("▁a▁b".into(), vec![2, 2, 2, 2, 3, 3, 3, 5, 7]));
+        assert_eq!(m.normalize("   ", true), (String::new(), vec![3]));
         let keep = Model::parse(&tiny(&identity(false), &[])).unwrap();
-        assert_eq!(keep.normalize(" a  b", true), "▁▁a▁▁b");
-        assert_eq!(keep.normalize(" a", false), "▁a");
+        assert_eq!(keep.normalize(" a  b", true).0, "▁▁a▁▁b");
+        assert_eq!(keep.normalize(" a", false), ("▁a".into(), vec![0, 0, 0, 1, 2]));
     }
 
     #[test]

@@ -1,43 +1,347 @@
-//! The Bessie chat template, exactly as the original project's training data renders it:
+//! Chat templates: how a conversation becomes the text a model is trained on and prompted with.
+//!
+//! Two kinds, one renderer. A checkpoint's own template (`chat_template.jinja`, or `chat_template` in
+//! `tokenizer_config.json`) is Jinja, rendered with minijinja the way transformers' `apply_chat_template`
+//! renders it: `trim_blocks` and `lstrip_blocks`, loop controls, `raise_exception`, a `tojson` that writes
+//! what Python's `json.dumps` writes, Python's string and dict methods, and the special tokens
+//! (`bos_token`, `eos_token`, ...) as variables. The original project's Bessie template is written in the
+//! same Jinja (`BESSIE`), so both kinds go through one code path:
 //!
 //! ```text
 //! \n{system}\n\nUser:\n{prompt}\n\nBessie:\n{response}\n🐂\n
 //! ```
 //!
-//! Tokenized with BOS and without EOS. For generation the text ends after `\nBessie:\n`: the original
-//! stopped after `User:\n{prompt}\n` and let the model write `Bessie:` itself, which wastes tokens and
-//! sometimes derails; ending with the speaker tag is the fix SEED.md recommends.
+//! further turns continuing with `\nUser:\n...`. The Bessie text is tokenized with BOS (its template has no
+//! BOS of its own); a checkpoint's template writes `bos_token` itself where it wants one, and its text is
+//! tokenized without added special tokens, as transformers does. For generation the Bessie text ends after
+//! `\nBessie:\n`: the original stopped after `User:\n{prompt}\n` and let the model write `Bessie:` itself,
+//! which wastes tokens and sometimes derails; ending with the speaker tag is the fix SEED.md recommends.
+//!
+//! The tokens a model learns from are its assistant turns: `render_with_spans` finds each one as the text
+//! between the conversation rendered up to it (with the generation prompt) and rendered through it, which
+//! covers the reply and whatever closes it (`<|eot_id|>`, the 🐂 marker), as TRL's assistant-only loss does.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use minijinja::{Environment, Error, ErrorKind, Value};
+use serde::{Deserialize, Serialize};
+
+use super::Tokenizer;
 
 /// The system prompt of the released Bessie model.
 pub const BESSIE_SYSTEM_PROMPT: &str = "You are Bessie, created by Oxen.ai. You are happy to help with writing, analysis, question answering, math, coding, and all sorts of other tasks. You give concise responses to simple questions or statements, but provide thorough responses to more complex and open-ended questions. Answer the user's query as best as you can, and say \"I don't know\" if you don't know the answer.";
 
-/// The ox emoji marks the end of a response; generation stops when it appears.
+/// The ox emoji marks the end of a Bessie response; generation stops when it appears.
 pub const END_MARKER: &str = "🐂";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatTemplate {
-    pub system: String,
+/// The Bessie template; the system prompt is the first message's when that is a system message.
+const BESSIE: &str = r#"{%- if messages and messages[0].role == 'system' -%}
+    {{- '\n' + messages[0].content + '\n' -}}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{%- for m in turns -%}
+    {%- if m.role == 'user' -%}
+        {{- '\nUser:\n' + m.content + '\n\nBessie:\n' -}}
+    {%- elif m.role == 'assistant' -%}
+        {{- m.content + '\n🐂\n' -}}
+    {%- else -%}
+        {{- raise_exception("the Bessie template takes a system message first, then user and assistant messages; not the role '" + m.role + "'") -}}
+    {%- endif -%}
+{%- endfor -%}"#;
+
+/// Template instructions one rendering may run: far beyond any real template on any real conversation,
+/// and a bound on a hostile one.
+const FUEL: u64 = 50_000_000;
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
 }
 
-impl Default for ChatTemplate {
-    fn default() -> Self {
-        Self { system: BESSIE_SYSTEM_PROMPT.to_string() }
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self { role: role.to_string(), content: content.to_string() }
     }
+}
+
+/// Which template a program uses (`data.template`, `--template`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateChoice {
+    /// The checkpoint's own template when it has one, else Bessie's.
+    Auto,
+    /// The checkpoint's own template; an error when it has none.
+    Checkpoint,
+    Bessie,
+    /// A Jinja file.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for TemplateChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "checkpoint" => Self::Checkpoint,
+            "bessie" => Self::Bessie,
+            "" => bail!("the chat template is empty: use auto, checkpoint, bessie or the path of a Jinja file"),
+            path => Self::File(path.into()),
+        })
+    }
+}
+
+/// The special tokens a Jinja template sees as `bos_token`, `eos_token` and `pad_token`, as text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    pub pad: Option<String>,
+}
+
+impl SpecialTokens {
+    pub fn of(tok: &Tokenizer) -> Self {
+        let piece = |id: Option<u32>| id.and_then(|id| tok.id_to_piece(id));
+        SpecialTokens { bos: piece(Some(tok.bos_id())), eos: piece(Some(tok.eos_id())), pad: piece(tok.pad_id()) }
+    }
+}
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// Where the template came from, for messages: "the Bessie template", a file.
+    origin: String,
+    /// The Jinja text, part of the data cache key.
+    source: String,
+    /// The variables every rendering sees besides `messages` and `add_generation_prompt`.
+    globals: Value,
+    /// The system message put first in conversations without one.
+    system: Option<String>,
+    add_bos: bool,
+    end_marker: Option<&'static str>,
 }
 
 impl ChatTemplate {
-    pub fn new(system: Option<&str>) -> Self {
-        system.map_or_else(Self::default, |s| Self { system: s.to_string() })
+    /// The original project's template, with `system` (or Bessie's) as the default system prompt.
+    pub fn bessie(system: Option<&str>) -> Self {
+        let mut t =
+            Self::compile(BESSIE.to_string(), "the Bessie template".into()).expect("the Bessie template compiles");
+        t.system = Some(system.unwrap_or(BESSIE_SYSTEM_PROMPT).to_string());
+        t.add_bos = true;
+        t.end_marker = Some(END_MARKER);
+        t
     }
 
-    /// The text a model is asked to continue: everything up to and including `\nBessie:\n`.
-    pub fn generation_prompt(&self, prompt: &str) -> String {
-        format!("\n{}\n\nUser:\n{prompt}\n\nBessie:\n", self.system)
+    /// A Jinja template from `origin` (for messages), with `special`'s tokens as its variables and
+    /// `system` as the default system message.
+    pub fn jinja(source: String, origin: String, special: &SpecialTokens, system: Option<&str>) -> Result<Self> {
+        let mut t = Self::compile(source, origin)?;
+        t.system = system.map(str::to_string);
+        t.globals = minijinja::context! {
+            bos_token => special.bos.clone(),
+            eos_token => special.eos.clone(),
+            pad_token => special.pad.clone(),
+        };
+        Ok(t)
     }
 
-    /// A whole training example: the generation prompt, the response and the end marker.
-    pub fn render(&self, prompt: &str, response: &str) -> String {
-        format!("{}{response}\n{END_MARKER}\n", self.generation_prompt(prompt))
+    /// The template `choice` names, for the checkpoint (or tokenizer directory) `dir` whose tokenizer is
+    /// `tok`. `system` is the system message of conversations without one (for the Bessie template,
+    /// Bessie's own system prompt when `None`).
+    pub fn load(choice: &TemplateChoice, dir: &Path, tok: &Tokenizer, system: Option<&str>) -> Result<Self> {
+        match choice {
+            TemplateChoice::Bessie => Ok(Self::bessie(system)),
+            TemplateChoice::Auto => match checkpoint_template(dir)? {
+                Some((source, origin)) => Self::jinja(source, origin, &SpecialTokens::of(tok), system),
+                None => Ok(Self::bessie(system)),
+            },
+            TemplateChoice::Checkpoint => {
+                let (source, origin) = checkpoint_template(dir)?.with_context(|| {
+                    format!(
+                        "{} has no chat template (neither chat_template.jinja nor a chat_template in \
+                         tokenizer_config.json): choose the template bessie or a Jinja file",
+                        dir.display()
+                    )
+                })?;
+                Self::jinja(source, origin, &SpecialTokens::of(tok), system)
+            }
+            TemplateChoice::File(path) => {
+                let source = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the chat template {}", path.display()))?;
+                Self::jinja(source, path.display().to_string(), &SpecialTokens::of(tok), system)
+            }
+        }
+    }
+
+    fn compile(source: String, origin: String) -> Result<Self> {
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
+        env.set_syntax(syntax.expect("the default delimiters"));
+        env.set_fuel(Some(FUEL));
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, message))
+        });
+        env.add_filter("tojson", tojson);
+        env.add_template_owned("chat", source.clone()).map_err(|e| anyhow!("{origin}: {}", describe(&e)))?;
+        Ok(Self { env, origin, source, globals: Value::UNDEFINED, system: None, add_bos: false, end_marker: None })
+    }
+
+    /// Where the template came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The Jinja text and the default system message: what the rendered text depends on besides the
+    /// conversation (the data cache key).
+    pub fn identity(&self) -> String {
+        format!("{}\0{:?}", self.source, self.system)
+    }
+
+    /// Whether the rendered text is tokenized with BOS first.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// A text that ends a response besides the tokenizer's end-of-turn ids: 🐂 for the Bessie template.
+    pub fn end_marker(&self) -> Option<&'static str> {
+        self.end_marker
+    }
+
+    /// The conversation as text; with `add_generation_prompt`, followed by what opens the assistant's reply.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let with_system;
+        let messages = match &self.system {
+            Some(system) if messages.first().is_none_or(|m| m.role != "system") => {
+                with_system = [&[Message::new("system", system)], messages].concat();
+                &with_system[..]
+            }
+            _ => messages,
+        };
+        let messages = Value::from(minijinja::value::Serde(messages));
+        let ctx = minijinja::context! { messages, add_generation_prompt, ..self.globals.clone() };
+        let template = self.env.get_template("chat").expect("compiled");
+        template.render(ctx).map_err(|e| anyhow!("rendering the chat template ({}): {}", self.origin, describe(&e)))
+    }
+
+    /// The text a model continues to answer the last user message: the conversation and the generation prompt.
+    pub fn generation_prompt(&self, messages: &[Message]) -> Result<String> {
+        self.render(messages, true)
+    }
+
+    /// The token ids of `generation_prompt`, as training tokenized the same text.
+    pub fn prompt_ids(&self, tok: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+        tok.encode(&self.generation_prompt(messages)?, self.add_bos)
+    }
+
+    /// The whole conversation as text, and the byte ranges of its assistant turns (each reply with what
+    /// closes it). An error when a turn's text is not where rendering the conversation up to it puts it:
+    /// such a template renders earlier turns differently once later ones follow, so no token span is its.
+    pub fn render_with_spans(&self, messages: &[Message]) -> Result<(String, Vec<Range<usize>>)> {
+        let text = self.render(messages, false)?;
+        let mut spans = Vec::new();
+        for k in (0..messages.len()).filter(|&k| messages[k].role == "assistant") {
+            let before = self.render(&messages[..k], true)?;
+            let through = self.render(&messages[..=k], false)?;
+            ensure!(
+                through.starts_with(&before) && text.starts_with(&through),
+                "{}: the text of assistant message {} depends on the messages after it, so its tokens cannot be \
+                 told apart for the loss",
+                self.origin,
+                k + 1
+            );
+            spans.push(before.len()..through.len());
+        }
+        Ok((text, spans))
+    }
+}
+
+/// The checkpoint's own template and where it came from: `chat_template.jinja` (what transformers 5
+/// saves) or `chat_template` in `tokenizer_config.json` (a string, or a list of named templates of which
+/// the one named "default" is used).
+fn checkpoint_template(dir: &Path) -> Result<Option<(String, String)>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let source = std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?;
+        return Ok(Some((source, jinja.display().to_string())));
+    }
+    let config = dir.join("tokenizer_config.json");
+    if !config.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    let origin = format!("chat_template in {}", config.display());
+    let source = match json.get("chat_template") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .with_context(|| format!("{origin}: a list of templates without one named \"default\""))?
+            .to_string(),
+        Some(other) => bail!("{origin}: expected a string, not {other}"),
+    };
+    Ok(Some((source, origin)))
+}
+
+/// A minijinja error with its line, and its cause (the message of `raise_exception`).
+fn describe(e: &Error) -> String {
+    let mut text = match e.line() {
+        Some(line) => format!("line {line}: {}", e.kind()),
+        None => e.kind().to_string(),
+    };
+    if let Some(detail) = e.detail() {
+        text = format!("{text}: {detail}");
+    }
+    text
+}
+
+/// transformers' `tojson`: `json.dumps(value, ensure_ascii=False, indent=indent)`, whose separators are
+/// `", "` and `": "` (minijinja's own escapes `<`, `>`, `&` and `'` for HTML, which Python's does not).
+fn tojson(value: Value, indent: Option<usize>, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+    use serde::Serialize;
+    let indent = indent.or(kwargs.get::<Option<usize>>("indent")?);
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let result = match indent {
+        Some(n) => {
+            let indent = vec![b' '; n];
+            value.serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(&indent),
+            ))
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter)),
+    };
+    result.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    Ok(Value::from_safe_string(String::from_utf8(out).expect("serde_json writes UTF-8")))
+}
+
+/// JSON with Python's default separators.
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.begin_array_value(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
     }
 }
 
@@ -45,18 +349,61 @@ impl ChatTemplate {
 mod tests {
     use super::*;
 
+    fn turn(prompt: &str, response: &str) -> Vec<Message> {
+        vec![Message::new("user", prompt), Message::new("assistant", response)]
+    }
+
     #[test]
     fn renders_the_original_template_byte_for_byte() {
-        let t = ChatTemplate::default();
+        let t = ChatTemplate::bessie(None);
         let expected = "\nYou are Bessie, created by Oxen.ai. You are happy to help with writing, analysis, question answering, math, coding, and all sorts of other tasks. You give concise responses to simple questions or statements, but provide thorough responses to more complex and open-ended questions. Answer the user's query as best as you can, and say \"I don't know\" if you don't know the answer.\n\nUser:\nWhat is 2+2?\n\nBessie:\n4\n🐂\n";
-        assert_eq!(t.render("What is 2+2?", "4"), expected);
-        assert!(expected.starts_with(&t.generation_prompt("What is 2+2?")));
-        assert!(t.generation_prompt("x").ends_with("\n\nBessie:\n"));
+        assert_eq!(t.render(&turn("What is 2+2?", "4"), false).unwrap(), expected);
+        let prompt = t.generation_prompt(&[Message::new("user", "What is 2+2?")]).unwrap();
+        assert!(expected.starts_with(&prompt) && prompt.ends_with("\n\nBessie:\n"), "{prompt:?}");
     }
 
     #[test]
     fn system_prompt_is_replaceable() {
-        let t = ChatTemplate::new(Some("Be brief."));
-        assert_eq!(t.render("hi", "hello"), "\nBe brief.\n\nUser:\nhi\n\nBessie:\nhello\n🐂\n");
+        let t = ChatTemplate::bessie(Some("Be brief."));
+        assert_eq!(t.render(&turn("hi", "hello"), false).unwrap(), "\nBe brief.\n\nUser:\nhi\n\nBessie:\nhello\n🐂\n");
+        let mut with_system = vec![Message::new("system", "Moo.")];
+        with_system.extend(turn("hi", "hello"));
+        assert_eq!(t.render(&with_system, false).unwrap(), "\nMoo.\n\nUser:\nhi\n\nBessie:\nhello\n🐂\n");
+    }
+
+    #[test]
+    fn assistant_spans_cover_each_reply_and_its_marker() {
+        let t = ChatTemplate::bessie(Some("S"));
+        let mut m = turn("a", "b");
+        m.extend(turn("c", "d"));
+        let (text, spans) = t.render_with_spans(&m).unwrap();
+        assert_eq!(text, "\nS\n\nUser:\na\n\nBessie:\nb\n🐂\n\nUser:\nc\n\nBessie:\nd\n🐂\n");
+        let got: Vec<&str> = spans.iter().map(|s| &text[s.clone()]).collect();
+        assert_eq!(got, ["b\n🐂\n", "d\n🐂\n"]);
+    }
+
+    #[test]
+    fn unknown_roles_and_bad_templates_are_errors_naming_the_template() {
+        let t = ChatTemplate::bessie(None);
+        let e = t.render(&[Message::new("tool", "x")], false).unwrap_err().to_string();
+        assert!(e.contains("the Bessie template") && e.contains("'tool'"), "{e}");
+        let e = ChatTemplate::compile("{% for %}".into(), "x.jinja".into()).err().unwrap().to_string();
+        assert!(e.contains("x.jinja") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn a_template_that_never_ends_runs_out_of_fuel() {
+        let source = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::compile(source.into(), "loop.jinja".into()).unwrap();
+        let e = t.render(&[], false).unwrap_err().to_string();
+        assert!(e.contains("loop.jinja") && e.contains("fuel"), "{e}");
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let t = ChatTemplate::compile("{{ x | tojson }}|{{ x | tojson(indent=2) }}".into(), "t".into()).unwrap();
+        let x = Value::from(minijinja::value::Serde(serde_json::json!({"a": [1, "<é>"], "b": {"c": null}})));
+        let out = t.env.get_template("chat").unwrap().render(minijinja::context! { x }).unwrap();
+        assert_eq!(out, "{\"a\": [1, \"<é>\"], \"b\": {\"c\": null}}|{\n  \"a\": [\n    1,\n    \"<é>\"\n  ],\n  \"b\": {\n    \"c\": null\n  }\n}");
     }
 }

@@ -372,7 +372,8 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
     let shape = memory::StepShape::of_run(&model_cfg, t, t.micro_batch, cfg.data.max_seq_len, &device, comm.world());
     memory::check_device(&shape, &device, t.check_memory)?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
-    let template = ChatTemplate::new(cfg.system_prompt());
+    tokenizer.check_fits(model_cfg.vocab_size, &model_dir.join("config.json"))?;
+    let template = ChatTemplate::load(&cfg.template()?, &model_dir, &tokenizer, cfg.system_prompt())?;
     let opts = DataOptions {
         max_seq_len: cfg.data.max_seq_len,
         loss_on: cfg.data.loss_on,
