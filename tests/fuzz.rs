@@ -1,6 +1,6 @@
 //! A mutation fuzzer over Bessie's readers of downloaded files: tokenizer.model, tokenizer_config.json,
 //! added_tokens.json, tokenizer.json, model.safetensors and its sharded index, pytorch_model.bin (as
-//! Bessie and as torch.save write it), config.json, the run config and a training checkpoint's
+//! Bessie and as torch.save write it), generation_config.json, config.json, the run config and a training checkpoint's
 //! trainer_state.json and optimizer.safetensors.
 //!
 //! Valid seed files are built here; each case copies one seed directory, mutates one file with a small
@@ -51,6 +51,7 @@ const TARGETS: &[Target] = &[
     Target { name: "tokenizer_config.json", seed: "tokenizer", file: "tokenizer_config.json" },
     Target { name: "added_tokens.json", seed: "tokenizer", file: "added_tokens.json" },
     Target { name: "tokenizer.json", seed: "tokenizer-json", file: "tokenizer.json" },
+    Target { name: "generation_config.json", seed: "tokenizer-json", file: "generation_config.json" },
     Target { name: "model.safetensors", seed: "safetensors", file: "model.safetensors" },
     Target { name: "config.json", seed: "safetensors", file: "config.json" },
     Target { name: "model.safetensors.index.json", seed: "sharded", file: "model.safetensors.index.json" },
@@ -306,6 +307,8 @@ fn build_seeds(root: &Path) {
     std::fs::write(tok.join("added_tokens.json"), r#"{"<pad>": 1000, "</line>": 1001}"#).unwrap();
     let tok_json = root.join("tokenizer-json");
     copy_dir(&repo.join("tests/fixtures/shipped_tokenizer_json"), &tok_json);
+    std::fs::write(tok_json.join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": [2, 1001]}"#)
+        .unwrap();
 
     let cfg = ModelConfig::shape("tiny", 64).unwrap();
     let weights = bessie::model::init::random_weights(&cfg, 7).unwrap();
