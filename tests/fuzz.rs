@@ -1,7 +1,7 @@
 //! A mutation fuzzer over Bessie's readers of downloaded files: tokenizer.model, tokenizer_config.json,
-//! added_tokens.json, tokenizer.json, model.safetensors and its sharded index, pytorch_model.bin (as
-//! Bessie and as torch.save write it), generation_config.json, config.json, the run config and a training checkpoint's
-//! trainer_state.json and optimizer.safetensors.
+//! added_tokens.json, tokenizer.json, generation_config.json, model.safetensors and its sharded index,
+//! pytorch_model.bin (as Bessie and as torch.save write it), config.json, the run config and a training
+//! checkpoint's trainer_state.json and optimizer.safetensors.
 //!
 //! Valid seed files are built here; each case copies one seed directory, mutates one file with a small
 //! deterministic mutator, and runs the real reader on it in a child process (this binary again) under a
