@@ -86,6 +86,12 @@ fn a_broken_tokenizer_json_is_an_error_not_a_panic() {
     std::fs::write(dir.path().join("tokenizer.json"), &json[..at + 20]).unwrap();
     let msg = err(Tokenizer::from_dir(dir.path()));
     assert!(msg.contains("tokenizer.json") && msg.contains("EOF while parsing"), "{msg}");
+    // It also panics on a continuing-subword prefix longer than a merged token.
+    let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["model"]["continuing_subword_prefix"] = "\u{2581}".into();
+    std::fs::write(dir.path().join("tokenizer.json"), value.to_string()).unwrap();
+    let msg = err(Tokenizer::from_dir(dir.path()));
+    assert!(msg.contains("tokenizer.json: the tokenizers crate failed on it: start byte index 3"), "{msg}");
 }
 
 fn open_bin(bytes: &[u8]) -> anyhow::Result<WeightFiles> {

@@ -392,12 +392,21 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
 }
 
-/// A `tokenizer.json` through the `tokenizers` crate, which panics on some syntax errors (in its `decoder`
-/// section) instead of returning them: the syntax is checked first, so those become errors naming the file.
+/// A `tokenizer.json` through the `tokenizers` crate, which panics on some malformed files instead of
+/// returning an error: on syntax errors in the `decoder` section (so the syntax is checked first, for a
+/// message with line and column), and on a `continuing_subword_prefix` longer than a merged token (so a
+/// panic while building is caught and becomes an error naming the file).
 fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str::<serde::de::IgnoredAny>(&text).with_context(|| format!("parsing {}", path.display()))?;
-    text.parse().map_err(|e| anyhow!("loading {}: {e}", path.display()))
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(tok) => tok.map_err(|e| anyhow!("loading {}: {e}", path.display())),
+        Err(panic) => {
+            let why =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            bail!("loading {}: the tokenizers crate failed on it: {}", path.display(), why.unwrap_or_default())
+        }
+    }
 }
 
 /// A token in the config files: `"<s>"` or `{"content": "<s>", ...}`; `null` means none.
