@@ -225,15 +225,24 @@ fn tokenize_lines(
     template: &ChatTemplate,
     opts: &DataOptions,
 ) -> Vec<(String, Result<Tokenized>)> {
-    let lines: Vec<_> = jsonl_objects(path, bytes).collect();
+    let lines = jsonl_lines(bytes);
+    // Contiguous chunks, a few per thread for balance, each tokenized with its own copy of the tokenizer:
+    // the `tokenizers` crate's BPE cache is behind a lock that threads sharing one copy contend for.
+    let chunk = lines.len().div_ceil(4 * rayon::current_num_threads()).max(1);
     lines
-        .into_par_iter()
-        .map(|line| match line {
-            Err(e) => (String::new(), Err(e)),
-            Ok((at, object)) => {
-                let result = tokenize_line(object, tok, template, opts).with_context(|| at.clone());
-                (at, result)
-            }
+        .par_chunks(chunk)
+        .flat_map_iter(|chunk| {
+            let tok = tok.clone();
+            chunk
+                .iter()
+                .map(|&(n, line)| match parse_line(path, n, line) {
+                    Err(e) => (String::new(), Err(e)),
+                    Ok((at, object)) => {
+                        let result = tokenize_line(object, &tok, template, opts).with_context(|| at.clone());
+                        (at, result)
+                    }
+                })
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -365,20 +374,28 @@ pub fn jsonl_objects<'a>(
     path: &'a Path,
     bytes: &'a [u8],
 ) -> impl Iterator<Item = Result<(String, Map<String, Value>)>> + 'a {
+    jsonl_lines(bytes).into_iter().map(move |(n, line)| parse_line(path, n, line))
+}
+
+/// The non-blank lines of a JSONL file, each with its index (0-based), the byte-order mark skipped.
+fn jsonl_lines(bytes: &[u8]) -> Vec<(usize, &[u8])> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    bytes.split(|&b| b == b'\n').enumerate().filter_map(move |(n, line)| {
-        let at = format!("{}:{}", path.display(), n + 1);
-        let object = match std::str::from_utf8(line) {
-            Err(e) => Err(format!("not valid UTF-8: {e}")),
-            Ok(line) if line.trim().is_empty() => return None,
-            Ok(line) => match serde_json::from_str(line) {
-                Err(e) => Err(format!("malformed JSON: {e}")),
-                Ok(Value::Object(object)) => Ok(object),
-                Ok(_) => Err("expected a JSON object".to_string()),
-            },
-        };
-        Some(object.map(|o| (at.clone(), o)).map_err(|e| anyhow!("{at}: {e}")))
-    })
+    let blank = |line: &[u8]| line.iter().all(u8::is_ascii_whitespace);
+    bytes.split(|&b| b == b'\n').enumerate().filter(|(_, line)| !blank(line)).collect()
+}
+
+/// Line `n` (0-based) of a JSONL file as its location and JSON object.
+fn parse_line(path: &Path, n: usize, line: &[u8]) -> Result<(String, Map<String, Value>)> {
+    let at = format!("{}:{}", path.display(), n + 1);
+    let object = match std::str::from_utf8(line) {
+        Err(e) => Err(format!("not valid UTF-8: {e}")),
+        Ok(line) => match serde_json::from_str(line) {
+            Err(e) => Err(format!("malformed JSON: {e}")),
+            Ok(Value::Object(object)) => Ok(object),
+            Ok(_) => Err("expected a JSON object".to_string()),
+        },
+    };
+    object.map(|o| (at.clone(), o)).map_err(|e| anyhow!("{at}: {e}"))
 }
 
 /// Takes the string field `name` out of a JSONL object; the error says what is wrong with it.
@@ -811,7 +828,9 @@ mod tests {
         fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         assert!(read_cache(&path).is_err());
         // Ranges out of order, overlapping, past the end or at index 0, and counts that disagree: refused.
-        for trained in [vec![3..5, 1..2], vec![1..3, 2..4], vec![1..9], vec![0..2], vec![2..2]] {
+        let cases: [&[(usize, usize)]; 5] = [&[(3, 5), (1, 2)], &[(1, 3), (2, 4)], &[(1, 9)], &[(0, 2)], &[(2, 2)]];
+        for trained in cases {
+            let trained: Vec<Range<usize>> = trained.iter().map(|&(a, b)| a..b).collect();
             let mut bad = ds.clone();
             bad.stats.loss_tokens =
                 4 - bad.examples[0].trained_tokens() + trained.iter().map(|r| r.len()).sum::<usize>();

@@ -209,7 +209,7 @@ impl Communicator {
         #[cfg(feature = "mpi")]
         if let (Self::Mpi(m), Err(e)) = (self, &r) {
             // One write, so that lines of ranks failing together do not interleave.
-            let line = format!("rank {}: error: {e:#}\n", m.rank);
+            let line = format!("rank {}: error: {}\n", m.rank, crate::cli::message(e));
             let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             m.comm.abort(1);
         }

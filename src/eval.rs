@@ -7,7 +7,7 @@
 //! 1 only when the guess normalizes to "not in context", an abstention on an answerable question scores
 //! like an empty guess (0), and an empty guess is wrong for both kinds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::data::{json_kind, jsonl_objects, take_string};
 use crate::dist::Communicator;
-use crate::generate::{generate_batch, Sampler, Stop};
+use crate::generate::{check_prompt_fits, generate_batch, Sampler, Stop};
 use crate::model::BitNet;
 use crate::squad::NOT_IN_CONTEXT;
 use crate::tokenizer::template::{ChatTemplate, Message};
@@ -178,7 +178,7 @@ pub fn read_dev(path: &Path, limit: Option<usize>) -> Result<Vec<DevExample>> {
     Ok(out)
 }
 
-/// A generated answer.
+/// A question's answer, or why it has none.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Guess {
     pub text: String,
@@ -186,11 +186,69 @@ pub struct Guess {
     pub tokens: usize,
     /// Seconds from the start of its batch until it was complete.
     pub secs: f64,
+    /// Why the question was not answered (its prompt does not fit the model's context); the guess is
+    /// empty and scores as wrong, as a missing prediction does in the official script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// Questions ready to answer: prompts that do not fit the model's context are skipped (with the reason),
+/// the rest encoded and batched by token length, longest first, so padding is small and running out of
+/// memory shows at once.
+struct Plan {
+    skipped: Vec<(usize, Guess)>,
+    batches: Vec<Vec<(usize, Vec<u32>)>>,
+}
+
+impl Plan {
+    /// `questions`: each with its index in the dev file.
+    fn new(
+        model: &BitNet,
+        tok: &Tokenizer,
+        template: &ChatTemplate,
+        questions: &[(usize, &DevExample)],
+        batch_size: usize,
+    ) -> Result<Self> {
+        anyhow::ensure!(batch_size > 0, "the batch size must be positive");
+        let (mut skipped, mut prompts) = (Vec::new(), Vec::new());
+        for &(i, ex) in questions {
+            let ids = template.prompt_ids(tok, &[Message::new("user", &ex.prompt)]).with_context(|| ex.at.clone())?;
+            match check_prompt_fits(ids.len(), model.max_positions()) {
+                Ok(()) => prompts.push((i, ids)),
+                Err(e) => {
+                    let why = format!("{}: {e}", ex.at);
+                    skipped.push((i, Guess { text: String::new(), tokens: 0, secs: 0.0, skipped: Some(why) }))
+                }
+            }
+        }
+        prompts.sort_by_key(|(_, ids)| std::cmp::Reverse(ids.len()));
+        Ok(Self { skipped, batches: prompts.chunks(batch_size).map(<[_]>::to_vec).collect() })
+    }
+}
+
+/// Greedy answers to one batch of encoded prompts.
+fn answer_batch(
+    model: &BitNet,
+    tok: &Tokenizer,
+    stop: &Stop,
+    batch: &[(usize, Vec<u32>)],
+    max_new_tokens: usize,
+) -> Result<Vec<(usize, Guess)>> {
+    let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+    let gens = generate_batch(model, tok, stop, &prompts, max_new_tokens, &mut Sampler::greedy(), |_, _| Ok(()))?;
+    Ok(batch
+        .iter()
+        .zip(gens)
+        .map(|((i, _), g)| {
+            let secs = g.prompt_secs + g.decode_secs;
+            (*i, Guess { text: g.text, tokens: g.ids.len(), secs, skipped: None })
+        })
+        .collect())
 }
 
 /// Greedy answers to the examples' prompts (rendered with `template`), `batch_size` prompts at a time,
-/// in input order. Prompts of similar token length are batched together, longest first, so padding is
-/// small and running out of memory shows at once. `on_batch(n)` follows each batch of `n` answers.
+/// in input order (see `Plan`; a prompt beyond the model's context is skipped). `on_batch(n)` follows
+/// each batch of `n` answers.
 pub fn generate_guesses(
     model: &BitNet,
     tok: &Tokenizer,
@@ -200,36 +258,20 @@ pub fn generate_guesses(
     max_new_tokens: usize,
     mut on_batch: impl FnMut(usize),
 ) -> Result<Vec<Guess>> {
-    anyhow::ensure!(batch_size > 0, "the batch size must be positive");
-    let context = model.max_positions();
+    let questions: Vec<(usize, &DevExample)> = examples.iter().enumerate().collect();
+    let plan = Plan::new(model, tok, template, &questions, batch_size)?;
     let stop = Stop::new(tok, template);
-    let prompts = examples
-        .iter()
-        .map(|ex| {
-            let ids = template.prompt_ids(tok, &[Message::new("user", &ex.prompt)]).with_context(|| ex.at.clone())?;
-            anyhow::ensure!(
-                ids.len() < context,
-                "{}: the prompt is {} tokens under the chat template; the model's context \
-                 (max_position_embeddings, with RoPE scaling) is {context}",
-                ex.at,
-                ids.len()
-            );
-            Ok(ids)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
-    let mut guesses = vec![None; prompts.len()];
-    for batch in order.chunks(batch_size) {
-        let batch_prompts: Vec<Vec<u32>> = batch.iter().map(|&i| prompts[i].clone()).collect();
-        let gens =
-            generate_batch(model, tok, &stop, &batch_prompts, max_new_tokens, &mut Sampler::greedy(), |_, _| Ok(()))?;
-        for (&i, g) in batch.iter().zip(gens) {
-            guesses[i] = Some(Guess { text: g.text, tokens: g.ids.len(), secs: g.prompt_secs + g.decode_secs });
+    let mut guesses = vec![None; examples.len()];
+    for (i, g) in plan.skipped {
+        guesses[i] = Some(g);
+    }
+    for batch in &plan.batches {
+        for (i, g) in answer_batch(model, tok, &stop, batch, max_new_tokens)? {
+            guesses[i] = Some(g);
         }
         on_batch(batch.len());
     }
-    Ok(guesses.into_iter().map(|g| g.expect("every prompt is in one batch")).collect())
+    Ok(guesses.into_iter().map(|g| g.expect("every question is answered or skipped")).collect())
 }
 
 /// The items rank `rank` of `world` evaluates: every `world`-th from `rank`. `merge_shards` undoes it.
@@ -284,12 +326,13 @@ pub struct Speed {
 }
 
 impl Speed {
-    pub fn new(model: &str, batch_size: usize, max_new_tokens: usize, guesses: &[Guess], seconds: f64) -> Self {
+    /// Of the answers generated in this run (`guesses`) in `seconds`.
+    pub fn new(settings: &Settings, guesses: &[Guess], seconds: f64) -> Self {
         let generated_tokens = guesses.iter().map(|g| g.tokens).sum();
         Self {
-            model: model.to_string(),
-            batch_size,
-            max_new_tokens,
+            model: settings.model_name.to_string(),
+            batch_size: settings.batch_size,
+            max_new_tokens: settings.max_new_tokens,
             examples: guesses.len(),
             generated_tokens,
             seconds,
@@ -309,9 +352,16 @@ pub struct Summary {
     /// Unanswerable questions; absent when there are none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_ans: Option<SplitScores>,
-    /// Absent when existing predictions were re-scored.
+    /// Absent when existing predictions were re-scored (unless their own summary had it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speed: Option<Speed>,
+    /// Questions not answered because their prompt does not fit the model's context (scored as wrong).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Summary {
@@ -326,6 +376,7 @@ impl Summary {
             has_ans: split(Some(true)),
             no_ans: split(Some(false)),
             speed,
+            skipped: 0,
         })
     }
 }
@@ -340,6 +391,14 @@ impl fmt::Display for Summary {
                 f,
                 "{name:<8} {:>7} {:>12.2} {:>7.2} {:>15.2}",
                 s.count, s.exact_match, s.f1, s.original_accuracy
+            )?;
+        }
+        if self.skipped > 0 {
+            writeln!(
+                f,
+                "{} questions skipped: their prompts do not fit the model's context (scored as wrong; see `skipped` \
+                 in the output)",
+                self.skipped
             )?;
         }
         if let Some(s) = &self.speed {
@@ -371,34 +430,81 @@ pub fn score_all<'a>(
     Ok((lines, Summary::new(&scores, speed)?))
 }
 
-/// Answers and scores `examples` with `model` (see `generate_guesses`); each line also gets `model`
-/// (`model_name`) and `time` (`Guess::secs`). Under several ranks each answers its `shard` and rank 0
-/// alone returns the scored lines, in input order; the others return None.
+/// How `evaluate` answers.
+pub struct Settings<'a> {
+    pub batch_size: usize,
+    pub max_new_tokens: usize,
+    /// Goes into each line's `model` field and the speed block.
+    pub model_name: &'a str,
+}
+
+/// Answers and scores `examples` with `model` (see `generate_guesses`), keeping the answers in `done` (by
+/// index: those an interrupted run wrote). Each line also gets `model` and `time` (`Guess::secs`), and
+/// `skipped` for a question that was not answered. The ranks share the questions left (`shard`) and
+/// answer them in rounds of one batch each; after every round rank 0 gathers the round's answers and
+/// hands them to `record` (the partial output, so that a killed evaluation keeps what it answered).
+/// `on_batch(n)` follows each batch of `n` of this rank's answers. Rank 0 alone returns the scored lines,
+/// in input order; the others return None.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &BitNet,
     tok: &Tokenizer,
     template: &ChatTemplate,
     examples: &[DevExample],
-    batch_size: usize,
-    max_new_tokens: usize,
-    model_name: &str,
+    mut done: BTreeMap<usize, Guess>,
+    settings: &Settings,
     comm: &Communicator,
-    on_batch: impl FnMut(usize),
+    mut record: impl FnMut(&[(usize, Guess)]) -> Result<()>,
+    mut on_batch: impl FnMut(usize),
 ) -> Result<Option<Scored>> {
     let start = std::time::Instant::now();
-    // Each rank answers its shard; rank 0 gathers the answers back into input order and scores them all.
-    let mine = shard(examples, comm.rank(), comm.world());
-    let guesses = generate_guesses(model, tok, template, &mine, batch_size, max_new_tokens, on_batch)?;
-    let Some(shards) = comm.gather_bytes(&serde_json::to_vec(&guesses)?)? else { return Ok(None) };
-    let shards = shards.iter().map(|b| serde_json::from_slice(b)).collect::<serde_json::Result<Vec<Vec<Guess>>>>()?;
-    let guesses = merge_shards(shards);
-    let speed = Speed::new(model_name, batch_size, max_new_tokens, &guesses, start.elapsed().as_secs_f64());
-    let (mut lines, summary) = score_all(examples.iter().zip(guesses.iter().map(|g| g.text.as_str())), Some(speed))?;
-    for (line, guess) in lines.iter_mut().zip(&guesses) {
-        line.insert("model".into(), model_name.into());
-        line.insert("time".into(), guess.secs.into());
+    // Only rank 0 read the partial output: the others learn which questions are left from it.
+    let mut left = vec![1.0; examples.len()];
+    if comm.is_main() {
+        done.keys().for_each(|&i| left[i] = 0.0);
     }
+    comm.all_reduce_sum_f64(&mut left)?;
+    let todo: Vec<(usize, &DevExample)> =
+        examples.iter().enumerate().filter(|(i, _)| left[*i] == comm.world() as f64).collect();
+    let plan = Plan::new(model, tok, template, &shard(&todo, comm.rank(), comm.world()), settings.batch_size)?;
+    let stop = Stop::new(tok, template);
+    // Every rank takes part in every round, with an empty batch when its shard is done.
+    let rounds = todo.len().div_ceil(comm.world()).div_ceil(settings.batch_size).max(1);
+    let mut skipped = plan.skipped;
+    let mut fresh = Vec::new();
+    for round in 0..rounds {
+        let mut answers = std::mem::take(&mut skipped);
+        if let Some(batch) = plan.batches.get(round) {
+            answers.extend(answer_batch(model, tok, &stop, batch, settings.max_new_tokens)?);
+            on_batch(batch.len());
+        }
+        let Some(shards) = comm.gather_bytes(&serde_json::to_vec(&answers)?)? else { continue };
+        let mut gathered = Vec::new();
+        for bytes in shards {
+            gathered.extend(serde_json::from_slice::<Vec<(usize, Guess)>>(&bytes)?);
+        }
+        record(&gathered)?;
+        fresh.extend(gathered);
+    }
+    if !comm.is_main() {
+        return Ok(None);
+    }
+    let answered: Vec<Guess> = fresh.iter().filter(|(_, g)| g.skipped.is_none()).map(|(_, g)| g.clone()).collect();
+    let speed = Speed::new(settings, &answered, start.elapsed().as_secs_f64());
+    done.extend(fresh);
+    let guesses: Vec<Guess> = (0..examples.len())
+        .map(|i| done.remove(&i).with_context(|| format!("question {} was not answered", i + 1)))
+        .collect::<Result<_>>()?;
+    let (mut lines, mut summary) =
+        score_all(examples.iter().zip(guesses.iter().map(|g| g.text.as_str())), Some(speed))?;
+    for (line, guess) in lines.iter_mut().zip(&guesses) {
+        line.insert("model".into(), settings.model_name.into());
+        line.insert("time".into(), guess.secs.into());
+        if let Some(why) = &guess.skipped {
+            line.insert("skipped".into(), why.clone().into());
+        }
+    }
+    summary.skipped = guesses.iter().filter(|g| g.skipped.is_some()).count();
     Ok(Some((lines, summary)))
 }
 
@@ -406,23 +512,178 @@ pub fn evaluate(
 pub fn rescore(predictions: &Path, limit: Option<usize>) -> Result<Scored> {
     let examples = read_dev(predictions, limit)?;
     let guesses = examples.iter().map(DevExample::guess).collect::<Result<Vec<_>>>()?;
-    score_all(examples.iter().zip(guesses), None)
+    let (lines, mut summary) = score_all(examples.iter().zip(guesses), None)?;
+    summary.skipped = examples.iter().filter(|ex| ex.fields.contains_key("skipped")).count();
+    Ok((lines, summary))
 }
 
-/// Writes one JSON object a line.
+/// Writes one JSON object a line, replacing `out` only once all is written.
 pub fn write_lines(out: &Path, lines: &[Map<String, Value>]) -> Result<()> {
     let mut text = String::new();
     for line in lines {
         text.push_str(&serde_json::to_string(line)?);
         text.push('\n');
     }
-    std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))
+    crate::model::hf::write_atomic(out, |tmp| Ok(std::fs::write(tmp, text)?))
 }
 
-/// Writes `eval_summary.json` beside the output file `out`; returns its path.
+/// Where the summary of the output `out` goes: beside it, named after it (`eval.jsonl` ->
+/// `eval_summary.json`), so that two evaluations in one folder keep their own.
+pub fn summary_path(out: &Path) -> PathBuf {
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    out.with_file_name(format!("{stem}_summary.json"))
+}
+
+/// Writes the summary of the output `out` (`summary_path`); returns its path.
 pub fn write_summary(out: &Path, summary: &Summary) -> Result<PathBuf> {
-    let path = out.with_file_name("eval_summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(summary)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
+    let path = summary_path(out);
+    let text = serde_json::to_string_pretty(summary)? + "\n";
+    crate::model::hf::write_atomic(&path, |tmp| Ok(std::fs::write(tmp, text)?))?;
     Ok(path)
+}
+
+/// The speed block of the summary an earlier run wrote for `out`, if any: re-scoring its predictions
+/// keeps how fast they were generated.
+pub fn earlier_speed(out: &Path) -> Option<Speed> {
+    let text = std::fs::read(summary_path(out)).ok()?;
+    serde_json::from_slice::<Summary>(&text).ok()?.speed
+}
+
+/// Whether two paths name the same file, also through links (None when either does not exist).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// What an evaluation's partial output must share with the run that continues it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialHeader {
+    pub model: String,
+    pub dev: String,
+    pub max_new_tokens: usize,
+    /// The chat template chosen (`--template`).
+    pub template: String,
+    pub system: Option<String>,
+}
+
+/// One answer in the partial output.
+#[derive(Serialize, Deserialize)]
+struct PartialLine {
+    index: usize,
+    #[serde(flatten)]
+    guess: Guess,
+}
+
+/// `OUT.partial`: the answers of an evaluation in progress, one JSON line each as soon as its batch is
+/// done (after a header line), so that `--resume` continues a killed evaluation; removed once `OUT` is
+/// written.
+pub struct PartialOutput {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl PartialOutput {
+    pub fn path_for(out: &Path) -> PathBuf {
+        let mut p = out.as_os_str().to_owned();
+        p.push(".partial");
+        PathBuf::from(p)
+    }
+
+    /// Starts the partial output of `out`, or with `resume` continues an existing one; returns the
+    /// answers it holds (those of the first `questions` questions). An existing one without `resume` is
+    /// an error: it holds answers a new run would throw away.
+    pub fn open(
+        out: &Path,
+        header: &PartialHeader,
+        resume: bool,
+        questions: usize,
+    ) -> Result<(Self, BTreeMap<usize, Guess>)> {
+        use std::io::Write;
+        let path = Self::path_for(out);
+        let mut done = BTreeMap::new();
+        let existing = match std::fs::read(&path) {
+            // Killed before its header was complete: it holds no answers.
+            Ok(bytes) if !bytes.contains(&b'\n') => {
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                None
+            }
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let Some(bytes) = existing else {
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            writeln!(file, "{}", serde_json::json!({ "bessie_eval": header }))?;
+            return Ok((Self { path, file }, done));
+        };
+        let count = bytes.iter().filter(|&&b| b == b'\n').count().saturating_sub(1);
+        if !resume {
+            bail!(
+                "{} holds {count} answers of an interrupted evaluation: pass --resume to continue it, or delete \
+                 it to start over",
+                path.display()
+            );
+        }
+        // Complete lines only: a kill mid-write leaves a partial last line, which is answered again.
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let mut lines = std::str::from_utf8(&bytes[..complete])
+            .with_context(|| format!("{}: not UTF-8", path.display()))?
+            .lines()
+            .enumerate();
+        #[derive(Deserialize)]
+        struct Header {
+            bessie_eval: PartialHeader,
+        }
+        let saved: Header = lines
+            .next()
+            .and_then(|(_, l)| serde_json::from_str(l).ok())
+            .with_context(|| format!("{}:1: not the header of a bessie-eval partial output", path.display()))?;
+        let saved = saved.bessie_eval;
+        if &saved != header {
+            bail!(
+                "{} was written by another evaluation ({}); resume with the same model, dev file, \
+                 --max-new-tokens, --template and --system, or delete it to start over",
+                path.display(),
+                serde_json::to_string(&saved)?
+            );
+        }
+        for (n, line) in lines {
+            let l: PartialLine = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: malformed answer", path.display(), n + 1))?;
+            if l.index < questions {
+                done.insert(l.index, l.guess);
+            }
+        }
+        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+        file.set_len(complete as u64)?;
+        let mut file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        file.flush()?;
+        Ok((Self { path, file }, done))
+    }
+
+    /// Appends answers, on disk before it returns.
+    pub fn append(&mut self, answers: &[(usize, Guess)]) -> Result<()> {
+        use std::io::Write;
+        let mut text = String::new();
+        for (index, guess) in answers {
+            text += &serde_json::to_string(&PartialLine { index: *index, guess: guess.clone() })?;
+            text.push('\n');
+        }
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    /// Removes the partial output once the output holds everything.
+    pub fn finish(self) -> Result<()> {
+        std::fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))
+    }
 }

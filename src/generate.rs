@@ -114,12 +114,58 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub fn prompt_tokens_per_sec(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prompt_secs
+    /// None when no time was measured.
+    pub fn prompt_tokens_per_sec(&self) -> Option<f64> {
+        (self.prompt_secs > 0.0).then(|| self.prompt_tokens as f64 / self.prompt_secs)
     }
 
-    pub fn decode_tokens_per_sec(&self) -> f64 {
-        self.ids.len().saturating_sub(1) as f64 / self.decode_secs
+    /// The tokens after the first (which the prompt's pass picks); None when there are none.
+    pub fn decode_tokens_per_sec(&self) -> Option<f64> {
+        let n = self.ids.len().saturating_sub(1);
+        (n > 0 && self.decode_secs > 0.0).then(|| n as f64 / self.decode_secs)
+    }
+
+    /// `[12 prompt tokens at 310.2 tok/s, 20 new tokens at 41.0 tok/s, 0.53 s, stop: Eos]`, each speed only
+    /// where it was measured.
+    pub fn report(&self) -> String {
+        let at = |speed: Option<f64>| speed.map(|s| format!(" at {s:.1} tok/s")).unwrap_or_default();
+        format!(
+            "[{} prompt tokens{}, {} new tokens{}, {:.2} s, stop: {:?}]",
+            self.prompt_tokens,
+            at(self.prompt_tokens_per_sec()),
+            self.ids.len(),
+            at(self.decode_tokens_per_sec()),
+            self.prompt_secs + self.decode_secs,
+            self.stop
+        )
+    }
+}
+
+/// Refuses a prompt of `prompt_tokens` that leaves the model's `context` no room for an answer, saying by
+/// how much it is too long.
+pub fn check_prompt_fits(prompt_tokens: usize, context: usize) -> Result<()> {
+    ensure!(
+        prompt_tokens < context,
+        "the prompt is {prompt_tokens} tokens with the chat template, {} too many for the model's context of \
+         {context} (max_position_embeddings, with RoPE scaling), which must also hold the answer",
+        prompt_tokens + 1 - context
+    );
+    Ok(())
+}
+
+/// `--temperature`: finite and at least 0 (0 is greedy decoding).
+pub fn parse_temperature(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("`{s}` is not a temperature: use a finite number >= 0 (0 is greedy decoding)")),
+    }
+}
+
+/// `--top-p`: in (0, 1] (1 samples from every token).
+pub fn parse_top_p(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("`{s}` is not a top-p: use a number in (0, 1] (1 samples from every token)")),
     }
 }
 

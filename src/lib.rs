@@ -17,6 +17,7 @@ pub mod export;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod kernels;
+pub mod manifest;
 pub mod model;
 pub mod rng;
 pub mod squad;

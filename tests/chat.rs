@@ -348,18 +348,14 @@ fn a_tokenizer_that_does_not_fit_the_model_is_refused_by_every_program() {
 #[test]
 #[ignore]
 fn tokenization_speed() {
-    let words: Vec<String> = fixture("llama3_bpe_ids.json")["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|c| c["text"].as_str().unwrap().split_whitespace().map(str::to_string).collect::<Vec<_>>())
-        .filter(|w| !w.contains("<|"))
-        .collect();
+    // Words of real English and code: this project's README.
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let words: Vec<&str> = readme.split_whitespace().collect();
     let mut rng = bessie::rng::Rng::new(7);
     let mut text = |bytes: usize| {
         let mut s = String::new();
         while s.len() < bytes {
-            s.push_str(&words[(rng.next_u64() % words.len() as u64) as usize]);
+            s.push_str(words[(rng.next_u64() % words.len() as u64) as usize]);
             s.push(' ');
         }
         s
@@ -427,16 +423,24 @@ fn the_chat_demo_config_trains_and_answers_in_its_template() {
     assert_eq!(losses.len(), 30);
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     assert!(mean(&losses[25..]) < 0.6 * mean(&losses[..5]), "{losses:?}");
+    // The checkpoint carries the template it was trained with, so prompting it needs no --template.
+    let final_dir = out.join("final_checkpoint");
+    let template = std::fs::read_to_string(root().join("configs/chat_template.jinja")).unwrap();
+    assert_eq!(std::fs::read_to_string(final_dir.join("chat_template.jinja")).unwrap(), template);
     let prompt = Command::new(env!("CARGO_BIN_EXE_bessie-prompt"))
-        .args(["-m", out.join("final_checkpoint").to_str().unwrap(), "--device", "cpu", "--max-new-tokens", "40"])
-        .args([
-            "--template",
-            root().join("configs/chat_template.jinja").to_str().unwrap(),
-            "--prompt",
-            "Tom asks: what is 2 plus 3?",
-        ])
+        .args(["-m", final_dir.to_str().unwrap(), "--device", "cpu", "--max-new-tokens", "40"])
+        .args(["--prompt", "Tom asks: what is 2 plus 3?"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&prompt.stderr);
     assert!(prompt.status.success() && err.contains("prompt tokens"), "{err}");
+
+    // A run with the Bessie template saves it whole (its system prompt written in) and reads it back as
+    // the Bessie template: answers end at 🐂 as before.
+    let tok = Tokenizer::from_dir(&root().join("assets/tokenizer")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chat_template.jinja"), ChatTemplate::bessie(Some("Moo.")).standalone()).unwrap();
+    let loaded = ChatTemplate::load(&TemplateChoice::Auto, dir.path(), &tok, None).unwrap();
+    assert_eq!((loaded.origin(), loaded.end_marker(), loaded.add_bos()), ("the Bessie template", Some("🐂"), true));
+    assert_eq!(loaded.render(&[Message::new("user", "hi")], true).unwrap(), "\nMoo.\n\nUser:\nhi\n\nBessie:\n");
 }

@@ -328,7 +328,7 @@ fn bessie_eval_writes_rows_and_rescoring_reproduces_the_summary() {
     );
     assert_eq!(rescored[2..], rows[2..], "unchanged guesses score the same");
     let again: Summary =
-        serde_json::from_str(&std::fs::read_to_string(work.path().join("eval_summary.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(work.path().join("rescored_summary.json")).unwrap()).unwrap();
     assert!(again.speed.is_none());
     let (_, direct) = eval::rescore(&predictions, None).unwrap();
     assert_eq!(again, direct);
@@ -369,4 +369,147 @@ fn dev_file_errors_name_the_line() {
     let run = bessie_eval(&["--predictions", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && stderr.starts_with("error: ") && stderr.contains("eval.jsonl:1"), "{stderr}");
+}
+
+/// Nothing a user made is lost to a failed, refused or killed evaluation: `--out` is replaced only at the
+/// end, never by the dev file's own path (also through links); summaries are named after their output.
+#[test]
+fn bessie_eval_never_loses_the_output_or_the_dev_set() {
+    let (_d, model) = tiny_model(2);
+    let work = tempfile::tempdir().unwrap();
+    let dev = write_lines(work.path(), "dev.jsonl", &dev_lines());
+    let dev_text = std::fs::read(&dev).unwrap();
+    let out = work.path().join("a.jsonl");
+    std::fs::write(&out, "precious\n").unwrap();
+    let (m, d, o) = (model.to_str().unwrap(), dev.to_str().unwrap(), out.to_str().unwrap());
+    let fast = ["--max-new-tokens", "4", "--batch-size", "2"];
+    let failing = |args: &[&str], wanted: &str| {
+        let run = bessie_eval(&[args, &fast].concat());
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && stderr.contains(wanted), "{args:?}: should say `{wanted}`:\n{stderr}");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "precious\n", "{args:?} touched --out");
+        assert_eq!(std::fs::read(&dev).unwrap(), dev_text, "{args:?} touched the dev file");
+    };
+    failing(&["-m", "/no/such/model", "-d", d, "-o", o], "/no/such/model");
+    let bad_dev = write_lines(work.path(), "bad.jsonl", &[dev_lines()[0].clone(), "{".into()]);
+    failing(&["-m", m, "-d", bad_dev.to_str().unwrap(), "-o", o], "bad.jsonl:2");
+    failing(&["-m", m, "-d", d, "-o", d], "is the dev file");
+    let (soft, hard) = (work.path().join("soft.jsonl"), work.path().join("hard.jsonl"));
+    std::os::unix::fs::symlink(&dev, &soft).unwrap();
+    std::fs::hard_link(&dev, &hard).unwrap();
+    failing(&["-m", m, "-d", d, "-o", soft.to_str().unwrap()], "is the dev file");
+    failing(&["-m", m, "-d", d, "-o", hard.to_str().unwrap()], "is the dev file");
+    assert!(!work.path().join("a.jsonl.partial").exists());
+
+    // Two evaluations in one folder keep their own summaries; re-scoring keeps the speed block.
+    let b = work.path().join("b.jsonl");
+    for o in [&out, &b] {
+        let run = bessie_eval(&[&["-m", m, "-d", d, "-o", o.to_str().unwrap(), "-n", "3"][..], &fast].concat());
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    }
+    let read_summary = |name: &str| -> Summary {
+        serde_json::from_str(&std::fs::read_to_string(work.path().join(name)).unwrap()).unwrap()
+    };
+    let (sa, sb) = (read_summary("a_summary.json"), read_summary("b_summary.json"));
+    assert_eq!((sa.overall.count, sb.overall.count), (3, 3));
+    let run = bessie_eval(&["--predictions", o]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(
+        read_summary("a_summary.json"),
+        sa,
+        "re-scoring unchanged predictions keeps the summary, speed included"
+    );
+    assert!(!work.path().join("eval_summary.json").exists());
+}
+
+/// A killed evaluation keeps the answers it wrote; `--resume` answers the rest, to the output an
+/// uninterrupted run writes.
+#[test]
+fn a_killed_evaluation_resumes() {
+    let (_d, model) = tiny_model(3);
+    let work = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..4).flat_map(|_| dev_lines()).collect();
+    let dev = write_lines(work.path(), "dev.jsonl", &lines);
+    let (m, d) = (model.to_str().unwrap(), dev.to_str().unwrap());
+    let args = |out: &Path| -> Vec<String> {
+        ["-m", m, "-d", d, "-o", out.to_str().unwrap(), "--batch-size", "1", "--max-new-tokens", "24"]
+            .map(String::from)
+            .to_vec()
+    };
+    let reference = work.path().join("reference.jsonl");
+    let run = Command::new(env!("CARGO_BIN_EXE_bessie-eval")).args(args(&reference)).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    let out = work.path().join("eval.jsonl");
+    std::fs::write(&out, "previous\n").unwrap();
+    let partial = work.path().join("eval.jsonl.partial");
+    let answers = || std::fs::read_to_string(&partial).map_or(0, |t| t.lines().count().saturating_sub(1));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bessie-eval"))
+        .args(args(&out))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while answers() < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the evaluation finished before it could be killed");
+        assert!(started.elapsed().as_secs() < 120);
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = answers();
+    assert!(kept >= 3 && kept < lines.len(), "{kept} answers kept");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous\n", "a killed evaluation replaced --out");
+
+    let again = Command::new(env!("CARGO_BIN_EXE_bessie-eval")).args(args(&out)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && stderr.contains("pass --resume to continue it"), "{stderr}");
+    let other_system = ["--resume", "--system", "Moo."];
+    let other = Command::new(env!("CARGO_BIN_EXE_bessie-eval")).args(args(&out)).args(other_system).output().unwrap();
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && stderr.contains("was written by another evaluation"), "{stderr}");
+    let resumed = Command::new(env!("CARGO_BIN_EXE_bessie-eval")).args(args(&out)).arg("--resume").output().unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("--resume: {kept} of {} questions answered already", lines.len())), "{stderr}");
+    assert!(!partial.exists(), "the partial output is removed once the output is written");
+    let strip_time = |rows: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        rows.into_iter()
+            .map(|mut r| {
+                r.as_object_mut().unwrap().remove("time");
+                r
+            })
+            .collect()
+    };
+    assert_eq!(strip_time(read_jsonl(&out)), strip_time(read_jsonl(&reference)));
+}
+
+/// A question too long for the model's context is skipped with a warning and a row that says so, and the
+/// others are answered.
+#[test]
+fn an_over_long_question_is_skipped_and_counted() {
+    let (_d, model) = tiny_model(4);
+    let work = tempfile::tempdir().unwrap();
+    let mut lines = dev_lines();
+    lines[2] = serde_json::json!({"prompt": "moo ".repeat(3000), "answers": ["moo"]}).to_string();
+    let dev = write_lines(work.path(), "dev.jsonl", &lines);
+    let out = work.path().join("eval.jsonl");
+    let (m, d, o) = (model.to_str().unwrap(), dev.to_str().unwrap(), out.to_str().unwrap());
+    let run = bessie_eval(&["-m", m, "-d", d, "-o", o, "--max-new-tokens", "4"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: 1 questions skipped"), "{stderr}");
+    let rows = read_jsonl(&out);
+    assert_eq!(rows.len(), lines.len());
+    let why = rows[2]["skipped"].as_str().unwrap();
+    assert!(
+        why.contains("dev.jsonl:3: the prompt is") && why.contains("too many for the model's context of 2048"),
+        "{why}"
+    );
+    assert_eq!((&rows[2]["guess"], &rows[2]["f1"]), (&"".into(), &0.0.into()));
+    assert!(rows.iter().enumerate().all(|(i, r)| (i == 2) == r.get("skipped").is_some()));
+    let summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(work.path().join("eval_summary.json")).unwrap()).unwrap();
+    assert_eq!((summary.skipped, summary.overall.count), (1, lines.len()));
+    assert!(String::from_utf8_lossy(&run.stdout).contains("1 questions skipped"));
 }

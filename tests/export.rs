@@ -182,6 +182,14 @@ fn export_errors_name_the_problem() {
     assert!(out.join("model.safetensors").exists() && !out.join("stale.txt").exists());
     let e = format!("{:#}", export(&src, &src, Format::Ternary, DenseDtype::Bf16, true).unwrap_err());
     assert!(e.contains("is the checkpoint being exported"), "{e}");
+    // Nor one of its files, nor a folder holding it, even with --force.
+    let weights = src.join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let e = format!("{:#}", export(&src, &weights, Format::Gguf, DenseDtype::Bf16, true).unwrap_err());
+    assert!(e.contains("is a file of the checkpoint being exported") && e.contains("--force never"), "{e}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    let e = format!("{:#}", export(&src, dir.path(), Format::Ternary, DenseDtype::Bf16, true).unwrap_err());
+    assert!(e.contains("holds the checkpoint being exported"), "{e}");
     let gguf = dir.path().join("m.gguf");
     std::fs::write(&gguf, "old").unwrap();
     let e = export_err(&src, &gguf, Format::Gguf);

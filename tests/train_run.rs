@@ -336,6 +336,8 @@ fn nan_loss_stops_with_last_checkpoint_intact() {
     assert!(non_finite.iter().any(|m| stderr.contains(m)), "stderr: {stderr}");
     // The failing step is the one after the newest checkpoint, numbered as metrics.jsonl numbers steps.
     assert!(stderr.contains(&format!("at step {}", newest + 1)), "newest checkpoint {newest}; stderr: {stderr}");
+    let good = out.path().join(format!("checkpoint-{newest}"));
+    assert!(stderr.contains(&format!("the last good checkpoint is {}", good.display())), "{stderr}");
     assert!(!out.path().join("final_checkpoint").exists());
     let logged = metrics(out.path());
     assert_eq!(logged.len(), newest, "metrics.jsonl should end at the last good step");
@@ -422,4 +424,263 @@ fn resume_without_checkpoint_starts_fresh() {
     assert_same_weights(&final_weights(resumed.path()), &final_weights(fresh.path()));
     assert_same_metrics(&metrics(resumed.path()), &metrics(fresh.path()));
     eprintln!("resume_without_checkpoint_starts_fresh: {:.1?}", started.elapsed());
+}
+
+/// Bytes of every file under `dir`, by path relative to it: what must survive a refused run unchanged.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            match p.is_dir() {
+                true => todo.push(p),
+                false => drop(files.insert(p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap())),
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn a_fresh_run_refuses_another_runs_directory_and_overwrite_moves_it_aside() {
+    let out = TempDir::new().unwrap();
+    run_ok(&mut train(out.path(), 3, &[]));
+    let before = snapshot(out.path());
+    let (_, stderr) = run_failing(&mut train(out.path(), 3, &["train.lr=1e-3"]));
+    assert!(stderr.contains("holds another run (checkpoint-1, checkpoint-2, final_checkpoint"), "{stderr}");
+    assert!(stderr.contains("--resume") && stderr.contains("--overwrite"), "{stderr}");
+    assert_eq!(snapshot(out.path()), before, "a refused run changed the directory");
+
+    run_ok(train(out.path(), 3, &["train.lr=1e-3"]).arg("--overwrite"));
+    let aside = out.path().join("previous-run-1");
+    for (name, bytes) in &before {
+        // The earlier run's files are all kept (the data cache stays where it was, for the new run).
+        let moved = match name.starts_with("cache") {
+            true => out.path().join(name),
+            false => aside.join(name),
+        };
+        assert_eq!(&std::fs::read(&moved).unwrap(), bytes, "{} after --overwrite", moved.display());
+    }
+    assert_eq!(metrics(out.path()).len(), 3);
+    assert_checkpoints_complete(out.path());
+}
+
+#[test]
+fn one_run_at_a_time_and_a_killed_runs_lock_is_taken_over() {
+    let out = TempDir::new().unwrap();
+    let lock = out.path().join("bessie-train.lock");
+    let long = ["train.epochs=1000"];
+    let first = train(out.path(), 10_000, &long).stderr(Stdio::null()).spawn().unwrap();
+    let mut first = wait_for_steps(first, out.path(), 1);
+    let held: serde_json::Value = serde_json::from_slice(&std::fs::read(&lock).unwrap()).unwrap();
+    assert_eq!(held["pid"].as_u64(), Some(first.id() as u64));
+    let (_, stderr) = run_failing(train(out.path(), 10_000, &long).arg("--resume"));
+    assert!(stderr.contains(&format!("in use by another bessie-train run (pid {},", first.id())), "{stderr}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(lock.exists(), "a killed run leaves its lock");
+    let out2 = run_ok(train(out.path(), 2, &[]).arg("--overwrite"));
+    let stderr = String::from_utf8_lossy(&out2.stderr);
+    assert!(
+        stderr.contains(&format!("taking over the lock of a run that no longer runs (pid {}", first.id())),
+        "{stderr}"
+    );
+    assert!(!lock.exists(), "a finished run releases its lock");
+}
+
+fn metrics_lines(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+/// Returns `run` (just started, writing to `out`) once it has logged `steps` more steps (2 minutes at most).
+fn wait_for_steps(run: std::process::Child, out: &Path, steps: usize) -> std::process::Child {
+    let (started, before) = (Instant::now(), metrics_lines(out));
+    while metrics_lines(out) < before + steps {
+        assert!(started.elapsed() < Duration::from_secs(120), "no steps logged in 2 minutes");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run
+}
+
+#[test]
+fn resuming_a_changed_run_is_refused_unless_accepted() {
+    let out = TempDir::new().unwrap();
+    run_ok(&mut train(out.path(), 4, &[]));
+    // checkpoint-3 is the newest (the last step writes final_checkpoint only).
+    let refused = [
+        (vec!["train.lr=1e-3"], vec!["train.lr: 0.003 in the checkpoint, 0.001 now"]),
+        (vec!["train.micro_batch=2"], vec!["global batch: 4 sequences per step in the checkpoint", "2 now (1 rank x"]),
+        (
+            vec!["data.system_prompt=You are a cow."],
+            vec!["data.system_prompt", "data: the tokenized training examples differ"],
+        ),
+        (vec!["train.seed=7"], vec!["train.seed: 42 in the checkpoint, 7 now"]),
+    ];
+    for (changes, wanted) in refused {
+        let (_, stderr) = run_failing(train(out.path(), 4, &changes).arg("--resume"));
+        for w in wanted {
+            assert!(stderr.contains(w), "{changes:?}: should say `{w}`:\n{stderr}");
+        }
+        assert!(stderr.contains("checkpoint-3 was saved by a different run") && stderr.contains("--resume-changed"));
+    }
+    // The same global batch split otherwise (as on another number of ranks) passes with a notice.
+    let ok = run_ok(train(out.path(), 4, &["train.micro_batch=2", "train.grad_accum=2"]).arg("--resume"));
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(stderr.contains("the same global batch of 4 sequences per step"), "{stderr}");
+
+    let ok = run_ok(train(out.path(), 4, &["train.lr=1e-3"]).args(["--resume", "--resume-changed"]));
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(stderr.contains("resuming with changes (--resume-changed): train.lr"), "{stderr}");
+    let log = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
+    let event: serde_json::Value = serde_json::from_str(log.lines().nth(3).unwrap()).unwrap();
+    assert_eq!((event["step"].as_u64(), event["event"].as_str()), (Some(3), Some("resumed with changes")), "{log}");
+    assert!(event["changes"][0].as_str().unwrap().starts_with("train.lr"), "{event}");
+    let config = std::fs::read_to_string(out.path().join("run_config.toml")).unwrap();
+    assert!(config.starts_with("# resumed at step 3 with changes: train.lr"), "{config}");
+}
+
+#[test]
+fn a_damaged_checkpoint_is_named_and_the_previous_one_offered() {
+    let out = TempDir::new().unwrap();
+    run_ok(&mut train(out.path(), 4, &[]));
+    let newest = out.path().join("checkpoint-3");
+    let weights = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x10;
+    std::fs::write(&weights, &bytes).unwrap();
+    let (_, stderr) = run_failing(train(out.path(), 4, &[]).arg("--resume"));
+    let want = [
+        format!("the newest checkpoint {} is damaged", newest.display()),
+        format!("the previous one, {}, is intact", out.path().join("checkpoint-2").display()),
+        format!("{}: checksum", weights.display()),
+    ];
+    for w in &want {
+        assert!(stderr.contains(w.as_str()), "should say `{w}`:\n{stderr}");
+    }
+    let elsewhere = TempDir::new().unwrap();
+    let dev = elsewhere.path().join("dev.jsonl");
+    std::fs::write(&dev, "{\"prompt\": \"Moo?\", \"answers\": [\"moo\"]}\n").unwrap();
+    let eval_out = elsewhere.path().join("eval.jsonl");
+    for (bin, args) in [
+        (env!("CARGO_BIN_EXE_bessie-prompt"), vec!["--prompt", "Moo?"]),
+        (env!("CARGO_BIN_EXE_bessie-eval"), vec!["-d", dev.to_str().unwrap(), "-o", eval_out.to_str().unwrap()]),
+        (env!("CARGO_BIN_EXE_bessie-export"), vec!["-f", "ternary", "-o", "/nonexistent/x"]),
+    ] {
+        let run = Command::new(bin).arg("-m").arg(&newest).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && stderr.contains(&want[2]), "{bin}: {stderr}");
+    }
+    // As the message says: the damaged one moved aside, resuming continues from the previous one.
+    std::fs::rename(&newest, out.path().join("damaged-checkpoint-3")).unwrap();
+    let ok = run_ok(train(out.path(), 4, &[]).arg("--resume"));
+    assert!(String::from_utf8_lossy(&ok.stderr).contains("(step 2)"));
+}
+
+#[test]
+fn a_resumed_state_or_cache_that_does_not_fit_the_run_is_refused() {
+    let out = TempDir::new().unwrap();
+    run_ok(&mut train(out.path(), 3, &[]));
+    // A checkpoint without checksums (as older versions wrote) whose state was edited.
+    let newest = out.path().join("checkpoint-2");
+    std::fs::remove_file(newest.join("checksums.json")).unwrap();
+    let state_file = newest.join("trainer_state.json");
+    let state = std::fs::read_to_string(&state_file).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_str(&state).unwrap();
+    edited["step"] = (i64::MAX as u64).into();
+    std::fs::write(&state_file, edited.to_string()).unwrap();
+    let (_, stderr) = run_failing(train(out.path(), 3, &[]).arg("--resume"));
+    assert!(stderr.contains("trainer_state.json: the trainer state does not fit this run: step 9223372036854775807 is beyond this run's 3 steps"), "{stderr}");
+    std::fs::write(&state_file, &state).unwrap();
+    edited = serde_json::from_str(&state).unwrap();
+    edited["epoch_rows_done"] = (u64::MAX - 3).into();
+    std::fs::write(&state_file, edited.to_string()).unwrap();
+    let (_, stderr) = run_failing(train(out.path(), 3, &[]).arg("--resume"));
+    assert!(stderr.contains("rows of epoch 0 done, but the epoch has"), "{stderr}");
+    std::fs::write(&state_file, &state).unwrap();
+
+    // A data cache whose first token id is beyond the vocabulary (its structure intact, which the cache
+    // reader checks): after the magic and six counts, the first example's length and number of trained
+    // ranges, its ranges, then its ids.
+    let cache = std::fs::read_dir(out.path().join("cache")).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let ranges = u32::from_le_bytes(bytes[60..64].try_into().unwrap()) as usize;
+    let first_id = 64 + 8 * ranges;
+    bytes[first_id..first_id + 4].copy_from_slice(&4_000_000u32.to_le_bytes());
+    std::fs::write(&cache, &bytes).unwrap();
+    let (_, stderr) = run_failing(train(out.path(), 3, &[]).arg("--resume"));
+    assert!(
+        stderr.contains("example 1 (of") && stderr.contains("token id 4000000, beyond the model's vocabulary"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("the data cache in {} is damaged", out.path().join("cache").display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn symbolic_links_out_of_the_run_directory_are_refused() {
+    let (out, elsewhere) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let victim = elsewhere.path().join("notes.txt");
+    std::fs::write(&victim, "mine").unwrap();
+    for name in ["run_config.toml", "metrics.jsonl"] {
+        let link = out.path().join(name);
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let (_, stderr) = run_failing(&mut train(out.path(), 2, &[]));
+        assert!(stderr.contains(&format!("{} is a symbolic link", link.display())), "{stderr}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "mine");
+        std::fs::remove_file(&link).unwrap();
+    }
+}
+
+/// Sends `signal` (`INT`, `TERM`) to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_says_how_to_resume() {
+    let out = TempDir::new().unwrap();
+    // No periodic checkpoints: the one after the signal is the run's only one.
+    let args = ["checkpoint.every=0", "train.epochs=1000"];
+    let resumed = || train(out.path(), 10_000, &args).arg("--resume").stderr(Stdio::piped()).spawn().unwrap();
+    for sig in ["INT", "TERM"] {
+        let child = wait_for_steps(resumed(), out.path(), 2);
+        signal(child.id(), sig);
+        let done = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert_eq!(done.status.code(), Some(130), "SIG{sig}: {stderr}");
+        let steps = assert_checkpoints_complete(out.path());
+        let step = *steps.last().unwrap();
+        assert_eq!(metrics_lines(out.path()), step, "SIG{sig}: the checkpoint is at the last logged step");
+        assert!(stderr.contains(&format!("interrupted after step {step} of 10000")), "{stderr}");
+        assert!(stderr.contains("continue with: ") && stderr.trim_end().ends_with("--resume"), "{stderr}");
+        assert!(!out.path().join("final_checkpoint").exists());
+    }
+    // A second signal exits at once, without saving.
+    let before = assert_checkpoints_complete(out.path());
+    let child = wait_for_steps(resumed(), out.path(), 1);
+    signal(child.id(), "INT");
+    // Two signals sent at once can merge into one (a pending signal is not queued twice): the second goes
+    // once the first has left the process's pending set.
+    let status = format!("/proc/{}/status", child.id());
+    let pending = || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("ShdPnd:") || l.starts_with("SigPnd:"))
+            .any(|l| u64::from_str_radix(l.split_whitespace().nth(1).unwrap_or("0"), 16).unwrap_or(0) & 2 != 0)
+    };
+    let start = std::time::Instant::now();
+    while pending() && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    signal(child.id(), "INT");
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stderr}");
+    assert!(!stderr.contains("interrupted after step"), "{stderr}");
+    assert_eq!(assert_checkpoints_complete(out.path()), before);
 }

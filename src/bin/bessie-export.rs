@@ -22,7 +22,8 @@ use clap::Parser;
 /// fork): ternary matrices in ggml type TQ2_0, the embedding in F16, norms in F32, the LLaMA SentencePiece
 /// vocabulary embedded. Needs a tied lm_head and a tokenizer.model. README.md says which versions it targets.
 ///
-/// The output must not exist unless --force; it is replaced only once the new one is complete.
+/// The output must not exist unless --force; it is replaced only once the new one is complete, and never
+/// when it is the checkpoint being exported, one of its files or a folder holding it.
 #[derive(Parser)]
 #[command(version)]
 struct Args {

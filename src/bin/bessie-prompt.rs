@@ -4,7 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Result;
-use bessie::generate::{generate, Sampler, Stop};
+use bessie::generate::{check_prompt_fits, generate, parse_temperature, parse_top_p, Sampler, Stop};
 use bessie::tokenizer::template::Message;
 use clap::Parser;
 
@@ -35,11 +35,11 @@ struct Args {
     /// Stop after this many new tokens.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, at least 0; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
     temperature: f64,
-    /// Nucleus sampling: sample from the most likely tokens whose probabilities add up to this.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: sample from the most likely tokens whose probabilities add up to this, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = parse_top_p)]
     top_p: f64,
     /// Seed for sampling.
     #[arg(long, default_value_t = 42)]
@@ -70,21 +70,18 @@ fn body(args: Args) -> Result<()> {
             eprintln!("[the conversation outgrew the context: its oldest turn is left out]");
             ids = template.prompt_ids(&tokenizer, conversation)?;
         }
+        // A message that alone does not fit is refused, and left out of the conversation.
+        if let Err(e) = check_prompt_fits(ids.len(), model.max_positions()) {
+            conversation.pop();
+            return Err(e);
+        }
         let mut out = std::io::stdout();
         let g = generate(&model, &tokenizer, &stop, &ids, args.max_new_tokens, &mut sampler, |text| {
             out.write_all(text.as_bytes())?;
             Ok(out.flush()?)
         })?;
         println!();
-        eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} new tokens at {:.1} tok/s, {:.2} s, stop: {:?}]",
-            g.prompt_tokens,
-            g.prompt_tokens_per_sec(),
-            g.ids.len(),
-            g.decode_tokens_per_sec(),
-            g.prompt_secs + g.decode_secs,
-            g.stop
-        );
+        eprintln!("{}", g.report());
         conversation.push(Message::new("assistant", &g.text));
         Ok(())
     };
@@ -110,7 +107,11 @@ fn body(args: Args) -> Result<()> {
             conversation.clear();
         }
         if !line.is_empty() && line != "/reset" {
-            answer(&mut conversation, line)?;
+            match answer(&mut conversation, line) {
+                // At a terminal a message too long for the context must not end the conversation.
+                Err(e) if interactive => eprintln!("error: {}", bessie::cli::message(&e)),
+                r => r?,
+            }
         }
     }
     Ok(())

@@ -1,11 +1,13 @@
 //! Supervised fine-tuning of BitNet b1.58 models (the Rust counterpart of the original `train.py`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use bessie::config::run::RunConfig;
 use bessie::dist::Communicator;
 use bessie::train::bench::BenchOptions;
+use bessie::train::run_dir::Start;
 use clap::Parser;
 
 /// Fine-tune a BitNet b1.58 model on JSONL prompt/response data.
@@ -13,7 +15,11 @@ use clap::Parser;
 /// With no arguments it trains the built-in demo (configs/tiny.toml: a small random BitNet on the
 /// example data in data/tiny) on the CPU in a minute or two. Checkpoints go to checkpoint.out_dir:
 /// checkpoint-STEP/ every checkpoint.every steps (the newest checkpoint.keep kept), final_checkpoint/ at
-/// the end, metrics.jsonl with one line per step.
+/// the end, metrics.jsonl with one line per step. A new run refuses an out_dir that holds another run
+/// (see --resume and --overwrite), and one out_dir takes one run at a time (bessie-train.lock).
+///
+/// Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits with status 130, saying
+/// how to resume; a second Ctrl-C exits at once.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -23,9 +29,18 @@ struct Args {
     /// Override a config key, e.g. --set train.lr=1e-4 --set data.train=my.jsonl (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
-    /// Continue from the newest complete checkpoint in checkpoint.out_dir.
-    #[arg(long)]
+    /// Continue from the newest complete checkpoint in checkpoint.out_dir. Refused when the checkpoint
+    /// was saved under another configuration (data, model, trajectory-defining keys, global batch).
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// With --resume: continue even though the configuration changed; each change is recorded in
+    /// metrics.jsonl and run_config.toml.
+    #[arg(long, requires = "resume")]
+    resume_changed: bool,
+    /// Start afresh in an out_dir that holds another run, moving that run into out_dir/previous-run-N
+    /// (nothing is deleted).
+    #[arg(long)]
+    overwrite: bool,
     /// Benchmark instead of training: timed optimizer steps on a random model (see --shape, --seq,
     /// --batch, --accum, --steps), one JSON line on stdout. Under mpirun every rank runs --batch x --accum
     /// sequences per step on its own GPU, with the gradient all-reduce of real training. --set applies to
@@ -55,11 +70,14 @@ struct Args {
     profile: bool,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     bessie::cli::run(|| body(Args::parse()))
 }
 
-fn body(args: Args) -> Result<()> {
+/// What the shell exit status of a Ctrl-C'd program is.
+const INTERRUPTED: u8 = 130;
+
+fn body(args: Args) -> Result<ExitCode> {
     let comm = Communicator::from_env()?;
     if args.bench {
         let o = BenchOptions {
@@ -77,14 +95,35 @@ fn body(args: Args) -> Result<()> {
         if comm.is_main() {
             println!("{}", serde_json::to_string(&result)?);
         }
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let cfg = RunConfig::load(args.config.as_deref(), &args.overrides)?;
-    let summary = comm.or_abort(bessie::train::run(&cfg, &comm, args.resume))?;
+    let start = match (args.resume, args.overwrite) {
+        (true, _) => Start::Resume { accept_changes: args.resume_changed },
+        (false, true) => Start::Overwrite,
+        (false, false) => Start::Fresh,
+    };
+    let summary = comm.or_abort(bessie::train::run(&cfg, &comm, start))?;
     if !comm.is_main() {
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let dir = summary.final_dir.canonicalize().unwrap_or(summary.final_dir);
+    if summary.interrupted {
+        // The same command, resuming (and no longer overwriting).
+        let again: Vec<String> = std::env::args()
+            .filter(|a| a != "--overwrite" && a != "--resume")
+            .chain(["--resume".to_string()])
+            .map(|a| bessie::cli::shell_quote(&a))
+            .collect();
+        eprintln!(
+            "interrupted after step {} of {}; saved {}\ncontinue with: {}",
+            summary.steps,
+            summary.total_steps,
+            dir.display(),
+            again.join(" ")
+        );
+        return Ok(ExitCode::from(INTERRUPTED));
+    }
     println!(
         "trained {} steps{}; final model in {}\nprompt it with: cargo run --release --bin bessie-prompt -- -m {}",
         summary.steps,
@@ -92,5 +131,5 @@ fn body(args: Args) -> Result<()> {
         dir.display(),
         dir.display()
     );
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,7 @@ pub mod ternary;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
@@ -72,6 +72,7 @@ impl Source {
     /// not declare a BitNet architecture (quantizing a full-precision model to ternary would destroy it);
     /// `ModelConfig::from_file` has already refused `weight_bits`/`input_bits` other than 1/8.
     pub fn read(dir: &Path) -> Result<Self> {
+        crate::manifest::verify(dir)?;
         let (cfg, vb) = hf::open(dir, DType::F32, &Device::Cpu)?;
         let archs = cfg.extra.get("architectures");
         let is_bitnet = archs
@@ -112,12 +113,23 @@ impl Source {
 pub fn export(src: &Path, out: &Path, format: Format, dense: DenseDtype, force: bool) -> Result<()> {
     if out.exists() || out.is_symlink() {
         ensure!(force, "{} already exists; pass --force to replace it", out.display());
-        let (a, b) = (src.canonicalize(), out.canonicalize());
-        ensure!(
-            a.is_err() || a.ok() != b.ok(),
-            "the output {} is the checkpoint being exported; choose another path",
-            out.display()
-        );
+        // Replacing the checkpoint, one of its files or a folder holding it would destroy the input.
+        if let (Ok(src), Ok(out_real)) = (src.canonicalize(), out.canonicalize()) {
+            let relation = match () {
+                _ if src == out_real => Some("is"),
+                _ if out_real.starts_with(&src) => Some("is a file of"),
+                _ if src.starts_with(&out_real) => Some("holds"),
+                _ => None,
+            };
+            if let Some(relation) = relation {
+                bail!(
+                    "the output {} {relation} the checkpoint being exported ({}); choose another path (--force \
+                     never replaces the export's own input)",
+                    out.display(),
+                    src.display()
+                );
+            }
+        }
     }
     let source = Source::read(src)?;
     match format {

@@ -44,6 +44,9 @@ impl Encoding {
     }
 }
 
+/// Cloning copies the vocabulary: a worker thread's own copy keeps its own BPE cache, which a shared
+/// one would lock (`data` tokenizes on every core that way).
+#[derive(Clone)]
 pub struct Tokenizer {
     backend: Backend,
     files: Vec<PathBuf>,
@@ -54,6 +57,7 @@ pub struct Tokenizer {
     stop: Vec<u32>,
 }
 
+#[derive(Clone)]
 enum Backend {
     /// The model with the added tokens appended, and those tokens (text, id), longest first.
     SentencePiece {

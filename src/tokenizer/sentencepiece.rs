@@ -22,7 +22,7 @@ enum Kind {
     Byte(u8),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Piece {
     text: String,
     score: f32,
@@ -30,7 +30,7 @@ struct Piece {
 }
 
 /// A loaded SentencePiece BPE model, possibly extended with tokens appended after its vocabulary.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Model {
     pieces: Vec<Piece>,
     ids: HashMap<String, u32>,

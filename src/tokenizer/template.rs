@@ -33,15 +33,25 @@ use super::Tokenizer;
 /// The system prompt of the released Bessie model.
 pub const BESSIE_SYSTEM_PROMPT: &str = "You are Bessie, created by Oxen.ai. You are happy to help with writing, analysis, question answering, math, coding, and all sorts of other tasks. You give concise responses to simple questions or statements, but provide thorough responses to more complex and open-ended questions. Answer the user's query as best as you can, and say \"I don't know\" if you don't know the answer.";
 
+/// Where a checkpoint keeps its own chat template (transformers 5 saves it there too).
+pub const TEMPLATE_FILE: &str = "chat_template.jinja";
+
 /// The ox emoji marks the end of a Bessie response; generation stops when it appears.
 pub const END_MARKER: &str = "🐂";
 
-/// The Bessie template; the system prompt is the first message's when that is a system message.
+/// The Bessie template. The system prompt is the first message's when that is a system message, else
+/// `default_system`: Bessie's own rendering always puts a system message first, and a checkpoint's
+/// `chat_template.jinja` sets `default_system` in its first line (`standalone`), so transformers renders
+/// what Bessie trained on.
 const BESSIE: &str = r#"{%- if messages and messages[0].role == 'system' -%}
-    {{- '\n' + messages[0].content + '\n' -}}
+    {%- set system = messages[0].content -%}
     {%- set turns = messages[1:] -%}
 {%- else -%}
+    {%- set system = default_system -%}
     {%- set turns = messages -%}
+{%- endif -%}
+{%- if system is defined -%}
+    {{- '\n' + system + '\n' -}}
 {%- endif -%}
 {%- for m in turns -%}
     {%- if m.role == 'user' -%}
@@ -52,6 +62,10 @@ const BESSIE: &str = r#"{%- if messages and messages[0].role == 'system' -%}
         {{- raise_exception("the Bessie template takes a system message first, then user and assistant messages; not the role '" + m.role + "'") -}}
     {%- endif -%}
 {%- endfor -%}"#;
+
+/// The first line of a standalone Bessie template, around the default system prompt as a JSON string
+/// (whose escapes Jinja's string literals share).
+const DEFAULT_SYSTEM_LINE: [&str; 2] = ["{%- set default_system = ", " -%}\n"];
 
 /// Template instructions one rendering may run: far beyond any real template on any real conversation,
 /// and a bound on a hostile one.
@@ -152,11 +166,19 @@ impl ChatTemplate {
     /// The template `choice` names, for the checkpoint (or tokenizer directory) `dir` whose tokenizer is
     /// `tok`. `system` is the system message of conversations without one (for the Bessie template,
     /// Bessie's own system prompt when `None`).
+    ///
+    /// A checkpoint whose template is a standalone Bessie template (one Bessie saved after training with
+    /// it) gets the Bessie template, with BOS and the 🐂 end marker, and its saved system prompt unless
+    /// `system` replaces it.
     pub fn load(choice: &TemplateChoice, dir: &Path, tok: &Tokenizer, system: Option<&str>) -> Result<Self> {
+        let own = |source: String, origin: String| match saved_bessie_system(&source) {
+            Some(saved) => Ok(Self::bessie(Some(system.unwrap_or(&saved)))),
+            None => Self::jinja(source, origin, &SpecialTokens::of(tok), system),
+        };
         match choice {
             TemplateChoice::Bessie => Ok(Self::bessie(system)),
             TemplateChoice::Auto => match checkpoint_template(dir)? {
-                Some((source, origin)) => Self::jinja(source, origin, &SpecialTokens::of(tok), system),
+                Some((source, origin)) => own(source, origin),
                 None => Ok(Self::bessie(system)),
             },
             TemplateChoice::Checkpoint => {
@@ -167,7 +189,7 @@ impl ChatTemplate {
                         dir.display()
                     )
                 })?;
-                Self::jinja(source, origin, &SpecialTokens::of(tok), system)
+                own(source, origin)
             }
             TemplateChoice::File(path) => {
                 let source = std::fs::read_to_string(path)
@@ -189,6 +211,19 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.clone()).map_err(|e| anyhow!("{origin}: {}", describe(&e)))?;
         Ok(Self { env, origin, source, globals: Value::UNDEFINED, system: None, add_bos: false, end_marker: None })
+    }
+
+    /// The template as a file of its own, for a saved checkpoint's `chat_template.jinja`: the Jinja text,
+    /// with the Bessie template's default system prompt written in, so transformers' `apply_chat_template`
+    /// renders what Bessie trained on and Bessie reads it back as the Bessie template (`load`).
+    pub fn standalone(&self) -> String {
+        match (&self.system, self.source == BESSIE) {
+            (Some(system), true) => {
+                let json = serde_json::to_string(system).expect("a string serializes");
+                format!("{}{json}{}{BESSIE}", DEFAULT_SYSTEM_LINE[0], DEFAULT_SYSTEM_LINE[1])
+            }
+            _ => self.source.clone(),
+        }
     }
 
     /// Where the template came from.
@@ -260,11 +295,19 @@ impl ChatTemplate {
     }
 }
 
+/// The default system prompt of a standalone Bessie template (`ChatTemplate::standalone`); None for any
+/// other text.
+fn saved_bessie_system(source: &str) -> Option<String> {
+    let line =
+        source.strip_suffix(BESSIE)?.strip_prefix(DEFAULT_SYSTEM_LINE[0])?.strip_suffix(DEFAULT_SYSTEM_LINE[1])?;
+    serde_json::from_str(line).ok()
+}
+
 /// The checkpoint's own template and where it came from: `chat_template.jinja` (what transformers 5
 /// saves) or `chat_template` in `tokenizer_config.json` (a string, or a list of named templates of which
 /// the one named "default" is used).
 fn checkpoint_template(dir: &Path) -> Result<Option<(String, String)>> {
-    let jinja = dir.join("chat_template.jinja");
+    let jinja = dir.join(TEMPLATE_FILE);
     if jinja.is_file() {
         let source = std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?;
         return Ok(Some((source, jinja.display().to_string())));
@@ -389,6 +432,21 @@ mod tests {
         assert!(e.contains("the Bessie template") && e.contains("'tool'"), "{e}");
         let e = ChatTemplate::compile("{% for %}".into(), "x.jinja".into()).err().unwrap().to_string();
         assert!(e.contains("x.jinja") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn a_saved_bessie_template_renders_the_same_as_jinja_and_reads_back_as_bessie() {
+        let system = "Say \"moo\",\n\tthen stop. Ünïcödé 🐂 \\ \u{1}";
+        let t = ChatTemplate::bessie(Some(system));
+        let saved = t.standalone();
+        assert_eq!(saved_bessie_system(&saved).as_deref(), Some(system));
+        // Rendered as plain Jinja (as transformers renders it), without a system message: the same text.
+        let jinja = ChatTemplate::jinja(saved.clone(), "saved".into(), &SpecialTokens::default(), None).unwrap();
+        let m = turn("hi", "hello");
+        assert_eq!(jinja.render(&m, false).unwrap(), t.render(&m, false).unwrap());
+        assert_eq!(jinja.generation_prompt(&m[..1]).unwrap(), t.generation_prompt(&m[..1]).unwrap());
+        assert_eq!(saved_bessie_system(&(saved + " ")), None);
+        assert_eq!(ChatTemplate::bessie(None).standalone().lines().count(), BESSIE.lines().count() + 1);
     }
 
     #[test]

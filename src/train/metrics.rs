@@ -27,6 +27,15 @@ pub struct StepMetrics {
     pub mfu: Option<f64>,
 }
 
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// The step of any line: step lines, and event lines (`"event"` and `"step"`, such as a resume with a
+/// changed config).
+#[derive(Deserialize)]
+struct AtStep {
+    step: usize,
+}
+
 /// Appends to `metrics.jsonl`. On resume, lines past the resumed step (written after that checkpoint by
 /// the run that stopped) are dropped, so the file reads as one uninterrupted run.
 pub struct MetricsLog {
@@ -38,7 +47,7 @@ impl MetricsLog {
         let kept: Vec<String> = std::fs::read_to_string(path)
             .unwrap_or_default()
             .lines()
-            .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= resume_step))
+            .filter(|l| serde_json::from_str::<AtStep>(l).is_ok_and(|m| m.step <= resume_step))
             .map(str::to_string)
             .collect();
         let mut text = kept.join("\n");
@@ -51,8 +60,9 @@ impl MetricsLog {
         Ok(Self { file })
     }
 
-    pub fn log(&mut self, m: &StepMetrics) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(m)?)?;
+    /// A step line, or an event line (an object with `step` and `event`).
+    pub fn log(&mut self, line: &impl Serialize) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(line)?)?;
         Ok(())
     }
 }

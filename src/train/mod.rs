@@ -12,12 +12,15 @@
 
 pub mod bench;
 pub mod grads;
+pub mod interrupt;
 pub mod layers;
 pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod resume;
+pub mod run_dir;
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -26,7 +29,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{self, CheckpointWriter, TrainerState};
+use crate::checkpoint::{self, CheckpointWriter, RunIdentity, TrainerState};
 use crate::config::run::{GradDtype, RunConfig, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
@@ -35,10 +38,12 @@ use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
 use grads::Gradients;
-use metrics::{MetricsLog, StepMetrics};
+use interrupt::Interrupt;
+use metrics::{MetricsLog, StepMetrics, METRICS_FILE};
 use model::{BatchTensors, MemoryPlan, RopeTables, StepWeights};
 use optim::{AdamW, AdamWHyper};
 use params::ParamLayout;
+use run_dir::{Lock, Start, BASE_MODEL_DIR, CACHE_DIR};
 
 /// What every step needs and nothing changes: the model's shape, where parameters live, the device.
 pub struct StepContext {
@@ -251,14 +256,14 @@ pub fn train_step(
     // The loss is global now, so on a NaN every rank stops here together.
     let loss = loss_sum / loss_tokens.max(1.0);
     if !loss.is_finite() {
-        bail!("loss is {loss} at step {}; stopping with the last good checkpoint intact", step + 1);
+        bail!("loss is {loss} at step {}", step + 1);
     }
     // The gradients are sums over the step's tokens: the update divides by their number.
     let per_token = 1.0 / loss_tokens.max(1.0);
     let grad_norm = squares.sqrt() * per_token;
     PhaseTimer::mark(&mut timer, "clip")?;
     if !grad_norm.is_finite() {
-        bail!("gradient norm is {grad_norm} at step {}; stopping with the last good checkpoint intact", step + 1);
+        bail!("gradient norm is {grad_norm} at step {}", step + 1);
     }
     let grad_scale = per_token * optim::clip_factor(grad_norm, train.grad_clip);
     // Only `params[adam.shard]` changes: under ZeRO-1 the other ranks' shards of it are stale from now on
@@ -297,31 +302,39 @@ pub fn dev_loss(
     Ok(sums[0] / sums[1].max(1.0))
 }
 
-/// Where a finished run left its model.
+/// Where a finished (or interrupted) run left its model.
 pub struct RunSummary {
+    /// `final_checkpoint`, or the checkpoint an interrupted run saved.
     pub final_dir: PathBuf,
     pub steps: usize,
+    pub total_steps: usize,
     pub last_loss: Option<f64>,
+    /// Stopped early by Ctrl-C or SIGTERM (`interrupt`).
+    pub interrupted: bool,
 }
 
 /// The model directory to start from: the configured checkpoint, or `OUT/base-model` for a random model.
 fn base_model_dir(cfg: &RunConfig) -> PathBuf {
     match cfg.model.init.is_empty() {
         true => cfg.model.path.clone(),
-        false => cfg.checkpoint.out_dir.join("base-model"),
+        false => cfg.checkpoint.out_dir.join(BASE_MODEL_DIR),
     }
 }
 
-/// Creates the output directory, removes what killed runs left there and writes the random base model
-/// once (demos and benchmarks). Rank 0's job alone: ranks would race on the same files, and on several
-/// nodes a rank cannot tell whether another node's temporaries are stale.
-fn prepare_out_dir(cfg: &RunConfig) -> Result<()> {
+/// Creates the output directory and locks it for this run, refuses links out of it, cleans up after killed
+/// runs, makes it ready for `start` (`run_dir::claim`) and writes the random base model once (demos and
+/// benchmarks). Rank 0's job alone: ranks would race on the same files, and on several nodes a rank cannot
+/// tell whether another node's temporaries are stale.
+fn prepare_out_dir(cfg: &RunConfig, start: Start) -> Result<Lock> {
     let out = &cfg.checkpoint.out_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    run_dir::refuse_links(out)?;
+    let lock = Lock::acquire(out)?;
     let base = base_model_dir(cfg);
-    for dir in [out, &out.join("base-model")] {
+    for dir in [out, &out.join(BASE_MODEL_DIR)] {
         checkpoint::remove_stale_temporaries(dir)?;
     }
+    run_dir::claim(out, start)?;
     if !cfg.model.init.is_empty() && !base.join(hf::SAFETENSORS_FILE).exists() {
         write_random_checkpoint(
             &base,
@@ -333,22 +346,49 @@ fn prepare_out_dir(cfg: &RunConfig) -> Result<()> {
             Layout::Safetensors,
         )?;
     }
+    Ok(lock)
+}
+
+/// Refuses token ids beyond the model's vocabulary (a damaged or crafted data cache: the cache reader
+/// checks its structure, not the ids), which would otherwise index past the embedding.
+fn check_examples(ds: &Dataset, vocab_size: usize, what: &std::path::Path, cache: &std::path::Path) -> Result<()> {
+    for (i, ex) in ds.examples.iter().enumerate() {
+        if let Some(id) = ex.ids.iter().find(|&&id| id as usize >= vocab_size) {
+            bail!(
+                "{}: example {} (of {}) has token id {id}, beyond the model's vocabulary of {vocab_size}: the data \
+                 cache in {} is damaged; delete that directory to tokenize the file again",
+                what.display(),
+                i + 1,
+                ds.examples.len(),
+                cache.display()
+            );
+        }
+    }
     Ok(())
 }
 
-/// Trains as `cfg` says, as one rank of `comm`. With `resume`, continues from the newest complete
-/// checkpoint in the output directory (or starts fresh when there is none), whatever the world size that
-/// wrote it.
-pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSummary> {
+/// The newest checkpoint's path, for the message of a run that stopped on an error.
+fn last_good(out: &std::path::Path) -> String {
+    match checkpoint::latest(out) {
+        Ok(Some(dir)) => format!("the last good checkpoint is {} (continue from it with --resume)", dir.display()),
+        _ => "no checkpoint was saved yet".into(),
+    }
+}
+
+/// Trains as `cfg` says, as one rank of `comm`, started as `start` says. Resuming continues from the newest
+/// intact checkpoint in the output directory (or starts fresh when there is none), whatever the world size
+/// that wrote it, as long as it was saved by the same run (`resume`).
+pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSummary> {
     let out = &cfg.checkpoint.out_dir;
     let note = |msg: String| {
         if comm.is_main() {
             eprintln!("{msg}");
         }
     };
-    if comm.is_main() {
-        prepare_out_dir(cfg)?;
-    }
+    let _lock = match comm.is_main() {
+        true => Some(prepare_out_dir(cfg, start)?),
+        false => None,
+    };
     // The other ranks read the base model once rank 0 has written it.
     comm.barrier()?;
     let device = crate::device::rank_device(&cfg.train.device, comm.local_rank())?;
@@ -380,12 +420,16 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         overflow: cfg.data.overflow,
         pack: cfg.data.pack,
     };
-    let cache = out.join("cache");
+    let cache = out.join(CACHE_DIR);
     let train_ds = data::load_jsonl(&cfg.data.train, &tokenizer, &template, &opts, Some(&cache))?;
     let dev_ds = match cfg.data.dev.as_os_str().is_empty() {
         true => None,
         false => Some(data::load_jsonl(&cfg.data.dev, &tokenizer, &template, &opts, Some(&cache))?),
     };
+    check_examples(&train_ds, model_cfg.vocab_size, &cfg.data.train, &cache)?;
+    if let Some(ds) = &dev_ds {
+        check_examples(ds, model_cfg.vocab_size, &cfg.data.dev, &cache)?;
+    }
     let s = &train_ds.stats;
     note(format!(
         "data: {} examples, {} tokens ({} trained) from {}; {} truncated, {} dropped (max_seq_len {})",
@@ -415,16 +459,51 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         bail!("{}: too little data for one optimizer step of {rows_per_step} sequences", cfg.data.train.display());
     }
 
-    let resumed = match resume {
-        true => checkpoint::latest(out)?,
-        false => None,
+    let identity = RunIdentity {
+        data_fingerprint: resume::data_fingerprint(&train_ds),
+        data_examples: train_ds.examples.len(),
+        world_size: comm.world(),
+        micro_batch: t.micro_batch,
+        grad_accum: t.grad_accum,
     };
+    let mut run_toml = cfg.to_toml();
+    let resumed = match start {
+        Start::Resume { .. } => checkpoint::newest_intact(out)?,
+        _ => None,
+    };
+    let mut accepted_changes = Vec::new();
     let (params, mut adam, mut state) = match &resumed {
         Some(dir) => {
             let r = checkpoint::load(dir, &ctx.layout, &device)?;
-            if r.state.seed != t.seed {
-                bail!("{}: saved with train.seed = {}, the config says {}", dir.display(), r.state.seed, t.seed);
+            let state_file = dir.join(checkpoint::STATE_FILE);
+            resume::check_state(&r.state, total, t.epochs, |e| epoch_rows(e).len())
+                .with_context(|| format!("{}: the trainer state does not fit this run", state_file.display()))?;
+            let saved_config = dir.join(checkpoint::RUN_CONFIG_FILE);
+            let saved_toml = std::fs::read_to_string(&saved_config)
+                .with_context(|| format!("reading {}", saved_config.display()))?;
+            let d = resume::compare(&saved_toml, r.state.run.as_ref(), &run_toml, &identity)
+                .with_context(|| saved_config.display().to_string())?;
+            for n in &d.notices {
+                note(format!("resuming: {n}"));
             }
+            // Changes accepted earlier stay on record in every later run config.
+            let mut history: String =
+                saved_toml.lines().filter(|l| l.starts_with(resume::CHANGE_NOTE)).map(|l| format!("{l}\n")).collect();
+            if !d.changes.is_empty() {
+                if start != (Start::Resume { accept_changes: true }) {
+                    bail!(
+                        "{} was saved by a different run: {}. Resume with the checkpoint's settings, or pass \
+                         --resume-changed to continue with the new ones (recorded in {METRICS_FILE} and {})",
+                        dir.display(),
+                        d.changes.join("; "),
+                        checkpoint::RUN_CONFIG_FILE
+                    );
+                }
+                note(format!("resuming with changes (--resume-changed): {}", d.changes.join("; ")));
+                history += &format!("{}{} with changes: {}\n", resume::CHANGE_NOTE, r.state.step, d.changes.join("; "));
+                accepted_changes = d.changes;
+            }
+            run_toml = history + &run_toml;
             note(format!("resuming from {} (step {})", dir.display(), r.state.step));
             // A checkpoint holds the whole moments, whatever the world size it was saved on.
             let shard = optimizer_shard(t, comm, ctx.layout.total);
@@ -436,32 +515,39 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
             (r.params, adam, r.state)
         }
         None => {
-            if resume {
+            if let Start::Resume { .. } = start {
                 note(format!("--resume: no checkpoint in {}; starting from the beginning", out.display()));
             }
             let params = ctx.layout.load(&vb, &device)?;
             let adam = AdamW::zeros(optimizer_shard(t, comm, ctx.layout.total), &device)?;
-            (params, adam, TrainerState { step: 0, epoch: 0, epoch_rows_done: 0, seed: t.seed })
+            (params, adam, TrainerState { step: 0, epoch: 0, epoch_rows_done: 0, seed: t.seed, run: None })
         }
     };
+    state.run = Some(identity);
     drop(vb);
 
-    let run_toml = cfg.to_toml();
     // Rank 0 reports: metrics and the progress bar.
     let mut report = match comm.is_main() {
         true => {
-            std::fs::write(out.join(checkpoint::RUN_CONFIG_FILE), &run_toml)?;
-            let log = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
+            hf::write_atomic(&out.join(checkpoint::RUN_CONFIG_FILE), |tmp| Ok(std::fs::write(tmp, &run_toml)?))?;
+            let mut log = MetricsLog::open(&out.join(METRICS_FILE), state.step)?;
+            if !accepted_changes.is_empty() {
+                let event = serde_json::json!({"step": state.step, "event": "resumed with changes", "changes": accepted_changes});
+                log.log(&event)?;
+            }
             Some((log, metrics::progress_bar(total, state.step)))
         }
         false => None,
     };
     let pad = tokenizer.pad_id().unwrap_or(0);
+    // The template the model learns goes with every checkpoint, so prompting it finds that one.
+    let chat_template = template.standalone();
     let writer = CheckpointWriter {
         out_dir: out,
         model_cfg: &model_cfg,
         layout: &ctx.layout,
         tokenizer_files: tokenizer.files(),
+        chat_template: &chat_template,
         run_config: &run_toml,
         keep: cfg.checkpoint.keep,
     };
@@ -472,8 +558,13 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
     let watchdog = (comm.world() > 1 && t.step_timeout > 0)
         .then(|| Watchdog::start(comm.rank(), std::time::Duration::from_secs(t.step_timeout)));
     let beat = || watchdog.as_ref().map(Watchdog::beat);
+    // From here on Ctrl-C saves before stopping; earlier, nothing would be lost by stopping at once.
+    let interrupt = Interrupt::install()?;
+    let stopped = |e: anyhow::Error| e.context(format!("training stopped; {}", last_good(out)));
+    let mut saved_at_stop = None;
     while state.step < total {
-        if state.epoch_rows_done + rows_per_step > rows.len() {
+        // `epoch_rows_done` is at most `rows.len()` (`resume::check_state`), so this cannot overflow.
+        if rows.len() - state.epoch_rows_done < rows_per_step {
             state.epoch += 1;
             state.epoch_rows_done = 0;
             rows = epoch_rows(state.epoch);
@@ -484,7 +575,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         let micro: Vec<Batch> = mine.chunks(t.micro_batch).map(|c| data::make_batch(&train_ds, c, pad)).collect();
         let lr = optim::learning_rate(t, state.step, total);
         let started = Instant::now();
-        let r = train_step(&ctx, t, comm, &params, &mut adam, &micro, state.step, lr, None)?;
+        let r = train_step(&ctx, t, comm, &params, &mut adam, &micro, state.step, lr, None).map_err(stopped)?;
         let secs = started.elapsed().as_secs_f64();
         beat();
         state.step += 1;
@@ -496,7 +587,12 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
             (Some(ds), true) => Some(dev_loss(&ctx, comm, &params, &adam.shard, ds, &opts, t.micro_batch, pad)?),
             _ => None,
         };
-        let checkpoint_due = cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total;
+        // Every rank stops at the same step, if any rank was asked to.
+        let mut asked = [f64::from(u8::from(interrupt.requested()))];
+        comm.all_reduce_sum_f64(&mut asked)?;
+        let stop = asked[0] > 0.0 && state.step < total;
+        let checkpoint_due =
+            stop || cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total;
         // Under ZeRO-1 every rank takes part in collecting the weights and moments; rank 0 alone writes them.
         let moments = match checkpoint_due {
             true => {
@@ -506,7 +602,12 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
             false => None,
         };
         // The other ranks go on to the next step and wait for rank 0 in its all-reduce.
-        let Some((log, bar)) = report.as_mut() else { continue };
+        let Some((log, bar)) = report.as_mut() else {
+            if stop {
+                break;
+            }
+            continue;
+        };
         let tokens_per_sec = r.tokens as f64 / secs;
         let tflops = tokens_per_sec * flops_per_token / 1e12;
         log.log(&StepMetrics {
@@ -533,19 +634,29 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, resume: bool) -> Result<RunSumm
         bar.set_message(status);
         bar.inc(1);
         if let Some((m, v)) = &moments {
-            writer.save(&params, m, v, &state)?;
+            let dir = writer.save(&params, m, v, &state).map_err(stopped)?;
             beat();
+            if stop {
+                bar.abandon();
+                saved_at_stop = Some(dir);
+                break;
+            }
         }
     }
-    gather_params(comm, &params, &adam.shard)?;
-    let final_dir = match &report {
-        Some((_, bar)) => {
+    // Only an interrupted run ends before the last step; all ranks know it (the stop was agreed).
+    let interrupted = state.step < total;
+    if !interrupted {
+        gather_params(comm, &params, &adam.shard)?;
+    }
+    let final_dir = match (&report, saved_at_stop) {
+        (_, Some(dir)) => dir,
+        (Some((_, bar)), None) if !interrupted => {
             bar.finish();
-            writer.save_final(&params)?
+            writer.save_final(&params).map_err(stopped)?
         }
-        None => out.join(checkpoint::FINAL_DIR),
+        _ => out.join(checkpoint::FINAL_DIR),
     };
-    // Every rank returns once the final model is written.
+    // Every rank returns once the final model (or the interrupted run's checkpoint) is written.
     comm.barrier()?;
-    Ok(RunSummary { final_dir, steps: state.step, last_loss })
+    Ok(RunSummary { final_dir, steps: state.step, total_steps: total, last_loss, interrupted })
 }

@@ -15,7 +15,7 @@ $GT --nocapture --test-threads=1 > $OUT/tests.txt 2>&1; grep -E "^test |test res
 # Loss curves of the tiny config (heads of 16: the blocked attention), and with TINY64 (a tiny checkpoint whose
 # config.json says one head of 64: the flash kernel) of that model too.
 curves() {
-  local TINY="--config configs/tiny.toml --set log.dev_every=0 --set checkpoint.every=0 --set train.epochs=100 --set train.max_steps=200 $*"
+  local TINY="--overwrite --config configs/tiny.toml --set log.dev_every=0 --set checkpoint.every=0 --set train.epochs=100 --set train.max_steps=200 $*"
   $BT $TINY --set train.device=cuda --set checkpoint.out_dir=/tmp/fused > /tmp/f.log 2>&1 || tail -3 /tmp/f.log
   BESSIE_UNFUSED=1 $BT $TINY --set train.device=cuda --set checkpoint.out_dir=/tmp/unfused > /tmp/u.log 2>&1 || tail -3 /tmp/u.log
   $BT $TINY --set train.device=cpu --set checkpoint.out_dir=/tmp/cpu > /tmp/c.log 2>&1 || tail -3 /tmp/c.log
