@@ -1,7 +1,7 @@
 //! A mutation fuzzer over Bessie's readers of downloaded files: tokenizer.model, tokenizer_config.json,
 //! added_tokens.json, tokenizer.json, generation_config.json, model.safetensors and its sharded index,
 //! pytorch_model.bin (as Bessie and as torch.save write it), config.json, the run config and a training
-//! checkpoint's trainer_state.json and optimizer.safetensors.
+//! checkpoint's trainer_state.json, optimizer.safetensors and checksums.json.
 //!
 //! Valid seed files are built here; each case copies one seed directory, mutates one file with a small
 //! deterministic mutator, and runs the real reader on it in a child process (this binary again) under a
@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use bessie::checkpoint::{CheckpointWriter, TrainerState};
+use bessie::checkpoint::{CheckpointWriter, RunIdentity, TrainerState};
 use bessie::config::{ModelConfig, RunConfig};
 use bessie::model::hf::{self, Layout};
 use bessie::tokenizer::Tokenizer;
@@ -61,6 +61,7 @@ const TARGETS: &[Target] = &[
     Target { name: "run config", seed: "run", file: "run.toml" },
     Target { name: "trainer_state.json", seed: "checkpoint", file: "trainer_state.json" },
     Target { name: "optimizer.safetensors", seed: "checkpoint", file: "optimizer.safetensors" },
+    Target { name: "checksums.json", seed: "checkpoint-sums", file: "checksums.json" },
 ];
 
 /// What the child does with a case directory: read it as the named seed kind, the way Bessie does.
@@ -89,7 +90,9 @@ fn read_case(seed: &str, dir: &Path) -> anyhow::Result<()> {
         "run" => {
             RunConfig::load(Some(&dir.join("run.toml")), &[])?;
         }
-        "checkpoint" => {
+        "checkpoint" | "checkpoint-sums" => {
+            // As resuming reads one: checksums (when there is a manifest) first.
+            bessie::manifest::verify(dir)?;
             let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
             bessie::checkpoint::load(dir, &ParamLayout::new(&cfg), &cpu)?;
         }
@@ -332,13 +335,34 @@ fn build_seeds(root: &Path) {
         model_cfg: &cfg,
         layout: &layout,
         tokenizer_files: &[],
+        chat_template: "",
         run_config: "",
         keep: 1,
     };
-    let state = TrainerState { step: 3, epoch: 0, epoch_rows_done: 12, seed: 42 };
+    let run = RunIdentity {
+        data_fingerprint: "0123abcd".into(),
+        data_examples: 40,
+        world_size: 1,
+        micro_batch: 4,
+        grad_accum: 1,
+    };
+    let state = TrainerState { step: 3, epoch: 0, epoch_rows_done: 12, seed: 42, run: Some(run) };
     let saved = writer.save(&params, &params, &params, &state).unwrap();
+    // With its checksums, and without them for the files behind (as an attacker would recompute them).
+    copy_dir(&saved, &root.join("checkpoint-sums"));
     std::fs::rename(saved, root.join("checkpoint")).unwrap();
-    for seed in ["tokenizer", "tokenizer-json", "safetensors", "sharded", "pth", "torch-save", "run", "checkpoint"] {
+    std::fs::remove_file(root.join("checkpoint").join(bessie::manifest::MANIFEST_FILE)).unwrap();
+    for seed in [
+        "tokenizer",
+        "tokenizer-json",
+        "safetensors",
+        "sharded",
+        "pth",
+        "torch-save",
+        "run",
+        "checkpoint",
+        "checkpoint-sums",
+    ] {
         read_case(seed, &root.join(seed)).unwrap_or_else(|e| panic!("seed {seed} does not load: {e:#}"));
     }
 }
