@@ -63,7 +63,7 @@ fn a_damaged_model_is_one_error_line_even_with_rust_backtrace() {
     // Weights of another shape than config.json says: candle's error, which carries a backtrace then.
     let config = dir.path().join("config.json");
     let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
-    json["intermediate_size"] = 180.into();
+    json["num_key_value_heads"] = 2.into();
     std::fs::write(&config, json.to_string()).unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_bessie-prompt"))
         .arg("-m")
@@ -74,5 +74,5 @@ fn a_damaged_model_is_one_error_line_even_with_rust_backtrace() {
         .unwrap();
     let stderr = failing(&run);
     assert!(stderr.starts_with("error: ") && stderr.lines().count() == 1, "{stderr}");
-    assert!(stderr.contains("has shape [176, 64] but config.json implies [180, 64]"), "{stderr}");
+    assert!(stderr.contains("has shape [64, 64] but config.json implies [32, 64]"), "{stderr}");
 }

@@ -125,6 +125,10 @@ pub const PACKED_QUANT_METHOD: &str = "bessie_ternary";
 pub const PACKED_FORMAT: &str = "ternary-2bit";
 pub const PACKED_VERSION: u64 = 1;
 
+/// Bounds on `config.json` sizes: far above any BitNet model, far below what overflows or cannot be allocated.
+const MAX_LAYERS: usize = 4096;
+const MAX_PARAMETERS: u128 = 1 << 40;
+
 /// Named model shapes: the 1bitLLM family and a tiny one for tests and demos.
 pub const SHAPES: &[&str] = &["tiny", "large", "xl", "3b"];
 
@@ -188,6 +192,28 @@ impl ModelConfig {
         for (key, v) in nonzero {
             if v == 0 {
                 bail!("field `{key}` must be positive");
+            }
+        }
+        // Sane bounds before anything is sized from these numbers (`hf::open` then checks them against the
+        // weights): the parameter count is computed without overflow, and the layer count bounds the loops
+        // over layers.
+        if self.num_hidden_layers > MAX_LAYERS {
+            bail!("field `num_hidden_layers` is {}; at most {MAX_LAYERS} are supported", self.num_hidden_layers);
+        }
+        match self.checked_num_parameters() {
+            Some(n) if n <= MAX_PARAMETERS => {}
+            _ => bail!(
+                "fields `vocab_size` ({}), `hidden_size` ({}), `intermediate_size` ({}) and `num_hidden_layers` ({}) \
+                 make more than {MAX_PARAMETERS} parameters",
+                self.vocab_size,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_hidden_layers
+            ),
+        }
+        for (key, v) in [("rope_theta", self.rope_theta), ("rms_norm_eps", self.rms_norm_eps)] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("field `{key}` must be positive, not {v}");
             }
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) || !self.head_dim().is_multiple_of(2) {
@@ -329,5 +355,24 @@ impl ModelConfig {
     /// Parameter count, with the embedding counted once when tied.
     pub fn num_parameters(&self) -> usize {
         crate::model::parameter_shapes(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+
+    /// The parameter count of `model::parameter_shapes` in checked arithmetic, for sizes not yet validated.
+    fn checked_num_parameters(&self) -> Option<u128> {
+        let [h, i, v, l] =
+            [self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers].map(|x| x as u128);
+        let kv = (self.num_kv_heads() as u128).checked_mul(h / self.num_attention_heads as u128)?;
+        // Per block: 4 norms (3 of width h, 1 of width i), q and o (h x h), k and v (kv x h), 3 MLP (i x h).
+        let block = [
+            h.checked_mul(3)?,
+            i,
+            h.checked_mul(h)?.checked_mul(2)?,
+            kv.checked_mul(h)?.checked_mul(2)?,
+            i.checked_mul(h)?.checked_mul(3)?,
+        ]
+        .into_iter()
+        .try_fold(0u128, u128::checked_add)?;
+        let embeddings = v.checked_mul(h)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        block.checked_mul(l)?.checked_add(embeddings)?.checked_add(h)
     }
 }

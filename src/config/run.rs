@@ -18,6 +18,11 @@ const EMBEDDED: &str = include_str!("../../configs/tiny.toml");
 /// Where the embedded config lives, so its relative paths resolve as if it had been read from disk.
 const EMBEDDED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
 
+/// Bounds on run sizes: far beyond any real run, small enough that the arithmetic on them cannot overflow
+/// and counting the steps cannot take long.
+const MAX_ROWS_PER_STEP: usize = 1 << 32;
+const MAX_EPOCHS: usize = 10_000;
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
@@ -349,6 +354,18 @@ impl RunConfig {
                 bail!("{key} must be positive");
             }
         }
+        // Sequences per step and per rank; any world size times this still fits a usize.
+        if t.micro_batch.checked_mul(t.grad_accum).is_none_or(|n| n > MAX_ROWS_PER_STEP) {
+            bail!(
+                "train.micro_batch x train.grad_accum is {} x {}; at most {MAX_ROWS_PER_STEP} sequences per step",
+                t.micro_batch,
+                t.grad_accum
+            );
+        }
+        // Each epoch's order is computed to count the steps, even when train.max_steps stops the run sooner.
+        if t.epochs > MAX_EPOCHS {
+            bail!("train.epochs is {}; at most {MAX_EPOCHS} (train.max_steps caps a run by steps)", t.epochs);
+        }
         match m.rope_scaling {
             RopeScalingType::None if m.rope_scaling_factor != 1.0 => {
                 bail!("model.rope_scaling_factor is {} but model.rope_scaling is none", m.rope_scaling_factor)
@@ -443,8 +460,16 @@ mod tests {
     #[test]
     fn validate_names_the_key() {
         type Edit = fn(&mut RunConfig);
-        let cases: [(Edit, &str); 14] = [
+        let cases: [(Edit, &str); 16] = [
             (|c| c.train.micro_batch = 0, "train.micro_batch must be positive"),
+            (
+                |c| {
+                    c.train.micro_batch = 1 << 40;
+                    c.train.grad_accum = 1 << 40;
+                },
+                "train.micro_batch x train.grad_accum",
+            ),
+            (|c| c.train.epochs = usize::MAX, "train.epochs is 18446744073709551615; at most 10000"),
             (|c| c.data.max_seq_len = 0, "data.max_seq_len must be positive"),
             (|c| c.train.lr = 0.0, "train.lr must be positive"),
             (|c| c.train.min_lr_ratio = 1.5, "train.min_lr_ratio"),

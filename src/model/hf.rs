@@ -31,27 +31,60 @@ pub struct WeightFiles {
     file_of: HashMap<String, PathBuf>,
     /// What a missing tensor's error names as the place it was looked for.
     source: String,
+    nonfinite: NonFinite,
+}
+
+/// What loading does with a weight that holds NaN or infinite values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonFinite {
+    /// An error naming the tensor: training on it would only spread the NaNs.
+    Refuse,
+    /// A warning naming the tensor (inference still shows what the model does).
+    Warn,
 }
 
 impl WeightFiles {
     /// Finds the weights in `dir`, preferring safetensors over PyTorch pickles.
-    pub fn open(dir: &Path) -> Result<Self> {
+    pub fn open(dir: &Path, nonfinite: NonFinite) -> Result<Self> {
         let at = |f: &str| dir.join(f);
-        if at(SAFETENSORS_INDEX).exists() {
-            let files = read_index(&at(SAFETENSORS_INDEX))?;
-            Self::safetensors(files, SAFETENSORS_INDEX)
-        } else if at(SAFETENSORS_FILE).exists() {
-            Self::safetensors(vec![at(SAFETENSORS_FILE)], SAFETENSORS_FILE)
-        } else if at(PTH_INDEX).exists() {
-            Self::pth(read_index(&at(PTH_INDEX))?, PTH_INDEX)
-        } else if at(PTH_FILE).exists() {
-            Self::pth(vec![at(PTH_FILE)], PTH_FILE)
+        let mut weights = if is_regular_file(&at(SAFETENSORS_INDEX))? {
+            let (files, map) = read_index(&at(SAFETENSORS_INDEX))?;
+            Self::safetensors(files, SAFETENSORS_INDEX)?.check_index(&map)?
+        } else if is_regular_file(&at(SAFETENSORS_FILE))? {
+            Self::safetensors(vec![at(SAFETENSORS_FILE)], SAFETENSORS_FILE)?
+        } else if is_regular_file(&at(PTH_INDEX))? {
+            let (files, map) = read_index(&at(PTH_INDEX))?;
+            Self::pth(files, PTH_INDEX)?.check_index(&map)?
+        } else if is_regular_file(&at(PTH_FILE))? {
+            Self::pth(vec![at(PTH_FILE)], PTH_FILE)?
         } else {
             bail!(
                 "no weights in {}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {PTH_FILE} or {PTH_INDEX}",
                 dir.display()
             )
+        };
+        weights.nonfinite = nonfinite;
+        Ok(weights)
+    }
+
+    /// Checks that every tensor is in the shard the index maps it to, and the index maps every tensor.
+    fn check_index(self, map: &BTreeMap<String, PathBuf>) -> Result<Self> {
+        for (name, file) in &self.file_of {
+            match map.get(name) {
+                Some(f) if f == file => {}
+                Some(f) => bail!(
+                    "{}: tensor `{name}` is in {}, not {} as the index says",
+                    self.source,
+                    file.display(),
+                    f.display()
+                ),
+                None => bail!("{}: tensor `{name}` of {} is not in the index", self.source, file.display()),
+            }
         }
+        if let Some((name, f)) = map.iter().find(|(name, _)| !self.file_of.contains_key(*name)) {
+            bail!("{}: tensor `{name}` is not in {}, where the index says it is", self.source, f.display());
+        }
+        Ok(self)
     }
 
     fn safetensors(files: Vec<PathBuf>, source: &str) -> Result<Self> {
@@ -64,22 +97,30 @@ impl WeightFiles {
             // SAFETY: as above.
             let one = unsafe { MmapedSafetensors::new(f) }?;
             for (name, _) in one.tensors() {
-                file_of.insert(name, f.clone());
+                add_tensor(&mut file_of, name, f)?;
             }
         }
-        Ok(Self { storage: Storage::Safetensors(st), file_of, source: source.into() })
+        Ok(Self { storage: Storage::Safetensors(st), file_of, source: source.into(), nonfinite: NonFinite::Refuse })
     }
 
     fn pth(files: Vec<PathBuf>, source: &str) -> Result<Self> {
         let (mut tensors, mut file_of) = (HashMap::new(), HashMap::new());
         for f in &files {
-            let all = candle_core::pickle::read_all(f).with_context(|| format!("reading {}", f.display()))?;
+            let all = super::pth::read(f).with_context(|| format!("reading {}", f.display()))?;
             for (name, t) in all {
-                file_of.insert(name.clone(), f.clone());
+                add_tensor(&mut file_of, name.clone(), f)?;
                 tensors.insert(name, t);
             }
         }
-        Ok(Self { storage: Storage::Pth(tensors), file_of, source: source.into() })
+        Ok(Self { storage: Storage::Pth(tensors), file_of, source: source.into(), nonfinite: NonFinite::Refuse })
+    }
+
+    /// The shape of tensor `name` as its file says, without reading its data; None when there is none.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.storage {
+            Storage::Safetensors(st) => st.get(name).ok().map(|v| v.shape().to_vec()),
+            Storage::Pth(map) => map.get(name).map(|t| t.dims().to_vec()),
+        }
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -93,7 +134,21 @@ impl WeightFiles {
             Storage::Pth(map) => Ok(map[name].clone()),
         }
         .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", file.display())))?;
-        t.to_dtype(dtype)?.to_device(device)
+        // Integers where floats are wanted (or the reverse) are a corrupt or foreign file, not a conversion.
+        if t.dtype() != dtype && !(t.dtype().is_float() && dtype.is_float()) {
+            candle_core::bail!("{}: tensor `{name}` is {:?}, expected {:?}", file.display(), t.dtype(), dtype);
+        }
+        let t = t.to_dtype(dtype)?;
+        // Checked after the conversion: large finite f32 values overflow f16.
+        let bad = count_nonfinite(&t)?;
+        if bad > 0 {
+            let msg = format!("{}: tensor `{name}` has {bad} NaN or infinite values", file.display());
+            match self.nonfinite {
+                NonFinite::Refuse => candle_core::bail!("{msg}"),
+                NonFinite::Warn => eprintln!("warning: {msg}; the model's outputs will not mean anything"),
+            }
+        }
+        t.to_device(device)
     }
 
     /// A `VarBuilder` over these weights producing `dtype` tensors on `device`.
@@ -130,6 +185,43 @@ impl SimpleBackend for WeightFiles {
     }
 }
 
+/// NaN and infinite elements of a CPU tensor, counted in place; zero for integer tensors.
+fn count_nonfinite(t: &Tensor) -> candle_core::Result<usize> {
+    use candle_core::{CpuStorage, Storage};
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("weights are checked on the CPU")
+    };
+    Ok(match cpu {
+        CpuStorage::F32(v) => v[start..end].iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::F64(v) => v[start..end].iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::F16(v) => v[start..end].iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::BF16(v) => v[start..end].iter().filter(|x| !x.is_finite()).count(),
+        _ => 0,
+    })
+}
+
+/// Records that tensor `name` lives in `file`; a name in two files is ambiguous.
+fn add_tensor(file_of: &mut HashMap<String, PathBuf>, name: String, file: &Path) -> Result<()> {
+    if let Some(other) = file_of.get(&name) {
+        bail!("tensor `{name}` is in both {} and {}", other.display(), file.display());
+    }
+    file_of.insert(name, file.to_path_buf());
+    Ok(())
+}
+
+/// Whether `path` exists as a regular file (after symlinks, which Hugging Face's cache uses); anything
+/// else under a weight file's name (a FIFO, a device, a directory) is an error naming it.
+fn is_regular_file(path: &Path) -> Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(true),
+        Ok(_) => bail!("{} is not a regular file", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 fn check_shape(file: &Path, name: &str, found: &Shape, expected: &Shape) -> candle_core::Result<()> {
     if found != expected {
         candle_core::bail!(
@@ -146,8 +238,10 @@ fn display_files(files: &[PathBuf]) -> String {
     files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// The shard files an index's `weight_map` names, in order of first appearance.
-fn read_index(path: &Path) -> Result<Vec<PathBuf>> {
+/// The shard files an index's `weight_map` names, in order of first appearance, and the map with the
+/// shards' paths. A shard is a plain file name in the index's directory: no separators, `..` or absolute
+/// paths reaching other files, and a regular file, not a FIFO or device that would hang or mislead.
+fn read_index(path: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, PathBuf>)> {
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
@@ -156,26 +250,71 @@ fn read_index(path: &Path) -> Result<Vec<PathBuf>> {
     let index: Index = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
-    for f in index.weight_map.values() {
-        let p = dir.join(f);
+    let mut map = BTreeMap::new();
+    for (name, f) in index.weight_map {
+        let plain = !f.is_empty() && f != "." && f != ".." && !f.contains(['/', '\\', '\0']);
+        if !plain {
+            bail!(
+                "{}: tensor `{name}` is in shard {f:?}, which is not a file name in the checkpoint directory",
+                path.display()
+            );
+        }
+        let p = dir.join(&f);
         if !files.contains(&p) {
-            if !p.exists() {
+            if !is_regular_file(&p)? {
                 bail!("{}: lists shard {f}, which does not exist", path.display());
             }
-            files.push(p);
+            files.push(p.clone());
         }
+        map.insert(name, p);
     }
-    Ok(files)
+    Ok((files, map))
 }
 
-/// Loads `config.json` and a `VarBuilder` over the weights of a checkpoint directory.
+/// Loads `config.json` and a `VarBuilder` over the weights of a checkpoint directory, refusing weights
+/// with NaN or infinite values.
 pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, VarBuilder<'static>)> {
+    open_with(dir, dtype, device, NonFinite::Refuse)
+}
+
+/// [`open`], with what to do about NaN or infinite weights.
+pub fn open_with(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    nonfinite: NonFinite,
+) -> Result<(ModelConfig, VarBuilder<'static>)> {
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
     }
-    let cfg = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
-    let weights = WeightFiles::open(dir)?;
+    let config = dir.join(CONFIG_FILE);
+    is_regular_file(&config)?; // a FIFO would block the read
+    let cfg = ModelConfig::from_file(&config)?;
+    let weights = WeightFiles::open(dir, nonfinite)?;
+    check_sizes(&cfg, &weights).with_context(|| format!("{} does not match the weights", config.display()))?;
     Ok((cfg, weights.var_builder(dtype, device)))
+}
+
+/// Checks config.json's sizes against the shapes the weight files declare, before anything is sized from
+/// them: the embedding gives `vocab_size` x `hidden_size`, the first block's MLP norm `intermediate_size`,
+/// and the blocks present `num_hidden_layers` (the key/value width is at most `hidden_size`).
+fn check_sizes(cfg: &ModelConfig, weights: &WeightFiles) -> Result<()> {
+    let expect = |name: &str, shape: Vec<usize>, keys: &str| -> Result<()> {
+        match weights.shape_of(name) {
+            Some(found) if found == shape => Ok(()),
+            Some(found) => bail!("field(s) {keys} say tensor `{name}` is {shape:?}, the weights have {found:?}"),
+            None => bail!("field(s) {keys} need tensor `{name}`, which the weights do not have"),
+        }
+    };
+    let (h, l) = (cfg.hidden_size, cfg.num_hidden_layers);
+    expect("model.embed_tokens.weight", vec![cfg.vocab_size, h], "`vocab_size`, `hidden_size`")?;
+    expect("model.layers.0.mlp.ffn_layernorm.weight", vec![cfg.intermediate_size], "`intermediate_size`")?;
+    expect(&format!("model.layers.{}.input_layernorm.weight", l - 1), vec![h], "`num_hidden_layers`")?;
+    let beyond = format!("model.layers.{l}.");
+    if let Some(name) = weights.names().find(|n| n.starts_with(&beyond)) {
+        bail!("field `num_hidden_layers` is {l} but the weights have `{name}`");
+    }
+    Ok(())
 }
 
 /// How the weights of a saved checkpoint are laid out on disk.

@@ -17,10 +17,11 @@ use crate::config::ModelConfig;
 
 /// Loads a Hugging Face checkpoint directory for inference on `device` in its compute dtype: latent weights,
 /// or a packed ternary export (`config.json` says which; see `ternary`). Checkpoints with a checksum
-/// manifest are verified first (`manifest`).
+/// manifest are verified first (`manifest`). NaN or infinite weights are warned about, not refused:
+/// inference still shows what the model does.
 pub fn load(dir: &Path, device: &Device) -> Result<BitNet> {
     crate::manifest::verify(dir)?;
-    let (cfg, vb) = hf::open(dir, crate::device::compute_dtype(device), device)?;
+    let (cfg, vb) = hf::open_with(dir, crate::device::compute_dtype(device), device, hf::NonFinite::Warn)?;
     BitNet::load(vb, &cfg).with_context(|| format!("loading the model in {}", dir.display()))
 }
 

@@ -10,7 +10,7 @@
 mod sentencepiece;
 pub mod template;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -103,7 +103,7 @@ impl Tokenizer {
         let json = main;
         let (backend, defaults) = if json.extension().is_some_and(|e| e == "json") {
             // tokenizer.json lists its added tokens itself.
-            let tok = tokenizers::Tokenizer::from_file(json).map_err(|e| anyhow!("loading {}: {e}", json.display()))?;
+            let tok = read_tokenizer_json(json)?;
             // SentencePiece-style names, else LLaMA-3's.
             let named = |names: [&str; 2]| names.iter().find_map(|n| tok.token_to_id(n));
             let defaults = [named(["<s>", "<|begin_of_text|>"]), named(["</s>", "<|end_of_text|>"]), None];
@@ -339,7 +339,7 @@ impl Config {
                 let bad = || format!("{}: bad added token {id:?}: {token}", path.display());
                 let content = token_content(Some(token)).with_context(bad)?;
                 let special = token.get("special").and_then(Value::as_bool).unwrap_or(false);
-                c.added.insert(id.parse().with_context(bad)?, AddedToken { content, special, file });
+                c.add(id.parse().with_context(bad)?, AddedToken { content, special, file }, dir)?;
             }
         }
         let file = "added_tokens.json";
@@ -350,10 +350,28 @@ impl Config {
                 let id = id.as_u64().and_then(|id| u32::try_from(id).ok());
                 let id = id.with_context(|| format!("{}: bad id for {content:?}", path.display()))?;
                 // Where both files list a token, tokenizer_config.json also says whether it is special.
-                c.added.entry(id).or_insert_with(|| AddedToken { content: content.clone(), special: false, file });
+                match c.added.get(&id) {
+                    Some(t) if t.content == *content => {}
+                    _ => c.add(id, AddedToken { content: content.clone(), special: false, file }, dir)?,
+                }
             }
         }
         Ok(c)
+    }
+
+    /// Records an added token. An empty one would match everywhere (encoding would never advance) and two
+    /// for one text or one id make the ids ambiguous: errors naming the file and the id.
+    fn add(&mut self, id: u32, token: AddedToken, dir: &Path) -> Result<()> {
+        let here = || format!("{}: added token id {id}", dir.join(token.file).display());
+        ensure!(!token.content.is_empty(), "{}: the token is empty", here());
+        if let Some(old) = self.added.get(&id) {
+            bail!("{}: {:?}, but {} gives that id to {:?}", here(), token.content, old.file, old.content);
+        }
+        if let Some((other, _)) = self.added.iter().find(|(_, t)| t.content == token.content) {
+            bail!("{}: {:?} is also added token id {other}", here(), token.content);
+        }
+        self.added.insert(id, token);
+        Ok(())
     }
 }
 
@@ -376,6 +394,23 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
+}
+
+/// A `tokenizer.json` through the `tokenizers` crate, which panics on some malformed files instead of
+/// returning an error: on syntax errors in the `decoder` section (so the syntax is checked first, for a
+/// message with line and column), and on a `continuing_subword_prefix` longer than a merged token (so a
+/// panic while building is caught and becomes an error naming the file).
+fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text).with_context(|| format!("parsing {}", path.display()))?;
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(tok) => tok.map_err(|e| anyhow!("loading {}: {e}", path.display())),
+        Err(panic) => {
+            let why =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            bail!("loading {}: the tokenizers crate failed on it: {}", path.display(), why.unwrap_or_default())
+        }
+    }
 }
 
 /// A token in the config files: `"<s>"` or `{"content": "<s>", ...}`; `null` means none.

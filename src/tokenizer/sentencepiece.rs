@@ -635,18 +635,24 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// Skips a (deprecated) group up to its matching end-group key, nested groups included.
+    /// Skips a (deprecated) group up to its matching end-group key, nested groups included. Iterative, with
+    /// the open groups on a heap stack: a file of nested group keys must not recurse once per level.
     fn skip_group(&mut self, field: u64) -> Result<()> {
-        loop {
+        let mut open = vec![field];
+        while let Some(&inner) = open.last() {
             let key = self.varint()?;
             match (key >> 3, key & 7) {
-                (f, 4) if f == field => return Ok(()),
-                (_, 4) => bail!("mismatched end of group {field} before byte {}", self.pos),
+                (f, 4) if f == inner => {
+                    open.pop();
+                }
+                (_, 4) => bail!("mismatched end of group {inner} before byte {}", self.pos),
+                (f, 3) => open.push(f),
                 (f, wire) => {
                     self.value(f, wire)?;
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -774,6 +780,20 @@ mod tests {
         field_bytes(104, b"unknown", &mut extra);
         let m = Model::parse(&tiny(&identity(false), &extra)).unwrap();
         assert_eq!(m.vocab_size(), 14);
+    }
+
+    #[test]
+    fn deeply_nested_groups_neither_recurse_nor_load() {
+        // 200k nested start-group keys of field 1 (byte 0x0b): once a stack overflow per level.
+        let err = Model::parse(&vec![0x0b; 200_000]).unwrap_err();
+        assert!(format!("{err:#}").contains("truncated varint"), "{err:#}");
+        // Closed properly, the same depth is an ordinary (skipped) unknown field.
+        let mut extra = vec![(101 << 3 | 3) as u8 | 0x80, 6];
+        let depth = 100_000;
+        extra.extend(std::iter::repeat_n(0x0b, depth));
+        extra.extend(std::iter::repeat_n(0x0c, depth));
+        extra.extend([(101 << 3 | 4) as u8 | 0x80, 6]);
+        assert_eq!(Model::parse(&tiny(&identity(false), &extra)).unwrap().vocab_size(), 14);
     }
 
     #[test]
