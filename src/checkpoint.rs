@@ -58,7 +58,8 @@ pub struct RunIdentity {
 impl RunIdentity {
     /// Sequences per optimizer step, all ranks together.
     pub fn global_batch(&self) -> usize {
-        self.micro_batch * self.grad_accum * self.world_size
+        // From a file: saturating, so a damaged trainer state compares unequal instead of overflowing.
+        self.micro_batch.saturating_mul(self.grad_accum).saturating_mul(self.world_size)
     }
 }
 
