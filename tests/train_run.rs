@@ -684,3 +684,17 @@ fn ctrl_c_saves_a_checkpoint_and_says_how_to_resume() {
     assert!(!stderr.contains("interrupted after step"), "{stderr}");
     assert_eq!(assert_checkpoints_complete(out.path()), before);
 }
+
+/// Without a terminal (logs, CI, Slurm) a progress line is printed at every dev loss, with it.
+#[test]
+fn headless_progress_lines_show_every_dev_loss() {
+    let out = TempDir::new().unwrap();
+    let dev = concat!("data.dev=", env!("CARGO_MANIFEST_DIR"), "/data/tiny/dev.jsonl");
+    let done = run_ok(&mut train(out.path(), 40, &["checkpoint.every=0", dev, "log.dev_every=7"]));
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    for step in [7, 14, 21, 28, 35, 40] {
+        let line =
+            stderr.lines().find(|l| l.starts_with(&format!("step {step}/40 "))).unwrap_or_else(|| panic!("{stderr}"));
+        assert!(line.contains(" dev "), "step {step}: {line}");
+    }
+}

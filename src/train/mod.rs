@@ -627,8 +627,9 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
             dev.map(|d| format!(" dev {d:.4}")).unwrap_or_default(),
             tokens_per_sec
         );
-        // Without a terminal the bar is hidden; logs get a line every 5% of the run instead.
-        if bar.is_hidden() && (state.step % total.div_ceil(20) == 0 || state.step == total) {
+        // Without a terminal the bar is hidden; logs get a line every 5% of the run instead, and one at
+        // every dev loss.
+        if bar.is_hidden() && (state.step % total.div_ceil(20) == 0 || state.step == total || dev.is_some()) {
             eprintln!("step {}/{total} {status}", state.step);
         }
         bar.set_message(status);
