@@ -176,6 +176,19 @@ struct Tokenized {
     /// Whether that cut came before the first assistant turn, which counts as a text before the first
     /// reply longer than `max_seq_len` tokens.
     reply_cut_off: bool,
+    /// The line's other fields (`source`, `answers`, ...).
+    rest: Map<String, Value>,
+}
+
+impl Tokenized {
+    /// How long the text before the first reply is, when no trained token falls within `max_seq_len`:
+    /// with `Overflow::Truncate` training refuses such an example.
+    fn first_reply_beyond(&self, max_seq_len: usize) -> Option<String> {
+        if self.reply_cut_off {
+            return Some(format!("longer than max_seq_len x {BYTES_PER_TOKEN_BOUND} bytes"));
+        }
+        self.example.trained.first().filter(|r| r.start >= max_seq_len).map(|r| format!("{} tokens", r.start))
+    }
 }
 
 /// Renders one line's conversation and tokenizes it, its trained tokens those that overlap an assistant
@@ -217,7 +230,7 @@ fn tokenize_line(
         }
     };
     let reply_cut_off = cut && spans.first().is_some_and(|s| s.start >= text.len());
-    Ok(Tokenized { format, example: Example { ids: enc.ids, trained }, cut, reply_cut_off })
+    Ok(Tokenized { format, example: Example { ids: enc.ids, trained }, cut, reply_cut_off, rest: object })
 }
 
 /// The examples of a JSONL file, tokenized on every core; each line's result in file order, with its
@@ -297,37 +310,30 @@ fn tokenize(
     let mut problems = Problems::default();
     for (at, line) in tokenize_lines(path, bytes, tok, template, opts) {
         ds.stats.lines += 1;
-        let Tokenized { mut example, cut, reply_cut_off, .. } = match line {
+        let t = match line {
             Ok(t) => t,
             Err(e) => {
                 problems.add(format!("{e:#}"));
                 continue;
             }
         };
-        if cut || example.ids.len() > opts.max_seq_len {
-            match opts.overflow {
-                Overflow::Drop => {
-                    ds.stats.dropped += 1;
-                    continue;
-                }
-                Overflow::Truncate => {
-                    let first = example.trained.first().map(|r| format!("{} tokens", r.start));
-                    example.truncate(opts.max_seq_len);
-                    let first = match reply_cut_off {
-                        true => Some(format!("longer than max_seq_len x {BYTES_PER_TOKEN_BOUND} bytes")),
-                        false => first.filter(|_| example.trained.is_empty()),
-                    };
-                    if let Some(first) = first {
-                        problems.add(format!(
-                            "{at}: the text before the first reply is {first}; max_seq_len is {}: raise \
-                             data.max_seq_len or set data.overflow = \"drop\"",
-                            opts.max_seq_len
-                        ));
-                        continue;
-                    }
-                    ds.stats.truncated += 1;
-                }
-            }
+        let over = t.cut || t.example.ids.len() > opts.max_seq_len;
+        if over && opts.overflow == Overflow::Drop {
+            ds.stats.dropped += 1;
+            continue;
+        }
+        if let Some(first) = t.first_reply_beyond(opts.max_seq_len) {
+            problems.add(format!(
+                "{at}: the text before the first reply is {first}; max_seq_len is {}: raise data.max_seq_len or \
+                 set data.overflow = \"drop\"",
+                opts.max_seq_len
+            ));
+            continue;
+        }
+        let mut example = t.example;
+        if over {
+            example.truncate(opts.max_seq_len);
+            ds.stats.truncated += 1;
         }
         ds.stats.tokens += example.ids.len();
         ds.stats.loss_tokens += example.trained_tokens();
@@ -705,8 +711,7 @@ pub fn check(path: &Path, tok: &Tokenizer, template: &ChatTemplate, max_seq_len:
         problem_count: 0,
     };
     let mut problems = Problems::default();
-    let lines = tokenize_lines(path, &bytes, tok, template, &opts).into_iter().zip(jsonl_objects(path, &bytes));
-    for ((at, tokenized), object) in lines {
+    for (at, tokenized) in tokenize_lines(path, &bytes, tok, template, &opts) {
         let t = match tokenized {
             Ok(t) => t,
             Err(e) => {
@@ -714,9 +719,8 @@ pub fn check(path: &Path, tok: &Tokenizer, template: &ChatTemplate, max_seq_len:
                 continue;
             }
         };
-        let (_, object) = object.expect("a line that tokenized is an object");
-        if object.contains_key("answers") {
-            match crate::eval::answers(&object) {
+        if t.rest.contains_key("answers") {
+            match crate::eval::answers(&t.rest) {
                 Err(e) => {
                     problems.add(format!("{at}: {e}"));
                     continue;
@@ -725,18 +729,17 @@ pub fn check(path: &Path, tok: &Tokenizer, template: &ChatTemplate, max_seq_len:
                 Ok(_) => report.answerable += 1,
             }
         }
-        let source = object.get("source").and_then(Value::as_str).unwrap_or("-");
+        let source = t.rest.get("source").and_then(Value::as_str).unwrap_or("-");
         *report.sources.entry(source.to_string()).or_default() += 1;
         *report.formats.entry(t.format).or_default() += 1;
-        let ex = t.example;
         report.examples += 1;
-        report.lengths.push(ex.ids.len());
-        report.trained_tokens += ex.trained_tokens();
-        if t.cut || ex.ids.len() > max_seq_len {
+        report.lengths.push(t.example.ids.len());
+        report.trained_tokens += t.example.trained_tokens();
+        if t.cut || t.example.ids.len() > max_seq_len {
             report.over_max += 1;
-            if t.reply_cut_off || ex.trained.first().is_some_and(|r| r.start >= max_seq_len) {
-                report.prompt_over_max += 1;
-            }
+        }
+        if t.first_reply_beyond(max_seq_len).is_some() {
+            report.prompt_over_max += 1;
         }
     }
     report.lengths.sort_unstable();

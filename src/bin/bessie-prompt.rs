@@ -64,7 +64,7 @@ fn body(args: Args) -> Result<()> {
         conversation.push(Message::new("user", prompt));
         let mut ids = template.prompt_ids(&tokenizer, conversation)?;
         // Earlier turns go first when the context is full: the newest message is what must be answered.
-        while ids.len() >= model.max_positions() && conversation.len() > 1 {
+        while check_prompt_fits(ids.len(), model.max_positions()).is_err() && conversation.len() > 1 {
             let next_user = conversation.iter().skip(1).position(|m| m.role == "user").map_or(1, |i| i + 1);
             conversation.drain(..next_user);
             eprintln!("[the conversation outgrew the context: its oldest turn is left out]");

@@ -100,17 +100,15 @@ impl Tokenizer {
         let mut files = vec![main.to_path_buf()];
         files.extend(FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file() && p != main));
         let config = Config::read(dir)?;
-        let json = main;
-        let (backend, defaults) = if json.extension().is_some_and(|e| e == "json") {
+        let (backend, defaults) = if main.extension().is_some_and(|e| e == "json") {
             // tokenizer.json lists its added tokens itself.
-            let tok = read_tokenizer_json(json)?;
+            let tok = read_tokenizer_json(main)?;
             // SentencePiece-style names, else LLaMA-3's.
             let named = |names: [&str; 2]| names.iter().find_map(|n| tok.token_to_id(n));
             let defaults = [named(["<s>", "<|begin_of_text|>"]), named(["</s>", "<|end_of_text|>"]), None];
             (Backend::HuggingFace(Box::new(tok)), defaults)
         } else {
-            let path = main;
-            let mut model = sentencepiece::Model::load(path)?;
+            let mut model = sentencepiece::Model::load(main)?;
             let defaults = [model.bos(), model.eos(), model.pad()];
             let mut added = Vec::new();
             for (&id, token) in &config.added {

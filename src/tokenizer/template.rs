@@ -135,8 +135,6 @@ pub struct ChatTemplate {
     globals: Value,
     /// The system message put first in conversations without one.
     system: Option<String>,
-    add_bos: bool,
-    end_marker: Option<&'static str>,
 }
 
 impl ChatTemplate {
@@ -145,8 +143,6 @@ impl ChatTemplate {
         let mut t =
             Self::compile(BESSIE.to_string(), "the Bessie template".into()).expect("the Bessie template compiles");
         t.system = Some(system.unwrap_or(BESSIE_SYSTEM_PROMPT).to_string());
-        t.add_bos = true;
-        t.end_marker = Some(END_MARKER);
         t
     }
 
@@ -210,14 +206,14 @@ impl ChatTemplate {
         });
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.clone()).map_err(|e| anyhow!("{origin}: {}", describe(&e)))?;
-        Ok(Self { env, origin, source, globals: Value::UNDEFINED, system: None, add_bos: false, end_marker: None })
+        Ok(Self { env, origin, source, globals: Value::UNDEFINED, system: None })
     }
 
     /// The template as a file of its own, for a saved checkpoint's `chat_template.jinja`: the Jinja text,
     /// with the Bessie template's default system prompt written in, so transformers' `apply_chat_template`
     /// renders what Bessie trained on and Bessie reads it back as the Bessie template (`load`).
     pub fn standalone(&self) -> String {
-        match (&self.system, self.source == BESSIE) {
+        match (&self.system, self.is_bessie()) {
             (Some(system), true) => {
                 let json = serde_json::to_string(system).expect("a string serializes");
                 format!("{}{json}{}{BESSIE}", DEFAULT_SYSTEM_LINE[0], DEFAULT_SYSTEM_LINE[1])
@@ -237,14 +233,19 @@ impl ChatTemplate {
         format!("{}\0{:?}", self.source, self.system)
     }
 
-    /// Whether the rendered text is tokenized with BOS first.
+    /// Whether this is the Bessie template, which the rules below single out.
+    fn is_bessie(&self) -> bool {
+        self.source == BESSIE
+    }
+
+    /// Whether the rendered text is tokenized with BOS first: the Bessie text has none of its own.
     pub fn add_bos(&self) -> bool {
-        self.add_bos
+        self.is_bessie()
     }
 
     /// A text that ends a response besides the tokenizer's end-of-turn ids: 🐂 for the Bessie template.
     pub fn end_marker(&self) -> Option<&'static str> {
-        self.end_marker
+        self.is_bessie().then_some(END_MARKER)
     }
 
     /// The conversation as text; with `add_generation_prompt`, followed by what opens the assistant's reply.
@@ -270,7 +271,7 @@ impl ChatTemplate {
 
     /// The token ids of `generation_prompt`, as training tokenized the same text.
     pub fn prompt_ids(&self, tok: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
-        tok.encode(&self.generation_prompt(messages)?, self.add_bos)
+        tok.encode(&self.generation_prompt(messages)?, self.add_bos())
     }
 
     /// The whole conversation as text, and the byte ranges of its assistant turns (each reply with what
@@ -281,7 +282,8 @@ impl ChatTemplate {
         let mut spans = Vec::new();
         for k in (0..messages.len()).filter(|&k| messages[k].role == "assistant") {
             let before = self.render(&messages[..k], true)?;
-            let through = self.render(&messages[..=k], false)?;
+            // Through the last message is the whole text, rendered already.
+            let through = if k + 1 == messages.len() { text.clone() } else { self.render(&messages[..=k], false)? };
             ensure!(
                 through.starts_with(&before) && text.starts_with(&through),
                 "{}: the text of assistant message {} depends on the messages after it, so its tokens cannot be \
