@@ -72,7 +72,7 @@ fn packed_round_trip_gives_identical_ternary_weights_and_generations() {
     let source = read_safetensors(&latent.path().join("model.safetensors"));
     let stored = read_safetensors(&out.join("model.safetensors"));
     let mut bitlinear = 0;
-    for (name, shape) in bessie::model::parameter_shapes(&cfg) {
+    for (name, shape) in cfg.parameter_shapes() {
         if !is_bitlinear(&name) {
             assert_eq!(stored[&name].dtype(), DType::F32, "{name}");
             continue;

@@ -43,6 +43,7 @@ fn cuda_bf16_forward_matches_cpu_f32() {
 // f32 sums, and with it, rarely, an int8 or ternary code one step away.
 
 mod fused {
+    use bessie::model::arch::Activation;
     use bessie::train::layers::*;
     use bessie::train::optim::{grad_norm, AdamW, AdamWHyper};
     use bessie::train::params::ParamLayout;
@@ -148,8 +149,8 @@ mod fused {
         // thread in the backward.
         for (n, m, lambda) in [(33, 1000, 1.0), (40, 4096, 1.0), (6, 8640, 0.5)] {
             let (gu, w, dy) = (randn(&[n, 2 * m], DType::BF16), randn(&[m], DType::BF16), randn(&[n, m], DType::BF16));
-            let (y_ref, s_ref) = swiglu_rmsnorm_quant_forward(&gu, &w, 1e-6, lambda).unwrap();
-            let (y, s) = swiglu_rmsnorm_quant_forward(&g(&gu), &g(&w), 1e-6, lambda).unwrap();
+            let (y_ref, s_ref) = glu_rmsnorm_quant_forward(&gu, Activation::Silu, &w, 1e-6, lambda).unwrap();
+            let (y, s) = glu_rmsnorm_quant_forward(&g(&gu), Activation::Silu, &g(&w), 1e-6, lambda).unwrap();
             let (e, mis) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
             let (dgu_ref, dw_ref) = rmsnorm_backward(&dy, &w, &s_ref, None).unwrap();
             let (dgu, dw) = rmsnorm_backward(&g(&dy), &g(&w), &s, None).unwrap();

@@ -1,13 +1,17 @@
 //! The model's Hugging Face `config.json`.
 //!
-//! Field names and defaults follow transformers' `LlamaConfig` plus the BitNet keys that 1bitLLM writes
-//! (`weight_bits`, `input_bits`). Unknown keys are kept verbatim so a checkpoint saved by Bessie carries
-//! everything the original file said.
+//! Field names and defaults follow transformers' `LlamaConfig` and `BitNetConfig` plus the BitNet keys that
+//! 1bitLLM writes (`weight_bits`, `input_bits`). Both forms of RoPE's settings are read: the Hub files'
+//! top-level `rope_theta` / `rope_scaling` and transformers 5's `rope_parameters`. Unknown keys are kept
+//! verbatim so a checkpoint saved by Bessie carries everything the original file said. Which family the file
+//! describes is `model::arch::Family::of`.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::model::arch::{self, Activation, BlockTensor, Family, Role};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -17,6 +21,9 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    /// Explicit in Falcon3 (256 where hidden / heads is 256 x 8 = 2048 / 8); hidden / heads when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
     pub vocab_size: usize,
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
@@ -24,8 +31,9 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_hidden_act")]
-    pub hidden_act: String,
+    /// The family's default when absent (`relu2` for `bitnet`, `silu` otherwise): [`activation`](Self::activation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
     /// transformers' default is `false`; 1bitLLM's checkpoints say `true`.
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -101,9 +109,6 @@ fn default_rope_theta() -> f64 {
 fn default_rms_norm_eps() -> f64 {
     1e-6
 }
-fn default_hidden_act() -> String {
-    "silu".into()
-}
 fn default_weight_bits() -> u32 {
     1
 }
@@ -129,50 +134,70 @@ pub const PACKED_VERSION: u64 = 1;
 const MAX_LAYERS: usize = 4096;
 const MAX_PARAMETERS: u128 = 1 << 40;
 
-/// Named model shapes: the 1bitLLM family and a tiny one for tests and demos.
-pub const SHAPES: &[&str] = &["tiny", "large", "xl", "3b"];
-
 impl ModelConfig {
     /// Reads and validates `config.json`; errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut cfg: Self = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.read_rope_parameters().with_context(|| format!("invalid {}", path.display()))?;
         cfg.validate().with_context(|| format!("invalid {}", path.display()))?;
         Ok(cfg)
     }
 
-    /// A named shape (see [`SHAPES`]) in 1bitLLM's `config.json` form.
+    /// transformers 5 writes RoPE's settings as `rope_parameters: {rope_theta, rope_type, factor, ...}` and
+    /// reads them before the top-level keys; so does Bessie. The object stays in `extra` for saving, with the
+    /// top-level keys set from it, so that either version of transformers reads the same values back.
+    fn read_rope_parameters(&mut self) -> Result<()> {
+        let Some(p) = self.extra.get("rope_parameters").filter(|p| !p.is_null()) else { return Ok(()) };
+        if !p.is_object() {
+            bail!("field `rope_parameters` is {p}; expected an object");
+        }
+        if let Some(theta) = p.get("rope_theta") {
+            self.rope_theta = theta
+                .as_f64()
+                .with_context(|| format!("field `rope_parameters.rope_theta` is {theta}; expected a number"))?;
+        }
+        let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|k| k.as_str()).unwrap_or("default");
+        if kind != "default" {
+            self.rope_scaling = Some(p.clone());
+        }
+        Ok(())
+    }
+
+    /// A named shape (see `model::arch::SHAPES`) in its family's `config.json` form, with `vocab_size` ids.
     pub fn shape(name: &str, vocab_size: usize) -> Result<Self> {
-        let (hidden, inter, layers, heads) = match name {
-            "tiny" => (64, 176, 2, 4),
-            "large" => (1536, 4096, 24, 16),
-            "xl" => (2048, 5460, 24, 32),
-            "3b" => (3200, 8640, 26, 32),
-            other => bail!("unknown model shape `{other}` (known: {})", SHAPES.join(", ")),
-        };
-        let cfg = serde_json::json!({
-            "architectures": ["BitnetForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": hidden,
-            "intermediate_size": inter,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
+        let s = arch::shape_by_name(name)?;
+        let f = s.family;
+        let mut cfg = serde_json::json!({
+            "architectures": [f.architecture],
+            "model_type": f.model_type,
+            "hidden_size": s.hidden,
+            "intermediate_size": s.intermediate,
+            "num_hidden_layers": s.layers,
+            "num_attention_heads": s.heads,
+            "num_key_value_heads": s.kv_heads,
             "vocab_size": vocab_size,
-            "max_position_embeddings": 2048,
-            "rope_theta": 10000.0,
-            "rms_norm_eps": 1e-5,
-            "hidden_act": "silu",
-            "tie_word_embeddings": true,
-            "weight_bits": 1,
-            "input_bits": 8,
+            "max_position_embeddings": s.max_positions,
+            "rope_theta": s.rope_theta,
+            "rms_norm_eps": s.rms_norm_eps,
+            "hidden_act": s.activation.hf_name(),
+            "tie_word_embeddings": s.tied,
             "bos_token_id": 1,
             "eos_token_id": 2,
-            "pad_token_id": 32000,
             "attention_bias": false,
             "initializer_range": 0.02,
             "torch_dtype": "float32",
         });
+        if let Some(d) = s.head_dim {
+            cfg["head_dim"] = d.into();
+        }
+        if f == &arch::ONE_BIT_LLM {
+            cfg["weight_bits"] = 1.into();
+            cfg["input_bits"] = 8.into();
+        }
+        if f.bitnet_quant_config {
+            cfg["quantization_config"] = Self::bitnet_latent_quantization_config();
+        }
         let mut cfg: Self = serde_json::from_value(cfg)?;
         // The pad id is the first added token, right after the SentencePiece vocabulary.
         cfg.pad_token_id = Some(vocab_size.saturating_sub(2) as u32);
@@ -188,6 +213,8 @@ impl ModelConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("vocab_size", self.vocab_size),
             ("max_position_embeddings", self.max_position_embeddings),
+            ("head_dim", self.head_dim.unwrap_or(1)),
+            ("num_key_value_heads", self.num_key_value_heads.unwrap_or(1)),
         ];
         for (key, v) in nonzero {
             if v == 0 {
@@ -203,8 +230,8 @@ impl ModelConfig {
         match self.checked_num_parameters() {
             Some(n) if n <= MAX_PARAMETERS => {}
             _ => bail!(
-                "fields `vocab_size` ({}), `hidden_size` ({}), `intermediate_size` ({}) and `num_hidden_layers` ({}) \
-                 make more than {MAX_PARAMETERS} parameters",
+                "fields `vocab_size` ({}), `hidden_size` ({}), `intermediate_size` ({}), `num_hidden_layers` ({}) \
+                 and the heads make more than {MAX_PARAMETERS} parameters",
                 self.vocab_size,
                 self.hidden_size,
                 self.intermediate_size,
@@ -216,12 +243,16 @@ impl ModelConfig {
                 bail!("field `{key}` must be positive, not {v}");
             }
         }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) || !self.head_dim().is_multiple_of(2) {
+        let family = self.family()?;
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
-                "field `hidden_size` ({}) must be an even multiple of `num_attention_heads` ({})",
+                "field `hidden_size` ({}) must be a multiple of `num_attention_heads` ({}) when `head_dim` is not given",
                 self.hidden_size,
                 self.num_attention_heads
             );
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            bail!("the head dimension ({}) must be even for RoPE", self.head_dim());
         }
         if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             bail!(
@@ -230,9 +261,17 @@ impl ModelConfig {
                 self.num_attention_heads
             );
         }
-        if self.hidden_act != "silu" {
-            bail!("field `hidden_act` is `{}`; only `silu` is supported", self.hidden_act);
+        // The attention sub-norm is as wide as the hidden state in transformers' BitNet.
+        if family.has_sub_norms() && self.num_attention_heads * self.head_dim() != self.hidden_size {
+            bail!(
+                "fields `num_attention_heads` x `head_dim` ({} x {}) must equal `hidden_size` ({}) in the {} family",
+                self.num_attention_heads,
+                self.head_dim(),
+                self.hidden_size,
+                family.name
+            );
         }
+        self.activation()?;
         if self.weight_bits != 1 || self.input_bits != 8 {
             bail!(
                 "fields `weight_bits`/`input_bits` are {}/{}; BitNet b1.58 needs 1/8",
@@ -241,23 +280,153 @@ impl ModelConfig {
             );
         }
         self.rope_scaling()?;
-        if self.extra.get("attention_bias").and_then(|v| v.as_bool()) == Some(true) {
-            bail!("field `attention_bias` is true; BitNet b1.58 has no biases");
-        }
-        if let Some(q) = self.extra.get("quantization_config") {
-            let is = |key: &str, value: serde_json::Value| q.get(key) == Some(&value);
-            if !(is("quant_method", PACKED_QUANT_METHOD.into())
-                && is("format", PACKED_FORMAT.into())
-                && is("version", PACKED_VERSION.into()))
-            {
-                bail!(
-                    "field `quantization_config` is {q}; Bessie reads latent checkpoints and its own packed ternary \
-                     ones ({{\"quant_method\": \"{PACKED_QUANT_METHOD}\", \"format\": \"{PACKED_FORMAT}\", \
-                     \"version\": {PACKED_VERSION}}})"
-                );
+        for key in ["attention_bias", "mlp_bias"] {
+            if self.extra.get(key).and_then(|v| v.as_bool()) == Some(true) {
+                bail!("field `{key}` is true; BitNet b1.58 has no biases");
             }
         }
+        self.quantization()?;
         Ok(())
+    }
+
+    /// The model family `config.json` describes (see `model::arch`).
+    pub fn family(&self) -> Result<&'static Family> {
+        let architecture = match self.extra.get("architectures") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str(),
+            Some(other) => bail!("field `architectures` is {other}; expected a list of one class name"),
+        };
+        let model_type = match self.extra.get("model_type") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(t)) => Some(t.as_str()),
+            Some(other) => bail!("field `model_type` is {other}; expected a string"),
+        };
+        Family::detect(architecture, model_type, self.quant_method() == Some("bitnet"))
+    }
+
+    /// The tensors of block `layer` in file and flat-buffer order (`model::arch::Role::ALL`), the family's
+    /// absent sub-norms left out.
+    pub fn block_tensors(&self, family: &Family, layer: usize) -> Vec<BlockTensor> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (self.num_attention_heads * self.head_dim(), self.num_kv_heads() * self.head_dim());
+        Role::ALL
+            .into_iter()
+            .filter_map(|role| {
+                let shape = match role {
+                    Role::InputNorm | Role::PostNorm => vec![h],
+                    Role::Q => vec![q, h],
+                    Role::K | Role::V => vec![kv, h],
+                    Role::AttnSubNorm => vec![q],
+                    Role::O => vec![h, q],
+                    Role::Gate | Role::Up => vec![i, h],
+                    Role::FfnSubNorm => vec![i],
+                    Role::Down => vec![h, i],
+                };
+                let name = family.tensor_name(role)?;
+                Some(BlockTensor { role, name: format!("model.layers.{layer}.{name}.weight"), shape })
+            })
+            .collect()
+    }
+
+    /// Every parameter with its shape, in file order: the embedding, the blocks, the final norm and an
+    /// untied head. This list is the one source of parameter names: random initialisation, the flat layout
+    /// and saving use it, and the loader checks the file against it.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let family = self.family().expect("a validated config names a known family");
+        let (h, v) = (self.hidden_size, self.vocab_size);
+        let mut out = vec![(arch::EMBEDDING.to_string(), vec![v, h])];
+        for l in 0..self.num_hidden_layers {
+            out.extend(self.block_tensors(family, l).into_iter().map(|t| (t.name, t.shape)));
+        }
+        out.push((arch::FINAL_NORM.to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push((arch::LM_HEAD.to_string(), vec![v, h]));
+        }
+        out
+    }
+
+    /// The gated MLP's activation: `hidden_act`, or the family's default.
+    pub fn activation(&self) -> Result<Activation> {
+        match &self.hidden_act {
+            None => Ok(self.family()?.default_activation),
+            Some(name) => Activation::from_hf(name)
+                .with_context(|| format!("field `hidden_act` is `{name}`; Bessie supports `silu` and `relu2`")),
+        }
+    }
+
+    /// `quantization_config.quant_method`, if any.
+    pub fn quant_method(&self) -> Option<&str> {
+        self.extra.get("quantization_config")?.get("quant_method")?.as_str()
+    }
+
+    /// How the projections' weights are stored, from `quantization_config`: errors name the field and say
+    /// what Bessie reads.
+    pub fn quantization(&self) -> Result<Quantization> {
+        let Some(q) = self.extra.get("quantization_config").filter(|q| !q.is_null()) else {
+            return Ok(Quantization::Latent);
+        };
+        let field = |key: &str| q.get(key).filter(|v| !v.is_null());
+        let text = |key: &str, default: &'static str| -> Result<String> {
+            match field(key) {
+                None => Ok(default.to_string()),
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(other) => bail!("field `quantization_config.{key}` is {other}; expected a string"),
+            }
+        };
+        match self.quant_method() {
+            Some(PACKED_QUANT_METHOD) => {
+                let is = |key: &str, value: serde_json::Value| q.get(key) == Some(&value);
+                if !(is("format", PACKED_FORMAT.into()) && is("version", PACKED_VERSION.into())) {
+                    bail!(
+                        "field `quantization_config` is {q}; Bessie's packed ternary layout is \
+                         {{\"quant_method\": \"{PACKED_QUANT_METHOD}\", \"format\": \"{PACKED_FORMAT}\", \
+                         \"version\": {PACKED_VERSION}}}"
+                    );
+                }
+                Ok(Quantization::BessieTernary)
+            }
+            Some("bitnet") => {
+                if field("use_rms_norm").and_then(|v| v.as_bool()) == Some(true) {
+                    bail!(
+                        "field `quantization_config.use_rms_norm` is true: an RMSNorm inside every BitLinear layer \
+                         is not supported"
+                    );
+                }
+                match field("modules_to_not_convert") {
+                    None => {}
+                    Some(serde_json::Value::Array(m)) if m.iter().all(|x| x == "lm_head") => {}
+                    Some(other) => bail!(
+                        "field `quantization_config.modules_to_not_convert` is {other}; Bessie makes every \
+                         projection of the blocks a BitLinear layer and leaves only `lm_head` full precision"
+                    ),
+                }
+                let class = text("linear_class", "bitlinear")?;
+                let mode = text("quantization_mode", "offline")?;
+                match (class.as_str(), mode.as_str()) {
+                    ("autobitlinear", "online") => Ok(Quantization::Latent),
+                    ("autobitlinear", "offline") => Ok(Quantization::Bitnet { scale: WeightScale::Absmean }),
+                    ("bitlinear", "online" | "offline") => Ok(Quantization::Bitnet { scale: WeightScale::Reciprocal }),
+                    ("bitlinear" | "autobitlinear", other) => bail!(
+                        "field `quantization_config.quantization_mode` is `{other}`; expected `online` or `offline`"
+                    ),
+                    (other, _) => bail!(
+                        "field `quantization_config.linear_class` is `{other}`; expected `bitlinear` or `autobitlinear`"
+                    ),
+                }
+            }
+            other => bail!(
+                "field `quantization_config.quant_method` is {}; Bessie reads `bitnet` (transformers' packed or \
+                 online BitNet) and `{PACKED_QUANT_METHOD}` (its own packed export)",
+                other.map(|m| format!("`{m}`")).unwrap_or_else(|| "missing".into())
+            ),
+        }
+    }
+
+    /// The `quantization_config` Bessie writes beside latent weights of the `bitnet` families: transformers'
+    /// `AutoBitLinear` in online mode quantizes the weights per tensor and the activations per token on the
+    /// fly, the same arithmetic as Bessie's, so `from_pretrained` runs the fine-tuned model as trained.
+    pub fn bitnet_latent_quantization_config() -> serde_json::Value {
+        serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"})
     }
 
     /// The RoPE scaling `config.json` asks for: transformers' `rope_scaling` with `rope_type` (or the older
@@ -338,14 +507,13 @@ impl ModelConfig {
         serde_json::json!({"quant_method": PACKED_QUANT_METHOD, "format": PACKED_FORMAT, "version": PACKED_VERSION})
     }
 
-    /// Whether the weights are Bessie's packed ternary export rather than latent weights (`validate` has
-    /// refused any other `quantization_config`).
+    /// Whether the weights are Bessie's packed ternary export rather than latent weights.
     pub fn is_packed_ternary(&self) -> bool {
-        self.extra.contains_key("quantization_config")
+        matches!(self.quantization(), Ok(Quantization::BessieTernary))
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     pub fn num_kv_heads(&self) -> usize {
@@ -354,19 +522,26 @@ impl ModelConfig {
 
     /// Parameter count, with the embedding counted once when tied.
     pub fn num_parameters(&self) -> usize {
-        crate::model::parameter_shapes(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 
-    /// The parameter count of `model::parameter_shapes` in checked arithmetic, for sizes not yet validated.
+    /// The parameter count of [`parameter_shapes`](Self::parameter_shapes) in checked arithmetic, for sizes not yet validated
+    /// (sub-norms counted whatever the family: a bound).
     fn checked_num_parameters(&self) -> Option<u128> {
         let [h, i, v, l] =
             [self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers].map(|x| x as u128);
-        let kv = (self.num_kv_heads() as u128).checked_mul(h / self.num_attention_heads as u128)?;
-        // Per block: 4 norms (3 of width h, 1 of width i), q and o (h x h), k and v (kv x h), 3 MLP (i x h).
+        let d = match self.head_dim {
+            Some(d) => d as u128,
+            None => h / (self.num_attention_heads.max(1) as u128),
+        };
+        let q = (self.num_attention_heads as u128).checked_mul(d)?;
+        let kv = (self.num_kv_heads() as u128).checked_mul(d)?;
+        // Per block: 3 norms of width h or q, 1 of width i, q and o (q x h), k and v (kv x h), 3 MLP (i x h).
         let block = [
-            h.checked_mul(3)?,
+            h.checked_mul(2)?,
+            q,
             i,
-            h.checked_mul(h)?.checked_mul(2)?,
+            q.checked_mul(h)?.checked_mul(2)?,
             kv.checked_mul(h)?.checked_mul(2)?,
             i.checked_mul(h)?.checked_mul(3)?,
         ]
@@ -375,4 +550,25 @@ impl ModelConfig {
         let embeddings = v.checked_mul(h)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
         block.checked_mul(l)?.checked_add(embeddings)?.checked_add(h)
     }
+}
+
+/// How a scale stored beside packed ternary codes relates to the matrix's mean absolute value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightScale {
+    /// transformers' `AutoBitLinear` (what 2B4T's config names): `weight_scale` = absmean, `y = x Wq * scale`.
+    Absmean,
+    /// transformers' `BitLinear`: `weight_scale` = 1 / absmean, `y = x Wq / scale`.
+    Reciprocal,
+}
+
+/// How `config.json` says the projections are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// Latent weights, quantized on the fly: no `quantization_config`, or transformers' online `bitnet`.
+    Latent,
+    /// Bessie's own packed export (`model::ternary`).
+    BessieTernary,
+    /// transformers' offline `bitnet`: ternary codes (U8, four output rows a byte, `model::bitnet_packed`)
+    /// and a `weight_scale` per projection.
+    Bitnet { scale: WeightScale },
 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::model::{RopeScaling, RopeScalingType, SHAPES};
+use crate::config::model::{RopeScaling, RopeScalingType};
+use crate::model::arch;
 use crate::tokenizer::template::TemplateChoice;
 // The data module defines what these mean; the config only names them (`response`/`all`, `truncate`/`drop`).
 pub use crate::data::{LossOn, Overflow};
@@ -38,7 +39,7 @@ pub struct RunConfig {
 pub struct ModelSection {
     /// Hugging Face checkpoint directory to fine-tune.
     pub path: PathBuf,
-    /// Or a random model of a named shape (`SHAPES`) with the shipped tokenizer.
+    /// Or a random model of a named shape (`model::arch::SHAPES`) with the shipped tokenizer.
     pub init: String,
     pub init_seed: u64,
     /// RoPE scaling for sequences beyond the checkpoint's `max_position_embeddings`: `none` (keep what the
@@ -323,8 +324,9 @@ impl RunConfig {
         let (m, d, c) = (&self.model, &self.data, &self.checkpoint);
         match (m.path.as_os_str().is_empty(), m.init.is_empty()) {
             (false, true) => {}
-            (true, false) if SHAPES.contains(&m.init.as_str()) => {}
-            (true, false) => bail!("model.init `{}` is not a known shape (known: {})", m.init, SHAPES.join(", ")),
+            (true, false) => {
+                arch::shape_by_name(&m.init).map_err(|e| anyhow::anyhow!("model.init: {e}"))?;
+            }
             _ => bail!("exactly one of model.path and model.init must be set"),
         }
         if d.train.as_os_str().is_empty() {

@@ -263,6 +263,14 @@ fn metadata(src: &Source) -> Result<Vec<(String, Value)>> {
 
 /// Writes the GGUF file of `src` to `path`.
 pub fn write(path: &Path, src: &Source) -> Result<()> {
+    let family = src.cfg.family()?;
+    ensure!(
+        family == &crate::model::arch::ONE_BIT_LLM,
+        "{}: GGUF export writes llama.cpp's `bitnet` architecture, the 1bitllm family's; this checkpoint is of the \
+         {} family",
+        src.dir.display(),
+        family.name
+    );
     ensure!(
         src.cfg.tie_word_embeddings,
         "{}: lm_head is not tied to the embedding (tie_word_embeddings is false), but llama.cpp's bitnet \

@@ -87,7 +87,7 @@ impl Source {
         );
         let packed = cfg.is_packed_ternary();
         let mut params = Vec::new();
-        for (name, shape) in crate::model::parameter_shapes(&cfg) {
+        for (name, shape) in cfg.parameter_shapes() {
             let param = if crate::model::is_bitlinear(&name) {
                 let (codes, scale) = if packed {
                     let prefix = name.strip_suffix(".weight").expect("BitLinear names end in .weight");

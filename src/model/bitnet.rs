@@ -1,10 +1,11 @@
-//! BitNet b1.58 inference: LLaMA blocks whose projections are BitLinear layers, plus the two extra
-//! RMSNorms (`inner_attn_ln` before `o_proj`, `ffn_layernorm` before `down_proj`). Reads like the paper:
-//! `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
+//! BitNet b1.58 inference: LLaMA blocks whose projections are BitLinear layers, with the family's two extra
+//! RMSNorms where it has them (before `o_proj` and before `down_proj`; `model::arch`), grouped-query
+//! attention and a SiLU or relu² gate. Reads like the paper: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{kv_cache, RmsNorm, VarBuilder};
 
+use super::arch::{Activation, Family, Role};
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
@@ -103,6 +104,19 @@ fn rms_norm(vb: &VarBuilder, dim: usize, eps: f64, name: &str) -> Result<RmsNorm
     Ok(RmsNorm::new(weight, eps))
 }
 
+/// The family's sub-norm of this role (under the block's `vb`), or None where it has none.
+fn sub_norm(vb: &VarBuilder, family: &Family, role: Role, dim: usize, eps: f64) -> Result<Option<RmsNorm>> {
+    family.tensor_name(role).map(|name| rms_norm(vb, dim, eps, name)).transpose()
+}
+
+/// `x` through an optional norm.
+fn maybe_norm(norm: &Option<RmsNorm>, x: &Tensor) -> Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(x),
+        None => Ok(x.clone()),
+    }
+}
+
 /// Rotary position embeddings (rotate-half form, as in transformers' LLaMA), with the config's RoPE
 /// scaling. Angles are `position x inv_freq` in f32, as transformers computes them.
 #[derive(Debug, Clone)]
@@ -160,23 +174,26 @@ struct Attention {
     k_proj: BitLinear,
     v_proj: BitLinear,
     o_proj: BitLinear,
-    inner_attn_ln: RmsNorm,
+    /// 1bitLLM's `inner_attn_ln`, 2B4T's `attn_sub_norm`; None in the Llama layout.
+    sub_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+    /// Loads the attention of the block under `vb` (`model.layers.N`).
+    fn load(vb: &VarBuilder, cfg: &ModelConfig, family: &Family) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim());
-        let kv = cfg.num_kv_heads() * d;
+        let (q, kv) = (cfg.num_attention_heads * d, cfg.num_kv_heads() * d);
         let packed = cfg.is_packed_ternary();
+        let a = vb.pp("self_attn");
         Ok(Self {
-            q_proj: BitLinear::load(&vb.pp("q_proj"), h, h, packed)?,
-            k_proj: BitLinear::load(&vb.pp("k_proj"), kv, h, packed)?,
-            v_proj: BitLinear::load(&vb.pp("v_proj"), kv, h, packed)?,
-            o_proj: BitLinear::load(&vb.pp("o_proj"), h, h, packed)?,
-            inner_attn_ln: rms_norm(&vb, h, cfg.rms_norm_eps, "inner_attn_ln")?,
+            q_proj: BitLinear::load(&a.pp("q_proj"), q, h, packed)?,
+            k_proj: BitLinear::load(&a.pp("k_proj"), kv, h, packed)?,
+            v_proj: BitLinear::load(&a.pp("v_proj"), kv, h, packed)?,
+            o_proj: BitLinear::load(&a.pp("o_proj"), h, q, packed)?,
+            sub_norm: sub_norm(vb, family, Role::AttnSubNorm, q, cfg.rms_norm_eps)?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_kv_heads(),
             head_dim: d,
@@ -190,7 +207,7 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: &mut kv_cache::KvCache,
     ) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
         let q = rotate(&heads(self.q_proj.forward(x)?, self.num_heads)?, rope)?;
         let k = rotate(&heads(self.k_proj.forward(x)?, self.num_kv_heads)?, rope)?;
@@ -205,8 +222,8 @@ impl Attention {
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        self.o_proj.forward(&self.inner_attn_ln.forward(&y)?)
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&maybe_norm(&self.sub_norm, &y)?)
     }
 }
 
@@ -224,26 +241,38 @@ struct Mlp {
     gate_proj: BitLinear,
     up_proj: BitLinear,
     down_proj: BitLinear,
-    ffn_layernorm: RmsNorm,
+    /// 1bitLLM's `ffn_layernorm`, 2B4T's `ffn_sub_norm`; None in the Llama layout.
+    sub_norm: Option<RmsNorm>,
+    activation: Activation,
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+    fn load(vb: &VarBuilder, cfg: &ModelConfig, family: &Family) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let packed = cfg.is_packed_ternary();
+        let m = vb.pp("mlp");
         Ok(Self {
-            gate_proj: BitLinear::load(&vb.pp("gate_proj"), i, h, packed)?,
-            up_proj: BitLinear::load(&vb.pp("up_proj"), i, h, packed)?,
-            down_proj: BitLinear::load(&vb.pp("down_proj"), h, i, packed)?,
-            ffn_layernorm: rms_norm(&vb, i, cfg.rms_norm_eps, "ffn_layernorm")?,
+            gate_proj: BitLinear::load(&m.pp("gate_proj"), i, h, packed)?,
+            up_proj: BitLinear::load(&m.pp("up_proj"), i, h, packed)?,
+            down_proj: BitLinear::load(&m.pp("down_proj"), h, i, packed)?,
+            sub_norm: sub_norm(vb, family, Role::FfnSubNorm, i, cfg.rms_norm_eps)?,
+            activation: cfg.activation().map_err(candle_core::Error::msg)?,
         })
+    }
+}
+
+/// The gate's activation: `silu(x)`, or `relu(x)^2` (2B4T).
+pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
+    match activation {
+        Activation::Silu => x.silu(),
+        Activation::Relu2 => x.relu()?.sqr(),
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&self.ffn_layernorm.forward(&y)?)
+        let y = (activate(&self.gate_proj.forward(x)?, self.activation)? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&maybe_norm(&self.sub_norm, &y)?)
     }
 }
 
@@ -256,13 +285,13 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &ModelConfig, family: &Family) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: rms_norm(&vb, h, eps, "input_layernorm")?,
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            self_attn: Attention::load(&vb, cfg, family)?,
             post_attention_layernorm: rms_norm(&vb, h, eps, "post_attention_layernorm")?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            mlp: Mlp::load(&vb, cfg, family)?,
         })
     }
 }
@@ -318,10 +347,14 @@ impl BitNet {
     /// Builds the model from Hugging Face names; `vb`'s dtype is the compute dtype.
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed_tokens = vb.get((v, h), "model.embed_tokens.weight")?;
-        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { vb.get((v, h), "lm_head.weight")? };
+        let family = cfg.family().map_err(candle_core::Error::msg)?;
+        let embed_tokens = vb.get((v, h), super::arch::EMBEDDING)?;
+        let lm_head = match cfg.tie_word_embeddings {
+            true => embed_tokens.clone(),
+            false => vb.get((v, h), super::arch::LM_HEAD)?,
+        };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|l| Block::load(vb.pp(format!("model.layers.{l}")), cfg))
+            .map(|l| Block::load(vb.pp(format!("model.layers.{l}")), cfg, family))
             .collect::<Result<_>>()?;
         Ok(Self {
             embed_tokens,

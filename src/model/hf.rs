@@ -296,8 +296,8 @@ pub fn open_with(
 }
 
 /// Checks config.json's sizes against the shapes the weight files declare, before anything is sized from
-/// them: the embedding gives `vocab_size` x `hidden_size`, the first block's MLP norm `intermediate_size`,
-/// and the blocks present `num_hidden_layers` (the key/value width is at most `hidden_size`).
+/// them: the embedding gives `vocab_size` x `hidden_size`, the first block's MLP sub-norm (where the family
+/// has one) `intermediate_size`, and the blocks present `num_hidden_layers`.
 fn check_sizes(cfg: &ModelConfig, weights: &WeightFiles) -> Result<()> {
     let expect = |name: &str, shape: Vec<usize>, keys: &str| -> Result<()> {
         match weights.shape_of(name) {
@@ -307,8 +307,11 @@ fn check_sizes(cfg: &ModelConfig, weights: &WeightFiles) -> Result<()> {
         }
     };
     let (h, l) = (cfg.hidden_size, cfg.num_hidden_layers);
-    expect("model.embed_tokens.weight", vec![cfg.vocab_size, h], "`vocab_size`, `hidden_size`")?;
-    expect("model.layers.0.mlp.ffn_layernorm.weight", vec![cfg.intermediate_size], "`intermediate_size`")?;
+    expect(super::arch::EMBEDDING, vec![cfg.vocab_size, h], "`vocab_size`, `hidden_size`")?;
+    // The projections' shapes are checked as they load (packed ones are not [out, in] on disk).
+    if let Some(norm) = cfg.family()?.ffn_sub_norm {
+        expect(&format!("model.layers.0.{norm}.weight"), vec![cfg.intermediate_size], "`intermediate_size`")?;
+    }
     expect(&format!("model.layers.{}.input_layernorm.weight", l - 1), vec![h], "`num_hidden_layers`")?;
     let beyond = format!("model.layers.{l}.");
     if let Some(name) = weights.names().find(|n| n.starts_with(&beyond)) {

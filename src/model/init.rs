@@ -13,7 +13,7 @@ use crate::tokenizer::Tokenizer;
 /// All parameters of `cfg`, f32 on the CPU, from a seeded generator: the same seed gives the same model.
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
     let mut rng = Rng::new(seed);
-    super::parameter_shapes(cfg)
+    cfg.parameter_shapes()
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();

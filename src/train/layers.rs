@@ -8,7 +8,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::model::bitnet::{quantize_activations, quantize_weight};
+use crate::model::arch::Activation;
+use crate::model::bitnet::{activate, quantize_activations, quantize_weight};
 
 /// A BitLinear weight as this step's forward sees it: `W + lambda (Q(W) - W)` in `dtype`, where `Q(W)` is the
 /// ternary weight times its scale. lambda = 1 is plain BitNet; lambda < 1 is the warm-up that eases a
@@ -142,11 +143,11 @@ impl WeightGrad {
 }
 
 /// What RMSNorm's backward needs: the input and the reciprocal RMS of each row; `glu` when the input is the
-/// fused gate/up rows whose SwiGLU the norm read ([`swiglu_rmsnorm_quant_forward`]).
+/// fused gate/up rows whose gated activation the norm read ([`glu_rmsnorm_quant_forward`]).
 pub struct RmsNormSaved {
     x: Tensor,
     rrms: Tensor,
-    glu: bool,
+    glu: Option<Activation>,
 }
 
 /// `x` as rows `[n, c]`: rows already, or attention's heads `[b, h, t, d]` as `[b t, h d]`.
@@ -157,50 +158,94 @@ fn as_rows(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The fused kernel's name for a gated activation, or None where it has no fused form yet.
+#[cfg(feature = "cuda")]
+fn kernel_glu(glu: Option<Activation>) -> Option<bool> {
+    match glu {
+        None => Some(false),
+        Some(Activation::Silu) => Some(true),
+        Some(Activation::Relu2) => None,
+    }
+}
+
 /// `y = w * x / rms(x)`, rows of `x: [n, c]`, statistics in f32. On CUDA the norm kernel of
 /// [`rmsnorm_quant_forward`] with the quantization blended out (lambda 0 gives y exactly): the final norm ran as
 /// eight candle kernels, 0.6 ms a step of the large model at 768 x 8 (H100).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
     #[cfg(feature = "cuda")]
     if crate::kernels::rmsnorm::takes(x, false) && x.rank() == 2 {
-        return norm_quant_forward(x, false, w, eps, 0.0);
+        return norm_quant_forward(x, None, w, eps, 0.0);
     }
     let x32 = x.to_dtype(DType::F32)?;
     let rrms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let y = x32.broadcast_mul(&rrms)?.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-    Ok((y, RmsNormSaved { x: x.clone(), rrms, glu: false }))
+    Ok((y, RmsNormSaved { x: x.clone(), rrms, glu: None }))
 }
 
 /// RMSNorm and the BitLinear input quantization that follows it: `(x_eff, saved)`, `x_eff` as rows `[n, c]`.
 /// `x` is rows, or attention's output heads `[b, h, t, d]` normed as rows `[b t, h d]` (read in place by the
 /// kernel: no transposing copy; the backward gives `dx` in the same heads).
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
-    norm_quant_forward(x, false, w, eps, lambda)
+    norm_quant_forward(x, None, w, eps, lambda)
 }
 
-/// down_proj's input from the fused gate and up projections `gu = [gate | up]: [n, 2m]`: SwiGLU, then
-/// ffn_layernorm and the quantization, as [`rmsnorm_quant_forward`] of [`swiglu_forward`]. On CUDA one kernel,
-/// and `h = silu(gate) up` never reaches memory; the backward gives `[dgate | dup]`.
-pub fn swiglu_rmsnorm_quant_forward(gu: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
-    norm_quant_forward(gu, true, w, eps, lambda)
+/// down_proj's input from the fused gate and up projections `gu = [gate | up]: [n, 2m]`: the gated activation,
+/// then the MLP's sub-norm and the quantization, as [`rmsnorm_quant_forward`] of [`glu_forward`]. On CUDA one
+/// kernel, and `h = act(gate) up` never reaches memory; the backward gives `[dgate | dup]`.
+pub fn glu_rmsnorm_quant_forward(
+    gu: &Tensor,
+    activation: Activation,
+    w: &Tensor,
+    eps: f64,
+    lambda: f64,
+) -> Result<(Tensor, RmsNormSaved)> {
+    norm_quant_forward(gu, Some(activation), w, eps, lambda)
 }
 
-fn norm_quant_forward(x: &Tensor, glu: bool, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
+fn norm_quant_forward(
+    x: &Tensor,
+    glu: Option<Activation>,
+    w: &Tensor,
+    eps: f64,
+    lambda: f64,
+) -> Result<(Tensor, RmsNormSaved)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::rmsnorm::takes(x, glu) {
+    if let Some(fused_glu) = kernel_glu(glu).filter(|&g| crate::kernels::rmsnorm::takes(x, g)) {
         let x = x.contiguous()?;
-        let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, glu, &w.contiguous()?, eps, lambda)?;
+        let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, fused_glu, &w.contiguous()?, eps, lambda)?;
         return Ok((y, RmsNormSaved { x, rrms, glu }));
     }
-    let h = if glu { swiglu_forward(x)? } else { x.clone() };
+    let h = match glu {
+        Some(a) => glu_forward(x, a)?,
+        None => x.clone(),
+    };
     let (y, saved) = rmsnorm_forward(&as_rows(&h)?, w, eps)?;
     Ok((effective_input(&y, lambda)?, RmsNormSaved { x: x.clone(), rrms: saved.rrms, glu }))
 }
 
+/// The BitLinear input quantization alone, for families without sub-norms: `x` as rows (attention's heads
+/// `[b, h, t, d]` become `[b t, h d]`), quantized. The straight-through backward is [`quant_backward`].
+pub fn quant_forward(x: &Tensor, lambda: f64) -> Result<Tensor> {
+    effective_input(&as_rows(x)?.contiguous()?, lambda)
+}
+
+/// The gradient at [`quant_forward`]'s input, whose dims were `dims`: `dy` back in that shape.
+pub fn quant_backward(dy: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    match *dims {
+        [b, h, t, d] => dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous(),
+        _ => Ok(dy.clone()),
+    }
+}
+
+/// down_proj's input without a sub-norm: the gated activation of `gu = [gate | up]`, quantized.
+pub fn glu_quant_forward(gu: &Tensor, activation: Activation, lambda: f64) -> Result<Tensor> {
+    effective_input(&glu_forward(gu, activation)?, lambda)
+}
+
 /// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`
 /// (on CUDA as [`WeightGrad::RowSums`]).
-/// `dy` is rows; `dx` has the shape of the forward's input (rows or heads; after SwiGLU's norm, `[dgate | dup]`,
-/// through [`swiglu_backward`]). A pre-norm block adds its branch
+/// `dy` is rows; `dx` has the shape of the forward's input (rows or heads; after the gate's norm, `[dgate | dup]`,
+/// through [`glu_backward`]). A pre-norm block adds its branch
 /// to the residual stream, so the stream's gradient `residual` is added to `dx` here (fused on CUDA).
 pub fn rmsnorm_backward(
     dy: &Tensor,
@@ -209,23 +254,27 @@ pub fn rmsnorm_backward(
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, WeightGrad)> {
     #[cfg(feature = "cuda")]
-    if crate::kernels::applies(dy) && crate::kernels::rmsnorm::takes(&s.x, s.glu) {
+    if let Some(glu) =
+        kernel_glu(s.glu).filter(|&g| crate::kernels::applies(dy) && crate::kernels::rmsnorm::takes(&s.x, g))
+    {
         let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
         let residual = residual.map(|r| r.contiguous()).transpose()?;
-        let (dx, partial) = crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, s.glu, &w, &s.rrms, residual.as_ref())?;
+        let (dx, partial) = crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, glu, &w, &s.rrms, residual.as_ref())?;
         return Ok((dx, WeightGrad::RowSums(partial)));
     }
     let dy = dy.to_dtype(DType::F32)?;
-    let x = if s.glu { swiglu_forward(&s.x)? } else { as_rows(&s.x)? };
+    let x = match s.glu {
+        Some(a) => glu_forward(&s.x, a)?,
+        None => as_rows(&s.x)?,
+    };
     let xhat = x.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
     let dw = (&dy * &xhat)?.sum(0)?;
     let g = dy.broadcast_mul(&w.to_dtype(DType::F32)?)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
     let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rrms)?.to_dtype(s.x.dtype())?;
-    let dx = match *s.x.dims() {
-        [b, h, t, d] => dx.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?,
-        _ if s.glu => swiglu_backward(&dx, &s.x)?,
-        _ => dx,
+    let dx = match s.glu {
+        Some(a) => glu_backward(&dx, &s.x, a)?,
+        None => quant_backward(&dx, s.x.dims())?,
     };
     let dw = WeightGrad::Tensor(dw);
     match residual {
@@ -243,16 +292,17 @@ pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
     x + branch
 }
 
-/// SwiGLU of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = silu(gate) * up`, `[n, m]`.
-/// The reference of the SwiGLU part of [`swiglu_rmsnorm_quant_forward`]'s kernel.
-pub fn swiglu_forward(gu: &Tensor) -> Result<Tensor> {
+/// The gated activation of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = act(gate) * up`,
+/// `[n, m]`. The reference of the activation part of [`glu_rmsnorm_quant_forward`]'s kernel.
+pub fn glu_forward(gu: &Tensor, activation: Activation) -> Result<Tensor> {
     let m = gu.dim(1)? / 2;
-    // silu in f32, rounded once (as torch computes it, and the kernel), then the product.
-    gu.narrow(1, 0, m)?.to_dtype(DType::F32)?.silu()?.to_dtype(gu.dtype())? * gu.narrow(1, m, m)?
+    // The activation in f32, rounded once (as torch computes it, and the kernel), then the product.
+    activate(&gu.narrow(1, 0, m)?.to_dtype(DType::F32)?, activation)?.to_dtype(gu.dtype())? * gu.narrow(1, m, m)?
 }
 
-/// Returns `[dgate | dup]`; `silu'(a) = s (1 + a (1 - s))` with `s = sigmoid(a)`, in f32.
-pub fn swiglu_backward(dh: &Tensor, gu: &Tensor) -> Result<Tensor> {
+/// Returns `[dgate | dup]` of [`glu_forward`], in f32: `silu'(a) = s (1 + a (1 - s))` with `s = sigmoid(a)`;
+/// `(relu(a)^2)' = 2 relu(a)`.
+pub fn glu_backward(dh: &Tensor, gu: &Tensor, activation: Activation) -> Result<Tensor> {
     let m = dh.dim(1)?;
     let dtype = gu.dtype();
     let (dh, a, b) = (
@@ -260,11 +310,18 @@ pub fn swiglu_backward(dh: &Tensor, gu: &Tensor) -> Result<Tensor> {
         gu.narrow(1, 0, m)?.to_dtype(DType::F32)?,
         gu.narrow(1, m, m)?.to_dtype(DType::F32)?,
     );
-    let s = (a.neg()?.exp()? + 1.0)?.recip()?;
-    let silu = (&a * &s)?;
-    let dsilu = (&s * ((&a * (1.0 - &s)?)? + 1.0)?)?;
-    let da = ((&dh * &b)? * dsilu)?;
-    let db = (dh * silu)?;
+    let (act, dact) = match activation {
+        Activation::Silu => {
+            let s = (a.neg()?.exp()? + 1.0)?.recip()?;
+            ((&a * &s)?, (&s * ((&a * (1.0 - &s)?)? + 1.0)?)?)
+        }
+        Activation::Relu2 => {
+            let r = a.relu()?;
+            (r.sqr()?, (r * 2.0)?)
+        }
+    };
+    let da = ((&dh * &b)? * dact)?;
+    let db = (dh * act)?;
     Tensor::cat(&[da, db], 1)?.to_dtype(dtype)
 }
 

@@ -98,14 +98,18 @@ impl Estimate {
 
 /// Bytes the forward keeps per token and block for a recompute level (`e` = compute dtype bytes). With
 /// nothing recomputed: the block input, the residual after attention, the normed quantized inputs of
-/// q/k/v, o_proj and gate/up, q, k, v, attention's output rows (9 x hidden), gate, up and down_proj's input
-/// (3 x intermediate), four f32 RMS statistics and one f32 log-sum-exp per head.
+/// q/k/v, o_proj and gate/up (4 x hidden, 1 x q width), q, k, v and attention's output rows (4 x q width),
+/// gate, up and down_proj's input (3 x intermediate), four f32 RMS statistics and one f32 log-sum-exp per head.
 pub fn saved_per_token(cfg: &ModelConfig, recompute: Recompute, e: f64) -> f64 {
     let (h, i, heads) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_attention_heads as f64);
+    // The width of q, of attention's output and o_proj's input; k and v as attention keeps them (each key/value
+    // head repeated for its group of query heads).
+    let q = (cfg.num_attention_heads * cfg.head_dim()) as f64;
+    let kv = q;
     match recompute {
-        Recompute::None => e * (9.0 * h + 3.0 * i) + 4.0 * (4.0 + heads),
+        Recompute::None => e * (4.0 * h + 3.0 * q + 2.0 * kv + 3.0 * i) + 4.0 * (4.0 + heads),
         // Less q, k, v, the log-sum-exp, down_proj's input and its statistics.
-        Recompute::Attention => e * (6.0 * h + 2.0 * i) + 12.0,
+        Recompute::Attention => e * (4.0 * h + 2.0 * q + 2.0 * i) + 12.0,
         Recompute::Blocks => e * h,
     }
 }
@@ -118,7 +122,9 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let (h, i, v) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.vocab_size as f64);
     let (layers, heads) = (cfg.num_hidden_layers as f64, cfg.num_attention_heads as f64);
     let n = (s.micro_batch * s.seq) as f64;
-    let block_params = 2.0 * h * h + 2.0 * h * (cfg.num_kv_heads() * cfg.head_dim()) as f64 + 3.0 * h * i;
+    let family = cfg.family().expect("a validated config names a known family");
+    let block_params =
+        cfg.block_tensors(family, 0).iter().map(|t| t.shape.iter().product::<usize>()).sum::<usize>() as f64;
 
     // The final norm's input and the gradient at its output stay to the backward.
     let saved = n * (layers * saved_per_token(cfg, s.plan.recompute, e) + 2.0 * e * h + 4.0);
@@ -170,8 +176,7 @@ pub fn estimate(s: &StepShape) -> Estimate {
         ("largest transient", transient),
     ];
     let largest_param =
-        crate::model::parameter_shapes(cfg).iter().map(|(_, shape)| shape.iter().product::<usize>()).max().unwrap_or(0)
-            as f64;
+        cfg.parameter_shapes().iter().map(|(_, shape)| shape.iter().product::<usize>()).max().unwrap_or(0) as f64;
     // The gradients are summed across ranks, normalised and clipped in place (inside AdamW's update); the
     // update's temporaries are per parameter on the CPU path and none in the fused kernel.
     let temporaries = if fused { 0.0 } else { 20.0 * largest_param };

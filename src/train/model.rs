@@ -13,10 +13,11 @@ use candle_core::{DType, Device, Tensor};
 
 use super::grads::Gradients;
 use super::layers::*;
-use super::params::ParamLayout;
+use super::params::{BlockSlots, ParamLayout};
 use crate::config::run::{Recompute, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::Batch;
+use crate::model::arch::{self, Activation};
 use crate::model::bitnet::{quantize_weight_part, repeat_kv};
 use crate::model::is_bitlinear;
 
@@ -211,15 +212,16 @@ struct BlockSaved {
     a1: Tensor,
     /// None under `recompute = "attention"`: the backward rebuilds it from `a1`.
     attn: Option<FlashSaved>,
-    inner_norm: RmsNormSaved,
+    /// The attention sub-norm's statistics; None in families without one.
+    attn_sub_norm: Option<RmsNormSaved>,
     o: Tensor,
     post_norm: RmsNormSaved,
     a2: Tensor,
     /// The fused gate and up projections, `[gate | up]`.
     gu: Tensor,
-    /// down_proj's input and ffn_layernorm's statistics; None unless `recompute = "none"`: the backward
-    /// rebuilds them from `gu` ([`Pass::ffn_inner`]).
-    ffn: Option<(Tensor, RmsNormSaved)>,
+    /// down_proj's input and the MLP sub-norm's statistics (None without one); None unless
+    /// `recompute = "none"`: the backward rebuilds them from `gu` ([`Pass::ffn_inner`]).
+    ffn: Option<(Tensor, Option<RmsNormSaved>)>,
 }
 
 /// What the forward keeps of one block.
@@ -240,47 +242,8 @@ pub struct Saved {
     dhidden: Tensor,
 }
 
-/// Names of one block's parameters, resolved to slot indices once.
-struct BlockSlots {
-    input_ln: usize,
-    /// q, k and v are neighbours: the first and last of them.
-    q: usize,
-    v: usize,
-    inner_ln: usize,
-    o: usize,
-    post_ln: usize,
-    gate: usize,
-    up: usize,
-    ffn_ln: usize,
-    down: usize,
-}
-
-impl BlockSlots {
-    fn new(layout: &ParamLayout, l: usize) -> Self {
-        let i = |s: &str| layout.index(&format!("model.layers.{l}.{s}.weight"));
-        Self {
-            input_ln: i("input_layernorm"),
-            q: i("self_attn.q_proj"),
-            v: i("self_attn.v_proj"),
-            inner_ln: i("self_attn.inner_attn_ln"),
-            o: i("self_attn.o_proj"),
-            post_ln: i("post_attention_layernorm"),
-            gate: i("mlp.gate_proj"),
-            up: i("mlp.up_proj"),
-            ffn_ln: i("mlp.ffn_layernorm"),
-            down: i("mlp.down_proj"),
-        }
-    }
-
-    /// The block's span of the flat buffer: its parameters are neighbours, from the input norm to the down
-    /// projection (the order of `model::parameter_shapes`).
-    fn range(&self, layout: &ParamLayout) -> Range<usize> {
-        layout.span(self.input_ln..=self.down)
-    }
-}
-
 fn head_slot(cfg: &ModelConfig, layout: &ParamLayout) -> usize {
-    layout.index(if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" })
+    layout.index(if cfg.tie_word_embeddings { arch::EMBEDDING } else { arch::LM_HEAD })
 }
 
 /// One micro-batch's pass: what every block function needs.
@@ -291,9 +254,21 @@ struct Pass<'a> {
     b: &'a BatchTensors,
     lambda: f64,
     plan: MemoryPlan,
+    activation: Activation,
 }
 
-impl Pass<'_> {
+impl<'a> Pass<'a> {
+    fn new(
+        cfg: &'a ModelConfig,
+        layout: &'a ParamLayout,
+        w: &'a StepWeights,
+        b: &'a BatchTensors,
+        lambda: f64,
+        plan: MemoryPlan,
+    ) -> Result<Self> {
+        Ok(Self { cfg, layout, w, b, lambda, plan, activation: cfg.activation()? })
+    }
+
     fn head_shape(&self) -> HeadShape {
         let c = self.cfg;
         HeadShape {
@@ -305,8 +280,8 @@ impl Pass<'_> {
         }
     }
 
-    /// Block `l`'s attention from its normed, quantized input `a1`: the output heads `[b, h, t, d]` (before
-    /// `inner_attn_ln`, which reads them as rows) and what attention's backward needs. q, k and v are one GEMM.
+    /// A block's attention from its normed, quantized input `a1`: the output heads `[b, h, t, d]` (before the
+    /// sub-norm, which reads them as rows) and what attention's backward needs. q, k and v are one GEMM.
     fn attention(&self, s: &BlockSlots, a1: &Tensor) -> Result<(Tensor, FlashSaved)> {
         let qkv = linear_forward(a1, &self.w.stacked(self.layout, s.q..=s.v)?)?;
         let (q, k, v) = qkv_heads(&qkv, self.head_shape(), &self.b.cos, &self.b.sin)?;
@@ -315,28 +290,48 @@ impl Pass<'_> {
         Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
 
+    /// o_proj's input from attention's output heads: the sub-norm where the family has one, and the
+    /// quantization.
+    fn attention_out(&self, s: &BlockSlots, y: &Tensor) -> Result<(Tensor, Option<RmsNormSaved>)> {
+        Ok(match s.attn_sub_norm {
+            Some(slot) => {
+                let (o, n) = rmsnorm_quant_forward(y, &self.w.tensors[slot], self.cfg.rms_norm_eps, self.lambda)?;
+                (o, Some(n))
+            }
+            None => (quant_forward(y, self.lambda)?, None),
+        })
+    }
+
     /// Block `l` on its input `x`: the block's output and what its backward needs (attention's part and
     /// down_proj's input only when `keep_all`).
     fn block_forward(&self, l: usize, x: &Tensor, keep_all: bool) -> Result<(Tensor, BlockSaved)> {
         let (p, eps, lambda) = (&self.w.tensors, self.cfg.rms_norm_eps, self.lambda);
-        let s = BlockSlots::new(self.layout, l);
-        let (a1, input_norm) = rmsnorm_quant_forward(x, &p[s.input_ln], eps, lambda)?;
-        let (y, attn) = self.attention(&s, &a1)?;
-        let (o, inner_norm) = rmsnorm_quant_forward(&y, &p[s.inner_ln], eps, lambda)?;
+        let s = &self.layout.blocks[l];
+        let (a1, input_norm) = rmsnorm_quant_forward(x, &p[s.input_norm], eps, lambda)?;
+        let (y, attn) = self.attention(s, &a1)?;
+        let (o, attn_sub_norm) = self.attention_out(s, &y)?;
         let x = residual_add(x, &linear_forward(&o, &p[s.o])?)?;
 
-        let (a2, post_norm) = rmsnorm_quant_forward(&x, &p[s.post_ln], eps, lambda)?;
+        let (a2, post_norm) = rmsnorm_quant_forward(&x, &p[s.post_norm], eps, lambda)?;
         let gu = linear_forward(&a2, &self.w.stacked(self.layout, s.gate..=s.up)?)?;
-        let (h, ffn_norm) = self.ffn_inner(&s, &gu)?;
+        let (h, ffn_norm) = self.ffn_inner(s, &gu)?;
         let x = residual_add(&x, &linear_forward(&h, &p[s.down])?)?;
         let (attn, ffn) = (keep_all.then_some(attn), keep_all.then_some((h, ffn_norm)));
-        Ok((x, BlockSaved { input_norm, a1, attn, inner_norm, o, post_norm, a2, gu, ffn }))
+        Ok((x, BlockSaved { input_norm, a1, attn, attn_sub_norm, o, post_norm, a2, gu, ffn }))
     }
 
-    /// down_proj's input from gate and up (SwiGLU, ffn_layernorm, quantization) and the norm's saved
-    /// statistics: one elementwise pass over `gu`, which the backward redoes unless `recompute = "none"`.
-    fn ffn_inner(&self, s: &BlockSlots, gu: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
-        Ok(swiglu_rmsnorm_quant_forward(gu, &self.w.tensors[s.ffn_ln], self.cfg.rms_norm_eps, self.lambda)?)
+    /// down_proj's input from gate and up (the gated activation, the MLP sub-norm where the family has one,
+    /// quantization) and the norm's saved statistics: one elementwise pass over `gu`, which the backward redoes
+    /// unless `recompute = "none"`.
+    fn ffn_inner(&self, s: &BlockSlots, gu: &Tensor) -> Result<(Tensor, Option<RmsNormSaved>)> {
+        Ok(match s.ffn_sub_norm {
+            Some(slot) => {
+                let w = &self.w.tensors[slot];
+                let (h, n) = glu_rmsnorm_quant_forward(gu, self.activation, w, self.cfg.rms_norm_eps, self.lambda)?;
+                (h, Some(n))
+            }
+            None => (glu_quant_forward(gu, self.activation, self.lambda)?, None),
+        })
     }
 
     /// Block `l`'s backward: adds its parameters' gradients with `add` (to a slot or to neighbouring slots
@@ -349,55 +344,68 @@ impl Pass<'_> {
         add: &impl Fn(RangeInclusive<usize>, &WeightGrad) -> candle_core::Result<()>,
     ) -> Result<Tensor> {
         let (p, layout) = (&self.w.tensors, self.layout);
-        let s = BlockSlots::new(layout, l);
+        let s = &layout.blocks[l];
         // Each gradient is added as soon as it exists, so that what it holds (a GEMM's inputs) is freed.
         let norm = |slot: usize, g: WeightGrad| add(slot..=slot, &g);
         let recomputed_ffn;
         let (h, ffn_norm) = match &sv.ffn {
             Some((h, n)) => (h, n),
             None => {
-                recomputed_ffn = self.ffn_inner(&s, &sv.gu)?;
+                recomputed_ffn = self.ffn_inner(s, &sv.gu)?;
                 (&recomputed_ffn.0, &recomputed_ffn.1)
             }
         };
         let (dhq, ddown) = linear_backward(&dx, h, &p[s.down])?;
         add(s.down..=s.down, &ddown)?;
-        // Through ffn_layernorm and SwiGLU at once: the gate/up gradient.
-        let (dgu, dffn) = rmsnorm_backward(&dhq, &p[s.ffn_ln], ffn_norm, None)?;
-        norm(s.ffn_ln, dffn)?;
+        // Through the MLP's sub-norm and the gate at once: the gate/up gradient.
+        let dgu = match (s.ffn_sub_norm, ffn_norm) {
+            (Some(slot), Some(n)) => {
+                let (dgu, dffn) = rmsnorm_backward(&dhq, &p[slot], n, None)?;
+                norm(slot, dffn)?;
+                dgu
+            }
+            _ => glu_backward(&dhq, &sv.gu, self.activation)?,
+        };
         let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &self.w.stacked(layout, s.gate..=s.up)?)?;
         add(s.gate..=s.up, &dgu_w)?;
-        let (dx, dpost) = rmsnorm_backward(&da2, &p[s.post_ln], &sv.post_norm, Some(&dx))?;
-        norm(s.post_ln, dpost)?;
+        let (dx, dpost) = rmsnorm_backward(&da2, &p[s.post_norm], &sv.post_norm, Some(&dx))?;
+        norm(s.post_norm, dpost)?;
 
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p[s.o])?;
         add(s.o..=s.o, &do_w)?;
         // The attention output's gradient, in its heads.
-        let (dy, dinner) = rmsnorm_backward(&do_, &p[s.inner_ln], &sv.inner_norm, None)?;
-        norm(s.inner_ln, dinner)?;
+        let h = self.head_shape();
+        let dy = match (s.attn_sub_norm, &sv.attn_sub_norm) {
+            (Some(slot), Some(n)) => {
+                let (dy, dsub) = rmsnorm_backward(&do_, &p[slot], n, None)?;
+                norm(slot, dsub)?;
+                dy
+            }
+            _ => quant_backward(&do_, &[h.batch, h.q_heads, h.seq, h.head_dim])?,
+        };
         let recomputed;
         let attn = match &sv.attn {
             Some(a) => a,
             None => {
-                recomputed = self.attention(&s, &sv.a1)?.1;
+                recomputed = self.attention(s, &sv.a1)?.1;
                 &recomputed
             }
         };
         let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads();
         let (dq, dk, dv) = flash_attention_backward(&dy, attn, &self.b.windows, self.plan.attention_block)?;
         let (dk, dv) = (sum_kv_groups(&dk, groups)?, sum_kv_groups(&dv, groups)?);
-        let dqkv = qkv_heads_backward(&dq, &dk, &dv, self.head_shape(), &self.b.cos, &self.b.sin)?;
+        let dqkv = qkv_heads_backward(&dq, &dk, &dv, h, &self.b.cos, &self.b.sin)?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &self.w.stacked(layout, s.q..=s.v)?)?;
         add(s.q..=s.v, &dqkv_w)?;
-        let (dx, dinput) = rmsnorm_backward(&da1, &p[s.input_ln], &sv.input_norm, Some(&dx))?;
-        norm(s.input_ln, dinput)?;
+        let (dx, dinput) = rmsnorm_backward(&da1, &p[s.input_norm], &sv.input_norm, Some(&dx))?;
+        norm(s.input_norm, dinput)?;
         Ok(dx)
     }
 
     /// The embedding, every block and the final norm: the hidden rows the head reads, what was kept of each
     /// block (`keep`; nothing when `None`) and the final norm's saved statistics.
     fn trunk(&self, keep: Option<Recompute>) -> Result<(Tensor, Vec<LayerSaved>, RmsNormSaved)> {
-        let mut x = self.w.tensors[self.layout.index("model.embed_tokens.weight")].index_select(&self.b.ids, 0)?;
+        let mut x = self.w.tensors[self.layout.index(arch::EMBEDDING)].index_select(&self.b.ids, 0)?;
         let mut layers = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
             let (next, saved) = self.block_forward(l, &x, keep == Some(Recompute::None))?;
@@ -409,7 +417,7 @@ impl Pass<'_> {
             x = next;
         }
         let (hidden, final_norm) =
-            rmsnorm_forward(&x, &self.w.tensors[self.layout.index("model.norm.weight")], self.cfg.rms_norm_eps)?;
+            rmsnorm_forward(&x, &self.w.tensors[self.layout.index(arch::FINAL_NORM)], self.cfg.rms_norm_eps)?;
         Ok((hidden, layers, final_norm))
     }
 
@@ -468,7 +476,7 @@ pub fn forward(
     plan: MemoryPlan,
     grads: &Gradients,
 ) -> Result<(Tensor, Saved)> {
-    let pass = Pass { cfg, layout, w, b, lambda, plan };
+    let pass = Pass::new(cfg, layout, w, b, lambda, plan)?;
     let (hidden, layers, final_norm) = pass.trunk(Some(plan.recompute))?;
     let (loss, dhidden) = pass.head_loss(&hidden, Some(grads))?;
     let dhidden = dhidden.expect("head_loss returns the gradient when given the buffer");
@@ -484,7 +492,7 @@ pub fn loss(
     lambda: f64,
     plan: MemoryPlan,
 ) -> Result<f64> {
-    let pass = Pass { cfg, layout, w, b, lambda, plan };
+    let pass = Pass::new(cfg, layout, w, b, lambda, plan)?;
     let (hidden, _, _) = pass.trunk(None)?;
     Ok(pass.head_loss(&hidden, None)?.0.to_scalar::<f64>()?)
 }
@@ -506,16 +514,16 @@ pub fn backward(
     grads: &Gradients,
     done: &mut dyn FnMut(Range<usize>) -> Result<()>,
 ) -> Result<()> {
-    let pass = Pass { cfg, layout, w, b, lambda: saved.lambda, plan };
+    let pass = Pass::new(cfg, layout, w, b, saved.lambda, plan)?;
     let add = |slots: RangeInclusive<usize>, g: &WeightGrad| grads.add(layout, slots, g);
-    let norm = layout.index("model.norm.weight");
+    let norm = layout.index(arch::FINAL_NORM);
     let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm, None)?;
     add(norm..=norm, &dnorm)?;
     // What follows the blocks (the final norm, an untied head, whose gradient the forward added) is final
     // already: its sum can run under the whole backward instead of after it.
-    let blocks = match cfg.num_hidden_layers {
-        0 => layout.total..layout.total,
-        l => BlockSlots::new(layout, 0).range(layout).start..BlockSlots::new(layout, l - 1).range(layout).end,
+    let blocks = match (layout.blocks.first(), layout.blocks.last()) {
+        (Some(first), Some(last)) => layout.span(first.slots()).start..layout.span(last.slots()).end,
+        _ => layout.total..layout.total,
     };
     done(blocks.end..layout.total)?;
     for (l, layer) in saved.layers.into_iter().enumerate().rev() {
@@ -524,10 +532,10 @@ pub fn backward(
             LayerSaved::Input(x) => pass.block_forward(l, &x, true)?.1,
         };
         dx = pass.block_backward(l, &sv, dx, &add)?;
-        done(BlockSlots::new(layout, l).range(layout))?;
+        done(layout.span(layout.blocks[l].slots()))?;
     }
     // The embedding gathers rows; its gradient scatters them back (and adds the tied head's).
-    let embed = layout.index("model.embed_tokens.weight");
+    let embed = layout.index(arch::EMBEDDING);
     add(embed..=embed, &embedding_backward(&dx, &b.ids, &b.token_rows))?;
     // The embedding, before the blocks (and a tied head with it).
     done(0..blocks.start)

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
+use crate::model::arch::Role;
 
 #[derive(Debug, Clone)]
 pub struct Slot {
@@ -18,17 +19,66 @@ pub struct Slot {
     pub len: usize,
 }
 
-/// Where each parameter lives in the flat buffer, in the order of `model::parameter_shapes`.
+/// One block's parameters as slot indices (llm.c's `ParameterTensors`, per block), resolved once from the
+/// family's block table (`ModelConfig::block_tensors`); a sub-norm the family does not have is None.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockSlots {
+    pub input_norm: usize,
+    /// q, k and v are neighbours, as are gate and up: one GEMM each.
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub attn_sub_norm: Option<usize>,
+    pub o: usize,
+    pub post_norm: usize,
+    pub gate: usize,
+    pub up: usize,
+    pub ffn_sub_norm: Option<usize>,
+    pub down: usize,
+}
+
+impl BlockSlots {
+    /// The block's span of slots: its parameters are neighbours, from the input norm to the down projection.
+    pub fn slots(&self) -> RangeInclusive<usize> {
+        self.input_norm..=self.down
+    }
+}
+
+/// Where each parameter lives in the flat buffer, in the order of `ModelConfig::parameter_shapes`.
 #[derive(Debug, Clone)]
 pub struct ParamLayout {
     pub slots: Vec<Slot>,
     pub total: usize,
     index: HashMap<String, usize>,
+    /// Each block's typed view; empty for a layout made from bare shapes.
+    pub blocks: Vec<BlockSlots>,
 }
 
 impl ParamLayout {
     pub fn new(cfg: &ModelConfig) -> Self {
-        Self::from_shapes(crate::model::parameter_shapes(cfg))
+        let mut layout = Self::from_shapes(cfg.parameter_shapes());
+        let family = cfg.family().expect("a validated config names a known family");
+        layout.blocks = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let tensors = cfg.block_tensors(family, l);
+                let find = |role: Role| tensors.iter().find(|t| t.role == role).map(|t| layout.index(&t.name));
+                let get = |role: Role| find(role).expect("every family's block has its projections and main norms");
+                BlockSlots {
+                    input_norm: get(Role::InputNorm),
+                    q: get(Role::Q),
+                    k: get(Role::K),
+                    v: get(Role::V),
+                    attn_sub_norm: find(Role::AttnSubNorm),
+                    o: get(Role::O),
+                    post_norm: get(Role::PostNorm),
+                    gate: get(Role::Gate),
+                    up: get(Role::Up),
+                    ffn_sub_norm: find(Role::FfnSubNorm),
+                    down: get(Role::Down),
+                }
+            })
+            .collect();
+        layout
     }
 
     pub fn from_shapes(shapes: Vec<(String, Vec<usize>)>) -> Self {
@@ -43,7 +93,7 @@ impl ParamLayout {
             })
             .collect();
         let index = slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        Self { slots, total: offset, index }
+        Self { slots, total: offset, index, blocks: Vec::new() }
     }
 
     pub fn index(&self, name: &str) -> usize {
@@ -115,7 +165,7 @@ impl ParamLayout {
     /// for, as is usual for transformers.
     pub fn decays(&self, i: usize, decay_norms_and_embeddings: bool) -> bool {
         let name = &self.slots[i].name;
-        decay_norms_and_embeddings || !(crate::model::is_norm(name) || name == "model.embed_tokens.weight")
+        decay_norms_and_embeddings || !(crate::model::is_norm(name) || name == crate::model::arch::EMBEDDING)
     }
 
     /// The flat buffer as maximal runs of neighbouring slots on which `pred` agrees: `(offset, len, pred)`.
