@@ -1,13 +1,16 @@
 //! The explicit backward against candle's autograd: an independent, autograd-friendly forward (plain
 //! candle ops on `Var`s, straight-through quantizers as `x + (q(x) - x).detach()`) differentiated by
 //! `Tensor::backward`, on tiny models in f32, with packing (two examples and padding in one row),
-//! response-only loss masks, grouped-query attention and the quantization warm-up. Attention blocks and
+//! response-only loss masks, grouped-query attention and the quantization warm-up, for every family's block:
+//! 1bitLLM's, 2B4T's (relu², GQA) and the Llama layout's (no sub-norms, an untied head, a head_dim unlike
+//! hidden / heads). Attention blocks and
 //! loss chunks are small here so that both loops run several times with a partial last block. Then the
 //! recompute levels: the same flat gradient buffer, bit for bit, as keeping everything.
 
 use bessie::config::run::Recompute;
 use bessie::config::ModelConfig;
 use bessie::data::{make_batch, DataStats, Dataset, Example, Row};
+use bessie::model::arch::{Activation, Role};
 use bessie::model::init::random_weights;
 use bessie::rng::Rng;
 use bessie::train::grads::Gradients;
@@ -15,12 +18,13 @@ use bessie::train::model::{backward, forward, BatchTensors, MemoryPlan, RopeTabl
 use bessie::train::params::ParamLayout;
 use candle_core::{DType, Device, Tensor, Var, D};
 
-fn cfg(kv_heads: usize) -> ModelConfig {
-    let mut c = ModelConfig::shape("tiny", 97).unwrap();
+fn cfg(shape: &str, kv_heads: usize) -> ModelConfig {
+    let mut c = ModelConfig::shape(shape, 97).unwrap();
     c.hidden_size = 32;
     c.intermediate_size = 48;
     c.num_attention_heads = 4;
     c.num_key_value_heads = Some(kv_heads);
+    c.validate().unwrap();
     c
 }
 
@@ -75,15 +79,19 @@ fn rotate_half(x: &Tensor) -> Tensor {
 /// The summed masked cross-entropy, through ops autograd knows.
 fn reference_loss(c: &ModelConfig, p: &[Var], layout: &ParamLayout, b: &bessie::data::Batch, lambda: f64) -> Tensor {
     let dev = Device::Cpu;
-    let (n, t, h, d) = (b.batch, b.seq, c.hidden_size, c.head_dim());
+    let (n, t, d) = (b.batch, b.seq, c.head_dim());
     let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
     let w = |name: &str| p[layout.index(name)].as_tensor().clone();
+    let family = c.family().unwrap();
+    let block =
+        |l: usize, role: Role| family.tensor_name(role).map(|name| w(&format!("model.layers.{l}.{name}.weight")));
     let ids = Tensor::new(b.ids.as_slice(), &dev).unwrap();
     // Rotary angles per token from its position, as [n, 1, t, d] for broadcasting over heads.
+    let theta = c.rope_theta as f32;
     let angles: Vec<f32> = b
         .positions
         .iter()
-        .flat_map(|&pos| (0..d).map(move |i| pos as f32 / 10000f32.powf((2 * (i % (d / 2))) as f32 / d as f32)))
+        .flat_map(|&pos| (0..d).map(move |i| pos as f32 / theta.powf((2 * (i % (d / 2))) as f32 / d as f32)))
         .collect();
     let angles = Tensor::from_vec(angles, (n, 1, t, d), &dev).unwrap();
     let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
@@ -105,28 +113,34 @@ fn reference_loss(c: &ModelConfig, p: &[Var], layout: &ParamLayout, b: &bessie::
         let g = nh / nkv;
         x.unsqueeze(2).unwrap().broadcast_as((n, nkv, g, t, d)).unwrap().reshape((n, nh, t, d)).unwrap()
     };
+    let sub_norm = |x: Tensor, norm: Option<Tensor>| match norm {
+        Some(wn) => rmsnorm(&x, &wn, c.rms_norm_eps),
+        None => x,
+    };
+    let act = |g: Tensor| match c.activation().unwrap() {
+        Activation::Silu => g.silu().unwrap(),
+        Activation::Relu2 => g.relu().unwrap().sqr().unwrap(),
+    };
+    let bl = |l: usize, role: Role, x: &Tensor| bitlinear(x, &block(l, role).unwrap(), lambda);
 
     let mut x = w("model.embed_tokens.weight").embedding(&ids).unwrap();
     for l in 0..c.num_hidden_layers {
-        let pre = format!("model.layers.{l}");
-        let a = rmsnorm(&x, &w(&format!("{pre}.input_layernorm.weight")), c.rms_norm_eps);
-        let q = rope(heads(bitlinear(&a, &w(&format!("{pre}.self_attn.q_proj.weight")), lambda), nh));
-        let k = repeat(rope(heads(bitlinear(&a, &w(&format!("{pre}.self_attn.k_proj.weight")), lambda), nkv)));
-        let v = repeat(heads(bitlinear(&a, &w(&format!("{pre}.self_attn.v_proj.weight")), lambda), nkv));
+        let a = rmsnorm(&x, &block(l, Role::InputNorm).unwrap(), c.rms_norm_eps);
+        let q = rope(heads(bl(l, Role::Q, &a), nh));
+        let k = repeat(rope(heads(bl(l, Role::K, &a), nkv)));
+        let v = repeat(heads(bl(l, Role::V, &a), nkv));
         let scores = ((q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap().broadcast_add(&mask)).unwrap();
         let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
-        let y = probs.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((n * t, h)).unwrap();
-        let y = rmsnorm(&y, &w(&format!("{pre}.self_attn.inner_attn_ln.weight")), c.rms_norm_eps);
-        x = (x + bitlinear(&y, &w(&format!("{pre}.self_attn.o_proj.weight")), lambda)).unwrap();
-        let a = rmsnorm(&x, &w(&format!("{pre}.post_attention_layernorm.weight")), c.rms_norm_eps);
-        let g = bitlinear(&a, &w(&format!("{pre}.mlp.gate_proj.weight")), lambda);
-        let u = bitlinear(&a, &w(&format!("{pre}.mlp.up_proj.weight")), lambda);
-        let m =
-            rmsnorm(&(g.silu().unwrap() * u).unwrap(), &w(&format!("{pre}.mlp.ffn_layernorm.weight")), c.rms_norm_eps);
-        x = (x + bitlinear(&m, &w(&format!("{pre}.mlp.down_proj.weight")), lambda)).unwrap();
+        let y = probs.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((n * t, nh * d)).unwrap();
+        let y = sub_norm(y, block(l, Role::AttnSubNorm));
+        x = (x + bl(l, Role::O, &y)).unwrap();
+        let a = rmsnorm(&x, &block(l, Role::PostNorm).unwrap(), c.rms_norm_eps);
+        let m = sub_norm((act(bl(l, Role::Gate, &a)) * bl(l, Role::Up, &a)).unwrap(), block(l, Role::FfnSubNorm));
+        x = (x + bl(l, Role::Down, &m)).unwrap();
     }
     let x = rmsnorm(&x, &w("model.norm.weight"), c.rms_norm_eps);
-    let logits = x.matmul(&w("model.embed_tokens.weight").t().unwrap()).unwrap();
+    let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    let logits = x.matmul(&w(head).t().unwrap()).unwrap();
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
     let targets = Tensor::new(b.targets.as_slice(), &dev).unwrap().unsqueeze(1).unwrap();
     let picked = logp.gather(&targets, 1).unwrap().squeeze(1).unwrap();
@@ -195,8 +209,8 @@ fn weights(c: &ModelConfig) -> Vec<Tensor> {
         .collect()
 }
 
-fn check(kv_heads: usize, lambda: f64) {
-    let c = cfg(kv_heads);
+fn check(shape: &str, kv_heads: usize, lambda: f64) {
+    let c = cfg(shape, kv_heads);
     let layout = ParamLayout::new(&c);
     let tensors = weights(&c);
     let flat = layout.flatten(&tensors).unwrap();
@@ -219,7 +233,7 @@ fn check(kv_heads: usize, lambda: f64) {
         assert!(norm > 0.0, "{}: zero reference gradient", slot.name);
         assert!(
             diff <= 1e-4 * norm,
-            "{} (kv heads {kv_heads}, lambda {lambda}): relative error {}",
+            "{} ({shape}, kv heads {kv_heads}, lambda {lambda}): relative error {}",
             slot.name,
             diff / norm
         );
@@ -228,24 +242,38 @@ fn check(kv_heads: usize, lambda: f64) {
 
 #[test]
 fn explicit_backward_equals_autograd() {
-    check(4, 1.0);
+    check("tiny", 4, 1.0);
 }
 
 #[test]
 fn grouped_query_attention_backward_equals_autograd() {
-    check(2, 1.0);
+    check("tiny", 2, 1.0);
 }
 
 #[test]
 fn quantization_warmup_backward_equals_autograd() {
-    check(4, 0.5);
+    check("tiny", 4, 0.5);
+}
+
+/// 2B4T's block: relu² gate, GQA 4:1, its sub-norms' names.
+#[test]
+fn bitnet_2b4t_block_backward_equals_autograd() {
+    check("tiny-bitnet", 1, 1.0);
+}
+
+/// The Llama layout: no sub-norms, an untied head, head_dim 32 where hidden / heads is 8, GQA 2:1; and a
+/// full-precision Llama in its quantization warm-up.
+#[test]
+fn llama_layout_backward_equals_autograd() {
+    check("tiny-llama-bitnet", 2, 1.0);
+    check("tiny-llama", 2, 0.5);
 }
 
 /// Recomputation re-runs the same ops on the same inputs, so every level gives the same loss and the same
 /// gradients bit for bit (with GQA and the quantization warm-up, whose lambda the recompute must reuse).
 #[test]
 fn recomputation_changes_no_gradient() {
-    let c = cfg(2);
+    let c = cfg("tiny", 2);
     let layout = ParamLayout::new(&c);
     let flat = layout.flatten(&weights(&c)).unwrap();
     let b = batch(c.vocab_size as u32);

@@ -162,3 +162,36 @@ fn scaling_is_saved_in_config_json() {
     let err = yarn.validate().unwrap_err().to_string();
     assert!(err.contains("`rope_scaling` has rope_type `yarn`"), "{err}");
 }
+
+/// transformers' own inverse frequencies (tests/reference/rope_parameters.py) for Llama 3.2's `llama3`
+/// scaling, written as the Hub writes it (top-level `rope_scaling`) and as transformers 5 does
+/// (`rope_parameters`), and a plain `rope_parameters` with another theta.
+#[test]
+fn rope_parameters_and_llama3_scaling_match_transformers() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rope_parameters.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dir = TempDir::new().unwrap();
+    for case in fixture["cases"].as_array().unwrap() {
+        let mut json = case["config"].clone();
+        for (key, value) in [
+            ("architectures", serde_json::json!(["LlamaForCausalLM"])),
+            ("intermediate_size", 64.into()),
+            ("num_hidden_layers", 1.into()),
+            ("vocab_size", 100.into()),
+        ] {
+            json[key] = value;
+        }
+        let file = dir.path().join("config.json");
+        std::fs::write(&file, json.to_string()).unwrap();
+        let cfg = ModelConfig::from_file(&file).unwrap();
+        let f = cfg.rope_frequencies(16).unwrap();
+        let want: Vec<f64> = case["inv_freq"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert_eq!(f.denominators.len(), want.len(), "{}", case["name"]);
+        for (i, (den, w)) in f.denominators.iter().zip(&want).enumerate() {
+            let got = 1.0 / den / f.position_divisor;
+            // transformers computes in f32.
+            assert!((got - w).abs() <= 2e-6 * w.abs(), "{} pair {i}: {got} vs transformers {w}", case["name"]);
+        }
+        assert_eq!(cfg.max_positions().unwrap(), Some(131072), "{}", case["name"]);
+    }
+}

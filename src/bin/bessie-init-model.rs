@@ -10,18 +10,23 @@ use clap::Parser;
 
 /// Write a random BitNet b1.58 checkpoint of a named shape, for tests, demos and benchmarks.
 ///
-/// Shapes: tiny (hidden 64, 2 layers), large, xl and 3b (the 1bitLLM bitnet_b1_58 models). The output
-/// loads in bessie-prompt, bessie-train and transformers like a downloaded checkpoint.
+/// Shapes, by family: 1bitllm: tiny (hidden 64, 2 layers), large, xl, 3b (the bitnet_b1_58 models);
+/// bitnet (BitNet b1.58 2B4T: GQA, relu2): tiny-bitnet, 2b4t; llama-bitnet (Llama layout with transformers'
+/// bitnet quantization: no sub-norms, untied head, explicit head_dim): tiny-llama-bitnet, falcon3-1b,
+/// falcon3-3b, llama3-8b-1.58; llama (full precision, to be fine-tuned into BitNet): tiny-llama,
+/// llama3.2-1b, smollm-135m. The output loads in bessie-prompt, bessie-train and transformers like a
+/// downloaded checkpoint.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Output directory (created; must be empty unless --force).
     #[arg(short, long)]
     out: PathBuf,
-    /// tiny, large, xl or 3b.
+    /// A shape named above.
     #[arg(long, default_value = "tiny")]
     shape: String,
-    /// Tokenizer: a checkpoint directory or a SentencePiece tokenizer.model. Default: Bessie's small one.
+    /// Tokenizer: a checkpoint directory, a tokenizer.json (e.g. LLaMA-3's) or a SentencePiece
+    /// tokenizer.model. Default: Bessie's small SentencePiece one.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Vocabulary size of the model (default: the tokenizer's, added tokens included).
@@ -59,8 +64,9 @@ fn body(args: Args) -> Result<()> {
     let cfg =
         write_random_checkpoint(&args.out, &args.shape, tokenizer, args.vocab_size, args.seed, dtype, args.layout)?;
     println!(
-        "wrote a random {} model ({:.1}M parameters, vocab {}) to {}",
+        "wrote a random {} model of the {} family ({:.1}M parameters, vocab {}) to {}",
         args.shape,
+        cfg.family()?.name,
         cfg.num_parameters() as f64 / 1e6,
         cfg.vocab_size,
         args.out.display()

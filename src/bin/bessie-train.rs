@@ -47,7 +47,7 @@ struct Args {
     /// the defaults' [train] keys (e.g. train.recompute=blocks) and model.rope_scaling*; --config is not read.
     #[arg(long)]
     bench: bool,
-    /// Benchmark model shape: tiny, large, xl or 3b.
+    /// Benchmark model shape, any of bessie-init-model's (tiny, large, 2b4t, falcon3-1b, ...), with its real vocabulary.
     #[arg(long, default_value = "large", requires = "bench")]
     shape: String,
     /// Benchmark sequence length.

@@ -69,6 +69,9 @@ pub enum RopeScalingType {
     /// Dynamic NTK-aware scaling: for a sequence of `L > max_position_embeddings` tokens the base becomes
     /// `rope_theta * (factor L / max_position_embeddings - (factor - 1))^(d / (d - 2))`; no length limit.
     Dynamic,
+    /// Llama 3.1's frequency-dependent scaling (Llama 3.1/3.2 checkpoints): long wavelengths divided by the
+    /// factor, short ones kept, the band between interpolated; its parameters come from `config.json`.
+    Llama3,
 }
 
 impl RopeScalingType {
@@ -77,6 +80,7 @@ impl RopeScalingType {
             Self::None => "none",
             Self::Linear => "linear",
             Self::Dynamic => "dynamic",
+            Self::Llama3 => "llama3",
         }
     }
 }
@@ -422,6 +426,20 @@ impl ModelConfig {
         }
     }
 
+    /// This config as Bessie saves a model it has trained: latent weights in the family it saves as
+    /// (`Family::saves_as`), so a full-precision Llama becomes a `bitnet` Llama and a packed checkpoint's
+    /// `quantization_config` becomes the online one that describes latent weights.
+    pub fn latent_form(&self) -> Result<Self> {
+        let family = Family::by_name(self.family()?.saves_as)?;
+        let mut cfg = self.clone();
+        if family.bitnet_quant_config {
+            cfg.extra.insert("quantization_config".into(), Self::bitnet_latent_quantization_config());
+        }
+        cfg.extra.insert("architectures".into(), serde_json::json!([family.architecture]));
+        cfg.extra.insert("model_type".into(), family.model_type.into());
+        Ok(cfg)
+    }
+
     /// The `quantization_config` Bessie writes beside latent weights of the `bitnet` families: transformers'
     /// `AutoBitLinear` in online mode quantizes the weights per tensor and the activations per token on the
     /// fly, the same arithmetic as Bessie's, so `from_pretrained` runs the fine-tuned model as trained.
@@ -430,24 +448,45 @@ impl ModelConfig {
     }
 
     /// The RoPE scaling `config.json` asks for: transformers' `rope_scaling` with `rope_type` (or the older
-    /// `type`) `linear` or `dynamic` and a `factor` of at least 1. Other types are errors naming the field.
+    /// `type`) `linear`, `dynamic` or `llama3` and a `factor` of at least 1. Other types are errors naming
+    /// the field.
     pub fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
         let Some(v) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else { return Ok(None) };
         let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|k| k.as_str());
         let kind = match kind {
             Some("linear") => RopeScalingType::Linear,
             Some("dynamic") => RopeScalingType::Dynamic,
+            Some("llama3") => RopeScalingType::Llama3,
             Some("default") => return Ok(None),
             other => bail!(
-                "field `rope_scaling` has rope_type {}; Bessie supports `linear` and `dynamic`",
+                "field `rope_scaling` has rope_type {}; Bessie supports `linear`, `dynamic` and `llama3`",
                 other.map(|k| format!("`{k}`")).unwrap_or_else(|| "missing".into())
             ),
         };
+        if kind == RopeScalingType::Llama3 {
+            self.llama3_rope()?;
+        }
         let factor = v.get("factor").and_then(|f| f.as_f64());
         match factor {
             Some(factor) if factor.is_finite() && factor >= 1.0 => Ok(Some(RopeScaling { kind, factor })),
             _ => bail!("field `rope_scaling` needs a `factor` of at least 1, not {:?}", v.get("factor")),
         }
+    }
+
+    /// `low_freq_factor`, `high_freq_factor` and `original_max_position_embeddings` of `llama3` scaling.
+    fn llama3_rope(&self) -> Result<(f64, f64, f64)> {
+        let v = self.rope_scaling.as_ref().context("no rope_scaling")?;
+        let get = |key: &str| -> Result<f64> {
+            v.get(key)
+                .and_then(|x| x.as_f64())
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .with_context(|| format!("field `rope_scaling.{key}` must be a positive number for llama3 scaling"))
+        };
+        let (low, high) = (get("low_freq_factor")?, get("high_freq_factor")?);
+        if high <= low {
+            bail!("field `rope_scaling.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})");
+        }
+        Ok((low, high, get("original_max_position_embeddings")?))
     }
 
     /// Sets `rope_scaling` in Hugging Face's form. Both `rope_type` (transformers since 4.42) and `type`
@@ -457,11 +496,11 @@ impl ModelConfig {
             .map(|s| serde_json::json!({ "rope_type": s.kind.name(), "type": s.kind.name(), "factor": s.factor }));
     }
 
-    /// The longest sequence the model supports: `max_position_embeddings`, times the factor with linear
-    /// scaling; `None` (no limit) with dynamic scaling.
+    /// The longest sequence the model supports: `max_position_embeddings` (already the extended length under
+    /// llama3 scaling), times the factor with linear scaling; `None` (no limit) with dynamic scaling.
     pub fn max_positions(&self) -> Result<Option<usize>> {
         Ok(match self.rope_scaling()? {
-            None => Some(self.max_position_embeddings),
+            None | Some(RopeScaling { kind: RopeScalingType::Llama3, .. }) => Some(self.max_position_embeddings),
             Some(RopeScaling { kind: RopeScalingType::Linear, factor }) => {
                 Some((self.max_position_embeddings as f64 * factor).floor() as usize)
             }
@@ -492,13 +531,29 @@ impl ModelConfig {
         let (base, position_divisor) = match self.rope_scaling()? {
             None => (self.rope_theta, 1.0),
             Some(RopeScaling { kind: RopeScalingType::Linear, factor }) => (self.rope_theta, factor),
-            Some(RopeScaling { factor, .. }) => {
+            Some(RopeScaling { kind: RopeScalingType::Dynamic, factor }) => {
                 let max = self.max_position_embeddings as f64;
                 let len = (seq_len as f64).max(max);
                 (self.rope_theta * (factor * len / max - (factor - 1.0)).powf(d as f64 / (d as f64 - 2.0)), 1.0)
             }
+            Some(_) => (self.rope_theta, 1.0),
         };
-        let denominators = (0..d / 2).map(|i| base.powf(2.0 * i as f64 / d as f64)).collect();
+        let mut denominators: Vec<f64> = (0..d / 2).map(|i| base.powf(2.0 * i as f64 / d as f64)).collect();
+        if let Some(RopeScaling { kind: RopeScalingType::Llama3, factor }) = self.rope_scaling()? {
+            // transformers' `_compute_llama3_parameters`, on wavelengths `2 pi denominator`.
+            let (low, high, context) = self.llama3_rope()?;
+            for den in &mut denominators {
+                let wavelen = 2.0 * std::f64::consts::PI * *den;
+                *den = if wavelen < context / high {
+                    *den
+                } else if wavelen > context / low {
+                    *den * factor
+                } else {
+                    let smooth = (context / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / (*den * factor) + smooth / *den)
+                };
+            }
+        }
         Ok(RopeFrequencies { denominators, position_divisor })
     }
 

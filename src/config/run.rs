@@ -324,8 +324,9 @@ impl RunConfig {
         let (m, d, c) = (&self.model, &self.data, &self.checkpoint);
         match (m.path.as_os_str().is_empty(), m.init.is_empty()) {
             (false, true) => {}
+            (true, false) if arch::shape_by_name(&m.init).is_ok() => {}
             (true, false) => {
-                arch::shape_by_name(&m.init).map_err(|e| anyhow::anyhow!("model.init: {e}"))?;
+                bail!("model.init `{}` is not a known shape (known: {})", m.init, arch::shape_names())
             }
             _ => bail!("exactly one of model.path and model.init must be set"),
         }
@@ -373,6 +374,9 @@ impl RunConfig {
                 bail!("model.rope_scaling_factor is {} but model.rope_scaling is none", m.rope_scaling_factor)
             }
             RopeScalingType::None => {}
+            RopeScalingType::Llama3 => {
+                bail!("model.rope_scaling = \"llama3\" is read from a checkpoint's config.json only (it has more parameters than a factor)")
+            }
             _ if !(m.rope_scaling_factor.is_finite() && m.rope_scaling_factor >= 1.0) => {
                 bail!("model.rope_scaling_factor must be at least 1, not {}", m.rope_scaling_factor)
             }

@@ -49,13 +49,15 @@ pub fn shipped_tokenizer() -> Result<(tempfile::TempDir, Tokenizer)> {
 pub enum TokenizerSource<'a> {
     /// The small tokenizer in assets/tokenizer.
     Shipped,
-    /// A checkpoint directory's tokenizer files, or a bare SentencePiece `tokenizer.model`, to which the
-    /// BitNet added tokens `<pad>` and `</line>` are appended as 1bitLLM does.
+    /// A checkpoint directory's tokenizer files, a `tokenizer.json` (LLaMA-3's byte-level BPE, copied as
+    /// it is), or a bare SentencePiece `tokenizer.model`, to which the BitNet added tokens `<pad>` and
+    /// `</line>` are appended as 1bitLLM does.
     Path(&'a Path),
 }
 
-/// Writes a random checkpoint of the named shape to `out` with its tokenizer. The vocabulary is the
-/// tokenizer's unless `vocab_size` asks for more (benchmarks use 32002 for the 1bitLLM shapes).
+/// Writes a random checkpoint of the named shape (`model::arch::SHAPES`: every family at its real size and a
+/// tiny one) to `out` with its tokenizer, in the family's `config.json` form. The vocabulary is the
+/// tokenizer's unless `vocab_size` asks for more (benchmarks use the real models' vocabularies).
 pub fn write_random_checkpoint(
     out: &Path,
     shape: &str,
@@ -77,6 +79,9 @@ pub fn write_random_checkpoint(
                 std::fs::copy(f, out.join(f.file_name().context("tokenizer file name")?))?;
             }
         }
+        TokenizerSource::Path(p) if p.extension().is_some_and(|e| e == "json") => {
+            std::fs::copy(p, out.join("tokenizer.json")).with_context(|| format!("copying {}", p.display()))?;
+        }
         TokenizerSource::Path(p) => {
             std::fs::copy(p, out.join("tokenizer.model")).with_context(|| format!("copying {}", p.display()))?;
             let pieces = Tokenizer::from_dir(out)?.vocab_size();
@@ -91,7 +96,7 @@ pub fn write_random_checkpoint(
         tok.vocab_size()
     );
     let mut cfg = ModelConfig::shape(shape, vocab)?;
-    cfg.pad_token_id = tok.pad_id();
+    (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) = (tok.bos_id(), tok.eos_id(), tok.pad_id());
     let weights = random_weights(&cfg, seed)?;
     super::hf::save(out, &cfg, &weights, dtype, layout, &[])?;
     Ok(cfg)

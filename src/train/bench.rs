@@ -81,7 +81,8 @@ fn random_batch(rng: &mut Rng, batch: usize, seq: usize, vocab: usize) -> Batch 
 pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
     let device = crate::device::rank_device(&o.device, comm.local_rank())?;
     comm.use_device(&device)?;
-    let mut cfg = ModelConfig::shape(&o.shape, 32002)?;
+    // The real model's vocabulary: the head and the loss are a large share of a step.
+    let mut cfg = ModelConfig::shape(&o.shape, crate::model::arch::shape_by_name(&o.shape)?.vocab)?;
     if let Some(scaling) = o.config.model.rope() {
         cfg.set_rope_scaling(Some(scaling));
     }

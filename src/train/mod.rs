@@ -34,6 +34,7 @@ use crate::config::run::{GradDtype, RunConfig, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
 use crate::dist::{Communicator, GradReducer, Watchdog};
+use crate::model::arch;
 use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
@@ -402,6 +403,17 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
             model_dir.display()
         );
     }
+    if model_cfg.family()? == &arch::LLAMA && cfg.train.quant_warmup_steps == 0 {
+        note(format!(
+            "note: {} is a full-precision Llama; its projections train as ternary BitLinear layers from the first \
+             step. train.quant_warmup_steps = N blends the quantizers in over N steps instead (the Hugging Face \
+             1.58-bit recipe)",
+            model_dir.display()
+        ));
+    }
+    // Checkpoints hold latent weights in the family the model is saved as (a full-precision Llama becomes a
+    // `bitnet` Llama).
+    model_cfg = model_cfg.latent_form()?;
     // The run config's RoPE scaling replaces the checkpoint's and goes into every saved config.json.
     if let Some(scaling) = cfg.model.rope() {
         model_cfg.set_rope_scaling(Some(scaling));
