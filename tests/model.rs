@@ -197,3 +197,56 @@ fn logits_match_pytorch_reference() {
     let rel = (num / den).sqrt();
     assert!(rel < 1e-4, "relative L2 error {rel:e}, worst element {worst:e}");
 }
+
+/// What no family reads is refused naming config.json and the field, before any weight is read: an unknown
+/// class or model type, a class and model type that disagree, an unknown activation or quantization
+/// method, transformers' BitLinear options Bessie does not implement, a sub-norm family whose heads do not
+/// make the hidden size.
+#[test]
+fn unknown_families_and_options_name_the_field() {
+    let (dir, _) = tiny_dir();
+    let path = dir.path().join("config.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        (
+            "architectures",
+            Box::new(|j| j["architectures"] = serde_json::json!(["MistralForCausalLM"])),
+            "BitNetForCausalLM",
+        ),
+        ("model_type", Box::new(|j| j["model_type"] = "gpt2".into()), "BitnetForCausalLM"),
+        ("hidden_act", Box::new(|j| j["hidden_act"] = "gelu".into()), "relu2"),
+        (
+            "quant_method",
+            Box::new(|j| j["quantization_config"] = serde_json::json!({"quant_method": "gptq"})),
+            "bitnet",
+        ),
+        (
+            "use_rms_norm",
+            Box::new(|j| {
+                j["quantization_config"] = serde_json::json!({"quant_method": "bitnet", "use_rms_norm": true})
+            }),
+            "not supported",
+        ),
+        (
+            "linear_class",
+            Box::new(|j| j["quantization_config"] = serde_json::json!({"quant_method": "bitnet", "linear_class": "x"})),
+            "autobitlinear",
+        ),
+        (
+            "modules_to_not_convert",
+            Box::new(|j| {
+                j["quantization_config"] =
+                    serde_json::json!({"quant_method": "bitnet", "modules_to_not_convert": ["model.layers.0.mlp"]})
+            }),
+            "lm_head",
+        ),
+        ("head_dim", Box::new(|j| j["head_dim"] = 32.into()), "hidden_size"),
+    ];
+    for (field, edit, hint) in cases {
+        let mut json = original.clone();
+        edit(&mut json);
+        std::fs::write(&path, json.to_string()).unwrap();
+        let e = load_err(dir.path());
+        assert!(e.contains("config.json") && e.contains(field) && e.contains(hint), "{field}: {e}");
+    }
+}
