@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Long-context benchmark of issue 7, for a GPU machine: bessie-train --bench on the bitnet_b1_58-large shape at
+# Long-context benchmark for a GPU machine: bessie-train --bench on the bitnet_b1_58-large shape at
 # micro-batch 1 for each sequence length and recompute level, beside torch_bitnet.py --mode tuned --ckpt
 # (PyTorch with whole-block activation checkpointing) at the same lengths. One JSON line per run on stdout:
 # bessie-train's own line (tok/s, estimated_peak_gib, measured_peak_gib, ...) or the PyTorch script's (peak_gib is

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speed benchmark of issue 6, for a one-GPU machine, in one call: the GPU kernel tests, the tiny config's loss
+# Speed benchmark of bitnet_b1_58-large for a one-GPU machine, in one call: the GPU kernel tests, the tiny config's loss
 # curve fused / unfused (BESSIE_UNFUSED=1) / CPU f32 over 200 steps, bessie-train --bench on the
 # bitnet_b1_58-large shape beside torch_bitnet.py --mode compiled and --mode seed, and the CUPTI kernel profile
 # of the 768 x 8 and 1 x 4 steps (tests/reference/kernel_profile.c, built as libkprof.so beside libcupti.so.13
