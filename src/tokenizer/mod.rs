@@ -55,6 +55,9 @@ pub struct Tokenizer {
     pad: Option<u32>,
     /// EOS and the ids `generation_config.json` lists, in that order, without repeats.
     stop: Vec<u32>,
+    /// Counted once: `tokenizers` counts by building the whole vocabulary map (a third of a second for
+    /// LLaMA-3's 128,256 ids), and decoding checks ids against it for every streamed token.
+    vocab_size: usize,
 }
 
 #[derive(Clone)]
@@ -130,7 +133,11 @@ impl Tokenizer {
             added.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
             (Backend::SentencePiece { model, added }, defaults)
         };
-        let mut tok = Tokenizer { backend, files, bos: 0, eos: 0, pad: None, stop: Vec::new() };
+        let vocab_size = match &backend {
+            Backend::SentencePiece { model, .. } => model.vocab_size(),
+            Backend::HuggingFace(t) => t.get_vocab_size(true),
+        };
+        let mut tok = Tokenizer { backend, files, bos: 0, eos: 0, pad: None, stop: Vec::new(), vocab_size };
         let [bos, eos, pad] = [&config.bos, &config.eos, &config.pad].map(|name| {
             name.as_ref().map(|n| {
                 tok.token_to_id(n).with_context(|| {
@@ -243,10 +250,7 @@ impl Tokenizer {
 
     /// Vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        match &self.backend {
-            Backend::SentencePiece { model, .. } => model.vocab_size(),
-            Backend::HuggingFace(t) => t.get_vocab_size(true),
-        }
+        self.vocab_size
     }
 
     pub fn bos_id(&self) -> u32 {
