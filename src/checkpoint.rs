@@ -74,9 +74,17 @@ pub struct CheckpointWriter<'a> {
     pub run_config: &'a str,
     /// How many `checkpoint-STEP` directories to keep.
     pub keep: usize,
+    /// A checkpoint every this many steps; 0: none before the final model.
+    pub every: usize,
 }
 
 impl CheckpointWriter<'_> {
+    /// Whether step `step` of `total` ends with a checkpoint: every `every` steps before the last (whose
+    /// model `save_final` writes), and whenever the run stops early (`stop`).
+    pub fn due(&self, step: usize, total: usize, stop: bool) -> bool {
+        stop || self.every > 0 && step.is_multiple_of(self.every) && step < total
+    }
+
     /// Writes `OUT/checkpoint-STEP/` atomically, then removes all but the newest `keep` checkpoints. `m` and
     /// `v` are AdamW's whole moments ([`crate::train::optim::AdamW::gather_moments`]), so any number of ranks can resume it.
     pub fn save(&self, params: &Tensor, m: &Tensor, v: &Tensor, state: &TrainerState) -> Result<PathBuf> {
@@ -311,6 +319,7 @@ mod tests {
             chat_template: "",
             run_config: "",
             keep: 2,
+            every: 1,
         };
         let state = TrainerState { step: 7, epoch: 0, epoch_rows_done: 0, seed: 1, run: None };
         let good = Tensor::full(0.5f32, layout.total, &Device::Cpu).unwrap();

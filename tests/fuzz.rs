@@ -338,6 +338,7 @@ fn build_seeds(root: &Path) {
         chat_template: "",
         run_config: "",
         keep: 1,
+        every: 1,
     };
     let run = RunIdentity {
         data_fingerprint: "0123abcd".into(),

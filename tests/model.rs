@@ -207,7 +207,8 @@ fn unknown_families_and_options_name_the_field() {
     let (dir, _) = tiny_dir();
     let path = dir.path().join("config.json");
     let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "architectures",
             Box::new(|j| j["architectures"] = serde_json::json!(["MistralForCausalLM"])),

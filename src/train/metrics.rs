@@ -1,4 +1,5 @@
-//! What a run reports: one JSON line per optimizer step in `OUT/metrics.jsonl`, and a progress bar.
+//! What a run reports: one JSON line per optimizer step in `OUT/metrics.jsonl`, and a progress bar (or,
+//! without a terminal, progress lines).
 
 use std::io::Write;
 use std::path::Path;
@@ -79,10 +80,87 @@ pub fn progress_bar(total: usize, done: usize) -> ProgressBar {
 }
 
 /// Training FLOPs per token: 6 per parameter (forward and backward of every matmul, the tied head
-/// counted once) plus attention's `12 x layers x seq x hidden`.
+/// counted once) plus attention's `12 x layers x seq x (heads x head_dim)`.
 pub fn flops_per_token(cfg: &crate::config::ModelConfig, seq: usize) -> f64 {
-    6.0 * cfg.num_parameters() as f64 + 12.0 * (cfg.num_hidden_layers * seq * cfg.hidden_size) as f64
+    let q_width = cfg.num_attention_heads * cfg.head_dim();
+    6.0 * cfg.num_parameters() as f64 + 12.0 * (cfg.num_hidden_layers * seq * q_width) as f64
 }
 
 /// Dense bf16 peak of the H100/H200 (SXM) tensor cores, the cards Bessie is measured on.
 pub const GPU_PEAK_TFLOPS: f64 = 989.0;
+
+/// Rank 0's reporting for a run: a line per step in `metrics.jsonl`, the progress bar, and without a terminal
+/// a progress line every 5% of the run and at every dev loss.
+pub struct Reporter {
+    log: MetricsLog,
+    bar: ProgressBar,
+    total: usize,
+    flops_per_token: f64,
+    /// MFU is reported against the GPU's peak; none on CPU.
+    gpu: bool,
+}
+
+impl Reporter {
+    /// Opens `OUT/metrics.jsonl` for a run at `step` of `total` (a resumed run keeps the lines up to its
+    /// step) and records the config changes a resume accepted.
+    pub fn open(
+        out: &Path,
+        step: usize,
+        total: usize,
+        flops_per_token: f64,
+        gpu: bool,
+        accepted_changes: &[String],
+    ) -> Result<Self> {
+        let mut log = MetricsLog::open(&out.join(METRICS_FILE), step)?;
+        if !accepted_changes.is_empty() {
+            log.log(&serde_json::json!({"step": step, "event": "resumed with changes", "changes": accepted_changes}))?;
+        }
+        Ok(Self { log, bar: progress_bar(total, step), total, flops_per_token, gpu })
+    }
+
+    /// Records optimizer step `step` that took `secs`.
+    pub fn step(
+        &mut self,
+        step: usize,
+        r: &super::StepResult,
+        dev_loss: Option<f64>,
+        lr: f64,
+        secs: f64,
+    ) -> Result<()> {
+        let tokens_per_sec = r.tokens as f64 / secs;
+        let tflops = tokens_per_sec * self.flops_per_token / 1e12;
+        self.log.log(&StepMetrics {
+            step,
+            loss: r.loss,
+            dev_loss,
+            lr,
+            grad_norm: r.grad_norm,
+            tokens: r.tokens,
+            tokens_per_sec,
+            tflops,
+            mfu: self.gpu.then(|| tflops / GPU_PEAK_TFLOPS),
+        })?;
+        let status = format!(
+            "loss {:.4}{} lr {lr:.2e} {:.0} tok/s",
+            r.loss,
+            dev_loss.map(|d| format!(" dev {d:.4}")).unwrap_or_default(),
+            tokens_per_sec
+        );
+        let total = self.total;
+        if self.bar.is_hidden() && (step.is_multiple_of(total.div_ceil(20)) || step == total || dev_loss.is_some()) {
+            eprintln!("step {step}/{total} {status}");
+        }
+        self.bar.set_message(status);
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    /// The run stopped early: the bar stays as it is.
+    pub fn abandon(&self) {
+        self.bar.abandon();
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish();
+    }
+}

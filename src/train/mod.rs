@@ -11,6 +11,7 @@
 //! [`optimizer_shard`]); rank 0 alone writes logs, metrics and checkpoints.
 
 pub mod bench;
+pub mod cursor;
 pub mod grads;
 pub mod interrupt;
 pub mod layers;
@@ -29,7 +30,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{self, CheckpointWriter, RunIdentity, TrainerState};
+use crate::checkpoint::{self, CheckpointWriter, RunIdentity};
 use crate::config::run::{GradDtype, RunConfig, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
@@ -38,9 +39,10 @@ use crate::model::arch;
 use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
+use cursor::DataCursor;
 use grads::Gradients;
 use interrupt::Interrupt;
-use metrics::{MetricsLog, StepMetrics, METRICS_FILE};
+use metrics::Reporter;
 use model::{BatchTensors, MemoryPlan, RopeTables, StepWeights};
 use optim::{AdamW, AdamWHyper};
 use params::ParamLayout;
@@ -376,11 +378,100 @@ fn last_good(out: &std::path::Path) -> String {
     }
 }
 
+/// The model a run starts from, as it will be saved: its config (latent weights in the family it is saved
+/// as, the run's RoPE scaling), its weights, tokenizer and chat template, checked against the run before
+/// anything is on the device.
+struct BaseModel {
+    cfg: ModelConfig,
+    vb: candle_nn::VarBuilder<'static>,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+}
+
+impl BaseModel {
+    fn open(cfg: &RunConfig, device: &Device, world: usize, note: &dyn Fn(String)) -> Result<Self> {
+        let dir = base_model_dir(cfg);
+        let (mut model_cfg, vb) = hf::open(&dir, DType::F32, device)?;
+        if model_cfg.is_packed_ternary() {
+            bail!(
+                "{} is a packed ternary export (bessie-export): it has no latent weights to train; train from the \
+                 checkpoint it was exported from",
+                dir.display()
+            );
+        }
+        if model_cfg.family()? == &arch::LLAMA && cfg.train.quant_warmup_steps == 0 {
+            note(format!(
+                "note: {} is a full-precision Llama; its projections train as ternary BitLinear layers from the \
+                 first step. train.quant_warmup_steps = N blends the quantizers in over N steps instead (the \
+                 Hugging Face 1.58-bit recipe)",
+                dir.display()
+            ));
+        }
+        // Checkpoints hold latent weights in the family the model is saved as (a full-precision Llama becomes
+        // a `bitnet` Llama).
+        model_cfg = model_cfg.latent_form()?;
+        // The run config's RoPE scaling replaces the checkpoint's and goes into every saved config.json.
+        if let Some(scaling) = cfg.model.rope() {
+            model_cfg.set_rope_scaling(Some(scaling));
+        }
+        model_cfg.check_positions(cfg.data.max_seq_len, "data.max_seq_len")?;
+        // Before any weight is on the device: a config that cannot fit fails now, saying what would.
+        let t = &cfg.train;
+        let shape = memory::StepShape::of_run(&model_cfg, t, t.micro_batch, cfg.data.max_seq_len, device, world);
+        memory::check_device(&shape, device, t.check_memory)?;
+        let tokenizer = Tokenizer::from_dir(&dir)?;
+        tokenizer.check_fits(model_cfg.vocab_size, &dir.join("config.json"))?;
+        let template = ChatTemplate::load(&cfg.template()?, &dir, &tokenizer, cfg.system_prompt())?;
+        Ok(Self { cfg: model_cfg, vb, tokenizer, template })
+    }
+}
+
+/// The run's tokenized data (cached under `OUT/cache`), checked against the model's vocabulary.
+struct TrainData {
+    train: Dataset,
+    dev: Option<Dataset>,
+    opts: DataOptions,
+}
+
+impl TrainData {
+    fn load(cfg: &RunConfig, base: &BaseModel, note: &dyn Fn(String)) -> Result<Self> {
+        let opts = DataOptions {
+            max_seq_len: cfg.data.max_seq_len,
+            loss_on: cfg.data.loss_on,
+            overflow: cfg.data.overflow,
+            pack: cfg.data.pack,
+        };
+        let cache = cfg.checkpoint.out_dir.join(CACHE_DIR);
+        let load = |file: &std::path::Path| -> Result<Dataset> {
+            let ds = data::load_jsonl(file, &base.tokenizer, &base.template, &opts, Some(&cache))?;
+            check_examples(&ds, base.cfg.vocab_size, file, &cache)?;
+            Ok(ds)
+        };
+        let train = load(&cfg.data.train)?;
+        let dev = match cfg.data.dev.as_os_str().is_empty() {
+            true => None,
+            false => Some(load(&cfg.data.dev)?),
+        };
+        let s = &train.stats;
+        note(format!(
+            "data: {} examples, {} tokens ({} trained) from {}; {} truncated, {} dropped (max_seq_len {})",
+            train.examples.len(),
+            s.tokens,
+            s.loss_tokens,
+            cfg.data.train.display(),
+            s.truncated,
+            s.dropped,
+            cfg.data.max_seq_len
+        ));
+        Ok(Self { train, dev, opts })
+    }
+}
+
 /// Trains as `cfg` says, as one rank of `comm`, started as `start` says. Resuming continues from the newest
 /// intact checkpoint in the output directory (or starts fresh when there is none), whatever the world size
 /// that wrote it, as long as it was saved by the same run (`resume`).
 pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSummary> {
-    let out = &cfg.checkpoint.out_dir;
+    let (out, t) = (&cfg.checkpoint.out_dir, &cfg.train);
     let note = |msg: String| {
         if comm.is_main() {
             eprintln!("{msg}");
@@ -392,69 +483,12 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
     };
     // The other ranks read the base model once rank 0 has written it.
     comm.barrier()?;
-    let device = crate::device::rank_device(&cfg.train.device, comm.local_rank())?;
+    let device = crate::device::rank_device(&t.device, comm.local_rank())?;
     comm.use_device(&device)?;
-    let model_dir = base_model_dir(cfg);
-    let (mut model_cfg, vb) = hf::open(&model_dir, DType::F32, &device)?;
-    if model_cfg.is_packed_ternary() {
-        bail!(
-            "{} is a packed ternary export (bessie-export): it has no latent weights to train; train from the \
-             checkpoint it was exported from",
-            model_dir.display()
-        );
-    }
-    if model_cfg.family()? == &arch::LLAMA && cfg.train.quant_warmup_steps == 0 {
-        note(format!(
-            "note: {} is a full-precision Llama; its projections train as ternary BitLinear layers from the first \
-             step. train.quant_warmup_steps = N blends the quantizers in over N steps instead (the Hugging Face \
-             1.58-bit recipe)",
-            model_dir.display()
-        ));
-    }
-    // Checkpoints hold latent weights in the family the model is saved as (a full-precision Llama becomes a
-    // `bitnet` Llama).
-    model_cfg = model_cfg.latent_form()?;
-    // The run config's RoPE scaling replaces the checkpoint's and goes into every saved config.json.
-    if let Some(scaling) = cfg.model.rope() {
-        model_cfg.set_rope_scaling(Some(scaling));
-    }
-    model_cfg.check_positions(cfg.data.max_seq_len, "data.max_seq_len")?;
-    // Before any weight is on the device: a config that cannot fit fails now, saying what would.
-    let t = &cfg.train;
-    let shape = memory::StepShape::of_run(&model_cfg, t, t.micro_batch, cfg.data.max_seq_len, &device, comm.world());
-    memory::check_device(&shape, &device, t.check_memory)?;
-    let tokenizer = Tokenizer::from_dir(&model_dir)?;
-    tokenizer.check_fits(model_cfg.vocab_size, &model_dir.join("config.json"))?;
-    let template = ChatTemplate::load(&cfg.template()?, &model_dir, &tokenizer, cfg.system_prompt())?;
-    let opts = DataOptions {
-        max_seq_len: cfg.data.max_seq_len,
-        loss_on: cfg.data.loss_on,
-        overflow: cfg.data.overflow,
-        pack: cfg.data.pack,
-    };
-    let cache = out.join(CACHE_DIR);
-    let train_ds = data::load_jsonl(&cfg.data.train, &tokenizer, &template, &opts, Some(&cache))?;
-    let dev_ds = match cfg.data.dev.as_os_str().is_empty() {
-        true => None,
-        false => Some(data::load_jsonl(&cfg.data.dev, &tokenizer, &template, &opts, Some(&cache))?),
-    };
-    check_examples(&train_ds, model_cfg.vocab_size, &cfg.data.train, &cache)?;
-    if let Some(ds) = &dev_ds {
-        check_examples(ds, model_cfg.vocab_size, &cfg.data.dev, &cache)?;
-    }
-    let s = &train_ds.stats;
-    note(format!(
-        "data: {} examples, {} tokens ({} trained) from {}; {} truncated, {} dropped (max_seq_len {})",
-        train_ds.examples.len(),
-        s.tokens,
-        s.loss_tokens,
-        cfg.data.train.display(),
-        s.truncated,
-        s.dropped,
-        cfg.data.max_seq_len
-    ));
+    let base = BaseModel::open(cfg, &device, comm.world(), &note)?;
+    let data = TrainData::load(cfg, &base, &note)?;
+    let ctx = StepContext::new(base.cfg.clone(), t, cfg.data.max_seq_len, device.clone())?;
 
-    let ctx = StepContext::new(model_cfg.clone(), t, cfg.data.max_seq_len, device.clone())?;
     let rows_per_step = t.micro_batch * t.grad_accum * comm.world();
     note(format!(
         "global batch: {rows_per_step} sequences per step (micro-batch {} x accumulation {} x {} ranks)",
@@ -462,96 +496,38 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         t.grad_accum,
         comm.world()
     ));
-    let epoch_rows = |epoch: usize| data::epoch_rows(&train_ds, epoch, t.seed, &opts);
-    let mut total: usize = (0..t.epochs).map(|e| epoch_rows(e).len() / rows_per_step).sum();
-    if t.max_steps > 0 {
-        total = total.min(t.max_steps);
-    }
+    let total = cursor::total_steps(&data.train, &data.opts, t.seed, t.epochs, rows_per_step, t.max_steps);
     if total == 0 {
         bail!("{}: too little data for one optimizer step of {rows_per_step} sequences", cfg.data.train.display());
     }
+    let epoch_rows = |e: usize| data::epoch_rows(&data.train, e, t.seed, &data.opts).len();
+    let this_run = resume::ThisRun {
+        toml: cfg.to_toml(),
+        identity: RunIdentity {
+            data_fingerprint: resume::data_fingerprint(&data.train),
+            data_examples: data.train.examples.len(),
+            world_size: comm.world(),
+            micro_batch: t.micro_batch,
+            grad_accum: t.grad_accum,
+        },
+        total_steps: total,
+        train: t,
+        epoch_rows: &epoch_rows,
+    };
+    let BaseModel { cfg: model_cfg, vb, tokenizer, template } = base;
+    let begun = resume::begin(out, start, this_run, &ctx, comm, vb, &note)?;
+    let (params, mut adam) = (begun.params, begun.adam);
+    let mut cursor = DataCursor::new(&data.train, &data.opts, t.seed, rows_per_step, begun.state);
 
-    let identity = RunIdentity {
-        data_fingerprint: resume::data_fingerprint(&train_ds),
-        data_examples: train_ds.examples.len(),
-        world_size: comm.world(),
-        micro_batch: t.micro_batch,
-        grad_accum: t.grad_accum,
-    };
-    let mut run_toml = cfg.to_toml();
-    let resumed = match start {
-        Start::Resume { .. } => checkpoint::newest_intact(out)?,
-        _ => None,
-    };
-    let mut accepted_changes = Vec::new();
-    let (params, mut adam, mut state) = match &resumed {
-        Some(dir) => {
-            let r = checkpoint::load(dir, &ctx.layout, &device)?;
-            let state_file = dir.join(checkpoint::STATE_FILE);
-            resume::check_state(&r.state, total, t.epochs, |e| epoch_rows(e).len())
-                .with_context(|| format!("{}: the trainer state does not fit this run", state_file.display()))?;
-            let saved_config = dir.join(checkpoint::RUN_CONFIG_FILE);
-            let saved_toml = std::fs::read_to_string(&saved_config)
-                .with_context(|| format!("reading {}", saved_config.display()))?;
-            let d = resume::compare(&saved_toml, r.state.run.as_ref(), &run_toml, &identity)
-                .with_context(|| saved_config.display().to_string())?;
-            for n in &d.notices {
-                note(format!("resuming: {n}"));
-            }
-            // Changes accepted earlier stay on record in every later run config.
-            let mut history: String =
-                saved_toml.lines().filter(|l| l.starts_with(resume::CHANGE_NOTE)).map(|l| format!("{l}\n")).collect();
-            if !d.changes.is_empty() {
-                if start != (Start::Resume { accept_changes: true }) {
-                    bail!(
-                        "{} was saved by a different run: {}. Resume with the checkpoint's settings, or pass \
-                         --resume-changed to continue with the new ones (recorded in {METRICS_FILE} and {})",
-                        dir.display(),
-                        d.changes.join("; "),
-                        checkpoint::RUN_CONFIG_FILE
-                    );
-                }
-                note(format!("resuming with changes (--resume-changed): {}", d.changes.join("; ")));
-                history += &format!("{}{} with changes: {}\n", resume::CHANGE_NOTE, r.state.step, d.changes.join("; "));
-                accepted_changes = d.changes;
-            }
-            run_toml = history + &run_toml;
-            note(format!("resuming from {} (step {})", dir.display(), r.state.step));
-            // A checkpoint holds the whole moments, whatever the world size it was saved on.
-            let shard = optimizer_shard(t, comm, ctx.layout.total);
-            let share = |x: Tensor| match shard.len() == ctx.layout.total {
-                true => Ok(x),
-                false => x.narrow(0, shard.start, shard.len())?.copy(),
-            };
-            let adam = AdamW::new(share(r.m)?, share(r.v)?, r.state.step as u64, shard);
-            (r.params, adam, r.state)
-        }
-        None => {
-            if let Start::Resume { .. } = start {
-                note(format!("--resume: no checkpoint in {}; starting from the beginning", out.display()));
-            }
-            let params = ctx.layout.load(&vb, &device)?;
-            let adam = AdamW::zeros(optimizer_shard(t, comm, ctx.layout.total), &device)?;
-            (params, adam, TrainerState { step: 0, epoch: 0, epoch_rows_done: 0, seed: t.seed, run: None })
-        }
-    };
-    state.run = Some(identity);
-    drop(vb);
-
-    // Rank 0 reports: metrics and the progress bar.
-    let mut report = match comm.is_main() {
+    // Rank 0 reports and writes.
+    let mut reporter = match comm.is_main() {
         true => {
-            hf::write_atomic(&out.join(checkpoint::RUN_CONFIG_FILE), |tmp| Ok(std::fs::write(tmp, &run_toml)?))?;
-            let mut log = MetricsLog::open(&out.join(METRICS_FILE), state.step)?;
-            if !accepted_changes.is_empty() {
-                let event = serde_json::json!({"step": state.step, "event": "resumed with changes", "changes": accepted_changes});
-                log.log(&event)?;
-            }
-            Some((log, metrics::progress_bar(total, state.step)))
+            hf::write_atomic(&out.join(checkpoint::RUN_CONFIG_FILE), |tmp| Ok(std::fs::write(tmp, &begun.run_toml)?))?;
+            let flops = metrics::flops_per_token(&model_cfg, cfg.data.max_seq_len);
+            Some(Reporter::open(out, cursor.step(), total, flops, device.is_cuda(), &begun.accepted_changes)?)
         }
         false => None,
     };
-    let pad = tokenizer.pad_id().unwrap_or(0);
     // The template the model learns goes with every checkpoint, so prompting it finds that one.
     let chat_template = template.standalone();
     let writer = CheckpointWriter {
@@ -560,12 +536,12 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         layout: &ctx.layout,
         tokenizer_files: tokenizer.files(),
         chat_template: &chat_template,
-        run_config: &run_toml,
+        run_config: &begun.run_toml,
         keep: cfg.checkpoint.keep,
+        every: cfg.checkpoint.every,
     };
 
-    let flops_per_token = metrics::flops_per_token(&model_cfg, cfg.data.max_seq_len);
-    let mut rows: Vec<Row> = epoch_rows(state.epoch);
+    let pad = tokenizer.pad_id().unwrap_or(0);
     let mut last_loss = None;
     let watchdog = (comm.world() > 1 && t.step_timeout > 0)
         .then(|| Watchdog::start(comm.rank(), std::time::Duration::from_secs(t.step_timeout)));
@@ -574,39 +550,29 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
     let interrupt = Interrupt::install(comm.world() > 1)?;
     let stopped = |e: anyhow::Error| e.context(format!("training stopped; {}", last_good(out)));
     let mut saved_at_stop = None;
-    while state.step < total {
-        // `epoch_rows_done` is at most `rows.len()` (`resume::check_state`), so this cannot overflow.
-        if rows.len() - state.epoch_rows_done < rows_per_step {
-            state.epoch += 1;
-            state.epoch_rows_done = 0;
-            rows = epoch_rows(state.epoch);
-            continue;
-        }
-        let step_rows = rows[state.epoch_rows_done..state.epoch_rows_done + rows_per_step].to_vec();
-        let mine = data::shard(step_rows, comm.rank(), comm.world());
-        let micro: Vec<Batch> = mine.chunks(t.micro_batch).map(|c| data::make_batch(&train_ds, c, pad)).collect();
-        let lr = optim::learning_rate(t, state.step, total);
+    while cursor.step() < total {
+        let step = cursor.step();
+        let mine = data::shard(cursor.next_step(), comm.rank(), comm.world());
+        let micro: Vec<Batch> = mine.chunks(t.micro_batch).map(|c| data::make_batch(&data.train, c, pad)).collect();
+        let lr = optim::learning_rate(t, step, total);
         let started = Instant::now();
-        let r = train_step(&ctx, t, comm, &params, &mut adam, &micro, state.step, lr, None).map_err(stopped)?;
+        let r = train_step(&ctx, t, comm, &params, &mut adam, &micro, step, lr, None).map_err(stopped)?;
         let secs = started.elapsed().as_secs_f64();
         beat();
-        state.step += 1;
-        state.epoch_rows_done += rows_per_step;
         last_loss = Some(r.loss);
+        let step = cursor.step();
 
-        let measure_dev = cfg.log.dev_every > 0 && state.step % cfg.log.dev_every == 0 || state.step == total;
-        let dev = match (&dev_ds, measure_dev) {
-            (Some(ds), true) => Some(dev_loss(&ctx, comm, &params, &adam.shard, ds, &opts, t.micro_batch, pad)?),
+        let measure_dev = cfg.log.dev_every > 0 && step.is_multiple_of(cfg.log.dev_every) || step == total;
+        let dev = match (&data.dev, measure_dev) {
+            (Some(ds), true) => Some(dev_loss(&ctx, comm, &params, &adam.shard, ds, &data.opts, t.micro_batch, pad)?),
             _ => None,
         };
         // Every rank stops at the same step, if any rank was asked to.
         let mut asked = [f64::from(u8::from(interrupt.requested()))];
         comm.all_reduce_sum_f64(&mut asked)?;
-        let stop = asked[0] > 0.0 && state.step < total;
-        let checkpoint_due =
-            stop || cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0 && state.step < total;
+        let stop = asked[0] > 0.0 && step < total;
         // Under ZeRO-1 every rank takes part in collecting the weights and moments; rank 0 alone writes them.
-        let moments = match checkpoint_due {
+        let moments = match writer.due(step, total, stop) {
             true => {
                 gather_params(comm, &params, &adam.shard)?;
                 adam.gather_moments(comm, ctx.layout.total)?
@@ -614,62 +580,38 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
             false => None,
         };
         // The other ranks go on to the next step and wait for rank 0 in its all-reduce.
-        let Some((log, bar)) = report.as_mut() else {
+        let Some(report) = reporter.as_mut() else {
             if stop {
                 break;
             }
             continue;
         };
-        let tokens_per_sec = r.tokens as f64 / secs;
-        let tflops = tokens_per_sec * flops_per_token / 1e12;
-        log.log(&StepMetrics {
-            step: state.step,
-            loss: r.loss,
-            dev_loss: dev,
-            lr,
-            grad_norm: r.grad_norm,
-            tokens: r.tokens,
-            tokens_per_sec,
-            tflops,
-            mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
-        })?;
-        let status = format!(
-            "loss {:.4}{} lr {lr:.2e} {:.0} tok/s",
-            r.loss,
-            dev.map(|d| format!(" dev {d:.4}")).unwrap_or_default(),
-            tokens_per_sec
-        );
-        // Without a terminal the bar is hidden; logs get a line every 5% of the run instead, and one at
-        // every dev loss.
-        if bar.is_hidden() && (state.step % total.div_ceil(20) == 0 || state.step == total || dev.is_some()) {
-            eprintln!("step {}/{total} {status}", state.step);
-        }
-        bar.set_message(status);
-        bar.inc(1);
+        report.step(step, &r, dev, lr, secs)?;
         if let Some((m, v)) = &moments {
-            let dir = writer.save(&params, m, v, &state).map_err(stopped)?;
+            let dir = writer.save(&params, m, v, &cursor.state).map_err(stopped)?;
             beat();
             if stop {
-                bar.abandon();
+                report.abandon();
                 saved_at_stop = Some(dir);
                 break;
             }
         }
     }
     // Only an interrupted run ends before the last step; all ranks know it (the stop was agreed).
-    let interrupted = state.step < total;
+    let steps = cursor.step();
+    let interrupted = steps < total;
     if !interrupted {
         gather_params(comm, &params, &adam.shard)?;
     }
-    let final_dir = match (&report, saved_at_stop) {
+    let final_dir = match (&reporter, saved_at_stop) {
         (_, Some(dir)) => dir,
-        (Some((_, bar)), None) if !interrupted => {
-            bar.finish();
+        (Some(report), None) if !interrupted => {
+            report.finish();
             writer.save_final(&params).map_err(stopped)?
         }
         _ => out.join(checkpoint::FINAL_DIR),
     };
     // Every rank returns once the final model (or the interrupted run's checkpoint) is written.
     comm.barrier()?;
-    Ok(RunSummary { final_dir, steps: state.step, total_steps: total, last_loss, interrupted })
+    Ok(RunSummary { final_dir, steps, total_steps: total, last_loss, interrupted })
 }

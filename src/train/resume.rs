@@ -1,13 +1,24 @@
-//! What `--resume` checks before continuing a run: that the checkpoint was saved by the same run (the
+//! How a run begins ([`begin`]): fresh from the base model, or from the newest intact checkpoint with
+//! `--resume`. What `--resume` checks before continuing: that the checkpoint was saved by the same run (the
 //! trajectory-defining keys of the run config, the data, the global batch) and that its trainer state fits
 //! this run. A changed run is refused, naming each difference, unless the user accepts the changes
 //! (`--resume-changed`); a different rank count with the same global batch passes with a notice, since
 //! gradients are summed over ranks and micro-batches before the update.
 
-use anyhow::{bail, Result};
+use std::path::Path;
 
-use crate::checkpoint::{RunIdentity, TrainerState};
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use super::metrics::METRICS_FILE;
+use super::optim::AdamW;
+use super::run_dir::Start;
+use super::{optimizer_shard, StepContext};
+use crate::checkpoint::{self, RunIdentity, TrainerState};
+use crate::config::run::TrainSection;
 use crate::data::Dataset;
+use crate::dist::Communicator;
 
 /// Keys that change how a run is carried out but not its trajectory; they may differ on resume.
 /// `model.path`: the weights come from the checkpoint (the tokenizer is part of the data fingerprint);
@@ -144,6 +155,91 @@ pub fn check_state(
         bail!("{} rows of epoch {} done, but the epoch has {rows}", state.epoch_rows_done, state.epoch);
     }
     Ok(())
+}
+
+/// What a run starts from: the latent weights, the optimizer, the trainer state (where in the data), the run
+/// config to record (with the changes earlier resumes accepted) and the changes this one accepted.
+pub struct Begun {
+    pub params: Tensor,
+    pub adam: AdamW,
+    pub state: TrainerState,
+    pub run_toml: String,
+    pub accepted_changes: Vec<String>,
+}
+
+/// What a run is, for [`begin`]: its run config as TOML, what else defines its trajectory, its optimizer
+/// steps and the number of rows of each epoch.
+pub struct ThisRun<'a> {
+    pub toml: String,
+    pub identity: RunIdentity,
+    pub total_steps: usize,
+    pub train: &'a TrainSection,
+    pub epoch_rows: &'a dyn Fn(usize) -> usize,
+}
+
+/// Starts the run as `start` says: from the newest intact checkpoint in `out` (checked against `run`), or
+/// from the base model's weights in `vb` with fresh optimizer state. `note` tells the user (rank 0).
+pub fn begin(
+    out: &Path,
+    start: Start,
+    run: ThisRun,
+    ctx: &StepContext,
+    comm: &Communicator,
+    vb: VarBuilder,
+    note: &dyn Fn(String),
+) -> Result<Begun> {
+    let t = run.train;
+    let shard = optimizer_shard(t, comm, ctx.layout.total);
+    let resumed = match start {
+        Start::Resume { .. } => checkpoint::newest_intact(out)?,
+        _ => None,
+    };
+    let Some(dir) = resumed else {
+        if let Start::Resume { .. } = start {
+            note(format!("--resume: no checkpoint in {}; starting from the beginning", out.display()));
+        }
+        let state = TrainerState { step: 0, epoch: 0, epoch_rows_done: 0, seed: t.seed, run: Some(run.identity) };
+        let params = ctx.layout.load(&vb, &ctx.device)?;
+        let adam = AdamW::zeros(shard, &ctx.device)?;
+        return Ok(Begun { params, adam, state, run_toml: run.toml, accepted_changes: Vec::new() });
+    };
+    let r = checkpoint::load(&dir, &ctx.layout, &ctx.device)?;
+    let state_file = dir.join(checkpoint::STATE_FILE);
+    check_state(&r.state, run.total_steps, t.epochs, run.epoch_rows)
+        .with_context(|| format!("{}: the trainer state does not fit this run", state_file.display()))?;
+    let saved_config = dir.join(checkpoint::RUN_CONFIG_FILE);
+    let saved_toml =
+        std::fs::read_to_string(&saved_config).with_context(|| format!("reading {}", saved_config.display()))?;
+    let d = compare(&saved_toml, r.state.run.as_ref(), &run.toml, &run.identity)
+        .with_context(|| saved_config.display().to_string())?;
+    for n in &d.notices {
+        note(format!("resuming: {n}"));
+    }
+    // Changes accepted earlier stay on record in every later run config.
+    let mut history: String =
+        saved_toml.lines().filter(|l| l.starts_with(CHANGE_NOTE)).map(|l| format!("{l}\n")).collect();
+    if !d.changes.is_empty() {
+        if start != (Start::Resume { accept_changes: true }) {
+            bail!(
+                "{} was saved by a different run: {}. Resume with the checkpoint's settings, or pass \
+                 --resume-changed to continue with the new ones (recorded in {METRICS_FILE} and {})",
+                dir.display(),
+                d.changes.join("; "),
+                checkpoint::RUN_CONFIG_FILE
+            );
+        }
+        note(format!("resuming with changes (--resume-changed): {}", d.changes.join("; ")));
+        history += &format!("{CHANGE_NOTE}{} with changes: {}\n", r.state.step, d.changes.join("; "));
+    }
+    note(format!("resuming from {} (step {})", dir.display(), r.state.step));
+    // A checkpoint holds the whole moments, whatever the world size it was saved on.
+    let share = |x: Tensor| match shard.len() == ctx.layout.total {
+        true => Ok(x),
+        false => x.narrow(0, shard.start, shard.len())?.copy(),
+    };
+    let adam = AdamW::new(share(r.m)?, share(r.v)?, r.state.step as u64, shard.clone());
+    let state = TrainerState { run: Some(run.identity), ..r.state };
+    Ok(Begun { params: r.params, adam, state, run_toml: history + &run.toml, accepted_changes: d.changes })
 }
 
 #[cfg(test)]
