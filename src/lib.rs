@@ -15,7 +15,6 @@ pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod generate;
-#[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod manifest;
 pub mod model;

@@ -1,7 +1,9 @@
 //! The memory-efficient attention against the plain one (`attention_forward`/`attention_backward`, which
 //! keep the full probability matrix): fresh random inputs, CPU f32, packed rows with padding, sequence
-//! lengths that are not a multiple of the block, one block, and blocks of one row.
+//! lengths that are not a multiple of the block, one block, and blocks of one row; grouped-query heads (K and
+//! V with fewer heads, the plain attention given them repeated and its dK, dV summed over each group).
 
+use bessie::model::bitnet::repeat_kv;
 use bessie::rng::Rng;
 use bessie::train::layers::{
     attention_backward, attention_forward, flash_attention_backward, flash_attention_forward, Windows,
@@ -38,19 +40,24 @@ fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
     assert!(diff <= 2e-6 * norm, "{what}: relative error {}", diff / norm);
 }
 
-fn check(segments: &[u32], batch: usize, heads: usize, dim: usize, block: usize, seed: u64) {
+fn check(segments: &[u32], batch: usize, (heads, kv_heads): (usize, usize), dim: usize, block: usize, seed: u64) {
     let seq = segments.len() / batch;
     let mut rng = Rng::new(seed);
-    let shape = (batch, heads, seq, dim);
+    let (shape, kv_shape) = ((batch, heads, seq, dim), (batch, kv_heads, seq, dim));
     let (q, k, v, dy) =
-        (random(&mut rng, shape), random(&mut rng, shape), random(&mut rng, shape), random(&mut rng, shape));
+        (random(&mut rng, shape), random(&mut rng, kv_shape), random(&mut rng, kv_shape), random(&mut rng, shape));
     let start = Windows::new(window_starts(segments, seq).unwrap(), batch, seq, &Device::Cpu).unwrap();
 
-    let (want_y, saved) = attention_forward(&q, &k, &v, &dense_mask(segments, batch, seq)).unwrap();
-    let want = attention_backward(&dy, &saved).unwrap();
+    let groups = heads / kv_heads;
+    let (ke, ve) = (repeat_kv(&k, groups).unwrap(), repeat_kv(&v, groups).unwrap());
+    let (want_y, saved) = attention_forward(&q, &ke, &ve, &dense_mask(segments, batch, seq)).unwrap();
+    let (dq, dk, dv) = attention_backward(&dy, &saved).unwrap();
+    let summed = |g: Tensor| g.reshape((batch, kv_heads, groups, seq, dim)).unwrap().sum(2).unwrap();
+    let want = (dq, summed(dk), summed(dv));
     let (y, saved) = flash_attention_forward(&q, &k, &v, &start, block).unwrap();
     let got = flash_attention_backward(&dy, &saved, &start, block).unwrap();
-    let at = format!("seq {seq}, block {block}");
+    assert_eq!(got.1.dims(), k.dims(), "dk has K's heads");
+    let at = format!("seq {seq}, block {block}, {heads} heads sharing {kv_heads}");
     assert_close(&y, &want_y, &format!("output ({at})"));
     assert_close(&got.0, &want.0, &format!("dq ({at})"));
     assert_close(&got.1, &want.1, &format!("dk ({at})"));
@@ -62,10 +69,13 @@ fn blocked_attention_equals_plain_attention() {
     // Row 0: three packed examples; row 1: one example, then padding.
     let segments: Vec<u32> = [vec![1; 6], vec![2; 4], vec![3; 7], vec![4; 9], vec![0; 8]].concat();
     for block in [1, 4, 5, 17, 64] {
-        check(&segments, 2, 3, 8, block, block as u64);
+        check(&segments, 2, (3, 3), 8, block, block as u64);
     }
+    // Grouped-query heads: four query heads on two key/value heads, and six on one.
+    check(&segments, 2, (4, 2), 8, 5, 7);
+    check(&segments, 2, (6, 1), 8, 64, 8);
     // One unpacked causal row.
-    check(&[1; 37], 1, 2, 16, 8, 99);
+    check(&[1; 37], 1, (2, 2), 16, 8, 99);
 }
 
 #[test]

@@ -1,10 +1,12 @@
-// Flash attention 2 (Dao, 2023) for bf16 heads of 64, 96 or 128 dims on tensor cores (mma.sync m16n8k16):
-// the scores live in registers, never in memory. Causal, each query also bounded below by the first token
-// of its packed example (`start`, as train::layers::Windows). Forward: one block per 64 queries; backward:
-// one kernel per 64 keys for dK and dV and one per 64 queries for dQ, each summing in registers in a fixed
-// order (no atomics: the same inputs give the same bits). The dQ kernel runs first: it also writes each row's
-// rowsum(dO O), which the dK/dV kernel reads. The plain reference is
-// train::layers::flash_attention_{forward,backward} on the CPU.
+// Flash attention 2 (Dao, 2023) for bf16 heads of 64, 96, 128 or 256 dims on tensor cores (mma.sync
+// m16n8k16): the scores live in registers, never in memory. Causal, each query also bounded below by the
+// first token of its packed example (`start`, as train::layers::Windows). Grouped-query attention natively:
+// query head h of `heads` reads key/value head h / group (group = heads / kv_heads), and K and V stay
+// [batch, kv_heads, t, D] in memory. Forward: one block per 64 queries; backward: one kernel per 64 keys of a
+// key/value head for dK and dV, summed over the group's query heads, and one per 64 queries for dQ, each
+// summing in registers in a fixed order (no atomics: the same inputs give the same bits). The dQ kernel runs
+// first: it also writes each row's rowsum(dO O), which the dK/dV kernel reads. The plain reference is
+// train::layers::flash_attention_{forward,backward}_reference.
 #include "common.cuh"
 
 #define THREADS 128  // four warps, each owning 16 rows of the block's tile
@@ -134,40 +136,55 @@ __device__ __forceinline__ bool all_seen(int q0, int nq, int lo_last, int k0, in
     return q0 >= k0 + nk - 1 && lo_last <= k0 && q0 + nq <= t;
 }
 
-// Q, K, V, O: [batch * heads, t, D]; start: [batch, t] (f32); lse: [batch * heads, t] (natural log).
-// scale2 = log2(e) / sqrt(D): the softmax runs in base 2. K and V have separate tiles so that V's copy runs
-// during Q K^T and the next K's during P V (flash attention 2's pipeline).
+// The offset of key/value head of query head `qh` (blockIdx.y = batch * heads + query head) in K and V
+// [batch * heads / group, t, D].
+template <int D> __device__ __forceinline__ size_t kv_head(int qh, int t, int heads, int group) {
+    int b = qh / heads;
+    return ((size_t)b * (heads / group) + qh % heads / group) * t * D;
+}
+
+// Keys per tile of the forward: at D = 256 a tile of 64 K rows and one of V (67 KB) exceed the 48 KB of static
+// shared memory, so 32.
+template <int D> struct Forward {
+    static constexpr int BQ = 64, BK = D <= 128 ? 64 : 32;
+};
+
+// Q, O: [batch * heads, t, D]; K, V: [batch * heads / group, t, D]; start: [batch, t] (f32); lse:
+// [batch * heads, t] (natural log). scale2 = log2(e) / sqrt(D): the softmax runs in base 2. K and V have
+// separate tiles so that V's copy runs during Q K^T and the next K's during P V (flash attention 2's pipeline).
 template <int D>
 __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o, float* lse,
-                        int t, int heads, float scale2) {
-    constexpr int BQ = 64, BK = 64, LD = Tile<D>::LD;
-    __shared__ __align__(16) bf16 ks[BK * LD], vs[BK * LD];
+                        int t, int heads, int group, float scale2) {
+    constexpr int BQ = Forward<D>::BQ, BK = Forward<D>::BK, LD = Tile<D>::LD;
+    static_assert(2 * BK >= BQ, "Q passes through the K and V tiles");
+    __shared__ __align__(16) bf16 kvs[2 * BK * LD];
+    bf16 *ks = kvs, *vs = kvs + BK * LD;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
-    size_t head = (size_t)blockIdx.y * t * D;
+    size_t head = (size_t)blockIdx.y * t * D, kv = kv_head<D>(blockIdx.y, t, heads, group);
     start += (size_t)(blockIdx.y / heads) * t;
 
-    load_rows<D>(ks, q + head, q0, BQ, t);  // Q passes through the K tile into registers
+    load_rows<D>(kvs, q + head, q0, BQ, t);  // Q passes through the K and V tiles into registers
     commit();
     wait_loads<0>();
     __syncthreads();
     uint32_t qf[D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) load_a<D>(qf[kk], ks, warp * 16, kk * 16, lane);
+    for (int kk = 0; kk < D / 16; kk++) load_a<D>(qf[kk], kvs, warp * 16, kk * 16, lane);
     int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) lo[h] = rows[h] < t ? (int)start[rows[h]] : NO_KEYS;
     int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
     int k_first = (int)start[q0] / BK * BK;
     __syncthreads();  // every warp has its Q
-    load_rows<D>(ks, k + head, k_first, BK, t);
+    load_rows<D>(ks, k + kv, k_first, BK, t);
     commit();
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[D / 8][4] = {};
     for (int k0 = k_first; k0 < k_end; k0 += BK) {
         wait_loads<0>();
         __syncthreads();  // K is in; every warp is done with the last V
-        load_rows<D>(vs, v + head, k0, BK, t);
+        load_rows<D>(vs, v + kv, k0, BK, t);
         commit();
         float s[BK / 8][4] = {};
         mma_abt<D, BK>(s, qf, ks, lane);
@@ -204,7 +221,7 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
         wait_loads<0>();
         __syncthreads();  // V is in; every warp is done with K
         if (k0 + BK < k_end) {
-            load_rows<D>(ks, k + head, k0 + BK, BK, t);
+            load_rows<D>(ks, k + kv, k0 + BK, BK, t);
             commit();
         }
         mma_cb<D, BK>(acc, s, vs, lane);
@@ -260,7 +277,7 @@ template <int D, int BQ> struct QueryTile {
 // Shared memory of the dK/dV kernel: K and V tiles, then two query tiles (one in use, the next in flight),
 // then their per-row values. flash_attention.rs sizes the launch by the same formula.
 template <int D> struct KvShared {
-    static constexpr int BK = 64, BQ = D <= 96 ? 64 : 16, LD = Tile<D>::LD;  // BQ 16 at D = 128: registers
+    static constexpr int BK = 64, BQ = D <= 96 ? 64 : 16, LD = Tile<D>::LD;  // BQ 16 from D = 128: registers
     static __device__ QueryTile<D, BQ> tile(unsigned char* smem, int stage) {
         bf16* rows = reinterpret_cast<bf16*>(smem) + (2 * BK + 2 * stage * BQ) * LD;
         float* small = reinterpret_cast<float*>(reinterpret_cast<bf16*>(smem) + (2 * BK + 4 * BQ) * LD) + 3 * stage * BQ;
@@ -268,12 +285,13 @@ template <int D> struct KvShared {
     }
 };
 
-// dK and dV for 64 keys: for each tile of BQ queries that sees them, S^T = K Q^T and dP^T = V dO^T in
-// registers (keys as rows), then dV += P^T dO and dK += dS^T Q.
+// dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head): for each of the
+// group's query heads and each tile of BQ queries that sees the keys, S^T = K Q^T and dP^T = V dO^T in
+// registers (keys as rows), then dV += P^T dO and dK += dS^T Q: the sum over the group stays in registers.
 template <int D>
 __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                             const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,
-                            float scale2) {
+                            int group, float scale2) {
     using S = KvShared<D>;
     constexpr int BK = S::BK, BQ = S::BQ, LD = S::LD;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -281,9 +299,12 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
     bf16* vs = ks + BK * LD;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
-    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t;
-    start += (size_t)(blockIdx.y / heads) * t;
-    lse += rows0, delta += rows0;
+    int kv_heads = heads / group, bi = blockIdx.y / kv_heads;
+    size_t head = (size_t)blockIdx.y * t * D;
+    // The group's first query head (of [batch * heads]): step `it` of the loop below takes query head
+    // qh0 + it / n_tiles and its query tile it % n_tiles.
+    int qh0 = bi * heads + blockIdx.y % kv_heads * group;
+    start += (size_t)bi * t;
     int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
     // The query tiles that see these keys: from k0 on, those whose first row's window starts in them.
     int n_tiles = 0;
@@ -293,16 +314,21 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
         n_tiles += n;
         if (n < THREADS) break;
     }
+    auto load_tile = [&](int it) {
+        size_t qh = qh0 + it / n_tiles;
+        S::tile(smem, it % 2).load(q + qh * t * D, dout + qh * t * D, lse + qh * t, delta + qh * t, start,
+                                   k0 + it % n_tiles * BQ, t);
+    };
     load_rows<D>(ks, k + head, k0, BK, t);
     load_rows<D>(vs, v + head, k0, BK, t);
-    S::tile(smem, 0).load(q + head, dout + head, lse, delta, start, k0, t);
+    if (n_tiles > 0) load_tile(0);
 
     float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
-    for (int it = 0; it < n_tiles; it++) {
-        int q0 = k0 + it * BQ;
+    for (int it = 0; it < group * n_tiles; it++) {
+        int q0 = k0 + it % n_tiles * BQ;
         QueryTile<D, BQ> tile = S::tile(smem, it % 2);
-        if (it + 1 < n_tiles) {
-            S::tile(smem, (it + 1) % 2).load(q + head, dout + head, lse, delta, start, q0 + BQ, t);
+        if (it + 1 < group * n_tiles) {
+            load_tile(it + 1);
             wait_loads<1>();
         } else {
             wait_loads<0>();
@@ -373,25 +399,37 @@ template <int D> __device__ __forceinline__ void rows_dot(float* out, const uint
 template <int D>
 __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
                            const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,
-                           float scale2) {
-    constexpr int BQ = 64, BK = 32, LD = Tile<D>::LD;
-    __shared__ __align__(16) bf16 buf[4 * BK * LD];  // Q and dO (2 BQ rows), then two stages of K and V
+                           int group, float scale2) {
+    // 16 keys per stage at D = 256: two stages of K and V at 32 would exceed the 48 KB of static shared memory.
+    constexpr int BQ = 64, BK = D <= 128 ? 32 : 16, LD = Tile<D>::LD;
+    constexpr bool TOGETHER = 4 * BK >= 2 * BQ;  // Q and dO fit the buffer at once, else they pass in turn
+    constexpr int ROWS = TOGETHER ? 4 * BK : (BQ > 4 * BK ? BQ : 4 * BK);
+    __shared__ __align__(16) bf16 buf[ROWS * LD];  // Q, dO and O, then two stages of K and V
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
-    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t;
+    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t, kv = kv_head<D>(blockIdx.y, t, heads, group);
     start += (size_t)(blockIdx.y / heads) * t;
 
+    // This warp's A fragments of 64 rows of a head, through the buffer at row `at`.
+    auto fragments = [&](uint32_t (*f)[4], int at) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) load_a<D>(f[kk], buf + at * LD, warp * 16, kk * 16, lane);
+    };
+    uint32_t qf[D / 16][4], dof[D / 16][4];
     load_rows<D>(buf, q + head, q0, BQ, t);
-    load_rows<D>(buf + BQ * LD, dout + head, q0, BQ, t);
+    if constexpr (TOGETHER) load_rows<D>(buf + BQ * LD, dout + head, q0, BQ, t);
     commit();
     wait_loads<0>();
     __syncthreads();
-    uint32_t qf[D / 16][4], dof[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        load_a<D>(qf[kk], buf, warp * 16, kk * 16, lane);
-        load_a<D>(dof[kk], buf + BQ * LD, warp * 16, kk * 16, lane);
+    fragments(qf, 0);
+    if constexpr (!TOGETHER) {
+        __syncthreads();  // every warp has its Q
+        load_rows<D>(buf, dout + head, q0, BQ, t);
+        commit();
+        wait_loads<0>();
+        __syncthreads();
     }
+    fragments(dof, TOGETHER ? BQ : 0);
     __syncthreads();  // every warp has its Q and dO
     load_rows<D>(buf, o + head, q0, BQ, t);
     commit();
@@ -400,8 +438,7 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
     float dl[2] = {0.f, 0.f};
     {
         uint32_t of[D / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) load_a<D>(of[kk], buf, warp * 16, kk * 16, lane);
+        fragments(of, 0);
         rows_dot<D>(dl, of, dof);
     }
     int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
@@ -420,8 +457,8 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
     __syncthreads();  // every warp has read O
     auto stage = [&](int i) { return buf + i % 2 * 2 * BK * LD; };
     auto load = [&](int i, int k0) {
-        load_rows<D>(stage(i), k + head, k0, BK, t);
-        load_rows<D>(stage(i) + BK * LD, v + head, k0, BK, t);
+        load_rows<D>(stage(i), k + kv, k0, BK, t);
+        load_rows<D>(stage(i) + BK * LD, v + kv, k0, BK, t);
         commit();
     };
     load(0, k_first);
@@ -467,22 +504,24 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
 #define FLASH(D)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
         flash_forward_##D(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o, float* lse,   \
-                          int t, int heads, float scale2) {                                                       \
-        forward<D>(q, k, v, start, o, lse, t, heads, scale2);                                                     \
+                          int t, int heads, int group, float scale2) {                                            \
+        forward<D>(q, k, v, start, o, lse, t, heads, group, scale2);                                              \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
         flash_backward_kv_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,    \
                               const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,       \
-                              float scale2) {                                                                     \
-        backward_kv<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, scale2);                               \
+                              int group, float scale2) {                                                          \
+        backward_kv<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, group, scale2);                        \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
         flash_backward_q_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,        \
                              const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,       \
-                             float scale2) {                                                                       \
-        backward_q<D>(q, k, v, dout, o, lse, delta, start, dq, t, heads, scale2);                                 \
+                             int group, float scale2) {                                                            \
+        backward_q<D>(q, k, v, dout, o, lse, delta, start, dq, t, heads, group, scale2);                          \
     }
 
+// The head dims of kernels::FLASH_HEAD_DIMS.
 FLASH(64)
 FLASH(96)
 FLASH(128)
+FLASH(256)

@@ -1,4 +1,5 @@
-//! Flash attention on tensor cores, forward and backward: no `[seq, seq]` scores in memory.
+//! Flash attention on tensor cores, forward and backward: no `[seq, seq]` scores in memory, grouped-query
+//! heads read in place (no expanded K and V).
 
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -22,7 +23,8 @@ fn tiles(t: usize, heads: usize) -> LaunchConfig {
 }
 
 /// The dK/dV kernel's dynamic shared memory (`KvShared` in the kernel): K and V tiles of 64 rows, two query
-/// tiles of Q and dO rows, their per-row values; rows of `d + 8` bf16.
+/// tiles of Q and dO rows, their per-row values; rows of `d + 8` bf16. 101 KB at d = 256, within the H100's
+/// and H200's 227 KB a block.
 fn kv_shared_bytes(d: usize) -> u32 {
     let bq = if d <= 96 { 64 } else { 16 };
     ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4) as u32
@@ -33,21 +35,33 @@ fn scale2(d: usize) -> f32 {
     (std::f64::consts::LOG2_E / (d as f64).sqrt()) as f32
 }
 
-/// `q, k, v: [b, h, t, d]` (bf16, contiguous), `start: [b, t]` (f32, see `train::layers::Windows`): the
-/// output `[b, h, t, d]` and each row's softmax log-sum-exp (f32 `[b, h, t, 1]`).
-pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, start: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (b, h, t, d) = q.dims4()?;
-    let dev = cuda_device(q)?;
+/// `(b, h, t, d, group)` where the kernels apply to queries `q: [b, h, t, d]` and keys `k: [b, h / group, t, d]`:
+/// bf16 on CUDA, a head dim of [`super::FLASH_HEAD_DIMS`].
+fn takes(q: &Tensor, k: &Tensor) -> Option<(usize, usize, usize, usize, usize)> {
+    let ((b, h, t, d), (bk, hk, tk, dk)) = (q.dims4().ok()?, k.dims4().ok()?);
+    let fits = super::applies(q) && super::FLASH_HEAD_DIMS.contains(&d) && hk > 0 && h.is_multiple_of(hk);
+    (fits && (bk, tk, dk) == (b, t, d)).then_some((b, h, t, d, h / hk))
+}
+
+/// `q: [b, h, t, d]`, `k, v: [b, h / group, t, d]` (bf16; grouped-query heads: query head `i` attends with key
+/// and value head `i / group`), `start: [b, t]` (f32, see `train::layers::Windows`): the output
+/// `[b, h, t, d]` and each row's softmax log-sum-exp (f32 `[b, h, t, 1]`). `Ok(None)` where the kernels do not
+/// apply.
+pub fn try_forward(q: &Tensor, k: &Tensor, v: &Tensor, start: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let Some((b, h, t, d, group)) = takes(q, k) else { return Ok(None) };
+    let (q, k, v, start) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, start.contiguous()?);
+    let dev = cuda_device(&q)?;
     let (o, lse) = (uninit(q.shape(), DType::BF16, &dev)?, uninit((b, h, t, 1), DType::F32, &dev)?);
     let name = format!("flash_forward_{d}");
     launch!(dev, PTX, &name, tiles(t, b * h);
-        aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, ptr(start)?, aligned_ptr(&o)?, ptr(&lse)?,
-        t as i32, h as i32, scale2(d));
-    Ok((o, lse))
+        aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, ptr(&start)?, aligned_ptr(&o)?, ptr(&lse)?,
+        t as i32, h as i32, group as i32, scale2(d));
+    Ok(Some((o, lse)))
 }
 
-/// The gradients `(dq, dk, dv)` of [`forward`] from `dy`, the gradient at its output `o`.
-pub fn backward(
+/// The gradients `(dq, dk, dv)` of [`try_forward`] from `dy`, the gradient at its output `o`; `dk` and `dv` in
+/// `k`'s shape, each summed over the query heads of its group. `Ok(None)` where the kernels do not apply.
+pub fn try_backward(
     dy: &Tensor,
     q: &Tensor,
     k: &Tensor,
@@ -55,26 +69,29 @@ pub fn backward(
     o: &Tensor,
     lse: &Tensor,
     start: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, h, t, d) = q.dims4()?;
-    let dev = cuda_device(q)?;
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some((b, h, t, d, group)) = takes(q, k) else { return Ok(None) };
+    let (q, k, v, o, dy) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, o.contiguous()?, dy.contiguous()?);
+    let (lse, start) = (lse.contiguous()?, start.contiguous()?);
+    let dev = cuda_device(&q)?;
     let delta = uninit(b * h * t, DType::F32, &dev)?;
-    let grad = || uninit(q.shape(), DType::BF16, &dev);
-    let (dq, dk, dv) = (grad()?, grad()?, grad()?);
+    let dq = uninit(q.shape(), DType::BF16, &dev)?;
+    let (dk, dv) = (uninit(k.shape(), DType::BF16, &dev)?, uninit(k.shape(), DType::BF16, &dev)?);
     // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes each
     // row's delta = rowsum(dO O), which both need.
     let name = format!("flash_backward_q_{d}");
     launch!(dev, PTX, &name, tiles(t, b * h);
-        aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, aligned_ptr(o)?, ptr(lse)?, ptr(&delta)?,
-        ptr(start)?, aligned_ptr(&dq)?, t as i32, h as i32, scale2(d));
+        aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, aligned_ptr(&o)?, ptr(&lse)?,
+        ptr(&delta)?, ptr(&start)?, aligned_ptr(&dq)?, t as i32, h as i32, group as i32, scale2(d));
     let name = format!("flash_backward_kv_{d}");
     let bytes = kv_shared_bytes(d);
     // Above 48 KB a block's shared memory must be opted into, per function.
     let func = dev.get_or_load_custom_func(&name, PTX.0, PTX.1)?;
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
         .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory of {bytes} bytes: {e:?}")))?;
-    launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
-        aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?, ptr(start)?,
-        aligned_ptr(&dk)?, aligned_ptr(&dv)?, t as i32, h as i32, scale2(d));
-    Ok((dq, dk, dv))
+    // A block per 64 keys of each key/value head.
+    launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h / group) };
+        aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, ptr(&lse)?, ptr(&delta)?,
+        ptr(&start)?, aligned_ptr(&dk)?, aligned_ptr(&dv)?, t as i32, h as i32, group as i32, scale2(d));
+    Ok(Some((dq, dk, dv)))
 }

@@ -32,6 +32,19 @@ pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
 /// ranks can sum them elementwise): enough blocks for the largest matrices to fill the card.
 const SLOT_PARTS: u32 = 32;
 
+/// [`step_weights`] where it applies (`flat` on CUDA, bf16 weights asked for), else `Ok(None)`.
+pub fn try_step_weights(
+    flat: &Tensor,
+    slots: &[(Range<usize>, Option<usize>)],
+    lambda: f64,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    if !(super::on_cuda(flat) && dtype == DType::BF16) {
+        return Ok(None);
+    }
+    step_weights(&flat.contiguous()?, slots, lambda).map(Some)
+}
+
 /// This step's weights in bf16, `[flat.len()]`, the layout of the f32 `flat`: every slot either the BitLinear
 /// weight of its latent (`(range, Some(columns))`: ternary times the absmean scale, blended by `lambda`) or a
 /// cast (`(range, None)`). Two launches for the whole model: every matrix's partial sums of `|W|`, then every
@@ -107,6 +120,14 @@ pub fn step_weights_in(flat: &Tensor, table: &SlotTable, partials: &Tensor, lamb
     launch!(dev, PTX, "step_weights", table.grid();
         ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, parts, lambda as f32, ptr(&out)?);
     Ok(out)
+}
+
+/// [`accumulate`] where it applies (`dst` on CUDA), else `Ok(None)`.
+pub fn try_accumulate(dst: &Tensor, src: &Tensor, add: bool) -> Result<Option<()>> {
+    if !super::on_cuda(dst) {
+        return Ok(None);
+    }
+    accumulate(dst, &src.contiguous()?, add).map(Some)
 }
 
 /// `dst += src` (`add`), or `dst = src` (not reading `dst`), for a contiguous f32 view `dst` of the gradient

@@ -7,6 +7,14 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 
 use super::{cuda_device, ptr, rows_ptr};
 
+/// [`gemm_at_b`] where it applies (`a` bf16 on CUDA), else `Ok(None)`.
+pub fn try_gemm_at_b(c: &Tensor, a: &Tensor, b: &Tensor, add: bool) -> Result<Option<()>> {
+    if !super::applies(a) {
+        return Ok(None);
+    }
+    gemm_at_b(c, a, b, add).map(Some)
+}
+
 /// `c += a^T b` (`add`), or `c = a^T b` (beta = 0: cuBLAS does not read `c`), for row-major bf16 `a: [n, m]`
 /// and `b: [n, k]`, into the contiguous f32 `c` of `m * k` elements (row-major `[m, k]`). `a`'s rows may lie
 /// further apart than `m` (the first columns of a wider matrix: the head's gradient skips the logits' padding

@@ -1,157 +1,49 @@
 //! Fused CUDA kernels (feature `cuda`), one `.cu` file per concern beside the Rust that launches it
 //! (llm.c's `llmc/*.cuh`). Each replaces a chain of candle ops whose plain version stays beside the caller
 //! as the CPU path and the reference (`train::layers`, `train::optim`); `tests/gpu.rs` checks every kernel
-//! against its reference on fresh random inputs.
+//! against its reference on the same GPU tensors, on fresh random inputs.
+//!
+//! Each module's `try_` functions are what the layers call: `Ok(None)` where the kernel does not apply (not
+//! bf16 on CUDA, a shape it does not take), and the caller runs its reference. Without the `cuda` feature
+//! the modules are [`stub`]'s, whose `try_` functions always answer `Ok(None)`: callers need no `cfg`.
+//! The kernels never import the trainer; the plain types both use are in [`shapes`].
 //!
 //! `build.rs` compiles the `.cu` files to PTX; candle loads each module once per device and the kernels
 //! run on candle's stream, so they are ordered with candle's own ops. Arguments are raw device addresses of
 //! contiguous tensors, outputs are fresh tensors, except the flat-buffer kernels, which update the
 //! optimizer state in place.
 
+pub mod shapes;
+
+/// The head dims the flash attention kernels are instantiated for (`FLASH(D)` in `flash_attention.cu`); a
+/// constant of every build, for the memory estimate.
+pub const FLASH_HEAD_DIMS: [usize; 4] = [64, 96, 128, 256];
+
+#[cfg(feature = "cuda")]
+mod device;
+#[cfg(feature = "cuda")]
+pub use device::*;
+
+#[cfg(feature = "cuda")]
 pub mod attention;
+#[cfg(feature = "cuda")]
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
 pub mod embedding;
+#[cfg(feature = "cuda")]
 pub mod flash_attention;
+#[cfg(feature = "cuda")]
 pub mod flat;
+#[cfg(feature = "cuda")]
 pub mod gemm;
+#[cfg(feature = "cuda")]
 pub mod residual;
+#[cfg(feature = "cuda")]
 pub mod rmsnorm;
+#[cfg(feature = "cuda")]
 pub mod rope;
 
-use candle_core::cuda_backend::CudaStorage;
-use candle_core::op::BackpropOp;
-use candle_core::{bail, CudaDevice, DType, Device, Result, Shape, Storage, Tensor};
-use cudarc::driver::{DevicePtr, LaunchConfig};
-
-/// A PTX module: its name for candle's module cache and its text.
-pub(crate) struct Ptx(&'static str, &'static str);
-
-macro_rules! ptx {
-    ($file:literal) => {
-        crate::kernels::Ptx(concat!("bessie_", $file), include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx")))
-    };
-}
-pub(crate) use ptx;
-
-/// Launches kernel `$name` of module `$ptx` on `$dev`'s stream with the given arguments (each a value
-/// the kernel takes by copy: device addresses as `u64`, scalars as `i32`/`u64`/`f32`).
-macro_rules! launch {
-    ($dev:expr, $ptx:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        use cudarc::driver::PushKernelArg as _;
-        let func = $dev.get_or_load_custom_func($name, $ptx.0, $ptx.1)?;
-        let mut builder = func.builder();
-        $( let arg = $arg; builder.arg(&arg); )*
-        // SAFETY: the arguments match the kernel's signature in the .cu file, and every address points into
-        // a live tensor of the size the kernel indexes.
-        unsafe { builder.launch($cfg) }
-            .map_err(|e| candle_core::Error::Msg(format!("launching {}: {e:?}", $name)))?;
-    }};
-}
-pub(crate) use launch;
-
-/// `BESSIE_UNFUSED=1` runs the candle-op references on the GPU too: to compare the two paths on one card
-/// (the loss-curve check in BENCHMARKS.md) or to rule a kernel out when hunting a bug.
-fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("BESSIE_UNFUSED").map_or(true, |v| v.is_empty() || v == "0"))
-}
-
-/// True when the flat-buffer kernels apply: a tensor on a CUDA device.
-pub fn on_cuda(t: &Tensor) -> bool {
-    enabled() && t.device().is_cuda()
-}
-
-/// True when the activation kernels apply: a bf16 tensor on a CUDA device (the training compute dtype).
-pub fn applies(t: &Tensor) -> bool {
-    on_cuda(t) && t.dtype() == DType::BF16
-}
-
-pub(crate) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
-    match t.device() {
-        Device::Cuda(d) => Ok(d.clone()),
-        _ => bail!("a fused kernel was given a tensor that is not on a CUDA device"),
-    }
-}
-
-/// The device address of `t`'s first element. `t` must be contiguous (no hidden copy whose buffer could be
-/// freed before the kernel runs) and must outlive the launch; frees after it are ordered on the stream.
-pub(crate) fn ptr(t: &Tensor) -> Result<u64> {
-    let Some((start, _)) = t.layout().contiguous_offsets() else { bail!("a fused kernel was given a strided tensor") };
-    Ok(storage_ptr(t)? + (start * t.dtype().size_in_bytes()) as u64)
-}
-
-/// The address and row stride of a matrix whose rows are contiguous but may lie further apart (the first
-/// columns of a wider matrix), for cuBLAS's leading dimension; as [`ptr`] otherwise.
-pub(crate) fn rows_ptr(t: &Tensor) -> Result<(u64, usize)> {
-    let l = t.layout();
-    let [rows, 1] = *l.stride() else { bail!("a GEMM was given a matrix whose rows are not contiguous") };
-    Ok((storage_ptr(t)? + (l.start_offset() * t.dtype().size_in_bytes()) as u64, rows))
-}
-
-/// The device address of the start of `t`'s storage.
-fn storage_ptr(t: &Tensor) -> Result<u64> {
-    let (storage, _) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*storage else { bail!("a fused kernel was given a tensor that is not on a CUDA device") };
-    let stream = s.device.cuda_stream();
-    Ok(match t.dtype() {
-        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
-        DType::F64 => s.as_cuda_slice::<f64>()?.device_ptr(&stream).0,
-        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
-        DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
-        DType::I64 => s.as_cuda_slice::<i64>()?.device_ptr(&stream).0,
-        d => bail!("fused kernels take no {d:?} tensors"),
-    })
-}
-
-/// [`ptr`] for kernels that access 16 bytes at a time (`load8`/`store8` in `common.cuh`).
-pub(crate) fn aligned_ptr(t: &Tensor) -> Result<u64> {
-    let p = ptr(t)?;
-    if !p.is_multiple_of(16) {
-        bail!("a vectorized kernel was given a tensor that does not start on a 16-byte boundary");
-    }
-    Ok(p)
-}
-
-/// A tensor whose elements the next kernel writes, all of them; no zero-fill pass.
-pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) -> Result<Tensor> {
-    let shape = shape.into();
-    let n = shape.elem_count();
-    // SAFETY: the caller's kernel writes every element before anything reads the tensor.
-    let storage = unsafe {
-        match dtype {
-            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
-            DType::F64 => CudaStorage::wrap_cuda_slice(dev.alloc::<f64>(n)?, dev.clone()),
-            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
-            d => bail!("fused kernels write no {d:?} tensors"),
-        }
-    };
-    Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
-}
-
-/// The most blocks of `threads` of kernel `name` that the card runs at once: the blocks an SM holds (as the
-/// kernel's registers and shared memory allow) times the SMs. Kernels that stride over uniform rows launch no
-/// more: with 1024 blocks where 792 fit, the RMSNorm backward ran a second wave on 30% of the card (60% of the
-/// memory's bandwidth overall, H100).
-pub(crate) fn one_wave(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32) -> Result<usize> {
-    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-    let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
-    let err = |e| candle_core::Error::Msg(format!("{name}: occupancy: {e:?}"));
-    let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).map_err(err)?;
-    let sms = dev.cuda_stream().context().attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err)?;
-    Ok((per_sm as usize * sms as usize).max(1))
-}
-
-/// One block of `threads` per row.
-pub(crate) fn per_row(rows: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// Threads per block of the grid-stride kernels, and the most blocks they use.
-const STRIDE_THREADS: u32 = 256;
-const STRIDE_BLOCKS: usize = 2048;
-
-/// A grid-stride launch over `n` elements: enough blocks to fill the card, no more than there is work.
-pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(STRIDE_THREADS as usize).clamp(1, STRIDE_BLOCKS);
-    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (STRIDE_THREADS, 1, 1), shared_mem_bytes: 0 }
-}
+#[cfg(not(feature = "cuda"))]
+pub mod stub;
+#[cfg(not(feature = "cuda"))]
+pub use stub::*;

@@ -6,17 +6,16 @@ use super::{aligned_ptr, cuda_device, grid_stride, launch, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("residual");
 
-/// Whether the kernel takes tensors of `n` elements: whole 8-element vectors.
-pub fn supports(n: usize) -> bool {
-    n.is_multiple_of(8)
-}
-
-/// `x + branch` for two contiguous bf16 tensors of one shape.
-pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
-    let dev = cuda_device(x)?;
+/// `x + branch` for two bf16 tensors of one shape on CUDA, of whole 8-element vectors; `Ok(None)` otherwise.
+pub fn try_residual_add(x: &Tensor, branch: &Tensor) -> Result<Option<Tensor>> {
+    if !(super::applies(x) && x.elem_count().is_multiple_of(8)) {
+        return Ok(None);
+    }
+    let (x, branch) = (x.contiguous()?, branch.contiguous()?);
+    let dev = cuda_device(&x)?;
     let out = uninit(x.shape(), DType::BF16, &dev)?;
     let vectors = x.elem_count() / 8;
     launch!(dev, PTX, "residual_add", grid_stride(vectors);
-        aligned_ptr(x)?, aligned_ptr(branch)?, aligned_ptr(&out)?, vectors as u64);
-    Ok(out)
+        aligned_ptr(&x)?, aligned_ptr(&branch)?, aligned_ptr(&out)?, vectors as u64);
+    Ok(Some(out))
 }

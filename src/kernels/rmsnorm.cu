@@ -1,9 +1,10 @@
 // RMSNorm with the BitLinear input quantization that always follows it, forward and backward.
 // Reference: train::layers::{rmsnorm_forward + effective_input, rmsnorm_backward}.
 //
-// The `swiglu_` kernels norm down_proj's input h = silu(gate) up without it ever being in memory: they read
+// The `glu_` kernels norm down_proj's input h = act(gate) up without it ever being in memory: they read
 // the fused gate/up rows [n, 2c] (GLU), compute h in registers, and the backward writes [dgate | dup]
-// instead of dh (reference: train::layers::swiglu_{forward,backward} around the norm).
+// instead of dh (reference: train::layers::glu_{forward,backward} around the norm). The activation is an
+// argument (`act`: SiLU or relu^2), uniform across the grid, so its branch costs nothing measurable.
 //
 // A row of c channels is spread over a group of threads: in the forward a warp (G = 32, rows up to 1536
 // channels: no block barriers, and each lane has several loads in flight), else the whole block (G = 0). Lane `l`
@@ -47,27 +48,46 @@ template <int G> struct Group {
 __device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.f, 1.f + __expf(-g)); }
 __device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
 
-// SwiGLU h = silu(gate) up, rounded to bf16 where the unfused ops stored it (silu, then the product).
-__device__ __forceinline__ float swiglu_h(float g, float u) { return round_bf16(round_bf16(silu(g)) * u); }
+// The gated activations (`act`), as rmsnorm.rs numbers them.
+#define ACT_SILU 0
+#define ACT_RELU2 1
 
-// SwiGLU's gradients: silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g); dgate = dh up silu'(g), dup = dh silu(g).
-__device__ __forceinline__ void swiglu_grad(float dh, float g, float u, float& dg, float& du) {
+__device__ __forceinline__ float act_of(int act, float g) {
+    if (act == ACT_RELU2) {
+        float r = fmaxf(g, 0.f);
+        return r * r;
+    }
+    return silu(g);
+}
+
+// h = act(gate) up, rounded to bf16 where the unfused ops stored it (the activation, then the product).
+__device__ __forceinline__ float glu_h(int act, float g, float u) { return round_bf16(round_bf16(act_of(act, g)) * u); }
+
+// The gated activation's gradients: dgate = dh up act'(g), dup = dh act(g), with silu'(g) = s (1 + g (1 - s))
+// (s = sigmoid(g)) and (relu(g)^2)' = 2 relu(g).
+__device__ __forceinline__ void glu_grad(int act, float dh, float g, float u, float& dg, float& du) {
+    if (act == ACT_RELU2) {
+        float r = fmaxf(g, 0.f);
+        dg = dh * u * (2.f * r);
+        du = dh * (r * r);
+        return;
+    }
     float s = sigmoid(g);
     dg = dh * u * (s * (g * (1.f - s) + 1.f));
     du = dh * g * s;
 }
 
 // The 8 input channels from i of row `row`: x itself, or with GLU h computed from the gate and up halves of
-// the row of gu [n, 2c] (what `swiglu_h` rounds is what the unfused SwiGLU stored); `g` and `u` keep the halves
+// the row of gu [n, 2c] (what `glu_h` rounds is what the unfused SwiGLU stored); `g` and `u` keep the halves
 // for the backward.
 template <bool GLU>
-__device__ __forceinline__ void load_input(const bf16* x, int row, int i, int c, int t, int hd, float* v, float* g,
-                                           float* u) {
+__device__ __forceinline__ void load_input(const bf16* x, int row, int i, int c, int t, int hd, int act, float* v,
+                                           float* g, float* u) {
     if constexpr (GLU) {
         load8(x + (size_t)row * 2 * c + i, g);
         load8(x + (size_t)row * 2 * c + c + i, u);
 #pragma unroll
-        for (int e = 0; e < 8; e++) v[e] = swiglu_h(g[e], u[e]);
+        for (int e = 0; e < 8; e++) v[e] = glu_h(act, g[e], u[e]);
     } else {
         load8(x + at(row, i, c, t, hd), v);
     }
@@ -86,7 +106,7 @@ __device__ __forceinline__ void load_weights(const bf16* w, float* out) {
 // token to int8 (scale max|y| / 127) and back, blended with y by lambda. Writes the BitLinear input and r.
 template <int K, int G, bool GLU>
 __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, float* rrms, int n, int c,
-                                      float inv_c, float eps, float lambda, int t, int hd) {
+                                      float inv_c, float eps, float lambda, int t, int hd, int act) {
     using R = Group<G>;
     int rw = R::index();
     if (rw >= n) return;  // whole groups only: the block reduction is reached by every thread or none
@@ -98,7 +118,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
         int i = R::column(k, c);
         if (i == c) continue;
         float g[8], u[8];
-        load_input<GLU>(x, rw, i, c, t, hd, v[k], g, u);
+        load_input<GLU>(x, rw, i, c, t, hd, act, v[k], g, u);
 #pragma unroll
         for (int e = 0; e < 8; e++) ss += v[k][e] * v[k][e];
     }
@@ -140,7 +160,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
 // (the row kept in registers allowed one: 187 us a call at 6144 rows of gate/up, H200).
 template <int K, bool GLU>
 __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual,
-                                 bf16* dx, float* dw_partial, int n, int c, float inv_c, int t, int hd) {
+                                 bf16* dx, float* dw_partial, int n, int c, float inv_c, int t, int hd, int act) {
     using R = Group<0>;  // a block per row
     float acc[K][8] = {};
     for (int row = R::index(); row < n; row += R::count()) {
@@ -153,7 +173,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             if (i == c) continue;
             float d[8], xh[8], g[8], u[8], wv[8];
             load8(dy + base + i, d);
-            load_input<GLU>(x, row, i, c, t, hd, xh, g, u);
+            load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
             load_weights(w + i, wv);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
@@ -169,16 +189,16 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             if (i == c) continue;
             float d[8], xh[8], g[8], u[8], wv[8], o[8], res[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
             load8(dy + base + i, d);
-            load_input<GLU>(x, row, i, c, t, hd, xh, g, u);
+            load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
             load_weights(w + i, wv);
             if (residual) load8(residual + at(row, i, c, t, hd), res);
 #pragma unroll
             for (int e = 0; e < 8; e++) o[e] = (d[e] * wv[e] - xh[e] * r * proj) * r + res[e];
             if constexpr (GLU) {
-                // dh rounded to bf16 as the unfused norm stored it, then through SwiGLU into [dgate | dup].
+                // dh rounded to bf16 as the unfused norm stored it, then through the activation into [dgate | dup].
                 float dg[8], du[8];
 #pragma unroll
-                for (int e = 0; e < 8; e++) swiglu_grad(round_bf16(o[e]), g[e], u[e], dg[e], du[e]);
+                for (int e = 0; e < 8; e++) glu_grad(act, round_bf16(o[e]), g[e], u[e], dg[e], du[e]);
                 store8(dx + (size_t)row * 2 * c + i, dg);
                 store8(dx + (size_t)row * 2 * c + c + i, du);
             } else {
@@ -196,19 +216,20 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
     }
 }
 
-// Kernels `[swiglu_]rmsnorm_quant_forward_{w,b}K` (a warp or a block per row) and `[swiglu_]rmsnorm_backward_bK`.
+// Kernels `[glu_]rmsnorm_quant_forward_{w,b}K` (a warp or a block per row) and `[glu_]rmsnorm_backward_bK`; `act`
+// is read by the `glu_` ones only.
 // Measured on an H200 at 6144 rows: a warp per row is slower where its registers allow one block per SM, the
 // backward at 1536 channels (68 us against 31 us) and the forward at 4096 (119 us against 58 us).
 #define RMSNORM_FORWARD(K, G, GLU, NAME)                                                                           \
     extern "C" __global__ void NAME(const bf16* x, const bf16* w, bf16* y, float* rrms, int n, int c, float inv_c, \
-                                    float eps, float lambda, int t, int hd) {                                      \
-        rmsnorm_quant_forward<K, G, GLU>(x, w, y, rrms, n, c, inv_c, eps, lambda, t, hd);                          \
+                                    float eps, float lambda, int t, int hd, int act) {                             \
+        rmsnorm_quant_forward<K, G, GLU>(x, w, y, rrms, n, c, inv_c, eps, lambda, t, hd, act);                     \
     }
 #define RMSNORM_BACKWARD(K, GLU, NAME)                                                                             \
     extern "C" __global__ void __launch_bounds__(512, 2)                                                           \
         NAME(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual, bf16* dx,     \
-             float* dw_partial, int n, int c, float inv_c, int t, int hd) {                                        \
-        rmsnorm_backward<K, GLU>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd);                    \
+             float* dw_partial, int n, int c, float inv_c, int t, int hd, int act) {                               \
+        rmsnorm_backward<K, GLU>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd, act);               \
     }
 // The forward: a warp per row with 1, 2, 4 or 6 vectors per lane, or a block per row with 4; the backward: a
 // block per row (at most 512 threads) with 1, 2 or 4.
@@ -223,9 +244,9 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
     RMSNORM_BACKWARD(2, GLU, PREFIX##b2)           \
     RMSNORM_BACKWARD(4, GLU, PREFIX##b4)
 FORWARDS(false, rmsnorm_quant_forward_)
-FORWARDS(true, swiglu_rmsnorm_quant_forward_)
+FORWARDS(true, glu_rmsnorm_quant_forward_)
 BACKWARDS(false, rmsnorm_backward_)
-BACKWARDS(true, swiglu_rmsnorm_backward_)
+BACKWARDS(true, glu_rmsnorm_backward_)
 
 // out[j] += sum over rows of x[:, j] (add = 1; add = 0: out[j] = the sum, out not read) for x [rows, cols] f32,
 // rows in order: the weight's gradient straight into the gradient buffer. Block (32, 32): 32 columns, the 32

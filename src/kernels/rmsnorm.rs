@@ -1,11 +1,13 @@
 //! RMSNorm fused with the int8 quantization of the BitLinear input that follows it, and RMSNorm's backward;
-//! with `glu`, the norm's input is SwiGLU's output computed on the fly from the fused gate/up rows (down_proj's
-//! input: h never reaches memory, and the backward writes the gate/up gradient).
+//! with `glu`, the norm's input is the gated activation `act(gate) up` computed on the fly from the fused
+//! gate/up rows (down_proj's input: h never reaches memory, and the backward writes the gate/up gradient).
+//! References: `train::layers::{rmsnorm_quant_forward_reference, rmsnorm_backward_reference}`.
 
 use candle_core::{bail, DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
 use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
+use crate::model::arch::Activation;
 
 const PTX: Ptx = ptx!("rmsnorm");
 
@@ -15,13 +17,21 @@ pub fn supports(c: usize) -> bool {
 }
 
 /// Whether the kernels apply to `x`: bf16 on CUDA, rows or heads (see [`row_shape`]) of channels they take.
-pub fn takes(x: &Tensor, glu: bool) -> bool {
+fn takes(x: &Tensor, glu: bool) -> bool {
     super::applies(x) && row_shape(x, glu).is_ok_and(|(_, c, _, _)| supports(c))
 }
 
-/// The kernel's name: `swiglu_` for the gate/up input, then the kind and the variant.
+/// The kernel's name: `glu_` for the gate/up input, then the kind and the variant.
 fn kernel(kind: &str, glu: bool, v: &Variant) -> String {
-    format!("{}rmsnorm_{kind}_{}", if glu { "swiglu_" } else { "" }, v.suffix)
+    format!("{}rmsnorm_{kind}_{}", if glu { "glu_" } else { "" }, v.suffix)
+}
+
+/// The kernels' `act` argument (`rmsnorm.cu`'s `ACT_*`); 0 without a gated activation, where it is not read.
+fn act_arg(glu: Option<Activation>) -> i32 {
+    match glu {
+        None | Some(Activation::Silu) => 0,
+        Some(Activation::Relu2) => 1,
+    }
 }
 
 /// How a kernel spreads rows: its name suffix (`w` or `b` and the vectors of 8 channels per thread), threads
@@ -56,49 +66,85 @@ fn variant(c: usize, backward: bool) -> Result<Variant> {
 
 /// `(n, c, t, d)` of `x`: rows `[n, c]` (t = d = 0), or attention's heads `[b, h, t, d]` read as rows
 /// `[b t, h d]`; with `glu`, gate/up rows `[n, 2c]`.
-pub fn row_shape(x: &Tensor, glu: bool) -> Result<(usize, usize, usize, usize)> {
+fn row_shape(x: &Tensor, glu: bool) -> Result<(usize, usize, usize, usize)> {
     match *x.dims() {
         [n, c2] if glu && c2.is_multiple_of(2) => Ok((n, c2 / 2, 0, 0)),
-        _ if glu => bail!("the SwiGLU norm kernels take gate/up rows [n, 2c], not {:?}", x.dims()),
+        _ if glu => bail!("the gated norm kernels take gate/up rows [n, 2c], not {:?}", x.dims()),
         [n, c] => Ok((n, c, 0, 0)),
         [b, h, t, d] if d.is_multiple_of(8) => Ok((b * t, h * d, t, d)),
         _ => bail!("the RMSNorm kernels take rows [n, c] or heads [b, h, t, d] with d % 8 == 0, not {:?}", x.dims()),
     }
 }
 
-/// For `x` (rows `[n, c]` or heads, or with `glu` gate/up rows `[n, 2c]`: see [`row_shape`]) and the norm
-/// weight `w: [c]` (bf16): the BitLinear input (normed, fake-quantized to int8 per row, blended by `lambda`),
-/// bf16 rows `[n, c]`, and the reciprocal RMS of each row, f32 `[n, 1]`.
-pub fn rmsnorm_quant_forward(x: &Tensor, glu: bool, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, Tensor)> {
-    let (n, c, t, d) = row_shape(x, glu)?;
+/// For `x` (rows `[n, c]` or heads, or with `glu` gate/up rows `[n, 2c]` whose gated activation is normed:
+/// see [`row_shape`]) and the norm weight `w: [c]` (bf16): the BitLinear input (normed, fake-quantized to int8
+/// per row, blended by `lambda`), bf16 rows `[n, c]`, and the reciprocal RMS of each row, f32 `[n, 1]`.
+/// `Ok(None)` where the kernels do not apply.
+pub fn try_rmsnorm_quant_forward(
+    x: &Tensor,
+    glu: Option<Activation>,
+    w: &Tensor,
+    eps: f64,
+    lambda: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !takes(x, glu.is_some()) {
+        return Ok(None);
+    }
+    rmsnorm_quant_forward(&x.contiguous()?, glu, &w.contiguous()?, eps, lambda).map(Some)
+}
+
+fn rmsnorm_quant_forward(
+    x: &Tensor,
+    glu: Option<Activation>,
+    w: &Tensor,
+    eps: f64,
+    lambda: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (n, c, t, d) = row_shape(x, glu.is_some())?;
     let v = variant(c, false)?;
     let dev = cuda_device(x)?;
     let (y, rrms) = (uninit((n, c), DType::BF16, &dev)?, uninit((n, 1), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
-    launch!(dev, PTX, &kernel("quant_forward", glu, &v), super::per_row(n.div_ceil(v.groups), v.threads);
+    launch!(dev, PTX, &kernel("quant_forward", glu.is_some(), &v), super::per_row(n.div_ceil(v.groups), v.threads);
         aligned_ptr(x)?, ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, n as i32, c as i32, inv_c, eps as f32,
-        lambda as f32, t as i32, d as i32);
+        lambda as f32, t as i32, d as i32, act_arg(glu));
     Ok((y, rrms))
 }
 
 /// `(dx, partial)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows, heads or with `glu` gate/up rows, see
 /// [`row_shape`]), `w: [c]`, `rrms: [n, 1]` (f32); `dx` in `x`'s shape (with `glu`, `[dgate | dup]`) with
 /// `residual` (the same shape) added; the weight's gradient as rows of partial sums (f32 `[blocks, c]`), for
-/// [`column_sums`].
-pub fn rmsnorm_backward(
+/// [`try_column_sums`]. `Ok(None)` where the kernels do not apply.
+pub fn try_rmsnorm_backward(
     dy: &Tensor,
     x: &Tensor,
-    glu: bool,
+    glu: Option<Activation>,
+    w: &Tensor,
+    rrms: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !(super::applies(dy) && takes(x, glu.is_some())) {
+        return Ok(None);
+    }
+    let (dy, x, w, rrms) = (dy.contiguous()?, x.contiguous()?, w.contiguous()?, rrms.contiguous()?);
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    rmsnorm_backward(&dy, &x, glu, &w, &rrms, residual.as_ref()).map(Some)
+}
+
+fn rmsnorm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    glu: Option<Activation>,
     w: &Tensor,
     rrms: &Tensor,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let (n, c, t, d) = row_shape(x, glu)?;
+    let (n, c, t, d) = row_shape(x, glu.is_some())?;
     let v = variant(c, true)?;
     // Groups share the rows, at least 4 each: each group writes one row of dw partial sums, which
     // `column_sums` sums, and with one row per group that traffic would match the rows' own. At most one wave.
     let dev = cuda_device(x)?;
-    let name = kernel("backward", glu, &v);
+    let name = kernel("backward", glu.is_some(), &v);
     let blocks = n.div_ceil(4 * v.groups).clamp(1, super::one_wave(&dev, PTX, &name, v.threads)?);
     let partial = uninit((blocks * v.groups, c), DType::F32, &dev)?;
     let dx = uninit(x.shape(), DType::BF16, &dev)?;
@@ -106,16 +152,21 @@ pub fn rmsnorm_backward(
     launch!(dev, PTX, &name, super::per_row(blocks, v.threads);
         aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
         aligned_ptr(&dx)?, ptr(&partial)?,
-        n as i32, c as i32, inv_c, t as i32, d as i32);
+        n as i32, c as i32, inv_c, t as i32, d as i32, act_arg(glu));
     Ok((dx, partial))
 }
 
-/// `dst += sum over rows of partial` (`add`), or `dst = ` it (not reading `dst`), for `partial: [rows, c]` and a
-/// contiguous f32 `dst` of `c` elements (a slot of the flat gradient buffer): rows added in a fixed order.
-pub fn column_sums(dst: &Tensor, partial: &Tensor, add: bool) -> Result<()> {
+/// `dst += sum over rows of partial` (`add`), or `dst = ` it (not reading `dst`), for `partial: [rows, c]` (f32)
+/// and a contiguous f32 `dst` of `c` elements (a slot of the flat gradient buffer): rows added in a fixed
+/// order. `Ok(None)` off CUDA.
+pub fn try_column_sums(dst: &Tensor, partial: &Tensor, add: bool) -> Result<Option<()>> {
+    if !super::on_cuda(partial) {
+        return Ok(None);
+    }
+    let partial = partial.contiguous()?;
     let (rows, c) = partial.dims2()?;
-    let dev = cuda_device(partial)?;
+    let dev = cuda_device(&partial)?;
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "column_sums", cfg; ptr(partial)?, rows as i32, c as i32, add as i32, ptr(dst)?);
-    Ok(())
+    launch!(dev, PTX, "column_sums", cfg; ptr(&partial)?, rows as i32, c as i32, add as i32, ptr(dst)?);
+    Ok(Some(()))
 }

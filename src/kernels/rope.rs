@@ -2,14 +2,20 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::shapes::HeadShape;
 use super::{aligned_ptr, cuda_device, launch, ptx, uninit, Ptx};
-use crate::train::layers::HeadShape;
 
 const PTX: Ptx = ptx!("rope");
 
-/// Whether the kernel takes heads of `head_dim` channels: halves of whole 8-channel vectors.
+/// Whether the kernel takes heads of `head_dim` channels: halves of whole 8-channel vectors (64, 96, 128, 256
+/// and the rest of the multiples of 16).
 pub fn supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(16)
+}
+
+/// Whether the kernel applies to `x`: bf16 on CUDA, heads it takes.
+fn takes(x: &Tensor, s: HeadShape) -> bool {
+    super::applies(x) && supports(s.head_dim)
 }
 
 fn launch_qkv_rope(
@@ -33,28 +39,44 @@ fn launch_qkv_rope(
     Ok(())
 }
 
-/// `(q, k, v)` heads from the projection rows `qkv` (bf16), q and k rotated.
-pub fn qkv_heads(qkv: &Tensor, s: HeadShape, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let dev = cuda_device(qkv)?;
+/// `(q, k, v)` heads from the projection rows `qkv` (bf16), q and k rotated by `cos, sin: [b, t, d/2]`.
+/// `Ok(None)` where the kernel does not apply.
+pub fn try_qkv_heads(
+    qkv: &Tensor,
+    s: HeadShape,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !takes(qkv, s) {
+        return Ok(None);
+    }
+    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let dev = cuda_device(&qkv)?;
     let (b, t, d) = (s.batch, s.seq, s.head_dim);
     let q = uninit((b, s.q_heads, t, d), DType::BF16, &dev)?;
     let k = uninit((b, s.kv_heads, t, d), DType::BF16, &dev)?;
     let v = uninit((b, s.kv_heads, t, d), DType::BF16, &dev)?;
-    launch_qkv_rope(qkv, [&q, &k, &v], cos, sin, s, false)?;
-    Ok((q, k, v))
+    launch_qkv_rope(&qkv, [&q, &k, &v], &cos, &sin, s, false)?;
+    Ok(Some((q, k, v)))
 }
 
-/// The gradient at the projection rows from the heads' gradients (bf16).
-pub fn qkv_heads_backward(
+/// The gradient at the projection rows from the heads' gradients (bf16). `Ok(None)` where the kernel does
+/// not apply.
+pub fn try_qkv_heads_backward(
     dq: &Tensor,
     dk: &Tensor,
     dv: &Tensor,
     s: HeadShape,
     cos: &Tensor,
     sin: &Tensor,
-) -> Result<Tensor> {
-    let dev = cuda_device(dq)?;
+) -> Result<Option<Tensor>> {
+    if !takes(dq, s) {
+        return Ok(None);
+    }
+    let (dq, dk, dv) = (dq.contiguous()?, dk.contiguous()?, dv.contiguous()?);
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let dev = cuda_device(&dq)?;
     let dqkv = uninit((s.batch * s.seq, (s.q_heads + 2 * s.kv_heads) * s.head_dim), DType::BF16, &dev)?;
-    launch_qkv_rope(&dqkv, [dq, dk, dv], cos, sin, s, true)?;
-    Ok(dqkv)
+    launch_qkv_rope(&dqkv, [&dq, &dk, &dv], &cos, &sin, s, true)?;
+    Ok(Some(dqkv))
 }

@@ -3,13 +3,16 @@
 //! flattened to rows, `[n, channels]`, except inside attention, which works on `[batch, heads, seq, dim]`.
 //! Statistics (norms, softmax, loss) are computed in f32 whatever the compute dtype.
 //!
-//! The candle-op bodies here are the reference and the CPU path. On CUDA in bf16, the functions that have a
-//! fused kernel in `crate::kernels` run it instead: same inputs, same outputs, one pass over memory.
+//! A function with a fused kernel in `crate::kernels` asks the kernel's `try_` function first (it runs on CUDA
+//! in bf16: same inputs, same outputs, one pass over memory) and otherwise runs its candle-op reference, the
+//! `_reference` function beside it, which is the CPU path and what `tests/gpu.rs` checks each kernel against.
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::kernels;
+pub use crate::kernels::shapes::{HeadShape, TokenRows};
 use crate::model::arch::Activation;
-use crate::model::bitnet::{activate, quantize_activations, quantize_weight};
+use crate::model::bitnet::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// A BitLinear weight as this step's forward sees it: `W + lambda (Q(W) - W)` in `dtype`, where `Q(W)` is the
 /// ternary weight times its scale. lambda = 1 is plain BitNet; lambda < 1 is the warm-up that eases a
@@ -29,10 +32,19 @@ pub fn step_weights(
     lambda: f64,
     dtype: DType,
 ) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::on_cuda(flat) && dtype == DType::BF16 {
-        return crate::kernels::flat::step_weights(&flat.contiguous()?, slots, lambda);
+    match kernels::flat::try_step_weights(flat, slots, lambda, dtype)? {
+        Some(w) => Ok(w),
+        None => step_weights_reference(flat, slots, lambda, dtype),
     }
+}
+
+/// [`step_weights`] in candle ops.
+pub fn step_weights_reference(
+    flat: &Tensor,
+    slots: &[(std::ops::Range<usize>, Option<usize>)],
+    lambda: f64,
+    dtype: DType,
+) -> Result<Tensor> {
     let out = Tensor::zeros(flat.elem_count(), dtype, flat.device())?;
     for (r, columns) in slots {
         let w = flat.narrow(0, r.start, r.len())?;
@@ -101,25 +113,22 @@ impl WeightGrad {
     /// Overwriting never reads `flat[range]`.
     pub fn add_to(&self, flat: &Tensor, range: std::ops::Range<usize>, mode: Mode) -> Result<()> {
         let dst = flat.narrow(0, range.start, range.len())?;
-        #[cfg(feature = "cuda")]
-        if crate::kernels::on_cuda(flat) {
-            use crate::kernels as k;
-            let add = mode == Mode::Add;
-            return match self {
-                Self::Tensor(g) => k::flat::accumulate(&dst, &g.contiguous()?, add),
-                Self::Product { dy, x } if k::applies(dy) => k::gemm::gemm_at_b(&dst, dy, x, add),
-                Self::Product { .. } => k::flat::accumulate(&dst, &self.dense(range.len())?.contiguous()?, add),
-                Self::RowSums(p) => k::rmsnorm::column_sums(&dst, &p.contiguous()?, add),
-                Self::Scatter { dx, rows, .. } if k::applies(dx) => {
-                    // The kernel writes the rows of the batch's ids only: the table's other rows need zeros.
-                    if !add {
-                        k::flat::zero(&dst)?;
-                    }
-                    k::embedding::add_embedding_rows(&dst, &dx.contiguous()?, rows)
-                }
-                Self::Scatter { .. } => k::flat::accumulate(&dst, &self.dense(range.len())?, add),
-            };
+        let add = mode == Mode::Add;
+        let fused = match self {
+            Self::Tensor(g) => kernels::flat::try_accumulate(&dst, g, add)?,
+            Self::Product { dy, x } => kernels::gemm::try_gemm_at_b(&dst, dy, x, add)?,
+            Self::RowSums(p) => kernels::rmsnorm::try_column_sums(&dst, p, add)?,
+            Self::Scatter { dx, rows, .. } => kernels::embedding::try_add_embedding_rows(&dst, dx, rows, add)?,
+        };
+        match fused {
+            Some(()) => Ok(()),
+            None => self.add_to_reference(flat, range, mode),
         }
+    }
+
+    /// [`Self::add_to`] in candle ops.
+    pub fn add_to_reference(&self, flat: &Tensor, range: std::ops::Range<usize>, mode: Mode) -> Result<()> {
+        let dst = flat.narrow(0, range.start, range.len())?;
         let g = self.dense(range.len())?.flatten_all()?.to_dtype(DType::F32)?;
         let g = match mode {
             Mode::Overwrite => g,
@@ -158,24 +167,20 @@ fn as_rows(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The fused kernel's name for a gated activation, or None where it has no fused form yet.
-#[cfg(feature = "cuda")]
-fn kernel_glu(glu: Option<Activation>) -> Option<bool> {
-    match glu {
-        None => Some(false),
-        Some(Activation::Silu) => Some(true),
-        Some(Activation::Relu2) => None,
-    }
-}
-
 /// `y = w * x / rms(x)`, rows of `x: [n, c]`, statistics in f32. On CUDA the norm kernel of
 /// [`rmsnorm_quant_forward`] with the quantization blended out (lambda 0 gives y exactly): the final norm ran as
 /// eight candle kernels, 0.6 ms a step of the large model at 768 x 8 (H100).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::rmsnorm::takes(x, false) && x.rank() == 2 {
-        return norm_quant_forward(x, None, w, eps, 0.0);
+    if x.rank() == 2 {
+        if let Some((y, rrms)) = kernels::rmsnorm::try_rmsnorm_quant_forward(x, None, w, eps, 0.0)? {
+            return Ok((y, RmsNormSaved { x: x.clone(), rrms, glu: None }));
+        }
     }
+    rmsnorm_forward_reference(x, w, eps)
+}
+
+/// [`rmsnorm_forward`] in candle ops.
+pub fn rmsnorm_forward_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
     let x32 = x.to_dtype(DType::F32)?;
     let rrms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let y = x32.broadcast_mul(&rrms)?.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
@@ -209,17 +214,26 @@ fn norm_quant_forward(
     eps: f64,
     lambda: f64,
 ) -> Result<(Tensor, RmsNormSaved)> {
-    #[cfg(feature = "cuda")]
-    if let Some(fused_glu) = kernel_glu(glu).filter(|&g| crate::kernels::rmsnorm::takes(x, g)) {
-        let x = x.contiguous()?;
-        let (y, rrms) = crate::kernels::rmsnorm::rmsnorm_quant_forward(&x, fused_glu, &w.contiguous()?, eps, lambda)?;
-        return Ok((y, RmsNormSaved { x, rrms, glu }));
+    match kernels::rmsnorm::try_rmsnorm_quant_forward(x, glu, w, eps, lambda)? {
+        Some((y, rrms)) => Ok((y, RmsNormSaved { x: x.clone(), rrms, glu })),
+        None => rmsnorm_quant_forward_reference(x, glu, w, eps, lambda),
     }
+}
+
+/// [`rmsnorm_quant_forward`] (`glu` None) and [`glu_rmsnorm_quant_forward`] (`glu` the activation) in candle
+/// ops.
+pub fn rmsnorm_quant_forward_reference(
+    x: &Tensor,
+    glu: Option<Activation>,
+    w: &Tensor,
+    eps: f64,
+    lambda: f64,
+) -> Result<(Tensor, RmsNormSaved)> {
     let h = match glu {
         Some(a) => glu_forward(x, a)?,
         None => x.clone(),
     };
-    let (y, saved) = rmsnorm_forward(&as_rows(&h)?, w, eps)?;
+    let (y, saved) = rmsnorm_forward_reference(&as_rows(&h)?, w, eps)?;
     Ok((effective_input(&y, lambda)?, RmsNormSaved { x: x.clone(), rrms: saved.rrms, glu }))
 }
 
@@ -253,15 +267,19 @@ pub fn rmsnorm_backward(
     s: &RmsNormSaved,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, WeightGrad)> {
-    #[cfg(feature = "cuda")]
-    if let Some(glu) =
-        kernel_glu(s.glu).filter(|&g| crate::kernels::applies(dy) && crate::kernels::rmsnorm::takes(&s.x, g))
-    {
-        let (dy, x, w) = (dy.contiguous()?, s.x.contiguous()?, w.contiguous()?);
-        let residual = residual.map(|r| r.contiguous()).transpose()?;
-        let (dx, partial) = crate::kernels::rmsnorm::rmsnorm_backward(&dy, &x, glu, &w, &s.rrms, residual.as_ref())?;
-        return Ok((dx, WeightGrad::RowSums(partial)));
+    match kernels::rmsnorm::try_rmsnorm_backward(dy, &s.x, s.glu, w, &s.rrms, residual)? {
+        Some((dx, partial)) => Ok((dx, WeightGrad::RowSums(partial))),
+        None => rmsnorm_backward_reference(dy, w, s, residual),
     }
+}
+
+/// [`rmsnorm_backward`] in candle ops.
+pub fn rmsnorm_backward_reference(
+    dy: &Tensor,
+    w: &Tensor,
+    s: &RmsNormSaved,
+    residual: Option<&Tensor>,
+) -> Result<(Tensor, WeightGrad)> {
     let dy = dy.to_dtype(DType::F32)?;
     let x = match s.glu {
         Some(a) => glu_forward(&s.x, a)?,
@@ -285,11 +303,10 @@ pub fn rmsnorm_backward(
 
 /// The residual stream's add after each block's branch, `x + branch` (one shape, the compute dtype).
 pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(x) && crate::kernels::residual::supports(x.elem_count()) {
-        return crate::kernels::residual::residual_add(&x.contiguous()?, &branch.contiguous()?);
+    match kernels::residual::try_residual_add(x, branch)? {
+        Some(y) => Ok(y),
+        None => x + branch,
     }
-    x + branch
 }
 
 /// The gated activation of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = act(gate) * up`,
@@ -335,25 +352,18 @@ pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
     rope_forward(dy, cos, &sin.neg()?)
 }
 
-/// The shape of attention's heads: `[batch, heads, seq, head_dim]`, `q_heads` for queries, `kv_heads` for
-/// keys and values.
-#[derive(Debug, Clone, Copy)]
-pub struct HeadShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
 /// The rows of the fused q, k, v projection, `qkv: [batch * seq, (q_heads + 2 kv_heads) head_dim]`, as
 /// heads `(q, k, v)`, q and k rotated by RoPE. On CUDA one kernel does the split, the transposes and both
 /// rotations.
 pub fn qkv_heads(qkv: &Tensor, s: HeadShape, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(qkv) && crate::kernels::rope::supports(s.head_dim) {
-        return crate::kernels::rope::qkv_heads(&qkv.contiguous()?, s, &cos.contiguous()?, &sin.contiguous()?);
+    match kernels::rope::try_qkv_heads(qkv, s, cos, sin)? {
+        Some(heads) => Ok(heads),
+        None => qkv_heads_reference(qkv, s, cos, sin),
     }
+}
+
+/// [`qkv_heads`] in candle ops.
+pub fn qkv_heads_reference(qkv: &Tensor, s: HeadShape, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let d = s.head_dim;
     let heads = |h0: usize, nh: usize| {
         qkv.narrow(1, h0 * d, nh * d)?.reshape((s.batch, s.seq, nh, d))?.transpose(1, 2)?.contiguous()
@@ -372,11 +382,21 @@ pub fn qkv_heads_backward(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(dq) && crate::kernels::rope::supports(s.head_dim) {
-        let (dq, dk, dv) = (dq.contiguous()?, dk.contiguous()?, dv.contiguous()?);
-        return crate::kernels::rope::qkv_heads_backward(&dq, &dk, &dv, s, &cos.contiguous()?, &sin.contiguous()?);
+    match kernels::rope::try_qkv_heads_backward(dq, dk, dv, s, cos, sin)? {
+        Some(dqkv) => Ok(dqkv),
+        None => qkv_heads_backward_reference(dq, dk, dv, s, cos, sin),
     }
+}
+
+/// [`qkv_heads_backward`] in candle ops.
+pub fn qkv_heads_backward_reference(
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    s: HeadShape,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
     let rows = |x: &Tensor| x.transpose(1, 2)?.reshape((s.batch * s.seq, ()));
     Tensor::cat(&[rows(&rope_backward(dq, cos, sin)?)?, rows(&rope_backward(dk, cos, sin)?)?, rows(dv)?], 1)
 }
@@ -425,12 +445,19 @@ pub fn cross_entropy_forward_backward(
     targets: &Tensor,
     mask: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    // The kernel reads rows of a multiple of 8 logits, as the head pads them.
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(logits) && logits.dim(1)? % 8 == 0 {
-        let (logits, targets, mask) = (logits.contiguous()?, targets.contiguous()?, mask.contiguous()?);
-        return crate::kernels::cross_entropy::cross_entropy_forward_backward(&logits, vocab, &targets, &mask);
+    match kernels::cross_entropy::try_cross_entropy_forward_backward(logits, vocab, targets, mask)? {
+        Some(r) => Ok(r),
+        None => cross_entropy_forward_backward_reference(logits, vocab, targets, mask),
     }
+}
+
+/// [`cross_entropy_forward_backward`] in candle ops.
+pub fn cross_entropy_forward_backward_reference(
+    logits: &Tensor,
+    vocab: usize,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let (n, stride) = logits.dims2()?;
     let logits = logits.narrow(1, 0, vocab)?.to_dtype(DType::F32)?.contiguous()?;
     let mask = mask.unsqueeze(1)?;
@@ -446,32 +473,6 @@ pub fn cross_entropy_forward_backward(
     match stride - vocab {
         0 => Ok((loss, dlogits)),
         pad => Ok((loss, Tensor::cat(&[dlogits, Tensor::zeros((n, pad), DType::F32, logits.device())?], 1)?)),
-    }
-}
-
-/// Which rows of a batch hold each token id, for [`embedding_backward`]: the rows sorted by id (stable),
-/// and per distinct id `(id, first, end)` into that order; u32 tensors on the batch's device.
-#[derive(Clone)]
-pub struct TokenRows {
-    pub order: Tensor,
-    pub runs: Tensor,
-    pub distinct: usize,
-}
-
-impl TokenRows {
-    pub fn new(ids: &[u32], device: &candle_core::Device) -> Result<Self> {
-        let mut order: Vec<u32> = (0..ids.len() as u32).collect();
-        order.sort_by_key(|&r| ids[r as usize]);
-        let mut runs: Vec<u32> = Vec::new();
-        for (k, &r) in order.iter().enumerate() {
-            let id = ids[r as usize];
-            match runs.len() {
-                n if n > 0 && runs[n - 3] == id => runs[n - 1] = k as u32 + 1,
-                _ => runs.extend([id, k as u32, k as u32 + 1]),
-            }
-        }
-        let distinct = runs.len() / 3;
-        Ok(Self { order: Tensor::new(order, device)?, runs: Tensor::from_vec(runs, (distinct, 3), device)?, distinct })
     }
 }
 
@@ -514,22 +515,50 @@ impl Windows {
     }
 }
 
-/// What [`flash_attention_backward`] needs: the inputs and each query's softmax log-sum-exp (f32
-/// `[batch, heads, seq, 1]`); no `[seq, seq]` matrix.
+/// What [`flash_attention_backward`] needs: the inputs (K and V with their own, possibly fewer, heads) and each
+/// query's softmax log-sum-exp (f32 `[batch, heads, seq, 1]`); no `[seq, seq]` matrix.
 pub struct FlashSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// The output, for the fused backward's `rowsum(dO O)` (only CUDA reads it).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// The output, for the fused backward's `rowsum(dO O)`.
     o: Tensor,
     lse: Tensor,
+}
+
+impl FlashSaved {
+    /// The same with K and V expanded to a head per query head ([`repeat_kv`]), for the blocked path.
+    fn expanded(&self) -> Result<Self> {
+        let groups = kv_groups(&self.q, &self.k)?;
+        Ok(Self {
+            q: self.q.clone(),
+            k: repeat_kv(&self.k, groups)?,
+            v: repeat_kv(&self.v, groups)?,
+            o: self.o.clone(),
+            lse: self.lse.clone(),
+        })
+    }
 }
 
 /// Whether CUDA runs attention as one tensor-core kernel (`crate::kernels::flash_attention`, instantiated
 /// for these head dims) rather than the blocked softmax between GEMMs.
 pub fn flash_kernel_takes(head_dim: usize) -> bool {
-    matches!(head_dim, 64 | 96 | 128)
+    kernels::FLASH_HEAD_DIMS.contains(&head_dim)
+}
+
+/// Query heads per key/value head of grouped-query attention, for `q: [b, hq, t, d]` and `k: [b, hkv, t, d]`.
+fn kv_groups(q: &Tensor, k: &Tensor) -> Result<usize> {
+    let (hq, hkv) = (q.dim(1)?, k.dim(1)?);
+    if hkv == 0 || !hq.is_multiple_of(hkv) {
+        candle_core::bail!("attention: {hq} query heads do not share {hkv} key/value heads evenly");
+    }
+    Ok(hq / hkv)
+}
+
+/// The backward of [`repeat_kv`]: the gradients of the query heads that shared a key/value head, summed (f32).
+fn sum_kv_groups(dx: &Tensor, groups: usize) -> Result<Tensor> {
+    let (b, n, t, d) = dx.dims4()?;
+    dx.reshape((b, n / groups, groups, t, d))?.sum(2)
 }
 
 /// Attention's score scale, `1 / sqrt(head_dim)`.
@@ -544,20 +573,28 @@ fn block_qk(q: &Tensor, k: &Tensor, q0: usize, nq: usize) -> Result<Tensor> {
     q.narrow(2, q0, nq)?.matmul(&k.narrow(2, 0, q0 + nq)?.t()?)
 }
 
-/// Masked, scaled scores of a block ([`block_qk`]) in f32.
-fn block_scores(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize) -> Result<Tensor> {
-    let scores = (block_qk(q, k, q0, nq)? * score_scale(q)?)?.to_dtype(DType::F32)?;
+/// Masked, scaled scores in f32 of a block's unscaled scores `qk` ([`block_qk`]).
+fn block_scores(qk: &Tensor, q: &Tensor, windows: &Windows, q0: usize, nq: usize) -> Result<Tensor> {
+    let scores = (qk * score_scale(q)?)?.to_dtype(DType::F32)?;
     scores.broadcast_add(&windows.mask(q0, nq, q0 + nq)?)
 }
 
 /// One query block's probabilities (for the `P V` GEMM: f32 from the reference, bf16 from the fused
-/// kernel) and log-sum-exp (f32 `[batch, heads, nq, 1]`).
-fn block_softmax(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize) -> Result<(Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(q) {
-        return crate::kernels::attention::block_forward(&block_qk(q, k, q0, nq)?, &windows.start, q0, score_scale(q)?);
+/// kernel, tried when `fused`) and log-sum-exp (f32 `[batch, heads, nq, 1]`).
+fn block_softmax(
+    q: &Tensor,
+    k: &Tensor,
+    windows: &Windows,
+    (q0, nq): (usize, usize),
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    let qk = block_qk(q, k, q0, nq)?;
+    if fused {
+        if let Some(r) = kernels::attention::try_block_forward(&qk, &windows.start, q0, score_scale(q)?)? {
+            return Ok(r);
+        }
     }
-    let scores = block_scores(q, k, windows, q0, nq)?;
+    let scores = block_scores(&qk, q, windows, q0, nq)?;
     let max = scores.max_keepdim(D::Minus1)?;
     let lse = (scores.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
     // exp(S - lse), not exp / sum: the backward recomputes exactly these probabilities.
@@ -566,25 +603,26 @@ fn block_softmax(q: &Tensor, k: &Tensor, windows: &Windows, q0: usize, nq: usize
 
 /// One query block's probabilities, recomputed from the saved log-sum-exp, and the gradient of its scores
 /// times the scale, `c dS` with `dS = P (dP - rowsum(dP P))`, in the compute dtype, from the block's rows
-/// `dyb` of the output gradient.
+/// `dyb` of the output gradient; `s` has a key/value head per query head. The fused kernel tried when `fused`.
 fn block_softmax_backward(
     s: &FlashSaved,
     dyb: &Tensor,
     windows: &Windows,
-    q0: usize,
-    nq: usize,
+    (q0, nq): (usize, usize),
+    fused: bool,
 ) -> Result<(Tensor, Tensor)> {
     let dtype = s.v.dtype();
     let scale = score_scale(&s.q)?;
     let (lse, v) = (s.lse.narrow(2, q0, nq)?, s.v.narrow(2, 0, q0 + nq)?);
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(&s.q) {
-        let scores = block_qk(&s.q, &s.k, q0, nq)?;
-        let dp = dyb.matmul(&v.t()?)?;
-        return crate::kernels::attention::block_backward(&scores, &lse.contiguous()?, &dp, &windows.start, q0, scale);
+    let qk = block_qk(&s.q, &s.k, q0, nq)?;
+    let dp = dyb.matmul(&v.t()?)?;
+    if fused {
+        if let Some(r) = kernels::attention::try_block_backward(&qk, &lse, &dp, &windows.start, q0, scale)? {
+            return Ok(r);
+        }
     }
-    let probs = block_scores(&s.q, &s.k, windows, q0, nq)?.broadcast_sub(&lse)?.exp()?;
-    let dp = dyb.matmul(&v.t()?)?.to_dtype(DType::F32)?;
+    let probs = block_scores(&qk, &s.q, windows, q0, nq)?.broadcast_sub(&lse)?.exp()?;
+    let dp = dp.to_dtype(DType::F32)?;
     let row = (&dp * &probs)?.sum_keepdim(D::Minus1)?;
     let ds = ((dp.broadcast_sub(&row)? * &probs)? * scale)?.to_dtype(dtype)?;
     Ok((probs, ds))
@@ -595,12 +633,11 @@ fn query_blocks(seq: usize, block: usize) -> impl Iterator<Item = (usize, usize)
     (0..seq).step_by(block.max(1)).map(move |q0| (q0, block.max(1).min(seq - q0)))
 }
 
-/// Memory-efficient causal softmax attention (flash attention's recurrence, written with candle ops):
-/// `q, k, v: [batch, heads, seq, dim]`, each query seeing its [`Windows`], queries in blocks of
-/// `block` rows so at most `[batch, heads, block, seq]` scores exist at once. Scores and softmax in f32.
-/// Equals [`attention_forward`] with the dense mask (a test checks it). On CUDA, for head dims the
-/// tensor-core kernel takes ([`crate::kernels::flash_attention`]), the scores never leave registers and
-/// `block` does not apply.
+/// Memory-efficient causal softmax attention (flash attention's recurrence): `q: [batch, heads, seq, dim]`,
+/// `k, v: [batch, kv_heads, seq, dim]` (grouped-query attention: query head `i` reads key/value head
+/// `i / (heads / kv_heads)`), each query seeing its [`Windows`]. On CUDA, for head dims the tensor-core kernel
+/// takes ([`flash_kernel_takes`]), one kernel: the scores never leave registers and K and V are read in place.
+/// Otherwise [`flash_attention_forward_reference`]'s blocks, with the masked softmax fused on CUDA.
 pub fn flash_attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -608,65 +645,119 @@ pub fn flash_attention_forward(
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, FlashSaved)> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(q) && flash_kernel_takes(q.dim(D::Minus1)?) {
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let (o, lse) = crate::kernels::flash_attention::forward(&q, &k, &v, &windows.start)?;
-        return Ok((o.clone(), FlashSaved { q, k, v, o, lse }));
+    if let Some((o, lse)) = kernels::flash_attention::try_forward(q, k, v, &windows.start)? {
+        return Ok((o.clone(), FlashSaved { q: q.clone(), k: k.clone(), v: v.clone(), o, lse }));
     }
+    blocked_attention_forward(q, k, v, windows, block, true)
+}
+
+/// [`flash_attention_forward`] in candle ops: K and V expanded to a head per query head, queries in blocks of
+/// `block` rows so at most `[batch, heads, block, seq]` scores exist at once. Scores and softmax in f32.
+/// Equals [`attention_forward`] with the dense mask (a test checks it).
+pub fn flash_attention_forward_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    windows: &Windows,
+    block: usize,
+) -> Result<(Tensor, FlashSaved)> {
+    blocked_attention_forward(q, k, v, windows, block, false)
+}
+
+/// The blocked forward, its softmax kernel tried when `fused`.
+fn blocked_attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    windows: &Windows,
+    block: usize,
+    fused: bool,
+) -> Result<(Tensor, FlashSaved)> {
+    let groups = kv_groups(q, k)?;
+    let (ke, ve) = (repeat_kv(k, groups)?, repeat_kv(v, groups)?);
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (q0, nq) in query_blocks(q.dim(2)?, block) {
-        let (probs, lse) = block_softmax(q, k, windows, q0, nq)?;
-        outs.push(probs.to_dtype(v.dtype())?.matmul(&v.narrow(2, 0, q0 + nq)?)?);
+        let (probs, lse) = block_softmax(q, &ke, windows, (q0, nq), fused)?;
+        outs.push(probs.to_dtype(v.dtype())?.matmul(&ve.narrow(2, 0, q0 + nq)?)?);
         lses.push(lse);
     }
     let (o, lse) = (Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?);
     Ok((o.clone(), FlashSaved { q: q.clone(), k: k.clone(), v: v.clone(), o, lse }))
 }
 
-/// Returns `(dq, dk, dv)` of [`flash_attention_forward`], recomputing each block's probabilities from the
-/// saved log-sum-exp (`P = exp(S - lse)`, flash attention 2), so again at most one block of scores exists
-/// at once. A query block sees all the keys of its rows, so `dS = P (dP - rowsum(dP P))` is taken as the
-/// plain backward takes it, not from `rowsum(dO O)`: that keeps a row with a single key (the first token of
-/// every example) at exactly zero, where the other form leaves rounding noise that AdamW amplifies.
-/// With one query block (sequences up to `block`) that block's dK and dV are the whole gradients; with more,
-/// they are accumulated in f32. The fused kernel cannot see a row's keys at once and takes `rowsum(dO O)`,
-/// setting single-key rows to zero itself.
+/// Returns `(dq, dk, dv)` of [`flash_attention_forward`], `dk` and `dv` in K's and V's shape (summed over the
+/// query heads of each group). On CUDA for the flash kernel's head dims two kernels; otherwise
+/// [`flash_attention_backward_reference`]'s blocks, with the softmax's backward fused on CUDA. The fused kernel
+/// cannot see a row's keys at once and takes `rowsum(dO O)`, setting single-key rows to zero itself.
 pub fn flash_attention_backward(
     dy: &Tensor,
     s: &FlashSaved,
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if crate::kernels::applies(&s.q) && flash_kernel_takes(s.q.dim(D::Minus1)?) {
-        let (q, k, v, o) = (&s.q, &s.k, &s.v, &s.o);
-        return crate::kernels::flash_attention::backward(&dy.contiguous()?, q, k, v, o, &s.lse, &windows.start);
+    if let Some(grads) = kernels::flash_attention::try_backward(dy, &s.q, &s.k, &s.v, &s.o, &s.lse, &windows.start)? {
+        return Ok(grads);
     }
+    blocked_attention_backward(dy, s, windows, block, true)
+}
+
+/// [`flash_attention_backward`] in candle ops, recomputing each block's probabilities from the saved
+/// log-sum-exp (`P = exp(S - lse)`, flash attention 2), so again at most one block of scores exists at once.
+/// A query block sees all the keys of its rows, so `dS = P (dP - rowsum(dP P))` is taken as the plain backward
+/// takes it, not from `rowsum(dO O)`: that keeps a row with a single key (the first token of every example)
+/// at exactly zero, where the other form leaves rounding noise that AdamW amplifies. With one query block
+/// (sequences up to `block`) that block's dK and dV are the whole gradients; with more, they are accumulated
+/// in f32.
+pub fn flash_attention_backward_reference(
+    dy: &Tensor,
+    s: &FlashSaved,
+    windows: &Windows,
+    block: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    blocked_attention_backward(dy, s, windows, block, false)
+}
+
+/// The blocked backward, its softmax kernel tried when `fused`.
+fn blocked_attention_backward(
+    dy: &Tensor,
+    saved: &FlashSaved,
+    windows: &Windows,
+    block: usize,
+    fused: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let groups = kv_groups(&saved.q, &saved.k)?;
+    let s = &saved.expanded()?;
     let dtype = s.v.dtype();
     let block_grads = |(q0, nq): (usize, usize)| -> Result<(Tensor, Tensor, Tensor)> {
         let nk = q0 + nq;
         let dyb = dy.narrow(2, q0, nq)?;
-        let (probs, ds) = block_softmax_backward(s, &dyb, windows, q0, nq)?;
+        let (probs, ds) = block_softmax_backward(s, &dyb, windows, (q0, nq), fused)?;
         let dv = probs.to_dtype(dtype)?.t()?.matmul(&dyb)?;
         let dq = ds.matmul(&s.k.narrow(2, 0, nk)?)?;
         let dk = ds.t()?.matmul(&s.q.narrow(2, q0, nq)?)?;
         Ok((dq, dk, dv))
     };
     let blocks: Vec<_> = query_blocks(s.q.dim(2)?, block).collect();
-    if let [only] = blocks[..] {
-        return block_grads(only);
-    }
-    let dk = Tensor::zeros(s.k.shape(), DType::F32, s.k.device())?;
-    let dv = Tensor::zeros(s.v.shape(), DType::F32, s.v.device())?;
-    let mut dqs = Vec::new();
-    for b in blocks {
-        let (dq, dkb, dvb) = block_grads(b)?;
-        dqs.push(dq);
-        for (acc, g) in [(&dk, dkb), (&dv, dvb)] {
-            let nk = g.dim(2)?;
-            acc.slice_set(&(acc.narrow(2, 0, nk)? + g.to_dtype(DType::F32)?)?, 2, 0)?;
+    let (dq, dk, dv) = match blocks[..] {
+        [only] => block_grads(only)?,
+        _ => {
+            let dk = Tensor::zeros(s.k.shape(), DType::F32, s.k.device())?;
+            let dv = Tensor::zeros(s.v.shape(), DType::F32, s.v.device())?;
+            let mut dqs = Vec::new();
+            for b in blocks {
+                let (dq, dkb, dvb) = block_grads(b)?;
+                dqs.push(dq);
+                for (acc, g) in [(&dk, dkb), (&dv, dvb)] {
+                    let nk = g.dim(2)?;
+                    acc.slice_set(&(acc.narrow(2, 0, nk)? + g.to_dtype(DType::F32)?)?, 2, 0)?;
+                }
+            }
+            (Tensor::cat(&dqs, 2)?, dk, dv)
         }
+    };
+    if groups == 1 {
+        return Ok((dq, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?));
     }
-    Ok((Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?))
+    let sum = |g: &Tensor| sum_kv_groups(&g.to_dtype(DType::F32)?, groups)?.to_dtype(dtype);
+    Ok((dq, sum(&dk)?, sum(&dv)?))
 }

@@ -102,16 +102,21 @@ impl Estimate {
 /// gate, up and down_proj's input (3 x intermediate), four f32 RMS statistics and one f32 log-sum-exp per head.
 pub fn saved_per_token(cfg: &ModelConfig, recompute: Recompute, e: f64) -> f64 {
     let (h, i, heads) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_attention_heads as f64);
-    // The width of q, of attention's output and o_proj's input; k and v as attention keeps them (each key/value
-    // head repeated for its group of query heads).
-    let q = (cfg.num_attention_heads * cfg.head_dim()) as f64;
-    let kv = q;
+    // The width of q, of attention's output and o_proj's input; k and v as attention keeps them: their own
+    // heads, which grouped-query attention reads in place.
+    let (q, kv) = attention_widths(cfg);
     match recompute {
         Recompute::None => e * (4.0 * h + 3.0 * q + 2.0 * kv + 3.0 * i) + 4.0 * (4.0 + heads),
         // Less q, k, v, the log-sum-exp, down_proj's input and its statistics.
         Recompute::Attention => e * (4.0 * h + 2.0 * q + 2.0 * i) + 12.0,
         Recompute::Blocks => e * h,
     }
+}
+
+/// The widths of q (and of attention's output) and of k or v: heads times head dim.
+fn attention_widths(cfg: &ModelConfig) -> (f64, f64) {
+    let d = cfg.head_dim();
+    ((cfg.num_attention_heads * d) as f64, (cfg.num_kv_heads() * d) as f64)
 }
 
 /// The estimated peak of one training step.
@@ -145,11 +150,16 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let query_block = s.plan.attention_block.min(s.seq) as f64;
     let scores = s.micro_batch as f64 * heads * query_block * s.seq as f64;
     // Score-sized temporaries of one query block: probabilities (f32 and e), dP, dP P, dP - rowsum, dS (f32
-    // and e); fused: the scores, P, dP and dS in e. Then dK, dV in f32 and the sum written back; dY and dQ.
-    // The flash kernel keeps no scores: dY, dQ, dK, dV in e and one f32 per row.
+    // and e); fused: the scores, P, dP and dS in e. Then dK, dV in f32 and the sum written back; dY and dQ;
+    // with grouped-query heads, K and V expanded to a head per query head.
+    // The flash kernel keeps no scores and reads K and V in place: dY, dQ, dK, dV in e and one f32 per row.
+    let (q, kv) = attention_widths(cfg);
     let attention = match fused && flash_kernel_takes(cfg.head_dim()) {
-        true => n * (4.0 * e * h + 4.0 * heads),
-        false => scores * if fused { 4.0 * e } else { 20.0 + 2.0 * e } + n * h * (12.0 + 2.0 * e),
+        true => n * (e * (2.0 * q + 2.0 * kv) + 4.0 * heads),
+        false => {
+            let expanded = if kv < q { 2.0 * e * n * q } else { 0.0 };
+            scores * if fused { 4.0 * e } else { 20.0 + 2.0 * e } + n * h * (12.0 + 2.0 * e) + expanded
+        }
     };
     // down_proj's input where the backward recomputes it (a recomputed block keeps it, as recompute = "none"
     // does), and the temporaries of the norm and SwiGLU backward (f32; fused: its input's gradient and

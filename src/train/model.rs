@@ -18,7 +18,7 @@ use crate::config::run::{Recompute, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::model::arch::{self, Activation};
-use crate::model::bitnet::{quantize_weight_part, repeat_kv};
+use crate::model::bitnet::quantize_weight_part;
 use crate::model::is_bitlinear;
 
 /// This step's weights in the compute dtype, laid out as the flat f32 buffer: BitLinear weights already
@@ -285,8 +285,6 @@ impl<'a> Pass<'a> {
     fn attention(&self, s: &BlockSlots, a1: &Tensor) -> Result<(Tensor, FlashSaved)> {
         let qkv = linear_forward(a1, &self.w.stacked(self.layout, s.q..=s.v)?)?;
         let (q, k, v) = qkv_heads(&qkv, self.head_shape(), &self.b.cos, &self.b.sin)?;
-        let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads();
-        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
         Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
 
@@ -391,9 +389,7 @@ impl<'a> Pass<'a> {
                 &recomputed
             }
         };
-        let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads();
         let (dq, dk, dv) = flash_attention_backward(&dy, attn, &self.b.windows, self.plan.attention_block)?;
-        let (dk, dv) = (sum_kv_groups(&dk, groups)?, sum_kv_groups(&dv, groups)?);
         let dqkv = qkv_heads_backward(&dq, &dk, &dv, h, &self.b.cos, &self.b.sin)?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &self.w.stacked(layout, s.q..=s.v)?)?;
         add(s.q..=s.v, &dqkv_w)?;
@@ -539,13 +535,4 @@ pub fn backward(
     add(embed..=embed, &embedding_backward(&dx, &b.ids, &b.token_rows))?;
     // The embedding, before the blocks (and a tied head with it).
     done(0..blocks.start)
-}
-
-/// The backward of [`repeat_kv`]: sum the gradients of the query heads that shared a key/value head.
-fn sum_kv_groups(dx: &Tensor, groups: usize) -> candle_core::Result<Tensor> {
-    if groups == 1 {
-        return Ok(dx.clone());
-    }
-    let (b, n, t, d) = dx.dims4()?;
-    dx.reshape((b, n / groups, groups, t, d))?.sum(2)
 }

@@ -1,0 +1,41 @@
+//! Plain types that the layers and the kernels both take: a leaf, so that the kernels need not import the
+//! trainer.
+
+use candle_core::{Result, Tensor};
+
+/// The shape of attention's heads: `[batch, heads, seq, head_dim]`, `q_heads` for queries, `kv_heads` for
+/// keys and values.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Which rows of a batch hold each token id, for the embedding's backward: the rows sorted by id (stable),
+/// and per distinct id `(id, first, end)` into that order; u32 tensors on the batch's device.
+#[derive(Clone)]
+pub struct TokenRows {
+    pub order: Tensor,
+    pub runs: Tensor,
+    pub distinct: usize,
+}
+
+impl TokenRows {
+    pub fn new(ids: &[u32], device: &candle_core::Device) -> Result<Self> {
+        let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+        order.sort_by_key(|&r| ids[r as usize]);
+        let mut runs: Vec<u32> = Vec::new();
+        for (k, &r) in order.iter().enumerate() {
+            let id = ids[r as usize];
+            match runs.len() {
+                n if n > 0 && runs[n - 3] == id => runs[n - 1] = k as u32 + 1,
+                _ => runs.extend([id, k as u32, k as u32 + 1]),
+            }
+        }
+        let distinct = runs.len() / 3;
+        Ok(Self { order: Tensor::new(order, device)?, runs: Tensor::from_vec(runs, (distinct, 3), device)?, distinct })
+    }
+}

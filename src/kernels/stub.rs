@@ -1,0 +1,147 @@
+//! The kernel modules of a build without the `cuda` feature: each `try_` function has its CUDA module's
+//! signature and always answers `Ok(None)`, so the layers run their references with no `cfg` of their own.
+
+pub mod attention {
+    use candle_core::{Result, Tensor};
+
+    pub fn try_block_forward(_: &Tensor, _: &Tensor, _: usize, _: f64) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    pub fn try_block_backward(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: f64,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+pub mod cross_entropy {
+    use candle_core::{Result, Tensor};
+
+    pub fn try_cross_entropy_forward_backward(
+        _: &Tensor,
+        _: usize,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+pub mod embedding {
+    use crate::kernels::shapes::TokenRows;
+    use candle_core::{Result, Tensor};
+
+    pub fn try_add_embedding_rows(_: &Tensor, _: &Tensor, _: &TokenRows, _: bool) -> Result<Option<()>> {
+        Ok(None)
+    }
+}
+
+pub mod flash_attention {
+    use candle_core::{Result, Tensor};
+
+    pub fn try_forward(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    pub fn try_backward(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+pub mod flat {
+    use candle_core::{DType, Result, Tensor};
+    use std::ops::Range;
+
+    pub fn try_step_weights(
+        _: &Tensor,
+        _: &[(Range<usize>, Option<usize>)],
+        _: f64,
+        _: DType,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    pub fn try_accumulate(_: &Tensor, _: &Tensor, _: bool) -> Result<Option<()>> {
+        Ok(None)
+    }
+}
+
+pub mod gemm {
+    use candle_core::{Result, Tensor};
+
+    pub fn try_gemm_at_b(_: &Tensor, _: &Tensor, _: &Tensor, _: bool) -> Result<Option<()>> {
+        Ok(None)
+    }
+}
+
+pub mod residual {
+    use candle_core::{Result, Tensor};
+
+    pub fn try_residual_add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+pub mod rmsnorm {
+    use crate::model::arch::Activation;
+    use candle_core::{Result, Tensor};
+
+    pub fn try_rmsnorm_quant_forward(
+        _: &Tensor,
+        _: Option<Activation>,
+        _: &Tensor,
+        _: f64,
+        _: f64,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    pub fn try_rmsnorm_backward(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<Activation>,
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    pub fn try_column_sums(_: &Tensor, _: &Tensor, _: bool) -> Result<Option<()>> {
+        Ok(None)
+    }
+}
+
+pub mod rope {
+    use crate::kernels::shapes::HeadShape;
+    use candle_core::{Result, Tensor};
+
+    pub fn try_qkv_heads(_: &Tensor, _: HeadShape, _: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    pub fn try_qkv_heads_backward(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: HeadShape,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
