@@ -15,10 +15,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::data::{json_kind, jsonl_objects, take_string};
 use crate::dist::Communicator;
 use crate::generate::{check_prompt_fits, generate_batch, Sampler, Stop};
+use crate::jsonl::{json_kind, jsonl_objects, take_string};
 use crate::model::BitNet;
+use crate::squad::answers;
 use crate::squad::NOT_IN_CONTEXT;
 use crate::tokenizer::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
@@ -138,25 +139,6 @@ impl DevExample {
         fields.insert("exact_match".into(), s.exact_match.into());
         fields.insert("f1".into(), s.f1.into());
         (fields, s)
-    }
-}
-
-/// The `answers` field of a JSONL object: a list of strings, empty for an unanswerable question.
-pub fn answers(object: &Map<String, Value>) -> Result<Vec<String>, String> {
-    match object.get("answers") {
-        None => Err("missing field `answers`: a dev file lists the acceptable answers of each question \
-                     (an empty list for an unanswerable one); bessie-data squad --dev writes them"
-            .into()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                a.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("`answers[{i}]` must be a string, not {}", json_kind(a)))
-            })
-            .collect(),
-        Some(other) => Err(format!("field `answers` must be a list of strings, not {}", json_kind(other))),
     }
 }
 

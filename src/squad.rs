@@ -17,6 +17,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::jsonl::json_kind;
 
 /// What Bessie answers when the context does not hold the answer.
 pub const NOT_IN_CONTEXT: &str = "Not in context.";
@@ -125,4 +128,23 @@ pub fn convert(input: &Path, out: &Path, dev: bool) -> Result<SquadStats> {
     }
     std::fs::write(out, jsonl).with_context(|| format!("writing {}", out.display()))?;
     Ok(stats)
+}
+
+/// The `answers` field of a JSONL object: a list of strings, empty for an unanswerable question.
+pub fn answers(object: &Map<String, Value>) -> Result<Vec<String>, String> {
+    match object.get("answers") {
+        None => Err("missing field `answers`: a dev file lists the acceptable answers of each question \
+                     (an empty list for an unanswerable one); bessie-data squad --dev writes them"
+            .into()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("`answers[{i}]` must be a string, not {}", json_kind(a)))
+            })
+            .collect(),
+        Some(other) => Err(format!("field `answers` must be a list of strings, not {}", json_kind(other))),
+    }
 }

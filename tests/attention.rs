@@ -3,7 +3,7 @@
 //! lengths that are not a multiple of the block, one block, and blocks of one row; grouped-query heads (K and
 //! V with fewer heads, the plain attention given them repeated and its dK, dV summed over each group).
 
-use bessie::model::bitnet::repeat_kv;
+use bessie::ops::repeat_kv;
 use bessie::rng::Rng;
 use bessie::train::layers::{
     attention_backward, attention_forward, flash_attention_backward, flash_attention_forward, Windows,

@@ -9,11 +9,11 @@ use std::process::Command;
 use bessie::config::ModelConfig;
 use bessie::export::{export, DenseDtype, Format};
 use bessie::generate::{generate, Sampler, Stop};
-use bessie::model::bitnet::quantize_weight;
 use bessie::model::hf::{self, Layout};
 use bessie::model::init::random_weights;
 use bessie::model::ternary::PackedTernary;
 use bessie::model::{is_bitlinear, BitNet, KvCache};
+use bessie::ops::quantize_weight;
 use bessie::tokenizer::{template::ChatTemplate, Tokenizer};
 use candle_core::{DType, Device, Tensor};
 

@@ -424,7 +424,7 @@ mod fused {
     #[test]
     #[ignore = "a timing; run with --ignored"]
     fn flash_attention_gqa_timing() {
-        use bessie::model::bitnet::repeat_kv;
+        use bessie::ops::repeat_kv;
         let (b, t, h, hkv, d) = (4, 2048, 20, 5, 128);
         let groups = h / hkv;
         let dev = gpu();

@@ -3,7 +3,7 @@
 //!   rest in bf16 or f32), which `bessie-prompt` and `bessie-eval` load like any checkpoint;
 //! - `gguf`: a GGUF file for llama.cpp's `bitnet` architecture (ggml type TQ2_0), also read by bitnet.cpp.
 //!
-//! Both start from the same ternary values and scales: `model::bitnet::quantize_weight` of the latent
+//! Both start from the same ternary values and scales: `ops::quantize_weight` of the latent
 //! weights, or the stored codes when the source is already packed.
 
 pub mod gguf;
@@ -15,9 +15,9 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
-use crate::model::bitnet::quantize_weight;
 use crate::model::hf;
 use crate::model::ternary::PackedTernary;
+use crate::ops::quantize_weight;
 use crate::tokenizer::Tokenizer;
 
 /// What `bessie-export` writes.

@@ -13,7 +13,7 @@
 //! kernel cheap: with unsigned codes `c = w + 1`, `sum w x = sum c x - sum x`, where `sum x` is computed
 //! once per token.
 //!
-//! [`quantize_weight`]: super::bitnet::quantize_weight
+//! [`quantize_weight`]: crate::ops::quantize_weight
 
 use std::sync::Arc;
 

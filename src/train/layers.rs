@@ -12,7 +12,7 @@ use candle_core::{DType, Result, Tensor, D};
 use crate::kernels;
 pub use crate::kernels::shapes::{HeadShape, TokenRows};
 use crate::model::arch::Activation;
-use crate::model::bitnet::{activate, quantize_activations, quantize_weight, repeat_kv};
+use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// A BitLinear weight as this step's forward sees it: `W + lambda (Q(W) - W)` in `dtype`, where `Q(W)` is the
 /// ternary weight times its scale. lambda = 1 is plain BitNet; lambda < 1 is the warm-up that eases a

@@ -18,8 +18,8 @@ use crate::config::run::{Recompute, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::model::arch::{self, Activation};
-use crate::model::bitnet::quantize_weight_part;
 use crate::model::is_bitlinear;
+use crate::ops::quantize_weight_part;
 
 /// This step's weights in the compute dtype, laid out as the flat f32 buffer: BitLinear weights already
 /// quantized (once per optimizer step, shared by every micro-batch), norms and the embedding cast.
