@@ -113,7 +113,12 @@ impl CheckpointWriter<'_> {
 
     fn save_model(&self, dir: &Path, params: &Tensor) -> Result<()> {
         let named = self.layout.named(params)?;
-        hf::save(dir, self.model_cfg, &named, DType::F32, Layout::Safetensors, self.tokenizer_files)?;
+        // Training holds latent weights, even from a base of transformers' packed `bitnet` weights.
+        let mut cfg = self.model_cfg.clone();
+        if cfg.quant_method() == Some("bitnet") {
+            cfg.extra.insert("quantization_config".into(), ModelConfig::bitnet_latent_quantization_config());
+        }
+        hf::save(dir, &cfg, &named, DType::F32, Layout::Safetensors, self.tokenizer_files)?;
         std::fs::write(dir.join(TEMPLATE_FILE), self.chat_template)?;
         Ok(std::fs::write(dir.join(RUN_CONFIG_FILE), self.run_config)?)
     }

@@ -15,6 +15,9 @@
 //! ([`latent`]), so inference, export and fine-tuning run on them unchanged.
 
 use anyhow::{bail, ensure, Result};
+use candle_core::{Device, Tensor};
+
+use super::bitnet::quantize_weight;
 
 /// Ternary values per byte.
 pub const VALUES_PER_BYTE: usize = 4;
@@ -57,7 +60,9 @@ pub fn unpack(packed: &[u8], out: usize, cols: usize) -> Result<Vec<i8>> {
                 let code = (byte >> (2 * block)) & 3;
                 let row = block * p + r;
                 match (code, row < out) {
-                    (3, _) => bail!("invalid 2-bit code 3 for row {row}, column {c} (packed row {r}, bits {})", 2 * block),
+                    (3, _) => {
+                        bail!("invalid 2-bit code 3 for row {row}, column {c} (packed row {r}, bits {})", 2 * block)
+                    }
                     (_, true) => values[row * cols + c] = code as i8 - 1,
                     (0, false) => {}
                     (_, false) => bail!(
@@ -72,19 +77,35 @@ pub fn unpack(packed: &[u8], out: usize, cols: usize) -> Result<Vec<i8>> {
     Ok(values)
 }
 
-/// The latent weights Bessie reads a ternary matrix with absmean `absmean` as: `value x absmean / share`,
-/// `share` the fraction of non-zero values. Their mean |W| is `absmean` itself, so Bessie's quantizer gives
-/// back the same ternary matrix (every non-zero weight is `absmean / share >= absmean`, which rounds to
-/// ±1) and `absmean` as its scale; `value x absmean` alone would give the same values but the scale
-/// `absmean x share`. An all-zero matrix stays zero; a magnitude beyond f32 is an error.
-pub fn latent(values: &[i8], absmean: f64) -> Result<Vec<f32>> {
+/// The latent weights `[out, cols]` Bessie reads a ternary matrix with absmean `absmean` as:
+/// `value x absmean / share`, `share` the fraction of non-zero values. Their mean |W| is `absmean` itself, so
+/// Bessie's quantizer (`quantize_weight`) gives back the same ternary matrix (every non-zero weight is
+/// `absmean / share >= absmean`, which rounds to ±1) and `absmean` as its scale; `value x absmean` alone
+/// would give the same values but the scale `absmean x share`. The quantizer's own f32 roundings (row sums,
+/// two reciprocals) can land an ulp or two off, so the magnitude is stepped by up to 4 ulps until the
+/// quantizer's scale is `absmean` to the bit; when no step reaches it (the steps of a small matrix's mean
+/// can be coarser than one ulp of the scale) the nearest one stays. An all-zero matrix stays zero.
+pub fn latent(values: &[i8], out: usize, cols: usize, absmean: f32) -> Result<Tensor> {
     let nonzero = values.iter().filter(|&&v| v != 0).count();
+    let build =
+        |m: f32| Tensor::from_iter(values.iter().map(|&v| f32::from(v) * m), &Device::Cpu)?.reshape((out, cols));
     if nonzero == 0 {
-        return Ok(vec![0.0; values.len()]);
+        return Ok(build(0.0)?);
     }
-    let magnitude = (absmean * values.len() as f64 / nonzero as f64) as f32;
-    ensure!(magnitude.is_finite(), "the latent magnitude absmean / nonzero share = {magnitude} is not a finite f32");
-    Ok(values.iter().map(|&v| f32::from(v) * magnitude).collect())
+    let m0 = (f64::from(absmean) * values.len() as f64 / nonzero as f64) as f32;
+    ensure!(m0.is_finite(), "the latent magnitude absmean / nonzero share = {m0} is not a finite f32");
+    let mut best: Option<(f32, Tensor)> = None;
+    for k in [0, 1, -1, 2, -2, 3, -3, 4, -4] {
+        let w = build(f32::from_bits((m0.to_bits() as i32 + k) as u32))?;
+        let miss = (quantize_weight(&w)?.1.to_scalar::<f32>()? - absmean).abs();
+        if miss == 0.0 {
+            return Ok(w);
+        }
+        if best.as_ref().is_none_or(|(b, _)| miss < *b) {
+            best = Some((miss, w));
+        }
+    }
+    Ok(best.expect("nine candidates").1)
 }
 
 #[cfg(test)]
@@ -118,13 +139,24 @@ mod tests {
 
     #[test]
     fn latent_weights_quantize_back_to_the_values_and_the_scale() {
-        let values = [1i8, 0, 0, -1, 0, 1, 0, 0];
-        let w = latent(&values, 0.02).unwrap();
-        let mean = w.iter().map(|x| x.abs() as f64).sum::<f64>() / w.len() as f64;
-        assert!((mean - 0.02).abs() < 1e-9, "{mean}");
-        let back: Vec<i8> = w.iter().map(|x| (f64::from(*x) / mean).round().clamp(-1.0, 1.0) as i8).collect();
-        assert_eq!(back, values);
-        assert_eq!(latent(&[0, 0], 0.5).unwrap(), vec![0.0, 0.0]);
-        assert!(latent(&[1, 0], 3e38).is_err());
+        let mut rng = crate::rng::Rng::new(3);
+        let mut exact = 0;
+        for (out, cols) in [(2, 4), (64, 176), (96, 301)] {
+            let values: Vec<i8> =
+                (0..out * cols).map(|_| (rng.normal() * 0.8).round().clamp(-1.0, 1.0) as i8).collect();
+            for absmean in [0.02f32, 0.016_420_444, 1.7e-3, 0.61] {
+                let (ternary, scale) = quantize_weight(&latent(&values, out, cols, absmean).unwrap()).unwrap();
+                let back: Vec<i8> =
+                    ternary.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as i8).collect();
+                assert_eq!(back, values, "{out} x {cols}");
+                let scale = scale.to_scalar::<f32>().unwrap();
+                exact += usize::from(scale == absmean);
+                assert!((scale / absmean - 1.0).abs() < 4e-7, "{out} x {cols}, {absmean}: {scale}");
+            }
+        }
+        // Most land on the bit; the rest an ulp or so away.
+        assert!(exact >= 8, "{exact} of 12 exact");
+        assert_eq!(latent(&[0, 0], 1, 2, 0.5).unwrap().to_vec2::<f32>().unwrap(), [[0.0, 0.0]]);
+        assert!(latent(&[1, 0], 1, 2, 3e38).is_err());
     }
 }
