@@ -1,5 +1,6 @@
 //! `bessie-export`: packed ternary checkpoints (round trip, identical generations, the CPU kernel, errors)
-//! and GGUF files read back by an independent reader (gguf-py, tests/reference/read_gguf.py).
+//! and GGUF files read back by an independent reader (gguf-py, tests/reference/read_gguf.py; these tests
+//! fail without it). transformers' packed bitnet export: tests/hf_bitnet.rs.
 
 mod common;
 
@@ -233,8 +234,12 @@ fn packed_checkpoint_errors_name_file_field_and_tensor() {
     let e = load_err(&out);
     assert!(e.contains(victim) && e.contains("invalid 2-bit code 3"), "{e}");
 
-    // Another quantization method (transformers' own packing) is refused naming the file and field.
+    // Bessie's codes under transformers' `bitnet` method: its layout's shape is refused naming the tensor.
     edit_config(&out, |c| c["quantization_config"] = serde_json::json!({"quant_method": "bitnet"}));
+    let e = load_err(&out);
+    assert!(e.contains("model.safetensors") && e.contains("q_proj.weight") && e.contains("[ceil(64/4), 64]"), "{e}");
+    // An unknown method is refused naming the file and field.
+    edit_config(&out, |c| c["quantization_config"] = serde_json::json!({"quant_method": "gptq"}));
     let e = load_err(&out);
     assert!(e.contains("config.json") && e.contains("quantization_config") && e.contains("bessie_ternary"), "{e}");
 
@@ -246,26 +251,26 @@ fn packed_checkpoint_errors_name_file_field_and_tensor() {
     assert!(e.contains("tie_word_embeddings"), "{e}");
 }
 
-/// Runs tests/reference/read_gguf.py on `file`, or None (with the reason printed) without Python's gguf.
-fn read_gguf(file: &Path) -> Option<serde_json::Value> {
-    let has_gguf = Command::new("python3").args(["-c", "import gguf"]).output().is_ok_and(|o| o.status.success());
-    if !has_gguf {
-        println!("skipping the GGUF read-back: `python3 -c 'import gguf'` fails (pip install gguf)");
-        return None;
-    }
+/// Runs tests/reference/read_gguf.py on `file`; fails without Python's gguf (.ci/run installs it).
+fn read_gguf(file: &Path) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/read_gguf.py");
-    let out = Command::new("python3").arg(script).arg(file).output().unwrap();
-    assert!(out.status.success(), "read_gguf.py failed: {}", String::from_utf8_lossy(&out.stderr));
-    Some(serde_json::from_slice(&out.stdout).unwrap())
+    let out =
+        Command::new("python3").arg(script).arg(file).output().expect("running python3 (with gguf: pip install gguf)");
+    assert!(
+        out.status.success(),
+        "read_gguf.py failed (it needs python3 with gguf: pip install gguf): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Exports `src` as GGUF and checks what gguf-py reads: metadata, tensor names, shapes, types, and the
 /// ternary values and scale of every BitLinear matrix, decoded by gguf-py itself.
-fn check_gguf(src: &Path, ternary_type: &str) -> Option<serde_json::Value> {
+fn check_gguf(src: &Path, ternary_type: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("model.gguf");
     export_ok(src, &file, Format::Gguf, DenseDtype::Bf16);
-    let got = read_gguf(&file)?;
+    let got = read_gguf(&file);
     let cfg = ModelConfig::from_file(&src.join("config.json")).unwrap();
     let tok = Tokenizer::from_dir(src).unwrap();
     let m = &got["metadata"];
@@ -361,7 +366,7 @@ fn check_gguf(src: &Path, ternary_type: &str) -> Option<serde_json::Value> {
             }
         }
     }
-    Some(got)
+    got
 }
 
 /// Rows a multiple of 256: every ternary matrix is TQ2_0. The tiny shape (rows of 64 and 176): F16.
@@ -390,7 +395,7 @@ fn gguf_embeds_the_llama_tokenizer() {
     let source = bessie::model::init::TokenizerSource::Path(&model);
     bessie::model::init::write_random_checkpoint(&src, "tiny", source, None, 0, DType::BF16, Layout::Safetensors)
         .unwrap();
-    let Some(got) = check_gguf(&src, "F16") else { return };
+    let got = check_gguf(&src, "F16");
     let m = &got["metadata"];
     let token =
         |id: usize| (m["tokenizer.ggml.tokens"][id].as_str().unwrap(), m["tokenizer.ggml.token_type"][id].as_i64());

@@ -730,3 +730,33 @@ fn every_family_fine_tunes_with_a_falling_loss() {
         assert_eq!(names.contains_key("lm_head.weight"), !tied, "{shape}");
     }
 }
+
+/// A checkpoint in transformers' packed `bitnet` layout (as Falcon3's and 2B4T's Hub repos ship) fine-tunes:
+/// its codes load as latent weights, the loss falls, and what the run saves is latent weights with the online
+/// quantization config transformers reads as such.
+#[test]
+fn a_packed_bitnet_checkpoint_fine_tunes_and_is_saved_latent() {
+    let dir = TempDir::new().unwrap();
+    let (base, packed, out) = (dir.path().join("base"), dir.path().join("packed"), dir.path().join("run"));
+    let init =
+        Command::new(INIT_MODEL).arg("--out").arg(&base).args(["--shape", "tiny-llama-bitnet"]).output().unwrap();
+    assert!(init.status.success(), "{}", describe("bessie-init-model", init.status, &init.stderr));
+    let export = Command::new(EXPORT).arg("-m").arg(&base).arg("-o").arg(&packed).args(["-f", "hf-bitnet"]).output();
+    let export = export.unwrap();
+    assert!(export.status.success(), "{}", describe("bessie-export", export.status, &export.stderr));
+    let offline: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(packed.join("config.json")).unwrap()).unwrap();
+    assert_eq!(offline["quantization_config"]["quantization_mode"], "offline");
+
+    let path = format!("model.path={}", packed.display());
+    let run = run_ok(&mut train(&out, 20, &[&path, "model.init=", "checkpoint.every=0", "train.lr=3e-3"]));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("latent weights"), "the load should say what it did: {stderr}");
+    let m = metrics(&out);
+    assert!(m.last().unwrap().1 < 0.8 * m[0].1, "loss {} -> {}", m[0].1, m.last().unwrap().1);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final_checkpoint/config.json")).unwrap()).unwrap();
+    assert_eq!(saved["quantization_config"]["quantization_mode"], "online");
+    assert_eq!(saved["quantization_config"]["linear_class"], "autobitlinear");
+    assert_eq!(load_tensors(&final_weights(&out))["model.layers.0.self_attn.q_proj.weight"].dtype(), DType::F32);
+}

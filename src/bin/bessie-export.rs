@@ -1,4 +1,5 @@
-//! Exports a BitNet b1.58 checkpoint as real ternary weights: a packed checkpoint or a GGUF file.
+//! Exports a BitNet b1.58 checkpoint as real ternary weights: a packed checkpoint, a GGUF file or
+//! transformers' packed `bitnet` checkpoint.
 
 use std::path::PathBuf;
 
@@ -22,6 +23,13 @@ use clap::Parser;
 /// fork): ternary matrices in ggml type TQ2_0, the embedding in F16, norms in F32, the LLaMA SentencePiece
 /// vocabulary embedded. Needs a tied lm_head and a tokenizer.model. README.md says which versions it targets.
 ///
+/// --format hf-bitnet writes a checkpoint directory in transformers' own packed `bitnet` layout, which
+/// `AutoModelForCausalLM.from_pretrained` loads without remote code: families bitnet (BitNetForCausalLM,
+/// autobitlinear offline, weight_scale = absmean) and llama-bitnet / llama (LlamaForCausalLM, bitlinear,
+/// weight_scale = 1 / absmean); projections as U8 [out/4, in] (four output-row blocks per byte), the rest
+/// and the scales in --dtype. Bessie loads it back. 1bitLLM checkpoints have no transformers class and are
+/// refused.
+///
 /// The output must not exist unless --force; it is replaced only once the new one is complete, and never
 /// when it is the checkpoint being exported, one of its files or a folder holding it.
 #[derive(Parser)]
@@ -30,14 +38,15 @@ struct Args {
     /// Checkpoint directory to export (Hugging Face layout: config.json, weights, tokenizer files).
     #[arg(short, long)]
     model: PathBuf,
-    /// ternary (a packed checkpoint directory) or gguf (one file).
+    /// ternary (a packed checkpoint directory), gguf (one file) or hf-bitnet (transformers' packed layout).
     #[arg(short, long, value_enum)]
     format: Format,
-    /// Output directory (ternary) or file (gguf).
+    /// Output directory (ternary, hf-bitnet) or file (gguf).
     #[arg(short, long)]
     out: PathBuf,
-    /// Dtype of the packed checkpoint's embedding, norms and untied lm_head: bf16 (smallest), or f32
-    /// for logits bit-identical to an f32 latent checkpoint. Not used for GGUF.
+    /// Dtype of the packed checkpoint's embedding, norms and untied lm_head (and hf-bitnet's weight
+    /// scales): bf16 (smallest), or f32 for logits bit-identical to an f32 latent checkpoint (ternary)
+    /// or equal within float rounding (hf-bitnet). Not used for GGUF.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DenseDtype,
     /// Replace an existing output.

@@ -1,18 +1,21 @@
 //! Exporting a trained BitNet as real ternary weights instead of f32 latent ones:
 //! - `ternary`: Bessie's packed checkpoint (2 bits per BitLinear weight plus one f32 scale per matrix; the
 //!   rest in bf16 or f32), which `bessie-prompt` and `bessie-eval` load like any checkpoint;
-//! - `gguf`: a GGUF file for llama.cpp's `bitnet` architecture (ggml type TQ2_0), also read by bitnet.cpp.
+//! - `gguf`: a GGUF file for llama.cpp's `bitnet` architecture (ggml type TQ2_0), also read by bitnet.cpp;
+//! - `hf_bitnet`: transformers' own packed `bitnet` checkpoint, which `from_pretrained` loads.
 //!
-//! Both start from the same ternary values and scales: `ops::quantize_weight` of the latent
+//! All start from the same ternary values and scales: `ops::quantize_weight` of the latent
 //! weights, or the stored codes when the source is already packed.
 
 pub mod gguf;
+pub mod hf_bitnet;
 pub mod ternary;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
 use crate::model::hf;
@@ -27,6 +30,8 @@ pub enum Format {
     Ternary,
     /// One GGUF file for llama.cpp / bitnet.cpp.
     Gguf,
+    /// A checkpoint directory in transformers' packed `bitnet` layout (families bitnet, llama-bitnet, llama).
+    HfBitnet,
 }
 
 /// The dtype of a packed checkpoint's dense tensors (embedding, norms, an untied lm_head).
@@ -53,6 +58,24 @@ pub enum Param {
     Ternary { codes: PackedTernary, scale: f32 },
     /// Everything else (embedding, norms, an untied lm_head), f32 on the CPU.
     Dense(Tensor),
+}
+
+impl Param {
+    /// Parameter `name` of `shape` from a checkpoint's `VarBuilder`: a BitLinear weight as `quantize_weight`
+    /// makes it (or as stored, from Bessie's packed checkpoint when `packed`), anything else dense.
+    pub fn read(vb: &VarBuilder, packed: bool, name: &str, shape: &[usize]) -> Result<Self> {
+        if !crate::model::is_bitlinear(name) {
+            return Ok(Param::Dense(vb.get(shape, name)?));
+        }
+        let (codes, scale) = if packed {
+            let prefix = name.strip_suffix(".weight").expect("BitLinear names end in .weight");
+            PackedTernary::load(&vb.pp(prefix), shape[0], shape[1])?
+        } else {
+            let (ternary, scale) = quantize_weight(&vb.get(shape, name)?)?;
+            (PackedTernary::pack(&ternary)?, scale.to_scalar::<f32>()?)
+        };
+        Ok(Param::Ternary { codes, scale })
+    }
 }
 
 /// A checkpoint read for export: its config, every parameter in `model::parameter_shapes` order, and its
@@ -86,28 +109,17 @@ impl Source {
             BITNET_ARCHITECTURES[0]
         );
         let packed = cfg.is_packed_ternary();
-        let mut params = Vec::new();
-        for (name, shape) in cfg.parameter_shapes() {
-            let param = if crate::model::is_bitlinear(&name) {
-                let (codes, scale) = if packed {
-                    let prefix = name.strip_suffix(".weight").expect("BitLinear names end in .weight");
-                    PackedTernary::load(&vb.pp(prefix), shape[0], shape[1])?
-                } else {
-                    let (ternary, scale) = quantize_weight(&vb.get(shape.as_slice(), &name)?)?;
-                    (PackedTernary::pack(&ternary)?, scale.to_scalar::<f32>()?)
-                };
-                Param::Ternary { codes, scale }
-            } else {
-                Param::Dense(vb.get(shape.as_slice(), &name)?)
-            };
-            params.push((name, param));
-        }
+        let params = cfg
+            .parameter_shapes()
+            .into_iter()
+            .map(|(name, shape)| Ok((name.clone(), Param::read(&vb, packed, &name, &shape)?)))
+            .collect::<Result<_>>()?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         Ok(Self { dir: dir.to_path_buf(), cfg, params, tokenizer })
     }
 }
 
-/// Exports the checkpoint in `src` to `out` as `format`; `dense` is the dtype of the packed checkpoint's
+/// Exports the checkpoint in `src` to `out` as `format`; `dense` is the dtype of the packed checkpoints'
 /// dense tensors (GGUF has its own). An existing `out` is an error unless `force`, and it is only replaced once the new output
 /// is complete.
 pub fn export(src: &Path, out: &Path, format: Format, dense: DenseDtype, force: bool) -> Result<()> {
@@ -131,10 +143,17 @@ pub fn export(src: &Path, out: &Path, format: Format, dense: DenseDtype, force: 
             }
         }
     }
-    let source = Source::read(src)?;
     match format {
-        Format::Ternary => replace_dir(out, |dir| ternary::write(dir, &source, dense.dtype())),
-        Format::Gguf => hf::write_atomic(out, |tmp| gguf::write(tmp, &source)),
+        Format::Ternary => {
+            let source = Source::read(src)?;
+            replace_dir(out, |dir| ternary::write(dir, &source, dense.dtype()))
+        }
+        Format::Gguf => {
+            let source = Source::read(src)?;
+            hf::write_atomic(out, |tmp| gguf::write(tmp, &source))
+        }
+        // Streams tensor by tensor instead of reading the whole model first.
+        Format::HfBitnet => replace_dir(out, |dir| hf_bitnet::write(dir, src, dense.dtype())),
     }
 }
 

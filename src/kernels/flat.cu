@@ -1,6 +1,6 @@
 // Kernels over the flat f32 parameter and gradient buffers: partial sums (the weight scale's absmean and
 // the gradient norm), this step's weights (ternary BitLinear matrices, cast norms and embeddings), and
-// AdamW. References: model::bitnet::quantize_weight, train::layers::effective_weight,
+// AdamW. References: ops::quantize_weight, train::layers::effective_weight,
 // train::optim::{grad_norm, AdamW::step}.
 #include "common.cuh"
 

@@ -2,15 +2,23 @@
 //! safetensors (`model.safetensors.index.json`), or `pytorch_model.bin` (also sharded), in F32, F16 or BF16.
 //! Loading goes through a candle `VarBuilder` whose backend knows which file holds each tensor, so every
 //! error names the file and the tensor. Saving writes the layout transformers' `save_pretrained` writes.
+//!
+//! A checkpoint of transformers' offline `bitnet` quantization (`config.json`'s `quantization()` is
+//! `Bitnet`: 2-bit codes or float ternary values plus a `weight_scale` per projection) is read as latent
+//! weights, `value x absmean / nonzero share` (`model::bitnet_packed::latent`): Bessie's quantizer turns them
+//! back into the stored values and scale (when read as f32, as Bessie's loaders read projections), so
+//! inference, export and training load it like any checkpoint.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use super::bitnet_packed;
+use crate::config::model::{Quantization, WeightScale};
 use crate::config::ModelConfig;
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -32,6 +40,9 @@ pub struct WeightFiles {
     /// What a missing tensor's error names as the place it was looked for.
     source: String,
     nonfinite: NonFinite,
+    /// How the projections' `weight_scale` relates to the absmean, when they are stored ternary
+    /// (transformers' offline `bitnet`); None for latent weights.
+    ternary: Option<WeightScale>,
 }
 
 /// What loading does with a weight that holds NaN or infinite values.
@@ -67,6 +78,15 @@ impl WeightFiles {
         Ok(weights)
     }
 
+    /// Reads the projections as `quantization` says they are stored (see the module's documentation).
+    pub fn with_quantization(mut self, quantization: Quantization) -> Self {
+        self.ternary = match quantization {
+            Quantization::Bitnet { scale } => Some(scale),
+            Quantization::Latent | Quantization::BessieTernary => None,
+        };
+        self
+    }
+
     /// Checks that every tensor is in the shard the index maps it to, and the index maps every tensor.
     fn check_index(self, map: &BTreeMap<String, PathBuf>) -> Result<Self> {
         for (name, file) in &self.file_of {
@@ -100,7 +120,13 @@ impl WeightFiles {
                 add_tensor(&mut file_of, name, f)?;
             }
         }
-        Ok(Self { storage: Storage::Safetensors(st), file_of, source: source.into(), nonfinite: NonFinite::Refuse })
+        Ok(Self {
+            storage: Storage::Safetensors(st),
+            file_of,
+            source: source.into(),
+            nonfinite: NonFinite::Refuse,
+            ternary: None,
+        })
     }
 
     fn pth(files: Vec<PathBuf>, source: &str) -> Result<Self> {
@@ -112,7 +138,13 @@ impl WeightFiles {
                 tensors.insert(name, t);
             }
         }
-        Ok(Self { storage: Storage::Pth(tensors), file_of, source: source.into(), nonfinite: NonFinite::Refuse })
+        Ok(Self {
+            storage: Storage::Pth(tensors),
+            file_of,
+            source: source.into(),
+            nonfinite: NonFinite::Refuse,
+            ternary: None,
+        })
     }
 
     /// The shape of tensor `name` as its file says, without reading its data; None when there is none.
@@ -127,13 +159,19 @@ impl WeightFiles {
         self.file_of.keys()
     }
 
-    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    /// Tensor `name` on the CPU as stored, and its file.
+    fn read(&self, name: &str) -> candle_core::Result<(&Path, Tensor)> {
         let Some(file) = self.file_of.get(name) else { candle_core::bail!("{}: missing tensor `{name}`", self.source) };
         let t = match &self.storage {
             Storage::Safetensors(st) => st.load(name, &Device::Cpu),
             Storage::Pth(map) => Ok(map[name].clone()),
         }
         .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", file.display())))?;
+        Ok((file, t))
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let (file, t) = self.read(name)?;
         // Integers where floats are wanted (or the reverse) are a corrupt or foreign file, not a conversion.
         if t.dtype() != dtype && !(t.dtype().is_float() && dtype.is_float()) {
             candle_core::bail!("{}: tensor `{name}` is {:?}, expected {:?}", file.display(), t.dtype(), dtype);
@@ -151,6 +189,66 @@ impl WeightFiles {
         t.to_device(device)
     }
 
+    /// The latent weights `[out, in]` of the ternary projection `name` (U8 codes `[ceil(out/4), in]` or float
+    /// ternary values `[out, in]`) and its `weight_scale`, as `bitnet_packed::latent` makes them.
+    fn load_ternary(&self, name: &str, shape: &Shape, kind: WeightScale) -> candle_core::Result<Tensor> {
+        let (out, cols) = shape.dims2()?;
+        let (file, stored) = self.read(name)?;
+        let fail = |msg: String| candle_core::Error::Msg(format!("{}: tensor `{name}` {msg}", file.display()));
+        let values = match stored.dtype() {
+            DType::U8 => {
+                let rows = bitnet_packed::packed_rows(out);
+                if stored.dims() != [rows, cols] {
+                    return Err(fail(format!(
+                        "has shape {:?}, but the packed ternary codes of a {out} x {cols} projection (config.json) \
+                         are U8 [ceil({out}/4), {cols}] = [{rows}, {cols}]",
+                        stored.dims()
+                    )));
+                }
+                bitnet_packed::unpack(&stored.flatten_all()?.to_vec1::<u8>()?, out, cols)
+                    .map_err(|e| fail(format!("(packed ternary codes): {e}")))?
+            }
+            d if d.is_float() => {
+                check_shape(file, name, stored.shape(), shape)?;
+                let floats = stored.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                match floats.iter().position(|v| ![-1.0, 0.0, 1.0].contains(v)) {
+                    Some(i) => {
+                        return Err(fail(format!(
+                            "holds {} at [{}, {}]; config.json's offline `bitnet` quantization_config stores \
+                             ternary values (-1, 0, 1)",
+                            floats[i],
+                            i / cols,
+                            i % cols
+                        )))
+                    }
+                    None => floats.into_iter().map(|v| v as i8).collect(),
+                }
+            }
+            d => return Err(fail(format!("is {d:?}; packed ternary weights are U8 codes or float ternary values"))),
+        };
+        let scale_name = format!("{name}_scale");
+        let (scale_file, scale) = self.read(&scale_name).map_err(|_| {
+            fail(format!(
+                "has no `{scale_name}` in {}; config.json's offline `bitnet` quantization needs one",
+                self.source
+            ))
+        })?;
+        let scale_fail =
+            |msg: String| candle_core::Error::Msg(format!("{}: tensor `{scale_name}` {msg}", scale_file.display()));
+        if scale.elem_count() != 1 || !scale.dtype().is_float() {
+            return Err(scale_fail(format!("is {:?} {:?}; expected one float", scale.dtype(), scale.dims())));
+        }
+        let s = scale.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+        if !(s.is_finite() && s > 0.0) {
+            return Err(scale_fail(format!("is {s}; a weight scale is finite and positive")));
+        }
+        let absmean = match kind {
+            WeightScale::Absmean => s,
+            WeightScale::Reciprocal => 1.0 / s,
+        };
+        bitnet_packed::latent(&values, out, cols, absmean as f32).map_err(|e| scale_fail(format!("is {s}: {e}")))
+    }
+
     /// A `VarBuilder` over these weights producing `dtype` tensors on `device`.
     pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
@@ -166,6 +264,9 @@ impl SimpleBackend for WeightFiles {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
+        if let Some(kind) = self.ternary.filter(|_| super::is_bitlinear(name)) {
+            return self.load_ternary(name, &shape, kind)?.to_dtype(dtype)?.to_device(device);
+        }
         if let (Some(file), Storage::Safetensors(st)) = (self.file_of.get(name), &self.storage) {
             // Check the shape from the header before converting gigabytes of data.
             let found: Shape = st.get(name)?.shape().into();
@@ -290,8 +391,15 @@ pub fn open_with(
     let config = dir.join(CONFIG_FILE);
     is_regular_file(&config)?; // a FIFO would block the read
     let cfg = ModelConfig::from_file(&config)?;
-    let weights = WeightFiles::open(dir, nonfinite)?;
+    let quantization = cfg.quantization()?;
+    let weights = WeightFiles::open(dir, nonfinite)?.with_quantization(quantization);
     check_sizes(&cfg, &weights).with_context(|| format!("{} does not match the weights", config.display()))?;
+    if matches!(quantization, Quantization::Bitnet { .. }) {
+        eprintln!(
+            "{}: loaded packed ternary weights as latent weights (value x scale / nonzero share) for fine-tuning",
+            dir.display()
+        );
+    }
     Ok((cfg, weights.var_builder(dtype, device)))
 }
 
@@ -411,6 +519,80 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Re
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let data: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     write_atomic(path, |tmp| Ok(safetensors::serialize_to_file(data, Some(metadata), tmp)?))
+}
+
+/// A safetensors file written one tensor at a time: the header (every name, dtype and shape, known up front)
+/// first, then each tensor's bytes as it is pushed, in the declared order, so that a model is never held
+/// whole in memory. Unlike `safetensors::serialize`, which needs every tensor at once.
+pub(crate) struct StreamedSafetensors {
+    file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    entries: Vec<(String, DType, Vec<usize>)>,
+    written: usize,
+}
+
+impl StreamedSafetensors {
+    pub(crate) fn create(path: &Path, entries: Vec<(String, DType, Vec<usize>)>) -> Result<Self> {
+        use std::io::Write;
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let mut offset = 0;
+        for (name, dtype, shape) in &entries {
+            let st_dtype = match dtype {
+                DType::U8 => "U8",
+                DType::BF16 => "BF16",
+                DType::F16 => "F16",
+                DType::F32 => "F32",
+                other => bail!("tensor `{name}`: cannot write {other:?}"),
+            };
+            let end = offset + shape.iter().product::<usize>() * dtype.size_in_bytes();
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": st_dtype, "shape": shape, "data_offsets": [offset, end]}),
+            );
+            offset = end;
+        }
+        let mut header = serde_json::to_vec(&header)?;
+        // The data starts 8-byte aligned, as the safetensors writer pads it.
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        file.write_all(&(header.len() as u64).to_le_bytes())?;
+        file.write_all(&header)?;
+        Ok(Self { file, path: path.to_path_buf(), entries, written: 0 })
+    }
+
+    /// Writes the next declared tensor, which `t` must be (name, dtype and shape).
+    pub(crate) fn push(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        use std::io::Write;
+        let Some((expected, dtype, shape)) = self.entries.get(self.written) else {
+            bail!("{}: tensor `{name}` is beyond the {} declared", self.path.display(), self.entries.len())
+        };
+        ensure!(
+            (expected.as_str(), *dtype, shape.as_slice()) == (name, t.dtype(), t.dims()),
+            "{}: tensor `{name}` {:?} {:?} where `{expected}` {dtype:?} {shape:?} was declared",
+            self.path.display(),
+            t.dtype(),
+            t.dims()
+        );
+        self.file.write_all(&safetensors::View::data(&t.contiguous()?))?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Flushes and syncs the file once every declared tensor is written.
+    pub(crate) fn finish(self) -> Result<()> {
+        ensure!(
+            self.written == self.entries.len(),
+            "{}: {} of {} tensors written",
+            self.path.display(),
+            self.written,
+            self.entries.len()
+        );
+        self.file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(())
+    }
 }
 
 pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {

@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod bitnet;
+pub mod bitnet_packed;
 pub mod hf;
 pub mod init;
 mod pth;
