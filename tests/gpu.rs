@@ -1,4 +1,5 @@
-//! CUDA checks (feature `cuda`, run on a GPU machine): the bf16 forward against the CPU f32 forward.
+//! CUDA checks (feature `cuda`, run on a GPU machine): the bf16 forward against the CPU f32 forward and
+//! against transformers' own models on the GPU, and each fused kernel against its reference.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -34,6 +35,55 @@ fn cuda_bf16_forward_matches_cpu_f32() {
         println!("tiny seed {seed}: relative L2 error {rel:.2e}, greedy agreement {same}/{}", ids.len());
         assert!(rel < 3e-2, "relative L2 error {rel}");
         assert!(same * 10 >= ids.len() * 9, "greedy agreement {same}/{}", ids.len());
+    }
+}
+
+/// Every family's bf16 forward on the GPU against transformers' own `BitNetForCausalLM` / `LlamaForCausalLM`
+/// in bf16 on the same GPU (tests/reference/hf_logits.py): latent checkpoints (transformers' online
+/// AutoBitLinear) and the packed 2B4T and Llama layouts (`bessie-export -f hf-bitnet`). Both sides round to
+/// bf16 in different places, so agreement is statistical, as against the CPU above.
+#[test]
+fn cuda_bf16_forward_matches_transformers() {
+    use bessie::model::hf::Layout;
+    use bessie::model::init::{write_random_checkpoint, TokenizerSource};
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let root = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = (0..48u32).map(|i| (i * 37 + 11) % 900).collect();
+    let mut dirs = Vec::new();
+    for shape in ["tiny-bitnet", "tiny-llama-bitnet"] {
+        let latent = root.path().join(shape);
+        let f32 = candle_core::DType::F32;
+        write_random_checkpoint(&latent, shape, TokenizerSource::Shipped, None, 3, f32, Layout::Safetensors).unwrap();
+        let packed = root.path().join(format!("{shape}-packed"));
+        std::fs::create_dir_all(&packed).unwrap();
+        bessie::export::hf_bitnet::write(&packed, &latent, candle_core::DType::BF16).unwrap();
+        dirs.extend([latent, packed]);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/hf_logits.py");
+    let run = std::process::Command::new("python3")
+        .arg(script)
+        .args([serde_json::to_string(&ids).unwrap(), "0".into()])
+        .args(&dirs)
+        .env("HF_LOGITS_DEVICE", "cuda")
+        .output()
+        .expect("running python3 with torch and transformers");
+    assert!(run.status.success(), "hf_logits.py failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    for dir in &dirs {
+        let hf: Vec<Vec<f32>> = serde_json::from_value(out["models"][dir.to_str().unwrap()]["logits"].clone()).unwrap();
+        let hf: Vec<f32> = hf.concat();
+        let ours = logits(dir, &gpu, &ids);
+        let num: f64 = hf.iter().zip(&ours).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = hf.iter().map(|a| (*a as f64).powi(2)).sum();
+        let rel = (num / den).sqrt();
+        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let v = ours.len() / ids.len();
+        let same =
+            (0..ids.len()).filter(|&t| argmax(&hf[t * v..(t + 1) * v]) == argmax(&ours[t * v..(t + 1) * v])).count();
+        let name = dir.file_name().unwrap().to_string_lossy();
+        println!("{name}: bf16 logits vs transformers on the GPU: relative L2 {rel:.2e}, greedy {same}/{}", ids.len());
+        assert!(rel < 5e-2, "{name}: relative L2 error {rel}");
+        assert!(same * 10 >= ids.len() * 9, "{name}: greedy agreement {same}/{}", ids.len());
     }
 }
 

@@ -6,6 +6,9 @@ the 2-bit codes and weight_scale. Prints one JSON object: per directory, the log
 position, STEPS greedy tokens (argmax, no stopping) and the class transformers made of q_proj.
 
     python3 hf_logits.py IDS_JSON STEPS DIR...
+
+With HF_LOGITS_DEVICE=cuda the models run on the GPU in bfloat16 instead, as Bessie's CUDA path computes
+(the oracle of tests/gpu.rs).
 """
 import json
 import os
@@ -19,7 +22,9 @@ import transformers  # noqa: E402
 from transformers.integrations.bitnet import BitLinear  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-ids = torch.tensor([json.loads(sys.argv[1])])
+cuda = os.environ.get("HF_LOGITS_DEVICE", "cpu") == "cuda"
+dtype = torch.bfloat16 if cuda else torch.float32
+ids = torch.tensor([json.loads(sys.argv[1])], device="cuda" if cuda else "cpu")
 steps = int(sys.argv[2])
 out = {"transformers": transformers.__version__, "torch": torch.__version__, "models": {}}
 for d in sys.argv[3:]:
@@ -27,10 +32,10 @@ for d in sys.argv[3:]:
     # weights stay bf16), then widened to float32 as Bessie computes on the CPU (nn.Module's own float():
     # transformers refuses it on quantized models; the widening is exact and leaves the U8 codes alone).
     model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype="auto")
-    model = torch.nn.Module.float(model).eval()
+    model = torch.nn.Module.to(model, device=ids.device, dtype=dtype).eval()
     for m in model.modules():
         if isinstance(m, BitLinear):
-            m.dtype = torch.float32  # the dtype BitLinear unpacks to and multiplies in, fixed at construction
+            m.dtype = dtype  # the dtype BitLinear unpacks to and multiplies in, fixed at construction
     with torch.no_grad():
         logits = model(ids).logits[0]
         seq = ids
@@ -38,7 +43,7 @@ for d in sys.argv[3:]:
             nxt = model(seq).logits[0, -1].argmax()
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
     out["models"][d] = {
-        "logits": logits.tolist(),
+        "logits": logits.float().tolist(),
         "greedy": seq[0, ids.shape[1]:].tolist(),
         "q_proj": type(model.model.layers[0].self_attn.q_proj).__name__,
         "architecture": type(model).__name__,
