@@ -95,8 +95,14 @@ __device__ __forceinline__ void load_input(const bf16* x, int row, int i, int c,
 
 // The norm weight's 8 channels from i: the weight is a view into the step's flat weight buffer, in one 16-byte
 // access where it lies on the 16-byte grid (the same for every thread: c % 8 == 0), else one by one. Read
-// per row from L1.
-__device__ __forceinline__ void load_weights(const bf16* w, float* out) {
+// per row from L1. No weight (null): ones.
+__device__ __forceinline__ void load_weights(const bf16* w, int i, float* out) {
+    if (!w) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) out[e] = 1.f;
+        return;
+    }
+    w += i;
     if (((uintptr_t)w & 15) == 0) return load8(w, out);
 #pragma unroll
     for (int e = 0; e < 8; e++) out[e] = f32(w[e]);
@@ -104,6 +110,7 @@ __device__ __forceinline__ void load_weights(const bf16* w, float* out) {
 
 // Per row of x [n, c] (one block each): r = 1 / sqrt(mean(x^2) + eps), y = bf16(x r w), then y quantized per
 // token to int8 (scale max|y| / 127) and back, blended with y by lambda. Writes the BitLinear input and r.
+// Without a weight (w null: a family without this sub-norm) there is no norm: r = 1, y = bf16(x), quantized.
 template <int K, int G, bool GLU>
 __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, float* rrms, int n, int c,
                                       float inv_c, float eps, float lambda, int t, int hd, int act) {
@@ -122,14 +129,15 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
 #pragma unroll
         for (int e = 0; e < 8; e++) ss += v[k][e] * v[k][e];
     }
-    float r = 1.f / sqrtf(R::reduce(ss, Sum()) * inv_c + eps);
+    // `w` is the same for every thread: all reach the reduction or none.
+    float r = w ? 1.f / sqrtf(R::reduce(ss, Sum()) * inv_c + eps) : 1.f;
     float amax = 0.f;
 #pragma unroll
     for (int k = 0; k < K; k++) {
         int i = R::column(k, c);
         if (i == c) continue;
         float wv[8];
-        load_weights(w + i, wv);
+        load_weights(w, i, wv);
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             v[k][e] = round_bf16(v[k][e] * r * wv[e]);
@@ -174,7 +182,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             float d[8], xh[8], g[8], u[8], wv[8];
             load8(dy + base + i, d);
             load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
-            load_weights(w + i, wv);
+            load_weights(w, i, wv);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 xh[e] *= r;
@@ -182,7 +190,8 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
                 acc[k][e] += d[e] * xh[e];
             }
         }
-        float proj = R::reduce(dot, Sum()) * inv_c;
+        // Without a norm (w null, r = 1) the gradient passes straight through: no projection.
+        float proj = w ? R::reduce(dot, Sum()) * inv_c : 0.f;
 #pragma unroll
         for (int k = 0; k < K; k++) {
             int i = R::column(k, c);
@@ -190,7 +199,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             float d[8], xh[8], g[8], u[8], wv[8], o[8], res[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
             load8(dy + base + i, d);
             load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
-            load_weights(w + i, wv);
+            load_weights(w, i, wv);
             if (residual) load8(residual + at(row, i, c, t, hd), res);
 #pragma unroll
             for (int e = 0; e < 8; e++) o[e] = (d[e] * wv[e] - xh[e] * r * proj) * r + res[e];

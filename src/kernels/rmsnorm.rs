@@ -1,7 +1,7 @@
 //! RMSNorm fused with the int8 quantization of the BitLinear input that follows it, and RMSNorm's backward;
 //! with `glu`, the norm's input is the gated activation `act(gate) up` computed on the fly from the fused
 //! gate/up rows (down_proj's input: h never reaches memory, and the backward writes the gate/up gradient).
-//! References: `train::layers::{rmsnorm_quant_forward_reference, rmsnorm_backward_reference}`.
+//! References: `train::layers::{sub_norm_quant_forward_reference, norm_backward_reference}`.
 
 use candle_core::{bail, DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
@@ -77,26 +77,33 @@ fn row_shape(x: &Tensor, glu: bool) -> Result<(usize, usize, usize, usize)> {
 }
 
 /// For `x` (rows `[n, c]` or heads, or with `glu` gate/up rows `[n, 2c]` whose gated activation is normed:
-/// see [`row_shape`]) and the norm weight `w: [c]` (bf16): the BitLinear input (normed, fake-quantized to int8
+/// see [`row_shape`]) and the norm weight `w: [c]` (bf16; None: no norm, the input only quantized, and the
+/// reciprocal RMS written as 1): the BitLinear input (normed, fake-quantized to int8
 /// per row, blended by `lambda`), bf16 rows `[n, c]`, and the reciprocal RMS of each row, f32 `[n, 1]`.
 /// `Ok(None)` where the kernels do not apply.
 pub fn try_rmsnorm_quant_forward(
     x: &Tensor,
     glu: Option<Activation>,
-    w: &Tensor,
+    w: Option<&Tensor>,
     eps: f64,
     lambda: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
     if !takes(x, glu.is_some()) {
         return Ok(None);
     }
-    rmsnorm_quant_forward(&x.contiguous()?, glu, &w.contiguous()?, eps, lambda).map(Some)
+    let w = w.map(|w| w.contiguous()).transpose()?;
+    rmsnorm_quant_forward(&x.contiguous()?, glu, w.as_ref(), eps, lambda).map(Some)
+}
+
+/// The weight's address, or 0 (null) for none.
+fn weight_ptr(w: Option<&Tensor>) -> Result<u64> {
+    w.map_or(Ok(0), ptr)
 }
 
 fn rmsnorm_quant_forward(
     x: &Tensor,
     glu: Option<Activation>,
-    w: &Tensor,
+    w: Option<&Tensor>,
     eps: f64,
     lambda: f64,
 ) -> Result<(Tensor, Tensor)> {
@@ -106,36 +113,38 @@ fn rmsnorm_quant_forward(
     let (y, rrms) = (uninit((n, c), DType::BF16, &dev)?, uninit((n, 1), DType::F32, &dev)?);
     let inv_c = (1.0 / c as f64) as f32;
     launch!(dev, PTX, &kernel("quant_forward", glu.is_some(), &v), super::per_row(n.div_ceil(v.groups), v.threads);
-        aligned_ptr(x)?, ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, n as i32, c as i32, inv_c, eps as f32,
+        aligned_ptr(x)?, weight_ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, n as i32, c as i32, inv_c, eps as f32,
         lambda as f32, t as i32, d as i32, act_arg(glu));
     Ok((y, rrms))
 }
 
 /// `(dx, partial)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows, heads or with `glu` gate/up rows, see
-/// [`row_shape`]), `w: [c]`, `rrms: [n, 1]` (f32); `dx` in `x`'s shape (with `glu`, `[dgate | dup]`) with
+/// [`row_shape`]), `w: [c]` (None: no norm, the gradient passes through), `rrms: [n, 1]` (f32); `dx` in `x`'s
+/// shape (with `glu`, `[dgate | dup]`) with
 /// `residual` (the same shape) added; the weight's gradient as rows of partial sums (f32 `[blocks, c]`), for
 /// [`try_column_sums`]. `Ok(None)` where the kernels do not apply.
 pub fn try_rmsnorm_backward(
     dy: &Tensor,
     x: &Tensor,
     glu: Option<Activation>,
-    w: &Tensor,
+    w: Option<&Tensor>,
     rrms: &Tensor,
     residual: Option<&Tensor>,
 ) -> Result<Option<(Tensor, Tensor)>> {
     if !(super::applies(dy) && takes(x, glu.is_some())) {
         return Ok(None);
     }
-    let (dy, x, w, rrms) = (dy.contiguous()?, x.contiguous()?, w.contiguous()?, rrms.contiguous()?);
+    let (dy, x, rrms) = (dy.contiguous()?, x.contiguous()?, rrms.contiguous()?);
+    let w = w.map(|w| w.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
-    rmsnorm_backward(&dy, &x, glu, &w, &rrms, residual.as_ref()).map(Some)
+    rmsnorm_backward(&dy, &x, glu, w.as_ref(), &rrms, residual.as_ref()).map(Some)
 }
 
 fn rmsnorm_backward(
     dy: &Tensor,
     x: &Tensor,
     glu: Option<Activation>,
-    w: &Tensor,
+    w: Option<&Tensor>,
     rrms: &Tensor,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
@@ -150,7 +159,7 @@ fn rmsnorm_backward(
     let dx = uninit(x.shape(), DType::BF16, &dev)?;
     let inv_c = (1.0 / c as f64) as f32;
     launch!(dev, PTX, &name, super::per_row(blocks, v.threads);
-        aligned_ptr(dy)?, aligned_ptr(x)?, ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
+        aligned_ptr(dy)?, aligned_ptr(x)?, weight_ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
         aligned_ptr(&dx)?, ptr(&partial)?,
         n as i32, c as i32, inv_c, t as i32, d as i32, act_arg(glu));
     Ok((dx, partial))

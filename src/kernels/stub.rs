@@ -103,7 +103,7 @@ pub mod rmsnorm {
     pub fn try_rmsnorm_quant_forward(
         _: &Tensor,
         _: Option<Activation>,
-        _: &Tensor,
+        _: Option<&Tensor>,
         _: f64,
         _: f64,
     ) -> Result<Option<(Tensor, Tensor)>> {
@@ -114,7 +114,7 @@ pub mod rmsnorm {
         _: &Tensor,
         _: &Tensor,
         _: Option<Activation>,
-        _: &Tensor,
+        _: Option<&Tensor>,
         _: &Tensor,
         _: Option<&Tensor>,
     ) -> Result<Option<(Tensor, Tensor)>> {

@@ -152,7 +152,7 @@ impl WeightGrad {
 }
 
 /// What RMSNorm's backward needs: the input and the reciprocal RMS of each row; `glu` when the input is the
-/// fused gate/up rows whose gated activation the norm read ([`glu_rmsnorm_quant_forward`]).
+/// fused gate/up rows whose gated activation the norm read ([`sub_norm_quant_forward`]).
 pub struct RmsNormSaved {
     x: Tensor,
     rrms: Tensor,
@@ -172,7 +172,7 @@ fn as_rows(x: &Tensor) -> Result<Tensor> {
 /// eight candle kernels, 0.6 ms a step of the large model at 768 x 8 (H100).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
     if x.rank() == 2 {
-        if let Some((y, rrms)) = kernels::rmsnorm::try_rmsnorm_quant_forward(x, None, w, eps, 0.0)? {
+        if let Some((y, rrms)) = kernels::rmsnorm::try_rmsnorm_quant_forward(x, None, Some(w), eps, 0.0)? {
             return Ok((y, RmsNormSaved { x: x.clone(), rrms, glu: None }));
         }
     }
@@ -191,41 +191,32 @@ pub fn rmsnorm_forward_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Te
 /// `x` is rows, or attention's output heads `[b, h, t, d]` normed as rows `[b t, h d]` (read in place by the
 /// kernel: no transposing copy; the backward gives `dx` in the same heads).
 pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
-    norm_quant_forward(x, None, w, eps, lambda)
+    sub_norm_quant_forward(x, None, Some(w), eps, lambda)
 }
 
-/// down_proj's input from the fused gate and up projections `gu = [gate | up]: [n, 2m]`: the gated activation,
-/// then the MLP's sub-norm and the quantization, as [`rmsnorm_quant_forward`] of [`glu_forward`]. On CUDA one
-/// kernel, and `h = act(gate) up` never reaches memory; the backward gives `[dgate | dup]`.
-pub fn glu_rmsnorm_quant_forward(
-    gu: &Tensor,
-    activation: Activation,
-    w: &Tensor,
-    eps: f64,
-    lambda: f64,
-) -> Result<(Tensor, RmsNormSaved)> {
-    norm_quant_forward(gu, Some(activation), w, eps, lambda)
-}
-
-fn norm_quant_forward(
+/// A BitLinear input at a sub-norm's place (before `o_proj`, before `down_proj`): `x` as rows (attention's
+/// heads `[b, h, t, d]` read as `[b t, h d]`), or with `glu` the gated activation `act(gate) up` of the fused
+/// gate/up rows `[n, 2m]`; normed by `w` where the family has the sub-norm (None: not normed), then quantized.
+/// On CUDA one kernel, and `h = act(gate) up` never reaches memory; the backward ([`sub_norm_backward`])
+/// gives the gradient in `x`'s shape (`[dgate | dup]` with `glu`).
+pub fn sub_norm_quant_forward(
     x: &Tensor,
     glu: Option<Activation>,
-    w: &Tensor,
+    w: Option<&Tensor>,
     eps: f64,
     lambda: f64,
 ) -> Result<(Tensor, RmsNormSaved)> {
     match kernels::rmsnorm::try_rmsnorm_quant_forward(x, glu, w, eps, lambda)? {
         Some((y, rrms)) => Ok((y, RmsNormSaved { x: x.clone(), rrms, glu })),
-        None => rmsnorm_quant_forward_reference(x, glu, w, eps, lambda),
+        None => sub_norm_quant_forward_reference(x, glu, w, eps, lambda),
     }
 }
 
-/// [`rmsnorm_quant_forward`] (`glu` None) and [`glu_rmsnorm_quant_forward`] (`glu` the activation) in candle
-/// ops.
-pub fn rmsnorm_quant_forward_reference(
+/// [`sub_norm_quant_forward`] in candle ops.
+pub fn sub_norm_quant_forward_reference(
     x: &Tensor,
     glu: Option<Activation>,
-    w: &Tensor,
+    w: Option<&Tensor>,
     eps: f64,
     lambda: f64,
 ) -> Result<(Tensor, RmsNormSaved)> {
@@ -233,27 +224,23 @@ pub fn rmsnorm_quant_forward_reference(
         Some(a) => glu_forward(x, a)?,
         None => x.clone(),
     };
-    let (y, saved) = rmsnorm_forward_reference(&as_rows(&h)?, w, eps)?;
-    Ok((effective_input(&y, lambda)?, RmsNormSaved { x: x.clone(), rrms: saved.rrms, glu }))
+    let h = as_rows(&h)?.contiguous()?;
+    let (y, rrms) = match w {
+        Some(w) => {
+            let (y, saved) = rmsnorm_forward_reference(&h, w, eps)?;
+            (y, saved.rrms)
+        }
+        None => (h.clone(), Tensor::ones((h.dim(0)?, 1), DType::F32, h.device())?),
+    };
+    Ok((effective_input(&y, lambda)?, RmsNormSaved { x: x.clone(), rrms, glu }))
 }
 
-/// The BitLinear input quantization alone, for families without sub-norms: `x` as rows (attention's heads
-/// `[b, h, t, d]` become `[b t, h d]`), quantized. The straight-through backward is [`quant_backward`].
-pub fn quant_forward(x: &Tensor, lambda: f64) -> Result<Tensor> {
-    effective_input(&as_rows(x)?.contiguous()?, lambda)
-}
-
-/// The gradient at [`quant_forward`]'s input, whose dims were `dims`: `dy` back in that shape.
-pub fn quant_backward(dy: &Tensor, dims: &[usize]) -> Result<Tensor> {
-    match *dims {
+/// `dy` (rows) back in the shape of a norm's input `x`: attention's heads, or rows.
+fn rows_as_input(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    match *x.dims() {
         [b, h, t, d] => dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous(),
         _ => Ok(dy.clone()),
     }
-}
-
-/// down_proj's input without a sub-norm: the gated activation of `gu = [gate | up]`, quantized.
-pub fn glu_quant_forward(gu: &Tensor, activation: Activation, lambda: f64) -> Result<Tensor> {
-    effective_input(&glu_forward(gu, activation)?, lambda)
 }
 
 /// Returns `(dx, dw)`: with `xhat = x r` and `g = dy w`, `dx = r (g - xhat mean(g xhat))`, `dw = sum_rows(dy xhat)`
@@ -267,34 +254,55 @@ pub fn rmsnorm_backward(
     s: &RmsNormSaved,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, WeightGrad)> {
+    let (dx, dw) = norm_backward(dy, Some(w), s, residual)?;
+    Ok((dx, dw.expect("a norm with a weight has its gradient")))
+}
+
+/// The backward of [`sub_norm_quant_forward`]: the gradient at its input and, where there is a norm, at its
+/// weight. Without a norm the quantization's straight-through gradient passes as it is (through the gate).
+pub fn sub_norm_backward(dy: &Tensor, w: Option<&Tensor>, s: &RmsNormSaved) -> Result<(Tensor, Option<WeightGrad>)> {
+    norm_backward(dy, w, s, None)
+}
+
+fn norm_backward(
+    dy: &Tensor,
+    w: Option<&Tensor>,
+    s: &RmsNormSaved,
+    residual: Option<&Tensor>,
+) -> Result<(Tensor, Option<WeightGrad>)> {
     match kernels::rmsnorm::try_rmsnorm_backward(dy, &s.x, s.glu, w, &s.rrms, residual)? {
-        Some((dx, partial)) => Ok((dx, WeightGrad::RowSums(partial))),
-        None => rmsnorm_backward_reference(dy, w, s, residual),
+        Some((dx, partial)) => Ok((dx, w.map(|_| WeightGrad::RowSums(partial)))),
+        None => norm_backward_reference(dy, w, s, residual),
     }
 }
 
-/// [`rmsnorm_backward`] in candle ops.
-pub fn rmsnorm_backward_reference(
+/// [`rmsnorm_backward`] and [`sub_norm_backward`] in candle ops.
+pub fn norm_backward_reference(
     dy: &Tensor,
-    w: &Tensor,
+    w: Option<&Tensor>,
     s: &RmsNormSaved,
     residual: Option<&Tensor>,
-) -> Result<(Tensor, WeightGrad)> {
-    let dy = dy.to_dtype(DType::F32)?;
-    let x = match s.glu {
-        Some(a) => glu_forward(&s.x, a)?,
-        None => as_rows(&s.x)?,
+) -> Result<(Tensor, Option<WeightGrad>)> {
+    let (dx, dw) = match w {
+        Some(w) => {
+            let dy = dy.to_dtype(DType::F32)?;
+            let x = match s.glu {
+                Some(a) => glu_forward(&s.x, a)?,
+                None => as_rows(&s.x)?,
+            };
+            let xhat = x.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
+            let dw = (&dy * &xhat)?.sum(0)?;
+            let g = dy.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+            let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+            let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rrms)?.to_dtype(s.x.dtype())?;
+            (dx, Some(WeightGrad::Tensor(dw)))
+        }
+        None => (dy.to_dtype(s.x.dtype())?, None),
     };
-    let xhat = x.to_dtype(DType::F32)?.broadcast_mul(&s.rrms)?;
-    let dw = (&dy * &xhat)?.sum(0)?;
-    let g = dy.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-    let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
-    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&s.rrms)?.to_dtype(s.x.dtype())?;
     let dx = match s.glu {
         Some(a) => glu_backward(&dx, &s.x, a)?,
-        None => quant_backward(&dx, s.x.dims())?,
+        None => rows_as_input(&dx, &s.x)?,
     };
-    let dw = WeightGrad::Tensor(dw);
     match residual {
         Some(r) => Ok(((dx + r)?, dw)),
         None => Ok((dx, dw)),
@@ -310,7 +318,7 @@ pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
 }
 
 /// The gated activation of the fused gate and up projections `gu = [gate | up]: [n, 2m]`: `h = act(gate) * up`,
-/// `[n, m]`. The reference of the activation part of [`glu_rmsnorm_quant_forward`]'s kernel.
+/// `[n, m]`. The reference of the activation part of [`sub_norm_quant_forward`]'s kernel.
 pub fn glu_forward(gu: &Tensor, activation: Activation) -> Result<Tensor> {
     let m = gu.dim(1)? / 2;
     // The activation in f32, rounded once (as torch computes it, and the kernel), then the product.

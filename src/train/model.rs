@@ -212,16 +212,16 @@ struct BlockSaved {
     a1: Tensor,
     /// None under `recompute = "attention"`: the backward rebuilds it from `a1`.
     attn: Option<FlashSaved>,
-    /// The attention sub-norm's statistics; None in families without one.
-    attn_sub_norm: Option<RmsNormSaved>,
+    /// What the attention sub-norm (or, without one, the quantization alone) keeps.
+    attn_sub_norm: RmsNormSaved,
     o: Tensor,
     post_norm: RmsNormSaved,
     a2: Tensor,
     /// The fused gate and up projections, `[gate | up]`.
     gu: Tensor,
-    /// down_proj's input and the MLP sub-norm's statistics (None without one); None unless
-    /// `recompute = "none"`: the backward rebuilds them from `gu` ([`Pass::ffn_inner`]).
-    ffn: Option<(Tensor, Option<RmsNormSaved>)>,
+    /// down_proj's input and what the MLP sub-norm keeps; None unless `recompute = "none"`: the backward
+    /// rebuilds them from `gu` ([`Pass::ffn_inner`]).
+    ffn: Option<(Tensor, RmsNormSaved)>,
 }
 
 /// What the forward keeps of one block.
@@ -288,16 +288,16 @@ impl<'a> Pass<'a> {
         Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
 
+    /// A sub-norm's weight where the family has it.
+    fn sub_norm(&self, slot: Option<usize>) -> Option<&Tensor> {
+        slot.map(|i| &self.w.tensors[i])
+    }
+
     /// o_proj's input from attention's output heads: the sub-norm where the family has one, and the
     /// quantization.
-    fn attention_out(&self, s: &BlockSlots, y: &Tensor) -> Result<(Tensor, Option<RmsNormSaved>)> {
-        Ok(match s.attn_sub_norm {
-            Some(slot) => {
-                let (o, n) = rmsnorm_quant_forward(y, &self.w.tensors[slot], self.cfg.rms_norm_eps, self.lambda)?;
-                (o, Some(n))
-            }
-            None => (quant_forward(y, self.lambda)?, None),
-        })
+    fn attention_out(&self, s: &BlockSlots, y: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        let w = self.sub_norm(s.attn_sub_norm);
+        Ok(sub_norm_quant_forward(y, None, w, self.cfg.rms_norm_eps, self.lambda)?)
     }
 
     /// Block `l` on its input `x`: the block's output and what its backward needs (attention's part and
@@ -321,15 +321,9 @@ impl<'a> Pass<'a> {
     /// down_proj's input from gate and up (the gated activation, the MLP sub-norm where the family has one,
     /// quantization) and the norm's saved statistics: one elementwise pass over `gu`, which the backward redoes
     /// unless `recompute = "none"`.
-    fn ffn_inner(&self, s: &BlockSlots, gu: &Tensor) -> Result<(Tensor, Option<RmsNormSaved>)> {
-        Ok(match s.ffn_sub_norm {
-            Some(slot) => {
-                let w = &self.w.tensors[slot];
-                let (h, n) = glu_rmsnorm_quant_forward(gu, self.activation, w, self.cfg.rms_norm_eps, self.lambda)?;
-                (h, Some(n))
-            }
-            None => (glu_quant_forward(gu, self.activation, self.lambda)?, None),
-        })
+    fn ffn_inner(&self, s: &BlockSlots, gu: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        let w = self.sub_norm(s.ffn_sub_norm);
+        Ok(sub_norm_quant_forward(gu, Some(self.activation), w, self.cfg.rms_norm_eps, self.lambda)?)
     }
 
     /// Block `l`'s backward: adds its parameters' gradients with `add` (to a slot or to neighbouring slots
@@ -356,14 +350,10 @@ impl<'a> Pass<'a> {
         let (dhq, ddown) = linear_backward(&dx, h, &p[s.down])?;
         add(s.down..=s.down, &ddown)?;
         // Through the MLP's sub-norm and the gate at once: the gate/up gradient.
-        let dgu = match (s.ffn_sub_norm, ffn_norm) {
-            (Some(slot), Some(n)) => {
-                let (dgu, dffn) = rmsnorm_backward(&dhq, &p[slot], n, None)?;
-                norm(slot, dffn)?;
-                dgu
-            }
-            _ => glu_backward(&dhq, &sv.gu, self.activation)?,
-        };
+        let (dgu, dffn) = sub_norm_backward(&dhq, self.sub_norm(s.ffn_sub_norm), ffn_norm)?;
+        if let (Some(slot), Some(g)) = (s.ffn_sub_norm, dffn) {
+            norm(slot, g)?;
+        }
         let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &self.w.stacked(layout, s.gate..=s.up)?)?;
         add(s.gate..=s.up, &dgu_w)?;
         let (dx, dpost) = rmsnorm_backward(&da2, &p[s.post_norm], &sv.post_norm, Some(&dx))?;
@@ -372,15 +362,10 @@ impl<'a> Pass<'a> {
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p[s.o])?;
         add(s.o..=s.o, &do_w)?;
         // The attention output's gradient, in its heads.
-        let h = self.head_shape();
-        let dy = match (s.attn_sub_norm, &sv.attn_sub_norm) {
-            (Some(slot), Some(n)) => {
-                let (dy, dsub) = rmsnorm_backward(&do_, &p[slot], n, None)?;
-                norm(slot, dsub)?;
-                dy
-            }
-            _ => quant_backward(&do_, &[h.batch, h.q_heads, h.seq, h.head_dim])?,
-        };
+        let (dy, dsub) = sub_norm_backward(&do_, self.sub_norm(s.attn_sub_norm), &sv.attn_sub_norm)?;
+        if let (Some(slot), Some(g)) = (s.attn_sub_norm, dsub) {
+            norm(slot, g)?;
+        }
         let recomputed;
         let attn = match &sv.attn {
             Some(a) => a,
@@ -390,7 +375,7 @@ impl<'a> Pass<'a> {
             }
         };
         let (dq, dk, dv) = flash_attention_backward(&dy, attn, &self.b.windows, self.plan.attention_block)?;
-        let dqkv = qkv_heads_backward(&dq, &dk, &dv, h, &self.b.cos, &self.b.sin)?;
+        let dqkv = qkv_heads_backward(&dq, &dk, &dv, self.head_shape(), &self.b.cos, &self.b.sin)?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &self.w.stacked(layout, s.q..=s.v)?)?;
         add(s.q..=s.v, &dqkv_w)?;
         let (dx, dinput) = rmsnorm_backward(&da1, &p[s.input_norm], &sv.input_norm, Some(&dx))?;
