@@ -29,7 +29,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 const MINIMAL: &str = "[model]\ninit = \"tiny\"\n[data]\ntrain = \"train.jsonl\"\n";
 
 #[test]
-fn embedded_default_is_configs_tiny() {
+fn demo_default_is_configs_tiny() {
     let cfg = RunConfig::load(None, &[]).unwrap();
     assert_eq!(cfg, RunConfig::load(Some(&Path::new(CONFIGS).join("tiny.toml")), &[]).unwrap());
     assert_eq!(cfg.model.init, "tiny");

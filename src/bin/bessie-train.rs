@@ -12,8 +12,9 @@ use clap::Parser;
 
 /// Fine-tune a BitNet b1.58 model on JSONL prompt/response data.
 ///
-/// With no arguments it trains the built-in demo (configs/tiny.toml: a small random BitNet on the
-/// example data in data/tiny) on the CPU in a minute or two. Checkpoints go to checkpoint.out_dir:
+/// With no arguments it trains the built-in demo (configs/tiny.toml of the Bessie checkout, found in the
+/// current directory or above this program: a small random BitNet on the example data in data/tiny) on
+/// the CPU in a minute or two. Checkpoints go to checkpoint.out_dir:
 /// checkpoint-STEP/ every checkpoint.every steps (the newest checkpoint.keep kept), final_checkpoint/ at
 /// the end, metrics.jsonl with one line per step. A new run refuses an out_dir that holds another run
 /// (see --resume and --overwrite), and one out_dir takes one run at a time (bessie-train.lock).
@@ -23,7 +24,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// TOML run config (see configs/). Default: the built-in demo, configs/tiny.toml.
+    /// TOML run config (see configs/). Default: the built-in demo, the checkout's configs/tiny.toml.
     #[arg(short, long)]
     config: Option<PathBuf>,
     /// Override a config key, e.g. --set train.lr=1e-4 --set data.train=my.jsonl (repeatable).
