@@ -19,6 +19,7 @@ pub mod generate;
 pub mod kernels;
 pub mod manifest;
 pub mod model;
+pub mod plot;
 pub mod rng;
 pub mod squad;
 pub mod tokenizer;

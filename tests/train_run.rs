@@ -168,6 +168,9 @@ fn fixed_seed_run_is_reproducible() {
     assert_same_metrics(&mb, &ma);
     let (first, last) = (ma[0].1, ma[STEPS - 1].1);
     assert!(last < first, "the loss should fall: step 1 {first}, step {STEPS} {last}");
+    // The loss picture lies beside the metrics, a PNG of the plot's size.
+    let png = png::Decoder::new(std::fs::File::open(a.path().join("loss.png")).unwrap()).read_info().unwrap();
+    assert_eq!((png.info().width, png.info().height), bessie::plot::SIZE);
 
     // Recomputing whole blocks runs the same ops again: the same run, bit for bit.
     let c = TempDir::new().unwrap();

@@ -349,6 +349,14 @@ fn prepare_out_dir(cfg: &RunConfig, start: Start) -> Result<Lock> {
     Ok(lock)
 }
 
+/// Redraws `OUT/loss.png` from the metrics. The picture is a convenience: failing to draw it warns, and
+/// training goes on.
+fn draw_loss(out: &std::path::Path) {
+    if let Err(e) = crate::plot::plot_run(out) {
+        eprintln!("warning: {} not written: {}", out.join(crate::plot::LOSS_PNG).display(), crate::cli::message(&e));
+    }
+}
+
 /// Refuses token ids beyond the model's vocabulary (a damaged or crafted data cache: the cache reader
 /// checks its structure, not the ids), which would otherwise index past the embedding.
 fn check_examples(ds: &Dataset, vocab_size: usize, what: &std::path::Path, cache: &std::path::Path) -> Result<()> {
@@ -636,6 +644,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         bar.inc(1);
         if let Some((m, v)) = &moments {
             let dir = writer.save(&params, m, v, &state).map_err(stopped)?;
+            bar.suspend(|| draw_loss(out));
             beat();
             if stop {
                 bar.abandon();
@@ -653,7 +662,9 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         (_, Some(dir)) => dir,
         (Some((_, bar)), None) if !interrupted => {
             bar.finish();
-            writer.save_final(&params).map_err(stopped)?
+            let dir = writer.save_final(&params).map_err(stopped)?;
+            draw_loss(out);
+            dir
         }
         _ => out.join(checkpoint::FINAL_DIR),
     };
