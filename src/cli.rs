@@ -1,9 +1,10 @@
 //! What the programs in `src/bin/` share.
 
-use std::path::Path;
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Termination};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::tokenizer::template::{ChatTemplate, TemplateChoice};
 use crate::tokenizer::Tokenizer;
@@ -73,6 +74,59 @@ impl ChatArgs {
         tok.check_fits(model_vocab, &dir.join("config.json"))?;
         let template = ChatTemplate::load(&self.template, dir, &tok, self.system.as_deref())?;
         Ok((tok, template))
+    }
+}
+
+/// Where a chat program's messages come from: a terminal, with line editing and history (rustyline), or
+/// any other stdin (a pipe, a file), read line by line as it is.
+pub enum Lines {
+    Terminal { editor: Box<rustyline::DefaultEditor>, history: Option<PathBuf> },
+    Piped(std::io::Lines<std::io::StdinLock<'static>>),
+}
+
+impl Lines {
+    /// Line editing on a terminal, keeping the lines entered in `history` (read now, written at each
+    /// line) when given; stdin as it is otherwise.
+    pub fn stdin(history: Option<&Path>) -> Result<Lines> {
+        if !std::io::stdin().is_terminal() {
+            return Ok(Lines::Piped(std::io::stdin().lock().lines()));
+        }
+        let mut editor = rustyline::DefaultEditor::new().context("setting up line editing on the terminal")?;
+        if let Some(h) = history.filter(|h| h.exists()) {
+            editor.load_history(h).with_context(|| format!("reading the history file {}", h.display()))?;
+        }
+        Ok(Lines::Terminal { editor: Box::new(editor), history: history.map(Path::to_path_buf) })
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Lines::Terminal { .. })
+    }
+
+    /// The next line, showing `prompt` on a terminal; None at the end (Ctrl-D on a terminal). Ctrl-C
+    /// drops the line being typed.
+    pub fn next(&mut self, prompt: &str) -> Result<Option<String>> {
+        use rustyline::error::ReadlineError;
+        let (editor, history) = match self {
+            Lines::Piped(lines) => return Ok(lines.next().transpose()?),
+            Lines::Terminal { editor, history } => (editor, history),
+        };
+        loop {
+            match editor.readline(prompt) {
+                Ok(line) => {
+                    if !line.trim().is_empty() {
+                        editor.add_history_entry(line.as_str())?;
+                        if let Some(h) = history {
+                            editor.save_history(h).with_context(|| format!("writing the history file {}", h.display()))?;
+                        }
+                    }
+                    return Ok(Some(line));
+                }
+                Err(ReadlineError::Interrupted) => continue,
+                // rustyline has ended the prompt's line already, so the shell's prompt starts on its own.
+                Err(ReadlineError::Eof) => return Ok(None),
+                Err(e) => return Err(e).context("reading a line from the terminal"),
+            }
+        }
     }
 }
 
