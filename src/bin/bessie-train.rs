@@ -108,7 +108,7 @@ fn body(args: Args) -> Result<ExitCode> {
     if !comm.is_main() {
         return Ok(ExitCode::SUCCESS);
     }
-    let dir = summary.final_dir.canonicalize().unwrap_or(summary.final_dir);
+    let dir = bessie::cli::shell_path(&summary.final_dir);
     if summary.interrupted {
         // The same command, resuming (and no longer overwriting).
         let again: Vec<String> = std::env::args()
@@ -120,17 +120,15 @@ fn body(args: Args) -> Result<ExitCode> {
             "interrupted after step {} of {}; saved {}\ncontinue with: {}",
             summary.steps,
             summary.total_steps,
-            dir.display(),
+            dir,
             again.join(" ")
         );
         return Ok(ExitCode::from(INTERRUPTED));
     }
     println!(
-        "trained {} steps{}; final model in {}\nprompt it with: cargo run --release --bin bessie-prompt -- -m {}",
+        "trained {} steps{}; final model in {dir}\nprompt it with: cargo run --release --bin bessie-prompt -- -m {dir}",
         summary.steps,
         summary.last_loss.map(|l| format!(" (last loss {l:.4})")).unwrap_or_default(),
-        dir.display(),
-        dir.display()
     );
     Ok(ExitCode::SUCCESS)
 }
