@@ -99,6 +99,7 @@ fn body(args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let cfg = RunConfig::load(args.config.as_deref(), &args.overrides)?;
+    let demo = args.config.is_none();
     let start = match (args.resume, args.overwrite) {
         (true, _) => Start::Resume { accept_changes: args.resume_changed },
         (false, true) => Start::Overwrite,
@@ -124,6 +125,13 @@ fn body(args: Args) -> Result<ExitCode> {
             again.join(" ")
         );
         return Ok(ExitCode::from(INTERRUPTED));
+    }
+    // The demo ends by showing that its model learned: its answers to the dev questions, scored.
+    if demo && !cfg.data.dev.as_os_str().is_empty() {
+        let device = bessie::device::parse_device(&cfg.train.device)?;
+        let scores = bessie::eval::evaluate_checkpoint(&summary.final_dir, &cfg.data.dev, &device)?;
+        let dev = cfg.data.dev.canonicalize().unwrap_or_else(|_| cfg.data.dev.clone());
+        println!("answers to the {} dev questions of {}:\n{scores}", scores.overall.count, dev.display());
     }
     println!(
         "trained {} steps{}; final model in {dir}\nprompt it with: cargo run --release --bin bessie-prompt -- -m {dir}",
