@@ -173,10 +173,11 @@ pub fn newest_intact(out_dir: &Path) -> Result<Option<PathBuf>> {
     let aside = out_dir.join(format!("damaged-{name}"));
     let offer = match all.into_iter().rev().find(|(_, p)| manifest::verify(p).is_ok()) {
         Some((_, previous)) => format!(
-            "the previous one, {}, is intact: move the damaged one aside (mv {} {}) and run with --resume again              to continue from it",
+            "the previous one, {}, is intact: move the damaged one aside (mv {} {}) and run with --resume again \
+             to continue from it",
             previous.display(),
-            newest.display(),
-            aside.display()
+            crate::cli::shell_path(&newest),
+            crate::cli::shell_path(&aside)
         ),
         None => "no earlier intact checkpoint is left".to_string(),
     };

@@ -1,9 +1,10 @@
 //! What the programs in `src/bin/` share.
 
-use std::path::Path;
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Termination};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::tokenizer::template::{ChatTemplate, TemplateChoice};
 use crate::tokenizer::Tokenizer;
@@ -45,11 +46,18 @@ fn candle_message(e: &candle_core::Error) -> String {
 
 /// `arg` as a POSIX shell reads it back: as it is when that is safe, else in single quotes.
 pub fn shell_quote(arg: &str) -> String {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
-    match !arg.is_empty() && arg.chars().all(safe) {
-        true => arg.to_string(),
-        false => format!("'{}'", arg.replace('\'', r"'\''")),
-    }
+    shell_words::quote(arg).into_owned()
+}
+
+/// `path` for a command line to be pasted: absolute, with `.`, `..` and links resolved (for a path that
+/// does not exist yet, its directory's), and quoted for the shell.
+pub fn shell_path(path: &Path) -> String {
+    let resolved = path.canonicalize().ok().or_else(|| {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Some(dir.canonicalize().ok()?.join(path.file_name()?))
+    });
+    let resolved = resolved.or_else(|| std::path::absolute(path).ok()).unwrap_or_else(|| path.to_path_buf());
+    shell_quote(&resolved.to_string_lossy())
 }
 
 /// The chat options of the programs that prompt a model or render data.
@@ -76,6 +84,61 @@ impl ChatArgs {
     }
 }
 
+/// Where a chat program's messages come from: a terminal, with line editing and history (rustyline), or
+/// any other stdin (a pipe, a file), read line by line as it is.
+pub enum Lines {
+    Terminal { editor: Box<rustyline::DefaultEditor>, history: Option<PathBuf> },
+    Piped(std::io::Lines<std::io::StdinLock<'static>>),
+}
+
+impl Lines {
+    /// Line editing on a terminal, keeping the lines entered in `history` (read now, written at each
+    /// line) when given; stdin as it is otherwise.
+    pub fn stdin(history: Option<&Path>) -> Result<Lines> {
+        if !std::io::stdin().is_terminal() {
+            return Ok(Lines::Piped(std::io::stdin().lock().lines()));
+        }
+        let mut editor = rustyline::DefaultEditor::new().context("setting up line editing on the terminal")?;
+        if let Some(h) = history.filter(|h| h.exists()) {
+            editor.load_history(h).with_context(|| format!("reading the history file {}", h.display()))?;
+        }
+        Ok(Lines::Terminal { editor: Box::new(editor), history: history.map(Path::to_path_buf) })
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Lines::Terminal { .. })
+    }
+
+    /// The next line, showing `prompt` on a terminal; None at the end (Ctrl-D on a terminal). Ctrl-C
+    /// drops the line being typed.
+    pub fn next(&mut self, prompt: &str) -> Result<Option<String>> {
+        use rustyline::error::ReadlineError;
+        let (editor, history) = match self {
+            Lines::Piped(lines) => return Ok(lines.next().transpose()?),
+            Lines::Terminal { editor, history } => (editor, history),
+        };
+        loop {
+            match editor.readline(prompt) {
+                Ok(line) => {
+                    if !line.trim().is_empty() {
+                        editor.add_history_entry(line.as_str())?;
+                        if let Some(h) = history {
+                            editor
+                                .save_history(h)
+                                .with_context(|| format!("writing the history file {}", h.display()))?;
+                        }
+                    }
+                    return Ok(Some(line));
+                }
+                Err(ReadlineError::Interrupted) => continue,
+                // rustyline has ended the prompt's line already, so the shell's prompt starts on its own.
+                Err(ReadlineError::Eof) => return Ok(None),
+                Err(e) => return Err(e).context("reading a line from the terminal"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,9 +155,27 @@ mod tests {
 
     #[test]
     fn quoting_survives_the_shell() {
-        assert_eq!(shell_quote("runs/a=b.toml"), "runs/a=b.toml");
+        assert_eq!(shell_quote("runs/tiny/final_checkpoint"), "runs/tiny/final_checkpoint");
         assert_eq!(shell_quote("data.system_prompt=You are Bessie."), "'data.system_prompt=You are Bessie.'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn pasted_paths_are_resolved_and_quoted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let run = root.join("my runs").join("tiny");
+        std::fs::create_dir_all(&run).unwrap();
+        let quoted = |p: &Path| shell_quote(p.to_str().unwrap());
+        // `..` and `.` go; the space is quoted.
+        let messy = root.join("my runs/./tiny/../tiny");
+        assert_eq!(shell_path(&messy), quoted(&run));
+        assert!(shell_path(&messy).starts_with('\'') && !shell_path(&messy).contains(".."));
+        // A path to be created: its directory resolved, its name kept.
+        assert_eq!(shell_path(&root.join("my runs/../my runs/damaged-x")), quoted(&run.with_file_name("damaged-x")));
+        // A link is followed to where it leads.
+        std::os::unix::fs::symlink(&run, root.join("link")).unwrap();
+        assert_eq!(shell_path(&root.join("link")), quoted(&run));
     }
 }

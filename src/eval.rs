@@ -490,6 +490,22 @@ pub fn evaluate(
     Ok(Some((lines, summary)))
 }
 
+/// Answers every question of the dev file `dev` with the checkpoint in `model_dir` (greedily, with the chat
+/// template it carries, `bessie-eval`'s settings) and scores them: how the demo shows what its model learned.
+pub fn evaluate_checkpoint(model_dir: &Path, dev: &Path, device: &candle_core::Device) -> Result<Summary> {
+    let examples = read_dev(dev, None)?;
+    let model = crate::model::load(model_dir, device)?;
+    let tok = Tokenizer::from_dir(model_dir)?;
+    tok.check_fits(model.cfg.vocab_size, &model_dir.join("config.json"))?;
+    let choice = crate::tokenizer::template::TemplateChoice::Auto;
+    let template = ChatTemplate::load(&choice, model_dir, &tok, None)?;
+    let name = model_dir.display().to_string();
+    let settings = Settings { batch_size: 32, max_new_tokens: 50, model_name: &name };
+    let comm = Communicator::Single;
+    let scored = evaluate(&model, &tok, &template, &examples, BTreeMap::new(), &settings, &comm, |_| Ok(()), |_| {})?;
+    Ok(scored.context("a single process scores its own answers")?.1)
+}
+
 /// Re-scores the first `limit` lines of a `bessie-eval` output (their `guess` against their `answers`).
 pub fn rescore(predictions: &Path, limit: Option<usize>) -> Result<Scored> {
     let examples = read_dev(predictions, limit)?;

@@ -20,6 +20,7 @@ pub mod kernels;
 pub mod manifest;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod rng;
 pub mod squad;
 pub mod tokenizer;

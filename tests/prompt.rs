@@ -76,3 +76,44 @@ fn a_damaged_model_is_one_error_line_even_with_rust_backtrace() {
     assert!(stderr.starts_with("error: ") && stderr.lines().count() == 1, "{stderr}");
     assert!(stderr.contains("has shape [64, 64] but config.json implies [32, 64]"), "{stderr}");
 }
+
+/// On a terminal (a pseudo-terminal from util-linux `script`), messages are read with line editing: each
+/// goes into the history file, and Ctrl-D ends the session on a line of its own.
+#[test]
+fn a_terminal_gets_line_editing_history_and_a_newline_at_ctrl_d() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: util-linux `script` (for a pseudo-terminal) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_checkpoint(dir.path(), 1);
+    let history = dir.path().join("history.txt");
+    let command = format!(
+        "{} -m {} --max-new-tokens 2 --history {}",
+        env!("CARGO_BIN_EXE_bessie-prompt"),
+        dir.path().display(),
+        history.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    use std::io::Write;
+    stdin.write_all(b"Moo?\n").unwrap();
+    // The answer comes before Ctrl-D; typed at once, the terminal would read both as one line.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    stdin.write_all(b"\x04").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("User: ") && text.contains("new tokens"), "{text}");
+    // Ctrl-D at the last prompt: that prompt's line is ended before the program exits.
+    let after_last_prompt = text.rsplit("User: ").next().unwrap();
+    assert!(after_last_prompt.contains('\n'), "{text:?}");
+    assert_eq!(std::fs::read_to_string(&history).unwrap().lines().last(), Some("Moo?"));
+}

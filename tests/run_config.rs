@@ -29,11 +29,11 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 const MINIMAL: &str = "[model]\ninit = \"tiny\"\n[data]\ntrain = \"train.jsonl\"\n";
 
 #[test]
-fn embedded_default_is_configs_tiny() {
+fn demo_default_is_configs_tiny() {
     let cfg = RunConfig::load(None, &[]).unwrap();
     assert_eq!(cfg, RunConfig::load(Some(&Path::new(CONFIGS).join("tiny.toml")), &[]).unwrap());
     assert_eq!(cfg.model.init, "tiny");
-    assert_eq!((cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.epochs), (8, 1, 3));
+    assert_eq!((cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.epochs, cfg.data.pack), (8, 1, 10, false));
     assert_eq!((cfg.train.lr, cfg.train.device.as_str()), (3e-3, "cpu"));
     assert_eq!(cfg.data.train, Path::new(CONFIGS).join("../data/tiny/train.jsonl"));
     assert_eq!(cfg.checkpoint.out_dir, Path::new(CONFIGS).join("../runs/tiny"));

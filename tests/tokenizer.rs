@@ -127,6 +127,30 @@ fn shipped_tokenizer_has_added_tokens() {
 }
 
 #[test]
+fn special_token_texts_split_as_transformers_does() {
+    let tok = shipped();
+    let fixture = fixture("shipped_special_token_ids.json");
+    assert!(fixture.keys().filter(|t| t.starts_with("<s><|system|>")).count() >= 5, "chat template renderings");
+    for (text, ids) in &fixture {
+        assert_eq!(&tok.encode(text, false).unwrap(), ids, "encoding {text:?}");
+        let enc = tok.encode_with_offsets(text, false).unwrap();
+        for (id, r) in enc.ids.iter().zip(&enc.offsets) {
+            if [0, 1, 2, 1000, 1001].contains(id) {
+                assert_eq!(&text[r.clone()], tok.id_to_piece(*id).unwrap(), "{text:?}: the range of id {id}");
+            }
+        }
+    }
+    // The template's EOS text is the id generation stops at.
+    let rendered = fixture.keys().find(|t| t.ends_with("</s>\n<|assistant|>\n")).unwrap();
+    assert!(tok.encode(rendered, false).unwrap().contains(&tok.eos_id()));
+    // Config files that name the special tokens only in special_tokens_map.json split them too.
+    let map = r#"{"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}"#;
+    let dir = dir_with(&[shipped_model()], &[("special_tokens_map.json", map)]);
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(tok.encode("<unk>a</s>", false).unwrap(), [0, 907, 2]); // "a" without the dummy prefix
+}
+
+#[test]
 fn added_tokens_json_is_read() {
     let added = r#"{"<pad>": 1000, "</line>": 1001}"#;
     let dir = dir_with(&[shipped_model()], &[("added_tokens.json", added)]);

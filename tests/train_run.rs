@@ -168,6 +168,9 @@ fn fixed_seed_run_is_reproducible() {
     assert_same_metrics(&mb, &ma);
     let (first, last) = (ma[0].1, ma[STEPS - 1].1);
     assert!(last < first, "the loss should fall: step 1 {first}, step {STEPS} {last}");
+    // The loss picture lies beside the metrics, a PNG of the plot's size.
+    let png = png::Decoder::new(std::fs::File::open(a.path().join("loss.png")).unwrap()).read_info().unwrap();
+    assert_eq!((png.info().width, png.info().height), bessie::plot::SIZE);
 
     // Recomputing whole blocks runs the same ops again: the same run, bit for bit.
     let c = TempDir::new().unwrap();
@@ -411,6 +414,35 @@ fn bad_input_fails_before_training() {
         assert!(!out.join("metrics.jsonl").exists(), "{what}: metrics.jsonl written");
     }
     eprintln!("bad_input_fails_before_training: {:.1?}", started.elapsed());
+}
+
+#[test]
+fn the_demo_finds_its_config_in_the_checkout_or_says_how_to_run_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A checkout elsewhere, with the program in its target/release/ and the demo config but no data.
+    let checkout = tmp.path().join("checkout");
+    let (configs, release, elsewhere) =
+        (checkout.join("configs"), checkout.join("target/release"), tmp.path().join("x"));
+    for d in [&configs, &release, &elsewhere] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml"), configs.join("tiny.toml")).unwrap();
+    let exe = release.join("bessie-train");
+    std::fs::copy(TRAIN, &exe).unwrap();
+    let data = configs.join("../data/tiny/train.jsonl").display().to_string();
+    // Found above the program, from any directory: training then wants that checkout's data.
+    let (_, err) = run_failing(Command::new(&exe).current_dir(&elsewhere));
+    assert!(err.contains(&data), "{err}");
+    // Found in the current directory, whatever program runs.
+    let other = elsewhere.join("bessie-train");
+    std::fs::copy(TRAIN, &other).unwrap();
+    let (_, err) = run_failing(Command::new(&other).current_dir(&checkout));
+    assert!(err.contains(&data), "{err}");
+    // Found nowhere: the error says where it looked and how to run the demo.
+    let (_, err) = run_failing(Command::new(&other).current_dir(&elsewhere));
+    let looked = [elsewhere.display().to_string(), other.display().to_string()];
+    assert!(err.contains("configs/tiny.toml") && looked.iter().all(|p| err.contains(p.as_str())), "{err}");
+    assert!(err.contains("cargo run --release --bin bessie-train") && err.contains("--config FILE"), "{err}");
 }
 
 #[test]

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Writes the tiny demo data set: data/tiny/train.jsonl, data/tiny/dev.jsonl and data/tiny/chat.jsonl.
 
-The demo trains a random BitNet of a few hundred thousand parameters for about a minute on CPU, so the
-responses are short and follow a handful of fixed patterns whose loss visibly falls: counting animals from a
+The demo trains a random BitNet of a few hundred thousand parameters for a few minutes on CPU, so the
+responses are short and follow a handful of fixed patterns that it learns to answer exactly: counting animals from a
 one- or two-sentence context, adding two digits, naming a color from the context, and answering
 "Not in context." when the context does not say. Lines have the project's JSONL format (`prompt`,
 `response`, `source`); dev lines also carry `answers` (an empty list means unanswerable). The output is
-deterministic (fixed seed); dev prompts never occur in train. chat.jsonl holds the same kinds of exchange as
+deterministic (fixed seed); dev prompts never occur in train. 2,000 training lines hold every sum of two
+digits (the model learns them by heart; the dev questions ask them in other words) and enough counting
+questions for the model to learn to pick the right number out of the context. chat.jsonl holds the same kinds of exchange as
 multi-turn conversations in TRL's `messages` format, with a system prompt (configs/tiny-chat.toml).
 
     python3 data/tiny/make_tiny.py
@@ -17,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SEED = 1234
-TRAIN, DEV, CHAT = 400, 40, 200
+TRAIN, DEV, CHAT = 2000, 40, 200
 SYSTEM = "You are Bessie, a farm assistant. Answer in one sentence."
 
 ANIMALS = ["cows", "calves", "goats", "hens", "sheep", "pigs", "horses", "ducks"]

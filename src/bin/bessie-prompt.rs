@@ -1,6 +1,6 @@
 //! Interactive prompting of a BitNet b1.58 model (the Rust counterpart of the original `scripts/prompt.py`).
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -44,6 +44,10 @@ struct Args {
     /// Seed for sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// On a terminal, keep the messages typed (for the arrow keys and Ctrl-R) in this file across
+    /// sessions too.
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N (auto takes the first GPU when there is one).
     #[arg(long, default_value = "auto")]
     device: String,
@@ -88,7 +92,8 @@ fn body(args: Args) -> Result<()> {
     if let Some(prompt) = &args.prompt {
         return answer(&mut conversation, prompt);
     }
-    let interactive = std::io::stdin().is_terminal();
+    let mut lines = bessie::cli::Lines::stdin(args.history.as_deref())?;
+    let interactive = lines.is_terminal();
     if interactive {
         eprintln!(
             "Bessie on {:?} ({}). One message per line; /reset starts over; Ctrl-D quits.",
@@ -96,12 +101,11 @@ fn body(args: Args) -> Result<()> {
             template.origin()
         );
     }
-    let mut lines = std::io::stdin().lock().lines();
     loop {
         if interactive {
-            eprint!("\nUser: ");
+            println!();
         }
-        let Some(line) = lines.next().transpose()? else { break };
+        let Some(line) = lines.next("User: ")? else { break };
         let line = line.trim();
         if args.single_turn || line == "/reset" {
             conversation.clear();

@@ -12,8 +12,9 @@ use clap::Parser;
 
 /// Fine-tune a BitNet b1.58 model on JSONL prompt/response data.
 ///
-/// With no arguments it trains the built-in demo (configs/tiny.toml: a small random BitNet on the
-/// example data in data/tiny) on the CPU in a minute or two. Checkpoints go to checkpoint.out_dir:
+/// With no arguments it trains the built-in demo (configs/tiny.toml of the Bessie checkout, found in the
+/// current directory or above this program: a small random BitNet on the example data in data/tiny) on
+/// the CPU in a minute or two. Checkpoints go to checkpoint.out_dir:
 /// checkpoint-STEP/ every checkpoint.every steps (the newest checkpoint.keep kept), final_checkpoint/ at
 /// the end, metrics.jsonl with one line per step. A new run refuses an out_dir that holds another run
 /// (see --resume and --overwrite), and one out_dir takes one run at a time (bessie-train.lock).
@@ -23,7 +24,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// TOML run config (see configs/). Default: the built-in demo, configs/tiny.toml.
+    /// TOML run config (see configs/). Default: the built-in demo, the checkout's configs/tiny.toml.
     #[arg(short, long)]
     config: Option<PathBuf>,
     /// Override a config key, e.g. --set train.lr=1e-4 --set data.train=my.jsonl (repeatable).
@@ -98,6 +99,7 @@ fn body(args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let cfg = RunConfig::load(args.config.as_deref(), &args.overrides)?;
+    let demo = args.config.is_none();
     let start = match (args.resume, args.overwrite) {
         (true, _) => Start::Resume { accept_changes: args.resume_changed },
         (false, true) => Start::Overwrite,
@@ -107,7 +109,7 @@ fn body(args: Args) -> Result<ExitCode> {
     if !comm.is_main() {
         return Ok(ExitCode::SUCCESS);
     }
-    let dir = summary.final_dir.canonicalize().unwrap_or(summary.final_dir);
+    let dir = bessie::cli::shell_path(&summary.final_dir);
     if summary.interrupted {
         // The same command, resuming (and no longer overwriting).
         let again: Vec<String> = std::env::args()
@@ -119,17 +121,22 @@ fn body(args: Args) -> Result<ExitCode> {
             "interrupted after step {} of {}; saved {}\ncontinue with: {}",
             summary.steps,
             summary.total_steps,
-            dir.display(),
+            dir,
             again.join(" ")
         );
         return Ok(ExitCode::from(INTERRUPTED));
     }
+    // The demo ends by showing that its model learned: its answers to the dev questions, scored.
+    if demo && !cfg.data.dev.as_os_str().is_empty() {
+        let device = bessie::device::parse_device(&cfg.train.device)?;
+        let scores = bessie::eval::evaluate_checkpoint(&summary.final_dir, &cfg.data.dev, &device)?;
+        let dev = cfg.data.dev.canonicalize().unwrap_or_else(|_| cfg.data.dev.clone());
+        println!("answers to the {} dev questions of {}:\n{scores}", scores.overall.count, dev.display());
+    }
     println!(
-        "trained {} steps{}; final model in {}\nprompt it with: cargo run --release --bin bessie-prompt -- -m {}",
+        "trained {} steps{}; final model in {dir}\nprompt it with: cargo run --release --bin bessie-prompt -- -m {dir}",
         summary.steps,
         summary.last_loss.map(|l| format!(" (last loss {l:.4})")).unwrap_or_default(),
-        dir.display(),
-        dir.display()
     );
     Ok(ExitCode::SUCCESS)
 }

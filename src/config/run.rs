@@ -14,10 +14,8 @@ use crate::tokenizer::template::TemplateChoice;
 // The data module defines what these mean; the config only names them (`response`/`all`, `truncate`/`drop`).
 pub use crate::data::{LossOn, Overflow};
 
-/// The built-in demo run, used when no config file is given.
-const EMBEDDED: &str = include_str!("../../configs/tiny.toml");
-/// Where the embedded config lives, so its relative paths resolve as if it had been read from disk.
-const EMBEDDED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+/// The built-in demo run, used when no config file is given: this file of the Bessie checkout.
+pub const DEMO_CONFIG: &str = "configs/tiny.toml";
 
 /// Bounds on run sizes: far beyond any real run, small enough that the arithmetic on them cannot overflow
 /// and counting the steps cannot take long.
@@ -245,26 +243,47 @@ impl Default for LogSection {
     }
 }
 
+/// The demo's config in a Bessie checkout: under the current directory, else under a directory holding the
+/// running program (`target/release/bessie-train` lies two levels below its checkout), so the demo finds
+/// its files wherever the checkout is, never through a path fixed when the program was built.
+pub fn find_demo_config() -> Result<PathBuf> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let exe = std::env::current_exe().context("finding the running program")?;
+    let found = std::iter::once(cwd.as_path()).chain(exe.ancestors().skip(1)).map(|d| d.join(DEMO_CONFIG));
+    found.into_iter().find(|p| p.is_file()).with_context(|| {
+        format!(
+            "no --config given, and the built-in demo's {DEMO_CONFIG} is neither in the current directory ({}) nor \
+             in a directory above this program ({}): run the demo from a Bessie checkout (`cargo run --release \
+             --bin bessie-train` there), or pass --config FILE",
+            cwd.display(),
+            exe.display()
+        )
+    })
+}
+
 impl RunConfig {
-    /// Reads a TOML file (or, with `None`, the embedded configs/tiny.toml), applies `section.key=value`
+    /// Reads a TOML file (or, with `None`, the demo's configs/tiny.toml, `find_demo_config`), applies `section.key=value`
     /// overrides, makes the paths absolute and validates.
     ///
     /// Relative paths in the file are relative to the file's directory; relative paths in overrides are
     /// relative to the current directory, as anything typed on a command line is. Paths end up absolute so
     /// that [`to_toml`](Self::to_toml) can be saved anywhere and loaded back unchanged.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
-        let (text, name, dir) = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                // `run.toml` has the parent "", which std::path::absolute refuses.
-                let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                (text, p.display().to_string(), dir.to_path_buf())
+        let demo;
+        let p = match path {
+            Some(p) => p,
+            None => {
+                demo = find_demo_config()?;
+                &demo
             }
-            None => (EMBEDDED.to_string(), "configs/tiny.toml (embedded)".to_string(), PathBuf::from(EMBEDDED_DIR)),
         };
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        // `run.toml` has the parent "", which std::path::absolute refuses.
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = p.display().to_string();
         // toml's own error names the key and its line and column.
         let mut cfg: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {name}"))?;
-        cfg.resolve_paths(&std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?);
+        cfg.resolve_paths(&std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?);
         if !overrides.is_empty() {
             cfg = cfg.with_overrides(overrides)?;
             cfg.resolve_paths(&std::env::current_dir().context("reading the current directory")?);

@@ -28,7 +28,7 @@ const FILES: [&str; 7] = [
 ];
 
 /// Changes whenever a change of this module's code may change ids, so cached tokenized data is rebuilt.
-pub const CODE_VERSION: u32 = 2;
+pub const CODE_VERSION: u32 = 3;
 
 /// Token ids and, for each, the byte range of the text it came from (empty for BOS).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,7 +62,8 @@ pub struct Tokenizer {
 
 #[derive(Clone)]
 enum Backend {
-    /// The model with the added tokens appended, and those tokens (text, id), longest first.
+    /// The model with the added tokens appended, and the texts split out before encoding (added and
+    /// special tokens, with their ids), longest first.
     SentencePiece {
         model: sentencepiece::Model,
         added: Vec<(String, u32)>,
@@ -118,9 +119,11 @@ impl Tokenizer {
                 let here =
                     || format!("added token {:?} (id {id}) in {}", token.content, dir.join(token.file).display());
                 if (id as usize) < model.vocab_size() {
-                    // HF configs also list <unk>, <s>, </s>: they must be the model's own pieces.
+                    // HF configs also list <unk>, <s>, </s>: they must be the model's own pieces, and their
+                    // text in the input is split out as their ids, as transformers does.
                     let piece = model.id_to_piece(id);
                     ensure!(piece == Some(token.content.as_str()), "{}: tokenizer.model has {piece:?} there", here());
+                    added.push((token.content.clone(), id));
                     continue;
                 }
                 ensure!(id as usize == model.vocab_size(), "{}: the next free id is {}", here(), model.vocab_size());
@@ -129,6 +132,14 @@ impl Tokenizer {
                 let special = token.special || named;
                 model.push_token(&token.content, special).with_context(here)?;
                 added.push((token.content.clone(), id));
+            }
+            // The special tokens the config files name are split out too where added_tokens_decoder leaves
+            // them out (older configs list them only in special_tokens_map.json); one naming no piece is
+            // an error below, or an appended token already in the list.
+            for name in [&config.bos, &config.eos, &config.pad, &config.unk].into_iter().flatten() {
+                if let Some(id) = model.piece_to_id(name).filter(|_| added.iter().all(|(t, _)| t != name)) {
+                    added.push((name.clone(), id));
+                }
             }
             added.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
             (Backend::SentencePiece { model, added }, defaults)
@@ -196,8 +207,9 @@ impl Tokenizer {
 
     /// Token ids of `text` and the byte range of `text` each came from, with BOS first when `add_bos`.
     ///
-    /// Added tokens (`<pad>`, `</line>`, `<|eot_id|>`) in the text are split out first and become their
-    /// ids, as in Hugging Face tokenizers. The dummy-prefix space goes only before text at the very start
+    /// Added and special tokens (`<s>`, `</s>`, `<pad>`, `</line>`, `<|eot_id|>`) in the text are split out
+    /// first and become their ids, as in Hugging Face tokenizers, so a chat template's `eos_token` is the
+    /// EOS id. A bare `tokenizer.model` without config files splits nothing, as sentencepiece does. The dummy-prefix space goes only before text at the very start
     /// of the input, not before text that follows an added token, so "a</line>b" encodes "b" without a
     /// space it never had: that is what HF's LlamaTokenizer does with `legacy: false` and tokenizer.json
     /// files with `prepend_scheme: "first"` (the legacy mode prefixes every segment, which sentencepiece
@@ -318,6 +330,7 @@ struct Config {
     bos: Option<String>,
     eos: Option<String>,
     pad: Option<String>,
+    unk: Option<String>,
     added: BTreeMap<u32, AddedToken>,
 }
 
@@ -328,7 +341,13 @@ impl Config {
         for file in ["tokenizer_config.json", "special_tokens_map.json"] {
             let path = dir.join(file);
             let Some(json) = read_json(&path)? else { continue };
-            for (key, slot) in [("bos_token", &mut c.bos), ("eos_token", &mut c.eos), ("pad_token", &mut c.pad)] {
+            let slots = [
+                ("bos_token", &mut c.bos),
+                ("eos_token", &mut c.eos),
+                ("pad_token", &mut c.pad),
+                ("unk_token", &mut c.unk),
+            ];
+            for (key, slot) in slots {
                 if slot.is_none() {
                     *slot = token_content(json.get(key));
                 }

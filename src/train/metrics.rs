@@ -89,9 +89,10 @@ pub fn flops_per_token(cfg: &crate::config::ModelConfig, seq: usize) -> f64 {
 /// Dense bf16 peak of the H100/H200 (SXM) tensor cores, the cards Bessie is measured on.
 pub const GPU_PEAK_TFLOPS: f64 = 989.0;
 
-/// Rank 0's reporting for a run: a line per step in `metrics.jsonl`, the progress bar, and without a terminal
-/// a progress line every 5% of the run and at every dev loss.
+/// Rank 0's reporting for a run: a line per step in `metrics.jsonl`, the progress bar, without a terminal a
+/// progress line every 5% of the run and at every dev loss, and `loss.png` at each checkpoint and at the end.
 pub struct Reporter {
+    out: std::path::PathBuf,
     log: MetricsLog,
     bar: ProgressBar,
     total: usize,
@@ -115,7 +116,7 @@ impl Reporter {
         if !accepted_changes.is_empty() {
             log.log(&serde_json::json!({"step": step, "event": "resumed with changes", "changes": accepted_changes}))?;
         }
-        Ok(Self { log, bar: progress_bar(total, step), total, flops_per_token, gpu })
+        Ok(Self { out: out.to_path_buf(), log, bar: progress_bar(total, step), total, flops_per_token, gpu })
     }
 
     /// Records optimizer step `step` that took `secs`.
@@ -153,6 +154,17 @@ impl Reporter {
         self.bar.set_message(status);
         self.bar.inc(1);
         Ok(())
+    }
+
+    /// Redraws `OUT/loss.png` from the metrics. The picture is a convenience: failing to draw it warns, and
+    /// training goes on.
+    pub fn draw_loss(&self) {
+        self.bar.suspend(|| {
+            if let Err(e) = crate::plot::plot_run(&self.out) {
+                let png = self.out.join(crate::plot::LOSS_PNG);
+                eprintln!("warning: {} not written: {}", png.display(), crate::cli::message(&e));
+            }
+        });
     }
 
     /// The run stopped early: the bar stays as it is.

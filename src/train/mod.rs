@@ -589,6 +589,7 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         report.step(step, &r, dev, lr, secs)?;
         if let Some((m, v)) = &moments {
             let dir = writer.save(&params, m, v, &cursor.state).map_err(stopped)?;
+            report.draw_loss();
             beat();
             if stop {
                 report.abandon();
@@ -607,7 +608,9 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         (_, Some(dir)) => dir,
         (Some(report), None) if !interrupted => {
             report.finish();
-            writer.save_final(&params).map_err(stopped)?
+            let dir = writer.save_final(&params).map_err(stopped)?;
+            report.draw_loss();
+            dir
         }
         _ => out.join(checkpoint::FINAL_DIR),
     };

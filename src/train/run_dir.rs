@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, FINAL_DIR, RUN_CONFIG_FILE};
+use crate::plot::LOSS_PNG;
 use crate::train::metrics::METRICS_FILE;
 
 pub const LOCK_FILE: &str = "bessie-train.lock";
@@ -35,7 +36,9 @@ pub enum Start {
 /// files outside the run directory.
 pub fn refuse_links(out: &Path) -> Result<()> {
     let mut paths: Vec<PathBuf> =
-        [RUN_CONFIG_FILE, METRICS_FILE, CACHE_DIR, BASE_MODEL_DIR, FINAL_DIR, LOCK_FILE].map(|n| out.join(n)).into();
+        [RUN_CONFIG_FILE, METRICS_FILE, LOSS_PNG, CACHE_DIR, BASE_MODEL_DIR, FINAL_DIR, LOCK_FILE]
+            .map(|n| out.join(n))
+            .into();
     paths.extend(checkpoint::list(out)?.into_iter().map(|(_, p)| p));
     for dir in [CACHE_DIR, BASE_MODEL_DIR] {
         let dir = out.join(dir);
@@ -200,7 +203,7 @@ pub fn claim(out: &Path, start: Start) -> Result<()> {
         .expect("a free name");
     std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
     let mut moved: Vec<PathBuf> = checkpoint::list(out)?.into_iter().map(|(_, p)| p).collect();
-    moved.extend([FINAL_DIR, METRICS_FILE, RUN_CONFIG_FILE, BASE_MODEL_DIR].map(|n| out.join(n)));
+    moved.extend([FINAL_DIR, METRICS_FILE, LOSS_PNG, RUN_CONFIG_FILE, BASE_MODEL_DIR].map(|n| out.join(n)));
     for p in moved.iter().filter(|p| p.symlink_metadata().is_ok()) {
         let to = aside.join(p.file_name().expect("named entries"));
         std::fs::rename(p, &to).with_context(|| format!("moving {} to {}", p.display(), to.display()))?;

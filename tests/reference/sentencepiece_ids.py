@@ -6,6 +6,9 @@ Ids come from Python `sentencepiece` (`SentencePieceProcessor.encode(text)` with
   tests/fixtures/shipped_sentencepiece_ids.json  assets/tokenizer/tokenizer.model
 and, with `transformers` installed, the shipped tokenizer converted to Hugging Face's tokenizer.json form:
   tests/fixtures/shipped_tokenizer_json/tokenizer.json
+and the ids transformers' LlamaTokenizer gives texts that hold special and added tokens (`<s>`, `</s>`,
+`<pad>`, ...), which it splits out as their ids, among them configs/chat_template.jinja's renderings:
+  tests/fixtures/shipped_special_token_ids.json
 
     pip install sentencepiece transformers protobuf
     python3 tests/reference/sentencepiece_ids.py
@@ -126,6 +129,50 @@ def write_tokenizer_json(out_dir: Path):
     print(f"{out_dir / 'tokenizer.json'} written")
 
 
+# Texts with the special and added tokens' texts in every position. None starts with a space: there
+# transformers' Metaspace pre-tokenizer adds no dummy prefix where sentencepiece does (tests/tokenizer.rs).
+SPECIAL_TEXTS = [
+    "<s> and </s> and <unk> as plain text",
+    "<pad> and </line> as plain text",
+    "</s>",
+    "<s>",
+    "<unk>",
+    "</s></s><s>",
+    "a </s> b",
+    "a</s>b",
+    "hi</s>\n<|user|>\n",
+    "x</s>  y  ",
+    "cow<pad> cow</line>cow",
+    "text\n</s>\n\nmore</s>",
+    "</s >< /s></s",
+    "<</s>>",
+    "é</s>🐂</s>中",
+]
+
+
+def write_special_ids(out: Path):
+    try:
+        from transformers import LlamaTokenizer
+    except ImportError:
+        print("transformers not installed: special-token ids not written")
+        return
+    tok = LlamaTokenizer.from_pretrained(SHIPPED)
+    template = (ROOT / "configs" / "chat_template.jinja").read_text()
+    texts = list(SPECIAL_TEXTS)
+    with open(ROOT / "data" / "tiny" / "chat.jsonl") as f:
+        for line in list(f)[:3]:
+            messages = json.loads(line)["messages"]
+            for end in range(1, len(messages) + 1):
+                gen = messages[end - 1]["role"] != "assistant"
+                texts.append(tok.apply_chat_template(messages[:end], chat_template=template, tokenize=False,
+                                                     add_generation_prompt=gen))
+    # The template writes the BOS text itself, so its renderings are tokenized without adding one.
+    table = {t: tok.encode(t, add_special_tokens=False) for t in texts}
+    lines = (f"{json.dumps(t, ensure_ascii=False)}: {json.dumps(ids)}" for t, ids in table.items())
+    out.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    print(f"{out}: {len(table)} strings from transformers {type(tok).__name__}")
+
+
 if __name__ == "__main__":
     FIXTURES.mkdir(parents=True, exist_ok=True)
     if LLAMA.exists():
@@ -134,3 +181,4 @@ if __name__ == "__main__":
         print(f"{LLAMA} not found: LLaMA fixture not written")
     write_ids(SHIPPED / "tokenizer.model", FIXTURES / "shipped_sentencepiece_ids.json")
     write_tokenizer_json(FIXTURES / "shipped_tokenizer_json")
+    write_special_ids(FIXTURES / "shipped_special_token_ids.json")
