@@ -297,3 +297,33 @@ fn one_bit_llm_is_refused() {
     assert!(e.contains("1bitllm") && e.contains("BitnetForCausalLM") && e.contains("-f gguf"), "{e}");
     assert!(!dir.path().join("out").exists());
 }
+
+/// What a fine-tuning run saves loads in transformers with no remote code and computes what Bessie computes:
+/// a 2B4T-family model, and a full-precision Llama trained into BitNet (through the quantization warm-up),
+/// saved as a `bitnet` Llama.
+#[test]
+fn fine_tuned_checkpoints_load_in_transformers() {
+    for (shape, architecture) in [("tiny-bitnet", "BitNetForCausalLM"), ("tiny-llama", "LlamaForCausalLM")] {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, out) = (dir.path().join("base"), dir.path().join("run"));
+        random_checkpoint(&base, shape, 11);
+        let run = Command::new(env!("CARGO_BIN_EXE_bessie-train"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["--set", &format!("model.path={}", base.display()), "--set", "model.init="])
+            .args(["--set", &format!("checkpoint.out_dir={}", out.display()), "--set", "checkpoint.every=0"])
+            .args(["--set", "train.max_steps=4", "--set", "train.quant_warmup_steps=2", "--set", "data.dev="])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{shape}: bessie-train failed:\n{}", String::from_utf8_lossy(&run.stderr));
+        let saved = out.join("final_checkpoint");
+        assert_eq!(config_json(&saved)["quantization_config"]["quantization_mode"], "online", "{shape}");
+        let hf = transformers(&[&saved]);
+        let ours = bessie(&saved);
+        assert_eq!((hf[0].architecture.as_str(), hf[0].q_proj.as_str()), (architecture, "AutoBitLinear"), "{shape}");
+        let diff = relative_diff(&hf[0].logits, &ours.0);
+        println!("{shape} fine-tuned: max |transformers - Bessie| / max |logit| {diff:.1e}");
+        assert!(diff < 1e-4, "{shape}: transformers and Bessie differ by {diff:e}");
+        assert_eq!(hf[0].greedy, ours.1, "{shape}: greedy tokens");
+    }
+}

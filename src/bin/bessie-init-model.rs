@@ -41,6 +41,10 @@ struct Args {
     /// File layout of the weights.
     #[arg(long, value_enum, default_value = "safetensors")]
     layout: Layout,
+    /// Write transformers' packed `bitnet` layout (2-bit codes and a weight_scale per projection, as the
+    /// 2B4T and Falcon3 Hub repos ship) instead of latent weights: families bitnet, llama-bitnet and llama.
+    #[arg(long)]
+    packed: bool,
     /// Write into a non-empty directory.
     #[arg(long)]
     force: bool,
@@ -61,8 +65,21 @@ fn body(args: Args) -> Result<()> {
         bail!("{} is not empty (pass --force to write into it)", args.out.display());
     }
     let tokenizer = args.tokenizer.as_deref().map_or(TokenizerSource::Shipped, TokenizerSource::Path);
-    let cfg =
-        write_random_checkpoint(&args.out, &args.shape, tokenizer, args.vocab_size, args.seed, dtype, args.layout)?;
+    let write = |dir: &std::path::Path| {
+        write_random_checkpoint(dir, &args.shape, tokenizer, args.vocab_size, args.seed, dtype, args.layout)
+    };
+    let cfg = match args.packed {
+        false => write(&args.out)?,
+        true => {
+            // The latent model first, then its export: the packed file holds exactly its ternary values.
+            let latent = tempfile::tempdir()?;
+            let cfg = write(latent.path())?;
+            std::fs::create_dir_all(&args.out)?;
+            let dense = if dtype == DType::F32 { DType::F32 } else { DType::BF16 };
+            bessie::export::hf_bitnet::write(&args.out, latent.path(), dense)?;
+            cfg
+        }
+    };
     println!(
         "wrote a random {} model of the {} family ({:.1}M parameters, vocab {}) to {}",
         args.shape,
