@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{kv_cache, RmsNorm, VarBuilder};
 
 use super::arch::{Activation, Family, Role};
+use super::bf16_head::Bf16Matrix;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
@@ -312,6 +313,8 @@ pub struct BitNet {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Tensor,
+    /// The head as bf16 where it holds only bf16 values on the CPU (see `bf16_head`).
+    bf16_head: Option<Bf16Matrix>,
     rope: Rope,
     pub cfg: ModelConfig,
 }
@@ -333,6 +336,7 @@ impl BitNet {
             embed_tokens,
             layers,
             norm: rms_norm(&vb, h, cfg.rms_norm_eps, "model.norm")?,
+            bf16_head: Bf16Matrix::exact(&lm_head)?,
             lm_head,
             rope: Rope::new(cfg, vb.dtype(), vb.device())?,
             cfg: cfg.clone(),
@@ -383,7 +387,11 @@ impl BitNet {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let mut dims = hidden.dims().to_vec();
         let h = dims.pop().unwrap_or(1);
-        let y = hidden.reshape(((), h))?.matmul(&self.lm_head.t()?)?;
+        let hidden = hidden.reshape(((), h))?;
+        let y = match &self.bf16_head {
+            Some(head) => head.matmul_t(&hidden)?,
+            None => hidden.matmul(&self.lm_head.t()?)?,
+        };
         dims.push(self.cfg.vocab_size);
         y.reshape(dims)?.to_dtype(DType::F32)
     }
