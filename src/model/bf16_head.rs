@@ -72,13 +72,16 @@ unsafe fn dot_avx2(w: &[u16], x: &[f32]) -> f32 {
     let n = w.len();
     assert_eq!(x.len(), n, "one activation per weight");
     let full = n / 16 * 16;
-    let widen = |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
     let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    // No closures here: they would not inherit the target features, and their intrinsics would not be
+    // inlined.
     for j in (0..full).step_by(16) {
         // SAFETY: j + 16 <= full <= n = x.len(); unaligned loads.
         let b = _mm256_loadu_si256(w.as_ptr().add(j).cast());
-        lo = _mm256_fmadd_ps(widen(_mm256_castsi256_si128(b)), _mm256_loadu_ps(x.as_ptr().add(j)), lo);
-        hi = _mm256_fmadd_ps(widen(_mm256_extracti128_si256::<1>(b)), _mm256_loadu_ps(x.as_ptr().add(j + 8)), hi);
+        let w_lo = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)));
+        let w_hi = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(b)));
+        lo = _mm256_fmadd_ps(_mm256_castsi256_ps(w_lo), _mm256_loadu_ps(x.as_ptr().add(j)), lo);
+        hi = _mm256_fmadd_ps(_mm256_castsi256_ps(w_hi), _mm256_loadu_ps(x.as_ptr().add(j + 8)), hi);
     }
     let s = _mm256_add_ps(lo, hi);
     let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));

@@ -206,7 +206,9 @@ impl Int8Activations {
     }
 }
 
-/// Tokens multiplied per pass over a row: the row's codes are unpacked once for all of them.
+/// Tokens multiplied per pass over a row: the row's codes are unpacked once for all of them. (Passes over
+/// four rows at once for one token, sharing the activations' loads, decoded slower: the kernel waits on
+/// the codes' loads, and four streams of them prefetch worse than one.)
 const TOKENS_PER_PASS: usize = 4;
 
 /// `value(m, t, sum_i w_i x_i)` for every token `t` and row of every matrix `m` (all `cols` wide), as
@@ -228,24 +230,24 @@ fn products(
         .enumerate()
         .flat_map(|(m, mat)| (0..mat.rows).step_by(chunk).map(move |r| (m, r, chunk.min(mat.rows - r))))
         .collect();
-    let n = acts.n;
+    let (n, value) = (acts.n, &value);
     // Each task's block is `[n, len]`.
     let blocks: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(m, first, len)| {
-            let mut block = vec![0f32; n * len];
             let rows = &mats[m].codes[first * acts.plane..(first + len) * acts.plane];
+            let mut dots = vec![0i32; n * len];
             let mut t0 = 0;
             while t0 < n {
-                let pass = match n - t0 {
+                let pass: Pass = match n - t0 {
                     1 => pass::<1>,
                     2 => pass::<2>,
                     3 => pass::<3>,
                     _ => pass::<TOKENS_PER_PASS>,
                 };
-                t0 += pass(rows, acts, t0, &mut |t, r, dot| block[t * len + r] = value(m, t, dot));
+                t0 += pass(rows, acts, t0, &mut dots);
             }
-            block
+            dots.chunks(len).enumerate().flat_map(|(t, d)| d.iter().map(move |&dot| value(m, t, dot))).collect()
         })
         .collect();
     let mut out: Vec<Vec<f32>> = mats.iter().map(|mat| vec![0f32; n * mat.rows]).collect();
@@ -257,18 +259,16 @@ fn products(
     Ok(out)
 }
 
-/// Multiplies each packed row in `rows` by tokens `t0..t0 + T`, calling `put(token, row, sum w x)`;
-/// returns `T`.
-fn pass<const T: usize>(
-    rows: &[u8],
-    acts: &Int8Activations,
-    t0: usize,
-    put: &mut dyn FnMut(usize, usize, i32),
-) -> usize {
-    let tokens: [&[i8]; T] = std::array::from_fn(|dt| acts.token(t0 + dt));
+/// `pass::<T>(rows, acts, t0, dots)`.
+type Pass = fn(&[u8], &Int8Activations, usize, &mut [i32]) -> usize;
+
+/// Each packed row in `rows` times tokens `t0..t0 + T`: `sum w x` into `dots` (`[n, rows]`); returns `T`.
+fn pass<const T: usize>(rows: &[u8], acts: &Int8Activations, t0: usize, dots: &mut [i32]) -> usize {
+    let len = rows.len() / acts.plane;
+    let tokens: [&[i8]; T] = std::array::from_fn(|j| acts.token(t0 + j));
     for (r, codes) in rows.chunks(acts.plane).enumerate() {
-        for (dt, dot) in dot_codes(codes, tokens).into_iter().enumerate() {
-            put(t0 + dt, r, dot - acts.sums[t0 + dt]);
+        for (j, dot) in dot_codes(codes, tokens).into_iter().enumerate() {
+            dots[(t0 + j) * len + r] = dot - acts.sums[t0 + j];
         }
     }
     T
@@ -278,51 +278,64 @@ fn pass<const T: usize>(
 /// `Int8Activations`).
 fn dot_codes<const T: usize>(codes: &[u8], tokens: [&[i8]; T]) -> [i32; T] {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { dot_codes_avx2(codes, tokens) };
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { x86::dot_codes_avx2(codes, tokens) };
+        }
     }
     tokens.map(|x| dot_codes_portable(codes, x, 0))
 }
 
-/// AVX2: 32 code bytes (128 weights) per step, unpacked once for all `T` tokens; `maddubs` multiplies the
-/// unsigned codes by the signed activations and adds pairs, and four of its sums are at most
-/// 4 * 2 * 2 * 128 in magnitude (no i16 saturation) before `madd` widens them to i32.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_codes_avx2<const T: usize>(codes: &[u8], tokens: [&[i8]; T]) -> [i32; T] {
+mod x86 {
     use std::arch::x86_64::*;
-    let n = codes.len();
-    let full = n / 32 * 32;
-    assert!(tokens.iter().all(|x| x.len() == 4 * n), "four planes of {n} activations per token");
-    let (mask, ones) = (_mm256_set1_epi8(3), _mm256_set1_epi16(1));
-    let mut acc = [_mm256_setzero_si256(); T];
-    for j in (0..full).step_by(32) {
-        // SAFETY: j + 32 <= full <= n, and plane k of a token is x[k n..(k + 1) n] (asserted above);
-        // unaligned loads.
-        let b = _mm256_loadu_si256(codes.as_ptr().add(j).cast());
-        let c0 = _mm256_and_si256(b, mask);
-        let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(b), mask);
-        let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask);
-        let c3 = _mm256_and_si256(_mm256_srli_epi16::<6>(b), mask);
-        for (acc, x) in acc.iter_mut().zip(tokens) {
-            let x = |k: usize| _mm256_loadu_si256(x.as_ptr().add(k * n + j).cast());
-            let s01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x(0)), _mm256_maddubs_epi16(c1, x(1)));
-            let s23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, x(2)), _mm256_maddubs_epi16(c3, x(3)));
-            *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(_mm256_add_epi16(s01, s23), ones));
+
+    /// AVX2: 32 code bytes (128 weights) per step, unpacked once for all `T` tokens; `maddubs` multiplies
+    /// the unsigned codes by the signed activations and adds pairs, and four of its sums are at most
+    /// 4 * 2 * 2 * 128 in magnitude (no i16 saturation) before `madd` widens them to i32. (AVX-512 VNNI's
+    /// `dpbusd` in place of the three measured no faster on Zen 4: the kernel waits on the codes' loads.)
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_codes_avx2<const T: usize>(codes: &[u8], tokens: [&[i8]; T]) -> [i32; T] {
+        let n = codes.len();
+        let full = n / 32 * 32;
+        assert!(tokens.iter().all(|x| x.len() == 4 * n), "four planes of {n} activations per token");
+        let (mask, ones) = (_mm256_set1_epi8(3), _mm256_set1_epi16(1));
+        let mut acc = [_mm256_setzero_si256(); T];
+        // Plain loops: closures (`array::from_fn`) would not inherit the target feature, and their
+        // intrinsics would not be inlined.
+        for j in (0..full).step_by(32) {
+            // SAFETY: j + 32 <= full <= n, and plane k of a token is x[k n..(k + 1) n] (asserted above);
+            // unaligned loads.
+            let b = _mm256_loadu_si256(codes.as_ptr().add(j).cast());
+            let c0 = _mm256_and_si256(b, mask);
+            let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(b), mask);
+            let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask);
+            let c3 = _mm256_and_si256(_mm256_srli_epi16::<6>(b), mask);
+            for t in 0..T {
+                let x = tokens[t].as_ptr().add(j);
+                let (x0, x1) = (_mm256_loadu_si256(x.cast()), _mm256_loadu_si256(x.add(n).cast()));
+                let (x2, x3) = (_mm256_loadu_si256(x.add(2 * n).cast()), _mm256_loadu_si256(x.add(3 * n).cast()));
+                let s01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
+                let s23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, x2), _mm256_maddubs_epi16(c3, x3));
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_add_epi16(s01, s23), ones));
+            }
         }
+        let mut out = [0i32; T];
+        for t in 0..T {
+            // Horizontal sum of the eight i32 lanes.
+            let a = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256::<1>(acc[t]));
+            let a = _mm_add_epi32(a, _mm_shuffle_epi32::<0b01_00_11_10>(a));
+            let a = _mm_add_epi32(a, _mm_shuffle_epi32::<0b10_11_00_01>(a));
+            // Most widths are a whole number of steps: no tail to call for.
+            let tail = if full < n { super::dot_codes_portable(codes, tokens[t], full) } else { 0 };
+            out[t] = _mm_cvtsi128_si32(a) + tail;
+        }
+        out
     }
-    std::array::from_fn(|t| {
-        // Horizontal sum of the eight i32 lanes.
-        let a = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256::<1>(acc[t]));
-        let a = _mm_add_epi32(a, _mm_shuffle_epi32::<0b01_00_11_10>(a));
-        let a = _mm_add_epi32(a, _mm_shuffle_epi32::<0b10_11_00_01>(a));
-        // Most widths are a multiple of the step: no tail to call for.
-        _mm_cvtsi128_si32(a) + if full < n { dot_codes_portable(codes, tokens[t], full) } else { 0 }
-    })
 }
 
-/// `sum_i c_i x_i` over the bytes `from..` of one packed row (any CPU, and the AVX2 kernel's tail).
+/// `sum_i c_i x_i` over the bytes `from..` of one packed row (any CPU, and the SIMD kernels' tail).
 fn dot_codes_portable(codes: &[u8], x: &[i8], from: usize) -> i32 {
     let n = codes.len();
     (0..4)
@@ -343,29 +356,64 @@ mod tests {
         PackedTernary::pack(&Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap()).unwrap()
     }
 
-    /// Whatever kernel the CPU runs (AVX2 here) against the portable one, for every token count of a pass,
-    /// on widths below, at and beyond one SIMD step (128 weights), not multiples of it nor of four.
+    /// Activations of `n` tokens: the int8 extremes first (no i16 sum may saturate), then random values.
+    fn random_acts(rng: &mut Rng, n: usize, cols: usize) -> Int8Activations {
+        let values: Vec<Vec<i8>> = (0..n)
+            .map(|t| match t {
+                0 => vec![-128; cols],
+                1 => vec![127; cols],
+                _ => (0..cols).map(|_| (rng.next_u64() >> 56) as u8 as i8).collect(),
+            })
+            .collect();
+        Int8Activations::new(cols, values.iter().map(|v| (v.iter().copied(), 1.0)))
+    }
+
+    /// Widths below, at and beyond one SIMD step (128 weights), not multiples of it nor of four.
+    const WIDTHS: [usize; 9] = [1, 5, 127, 128, 129, 300, 512, 1536, 4099];
+
+    /// The kernel this CPU runs (AVX2 on x86-64 where it has it) against the portable one, for a pass of
+    /// `T` tokens.
+    fn check_kernels<const T: usize>() {
+        let mut rng = Rng::new(5 + T as u64);
+        for cols in WIDTHS {
+            let packed = random_codes(&mut rng, 3, cols);
+            let acts = random_acts(&mut rng, T, cols);
+            let tokens: [&[i8]; T] = std::array::from_fn(|t| acts.token(t));
+            for codes in packed.codes().chunks(acts.plane) {
+                let expected = tokens.map(|x| dot_codes_portable(codes, x, 0));
+                assert_eq!(dot_codes(codes, tokens), expected, "{cols} columns");
+            }
+        }
+    }
+
     #[test]
-    fn simd_kernel_equals_the_portable_one() {
-        let mut rng = Rng::new(5);
-        for cols in [1, 5, 127, 128, 129, 300, 512, 1536, 4099] {
-            let packed = random_codes(&mut rng, 9, cols);
+    fn simd_kernels_equal_the_portable_one() {
+        check_kernels::<1>();
+        check_kernels::<2>();
+        check_kernels::<3>();
+        check_kernels::<TOKENS_PER_PASS>();
+    }
+
+    /// The product of several matrices sharing one pass, for token counts that end in every pass size.
+    #[test]
+    fn products_of_several_matrices_are_the_rows_dot_products() {
+        let mut rng = Rng::new(6);
+        for cols in WIDTHS {
+            let (a, b) = (random_codes(&mut rng, 9, cols), random_codes(&mut rng, 40, cols));
             for n in 1..=2 * TOKENS_PER_PASS + 1 {
-                // The int8 extremes first (no i16 sum may saturate), then random values.
-                let values: Vec<Vec<i8>> = (0..n)
-                    .map(|t| match t {
-                        0 => vec![-128; cols],
-                        1 => vec![127; cols],
-                        _ => (0..cols).map(|_| (rng.next_u64() >> 56) as u8 as i8).collect(),
-                    })
-                    .collect();
-                let acts = Int8Activations::new(cols, values.iter().map(|v| (v.iter().copied(), 1.0)));
-                let got = products(&[&packed, &packed], &acts, |_, _, dot| dot as f32).unwrap();
-                for t in 0..n {
-                    for (r, codes) in packed.codes().chunks(acts.plane).enumerate() {
-                        let expected = dot_codes_portable(codes, acts.token(t), 0) - acts.sums[t];
-                        assert_eq!(got[0][t * 9 + r], expected as f32, "{cols} columns, {n} tokens, [{t}, {r}]");
-                        assert_eq!(got[1][t * 9 + r], expected as f32);
+                let acts = random_acts(&mut rng, n, cols);
+                let got = products(&[&a, &b], &acts, |m, t, dot| (dot * (m as i32 + 1)) as f32 + t as f32).unwrap();
+                for (m, mat) in [&a, &b].into_iter().enumerate() {
+                    for (r, codes) in mat.codes().chunks(acts.plane).enumerate() {
+                        for t in 0..n {
+                            let dot = dot_codes_portable(codes, acts.token(t), 0) - acts.sums[t];
+                            let expected = (dot * (m as i32 + 1)) as f32 + t as f32;
+                            assert_eq!(
+                                got[m][t * mat.rows + r],
+                                expected,
+                                "{cols} columns, {n} tokens, [{m}, {t}, {r}]"
+                            );
+                        }
                     }
                 }
             }
