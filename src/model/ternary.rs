@@ -130,7 +130,7 @@ impl PackedTernary {
         let (n, cols) = q.dims2()?;
         let q = q.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let acts = Int8Activations::new(cols, q.chunks(cols.max(1)).take(n).map(|x| (x.iter().map(|&v| v as i8), 1.0)));
-        let out = products(&[self], &acts, |_, _, dot| dot as f32)?;
+        let out = products(&[self], &acts, |_, _| 1.0)?;
         Tensor::from_vec(out.concat(), (n, self.rows), &Device::Cpu)
     }
 }
@@ -146,7 +146,7 @@ pub fn bitlinear_forward(layers: &[(&PackedTernary, f64)], x: &Tensor) -> Result
     let acts = Int8Activations::new(cols, values.chunks(cols.max(1)).map(quantize_token));
     let mats: Vec<&PackedTernary> = layers.iter().map(|&(m, _)| m).collect();
     // `x_scale * weight_scale` is candle's affine op in f32: one product, as here.
-    let products = products(&mats, &acts, |m, t, dot| dot as f32 * (acts.scales[t] * layers[m].1 as f32))?;
+    let products = products(&mats, &acts, |m, t| acts.scales[t] * layers[m].1 as f32)?;
     products
         .into_iter()
         .zip(&mats)
@@ -211,14 +211,14 @@ impl Int8Activations {
 /// the codes' loads, and four streams of them prefetch worse than one.)
 const TOKENS_PER_PASS: usize = 4;
 
-/// `value(m, t, sum_i w_i x_i)` for every token `t` and row of every matrix `m` (all `cols` wide), as
+/// `(sum_i w_i x_i) * scale(m, t)` for every token `t` and row of every matrix `m` (all `cols` wide), as
 /// `[n, rows_m]` per matrix. The rows of all matrices are cut into a few chunks per thread (more would
 /// cost more in scheduling than they save); each chunk is multiplied by every token while its codes are
 /// in cache.
 fn products(
     mats: &[&PackedTernary],
     acts: &Int8Activations,
-    value: impl Fn(usize, usize, i32) -> f32 + Sync,
+    scale: impl Fn(usize, usize) -> f32 + Sync,
 ) -> Result<Vec<Vec<f32>>> {
     if let Some(m) = mats.iter().find(|m| m.cols != acts.cols) {
         candle_core::bail!("activations have {} columns, the packed weight {}", acts.cols, m.cols);
@@ -230,7 +230,7 @@ fn products(
         .enumerate()
         .flat_map(|(m, mat)| (0..mat.rows).step_by(chunk).map(move |r| (m, r, chunk.min(mat.rows - r))))
         .collect();
-    let (n, value) = (acts.n, &value);
+    let (n, scale) = (acts.n, &scale);
     // Each task's block is `[n, len]`.
     let blocks: Vec<Vec<f32>> = tasks
         .par_iter()
@@ -247,7 +247,14 @@ fn products(
                 };
                 t0 += pass(rows, acts, t0, &mut dots);
             }
-            dots.chunks(len).enumerate().flat_map(|(t, d)| d.iter().map(move |&dot| value(m, t, dot))).collect()
+            // One scale per token, applied by a loop that vectorizes: a closure per output, in a `flat_map`
+            // over the tokens, took a fifth of the kernel's time.
+            let mut block = Vec::with_capacity(n * len);
+            for (t, dots) in dots.chunks(len).enumerate() {
+                let s = scale(m, t);
+                block.extend(dots.iter().map(|&dot| dot as f32 * s));
+            }
+            block
         })
         .collect();
     let mut out: Vec<Vec<f32>> = mats.iter().map(|mat| vec![0f32; n * mat.rows]).collect();
@@ -402,12 +409,12 @@ mod tests {
             let (a, b) = (random_codes(&mut rng, 9, cols), random_codes(&mut rng, 40, cols));
             for n in 1..=2 * TOKENS_PER_PASS + 1 {
                 let acts = random_acts(&mut rng, n, cols);
-                let got = products(&[&a, &b], &acts, |m, t, dot| (dot * (m as i32 + 1)) as f32 + t as f32).unwrap();
+                let got = products(&[&a, &b], &acts, |m, t| (m + 2 * t + 1) as f32).unwrap();
                 for (m, mat) in [&a, &b].into_iter().enumerate() {
                     for (r, codes) in mat.codes().chunks(acts.plane).enumerate() {
                         for t in 0..n {
                             let dot = dot_codes_portable(codes, acts.token(t), 0) - acts.sums[t];
-                            let expected = (dot * (m as i32 + 1)) as f32 + t as f32;
+                            let expected = (dot * (m + 2 * t + 1) as i32) as f32;
                             assert_eq!(
                                 got[m][t * mat.rows + r],
                                 expected,
