@@ -235,9 +235,14 @@ pub fn generate_batch(
             break;
         }
         let x = Tensor::from_vec(std::mem::take(&mut input), (rows.len(), t), model.device())?;
-        let hidden = model.forward(&x, &mut cache)?;
-        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        input = sampler.sample_batch(&model.logits(&last)?)?;
+        let mut step = || {
+            let hidden = model.forward(&x, &mut cache)?;
+            model.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+        };
+        // On the CPU the step runs on a rayon worker, so that the kernels' parallel loops (about 100 per
+        // token) share its thread instead of putting this one to sleep and waking it around each.
+        let logits = if model.device().is_cpu() { rayon::scope(|_| step())? } else { step()? };
+        input = sampler.sample_batch(&logits)?;
         t = 1;
         let secs = start.elapsed().as_secs_f64();
         prompt_secs.get_or_insert(secs);

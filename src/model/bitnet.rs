@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{kv_cache, RmsNorm, VarBuilder};
 
 use super::arch::{Activation, Family, Role};
+use super::bf16_head::Bf16Matrix;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
@@ -45,24 +46,43 @@ impl BitLinear {
         let weight = TernaryWeight::Dense(ternary.to_dtype(vb.dtype())?);
         Ok(Self { weight, weight_scale: scale.to_scalar::<f32>()? as f64 })
     }
+
+    /// Several BitLinear layers applied to the same input `x` (a block's q, k and v, or gate and up): on
+    /// the CPU, packed ones quantize `x` once and share one parallel pass over their rows.
+    fn forward_many<const N: usize>(layers: [&BitLinear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let packed: Option<Vec<_>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                TernaryWeight::Packed(codes) => Some((codes, l.weight_scale)),
+                TernaryWeight::Dense(_) => None,
+            })
+            .collect();
+        let ys = match packed {
+            Some(packed) => super::ternary::bitlinear_forward(&packed, x)?,
+            None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+        };
+        Ok(ys.try_into().expect("one output per layer"))
+    }
 }
 
 impl Module for BitLinear {
     /// `y = (xq @ Wq^T) * x_scale * w_scale`: the product of integers is exact, the scales are applied once.
-    /// Both weight forms compute the same integers, and the scales the same way, so they agree bit for bit.
+    /// The packed kernel computes the same integers, and the scales the same way, so both weight forms
+    /// agree bit for bit.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ternary = match &self.weight {
+            TernaryWeight::Dense(ternary) => ternary,
+            TernaryWeight::Packed(_) => {
+                let [y] = Self::forward_many([self], x)?;
+                return Ok(y);
+            }
+        };
         let dtype = x.dtype();
         let (q, x_scale) = quantize_activations(x)?;
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(1);
-        let q2 = q.reshape(((), in_dim))?;
-        let (y, out_dim) = match &self.weight {
-            TernaryWeight::Dense(ternary) => {
-                (q2.to_dtype(dtype)?.matmul(&ternary.t()?)?.to_dtype(DType::F32)?, ternary.dim(0)?)
-            }
-            TernaryWeight::Packed(codes) => (codes.matmul_int8(&q2)?, codes.dims().0),
-        };
-        dims.push(out_dim);
+        let y = q.reshape(((), in_dim))?.to_dtype(dtype)?.matmul(&ternary.t()?)?.to_dtype(DType::F32)?;
+        dims.push(ternary.dim(0)?);
         let y = y.reshape(dims)?.broadcast_mul(&(x_scale * self.weight_scale)?)?;
         y.to_dtype(dtype)
     }
@@ -178,9 +198,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = rotate(&heads(self.q_proj.forward(x)?, self.num_heads)?, rope)?;
-        let k = rotate(&heads(self.k_proj.forward(x)?, self.num_kv_heads)?, rope)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.contiguous()?;
+        let [q, k, v] = BitLinear::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let q = rotate(&heads(q, self.num_heads)?, rope)?;
+        let k = rotate(&heads(k, self.num_kv_heads)?, rope)?;
+        let v = heads(v, self.num_kv_heads)?.contiguous()?;
         let (k, v) = cache.append(&k, &v)?;
         let groups = self.num_heads / self.num_kv_heads;
         let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
@@ -223,7 +244,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = (activate(&self.gate_proj.forward(x)?, self.activation)? * self.up_proj.forward(x)?)?;
+        let [gate, up] = BitLinear::forward_many([&self.gate_proj, &self.up_proj], x)?;
+        let y = (activate(&gate, self.activation)? * up)?;
         self.down_proj.forward(&maybe_norm(&self.sub_norm, &y)?)
     }
 }
@@ -291,6 +313,8 @@ pub struct BitNet {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Tensor,
+    /// The head as bf16 where it holds only bf16 values on the CPU (see `bf16_head`).
+    bf16_head: Option<Bf16Matrix>,
     rope: Rope,
     pub cfg: ModelConfig,
 }
@@ -312,6 +336,7 @@ impl BitNet {
             embed_tokens,
             layers,
             norm: rms_norm(&vb, h, cfg.rms_norm_eps, "model.norm")?,
+            bf16_head: Bf16Matrix::exact(&lm_head)?,
             lm_head,
             rope: Rope::new(cfg, vb.dtype(), vb.device())?,
             cfg: cfg.clone(),
@@ -362,7 +387,11 @@ impl BitNet {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let mut dims = hidden.dims().to_vec();
         let h = dims.pop().unwrap_or(1);
-        let y = hidden.reshape(((), h))?.matmul(&self.lm_head.t()?)?;
+        let hidden = hidden.reshape(((), h))?;
+        let y = match &self.bf16_head {
+            Some(head) => head.matmul_t(&hidden)?,
+            None => hidden.matmul(&self.lm_head.t()?)?,
+        };
         dims.push(self.cfg.vocab_size);
         y.reshape(dims)?.to_dtype(DType::F32)
     }

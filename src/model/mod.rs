@@ -1,6 +1,7 @@
 //! The BitNet b1.58 model: its parameters, the inference forward pass, and the Hugging Face files.
 
 pub mod arch;
+mod bf16_head;
 pub mod bitnet;
 pub mod bitnet_packed;
 pub mod hf;
