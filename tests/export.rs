@@ -406,3 +406,24 @@ fn gguf_embeds_the_llama_tokenizer() {
     assert_eq!(token(32000), ("<pad>", Some(3)));
     assert_eq!(token(32001), ("</line>", Some(3)));
 }
+
+/// Every ternary family exports as Bessie's packed checkpoint, the Llama layout with transformers' `bitnet`
+/// quantization (Falcon3's) included, and the export computes the latent model's logits; a full-precision
+/// Llama is refused, naming the field.
+#[test]
+fn ternary_families_export_and_full_precision_is_refused() {
+    use bessie::model::init::{write_random_checkpoint, TokenizerSource};
+    let dir = tempfile::tempdir().unwrap();
+    for shape in ["tiny-bitnet", "tiny-llama-bitnet"] {
+        let (src, out) = (dir.path().join(shape), dir.path().join(format!("{shape}-packed")));
+        write_random_checkpoint(&src, shape, TokenizerSource::Shipped, None, 5, DType::F32, Layout::Safetensors)
+            .unwrap();
+        export_ok(&src, &out, Format::Ternary, DenseDtype::F32);
+        assert_eq!(logits(&load(&out)), logits(&load(&src)), "{shape}");
+    }
+    let src = dir.path().join("tiny-llama");
+    write_random_checkpoint(&src, "tiny-llama", TokenizerSource::Shipped, None, 5, DType::F32, Layout::Safetensors)
+        .unwrap();
+    let e = export_err(&src, &dir.path().join("llama-packed"), Format::Ternary);
+    assert!(e.contains("config.json") && e.contains("architectures") && e.contains("full-precision"), "{e}");
+}

@@ -87,26 +87,21 @@ pub struct Source {
     pub tokenizer: Tokenizer,
 }
 
-/// The architectures 1bitLLM's and Bessie's BitNet checkpoints declare.
-const BITNET_ARCHITECTURES: [&str; 2] = ["BitnetForCausalLM", "BitNetForCausalLM"];
-
 impl Source {
-    /// Reads a BitNet checkpoint directory, latent or packed. Refuses checkpoints whose config.json does
-    /// not declare a BitNet architecture (quantizing a full-precision model to ternary would destroy it);
+    /// Reads a BitNet checkpoint directory, latent or packed. Refuses a full-precision model (its family is
+    /// not ternary as it stands: quantizing it to ternary would destroy it);
     /// `ModelConfig::from_file` has already refused `weight_bits`/`input_bits` other than 1/8.
     pub fn read(dir: &Path) -> Result<Self> {
         crate::manifest::verify(dir)?;
         let (cfg, vb) = hf::open(dir, DType::F32, &Device::Cpu)?;
-        let archs = cfg.extra.get("architectures");
-        let is_bitnet = archs
-            .and_then(|a| a.as_array())
-            .is_some_and(|a| a.iter().any(|v| v.as_str().is_some_and(|s| BITNET_ARCHITECTURES.contains(&s))));
+        let family = cfg.family()?;
         ensure!(
-            is_bitnet,
-            "{}: field `architectures` is {}; only BitNet b1.58 checkpoints ({}) can be exported as ternary weights",
+            family.ternary,
+            "{}: field `architectures` is {} without a `bitnet` quantization_config: a full-precision {} model, \
+             which only fine-tuning turns into BitNet b1.58 (train it, with train.quant_warmup_steps, then export)",
             dir.join(hf::CONFIG_FILE).display(),
-            archs.map_or("missing".to_string(), |a| a.to_string()),
-            BITNET_ARCHITECTURES[0]
+            cfg.extra.get("architectures").map_or("missing".to_string(), |a| a.to_string()),
+            family.name
         );
         let packed = cfg.is_packed_ternary();
         let params = cfg

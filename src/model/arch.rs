@@ -94,6 +94,9 @@ pub struct Family {
     /// Whether `config.json` of this family says `quantization_config.quant_method = "bitnet"` (the
     /// Llama layout is a BitNet only with it; without it, it is a full-precision Llama).
     pub bitnet_quant_config: bool,
+    /// Whether the checkpoint's projections are ternary BitLinear layers as it stands: false for a
+    /// full-precision model, which becomes one only by fine-tuning (quantizing it as it is would destroy it).
+    pub ternary: bool,
     /// The family Bessie saves a fine-tuned model as: itself, or for a full-precision Llama, the Llama
     /// layout with the `bitnet` quantization config.
     pub saves_as: &'static str,
@@ -107,6 +110,7 @@ pub const ONE_BIT_LLM: Family = Family {
     ffn_sub_norm: Some("mlp.ffn_layernorm"),
     default_activation: Activation::Silu,
     bitnet_quant_config: false,
+    ternary: true,
     saves_as: "1bitllm",
 };
 
@@ -118,6 +122,7 @@ pub const BITNET_2B4T: Family = Family {
     ffn_sub_norm: Some("mlp.ffn_sub_norm"),
     default_activation: Activation::Relu2,
     bitnet_quant_config: true,
+    ternary: true,
     saves_as: "bitnet",
 };
 
@@ -129,6 +134,7 @@ pub const LLAMA_BITNET: Family = Family {
     ffn_sub_norm: None,
     default_activation: Activation::Silu,
     bitnet_quant_config: true,
+    ternary: true,
     saves_as: "llama-bitnet",
 };
 
@@ -140,6 +146,7 @@ pub const LLAMA: Family = Family {
     ffn_sub_norm: None,
     default_activation: Activation::Silu,
     bitnet_quant_config: false,
+    ternary: false,
     saves_as: "llama-bitnet",
 };
 

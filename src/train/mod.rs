@@ -35,7 +35,6 @@ use crate::config::run::{GradDtype, RunConfig, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
 use crate::dist::{Communicator, GradReducer, Watchdog};
-use crate::model::arch;
 use crate::model::hf::{self, Layout};
 use crate::model::init::{write_random_checkpoint, TokenizerSource};
 use crate::tokenizer::{template::ChatTemplate, Tokenizer};
@@ -399,7 +398,7 @@ impl BaseModel {
                 dir.display()
             );
         }
-        if model_cfg.family()? == &arch::LLAMA && cfg.train.quant_warmup_steps == 0 {
+        if !model_cfg.family()?.ternary && cfg.train.quant_warmup_steps == 0 {
             note(format!(
                 "note: {} is a full-precision Llama; its projections train as ternary BitLinear layers from the \
                  first step. train.quant_warmup_steps = N blends the quantizers in over N steps instead (the \
