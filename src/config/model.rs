@@ -431,13 +431,19 @@ impl ModelConfig {
     /// `quantization_config` becomes the online one that describes latent weights.
     pub fn latent_form(&self) -> Result<Self> {
         let family = Family::by_name(self.family()?.saves_as)?;
+        let quantization = family.bitnet_quant_config.then(Self::bitnet_latent_quantization_config);
+        Ok(self.as_family(family, quantization))
+    }
+
+    /// This config as `family` writes it: its class and `model_type`, and `quantization_config` when given.
+    pub fn as_family(&self, family: &Family, quantization_config: Option<serde_json::Value>) -> Self {
         let mut cfg = self.clone();
-        if family.bitnet_quant_config {
-            cfg.extra.insert("quantization_config".into(), Self::bitnet_latent_quantization_config());
-        }
         cfg.extra.insert("architectures".into(), serde_json::json!([family.architecture]));
         cfg.extra.insert("model_type".into(), family.model_type.into());
-        Ok(cfg)
+        if let Some(q) = quantization_config {
+            cfg.extra.insert("quantization_config".into(), q);
+        }
+        cfg
     }
 
     /// The `quantization_config` Bessie writes beside latent weights of the `bitnet` families: transformers'
@@ -614,6 +620,21 @@ pub enum WeightScale {
     Absmean,
     /// transformers' `BitLinear`: `weight_scale` = 1 / absmean, `y = x Wq / scale`.
     Reciprocal,
+}
+
+impl WeightScale {
+    /// The stored `weight_scale` of a matrix whose absmean is `absmean`.
+    pub fn stored(self, absmean: f64) -> f64 {
+        match self {
+            Self::Absmean => absmean,
+            Self::Reciprocal => 1.0 / absmean,
+        }
+    }
+
+    /// The absmean a stored `weight_scale` stands for (the relation is its own inverse).
+    pub fn absmean(self, stored: f64) -> f64 {
+        self.stored(stored)
+    }
 }
 
 /// How `config.json` says the projections are stored.

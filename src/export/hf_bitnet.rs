@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::Param;
-use crate::config::model::{Quantization, WeightScale};
+use crate::config::model::Quantization;
 use crate::config::ModelConfig;
 use crate::model::arch::{self, Family};
 use crate::model::{bitnet_packed, hf, is_bitlinear};
@@ -40,14 +40,9 @@ fn output_config(cfg: &ModelConfig, family: &Family, src: &Path) -> Result<Model
             family.architecture
         ),
     };
-    let mut out = cfg.clone();
-    out.extra.insert("architectures".into(), serde_json::json!([class.architecture]));
-    out.extra.insert("model_type".into(), class.model_type.into());
-    out.extra.insert(
-        "quantization_config".into(),
-        serde_json::json!({"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline"}),
-    );
-    Ok(out)
+    let quantization =
+        serde_json::json!({"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline"});
+    Ok(cfg.as_family(class, Some(quantization)))
 }
 
 /// Writes the export of the checkpoint `src` into the existing directory `dir`, dense tensors and scales
@@ -91,11 +86,8 @@ pub fn write(dir: &Path, src: &Path, dense: DType) -> Result<()> {
                     let (rows, cols) = codes.dims();
                     let bytes = bitnet_packed::pack(&codes.values(), rows, cols)?;
                     file.push(name, &Tensor::from_vec(bytes, (bitnet_packed::packed_rows(rows), cols), &Device::Cpu)?)?;
-                    let stored = match kind {
-                        WeightScale::Absmean => f64::from(scale),
-                        WeightScale::Reciprocal => 1.0 / f64::from(scale),
-                    };
-                    let stored = Tensor::new(&[stored as f32], &Device::Cpu)?.to_dtype(dense)?;
+                    let stored = kind.stored(f64::from(scale)) as f32;
+                    let stored = Tensor::new(&[stored], &Device::Cpu)?.to_dtype(dense)?;
                     file.push(&format!("{name}_scale"), &stored)?;
                 }
                 Param::Dense(t) => file.push(name, &t.to_dtype(dense)?)?,

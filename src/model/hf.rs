@@ -242,11 +242,8 @@ impl WeightFiles {
         if !(s.is_finite() && s > 0.0) {
             return Err(scale_fail(format!("is {s}; a weight scale is finite and positive")));
         }
-        let absmean = match kind {
-            WeightScale::Absmean => s,
-            WeightScale::Reciprocal => 1.0 / s,
-        };
-        bitnet_packed::latent(&values, out, cols, absmean as f32).map_err(|e| scale_fail(format!("is {s}: {e}")))
+        bitnet_packed::latent(&values, out, cols, kind.absmean(s) as f32)
+            .map_err(|e| scale_fail(format!("is {s}: {e}")))
     }
 
     /// A `VarBuilder` over these weights producing `dtype` tensors on `device`.
