@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bessie::config::ModelConfig;
-use bessie::export::{export, DenseDtype, Format};
+use bessie::config::model::RopeScalingType;
+use bessie::export::gguf::GgufType;
+use bessie::export::{export, DenseDtype, Format, Options};
 use bessie::generate::{generate, Sampler, Stop};
 use bessie::model::hf::{self, Layout};
 use bessie::model::init::random_weights;
@@ -38,11 +40,11 @@ fn greedy(dir: &Path, n: usize) -> Vec<u32> {
 }
 
 fn export_ok(src: &Path, out: &Path, format: Format, dense: DenseDtype) {
-    export(src, out, format, dense, false).unwrap();
+    export(src, out, &Options { dense, ..Options::new(format) }).unwrap();
 }
 
 fn export_err(src: &Path, out: &Path, format: Format) -> String {
-    format!("{:#}", export(src, out, format, DenseDtype::Bf16, false).unwrap_err())
+    format!("{:#}", export(src, out, &Options::new(format)).unwrap_err())
 }
 
 /// A random checkpoint of `cfg` (shipped tokenizer) saved as `dtype`.
@@ -179,17 +181,25 @@ fn export_errors_name_the_problem() {
     std::fs::write(out.join("stale.txt"), "x").unwrap();
     let e = export_err(&src, &out, Format::Ternary);
     assert!(e.contains("already exists") && e.contains("--force"), "{e}");
-    export(&src, &out, Format::Ternary, DenseDtype::Bf16, true).unwrap();
+    export(&src, &out, &Options { force: true, ..Options::new(Format::Ternary) }).unwrap();
     assert!(out.join("model.safetensors").exists() && !out.join("stale.txt").exists());
-    let e = format!("{:#}", export(&src, &src, Format::Ternary, DenseDtype::Bf16, true).unwrap_err());
+    let e = format!("{:#}", export(&src, &src, &Options { force: true, ..Options::new(Format::Ternary) }).unwrap_err());
     assert!(e.contains("is the checkpoint being exported"), "{e}");
     // Nor one of its files, nor a folder holding it, even with --force.
     let weights = src.join("model.safetensors");
     let before = std::fs::read(&weights).unwrap();
-    let e = format!("{:#}", export(&src, &weights, Format::Gguf, DenseDtype::Bf16, true).unwrap_err());
-    assert!(e.contains("is a file of the checkpoint being exported") && e.contains("--force never"), "{e}");
+    let e = format!("{:#}", export(&src, &weights, &Options { force: true, ..Options::new(Format::Gguf) }).unwrap_err());
+    assert!(e.contains("is inside the checkpoint being exported") && e.contains("--force never"), "{e}");
     assert_eq!(std::fs::read(&weights).unwrap(), before);
-    let e = format!("{:#}", export(&src, dir.path(), Format::Ternary, DenseDtype::Bf16, true).unwrap_err());
+    // Nor a new file or folder inside it.
+    let listing = || std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name()).collect::<std::collections::BTreeSet<_>>();
+    let files = listing();
+    for (inside, format) in [(src.join("m.gguf"), Format::Gguf), (src.join("packed"), Format::Ternary)] {
+        let e = export_err(&src, &inside, format);
+        assert!(e.contains("is inside the checkpoint being exported"), "{e}");
+    }
+    assert_eq!(listing(), files);
+    let e = format!("{:#}", export(&src, dir.path(), &Options { force: true, ..Options::new(Format::Ternary) }).unwrap_err());
     assert!(e.contains("holds the checkpoint being exported"), "{e}");
     let gguf = dir.path().join("m.gguf");
     std::fs::write(&gguf, "old").unwrap();
@@ -264,70 +274,102 @@ fn read_gguf(file: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Exports `src` as GGUF and checks what gguf-py reads: metadata, tensor names, shapes, types, and the
-/// ternary values and scale of every BitLinear matrix, decoded by gguf-py itself.
-fn check_gguf(src: &Path, ternary_type: &str) -> serde_json::Value {
+/// The ternary values llama.cpp's `llama` graph expects of q or k: Hugging Face's rotate-half rows reordered
+/// to interleaved pairs, as the converter's numpy `permute` does (reshape, swap, reshape).
+fn interleave_rows(values: &[i8], rows: usize, cols: usize, heads: usize) -> Vec<i8> {
+    let t = Tensor::from_vec(values.iter().map(|&v| f32::from(v)).collect::<Vec<_>>(), (rows, cols), &Device::Cpu)
+        .unwrap();
+    let t = t.reshape((heads, 2, rows / heads / 2, cols)).unwrap().transpose(1, 2).unwrap();
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(|v| v as i8).collect()
+}
+
+/// Exports `src` as GGUF of `ty` and checks what gguf-py reads: metadata, tensor names, shapes, types, and the
+/// ternary values and scale of every BitLinear matrix, decoded outside Bessie. `ternary_type` is the ggml
+/// type the matrices should have (F16 where the rows do not fit TQ2_0's blocks).
+fn check_gguf(src: &Path, ty: GgufType, ternary_type: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("model.gguf");
-    export_ok(src, &file, Format::Gguf, DenseDtype::Bf16);
+    export(src, &file, &Options { gguf_type: ty, ..Options::new(Format::Gguf) }).unwrap();
     let got = read_gguf(&file);
     let cfg = ModelConfig::from_file(&src.join("config.json")).unwrap();
+    let arch = cfg.family().unwrap().gguf_arch.unwrap();
     let tok = Tokenizer::from_dir(src).unwrap();
     let m = &got["metadata"];
-    let expected_meta = serde_json::json!({
-        "GGUF.version": 3,
-        "general.architecture": "bitnet",
-        "general.file_type": 37,
-        "general.quantization_version": 2,
-        "bitnet.vocab_size": cfg.vocab_size,
-        "bitnet.context_length": cfg.max_position_embeddings,
-        "bitnet.embedding_length": cfg.hidden_size,
-        "bitnet.block_count": cfg.num_hidden_layers,
-        "bitnet.feed_forward_length": cfg.intermediate_size,
-        "bitnet.attention.head_count": cfg.num_attention_heads,
-        "bitnet.attention.head_count_kv": cfg.num_kv_heads(),
-        "bitnet.rope.freq_base": cfg.rope_theta,
-        "bitnet.rope.scaling.type": "linear",
-        "bitnet.rope.scaling.factor": 1.0,
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.pre": "default",
-        "tokenizer.ggml.bos_token_id": tok.bos_id(),
-        "tokenizer.ggml.eos_token_id": tok.eos_id(),
-        "tokenizer.ggml.unknown_token_id": 0,
-        "tokenizer.ggml.padding_token_id": tok.pad_id().unwrap(),
-        "tokenizer.ggml.add_bos_token": true,
-        "tokenizer.ggml.add_eos_token": false,
-        "tokenizer.ggml.add_space_prefix": true,
-    });
-    for (key, value) in expected_meta.as_object().unwrap() {
+    let key = |k: &str| format!("{arch}.{k}");
+    let expected_meta = [
+        ("GGUF.version".to_string(), serde_json::json!(3)),
+        ("general.architecture".into(), arch.into()),
+        ("general.file_type".into(), (if ty == GgufType::Tq2_0 { 37 } else { 40 }).into()),
+        ("general.quantization_version".into(), 2.into()),
+        (key("vocab_size"), cfg.vocab_size.into()),
+        (key("context_length"), cfg.max_position_embeddings.into()),
+        (key("embedding_length"), cfg.hidden_size.into()),
+        (key("block_count"), cfg.num_hidden_layers.into()),
+        (key("feed_forward_length"), cfg.intermediate_size.into()),
+        (key("attention.head_count"), cfg.num_attention_heads.into()),
+        (key("attention.head_count_kv"), cfg.num_kv_heads().into()),
+        (key("attention.key_length"), cfg.head_dim().into()),
+        (key("rope.dimension_count"), cfg.head_dim().into()),
+        (key("rope.freq_base"), (cfg.rope_theta as f32 as f64).into()),
+        ("tokenizer.ggml.bos_token_id".into(), tok.bos_id().into()),
+        ("tokenizer.ggml.eos_token_id".into(), tok.eos_id().into()),
+        ("tokenizer.ggml.add_bos_token".into(), true.into()),
+        ("tokenizer.ggml.add_eos_token".into(), false.into()),
+    ];
+    for (key, value) in &expected_meta {
         assert_eq!(&m[key], value, "{key}");
     }
-    let eps = m["bitnet.attention.layer_norm_rms_epsilon"].as_f64().unwrap();
+    let eps = m[&key("attention.layer_norm_rms_epsilon")].as_f64().unwrap();
     assert_eq!(eps as f32, cfg.rms_norm_eps as f32);
-    let pieces = tok.sentencepiece_vocab().unwrap().pieces;
     let tokens: Vec<&str> =
         m["tokenizer.ggml.tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-    assert_eq!(tokens, pieces.iter().map(|p| p.0.as_str()).collect::<Vec<_>>());
     let types: Vec<i64> = serde_json::from_value(m["tokenizer.ggml.token_type"].clone()).unwrap();
-    assert_eq!(types, pieces.iter().map(|p| i64::from(p.2)).collect::<Vec<_>>());
-    let scores: Vec<f32> = serde_json::from_value(m["tokenizer.ggml.scores"].clone()).unwrap();
-    assert_eq!(scores, pieces.iter().map(|p| p.1).collect::<Vec<_>>());
+    assert_eq!((tokens.len(), types.len()), (cfg.vocab_size, cfg.vocab_size));
+    if let Some(vocab) = tok.sentencepiece_vocab() {
+        let pieces = vocab.pieces;
+        assert_eq!((&m["tokenizer.ggml.model"], &m["tokenizer.ggml.pre"]), (&"llama".into(), &"default".into()));
+        assert_eq!(&tokens[..pieces.len()], pieces.iter().map(|p| p.0.as_str()).collect::<Vec<_>>());
+        assert_eq!(&types[..pieces.len()], pieces.iter().map(|p| i64::from(p.2)).collect::<Vec<_>>());
+        let scores: Vec<f32> = serde_json::from_value(m["tokenizer.ggml.scores"].clone()).unwrap();
+        assert_eq!(&scores[..pieces.len()], pieces.iter().map(|p| p.1).collect::<Vec<_>>());
+        assert_eq!(m["tokenizer.ggml.add_space_prefix"], vocab.adds_dummy_prefix);
+    } else {
+        // A byte-level BPE tokenizer.json: every id's text as the file has it, and its merges in order.
+        assert_eq!(m["tokenizer.ggml.model"], "gpt2");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+        let merge_text = |m: &serde_json::Value| match m {
+            serde_json::Value::String(s) => s.clone(),
+            pair => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
+        };
+        let merges: Vec<String> = json["model"]["merges"].as_array().unwrap().iter().map(merge_text).collect();
+        let got_merges: Vec<String> = serde_json::from_value(m["tokenizer.ggml.merges"].clone()).unwrap();
+        assert_eq!(got_merges, merges);
+        for (text, id) in json["model"]["vocab"].as_object().unwrap() {
+            let id = id.as_u64().unwrap() as usize;
+            assert_eq!((tokens[id], types[id]), (text.as_str(), 1), "token {id}");
+        }
+        for added in json["added_tokens"].as_array().unwrap() {
+            let id = added["id"].as_u64().unwrap() as usize;
+            let kind = if added["special"].as_bool().unwrap() { 3 } else { 4 };
+            assert_eq!((tokens[id], types[id]), (added["content"].as_str().unwrap(), kind), "added token {id}");
+        }
+    }
 
     // Tensors: llama.cpp's names, ggml shapes (innermost first) and types.
-    let source = bessie::export::Source::read(src).unwrap();
+    let source = bessie::export::Source::open(src).unwrap();
     let tensors = got["tensors"].as_array().unwrap();
-    assert_eq!(tensors.len(), source.params.len());
+    let llama3_rope = cfg.rope_scaling().unwrap().is_some_and(|s| s.kind == RopeScalingType::Llama3);
+    assert_eq!(tensors.len(), source.shapes().len() + usize::from(llama3_rope));
     let find = |name: &str| tensors.iter().find(|t| t["name"] == name).unwrap_or_else(|| panic!("no {name}"));
     let shape = |t: &serde_json::Value| -> Vec<usize> { serde_json::from_value(t["shape"].clone()).unwrap() };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-    assert_eq!(
-        (find("token_embd.weight")["type"].as_str(), shape(find("token_embd.weight"))),
-        (Some("F16"), vec![h, v])
-    );
-    assert_eq!(
-        (find("output_norm.weight")["type"].as_str(), shape(find("output_norm.weight"))),
-        (Some("F32"), vec![h])
-    );
+    let typed = |name: &str| (find(name)["type"].as_str().unwrap().to_string(), shape(find(name)));
+    assert_eq!(typed("token_embd.weight"), ("F16".into(), vec![h, v]));
+    assert_eq!(typed("output_norm.weight"), ("F32".into(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        assert_eq!(typed("output.weight"), ("F16".into(), vec![h, v]));
+    }
     let hf_to_gguf = [
         ("input_layernorm", "attn_norm"),
         ("self_attn.q_proj", "attn_q"),
@@ -335,25 +377,32 @@ fn check_gguf(src: &Path, ternary_type: &str) -> serde_json::Value {
         ("self_attn.v_proj", "attn_v"),
         ("self_attn.o_proj", "attn_output"),
         ("self_attn.inner_attn_ln", "attn_sub_norm"),
+        ("self_attn.attn_sub_norm", "attn_sub_norm"),
         ("post_attention_layernorm", "ffn_norm"),
         ("mlp.gate_proj", "ffn_gate"),
         ("mlp.up_proj", "ffn_up"),
         ("mlp.down_proj", "ffn_down"),
         ("mlp.ffn_layernorm", "ffn_sub_norm"),
+        ("mlp.ffn_sub_norm", "ffn_sub_norm"),
     ];
-    for (name, param) in &source.params {
+    for (name, shape_of) in source.shapes() {
         let Some(rest) = name.strip_prefix("model.layers.") else { continue };
         let (layer, module) = rest.split_once('.').unwrap();
         let short = hf_to_gguf.iter().find(|(hf, _)| format!("{hf}.weight") == module).unwrap().1;
         let t = find(&format!("blk.{layer}.{short}.weight"));
-        match param {
+        match source.param(&name, &shape_of).unwrap() {
             bessie::export::Param::Dense(d) => {
                 assert_eq!((t["type"].as_str(), shape(t)), (Some("F32"), d.dims().to_vec()), "{name}");
             }
             bessie::export::Param::Ternary { codes, scale } => {
                 let (rows, cols) = codes.dims();
                 assert_eq!((t["type"].as_str(), shape(t)), (Some(ternary_type), vec![cols, rows]), "{name}");
-                let values = codes.values();
+                let mut values = codes.values();
+                if arch == "llama" && short == "attn_q" {
+                    values = interleave_rows(&values, rows, cols, cfg.num_attention_heads);
+                } else if arch == "llama" && short == "attn_k" {
+                    values = interleave_rows(&values, rows, cols, cfg.num_kv_heads());
+                }
                 let count = |x: i8| values.iter().filter(|&&v| v == x).count() as u64;
                 let checksum: i64 =
                     values.iter().enumerate().map(|(i, &v)| i64::from(v) * ((i as i64 * 7919) % 10007)).sum();
@@ -362,24 +411,58 @@ fn check_gguf(src: &Path, ternary_type: &str) -> serde_json::Value {
                     (Some(count(1)), Some(count(0)), Some(count(-1)), Some(checksum)),
                     "{name}"
                 );
-                assert_eq!(t["scale"].as_f64().unwrap() as f32, half::f16::from_f32(*scale).to_f32(), "{name}");
+                // I2_S keeps the f32 scale; TQ2_0 (and its F16 fallback) rounds it to f16.
+                let expected = if ternary_type == "I2_S" { scale } else { half::f16::from_f32(scale).to_f32() };
+                assert_eq!(t["scale"].as_f64().unwrap() as f32, expected, "{name}");
             }
         }
     }
     got
 }
 
-/// Rows a multiple of 256: every ternary matrix is TQ2_0. The tiny shape (rows of 64 and 176): F16.
+/// Rows a multiple of 256: every ternary matrix is TQ2_0 or I2_S. The tiny shape (rows of 64 and 176): F16
+/// in TQ2_0, and an error naming the tensor in I2_S, which cannot hold them.
 #[test]
 fn gguf_is_read_back_by_gguf_py() {
     let dir = tempfile::tempdir().unwrap();
     let wide = dir.path().join("wide");
     let vocab = common::tiny_checkpoint(&wide, 0).vocab_size;
     checkpoint(&wide, &wide_config(vocab), 8, DType::F32);
-    check_gguf(&wide, "TQ2_0");
+    check_gguf(&wide, GgufType::Tq2_0, "TQ2_0");
+    check_gguf(&wide, GgufType::I2S, "I2_S");
     let tiny = dir.path().join("tiny");
     common::tiny_checkpoint(&tiny, 3);
-    check_gguf(&tiny, "F16");
+    check_gguf(&tiny, GgufType::Tq2_0, "F16");
+    let out = dir.path().join("tiny.gguf");
+    let e = format!("{:#}", export(&tiny, &out, &Options { gguf_type: GgufType::I2S, ..Options::new(Format::Gguf) }).unwrap_err());
+    assert!(e.contains("self_attn.q_proj.weight") && e.contains("rows of 64") && e.contains("128"), "{e}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("gguf")));
+}
+
+/// The 2B4T and Llama-layout families, widened so that every matrix is I2_S: `bitnet-b1.58` (I2_S only) and
+/// `llama` (q and k rows interleaved, an untied head as `output.weight`, TQ2_0 and I2_S).
+#[test]
+fn gguf_writes_every_ternary_family() {
+    use bessie::model::init::{write_random_checkpoint, TokenizerSource};
+    let dir = tempfile::tempdir().unwrap();
+    for (shape, types) in [("tiny-bitnet", &[GgufType::I2S][..]), ("tiny-llama-bitnet", &[GgufType::Tq2_0, GgufType::I2S])] {
+        let src = dir.path().join(shape);
+        let cfg = write_random_checkpoint(&src, shape, TokenizerSource::Shipped, None, 5, DType::F32, Layout::Safetensors)
+            .unwrap();
+        let mut wide = cfg.clone();
+        (wide.hidden_size, wide.intermediate_size) = (256, 512);
+        wide.head_dim = Some(64);
+        hf::save(&src, &wide, &random_weights(&wide, 6).unwrap(), DType::F32, Layout::Safetensors, &[]).unwrap();
+        for &ty in types {
+            check_gguf(&src, ty, if ty == GgufType::I2S { "I2_S" } else { "TQ2_0" });
+        }
+    }
+    // llama.cpp has no 2B4T graph: TQ2_0 is refused for it, naming the way out.
+    let e = format!(
+        "{:#}",
+        export(&dir.path().join("tiny-bitnet"), &dir.path().join("b.gguf"), &Options::new(Format::Gguf)).unwrap_err()
+    );
+    assert!(e.contains("bitnet-b1.58") && e.contains("--type i2_s"), "{e}");
 }
 
 /// The real LLaMA vocabulary (32000 pieces, byte fallback, <pad> and </line> added), when available.
@@ -395,7 +478,7 @@ fn gguf_embeds_the_llama_tokenizer() {
     let source = bessie::model::init::TokenizerSource::Path(&model);
     bessie::model::init::write_random_checkpoint(&src, "tiny", source, None, 0, DType::BF16, Layout::Safetensors)
         .unwrap();
-    let got = check_gguf(&src, "F16");
+    let got = check_gguf(&src, GgufType::Tq2_0, "F16");
     let m = &got["metadata"];
     let token =
         |id: usize| (m["tokenizer.ggml.tokens"][id].as_str().unwrap(), m["tokenizer.ggml.token_type"][id].as_i64());
@@ -405,6 +488,26 @@ fn gguf_embeds_the_llama_tokenizer() {
     assert_eq!(token(3), ("<0x00>", Some(6)));
     assert_eq!(token(32000), ("<pad>", Some(3)));
     assert_eq!(token(32001), ("</line>", Some(3)));
+}
+
+/// LLaMA-3's byte-level BPE (2B4T's and Llama3-8B-1.58's tokenizer), when available: `gpt2` with llama.cpp's
+/// `llama-bpe` pre-tokenizer, which llama.cpp's converter recognizes by the same hash.
+#[test]
+fn gguf_embeds_the_llama3_tokenizer() {
+    let json = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/llama3/tokenizer.json");
+    if !json.exists() {
+        println!("skipping: ../shared/tokenizers/llama3/tokenizer.json not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("llama3");
+    let source = bessie::model::init::TokenizerSource::Path(&json);
+    let cfg = bessie::model::init::write_random_checkpoint(&src, "tiny-llama-bitnet", source, None, 0, DType::BF16, Layout::Safetensors)
+        .unwrap();
+    assert_eq!(cfg.vocab_size, 128256);
+    let got = check_gguf(&src, GgufType::Tq2_0, "F16");
+    assert_eq!(got["metadata"]["tokenizer.ggml.pre"], "llama-bpe");
+    assert_eq!(got["metadata"]["tokenizer.ggml.tokens"][128000], "<|begin_of_text|>");
 }
 
 /// Every ternary family exports as Bessie's packed checkpoint, the Llama layout with transformers' `bitnet`

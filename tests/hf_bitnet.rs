@@ -10,7 +10,7 @@ use std::process::Command;
 
 use bessie::config::model::{Quantization, WeightScale};
 use bessie::config::ModelConfig;
-use bessie::export::{export, DenseDtype, Format};
+use bessie::export::{export, DenseDtype, Format, Options};
 use bessie::model::bitnet_packed::unpack;
 use bessie::model::hf::{self, Layout};
 use bessie::model::init::{write_random_checkpoint, TokenizerSource};
@@ -117,8 +117,8 @@ fn transformers_computes_what_bessie_computes() {
         let latent = dir.path().join("latent");
         random_checkpoint(&latent, shape, 7);
         let (f32_export, bf16_export) = (dir.path().join("f32"), dir.path().join("bf16"));
-        export(&latent, &f32_export, Format::HfBitnet, DenseDtype::F32, false).unwrap();
-        export(&latent, &bf16_export, Format::HfBitnet, DenseDtype::Bf16, false).unwrap();
+        export(&latent, &f32_export, &Options { dense: DenseDtype::F32, ..Options::new(Format::HfBitnet) }).unwrap();
+        export(&latent, &bf16_export, &Options::new(Format::HfBitnet)).unwrap();
         let hf = transformers(&[&latent, &f32_export, &bf16_export]);
         let ours: Vec<_> = [&latent, &f32_export, &bf16_export].map(|d| bessie(d)).into();
 
@@ -159,7 +159,7 @@ fn export_layout_and_load_back() {
         let (latent, out) = (dir.path().join("latent"), dir.path().join("out"));
         let cfg = random_checkpoint(&latent, shape, 3);
         std::fs::write(latent.join("chat_template.jinja"), "{{ messages }}").unwrap();
-        export(&latent, &out, Format::HfBitnet, DenseDtype::F32, false).unwrap();
+        export(&latent, &out, &Options { dense: DenseDtype::F32, ..Options::new(Format::HfBitnet) }).unwrap();
 
         let json = config_json(&out);
         assert_eq!(
@@ -246,7 +246,7 @@ fn packed_weights_errors_and_float_ternary() {
     let dir = tempfile::tempdir().unwrap();
     let (latent, out) = (dir.path().join("latent"), dir.path().join("out"));
     random_checkpoint(&latent, "tiny-bitnet", 5);
-    export(&latent, &out, Format::HfBitnet, DenseDtype::F32, false).unwrap();
+    export(&latent, &out, &Options { dense: DenseDtype::F32, ..Options::new(Format::HfBitnet) }).unwrap();
     let reference = bessie(&out).0;
     let victim = "model.layers.1.mlp.down_proj.weight";
     let scale_name = format!("{victim}_scale");
@@ -293,7 +293,7 @@ fn one_bit_llm_is_refused() {
     let src = dir.path().join("src");
     random_checkpoint(&src, "tiny", 1);
     let e =
-        format!("{:#}", export(&src, &dir.path().join("out"), Format::HfBitnet, DenseDtype::Bf16, false).unwrap_err());
+        format!("{:#}", export(&src, &dir.path().join("out"), &Options::new(Format::HfBitnet)).unwrap_err());
     assert!(e.contains("1bitllm") && e.contains("BitnetForCausalLM") && e.contains("-f gguf"), "{e}");
     assert!(!dir.path().join("out").exists());
 }

@@ -249,7 +249,7 @@ fn config_sizes_are_checked_before_anything_is_allocated() {
         for (what, msg) in [
             ("inference", err(bessie::model::load(dir.path(), &Device::Cpu))),
             ("training", err(hf::open(dir.path(), DType::F32, &Device::Cpu))),
-            ("export", err(bessie::export::Source::read(dir.path()))),
+            ("export", err(bessie::export::Source::open(dir.path()))),
         ] {
             assert!(msg.contains(want) && msg.contains("config.json"), "{what}, {key} = {value}: {msg}");
         }

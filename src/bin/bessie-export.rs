@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use bessie::export::{disk_size, export, DenseDtype, Format};
+use bessie::export::gguf::GgufType;
+use bessie::export::{disk_size, export, DenseDtype, Format, Options};
 use clap::Parser;
 
 /// Export a trained BitNet b1.58 checkpoint as real ternary weights.
@@ -19,9 +20,11 @@ use clap::Parser;
 /// is the latent checkpoint's dtype); on CPU they multiply the packed weights by int8 activations, several
 /// times faster. bitnet_b1_58-large: 2.9 GB -> about 0.27 GB.
 ///
-/// --format gguf writes one GGUF file for llama.cpp's `bitnet` architecture (and bitnet.cpp's llama.cpp
-/// fork): ternary matrices in ggml type TQ2_0, the embedding in F16, norms in F32, the LLaMA SentencePiece
-/// vocabulary embedded. Needs a tied lm_head and a tokenizer.model. README.md says which versions it targets.
+/// --format gguf writes one GGUF file for llama.cpp and bitnet.cpp: architecture `bitnet` (1bitLLM),
+/// `bitnet-b1.58` (2B4T; bitnet.cpp only) or `llama` (the Llama layout: Falcon3, Llama3-8B-1.58), ternary
+/// matrices in --type tq2_0 (llama.cpp and bitnet.cpp) or i2_s (bitnet.cpp's own), the embedding in F16,
+/// norms in F32, the tokenizer (SentencePiece, or LLaMA-3/Falcon3 byte-level BPE with llama.cpp's
+/// pre-tokenizer name) and the chat template embedded. README.md says which versions it targets.
 ///
 /// --format hf-bitnet writes a checkpoint directory in transformers' own packed `bitnet` layout, which
 /// `AutoModelForCausalLM.from_pretrained` loads without remote code: families bitnet (BitNetForCausalLM,
@@ -30,8 +33,9 @@ use clap::Parser;
 /// and the scales in --dtype. Bessie loads it back. 1bitLLM checkpoints have no transformers class and are
 /// refused.
 ///
-/// The output must not exist unless --force; it is replaced only once the new one is complete, and never
-/// when it is the checkpoint being exported, one of its files or a folder holding it.
+/// The output must not exist unless --force; it is replaced only once the new one is complete, and it may
+/// never be the checkpoint being exported, lie inside it or hold it. Tensors are read and written one at a
+/// time, so an export needs little memory beyond its largest tensor.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -49,6 +53,10 @@ struct Args {
     /// or equal within float rounding (hf-bitnet). Not used for GGUF.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DenseDtype,
+    /// The GGUF type of the ternary matrices: tq2_0 (llama.cpp's, also read by bitnet.cpp; rows of other
+    /// than a multiple of 256 weights become F16) or i2_s (bitnet.cpp's; rows must be a multiple of 128).
+    #[arg(long = "type", value_enum, default_value = "tq2_0")]
+    gguf_type: GgufType,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
@@ -59,7 +67,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn body(args: Args) -> Result<()> {
-    export(&args.model, &args.out, args.format, args.dtype, args.force)?;
+    let options = Options { format: args.format, dense: args.dtype, gguf_type: args.gguf_type, force: args.force };
+    export(&args.model, &args.out, &options)?;
     println!("wrote {} ({:.1} MB)", args.out.display(), disk_size(&args.out)? as f64 / 1e6);
     Ok(())
 }

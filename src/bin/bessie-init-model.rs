@@ -76,7 +76,7 @@ fn body(args: Args) -> Result<()> {
             let cfg = write(latent.path())?;
             std::fs::create_dir_all(&args.out)?;
             let dense = if dtype == DType::F32 { DType::F32 } else { DType::BF16 };
-            bessie::export::hf_bitnet::write(&args.out, latent.path(), dense)?;
+            bessie::export::hf_bitnet::write(&args.out, &bessie::export::Source::open(latent.path())?, dense)?;
             cfg
         }
     };

@@ -16,14 +16,12 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::Param;
+use super::{Param, Source};
 use crate::config::model::Quantization;
 use crate::config::ModelConfig;
 use crate::model::arch::{self, Family};
 use crate::model::{bitnet_packed, hf, is_bitlinear};
-use crate::tokenizer::Tokenizer;
 
 /// The `config.json` of the export of `cfg` (a checkpoint of `family`): transformers' class and its offline
 /// `bitnet` quantization_config, or an error for a family transformers has no class for.
@@ -45,59 +43,54 @@ fn output_config(cfg: &ModelConfig, family: &Family, src: &Path) -> Result<Model
     Ok(cfg.as_family(class, Some(quantization)))
 }
 
+/// An error unless `src` can be written in this layout (before anything is written).
+pub fn check(src: &Source) -> Result<()> {
+    output_config(&src.cfg, src.cfg.family()?, &src.dir)?;
+    for (name, shape) in src.shapes() {
+        // transformers' BitLinear holds out / 4 packed rows, and its loader unpacks only rows x 4 = out.
+        ensure!(
+            !is_bitlinear(&name) || shape[0] % bitnet_packed::VALUES_PER_BYTE == 0,
+            "{}: tensor `{name}` has {} rows (config.json), not a multiple of 4, which transformers' packed bitnet \
+             layout needs",
+            src.dir.display(),
+            shape[0]
+        );
+    }
+    Ok(())
+}
+
 /// Writes the export of the checkpoint `src` into the existing directory `dir`, dense tensors and scales
-/// as `dense`.
-pub fn write(dir: &Path, src: &Path, dense: DType) -> Result<()> {
-    crate::manifest::verify(src)?;
-    let (cfg, vb) = hf::open(src, DType::F32, &Device::Cpu)?;
-    let family = cfg.family()?;
-    let mut out_cfg = output_config(&cfg, family, src)?;
+/// as `dense`, one tensor at a time.
+pub fn write(dir: &Path, src: &Source, dense: DType) -> Result<()> {
+    check(src)?;
+    let mut out_cfg = output_config(&src.cfg, src.cfg.family()?, &src.dir)?;
     let Quantization::Bitnet { scale: kind } = out_cfg.quantization()? else {
         unreachable!("output_config writes an offline bitnet quantization_config")
     };
-    let params = cfg.parameter_shapes();
     let mut entries = Vec::new();
-    for (name, shape) in &params {
-        if !is_bitlinear(name) {
-            entries.push((name.clone(), dense, shape.clone()));
-            continue;
+    for (name, shape) in src.shapes() {
+        if is_bitlinear(&name) {
+            entries.push((name.clone(), DType::U8, vec![bitnet_packed::packed_rows(shape[0]), shape[1]]));
+            entries.push((format!("{name}_scale"), dense, vec![1]));
+        } else {
+            entries.push((name, dense, shape));
         }
-        // transformers' BitLinear holds out / 4 packed rows, and its loader unpacks only rows x 4 = out.
-        ensure!(
-            shape[0] % bitnet_packed::VALUES_PER_BYTE == 0,
-            "{}: tensor `{name}` has {} rows (config.json), not a multiple of 4, which transformers' packed bitnet \
-             layout needs",
-            src.display(),
-            shape[0]
-        );
-        entries.push((name.clone(), DType::U8, vec![bitnet_packed::packed_rows(shape[0]), shape[1]]));
-        entries.push((format!("{name}_scale"), dense, vec![1]));
     }
-
-    let packed = cfg.is_packed_ternary();
-    let bar = ProgressBar::new(params.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30.cyan/blue} tensor {pos}/{len} {msg} [{elapsed_precise}]")?);
     hf::write_atomic(&dir.join(hf::SAFETENSORS_FILE), |tmp| {
         let mut file = hf::StreamedSafetensors::create(tmp, entries)?;
-        for (name, shape) in &params {
-            bar.set_message(name.clone());
-            match Param::read(&vb, packed, name, shape)? {
-                Param::Ternary { codes, scale } => {
-                    let (rows, cols) = codes.dims();
-                    let bytes = bitnet_packed::pack(&codes.values(), rows, cols)?;
-                    file.push(name, &Tensor::from_vec(bytes, (bitnet_packed::packed_rows(rows), cols), &Device::Cpu)?)?;
-                    let stored = kind.stored(f64::from(scale)) as f32;
-                    let stored = Tensor::new(&[stored], &Device::Cpu)?.to_dtype(dense)?;
-                    file.push(&format!("{name}_scale"), &stored)?;
-                }
-                Param::Dense(t) => file.push(name, &t.to_dtype(dense)?)?,
+        src.for_each_param(|name, param| match param {
+            Param::Ternary { codes, scale } => {
+                let (rows, cols) = codes.dims();
+                let bytes = bitnet_packed::pack(&codes.values(), rows, cols)?;
+                file.push(name, &Tensor::from_vec(bytes, (bitnet_packed::packed_rows(rows), cols), &Device::Cpu)?)?;
+                let stored = kind.stored(f64::from(scale)) as f32;
+                file.push(&format!("{name}_scale"), &Tensor::new(&[stored], &Device::Cpu)?.to_dtype(dense)?)
             }
-            bar.inc(1);
-        }
+            Param::Dense(t) => file.push(name, &t.to_dtype(dense)?),
+        })?;
         file.finish()
     })?;
-    bar.finish_and_clear();
     out_cfg.extra.insert("torch_dtype".into(), hf::dtype_name(dense)?.into());
     hf::write_json(&dir.join(hf::CONFIG_FILE), &out_cfg)?;
-    hf::copy_files(dir, Tokenizer::from_dir(src)?.files())
+    hf::copy_files(dir, src.tokenizer.files())
 }

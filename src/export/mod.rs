@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::ModelConfig;
 use crate::model::hf;
@@ -78,20 +79,22 @@ impl Param {
     }
 }
 
-/// A checkpoint read for export: its config, every parameter in `model::parameter_shapes` order, and its
-/// tokenizer.
+/// A checkpoint opened for export: its config, its tokenizer, and its parameters read one at a time
+/// ([`Source::for_each_param`]), so that an export holds one tensor, not the model.
 pub struct Source {
     pub dir: PathBuf,
     pub cfg: ModelConfig,
-    pub params: Vec<(String, Param)>,
     pub tokenizer: Tokenizer,
+    vb: VarBuilder<'static>,
+    /// Bessie's packed checkpoint: the codes are read as stored.
+    packed: bool,
 }
 
 impl Source {
-    /// Reads a BitNet checkpoint directory, latent or packed. Refuses a full-precision model (its family is
+    /// Opens a BitNet checkpoint directory, latent or packed. Refuses a full-precision model (its family is
     /// not ternary as it stands: quantizing it to ternary would destroy it);
     /// `ModelConfig::from_file` has already refused `weight_bits`/`input_bits` other than 1/8.
-    pub fn read(dir: &Path) -> Result<Self> {
+    pub fn open(dir: &Path) -> Result<Self> {
         crate::manifest::verify(dir)?;
         let (cfg, vb) = hf::open(dir, DType::F32, &Device::Cpu)?;
         let family = cfg.family()?;
@@ -104,52 +107,104 @@ impl Source {
             family.name
         );
         let packed = cfg.is_packed_ternary();
-        let params = cfg
-            .parameter_shapes()
-            .into_iter()
-            .map(|(name, shape)| Ok((name.clone(), Param::read(&vb, packed, &name, &shape)?)))
-            .collect::<Result<_>>()?;
         let tokenizer = Tokenizer::from_dir(dir)?;
-        Ok(Self { dir: dir.to_path_buf(), cfg, params, tokenizer })
+        Ok(Self { dir: dir.to_path_buf(), cfg, tokenizer, vb, packed })
+    }
+
+    /// Every parameter's name and shape, in `ModelConfig::parameter_shapes` order.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.cfg.parameter_shapes()
+    }
+
+    /// Parameter `name` of `shape` (one of [`Source::shapes`]).
+    pub fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {
+        Param::read(&self.vb, self.packed, name, shape)
+    }
+
+    /// Hands every parameter to `f` in [`Source::shapes`] order, each read when its turn comes, behind a
+    /// progress bar.
+    pub fn for_each_param(&self, mut f: impl FnMut(&str, Param) -> Result<()>) -> Result<()> {
+        let shapes = self.shapes();
+        let bar = ProgressBar::new(shapes.len() as u64);
+        bar.set_style(ProgressStyle::with_template("{bar:30.cyan/blue} tensor {pos}/{len} {msg} [{elapsed_precise}]")?);
+        for (name, shape) in &shapes {
+            bar.set_message(name.clone());
+            f(name, self.param(name, shape)?)?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(())
     }
 }
 
-/// Exports the checkpoint in `src` to `out` as `format`; `dense` is the dtype of the packed checkpoints'
-/// dense tensors (GGUF has its own). An existing `out` is an error unless `force`, and it is only replaced once the new output
-/// is complete.
-pub fn export(src: &Path, out: &Path, format: Format, dense: DenseDtype, force: bool) -> Result<()> {
+/// How to export: the format and its settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub format: Format,
+    /// The dtype of the packed checkpoints' dense tensors (GGUF has its own).
+    pub dense: DenseDtype,
+    /// The ggml type of a GGUF file's ternary matrices.
+    pub gguf_type: gguf::GgufType,
+    /// Replace an existing output.
+    pub force: bool,
+}
+
+impl Options {
+    /// `format` with the defaults: bf16 dense tensors, TQ2_0, no replacing.
+    pub fn new(format: Format) -> Self {
+        Self { format, dense: DenseDtype::Bf16, gguf_type: gguf::GgufType::Tq2_0, force: false }
+    }
+}
+
+/// Exports the checkpoint in `src` to `out`. The output may not lie in the checkpoint (nor be it, nor hold
+/// it), whatever `force` says; an existing `out` is an error unless `force`, and it is only replaced once the
+/// new output is complete. Everything that can be checked before writing is.
+pub fn export(src: &Path, out: &Path, options: &Options) -> Result<()> {
+    refuse_output_in_source(src, out)?;
     if out.exists() || out.is_symlink() {
-        ensure!(force, "{} already exists; pass --force to replace it", out.display());
-        // Replacing the checkpoint, one of its files or a folder holding it would destroy the input.
-        if let (Ok(src), Ok(out_real)) = (src.canonicalize(), out.canonicalize()) {
-            let relation = match () {
-                _ if src == out_real => Some("is"),
-                _ if out_real.starts_with(&src) => Some("is a file of"),
-                _ if src.starts_with(&out_real) => Some("holds"),
-                _ => None,
-            };
-            if let Some(relation) = relation {
-                bail!(
-                    "the output {} {relation} the checkpoint being exported ({}); choose another path (--force \
-                     never replaces the export's own input)",
-                    out.display(),
-                    src.display()
-                );
+        ensure!(options.force, "{} already exists; pass --force to replace it", out.display());
+    }
+    let source = Source::open(src)?;
+    match options.format {
+        Format::Ternary => replace_dir(out, |dir| ternary::write(dir, &source, options.dense.dtype())),
+        Format::Gguf => {
+            let plan = gguf::Plan::new(&source, options.gguf_type)?;
+            hf::write_atomic(out, |tmp| gguf::write(tmp, &source, &plan))
+        }
+        Format::HfBitnet => {
+            hf_bitnet::check(&source)?;
+            replace_dir(out, |dir| hf_bitnet::write(dir, &source, options.dense.dtype()))
+        }
+    }
+}
+
+/// An error when `out` is the checkpoint `src`, lies inside it (an export written into the checkpoint it
+/// reads could replace its weights) or holds it.
+fn refuse_output_in_source(src: &Path, out: &Path) -> Result<()> {
+    let Ok(src_real) = src.canonicalize() else { return Ok(()) };
+    // The output may not exist yet: where it would be is its folder's real path plus its name.
+    let out_real = match out.canonicalize() {
+        Ok(real) => real,
+        Err(_) => {
+            let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            match (parent.canonicalize(), out.file_name()) {
+                (Ok(parent), Some(name)) => parent.join(name),
+                _ => return Ok(()),
             }
         }
-    }
-    match format {
-        Format::Ternary => {
-            let source = Source::read(src)?;
-            replace_dir(out, |dir| ternary::write(dir, &source, dense.dtype()))
-        }
-        Format::Gguf => {
-            let source = Source::read(src)?;
-            hf::write_atomic(out, |tmp| gguf::write(tmp, &source))
-        }
-        // Streams tensor by tensor instead of reading the whole model first.
-        Format::HfBitnet => replace_dir(out, |dir| hf_bitnet::write(dir, src, dense.dtype())),
-    }
+    };
+    let relation = match () {
+        _ if src_real == out_real => "is",
+        _ if out_real.starts_with(&src_real) => "is inside",
+        _ if src_real.starts_with(&out_real) => "holds",
+        _ => return Ok(()),
+    };
+    bail!(
+        "the output {} {relation} the checkpoint being exported ({}); write the export outside it (--force never \
+         replaces or writes into the export's own input)",
+        out.display(),
+        src.display()
+    )
 }
 
 /// Writes a directory by letting `write` fill a temporary sibling, then swaps it in for `path` (removing

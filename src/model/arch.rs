@@ -100,6 +100,9 @@ pub struct Family {
     /// The family Bessie saves a fine-tuned model as: itself, or for a full-precision Llama, the Llama
     /// layout with the `bitnet` quantization config.
     pub saves_as: &'static str,
+    /// `general.architecture` of the family's GGUF file: the llama.cpp / bitnet.cpp graph that runs it
+    /// (`export::gguf` says which ggml types each reads); None where no such graph exists.
+    pub gguf_arch: Option<&'static str>,
 }
 
 pub const ONE_BIT_LLM: Family = Family {
@@ -112,6 +115,7 @@ pub const ONE_BIT_LLM: Family = Family {
     bitnet_quant_config: false,
     ternary: true,
     saves_as: "1bitllm",
+    gguf_arch: Some("bitnet"),
 };
 
 pub const BITNET_2B4T: Family = Family {
@@ -124,6 +128,7 @@ pub const BITNET_2B4T: Family = Family {
     bitnet_quant_config: true,
     ternary: true,
     saves_as: "bitnet",
+    gguf_arch: Some("bitnet-b1.58"),
 };
 
 pub const LLAMA_BITNET: Family = Family {
@@ -136,6 +141,7 @@ pub const LLAMA_BITNET: Family = Family {
     bitnet_quant_config: true,
     ternary: true,
     saves_as: "llama-bitnet",
+    gguf_arch: Some("llama"),
 };
 
 pub const LLAMA: Family = Family {
@@ -148,6 +154,8 @@ pub const LLAMA: Family = Family {
     bitnet_quant_config: false,
     ternary: false,
     saves_as: "llama-bitnet",
+    // A full-precision model is exported only after fine-tuning, as llama-bitnet.
+    gguf_arch: None,
 };
 
 /// Every family, in the order `config.json` is matched against them.

@@ -293,6 +293,41 @@ impl Tokenizer {
         }
     }
 
+    /// The byte-level BPE vocabulary of a `tokenizer.json` tokenizer (LLaMA-3's, Falcon3's); None for a
+    /// SentencePiece one or another `tokenizers` model.
+    pub fn bpe_vocab(&self) -> Result<Option<BpeVocab>> {
+        let Backend::HuggingFace(t) = &self.backend else { return Ok(None) };
+        let tokenizers::models::ModelWrapper::BPE(bpe) = t.get_model() else { return Ok(None) };
+        // The merges are private to the crate's BPE model; its serialized form lists them by rank.
+        let model = serde_json::to_value(bpe)?;
+        let merges = model["merges"]
+            .as_array()
+            .context("tokenizer.json: the BPE model has no merges")?
+            .iter()
+            .map(|m| match m {
+                Value::String(s) => Ok(s.clone()),
+                Value::Array(pair) => match (pair.first().and_then(Value::as_str), pair.get(1).and_then(Value::as_str)) {
+                    (Some(a), Some(b)) if pair.len() == 2 => Ok(format!("{a} {b}")),
+                    _ => bail!("tokenizer.json: a merge that is not a pair of strings: {m}"),
+                },
+                other => bail!("tokenizer.json: a merge that is not a pair of strings: {other}"),
+            })
+            .collect::<Result<_>>()?;
+        let added = t.get_added_tokens_decoder();
+        let mut tokens = vec![None; self.vocab_size];
+        for (text, id) in t.get_vocab(true) {
+            let kind = match added.get(&id) {
+                Some(token) if token.special => BpeVocab::CONTROL,
+                Some(_) => BpeVocab::USER_DEFINED,
+                None => BpeVocab::NORMAL,
+            };
+            if let Some(slot) = tokens.get_mut(id as usize) {
+                *slot = Some((text, kind));
+            }
+        }
+        Ok(Some(BpeVocab { tokens, merges }))
+    }
+
     pub fn token_to_id(&self, piece: &str) -> Option<u32> {
         match &self.backend {
             Backend::SentencePiece { model, .. } => model.piece_to_id(piece),
@@ -315,6 +350,21 @@ pub struct SentencePieceVocab {
     pub pieces: Vec<(String, f32, i32)>,
     /// Whether encoding puts a space before the text.
     pub adds_dummy_prefix: bool,
+}
+
+/// A byte-level BPE vocabulary as GGUF stores it (`tokenizer.ggml.model = "gpt2"`).
+pub struct BpeVocab {
+    /// Each id's text and token type, classified as llama.cpp's converter does: added tokens are CONTROL
+    /// when special, else USER_DEFINED, the rest NORMAL; None for an id without a token.
+    pub tokens: Vec<Option<(String, i32)>>,
+    /// The merges by rank, each "left right".
+    pub merges: Vec<String>,
+}
+
+impl BpeVocab {
+    pub const NORMAL: i32 = 1;
+    pub const CONTROL: i32 = 3;
+    pub const USER_DEFINED: i32 = 4;
 }
 
 /// An added token as the config files describe it.

@@ -308,7 +308,7 @@ fn saved_bessie_system(source: &str) -> Option<String> {
 /// The checkpoint's own template and where it came from: `chat_template.jinja` (what transformers 5
 /// saves) or `chat_template` in `tokenizer_config.json` (a string, or a list of named templates of which
 /// the one named "default" is used).
-fn checkpoint_template(dir: &Path) -> Result<Option<(String, String)>> {
+pub fn checkpoint_template(dir: &Path) -> Result<Option<(String, String)>> {
     let jinja = dir.join(TEMPLATE_FILE);
     if jinja.is_file() {
         let source = std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?;
