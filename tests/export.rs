@@ -319,6 +319,8 @@ fn check_gguf(src: &Path, ty: GgufType, ternary_type: &str) -> serde_json::Value
     for (key, value) in &expected_meta {
         assert_eq!(&m[key], value, "{key}");
     }
+    let template = bessie::tokenizer::template::checkpoint_template(src).unwrap().map(|t| t.0);
+    assert_eq!(m["tokenizer.chat_template"].as_str(), template.as_deref());
     let eps = m[&key("attention.layer_norm_rms_epsilon")].as_f64().unwrap();
     assert_eq!(eps as f32, cfg.rms_norm_eps as f32);
     let tokens: Vec<&str> =
@@ -428,6 +430,8 @@ fn gguf_is_read_back_by_gguf_py() {
     let wide = dir.path().join("wide");
     let vocab = common::tiny_checkpoint(&wide, 0).vocab_size;
     checkpoint(&wide, &wide_config(vocab), 8, DType::F32);
+    // A trained checkpoint's template travels in the file.
+    std::fs::write(wide.join("chat_template.jinja"), "{% for m in messages %}{{ m.content }}\n{% endfor %}").unwrap();
     check_gguf(&wide, GgufType::Tq2_0, "TQ2_0");
     check_gguf(&wide, GgufType::I2S, "I2_S");
     let tiny = dir.path().join("tiny");
