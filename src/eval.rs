@@ -3,22 +3,27 @@
 //! project's looser check, and the summary `bessie-eval` prints and writes.
 //!
 //! `exact_match` and `f1` are those of SQuAD v2's official `evaluate-v2.0.py` for every guess and answers
-//! list (tests/eval.rs checks them against a transcription of its functions, tests/reference/squad_official.py),
-//! with one mapping: Bessie abstains by answering "Not in context." (what its SQuAD data trains it to say)
-//! where the official script's abstention is the empty prediction, so a guess that normalizes to "not in
-//! context" is scored as the empty prediction. Hence, as in the official script:
+//! list (tests/eval.rs checks them against a transcription of its functions in
+//! tests/reference/squad_official.py), with one mapping: Bessie abstains by answering "Not in context."
+//! (what its SQuAD data trains it to say) where the official script's abstention is the empty prediction,
+//! so a guess that normalizes to "not in context" is scored as the empty prediction. Hence, as in the
+//! official script:
 //!
-//! - Gold answers that normalize to the empty string are dropped; a question left without any (an
+//! - Gold answers that normalize to the empty string are dropped; a question left without any (every
 //!   unanswerable one, `answers` empty) has the single gold answer "".
-//! - A guess that normalizes to "" ("", "The.", or the abstention "Not in context.") scores exact match 1
-//!   and F1 1 on such a question and 0 on one with answers; any other guess scores 0 on an unanswerable
+//! - The abstention and any guess that normalizes to "" ("", "The.", "...") score exact match 1 and F1 1
+//!   on such a question, and 0 on a question with gold answers left; any other guess scores 0 on such a
 //!   question.
 //! - Otherwise the scores are the best over the gold answers (duplicates change nothing).
 //!
 //! The HasAns / NoAns split goes by whether the raw `answers` list is empty, and each split's numbers are
 //! the mean over its questions times 100, as the script's `make_eval_dict`. A question Bessie did not
-//! answer (its prompt does not fit the model's context, `Guess::skipped`) scores 0 on both, abstention or
-//! not: the official script has no score for a missing prediction.
+//! answer (its prompt does not fit the model's context, `Guess::skipped`) scores 0 on both measures, also
+//! when it is unanswerable: it is no prediction, and the official script has no score for a missing one.
+//!
+//! Equal means equal for the characters that the Python running the script knows: its Unicode database
+//! (14.0 in Python 3.11) decides lower-casing and `\w`, where Rust's standard library and regex-syntax
+//! carry newer versions, so characters assigned since can normalize differently.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
