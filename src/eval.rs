@@ -2,14 +2,33 @@
 //! match and token F1, maximum over the gold answers, split into HasAns / NoAns) beside the original
 //! project's looser check, and the summary `bessie-eval` prints and writes.
 //!
-//! Bessie abstains by answering "Not in context." (what its SQuAD data trains it to say), where the
-//! official script's abstention is the empty string. So an unanswerable question (`answers` empty) scores
-//! 1 only when the guess normalizes to "not in context", an abstention on an answerable question scores
-//! like an empty guess (0), and an empty guess is wrong for both kinds.
+//! `exact_match` and `f1` are those of SQuAD v2's official `evaluate-v2.0.py` for every guess and answers
+//! list (tests/eval.rs checks them against a transcription of its functions in
+//! tests/reference/squad_official.py), with one mapping: Bessie abstains by answering "Not in context."
+//! (what its SQuAD data trains it to say) where the official script's abstention is the empty prediction,
+//! so a guess that normalizes to "not in context" is scored as the empty prediction. Hence, as in the
+//! official script:
+//!
+//! - Gold answers that normalize to the empty string are dropped; a question left without any (every
+//!   unanswerable one, `answers` empty) has the single gold answer "".
+//! - The abstention and any guess that normalizes to "" ("", "The.", "...") score exact match 1 and F1 1
+//!   on such a question, and 0 on a question with gold answers left; any other guess scores 0 on such a
+//!   question.
+//! - Otherwise the scores are the best over the gold answers (duplicates change nothing).
+//!
+//! The HasAns / NoAns split goes by whether the raw `answers` list is empty, and each split's numbers are
+//! the mean over its questions times 100, as the script's `make_eval_dict`. A question Bessie did not
+//! answer (its prompt does not fit the model's context, `Guess::skipped`) scores 0 on both measures, also
+//! when it is unanswerable: it is no prediction, and the official script has no score for a missing one.
+//!
+//! Equal means equal for the characters that the Python running the script knows: its Unicode database
+//! (14.0 in Python 3.11) decides lower-casing and `\w`, where Rust's standard library and regex-syntax
+//! carry newer versions, so characters assigned since can normalize differently.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -24,28 +43,62 @@ use crate::squad::NOT_IN_CONTEXT;
 use crate::tokenizer::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
 
-/// SQuAD v2's `normalize_answer`: lower-case, remove ASCII punctuation (Python's `string.punctuation`),
-/// replace the articles a, an, the by a space where they are whole words (`\b(a|an|the)\b`), and
-/// collapse whitespace.
+/// Python's `\w` on `str` (the `re` module's Unicode word characters: `str.isalnum()` or `_`), which is
+/// what delimits `\b`: the general categories L (letters) and N (numbers). Rust's `char::is_alphanumeric`
+/// also counts the marks and symbols with Unicode's Other_Alphabetic property (Devanagari vowel signs, ⓐ),
+/// which Python does not.
+fn is_python_word(c: char) -> bool {
+    static LETTERS_AND_NUMBERS: LazyLock<Vec<(char, char)>> = LazyLock::new(|| {
+        let hir = regex_syntax::parse(r"[\p{L}\p{N}]").expect("a valid character class");
+        match hir.kind() {
+            regex_syntax::hir::HirKind::Class(regex_syntax::hir::Class::Unicode(class)) => {
+                class.ranges().iter().map(|r| (r.start(), r.end())).collect()
+            }
+            other => unreachable!("[\\p{{L}}\\p{{N}}] parsed to {other:?}"),
+        }
+    });
+    if c.is_ascii() {
+        return c.is_ascii_alphanumeric() || c == '_';
+    }
+    let ranges = &*LETTERS_AND_NUMBERS;
+    let i = ranges.partition_point(|&(_, end)| end < c);
+    ranges.get(i).is_some_and(|&(start, _)| start <= c)
+}
+
+/// Python's `str.isspace()`, where `str.split()` splits: Unicode's White_Space (Rust's
+/// `char::is_whitespace`) and the information separators U+001C to U+001F.
+fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `text.split()`: the runs between whitespace (`is_python_space`).
+fn python_split(text: &str) -> impl Iterator<Item = &str> {
+    text.split(is_python_space).filter(|t| !t.is_empty())
+}
+
+/// SQuAD v2's `normalize_answer`: lower-case (Python's `str.lower`, full Unicode lower-casing with the
+/// final sigma), remove ASCII punctuation (Python's `string.punctuation`), replace the articles a, an, the
+/// by a space where they are whole words (`re.sub(r'\b(a|an|the)\b', ' ', text)` with Python's Unicode
+/// `\b`, see `is_python_word`), and join the whitespace-separated tokens (Python's `str.split()`, see
+/// `is_python_space`) with single spaces.
 pub fn normalize_answer(text: &str) -> String {
     let text: String = text.to_lowercase().chars().filter(|c| !c.is_ascii_punctuation()).collect();
-    // Runs of word characters are what `\b...\b` delimits (Python's Unicode `\w`: alphanumerics and `_`).
-    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    // `\b(a|an|the)\b` matches exactly the maximal runs of word characters that are an article.
     let mut out = String::with_capacity(text.len());
     let mut rest = text.as_str();
     while let Some(c) = rest.chars().next() {
-        let run = rest.find(|d| is_word(d) != is_word(c)).unwrap_or(rest.len());
+        let run = rest.find(|d| is_python_word(d) != is_python_word(c)).unwrap_or(rest.len());
         let (piece, tail) = rest.split_at(run);
-        out.push_str(if is_word(c) && matches!(piece, "a" | "an" | "the") { " " } else { piece });
+        out.push_str(if is_python_word(c) && matches!(piece, "a" | "an" | "the") { " " } else { piece });
         rest = tail;
     }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
+    python_split(&out).collect::<Vec<_>>().join(" ")
 }
 
-/// SQuAD's token F1 between normalized texts: the harmonic mean of the precision and recall of the
+/// SQuAD's `compute_f1` between normalized texts: the harmonic mean of the precision and recall of the
 /// shared tokens (as multisets). When either side has no tokens, 1 if both have none, else 0.
 fn token_f1(gold: &str, guess: &str) -> f64 {
-    let (gold, guess): (Vec<&str>, Vec<&str>) = (gold.split_whitespace().collect(), guess.split_whitespace().collect());
+    let (gold, guess): (Vec<&str>, Vec<&str>) = (python_split(gold).collect(), python_split(guess).collect());
     if gold.is_empty() || guess.is_empty() {
         return f64::from(u8::from(gold == guess));
     }
@@ -66,6 +119,7 @@ fn token_f1(gold: &str, guess: &str) -> f64 {
     if same == 0 {
         return 0.0;
     }
+    // The script's operations in its order, so the result is the same double.
     let (precision, recall) = (same as f64 / guess.len() as f64, same as f64 / gold.len() as f64);
     2.0 * precision * recall / (precision + recall)
 }
@@ -87,25 +141,29 @@ pub struct Score {
     pub exact_match: f64,
     /// Best token F1 over the gold answers, 0 to 1.
     pub f1: f64,
-    /// The original project's looser check.
+    /// The original project's check.
     pub is_correct: bool,
 }
 
-/// Scores `guess` against `answers` (empty: unanswerable). As in the official script, gold answers that
-/// normalize to nothing are ignored, and a question left without any is scored as unanswerable.
+impl Score {
+    /// A question that was not answered (`Guess::skipped`): wrong by every measure.
+    pub const UNANSWERED: Score = Score { exact_match: 0.0, f1: 0.0, is_correct: false };
+}
+
+/// Scores `guess` against `answers` (empty: unanswerable) as SQuAD v2's official script scores the
+/// prediction `guess`, or the empty prediction when `guess` is Bessie's abstention (see the module doc).
 pub fn score(guess: &str, answers: &[String]) -> Score {
-    let guess_norm = normalize_answer(guess);
-    let abstains = guess_norm == normalize_answer(NOT_IN_CONTEXT);
-    let golds: Vec<String> = answers.iter().map(|a| normalize_answer(a)).filter(|a| !a.is_empty()).collect();
-    let (exact_match, f1) = if golds.is_empty() {
-        let right = f64::from(u8::from(abstains));
-        (right, right)
-    } else {
-        let guess = if abstains { "" } else { guess_norm.as_str() };
-        golds.iter().fold((0.0, 0.0), |(em, f1), gold| {
-            (f64::max(em, f64::from(u8::from(gold == guess))), f64::max(f1, token_f1(gold, guess)))
-        })
-    };
+    static ABSTENTION: LazyLock<String> = LazyLock::new(|| normalize_answer(NOT_IN_CONTEXT));
+    let mut prediction = normalize_answer(guess);
+    if prediction == *ABSTENTION {
+        prediction.clear();
+    }
+    let mut golds: Vec<String> = answers.iter().map(|a| normalize_answer(a)).filter(|a| !a.is_empty()).collect();
+    if golds.is_empty() {
+        golds.push(String::new());
+    }
+    let exact_match = golds.iter().map(|gold| f64::from(u8::from(*gold == prediction))).fold(0.0, f64::max);
+    let f1 = golds.iter().map(|gold| token_f1(gold, &prediction)).fold(0.0, f64::max);
     Score { exact_match, f1, is_correct: original_is_correct(guess, answers) }
 }
 
@@ -131,10 +189,12 @@ impl DevExample {
     }
 
     /// The output line: the input fields with `guess` and its scores (`is_correct`, `exact_match`, `f1`).
-    pub fn scored(&self, guess: &str) -> (Map<String, Value>, Score) {
-        let s = score(guess, &self.answers);
+    /// None: the question was not answered (`Guess::skipped`); its guess is empty and scores
+    /// `Score::UNANSWERED`.
+    pub fn scored(&self, guess: Option<&str>) -> (Map<String, Value>, Score) {
+        let s = guess.map_or(Score::UNANSWERED, |guess| score(guess, &self.answers));
         let mut fields = self.fields.clone();
-        fields.insert("guess".into(), guess.into());
+        fields.insert("guess".into(), guess.unwrap_or_default().into());
         fields.insert("is_correct".into(), s.is_correct.into());
         fields.insert("exact_match".into(), s.exact_match.into());
         fields.insert("f1".into(), s.f1.into());
@@ -169,9 +229,17 @@ pub struct Guess {
     /// Seconds from the start of its batch until it was complete.
     pub secs: f64,
     /// Why the question was not answered (its prompt does not fit the model's context); the guess is
-    /// empty and scores as wrong, as a missing prediction does in the official script.
+    /// empty and scores 0 (`Score::UNANSWERED`), not as an empty prediction (which is right on an
+    /// unanswerable question): the official script has no score for a missing prediction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+}
+
+impl Guess {
+    /// The answer to score: None when the question was not answered.
+    pub fn answer(&self) -> Option<&str> {
+        self.skipped.is_none().then_some(self.text.as_str())
+    }
 }
 
 /// Questions ready to answer: prompts that do not fit the model's context are skipped (with the reason),
@@ -397,9 +465,9 @@ impl fmt::Display for Summary {
 /// Output lines (see `DevExample::scored`) and their summary.
 pub type Scored = (Vec<Map<String, Value>>, Summary);
 
-/// Scores each example's guess.
+/// Scores each example's guess (None: not answered, see `DevExample::scored`).
 pub fn score_all<'a>(
-    guesses: impl IntoIterator<Item = (&'a DevExample, &'a str)>,
+    guesses: impl IntoIterator<Item = (&'a DevExample, Option<&'a str>)>,
     speed: Option<Speed>,
 ) -> Result<Scored> {
     let (lines, scores): (Vec<_>, Vec<_>) = guesses
@@ -477,8 +545,7 @@ pub fn evaluate(
     let guesses: Vec<Guess> = (0..examples.len())
         .map(|i| done.remove(&i).with_context(|| format!("question {} was not answered", i + 1)))
         .collect::<Result<_>>()?;
-    let (mut lines, mut summary) =
-        score_all(examples.iter().zip(guesses.iter().map(|g| g.text.as_str())), Some(speed))?;
+    let (mut lines, mut summary) = score_all(examples.iter().zip(guesses.iter().map(Guess::answer)), Some(speed))?;
     for (line, guess) in lines.iter_mut().zip(&guesses) {
         line.insert("model".into(), settings.model_name.into());
         line.insert("time".into(), guess.secs.into());
@@ -506,10 +573,14 @@ pub fn evaluate_checkpoint(model_dir: &Path, dev: &Path, device: &candle_core::D
     Ok(scored.context("a single process scores its own answers")?.1)
 }
 
-/// Re-scores the first `limit` lines of a `bessie-eval` output (their `guess` against their `answers`).
+/// Re-scores the first `limit` lines of a `bessie-eval` output (their `guess` against their `answers`; a
+/// line with a `skipped` field was not answered and scores `Score::UNANSWERED`).
 pub fn rescore(predictions: &Path, limit: Option<usize>) -> Result<Scored> {
     let examples = read_dev(predictions, limit)?;
-    let guesses = examples.iter().map(DevExample::guess).collect::<Result<Vec<_>>>()?;
+    let guesses = examples
+        .iter()
+        .map(|ex| if ex.fields.contains_key("skipped") { Ok(None) } else { ex.guess().map(Some) })
+        .collect::<Result<Vec<_>>>()?;
     let (lines, mut summary) = score_all(examples.iter().zip(guesses), None)?;
     summary.skipped = examples.iter().filter(|ex| ex.fields.contains_key("skipped")).count();
     Ok((lines, summary))

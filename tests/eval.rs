@@ -73,11 +73,20 @@ fn unanswerable_questions_need_not_in_context() {
     assert_eq!(s("Not in context.", &["in context"]), (0.0, 0.0, false));
 }
 
+/// An empty guess, or one that normalizes to nothing, is the official empty prediction: right on an
+/// unanswerable question (as is the abstention), wrong on an answerable one.
 #[test]
-fn empty_guesses_are_wrong() {
-    assert_eq!(s("", &[]), (0.0, 0.0, false));
+fn empty_guesses_abstain_as_in_the_official_script() {
+    assert_eq!(s("", &[]), (1.0, 1.0, false));
+    assert_eq!(s("The.", &[]), (1.0, 1.0, false));
+    assert_eq!(s(" ... ", &["the", "."]), (1.0, 1.0, false));
     assert_eq!(s("", &["Paris"]), (0.0, 0.0, false));
     assert_eq!(s("The.", &["Paris"]), (0.0, 0.0, false));
+    // A question that was not answered (its prompt too long) is no prediction: wrong either way.
+    let unanswered =
+        eval::DevExample { at: "dev.jsonl:1".into(), fields: Default::default(), prompt: "p".into(), answers: vec![] };
+    let (line, score) = unanswered.scored(None);
+    assert_eq!((score, &line["guess"]), (Score::UNANSWERED, &"".into()));
 }
 
 #[test]
@@ -116,6 +125,248 @@ fn summary_splits_and_table() {
     let only_answerable = Summary::new(&scores[..2], None).unwrap();
     assert!(only_answerable.no_ans.is_none() && !only_answerable.to_string().contains("NoAns"));
     assert!(Summary::new(&[], None).is_err());
+}
+
+/// What SQuAD v2's official functions (tests/reference/squad_official.py) say of one case.
+struct Official {
+    exact: f64,
+    f1: f64,
+    guess_normalized: String,
+    answers_normalized: Vec<String>,
+}
+
+/// Runs the official functions on `cases` (guess, answers) with Bessie's abstention mapped to the official
+/// empty prediction (`--abstention`); returns each case's scores and the official summary of them all.
+/// Fails, not skips, without python3 or the script.
+fn official(cases: &[(String, Vec<String>)]) -> (Vec<Official>, serde_json::Value) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/squad_official.py");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("cases.jsonl");
+    let text: String =
+        cases.iter().map(|(g, a)| serde_json::json!({"guess": g, "answers": a}).to_string() + "\n").collect();
+    std::fs::write(&input, text).unwrap();
+    let run = Command::new("python3")
+        .arg(script)
+        .args(["--abstention", bessie::squad::NOT_IN_CONTEXT])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .output()
+        .expect("running python3 (the official SQuAD v2 scoring needs nothing beyond its standard library)");
+    assert!(run.status.success(), "{script} failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    let mut lines: Vec<serde_json::Value> =
+        String::from_utf8(run.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let summary = lines.pop().expect("a summary line")["summary"].take();
+    assert_eq!(lines.len(), cases.len(), "one line per case");
+    let bits = |v: &serde_json::Value| f64::from_bits(v.as_u64().expect("IEEE-754 bits"));
+    let lines = lines
+        .into_iter()
+        .map(|l| Official {
+            exact: l["exact"].as_f64().unwrap(),
+            f1: bits(&l["f1_bits"]),
+            guess_normalized: l["guess_normalized"].as_str().unwrap().into(),
+            answers_normalized: serde_json::from_value(l["answers_normalized"].clone()).unwrap(),
+        })
+        .collect();
+    (lines, summary)
+}
+
+/// Pieces of the random texts: articles, the abstention's words, ASCII and Unicode punctuation, every
+/// character Python's `str.split()` splits on (U+001C..U+001F, U+0085 and U+00A0 among them) and a few
+/// it does not (U+200B, U+180E, U+FEFF), accents precomposed and combining, letters that lower-case
+/// specially (Σ, İ, ß, ǅ, the Kelvin sign), digits and other numbers, and marks and symbols that Rust
+/// calls alphabetic but Python's `\w` does not (ⓐ, the Devanagari vowel sign ा).
+const ATOMS: &[&str] = &[
+    "a", "an", "the", "The", "THE", "A", "An", "aN", "not", "Not", "in", "context", "Context", "n", "o", "t", "h", "e",
+    "x", "é", "É", "e\u{301}", "Zürich", "Σ", "σ", "ς", "ΟΔΟΣ", "ß", "İ", "ǅ", "\u{212a}", "ⓐ", "\u{93e}", "東", "1",
+    "9", "²", "½", "Ⅻ", "٣", "_", "'", ".", ",", "-", "!", "(", "\"", "“", "”", "—", "¿", "«", "·", " ", " ", " ",
+    "  ", "\t", "\n", "\u{b}", "\u{c}", "\r", "\u{1c}", "\u{1d}", "\u{1e}", "\u{1f}", "\u{85}", "\u{a0}", "\u{1680}",
+    "\u{2000}", "\u{2009}", "\u{200a}", "\u{2028}", "\u{2029}", "\u{202f}", "\u{205f}", "\u{3000}", "\u{200b}",
+    "\u{180e}", "\u{feff}", "\u{0}",
+];
+
+/// Up to `max_atoms` atoms, every other one a space half of the time so that texts have several tokens.
+fn random_text(rng: &mut bessie::rng::Rng, max_atoms: u64) -> String {
+    let n = rng.next_u64() % (max_atoms + 1);
+    (0..n)
+        .map(|i| match rng.next_u64() % 4 {
+            0 | 1 if i % 2 == 1 => " ",
+            _ => ATOMS[(rng.next_u64() % ATOMS.len() as u64) as usize],
+        })
+        .collect()
+}
+
+/// Cases built by hand: empty and empty-normalizing guesses and answers, the abstention's variants,
+/// duplicates, Unicode whitespace and punctuation, accents, numbers, mixed case.
+fn edge_cases() -> Vec<(String, Vec<String>)> {
+    let cases: &[(&str, &[&str])] = &[
+        ("", &[]),
+        ("", &[""]),
+        ("", &["", " ", "\u{a0}"]),
+        ("", &["Paris"]),
+        ("", &["Paris", "the"]),
+        ("The.", &[]),
+        ("The.", &["Paris"]),
+        ("The.", &["The"]),
+        (".", &[]),
+        ("a an the", &[]),
+        ("!!!", &["..."]),
+        ("!!!", &["...", "Paris"]),
+        ("Paris", &["the", "."]),
+        ("Paris", &[]),
+        ("Not in context.", &[]),
+        ("Not in context.", &["The", "."]),
+        ("Not in context.", &["Paris"]),
+        ("Not in context.", &["in context"]),
+        ("Not in context.", &["Not in context."]),
+        ("not in context", &["not in context", "Paris"]),
+        ("NOT IN CONTEXT!!", &[]),
+        ("Not in the context.", &[]),
+        ("The not in a context", &[]),
+        ("Not\u{a0}in\u{3000}context\u{1c}", &[]),
+        ("Not in context\u{200b}", &[]),
+        ("It is not in context.", &[]),
+        ("Not in context. Paris", &["Paris"]),
+        ("Not-in-context", &[]),
+        ("Paris", &["Paris", "Paris"]),
+        ("Paris France", &["paris", "Paris", "france paris", "paris"]),
+        ("the Broncos of Denver", &["Denver Broncos", "Denver Broncos", "Broncos"]),
+        ("x x y", &["x y y", "x y y"]),
+        ("x\u{1c}y", &["x y"]),
+        ("x\u{1f}y", &["x y"]),
+        ("x\u{85}y", &["x y"]),
+        ("x\u{a0}y\u{2028}z", &["x y z"]),
+        ("x\u{200b}y", &["x y", "x\u{200b}y"]),
+        ("x\u{180e}y", &["x y"]),
+        ("x\u{feff}y", &["xy"]),
+        ("the\u{1c}cat", &["cat"]),
+        ("the\u{200b}cat", &["cat", "\u{200b}cat"]),
+        ("Zürich", &["ZÜRICH"]),
+        ("Zu\u{308}rich", &["Zürich"]),
+        ("café", &["CAFÉ", "cafe"]),
+        ("a\u{301} b", &["b"]),
+        ("1,000", &["1000"]),
+        ("3.14", &["314"]),
+        ("½ cup", &["1/2 cup"]),
+        ("x²", &["x2"]),
+        ("٣ cows", &["3 cows"]),
+        ("ThE BeAtLeS", &["beatles"]),
+        ("ΟΔΟΣ.", &["οδος"]),
+        ("ΑΣ ΣΑ Σ", &["ας σα σ"]),
+        ("ΑΣ.Β", &["ασβ", "ας β"]),
+        ("İstanbul", &["istanbul", "i\u{307}stanbul"]),
+        ("STRASSE", &["straße"]),
+        ("ǅemal", &["ǆemal"]),
+        ("\u{212a}elvin", &["kelvin"]),
+        ("theⓐ", &["ⓐ"]),
+        ("aⓐ the", &["ⓐ"]),
+        ("a\u{93e}", &["\u{93e}"]),
+        ("the_end", &["theend"]),
+        ("“The” cow", &["cow", "“ ” cow"]),
+        ("the—cat", &["—cat"]),
+        ("A-team's (1983)", &["ateams 1983"]),
+        ("東京 the 大学", &["東京大学", "東京 大学"]),
+        ("Denver Broncos", &["The Denver Broncos!", "Denver Broncos", "The"]),
+        ("\u{0}", &["\u{0}"]),
+    ];
+    cases.iter().map(|(g, a)| (g.to_string(), answers(a))).collect()
+}
+
+/// Edge cases and thousands of random ones over a small alphabet (`ATOMS`): random texts, answers that
+/// repeat or recase the guess, duplicates, the abstention with noise around it.
+fn oracle_cases() -> Vec<(String, Vec<String>)> {
+    let mut rng = bessie::rng::Rng::new(2018);
+    let mut cases = edge_cases();
+    for _ in 0..5000 {
+        let mut answers: Vec<String> = Vec::new();
+        let n = [0, 0, 1, 1, 2, 3, 4][(rng.next_u64() % 7) as usize];
+        for _ in 0..n {
+            answers.push(match rng.next_u64() % 4 {
+                0 if !answers.is_empty() => answers[(rng.next_u64() % answers.len() as u64) as usize].clone(),
+                _ => random_text(&mut rng, 6),
+            });
+        }
+        let guess = match rng.next_u64() % 8 {
+            0 => format!("{}Not in context{}", random_text(&mut rng, 2), random_text(&mut rng, 2)),
+            1 if !answers.is_empty() => {
+                let a = &answers[(rng.next_u64() % answers.len() as u64) as usize];
+                let a = if rng.next_u64().is_multiple_of(2) { a.to_uppercase() } else { a.clone() };
+                format!("{}{a}{}", random_text(&mut rng, 2), random_text(&mut rng, 2))
+            }
+            // Some of an answer's words and some others: partial overlaps.
+            2 | 3 if !answers.is_empty() => {
+                let a = &answers[(rng.next_u64() % answers.len() as u64) as usize];
+                let mut words: Vec<String> =
+                    a.split(' ').filter(|_| !rng.next_u64().is_multiple_of(3)).map(str::to_string).collect();
+                words.push(random_text(&mut rng, 3));
+                words.join(" ")
+            }
+            _ => random_text(&mut rng, 8),
+        };
+        cases.push((guess, answers));
+    }
+    cases
+}
+
+/// Bessie's normalization, exact match, F1 (to the bit) and summary equal those of SQuAD v2's official
+/// evaluation script (its functions transcribed in tests/reference/squad_official.py, run with python3),
+/// with "Not in context." mapped to the official empty prediction, on every edge and random case.
+#[test]
+fn scores_equal_the_official_script() {
+    let cases = oracle_cases();
+    let (truth, summary) = official(&cases);
+    let mut wrong = Vec::new();
+    let mut scores = Vec::new();
+    for ((guess, gold), want) in cases.iter().zip(&truth) {
+        let got = score(guess, gold);
+        let normalized: Vec<String> = gold.iter().map(|a| normalize_answer(a)).collect();
+        if normalize_answer(guess) != want.guess_normalized
+            || normalized != want.answers_normalized
+            || got.exact_match != want.exact
+            || got.f1.to_bits() != want.f1.to_bits()
+        {
+            wrong.push(format!(
+                "guess {guess:?} answers {gold:?}: Bessie EM {} F1 {} normalized {:?} {normalized:?}, official EM {} \
+                 F1 {} normalized {:?} {:?}",
+                got.exact_match,
+                got.f1,
+                normalize_answer(guess),
+                want.exact,
+                want.f1,
+                want.guess_normalized,
+                want.answers_normalized
+            ));
+        }
+        scores.push((!gold.is_empty(), got));
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cases differ:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong[..wrong.len().min(30)].join("\n")
+    );
+    // The cases reach every branch: both EM values, fractional F1, abstentions on both kinds of question.
+    let has = |f: &dyn Fn(&Official) -> bool| truth.iter().filter(|t| f(t)).count();
+    assert!(has(&|t| t.exact == 1.0) > 300 && has(&|t| t.exact == 0.0) > 300, "EM is rarely 0 or 1");
+    assert!(has(&|t| t.f1 > 0.0 && t.f1 < 1.0) > 300, "few partial F1 scores");
+    assert!(
+        cases.iter().zip(&truth).filter(|((g, a), t)| a.is_empty() && t.exact == 1.0 && !g.is_empty()).count() > 100
+    );
+
+    let ours = Summary::new(&scores, None).unwrap();
+    let splits = [("", Some(&ours.overall)), ("HasAns_", ours.has_ans.as_ref()), ("NoAns_", ours.no_ans.as_ref())];
+    for (prefix, split) in splits {
+        let split = split.unwrap();
+        let bits = |k: &str| f64::from_bits(summary[format!("{prefix}{k}_bits")].as_u64().unwrap());
+        assert_eq!(split.count as u64, summary[format!("{prefix}total")].as_u64().unwrap(), "{prefix}total");
+        assert_eq!(
+            split.exact_match.to_bits(),
+            bits("exact").to_bits(),
+            "{prefix}exact: {} vs {}",
+            split.exact_match,
+            bits("exact")
+        );
+        assert_eq!(split.f1.to_bits(), bits("f1").to_bits(), "{prefix}f1: {} vs {}", split.f1, bits("f1"));
+    }
 }
 
 #[test]
@@ -485,13 +736,14 @@ fn a_killed_evaluation_resumes() {
 }
 
 /// A question too long for the model's context is skipped with a warning and a row that says so, and the
-/// others are answered.
+/// others are answered. Its empty guess is no prediction: it scores 0 though the question is unanswerable
+/// (where an empty prediction scores 1), also when the output is re-scored.
 #[test]
 fn an_over_long_question_is_skipped_and_counted() {
     let (_d, model) = tiny_model(4);
     let work = tempfile::tempdir().unwrap();
     let mut lines = dev_lines();
-    lines[2] = serde_json::json!({"prompt": "moo ".repeat(3000), "answers": ["moo"]}).to_string();
+    lines[2] = serde_json::json!({"prompt": "moo ".repeat(3000), "answers": []}).to_string();
     let dev = write_lines(work.path(), "dev.jsonl", &lines);
     let out = work.path().join("eval.jsonl");
     let (m, d, o) = (model.to_str().unwrap(), dev.to_str().unwrap(), out.to_str().unwrap());
@@ -506,10 +758,13 @@ fn an_over_long_question_is_skipped_and_counted() {
         why.contains("dev.jsonl:3: the prompt is") && why.contains("too many for the model's context of 2048"),
         "{why}"
     );
-    assert_eq!((&rows[2]["guess"], &rows[2]["f1"]), (&"".into(), &0.0.into()));
+    assert_eq!((&rows[2]["guess"], &rows[2]["exact_match"], &rows[2]["f1"]), (&"".into(), &0.0.into(), &0.0.into()));
     assert!(rows.iter().enumerate().all(|(i, r)| (i == 2) == r.get("skipped").is_some()));
     let summary: Summary =
         serde_json::from_str(&std::fs::read_to_string(work.path().join("eval_summary.json")).unwrap()).unwrap();
     assert_eq!((summary.skipped, summary.overall.count), (1, lines.len()));
     assert!(String::from_utf8_lossy(&run.stdout).contains("1 questions skipped"));
+    let (rescored, again) = eval::rescore(&out, None).unwrap();
+    assert_eq!((&rescored[2]["exact_match"], &rescored[2]["f1"]), (&0.0.into(), &0.0.into()));
+    assert_eq!((again.overall, again.no_ans, again.skipped), (summary.overall, summary.no_ans, 1));
 }

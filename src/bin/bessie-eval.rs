@@ -15,14 +15,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// end-of-turn ids or the Bessie template's 🐂 end marker) and writes one line per question to --out:
 /// the input fields plus `guess`, `is_correct` (the original project's check: equal to an answer
 /// ignoring case, or containing "not in context" for an unanswerable question), `exact_match` and `f1`
-/// (SQuAD v2's official normalized metrics; "Not in context." is the abstention), `model` and `time` (seconds until the answer was complete). Prints a
-/// table split into HasAns / NoAns and writes it beside --out, named after it (eval.jsonl ->
-/// eval_summary.json).
+/// (those of SQuAD v2's official script; a guess normalizing as "Not in context." does is the official
+/// empty prediction, right on an unanswerable question as "" is), `model` and `time` (seconds until the
+/// answer was complete). Prints a table split into HasAns / NoAns and writes it beside --out, named after
+/// it (eval.jsonl -> eval_summary.json).
 ///
 /// Answers are written to OUT.partial as they complete, and --out is replaced only once all are done, so
 /// a failed or interrupted evaluation never costs the previous output; --resume continues from
 /// OUT.partial. A question whose prompt does not fit the model's context is skipped with a warning (its
-/// line has a `skipped` field, and it scores as wrong).
+/// line has a `skipped` field, and it scores 0, also on an unanswerable question).
 ///
 /// Dev lines need `prompt` and `answers` (a list; empty for an unanswerable question); `bessie-data squad
 /// --dev` writes them from the official dev-v2.0.json.
