@@ -58,7 +58,8 @@ fn cuda_bf16_forward_matches_transformers() {
         write_random_checkpoint(&latent, shape, TokenizerSource::Shipped, None, 3, f32, Layout::Safetensors).unwrap();
         let packed = root.path().join(format!("{shape}-packed"));
         std::fs::create_dir_all(&packed).unwrap();
-        bessie::export::hf_bitnet::write(&packed, &latent, candle_core::DType::BF16).unwrap();
+        let source = bessie::export::Source::open(&latent).unwrap();
+        bessie::export::hf_bitnet::write(&packed, &source, candle_core::DType::BF16).unwrap();
         dirs.extend([latent, packed]);
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/hf_logits.py");
