@@ -38,7 +38,6 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::DType;
 
 use super::{Param, Source};
 use crate::config::model::RopeScalingType;
@@ -504,12 +503,13 @@ fn permute_rows(values: &[i8], cols: usize, heads: usize) -> Vec<i8> {
     out
 }
 
-/// The bytes of one tensor.
-fn tensor_bytes(plan: &Plan, t: &TensorPlan, name: &str, param: Param, src: &Source) -> Result<Vec<u8>> {
-    let f16s = |values: &mut dyn Iterator<Item = f32>| -> Vec<u8> {
+/// Writes one tensor's bytes to `w` and returns how many. A dense tensor goes out in pieces of about a
+/// million values, so that converting the 128k-row embedding does not hold it twice more.
+fn write_tensor(w: &mut impl Write, plan: &Plan, t: &TensorPlan, name: &str, param: Param, src: &Source) -> Result<usize> {
+    let f16_bytes = |values: &mut dyn Iterator<Item = f32>| -> Vec<u8> {
         values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect()
     };
-    Ok(match param {
+    let bytes = match param {
         Param::Ternary { codes, scale } => {
             let (_, cols) = codes.dims();
             let mut values = codes.values();
@@ -523,19 +523,29 @@ fn tensor_bytes(plan: &Plan, t: &TensorPlan, name: &str, param: Param, src: &Sou
             if t.ggml_type == GGML_F16 {
                 // What TQ2_0 would hold, as F16: ternary times the f16-rounded scale.
                 let d = half::f16::from_f32(scale).to_f32();
-                f16s(&mut values.iter().map(|&v| f32::from(v) * d))
+                f16_bytes(&mut values.iter().map(|&v| f32::from(v) * d))
             } else {
                 plan.ty.encode(&values, scale)
             }
         }
         Param::Dense(d) => {
-            let flat = d.flatten_all()?;
-            match t.ggml_type {
-                GGML_F32 => flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                _ => flat.to_dtype(DType::F16)?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            let rows = d.dim(0)?;
+            let per_piece = (1 << 20) / d.elem_count().div_ceil(rows).max(1);
+            let mut n = 0;
+            for start in (0..rows).step_by(per_piece.max(1)) {
+                let piece = d.narrow(0, start, per_piece.max(1).min(rows - start))?.flatten_all()?.to_vec1::<f32>()?;
+                let bytes = match t.ggml_type {
+                    GGML_F32 => piece.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    _ => f16_bytes(&mut piece.into_iter()),
+                };
+                w.write_all(&bytes)?;
+                n += bytes.len();
             }
+            return Ok(n);
         }
-    })
+    };
+    w.write_all(&bytes)?;
+    Ok(bytes.len())
 }
 
 /// llama.cpp's `rope_freqs` for Llama 3 scaling: per frequency pair, the factor its wavelength is
@@ -555,24 +565,33 @@ pub fn write(path: &Path, src: &Source, plan: &Plan) -> Result<()> {
     let header = plan.header();
     w.write_all(&header)?;
     let mut written = header.len();
-    let mut put = |bytes: &[u8], t: &TensorPlan| -> Result<()> {
-        ensure!(bytes.len() == t.nbytes, "tensor {}: {} bytes where {} were planned", t.name, bytes.len(), t.nbytes);
-        // Zero bytes up to the alignment: the data section and every tensor in it start aligned.
-        let pad = written.next_multiple_of(ALIGNMENT) - written;
-        w.write_all(&[0u8; ALIGNMENT][..pad])?;
-        w.write_all(bytes)?;
-        written += pad + bytes.len();
+    // Zero bytes up to the alignment: the data section and every tensor in it start aligned.
+    let pad = |w: &mut BufWriter<std::fs::File>, written: usize| {
+        w.write_all(&[0u8; ALIGNMENT][..written.next_multiple_of(ALIGNMENT) - written])
+    };
+    let check = |n: usize, t: &TensorPlan| {
+        ensure!(n == t.nbytes, "tensor {}: {n} bytes where {} were planned", t.name, t.nbytes);
         Ok(())
     };
     let mut planned = plan.tensors.iter();
     src.for_each_param(|name, param| {
         let t = planned.next().context("more parameters than planned")?;
         ensure!(t.param.as_deref() == Some(name), "parameter {name} where {:?} was planned", t.param);
-        put(&tensor_bytes(plan, t, name, param, src)?, t)
+        pad(&mut w, written)?;
+        written = written.next_multiple_of(ALIGNMENT);
+        let n = write_tensor(&mut w, plan, t, name, param, src)?;
+        check(n, t)?;
+        written += n;
+        Ok(())
     })?;
     for t in planned {
         ensure!(t.param.is_none(), "parameter {:?} was planned but not read", t.param);
-        put(&rope_factors(src)?, t)?;
+        pad(&mut w, written)?;
+        written = written.next_multiple_of(ALIGNMENT);
+        let bytes = rope_factors(src)?;
+        check(bytes.len(), t)?;
+        w.write_all(&bytes)?;
+        written += bytes.len();
     }
     w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
