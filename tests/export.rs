@@ -469,19 +469,26 @@ fn gguf_writes_every_ternary_family() {
     assert!(e.contains("bitnet-b1.58") && e.contains("--type i2_s"), "{e}");
 }
 
+/// A random checkpoint of `shape` in `dir` with the tokenizer `../shared/tokenizers/{file}`; None (saying so)
+/// where this checkout has no shared tokenizers.
+fn shared_tokenizer_checkpoint(dir: &Path, file: &str, shape: &str) -> Option<(PathBuf, ModelConfig)> {
+    let tokenizer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers").join(file);
+    if !tokenizer.exists() {
+        println!("skipping: {} not found", tokenizer.display());
+        return None;
+    }
+    let src = dir.join(shape);
+    let source = bessie::model::init::TokenizerSource::Path(&tokenizer);
+    let cfg = bessie::model::init::write_random_checkpoint(&src, shape, source, None, 0, DType::BF16, Layout::Safetensors)
+        .unwrap();
+    Some((src, cfg))
+}
+
 /// The real LLaMA vocabulary (32000 pieces, byte fallback, <pad> and </line> added), when available.
 #[test]
 fn gguf_embeds_the_llama_tokenizer() {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/llama/tokenizer.model");
-    if !model.exists() {
-        println!("skipping: ../shared/tokenizers/llama/tokenizer.model not found");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("llama");
-    let source = bessie::model::init::TokenizerSource::Path(&model);
-    bessie::model::init::write_random_checkpoint(&src, "tiny", source, None, 0, DType::BF16, Layout::Safetensors)
-        .unwrap();
+    let Some((src, _)) = shared_tokenizer_checkpoint(dir.path(), "llama/tokenizer.model", "tiny") else { return };
     let got = check_gguf(&src, GgufType::Tq2_0, "F16");
     let m = &got["metadata"];
     let token =
@@ -498,16 +505,10 @@ fn gguf_embeds_the_llama_tokenizer() {
 /// `llama-bpe` pre-tokenizer, which llama.cpp's converter recognizes by the same hash.
 #[test]
 fn gguf_embeds_the_llama3_tokenizer() {
-    let json = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/llama3/tokenizer.json");
-    if !json.exists() {
-        println!("skipping: ../shared/tokenizers/llama3/tokenizer.json not found");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("llama3");
-    let source = bessie::model::init::TokenizerSource::Path(&json);
-    let cfg = bessie::model::init::write_random_checkpoint(&src, "tiny-llama-bitnet", source, None, 0, DType::BF16, Layout::Safetensors)
-        .unwrap();
+    let Some((src, cfg)) = shared_tokenizer_checkpoint(dir.path(), "llama3/tokenizer.json", "tiny-llama-bitnet") else {
+        return;
+    };
     assert_eq!(cfg.vocab_size, 128256);
     let got = check_gguf(&src, GgufType::Tq2_0, "F16");
     assert_eq!(got["metadata"]["tokenizer.ggml.pre"], "llama-bpe");
