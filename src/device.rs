@@ -58,3 +58,42 @@ pub fn compute_dtype(device: &Device) -> DType {
         DType::BF16
     }
 }
+
+/// The GPU's name as its driver reports it ("NVIDIA H200", "NVIDIA H100 80GB HBM3"); None on the CPU.
+pub fn gpu_name(device: &Device) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d.cuda_stream().context().name().ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Dense bf16 tensor-core peak in TFLOP/s (without sparsity, FP32 accumulate) from NVIDIA's datasheet or
+/// architecture whitepaper for the card its driver names, for MFU. None for a card not listed (A10G, whose
+/// maker publishes no datasheet; pre-Ampere cards without bf16), so that MFU says "unknown" rather than
+/// a wrong number. More specific names come first (H200 NVL before H200, L40S before L40 before L4).
+pub fn peak_bf16_tflops(gpu_name: &str) -> Option<f64> {
+    const PEAKS: [(&str, f64); 13] = [
+        ("H200 NVL", 835.0),
+        ("H200", 989.0),
+        ("H100 NVL", 835.0),
+        ("H100 PCIe", 756.0),
+        ("H100", 989.0),
+        ("A100", 312.0),
+        ("A10G", f64::NAN),
+        ("A10", 125.0),
+        ("L40S", 362.0),
+        ("L40", 181.0),
+        ("L4", 121.0),
+        ("RTX 4090", 165.2),
+        ("RTX A6000", 154.8),
+    ];
+    // A name matches as whole words, so that "A10" does not match "A100" and "L4" not "L40".
+    let words: Vec<&str> = gpu_name.split([' ', '-']).collect();
+    let matches = |pattern: &str| {
+        let p: Vec<&str> = pattern.split(' ').collect();
+        words.windows(p.len()).any(|w| w == p.as_slice())
+    };
+    PEAKS.iter().find(|(pattern, _)| matches(pattern)).map(|&(_, peak)| peak).filter(|p| p.is_finite())
+}

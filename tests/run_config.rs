@@ -220,3 +220,32 @@ fn model_path_and_init_are_exclusive() {
     let err = load_err(Some(&write(dir.path(), "empty.toml", "[model]\ninit = \"tiny\"\n")), &[]);
     assert!(err.contains("data.train is empty"), "{err}");
 }
+
+/// MFU's peak comes from the datasheet of the card the driver names, matched on whole words (an A100 is not
+/// an A10, an L40S not an L4), and is unknown for a card not in the table rather than a guess.
+#[test]
+fn peak_tflops_follow_the_card_name() {
+    use bessie::device::peak_bf16_tflops;
+    let cases = [
+        ("NVIDIA H200", Some(989.0)),
+        ("NVIDIA H200 NVL", Some(835.0)),
+        ("NVIDIA H100 80GB HBM3", Some(989.0)),
+        ("NVIDIA H100 PCIe", Some(756.0)),
+        ("NVIDIA H100 NVL", Some(835.0)),
+        ("NVIDIA A100-SXM4-80GB", Some(312.0)),
+        ("NVIDIA A100 80GB PCIe", Some(312.0)),
+        ("NVIDIA A10", Some(125.0)),
+        ("NVIDIA A10G", None),
+        ("NVIDIA L4", Some(121.0)),
+        ("NVIDIA L40", Some(181.0)),
+        ("NVIDIA L40S", Some(362.0)),
+        ("NVIDIA GeForce RTX 4090", Some(165.2)),
+        ("NVIDIA RTX A6000", Some(154.8)),
+        ("Tesla V100-SXM2-16GB", None),
+        ("NVIDIA GeForce RTX 3060", None),
+    ];
+    for (name, peak) in cases {
+        assert_eq!(peak_bf16_tflops(name), peak, "{name}");
+    }
+    assert_eq!(bessie::device::gpu_name(&candle_core::Device::Cpu), None);
+}

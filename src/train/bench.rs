@@ -46,7 +46,8 @@ pub struct BenchResult {
     pub tokens_per_sec_per_gpu: f64,
     /// Per GPU.
     pub tflops: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `tflops` over the card's datasheet peak (`device::peak_bf16_tflops`); null on the CPU or on a card
+    /// whose peak Bessie does not know.
     pub mfu: Option<f64>,
     pub step_ms: f64,
     /// `train::memory`'s estimate of this step's peak (CUDA context included on a GPU).
@@ -123,11 +124,11 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         steps: o.steps,
         recompute: train.recompute,
         world: comm.world(),
-        device: format!("{device:?}"),
+        device: crate::device::gpu_name(&device).unwrap_or_else(|| format!("{device:?}")),
         tokens_per_sec,
         tokens_per_sec_per_gpu: tokens_per_sec / comm.world() as f64,
         tflops,
-        mfu: device.is_cuda().then(|| tflops / metrics::GPU_PEAK_TFLOPS),
+        mfu: metrics::mfu(&device, tflops),
         step_ms: secs * 1e3 / o.steps as f64,
         estimated_peak_gib,
         measured_peak_gib,

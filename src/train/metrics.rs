@@ -23,7 +23,8 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     /// Model FLOPs per second (6 x parameters x tokens plus attention), in TFLOP/s.
     pub tflops: f64,
-    /// Against the GPU's bf16 dense peak; absent on CPU.
+    /// Against the card's dense bf16 datasheet peak; absent on the CPU and on a card whose peak is not known
+    /// (`device::peak_bf16_tflops`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
 }
@@ -86,8 +87,12 @@ pub fn flops_per_token(cfg: &crate::config::ModelConfig, seq: usize) -> f64 {
     6.0 * cfg.num_parameters() as f64 + 12.0 * (cfg.num_hidden_layers * seq * q_width) as f64
 }
 
-/// Dense bf16 peak of the H100/H200 (SXM) tensor cores, the cards Bessie is measured on.
-pub const GPU_PEAK_TFLOPS: f64 = 989.0;
+/// Model FLOPs utilization: `tflops` over the dense bf16 peak of `device`'s datasheet; None on the CPU and
+/// on a card whose peak is not known.
+pub fn mfu(device: &candle_core::Device, tflops: f64) -> Option<f64> {
+    let peak = crate::device::gpu_name(device).and_then(|name| crate::device::peak_bf16_tflops(&name))?;
+    Some(tflops / peak)
+}
 
 /// Rank 0's reporting for a run: a line per step in `metrics.jsonl`, the progress bar, without a terminal a
 /// progress line every 5% of the run and at every dev loss, and `loss.png` at each checkpoint and at the end.
@@ -97,8 +102,8 @@ pub struct Reporter {
     bar: ProgressBar,
     total: usize,
     flops_per_token: f64,
-    /// MFU is reported against the GPU's peak; none on CPU.
-    gpu: bool,
+    /// The card's dense bf16 peak (TFLOP/s) for MFU; None on the CPU or an unknown card.
+    peak_tflops: Option<f64>,
 }
 
 impl Reporter {
@@ -109,14 +114,14 @@ impl Reporter {
         step: usize,
         total: usize,
         flops_per_token: f64,
-        gpu: bool,
+        peak_tflops: Option<f64>,
         accepted_changes: &[String],
     ) -> Result<Self> {
         let mut log = MetricsLog::open(&out.join(METRICS_FILE), step)?;
         if !accepted_changes.is_empty() {
             log.log(&serde_json::json!({"step": step, "event": "resumed with changes", "changes": accepted_changes}))?;
         }
-        Ok(Self { out: out.to_path_buf(), log, bar: progress_bar(total, step), total, flops_per_token, gpu })
+        Ok(Self { out: out.to_path_buf(), log, bar: progress_bar(total, step), total, flops_per_token, peak_tflops })
     }
 
     /// Records optimizer step `step` that took `secs`.
@@ -139,7 +144,7 @@ impl Reporter {
             tokens: r.tokens,
             tokens_per_sec,
             tflops,
-            mfu: self.gpu.then(|| tflops / GPU_PEAK_TFLOPS),
+            mfu: self.peak_tflops.map(|peak| tflops / peak),
         })?;
         let status = format!(
             "loss {:.4}{} lr {lr:.2e} {:.0} tok/s",
