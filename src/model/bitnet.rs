@@ -2,7 +2,7 @@
 //! RMSNorms where it has them (before `o_proj` and before `down_proj`; `model::arch`), grouped-query
 //! attention and a SiLU or relu² gate. Reads like the paper: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{kv_cache, RmsNorm, VarBuilder};
 
 use super::arch::{Activation, Family, Role};
@@ -88,6 +88,95 @@ impl Module for BitLinear {
     }
 }
 
+/// A BitLinear input quantized per row: the int8 values and their scales (the candle-op reference), or the
+/// values times their scales in bf16, as the fused norm kernel writes them (one launch for the norm, a
+/// gated activation and the quantization instead of about ten ops).
+enum Quantized {
+    Codes { q: Tensor, scale: Tensor },
+    Scaled(Tensor),
+}
+
+impl Quantized {
+    /// `x: [.., c]` normed by `norm` (None: not normed), after the gated activation `glu` of its gate and up
+    /// halves when given (then `x` is `[.., 2c]`), and quantized: by the CUDA kernel where it applies.
+    fn of(x: &Tensor, norm: Option<&RmsNorm>, glu: Option<Activation>) -> Result<Self> {
+        let mut dims = x.dims().to_vec();
+        let width = dims.pop().unwrap_or(1);
+        let c = if glu.is_some() { width / 2 } else { width };
+        dims.push(c);
+        let rows = x.reshape(((), width))?;
+        let w = norm.map(|n| n.weight());
+        let eps = norm.map_or(0.0, |n| n.eps());
+        if let Some((y, _)) = crate::kernels::rmsnorm::try_rmsnorm_quant_forward(&rows, glu, w, eps, 1.0)? {
+            return Ok(Self::Scaled(y.reshape(dims)?));
+        }
+        let x = match glu {
+            Some(act) => (activate(&x.narrow(D::Minus1, 0, c)?, act)? * x.narrow(D::Minus1, c, c)?)?,
+            None => x.clone(),
+        };
+        let x = match norm {
+            Some(n) => n.forward(&x.contiguous()?)?,
+            None => x,
+        };
+        let (q, scale) = quantize_activations(&x)?;
+        Ok(Self::Codes { q, scale })
+    }
+}
+
+/// BitLinear layers that read one input, multiplied as one on a GPU: their ternary weights stacked
+/// `[sum of outputs, in]` in the compute dtype with each output's weight scale, so that one GEMM serves
+/// q, k and v (or gate and up) and one quantization their input.
+#[derive(Debug, Clone)]
+struct Stacked {
+    weight: Tensor,
+    /// `[sum of outputs]`: each output's weight scale, in the compute dtype.
+    scales: Tensor,
+    outs: Vec<usize>,
+}
+
+impl Stacked {
+    /// Stacks `layers` (dense ternary weights), or None when one is packed (the CPU kernel's form).
+    fn of(layers: &[&BitLinear]) -> Result<Option<Self>> {
+        let mut weights = Vec::new();
+        let (mut scales, mut outs) = (Vec::new(), Vec::new());
+        for l in layers {
+            let TernaryWeight::Dense(w) = &l.weight else { return Ok(None) };
+            let out = w.dim(0)?;
+            weights.push(w.clone());
+            scales.extend(std::iter::repeat_n(l.weight_scale as f32, out));
+            outs.push(out);
+        }
+        let weight = Tensor::cat(&weights, 0)?;
+        let scales = Tensor::new(scales, weight.device())?.to_dtype(weight.dtype())?;
+        Ok(Some(Self { weight, scales, outs }))
+    }
+
+    /// The stacked outputs `[.., sum of outputs]` for the quantized input.
+    fn forward(&self, input: &Quantized) -> Result<Tensor> {
+        match input {
+            Quantized::Scaled(x) => x.broadcast_matmul(&self.weight.t()?)?.broadcast_mul(&self.scales),
+            Quantized::Codes { q, scale } => {
+                let dtype = self.weight.dtype();
+                let y = q.to_dtype(dtype)?.broadcast_matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
+                let y = y.broadcast_mul(scale)?.broadcast_mul(&self.scales.to_dtype(DType::F32)?)?;
+                y.to_dtype(dtype)
+            }
+        }
+    }
+
+    /// The outputs of each stacked layer, split from [`Stacked::forward`].
+    fn split(&self, y: &Tensor) -> Result<Vec<Tensor>> {
+        let mut start = 0;
+        self.outs
+            .iter()
+            .map(|&n| {
+                start += n;
+                y.narrow(D::Minus1, start - n, n)
+            })
+            .collect()
+    }
+}
+
 fn rms_norm(vb: &VarBuilder, dim: usize, eps: f64, name: &str) -> Result<RmsNorm> {
     let weight = vb.get(dim, &format!("{name}.weight"))?;
     Ok(RmsNorm::new(weight, eps))
@@ -157,12 +246,17 @@ fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
     candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
 }
 
+/// A block's projections: one BitLinear each (the CPU, where packed weights have their own kernel and
+/// sharing one quantized input is what pays), or on a GPU stacked where they read one input.
+#[derive(Debug, Clone)]
+enum AttnWeights {
+    Each { q: BitLinear, k: BitLinear, v: BitLinear, o: BitLinear },
+    Stacked { qkv: Stacked, o: Stacked },
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: BitLinear,
-    k_proj: BitLinear,
-    v_proj: BitLinear,
-    o_proj: BitLinear,
+    weights: AttnWeights,
     /// 1bitLLM's `inner_attn_ln`, 2B4T's `attn_sub_norm`; None in the Llama layout.
     sub_norm: Option<RmsNorm>,
     num_heads: usize,
@@ -174,31 +268,48 @@ impl Attention {
     /// Loads the attention of the block under `vb` (`model.layers.N`).
     fn load(vb: &VarBuilder, cfg: &ModelConfig, family: &Family) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim());
-        let (q, kv) = (cfg.num_attention_heads * d, cfg.num_kv_heads() * d);
+        let (q_width, kv) = (cfg.num_attention_heads * d, cfg.num_kv_heads() * d);
         let packed = cfg.is_packed_ternary();
         let a = vb.pp("self_attn");
+        let q = BitLinear::load(&a.pp("q_proj"), q_width, h, packed)?;
+        let k = BitLinear::load(&a.pp("k_proj"), kv, h, packed)?;
+        let v = BitLinear::load(&a.pp("v_proj"), kv, h, packed)?;
+        let o = BitLinear::load(&a.pp("o_proj"), h, q_width, packed)?;
+        let stacked = match vb.device().is_cuda() {
+            true => Stacked::of(&[&q, &k, &v])?.zip(Stacked::of(&[&o])?),
+            false => None,
+        };
+        let weights = match stacked {
+            Some((qkv, o)) => AttnWeights::Stacked { qkv, o },
+            None => AttnWeights::Each { q, k, v, o },
+        };
         Ok(Self {
-            q_proj: BitLinear::load(&a.pp("q_proj"), q, h, packed)?,
-            k_proj: BitLinear::load(&a.pp("k_proj"), kv, h, packed)?,
-            v_proj: BitLinear::load(&a.pp("v_proj"), kv, h, packed)?,
-            o_proj: BitLinear::load(&a.pp("o_proj"), h, q, packed)?,
-            sub_norm: sub_norm(vb, family, Role::AttnSubNorm, q, cfg.rms_norm_eps)?,
+            weights,
+            sub_norm: sub_norm(vb, family, Role::AttnSubNorm, q_width, cfg.rms_norm_eps)?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_kv_heads(),
             head_dim: d,
         })
     }
 
+    /// Attention of `x` (the block's input) normed by `norm`.
     fn forward(
         &self,
         x: &Tensor,
+        norm: &RmsNorm,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: &mut kv_cache::KvCache,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let [q, k, v] = BitLinear::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let [q, k, v] = match &self.weights {
+            AttnWeights::Each { q, k, v, .. } => BitLinear::forward_many([q, k, v], &norm.forward(x)?)?,
+            AttnWeights::Stacked { qkv, .. } => {
+                let y = qkv.forward(&Quantized::of(x, Some(norm), None)?)?;
+                qkv.split(&y)?.try_into().expect("q, k and v")
+            }
+        };
         let q = rotate(&heads(q, self.num_heads)?, rope)?;
         let k = rotate(&heads(k, self.num_kv_heads)?, rope)?;
         let v = heads(v, self.num_kv_heads)?.contiguous()?;
@@ -213,15 +324,24 @@ impl Attention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&maybe_norm(&self.sub_norm, &y)?)
+        match &self.weights {
+            AttnWeights::Each { o, .. } => o.forward(&maybe_norm(&self.sub_norm, &y)?),
+            AttnWeights::Stacked { o, .. } => o.forward(&Quantized::of(&y, self.sub_norm.as_ref(), None)?),
+        }
     }
+}
+
+/// The MLP's projections, as [`AttnWeights`]: on a GPU gate and up stacked, so their output rows are the
+/// `[gate | up]` rows the fused kernel gates, norms and quantizes for `down_proj` in one launch.
+#[derive(Debug, Clone)]
+enum MlpWeights {
+    Each { gate: BitLinear, up: BitLinear, down: BitLinear },
+    Stacked { gate_up: Stacked, down: Stacked },
 }
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: BitLinear,
-    up_proj: BitLinear,
-    down_proj: BitLinear,
+    weights: MlpWeights,
     /// 1bitLLM's `ffn_layernorm`, 2B4T's `ffn_sub_norm`; None in the Llama layout.
     sub_norm: Option<RmsNorm>,
     activation: Activation,
@@ -232,21 +352,37 @@ impl Mlp {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let packed = cfg.is_packed_ternary();
         let m = vb.pp("mlp");
+        let gate = BitLinear::load(&m.pp("gate_proj"), i, h, packed)?;
+        let up = BitLinear::load(&m.pp("up_proj"), i, h, packed)?;
+        let down = BitLinear::load(&m.pp("down_proj"), h, i, packed)?;
+        let stacked = match vb.device().is_cuda() {
+            true => Stacked::of(&[&gate, &up])?.zip(Stacked::of(&[&down])?),
+            false => None,
+        };
+        let weights = match stacked {
+            Some((gate_up, down)) => MlpWeights::Stacked { gate_up, down },
+            None => MlpWeights::Each { gate, up, down },
+        };
         Ok(Self {
-            gate_proj: BitLinear::load(&m.pp("gate_proj"), i, h, packed)?,
-            up_proj: BitLinear::load(&m.pp("up_proj"), i, h, packed)?,
-            down_proj: BitLinear::load(&m.pp("down_proj"), h, i, packed)?,
+            weights,
             sub_norm: sub_norm(vb, family, Role::FfnSubNorm, i, cfg.rms_norm_eps)?,
             activation: cfg.activation().map_err(candle_core::Error::msg)?,
         })
     }
-}
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up] = BitLinear::forward_many([&self.gate_proj, &self.up_proj], x)?;
-        let y = (activate(&gate, self.activation)? * up)?;
-        self.down_proj.forward(&maybe_norm(&self.sub_norm, &y)?)
+    /// The MLP of `x` (the residual stream) normed by `norm`.
+    fn forward(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+        match &self.weights {
+            MlpWeights::Each { gate, up, down } => {
+                let [gate, up] = BitLinear::forward_many([gate, up], &norm.forward(x)?)?;
+                let y = (activate(&gate, self.activation)? * up)?;
+                down.forward(&maybe_norm(&self.sub_norm, &y)?)
+            }
+            MlpWeights::Stacked { gate_up, down } => {
+                let gate_up = gate_up.forward(&Quantized::of(x, Some(norm), None)?)?;
+                down.forward(&Quantized::of(&gate_up, self.sub_norm.as_ref(), Some(self.activation))?)
+            }
+        }
     }
 }
 
@@ -376,9 +512,9 @@ impl BitNet {
         let mask = attention_mask(t, col, &pad, self.device())?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let a = block.self_attn.forward(&block.input_layernorm.forward(&x)?, &rope, mask.as_ref(), layer_cache)?;
+            let a = block.self_attn.forward(&x, &block.input_layernorm, &rope, mask.as_ref(), layer_cache)?;
             x = (x + a)?;
-            x = (&x + block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?)?;
+            x = (&x + block.mlp.forward(&x, &block.post_attention_layernorm)?)?;
         }
         self.norm.forward(&x)
     }
