@@ -7,8 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bessie::config::ModelConfig;
 use bessie::config::model::RopeScalingType;
+use bessie::config::ModelConfig;
 use bessie::export::gguf::GgufType;
 use bessie::export::{export, DenseDtype, Format, Options};
 use bessie::generate::{generate, Sampler, Stop};
@@ -188,18 +188,23 @@ fn export_errors_name_the_problem() {
     // Nor one of its files, nor a folder holding it, even with --force.
     let weights = src.join("model.safetensors");
     let before = std::fs::read(&weights).unwrap();
-    let e = format!("{:#}", export(&src, &weights, &Options { force: true, ..Options::new(Format::Gguf) }).unwrap_err());
+    let e =
+        format!("{:#}", export(&src, &weights, &Options { force: true, ..Options::new(Format::Gguf) }).unwrap_err());
     assert!(e.contains("is inside the checkpoint being exported") && e.contains("--force never"), "{e}");
     assert_eq!(std::fs::read(&weights).unwrap(), before);
     // Nor a new file or folder inside it.
-    let listing = || std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name()).collect::<std::collections::BTreeSet<_>>();
+    let listing =
+        || std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name()).collect::<std::collections::BTreeSet<_>>();
     let files = listing();
     for (inside, format) in [(src.join("m.gguf"), Format::Gguf), (src.join("packed"), Format::Ternary)] {
         let e = export_err(&src, &inside, format);
         assert!(e.contains("is inside the checkpoint being exported"), "{e}");
     }
     assert_eq!(listing(), files);
-    let e = format!("{:#}", export(&src, dir.path(), &Options { force: true, ..Options::new(Format::Ternary) }).unwrap_err());
+    let e = format!(
+        "{:#}",
+        export(&src, dir.path(), &Options { force: true, ..Options::new(Format::Ternary) }).unwrap_err()
+    );
     assert!(e.contains("holds the checkpoint being exported"), "{e}");
     let gguf = dir.path().join("m.gguf");
     std::fs::write(&gguf, "old").unwrap();
@@ -277,8 +282,8 @@ fn read_gguf(file: &Path) -> serde_json::Value {
 /// The ternary values llama.cpp's `llama` graph expects of q or k: Hugging Face's rotate-half rows reordered
 /// to interleaved pairs, as the converter's numpy `permute` does (reshape, swap, reshape).
 fn interleave_rows(values: &[i8], rows: usize, cols: usize, heads: usize) -> Vec<i8> {
-    let t = Tensor::from_vec(values.iter().map(|&v| f32::from(v)).collect::<Vec<_>>(), (rows, cols), &Device::Cpu)
-        .unwrap();
+    let t =
+        Tensor::from_vec(values.iter().map(|&v| f32::from(v)).collect::<Vec<_>>(), (rows, cols), &Device::Cpu).unwrap();
     let t = t.reshape((heads, 2, rows / heads / 2, cols)).unwrap().transpose(1, 2).unwrap();
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(|v| v as i8).collect()
 }
@@ -438,7 +443,10 @@ fn gguf_is_read_back_by_gguf_py() {
     common::tiny_checkpoint(&tiny, 3);
     check_gguf(&tiny, GgufType::Tq2_0, "F16");
     let out = dir.path().join("tiny.gguf");
-    let e = format!("{:#}", export(&tiny, &out, &Options { gguf_type: GgufType::I2S, ..Options::new(Format::Gguf) }).unwrap_err());
+    let e = format!(
+        "{:#}",
+        export(&tiny, &out, &Options { gguf_type: GgufType::I2S, ..Options::new(Format::Gguf) }).unwrap_err()
+    );
     assert!(e.contains("self_attn.q_proj.weight") && e.contains("rows of 64") && e.contains("128"), "{e}");
     assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("gguf")));
 }
@@ -449,10 +457,13 @@ fn gguf_is_read_back_by_gguf_py() {
 fn gguf_writes_every_ternary_family() {
     use bessie::model::init::{write_random_checkpoint, TokenizerSource};
     let dir = tempfile::tempdir().unwrap();
-    for (shape, types) in [("tiny-bitnet", &[GgufType::I2S][..]), ("tiny-llama-bitnet", &[GgufType::Tq2_0, GgufType::I2S])] {
+    for (shape, types) in
+        [("tiny-bitnet", &[GgufType::I2S][..]), ("tiny-llama-bitnet", &[GgufType::Tq2_0, GgufType::I2S])]
+    {
         let src = dir.path().join(shape);
-        let cfg = write_random_checkpoint(&src, shape, TokenizerSource::Shipped, None, 5, DType::F32, Layout::Safetensors)
-            .unwrap();
+        let cfg =
+            write_random_checkpoint(&src, shape, TokenizerSource::Shipped, None, 5, DType::F32, Layout::Safetensors)
+                .unwrap();
         let mut wide = cfg.clone();
         (wide.hidden_size, wide.intermediate_size) = (256, 512);
         wide.head_dim = Some(64);
@@ -479,8 +490,9 @@ fn shared_tokenizer_checkpoint(dir: &Path, file: &str, shape: &str) -> Option<(P
     }
     let src = dir.join(shape);
     let source = bessie::model::init::TokenizerSource::Path(&tokenizer);
-    let cfg = bessie::model::init::write_random_checkpoint(&src, shape, source, None, 0, DType::BF16, Layout::Safetensors)
-        .unwrap();
+    let cfg =
+        bessie::model::init::write_random_checkpoint(&src, shape, source, None, 0, DType::BF16, Layout::Safetensors)
+            .unwrap();
     Some((src, cfg))
 }
 

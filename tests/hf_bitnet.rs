@@ -292,8 +292,7 @@ fn one_bit_llm_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     random_checkpoint(&src, "tiny", 1);
-    let e =
-        format!("{:#}", export(&src, &dir.path().join("out"), &Options::new(Format::HfBitnet)).unwrap_err());
+    let e = format!("{:#}", export(&src, &dir.path().join("out"), &Options::new(Format::HfBitnet)).unwrap_err());
     assert!(e.contains("1bitllm") && e.contains("BitnetForCausalLM") && e.contains("-f gguf"), "{e}");
     assert!(!dir.path().join("out").exists());
 }

@@ -505,7 +505,14 @@ fn permute_rows(values: &[i8], cols: usize, heads: usize) -> Vec<i8> {
 
 /// Writes one tensor's bytes to `w` and returns how many. A dense tensor goes out in pieces of about a
 /// million values, so that converting the 128k-row embedding does not hold it twice more.
-fn write_tensor(w: &mut impl Write, plan: &Plan, t: &TensorPlan, name: &str, param: Param, src: &Source) -> Result<usize> {
+fn write_tensor(
+    w: &mut impl Write,
+    plan: &Plan,
+    t: &TensorPlan,
+    name: &str,
+    param: Param,
+    src: &Source,
+) -> Result<usize> {
     let f16_bytes = |values: &mut dyn Iterator<Item = f32>| -> Vec<u8> {
         values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect()
     };
@@ -554,7 +561,8 @@ fn rope_factors(src: &Source) -> Result<Vec<u8>> {
     let cfg = &src.cfg;
     let d = cfg.head_dim();
     let scaled = cfg.rope_frequencies(cfg.max_position_embeddings)?.denominators;
-    let factors = scaled.iter().enumerate().map(|(i, den)| (den / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)) as f32);
+    let factors =
+        scaled.iter().enumerate().map(|(i, den)| (den / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)) as f32);
     Ok(factors.flat_map(f32::to_le_bytes).collect())
 }
 

@@ -31,7 +31,10 @@ pub fn write(dir: &Path, src: &Source, dtype: DType) -> Result<()> {
         src.for_each_param(|name, param| match param {
             Param::Ternary { codes, scale } => {
                 let (rows, cols) = codes.dims();
-                file.push(name, &Tensor::from_slice(codes.codes(), (rows, PackedTernary::row_bytes(cols)), &Device::Cpu)?)?;
+                file.push(
+                    name,
+                    &Tensor::from_slice(codes.codes(), (rows, PackedTernary::row_bytes(cols)), &Device::Cpu)?,
+                )?;
                 file.push(&format!("{name}_scale"), &Tensor::from_slice(&[scale], 1, &Device::Cpu)?)
             }
             Param::Dense(t) => file.push(name, &t.to_dtype(dtype)?),

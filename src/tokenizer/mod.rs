@@ -306,7 +306,8 @@ impl Tokenizer {
             .iter()
             .map(|m| match m {
                 Value::String(s) => Ok(s.clone()),
-                Value::Array(pair) => match (pair.first().and_then(Value::as_str), pair.get(1).and_then(Value::as_str)) {
+                Value::Array(pair) => match (pair.first().and_then(Value::as_str), pair.get(1).and_then(Value::as_str))
+                {
                     (Some(a), Some(b)) if pair.len() == 2 => Ok(format!("{a} {b}")),
                     _ => bail!("tokenizer.json: a merge that is not a pair of strings: {m}"),
                 },
