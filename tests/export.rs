@@ -304,7 +304,15 @@ fn check_gguf(src: &Path, ty: GgufType, ternary_type: &str) -> serde_json::Value
     let expected_meta = [
         ("GGUF.version".to_string(), serde_json::json!(3)),
         ("general.architecture".into(), arch.into()),
-        ("general.file_type".into(), (if ty == GgufType::Tq2_0 { 37 } else { 40 }).into()),
+        (
+            "general.file_type".into(),
+            (match ty {
+                GgufType::Tq1_0 => 36,
+                GgufType::Tq2_0 => 37,
+                GgufType::I2S => 40,
+            })
+            .into(),
+        ),
         ("general.quantization_version".into(), 2.into()),
         (key("vocab_size"), cfg.vocab_size.into()),
         (key("context_length"), cfg.max_position_embeddings.into()),
@@ -427,8 +435,8 @@ fn check_gguf(src: &Path, ty: GgufType, ternary_type: &str) -> serde_json::Value
     got
 }
 
-/// Rows a multiple of 256: every ternary matrix is TQ2_0 or I2_S. The tiny shape (rows of 64 and 176): F16
-/// in TQ2_0, and an error naming the tensor in I2_S, which cannot hold them.
+/// Rows a multiple of 256: every ternary matrix is TQ2_0, TQ1_0 or I2_S. The tiny shape (rows of 64 and
+/// 176): F16 in TQ2_0 and TQ1_0, and an error naming the tensor in I2_S, which cannot hold them.
 #[test]
 fn gguf_is_read_back_by_gguf_py() {
     let dir = tempfile::tempdir().unwrap();
@@ -438,10 +446,12 @@ fn gguf_is_read_back_by_gguf_py() {
     // A trained checkpoint's template travels in the file.
     std::fs::write(wide.join("chat_template.jinja"), "{% for m in messages %}{{ m.content }}\n{% endfor %}").unwrap();
     check_gguf(&wide, GgufType::Tq2_0, "TQ2_0");
+    check_gguf(&wide, GgufType::Tq1_0, "TQ1_0");
     check_gguf(&wide, GgufType::I2S, "I2_S");
     let tiny = dir.path().join("tiny");
     common::tiny_checkpoint(&tiny, 3);
     check_gguf(&tiny, GgufType::Tq2_0, "F16");
+    check_gguf(&tiny, GgufType::Tq1_0, "F16");
     let out = dir.path().join("tiny.gguf");
     let e = format!(
         "{:#}",

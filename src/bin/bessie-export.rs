@@ -22,7 +22,7 @@ use clap::Parser;
 ///
 /// --format gguf writes one GGUF file for llama.cpp and bitnet.cpp: architecture `bitnet` (1bitLLM),
 /// `bitnet-b1.58` (2B4T; bitnet.cpp only) or `llama` (the Llama layout: Falcon3, Llama3-8B-1.58), ternary
-/// matrices in --type tq2_0 (llama.cpp and bitnet.cpp) or i2_s (bitnet.cpp's own), the embedding in F16,
+/// matrices in --type tq2_0 or tq1_0 (llama.cpp and bitnet.cpp) or i2_s (bitnet.cpp's own), the embedding in F16,
 /// norms in F32, the tokenizer (SentencePiece, or LLaMA-3/Falcon3 byte-level BPE with llama.cpp's
 /// pre-tokenizer name) and the chat template embedded. README.md says which versions it targets.
 ///
@@ -54,7 +54,8 @@ struct Args {
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DenseDtype,
     /// The GGUF type of the ternary matrices: tq2_0 (llama.cpp's, also read by bitnet.cpp; rows of other
-    /// than a multiple of 256 weights become F16) or i2_s (bitnet.cpp's; rows must be a multiple of 128).
+    /// than a multiple of 256 weights become F16), tq1_0 (the same, 1.69 instead of 2.06 bits per weight) or
+    /// i2_s (bitnet.cpp's; rows must be a multiple of 128).
     #[arg(long = "type", value_enum, default_value = "tq2_0")]
     gguf_type: GgufType,
     /// Replace an existing output.

@@ -18,6 +18,12 @@
 //!   j + 32, j + 64, j + 96` at bits 0, 2, 4, 6) and an f16 scale, here the matrix's absmean scale in every
 //!   block. A matrix whose rows are not a multiple of 256 long is written as F16 `value × scale`, as the
 //!   converter falls back.
+//! - TQ1_0 (ggml type 34, file type 36; the same engines): blocks of 256 weights in 54 bytes (1.69 bits per
+//!   weight): five trits `w + 1` a byte for the first 240 weights (bytes 0-31 hold weights `j + 32 k`, bytes
+//!   32-47 weights `160 + j + 16 k`, for k = 0..5, most significant trit first), four a byte for the last
+//!   16 (`240 + j + 4 k`), each byte stored as `ceil(value x 256 / 243)` so that llama.cpp extracts a trit
+//!   with a multiply and a shift, then the f16 scale; as ggml's `quantize_row_tq1_0_ref` writes it. Rows of
+//!   other widths become F16 as for TQ2_0.
 //! - I2_S (ggml type 36, file type 40; bitnet.cpp only): the whole matrix row-major in blocks of 128
 //!   weights, 32 bytes each, byte `j` holding weights `j, j + 32, j + 64, j + 96` at bits 6, 4, 2, 0 (code
 //!   `w + 1`), then the f32 scale and 28 zero bytes: `n / 4 + 32` bytes, the layout of bitnet.cpp's x86
@@ -56,6 +62,9 @@ pub enum GgufType {
     /// llama.cpp's TQ2_0 (2.06 bits per weight); llama.cpp and bitnet.cpp run it.
     #[value(name = "tq2_0")]
     Tq2_0,
+    /// llama.cpp's TQ1_0 (1.69 bits per weight, base-3 packed); llama.cpp and bitnet.cpp run it.
+    #[value(name = "tq1_0")]
+    Tq1_0,
     /// bitnet.cpp's I2_S (2 bits per weight and one f32 scale); only bitnet.cpp runs it.
     #[value(name = "i2_s")]
     I2S,
@@ -64,14 +73,16 @@ pub enum GgufType {
 impl GgufType {
     fn ggml_type(self) -> u32 {
         match self {
+            Self::Tq1_0 => 34,
             Self::Tq2_0 => 35,
             Self::I2S => 36,
         }
     }
 
-    /// `general.file_type`: llama.cpp's MOSTLY_TQ2_0, bitnet.cpp's MOSTLY_I2_S.
+    /// `general.file_type`: llama.cpp's MOSTLY_TQ1_0 / MOSTLY_TQ2_0, bitnet.cpp's MOSTLY_I2_S.
     fn file_type(self) -> u32 {
         match self {
+            Self::Tq1_0 => 36,
             Self::Tq2_0 => 37,
             Self::I2S => 40,
         }
@@ -80,13 +91,14 @@ impl GgufType {
     /// The row length this type's blocks need.
     fn block(self) -> usize {
         match self {
-            Self::Tq2_0 => 256,
+            Self::Tq1_0 | Self::Tq2_0 => 256,
             Self::I2S => 128,
         }
     }
 
     fn nbytes(self, rows: usize, cols: usize) -> usize {
         match self {
+            Self::Tq1_0 => rows * cols / 256 * 54,
             Self::Tq2_0 => rows * cols / 256 * 66,
             Self::I2S => rows * cols / 4 + 32,
         }
@@ -103,6 +115,25 @@ impl GgufType {
                     for half in block.chunks(128) {
                         out.extend((0..32).map(|j| (0..4).fold(0u8, |b, k| b | code(half[32 * k + j]) << (2 * k))));
                     }
+                    out.extend_from_slice(&d);
+                }
+                out
+            }
+            Self::Tq1_0 => {
+                let d = half::f16::from_f32(scale).to_le_bytes();
+                // `trits` values, `stride` apart from `start`, as one base-3 number, most significant first.
+                let pack = |block: &[i8], start: usize, stride: usize, trits: u32| {
+                    let v = (0..5).fold(0u16, |acc, k| {
+                        let trit = if k < trits { u16::from(code(block[start + k as usize * stride])) } else { 0 };
+                        acc * 3 + trit
+                    });
+                    ((v * 256 + 242) / 243) as u8
+                };
+                let mut out = Vec::with_capacity(values.len() / 256 * 54);
+                for block in values.chunks(256) {
+                    out.extend((0..32).map(|j| pack(block, j, 32, 5)));
+                    out.extend((0..16).map(|j| pack(block, 160 + j, 16, 5)));
+                    out.extend((0..4).map(|j| pack(block, 240 + j, 4, 4)));
                     out.extend_from_slice(&d);
                 }
                 out
@@ -271,7 +302,7 @@ impl Plan {
                     (ty.ggml_type(), ty.nbytes(rows, cols))
                 } else {
                     ensure!(
-                        ty == GgufType::Tq2_0,
+                        ty != GgufType::I2S,
                         "{}: tensor `{name}` has rows of {cols} weights, which I2_S cannot hold (it needs a multiple \
                          of 128); --type tq2_0 writes such matrices as F16",
                         config.display()
