@@ -97,3 +97,15 @@ pub fn peak_bf16_tflops(gpu_name: &str) -> Option<f64> {
     };
     PEAKS.iter().find(|(pattern, _)| matches(pattern)).map(|&(_, peak)| peak).filter(|p| p.is_finite())
 }
+
+/// Free memory of the GPU, in bytes, as its driver reports it; None on the CPU.
+pub fn gpu_free_memory(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        d.cuda_stream().context().bind_to_thread()?;
+        let (free, _total) = cudarc::driver::result::mem_get_info()?;
+        return Ok(Some(free as u64));
+    }
+    let _ = device;
+    Ok(None)
+}

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::dist::Communicator;
-use crate::generate::{check_prompt_fits, generate_batch, Sampler, Stop};
+use crate::generate::{check_batch_fits, check_prompt_fits, generate_batch, Sampler, Stop};
 use crate::jsonl::{json_kind, jsonl_objects, take_string};
 use crate::model::BitNet;
 use crate::squad::answers;
@@ -258,6 +258,7 @@ impl Plan {
         template: &ChatTemplate,
         questions: &[(usize, &DevExample)],
         batch_size: usize,
+        max_new_tokens: usize,
     ) -> Result<Self> {
         anyhow::ensure!(batch_size > 0, "the batch size must be positive");
         let (mut skipped, mut prompts) = (Vec::new(), Vec::new());
@@ -272,7 +273,13 @@ impl Plan {
             }
         }
         prompts.sort_by_key(|(_, ids)| std::cmp::Reverse(ids.len()));
-        Ok(Self { skipped, batches: prompts.chunks(batch_size).map(<[_]>::to_vec).collect() })
+        let batches: Vec<Vec<_>> = prompts.chunks(batch_size).map(<[_]>::to_vec).collect();
+        // The first batch holds the longest prompts: if it fits the card's free memory, all do.
+        if let (Some(free), Some(first)) = (crate::device::gpu_free_memory(model.device())?, batches.first()) {
+            let longest = first.first().map_or(0, |(_, ids)| ids.len());
+            check_batch_fits(&model.cfg, model.dtype(), first.len(), longest, max_new_tokens, free)?;
+        }
+        Ok(Self { skipped, batches })
     }
 }
 
@@ -309,7 +316,7 @@ pub fn generate_guesses(
     mut on_batch: impl FnMut(usize),
 ) -> Result<Vec<Guess>> {
     let questions: Vec<(usize, &DevExample)> = examples.iter().enumerate().collect();
-    let plan = Plan::new(model, tok, template, &questions, batch_size)?;
+    let plan = Plan::new(model, tok, template, &questions, batch_size, max_new_tokens)?;
     let stop = Stop::new(tok, template);
     let mut guesses = vec![None; examples.len()];
     for (i, g) in plan.skipped {
@@ -516,7 +523,8 @@ pub fn evaluate(
     comm.all_reduce_sum_f64(&mut left)?;
     let todo: Vec<(usize, &DevExample)> =
         examples.iter().enumerate().filter(|(i, _)| left[*i] == comm.world() as f64).collect();
-    let plan = Plan::new(model, tok, template, &shard(&todo, comm.rank(), comm.world()), settings.batch_size)?;
+    let questions = shard(&todo, comm.rank(), comm.world());
+    let plan = Plan::new(model, tok, template, &questions, settings.batch_size, settings.max_new_tokens)?;
     let stop = Stop::new(tok, template);
     // Every rank takes part in every round, with an empty batch when its shard is done.
     let rounds = todo.len().div_ceil(comm.world()).div_ceil(settings.batch_size).max(1);

@@ -5,8 +5,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
+use crate::config::ModelConfig;
 use crate::model::{BitNet, KvCache};
 use crate::rng::Rng;
 use crate::tokenizer::template::ChatTemplate;
@@ -151,6 +152,47 @@ pub fn check_prompt_fits(prompt_tokens: usize, context: usize) -> Result<()> {
         prompt_tokens + 1 - context
     );
     Ok(())
+}
+
+/// Device bytes a batch of `rows` prompts of up to `prompt` tokens needs to generate `new` tokens each,
+/// beyond the weights: the KV cache of every layer (candle's cache grows in chunks of 512 columns, and the
+/// old buffer lives while the grown one is filled) and the prefill's attention scores (`[rows, heads,
+/// prompt, prompt]` as f32 scores, f32 and `dtype` probabilities).
+pub fn generation_bytes(cfg: &ModelConfig, dtype: DType, rows: usize, prompt: usize, new: usize) -> u64 {
+    let chunk = cfg.max_position_embeddings.min(512);
+    let columns = (prompt + new).next_multiple_of(chunk);
+    let per_column = 2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes();
+    let cache = (2 * columns).saturating_sub(chunk) * per_column;
+    let scores = cfg.num_attention_heads * prompt * prompt * (8 + dtype.size_in_bytes());
+    (rows * (cache + scores)) as u64
+}
+
+/// An error unless a batch of `rows` prompts of up to `prompt` tokens and `new` new tokens each fits in
+/// `free` bytes of device memory ([`generation_bytes`]); it says which batch size would.
+pub fn check_batch_fits(
+    cfg: &ModelConfig,
+    dtype: DType,
+    rows: usize,
+    prompt: usize,
+    new: usize,
+    free: u64,
+) -> Result<()> {
+    let need = generation_bytes(cfg, dtype, rows, prompt, new);
+    if need <= free {
+        return Ok(());
+    }
+    let fits = (free / generation_bytes(cfg, dtype, 1, prompt, new).max(1)) as usize;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let advice = match fits {
+        0 => format!("not even one prompt of {prompt} tokens fits: lower --max-new-tokens or use a larger card"),
+        n => format!("--batch-size {n} fits"),
+    };
+    bail!(
+        "a batch of {rows} prompts of up to {prompt} tokens, with {new} new tokens each, needs about {:.1} GiB of \
+         GPU memory for its KV cache and attention scores, and the card has {:.1} GiB free: {advice}",
+        gib(need),
+        gib(free)
+    )
 }
 
 /// `--temperature`: finite and at least 0 (0 is greedy decoding).

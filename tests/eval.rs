@@ -768,3 +768,26 @@ fn an_over_long_question_is_skipped_and_counted() {
     assert_eq!((&rescored[2]["exact_match"], &rescored[2]["f1"]), (&0.0.into(), &0.0.into()));
     assert_eq!((again.overall, again.no_ans, again.skipped), (summary.overall, summary.no_ans, 1));
 }
+
+/// Before generating on a GPU, the largest batch is checked against the card's free memory: the KV cache
+/// of -large is 2 (keys, values) x 24 layers x 16 heads x 96 dims x 2 bytes a column, held twice while
+/// candle's cache grows by a chunk of 512 columns, plus the prefill's attention scores; too little memory
+/// is an error saying which batch size fits.
+#[test]
+fn a_batch_too_large_for_the_card_says_what_fits() {
+    use bessie::generate::{check_batch_fits, generation_bytes};
+    let cfg = bessie::config::ModelConfig::shape("large", 32002).unwrap();
+    let bf16 = candle_core::DType::BF16;
+    let per_column = 2 * 24 * 16 * 96 * 2;
+    let row = (2 * 512 - 512) * per_column + 16 * 300 * 300 * 10;
+    assert_eq!(generation_bytes(&cfg, bf16, 1, 300, 50), row as u64);
+    assert_eq!(generation_bytes(&cfg, bf16, 32, 300, 50), 32 * row as u64);
+    // Past 512 columns the cache has grown once: 1024 columns with the 512 of the old buffer.
+    assert_eq!(generation_bytes(&cfg, bf16, 1, 500, 50), ((2 * 1024 - 512) * per_column + 16 * 500 * 500 * 10) as u64);
+    let need = generation_bytes(&cfg, bf16, 32, 300, 50);
+    assert!(check_batch_fits(&cfg, bf16, 32, 300, 50, need).is_ok());
+    let e = format!("{:#}", check_batch_fits(&cfg, bf16, 32, 300, 50, need - 1).unwrap_err());
+    assert!(e.contains("batch of 32 prompts of up to 300 tokens") && e.contains("--batch-size 31 fits"), "{e}");
+    let e = format!("{:#}", check_batch_fits(&cfg, bf16, 32, 300, 50, (row / 2) as u64).unwrap_err());
+    assert!(e.contains("not even one prompt of 300 tokens fits"), "{e}");
+}

@@ -110,6 +110,15 @@ impl Quantized {
         if let Some((y, _)) = crate::kernels::rmsnorm::try_rmsnorm_quant_forward(&rows, glu, w, eps, 1.0)? {
             return Ok(Self::Scaled(y.reshape(dims)?));
         }
+        if x.device().is_cuda() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "note: the fused GPU kernels do not take this model's rows of {c} channels (or BESSIE_UNFUSED \
+                     is set, or this is not a CUDA build); its BitLinear inputs are quantized by candle ops, slower"
+                )
+            });
+        }
         let x = match glu {
             Some(act) => (activate(&x.narrow(D::Minus1, 0, c)?, act)? * x.narrow(D::Minus1, c, c)?)?,
             None => x.clone(),
