@@ -127,7 +127,7 @@ impl GgufType {
                         let trit = if k < trits { u16::from(code(block[start + k as usize * stride])) } else { 0 };
                         acc * 3 + trit
                     });
-                    ((v * 256 + 242) / 243) as u8
+                    (v * 256).div_ceil(243) as u8
                 };
                 let mut out = Vec::with_capacity(values.len() / 256 * 54);
                 for block in values.chunks(256) {
@@ -317,10 +317,11 @@ impl Plan {
             tensors.push(TensorPlan { name: gguf, dims, ggml_type, nbytes, param: Some(name) });
         }
         let mut rope_keys = Vec::new();
-        match cfg.rope_scaling()?.map(|s| s.kind) {
+        let rope_scaling = cfg.rope_scaling()?;
+        match rope_scaling.map(|s| s.kind) {
             None | Some(RopeScalingType::None) => {}
             Some(RopeScalingType::Linear) => {
-                let factor = cfg.rope_scaling()?.map_or(1.0, |s| s.factor);
+                let factor = rope_scaling.map_or(1.0, |s| s.factor);
                 rope_keys.push(("rope.scaling.type", Value::Str("linear".into())));
                 rope_keys.push(("rope.scaling.factor", Value::F32(factor as f32)));
             }
@@ -463,12 +464,12 @@ fn tokenizer_metadata(src: &Source) -> Result<Vec<(String, Value)>> {
     );
     let key = |k: &str| format!("tokenizer.ggml.{k}");
     // Embedding rows past the tokenizer get placeholders as the converter writes them (UNUSED, 5).
-    let pad = |i: usize| (format!("[PAD{i}]"), 5);
+    let placeholder = |i: usize| (format!("[PAD{i}]"), 5);
     let mut kv = Vec::new();
     if let Some(vocab) = tok.sentencepiece_vocab() {
         let mut pieces = vocab.pieces;
         pieces.extend((pieces.len()..vocab_size).map(|i| {
-            let (text, kind) = pad(i);
+            let (text, kind) = placeholder(i);
             (text, -10000.0, kind)
         }));
         kv.push((key("model"), Value::Str("llama".into())));
@@ -488,7 +489,7 @@ fn tokenizer_metadata(src: &Source) -> Result<Vec<(String, Value)>> {
         })?;
         tokens.resize(vocab_size, None);
         let tokens: Vec<(String, i32)> =
-            tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| pad(i))).collect();
+            tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| placeholder(i))).collect();
         kv.push((key("model"), Value::Str("gpt2".into())));
         kv.push((key("pre"), Value::Str(pre.into())));
         kv.push((key("tokens"), Value::Strings(tokens.iter().map(|t| t.0.clone()).collect())));
@@ -568,10 +569,10 @@ fn write_tensor(
         }
         Param::Dense(d) => {
             let rows = d.dim(0)?;
-            let per_piece = (1 << 20) / d.elem_count().div_ceil(rows).max(1);
+            let per_piece = ((1 << 20) / d.elem_count().div_ceil(rows).max(1)).max(1);
             let mut n = 0;
-            for start in (0..rows).step_by(per_piece.max(1)) {
-                let piece = d.narrow(0, start, per_piece.max(1).min(rows - start))?.flatten_all()?.to_vec1::<f32>()?;
+            for start in (0..rows).step_by(per_piece) {
+                let piece = d.narrow(0, start, per_piece.min(rows - start))?.flatten_all()?.to_vec1::<f32>()?;
                 let bytes = match t.ggml_type {
                     GGML_F32 => piece.iter().flat_map(|v| v.to_le_bytes()).collect(),
                     _ => f16_bytes(&mut piece.into_iter()),
@@ -597,6 +598,21 @@ fn rope_factors(src: &Source) -> Result<Vec<u8>> {
     Ok(factors.flat_map(f32::to_le_bytes).collect())
 }
 
+/// Writes tensor `t` at the next aligned offset (zero bytes up to it: the data section and every tensor in it
+/// start aligned) with `write`, which returns its byte count, and checks that count against the plan.
+fn put<W: Write>(
+    w: &mut W,
+    written: &mut usize,
+    t: &TensorPlan,
+    write: impl FnOnce(&mut W) -> Result<usize>,
+) -> Result<()> {
+    w.write_all(&[0u8; ALIGNMENT][..written.next_multiple_of(ALIGNMENT) - *written])?;
+    let n = write(w)?;
+    ensure!(n == t.nbytes, "tensor {}: {n} bytes where {} were planned", t.name, t.nbytes);
+    *written = written.next_multiple_of(ALIGNMENT) + n;
+    Ok(())
+}
+
 /// Writes the GGUF file of `src` planned in `plan` to `path`, one tensor at a time.
 pub fn write(path: &Path, src: &Source, plan: &Plan) -> Result<()> {
     let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -604,33 +620,16 @@ pub fn write(path: &Path, src: &Source, plan: &Plan) -> Result<()> {
     let header = plan.header();
     w.write_all(&header)?;
     let mut written = header.len();
-    // Zero bytes up to the alignment: the data section and every tensor in it start aligned.
-    let pad = |w: &mut BufWriter<std::fs::File>, written: usize| {
-        w.write_all(&[0u8; ALIGNMENT][..written.next_multiple_of(ALIGNMENT) - written])
-    };
-    let check = |n: usize, t: &TensorPlan| {
-        ensure!(n == t.nbytes, "tensor {}: {n} bytes where {} were planned", t.name, t.nbytes);
-        Ok(())
-    };
     let mut planned = plan.tensors.iter();
     src.for_each_param(|name, param| {
         let t = planned.next().context("more parameters than planned")?;
         ensure!(t.param.as_deref() == Some(name), "parameter {name} where {:?} was planned", t.param);
-        pad(&mut w, written)?;
-        written = written.next_multiple_of(ALIGNMENT);
-        let n = write_tensor(&mut w, plan, t, name, param, src)?;
-        check(n, t)?;
-        written += n;
-        Ok(())
+        put(&mut w, &mut written, t, |w| write_tensor(w, plan, t, name, param, src))
     })?;
     for t in planned {
         ensure!(t.param.is_none(), "parameter {:?} was planned but not read", t.param);
-        pad(&mut w, written)?;
-        written = written.next_multiple_of(ALIGNMENT);
         let bytes = rope_factors(src)?;
-        check(bytes.len(), t)?;
-        w.write_all(&bytes)?;
-        written += bytes.len();
+        put(&mut w, &mut written, t, |w| Ok(w.write_all(&bytes).map(|()| bytes.len())?))?;
     }
     w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())

@@ -43,9 +43,10 @@ fn output_config(cfg: &ModelConfig, family: &Family, src: &Path) -> Result<Model
     Ok(cfg.as_family(class, Some(quantization)))
 }
 
-/// An error unless `src` can be written in this layout (before anything is written).
-pub fn check(src: &Source) -> Result<()> {
-    output_config(&src.cfg, src.cfg.family()?, &src.dir)?;
+/// The `config.json` of `src`'s export, or an error where `src` cannot be written in this layout (checked
+/// before anything is written).
+pub fn check(src: &Source) -> Result<ModelConfig> {
+    let out_cfg = output_config(&src.cfg, src.cfg.family()?, &src.dir)?;
     for (name, shape) in src.shapes() {
         // transformers' BitLinear holds out / 4 packed rows, and its loader unpacks only rows x 4 = out.
         ensure!(
@@ -56,14 +57,13 @@ pub fn check(src: &Source) -> Result<()> {
             shape[0]
         );
     }
-    Ok(())
+    Ok(out_cfg)
 }
 
 /// Writes the export of the checkpoint `src` into the existing directory `dir`, dense tensors and scales
 /// as `dense`, one tensor at a time.
 pub fn write(dir: &Path, src: &Source, dense: DType) -> Result<()> {
-    check(src)?;
-    let mut out_cfg = output_config(&src.cfg, src.cfg.family()?, &src.dir)?;
+    let mut out_cfg = check(src)?;
     let Quantization::Bitnet { scale: kind } = out_cfg.quantization()? else {
         unreachable!("output_config writes an offline bitnet quantization_config")
     };

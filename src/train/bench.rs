@@ -128,7 +128,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         tokens_per_sec,
         tokens_per_sec_per_gpu: tokens_per_sec / comm.world() as f64,
         tflops,
-        mfu: metrics::mfu(&device, tflops),
+        mfu: metrics::peak_tflops(&device).map(|peak| tflops / peak),
         step_ms: secs * 1e3 / o.steps as f64,
         estimated_peak_gib,
         measured_peak_gib,

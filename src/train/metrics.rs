@@ -87,11 +87,10 @@ pub fn flops_per_token(cfg: &crate::config::ModelConfig, seq: usize) -> f64 {
     6.0 * cfg.num_parameters() as f64 + 12.0 * (cfg.num_hidden_layers * seq * q_width) as f64
 }
 
-/// Model FLOPs utilization: `tflops` over the dense bf16 peak of `device`'s datasheet; None on the CPU and
-/// on a card whose peak is not known.
-pub fn mfu(device: &candle_core::Device, tflops: f64) -> Option<f64> {
-    let peak = crate::device::gpu_name(device).and_then(|name| crate::device::peak_bf16_tflops(&name))?;
-    Some(tflops / peak)
+/// The dense bf16 peak (TFLOP/s) of `device`'s datasheet, for MFU; None on the CPU and on a card whose peak
+/// is not known.
+pub fn peak_tflops(device: &candle_core::Device) -> Option<f64> {
+    crate::device::gpu_name(device).and_then(|name| crate::device::peak_bf16_tflops(&name))
 }
 
 /// Rank 0's reporting for a run: a line per step in `metrics.jsonl`, the progress bar, without a terminal a

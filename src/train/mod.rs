@@ -523,10 +523,14 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
         true => {
             hf::write_atomic(&out.join(checkpoint::RUN_CONFIG_FILE), |tmp| Ok(std::fs::write(tmp, &begun.run_toml)?))?;
             let flops = metrics::flops_per_token(&model_cfg, cfg.data.max_seq_len);
-            {
-                let peak = crate::device::gpu_name(&device).and_then(|n| crate::device::peak_bf16_tflops(&n));
-                Some(Reporter::open(out, cursor.step(), total, flops, peak, &begun.accepted_changes)?)
-            }
+            Some(Reporter::open(
+                out,
+                cursor.step(),
+                total,
+                flops,
+                metrics::peak_tflops(&device),
+                &begun.accepted_changes,
+            )?)
         }
         false => None,
     };
