@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::dist::Communicator;
-use crate::generate::{check_batch_fits, check_prompt_fits, generate_batch, Sampler, Stop};
+use crate::generate::{check_batch_fits, check_prompt_fits, ContinuousBatch, Sampler, Stop};
 use crate::jsonl::{json_kind, jsonl_objects, take_string};
 use crate::model::BitNet;
 use crate::squad::answers;
@@ -226,7 +226,7 @@ pub struct Guess {
     pub text: String,
     /// Tokens generated, the stopping EOS or end marker included.
     pub tokens: usize,
-    /// Seconds from the start of its batch until it was complete.
+    /// Seconds from the start of its prefill until it was complete.
     pub secs: f64,
     /// Why the question was not answered (its prompt does not fit the model's context); the guess is
     /// empty and scores 0 (`Score::UNANSWERED`), not as an empty prediction (which is right on an
@@ -243,11 +243,13 @@ impl Guess {
 }
 
 /// Questions ready to answer: prompts that do not fit the model's context are skipped (with the reason),
-/// the rest encoded and batched by token length, longest first, so padding is small and running out of
-/// memory shows at once.
+/// the rest encoded and sorted by token length, longest first, so the KV cache is sized by the first
+/// prompts and running out of memory shows at once.
 struct Plan {
     skipped: Vec<(usize, Guess)>,
-    batches: Vec<Vec<(usize, Vec<u32>)>>,
+    /// The dev-file index of each prompt in `prompts`.
+    questions: Vec<usize>,
+    prompts: Vec<Vec<u32>>,
 }
 
 impl Plan {
@@ -257,10 +259,9 @@ impl Plan {
         tok: &Tokenizer,
         template: &ChatTemplate,
         questions: &[(usize, &DevExample)],
-        batch_size: usize,
-        max_new_tokens: usize,
+        settings: &Settings,
     ) -> Result<Self> {
-        anyhow::ensure!(batch_size > 0, "the batch size must be positive");
+        anyhow::ensure!(settings.batch_size > 0, "the batch size must be positive");
         let (mut skipped, mut prompts) = (Vec::new(), Vec::new());
         for &(i, ex) in questions {
             let ids = template.prompt_ids(tok, &[Message::new("user", &ex.prompt)]).with_context(|| ex.at.clone())?;
@@ -273,61 +274,68 @@ impl Plan {
             }
         }
         prompts.sort_by_key(|(_, ids)| std::cmp::Reverse(ids.len()));
-        let batches: Vec<Vec<_>> = prompts.chunks(batch_size).map(<[_]>::to_vec).collect();
-        // The first batch holds the longest prompts: if it fits the card's free memory, all do.
-        if let (Some(free), Some(first)) = (crate::device::gpu_free_memory(model.device())?, batches.first()) {
-            let longest = first.first().map_or(0, |(_, ids)| ids.len());
-            check_batch_fits(&model.cfg, model.dtype(), first.len(), longest, max_new_tokens, free)?;
+        if let (Some(free), Some((_, longest))) = (crate::device::gpu_free_memory(model.device())?, prompts.first()) {
+            let rows = settings.batch_size.min(prompts.len());
+            check_batch_fits(&model.cfg, model.dtype(), rows, longest.len(), settings.max_new_tokens, free)?;
         }
-        Ok(Self { skipped, batches })
+        let (questions, prompts) = prompts.into_iter().unzip();
+        Ok(Self { skipped, questions, prompts })
+    }
+
+    /// Greedy answers, `settings.batch_size` prompts at a time (continuous batching), handed to `round` in
+    /// `rounds` rounds of at least a batch of answers each (the skipped questions count in the first) until
+    /// all are answered, then with none.
+    fn answer(
+        self,
+        model: &BitNet,
+        tok: &Tokenizer,
+        stop: &Stop,
+        settings: &Settings,
+        rounds: usize,
+        mut round: impl FnMut(Vec<(usize, Guess)>) -> Result<()>,
+    ) -> Result<()> {
+        let mut batch =
+            ContinuousBatch::new(model, tok, stop, &self.prompts, settings.batch_size, settings.max_new_tokens)?;
+        let mut sampler = Sampler::greedy();
+        let mut answered = self.skipped;
+        for _ in 0..rounds {
+            while answered.len() < settings.batch_size && !batch.is_done() {
+                for (p, g) in batch.step(&mut sampler, |_, _| Ok(()))? {
+                    let secs = g.prompt_secs + g.decode_secs;
+                    answered
+                        .push((self.questions[p], Guess { text: g.text, tokens: g.ids.len(), secs, skipped: None }));
+                }
+            }
+            round(std::mem::take(&mut answered))?;
+        }
+        anyhow::ensure!(batch.is_done(), "{rounds} rounds did not answer every question");
+        Ok(())
     }
 }
 
-/// Greedy answers to one batch of encoded prompts.
-fn answer_batch(
-    model: &BitNet,
-    tok: &Tokenizer,
-    stop: &Stop,
-    batch: &[(usize, Vec<u32>)],
-    max_new_tokens: usize,
-) -> Result<Vec<(usize, Guess)>> {
-    let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-    let gens = generate_batch(model, tok, stop, &prompts, max_new_tokens, &mut Sampler::greedy(), |_, _| Ok(()))?;
-    Ok(batch
-        .iter()
-        .zip(gens)
-        .map(|((i, _), g)| {
-            let secs = g.prompt_secs + g.decode_secs;
-            (*i, Guess { text: g.text, tokens: g.ids.len(), secs, skipped: None })
-        })
-        .collect())
-}
-
-/// Greedy answers to the examples' prompts (rendered with `template`), `batch_size` prompts at a time,
-/// in input order (see `Plan`; a prompt beyond the model's context is skipped). `on_batch(n)` follows
-/// each batch of `n` answers.
+/// Greedy answers to the examples' prompts (rendered with `template`), `batch_size` at a time, in input
+/// order (see `Plan`; a prompt beyond the model's context is skipped). `on_answers(n)` follows each round
+/// of `n` answers.
 pub fn generate_guesses(
     model: &BitNet,
     tok: &Tokenizer,
     template: &ChatTemplate,
     examples: &[DevExample],
-    batch_size: usize,
-    max_new_tokens: usize,
-    mut on_batch: impl FnMut(usize),
+    settings: &Settings,
+    mut on_answers: impl FnMut(usize),
 ) -> Result<Vec<Guess>> {
     let questions: Vec<(usize, &DevExample)> = examples.iter().enumerate().collect();
-    let plan = Plan::new(model, tok, template, &questions, batch_size, max_new_tokens)?;
+    let plan = Plan::new(model, tok, template, &questions, settings)?;
     let stop = Stop::new(tok, template);
     let mut guesses = vec![None; examples.len()];
-    for (i, g) in plan.skipped {
-        guesses[i] = Some(g);
-    }
-    for batch in &plan.batches {
-        for (i, g) in answer_batch(model, tok, &stop, batch, max_new_tokens)? {
+    let rounds = examples.len().div_ceil(settings.batch_size);
+    plan.answer(model, tok, &stop, settings, rounds, |answers| {
+        on_answers(answers.len());
+        for (i, g) in answers {
             guesses[i] = Some(g);
         }
-        on_batch(batch.len());
-    }
+        Ok(())
+    })?;
     Ok(guesses.into_iter().map(|g| g.expect("every question is answered or skipped")).collect())
 }
 
@@ -498,9 +506,10 @@ pub struct Settings<'a> {
 /// Answers and scores `examples` with `model` (see `generate_guesses`), keeping the answers in `done` (by
 /// index: those an interrupted run wrote). Each line also gets `model` and `time` (`Guess::secs`), and
 /// `skipped` for a question that was not answered. The ranks share the questions left (`shard`) and
-/// answer them in rounds of one batch each; after every round rank 0 gathers the round's answers and
-/// hands them to `record` (the partial output, so that a killed evaluation keeps what it answered).
-/// `on_batch(n)` follows each batch of `n` of this rank's answers. Rank 0 alone returns the scored lines,
+/// answer them in rounds of at least a batch of answers each; after every round rank 0 gathers the
+/// round's answers and hands them to `record` (the partial output, so that a killed evaluation keeps what
+/// it answered). `on_answers(n)` follows each round of `n` of this rank's answers (skipped questions
+/// included). Rank 0 alone returns the scored lines,
 /// in input order; the others return None.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
@@ -512,7 +521,7 @@ pub fn evaluate(
     settings: &Settings,
     comm: &Communicator,
     mut record: impl FnMut(&[(usize, Guess)]) -> Result<()>,
-    mut on_batch: impl FnMut(usize),
+    mut on_answers: impl FnMut(usize),
 ) -> Result<Option<Scored>> {
     let start = std::time::Instant::now();
     // Only rank 0 read the partial output: the others learn which questions are left from it.
@@ -524,26 +533,22 @@ pub fn evaluate(
     let todo: Vec<(usize, &DevExample)> =
         examples.iter().enumerate().filter(|(i, _)| left[*i] == comm.world() as f64).collect();
     let questions = shard(&todo, comm.rank(), comm.world());
-    let plan = Plan::new(model, tok, template, &questions, settings.batch_size, settings.max_new_tokens)?;
+    let plan = Plan::new(model, tok, template, &questions, settings)?;
     let stop = Stop::new(tok, template);
-    // Every rank takes part in every round, with an empty batch when its shard is done.
+    // Every rank takes part in every round, with no answers when its share is done.
     let rounds = todo.len().div_ceil(comm.world()).div_ceil(settings.batch_size).max(1);
-    let mut skipped = plan.skipped;
     let mut fresh = Vec::new();
-    for round in 0..rounds {
-        let mut answers = std::mem::take(&mut skipped);
-        if let Some(batch) = plan.batches.get(round) {
-            answers.extend(answer_batch(model, tok, &stop, batch, settings.max_new_tokens)?);
-            on_batch(batch.len());
-        }
-        let Some(shards) = comm.gather_bytes(&serde_json::to_vec(&answers)?)? else { continue };
+    plan.answer(model, tok, &stop, settings, rounds, |answers| {
+        on_answers(answers.len());
+        let Some(shards) = comm.gather_bytes(&serde_json::to_vec(&answers)?)? else { return Ok(()) };
         let mut gathered = Vec::new();
         for bytes in shards {
             gathered.extend(serde_json::from_slice::<Vec<(usize, Guess)>>(&bytes)?);
         }
         record(&gathered)?;
         fresh.extend(gathered);
-    }
+        Ok(())
+    })?;
     if !comm.is_main() {
         return Ok(None);
     }

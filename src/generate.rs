@@ -2,6 +2,7 @@
 //! stopping at an end-of-turn id (EOS, the checkpoint's `generation_config.json` ids), at the chat
 //! template's end marker (Bessie's 🐂), at a token budget or at the model's context length.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
@@ -115,6 +116,11 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The generation of a prompt that could not start, for `stop`: no tokens, no time.
+    fn empty(prompt_tokens: usize, stop: StopReason) -> Self {
+        Self { ids: Vec::new(), text: String::new(), stop, prompt_tokens, prompt_secs: 0.0, decode_secs: 0.0 }
+    }
+
     /// None when no time was measured.
     pub fn prompt_tokens_per_sec(&self) -> Option<f64> {
         (self.prompt_secs > 0.0).then(|| self.prompt_tokens as f64 / self.prompt_secs)
@@ -154,17 +160,29 @@ pub fn check_prompt_fits(prompt_tokens: usize, context: usize) -> Result<()> {
     Ok(())
 }
 
-/// Device bytes a batch of `rows` prompts of up to `prompt` tokens needs to generate `new` tokens each,
-/// beyond the weights: the KV cache of every layer (candle's cache grows in chunks of 512 columns, and the
-/// old buffer lives while the grown one is filled) and the prefill's attention scores (`[rows, heads,
-/// prompt, prompt]` as f32 scores, f32 and `dtype` probabilities).
+/// The columns of the KV cache that generating `new` tokens after prompts of up to `prompt` tokens needs:
+/// the longest row (prompt and answer, at most the model's `context`), twice that when rows take new
+/// prompts as others finish (`refills`), so that the columns before every row's start are dropped only
+/// once per that many steps ([`KvCache`]'s `reserve`).
+pub fn cache_columns(prompt: usize, new: usize, context: usize, refills: bool) -> usize {
+    let row = prompt.saturating_add(new).min(context);
+    if refills {
+        2 * row
+    } else {
+        row
+    }
+}
+
+/// Device bytes beyond the weights that generating `new` tokens each for prompts of up to `prompt` tokens,
+/// `rows` at a time with rows refilled as they finish, needs: the KV cache of every layer
+/// ([`cache_columns`]), and a prefill of `rows` prompts: its own cache and its attention scores (`[rows,
+/// heads, prompt, prompt]` as f32 scores, f32 and `dtype` probabilities).
 pub fn generation_bytes(cfg: &ModelConfig, dtype: DType, rows: usize, prompt: usize, new: usize) -> u64 {
-    let chunk = cfg.max_position_embeddings.min(512);
-    let columns = (prompt + new).next_multiple_of(chunk);
+    let context = cfg.max_positions().ok().flatten().unwrap_or(usize::MAX);
     let per_column = 2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes();
-    let cache = (2 * columns).saturating_sub(chunk) * per_column;
+    let columns = cache_columns(prompt, new, context, true) + prompt;
     let scores = cfg.num_attention_heads * prompt * prompt * (8 + dtype.size_in_bytes());
-    (rows * (cache + scores)) as u64
+    (rows * (columns * per_column + scores)) as u64
 }
 
 /// An error unless a batch of `rows` prompts of up to `prompt` tokens and `new` new tokens each fits in
@@ -213,7 +231,7 @@ pub fn parse_top_p(s: &str) -> Result<f64, String> {
 
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each piece of answer text as soon
 /// as it is final (trailing whitespace is held back until more text follows, so the newline before the
-/// end marker is never printed). A batch of one for `generate_batch`.
+/// end marker is never printed). A [`ContinuousBatch`] of one row.
 pub fn generate(
     model: &BitNet,
     tokenizer: &Tokenizer,
@@ -224,94 +242,287 @@ pub fn generate(
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
     let prompts = [prompt_ids.to_vec()];
-    let mut gens = generate_batch(model, tokenizer, stop, &prompts, max_new_tokens, sampler, |_, text| on_text(text))?;
+    let mut batch = ContinuousBatch::new(model, tokenizer, stop, &prompts, 1, max_new_tokens)?;
+    let mut gens = batch.run(sampler, |_, text| on_text(text))?;
     Ok(gens.pop().expect("one generation per prompt"))
 }
 
-/// Generates continuations of several prompts at once, in one batch with a shared KV cache: the prompts
-/// are left-padded to the longest (see `KvCache`), then each step adds one token to every row. A row
-/// that has stopped keeps computing (its tokens are dropped) until every row has stopped or the token
-/// budget or the context is used up. `on_text(row, text)` streams each row's answer as `generate` does.
+/// Free rows take the next prompts only once a quarter of the batch is free (or nothing else is left to
+/// run): every admission is a forward of its own, whose fixed cost (the weights read once, on a GPU the
+/// kernel launches) is paid per admission, not per row, so it is shared by several rows.
+const ADMIT_WHEN_FREE: usize = 4;
+
+/// Generation for many prompts, at most `rows` at a time, with continuous batching: the rows share one KV
+/// cache and one forward per token, and a row whose answer ends (EOS, the end marker, the token budget,
+/// the context) takes the next prompt, prefilled beside the cache and moved into the row
+/// ([`KvCache::admit`]), so the batch stays full instead of waiting for its longest answer. Rows that end
+/// when no prompt is left keep their place (their tokens are dropped) until the last answer ends.
 ///
 /// Greedy decoding picks the tokens that decoding each prompt alone picks: the logits differ only in
-/// rounding (~1e-7 on the CPU; tests/eval.rs checks both). `prompt_secs` of every generation is the batch's time to its first tokens; `decode_secs` runs until
-/// that row stopped.
-pub fn generate_batch(
-    model: &BitNet,
-    tokenizer: &Tokenizer,
-    stop: &Stop,
-    prompts: &[Vec<u32>],
+/// rounding (~1e-7 on the CPU; tests/eval.rs checks both).
+pub struct ContinuousBatch<'a> {
+    model: &'a BitNet,
+    tokenizer: &'a Tokenizer,
+    stop: &'a Stop,
+    prompts: &'a [Vec<u32>],
     max_new_tokens: usize,
-    sampler: &mut Sampler,
-    mut on_text: impl FnMut(usize, &str) -> Result<()>,
-) -> Result<Vec<Generation>> {
-    ensure!(!prompts.is_empty(), "no prompts");
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        bail!("prompt {i} of the batch is empty");
+    rows: usize,
+    /// Prompts not started yet, in order.
+    queue: VecDeque<usize>,
+    /// What each row of the cache generates (None: free). Empty until the first prefill, which sets the
+    /// batch's rows.
+    slots: Vec<Option<Slot<'a>>>,
+    cache: Option<KvCache>,
+    /// The token each row of the cache takes next.
+    next: Vec<u32>,
+    /// The cache's columns ([`cache_columns`]).
+    columns: usize,
+    clock: Instant,
+}
+
+/// A row of a [`ContinuousBatch`] at work: its prompt, its answer so far, and when it was admitted and
+/// its first token picked (seconds on the batch's clock).
+struct Slot<'a> {
+    prompt: usize,
+    row: Row<'a>,
+    admitted: f64,
+    first: f64,
+}
+
+impl<'a> ContinuousBatch<'a> {
+    /// `prompts` in the order they are started (put the longest first: the cache is sized by the longest,
+    /// and a later prompt longer than the rows in flight moves the cache's columns).
+    pub fn new(
+        model: &'a BitNet,
+        tokenizer: &'a Tokenizer,
+        stop: &'a Stop,
+        prompts: &'a [Vec<u32>],
+        rows: usize,
+        max_new_tokens: usize,
+    ) -> Result<Self> {
+        ensure!(rows > 0, "the batch size must be positive");
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            bail!("prompt {i} is empty");
+        }
+        let context = model.max_positions();
+        let longest = prompts.iter().map(Vec::len).filter(|&n| n <= context).max().unwrap_or(0);
+        Ok(Self {
+            model,
+            tokenizer,
+            stop,
+            prompts,
+            max_new_tokens,
+            rows,
+            queue: (0..prompts.len()).collect(),
+            slots: Vec::new(),
+            cache: None,
+            next: Vec::new(),
+            columns: cache_columns(longest, max_new_tokens, context, prompts.len() > rows),
+            clock: Instant::now(),
+        })
     }
-    let start = Instant::now();
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    // Any id will do for padding: no real token attends to it.
-    let pad_id = tokenizer.pad_id().unwrap_or(tokenizer.eos_id());
-    let mut input: Vec<u32> =
-        prompts.iter().flat_map(|p| std::iter::repeat_n(pad_id, width - p.len()).chain(p.iter().copied())).collect();
-    let mut cache = KvCache::left_padded(&model.cfg, prompts.iter().map(|p| width - p.len()).collect());
-    let mut rows: Vec<Row> = prompts.iter().map(|p| Row::new(tokenizer, p)).collect();
-    let (mut t, mut prompt_secs) = (width, None);
-    for step in 0.. {
-        if rows.iter().all(|r| r.stop.is_some()) {
-            break;
-        }
-        let limit = if step == max_new_tokens {
-            Some(StopReason::MaxNewTokens)
-        } else if cache.len() + t > model.max_positions() {
-            Some(StopReason::ContextFull)
-        } else {
-            None
-        };
-        if let Some(reason) = limit {
-            let secs = start.elapsed().as_secs_f64();
-            for row in rows.iter_mut().filter(|r| r.stop.is_none()) {
-                row.stop = Some((reason, secs));
+
+    /// Runs every prompt to its end; the generations in prompt order. `on_text(prompt, text)` streams each
+    /// answer as [`generate`] does.
+    pub fn run(
+        &mut self,
+        sampler: &mut Sampler,
+        mut on_text: impl FnMut(usize, &str) -> Result<()>,
+    ) -> Result<Vec<Generation>> {
+        let mut gens: Vec<Option<Generation>> = vec![None; self.prompts.len()];
+        while !self.is_done() {
+            for (i, g) in self.step(sampler, &mut on_text)? {
+                gens[i] = Some(g);
             }
-            break;
         }
-        let x = Tensor::from_vec(std::mem::take(&mut input), (rows.len(), t), model.device())?;
-        let mut step = || {
-            let hidden = model.forward(&x, &mut cache)?;
-            model.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+        Ok(gens.into_iter().map(|g| g.expect("every prompt ends")).collect())
+    }
+
+    /// Whether every prompt has ended.
+    pub fn is_done(&self) -> bool {
+        self.queue.is_empty() && self.slots.iter().all(Option::is_none)
+    }
+
+    /// One forward: the prefill of the next prompts into free rows when that is due, else one token for
+    /// every row at work. Returns the generations that ended, with their prompts' indices.
+    pub fn step(
+        &mut self,
+        sampler: &mut Sampler,
+        mut on_text: impl FnMut(usize, &str) -> Result<()>,
+    ) -> Result<Vec<(usize, Generation)>> {
+        let mut ended = Vec::new();
+        let free: Vec<usize> = match self.slots.is_empty() {
+            true => (0..self.rows).collect(),
+            false => (0..self.slots.len()).filter(|&r| self.slots[r].is_none()).collect(),
+        };
+        let busy = self.slots.iter().flatten().count();
+        let due = !free.is_empty()
+            && !self.queue.is_empty()
+            && (busy == 0 || free.len() * ADMIT_WHEN_FREE >= self.rows || self.queue.len() <= free.len());
+        if due {
+            self.admit(&free, sampler, &mut on_text, &mut ended)?;
+        } else if busy > 0 {
+            self.decode(sampler, &mut on_text, &mut ended)?;
+        }
+        Ok(ended)
+    }
+
+    /// Prefills the next prompts into the rows `free` (those that cannot start end at once: a prompt
+    /// beyond the context, a budget of no tokens) and picks their first tokens.
+    fn admit(
+        &mut self,
+        free: &[usize],
+        sampler: &mut Sampler,
+        on_text: &mut impl FnMut(usize, &str) -> Result<()>,
+        ended: &mut Vec<(usize, Generation)>,
+    ) -> Result<()> {
+        let admitted = self.clock.elapsed().as_secs_f64();
+        let mut take = Vec::new();
+        while take.len() < free.len() {
+            let Some(i) = self.queue.pop_front() else { break };
+            let never = if self.max_new_tokens == 0 {
+                Some(StopReason::MaxNewTokens)
+            } else if self.prompts[i].len() > self.model.max_positions() {
+                Some(StopReason::ContextFull)
+            } else {
+                None
+            };
+            match never {
+                Some(stop) => ended.push((i, Generation::empty(self.prompts[i].len(), stop))),
+                None => take.push(i),
+            }
+        }
+        if take.is_empty() {
+            return Ok(());
+        }
+        let width = take.iter().map(|&i| self.prompts[i].len()).max().unwrap_or(0);
+        // Any id will do for padding: no real token attends to it.
+        let pad_id = self.tokenizer.pad_id().unwrap_or(self.tokenizer.eos_id());
+        let prompt = |i: usize| &self.prompts[i];
+        let input: Vec<u32> = take
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(pad_id, width - prompt(i).len()).chain(prompt(i).iter().copied()))
+            .collect();
+        let pad = take.iter().map(|&i| width - prompt(i).len()).collect();
+        let first_prefill = self.cache.is_none();
+        let mut prefill = KvCache::left_padded(&self.model.cfg, pad).with_capacity(if first_prefill {
+            self.columns.max(width)
+        } else {
+            width
+        });
+        let x = Tensor::from_vec(input, (take.len(), width), self.model.device())?;
+        let logits = self.last_logits(&x, &mut prefill)?;
+        let ids = sampler.sample_batch(&logits)?;
+        let rows: Vec<usize> = match first_prefill {
+            true => {
+                self.slots = (0..take.len()).map(|_| None).collect();
+                self.next = vec![pad_id; take.len()];
+                self.cache = Some(prefill);
+                (0..take.len()).collect()
+            }
+            false => {
+                let rows = free[..take.len()].to_vec();
+                self.cache.as_mut().expect("made by the first prefill").admit(&rows, &prefill)?;
+                rows
+            }
+        };
+        let first = self.clock.elapsed().as_secs_f64();
+        for ((&r, &i), &id) in rows.iter().zip(&take).zip(&ids) {
+            let row = Row::new(self.tokenizer, &self.prompts[i]);
+            self.slots[r] = Some(Slot { prompt: i, row, admitted, first });
+            self.take_token(r, id, first, on_text, ended)?;
+        }
+        Ok(())
+    }
+
+    /// One token for every row at work (after ending those whose context is full).
+    fn decode(
+        &mut self,
+        sampler: &mut Sampler,
+        on_text: &mut impl FnMut(usize, &str) -> Result<()>,
+        ended: &mut Vec<(usize, Generation)>,
+    ) -> Result<()> {
+        let now = self.clock.elapsed().as_secs_f64();
+        let cache = self.cache.as_ref().expect("rows at work were prefilled");
+        let full: Vec<usize> = (0..self.slots.len())
+            .filter(|&r| self.slots[r].is_some() && cache.row_len(r) + 1 > self.model.max_positions())
+            .collect();
+        for r in full {
+            self.end(r, StopReason::ContextFull, now, ended);
+        }
+        if self.slots.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let x = Tensor::from_vec(self.next.clone(), (self.slots.len(), 1), self.model.device())?;
+        let mut cache = self.cache.take().expect("rows at work were prefilled");
+        let logits = self.last_logits(&x, &mut cache);
+        self.cache = Some(cache);
+        let ids = sampler.sample_batch(&logits?)?;
+        let secs = self.clock.elapsed().as_secs_f64();
+        for (r, &id) in ids.iter().enumerate() {
+            if self.slots[r].is_some() {
+                self.take_token(r, id, secs, on_text, ended)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The logits `[rows, vocab]` after the last column of `x: [rows, t]`, run after `cache`'s columns.
+    fn last_logits(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let mut step = || -> Result<Tensor> {
+            let hidden = self.model.forward(x, cache)?;
+            Ok(self.model.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)?)
         };
         // On the CPU the step runs on a rayon worker, so that the kernels' parallel loops (about 100 per
         // token) share its thread instead of putting this one to sleep and waking it around each.
-        let logits = if model.device().is_cpu() { rayon::scope(|_| step())? } else { step()? };
-        input = sampler.sample_batch(&logits)?;
-        t = 1;
-        let secs = start.elapsed().as_secs_f64();
-        prompt_secs.get_or_insert(secs);
-        for (r, (row, &id)) in rows.iter_mut().zip(&input).enumerate() {
-            if row.stop.is_none() {
-                row.push(stop, id, secs, |text| on_text(r, text))?;
-            }
+        if self.model.device().is_cpu() {
+            rayon::scope(|_| step())
+        } else {
+            step()
         }
     }
-    let prompt_secs = prompt_secs.unwrap_or_else(|| start.elapsed().as_secs_f64());
-    Ok(rows
-        .into_iter()
-        .zip(prompts)
-        .map(|(row, prompt)| {
-            let (stop, secs) = row.stop.expect("every row stops");
-            let mut text = row.text;
-            text.truncate(text.trim_end().len());
-            Generation {
-                ids: row.ids,
-                text,
-                stop,
-                prompt_tokens: prompt.len(),
-                prompt_secs,
-                decode_secs: (secs - prompt_secs).max(0.0),
-            }
-        })
-        .collect())
+
+    /// Row `r` takes token `id`, picked `secs` into the batch; it ends on a stop or at its token budget.
+    fn take_token(
+        &mut self,
+        r: usize,
+        id: u32,
+        secs: f64,
+        on_text: &mut impl FnMut(usize, &str) -> Result<()>,
+        ended: &mut Vec<(usize, Generation)>,
+    ) -> Result<()> {
+        let slot = self.slots[r].as_mut().expect("a row at work");
+        let prompt = slot.prompt;
+        slot.row.push(self.stop, id, secs, |text| on_text(prompt, text))?;
+        self.next[r] = id;
+        let reason = match slot.row.stop {
+            Some((reason, _)) => Some(reason),
+            None if slot.row.ids.len() >= self.max_new_tokens => Some(StopReason::MaxNewTokens),
+            None => None,
+        };
+        if let Some(reason) = reason {
+            self.end(r, reason, secs, ended);
+        }
+        Ok(())
+    }
+
+    /// Ends row `r`'s generation for `reason` at `secs` and frees the row.
+    fn end(&mut self, r: usize, reason: StopReason, secs: f64, ended: &mut Vec<(usize, Generation)>) {
+        let slot = self.slots[r].take().expect("a row at work");
+        self.cache.as_mut().expect("rows at work were prefilled").retire(r);
+        let mut text = slot.row.text;
+        text.truncate(text.trim_end().len());
+        let generation = Generation {
+            ids: slot.row.ids,
+            text,
+            stop: reason,
+            prompt_tokens: self.prompts[slot.prompt].len(),
+            prompt_secs: slot.first - slot.admitted,
+            decode_secs: (secs - slot.first).max(0.0),
+        };
+        ended.push((slot.prompt, generation));
+    }
 }
 
 /// One row of a batch being generated: its tokens, its answer text and, once it stopped, why and when.

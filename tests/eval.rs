@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bessie::eval::{self, merge_shards, normalize_answer, score, shard, Score, Summary};
-use bessie::generate::{generate, generate_batch, Sampler, Stop, StopReason};
+use bessie::generate::{generate, ContinuousBatch, Sampler, Stop, StopReason};
 use bessie::model::hf::{self, Layout};
 use bessie::model::init::random_weights;
 use bessie::model::KvCache;
@@ -443,10 +443,99 @@ fn padded_batch_forward_equals_each_row_alone() {
     }
 }
 
-/// Greedy batched generation picks exactly the tokens one-at-a-time generation picks, for prompts of
-/// different lengths in batches of 1, 3 and 7, and eval's length-sorted batching returns them in order.
+/// Rows refilled with new prompts while others decode compute what each prompt computes alone, through
+/// every move of the cache: a prompt wider than the cache's columns (which then move right), prompts
+/// right-aligned beside rows mid-answer, and a full buffer whose columns before every row's start are
+/// dropped (the columns move left). Logits after each prefill and each step, to 1e-5.
 #[test]
-fn batched_generation_equals_one_at_a_time() {
+fn a_refilled_cache_equals_each_prompt_alone() {
+    let (_d, dir) = tiny_model(5);
+    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    let cfg = &model.cfg;
+    let dev = Device::Cpu;
+    let last = |h: Tensor| model.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap().squeeze(1).unwrap()).unwrap();
+    // Each prompt alone: its cache and the logits after each token fed so far.
+    struct Alone {
+        cache: KvCache,
+        logits: Vec<f32>,
+    }
+    let alone = |ids: &[u32]| {
+        let mut cache = KvCache::new(cfg);
+        let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+        let logits = last(model.forward(&x, &mut cache).unwrap()).get(0).unwrap().to_vec1().unwrap();
+        Alone { cache, logits }
+    };
+    let feed = |a: &mut Alone, id: u32| {
+        let x = Tensor::new(&[[id]], &dev).unwrap();
+        a.logits = last(model.forward(&x, &mut a.cache).unwrap()).get(0).unwrap().to_vec1().unwrap();
+    };
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let check = |what: &str, batched: &[f32], a: &Alone| {
+        let d = diff(batched, &a.logits);
+        assert!(d < 1e-5, "{what}: logits differ by {d:e}");
+    };
+    // A prompt prefilled alone for admission: its cache (exactly its width) and its last logits.
+    let prefill = |ids: &[u32]| {
+        let mut cache = KvCache::left_padded(cfg, vec![0]).with_capacity(ids.len());
+        let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+        let logits: Vec<f32> = last(model.forward(&x, &mut cache).unwrap()).get(0).unwrap().to_vec1().unwrap();
+        (cache, logits)
+    };
+    let (pa, pb, pd, pe): (&[u32], &[u32], &[u32], &[u32]) =
+        (&[1, 50, 60, 70, 80, 90, 100], &[1, 7], &[1, 9, 10], &[1, 11]);
+    let pc: &[u32] = &[1, 300, 301, 302, 303, 304, 305, 306, 307, 308];
+    // Rows A and B, left-padded, in a buffer of 12 columns.
+    let mut cache = KvCache::left_padded(cfg, vec![0, 5]).with_capacity(12);
+    let x = Tensor::new(&[[1u32, 50, 60, 70, 80, 90, 100], [0, 0, 0, 0, 0, 1, 7]], &dev).unwrap();
+    let out: Vec<Vec<f32>> = last(model.forward(&x, &mut cache).unwrap()).to_vec2().unwrap();
+    let (mut a, mut b) = (alone(pa), alone(pb));
+    check("A's prompt", &out[0], &a);
+    check("B's prompt", &out[1], &b);
+    let step = |cache: &mut KvCache, ids: [u32; 2]| -> Vec<Vec<f32>> {
+        let x = Tensor::new(&[[ids[0]], [ids[1]]], &dev).unwrap();
+        last(model.forward(&x, cache).unwrap()).to_vec2().unwrap()
+    };
+    let out = step(&mut cache, [5, 6]);
+    feed(&mut a, 5);
+    feed(&mut b, 6);
+    check("A, step 1", &out[0], &a);
+    check("B, step 1", &out[1], &b);
+    assert_eq!(cache.len(), 8);
+    // B ends; C (10 tokens, wider than the cache's 8 columns) takes its row: the columns move right.
+    cache.retire(1);
+    let (c_cache, c_logits) = prefill(pc);
+    let mut c = alone(pc);
+    check("C's prompt, prefilled for admission", &c_logits, &c);
+    cache.admit(&[1], &c_cache).unwrap();
+    assert_eq!((cache.len(), cache.row_len(0), cache.row_len(1)), (10, 8, 10));
+    let out = step(&mut cache, [7, 8]);
+    feed(&mut a, 7);
+    feed(&mut c, 8);
+    check("A beside the admitted C", &out[0], &a);
+    check("C admitted beside A", &out[1], &c);
+    // A and C end; D and E take their rows, right-aligned to column 11.
+    let (mut d, mut e) = (alone(pd), alone(pe));
+    for (row, ids) in [(0, pd), (1, pe)] {
+        cache.retire(row);
+        cache.admit(&[row], &prefill(ids).0).unwrap();
+    }
+    assert_eq!((cache.len(), cache.row_len(0), cache.row_len(1)), (11, 3, 2));
+    // Column 12 fills the buffer; column 13 needs the columns before D's start dropped.
+    for (i, ids) in [[20u32, 21], [22, 23], [24, 25], [26, 27]].into_iter().enumerate() {
+        let out = step(&mut cache, ids);
+        feed(&mut d, ids[0]);
+        feed(&mut e, ids[1]);
+        check(&format!("D, step {i}"), &out[0], &d);
+        check(&format!("E, step {i}"), &out[1], &e);
+    }
+    assert_eq!((cache.len(), cache.row_len(0), cache.row_len(1)), (7, 7, 6), "the columns before D moved out");
+}
+
+/// Continuous batching picks exactly the tokens one-at-a-time generation picks, for prompts of different
+/// lengths in any order and batch sizes of 1, 2, 3 and 7, with rows refilled as answers end (one stops
+/// early, at EOS) and enough prompts that the cache drops columns; eval's rounds return them in order.
+#[test]
+fn continuous_batching_equals_one_at_a_time() {
     let (_d, dir) = tiny_model(5);
     let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
@@ -461,10 +550,32 @@ fn batched_generation_equals_one_at_a_time() {
         .iter()
         .map(|p| generate(&model, &tok, &stop, p, max_new, &mut Sampler::greedy(), |_| Ok(())).unwrap())
         .collect();
-    // Every prompt gets its own answer, and one stops early (EOS), so finished rows ride along.
+    // Every prompt gets its own answer, and one stops early (EOS), so rows are refilled mid-answer.
     let distinct: std::collections::HashSet<&Vec<u32>> = alone.iter().map(|g| &g.ids).collect();
     assert_eq!(distinct.len(), QUESTIONS.len());
     assert!(alone.iter().any(|g| g.stop != StopReason::MaxNewTokens), "no early stop to test");
+    // Enough rounds of the questions that a batch of 2 takes more steps than the cache's columns (twice
+    // the longest prompt and answer), so its columns move left at least once.
+    let (tokens, columns) = (alone.iter().map(|g| g.ids.len()).sum::<usize>(), 2 * (lengths.last().unwrap() + max_new));
+    let rounds = (2 * columns).div_ceil(tokens) + 1;
+    let many: Vec<Vec<u32>> = prompts.iter().cycle().take(rounds * prompts.len()).cloned().collect();
+    assert!(rounds * tokens / 2 > columns);
+    for batch_size in [1, 2, 3, 7] {
+        let mut streamed = vec![String::new(); many.len()];
+        let gens = ContinuousBatch::new(&model, &tok, &stop, &many, batch_size, max_new)
+            .unwrap()
+            .run(&mut Sampler::greedy(), |i, text| {
+                streamed[i].push_str(text);
+                Ok(())
+            })
+            .unwrap();
+        for (i, (b, text)) in gens.iter().zip(&streamed).enumerate() {
+            let a = &alone[i % prompts.len()];
+            assert_eq!(a.ids, b.ids, "batch size {batch_size}, prompt {i}");
+            assert_eq!((&a.text, a.stop, a.prompt_tokens), (&b.text, b.stop, b.prompt_tokens));
+            assert_eq!(text, &a.text, "streamed text of prompt {i}");
+        }
+    }
     let examples: Vec<eval::DevExample> = QUESTIONS
         .iter()
         .enumerate()
@@ -476,29 +587,10 @@ fn batched_generation_equals_one_at_a_time() {
         })
         .collect();
     for batch_size in [1, 3, 7] {
-        let mut streamed = vec![String::new(); batch_size];
-        let mut batched = Vec::new();
-        for (chunk, start) in prompts.chunks(batch_size).zip((0..).step_by(batch_size)) {
-            let gens = generate_batch(&model, &tok, &stop, chunk, max_new, &mut Sampler::greedy(), |row, text| {
-                if start == 0 {
-                    streamed[row].push_str(text);
-                }
-                Ok(())
-            })
-            .unwrap();
-            batched.extend(gens);
-        }
-        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
-            assert_eq!(a.ids, b.ids, "batch size {batch_size}, prompt {i}");
-            assert_eq!((&a.text, a.stop, a.prompt_tokens), (&b.text, b.stop, b.prompt_tokens));
-        }
-        for (row, text) in streamed.iter().enumerate() {
-            assert_eq!(text, &alone[row].text, "streamed text of row {row}");
-        }
-        let mut batches = 0;
-        let guesses =
-            eval::generate_guesses(&model, &tok, &template, &examples, batch_size, max_new, |_| batches += 1).unwrap();
-        assert_eq!(batches, QUESTIONS.len().div_ceil(batch_size));
+        let settings = eval::Settings { batch_size, max_new_tokens: max_new, model_name: "tiny" };
+        let mut answered = 0;
+        let guesses = eval::generate_guesses(&model, &tok, &template, &examples, &settings, |n| answered += n).unwrap();
+        assert_eq!(answered, QUESTIONS.len());
         for (g, a) in guesses.iter().zip(&alone) {
             assert_eq!((&g.text, g.tokens), (&a.text, a.ids.len()), "batch size {batch_size}");
         }
@@ -770,20 +862,23 @@ fn an_over_long_question_is_skipped_and_counted() {
 }
 
 /// Before generating on a GPU, the largest batch is checked against the card's free memory: the KV cache
-/// of -large is 2 (keys, values) x 24 layers x 16 heads x 96 dims x 2 bytes a column, held twice while
-/// candle's cache grows by a chunk of 512 columns, plus the prefill's attention scores; too little memory
-/// is an error saying which batch size fits.
+/// of -large is 2 (keys, values) x 24 layers x 16 heads x 96 dims x 2 bytes a column, for twice the
+/// longest prompt and answer (rows are refilled) and the prefill's prompt columns, plus the prefill's
+/// attention scores; too little memory is an error saying which batch size fits.
 #[test]
 fn a_batch_too_large_for_the_card_says_what_fits() {
     use bessie::generate::{check_batch_fits, generation_bytes};
     let cfg = bessie::config::ModelConfig::shape("large", 32002).unwrap();
     let bf16 = candle_core::DType::BF16;
     let per_column = 2 * 24 * 16 * 96 * 2;
-    let row = (2 * 512 - 512) * per_column + 16 * 300 * 300 * 10;
+    let row = (2 * 350 + 300) * per_column + 16 * 300 * 300 * 10;
     assert_eq!(generation_bytes(&cfg, bf16, 1, 300, 50), row as u64);
     assert_eq!(generation_bytes(&cfg, bf16, 32, 300, 50), 32 * row as u64);
-    // Past 512 columns the cache has grown once: 1024 columns with the 512 of the old buffer.
-    assert_eq!(generation_bytes(&cfg, bf16, 1, 500, 50), ((2 * 1024 - 512) * per_column + 16 * 500 * 500 * 10) as u64);
+    // A row never outgrows the context of 2048.
+    assert_eq!(
+        generation_bytes(&cfg, bf16, 1, 1900, 500),
+        ((2 * 2048 + 1900) * per_column + 16 * 1900 * 1900 * 10) as u64
+    );
     let need = generation_bytes(&cfg, bf16, 32, 300, 50);
     assert!(check_batch_fits(&cfg, bf16, 32, 300, 50, need).is_ok());
     let e = format!("{:#}", check_batch_fits(&cfg, bf16, 32, 300, 50, need - 1).unwrap_err());

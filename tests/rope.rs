@@ -4,7 +4,7 @@
 
 use bessie::config::model::{RopeScaling, RopeScalingType};
 use bessie::config::ModelConfig;
-use bessie::model::{bitnet::BitNet, bitnet::KvCache, hf};
+use bessie::model::{bitnet::BitNet, hf, KvCache};
 use bessie::train::model::RopeTables;
 use candle_core::{DType, Device, Tensor};
 use tempfile::TempDir;

@@ -51,7 +51,7 @@ struct Args {
     /// Evaluate only the first N questions.
     #[arg(short = 'n', long)]
     limit: Option<usize>,
-    /// Prompts generated together.
+    /// Prompts generated together (continuous batching: a row whose answer ends takes the next prompt).
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Stop an answer after this many new tokens (the original used 50).

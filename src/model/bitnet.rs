@@ -3,10 +3,11 @@
 //! attention and a SiLU or relu² gate. Reads like the paper: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{kv_cache, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use super::arch::{Activation, Family, Role};
 use super::bf16_head::Bf16Matrix;
+use super::kv_cache::{attention_mask, KvCache};
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
@@ -308,7 +309,7 @@ impl Attention {
         norm: &RmsNorm,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
-        cache: &mut kv_cache::KvCache,
+        (cache, layer, first): (&mut KvCache, usize, usize),
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
@@ -322,7 +323,7 @@ impl Attention {
         let q = rotate(&heads(q, self.num_heads)?, rope)?;
         let k = rotate(&heads(k, self.num_kv_heads)?, rope)?;
         let v = heads(v, self.num_kv_heads)?.contiguous()?;
-        let (k, v) = cache.append(&k, &v)?;
+        let (k, v) = cache.append(layer, first, &k, &v)?;
         let groups = self.num_heads / self.num_kv_heads;
         let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
 
@@ -415,43 +416,6 @@ impl Block {
     }
 }
 
-/// Keys and values of every layer for the columns seen so far, `[batch, heads, seq, head_dim]`, and how
-/// many padding columns each row of the batch starts with.
-///
-/// A batch of prompts of different lengths is left-padded to a common width, so that every row's next
-/// token lands in the same column. Row `r`'s token in column `c` then has RoPE position `c - pad[r]` (its
-/// index among the row's own tokens) and no token attends to padding, so each row computes what it would
-/// compute alone.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<kv_cache::KvCache>,
-    /// Left padding per row; empty means none in any row.
-    pad: Vec<usize>,
-}
-
-impl KvCache {
-    /// A cache for rows without padding (one prompt, or prompts of equal length).
-    pub fn new(cfg: &ModelConfig) -> Self {
-        Self::left_padded(cfg, Vec::new())
-    }
-
-    /// A cache for a batch whose row `r` starts with `pad[r]` padding tokens.
-    pub fn left_padded(cfg: &ModelConfig, pad: Vec<usize>) -> Self {
-        // Grows in chunks of 512 positions; dim 2 is the sequence axis of [batch, heads, seq, head_dim].
-        let chunk = cfg.max_position_embeddings.min(512);
-        Self { layers: (0..cfg.num_hidden_layers).map(|_| kv_cache::KvCache::new(2, chunk)).collect(), pad }
-    }
-
-    /// Number of columns already in the cache (padding included).
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.current_seq_len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct BitNet {
     embed_tokens: Tensor,
@@ -505,26 +469,25 @@ impl BitNet {
     /// states `[batch, seq, hidden]` after the last norm. The outputs at padding columns are meaningless.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let col = cache.len();
-        let pad = if cache.pad.is_empty() { vec![0; b] } else { cache.pad.clone() };
-        if pad.len() != b {
-            candle_core::bail!("the cache holds padding for {} rows, the batch has {b}", pad.len());
-        }
-        let longest = col + t - pad.iter().min().copied().unwrap_or(0);
+        let (first, col) = cache.reserve(t)?;
+        let start = cache.starts(b)?;
+        let longest = col + t - first;
         self.cfg
             .check_positions(longest, "the sequence (prompt and generated tokens)")
             .map_err(candle_core::Error::msg)?;
-        // Padding columns get position 0; what they compute is never seen.
+        // Columns before a row's start get position 0; what they compute is never seen.
         let positions: Vec<u32> =
-            pad.iter().flat_map(|&p| (col..col + t).map(move |c| c.saturating_sub(p) as u32)).collect();
+            start.iter().flat_map(|&s| (col..col + t).map(move |c| c.saturating_sub(s) as u32)).collect();
         let rope = self.rope.at(&Tensor::from_vec(positions, (b, t), self.device())?, longest)?;
-        let mask = attention_mask(t, col, &pad, self.device())?;
+        let mask = attention_mask(t, (first, col), &start, self.device())?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
-        for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let a = block.self_attn.forward(&x, &block.input_layernorm, &rope, mask.as_ref(), layer_cache)?;
+        for (layer, block) in self.layers.iter().enumerate() {
+            let kv = (&mut *cache, layer, first);
+            let a = block.self_attn.forward(&x, &block.input_layernorm, &rope, mask.as_ref(), kv)?;
             x = (x + a)?;
             x = (&x + block.mlp.forward(&x, &block.post_attention_layernorm)?)?;
         }
+        cache.advance(t);
         self.norm.forward(&x)
     }
 
@@ -540,23 +503,4 @@ impl BitNet {
         dims.push(self.cfg.vocab_size);
         y.reshape(dims)?.to_dtype(DType::F32)
     }
-}
-
-/// Additive mask `[batch, 1, t, col + t]` for `t` new columns after `col` cached ones: the query in column
-/// `q` of row `r` sees key column `k` when `k <= q` (causal) and both or neither are padding (`< pad[r]`).
-/// Padding queries see only padding, so no softmax row is all `-inf` (which would make NaNs that reach
-/// real rows through `0 * NaN`). None when nothing is hidden: one new column and no padding.
-fn attention_mask(t: usize, col: usize, pad: &[usize], device: &Device) -> Result<Option<Tensor>> {
-    if t == 1 && pad.iter().all(|&p| p == 0) {
-        return Ok(None);
-    }
-    let mask: Vec<f32> = pad
-        .iter()
-        .flat_map(|&p| {
-            (col..col + t).flat_map(move |q| {
-                (0..col + t).map(move |k| if k <= q && (k < p) == (q < p) { 0.0 } else { f32::NEG_INFINITY })
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (pad.len(), 1, t, col + t), device).map(Some)
 }

@@ -6,10 +6,12 @@ pub mod bitnet;
 pub mod bitnet_packed;
 pub mod hf;
 pub mod init;
+pub mod kv_cache;
 mod pth;
 pub mod ternary;
 
-pub use bitnet::{BitNet, KvCache};
+pub use bitnet::BitNet;
+pub use kv_cache::KvCache;
 
 use std::path::Path;
 

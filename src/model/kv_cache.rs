@@ -1,0 +1,217 @@
+//! The KV cache of generation: keys and values of every layer in buffers allocated once, shared by rows that
+//! may each hold a different prompt at a different point of its answer (continuous batching).
+//!
+//! Every row's next token lands in the same column (`len`). A row's own tokens run from its `start` column
+//! to `len`: a batch of prompts of different lengths is left-padded to a common width, and a row that takes
+//! a new prompt while the others decode ([`KvCache::admit`]) gets the prompt's keys right-aligned to `len`.
+//! Row `r`'s token in column `c` has RoPE position `c - start[r]` and attends to no column before
+//! `start[r]` (padding, or a previous prompt's), so each row computes what it would compute alone.
+//! The columns before every row's start are dropped when the buffer is full ([`KvCache::reserve`]), so a
+//! long evaluation runs in a buffer of fixed size.
+
+use candle_core::{Device, Result, Tensor};
+
+use crate::config::ModelConfig;
+
+/// Columns a buffer without a set capacity grows by.
+const GROW: usize = 512;
+
+/// A row that holds no prompt: it attends only to its own newest column, and no row's window waits for it.
+const RETIRED: usize = usize::MAX;
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per layer, keys and values `[rows, kv_heads, width, head_dim]`, allocated at the first forward.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Columns filled so far.
+    len: usize,
+    /// Columns the first forward allocates (at least what it needs).
+    capacity: usize,
+    /// The first column of each row's own tokens ([`RETIRED`] for a row without a prompt); empty means 0 for
+    /// every row.
+    start: Vec<usize>,
+}
+
+impl KvCache {
+    /// A cache for rows without padding (one prompt, or prompts of equal length).
+    pub fn new(cfg: &ModelConfig) -> Self {
+        Self::left_padded(cfg, Vec::new())
+    }
+
+    /// A cache for a batch whose row `r` starts with `pad[r]` padding tokens.
+    pub fn left_padded(cfg: &ModelConfig, pad: Vec<usize>) -> Self {
+        Self { layers: vec![None; cfg.num_hidden_layers], len: 0, capacity: 0, start: pad }
+    }
+
+    /// The same cache with room for `columns` columns allocated at once (a generation's prompt and answer),
+    /// so it never grows while generating.
+    pub fn with_capacity(self, columns: usize) -> Self {
+        Self { capacity: columns, ..self }
+    }
+
+    /// Number of columns already in the cache (padding and columns of earlier prompts included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The number of columns row `row`'s own tokens take (its prompt and answer so far); 0 for a retired row.
+    pub fn row_len(&self, row: usize) -> usize {
+        self.len.saturating_sub(self.start.get(row).copied().unwrap_or(0))
+    }
+
+    /// The first column any row attends to.
+    fn window_start(&self) -> usize {
+        self.start.iter().copied().min().unwrap_or(0).min(self.len)
+    }
+
+    /// Columns the buffers hold (0 before the first forward).
+    fn width(&self) -> Result<usize> {
+        self.layers.iter().flatten().next().map_or(Ok(0), |(k, _)| k.dim(2))
+    }
+
+    /// Each of `rows` rows' start column, for a forward of a batch of `rows`.
+    pub(super) fn starts(&mut self, rows: usize) -> Result<Vec<usize>> {
+        if self.start.is_empty() {
+            self.start = vec![0; rows];
+        }
+        if self.start.len() != rows {
+            candle_core::bail!("the cache holds {} rows, the batch has {rows}", self.start.len());
+        }
+        Ok(self.start.clone())
+    }
+
+    /// Makes room for `t` more columns without growing where dropping the columns before every row's start
+    /// (which no row attends to) is enough. Returns the columns a forward of `t` new ones attends to:
+    /// `(first, len)`.
+    pub(super) fn reserve(&mut self, t: usize) -> Result<(usize, usize)> {
+        let lo = self.window_start();
+        if self.len + t > self.width()? && lo > 0 {
+            self.shift(lo, 0)?;
+        }
+        Ok((self.window_start(), self.len))
+    }
+
+    /// Writes layer `layer`'s keys and values `[rows, kv_heads, t, head_dim]` of the `t` new columns and
+    /// returns those the forward attends to, from `first` ([`KvCache::reserve`]) to the new ones. The
+    /// columns count once [`KvCache::advance`] is called after the last layer.
+    pub(super) fn append(&mut self, layer: usize, first: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let need = self.len + t;
+        let width = self.layers[layer].as_ref().map_or(Ok(0), |(k, _)| k.dim(2))?;
+        if need > width {
+            let columns = if need <= self.capacity { self.capacity } else { need.next_multiple_of(GROW) };
+            self.resize(layer, k, columns, self.len)?;
+        }
+        let (kb, vb) = self.layers[layer].as_ref().expect("allocated above");
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((kb.narrow(2, first, need - first)?, vb.narrow(2, first, need - first)?))
+    }
+
+    /// Counts the `t` columns every layer appended.
+    pub(super) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    /// Layer `layer`'s buffers with `columns` columns, keeping the first `keep`; shaped like `like`'s but
+    /// wider.
+    fn resize(&mut self, layer: usize, like: &Tensor, columns: usize, keep: usize) -> Result<()> {
+        let (rows, heads, _, dim) = like.dims4()?;
+        let fresh = || Tensor::zeros((rows, heads, columns, dim), like.dtype(), like.device());
+        let (k, v) = (fresh()?, fresh()?);
+        if let (Some((old_k, old_v)), true) = (&self.layers[layer], keep > 0) {
+            k.slice_set(&old_k.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+            v.slice_set(&old_v.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+        }
+        self.layers[layer] = Some((k, v));
+        Ok(())
+    }
+
+    /// Moves the columns from `from` to the end so that they begin at column `to`, in every layer, growing
+    /// the buffers if they must; rows keep their own columns (their starts move with them).
+    fn shift(&mut self, from: usize, to: usize) -> Result<()> {
+        let n = self.len - from;
+        let width = self.width()?;
+        for layer in 0..self.layers.len() {
+            let Some((k, v)) = self.layers[layer].clone() else { continue };
+            let (kept_k, kept_v) = (k.narrow(2, from, n)?.contiguous()?, v.narrow(2, from, n)?.contiguous()?);
+            if to + n > width {
+                self.resize(layer, &k, (to + n).next_multiple_of(GROW), 0)?;
+            }
+            let (k, v) = self.layers[layer].as_ref().expect("allocated");
+            k.slice_set(&kept_k, 2, to)?;
+            v.slice_set(&kept_v, 2, to)?;
+        }
+        for s in self.start.iter_mut().filter(|s| **s != RETIRED) {
+            *s = *s - from + to;
+        }
+        self.len = to + n;
+        Ok(())
+    }
+
+    /// Frees row `row`: it no longer holds a prompt, and what it computes is never seen.
+    pub fn retire(&mut self, row: usize) {
+        if let Some(s) = self.start.get_mut(row) {
+            *s = RETIRED;
+        }
+    }
+
+    /// Puts the prompts that `prefill` holds (its rows, after one forward over them) into rows `rows` of
+    /// this cache, each right-aligned to this cache's last column, so they go on decoding beside the rows
+    /// already here. The rows taken are retired first; if `prefill` is wider than this cache, this one's
+    /// columns move right to make room.
+    pub fn admit(&mut self, rows: &[usize], prefill: &KvCache) -> Result<()> {
+        if rows.len() != prefill.start.len() {
+            candle_core::bail!("{} rows for the {} prompts of the prefill", rows.len(), prefill.start.len());
+        }
+        rows.iter().for_each(|&r| self.retire(r));
+        let w = prefill.len;
+        if w > self.len {
+            let lo = self.window_start();
+            self.shift(lo, lo + w - self.len)?;
+        }
+        for (layer, source) in self.layers.iter().zip(&prefill.layers) {
+            let (Some((k, v)), Some((pk, pv))) = (layer, source) else {
+                candle_core::bail!("admitting into a cache before its first forward, or from an empty prefill")
+            };
+            for (i, &r) in rows.iter().enumerate() {
+                let at = self.len - w;
+                k.narrow(0, r, 1)?.slice_set(&pk.narrow(0, i, 1)?.narrow(2, 0, w)?.contiguous()?, 2, at)?;
+                v.narrow(0, r, 1)?.slice_set(&pv.narrow(0, i, 1)?.narrow(2, 0, w)?.contiguous()?, 2, at)?;
+            }
+        }
+        for (i, &r) in rows.iter().enumerate() {
+            self.start[r] = self.len - w + prefill.start.get(i).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+}
+
+/// Additive mask `[batch, 1, t, len + t - first]` for `t` new columns after `len` cached ones, over the
+/// columns from `first`: the query in column `q` of row `r` sees key column `k` when `k <= q` (causal) and
+/// both or neither come before the row's start (`start[r]`). Queries before the start (padding) see only
+/// such columns, so no softmax row is all `-inf` (which would make NaNs that reach real rows through
+/// `0 * NaN`). None when nothing is hidden: one new column and every row starting at `first`.
+pub(super) fn attention_mask(
+    t: usize,
+    (first, len): (usize, usize),
+    start: &[usize],
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if t == 1 && start.iter().all(|&s| s <= first || s == RETIRED) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = start
+        .iter()
+        .flat_map(|&s| {
+            (len..len + t).flat_map(move |q| {
+                (first..len + t).map(move |k| if k <= q && (k < s) == (q < s) { 0.0 } else { f32::NEG_INFINITY })
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (start.len(), 1, t, len + t - first), device).map(Some)
+}
