@@ -197,8 +197,9 @@ pub fn load(dir: &Path, layout: &ParamLayout, device: &Device) -> Result<Resumed
     let (_, vb) = hf::open(dir, DType::F32, device)?;
     let params = layout.load(&vb, device)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let mut opt =
-        candle_core::safetensors::load(&opt_path, device).with_context(|| format!("reading {}", opt_path.display()))?;
+    // The moments stay in host memory: the optimizer takes its share of them, in the form it keeps them.
+    let mut opt = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+        .with_context(|| format!("reading {}", opt_path.display()))?;
     let mut moment = |name: &str| -> Result<Tensor> {
         let t = opt.remove(name).with_context(|| format!("{}: missing tensor `{name}`", opt_path.display()))?;
         if t.dims() != [layout.total] {

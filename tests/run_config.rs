@@ -72,6 +72,7 @@ fn every_shipped_config_loads() {
             dtype: DType::BF16,
             cuda: true,
             optimizer_shards: 1,
+            optimizer_state: cfg.train.optimizer_state,
         };
         memory::estimate(&shape).gib()
     };

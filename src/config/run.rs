@@ -118,6 +118,19 @@ pub struct TrainSection {
     /// Optimizer memory falls by the number of ranks; the weights are those of a run without it, to f32
     /// rounding (sums taken in another order).
     pub zero1: bool,
+    /// How AdamW holds its moments: `"f32"`, or `"int8"`, 8-bit codes per block of 256 values with an f32
+    /// scale (`train::moments`): a quarter of the memory, for the largest models on the smallest cards.
+    pub optimizer_state: OptimizerState,
+}
+
+/// How AdamW holds its moments (`train::moments`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerState {
+    /// 8 bytes a parameter for both moments: exactly PyTorch's AdamW.
+    F32,
+    /// About 2 bytes a parameter for both moments.
+    Int8,
 }
 
 /// Activation recomputation: memory for compute.
@@ -227,6 +240,7 @@ impl Default for TrainSection {
             loss_chunk: 2048,
             check_memory: true,
             zero1: false,
+            optimizer_state: OptimizerState::F32,
         }
     }
 }

@@ -93,7 +93,8 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
     memory::check_device(&shape, &device, train.check_memory)?;
     let ctx = StepContext::new(cfg.clone(), &train, o.seq, device.clone())?;
     let params = (Tensor::randn(0f32, 1f32, ctx.layout.total, &device)? * 0.02)?;
-    let mut adam = AdamW::zeros(super::optimizer_shard(&train, comm, ctx.layout.total), &device)?;
+    let shard = super::optimizer_shard(&train, comm, ctx.layout.total);
+    let mut adam = AdamW::zeros(shard, train.optimizer_state, &device)?;
     let mut rng = Rng::new(comm.rank() as u64);
     let micro: Vec<Batch> = (0..o.accum).map(|_| random_batch(&mut rng, o.batch, o.seq, cfg.vocab_size)).collect();
     let mut run = |steps: usize, mut timer: Option<&mut PhaseTimer>| -> Result<f64> {

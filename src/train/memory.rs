@@ -5,7 +5,7 @@
 //! The estimate counts the bytes of every tensor alive at the two candidate peaks of a step:
 //!
 //! - **forward/backward**: latent f32 weights (4P), the flat f32 gradient buffer (4P), the AdamW moments
-//!   (8P, or 8P/N with ZeRO-1 over N ranks), this step's weights in the compute dtype (eP), the activations the forward keeps
+//!   (8P in f32, 2.03P in 8-bit, divided by N under ZeRO-1 over N ranks), this step's weights in the compute dtype (eP), the activations the forward keeps
 //!   ([`saved_per_token`] for the recompute level), and the largest transient: either the loss of one
 //!   chunk at the end of the forward (its logits and their gradient, plus the head gradient) or one block's
 //!   backward (its weight gradients, the FFN backward's temporaries, one attention query block's
@@ -14,7 +14,8 @@
 //!   ops left several f32 temporaries, and the estimate counts what each path allocates (with
 //!   `BESSIE_UNFUSED=1` it undercounts);
 //! - **optimizer**: latent weights, moments and the gradient buffer, which is summed across ranks,
-//!   normalised and clipped in place; on the CPU path AdamW's per-parameter temporaries.
+//!   normalised and clipped in place; where the update runs as candle ops (the CPU, 8-bit moments), its
+//!   temporaries for one chunk of the shard.
 //!
 //! On CUDA two more parts: the stream-ordered allocator keeps freed blocks for reuse, which costs about
 //! one more largest transient, and the CUDA context with its libraries and the pool's rounding, a constant
@@ -31,7 +32,8 @@ use candle_core::{DType, Device};
 
 use super::layers::flash_kernel_takes;
 use super::model::MemoryPlan;
-use crate::config::run::{Recompute, TrainSection};
+use super::moments::{moments_bytes, CHUNK};
+use crate::config::run::{OptimizerState, Recompute, TrainSection};
 use crate::config::ModelConfig;
 
 /// The CUDA context, cuBLAS, the kernels and the pool's rounding, for the fused and the candle-op step
@@ -51,6 +53,8 @@ pub struct StepShape<'a> {
     pub cuda: bool,
     /// How many ranks share the AdamW moments: the world size under ZeRO-1, else 1.
     pub optimizer_shards: usize,
+    /// f32 or 8-bit moments (`train.optimizer_state`).
+    pub optimizer_state: OptimizerState,
 }
 
 impl<'a> StepShape<'a> {
@@ -72,6 +76,7 @@ impl<'a> StepShape<'a> {
             dtype: crate::device::compute_dtype(device),
             cuda: device.is_cuda(),
             optimizer_shards: if train.zero1 { world } else { 1 },
+            optimizer_state: train.optimizer_state,
         }
     }
 }
@@ -176,26 +181,32 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let backward = e * block_params + recomputed + attention.max(ffn) + dense_grads + 2.0 * e * n * h;
     let transient = loss.max(backward);
 
-    let moments = 8.0 * p / s.optimizer_shards.max(1) as f64;
+    let moments = moments_bytes(p / s.optimizer_shards.max(1) as f64, s.optimizer_state);
+    let moments_part = match s.optimizer_state {
+        OptimizerState::F32 => "AdamW moments (f32)",
+        OptimizerState::Int8 => "AdamW moments (8-bit)",
+    };
     let step = [
         ("latent weights (f32)", 4.0 * p),
         ("gradient buffer (f32)", 4.0 * p),
-        ("AdamW moments (f32)", moments),
+        (moments_part, moments),
         ("this step's weights", e * p + padded_head),
         ("saved activations", saved),
         ("largest transient", transient),
     ];
-    let largest_param =
-        cfg.parameter_shapes().iter().map(|(_, shape)| shape.iter().product::<usize>()).max().unwrap_or(0) as f64;
-    // The gradients are summed across ranks, normalised and clipped in place (inside AdamW's update); the
-    // update's temporaries are per parameter on the CPU path and none in the fused kernel.
-    let temporaries = if fused { 0.0 } else { 20.0 * largest_param };
+    // The gradients are summed across ranks, normalised and clipped in place (inside AdamW's update). The
+    // fused kernel (CUDA, f32 moments) has no temporaries; the candle-op update takes a chunk of the shard
+    // at a time: the chunk's moments in f32, and about ten f32 temporaries of the update and the coding.
+    let temporaries = match fused && s.optimizer_state == OptimizerState::F32 {
+        true => 0.0,
+        false => 48.0 * (CHUNK as f64).min(p),
+    };
     let optimizer = 8.0 * p + moments + temporaries;
     let mut parts: Vec<(&'static str, f64)> = match step.iter().map(|(_, b)| b).sum::<f64>() >= optimizer {
         true => step.to_vec(),
         false => vec![
             ("latent weights (f32)", 4.0 * p),
-            ("AdamW moments (f32)", moments),
+            (moments_part, moments),
             ("gradient buffer (f32)", 4.0 * p),
             ("AdamW temporaries", temporaries),
         ],
@@ -333,7 +344,16 @@ mod tests {
 
     fn shape(cfg: &ModelConfig, micro_batch: usize, seq: usize, recompute: Recompute) -> StepShape<'_> {
         let plan = MemoryPlan { recompute, attention_block: 256, loss_chunk: 1024 };
-        StepShape { model: cfg, micro_batch, seq, plan, dtype: DType::BF16, cuda: true, optimizer_shards: 1 }
+        StepShape {
+            model: cfg,
+            micro_batch,
+            seq,
+            plan,
+            dtype: DType::BF16,
+            cuda: true,
+            optimizer_shards: 1,
+            optimizer_state: OptimizerState::F32,
+        }
     }
 
     #[test]

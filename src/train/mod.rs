@@ -18,6 +18,7 @@ pub mod layers;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod moments;
 pub mod optim;
 pub mod params;
 pub mod resume;

@@ -7,16 +7,17 @@ use std::ops::Range;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
+use super::moments::{Moments, CHUNK};
 use super::params::ParamLayout;
 
-use crate::config::run::{Schedule, TrainSection};
+use crate::config::run::{OptimizerState, Schedule, TrainSection};
 use crate::dist::Communicator;
 
 /// AdamW state for the range `shard` of the flat parameter buffer, which this optimizer updates: all of it,
-/// or under ZeRO-1 this rank's share. First and second moments in f32, `shard.len()` long.
+/// or under ZeRO-1 this rank's share. First and second moments `shard.len()` long, in f32 or 8-bit
+/// ([`Moments`]).
 pub struct AdamW {
-    pub m: Tensor,
-    pub v: Tensor,
+    pub moments: Moments,
     /// Optimizer steps taken (PyTorch's `state["step"]`).
     pub t: u64,
     pub shard: Range<usize>,
@@ -51,18 +52,17 @@ pub struct AdamWHyper {
 }
 
 impl AdamW {
-    /// Zero moments for `shard` of the flat buffer (`0..total` for all of it).
-    pub fn zeros(shard: Range<usize>, device: &Device) -> Result<Self> {
-        let n = shard.len();
-        Ok(Self::new(Tensor::zeros(n, DType::F32, device)?, Tensor::zeros(n, DType::F32, device)?, 0, shard))
+    /// Zero moments for `shard` of the flat buffer (`0..total` for all of it), held as `state` says.
+    pub fn zeros(shard: Range<usize>, state: OptimizerState, device: &Device) -> Result<Self> {
+        Ok(Self::new(Moments::zeros(shard.len(), state, device)?, 0, shard))
     }
 
-    /// The state `m, v` after `t` steps (a checkpoint's) for `shard`.
-    pub fn new(m: Tensor, v: Tensor, t: u64, shard: Range<usize>) -> Self {
+    /// The state `moments` after `t` steps (a checkpoint's, [`Moments::from_f32`]) for `shard`.
+    pub fn new(moments: Moments, t: u64, shard: Range<usize>) -> Self {
         #[cfg(feature = "cuda")]
-        return Self { m, v, t, shard, table: None, abs_sums: None };
+        return Self { moments, t, shard, table: None, abs_sums: None };
         #[cfg(not(feature = "cuda"))]
-        Self { m, v, t, shard, abs_sums: None }
+        Self { moments, t, shard, abs_sums: None }
     }
 
     /// The sums of `|W|` the last step computed ([`AdamW`]'s `abs_sums`), if it did; valid while nothing but
@@ -74,8 +74,9 @@ impl AdamW {
     /// The whole moments, on rank 0 (None on the others), for a checkpoint. Under ZeRO-1 each rank's share
     /// is broadcast in turn and rank 0 keeps them in host memory, so no device holds more than a share.
     pub fn gather_moments(&self, comm: &Communicator, total: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let (m, v) = self.moments.to_f32()?;
         if self.shard.len() == total {
-            return Ok(comm.is_main().then(|| (self.m.clone(), self.v.clone())));
+            return Ok(comm.is_main().then_some((m, v)));
         }
         let gather = |mine: &Tensor| -> Result<Option<Tensor>> {
             let mut parts = Vec::new();
@@ -93,16 +94,16 @@ impl AdamW {
             }
             Ok(comm.is_main().then(|| Tensor::cat(&parts, 0)).transpose()?)
         };
-        Ok(gather(&self.m)?.zip(gather(&self.v)?))
+        Ok(gather(&m)?.zip(gather(&v)?))
     }
 
     /// One step, updating `params`, `m` and `v` in place, with the gradients `grads * grad_scale` (the
     /// scale folds the per-token normalisation and the clip factor into the update: no pass of its own).
     /// Same arithmetic as `torch.optim.AdamW` (single-tensor path): `p *= 1 - lr wd`,
-    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Only `params[shard]` changes. On CUDA one fused
-    /// kernel over the whole shard, which also sums the new BitLinear weights' `|W|`
-    /// ([`AdamW::take_abs_sums`]); elsewhere candle ops over each range of the shard that shares a weight-decay
-    /// setting, whose temporaries stay the size of a few parameters, not of the model.
+    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Only `params[shard]` changes. On CUDA with f32
+    /// moments one fused kernel over the whole shard, which also sums the new BitLinear weights' `|W|`
+    /// ([`AdamW::take_abs_sums`]); otherwise candle ops over [`CHUNK`] values of the shard at a time (8-bit
+    /// moments decoded, updated in f32 and coded again), per range of it that shares a weight-decay setting.
     pub fn step(
         &mut self,
         params: &Tensor,
@@ -117,7 +118,7 @@ impl AdamW {
         let bc2 = 1.0 - h.beta2.powi(self.t as i32);
         let decay = |i: usize| h.weight_decay != 0.0 && layout.decays(i, h.decay_norms_and_embeddings);
         #[cfg(feature = "cuda")]
-        if crate::kernels::on_cuda(params) {
+        if let (true, Moments::F32 { m, v }) = (crate::kernels::on_cuda(params), &self.moments) {
             use crate::kernels::flat::{adamw, AdamWStep, SlotTable};
             let s = AdamWStep {
                 grad_scale: grad_scale as f32,
@@ -135,22 +136,33 @@ impl AdamW {
                 self.table = Some(SlotTable::new(params, &slots, self.shard.clone(), decay)?);
             }
             let table = self.table.as_ref().expect("made above");
-            self.abs_sums = Some(adamw(params, grads, &self.m, &self.v, table, self.shard.start, &s)?);
+            self.abs_sums = Some(adamw(params, grads, m, v, table, self.shard.start, &s)?);
             return Ok(());
         }
-        for (global, local, n, decays) in self.runs(layout, decay) {
-            let g = (grads.narrow(0, global, n)? * grad_scale)?;
-            let m = ((self.m.narrow(0, local, n)? * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
-            let v = ((self.v.narrow(0, local, n)? * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
-            let mut p = params.narrow(0, global, n)?;
-            if decays {
-                p = (p * (1.0 - lr * h.weight_decay))?;
+        let runs = self.runs(layout, decay);
+        for start in (0..self.shard.len()).step_by(CHUNK) {
+            let chunk = start..(start + CHUNK).min(self.shard.len());
+            let (m_chunk, v_chunk) = self.moments.read(chunk.clone())?;
+            for &(global, local, n, decays) in &runs {
+                let (lo, hi) = (local.max(chunk.start), (local + n).min(chunk.end));
+                if lo >= hi {
+                    continue;
+                }
+                let (global, at, n) = (global + lo - local, lo - chunk.start, hi - lo);
+                let g = (grads.narrow(0, global, n)? * grad_scale)?;
+                let m = ((m_chunk.narrow(0, at, n)? * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
+                let v = ((v_chunk.narrow(0, at, n)? * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
+                let mut p = params.narrow(0, global, n)?;
+                if decays {
+                    p = (p * (1.0 - lr * h.weight_decay))?;
+                }
+                let denom = ((v.sqrt()? / bc2.sqrt())? + h.eps)?;
+                let p = (p - ((&m / denom)? * (lr / bc1))?)?;
+                m_chunk.slice_set(&m, 0, at)?;
+                v_chunk.slice_set(&v, 0, at)?;
+                params.slice_set(&p, 0, global)?;
             }
-            let denom = ((v.sqrt()? / bc2.sqrt())? + h.eps)?;
-            let p = (p - ((&m / denom)? * (lr / bc1))?)?;
-            self.m.slice_set(&m, 0, local)?;
-            self.v.slice_set(&v, 0, local)?;
-            params.slice_set(&p, 0, global)?;
+            self.moments.write(chunk.start, &m_chunk, &v_chunk)?;
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::metrics::METRICS_FILE;
+use super::moments::Moments;
 use super::optim::AdamW;
 use super::run_dir::Start;
 use super::{optimizer_shard, StepContext};
@@ -200,7 +201,7 @@ pub fn begin(
         }
         let state = TrainerState { step: 0, epoch: 0, epoch_rows_done: 0, seed: t.seed, run: Some(run.identity) };
         let params = ctx.layout.load(&vb, &ctx.device)?;
-        let adam = AdamW::zeros(shard, &ctx.device)?;
+        let adam = AdamW::zeros(shard, t.optimizer_state, &ctx.device)?;
         return Ok(Begun { params, adam, state, run_toml: run.toml, accepted_changes: Vec::new() });
     };
     let r = checkpoint::load(&dir, &ctx.layout, &ctx.device)?;
@@ -232,12 +233,11 @@ pub fn begin(
         history += &format!("{CHANGE_NOTE}{} with changes: {}\n", r.state.step, d.changes.join("; "));
     }
     note(format!("resuming from {} (step {})", dir.display(), r.state.step));
-    // A checkpoint holds the whole moments, whatever the world size it was saved on.
-    let share = |x: Tensor| match shard.len() == ctx.layout.total {
-        true => Ok(x),
-        false => x.narrow(0, shard.start, shard.len())?.copy(),
-    };
-    let adam = AdamW::new(share(r.m)?, share(r.v)?, r.state.step as u64, shard.clone());
+    // A checkpoint holds the whole moments in f32, whatever the world size and the optimizer state it was
+    // saved with.
+    let mine = |x: &Tensor| x.narrow(0, shard.start, shard.len());
+    let moments = Moments::from_f32(&mine(&r.m)?, &mine(&r.v)?, t.optimizer_state, &ctx.device)?;
+    let adam = AdamW::new(moments, r.state.step as u64, shard.clone());
     let state = TrainerState { run: Some(run.identity), ..r.state };
     Ok(Begun { params: r.params, adam, state, run_toml: history + &run.toml, accepted_changes: d.changes })
 }
