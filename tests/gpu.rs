@@ -168,6 +168,7 @@ fn cuda_bf16_forward_matches_transformers() {
 // order of f32 sums, and with it, rarely, an int8 or ternary code one step away.
 
 mod fused {
+    use bessie::config::run::OptimizerState;
     use bessie::model::arch::Activation;
     use bessie::train::layers::*;
     use bessie::train::optim::{grad_norm, AdamW, AdamWHyper};
@@ -524,7 +525,6 @@ mod fused {
     /// differently (exp and log are not correctly rounded on either side).
     #[test]
     fn int8_adamw_matches_the_cpu() {
-        use bessie::config::run::OptimizerState;
         let dev = gpu();
         let layout = ParamLayout::from_shapes(vec![
             ("model.layers.0.mlp.up_proj.weight".into(), vec![640, 1536]),
