@@ -2,7 +2,7 @@
 """Hugging Face `generate` on a random bitnet_b1_58-large-shaped model: the baseline for bessie-eval's speed.
 
 The model is transformers' LlamaForCausalLM of the -large shape (hidden 1536, intermediate 4096, 24 layers,
-16 heads, vocab 32002, tied embeddings) made BitNet-faithful: q/k/v/gate/up are BitLinear, and o_proj and
+16 heads, tied embeddings; the vocabulary of --vocab-size) made BitNet-faithful: q/k/v/gate/up are BitLinear, and o_proj and
 down_proj are `Sequential(RMSNorm, BitLinear)`, which is exactly `o_proj(inner_attn_ln(x))` and
 `down_proj(ffn_layernorm(x))`. BitLinear quantizes its weight (absmean, ternary) and its input (per-token
 absmax, int8) on every call, as 1bitLLM's utils_quant.BitLinear does, so this is what running the
@@ -14,19 +14,21 @@ mask, DynamicCache), greedy, stopping a row at EOS; HF has no 🐂 stop without 
 a random model practically never writes anyway.
 
 The workload is bessie-eval's: the prompts of a dev file rendered with Bessie's chat template, tokenized
-with the LLaMA SentencePiece model (ids equal Bessie's), batched as bessie-eval batches them (sorted by
-length, longest first), --max-new-tokens 50. Prints one JSON line.
+with --tokenizer (ids equal Bessie's), in the order bessie-eval takes them (longest first) in static batches
+of --batch-size (`generate` has no continuous batching; with random weights no row stops early, so
+continuous batching would not change bessie-eval's work either), --max-new-tokens 50. Prints one JSON line.
 
 Exact commands, from the project root on the GPU machine (bessie built with --features cuda, see
-../shared/GPU.md; BIN is where its binaries are), both in the same call:
+../shared/GPU.md; BIN is where its binaries are), both in the same call. The tokenizer shipped in assets/
+(1,000 SentencePiece pieces; vocabulary 1,002 with Bessie's added tokens) travels with the checkout, so
+nothing else is needed on that machine; `--tokenizer ../shared/tokenizers/llama/tokenizer.model
+--vocab-size 32002` (and the same for bessie-init-model) runs the -large vocabulary where that file exists:
 
     python3 tests/reference/hf_generate_bench.py --write-dev /tmp/bench/dev.jsonl
-    $BIN/bessie-init-model --out /tmp/bench/large --shape large \\
-        --tokenizer ../shared/tokenizers/llama/tokenizer.model --vocab-size 32002 --dtype bf16
+    $BIN/bessie-init-model --out /tmp/bench/large --shape large --dtype bf16
     $BIN/bessie-eval -m /tmp/bench/large -d /tmp/bench/dev.jsonl -o /tmp/bench/eval.jsonl \\
         --batch-size 32 --max-new-tokens 50 --device cuda
-    python3 tests/reference/hf_generate_bench.py --dev /tmp/bench/dev.jsonl \\
-        --tokenizer ../shared/tokenizers/llama/tokenizer.model
+    python3 tests/reference/hf_generate_bench.py --dev /tmp/bench/dev.jsonl --quantize-once
 
 bessie-eval prints examples/s and generated tokens/s under its table; /tmp/bench/eval_summary.json has them
 under "speed". Neither side warms up: both times include the first batch.
@@ -46,7 +48,7 @@ WORDS = ("the cow farm grass milk barn field river winter summer farmer calf her
          "school house garden tree apple corn wheat harvest season year day night people family children").split()
 
 SHAPE = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-             num_key_value_heads=16, vocab_size=32002)
+             num_key_value_heads=16)
 
 
 def generation_prompt(prompt):
@@ -69,7 +71,7 @@ def write_dev(path, n, seed):
             f.write(json.dumps(line) + "\n")
 
 
-def build_model(impl, quantize_once):
+def build_model(impl, quantize_once, vocab_size):
     import torch, torch.nn as nn, torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -96,9 +98,9 @@ def build_model(impl, quantize_once):
             return b
         return nn.Sequential(LlamaRMSNorm(norm_dim, eps=1e-5).to(linear.weight.device, linear.weight.dtype), b)
 
-    cfg = LlamaConfig(**SHAPE, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
-                      hidden_act="silu", tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=32000,
-                      attention_bias=False, mlp_bias=False)
+    cfg = LlamaConfig(**SHAPE, vocab_size=vocab_size, max_position_embeddings=2048, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=vocab_size - 2, attention_bias=False, mlp_bias=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -119,8 +121,9 @@ def bench(a):
         prompts = [json.loads(line)["prompt"] for line in f if line.strip()][: a.examples]
     ids = [[1] + sp.encode(generation_prompt(p)) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # stable, longest first, as bessie-eval
-    model = build_model(a.impl, a.quantize_once)
-    pad, eos = 32000, 2
+    model = build_model(a.impl, a.quantize_once, a.vocab_size)
+    # Bessie's pad is the first token added after the SentencePiece pieces.
+    pad, eos = a.vocab_size - 2, 2
     generated = 0
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -148,8 +151,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write-dev", metavar="PATH", help="write the synthetic dev file and exit")
     ap.add_argument("--dev", metavar="PATH", help="benchmark HF generate on this dev file's prompts")
-    ap.add_argument("--tokenizer", default="../shared/tokenizers/llama/tokenizer.model",
-                    help="LLaMA SentencePiece model (default: %(default)s)")
+    ap.add_argument("--tokenizer", default="assets/tokenizer/tokenizer.model",
+                    help="SentencePiece model (default: %(default)s, Bessie's shipped one)")
+    ap.add_argument("--vocab-size", type=int, default=1002,
+                    help="the model's vocabulary: the tokenizer's pieces and Bessie's 2 added tokens (default: "
+                         "%(default)s, for the shipped tokenizer; 32002 for LLaMA's)")
     ap.add_argument("--examples", type=int, default=512, help="prompts to write or to run (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=32)
