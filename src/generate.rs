@@ -255,8 +255,8 @@ const ADMIT_WHEN_FREE: usize = 4;
 /// Generation for many prompts, at most `rows` at a time, with continuous batching: the rows share one KV
 /// cache and one forward per token, and a row whose answer ends (EOS, the end marker, the token budget,
 /// the context) takes the next prompt, prefilled beside the cache and moved into the row
-/// ([`KvCache::admit`]), so the batch stays full instead of waiting for its longest answer. Rows that end
-/// when no prompt is left keep their place (their tokens are dropped) until the last answer ends.
+/// ([`KvCache::admit`]), so the batch stays full instead of waiting for its longest answer. Once no prompt
+/// is left, the batch drops its free rows each time half of them are free.
 ///
 /// Greedy decoding picks the tokens that decoding each prompt alone picks: the logits differ only in
 /// rounding (~1e-7 on the CPU; tests/eval.rs checks both).
@@ -362,9 +362,23 @@ impl<'a> ContinuousBatch<'a> {
         if due {
             self.admit(&free, sampler, &mut on_text, &mut ended)?;
         } else if busy > 0 {
+            if self.queue.is_empty() && 2 * busy <= self.slots.len() {
+                self.shrink()?;
+            }
             self.decode(sampler, &mut on_text, &mut ended)?;
         }
         Ok(ended)
+    }
+
+    /// Drops the free rows once no prompt is left to fill them, so the last answers stop paying for rows
+    /// that no longer answer (one copy of the cache each time half the rows are free).
+    fn shrink(&mut self) -> Result<()> {
+        let keep: Vec<usize> = (0..self.slots.len()).filter(|&r| self.slots[r].is_some()).collect();
+        self.cache.as_mut().expect("rows at work were prefilled").keep_rows(&keep)?;
+        self.next = keep.iter().map(|&r| self.next[r]).collect();
+        let mut slots = std::mem::take(&mut self.slots);
+        self.slots = keep.iter().map(|&r| slots[r].take()).collect();
+        Ok(())
     }
 
     /// Prefills the next prompts into the rows `free` (those that cannot start end at once: a prompt

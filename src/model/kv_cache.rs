@@ -160,6 +160,18 @@ impl KvCache {
         }
     }
 
+    /// Keeps only rows `rows` (in that order), dropping the others: a batch that shrinks once no prompt is
+    /// left to refill its free rows.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let index = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+        for layer in self.layers.iter_mut().flatten() {
+            let index = index.to_device(layer.0.device())?;
+            *layer = (layer.0.index_select(&index, 0)?, layer.1.index_select(&index, 0)?);
+        }
+        self.start = rows.iter().map(|&r| self.start[r]).collect();
+        Ok(())
+    }
+
     /// Puts the prompts that `prefill` holds (its rows, after one forward over them) into rows `rows` of
     /// this cache, each right-aligned to this cache's last column, so they go on decoding beside the rows
     /// already here. The rows taken are retired first; if `prefill` is wider than this cache, this one's
