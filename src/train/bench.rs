@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::{memory, metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
-use crate::config::run::{Recompute, RunConfig};
+use crate::config::run::{OptimizerState, Recompute, RunConfig};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::dist::Communicator;
@@ -38,6 +38,8 @@ pub struct BenchResult {
     pub accum: usize,
     pub steps: usize,
     pub recompute: Recompute,
+    /// How AdamW holds its moments (`train.optimizer_state`).
+    pub optimizer_state: OptimizerState,
     /// Ranks (GPUs) taking part; each runs `batch` sequences per step.
     pub world: usize,
     pub device: String,
@@ -124,6 +126,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         accum: o.accum,
         steps: o.steps,
         recompute: train.recompute,
+        optimizer_state: train.optimizer_state,
         world: comm.world(),
         device: crate::device::gpu_name(&device).unwrap_or_else(|| format!("{device:?}")),
         tokens_per_sec,
