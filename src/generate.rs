@@ -109,6 +109,9 @@ pub struct Generation {
     pub text: String,
     pub stop: StopReason,
     pub prompt_tokens: usize,
+    /// Of `prompt_tokens`, those whose keys and values came from the conversation's cache ([`Session`]):
+    /// not processed again.
+    pub cached_tokens: usize,
     /// Time to process the prompt and pick the first token.
     pub prompt_secs: f64,
     /// Time for the remaining tokens.
@@ -118,12 +121,13 @@ pub struct Generation {
 impl Generation {
     /// The generation of a prompt that could not start, for `stop`: no tokens, no time.
     fn empty(prompt_tokens: usize, stop: StopReason) -> Self {
-        Self { ids: Vec::new(), text: String::new(), stop, prompt_tokens, prompt_secs: 0.0, decode_secs: 0.0 }
+        let (ids, text, cached_tokens) = (Vec::new(), String::new(), 0);
+        Self { ids, text, stop, prompt_tokens, cached_tokens, prompt_secs: 0.0, decode_secs: 0.0 }
     }
 
-    /// None when no time was measured.
+    /// The prompt tokens processed (those not cached) a second; None when no time was measured.
     pub fn prompt_tokens_per_sec(&self) -> Option<f64> {
-        (self.prompt_secs > 0.0).then(|| self.prompt_tokens as f64 / self.prompt_secs)
+        (self.prompt_secs > 0.0).then(|| (self.prompt_tokens - self.cached_tokens) as f64 / self.prompt_secs)
     }
 
     /// The tokens after the first (which the prompt's pass picks); None when there are none.
@@ -133,11 +137,15 @@ impl Generation {
     }
 
     /// `[12 prompt tokens at 310.2 tok/s, 20 new tokens at 41.0 tok/s, 0.53 s, stop: Eos]`, each speed only
-    /// where it was measured.
+    /// where it was measured, and `(8 cached)` after the prompt tokens where the cache held some.
     pub fn report(&self) -> String {
         let at = |speed: Option<f64>| speed.map(|s| format!(" at {s:.1} tok/s")).unwrap_or_default();
+        let cached = match self.cached_tokens {
+            0 => String::new(),
+            n => format!(" ({n} cached)"),
+        };
         format!(
-            "[{} prompt tokens{}, {} new tokens{}, {:.2} s, stop: {:?}]",
+            "[{} prompt tokens{cached}{}, {} new tokens{}, {:.2} s, stop: {:?}]",
             self.prompt_tokens,
             at(self.prompt_tokens_per_sec()),
             self.ids.len(),
@@ -231,7 +239,7 @@ pub fn parse_top_p(s: &str) -> Result<f64, String> {
 
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each piece of answer text as soon
 /// as it is final (trailing whitespace is held back until more text follows, so the newline before the
-/// end marker is never printed). A [`ContinuousBatch`] of one row.
+/// end marker is never printed). A [`Session`] of one turn.
 pub fn generate(
     model: &BitNet,
     tokenizer: &Tokenizer,
@@ -239,12 +247,53 @@ pub fn generate(
     prompt_ids: &[u32],
     max_new_tokens: usize,
     sampler: &mut Sampler,
-    mut on_text: impl FnMut(&str) -> Result<()>,
+    on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
-    let prompts = [prompt_ids.to_vec()];
-    let mut batch = ContinuousBatch::new(model, tokenizer, stop, &prompts, 1, max_new_tokens)?;
-    let mut gens = batch.run(sampler, |_, text| on_text(text))?;
-    Ok(gens.pop().expect("one generation per prompt"))
+    Session::new(model, tokenizer, stop).generate(prompt_ids, max_new_tokens, sampler, on_text)
+}
+
+/// A conversation's generations, which keep the KV cache between turns: a turn's prompt (the chat
+/// template's rendering of the conversation so far) begins with the ids of the last one and its answer,
+/// so only what it adds is processed; the cache keeps the longest prefix the two share, whatever the
+/// template did to earlier turns. A [`ContinuousBatch`] of one row a turn.
+pub struct Session<'a> {
+    model: &'a BitNet,
+    tokenizer: &'a Tokenizer,
+    stop: &'a Stop,
+    /// The cache of the last turn, and the ids whose keys and values it holds.
+    cache: Option<(KvCache, Vec<u32>)>,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(model: &'a BitNet, tokenizer: &'a Tokenizer, stop: &'a Stop) -> Self {
+        Self { model, tokenizer, stop, cache: None }
+    }
+
+    /// The next turn: the continuation of `prompt_ids`, streamed to `on_text` as [`generate`] does.
+    pub fn generate(
+        &mut self,
+        prompt_ids: &[u32],
+        max_new_tokens: usize,
+        sampler: &mut Sampler,
+        mut on_text: impl FnMut(&str) -> Result<()>,
+    ) -> Result<Generation> {
+        let prompts = [prompt_ids.to_vec()];
+        let mut batch = ContinuousBatch::new(self.model, self.tokenizer, self.stop, &prompts, 1, max_new_tokens)?;
+        if let Some((mut cache, ids)) = self.cache.take() {
+            // At least the prompt's last token is run: its logits pick the first new token.
+            let shared = ids.iter().zip(prompt_ids).take_while(|(a, b)| a == b).count().min(prompt_ids.len() - 1);
+            if shared > 0 {
+                cache.reuse_prefix(shared)?;
+                batch.reuse = Some((cache, shared));
+            }
+        }
+        let g = batch.run(sampler, |_, text| on_text(text))?.pop().expect("one generation per prompt");
+        // The cache holds the prompt and every new token but the last, which was never run.
+        if let (Some(cache), Some((_, fed))) = (batch.cache, g.ids.split_last()) {
+            self.cache = Some((cache, [prompt_ids, fed].concat()));
+        }
+        Ok(g)
+    }
 }
 
 /// Free rows take the next prompts only once a quarter of the batch is free (or nothing else is left to
@@ -277,6 +326,9 @@ pub struct ContinuousBatch<'a> {
     next: Vec<u32>,
     /// The cache's columns ([`cache_columns`]).
     columns: usize,
+    /// A one-prompt batch's cache from an earlier turn, and how many of the prompt's first tokens it holds
+    /// ([`Session`]): the first prefill runs only the rest.
+    reuse: Option<(KvCache, usize)>,
     clock: Instant,
 }
 
@@ -285,6 +337,8 @@ pub struct ContinuousBatch<'a> {
 struct Slot<'a> {
     prompt: usize,
     row: Row<'a>,
+    /// The prompt's first tokens that came from a cache ([`Generation::cached_tokens`]).
+    cached: usize,
     admitted: f64,
     first: f64,
 }
@@ -318,6 +372,7 @@ impl<'a> ContinuousBatch<'a> {
             cache: None,
             next: Vec::new(),
             columns: cache_columns(longest, max_new_tokens, context, prompts.len() > rows),
+            reuse: None,
             clock: Instant::now(),
         })
     }
@@ -419,12 +474,15 @@ impl<'a> ContinuousBatch<'a> {
             .collect();
         let pad = take.iter().map(|&i| width - prompt(i).len()).collect();
         let first_prefill = self.cache.is_none();
-        let mut prefill = KvCache::left_padded(&self.model.cfg, pad).with_capacity(if first_prefill {
-            self.columns.max(width)
-        } else {
-            width
-        });
-        let x = Tensor::from_vec(input, (take.len(), width), self.model.device())?;
+        // A cache from an earlier turn (one prompt, no padding) already holds the prompt's first tokens.
+        let (mut prefill, cached) = match self.reuse.take() {
+            Some((cache, cached)) if first_prefill && take.len() == 1 => (cache, cached),
+            _ => {
+                let columns = if first_prefill { self.columns.max(width) } else { width };
+                (KvCache::left_padded(&self.model.cfg, pad).with_capacity(columns), 0)
+            }
+        };
+        let x = Tensor::from_vec(input, (take.len(), width), self.model.device())?.narrow(1, cached, width - cached)?;
         let logits = self.last_logits(&x, &mut prefill)?;
         let ids = sampler.sample_batch(&logits)?;
         let rows: Vec<usize> = match first_prefill {
@@ -443,7 +501,7 @@ impl<'a> ContinuousBatch<'a> {
         let first = self.clock.elapsed().as_secs_f64();
         for ((&r, &i), &id) in rows.iter().zip(&take).zip(&ids) {
             let row = Row::new(self.tokenizer, &self.prompts[i]);
-            self.slots[r] = Some(Slot { prompt: i, row, admitted, first });
+            self.slots[r] = Some(Slot { prompt: i, row, cached, admitted, first });
             self.take_token(r, id, first, on_text, ended)?;
         }
         Ok(())
@@ -532,6 +590,7 @@ impl<'a> ContinuousBatch<'a> {
             text,
             stop: reason,
             prompt_tokens: self.prompts[slot.prompt].len(),
+            cached_tokens: slot.cached,
             prompt_secs: slot.first - slot.admitted,
             decode_secs: (secs - slot.first).max(0.0),
         };

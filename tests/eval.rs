@@ -531,6 +531,53 @@ fn a_refilled_cache_equals_each_prompt_alone() {
     assert_eq!((cache.len(), cache.row_len(0), cache.row_len(1)), (7, 7, 6), "the columns before D moved out");
 }
 
+/// A conversation keeps its KV cache between turns: from the second turn on, only what each prompt adds
+/// is processed (the cache keeps the prefix the prompt shares with the last turn's ids, whatever the
+/// template did to earlier turns), and every turn's tokens equal those of generating its prompt from
+/// scratch. A reset conversation shares only the template's start, and reuses that.
+#[test]
+fn a_conversation_reuses_its_cache_and_answers_as_from_scratch() {
+    use bessie::generate::Session;
+    let (_d, dir) = tiny_model(5);
+    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let template = ChatTemplate::bessie(None);
+    let stop = Stop::new(&tok, &template);
+    let mut session = Session::new(&model, &tok, &stop);
+    let mut conversation = Vec::new();
+    for (turn, question) in QUESTIONS.iter().take(4).enumerate() {
+        conversation.push(Message::new("user", question));
+        let ids = template.prompt_ids(&tok, &conversation).unwrap();
+        let fresh = generate(&model, &tok, &stop, &ids, 12, &mut Sampler::greedy(), |_| Ok(())).unwrap();
+        let mut streamed = String::new();
+        let g = session
+            .generate(&ids, 12, &mut Sampler::greedy(), |text| {
+                streamed.push_str(text);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((&g.ids, &g.text, g.stop), (&fresh.ids, &fresh.text, fresh.stop), "turn {turn}");
+        assert_eq!(streamed, g.text);
+        assert_eq!((fresh.cached_tokens, g.prompt_tokens), (0, ids.len()));
+        if turn == 0 {
+            assert_eq!(g.cached_tokens, 0);
+        } else {
+            // At least the last turn's whole prompt (the rest of its answer, re-tokenized, may differ).
+            let last = template.prompt_ids(&tok, &conversation[..conversation.len() - 2]).unwrap().len();
+            assert!(g.cached_tokens >= last && g.cached_tokens < ids.len(), "turn {turn}: {} cached", g.cached_tokens);
+            assert!(g.report().contains(&format!("({} cached)", g.cached_tokens)), "{}", g.report());
+        }
+        conversation.push(Message::new("assistant", &g.text));
+    }
+    let alone = template.prompt_ids(&tok, &[Message::new("user", QUESTIONS[5])]).unwrap();
+    let g = session.generate(&alone, 12, &mut Sampler::greedy(), |_| Ok(())).unwrap();
+    let fresh = generate(&model, &tok, &stop, &alone, 12, &mut Sampler::greedy(), |_| Ok(())).unwrap();
+    assert_eq!(g.ids, fresh.ids);
+    let system = template.prompt_ids(&tok, &[Message::new("user", "")]).unwrap();
+    let shared = system.iter().zip(&alone).take_while(|(a, b)| a == b).count();
+    assert!(g.cached_tokens >= shared.min(alone.len() - 1) && g.cached_tokens > 0, "{} cached", g.cached_tokens);
+}
+
 /// Continuous batching picks exactly the tokens one-at-a-time generation picks, for prompts of different
 /// lengths in any order and batch sizes of 1, 2, 3 and 7, with rows refilled as answers end (one stops
 /// early, at EOS) and enough prompts that the cache drops columns; eval's rounds return them in order.

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use bessie::generate::{check_prompt_fits, generate, parse_temperature, parse_top_p, Sampler, Stop};
+use bessie::generate::{check_prompt_fits, parse_temperature, parse_top_p, Sampler, Session, Stop};
 use bessie::tokenizer::template::Message;
 use clap::Parser;
 
@@ -16,7 +16,9 @@ use clap::Parser;
 /// conversation; `--single-turn` answers every line on its own. When the conversation outgrows the
 /// model's context, its oldest turns are left out (and a note says so). Answers stream until an
 /// end-of-turn id (EOS, generation_config.json's eos_token_id), the Bessie template's 🐂 end marker or
-/// --max-new-tokens. After each answer it prints the prompt-processing and decoding speed to stderr.
+/// --max-new-tokens. Each turn processes only the tokens its prompt adds to the last turn's: the
+/// conversation's keys and values stay cached. After each answer it prints the prompt-processing and
+/// decoding speed to stderr (and how many prompt tokens came from the cache).
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -64,6 +66,8 @@ fn body(args: Args) -> Result<()> {
     let stop = Stop::new(&tokenizer, &template);
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
     let mut conversation: Vec<Message> = Vec::new();
+    // Each turn processes only what its prompt adds to the last one's (the cache keeps the shared prefix).
+    let mut session = Session::new(&model, &tokenizer, &stop);
     let mut answer = |conversation: &mut Vec<Message>, prompt: &str| -> Result<()> {
         conversation.push(Message::new("user", prompt));
         let mut ids = template.prompt_ids(&tokenizer, conversation)?;
@@ -80,7 +84,7 @@ fn body(args: Args) -> Result<()> {
             return Err(e);
         }
         let mut out = std::io::stdout();
-        let g = generate(&model, &tokenizer, &stop, &ids, args.max_new_tokens, &mut sampler, |text| {
+        let g = session.generate(&ids, args.max_new_tokens, &mut sampler, |text| {
             out.write_all(text.as_bytes())?;
             Ok(out.flush()?)
         })?;

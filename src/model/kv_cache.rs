@@ -160,6 +160,17 @@ impl KvCache {
         }
     }
 
+    /// Keeps the first `columns` columns of a one-row cache as the start of its next prompt (a conversation's
+    /// next turn, whose prompt begins with those tokens) and forgets the rest.
+    pub fn reuse_prefix(&mut self, columns: usize) -> Result<()> {
+        if self.start.len() != 1 {
+            candle_core::bail!("only a one-row cache is reused, this one has {} rows", self.start.len());
+        }
+        self.start = vec![0];
+        self.len = self.len.min(columns);
+        Ok(())
+    }
+
     /// Keeps only rows `rows` (in that order), dropping the others: a batch that shrinks once no prompt is
     /// left to refill its free rows.
     pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
