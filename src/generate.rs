@@ -301,11 +301,17 @@ impl<'a> Session<'a> {
 /// kernel launches) is paid per admission, not per row, so it is shared by several rows.
 const ADMIT_WHEN_FREE: usize = 4;
 
+/// Prompts share the keys and values of the first tokens they all begin with (the chat template's system
+/// prompt) when there are at least this many: one forward over them instead of one per prompt.
+const MIN_SHARED: usize = 8;
+
 /// Generation for many prompts, at most `rows` at a time, with continuous batching: the rows share one KV
 /// cache and one forward per token, and a row whose answer ends (EOS, the end marker, the token budget,
 /// the context) takes the next prompt, prefilled beside the cache and moved into the row
 /// ([`KvCache::admit`]), so the batch stays full instead of waiting for its longest answer. Once no prompt
-/// is left, the batch drops its free rows each time half of them are free.
+/// is left, the batch drops its free rows each time half of them are free. The first tokens that every
+/// prompt begins with are run once, and every prefill starts from their keys and values
+/// ([`KvCache::from_prefix`]).
 ///
 /// Greedy decoding picks the tokens that decoding each prompt alone picks: the logits differ only in
 /// rounding (~1e-7 on the CPU; tests/eval.rs checks both).
@@ -329,6 +335,10 @@ pub struct ContinuousBatch<'a> {
     /// A one-prompt batch's cache from an earlier turn, and how many of the prompt's first tokens it holds
     /// ([`Session`]): the first prefill runs only the rest.
     reuse: Option<(KvCache, usize)>,
+    /// How many first tokens every prompt shares (0: fewer than [`MIN_SHARED`], or one prompt), and their
+    /// cache once the first prefill has run them.
+    shared: usize,
+    prefix: Option<KvCache>,
     clock: Instant,
 }
 
@@ -359,7 +369,18 @@ impl<'a> ContinuousBatch<'a> {
             bail!("prompt {i} is empty");
         }
         let context = model.max_positions();
-        let longest = prompts.iter().map(Vec::len).filter(|&n| n <= context).max().unwrap_or(0);
+        let fitting: Vec<&Vec<u32>> = prompts.iter().filter(|p| p.len() <= context).collect();
+        let longest = fitting.iter().map(|p| p.len()).max().unwrap_or(0);
+        // Each prompt keeps at least one token of its own: its last, whose logits pick the first new token.
+        let shared = match fitting.split_first() {
+            Some((first, rest)) if !rest.is_empty() => rest
+                .iter()
+                .map(|p| p.iter().zip(first.iter()).take_while(|(a, b)| a == b).count())
+                .chain(fitting.iter().map(|p| p.len() - 1))
+                .min()
+                .unwrap_or(0),
+            _ => 0,
+        };
         Ok(Self {
             model,
             tokenizer,
@@ -373,6 +394,8 @@ impl<'a> ContinuousBatch<'a> {
             next: Vec::new(),
             columns: cache_columns(longest, max_new_tokens, context, prompts.len() > rows),
             reuse: None,
+            shared: if shared >= MIN_SHARED { shared } else { 0 },
+            prefix: None,
             clock: Instant::now(),
         })
     }
@@ -464,25 +487,26 @@ impl<'a> ContinuousBatch<'a> {
         if take.is_empty() {
             return Ok(());
         }
-        let width = take.iter().map(|&i| self.prompts[i].len()).max().unwrap_or(0);
         // Any id will do for padding: no real token attends to it.
         let pad_id = self.tokenizer.pad_id().unwrap_or(self.tokenizer.eos_id());
-        let prompt = |i: usize| &self.prompts[i];
+        let first_prefill = self.cache.is_none();
+        // The prompts' first tokens whose keys are cached already: an earlier turn's, or the shared prefix.
+        let reuse = self.reuse.take().filter(|_| first_prefill && take.len() == 1);
+        let skip = reuse.as_ref().map_or(self.shared, |(_, cached)| *cached);
+        let own = |i: usize| &self.prompts[i][skip..];
+        let width = take.iter().map(|&i| own(i).len()).max().unwrap_or(0);
         let input: Vec<u32> = take
             .iter()
-            .flat_map(|&i| std::iter::repeat_n(pad_id, width - prompt(i).len()).chain(prompt(i).iter().copied()))
+            .flat_map(|&i| std::iter::repeat_n(pad_id, width - own(i).len()).chain(own(i).iter().copied()))
             .collect();
-        let pad = take.iter().map(|&i| width - prompt(i).len()).collect();
-        let first_prefill = self.cache.is_none();
-        // A cache from an earlier turn (one prompt, no padding) already holds the prompt's first tokens.
-        let (mut prefill, cached) = match self.reuse.take() {
-            Some((cache, cached)) if first_prefill && take.len() == 1 => (cache, cached),
-            _ => {
-                let columns = if first_prefill { self.columns.max(width) } else { width };
-                (KvCache::left_padded(&self.model.cfg, pad).with_capacity(columns), 0)
-            }
+        let pad: Vec<usize> = take.iter().map(|&i| width - own(i).len()).collect();
+        let columns = if first_prefill { self.columns.max(skip + width) } else { skip + width };
+        let mut prefill = match reuse {
+            Some((cache, _)) => cache,
+            None if skip > 0 => KvCache::from_prefix(&self.model.cfg, self.prefix(take[0])?, &pad, columns)?,
+            None => KvCache::left_padded(&self.model.cfg, pad).with_capacity(columns),
         };
-        let x = Tensor::from_vec(input, (take.len(), width), self.model.device())?.narrow(1, cached, width - cached)?;
+        let x = Tensor::from_vec(input, (take.len(), width), self.model.device())?;
         let logits = self.last_logits(&x, &mut prefill)?;
         let ids = sampler.sample_batch(&logits)?;
         let rows: Vec<usize> = match first_prefill {
@@ -501,7 +525,7 @@ impl<'a> ContinuousBatch<'a> {
         let first = self.clock.elapsed().as_secs_f64();
         for ((&r, &i), &id) in rows.iter().zip(&take).zip(&ids) {
             let row = Row::new(self.tokenizer, &self.prompts[i]);
-            self.slots[r] = Some(Slot { prompt: i, row, cached, admitted, first });
+            self.slots[r] = Some(Slot { prompt: i, row, cached: skip, admitted, first });
             self.take_token(r, id, first, on_text, ended)?;
         }
         Ok(())
@@ -537,6 +561,17 @@ impl<'a> ContinuousBatch<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The cache of the first tokens every prompt shares, taken from prompt `i`: run at the first call.
+    fn prefix(&mut self, i: usize) -> Result<&KvCache> {
+        if self.prefix.is_none() {
+            let ids = Tensor::new(&self.prompts[i][..self.shared], self.model.device())?.unsqueeze(0)?;
+            let mut cache = KvCache::new(&self.model.cfg).with_capacity(self.shared);
+            self.last_logits(&ids, &mut cache)?;
+            self.prefix = Some(cache);
+        }
+        Ok(self.prefix.as_ref().expect("made above"))
     }
 
     /// The logits `[rows, vocab]` after the last column of `x: [rows, t]`, run after `cache`'s columns.

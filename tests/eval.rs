@@ -531,6 +531,70 @@ fn a_refilled_cache_equals_each_prompt_alone() {
     assert_eq!((cache.len(), cache.row_len(0), cache.row_len(1)), (7, 7, 6), "the columns before D moved out");
 }
 
+/// Prompts that begin with the same tokens share that prefix's keys and values, run once: each row starts
+/// with a copy of them, then its own rest left-padded after them (a gap its tokens skip). Every row's
+/// logits equal its prompt's alone, after the prefill, after two steps, and once moved into another cache
+/// beside a row mid-answer, to 1e-5.
+#[test]
+fn a_shared_prefix_equals_each_prompt_alone() {
+    let (_d, dir) = tiny_model(5);
+    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    let cfg = &model.cfg;
+    let dev = Device::Cpu;
+    let last = |h: Tensor| -> Vec<Vec<f32>> {
+        model.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap().squeeze(1).unwrap()).unwrap().to_vec2().unwrap()
+    };
+    let run = |ids: &[u32], cache: &mut KvCache| {
+        last(model.forward(&Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap(), cache).unwrap())
+    };
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let prefix: Vec<u32> = (20..31).collect();
+    let (a_own, b_own): (&[u32], &[u32]) = (&[40, 41, 42], &[50, 51, 52, 53, 54, 55]);
+    let mut shared = KvCache::new(cfg);
+    run(&prefix, &mut shared);
+    let mut cache = KvCache::from_prefix(cfg, &shared, &[3, 0], 32).unwrap();
+    let x = Tensor::new(&[[0u32, 0, 0, 40, 41, 42], [50, 51, 52, 53, 54, 55]], &dev).unwrap();
+    let out = last(model.forward(&x, &mut cache).unwrap());
+    let mut alone: Vec<(KvCache, Vec<f32>)> = [a_own, b_own]
+        .iter()
+        .map(|own| {
+            let mut c = KvCache::new(cfg);
+            let logits = run(&[&prefix[..], own].concat(), &mut c).remove(0);
+            (c, logits)
+        })
+        .collect();
+    for (r, (_, want)) in alone.iter().enumerate() {
+        let d = diff(&out[r], want);
+        assert!(d < 1e-5, "row {r} after the prefill: logits differ by {d:e}");
+    }
+    assert_eq!((cache.row_len(0), cache.row_len(1)), (14, 17));
+    for step in 0..2u32 {
+        let out = last(model.forward(&Tensor::new(&[[60 + step], [70 + step]], &dev).unwrap(), &mut cache).unwrap());
+        for (r, (c, want)) in alone.iter_mut().enumerate() {
+            *want = run(&[[60 + step, 70 + step][r]], c).remove(0);
+            let d = diff(&out[r], want);
+            assert!(d < 1e-5, "row {r}, step {step}: logits differ by {d:e}");
+        }
+    }
+    // Row 0 (with its gap) moved into a wider cache beside a row of its own.
+    let other: Vec<u32> = (100..125).collect();
+    let mut other_alone = KvCache::new(cfg);
+    run(&other, &mut other_alone);
+    let mut wide = KvCache::new(cfg);
+    let x = Tensor::new(&other[..], &dev).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::cat(&[&x, &x], 0).unwrap();
+    model.forward(&x, &mut wide).unwrap();
+    wide.retire(1);
+    let mut solo = cache.clone();
+    solo.keep_rows(&[0]).unwrap();
+    wide.admit(&[1], &solo).unwrap();
+    let out = last(model.forward(&Tensor::new(&[[80u32], [81]], &dev).unwrap(), &mut wide).unwrap());
+    let want_other = run(&[80], &mut other_alone).remove(0);
+    let want_a = run(&[81], &mut alone[0].0).remove(0);
+    let (d0, d1) = (diff(&out[0], &want_other), diff(&out[1], &want_a));
+    assert!(d0 < 1e-5 && d1 < 1e-5, "after the move: logits differ by {d0:e} and {d1:e}");
+}
+
 /// A conversation keeps its KV cache between turns: from the second turn on, only what each prompt adds
 /// is processed (the cache keeps the prefix the prompt shares with the last turn's ids, whatever the
 /// template did to earlier turns), and every turn's tokens equal those of generating its prompt from

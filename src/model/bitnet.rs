@@ -470,16 +470,17 @@ impl BitNet {
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (first, col) = cache.reserve(t)?;
-        let start = cache.starts(b)?;
-        let longest = col + t - first;
+        let spans = cache.spans(b)?;
+        // The longest row: its own tokens, the new ones included (padding and gaps are not positions).
+        let last = col + t - 1;
+        let longest = spans.iter().filter(|s| !s.is_retired()).map(|s| s.position(last) + 1).max().unwrap_or(t);
         self.cfg
             .check_positions(longest, "the sequence (prompt and generated tokens)")
             .map_err(candle_core::Error::msg)?;
-        // Columns before a row's start get position 0; what they compute is never seen.
         let positions: Vec<u32> =
-            start.iter().flat_map(|&s| (col..col + t).map(move |c| c.saturating_sub(s) as u32)).collect();
+            spans.iter().flat_map(|s| (col..col + t).map(move |c| s.position(c) as u32)).collect();
         let rope = self.rope.at(&Tensor::from_vec(positions, (b, t), self.device())?, longest)?;
-        let mask = attention_mask(t, (first, col), &start, self.device())?;
+        let mask = attention_mask(t, (first, col), &spans, self.device())?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         for (layer, block) in self.layers.iter().enumerate() {
             let kv = (&mut *cache, layer, first);

@@ -4,10 +4,13 @@
 //! Every row's next token lands in the same column (`len`). A row's own tokens run from its `start` column
 //! to `len`: a batch of prompts of different lengths is left-padded to a common width, and a row that takes
 //! a new prompt while the others decode ([`KvCache::admit`]) gets the prompt's keys right-aligned to `len`.
-//! Row `r`'s token in column `c` has RoPE position `c - start[r]` and attends to no column before
-//! `start[r]` (padding, or a previous prompt's), so each row computes what it would compute alone.
-//! The columns before every row's start are dropped when the buffer is full ([`KvCache::reserve`]), so a
-//! long evaluation runs in a buffer of fixed size.
+//! A row may also skip one run of columns after its start, its gap: prompts that begin with the same
+//! tokens (the chat template's system prompt) share that prefix's keys, computed once
+//! ([`KvCache::from_prefix`]), and each row's own rest is left-padded after it. A row's token in column
+//! `c` has as RoPE position its index among the row's own tokens and attends to none of the columns it
+//! skips (padding, or a previous prompt's), so each row computes what it would compute alone. The columns
+//! before every row's start are dropped when the buffer is full ([`KvCache::reserve`]), so a long
+//! evaluation runs in a buffer of fixed size.
 
 use candle_core::{Device, Result, Tensor};
 
@@ -16,8 +19,52 @@ use crate::config::ModelConfig;
 /// Columns a buffer without a set capacity grows by.
 const GROW: usize = 512;
 
-/// A row that holds no prompt: it attends only to its own newest column, and no row's window waits for it.
-const RETIRED: usize = usize::MAX;
+/// The columns a row's own tokens take: from `start` on, except the `gap_len` columns from `gap` (the
+/// padding between a prefix shared by the batch and the row's own rest; none when `gap_len` is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Span {
+    pub start: usize,
+    pub gap: usize,
+    pub gap_len: usize,
+}
+
+impl Span {
+    /// A row whose own tokens start at column `start`.
+    fn starting_at(start: usize) -> Self {
+        Self { start, gap: start, gap_len: 0 }
+    }
+
+    /// A row that holds no prompt: it attends only to its own newest column, and no row's window waits for
+    /// it.
+    const RETIRED: Span = Span { start: usize::MAX, gap: usize::MAX, gap_len: 0 };
+
+    pub fn is_retired(&self) -> bool {
+        self.start == usize::MAX
+    }
+
+    /// Whether column `c` is none of the row's own (before its start, or in its gap).
+    fn hides(&self, c: usize) -> bool {
+        c < self.start || (self.gap..self.gap + self.gap_len).contains(&c)
+    }
+
+    /// The RoPE position of the row's token in column `c`: its index among the row's own tokens (0 for a
+    /// column the row hides).
+    pub fn position(&self, c: usize) -> usize {
+        match self.hides(c) {
+            true => 0,
+            false if c >= self.gap + self.gap_len => c - self.start - self.gap_len,
+            false => c - self.start,
+        }
+    }
+
+    /// The span moved by `to - from` columns.
+    fn moved(self, from: usize, to: usize) -> Self {
+        match self.is_retired() {
+            true => self,
+            false => Self { start: self.start - from + to, gap: self.gap - from + to, ..self },
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -27,9 +74,9 @@ pub struct KvCache {
     len: usize,
     /// Columns the first forward allocates (at least what it needs).
     capacity: usize,
-    /// The first column of each row's own tokens ([`RETIRED`] for a row without a prompt); empty means 0 for
-    /// every row.
-    start: Vec<usize>,
+    /// The columns of each row's own tokens ([`Span::RETIRED`] for a row without a prompt); empty means all
+    /// columns for every row.
+    rows: Vec<Span>,
 }
 
 impl KvCache {
@@ -40,7 +87,35 @@ impl KvCache {
 
     /// A cache for a batch whose row `r` starts with `pad[r]` padding tokens.
     pub fn left_padded(cfg: &ModelConfig, pad: Vec<usize>) -> Self {
-        Self { layers: vec![None; cfg.num_hidden_layers], len: 0, capacity: 0, start: pad }
+        Self::of_rows(cfg, pad.into_iter().map(Span::starting_at).collect())
+    }
+
+    fn of_rows(cfg: &ModelConfig, rows: Vec<Span>) -> Self {
+        Self { layers: vec![None; cfg.num_hidden_layers], len: 0, capacity: 0, rows }
+    }
+
+    /// A cache for a batch of prompts that begin with the tokens `prefix` holds (one row, after one forward
+    /// over them): each row starts with a copy of those columns, then `pad[r]` padding columns before the
+    /// row's own rest, which the next forward runs. Room for `columns` columns, as
+    /// [`KvCache::with_capacity`].
+    pub fn from_prefix(cfg: &ModelConfig, prefix: &KvCache, pad: &[usize], columns: usize) -> Result<Self> {
+        let shared = prefix.len;
+        let rows = pad.iter().map(|&p| Span { start: 0, gap: shared, gap_len: p }).collect();
+        let mut cache = Self::of_rows(cfg, rows).with_capacity(columns.max(shared));
+        for (layer, source) in prefix.layers.iter().enumerate() {
+            let Some((k, v)) = source else { candle_core::bail!("a prefix cache before its forward") };
+            let copies = |t: &Tensor| -> Result<Tensor> {
+                let one = t.narrow(0, 0, 1)?.narrow(2, 0, shared)?;
+                Tensor::cat(&vec![&one; pad.len()], 0)
+            };
+            let (k, v) = (copies(k)?, copies(v)?);
+            cache.resize(layer, &k, cache.capacity, 0)?;
+            let (kb, vb) = cache.layers[layer].as_ref().expect("allocated above");
+            kb.slice_set(&k, 2, 0)?;
+            vb.slice_set(&v, 2, 0)?;
+        }
+        cache.len = shared;
+        Ok(cache)
     }
 
     /// The same cache with room for `columns` columns allocated at once (a generation's prompt and answer),
@@ -58,14 +133,15 @@ impl KvCache {
         self.len == 0
     }
 
-    /// The number of columns row `row`'s own tokens take (its prompt and answer so far); 0 for a retired row.
+    /// The number of row `row`'s own tokens (its prompt and answer so far); 0 for a retired row.
     pub fn row_len(&self, row: usize) -> usize {
-        self.len.saturating_sub(self.start.get(row).copied().unwrap_or(0))
+        let span = self.rows.get(row).copied().unwrap_or(Span::starting_at(0));
+        self.len.saturating_sub(span.start).saturating_sub(span.gap_len)
     }
 
     /// The first column any row attends to.
     fn window_start(&self) -> usize {
-        self.start.iter().copied().min().unwrap_or(0).min(self.len)
+        self.rows.iter().map(|r| r.start).min().unwrap_or(0).min(self.len)
     }
 
     /// Columns the buffers hold (0 before the first forward).
@@ -73,15 +149,15 @@ impl KvCache {
         self.layers.iter().flatten().next().map_or(Ok(0), |(k, _)| k.dim(2))
     }
 
-    /// Each of `rows` rows' start column, for a forward of a batch of `rows`.
-    pub(super) fn starts(&mut self, rows: usize) -> Result<Vec<usize>> {
-        if self.start.is_empty() {
-            self.start = vec![0; rows];
+    /// Each of `rows` rows' columns, for a forward of a batch of `rows`.
+    pub(super) fn spans(&mut self, rows: usize) -> Result<Vec<Span>> {
+        if self.rows.is_empty() {
+            self.rows = vec![Span::starting_at(0); rows];
         }
-        if self.start.len() != rows {
-            candle_core::bail!("the cache holds {} rows, the batch has {rows}", self.start.len());
+        if self.rows.len() != rows {
+            candle_core::bail!("the cache holds {} rows, the batch has {rows}", self.rows.len());
         }
-        Ok(self.start.clone())
+        Ok(self.rows.clone())
     }
 
     /// Makes room for `t` more columns without growing where dropping the columns before every row's start
@@ -146,8 +222,8 @@ impl KvCache {
             k.slice_set(&kept_k, 2, to)?;
             v.slice_set(&kept_v, 2, to)?;
         }
-        for s in self.start.iter_mut().filter(|s| **s != RETIRED) {
-            *s = *s - from + to;
+        for r in self.rows.iter_mut() {
+            *r = r.moved(from, to);
         }
         self.len = to + n;
         Ok(())
@@ -155,18 +231,18 @@ impl KvCache {
 
     /// Frees row `row`: it no longer holds a prompt, and what it computes is never seen.
     pub fn retire(&mut self, row: usize) {
-        if let Some(s) = self.start.get_mut(row) {
-            *s = RETIRED;
+        if let Some(r) = self.rows.get_mut(row) {
+            *r = Span::RETIRED;
         }
     }
 
     /// Keeps the first `columns` columns of a one-row cache as the start of its next prompt (a conversation's
     /// next turn, whose prompt begins with those tokens) and forgets the rest.
     pub fn reuse_prefix(&mut self, columns: usize) -> Result<()> {
-        if self.start.len() != 1 {
-            candle_core::bail!("only a one-row cache is reused, this one has {} rows", self.start.len());
+        if self.rows.len() != 1 || self.rows[0].gap_len > 0 {
+            candle_core::bail!("only a one-row cache without a gap is reused");
         }
-        self.start = vec![0];
+        self.rows = vec![Span::starting_at(0)];
         self.len = self.len.min(columns);
         Ok(())
     }
@@ -179,7 +255,7 @@ impl KvCache {
             let index = index.to_device(layer.0.device())?;
             *layer = (layer.0.index_select(&index, 0)?, layer.1.index_select(&index, 0)?);
         }
-        self.start = rows.iter().map(|&r| self.start[r]).collect();
+        self.rows = rows.iter().map(|&r| self.rows[r]).collect();
         Ok(())
     }
 
@@ -188,8 +264,8 @@ impl KvCache {
     /// already here. The rows taken are retired first; if `prefill` is wider than this cache, this one's
     /// columns move right to make room.
     pub fn admit(&mut self, rows: &[usize], prefill: &KvCache) -> Result<()> {
-        if rows.len() != prefill.start.len() {
-            candle_core::bail!("{} rows for the {} prompts of the prefill", rows.len(), prefill.start.len());
+        if rows.len() != prefill.rows.len() {
+            candle_core::bail!("{} rows for the {} prompts of the prefill", rows.len(), prefill.rows.len());
         }
         rows.iter().for_each(|&r| self.retire(r));
         let w = prefill.len;
@@ -208,33 +284,34 @@ impl KvCache {
             }
         }
         for (i, &r) in rows.iter().enumerate() {
-            self.start[r] = self.len - w + prefill.start.get(i).copied().unwrap_or(0);
+            self.rows[r] = prefill.rows[i].moved(0, self.len - w);
         }
         Ok(())
     }
 }
 
 /// Additive mask `[batch, 1, t, len + t - first]` for `t` new columns after `len` cached ones, over the
-/// columns from `first`: the query in column `q` of row `r` sees key column `k` when `k <= q` (causal) and
-/// both or neither come before the row's start (`start[r]`). Queries before the start (padding) see only
-/// such columns, so no softmax row is all `-inf` (which would make NaNs that reach real rows through
-/// `0 * NaN`). None when nothing is hidden: one new column and every row starting at `first`.
+/// columns from `first`: the query in column `q` of a row sees key column `k` when `k <= q` (causal) and
+/// the row hides both or neither ([`Span`]: before its start, or in its gap). Queries the row hides
+/// (padding) see only such columns, so no softmax row is all `-inf` (which would make NaNs that reach real
+/// rows through `0 * NaN`). None when nothing is hidden: one new column and every row's own tokens
+/// taking every column from `first`.
 pub(super) fn attention_mask(
     t: usize,
     (first, len): (usize, usize),
-    start: &[usize],
+    rows: &[Span],
     device: &Device,
 ) -> Result<Option<Tensor>> {
-    if t == 1 && start.iter().all(|&s| s <= first || s == RETIRED) {
+    if t == 1 && rows.iter().all(|r| r.is_retired() || (r.start <= first && r.gap_len == 0)) {
         return Ok(None);
     }
-    let mask: Vec<f32> = start
+    let mask: Vec<f32> = rows
         .iter()
-        .flat_map(|&s| {
+        .flat_map(|r| {
             (len..len + t).flat_map(move |q| {
-                (first..len + t).map(move |k| if k <= q && (k < s) == (q < s) { 0.0 } else { f32::NEG_INFINITY })
+                (first..len + t).map(move |k| if k <= q && r.hides(k) == r.hides(q) { 0.0 } else { f32::NEG_INFINITY })
             })
         })
         .collect();
-    Tensor::from_vec(mask, (start.len(), 1, t, len + t - first), device).map(Some)
+    Tensor::from_vec(mask, (rows.len(), 1, t, len + t - first), device).map(Some)
 }
