@@ -403,6 +403,25 @@ fn tiny_model(seed: u64) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// The tiny model of `tiny_model(5)` on the CPU, its tokenizer and Bessie's template (the directory kept
+/// alive with them).
+fn chat_model() -> (tempfile::TempDir, bessie::model::BitNet, Tokenizer, ChatTemplate) {
+    let (d, dir) = tiny_model(5);
+    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    (d, model, Tokenizer::from_dir(&dir).unwrap(), ChatTemplate::bessie(None))
+}
+
+/// The logits `[rows][vocab]` after the last column of a forward's hidden states `[rows, t, hidden]`.
+fn last_logits(model: &bessie::model::BitNet, hidden: Tensor) -> Vec<Vec<f32>> {
+    let last = hidden.narrow(1, hidden.dim(1).unwrap() - 1, 1).unwrap().squeeze(1).unwrap();
+    model.logits(&last).unwrap().to_vec2().unwrap()
+}
+
+/// The largest difference between two rows of logits.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
 const QUESTIONS: [&str; 7] = [
     "Moo?",
     "What do cows eat in winter when the grass is covered by snow?",
@@ -419,26 +438,24 @@ const QUESTIONS: [&str; 7] = [
 /// only, and the int8 activation codes absorb the rounding differences.)
 #[test]
 fn padded_batch_forward_equals_each_row_alone() {
-    let (_d, dir) = tiny_model(5);
-    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    let (_d, model, _, _) = chat_model();
     let rows: [&[u32]; 3] = [&[1, 50, 60, 70, 80, 90, 100], &[1, 7], &[1, 300, 301, 302]];
     let width = rows.iter().map(|r| r.len()).max().unwrap();
     let padded: Vec<u32> =
         rows.iter().flat_map(|r| std::iter::repeat_n(0, width - r.len()).chain(r.iter().copied())).collect();
     let mut cache = KvCache::left_padded(&model.cfg, rows.iter().map(|r| width - r.len()).collect());
-    let last = |h: Tensor| model.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap().squeeze(1).unwrap()).unwrap();
+    let last = |h: Tensor| last_logits(&model, h);
     let x = Tensor::from_vec(padded, (rows.len(), width), &Device::Cpu).unwrap();
-    let prefill: Vec<Vec<f32>> = last(model.forward(&x, &mut cache).unwrap()).to_vec2().unwrap();
+    let prefill = last(model.forward(&x, &mut cache).unwrap());
     let next = Tensor::new(&[[5u32], [6], [7]], &Device::Cpu).unwrap();
-    let step: Vec<Vec<f32>> = last(model.forward(&next, &mut cache).unwrap()).to_vec2().unwrap();
+    let step = last(model.forward(&next, &mut cache).unwrap());
     for (r, ids) in rows.iter().enumerate() {
         let mut alone = KvCache::new(&model.cfg);
         let x = Tensor::new(*ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let first: Vec<Vec<f32>> = last(model.forward(&x, &mut alone).unwrap()).to_vec2().unwrap();
+        let first = last(model.forward(&x, &mut alone).unwrap());
         let x = Tensor::new(&[[5 + r as u32]], &Device::Cpu).unwrap();
-        let second: Vec<Vec<f32>> = last(model.forward(&x, &mut alone).unwrap()).to_vec2().unwrap();
-        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        let (d1, d2) = (diff(&first[0], &prefill[r]), diff(&second[0], &step[r]));
+        let second = last(model.forward(&x, &mut alone).unwrap());
+        let (d1, d2) = (max_diff(&first[0], &prefill[r]), max_diff(&second[0], &step[r]));
         assert!(d1 < 1e-5 && d2 < 1e-5, "row {r}: logits differ by {d1:e} after the prompt, {d2:e} after a step");
     }
 }
@@ -449,11 +466,10 @@ fn padded_batch_forward_equals_each_row_alone() {
 /// dropped (the columns move left). Logits after each prefill and each step, to 1e-5.
 #[test]
 fn a_refilled_cache_equals_each_prompt_alone() {
-    let (_d, dir) = tiny_model(5);
-    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    let (_d, model, _, _) = chat_model();
     let cfg = &model.cfg;
     let dev = Device::Cpu;
-    let last = |h: Tensor| model.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap().squeeze(1).unwrap()).unwrap();
+    let last = |h: Tensor| last_logits(&model, h);
     // Each prompt alone: its cache and the logits after each token fed so far.
     struct Alone {
         cache: KvCache,
@@ -462,23 +478,22 @@ fn a_refilled_cache_equals_each_prompt_alone() {
     let alone = |ids: &[u32]| {
         let mut cache = KvCache::new(cfg);
         let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-        let logits = last(model.forward(&x, &mut cache).unwrap()).get(0).unwrap().to_vec1().unwrap();
+        let logits = last(model.forward(&x, &mut cache).unwrap()).remove(0);
         Alone { cache, logits }
     };
     let feed = |a: &mut Alone, id: u32| {
         let x = Tensor::new(&[[id]], &dev).unwrap();
-        a.logits = last(model.forward(&x, &mut a.cache).unwrap()).get(0).unwrap().to_vec1().unwrap();
+        a.logits = last(model.forward(&x, &mut a.cache).unwrap()).remove(0);
     };
-    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     let check = |what: &str, batched: &[f32], a: &Alone| {
-        let d = diff(batched, &a.logits);
+        let d = max_diff(batched, &a.logits);
         assert!(d < 1e-5, "{what}: logits differ by {d:e}");
     };
     // A prompt prefilled alone for admission: its cache (exactly its width) and its last logits.
     let prefill = |ids: &[u32]| {
         let mut cache = KvCache::left_padded(cfg, vec![0]).with_capacity(ids.len());
         let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-        let logits: Vec<f32> = last(model.forward(&x, &mut cache).unwrap()).get(0).unwrap().to_vec1().unwrap();
+        let logits = last(model.forward(&x, &mut cache).unwrap()).remove(0);
         (cache, logits)
     };
     let (pa, pb, pd, pe): (&[u32], &[u32], &[u32], &[u32]) =
@@ -487,13 +502,13 @@ fn a_refilled_cache_equals_each_prompt_alone() {
     // Rows A and B, left-padded, in a buffer of 12 columns.
     let mut cache = KvCache::left_padded(cfg, vec![0, 5]).with_capacity(12);
     let x = Tensor::new(&[[1u32, 50, 60, 70, 80, 90, 100], [0, 0, 0, 0, 0, 1, 7]], &dev).unwrap();
-    let out: Vec<Vec<f32>> = last(model.forward(&x, &mut cache).unwrap()).to_vec2().unwrap();
+    let out = last(model.forward(&x, &mut cache).unwrap());
     let (mut a, mut b) = (alone(pa), alone(pb));
     check("A's prompt", &out[0], &a);
     check("B's prompt", &out[1], &b);
     let step = |cache: &mut KvCache, ids: [u32; 2]| -> Vec<Vec<f32>> {
         let x = Tensor::new(&[[ids[0]], [ids[1]]], &dev).unwrap();
-        last(model.forward(&x, cache).unwrap()).to_vec2().unwrap()
+        last(model.forward(&x, cache).unwrap())
     };
     let out = step(&mut cache, [5, 6]);
     feed(&mut a, 5);
@@ -537,17 +552,14 @@ fn a_refilled_cache_equals_each_prompt_alone() {
 /// beside a row mid-answer, to 1e-5.
 #[test]
 fn a_shared_prefix_equals_each_prompt_alone() {
-    let (_d, dir) = tiny_model(5);
-    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
+    let (_d, model, _, _) = chat_model();
     let cfg = &model.cfg;
     let dev = Device::Cpu;
-    let last = |h: Tensor| -> Vec<Vec<f32>> {
-        model.logits(&h.narrow(1, h.dim(1).unwrap() - 1, 1).unwrap().squeeze(1).unwrap()).unwrap().to_vec2().unwrap()
-    };
+    let last = |h: Tensor| last_logits(&model, h);
     let run = |ids: &[u32], cache: &mut KvCache| {
         last(model.forward(&Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap(), cache).unwrap())
     };
-    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let diff = max_diff;
     let prefix: Vec<u32> = (20..31).collect();
     let (a_own, b_own): (&[u32], &[u32]) = (&[40, 41, 42], &[50, 51, 52, 53, 54, 55]);
     let mut shared = KvCache::new(cfg);
@@ -602,10 +614,7 @@ fn a_shared_prefix_equals_each_prompt_alone() {
 #[test]
 fn a_conversation_reuses_its_cache_and_answers_as_from_scratch() {
     use bessie::generate::Session;
-    let (_d, dir) = tiny_model(5);
-    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
-    let tok = Tokenizer::from_dir(&dir).unwrap();
-    let template = ChatTemplate::bessie(None);
+    let (_d, model, tok, template) = chat_model();
     let stop = Stop::new(&tok, &template);
     let mut session = Session::new(&model, &tok, &stop);
     let mut conversation = Vec::new();
@@ -647,10 +656,7 @@ fn a_conversation_reuses_its_cache_and_answers_as_from_scratch() {
 /// early, at EOS) and enough prompts that the cache drops columns; eval's rounds return them in order.
 #[test]
 fn continuous_batching_equals_one_at_a_time() {
-    let (_d, dir) = tiny_model(5);
-    let model = bessie::model::load(&dir, &Device::Cpu).unwrap();
-    let tok = Tokenizer::from_dir(&dir).unwrap();
-    let template = ChatTemplate::bessie(None);
+    let (_d, model, tok, template) = chat_model();
     let prompts: Vec<Vec<u32>> =
         QUESTIONS.iter().map(|q| template.prompt_ids(&tok, &[Message::new("user", q)]).unwrap()).collect();
     let stop = Stop::new(&tok, &template);
