@@ -184,12 +184,13 @@ pub fn cache_columns(prompt: usize, new: usize, context: usize, refills: bool) -
 /// Device bytes beyond the weights that generating `new` tokens each for prompts of up to `prompt` tokens,
 /// `rows` at a time with rows refilled as they finish, needs: the KV cache of every layer
 /// ([`cache_columns`]), and a prefill of `rows` prompts: its own cache and its attention scores (`[rows,
-/// heads, prompt, prompt]` as f32 scores, f32 and `dtype` probabilities).
+/// heads, chunk, prompt]` for [`PREFILL_CHUNK`] queries at a time, as f32 scores, f32 and `dtype`
+/// probabilities).
 pub fn generation_bytes(cfg: &ModelConfig, dtype: DType, rows: usize, prompt: usize, new: usize) -> u64 {
     let context = cfg.max_positions().ok().flatten().unwrap_or(usize::MAX);
     let per_column = 2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes();
     let columns = cache_columns(prompt, new, context, true) + prompt;
-    let scores = cfg.num_attention_heads * prompt * prompt * (8 + dtype.size_in_bytes());
+    let scores = cfg.num_attention_heads * prompt.min(PREFILL_CHUNK) * prompt * (8 + dtype.size_in_bytes());
     (rows * (columns * per_column + scores)) as u64
 }
 
@@ -300,6 +301,10 @@ impl<'a> Session<'a> {
 /// run): every admission is a forward of its own, whose fixed cost (the weights read once, on a GPU the
 /// kernel launches) is paid per admission, not per row, so it is shared by several rows.
 const ADMIT_WHEN_FREE: usize = 4;
+
+/// Columns a prefill runs at a time ([`BitNet::forward_last`]): its attention scores stay those of this many
+/// queries, so long prompts fit larger batches.
+const PREFILL_CHUNK: usize = 512;
 
 /// Prompts share the keys and values of the first tokens they all begin with (the chat template's system
 /// prompt) when there are at least this many: one forward over them instead of one per prompt.
@@ -576,11 +581,8 @@ impl<'a> ContinuousBatch<'a> {
 
     /// The logits `[rows, vocab]` after the last column of `x: [rows, t]`, run after `cache`'s columns.
     fn last_logits(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        let mut step = || -> Result<Tensor> {
-            let hidden = self.model.forward(x, cache)?;
-            Ok(self.model.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)?)
-        };
+        let mut step =
+            || -> Result<Tensor> { Ok(self.model.logits(&self.model.forward_last(x, cache, PREFILL_CHUNK)?)?) };
         // On the CPU the step runs on a rayon worker, so that the kernels' parallel loops (about 100 per
         // token) share its thread instead of putting this one to sleep and waking it around each.
         if self.model.device().is_cpu() {

@@ -492,6 +492,22 @@ impl BitNet {
         self.norm.forward(&x)
     }
 
+    /// Runs `ids: [batch, seq]` after the columns already in `cache` as [`BitNet::forward`] does, but `chunk`
+    /// columns at a time, and returns the final hidden states of the last column, `[batch, hidden]`:
+    /// attention's scores (`[batch, heads, chunk, columns]`) stay a chunk's, not the whole prompt's. Under
+    /// dynamic RoPE scaling, whose frequencies follow the length a forward sees, in one forward, as
+    /// transformers prefills.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache, chunk: usize) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let chunk = if self.rope.dynamic { t } else { chunk.max(1) };
+        let mut hidden = None;
+        for c0 in (0..t).step_by(chunk) {
+            hidden = Some(self.forward(&ids.narrow(1, c0, chunk.min(t - c0))?, cache)?);
+        }
+        let hidden = hidden.ok_or_else(|| candle_core::Error::msg("no columns to run"))?;
+        hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)
+    }
+
     /// Logits in f32 for hidden states `[.., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let mut dims = hidden.dims().to_vec();
