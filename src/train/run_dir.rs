@@ -111,14 +111,10 @@ impl Lock {
         let me = Holder::this_process();
         // Twice at most: a stale lock is removed once, and the second attempt races fairly with any other
         // run that removed it too (only one create_new succeeds).
+        let text = serde_json::to_vec(&me)?;
         for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut file) => {
-                    file.write_all(&serde_json::to_vec(&me)?)
-                        .and_then(|_| file.sync_all())
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    return Ok(Self { path });
-                }
+            match publish(&path, &text) {
+                Ok(()) => return Ok(Self { path }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
             }
@@ -137,7 +133,8 @@ impl Lock {
                         path.display()
                     ),
                 },
-                // Empty or damaged: a run killed between creating and writing it, unless that is happening now.
+                // Empty or damaged (a file system without hard links, killed between creating and writing
+                // it), unless that is happening now.
                 None => age.is_some_and(|a| a.as_secs() >= 10),
             };
             if !stale {
@@ -156,6 +153,28 @@ impl Lock {
             std::fs::remove_file(&path).with_context(|| format!("removing the stale lock {}", path.display()))?;
         }
         bail!("{}: another run took the lock at the same moment", path.display())
+    }
+}
+
+/// Creates the lock file `path` holding `text`, or fails with `AlreadyExists` where it exists. The file
+/// appears whole: written under a name of this process's and linked into place (a link, like `create_new`,
+/// fails where the name exists), so a run killed while taking the lock leaves no empty lock for the next
+/// run to wait out. Where the file system has no hard links, created and then written.
+fn publish(path: &Path, text: &[u8]) -> std::io::Result<()> {
+    let write = |file: &mut std::fs::File| file.write_all(text).and_then(|_| file.sync_all());
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    // A leftover of an earlier process with this pid goes first; create_new never writes through a link.
+    let _ = std::fs::remove_file(&tmp);
+    write(&mut std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            write(&mut std::fs::OpenOptions::new().write(true).create_new(true).open(path)?)
+        }
+        other => other,
     }
 }
 
