@@ -139,16 +139,18 @@ impl AdamW {
             self.abs_sums = Some(adamw(params, grads, m, v, table, self.shard.start, &s)?);
             return Ok(());
         }
-        let runs = self.runs(layout, decay);
+        let runs = layout.runs(decay);
         for start in (0..self.shard.len()).step_by(CHUNK) {
             let chunk = start..(start + CHUNK).min(self.shard.len());
             let (m_chunk, v_chunk) = self.moments.read(chunk.clone())?;
-            for &(global, local, n, decays) in &runs {
-                let (lo, hi) = (local.max(chunk.start), (local + n).min(chunk.end));
-                if lo >= hi {
+            // The chunk in the flat buffer; each run of slots that share a weight-decay setting, cut to it.
+            let (lo, hi) = (self.shard.start + chunk.start, self.shard.start + chunk.end);
+            for &(offset, len, decays) in &runs {
+                let (global, end) = (offset.max(lo), (offset + len).min(hi));
+                if global >= end {
                     continue;
                 }
-                let (global, at, n) = (global + lo - local, lo - chunk.start, hi - lo);
+                let (at, n) = (global - lo, end - global);
                 let g = (grads.narrow(0, global, n)? * grad_scale)?;
                 let m = ((m_chunk.narrow(0, at, n)? * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
                 let v = ((v_chunk.narrow(0, at, n)? * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
@@ -165,20 +167,6 @@ impl AdamW {
             self.moments.write(chunk.start, &m_chunk, &v_chunk)?;
         }
         Ok(())
-    }
-
-    /// The runs of slots that share a weight-decay setting, cut to the shard: `(offset in the flat buffer,
-    /// offset in the moments, length, decays)`.
-    fn runs(&self, layout: &ParamLayout, decay: impl Fn(usize) -> bool) -> Vec<(usize, usize, usize, bool)> {
-        let s = &self.shard;
-        layout
-            .runs(decay)
-            .into_iter()
-            .filter_map(|(offset, len, decays)| {
-                let (lo, hi) = (offset.max(s.start), (offset + len).min(s.end));
-                (lo < hi).then(|| (lo, lo - s.start, hi - lo, decays))
-            })
-            .collect()
     }
 }
 
