@@ -282,7 +282,7 @@ impl<'a> Session<'a> {
         let mut batch = ContinuousBatch::new(self.model, self.tokenizer, self.stop, &prompts, 1, max_new_tokens)?;
         if let Some((mut cache, ids)) = self.cache.take() {
             // At least the prompt's last token is run: its logits pick the first new token.
-            let shared = ids.iter().zip(prompt_ids).take_while(|(a, b)| a == b).count().min(prompt_ids.len() - 1);
+            let shared = shared_prefix(&ids, prompt_ids).min(prompt_ids.len() - 1);
             if shared > 0 {
                 cache.reuse_prefix(shared)?;
                 batch.reuse = Some((cache, shared));
@@ -377,13 +377,8 @@ impl<'a> ContinuousBatch<'a> {
         let fitting: Vec<&Vec<u32>> = prompts.iter().filter(|p| p.len() <= context).collect();
         let longest = fitting.iter().map(|p| p.len()).max().unwrap_or(0);
         // Each prompt keeps at least one token of its own: its last, whose logits pick the first new token.
-        let shared = match fitting.split_first() {
-            Some((first, rest)) if !rest.is_empty() => rest
-                .iter()
-                .map(|p| p.iter().zip(first.iter()).take_while(|(a, b)| a == b).count())
-                .chain(fitting.iter().map(|p| p.len() - 1))
-                .min()
-                .unwrap_or(0),
+        let shared = match fitting.as_slice() {
+            [first, _, ..] => fitting.iter().map(|p| shared_prefix(first, p).min(p.len() - 1)).min().unwrap_or(0),
             _ => 0,
         };
         Ok(Self {
@@ -512,8 +507,7 @@ impl<'a> ContinuousBatch<'a> {
             None => KvCache::left_padded(&self.model.cfg, pad).with_capacity(columns),
         };
         let x = Tensor::from_vec(input, (take.len(), width), self.model.device())?;
-        let logits = self.last_logits(&x, &mut prefill)?;
-        let ids = sampler.sample_batch(&logits)?;
+        let ids = sampler.sample_batch(&last_logits(self.model, &x, &mut prefill)?)?;
         let rows: Vec<usize> = match first_prefill {
             true => {
                 self.slots = (0..take.len()).map(|_| None).collect();
@@ -555,10 +549,8 @@ impl<'a> ContinuousBatch<'a> {
             return Ok(());
         }
         let x = Tensor::from_vec(self.next.clone(), (self.slots.len(), 1), self.model.device())?;
-        let mut cache = self.cache.take().expect("rows at work were prefilled");
-        let logits = self.last_logits(&x, &mut cache);
-        self.cache = Some(cache);
-        let ids = sampler.sample_batch(&logits?)?;
+        let cache = self.cache.as_mut().expect("rows at work were prefilled");
+        let ids = sampler.sample_batch(&last_logits(self.model, &x, cache)?)?;
         let secs = self.clock.elapsed().as_secs_f64();
         for (r, &id) in ids.iter().enumerate() {
             if self.slots[r].is_some() {
@@ -573,23 +565,10 @@ impl<'a> ContinuousBatch<'a> {
         if self.prefix.is_none() {
             let ids = Tensor::new(&self.prompts[i][..self.shared], self.model.device())?.unsqueeze(0)?;
             let mut cache = KvCache::new(&self.model.cfg).with_capacity(self.shared);
-            self.last_logits(&ids, &mut cache)?;
+            on_worker(self.model, || Ok(self.model.forward_last(&ids, &mut cache, PREFILL_CHUNK)?))?;
             self.prefix = Some(cache);
         }
         Ok(self.prefix.as_ref().expect("made above"))
-    }
-
-    /// The logits `[rows, vocab]` after the last column of `x: [rows, t]`, run after `cache`'s columns.
-    fn last_logits(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let mut step =
-            || -> Result<Tensor> { Ok(self.model.logits(&self.model.forward_last(x, cache, PREFILL_CHUNK)?)?) };
-        // On the CPU the step runs on a rayon worker, so that the kernels' parallel loops (about 100 per
-        // token) share its thread instead of putting this one to sleep and waking it around each.
-        if self.model.device().is_cpu() {
-            rayon::scope(|_| step())
-        } else {
-            step()
-        }
     }
 
     /// Row `r` takes token `id`, picked `secs` into the batch; it ends on a stop or at its token budget.
@@ -603,12 +582,11 @@ impl<'a> ContinuousBatch<'a> {
     ) -> Result<()> {
         let slot = self.slots[r].as_mut().expect("a row at work");
         let prompt = slot.prompt;
-        slot.row.push(self.stop, id, secs, |text| on_text(prompt, text))?;
+        slot.row.push(self.stop, id, |text| on_text(prompt, text))?;
         self.next[r] = id;
         let reason = match slot.row.stop {
-            Some((reason, _)) => Some(reason),
             None if slot.row.ids.len() >= self.max_new_tokens => Some(StopReason::MaxNewTokens),
-            None => None,
+            reason => reason,
         };
         if let Some(reason) = reason {
             self.end(r, reason, secs, ended);
@@ -635,14 +613,36 @@ impl<'a> ContinuousBatch<'a> {
     }
 }
 
-/// One row of a batch being generated: its tokens, its answer text and, once it stopped, why and when.
+/// The logits `[rows, vocab]` after the last column of `x: [rows, t]`, run after `cache`'s columns
+/// ([`PREFILL_CHUNK`] columns at a time).
+fn last_logits(model: &BitNet, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    on_worker(model, || Ok(model.logits(&model.forward_last(x, cache, PREFILL_CHUNK)?)?))
+}
+
+/// Runs `step`, a forward of `model`, where its kernels run best. On the CPU that is a rayon worker, so that
+/// the kernels' parallel loops (about 100 per token) share its thread instead of putting this one to sleep
+/// and waking it around each.
+fn on_worker<T: Send>(model: &BitNet, step: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    match model.device().is_cpu() {
+        true => rayon::scope(|_| step()),
+        false => step(),
+    }
+}
+
+/// How many first ids `a` and `b` share.
+fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// One row of a batch being generated: its tokens, its answer text and, once it stopped, why.
 struct Row<'a> {
     stream: DecodeStream<'a>,
     ids: Vec<u32>,
     text: String,
     /// Bytes of `text` already passed to `on_text`.
     emitted: usize,
-    stop: Option<(StopReason, f64)>,
+    /// Set once a stop id or the end marker ended the answer.
+    stop: Option<StopReason>,
 }
 
 impl<'a> Row<'a> {
@@ -656,11 +656,11 @@ impl<'a> Row<'a> {
         }
     }
 
-    /// Takes the next token `id`, chosen `secs` after the batch started, and streams the text it completes.
-    fn push(&mut self, stop: &Stop, id: u32, secs: f64, mut on_text: impl FnMut(&str) -> Result<()>) -> Result<()> {
+    /// Takes the next token `id` and streams the text it completes.
+    fn push(&mut self, stop: &Stop, id: u32, mut on_text: impl FnMut(&str) -> Result<()>) -> Result<()> {
         self.ids.push(id);
         if stop.ids.contains(&id) {
-            self.stop = Some((StopReason::Eos, secs));
+            self.stop = Some(StopReason::Eos);
             return Ok(());
         }
         if let Some(piece) = self.stream.push(id)? {
@@ -676,7 +676,7 @@ impl<'a> Row<'a> {
             self.emitted = end;
         }
         if marker.is_some() {
-            self.stop = Some((StopReason::EndMarker, secs));
+            self.stop = Some(StopReason::EndMarker);
         }
         Ok(())
     }
