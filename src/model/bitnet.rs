@@ -161,6 +161,15 @@ impl Stacked {
         Ok(Some(Self { weight, scales, outs }))
     }
 
+    /// On a GPU, `inputs` (the layers that read one input) stacked and `output` as a stack of one; None on
+    /// the CPU, or when a layer is packed.
+    fn on_gpu(device: &Device, inputs: &[&BitLinear], output: &BitLinear) -> Result<Option<(Self, Self)>> {
+        match device.is_cuda() {
+            true => Ok(Self::of(inputs)?.zip(Self::of(&[output])?)),
+            false => Ok(None),
+        }
+    }
+
     /// The stacked outputs `[.., sum of outputs]` for the quantized input.
     fn forward(&self, input: &Quantized) -> Result<Tensor> {
         match input {
@@ -285,11 +294,7 @@ impl Attention {
         let k = BitLinear::load(&a.pp("k_proj"), kv, h, packed)?;
         let v = BitLinear::load(&a.pp("v_proj"), kv, h, packed)?;
         let o = BitLinear::load(&a.pp("o_proj"), h, q_width, packed)?;
-        let stacked = match vb.device().is_cuda() {
-            true => Stacked::of(&[&q, &k, &v])?.zip(Stacked::of(&[&o])?),
-            false => None,
-        };
-        let weights = match stacked {
+        let weights = match Stacked::on_gpu(vb.device(), &[&q, &k, &v], &o)? {
             Some((qkv, o)) => AttnWeights::Stacked { qkv, o },
             None => AttnWeights::Each { q, k, v, o },
         };
@@ -365,11 +370,7 @@ impl Mlp {
         let gate = BitLinear::load(&m.pp("gate_proj"), i, h, packed)?;
         let up = BitLinear::load(&m.pp("up_proj"), i, h, packed)?;
         let down = BitLinear::load(&m.pp("down_proj"), h, i, packed)?;
-        let stacked = match vb.device().is_cuda() {
-            true => Stacked::of(&[&gate, &up])?.zip(Stacked::of(&[&down])?),
-            false => None,
-        };
-        let weights = match stacked {
+        let weights = match Stacked::on_gpu(vb.device(), &[&gate, &up], &down)? {
             Some((gate_up, down)) => MlpWeights::Stacked { gate_up, down },
             None => MlpWeights::Each { gate, up, down },
         };

@@ -23,9 +23,9 @@ const GROW: usize = 512;
 /// padding between a prefix shared by the batch and the row's own rest; none when `gap_len` is 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Span {
-    pub start: usize,
-    pub gap: usize,
-    pub gap_len: usize,
+    start: usize,
+    gap: usize,
+    gap_len: usize,
 }
 
 impl Span {
@@ -144,9 +144,9 @@ impl KvCache {
         self.rows.iter().map(|r| r.start).min().unwrap_or(0).min(self.len)
     }
 
-    /// Columns the buffers hold (0 before the first forward).
-    fn width(&self) -> Result<usize> {
-        self.layers.iter().flatten().next().map_or(Ok(0), |(k, _)| k.dim(2))
+    /// Columns layer `layer`'s buffers hold (0 before its first forward).
+    fn width(&self, layer: usize) -> Result<usize> {
+        self.layers[layer].as_ref().map_or(Ok(0), |(k, _)| k.dim(2))
     }
 
     /// Each of `rows` rows' columns, for a forward of a batch of `rows`.
@@ -165,7 +165,7 @@ impl KvCache {
     /// `(first, len)`.
     pub(super) fn reserve(&mut self, t: usize) -> Result<(usize, usize)> {
         let lo = self.window_start();
-        if self.len + t > self.width()? && lo > 0 {
+        if self.len + t > self.width(0)? && lo > 0 {
             self.shift(lo, 0)?;
         }
         Ok((self.window_start(), self.len))
@@ -177,8 +177,7 @@ impl KvCache {
     pub(super) fn append(&mut self, layer: usize, first: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         let need = self.len + t;
-        let width = self.layers[layer].as_ref().map_or(Ok(0), |(k, _)| k.dim(2))?;
-        if need > width {
+        if need > self.width(layer)? {
             let columns = if need <= self.capacity { self.capacity } else { need.next_multiple_of(GROW) };
             self.resize(layer, k, columns, self.len)?;
         }
@@ -211,11 +210,10 @@ impl KvCache {
     /// the buffers if they must; rows keep their own columns (their starts move with them).
     fn shift(&mut self, from: usize, to: usize) -> Result<()> {
         let n = self.len - from;
-        let width = self.width()?;
         for layer in 0..self.layers.len() {
             let Some((k, v)) = self.layers[layer].clone() else { continue };
             let (kept_k, kept_v) = (k.narrow(2, from, n)?.contiguous()?, v.narrow(2, from, n)?.contiguous()?);
-            if to + n > width {
+            if to + n > self.width(layer)? {
                 self.resize(layer, &k, (to + n).next_multiple_of(GROW), 0)?;
             }
             let (k, v) = self.layers[layer].as_ref().expect("allocated");
@@ -273,18 +271,18 @@ impl KvCache {
             let lo = self.window_start();
             self.shift(lo, lo + w - self.len)?;
         }
+        let at = self.len - w;
         for (layer, source) in self.layers.iter().zip(&prefill.layers) {
             let (Some((k, v)), Some((pk, pv))) = (layer, source) else {
                 candle_core::bail!("admitting into a cache before its first forward, or from an empty prefill")
             };
             for (i, &r) in rows.iter().enumerate() {
-                let at = self.len - w;
                 k.narrow(0, r, 1)?.slice_set(&pk.narrow(0, i, 1)?.narrow(2, 0, w)?.contiguous()?, 2, at)?;
                 v.narrow(0, r, 1)?.slice_set(&pv.narrow(0, i, 1)?.narrow(2, 0, w)?.contiguous()?, 2, at)?;
             }
         }
         for (i, &r) in rows.iter().enumerate() {
-            self.rows[r] = prefill.rows[i].moved(0, self.len - w);
+            self.rows[r] = prefill.rows[i].moved(0, at);
         }
         Ok(())
     }
