@@ -255,14 +255,23 @@ fn zero1_matches_one_rank_and_resumes_on_one_rank() {
         eprintln!("zero1 on {ranks} ranks: weight gap {gap:.2e}");
     }
 
-    let warmup = |zero1: bool| {
-        let out = root.path().join(format!("warmup-zero1-{zero1}"));
-        run_ok(&mut train(2, &out, &[&steps, "train.quant_warmup_steps=3", &format!("train.zero1={zero1}")]));
+    let warmup = |zero1: bool, step_weights: &str| {
+        let out = root.path().join(format!("warmup-zero1-{zero1}-{step_weights}"));
+        let settings = [
+            "train.quant_warmup_steps=3",
+            &format!("train.zero1={zero1}"),
+            &format!("train.step_weights={step_weights}"),
+        ];
+        run_ok(&mut train(2, &out, &[&[steps.as_str()][..], &settings[..]].concat()));
         out
     };
-    let (wz, wp) = (warmup(true), warmup(false));
+    let (wz, wp) = (warmup(true, "kept"), warmup(false, "kept"));
     let warmup_gap = weight_gap(&final_weights(&wz), &final_weights(&wp), &wz.join("base-model/model.safetensors"));
     assert!(warmup_gap < F32_GAP, "quantization warm-up: weights differ by {warmup_gap} with ZeRO-1");
+    // Per-block step weights under ZeRO-1 gather the latents each step and build each block from them.
+    let wb = warmup(true, "per_block");
+    let block_gap = weight_gap(&final_weights(&wb), &final_weights(&wp), &wb.join("base-model/model.safetensors"));
+    assert!(block_gap < F32_GAP, "per-block step weights under ZeRO-1: weights differ by {block_gap}");
 
     let zero_final = root.path().join("zero1.safetensors");
     std::fs::copy(final_weights(&zero), &zero_final).unwrap();
@@ -273,8 +282,8 @@ fn zero1_matches_one_rank_and_resumes_on_one_rank() {
     let gap = weight_gap(&final_weights(&zero), &zero_final, &zero.join("base-model").join("model.safetensors"));
     assert!(gap < F32_GAP, "final weights differ by {gap} of the change training made");
     eprintln!(
-        "zero1_matches_one_rank_and_resumes_on_one_rank: {:.1?}; warm-up gap {warmup_gap:.2e}, resumed weight \
-         gap {gap:.2e}",
+        "zero1_matches_one_rank_and_resumes_on_one_rank: {:.1?}; warm-up gap {warmup_gap:.2e} (per block \
+         {block_gap:.2e}), resumed weight gap {gap:.2e}",
         started.elapsed()
     );
 }

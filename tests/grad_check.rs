@@ -5,16 +5,17 @@
 //! 1bitLLM's, 2B4T's (relu², GQA) and the Llama layout's (no sub-norms, an untied head, a head_dim unlike
 //! hidden / heads). Attention blocks and
 //! loss chunks are small here so that both loops run several times with a partial last block. Then the
-//! recompute levels: the same flat gradient buffer, bit for bit, as keeping everything.
+//! recompute levels and per-block step weights: the same flat gradient buffer, bit for bit, as keeping
+//! everything.
 
-use bessie::config::run::Recompute;
+use bessie::config::run::{Recompute, StepWeightsPlan};
 use bessie::config::ModelConfig;
 use bessie::data::{make_batch, DataStats, Dataset, Example, Row};
 use bessie::model::arch::{Activation, Role};
 use bessie::model::init::random_weights;
 use bessie::rng::Rng;
 use bessie::train::grads::Gradients;
-use bessie::train::model::{backward, forward, BatchTensors, MemoryPlan, RopeTables, StepWeights};
+use bessie::train::model::{backward, forward, shard_abs_sums, BatchTensors, MemoryPlan, RopeTables, StepWeights};
 use bessie::train::params::ParamLayout;
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -150,7 +151,7 @@ fn reference_loss(c: &ModelConfig, p: &[Var], layout: &ParamLayout, b: &bessie::
 
 /// Attention blocks of 5 query rows and loss chunks of 7 token rows over 2 x 16 tokens.
 fn plan(recompute: Recompute) -> MemoryPlan {
-    MemoryPlan { recompute, attention_block: 5, loss_chunk: 7 }
+    MemoryPlan { recompute, attention_block: 5, loss_chunk: 7, step_weights: StepWeightsPlan::Kept }
 }
 
 /// The summed loss and the flat gradient buffer of Bessie's forward and backward.
@@ -162,7 +163,13 @@ fn explicit_grads(
     lambda: f64,
     plan: MemoryPlan,
 ) -> (f64, Tensor) {
-    let w = StepWeights::new(layout, flat, lambda, DType::F32).unwrap();
+    let w = match plan.step_weights {
+        StepWeightsPlan::Kept => StepWeights::new(layout, flat, lambda, DType::F32).unwrap(),
+        StepWeightsPlan::PerBlock => {
+            let sums = shard_abs_sums(layout, flat, 0..layout.total, DType::F32).unwrap();
+            StepWeights::per_block(layout, flat, sums, lambda, DType::F32).unwrap()
+        }
+    };
     let rope = RopeTables::new(c, b.seq, &Device::Cpu).unwrap();
     let bt = BatchTensors::new(b, &rope, DType::F32, &Device::Cpu).unwrap();
     // A buffer of NaN, as uninitialized as the GPU's: each slot's first gradient must overwrite it.
@@ -269,20 +276,27 @@ fn llama_layout_backward_equals_autograd() {
     check("tiny-llama", 2, 0.5);
 }
 
-/// Recomputation re-runs the same ops on the same inputs, so every level gives the same loss and the same
-/// gradients bit for bit (with GQA and the quantization warm-up, whose lambda the recompute must reuse).
+/// Recomputation re-runs the same ops on the same inputs, and per-block step weights are the same weights
+/// built when needed, so every level with either gives the same loss and the same gradients bit for bit (with
+/// GQA and the quantization warm-up, whose lambda the recompute must reuse; a tied head before the blocks and
+/// an untied one after them).
 #[test]
-fn recomputation_changes_no_gradient() {
-    let c = cfg("tiny", 2);
-    let layout = ParamLayout::new(&c);
-    let flat = layout.flatten(&weights(&c)).unwrap();
-    let b = batch(c.vocab_size as u32);
-    let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
-    let (loss, grads) = explicit_grads(&c, &layout, &flat, &b, 0.5, plan(Recompute::None));
-    for level in [Recompute::Attention, Recompute::Blocks] {
-        let (l, g) = explicit_grads(&c, &layout, &flat, &b, 0.5, plan(level));
-        assert_eq!(l.to_bits(), loss.to_bits(), "{level:?}: loss {l} vs {loss}");
-        let differing = bits(&g).iter().zip(bits(&grads)).filter(|(x, y)| **x != *y).count();
-        assert_eq!(differing, 0, "{level:?}: {differing} of {} gradients differ", layout.total);
+fn recomputation_and_per_block_weights_change_no_gradient() {
+    for shape in ["tiny", "tiny-llama"] {
+        let c = cfg(shape, 2);
+        let layout = ParamLayout::new(&c);
+        let flat = layout.flatten(&weights(&c)).unwrap();
+        let b = batch(c.vocab_size as u32);
+        let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let (loss, grads) = explicit_grads(&c, &layout, &flat, &b, 0.5, plan(Recompute::None));
+        for level in [Recompute::None, Recompute::Attention, Recompute::Blocks] {
+            for step_weights in [StepWeightsPlan::Kept, StepWeightsPlan::PerBlock] {
+                let (l, g) = explicit_grads(&c, &layout, &flat, &b, 0.5, MemoryPlan { step_weights, ..plan(level) });
+                let case = format!("{shape}, {level:?}, {step_weights:?}");
+                assert_eq!(l.to_bits(), loss.to_bits(), "{case}: loss {l} vs {loss}");
+                let differing = bits(&g).iter().zip(bits(&grads)).filter(|(x, y)| **x != *y).count();
+                assert_eq!(differing, 0, "{case}: {differing} of {} gradients differ", layout.total);
+            }
+        }
     }
 }

@@ -172,9 +172,10 @@ fn fixed_seed_run_is_reproducible() {
     let png = png::Decoder::new(std::fs::File::open(a.path().join("loss.png")).unwrap()).read_info().unwrap();
     assert_eq!((png.info().width, png.info().height), bessie::plot::SIZE);
 
-    // Recomputing whole blocks runs the same ops again: the same run, bit for bit.
+    // Recomputing whole blocks runs the same ops again, and per-block step weights are the same weights built
+    // when needed: the same run, bit for bit.
     let c = TempDir::new().unwrap();
-    run_ok(&mut train(c.path(), STEPS, &["train.recompute=blocks"]));
+    run_ok(&mut train(c.path(), STEPS, &["train.recompute=blocks", "train.step_weights=per_block"]));
     assert_same_weights(&final_weights(a.path()), &final_weights(c.path()));
     assert_same_metrics(&metrics(c.path()), &ma);
     // Other attention blocks and loss chunks sum in another order: the same first step to rounding (which

@@ -121,6 +121,21 @@ pub struct TrainSection {
     /// How AdamW holds its moments: `"f32"`, or `"int8"`, 8-bit codes per block of 256 values with an f32
     /// scale (`train::moments`): a quarter of the memory, for the largest models on the smallest cards.
     pub optimizer_state: OptimizerState,
+    /// Where this step's ternary weights (in the compute dtype) live: `"kept"`, all built once per optimizer
+    /// step and kept for it (fastest); or `"per_block"`, each block's built from the latents whenever its
+    /// forward or backward needs it, so that one block's exist at a time (2 bytes a parameter less on a GPU,
+    /// for about three more passes over the latents per micro-batch; the same weights and gradients).
+    pub step_weights: StepWeightsPlan,
+}
+
+/// Where the step's weights live (`train.step_weights`; `train::model::StepWeights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepWeightsPlan {
+    /// All of them for the whole step.
+    Kept,
+    /// One block's at a time, built when needed.
+    PerBlock,
 }
 
 /// How AdamW holds its moments (`train::moments`).
@@ -241,6 +256,7 @@ impl Default for TrainSection {
             check_memory: true,
             zero1: false,
             optimizer_state: OptimizerState::F32,
+            step_weights: StepWeightsPlan::Kept,
         }
     }
 }

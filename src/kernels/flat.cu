@@ -56,7 +56,7 @@ struct SlotPart {
 };
 
 // This step's weights for every slot of the flat f32 buffer at once, written to `out` (bf16, the same
-// layout).
+// layout from element `out_base` on: all of it, or one block's).
 //
 // First the partial sums of |W| over each BitLinear matrix's elements: slot k is blockIdx.y, its `parts` (gridDim.x)
 // partial sums partials[k * parts + part] (0 for the other slots, so that the partials of ranks holding disjoint
@@ -79,7 +79,8 @@ __device__ __forceinline__ bf16 step_weight(float x, float s, float inv, float l
 // (the reference: train::layers::effective_weight). Any other parameter: cast. Four elements per access
 // between the slot's first and last multiples of 4 (16 bytes in, 8 out); block 0 of the slot takes the ends.
 extern "C" __global__ void step_weights(const float* flat, const long long* slots, int n_slots,
-                                        const double* partials, int parts, float lambda, bf16* out) {
+                                        const double* partials, int parts, float lambda, bf16* out,
+                                        long long out_base) {
     SlotPart sp(slots, n_slots);
     int lo = sp.slot;
     const long long* sl = slots + SLOT_COLS * lo;
@@ -93,7 +94,8 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
         inv = 1.f / s;
     }
     const float* w = flat + first;
-    bf16* o = out + first;
+    // out_base is a multiple of 4, so o is aligned as w for the 8-byte writes.
+    bf16* o = out + (first - out_base);
     size_t head = min(n, (4 - first % 4) % 4), quads = (n - head) / 4;
     for (size_t q = part * blockDim.x + threadIdx.x; q < quads; q += blocks * blockDim.x) {
         size_t i = head + 4 * q;

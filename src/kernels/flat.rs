@@ -51,7 +51,7 @@ pub fn try_step_weights(
 /// slot's writes.
 pub fn step_weights(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], lambda: f64) -> Result<Tensor> {
     let table = SlotTable::new(flat, slots, 0..flat.elem_count(), |_| false)?;
-    step_weights_in(flat, &table, &absmean_partials(flat, &table)?, lambda)
+    step_weights_in(flat, &table, &absmean_partials(flat, &table)?, lambda, 0..flat.elem_count())
 }
 
 /// The slots as the kernels read them, for the elements of the flat buffer in a range (the whole buffer, or
@@ -108,18 +108,30 @@ pub fn absmean_partials(flat: &Tensor, table: &SlotTable) -> Result<Tensor> {
 
 /// The second launch of [`step_weights`]: this step's weights of the elements of `flat` in the table's range,
 /// each BitLinear matrix scaled by the sums of `|W|` of the whole matrix in `partials` (f64, a fixed number per
-/// slot: [`absmean_partials`]'s, or one from [`adamw`]), in a bf16 buffer laid out as `flat` whose elements
-/// outside the range are left unset (under ZeRO-1, for the other ranks to send).
-pub fn step_weights_in(flat: &Tensor, table: &SlotTable, partials: &Tensor, lambda: f64) -> Result<Tensor> {
+/// slot: [`absmean_partials`]'s, or one from [`adamw`]), in a new bf16 buffer that holds the elements `out`
+/// of `flat`'s layout (all of them, or one block's: `train.step_weights = "per_block"`), which must contain
+/// the table's range and start at a multiple of 4 (the writes go 4 elements at a time, aligned as in `flat`);
+/// its elements outside the range are left unset (under ZeRO-1, for the other ranks to send).
+pub fn step_weights_in(
+    flat: &Tensor,
+    table: &SlotTable,
+    partials: &Tensor,
+    lambda: f64,
+    out: Range<usize>,
+) -> Result<Tensor> {
+    if out.start % 4 != 0 || out.end > flat.elem_count() {
+        candle_core::bail!("step_weights_in: output range {out:?} of {} elements", flat.elem_count());
+    }
     let dev = cuda_device(flat)?;
-    let out = uninit(flat.elem_count(), DType::BF16, &dev)?;
+    let buffer = uninit(out.len(), DType::BF16, &dev)?;
     if table.blocks == 0 {
-        return Ok(out);
+        return Ok(buffer);
     }
     let parts = (partials.elem_count() / table.slots) as i32;
     launch!(dev, PTX, "step_weights", table.grid();
-        ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, parts, lambda as f32, ptr(&out)?);
-    Ok(out)
+        ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, parts, lambda as f32, ptr(&buffer)?,
+        out.start as i64);
+    Ok(buffer)
 }
 
 /// [`accumulate`] where it applies (`dst` on CUDA), else `Ok(None)`.

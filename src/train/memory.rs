@@ -5,7 +5,8 @@
 //! The estimate counts the bytes of every tensor alive at the two candidate peaks of a step:
 //!
 //! - **forward/backward**: latent f32 weights (4P), the flat f32 gradient buffer (4P), the AdamW moments
-//!   (8P in f32, 2.03P in 8-bit, divided by N under ZeRO-1 over N ranks), this step's weights in the compute dtype (eP), the activations the forward keeps
+//!   (8P in f32, 2.03P in 8-bit, divided by N under ZeRO-1 over N ranks), this step's weights in the compute
+//!   dtype (eP; per block, those outside the blocks and one block's), the activations the forward keeps
 //!   ([`saved_per_token`] for the recompute level), and the largest transient: either the loss of one
 //!   chunk at the end of the forward (its logits and their gradient, plus the head gradient) or one block's
 //!   backward (its weight gradients, the FFN backward's temporaries, one attention query block's
@@ -33,7 +34,7 @@ use candle_core::{DType, Device};
 use super::layers::flash_kernel_takes;
 use super::model::MemoryPlan;
 use super::moments::{moments_bytes, CHUNK};
-use crate::config::run::{OptimizerState, Recompute, TrainSection};
+use crate::config::run::{OptimizerState, Recompute, StepWeightsPlan, TrainSection};
 use crate::config::ModelConfig;
 
 /// The CUDA context, cuBLAS, the kernels and the pool's rounding, for the fused and the candle-op step
@@ -186,11 +187,16 @@ pub fn estimate(s: &StepShape) -> Estimate {
         OptimizerState::F32 => "AdamW moments (f32)",
         OptimizerState::Int8 => "AdamW moments (8-bit)",
     };
+    // Per block, the slots outside the blocks and one block's at a time.
+    let step_weights = match s.plan.step_weights {
+        StepWeightsPlan::Kept => e * p,
+        StepWeightsPlan::PerBlock => e * (p - layers * block_params + block_params),
+    };
     let step = [
         ("latent weights (f32)", 4.0 * p),
         ("gradient buffer (f32)", 4.0 * p),
         (moments_part, moments),
-        ("this step's weights", e * p + padded_head),
+        ("this step's weights", step_weights + padded_head),
         ("saved activations", saved),
         ("largest transient", transient),
     ];
@@ -343,7 +349,8 @@ mod tests {
     use super::*;
 
     fn shape(cfg: &ModelConfig, micro_batch: usize, seq: usize, recompute: Recompute) -> StepShape<'_> {
-        let plan = MemoryPlan { recompute, attention_block: 256, loss_chunk: 1024 };
+        let plan =
+            MemoryPlan { recompute, attention_block: 256, loss_chunk: 1024, step_weights: StepWeightsPlan::Kept };
         StepShape {
             model: cfg,
             micro_batch,

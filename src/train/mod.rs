@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointWriter, RunIdentity};
-use crate::config::run::{GradDtype, RunConfig, TrainSection};
+use crate::config::run::{GradDtype, RunConfig, StepWeightsPlan, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
 use crate::dist::{Communicator, GradReducer, Watchdog};
@@ -169,7 +169,9 @@ pub fn optimizer_shard(train: &TrainSection, comm: &Communicator, total: usize) 
 /// absmean summed over the ranks' parts of it, and the ranks exchange the shards in the compute dtype (half
 /// the bytes of exchanging the f32 latents on GPUs). Otherwise every rank builds them from the whole buffer.
 /// `sums`: the shard's sums of `|W|` where the last AdamW step left them ([`AdamW::take_abs_sums`], on GPUs),
-/// which saves a pass over the latents.
+/// which saves a pass over the latents. With `train.step_weights = "per_block"` only the scales are taken
+/// now, and the latents gathered whole under ZeRO-1 (f32, twice the bytes of the weights) for the blocks'
+/// weights to be built from when they are needed.
 fn step_weights(
     ctx: &StepContext,
     comm: &Communicator,
@@ -180,21 +182,26 @@ fn step_weights(
 ) -> Result<StepWeights> {
     let layout = &ctx.layout;
     let whole = shard.len() == layout.total;
+    let per_block = ctx.plan.step_weights == StepWeightsPlan::PerBlock;
     let sums = match sums {
         Some(sums) => sums,
-        None if whole => return StepWeights::new(layout, params, lambda, ctx.dtype),
+        None if whole && !per_block => return StepWeights::new(layout, params, lambda, ctx.dtype),
         None => model::shard_abs_sums(layout, params, shard.clone(), ctx.dtype)?,
     };
     if !whole {
         comm.sum_in_place(&sums)?;
         comm.wait_for_collectives(&ctx.device)?;
     }
+    if per_block {
+        gather_params(comm, params, shard)?;
+        return StepWeights::per_block(layout, params, sums, lambda, ctx.dtype);
+    }
     let flat = model::shard_step_weights(layout, params, shard.clone(), &sums, lambda, ctx.dtype)?;
     if !whole {
         comm.all_gather_in_place(&flat, &optim::shards(layout.total, comm.world()))?;
         comm.wait_for_collectives(&ctx.device)?;
     }
-    StepWeights::from_flat(layout, flat)
+    StepWeights::from_flat(flat)
 }
 
 /// Gives every rank the whole f32 latents: under ZeRO-1 each rank's are current in its `shard` only (the

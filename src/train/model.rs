@@ -14,41 +14,125 @@ use candle_core::{DType, Device, Tensor};
 use super::grads::Gradients;
 use super::layers::*;
 use super::params::{BlockSlots, ParamLayout};
-use crate::config::run::{Recompute, TrainSection};
+use crate::config::run::{Recompute, StepWeightsPlan, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::model::arch::{self, Activation};
 use crate::model::is_bitlinear;
 use crate::ops::quantize_weight_part;
 
-/// This step's weights in the compute dtype, laid out as the flat f32 buffer: BitLinear weights already
-/// quantized (once per optimizer step, shared by every micro-batch), norms and the embedding cast.
-/// Neighbouring matrices that read the same input (q, k, v; gate, up) are thus one matrix, for one GEMM.
-pub struct StepWeights {
+/// A stretch of this step's weights in the compute dtype: `flat` holds the elements `base..` of the flat
+/// buffer's layout.
+#[derive(Clone)]
+pub struct WeightPart {
     flat: Tensor,
-    /// Each slot's view of `flat`, in its own shape.
-    pub tensors: Vec<Tensor>,
+    base: usize,
+}
+
+impl WeightPart {
+    /// Slot `i`, which the part must hold, in its own shape.
+    pub fn slot(&self, layout: &ParamLayout, i: usize) -> Result<Tensor> {
+        let s = &layout.slots[i];
+        Ok(self.flat.narrow(0, s.offset - self.base, s.len)?.reshape(s.shape.as_slice())?)
+    }
+
+    /// The neighbouring matrices `slots`, which share their number of columns, as one: their rows stacked.
+    /// Neighbouring matrices that read the same input (q, k, v; gate, up) are thus one matrix, for one GEMM.
+    fn stacked(&self, layout: &ParamLayout, slots: RangeInclusive<usize>) -> Result<Tensor> {
+        let cols = layout.slots[*slots.start()].shape[1];
+        let r = layout.span(slots);
+        Ok(self.flat.narrow(0, r.start - self.base, r.len())?.reshape((r.len() / cols, cols))?)
+    }
+}
+
+/// This step's weights in the compute dtype: BitLinear weights quantized (once per optimizer step, shared by
+/// every micro-batch), norms and the embedding cast. `train.step_weights` says where they live:
+/// - `"kept"`: all of them, built once per step and kept for it (`e` bytes a parameter);
+/// - `"per_block"`: the slots outside the blocks (embedding, final norm, head) kept, each block's built from
+///   the latents whenever its forward or backward needs it, with the scales of the step (`sums`), so that
+///   one block's weights exist at a time: the same values for three more passes over the block's latents per
+///   micro-batch (two under `recompute = "blocks"`, whose recomputed forward and backward share them).
+pub struct StepWeights {
+    /// The whole buffer, or (per block) the slots before the blocks and those after them.
+    kept: Vec<WeightPart>,
+    per_block: Option<BlockSource>,
     /// The head padded to a multiple of 8 rows ([`Pass::head_loss`]), made by the step's first micro-batch
     /// and kept for the others.
     padded_head: std::sync::OnceLock<Tensor>,
 }
 
+/// What per-block weights are built from: the f32 latents, every BitLinear matrix's sum of `|W|` (as
+/// [`shard_abs_sums`] gives them for the whole buffer), the quantizer's strength and the compute dtype.
+struct BlockSource {
+    latents: Tensor,
+    sums: Tensor,
+    lambda: f64,
+    dtype: DType,
+}
+
 impl StepWeights {
+    /// All of them, built now from the f32 latents `flat`.
     pub fn new(layout: &ParamLayout, flat: &Tensor, lambda: f64, dtype: DType) -> Result<Self> {
-        Self::from_flat(layout, step_weights(flat, &slot_kinds(layout), lambda, dtype)?)
+        Self::from_flat(step_weights(flat, &slot_kinds(layout), lambda, dtype)?)
     }
 
     /// The step weights in `flat`, built whole or gathered from the ZeRO-1 shards ([`shard_step_weights`]).
-    pub fn from_flat(layout: &ParamLayout, flat: Tensor) -> Result<Self> {
-        let tensors = (0..layout.slots.len()).map(|i| layout.view(&flat, i)).collect::<candle_core::Result<_>>()?;
-        Ok(Self { flat, tensors, padded_head: std::sync::OnceLock::new() })
+    pub fn from_flat(flat: Tensor) -> Result<Self> {
+        Ok(Self { kept: vec![WeightPart { flat, base: 0 }], per_block: None, padded_head: Default::default() })
     }
 
-    /// The neighbouring matrices `slots`, which share their number of columns, as one: their rows stacked.
-    fn stacked(&self, layout: &ParamLayout, slots: std::ops::RangeInclusive<usize>) -> Result<Tensor> {
-        let cols = layout.slots[*slots.start()].shape[1];
-        let r = layout.span(slots);
-        Ok(self.flat.narrow(0, r.start, r.len())?.reshape((r.len() / cols, cols))?)
+    /// `train.step_weights = "per_block"`: the slots outside the blocks built now from the whole f32 latents
+    /// `latents`, the blocks' when [`StepWeights::block`] asks; `sums` are every matrix's sums of `|W|`.
+    pub fn per_block(layout: &ParamLayout, latents: &Tensor, sums: Tensor, lambda: f64, dtype: DType) -> Result<Self> {
+        let source = BlockSource { latents: latents.clone(), sums, lambda, dtype };
+        let blocks = blocks_span(layout);
+        let kept = [0..blocks.start, blocks.end..layout.total]
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| source.build(layout, r))
+            .collect::<Result<_>>()?;
+        Ok(Self { kept, per_block: Some(source), padded_head: Default::default() })
+    }
+
+    /// Slot `i` outside the blocks (any slot when the weights are kept whole).
+    pub fn slot(&self, layout: &ParamLayout, i: usize) -> Result<Tensor> {
+        let offset = layout.slots[i].offset;
+        let part = self.kept.iter().rev().find(|p| p.base <= offset).expect("the kept parts start at 0 or hold slot i");
+        part.slot(layout, i)
+    }
+
+    /// Block `l`'s weights: a view of the kept ones, or built now.
+    pub fn block(&self, layout: &ParamLayout, l: usize) -> Result<WeightPart> {
+        match &self.per_block {
+            Some(source) => source.build(layout, layout.span(layout.blocks[l].slots())),
+            None => Ok(self.kept[0].clone()),
+        }
+    }
+}
+
+impl BlockSource {
+    /// The step weights of the elements in `range`, in a buffer that starts at the multiple of 4 at or below
+    /// it (the kernels write 4 elements at a time, aligned as in the flat buffer).
+    fn build(&self, layout: &ParamLayout, range: Range<usize>) -> Result<WeightPart> {
+        let base = range.start / 4 * 4;
+        let flat = range_step_weights(
+            layout,
+            &self.latents,
+            range.clone(),
+            base..range.end,
+            &self.sums,
+            self.lambda,
+            self.dtype,
+        )?;
+        Ok(WeightPart { flat, base })
+    }
+}
+
+/// The elements of the blocks' slots, from the first block's input norm to the last one's down projection.
+fn blocks_span(layout: &ParamLayout) -> Range<usize> {
+    match (layout.blocks.first(), layout.blocks.last()) {
+        (Some(first), Some(last)) => layout.span(first.slots()).start..layout.span(last.slots()).end,
+        _ => layout.total..layout.total,
     }
 }
 
@@ -63,9 +147,10 @@ fn fused(flat: &Tensor, dtype: DType) -> bool {
     crate::kernels::on_cuda(flat) && dtype == DType::BF16
 }
 
-/// ZeRO-1's step weights, first half: the sums of `|W|` over the part inside `shard` of every BitLinear
-/// matrix (f64, 0 for the other slots; on CUDA the kernels' partial sums, several per slot). Summed over the
-/// ranks, whose shards cover the buffer once, they are the whole matrices' sums [`shard_step_weights`] takes.
+/// The sums of `|W|` over the part inside `shard` of every BitLinear matrix (f64, 0 for the other slots; on
+/// CUDA the kernels' partial sums, several per slot): ZeRO-1's step weights, first half, whose sums over the
+/// ranks (their shards cover the buffer once) are the whole matrices' sums [`shard_step_weights`] takes; and
+/// over the whole buffer, the sums per-block step weights are built with.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn shard_abs_sums(layout: &ParamLayout, flat: &Tensor, shard: Range<usize>, dtype: DType) -> Result<Tensor> {
     let slots = slot_kinds(layout);
@@ -84,9 +169,7 @@ pub fn shard_abs_sums(layout: &ParamLayout, flat: &Tensor, shard: Range<usize>, 
 }
 
 /// ZeRO-1's step weights, second half: this step's weights of the elements in `shard`, in `dtype`, in a buffer
-/// laid out as `flat` whose other elements are left for the ranks that own them. Each BitLinear matrix is
-/// [`effective_weight`] with the scale from its whole matrix's sum in `sums` (every rank's
-/// [`shard_abs_sums`], summed); the other slots are cast.
+/// laid out as `flat` whose other elements are left for the ranks that own them (see [`range_step_weights`]).
 pub fn shard_step_weights(
     layout: &ParamLayout,
     flat: &Tensor,
@@ -95,14 +178,31 @@ pub fn shard_step_weights(
     lambda: f64,
     dtype: DType,
 ) -> Result<Tensor> {
+    range_step_weights(layout, flat, shard, 0..flat.elem_count(), sums, lambda, dtype)
+}
+
+/// This step's weights of the elements of `flat` in `range`, in `dtype`, written to a new buffer that holds
+/// the elements `out` of the layout (`out` contains `range` and, on CUDA, starts at a multiple of 4); its
+/// other elements are left unset. Each BitLinear matrix is [`effective_weight`] with the scale from its whole
+/// matrix's sum in `sums` (whole-buffer or summed ZeRO-1 [`shard_abs_sums`]); the other slots are cast.
+pub fn range_step_weights(
+    layout: &ParamLayout,
+    flat: &Tensor,
+    range: Range<usize>,
+    out: Range<usize>,
+    sums: &Tensor,
+    lambda: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    assert!(out.start <= range.start && range.end <= out.end, "{out:?} holds {range:?}");
     let slots = slot_kinds(layout);
     #[cfg(feature = "cuda")]
     if fused(flat, dtype) {
-        let table = crate::kernels::flat::SlotTable::new(flat, &slots, shard, |_| false)?;
-        return Ok(crate::kernels::flat::step_weights_in(flat, &table, sums, lambda)?);
+        let table = crate::kernels::flat::SlotTable::new(flat, &slots, range, |_| false)?;
+        return Ok(crate::kernels::flat::step_weights_in(flat, &table, sums, lambda, out)?);
     }
-    let out = Tensor::zeros(flat.elem_count(), dtype, flat.device())?;
-    for (i, part) in layout.parts(shard) {
+    let buffer = Tensor::zeros(out.len(), dtype, flat.device())?;
+    for (i, part) in layout.parts(range) {
         let x = flat.narrow(0, part.start, part.len())?;
         let w = match slots[i].1 {
             Some(_) => {
@@ -111,9 +211,9 @@ pub fn shard_step_weights(
             }
             None => x,
         };
-        out.slice_set(&w.to_dtype(dtype)?, 0, part.start)?;
+        buffer.slice_set(&w.to_dtype(dtype)?, 0, part.start - out.start)?;
     }
-    Ok(out)
+    Ok(buffer)
 }
 
 /// A micro-batch on the device: token ids, targets, loss mask, per-token rotary angles and each token's
@@ -192,17 +292,24 @@ impl BatchTensors {
     }
 }
 
-/// How a step trades memory for compute: the `[train]` keys `recompute`, `attention_block`, `loss_chunk`.
+/// How a step trades memory for compute: the `[train]` keys `recompute`, `attention_block`, `loss_chunk`,
+/// `step_weights`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryPlan {
     pub recompute: Recompute,
     pub attention_block: usize,
     pub loss_chunk: usize,
+    pub step_weights: StepWeightsPlan,
 }
 
 impl MemoryPlan {
     pub fn new(train: &TrainSection) -> Self {
-        Self { recompute: train.recompute, attention_block: train.attention_block, loss_chunk: train.loss_chunk }
+        Self {
+            recompute: train.recompute,
+            attention_block: train.attention_block,
+            loss_chunk: train.loss_chunk,
+            step_weights: train.step_weights,
+        }
     }
 }
 
@@ -282,38 +389,39 @@ impl<'a> Pass<'a> {
 
     /// A block's attention from its normed, quantized input `a1`: the output heads `[b, h, t, d]` (before the
     /// sub-norm, which reads them as rows) and what attention's backward needs. q, k and v are one GEMM.
-    fn attention(&self, s: &BlockSlots, a1: &Tensor) -> Result<(Tensor, FlashSaved)> {
-        let qkv = linear_forward(a1, &self.w.stacked(self.layout, s.q..=s.v)?)?;
+    fn attention(&self, s: &BlockSlots, bw: &WeightPart, a1: &Tensor) -> Result<(Tensor, FlashSaved)> {
+        let qkv = linear_forward(a1, &bw.stacked(self.layout, s.q..=s.v)?)?;
         let (q, k, v) = qkv_heads(&qkv, self.head_shape(), &self.b.cos, &self.b.sin)?;
         Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
 
     /// A sub-norm's weight where the family has it.
-    fn sub_norm(&self, slot: Option<usize>) -> Option<&Tensor> {
-        slot.map(|i| &self.w.tensors[i])
+    fn sub_norm(&self, bw: &WeightPart, slot: Option<usize>) -> Result<Option<Tensor>> {
+        slot.map(|i| bw.slot(self.layout, i)).transpose()
     }
 
     /// o_proj's input from attention's output heads: the sub-norm where the family has one, and the
     /// quantization.
-    fn attention_out(&self, s: &BlockSlots, y: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
-        let w = self.sub_norm(s.attn_sub_norm);
-        Ok(sub_norm_quant_forward(y, None, w, self.cfg.rms_norm_eps, self.lambda)?)
+    fn attention_out(&self, s: &BlockSlots, bw: &WeightPart, y: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        let w = self.sub_norm(bw, s.attn_sub_norm)?;
+        Ok(sub_norm_quant_forward(y, None, w.as_ref(), self.cfg.rms_norm_eps, self.lambda)?)
     }
 
-    /// Block `l` on its input `x`: the block's output and what its backward needs (attention's part and
-    /// down_proj's input only when `keep_all`).
-    fn block_forward(&self, l: usize, x: &Tensor, keep_all: bool) -> Result<(Tensor, BlockSaved)> {
-        let (p, eps, lambda) = (&self.w.tensors, self.cfg.rms_norm_eps, self.lambda);
+    /// Block `l` on its input `x` with its weights `bw`: the block's output and what its backward needs
+    /// (attention's part and down_proj's input only when `keep_all`).
+    fn block_forward(&self, l: usize, bw: &WeightPart, x: &Tensor, keep_all: bool) -> Result<(Tensor, BlockSaved)> {
+        let (eps, lambda) = (self.cfg.rms_norm_eps, self.lambda);
         let s = &self.layout.blocks[l];
-        let (a1, input_norm) = rmsnorm_quant_forward(x, &p[s.input_norm], eps, lambda)?;
-        let (y, attn) = self.attention(s, &a1)?;
-        let (o, attn_sub_norm) = self.attention_out(s, &y)?;
-        let x = residual_add(x, &linear_forward(&o, &p[s.o])?)?;
+        let p = |i: usize| bw.slot(self.layout, i);
+        let (a1, input_norm) = rmsnorm_quant_forward(x, &p(s.input_norm)?, eps, lambda)?;
+        let (y, attn) = self.attention(s, bw, &a1)?;
+        let (o, attn_sub_norm) = self.attention_out(s, bw, &y)?;
+        let x = residual_add(x, &linear_forward(&o, &p(s.o)?)?)?;
 
-        let (a2, post_norm) = rmsnorm_quant_forward(&x, &p[s.post_norm], eps, lambda)?;
-        let gu = linear_forward(&a2, &self.w.stacked(self.layout, s.gate..=s.up)?)?;
-        let (h, ffn_norm) = self.ffn_inner(s, &gu)?;
-        let x = residual_add(&x, &linear_forward(&h, &p[s.down])?)?;
+        let (a2, post_norm) = rmsnorm_quant_forward(&x, &p(s.post_norm)?, eps, lambda)?;
+        let gu = linear_forward(&a2, &bw.stacked(self.layout, s.gate..=s.up)?)?;
+        let (h, ffn_norm) = self.ffn_inner(s, bw, &gu)?;
+        let x = residual_add(&x, &linear_forward(&h, &p(s.down)?)?)?;
         let (attn, ffn) = (keep_all.then_some(attn), keep_all.then_some((h, ffn_norm)));
         Ok((x, BlockSaved { input_norm, a1, attn, attn_sub_norm, o, post_norm, a2, gu, ffn }))
     }
@@ -321,48 +429,50 @@ impl<'a> Pass<'a> {
     /// down_proj's input from gate and up (the gated activation, the MLP sub-norm where the family has one,
     /// quantization) and the norm's saved statistics: one elementwise pass over `gu`, which the backward redoes
     /// unless `recompute = "none"`.
-    fn ffn_inner(&self, s: &BlockSlots, gu: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
-        let w = self.sub_norm(s.ffn_sub_norm);
-        Ok(sub_norm_quant_forward(gu, Some(self.activation), w, self.cfg.rms_norm_eps, self.lambda)?)
+    fn ffn_inner(&self, s: &BlockSlots, bw: &WeightPart, gu: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        let w = self.sub_norm(bw, s.ffn_sub_norm)?;
+        Ok(sub_norm_quant_forward(gu, Some(self.activation), w.as_ref(), self.cfg.rms_norm_eps, self.lambda)?)
     }
 
-    /// Block `l`'s backward: adds its parameters' gradients with `add` (to a slot or to neighbouring slots
-    /// that one GEMM computed) and returns the gradient at its input.
+    /// Block `l`'s backward with its weights `bw`: adds its parameters' gradients with `add` (to a slot or to
+    /// neighbouring slots that one GEMM computed) and returns the gradient at its input.
     fn block_backward(
         &self,
         l: usize,
+        bw: &WeightPart,
         sv: &BlockSaved,
         dx: Tensor,
         add: &impl Fn(RangeInclusive<usize>, &WeightGrad) -> candle_core::Result<()>,
     ) -> Result<Tensor> {
-        let (p, layout) = (&self.w.tensors, self.layout);
+        let layout = self.layout;
         let s = &layout.blocks[l];
+        let p = |i: usize| bw.slot(layout, i);
         // Each gradient is added as soon as it exists, so that what it holds (a GEMM's inputs) is freed.
         let norm = |slot: usize, g: WeightGrad| add(slot..=slot, &g);
         let recomputed_ffn;
         let (h, ffn_norm) = match &sv.ffn {
             Some((h, n)) => (h, n),
             None => {
-                recomputed_ffn = self.ffn_inner(s, &sv.gu)?;
+                recomputed_ffn = self.ffn_inner(s, bw, &sv.gu)?;
                 (&recomputed_ffn.0, &recomputed_ffn.1)
             }
         };
-        let (dhq, ddown) = linear_backward(&dx, h, &p[s.down])?;
+        let (dhq, ddown) = linear_backward(&dx, h, &p(s.down)?)?;
         add(s.down..=s.down, &ddown)?;
         // Through the MLP's sub-norm and the gate at once: the gate/up gradient.
-        let (dgu, dffn) = sub_norm_backward(&dhq, self.sub_norm(s.ffn_sub_norm), ffn_norm)?;
+        let (dgu, dffn) = sub_norm_backward(&dhq, self.sub_norm(bw, s.ffn_sub_norm)?.as_ref(), ffn_norm)?;
         if let (Some(slot), Some(g)) = (s.ffn_sub_norm, dffn) {
             norm(slot, g)?;
         }
-        let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &self.w.stacked(layout, s.gate..=s.up)?)?;
+        let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &bw.stacked(layout, s.gate..=s.up)?)?;
         add(s.gate..=s.up, &dgu_w)?;
-        let (dx, dpost) = rmsnorm_backward(&da2, &p[s.post_norm], &sv.post_norm, Some(&dx))?;
+        let (dx, dpost) = rmsnorm_backward(&da2, &p(s.post_norm)?, &sv.post_norm, Some(&dx))?;
         norm(s.post_norm, dpost)?;
 
-        let (do_, do_w) = linear_backward(&dx, &sv.o, &p[s.o])?;
+        let (do_, do_w) = linear_backward(&dx, &sv.o, &p(s.o)?)?;
         add(s.o..=s.o, &do_w)?;
         // The attention output's gradient, in its heads.
-        let (dy, dsub) = sub_norm_backward(&do_, self.sub_norm(s.attn_sub_norm), &sv.attn_sub_norm)?;
+        let (dy, dsub) = sub_norm_backward(&do_, self.sub_norm(bw, s.attn_sub_norm)?.as_ref(), &sv.attn_sub_norm)?;
         if let (Some(slot), Some(g)) = (s.attn_sub_norm, dsub) {
             norm(slot, g)?;
         }
@@ -370,15 +480,15 @@ impl<'a> Pass<'a> {
         let attn = match &sv.attn {
             Some(a) => a,
             None => {
-                recomputed = self.attention(s, &sv.a1)?.1;
+                recomputed = self.attention(s, bw, &sv.a1)?.1;
                 &recomputed
             }
         };
         let (dq, dk, dv) = flash_attention_backward(&dy, attn, &self.b.windows, self.plan.attention_block)?;
         let dqkv = qkv_heads_backward(&dq, &dk, &dv, self.head_shape(), &self.b.cos, &self.b.sin)?;
-        let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &self.w.stacked(layout, s.q..=s.v)?)?;
+        let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &bw.stacked(layout, s.q..=s.v)?)?;
         add(s.q..=s.v, &dqkv_w)?;
-        let (dx, dinput) = rmsnorm_backward(&da1, &p[s.input_norm], &sv.input_norm, Some(&dx))?;
+        let (dx, dinput) = rmsnorm_backward(&da1, &p(s.input_norm)?, &sv.input_norm, Some(&dx))?;
         norm(s.input_norm, dinput)?;
         Ok(dx)
     }
@@ -386,10 +496,11 @@ impl<'a> Pass<'a> {
     /// The embedding, every block and the final norm: the hidden rows the head reads, what was kept of each
     /// block (`keep`; nothing when `None`) and the final norm's saved statistics.
     fn trunk(&self, keep: Option<Recompute>) -> Result<(Tensor, Vec<LayerSaved>, RmsNormSaved)> {
-        let mut x = self.w.tensors[self.layout.index(arch::EMBEDDING)].index_select(&self.b.ids, 0)?;
+        let mut x = self.w.slot(self.layout, self.layout.index(arch::EMBEDDING))?.index_select(&self.b.ids, 0)?;
         let mut layers = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
-            let (next, saved) = self.block_forward(l, &x, keep == Some(Recompute::None))?;
+            let bw = self.w.block(self.layout, l)?;
+            let (next, saved) = self.block_forward(l, &bw, &x, keep == Some(Recompute::None))?;
             match keep {
                 Some(Recompute::Blocks) => layers.push(LayerSaved::Input(x)),
                 Some(_) => layers.push(LayerSaved::All(saved)),
@@ -397,8 +508,8 @@ impl<'a> Pass<'a> {
             }
             x = next;
         }
-        let (hidden, final_norm) =
-            rmsnorm_forward(&x, &self.w.tensors[self.layout.index(arch::FINAL_NORM)], self.cfg.rms_norm_eps)?;
+        let norm = self.w.slot(self.layout, self.layout.index(arch::FINAL_NORM))?;
+        let (hidden, final_norm) = rmsnorm_forward(&x, &norm, self.cfg.rms_norm_eps)?;
         Ok((hidden, layers, final_norm))
     }
 
@@ -407,7 +518,7 @@ impl<'a> Pass<'a> {
     /// gradient at `hidden`, and the head weight's gradient added into `grads` chunk by chunk.
     fn head_loss(&self, hidden: &Tensor, grads: Option<&Gradients>) -> Result<(Tensor, Option<Tensor>)> {
         let slot = head_slot(self.cfg, self.layout);
-        let head = &self.w.tensors[slot];
+        let head = &self.w.slot(self.layout, slot)?;
         let (vocab, channels) = head.dims2()?;
         // The head's rows padded to a multiple of 8: cuBLAS's fast kernels need the logits' rows aligned, and
         // vocabularies such as 32002 are not. The loss ignores the padding's logits; its gradient is dropped.
@@ -498,21 +609,20 @@ pub fn backward(
     let pass = Pass::new(cfg, layout, w, b, saved.lambda, plan)?;
     let add = |slots: RangeInclusive<usize>, g: &WeightGrad| grads.add(layout, slots, g);
     let norm = layout.index(arch::FINAL_NORM);
-    let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.tensors[norm], &saved.final_norm, None)?;
+    let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.slot(layout, norm)?, &saved.final_norm, None)?;
     add(norm..=norm, &dnorm)?;
     // What follows the blocks (the final norm, an untied head, whose gradient the forward added) is final
     // already: its sum can run under the whole backward instead of after it.
-    let blocks = match (layout.blocks.first(), layout.blocks.last()) {
-        (Some(first), Some(last)) => layout.span(first.slots()).start..layout.span(last.slots()).end,
-        _ => layout.total..layout.total,
-    };
+    let blocks = blocks_span(layout);
     done(blocks.end..layout.total)?;
     for (l, layer) in saved.layers.into_iter().enumerate().rev() {
+        // Built once for the recomputed forward and the backward.
+        let bw = w.block(layout, l)?;
         let sv = match layer {
             LayerSaved::All(sv) => sv,
-            LayerSaved::Input(x) => pass.block_forward(l, &x, true)?.1,
+            LayerSaved::Input(x) => pass.block_forward(l, &bw, &x, true)?.1,
         };
-        dx = pass.block_backward(l, &sv, dx, &add)?;
+        dx = pass.block_backward(l, &bw, &sv, dx, &add)?;
         done(layout.span(layout.blocks[l].slots()))?;
     }
     // The embedding gathers rows; its gradient scatters them back (and adds the tied head's).

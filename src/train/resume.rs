@@ -24,7 +24,7 @@ use crate::dist::Communicator;
 /// Keys that change how a run is carried out but not its trajectory; they may differ on resume.
 /// `model.path`: the weights come from the checkpoint (the tokenizer is part of the data fingerprint);
 /// `data.train`: the data is compared by content; micro-batch and accumulation: by the global batch.
-const NOT_TRAJECTORY: [&str; 13] = [
+const NOT_TRAJECTORY: [&str; 14] = [
     "model.path",
     "data.train",
     "data.dev",
@@ -38,6 +38,7 @@ const NOT_TRAJECTORY: [&str; 13] = [
     "train.loss_chunk",
     "train.check_memory",
     "train.zero1",
+    "train.step_weights",
 ];
 /// Sections that are all operational.
 const NOT_TRAJECTORY_SECTIONS: [&str; 2] = ["checkpoint", "log"];

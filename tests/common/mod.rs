@@ -54,7 +54,7 @@ pub fn sharded_step_weights(
                 .unwrap()
         })
         .collect();
-    StepWeights::from_flat(layout, Tensor::cat(&parts, 0).unwrap()).unwrap()
+    StepWeights::from_flat(Tensor::cat(&parts, 0).unwrap()).unwrap()
 }
 
 /// A pickle op by op, as torch.save writes them.
