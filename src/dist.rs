@@ -155,7 +155,8 @@ impl Communicator {
         }
     }
 
-    /// A reducer for the flat gradient buffer `grads` (f32), sending `wire` (f32 or bf16) over the network.
+    /// A reducer for the flat gradient buffer `grads` (f32 or bf16), sending `wire` (f32 or bf16) over the
+    /// network.
     /// With `owners` (ZeRO-1: each rank's shard of the buffer, in rank order), each part of a range is summed
     /// onto the rank that owns it only, and the rest of `grads` is left partial; without, onto every rank.
     pub fn grad_reducer<'a>(
@@ -226,8 +227,9 @@ pub struct GradReducer<'a> {
     wire: DType,
     /// ZeRO-1: each rank's shard of `grads`, where its parts of every range are summed.
     owners: Option<Vec<Range<usize>>>,
-    /// bf16 copies of ranges, summed in place and kept alive until the sums are done; those whose sum this
-    /// rank holds (the flag) are written back into `grads` by [`GradReducer::finish`].
+    /// Copies of ranges in the wire's dtype where it is not the buffer's, summed in place and kept alive until
+    /// the sums are done; those whose sum this rank holds (the flag) are written back into `grads` by
+    /// [`GradReducer::finish`].
     staged: Vec<(usize, Tensor, bool)>,
 }
 
@@ -256,26 +258,27 @@ impl GradReducer<'_> {
     /// Starts summing `grads[range]` onto rank `root`, or onto every rank.
     fn sum(&mut self, range: Range<usize>, root: Option<usize>) -> Result<()> {
         let part = self.grads.narrow(0, range.start, range.len())?;
-        let wire = match self.wire {
-            DType::F32 => part,
-            dtype => part.to_dtype(dtype)?,
+        let staged = self.wire != self.grads.dtype();
+        let wire = match staged {
+            false => part,
+            true => part.to_dtype(self.wire)?,
         };
         match root {
             None => self.comm.sum_in_place(&wire)?,
             Some(r) => self.comm.reduce_in_place(&wire, r)?,
         }
-        if self.wire != DType::F32 {
+        if staged {
             self.staged.push((range.start, wire, root.is_none_or(|r| r == self.comm.rank())));
         }
         Ok(())
     }
 
-    /// Waits for the sums, then writes the bf16 ones this rank holds back in f32 (the f32 ones are in place
-    /// already).
+    /// Waits for the sums, then writes the staged ones this rank holds back in the buffer's dtype (the others
+    /// are in place already).
     pub fn finish(self) -> Result<()> {
         self.comm.wait_for_collectives(self.grads.device())?;
         for (offset, staged, _) in self.staged.into_iter().filter(|s| s.2) {
-            self.grads.slice_set(&staged.to_dtype(DType::F32)?, 0, offset)?;
+            self.grads.slice_set(&staged.to_dtype(self.grads.dtype())?, 0, offset)?;
         }
         Ok(())
     }

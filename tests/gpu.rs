@@ -505,18 +505,27 @@ mod fused {
         let got =
             bessie::kernels::flat::sum_squares(&part.to_device(&dev).unwrap()).unwrap().to_scalar::<f64>().unwrap();
         assert!((got - want).abs() <= 1e-9 * want, "sum of squares {got} vs {want}");
+        // A bf16 gradient buffer (train.grad_buffer): its own kernel, the same sum of its values.
+        let part = part.to_dtype(DType::BF16).unwrap();
+        let want: f64 = values(&part).iter().map(|x| x * x).sum();
+        let got =
+            bessie::kernels::flat::sum_squares(&part.to_device(&dev).unwrap()).unwrap().to_scalar::<f64>().unwrap();
+        assert!((got - want).abs() <= 1e-9 * want, "bf16 sum of squares {got} vs {want}");
 
         let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
         let p0 = randn(&[layout.total], DType::F32).to_device(&Device::Cpu).unwrap();
         let gs: Vec<Tensor> = (0..3).map(|k| (randn(&[layout.total], DType::F32) * (k + 1) as f64).unwrap()).collect();
-        // The whole buffer, and a ZeRO-1 shard that starts off the 16-byte grid (the kernel's scalar path).
-        for shard in [0..layout.total, 3..layout.total - 5] {
+        // The whole buffer, and a ZeRO-1 shard that starts off the 16-byte grid (the kernel's scalar path); f32
+        // and bf16 gradients (train.grad_buffer).
+        let cases = [DType::F32, DType::BF16].map(|d| [(d, 0..layout.total), (d, 3..layout.total - 5)]).concat();
+        for (grad_dtype, shard) in cases {
             let replay = |device: &Device| {
                 // A copy: on the CPU `to_device` shares the storage the update writes into.
                 let p = p0.to_device(device).unwrap().copy().unwrap();
                 let mut adam = AdamW::zeros(shard.clone(), OptimizerState::F32, device).unwrap();
                 for g in &gs {
-                    adam.step(&p, &g.to_device(device).unwrap(), &layout, 1e-2, &h, 0.37).unwrap();
+                    let g = g.to_dtype(grad_dtype).unwrap().to_device(device).unwrap();
+                    adam.step(&p, &g, &layout, 1e-2, &h, 0.37).unwrap();
                 }
                 let sums = adam.take_abs_sums();
                 let (m, v) = adam.moments.to_f32().unwrap();
@@ -526,7 +535,7 @@ mod fused {
             let (pg, mg, vg, sums) = replay(&dev);
             let update = |p: &Tensor| (p.to_device(&Device::Cpu).unwrap() - &p0).unwrap();
             let (ep, em, ev) = (rel_l2(&update(&pg), &update(&pc)), rel_l2(&mg, &mc), rel_l2(&vg, &vc));
-            println!("adamw {shard:?}: update rel L2 {ep:.2e}, m {em:.2e}, v {ev:.2e}");
+            println!("adamw {grad_dtype:?} gradients, {shard:?}: update rel L2 {ep:.2e}, m {em:.2e}, v {ev:.2e}");
             assert!(ep < 1e-5 && em < 1e-6 && ev < 1e-6);
             // The sums of |W| the kernel took as it wrote the new weights: those of the shard's part of each
             // BitLinear matrix (0 for the other slots), which the next step weights take.
@@ -794,7 +803,7 @@ fn training_step_matches_cpu_f32() {
         loss_chunk: 1024,
         step_weights: StepWeightsPlan::Kept,
     };
-    let step = |dev: &Device, dtype: DType, plan: MemoryPlan| -> (f64, Vec<f32>) {
+    let step = |dev: &Device, dtype: DType, plan: MemoryPlan, buffer: DType| -> (f64, Vec<f32>) {
         let flat = flat.to_device(dev).unwrap();
         let w = match plan.step_weights {
             StepWeightsPlan::Kept => StepWeights::new(&layout, &flat, 1.0, dtype).unwrap(),
@@ -806,15 +815,16 @@ fn training_step_matches_cpu_f32() {
         let rope = RopeTables::new(&c, b.seq, dev).unwrap();
         let bt = BatchTensors::new(&b, &rope, dtype, dev).unwrap();
         // Uninitialized on the GPU, as the step's: every slot's first gradient overwrites it.
-        let grads = Gradients::new(&layout, dev).unwrap();
+        let grads = Gradients::new(&layout, dev, buffer).unwrap();
         let (loss, saved) = forward(&c, &layout, &w, &bt, 1.0, plan, &grads).unwrap();
         backward(&c, &layout, &w, &bt, plan, saved, &grads, &mut |_| Ok(())).unwrap();
         grads.settle(&layout, 0..layout.total).unwrap();
-        (loss.to_scalar::<f64>().unwrap(), grads.tensor().to_device(&Device::Cpu).unwrap().to_vec1().unwrap())
+        let g = grads.tensor().to_dtype(DType::F32).unwrap();
+        (loss.to_scalar::<f64>().unwrap(), g.to_device(&Device::Cpu).unwrap().to_vec1().unwrap())
     };
-    let (loss_ref, g_ref) = step(&Device::Cpu, DType::F32, kept);
+    let (loss_ref, g_ref) = step(&Device::Cpu, DType::F32, kept, DType::F32);
     let gpu = Device::new_cuda(0).expect("a CUDA device");
-    let (loss, g) = step(&gpu, DType::BF16, kept);
+    let (loss, g) = step(&gpu, DType::BF16, kept, DType::F32);
     let rel = |g: &[f32], g_ref: &[f32]| {
         let num: f64 = g.iter().zip(g_ref).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
         (num / g_ref.iter().map(|b| (*b as f64).powi(2)).sum::<f64>()).sqrt()
@@ -825,8 +835,14 @@ fn training_step_matches_cpu_f32() {
     // Per-block weights are the same bf16 weights in smaller buffers: only cuBLAS's choice of kernel for
     // another alignment may round differently.
     let per_block = MemoryPlan { step_weights: StepWeightsPlan::PerBlock, ..kept };
-    let (loss_pb, g_pb) = step(&gpu, DType::BF16, per_block);
+    let (loss_pb, g_pb) = step(&gpu, DType::BF16, per_block, DType::F32);
     let (el, eg) = ((loss_pb - loss).abs() / loss, rel(&g_pb, &g));
     println!("per-block step weights: loss {loss_pb:.6} vs {loss:.6} (rel {el:.2e}), gradient rel L2 {eg:.2e}");
     assert!(el < 1e-4 && eg < 1e-3, "per block: loss rel {el}, gradient rel L2 {eg}");
+    // A bf16 gradient buffer: every GEMM, norm, embedding and addition kernel writing into it; each element
+    // rounded to bf16 once per addition (2^-9 relative), against the f32 buffer on the same card.
+    let (loss_b, g_b) = step(&gpu, DType::BF16, kept, DType::BF16);
+    let eg = rel(&g_b, &g);
+    println!("bf16 gradient buffer: gradient rel L2 {eg:.2e} against the f32 buffer");
+    assert!(loss_b == loss && eg < 5e-3, "bf16 buffer: loss {loss_b} vs {loss}, gradient rel L2 {eg}");
 }

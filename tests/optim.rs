@@ -93,6 +93,29 @@ fn adamw_grad_scale_equals_scaled_gradients() {
     assert_ne!(a, run([(&g, 1.0), (&g, 1.0)]), "the scale must change the update");
 }
 
+/// A bf16 gradient buffer (`train.grad_buffer`) feeds AdamW its values widened: the step equals the step
+/// with those values in f32, with either moments, and the gradient norm is theirs.
+#[test]
+fn adamw_takes_bf16_gradients_as_their_f32_values() {
+    use candle_core::DType;
+    let layout = ParamLayout::from_shapes(vec![("model.layers.0.mlp.up_proj.weight".into(), vec![4, 8])]);
+    let h = AdamWHyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_norms_and_embeddings: false };
+    let g = Tensor::randn(0f32, 1.0, 32, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let widened = g.to_dtype(DType::F32).unwrap();
+    for state in [OptimizerState::F32, OptimizerState::Int8] {
+        let run = |g: &Tensor| {
+            let p = Tensor::ones(32, DType::F32, &Device::Cpu).unwrap();
+            let mut adam = AdamW::zeros(0..32, state, &Device::Cpu).unwrap();
+            for _ in 0..2 {
+                adam.step(&p, g, &layout, 1e-2, &h, 0.5).unwrap();
+            }
+            p.to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(run(&g), run(&widened), "{state:?}");
+    }
+    assert_eq!(grad_norm(&g, &layout).unwrap(), grad_norm(&widened, &layout).unwrap());
+}
+
 /// Runs of slots that share a flag cover the buffer in order, each as long as its slots together.
 #[test]
 fn layout_runs_group_neighbouring_slots() {

@@ -94,8 +94,12 @@ pub struct TrainSection {
     pub seed: u64,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// The dtype gradients are all-reduced in.
+    /// The dtype gradients are all-reduced in (bf16 whenever the buffer is).
     pub grad_dtype: GradDtype,
+    /// The dtype of the step's gradient buffer on the device, where each layer's gradient is summed (in f32,
+    /// then stored): `"f32"`, or `"bf16"`, half the bytes (2 a parameter instead of 4, for the largest models
+    /// on the smallest cards), each micro-batch's sum rounded to bf16 as a bf16 all-reduce rounds it.
+    pub grad_buffer: GradDtype,
     /// With several ranks: seconds without a finished optimizer step (or checkpoint, or dev loss) after
     /// which a rank ends the job, so a hung rank cannot hang the others forever; 0 turns it off.
     pub step_timeout: u64,
@@ -193,6 +197,15 @@ pub enum GradDtype {
     Bf16,
 }
 
+impl GradDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
@@ -249,6 +262,7 @@ impl Default for TrainSection {
             seed: 42,
             device: "auto".into(),
             grad_dtype: GradDtype::F32,
+            grad_buffer: GradDtype::F32,
             step_timeout: 900,
             recompute: Recompute::None,
             attention_block: 1024,

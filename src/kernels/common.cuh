@@ -10,6 +10,20 @@ __device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16(x); }
 // The value a cast to bf16 and back gives: fused kernels round where the unfused ops stored bf16.
 __device__ __forceinline__ float round_bf16(float x) { return f32(to_bf16(x)); }
 
+// An element of the gradient buffer, f32 or bf16 (train.grad_buffer), read as f32 and written from f32.
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const bf16* p) { return f32(*p); }
+__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f32(bf16* p, float v) { *p = to_bf16(v); }
+// Four of them from a 16-byte (f32) or 8-byte (bf16) aligned address.
+__device__ __forceinline__ float4 load4_f32(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4_f32(const bf16* p) {
+    uint2 u = *reinterpret_cast<const uint2*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+
 struct Sum {
     template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
 };

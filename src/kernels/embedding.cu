@@ -4,12 +4,22 @@
 
 // One block per distinct id: runs[3 b] = the id, runs[3 b + 1 .. 3 b + 2] its range of `order`, the batch's
 // rows sorted by id (stable, so each id's rows are summed in batch order, as the reference does).
-extern "C" __global__ void embedding_backward(float* dtable, const bf16* dx, const uint32_t* order,
-                                              const uint32_t* runs, int c) {
+template <typename D>
+__device__ void embedding_backward(D* dtable, const bf16* dx, const uint32_t* order, const uint32_t* runs, int c) {
     uint32_t id = runs[3 * blockIdx.x], first = runs[3 * blockIdx.x + 1], end = runs[3 * blockIdx.x + 2];
     for (int col = threadIdx.x; col < c; col += blockDim.x) {
         float s = 0.f;
         for (uint32_t r = first; r < end; r++) s += f32(dx[(size_t)order[r] * c + col]);
-        dtable[(size_t)id * c + col] += s;
+        D* out = dtable + (size_t)id * c + col;
+        store_f32(out, load_f32(out) + s);
     }
+}
+// Into an f32 or a bf16 gradient buffer (train.grad_buffer).
+extern "C" __global__ void embedding_backward_f32(float* dtable, const bf16* dx, const uint32_t* order,
+                                                  const uint32_t* runs, int c) {
+    embedding_backward(dtable, dx, order, runs, c);
+}
+extern "C" __global__ void embedding_backward_bf16(bf16* dtable, const bf16* dx, const uint32_t* order,
+                                                   const uint32_t* runs, int c) {
+    embedding_backward(dtable, dx, order, runs, c);
 }

@@ -8,7 +8,7 @@ use super::{cuda_device, launch, ptr, ptx, Ptx};
 const PTX: Ptx = ptx!("embedding");
 
 /// `dtable += ` the embedding's gradient (`add`), or `dtable = ` it, in place: row `id` of the contiguous f32
-/// `dtable` (`[vocab, c]`, a slot of the gradient buffer) gets the sum of the rows of `dx: [n, c]` (bf16)
+/// or bf16 `dtable` (`[vocab, c]`, a slot of the gradient buffer) gets the sum of the rows of `dx: [n, c]` (bf16)
 /// whose token is `id`. `Ok(None)` where the kernel does not apply.
 pub fn try_add_embedding_rows(dtable: &Tensor, dx: &Tensor, rows: &TokenRows, add: bool) -> Result<Option<()>> {
     if !super::applies(dx) {
@@ -22,7 +22,11 @@ pub fn try_add_embedding_rows(dtable: &Tensor, dx: &Tensor, rows: &TokenRows, ad
     let c = dx.dim(1)?;
     let dev = cuda_device(&dx)?;
     // SAFETY (of writing through `dtable`): the gradient buffer is the backward's alone until it ends.
-    launch!(dev, PTX, "embedding_backward", super::per_row(rows.distinct, 256);
+    let name = match dtable.dtype() {
+        candle_core::DType::BF16 => "embedding_backward_bf16",
+        _ => "embedding_backward_f32",
+    };
+    launch!(dev, PTX, name, super::per_row(rows.distinct, 256);
         ptr(dtable)?, ptr(&dx)?, ptr(&rows.order)?, ptr(&rows.runs)?, c as i32);
     Ok(Some(()))
 }

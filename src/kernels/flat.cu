@@ -30,6 +30,13 @@ extern "C" __global__ void sum_partials(const float* x, size_t n, int square, do
     double acc = partial_sum(x, n, square, blockIdx.x, gridDim.x);
     if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
+// The same over bf16 (a bf16 gradient buffer's squares), element by element.
+extern "C" __global__ void sum_partials_bf16(const bf16* x, size_t n, int square, double* out) {
+    double acc = 0.0;
+    GRID_STRIDE(i, n) acc += term(f32(x[i]), square);
+    acc = block_reduce(acc, Sum());
+    if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
 
 // The slot table (flat.rs's SlotTable): slots[SLOT_COLS k ..] = first, count, matrix, first block, decays: slot
 // k's elements flat[first .. first + count] (the whole slot, or under ZeRO-1 its part in this rank's shard;
@@ -113,16 +120,20 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
 
 // dst += src (add = 1) or dst = src (add = 0, the step's first gradient of the range: dst is not read, it may
 // hold anything) over n elements: a layer's gradient (bf16 from the GEMM, or f32) into its range of the flat
-// f32 gradient buffer, widened on the way. One pass instead of a cast, an add and a copy.
-template <typename T> __device__ void accumulate(float* dst, const T* src, size_t n, int add) {
-    GRID_STRIDE(i, n) dst[i] = add ? dst[i] + (float)src[i] : (float)src[i];
+// gradient buffer (f32, or bf16: rounded once, after the sum in f32). One pass instead of a cast, an add and a
+// copy. Named accumulate_SRC_DST.
+template <typename D, typename S> __device__ void accumulate(D* dst, const S* src, size_t n, int add) {
+    GRID_STRIDE(i, n) {
+        float s = load_f32(src + i);
+        store_f32(dst + i, add ? load_f32(dst + i) + s : s);
+    }
 }
-extern "C" __global__ void accumulate_f32(float* dst, const float* src, size_t n, int add) {
-    accumulate(dst, src, n, add);
-}
-extern "C" __global__ void accumulate_bf16(float* dst, const bf16* src, size_t n, int add) {
-    accumulate(dst, src, n, add);
-}
+#define ACCUMULATE(NAME, D, S) \
+    extern "C" __global__ void NAME(D* dst, const S* src, size_t n, int add) { accumulate(dst, src, n, add); }
+ACCUMULATE(accumulate_f32_f32, float, float)
+ACCUMULATE(accumulate_bf16_f32, float, bf16)
+ACCUMULATE(accumulate_f32_bf16, bf16, float)
+ACCUMULATE(accumulate_bf16_bf16, bf16, bf16)
 
 // torch.optim.AdamW (single-tensor path) on p, m, v in place, with the gradient scaled first (the 1 / tokens
 // normalisation and the clip factor): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p = p decay,
@@ -144,10 +155,12 @@ struct AdamW {
 // 16-byte accesses between each slot's first and last multiples of 4 (28 bytes of traffic per parameter, at
 // the memory's bandwidth) where the shard starts on one (m and v then share p's offset from the grid), block
 // 0 of the slot taking the ends; one by one otherwise.
-extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, size_t shard_start,
-                                 const long long* slots, int n_slots, float grad_scale, float beta1,
-                                 float one_minus_beta1, float beta2, float one_minus_beta2, float decay,
-                                 float inv_sqrt_bc2, float eps, float step_size, double* partials) {
+// The gradients G are f32 or bf16 (train.grad_buffer): adamw_f32, adamw_bf16.
+template <typename G>
+__device__ void adamw(float* p, const G* g, float* m, float* v, size_t shard_start, const long long* slots,
+                      int n_slots, float grad_scale, float beta1, float one_minus_beta1, float beta2,
+                      float one_minus_beta2, float decay, float inv_sqrt_bc2, float eps, float step_size,
+                      double* partials) {
     SlotPart sp(slots, n_slots);
     const long long* sl = slots + SLOT_COLS * sp.slot;
     size_t first = sl[0], n = sl[1];
@@ -160,7 +173,7 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, s
     double acc = 0.0;
     for (size_t q = sp.part * blockDim.x + threadIdx.x; q < quads; q += stride) {
         size_t i = head + 4 * q;
-        float4 pp = *reinterpret_cast<float4*>(p + i), gg = *reinterpret_cast<const float4*>(g + i);
+        float4 pp = *reinterpret_cast<float4*>(p + i), gg = load4_f32(g + i);
         float4 mm = *reinterpret_cast<float4*>(m + i), vv = *reinterpret_cast<float4*>(v + i);
         h.update(pp.x, gg.x, mm.x, vv.x);
         h.update(pp.y, gg.y, mm.y, vv.y);
@@ -175,12 +188,22 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, s
     size_t rest = n - 4 * quads;
     for (size_t i = sp.part * blockDim.x + threadIdx.x; i < rest; i += stride) {
         size_t j = i < head ? i : 4 * quads + i;
-        h.update(p[j], g[j], m[j], v[j]);
+        h.update(p[j], load_f32(g + j), m[j], v[j]);
         acc += fabsf(p[j]);
     }
     acc = block_reduce(sl[2] ? acc : 0.0, Sum());
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
+#define ADAMW(NAME, G)                                                                                          \
+    extern "C" __global__ void NAME(float* p, const G* g, float* m, float* v, size_t shard_start,              \
+                                    const long long* slots, int n_slots, float grad_scale, float beta1,         \
+                                    float one_minus_beta1, float beta2, float one_minus_beta2, float decay,     \
+                                    float inv_sqrt_bc2, float eps, float step_size, double* partials) {         \
+        adamw(p, g, m, v, shard_start, slots, n_slots, grad_scale, beta1, one_minus_beta1, beta2,               \
+              one_minus_beta2, decay, inv_sqrt_bc2, eps, step_size, partials);                                  \
+    }
+ADAMW(adamw_f32, float)
+ADAMW(adamw_bf16, bf16)
 
 // totals[k] = the sum of slot k's blocks' partials (adamw's), in block order: one block per slot.
 extern "C" __global__ void slot_totals(const double* partials, const long long* slots, int n_slots, int blocks,

@@ -23,8 +23,17 @@ fn sum_partials(x: &Tensor, square: bool) -> Result<(Tensor, usize)> {
     Ok((partials, blocks))
 }
 
-/// `sum(x^2)` of a contiguous f32 tensor, accumulated in f64: an f64 scalar left on the device.
+/// `sum(x^2)` of a contiguous f32 or bf16 tensor (the gradient buffer), accumulated in f64: an f64 scalar left
+/// on the device.
 pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::BF16 {
+        let n = x.elem_count();
+        let cfg = grid_stride(n);
+        let dev = cuda_device(x)?;
+        let partials = uninit(cfg.grid_dim.0 as usize, DType::F64, &dev)?;
+        launch!(dev, PTX, "sum_partials_bf16", cfg; ptr(x)?, n as u64, 1i32, ptr(&partials)?);
+        return partials.sum_all();
+    }
     sum_partials(x, true)?.0.sum_all()
 }
 
@@ -142,25 +151,27 @@ pub fn try_accumulate(dst: &Tensor, src: &Tensor, add: bool) -> Result<Option<()
     accumulate(dst, &src.contiguous()?, add).map(Some)
 }
 
-/// `dst += src` (`add`), or `dst = src` (not reading `dst`), for a contiguous f32 view `dst` of the gradient
-/// buffer and a gradient `src` (f32 or bf16) of as many elements, in place.
+/// `dst += src` (`add`), or `dst = src` (not reading `dst`), for a contiguous view `dst` of the gradient
+/// buffer (f32 or bf16) and a gradient `src` (f32 or bf16) of as many elements, in place, summed in f32.
 pub fn accumulate(dst: &Tensor, src: &Tensor, add: bool) -> Result<()> {
     let n = dst.elem_count();
     if src.elem_count() != n {
         candle_core::bail!("accumulate: {n} gradient slots but {} values", src.elem_count());
     }
+    let name = match (src.dtype(), dst.dtype()) {
+        (DType::F32, DType::F32) => "accumulate_f32_f32",
+        (DType::BF16, DType::F32) => "accumulate_bf16_f32",
+        (DType::F32, DType::BF16) => "accumulate_f32_bf16",
+        (DType::BF16, DType::BF16) => "accumulate_bf16_bf16",
+        (s, d) => candle_core::bail!("accumulate: no {s:?} gradients into a {d:?} buffer"),
+    };
     let dev = cuda_device(dst)?;
-    let add = add as i32;
     // SAFETY (of writing through `dst`): the gradient buffer is the backward's alone until it ends.
-    match src.dtype() {
-        DType::F32 => launch!(dev, PTX, "accumulate_f32", grid_stride(n); ptr(dst)?, ptr(src)?, n as u64, add),
-        DType::BF16 => launch!(dev, PTX, "accumulate_bf16", grid_stride(n); ptr(dst)?, ptr(src)?, n as u64, add),
-        d => candle_core::bail!("accumulate: no {d:?} gradients"),
-    }
+    launch!(dev, PTX, name, grid_stride(n); ptr(dst)?, ptr(src)?, n as u64, add as i32);
     Ok(())
 }
 
-/// `dst = 0` for a contiguous f32 view `dst` of the gradient buffer: one memset on candle's stream.
+/// `dst = 0` for a contiguous view `dst` of the gradient buffer: one memset on candle's stream.
 pub fn zero(dst: &Tensor) -> Result<()> {
     let stream = cuda_device(dst)?.cuda_stream();
     let bytes = dst.elem_count() * dst.dtype().size_in_bytes();
@@ -185,7 +196,8 @@ pub struct AdamWStep {
     pub step_size: f32,
 }
 
-/// AdamW in place over the table's range of `params` and `grads` (the flat f32 buffers) and over `m, v` (that
+/// AdamW in place over the table's range of `params` and `grads` (the flat f32 buffers; the gradients f32 or
+/// bf16, `train.grad_buffer`) and over `m, v` (that
 /// range's moments, the range starting at flat element `shard_start`), each slot's parameters multiplied by
 /// `s.decay` first where the table says weight decay applies. Returns the sum of `|W|` over each BitLinear matrix's part of the range after the update (f64, one
 /// per slot, 0 for the others): the next step weights' absmean sums ([`step_weights_in`]).
@@ -203,8 +215,13 @@ pub fn adamw(
     let totals = uninit(table.slots, DType::F64, &dev)?;
     // SAFETY (of writing through `params`, `m`, `v`): the optimizer owns these buffers, and nothing reads them
     // between this launch and the next op on the same stream.
+    let name = match grads.dtype() {
+        DType::F32 => "adamw_f32",
+        DType::BF16 => "adamw_bf16",
+        d => candle_core::bail!("adamw: no {d:?} gradients"),
+    };
     if table.blocks > 0 {
-        launch!(dev, PTX, "adamw", table.grid();
+        launch!(dev, PTX, name, table.grid();
             ptr(params)?, ptr(grads)?, ptr(m)?, ptr(v)?, shard_start as u64, ptr(&table.table)?, table.slots as i32,
             s.grad_scale, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.decay, s.inv_sqrt_bc2, s.eps,
             s.step_size, ptr(&partials)?);

@@ -16,14 +16,15 @@ pub fn try_gemm_at_b(c: &Tensor, a: &Tensor, b: &Tensor, add: bool) -> Result<Op
 }
 
 /// `c += a^T b` (`add`), or `c = a^T b` (beta = 0: cuBLAS does not read `c`), for row-major bf16 `a: [n, m]`
-/// and `b: [n, k]`, into the contiguous f32 `c` of `m * k` elements (row-major `[m, k]`). `a`'s rows may lie
+/// and `b: [n, k]`, into the contiguous f32 or bf16 `c` (the gradient buffer, `train.grad_buffer`) of `m * k`
+/// elements (row-major `[m, k]`), accumulated in f32. `a`'s rows may lie
 /// further apart than `m` (the first columns of a wider matrix: the head's gradient skips the logits' padding
 /// columns so).
 pub fn gemm_at_b(c: &Tensor, a: &Tensor, b: &Tensor, add: bool) -> Result<()> {
     let ((n, m), (nb, k)) = (a.dims2()?, b.dims2()?);
     if n != nb
         || c.elem_count() != m * k
-        || c.dtype() != DType::F32
+        || !matches!(c.dtype(), DType::F32 | DType::BF16)
         || a.dtype() != DType::BF16
         || b.dtype() != DType::BF16
     {
@@ -49,6 +50,10 @@ pub fn gemm_at_b(c: &Tensor, a: &Tensor, b: &Tensor, add: bool) -> Result<()> {
     let (a_ptr, lda) = rows_ptr(a)?;
     let blas = cuda_device(c)?.cublas_handle();
     let (alpha, beta) = (1f32, if add { 1f32 } else { 0f32 });
+    let c_type = match c.dtype() {
+        DType::BF16 => cudaDataType::CUDA_R_16BF,
+        _ => cudaDataType::CUDA_R_32F,
+    };
     // cuBLAS is column-major and sees each row-major matrix transposed: c^T = b^T a, with b^T a k x n
     // matrix (ld k) and a^T an m x n one (ld: a's row stride), so the first operand is b as is, the second a
     // transposed.
@@ -71,7 +76,7 @@ pub fn gemm_at_b(c: &Tensor, a: &Tensor, b: &Tensor, add: bool) -> Result<()> {
             lda as i32,
             &beta as *const f32 as *const _,
             ptr(c)? as *mut _,
-            cudaDataType::CUDA_R_32F,
+            c_type,
             k as i32,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

@@ -261,7 +261,7 @@ BACKWARDS(true, glu_rmsnorm_backward_)
 // rows in order: the weight's gradient straight into the gradient buffer. Block (32, 32): 32 columns, the 32
 // thread rows take every 32nd row (many loads in flight: the grid is only cols / 32 blocks), then the first
 // adds the 32 sums.
-extern "C" __global__ void column_sums(const float* x, int rows, int cols, int add, float* out) {
+template <typename D> __device__ void column_sums(const float* x, int rows, int cols, int add, D* out) {
     __shared__ float part[32][33];
     int j = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
@@ -272,6 +272,13 @@ extern "C" __global__ void column_sums(const float* x, int rows, int cols, int a
     if (threadIdx.y == 0 && j < cols) {
         float total = 0.f;
         for (int y = 0; y < 32; y++) total += part[y][threadIdx.x];
-        out[j] = add ? out[j] + total : total;
+        store_f32(out + j, add ? load_f32(out + j) + total : total);
     }
+}
+// Into an f32 or a bf16 gradient buffer (train.grad_buffer).
+extern "C" __global__ void column_sums_f32(const float* x, int rows, int cols, int add, float* out) {
+    column_sums(x, rows, cols, add, out);
+}
+extern "C" __global__ void column_sums_bf16(const float* x, int rows, int cols, int add, bf16* out) {
+    column_sums(x, rows, cols, add, out);
 }

@@ -166,8 +166,8 @@ fn rmsnorm_backward(
 }
 
 /// `dst += sum over rows of partial` (`add`), or `dst = ` it (not reading `dst`), for `partial: [rows, c]` (f32)
-/// and a contiguous f32 `dst` of `c` elements (a slot of the flat gradient buffer): rows added in a fixed
-/// order. `Ok(None)` off CUDA.
+/// and a contiguous f32 or bf16 `dst` of `c` elements (a slot of the flat gradient buffer): rows added in a
+/// fixed order. `Ok(None)` off CUDA.
 pub fn try_column_sums(dst: &Tensor, partial: &Tensor, add: bool) -> Result<Option<()>> {
     if !super::on_cuda(partial) {
         return Ok(None);
@@ -176,6 +176,10 @@ pub fn try_column_sums(dst: &Tensor, partial: &Tensor, add: bool) -> Result<Opti
     let (rows, c) = partial.dims2()?;
     let dev = cuda_device(&partial)?;
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "column_sums", cfg; ptr(&partial)?, rows as i32, c as i32, add as i32, ptr(dst)?);
+    let name = match dst.dtype() {
+        DType::BF16 => "column_sums_bf16",
+        _ => "column_sums_f32",
+    };
+    launch!(dev, PTX, name, cfg; ptr(&partial)?, rows as i32, c as i32, add as i32, ptr(dst)?);
     Ok(Some(()))
 }

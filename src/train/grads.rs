@@ -1,4 +1,5 @@
-//! The step's flat f32 gradient buffer, in the layout of the parameters ([`ParamLayout`]).
+//! The step's flat gradient buffer (f32, or bf16 with `train.grad_buffer = "bf16"`), in the layout of the
+//! parameters ([`ParamLayout`]).
 
 use std::cell::Cell;
 use std::ops::{Range, RangeInclusive};
@@ -8,8 +9,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::train::layers::{Mode, WeightGrad};
 use crate::train::params::ParamLayout;
 
-/// The step's flat f32 gradient buffer. Allocated uninitialized on a GPU (no zero-fill of the whole buffer a
-/// step: 2.9 GB for the large model): each slot's first gradient in the step overwrites its range, later ones
+/// The step's flat gradient buffer, f32 or bf16. Allocated uninitialized on a GPU (no zero-fill of the whole
+/// buffer a step: 2.9 GB for the large model in f32): each slot's first gradient in the step overwrites its range, later ones
 /// add; [`Gradients::settle`] zero-fills the slots that got none before anything reads them.
 pub struct Gradients {
     flat: Tensor,
@@ -19,15 +20,16 @@ pub struct Gradients {
 }
 
 impl Gradients {
-    pub fn new(layout: &ParamLayout, device: &Device) -> Result<Self> {
+    /// A buffer of `dtype` (f32 or bf16).
+    pub fn new(layout: &ParamLayout, device: &Device, dtype: DType) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
-            return Ok(Self::over(layout, crate::kernels::uninit(layout.total, DType::F32, dev)?));
+            return Ok(Self::over(layout, crate::kernels::uninit(layout.total, dtype, dev)?));
         }
-        Ok(Self::over(layout, Tensor::zeros(layout.total, DType::F32, device)?))
+        Ok(Self::over(layout, Tensor::zeros(layout.total, dtype, device)?))
     }
 
-    /// Over `flat` (f32, `layout.total` elements) whatever it holds, as if uninitialized: tests fill it with
+    /// Over `flat` (f32 or bf16, `layout.total` elements) whatever it holds, as if uninitialized: tests fill it with
     /// NaN, so that an element read before it was written shows.
     pub fn over(layout: &ParamLayout, flat: Tensor) -> Self {
         Self { flat, written: (0..layout.slots.len()).map(|_| Cell::new(false)).collect() }
@@ -92,7 +94,7 @@ mod tests {
     use crate::train::layers::TokenRows;
 
     fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
+        t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
     }
 
     fn tensor(v: Vec<f32>, shape: &[usize]) -> Tensor {
@@ -101,9 +103,16 @@ mod tests {
 
     /// From a buffer of NaN (what an uninitialized one may hold): the first gradient of a slot equals it, the
     /// second adds, stacked slots go together, and settling zero-fills the slots nothing wrote. Every kind
-    /// of gradient that has a CPU path writes first once.
+    /// of gradient that has a CPU path writes first once. In an f32 and in a bf16 buffer (small integers,
+    /// exact in both).
     #[test]
     fn first_gradient_overwrites_later_ones_add_and_settle_zero_fills() {
+        for dtype in [DType::F32, DType::BF16] {
+            overwrite_add_settle(dtype);
+        }
+    }
+
+    fn overwrite_add_settle(dtype: DType) {
         let layout = ParamLayout::from_shapes(vec![
             ("embed".into(), vec![4, 2]),
             ("q".into(), vec![2, 3]),
@@ -113,7 +122,8 @@ mod tests {
             ("w".into(), vec![2, 2]),
             ("also untouched".into(), vec![3]),
         ]);
-        let grads = Gradients::over(&layout, Tensor::full(f32::NAN, layout.total, &Device::Cpu).unwrap());
+        let nan = Tensor::full(f32::NAN, layout.total, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let grads = Gradients::over(&layout, nan);
         let slot = |i: usize| values(&layout.view(grads.tensor(), i).unwrap());
 
         // The embedding's rows of ids 3, 0, 3: rows 1 and 2 hold no token and must read 0, not NaN.
@@ -150,6 +160,7 @@ mod tests {
         assert_eq!(slot(5), [1., 2., 3., 4.]);
         let all = values(grads.tensor());
         assert!(all.iter().all(|v| v.is_finite()), "{all:?}");
+        assert_eq!(grads.tensor().dtype(), dtype);
         // A slot settled before its first gradient has zeros, so the gradient adds to them.
         grads.add(&layout, 6..=6, &WeightGrad::Tensor(tensor(vec![1., 1., 1.], &[3]))).unwrap();
         assert_eq!(slot(6), [1., 1., 1.]);

@@ -109,8 +109,8 @@ pub enum Mode {
 }
 
 impl WeightGrad {
-    /// `flat[range] = self` or `flat[range] += self` as `mode` says, in place, for the f32 buffer `flat`.
-    /// Overwriting never reads `flat[range]`.
+    /// `flat[range] = self` or `flat[range] += self` as `mode` says, in place, for the gradient buffer `flat`
+    /// (f32 or bf16: the sum is taken in f32 and stored once). Overwriting never reads `flat[range]`.
     pub fn add_to(&self, flat: &Tensor, range: std::ops::Range<usize>, mode: Mode) -> Result<()> {
         let dst = flat.narrow(0, range.start, range.len())?;
         let add = mode == Mode::Add;
@@ -132,9 +132,9 @@ impl WeightGrad {
         let g = self.dense(range.len())?.flatten_all()?.to_dtype(DType::F32)?;
         let g = match mode {
             Mode::Overwrite => g,
-            Mode::Add => (dst + g)?,
+            Mode::Add => (dst.to_dtype(DType::F32)? + g)?,
         };
-        flat.slice_set(&g, 0, range.start)
+        flat.slice_set(&g.to_dtype(flat.dtype())?, 0, range.start)
     }
 
     /// The gradient as a tensor of `n` elements (the reference path).

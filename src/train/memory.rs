@@ -4,7 +4,7 @@
 //!
 //! The estimate counts the bytes of every tensor alive at the two candidate peaks of a step:
 //!
-//! - **forward/backward**: latent f32 weights (4P), the flat f32 gradient buffer (4P), the AdamW moments
+//! - **forward/backward**: latent f32 weights (4P), the flat gradient buffer (4P in f32, 2P in bf16), the AdamW moments
 //!   (8P in f32, 2.03P in 8-bit, divided by N under ZeRO-1 over N ranks), this step's weights in the compute
 //!   dtype (eP; per block, those outside the blocks and one block's), the activations the forward keeps
 //!   ([`saved_per_token`] for the recompute level), and the largest transient: either the loss of one
@@ -34,7 +34,7 @@ use candle_core::{DType, Device};
 use super::layers::flash_kernel_takes;
 use super::model::MemoryPlan;
 use super::moments::{moments_bytes, CHUNK};
-use crate::config::run::{OptimizerState, Recompute, StepWeightsPlan, TrainSection};
+use crate::config::run::{GradDtype, OptimizerState, Recompute, StepWeightsPlan, TrainSection};
 use crate::config::ModelConfig;
 
 /// The CUDA context, cuBLAS, the kernels and the pool's rounding, for the fused and the candle-op step
@@ -56,6 +56,8 @@ pub struct StepShape<'a> {
     pub optimizer_shards: usize,
     /// f32 or 8-bit moments (`train.optimizer_state`).
     pub optimizer_state: OptimizerState,
+    /// The gradient buffer's dtype (`train.grad_buffer`).
+    pub grad_buffer: GradDtype,
 }
 
 impl<'a> StepShape<'a> {
@@ -78,6 +80,7 @@ impl<'a> StepShape<'a> {
             cuda: device.is_cuda(),
             optimizer_shards: if train.zero1 { world } else { 1 },
             optimizer_state: train.optimizer_state,
+            grad_buffer: train.grad_buffer,
         }
     }
 }
@@ -192,9 +195,13 @@ pub fn estimate(s: &StepShape) -> Estimate {
         StepWeightsPlan::Kept => e * p,
         StepWeightsPlan::PerBlock => e * (p - layers * block_params + block_params),
     };
+    let (grads_part, grads) = match s.grad_buffer {
+        GradDtype::F32 => ("gradient buffer (f32)", 4.0 * p),
+        GradDtype::Bf16 => ("gradient buffer (bf16)", 2.0 * p),
+    };
     let step = [
         ("latent weights (f32)", 4.0 * p),
-        ("gradient buffer (f32)", 4.0 * p),
+        (grads_part, grads),
         (moments_part, moments),
         ("this step's weights", step_weights + padded_head),
         ("saved activations", saved),
@@ -207,13 +214,13 @@ pub fn estimate(s: &StepShape) -> Estimate {
         true => 0.0,
         false => 48.0 * (CHUNK as f64).min(p),
     };
-    let optimizer = 8.0 * p + moments + temporaries;
+    let optimizer = 4.0 * p + grads + moments + temporaries;
     let mut parts: Vec<(&'static str, f64)> = match step.iter().map(|(_, b)| b).sum::<f64>() >= optimizer {
         true => step.to_vec(),
         false => vec![
             ("latent weights (f32)", 4.0 * p),
             (moments_part, moments),
-            ("gradient buffer (f32)", 4.0 * p),
+            (grads_part, grads),
             ("AdamW temporaries", temporaries),
         ],
     };
@@ -290,8 +297,9 @@ pub fn check_device(s: &StepShape, device: &Device, enabled: bool) -> Result<()>
 }
 
 /// Fails, before anything is allocated, when the estimate exceeds `card` bytes, with the estimate's parts
-/// and the cheapest change that fits: a recompute level (least recomputation first), then a smaller
-/// micro-batch with recompute = "blocks", then a shorter sequence.
+/// and the cheapest change that fits: a recompute level (least recomputation first), then with recompute =
+/// "blocks" the memory savings (8-bit moments, then per-block step weights, then a bf16 gradient buffer,
+/// each added to the last), then a smaller micro-batch with all of them, then a shorter sequence.
 pub fn check_fits(s: &StepShape, card: f64) -> Result<()> {
     let est = estimate(s);
     if est.total() <= card {
@@ -303,18 +311,42 @@ pub fn check_fits(s: &StepShape, card: f64) -> Result<()> {
         let e = estimate(&StepShape { plan, micro_batch, seq, ..s.clone() });
         (e.total() <= card).then_some(e.gib())
     };
+    // The savings under recompute = "blocks", each added to those before it.
+    let blocks = MemoryPlan { recompute: Recompute::Blocks, ..s.plan };
+    let int8 = StepShape { plan: blocks, optimizer_state: OptimizerState::Int8, ..s.clone() };
+    let per_block =
+        StepShape { plan: MemoryPlan { step_weights: StepWeightsPlan::PerBlock, ..blocks }, ..int8.clone() };
+    let all = StepShape { grad_buffer: GradDtype::Bf16, ..per_block.clone() };
+    let savings = [
+        ("train.optimizer_state = \"int8\"", &int8),
+        ("train.step_weights = \"per_block\"", &per_block),
+        ("train.grad_buffer = \"bf16\"", &all),
+    ];
+    let named = |k: usize| {
+        let names: Vec<&str> = savings[..=k].iter().map(|(n, _)| *n).collect();
+        format!("train.recompute = \"blocks\", {}", names.join(", "))
+    };
+    let with_savings = (0..savings.len()).find_map(|k| {
+        let e = estimate(savings[k].1);
+        (e.total() <= card).then(|| format!("{} ({:.1} GiB)", named(k), e.gib()))
+    });
+    let fits_all = |micro_batch: usize, seq: usize| {
+        let e = estimate(&StepShape { micro_batch, seq, ..all.clone() });
+        (e.total() <= card).then_some(e.gib())
+    };
+    let all_savings = named(savings.len() - 1);
     let levels = [Recompute::None, Recompute::Attention, Recompute::Blocks];
     let from = levels.iter().position(|&l| l == s.plan.recompute).unwrap_or(0);
     let name = |l: Recompute| format!("{l:?}").to_lowercase();
     let suggestion = levels[from..]
         .iter()
         .find_map(|&l| fits(l, s.micro_batch, s.seq).map(|g| format!("train.recompute = \"{}\" ({g:.1} GiB)", name(l))))
+        .or(with_savings)
         .or_else(|| {
             (1..s.micro_batch).rev().find_map(|b| {
-                fits(Recompute::Blocks, b, s.seq).map(|g| {
+                fits_all(b, s.seq).map(|g| {
                     format!(
-                        "train.recompute = \"blocks\" with train.micro_batch = {b} and a grad_accum {} times larger \
-                         ({g:.1} GiB)",
+                        "{all_savings} with train.micro_batch = {b} and a grad_accum {} times larger ({g:.1} GiB)",
                         s.micro_batch as f64 / b as f64
                     )
                 })
@@ -322,11 +354,8 @@ pub fn check_fits(s: &StepShape, card: f64) -> Result<()> {
         })
         .or_else(|| {
             (1..=s.seq / 256).rev().map(|k| k * 256).find_map(|seq| {
-                fits(Recompute::Blocks, 1, seq).map(|g| {
-                    format!(
-                        "data.max_seq_len = {seq} with train.recompute = \"blocks\" and train.micro_batch = 1 \
-                         ({g:.1} GiB)"
-                    )
+                fits_all(1, seq).map(|g| {
+                    format!("data.max_seq_len = {seq} with {all_savings} and train.micro_batch = 1 ({g:.1} GiB)")
                 })
             })
         })
@@ -360,6 +389,7 @@ mod tests {
             cuda: true,
             optimizer_shards: 1,
             optimizer_state: OptimizerState::F32,
+            grad_buffer: GradDtype::F32,
         }
     }
 
@@ -403,6 +433,42 @@ mod tests {
         assert!(gib(1, 4096, Recompute::Blocks) <= 22.0, "{}", gib(1, 4096, Recompute::Blocks));
     }
 
+    /// The memory savings, each on top of the last, at the 2B4T shape (2048 tokens, micro-batch 1, whole-block
+    /// recomputation): each lowers the estimate by what it saves, and all of them together fit a 24 GB card
+    /// (22 GiB usable) where f32 moments alone needed 42.8 GiB.
+    #[test]
+    fn every_saving_together_fits_2b4t_in_22_gib() {
+        let cfg = ModelConfig::shape("2b4t", 128256).unwrap();
+        let p = cfg.num_parameters() as f64;
+        let base = shape(&cfg, 1, 2048, Recompute::Blocks);
+        let int8 = StepShape { optimizer_state: OptimizerState::Int8, ..base.clone() };
+        let per_block =
+            StepShape { plan: MemoryPlan { step_weights: StepWeightsPlan::PerBlock, ..base.plan }, ..int8.clone() };
+        let all = StepShape { grad_buffer: GradDtype::Bf16, ..per_block.clone() };
+        let gib: Vec<f64> = [&base, &int8, &per_block, &all].iter().map(|s| estimate(s).gib()).collect();
+        eprintln!(
+            "2B4T 2048 x 1, recompute blocks: f32 {:.2}, int8 {:.2}, per block {:.2}, bf16 grads {:.2} GiB",
+            gib[0], gib[1], gib[2], gib[3]
+        );
+        assert!(gib.windows(2).all(|w| w[1] < w[0]), "{gib:?}");
+        assert!(gib[3] <= 22.0 && gib[2] > 22.0, "{gib:?}");
+        // The buffer's half, and the step weights of every block but one.
+        assert_eq!(estimate(&all).part("gradient buffer (bf16)"), 2.0 * p);
+        let kept = estimate(&int8).part("this step's weights");
+        let block_params: usize =
+            cfg.block_tensors(cfg.family().unwrap(), 0).iter().map(|t| t.shape.iter().product::<usize>()).sum();
+        let saved = 2.0 * (cfg.num_hidden_layers - 1) as f64 * block_params as f64;
+        assert_eq!(kept - estimate(&per_block).part("this step's weights"), saved);
+        // What the check says of the plain config on a 24 GB card.
+        let err = check_fits(&base, 22.0 * GIB).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "train.optimizer_state = \"int8\", train.step_weights = \"per_block\", train.grad_buffer = \"bf16\" ("
+            ),
+            "{err}"
+        );
+    }
+
     #[test]
     fn too_big_suggests_what_fits() {
         let cfg = ModelConfig::shape("large", 32002).unwrap();
@@ -412,10 +478,26 @@ mod tests {
         let err = check_fits(&s, card).unwrap_err().to_string();
         assert!(err.contains("train.recompute = \"blocks\""), "{err}");
         assert!(err.contains("saved activations") && err.contains("train.check_memory = false"), "{err}");
-        // Micro-batch 4 at blocks does not fit that card either; micro-batch 1 does.
-        let err = check_fits(&shape(&cfg, 4, 4096, Recompute::Blocks), card).unwrap_err().to_string();
-        assert!(err.contains("train.micro_batch = 1 and a grad_accum 4 times larger"), "{err}");
-        let err = check_fits(&shape(&cfg, 1, 4096, Recompute::None), 10.0 * GIB).unwrap_err().to_string();
+        // Micro-batch 4 at blocks does not fit that card either; with 8-bit moments it does.
+        let four = shape(&cfg, 4, 4096, Recompute::Blocks);
+        let err = check_fits(&four, card).unwrap_err().to_string();
+        assert!(
+            err.contains("what would fit: train.recompute = \"blocks\", train.optimizer_state = \"int8\" ("),
+            "{err}"
+        );
+        // On a card that takes micro-batch 1 with every saving and no more, micro-batch 1 with them.
+        let all = StepShape {
+            plan: MemoryPlan { step_weights: StepWeightsPlan::PerBlock, ..four.plan },
+            optimizer_state: OptimizerState::Int8,
+            grad_buffer: GradDtype::Bf16,
+            ..shape(&cfg, 1, 4096, Recompute::Blocks)
+        };
+        let err = check_fits(&four, estimate(&all).total() + 1.0).unwrap_err().to_string();
+        assert!(
+            err.contains("train.grad_buffer = \"bf16\" with train.micro_batch = 1 and a grad_accum 4 times larger"),
+            "{err}"
+        );
+        let err = check_fits(&shape(&cfg, 1, 4096, Recompute::None), 3.0 * GIB).unwrap_err().to_string();
         assert!(err.contains("nothing: the weights"), "{err}");
     }
 }

@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointWriter, RunIdentity};
-use crate::config::run::{GradDtype, RunConfig, StepWeightsPlan, TrainSection};
+use crate::config::run::{RunConfig, StepWeightsPlan, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
 use crate::dist::{Communicator, GradReducer, Watchdog};
@@ -240,15 +240,17 @@ pub fn train_step(
     let sums = adam.take_abs_sums();
     let w = step_weights(ctx, comm, params, &adam.shard, sums, lambda)?;
     PhaseTimer::mark(&mut timer, "quantize weights")?;
-    let wire = match train.grad_dtype {
-        GradDtype::F32 => DType::F32,
-        GradDtype::Bf16 => DType::BF16,
+    // A bf16 buffer is summed over the ranks as it is.
+    let buffer = train.grad_buffer.dtype();
+    let wire = match buffer {
+        DType::BF16 => buffer,
+        _ => train.grad_dtype.dtype(),
     };
     // ZeRO-1: each rank needs the summed gradients of its own shard only, so each part is summed onto its
     // owner (half the traffic of an all-reduce); the rest of this rank's `grads` stays partial.
     let sharded = adam.shard.len() < ctx.layout.total;
     let owners = sharded.then(|| optim::shards(ctx.layout.total, comm.world()));
-    let grads = Gradients::new(&ctx.layout, &ctx.device)?;
+    let grads = Gradients::new(&ctx.layout, &ctx.device, buffer)?;
     let reducer = comm.grad_reducer(grads.tensor(), wire, owners);
     let (loss_sum, loss_tokens) = accumulate(ctx, &w, &batches, lambda, &grads, reducer, &mut timer)?;
     drop((w, batches));

@@ -151,7 +151,7 @@ impl AdamW {
                     continue;
                 }
                 let (at, n) = (global - lo, end - global);
-                let g = (grads.narrow(0, global, n)? * grad_scale)?;
+                let g = (grads.narrow(0, global, n)?.to_dtype(DType::F32)? * grad_scale)?;
                 let m = ((m_chunk.narrow(0, at, n)? * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
                 let v = ((v_chunk.narrow(0, at, n)? * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
                 let mut p = params.narrow(0, global, n)?;

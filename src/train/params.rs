@@ -122,8 +122,9 @@ impl ParamLayout {
     }
 
     /// `sum(f(x))` over `flat[part]`, a part of slot `i`, as a one-element f64 tensor (`f` elementwise: abs,
-    /// sqr). A whole slot is summed by rows first and then in f64, as GPU reductions parallelise and as the
-    /// weight quantizer sums; a part of one (where a ZeRO-1 shard cuts it) has no rows and is summed in f64.
+    /// sqr). A whole slot is summed by rows first (in f32, whatever `flat`'s dtype) and then in f64, as GPU
+    /// reductions parallelise and as the weight quantizer sums; a part of one (where a ZeRO-1 shard cuts it)
+    /// has no rows and is summed in f64.
     pub fn part_sum(
         &self,
         flat: &Tensor,
@@ -132,7 +133,7 @@ impl ParamLayout {
         f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         if part.len() == self.slots[i].len {
-            return f(&self.view(flat, i)?)?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all();
+            return f(&self.view(flat, i)?.to_dtype(DType::F32)?)?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum_all();
         }
         f(&flat.narrow(0, part.start, part.len())?.to_dtype(DType::F64)?)?.sum_all()
     }

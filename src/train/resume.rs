@@ -24,7 +24,7 @@ use crate::dist::Communicator;
 /// Keys that change how a run is carried out but not its trajectory; they may differ on resume.
 /// `model.path`: the weights come from the checkpoint (the tokenizer is part of the data fingerprint);
 /// `data.train`: the data is compared by content; micro-batch and accumulation: by the global batch.
-const NOT_TRAJECTORY: [&str; 14] = [
+const NOT_TRAJECTORY: [&str; 15] = [
     "model.path",
     "data.train",
     "data.dev",
@@ -32,6 +32,7 @@ const NOT_TRAJECTORY: [&str; 14] = [
     "train.grad_accum",
     "train.device",
     "train.grad_dtype",
+    "train.grad_buffer",
     "train.step_timeout",
     "train.recompute",
     "train.attention_block",
