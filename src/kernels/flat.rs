@@ -128,7 +128,7 @@ pub fn step_weights_in(
     lambda: f64,
     out: Range<usize>,
 ) -> Result<Tensor> {
-    if out.start % 4 != 0 || out.end > flat.elem_count() {
+    if !out.start.is_multiple_of(4) || out.end > flat.elem_count() {
         candle_core::bail!("step_weights_in: output range {out:?} of {} elements", flat.elem_count());
     }
     let dev = cuda_device(flat)?;
