@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::{memory, metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
-use crate::config::run::{OptimizerState, Recompute, RunConfig};
+use crate::config::run::{GradDtype, OptimizerState, Recompute, RunConfig, StepWeightsPlan};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::dist::Communicator;
@@ -40,6 +40,10 @@ pub struct BenchResult {
     pub recompute: Recompute,
     /// How AdamW holds its moments (`train.optimizer_state`).
     pub optimizer_state: OptimizerState,
+    /// Where the step's weights live (`train.step_weights`).
+    pub step_weights: StepWeightsPlan,
+    /// The gradient buffer's dtype (`train.grad_buffer`).
+    pub grad_buffer: GradDtype,
     /// Ranks (GPUs) taking part; each runs `batch` sequences per step.
     pub world: usize,
     pub device: String,
@@ -127,6 +131,8 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         steps: o.steps,
         recompute: train.recompute,
         optimizer_state: train.optimizer_state,
+        step_weights: train.step_weights,
+        grad_buffer: train.grad_buffer,
         world: comm.world(),
         device: crate::device::gpu_name(&device).unwrap_or_else(|| format!("{device:?}")),
         tokens_per_sec,
