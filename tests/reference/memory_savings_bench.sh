@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The memory savings (train.optimizer_state = "int8", train.step_weights = "per_block", train.grad_buffer =
+# "bf16", with train.recompute) against the full-precision step on one GPU, in one call:
+# - speed, estimated and measured peak at bitnet_b1_58-large 768 x 8, each saving alone;
+# - 2B4T at 2048 tokens, micro-batch 1 x 4 accumulation (configs/2b4t-24gb.toml's step): no saving, then
+#   whole-block recomputation and each saving added to the last (the last is the 24 GB configuration);
+# - the loss curves of the large shape over 200 steps of the demo data from two seeds (data order and initial
+#   weights), f32 state against every saving, compared as means over 20 steps.
+# Writes under OUT.
+#
+#   OUT=results tests/reference/memory_savings_bench.sh bessie-train
+set -u
+BT=${1:?bessie-train binary} OUT=${OUT:?a folder for the results}
+TMP=$(mktemp -d)
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
+bench() { $BT --bench --device cuda --set train.check_memory=false "$@" 2>&1 | grep '^{' | tee -a $OUT/bench.jsonl; }
+for saving in "" train.optimizer_state=int8 train.step_weights=per_block train.grad_buffer=bf16; do
+  bench --shape large --seq 768 --batch 8 --steps 6 ${saving:+--set $saving}
+done
+two_b=(--shape 2b4t --seq 2048 --batch 1 --accum 4 --steps 3)
+bench "${two_b[@]}"
+savings=(--set train.recompute=blocks)
+bench "${two_b[@]}" "${savings[@]}"
+for saving in train.optimizer_state=int8 train.step_weights=per_block train.grad_buffer=bf16 train.loss_chunk=512; do
+  savings+=(--set $saving)
+  bench "${two_b[@]}" "${savings[@]}"
+done
+all=(--set train.optimizer_state=int8 --set train.step_weights=per_block --set train.grad_buffer=bf16)
+for name in full savings; do
+  for seed in 1 2; do
+    extra=()
+    [ $name = savings ] && extra=("${all[@]}")
+    $BT --config configs/tiny.toml --set model.init=large --set model.init_seed=$seed --set train.seed=$seed \
+      --set train.device=cuda --set train.max_steps=200 --set train.lr=3e-4 --set train.grad_accum=2 \
+      "${extra[@]}" --set checkpoint.every=0 --set log.dev_every=0 --set checkpoint.out_dir=$TMP/$name-$seed \
+      > $TMP/log 2>&1 || tail -3 $TMP/log
+  done
+done
+python3 - "$TMP" <<'PY' | tee $OUT/curves.txt
+import json, math, sys
+tmp = sys.argv[1]
+def curve(run):
+    losses = [json.loads(l)["loss"] for l in open(f"{tmp}/{run}/metrics.jsonl") if '"loss"' in l and '"step"' in l]
+    return [sum(losses[i:i + 20]) / 20 for i in range(0, len(losses) - 19, 20)]
+c = {r: curve(r) for r in ["full-1", "full-2", "savings-1", "savings-2"]}
+rms = lambda a, b: math.sqrt(sum((x - y) ** 2 for x, y in zip(c[a], c[b])) / len(c[a]))
+print("seeds (full):", round(rms("full-1", "full-2"), 4), " seeds (savings):", round(rms("savings-1", "savings-2"), 4))
+print("savings against full, seed 1:", round(rms("full-1", "savings-1"), 4), " seed 2:", round(rms("full-2", "savings-2"), 4))
+for r, v in c.items():
+    print(r, [round(x, 4) for x in v])
+PY
+rm -rf $TMP
