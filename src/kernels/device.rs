@@ -79,6 +79,7 @@ fn storage_ptr(t: &Tensor) -> Result<u64> {
         DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
         DType::F64 => s.as_cuda_slice::<f64>()?.device_ptr(&stream).0,
         DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::U8 => s.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
         DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
         DType::I64 => s.as_cuda_slice::<i64>()?.device_ptr(&stream).0,
         d => bail!("fused kernels take no {d:?} tensors"),

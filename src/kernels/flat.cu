@@ -2,6 +2,8 @@
 // the gradient norm), this step's weights (ternary BitLinear matrices, cast norms and embeddings), and
 // AdamW. References: ops::quantize_weight, train::layers::effective_weight,
 // train::optim::{grad_norm, AdamW::step}.
+#include <float.h>
+
 #include "common.cuh"
 
 // This block's part (of `parts`, grid-stride) of sum |x| (square = 0) or sum x^2 (square = 1) over x[0..n], in
@@ -204,6 +206,67 @@ __device__ void adamw(float* p, const G* g, float* m, float* v, size_t shard_sta
     }
 ADAMW(adamw_f32, float)
 ADAMW(adamw_bf16, bf16)
+
+// AdamW with 8-bit moments (train::moments, whose module doc gives the code; its candle ops are the
+// reference): one block of 256 threads per block of 256 moments of the shard, one value a thread. Decodes
+// the block's m and v, takes the step as adamw does, and codes them again, with the block's new scales from
+// two block reductions. Elements past the shard's end (the last block's padding) stay zero, as the reference
+// pads them. Weight decay applies to the runs of the flat buffer whose flag is set: runs[2 r] = the run's first
+// element, runs[2 r + 1] = its flag, in order (ParamLayout::runs).
+#define MOMENT_BLOCK 256
+__device__ __forceinline__ float v_level(float code) {
+    // 2^((c - 255) / 4); 0 for code 0.
+    return code > 0.f ? expf((code - 255.f) * 0.17328679513998632f) : 0.f;
+}
+// sqrt(v) as decoded, at least at the range's floor 2^-64 (and never 0): what u is relative to.
+__device__ __forceinline__ float root_v(float code, float scale) {
+    return fmaxf(sqrtf(fmaxf(v_level(code), 5.421010862427522e-20f) * scale), FLT_MIN);
+}
+template <typename G>
+__device__ void adamw_int8(float* p, const G* g, unsigned char* u, float* u_scale, unsigned char* v,
+                           float* v_scale, size_t n, size_t shard_start, const long long* runs, int n_runs,
+                           AdamW h, float decay) {
+    size_t i = (size_t)blockIdx.x * MOMENT_BLOCK + threadIdx.x;
+    bool live = i < n;
+    float us = u_scale[blockIdx.x], vs = v_scale[blockIdx.x];
+    float vc = v[i], vv = v_level(vc) * vs, mm = ((float)u[i] - 128.f) / 127.f * us * root_v(vc, vs);
+    if (live) {
+        size_t at = shard_start + i;
+        int lo = 0, hi = n_runs - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if ((size_t)runs[2 * mid] <= at) lo = mid; else hi = mid - 1;
+        }
+        AdamW step = h;
+        step.decay = runs[2 * lo + 1] ? decay : 1.f;
+        float pp = p[at];
+        step.update(pp, load_f32(g + at), mm, vv);
+        p[at] = pp;
+    } else {
+        mm = vv = 0.f;
+    }
+    float vmax = block_reduce(vv, Max());
+    float code = fminf(fmaxf(roundf(logf(vv / fmaxf(vmax, FLT_MIN)) * 5.770780163555854f), -255.f), 0.f) + 255.f;
+    float uu = mm / root_v(code, vmax);
+    float umax = block_reduce(fabsf(uu), Max());
+    v[i] = (unsigned char)code;
+    u[i] = (unsigned char)(roundf(uu / fmaxf(umax, FLT_MIN) * 127.f) + 128.f);
+    if (threadIdx.x == 0) {
+        u_scale[blockIdx.x] = umax;
+        v_scale[blockIdx.x] = vmax;
+    }
+}
+#define ADAMW_INT8(NAME, G)                                                                                     \
+    extern "C" __global__ void NAME(float* p, const G* g, unsigned char* u, float* u_scale, unsigned char* v,   \
+                                    float* v_scale, size_t n, size_t shard_start, const long long* runs,        \
+                                    int n_runs, float grad_scale, float beta1, float one_minus_beta1,           \
+                                    float beta2, float one_minus_beta2, float decay, float inv_sqrt_bc2,        \
+                                    float eps, float step_size) {                                               \
+        AdamW h{grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, 1.f, inv_sqrt_bc2, eps, step_size}; \
+        adamw_int8(p, g, u, u_scale, v, v_scale, n, shard_start, runs, n_runs, h, decay);                       \
+    }
+ADAMW_INT8(adamw_int8_f32, float)
+ADAMW_INT8(adamw_int8_bf16, bf16)
 
 // totals[k] = the sum of slot k's blocks' partials (adamw's), in block order: one block per slot.
 extern "C" __global__ void slot_totals(const double* partials, const long long* slots, int n_slots, int blocks,

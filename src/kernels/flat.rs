@@ -182,6 +182,57 @@ pub fn zero(dst: &Tensor) -> Result<()> {
     unsafe { cudarc::driver::result::memset_d8_async(ptr(dst)?, 0, bytes, stream.cu_stream()) }.map_err(to_err)
 }
 
+/// The 8-bit moments of a shard as [`adamw_int8`] updates them (`train::moments::Moments::Int8`): u8 codes
+/// of whole blocks of 256 and an f32 scale per block, for `len` values.
+pub struct Int8Moments<'a> {
+    pub u: &'a Tensor,
+    pub u_scale: &'a Tensor,
+    pub v: &'a Tensor,
+    pub v_scale: &'a Tensor,
+    pub len: usize,
+}
+
+/// AdamW with 8-bit moments in place over `params[shard_start..][..len]` and `grads` (f32 or bf16) of the same
+/// range, decoding and coding the moments `mo` in the kernel, a block of 256 values per CUDA block (the
+/// reference: the candle-op update of `train::optim::AdamW::step`). `runs`: i64 pairs (first element, 1 where
+/// weight decay applies) of the flat buffer's runs (`ParamLayout::runs`), on the device. `s.decay` is what
+/// the decaying runs' parameters are multiplied by.
+pub fn adamw_int8(
+    params: &Tensor,
+    grads: &Tensor,
+    mo: &Int8Moments,
+    shard_start: usize,
+    runs: &Tensor,
+    s: &AdamWStep,
+) -> Result<()> {
+    let blocks = mo.len.div_ceil(256);
+    if mo.len == 0 {
+        return Ok(());
+    }
+    if mo.u.elem_count() < blocks * 256 || mo.u_scale.elem_count() < blocks {
+        candle_core::bail!(
+            "adamw_int8: {} codes and {} scales for {} values",
+            mo.u.elem_count(),
+            mo.u_scale.elem_count(),
+            mo.len
+        );
+    }
+    let name = match grads.dtype() {
+        DType::F32 => "adamw_int8_f32",
+        DType::BF16 => "adamw_int8_bf16",
+        d => candle_core::bail!("adamw_int8: no {d:?} gradients"),
+    };
+    let dev = cuda_device(params)?;
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY (of writing through `params` and the moments): the optimizer owns these buffers, and nothing reads
+    // them between this launch and the next op on the same stream.
+    launch!(dev, PTX, name, cfg;
+        ptr(params)?, ptr(grads)?, ptr(mo.u)?, ptr(mo.u_scale)?, ptr(mo.v)?, ptr(mo.v_scale)?, mo.len as u64,
+        shard_start as u64, ptr(runs)?, (runs.elem_count() / 2) as i32, s.grad_scale, s.beta1, s.one_minus_beta1,
+        s.beta2, s.one_minus_beta2, s.decay, s.inv_sqrt_bc2, s.eps, s.step_size);
+    Ok(())
+}
+
 /// AdamW's constants for one step, in the f32 the kernel computes with.
 pub struct AdamWStep {
     pub grad_scale: f32,

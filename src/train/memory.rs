@@ -15,8 +15,8 @@
 //!   ops left several f32 temporaries, and the estimate counts what each path allocates (with
 //!   `BESSIE_UNFUSED=1` it undercounts);
 //! - **optimizer**: latent weights, moments and the gradient buffer, which is summed across ranks,
-//!   normalised and clipped in place; where the update runs as candle ops (the CPU, 8-bit moments), its
-//!   temporaries for one chunk of the shard.
+//!   normalised and clipped in place; where the update runs as candle ops (the CPU), its temporaries for
+//!   one chunk of the shard.
 //!
 //! On CUDA two more parts: the stream-ordered allocator keeps freed blocks for reuse, which costs about
 //! one more largest transient, and the CUDA context with its libraries and the pool's rounding, a constant
@@ -208,9 +208,9 @@ pub fn estimate(s: &StepShape) -> Estimate {
         ("largest transient", transient),
     ];
     // The gradients are summed across ranks, normalised and clipped in place (inside AdamW's update). The
-    // fused kernel (CUDA, f32 moments) has no temporaries; the candle-op update takes a chunk of the shard
-    // at a time: the chunk's moments in f32, and about ten f32 temporaries of the update and the coding.
-    let temporaries = match fused && s.optimizer_state == OptimizerState::F32 {
+    // fused kernels (CUDA) have no temporaries; the candle-op update takes a chunk of the shard at a time: the
+    // chunk's moments in f32, and about ten f32 temporaries of the update and the coding.
+    let temporaries = match fused {
         true => 0.0,
         false => 48.0 * (CHUNK as f64).min(p),
     };

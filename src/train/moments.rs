@@ -19,7 +19,8 @@
 //!   of the parameter's gradients. Below `v`'s range, `sqrt(v)` is taken at the range's floor, so `u` stays
 //!   bounded there too.
 //!
-//! Coding and decoding are candle ops, so the same code runs on the CPU and on a GPU.
+//! Coding and decoding are candle ops here, the CPU's update and the reference of the GPU's, where one fused
+//! kernel (`kernels::flat::adamw_int8`) decodes, updates and codes a block per CUDA block.
 
 use std::f64::consts::LN_2;
 use std::ops::Range;

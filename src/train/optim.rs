@@ -21,9 +21,12 @@ pub struct AdamW {
     /// Optimizer steps taken (PyTorch's `state["step"]`).
     pub t: u64,
     pub shard: Range<usize>,
-    /// On a GPU, the slot table of AdamW's kernel, made at the first step (one upload).
+    /// On a GPU, the slot table of AdamW's kernel (f32 moments), made at the first step (one upload).
     #[cfg(feature = "cuda")]
     table: Option<crate::kernels::flat::SlotTable>,
+    /// On a GPU, the weight-decay runs of the 8-bit kernel, made at the first step.
+    #[cfg(feature = "cuda")]
+    runs: Option<Tensor>,
     /// The sums of `|W|` over each BitLinear matrix's part of the shard, as the last step left them (f64, one
     /// per slot; on a GPU only, where the update computes them as it writes): the next step weights' absmean
     /// without another pass over the parameters. Taken by [`AdamW::take_abs_sums`].
@@ -60,7 +63,7 @@ impl AdamW {
     /// The state `moments` after `t` steps (a checkpoint's, [`Moments::from_f32`]) for `shard`.
     pub fn new(moments: Moments, t: u64, shard: Range<usize>) -> Self {
         #[cfg(feature = "cuda")]
-        return Self { moments, t, shard, table: None, abs_sums: None };
+        return Self { moments, t, shard, table: None, runs: None, abs_sums: None };
         #[cfg(not(feature = "cuda"))]
         Self { moments, t, shard, abs_sums: None }
     }
@@ -100,10 +103,11 @@ impl AdamW {
     /// One step, updating `params`, `m` and `v` in place, with the gradients `grads * grad_scale` (the
     /// scale folds the per-token normalisation and the clip factor into the update: no pass of its own).
     /// Same arithmetic as `torch.optim.AdamW` (single-tensor path): `p *= 1 - lr wd`,
-    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Only `params[shard]` changes. On CUDA with f32
-    /// moments one fused kernel over the whole shard, which also sums the new BitLinear weights' `|W|`
-    /// ([`AdamW::take_abs_sums`]); otherwise candle ops over [`CHUNK`] values of the shard at a time (8-bit
-    /// moments decoded, updated in f32 and coded again), per range of it that shares a weight-decay setting.
+    /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`. Only `params[shard]` changes. On CUDA one fused
+    /// kernel over the whole shard: with f32 moments it also sums the new BitLinear weights' `|W|`
+    /// ([`AdamW::take_abs_sums`]); with 8-bit moments it decodes, updates and codes a block of them per CUDA
+    /// block. Otherwise candle ops over [`CHUNK`] values of the shard at a time (8-bit moments decoded,
+    /// updated in f32 and coded again), per range of it that shares a weight-decay setting.
     pub fn step(
         &mut self,
         params: &Tensor,
@@ -118,8 +122,8 @@ impl AdamW {
         let bc2 = 1.0 - h.beta2.powi(self.t as i32);
         let decay = |i: usize| h.weight_decay != 0.0 && layout.decays(i, h.decay_norms_and_embeddings);
         #[cfg(feature = "cuda")]
-        if let (true, Moments::F32 { m, v }) = (crate::kernels::on_cuda(params), &self.moments) {
-            use crate::kernels::flat::{adamw, AdamWStep, SlotTable};
+        if crate::kernels::on_cuda(params) {
+            use crate::kernels::flat::{adamw, adamw_int8, AdamWStep, Int8Moments, SlotTable};
             let s = AdamWStep {
                 grad_scale: grad_scale as f32,
                 beta1: h.beta1 as f32,
@@ -131,12 +135,29 @@ impl AdamW {
                 eps: h.eps as f32,
                 step_size: (lr / bc1) as f32,
             };
-            if self.table.is_none() {
-                let slots = super::model::slot_kinds(layout);
-                self.table = Some(SlotTable::new(params, &slots, self.shard.clone(), decay)?);
+            match &self.moments {
+                Moments::F32 { m, v } => {
+                    if self.table.is_none() {
+                        let slots = super::model::slot_kinds(layout);
+                        self.table = Some(SlotTable::new(params, &slots, self.shard.clone(), decay)?);
+                    }
+                    let table = self.table.as_ref().expect("made above");
+                    self.abs_sums = Some(adamw(params, grads, m, v, table, self.shard.start, &s)?);
+                }
+                Moments::Int8 { u, u_scale, v, v_scale, len } => {
+                    if self.runs.is_none() {
+                        let runs: Vec<i64> = layout
+                            .runs(decay)
+                            .iter()
+                            .flat_map(|&(offset, _, d)| [offset as i64, i64::from(d)])
+                            .collect();
+                        self.runs = Some(Tensor::new(runs, params.device())?);
+                    }
+                    let runs = self.runs.as_ref().expect("made above");
+                    let mo = Int8Moments { u, u_scale, v, v_scale, len: *len };
+                    adamw_int8(params, grads, &mo, self.shard.start, runs, &s)?;
+                }
             }
-            let table = self.table.as_ref().expect("made above");
-            self.abs_sums = Some(adamw(params, grads, m, v, table, self.shard.start, &s)?);
             return Ok(());
         }
         let runs = layout.runs(decay);
