@@ -100,6 +100,47 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     assert!(ties * 10 <= generated, "{ties} near ties of {generated}: the model is not decisive enough to test");
     assert!(worst < 5e-2, "relative RMS deviation {worst}");
 
+    // The decode kernels (one token per step: the matrix-vector products with their residual adds, attention
+    // over the cache with RoPE and the cache write) along the same answers, one token at a time after the
+    // prompt's prefill, against the CPU's logits of the whole sequence: within bf16 tolerance at every step,
+    // the same greedy choice wherever the CPU's is not a near tie.
+    let model = bessie::model::load(&dir, &gpu).unwrap();
+    let (mut steps, mut agree, mut ties, mut worst) = (0, 0, 0, 0f64);
+    for line in dev.lines().take(8) {
+        let q = serde_json::from_str::<serde_json::Value>(line).unwrap()["prompt"].as_str().unwrap().to_string();
+        let prompt = template.prompt_ids(&tok, &[Message::new("user", &q)]).unwrap();
+        let answer = generate(&cpu, &tok, &stop, &prompt, 64, &mut Sampler::greedy(), |_| Ok(())).unwrap().ids;
+        let ids = [&prompt[..], &answer[..]].concat();
+        let x = logits(&dir, &Device::Cpu, &ids);
+        let v = x.len() / ids.len();
+        let mut cache = KvCache::new(&model.cfg);
+        let prefill = Tensor::new(&prompt[..], &gpu).unwrap().unsqueeze(0).unwrap();
+        let mut h = model.forward_last(&prefill, &mut cache, 512).unwrap();
+        for p in prompt.len() - 1..ids.len() - 1 {
+            if p >= prompt.len() {
+                let step = Tensor::new(&[ids[p]], &gpu).unwrap().unsqueeze(0).unwrap();
+                h = model.forward(&step, &mut cache).unwrap().squeeze(1).unwrap();
+            }
+            let b: Vec<f32> = model.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let a = &x[p * v..(p + 1) * v];
+            let diff = (a.iter().zip(&b).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / v as f64).sqrt();
+            let rms = (a.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() / v as f64).sqrt();
+            worst = worst.max(diff / rms);
+            let mut sorted = a.to_vec();
+            sorted.sort_by(|p, q| q.total_cmp(p));
+            let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            steps += 1;
+            if ((sorted[0] - sorted[1]) as f64) < 4.0 * diff {
+                ties += 1;
+            } else if argmax(a) == argmax(&b) {
+                agree += 1;
+            }
+        }
+    }
+    println!("decode kernels: {steps} steps, greedy choice equal at {agree}, {ties} near ties; worst {worst:.2e}");
+    assert!(steps >= 64 && agree + ties == steps && ties * 10 <= steps, "{agree} + {ties} of {steps}");
+    assert!(worst < 5e-2, "decode kernels: relative RMS deviation {worst}");
+
     // Continuous batching on the GPU (3 rows for 16 prompts: rows refilled mid-answer, the template's shared
     // prefix run once) answers as one prompt at a time on the GPU, but where bf16 rounding, which differs
     // between batch shapes, meets a near tie.
@@ -234,6 +275,138 @@ mod fused {
     fn mismatched(got: &Tensor, want: &Tensor) -> f64 {
         let (g, w) = (values(got), values(want));
         g.iter().zip(&w).filter(|(a, b)| a != b).count() as f64 / w.len() as f64
+    }
+
+    /// The decoding step's matrix-vector product (`kernels::decode::try_gemv`) against candle's GEMM, scale and
+    /// residual add on the same bf16 tensors, for 1 to 8 rows and the projection shapes of -large and 2B4T.
+    #[test]
+    fn decode_gemv_matches_reference() {
+        use bessie::kernels::decode::try_gemv;
+        for (n, k) in [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096), (3840, 2560), (2560, 6912)] {
+            for rows in [1, 3, 8] {
+                let (x, w) = (randn(&[rows, 1, k], DType::BF16), randn(&[n, k], DType::BF16));
+                let scale = (randn(&[n], DType::BF16).abs().unwrap() * 0.01).unwrap();
+                let residual = randn(&[rows, 1, n], DType::BF16);
+                let plain = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_mul(&scale).unwrap();
+                let got = try_gemv(&x, &w, &scale, None).unwrap().expect("the kernel takes it");
+                let (e, m) = (rel_l2(&got, &plain), mismatched(&got, &plain));
+                let with = try_gemv(&x, &w, &scale, Some(&residual)).unwrap().expect("the kernel takes it");
+                let want = (&residual + &plain).unwrap();
+                let (er, mr) = (rel_l2(&with, &want), mismatched(&with, &want));
+                println!(
+                    "gemv {rows} x {k} -> {n}: rel L2 {e:.2e} ({m:.2e} differ), with residual {er:.2e} ({mr:.2e})"
+                );
+                // The sums' order differs from cuBLAS's: a bf16 rounding step apart at most, rarely.
+                assert!(e < 4e-3 && er < 4e-3 && m < 0.05 && mr < 0.05, "{rows} x {k} -> {n}");
+            }
+        }
+        // Nine rows are a GEMM's work.
+        let x = randn(&[9, 1536], DType::BF16);
+        assert!(try_gemv(&x, &randn(&[64, 1536], DType::BF16), &randn(&[64], DType::BF16), None).unwrap().is_none());
+    }
+
+    /// A decoding step's attention (`kernels::decode::try_decode_attention`: RoPE, the cache write, masked
+    /// softmax over the cache, split over the columns) against the candle ops of `model::bitnet`'s attention
+    /// on the same bf16 tensors: a row from column 0, a row whose own tokens skip a gap (a shared prefix's
+    /// padding), a retired row; 2B4T's grouped heads over 601 columns (three splits) and -large's over 101.
+    #[test]
+    fn decode_attention_matches_reference() {
+        use bessie::kernels::decode::try_decode_attention;
+        use bessie::kernels::shapes::DecodeAttention;
+        use candle_core::D;
+        for (heads, kv_heads, d, col) in [(20, 5, 128, 600), (16, 16, 96, 100)] {
+            let (rows, width, first) = (3, col + 40, 0);
+            // (start, gap, gap_len); u32::MAX: retired.
+            let spans = [(0u32, 0u32, 0u32), (5, 40, 30), (u32::MAX, u32::MAX, 0)];
+            let hides = |(s, g, l): (u32, u32, u32), c: u32| c < s || (c >= g && c - g < l);
+            let position = |sp: (u32, u32, u32), c: u32| match hides(sp, c) {
+                true => 0,
+                false if c >= sp.1 + sp.2 => c - sp.0 - sp.2,
+                false => c - sp.0,
+            };
+            let meta: Vec<u32> = spans.iter().flat_map(|&sp| [position(sp, col as u32), sp.0, sp.1, sp.2]).collect();
+            let meta = Tensor::from_vec(meta, (rows, 4), &gpu()).unwrap();
+            let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
+            let inv_freq = Tensor::new(inv.as_slice(), &gpu()).unwrap();
+            let qkv = randn(&[rows, (heads + 2 * kv_heads) * d], DType::BF16);
+            let k_cache = randn(&[rows, kv_heads, width, d], DType::BF16);
+            let v_cache = randn(&[rows, kv_heads, width, d], DType::BF16);
+            let (k_before, v_before) = (k_cache.copy().unwrap(), v_cache.copy().unwrap());
+            let step = DecodeAttention {
+                qkv: &qkv,
+                k_cache: &k_cache,
+                v_cache: &v_cache,
+                meta: &meta,
+                inv_freq: &inv_freq,
+                heads,
+                kv_heads,
+                head_dim: d,
+                first,
+                column: col,
+            };
+            let got = try_decode_attention(&step).unwrap().expect("the kernel takes it");
+
+            // The reference, as model::bitnet's attention computes it.
+            let positions: Vec<f32> = spans.iter().map(|&sp| position(sp, col as u32) as f32).collect();
+            let angles = Tensor::new(positions.as_slice(), &gpu())
+                .unwrap()
+                .reshape((rows, 1))
+                .unwrap()
+                .matmul(&inv_freq.reshape((1, d / 2)).unwrap())
+                .unwrap();
+            let table = |t: Tensor| t.to_dtype(DType::BF16).unwrap().reshape((rows, 1, d / 2)).unwrap();
+            let (cos, sin) = (table(angles.cos().unwrap()), table(angles.sin().unwrap()));
+            let part = |from: usize, n: usize| {
+                qkv.narrow(1, from * d, n * d).unwrap().reshape((rows, 1, n, d)).unwrap().transpose(1, 2).unwrap()
+            };
+            let rope = |x: Tensor| candle_nn::rotary_emb::rope(&x.contiguous().unwrap(), &cos, &sin).unwrap();
+            let (q, k_new, v_new) =
+                (rope(part(0, heads)), rope(part(heads, kv_heads)), part(heads + kv_heads, kv_heads));
+            let k_want = k_before.slice_assign(&[0..rows, 0..kv_heads, col..col + 1, 0..d], &k_new).unwrap();
+            let v_want = v_before
+                .slice_assign(&[0..rows, 0..kv_heads, col..col + 1, 0..d], &v_new.contiguous().unwrap())
+                .unwrap();
+            // The same roundings (a sum of two bf16 products rounded twice may differ, rarely).
+            let (mk, mv) = (mismatched(&k_cache, &k_want), mismatched(&v_cache, &v_want));
+            assert!(mk < 1e-4 && mv == 0.0, "the cache's new keys differ at {mk}, values at {mv}");
+            let repeat = |t: &Tensor| {
+                let t = t.narrow(2, first, col + 1 - first).unwrap();
+                let (b, h, n, dd) = t.dims4().unwrap();
+                t.unsqueeze(2)
+                    .unwrap()
+                    .expand((b, h, heads / kv_heads, n, dd))
+                    .unwrap()
+                    .reshape((b, heads, n, dd))
+                    .unwrap()
+            };
+            let (k, v) = (repeat(&k_want), repeat(&v_want));
+            let scores =
+                (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap().to_dtype(DType::F32).unwrap();
+            let mask: Vec<f32> = spans
+                .iter()
+                .flat_map(|&sp| {
+                    (first..=col).map(move |c| match hides(sp, c as u32) == hides(sp, col as u32) {
+                        true => 0.0,
+                        false => f32::NEG_INFINITY,
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (rows, 1, 1, col + 1 - first), &gpu()).unwrap();
+            let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+            let want = probs.to_dtype(DType::BF16).unwrap().matmul(&v).unwrap();
+            let want = want.transpose(1, 2).unwrap().reshape((rows, heads * d)).unwrap();
+            // The retired row computes what no one reads: compared for the live rows only.
+            let live = |t: &Tensor| t.narrow(0, 0, 2).unwrap();
+            let e = rel_l2(&live(&got), &live(&want));
+            let worst = values(&(live(&got) - live(&want)).unwrap().abs().unwrap().max(D::Minus1).unwrap())
+                .into_iter()
+                .fold(0f64, f64::max);
+            println!(
+                "decode attention {heads}/{kv_heads} heads of {d}, {} columns: rel L2 {e:.2e}, worst {worst:.2e}",
+                col + 1
+            );
+            assert!(e < 1e-2, "{heads} heads over {} columns: rel L2 {e}", col + 1);
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
+pub mod decode;
+#[cfg(feature = "cuda")]
 pub mod embedding;
 #[cfg(feature = "cuda")]
 pub mod flash_attention;

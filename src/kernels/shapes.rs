@@ -39,3 +39,23 @@ impl TokenRows {
         Ok(Self { order: Tensor::new(order, device)?, runs: Tensor::from_vec(runs, (distinct, 3), device)?, distinct })
     }
 }
+
+/// One decoding step's attention (`kernels::decode`): every row's new token over its KV cache.
+pub struct DecodeAttention<'a> {
+    /// The stacked q, k, v projection of the new tokens, bf16 `[rows, (heads + 2 kv_heads) head_dim]`.
+    pub qkv: &'a Tensor,
+    /// The layer's caches, bf16 `[rows, kv_heads, width, head_dim]`; the new keys and values go to `column`.
+    pub k_cache: &'a Tensor,
+    pub v_cache: &'a Tensor,
+    /// u32 `[rows, 4]`: the new token's RoPE position, and the row's start, gap and gap length
+    /// (`model::kv_cache`'s span; a retired row starts at `u32::MAX`).
+    pub meta: &'a Tensor,
+    /// RoPE's inverse frequencies, f32 `[head_dim / 2]`.
+    pub inv_freq: &'a Tensor,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// The first column any row attends to, and the new tokens' column.
+    pub first: usize,
+    pub column: usize,
+}

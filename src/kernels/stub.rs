@@ -145,3 +145,20 @@ pub mod rope {
         Ok(None)
     }
 }
+
+pub mod decode {
+    use crate::kernels::shapes::DecodeAttention;
+    use candle_core::{Result, Tensor};
+
+    pub fn takes(_: &Tensor, _: usize) -> bool {
+        false
+    }
+
+    pub fn try_gemv(_: &Tensor, _: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    pub fn try_decode_attention(_: &DecodeAttention) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}

@@ -11,6 +11,7 @@ use super::kv_cache::{attention_mask, KvCache};
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
+use crate::kernels::shapes::DecodeAttention;
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// How a BitLinear layer holds its ternary weight.
@@ -170,16 +171,26 @@ impl Stacked {
         }
     }
 
-    /// The stacked outputs `[.., sum of outputs]` for the quantized input.
-    fn forward(&self, input: &Quantized) -> Result<Tensor> {
-        match input {
-            Quantized::Scaled(x) => x.broadcast_matmul(&self.weight.t()?)?.broadcast_mul(&self.scales),
+    /// The stacked outputs `[.., sum of outputs]` for the quantized input, plus `residual` where given. A
+    /// decoding step's few rows take the matrix-vector kernel, which adds the residual as it writes.
+    fn forward(&self, input: &Quantized, residual: Option<&Tensor>) -> Result<Tensor> {
+        let y = match input {
+            Quantized::Scaled(x) => {
+                if let Some(y) = crate::kernels::decode::try_gemv(x, &self.weight, &self.scales, residual)? {
+                    return Ok(y);
+                }
+                x.broadcast_matmul(&self.weight.t()?)?.broadcast_mul(&self.scales)?
+            }
             Quantized::Codes { q, scale } => {
                 let dtype = self.weight.dtype();
                 let y = q.to_dtype(dtype)?.broadcast_matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
                 let y = y.broadcast_mul(scale)?.broadcast_mul(&self.scales.to_dtype(DType::F32)?)?;
-                y.to_dtype(dtype)
+                y.to_dtype(dtype)?
             }
+        };
+        match residual {
+            Some(r) => r + y,
+            None => Ok(y),
         }
     }
 
@@ -236,6 +247,15 @@ impl Rope {
         Ok(Self { cfg: cfg.clone(), dynamic, inv_freq, dtype })
     }
 
+    /// The inverse frequencies `[1, head_dim / 2]` of a sequence of `len` tokens: with dynamic scaling beyond
+    /// `max_position_embeddings`, those of its length.
+    fn inv_freq_for(&self, len: usize, device: &Device) -> Result<Tensor> {
+        match self.dynamic && len > self.cfg.max_position_embeddings {
+            true => Self::inv_freq(&self.cfg, len, device),
+            false => Ok(self.inv_freq.clone()),
+        }
+    }
+
     /// transformers' `inv_freq` for a sequence of `len` tokens: `1 / base^(2i/d)`, divided by the factor
     /// under linear scaling.
     fn inv_freq(cfg: &ModelConfig, len: usize, device: &Device) -> Result<Tensor> {
@@ -250,14 +270,19 @@ impl Rope {
     /// as transformers' `dynamic_rope_update` does (cached keys keep theirs).
     fn at(&self, positions: &Tensor, len: usize) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
-        let inv_freq = match self.dynamic && len > self.cfg.max_position_embeddings {
-            true => Self::inv_freq(&self.cfg, len, positions.device())?,
-            false => self.inv_freq.clone(),
-        };
+        let inv_freq = self.inv_freq_for(len, positions.device())?;
         let freqs = positions.flatten_all()?.to_dtype(DType::F32)?.reshape((b * t, 1))?.matmul(&inv_freq)?;
         let table = |x: Tensor| x.to_dtype(self.dtype)?.reshape((b, t, ()));
         Ok((table(freqs.cos()?)?, table(freqs.sin()?)?))
     }
+}
+
+/// Where a forward's new tokens are, as its attention takes it: RoPE's tables and the mask (candle ops), or for
+/// a decoding step on a GPU each row's span (`KvCache::step_meta`, u32 `[rows, 4]`) and RoPE's inverse
+/// frequencies, from which the decode kernel rotates and masks.
+enum Positions {
+    Tables { rope: (Tensor, Tensor), mask: Option<Tensor> },
+    Step { meta: Tensor, inv_freq: Tensor },
 }
 
 /// Rotates `x: [batch, heads, seq, head_dim]` by the tables of `Rope::at`.
@@ -307,21 +332,46 @@ impl Attention {
         })
     }
 
-    /// Attention of `x` (the block's input) normed by `norm`.
+    /// `x` (the block's input) plus its attention, normed by `norm`.
     fn forward(
         &self,
         x: &Tensor,
         norm: &RmsNorm,
-        rope: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
+        at: &Positions,
         (cache, layer, first): (&mut KvCache, usize, usize),
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let (rope, mask) = match (at, &self.weights) {
+            (Positions::Tables { rope, mask }, _) => (rope, mask.as_ref()),
+            (Positions::Step { meta, inv_freq }, AttnWeights::Stacked { qkv, o }) => {
+                let qkv = qkv.forward(&Quantized::of(x, Some(norm), None)?, None)?;
+                let (k_cache, v_cache) = cache.step_buffers(layer, b, self.num_kv_heads, self.head_dim, x)?;
+                let step = DecodeAttention {
+                    qkv: &qkv,
+                    k_cache: &k_cache,
+                    v_cache: &v_cache,
+                    meta,
+                    inv_freq,
+                    heads: self.num_heads,
+                    kv_heads: self.num_kv_heads,
+                    head_dim: self.head_dim,
+                    first,
+                    column: cache.len(),
+                };
+                let y = crate::kernels::decode::try_decode_attention(&step)?
+                    .ok_or_else(|| candle_core::Error::msg("the decode kernel declined a step it was chosen for"))?;
+                let y = y.reshape((b, t, self.num_heads * self.head_dim))?;
+                return o.forward(&Quantized::of(&y, self.sub_norm.as_ref(), None)?, Some(x));
+            }
+            (Positions::Step { .. }, AttnWeights::Each { .. }) => {
+                candle_core::bail!("a decode step for projections that are not stacked")
+            }
+        };
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
         let [q, k, v] = match &self.weights {
             AttnWeights::Each { q, k, v, .. } => BitLinear::forward_many([q, k, v], &norm.forward(x)?)?,
             AttnWeights::Stacked { qkv, .. } => {
-                let y = qkv.forward(&Quantized::of(x, Some(norm), None)?)?;
+                let y = qkv.forward(&Quantized::of(x, Some(norm), None)?, None)?;
                 qkv.split(&y)?.try_into().expect("q, k and v")
             }
         };
@@ -340,8 +390,8 @@ impl Attention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         match &self.weights {
-            AttnWeights::Each { o, .. } => o.forward(&maybe_norm(&self.sub_norm, &y)?),
-            AttnWeights::Stacked { o, .. } => o.forward(&Quantized::of(&y, self.sub_norm.as_ref(), None)?),
+            AttnWeights::Each { o, .. } => x + o.forward(&maybe_norm(&self.sub_norm, &y)?)?,
+            AttnWeights::Stacked { o, .. } => o.forward(&Quantized::of(&y, self.sub_norm.as_ref(), None)?, Some(x)),
         }
     }
 }
@@ -381,17 +431,18 @@ impl Mlp {
         })
     }
 
-    /// The MLP of `x` (the residual stream) normed by `norm`.
+    /// `x` (the residual stream) plus its MLP, normed by `norm`.
     fn forward(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
         match &self.weights {
             MlpWeights::Each { gate, up, down } => {
                 let [gate, up] = BitLinear::forward_many([gate, up], &norm.forward(x)?)?;
                 let y = (activate(&gate, self.activation)? * up)?;
-                down.forward(&maybe_norm(&self.sub_norm, &y)?)
+                x + down.forward(&maybe_norm(&self.sub_norm, &y)?)?
             }
             MlpWeights::Stacked { gate_up, down } => {
-                let gate_up = gate_up.forward(&Quantized::of(x, Some(norm), None)?)?;
-                down.forward(&Quantized::of(&gate_up, self.sub_norm.as_ref(), Some(self.activation))?)
+                let gate_up = gate_up.forward(&Quantized::of(x, Some(norm), None)?, None)?;
+                let h = Quantized::of(&gate_up, self.sub_norm.as_ref(), Some(self.activation))?;
+                down.forward(&h, Some(x))
             }
         }
     }
@@ -466,6 +517,24 @@ impl BitNet {
         self.cfg.max_positions().ok().flatten().unwrap_or(usize::MAX)
     }
 
+    /// Whether a decoding step (one new token per row) runs the decode kernels: on a GPU with stacked
+    /// projections and heads they take; said once when it does not.
+    fn decode_kernels(&self) -> bool {
+        let stacked = self.layers.first().is_some_and(|b| matches!(b.self_attn.weights, AttnWeights::Stacked { .. }));
+        let takes = stacked && crate::kernels::decode::takes(&self.embed_tokens, self.cfg.head_dim());
+        if stacked && !takes {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "note: the GPU decode kernels do not take this model (head dim {}, or BESSIE_UNFUSED is set, or \
+                     this is not a CUDA build); decoding by candle ops, slower",
+                    self.cfg.head_dim()
+                )
+            });
+        }
+        takes
+    }
+
     /// Runs `ids: [batch, seq]` (u32) after the columns already in `cache` and returns the final hidden
     /// states `[batch, seq, hidden]` after the last norm. The outputs at padding columns are meaningless.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -478,16 +547,24 @@ impl BitNet {
         self.cfg
             .check_positions(longest, "the sequence (prompt and generated tokens)")
             .map_err(candle_core::Error::msg)?;
-        let positions: Vec<u32> =
-            spans.iter().flat_map(|s| (col..col + t).map(move |c| s.position(c) as u32)).collect();
-        let rope = self.rope.at(&Tensor::from_vec(positions, (b, t), self.device())?, longest)?;
-        let mask = attention_mask(t, (first, col), &spans, self.device())?;
+        let at = match t == 1 && self.decode_kernels() {
+            true => {
+                let meta: Vec<u32> = spans.iter().flat_map(|s| s.step_meta(col)).collect();
+                let meta = Tensor::from_vec(meta, (b, 4), self.device())?;
+                Positions::Step { meta, inv_freq: self.rope.inv_freq_for(longest, self.device())? }
+            }
+            false => {
+                let positions: Vec<u32> =
+                    spans.iter().flat_map(|s| (col..col + t).map(move |c| s.position(c) as u32)).collect();
+                let rope = self.rope.at(&Tensor::from_vec(positions, (b, t), self.device())?, longest)?;
+                Positions::Tables { rope, mask: attention_mask(t, (first, col), &spans, self.device())? }
+            }
+        };
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         for (layer, block) in self.layers.iter().enumerate() {
             let kv = (&mut *cache, layer, first);
-            let a = block.self_attn.forward(&x, &block.input_layernorm, &rope, mask.as_ref(), kv)?;
-            x = (x + a)?;
-            x = (&x + block.mlp.forward(&x, &block.post_attention_layernorm)?)?;
+            x = block.self_attn.forward(&x, &block.input_layernorm, &at, kv)?;
+            x = block.mlp.forward(&x, &block.post_attention_layernorm)?;
         }
         cache.advance(t);
         self.norm.forward(&x)

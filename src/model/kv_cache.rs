@@ -57,6 +57,13 @@ impl Span {
         }
     }
 
+    /// What the decode kernel knows of the row for its token in column `c`: `[position, start, gap,
+    /// gap_len]` (`kernels::shapes::DecodeAttention::meta`; a retired row's start and gap are `u32::MAX`).
+    pub fn step_meta(&self, c: usize) -> [u32; 4] {
+        let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        [u(self.position(c)), u(self.start), u(self.gap), u(self.gap_len)]
+    }
+
     /// The span moved by `to - from` columns.
     fn moved(self, from: usize, to: usize) -> Self {
         match self.is_retired() {
@@ -109,7 +116,8 @@ impl KvCache {
                 Tensor::cat(&vec![&one; pad.len()], 0)
             };
             let (k, v) = (copies(k)?, copies(v)?);
-            cache.resize(layer, &k, cache.capacity, 0)?;
+            let (rows, heads, _, dim) = k.dims4()?;
+            cache.resize(layer, (rows, heads, dim), &k, cache.capacity, 0)?;
             let (kb, vb) = cache.layers[layer].as_ref().expect("allocated above");
             kb.slice_set(&k, 2, 0)?;
             vb.slice_set(&v, 2, 0)?;
@@ -177,14 +185,37 @@ impl KvCache {
     pub(super) fn append(&mut self, layer: usize, first: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         let need = self.len + t;
-        if need > self.width(layer)? {
-            let columns = if need <= self.capacity { self.capacity } else { need.next_multiple_of(GROW) };
-            self.resize(layer, k, columns, self.len)?;
-        }
+        let (rows, heads, _, dim) = k.dims4()?;
+        self.make_room(layer, t, (rows, heads, dim), k)?;
         let (kb, vb) = self.layers[layer].as_ref().expect("allocated above");
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
         Ok((kb.narrow(2, first, need - first)?, vb.narrow(2, first, need - first)?))
+    }
+
+    /// Layer `layer`'s buffers with room for `t` more columns, `[rows, heads, width, dim]` in `like`'s dtype
+    /// and device: allocated, or grown keeping the columns so far.
+    fn make_room(&mut self, layer: usize, t: usize, shape: (usize, usize, usize), like: &Tensor) -> Result<()> {
+        let need = self.len + t;
+        if need > self.width(layer)? {
+            let columns = if need <= self.capacity { self.capacity } else { need.next_multiple_of(GROW) };
+            self.resize(layer, shape, like, columns, self.len)?;
+        }
+        Ok(())
+    }
+
+    /// Layer `layer`'s whole buffers, with room for one more column, for a decoding step whose kernel writes
+    /// the new keys and values into column [`KvCache::len`] itself.
+    pub(super) fn step_buffers(
+        &mut self,
+        layer: usize,
+        rows: usize,
+        heads: usize,
+        dim: usize,
+        like: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        self.make_room(layer, 1, (rows, heads, dim), like)?;
+        Ok(self.layers[layer].clone().expect("allocated above"))
     }
 
     /// Counts the `t` columns every layer appended.
@@ -192,10 +223,16 @@ impl KvCache {
         self.len += t;
     }
 
-    /// Layer `layer`'s buffers with `columns` columns, keeping the first `keep`; shaped like `like`'s but
-    /// wider.
-    fn resize(&mut self, layer: usize, like: &Tensor, columns: usize, keep: usize) -> Result<()> {
-        let (rows, heads, _, dim) = like.dims4()?;
+    /// Layer `layer`'s buffers `[rows, heads, columns, dim]` in `like`'s dtype and device, keeping the first
+    /// `keep` columns.
+    fn resize(
+        &mut self,
+        layer: usize,
+        (rows, heads, dim): (usize, usize, usize),
+        like: &Tensor,
+        columns: usize,
+        keep: usize,
+    ) -> Result<()> {
         let fresh = || Tensor::zeros((rows, heads, columns, dim), like.dtype(), like.device());
         let (k, v) = (fresh()?, fresh()?);
         if let (Some((old_k, old_v)), true) = (&self.layers[layer], keep > 0) {
@@ -214,7 +251,8 @@ impl KvCache {
             let Some((k, v)) = self.layers[layer].clone() else { continue };
             let (kept_k, kept_v) = (k.narrow(2, from, n)?.contiguous()?, v.narrow(2, from, n)?.contiguous()?);
             if to + n > self.width(layer)? {
-                self.resize(layer, &k, (to + n).next_multiple_of(GROW), 0)?;
+                let (rows, heads, _, dim) = k.dims4()?;
+                self.resize(layer, (rows, heads, dim), &k, (to + n).next_multiple_of(GROW), 0)?;
             }
             let (k, v) = self.layers[layer].as_ref().expect("allocated");
             k.slice_set(&kept_k, 2, to)?;

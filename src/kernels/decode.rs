@@ -1,0 +1,119 @@
+//! Decoding one token per row (decode.cu): the few rows of a generation step multiplied by a weight matrix
+//! in one pass over it, with the output's scales and the residual add, and each row's new token's attention
+//! over its KV cache with RoPE and the cache write, in one launch per layer (two past 256 columns, split
+//! over the columns as flash-decoding does) instead of about fifteen ops.
+//! References: `model::bitnet`'s `Stacked::forward` and `Attention::forward` in candle ops.
+
+use candle_core::{DType, Result, Tensor};
+use cudarc::driver::LaunchConfig;
+
+use super::shapes::DecodeAttention;
+use super::{aligned_ptr, applies, cuda_device, launch, ptr, ptx, uninit, Ptx};
+
+const PTX: Ptx = ptx!("decode");
+
+/// Rows [`try_gemv`] takes at a time (`GEMV_ROWS` in decode.cu).
+pub const GEMV_ROWS: usize = 8;
+/// Outputs per block of the product: a warp each.
+const GEMV_WARPS: usize = 8;
+/// Threads of the attention kernel.
+const ATTN_THREADS: u32 = 128;
+/// Columns per split of the attention kernel (`SPLIT`): a long context's columns spread over the card.
+const SPLIT: usize = 256;
+
+/// Whether [`try_decode_attention`] takes heads of `head_dim` for `x`'s device (bf16 on CUDA, the kernels
+/// enabled).
+pub fn takes(x: &Tensor, head_dim: usize) -> bool {
+    applies(x) && head_dim.is_multiple_of(2) && head_dim <= 256
+}
+
+/// `x @ w^T * scale (+ residual)` for the quantized input `x: [.., k]` of at most [`GEMV_ROWS`] rows (bf16),
+/// the ternary weights `w: [n, k]`, the outputs' scales `scale: [n]` and `residual` in the output's shape
+/// `[.., n]`, rounded as the candle ops round: `Ok(None)` where it does not apply (more rows, `k` not a
+/// multiple of 8, not bf16 on CUDA).
+pub fn try_gemv(x: &Tensor, w: &Tensor, scale: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let (n, k) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    if !applies(x)
+        || w.dtype() != DType::BF16
+        || rows > GEMV_ROWS
+        || !k.is_multiple_of(8)
+        || x.dim(candle_core::D::Minus1)? != k
+    {
+        return Ok(None);
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has a last dimension") = n;
+    let (x, w, scale) = (x.contiguous()?, w.contiguous()?, scale.contiguous()?);
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    if residual.as_ref().is_some_and(|r| r.dims() != dims.as_slice()) {
+        candle_core::bail!("gemv: residual {:?} for an output {dims:?}", residual.map(|r| r.dims().to_vec()));
+    }
+    let dev = cuda_device(&x)?;
+    let out = uninit(dims, DType::BF16, &dev)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
+        block_dim: (32 * GEMV_WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(dev, PTX, "gemv", cfg;
+        aligned_ptr(&x)?, aligned_ptr(&w)?, ptr(&scale)?, residual.as_ref().map_or(Ok(0), ptr)?, ptr(&out)?,
+        rows as i32, n as i32, k as i32);
+    Ok(Some(out))
+}
+
+/// One decoding step's attention ([`DecodeAttention`]): the new keys and values written into the caches'
+/// column, and each row's attention output `[rows, heads head_dim]` (bf16), its query and key rotated by RoPE;
+/// `Ok(None)` where the kernel does not take it ([`takes`]).
+pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
+    let splits = (a.column + 1 - a.first).div_ceil(SPLIT);
+    if !takes(a.qkv, a.head_dim) || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
+        return Ok(None);
+    }
+    let (rows, kv_heads, width, d) = a.k_cache.dims4()?;
+    let qkv_width = (a.heads + 2 * a.kv_heads) * a.head_dim;
+    if kv_heads != a.kv_heads
+        || d != a.head_dim
+        || a.column >= width
+        || a.qkv.elem_count() != rows * qkv_width
+        || a.meta.dims() != [rows, 4]
+        || a.meta.dtype() != DType::U32
+        || a.inv_freq.elem_count() != d / 2
+        || a.v_cache.dims() != a.k_cache.dims()
+        || !a.k_cache.is_contiguous()
+        || !a.v_cache.is_contiguous()
+    {
+        candle_core::bail!(
+            "decode attention: qkv {:?}, caches {:?}, meta {:?}, inv_freq {:?} for {} heads ({} kv) of {}",
+            a.qkv.dims(),
+            a.k_cache.dims(),
+            a.meta.dims(),
+            a.inv_freq.dims(),
+            a.heads,
+            a.kv_heads,
+            a.head_dim
+        );
+    }
+    let qkv = a.qkv.contiguous()?;
+    let inv_freq = a.inv_freq.to_dtype(DType::F32)?.contiguous()?;
+    let dev = cuda_device(&qkv)?;
+    let y = uninit((rows, a.heads * d), DType::BF16, &dev)?;
+    // One split writes y itself; several write their parts for the combine.
+    let partial = uninit(if splits > 1 { rows * a.heads * splits * (d + 2) } else { 1 }, DType::F32, &dev)?;
+    let cfg = LaunchConfig {
+        grid_dim: (a.heads as u32, rows as u32, splits as u32),
+        block_dim: (ATTN_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY (of writing through the caches): the KV cache's buffers are this generation's alone.
+    launch!(dev, PTX, "decode_attention", cfg;
+        ptr(&qkv)?, ptr(a.k_cache)?, ptr(a.v_cache)?, ptr(a.meta)?, ptr(&inv_freq)?, ptr(&y)?, ptr(&partial)?,
+        a.heads as i32, a.kv_heads as i32, d as i32, width as i32, a.first as i32, a.column as i32);
+    if splits > 1 {
+        let cfg =
+            LaunchConfig { grid_dim: (a.heads as u32, rows as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        launch!(dev, PTX, "decode_attention_combine", cfg;
+            ptr(&partial)?, ptr(&y)?, a.heads as i32, d as i32, splits as i32);
+    }
+    Ok(Some(y))
+}
