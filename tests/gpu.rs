@@ -308,14 +308,15 @@ mod fused {
     /// A decoding step's attention (`kernels::decode::try_decode_attention`: RoPE, the cache write, masked
     /// softmax over the cache, split over the columns) against the candle ops of `model::bitnet`'s attention
     /// on the same bf16 tensors: a row from column 0, a row whose own tokens skip a gap (a shared prefix's
-    /// padding), a retired row; 2B4T's grouped heads over 601 columns (three splits) and -large's over 101.
+    /// padding), a retired row; 2B4T's grouped heads over 601 columns (three splits, the cache wide enough for
+    /// a fourth, empty one) and -large's over 101 (one).
     #[test]
     fn decode_attention_matches_reference() {
         use bessie::kernels::decode::try_decode_attention;
         use bessie::kernels::shapes::DecodeAttention;
         use candle_core::D;
         for (heads, kv_heads, d, col) in [(20, 5, 128, 600), (16, 16, 96, 100)] {
-            let (rows, width, first) = (3, col + 40, 0);
+            let (rows, width, first) = (3, if col > 256 { 1000 } else { 200 }, 0);
             // (start, gap, gap_len); u32::MAX: retired.
             let spans = [(0u32, 0u32, 0u32), (5, 40, 30), (u32::MAX, u32::MAX, 0)];
             let hides = |(s, g, l): (u32, u32, u32), c: u32| c < s || (c >= g && c - g < l);
@@ -324,8 +325,12 @@ mod fused {
                 false if c >= sp.1 + sp.2 => c - sp.0 - sp.2,
                 false => c - sp.0,
             };
-            let meta: Vec<u32> = spans.iter().flat_map(|&sp| [position(sp, col as u32), sp.0, sp.1, sp.2]).collect();
-            let meta = Tensor::from_vec(meta, (rows, 4), &gpu()).unwrap();
+            let meta: Vec<u32> = spans
+                .iter()
+                .flat_map(|&sp| [position(sp, col as u32), sp.0, sp.1, sp.2])
+                .chain([first as u32, col as u32])
+                .collect();
+            let meta = Tensor::from_vec(meta, 4 * rows + 2, &gpu()).unwrap();
             let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
             let inv_freq = Tensor::new(inv.as_slice(), &gpu()).unwrap();
             let qkv = randn(&[rows, (heads + 2 * kv_heads) * d], DType::BF16);
@@ -341,8 +346,7 @@ mod fused {
                 heads,
                 kv_heads,
                 head_dim: d,
-                first,
-                column: col,
+                width,
             };
             let got = try_decode_attention(&step).unwrap().expect("the kernel takes it");
 

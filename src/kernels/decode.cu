@@ -47,7 +47,9 @@ extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale,
 
 // What a row's step knows of its columns (model::kv_cache's Span): meta[4 r ..] = the new token's RoPE
 // position, the row's first column, its gap's first column and the gap's length (a retired row: start
-// 0xffffffff, it hides every column).
+// 0xffffffff, it hides every column). After the rows' (meta[4 rows], meta[4 rows + 1]): the first column any
+// row attends to and the new tokens' column, read on the device so that a captured step replays for the next
+// column.
 struct RowMeta {
     unsigned position, start, gap, gap_len;
     __device__ bool hides(unsigned c) const { return c < start || (c >= gap && c - gap < gap_len); }
@@ -66,10 +68,11 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float position, co
 
 // Attention of each row's new token over its cache, split over the columns as flash-decoding does, so that a
 // long context spreads over the card: blockIdx.x = query head, blockIdx.y = row, blockIdx.z = split of SPLIT
-// columns (of first..col); 128 threads, thread i < d / 2 holding the pair of elements i, i + d / 2 where a
-// head's elements are handled. Each block rotates the new token's q and its kv head's k (the reference's
-// rotate-half RoPE), the last split's block of the group's first query head writes the new k and v to the
-// cache's column `col` (the others take the new column from registers, not from the cache being written),
+// columns (of first..col; enough splits for the cache's width, those past col doing nothing); 128 threads,
+// thread i < d / 2 holding the pair of elements i, i + d / 2 where a head's elements are handled. Each block
+// rotates the new token's q and its kv head's k (the reference's rotate-half RoPE), the block of the group's
+// first query head whose split holds col writes the new k and v to the cache's column `col` (the others take
+// the new column from registers, not from the cache being written),
 // then softmax(q k^T / sqrt(d)) v over the split's columns that the row does not hide (a hidden query, a
 // retired row's, attends to the hidden ones instead, as the reference mask has it). One split writes y; with
 // several, each writes its max, its sum of exponentials and its unnormalized output to `partial` [rows, heads,
@@ -80,9 +83,16 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float position, co
 #define SPLIT 256
 extern "C" __global__ void decode_attention(const bf16* qkv, bf16* k_cache, bf16* v_cache, const unsigned* meta,
                                             const float* inv_freq, bf16* y, float* partial, int heads,
-                                            int kv_heads, int d, int width, int first, int col) {
+                                            int kv_heads, int d, int width) {
     __shared__ float scores[SPLIT], q[256], k_new[256], v_new[256];
     int h = blockIdx.x, r = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    int first = meta[4 * gridDim.y], col = meta[4 * gridDim.y + 1];
+    int lo = first + split * SPLIT;
+    if (lo > col) {
+        // Nothing to attend to: the combine skips this split.
+        if (threadIdx.x == 0) partial[(((size_t)r * heads + h) * splits + split) * (d + 2) + d] = -INFINITY;
+        return;
+    }
     int group = heads / kv_heads, kvh = h / group, half = d / 2;
     RowMeta m{meta[4 * r], meta[4 * r + 1], meta[4 * r + 2], meta[4 * r + 3]};
     const bf16* row = qkv + (size_t)r * (heads + 2 * kv_heads) * d;
@@ -91,7 +101,7 @@ extern "C" __global__ void decode_attention(const bf16* qkv, bf16* k_cache, bf16
     const bf16* vh = row + (size_t)(heads + kv_heads + kvh) * d;
     size_t head_base = ((size_t)r * kv_heads + kvh) * width * d;
     float pos = (float)m.position;
-    bool writes = h % group == 0 && split == splits - 1;
+    bool writes = h % group == 0 && (col - first) / SPLIT == split;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float a = f32(qh[i]), b = f32(qh[i + half]);
         rope_pair(a, b, pos, inv_freq, i);
@@ -108,7 +118,7 @@ extern "C" __global__ void decode_attention(const bf16* qkv, bf16* k_cache, bf16
     }
     __syncthreads();
     // This split's columns; each warp takes them in turn, its lanes splitting the head's elements.
-    int lo = first + split * SPLIT, n = min(SPLIT, col + 1 - lo);
+    int n = min(SPLIT, col + 1 - lo);
     int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     bool hidden_query = m.hides(col);
     float inv_sqrt_d = round_bf16(1.f / sqrtf((float)d));

@@ -66,7 +66,6 @@ pub fn try_gemv(x: &Tensor, w: &Tensor, scale: &Tensor, residual: Option<&Tensor
 /// column, and each row's attention output `[rows, heads head_dim]` (bf16), its query and key rotated by RoPE;
 /// `Ok(None)` where the kernel does not take it ([`takes`]).
 pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
-    let splits = (a.column + 1 - a.first).div_ceil(SPLIT);
     if !takes(a.qkv, a.head_dim) || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
         return Ok(None);
     }
@@ -74,9 +73,9 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     let qkv_width = (a.heads + 2 * a.kv_heads) * a.head_dim;
     if kv_heads != a.kv_heads
         || d != a.head_dim
-        || a.column >= width
+        || width != a.width
         || a.qkv.elem_count() != rows * qkv_width
-        || a.meta.dims() != [rows, 4]
+        || a.meta.dims() != [4 * rows + 2]
         || a.meta.dtype() != DType::U32
         || a.inv_freq.elem_count() != d / 2
         || a.v_cache.dims() != a.k_cache.dims()
@@ -97,6 +96,7 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     let qkv = a.qkv.contiguous()?;
     let inv_freq = a.inv_freq.to_dtype(DType::F32)?.contiguous()?;
     let dev = cuda_device(&qkv)?;
+    let splits = width.div_ceil(SPLIT);
     let y = uninit((rows, a.heads * d), DType::BF16, &dev)?;
     // One split writes y itself; several write their parts for the combine.
     let partial = uninit(if splits > 1 { rows * a.heads * splits * (d + 2) } else { 1 }, DType::F32, &dev)?;
@@ -108,7 +108,7 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     // SAFETY (of writing through the caches): the KV cache's buffers are this generation's alone.
     launch!(dev, PTX, "decode_attention", cfg;
         ptr(&qkv)?, ptr(a.k_cache)?, ptr(a.v_cache)?, ptr(a.meta)?, ptr(&inv_freq)?, ptr(&y)?, ptr(&partial)?,
-        a.heads as i32, a.kv_heads as i32, d as i32, width as i32, a.first as i32, a.column as i32);
+        a.heads as i32, a.kv_heads as i32, d as i32, width as i32);
     if splits > 1 {
         let cfg =
             LaunchConfig { grid_dim: (a.heads as u32, rows as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };

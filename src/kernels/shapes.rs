@@ -47,15 +47,15 @@ pub struct DecodeAttention<'a> {
     /// The layer's caches, bf16 `[rows, kv_heads, width, head_dim]`; the new keys and values go to `column`.
     pub k_cache: &'a Tensor,
     pub v_cache: &'a Tensor,
-    /// u32 `[rows, 4]`: the new token's RoPE position, and the row's start, gap and gap length
-    /// (`model::kv_cache`'s span; a retired row starts at `u32::MAX`).
+    /// u32 `[4 rows + 2]`: per row the new token's RoPE position, and the row's start, gap and gap length
+    /// (`model::kv_cache`'s span; a retired row starts at `u32::MAX`); then `first` and `column`, which the
+    /// kernel reads from here (a captured step replays for the next column).
     pub meta: &'a Tensor,
     /// RoPE's inverse frequencies, f32 `[head_dim / 2]`.
     pub inv_freq: &'a Tensor,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// The first column any row attends to, and the new tokens' column.
-    pub first: usize,
-    pub column: usize,
+    /// Columns the caches have room for: the kernel's splits cover them.
+    pub width: usize,
 }

@@ -278,8 +278,8 @@ impl Rope {
 }
 
 /// Where a forward's new tokens are, as its attention takes it: RoPE's tables and the mask (candle ops), or for
-/// a decoding step on a GPU each row's span (`KvCache::step_meta`, u32 `[rows, 4]`) and RoPE's inverse
-/// frequencies, from which the decode kernel rotates and masks.
+/// a decoding step on a GPU each row's span (`KvCache::step_meta`) with the step's first and new column
+/// (`DecodeAttention::meta`) and RoPE's inverse frequencies, from which the decode kernel rotates and masks.
 enum Positions {
     Tables { rope: (Tensor, Tensor), mask: Option<Tensor> },
     Step { meta: Tensor, inv_freq: Tensor },
@@ -355,8 +355,7 @@ impl Attention {
                     heads: self.num_heads,
                     kv_heads: self.num_kv_heads,
                     head_dim: self.head_dim,
-                    first,
-                    column: cache.len(),
+                    width: k_cache.dim(2)?,
                 };
                 let y = crate::kernels::decode::try_decode_attention(&step)?
                     .ok_or_else(|| candle_core::Error::msg("the decode kernel declined a step it was chosen for"))?;
@@ -549,8 +548,9 @@ impl BitNet {
             .map_err(candle_core::Error::msg)?;
         let at = match t == 1 && self.decode_kernels() {
             true => {
-                let meta: Vec<u32> = spans.iter().flat_map(|s| s.step_meta(col)).collect();
-                let meta = Tensor::from_vec(meta, (b, 4), self.device())?;
+                let meta: Vec<u32> =
+                    spans.iter().flat_map(|s| s.step_meta(col)).chain([first as u32, col as u32]).collect();
+                let meta = Tensor::from_vec(meta, 4 * b + 2, self.device())?;
                 Positions::Step { meta, inv_freq: self.rope.inv_freq_for(longest, self.device())? }
             }
             false => {
