@@ -550,7 +550,8 @@ impl<'a> ContinuousBatch<'a> {
         }
         let x = Tensor::from_vec(self.next.clone(), (self.slots.len(), 1), self.model.device())?;
         let cache = self.cache.as_mut().expect("rows at work were prefilled");
-        let ids = sampler.sample_batch(&last_logits(self.model, &x, cache)?)?;
+        let logits = on_worker(self.model, || Ok(self.model.step_logits(&x, cache)?))?;
+        let ids = sampler.sample_batch(&logits)?;
         let secs = self.clock.elapsed().as_secs_f64();
         for (r, &id) in ids.iter().enumerate() {
             if self.slots[r].is_some() {

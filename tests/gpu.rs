@@ -141,6 +141,34 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     assert!(steps >= 64 && agree + ties == steps && ties * 10 <= steps, "{agree} + {ties} of {steps}");
     assert!(worst < 5e-2, "decode kernels: relative RMS deviation {worst}");
 
+    // The decoding step replayed from its CUDA graph (step_logits) gives the logits of the same step run
+    // without one (forward), bit for bit, along an answer: the graph replays exactly the kernels it captured,
+    // with each step's ids, spans and column. The first step of the cache captures; the others replay.
+    let line = dev.lines().next().unwrap();
+    let q = serde_json::from_str::<serde_json::Value>(line).unwrap()["prompt"].as_str().unwrap().to_string();
+    let prompt = template.prompt_ids(&tok, &[Message::new("user", &q)]).unwrap();
+    let answer = generate(&cpu, &tok, &stop, &prompt, 64, &mut Sampler::greedy(), |_| Ok(())).unwrap().ids;
+    let (mut graphed, mut eager) = (KvCache::new(&model.cfg), KvCache::new(&model.cfg));
+    let prefill = Tensor::new(&prompt[..], &gpu).unwrap().unsqueeze(0).unwrap();
+    for cache in [&mut graphed, &mut eager] {
+        *cache = KvCache::new(&model.cfg).with_capacity(prompt.len() + answer.len());
+        model.forward_last(&prefill, cache, 512).unwrap();
+    }
+    let before = model.decode_graph_replays();
+    for &id in &answer {
+        let step = Tensor::new(&[id], &gpu).unwrap().unsqueeze(0).unwrap();
+        let a: Vec<f32> = model.step_logits(&step, &mut graphed).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let h = model.forward(&step, &mut eager).unwrap().squeeze(1).unwrap();
+        let b: Vec<f32> = model.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "a replayed step differs from the eager one"
+        );
+    }
+    let replays = model.decode_graph_replays() - before;
+    println!("CUDA graph: {replays} of {} steps replayed, equal to the eager steps bit for bit", answer.len());
+    assert_eq!(replays, answer.len() - 1, "every step after the first should replay the captured graph");
+
     // Continuous batching on the GPU (3 rows for 16 prompts: rows refilled mid-answer, the template's shared
     // prefix run once) answers as one prompt at a time on the GPU, but where bf16 rounding, which differs
     // between batch shapes, meets a near tie.
@@ -288,9 +316,9 @@ mod fused {
                 let scale = (randn(&[n], DType::BF16).abs().unwrap() * 0.01).unwrap();
                 let residual = randn(&[rows, 1, n], DType::BF16);
                 let plain = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_mul(&scale).unwrap();
-                let got = try_gemv(&x, &w, &scale, None).unwrap().expect("the kernel takes it");
+                let got = try_gemv(&x, &w, Some(&scale), None).unwrap().expect("the kernel takes it");
                 let (e, m) = (rel_l2(&got, &plain), mismatched(&got, &plain));
-                let with = try_gemv(&x, &w, &scale, Some(&residual)).unwrap().expect("the kernel takes it");
+                let with = try_gemv(&x, &w, Some(&scale), Some(&residual)).unwrap().expect("the kernel takes it");
                 let want = (&residual + &plain).unwrap();
                 let (er, mr) = (rel_l2(&with, &want), mismatched(&with, &want));
                 println!(
@@ -302,7 +330,13 @@ mod fused {
         }
         // Nine rows are a GEMM's work.
         let x = randn(&[9, 1536], DType::BF16);
-        assert!(try_gemv(&x, &randn(&[64, 1536], DType::BF16), &randn(&[64], DType::BF16), None).unwrap().is_none());
+        assert!(try_gemv(&x, &randn(&[64, 1536], DType::BF16), None, None).unwrap().is_none());
+        // The head: no scale, the vocabulary's rows (32002: not a multiple of 8).
+        let (h, head) = (randn(&[1, 1536], DType::BF16), randn(&[32002, 1536], DType::BF16));
+        let got = try_gemv(&h, &head, None, None).unwrap().expect("the kernel takes the head");
+        let e = rel_l2(&got, &h.matmul(&head.t().unwrap()).unwrap());
+        println!("gemv head 1 x 1536 -> 32002: rel L2 {e:.2e}");
+        assert!(e < 4e-3, "head: {e}");
     }
 
     /// A decoding step's attention (`kernels::decode::try_decode_attention`: RoPE, the cache write, masked

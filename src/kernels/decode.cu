@@ -10,8 +10,8 @@
 #define GEMV_ROWS 8
 
 // out[r, n] = round(round(round(sum_k x[r, k] w[n, k]) * scale[n]) + residual[r, n]) for r < rows <= 8:
-// x [rows, k] and w [n, k] bf16 (the quantized input times its scale, the ternary weights), scale [n]
-// (each output's weight scale), residual [rows, n] or null. One warp per output n reads its weight row once
+// x [rows, k] and w [n, k] bf16 (the quantized input times its scale, the ternary weights; or the hidden
+// states and the head), scale [n] (each output's weight scale) or null (1), residual [rows, n] or null. One warp per output n reads its weight row once
 // for every row, 8 bf16 (16 bytes) a lane at a time: k is a multiple of 8 and the rows 16-byte aligned.
 extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale, const bf16* residual, bf16* out,
                                 int rows, int n, int k) {
@@ -38,7 +38,8 @@ extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale,
         float s = acc[r];
         for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
         if (lane == 0) {
-            float y = round_bf16(round_bf16(s) * f32(scale[o]));
+            float y = round_bf16(s);
+            if (scale) y = round_bf16(y * f32(scale[o]));
             if (residual) y += f32(residual[(size_t)r * n + o]);
             out[(size_t)r * n + o] = to_bf16(y);
         }

@@ -21,17 +21,22 @@ const ATTN_THREADS: u32 = 128;
 /// Columns per split of the attention kernel (`SPLIT`): a long context's columns spread over the card.
 const SPLIT: usize = 256;
 
+/// The device address of `t`'s first element: what a captured graph's kernels were given.
+pub fn address(t: &Tensor) -> Result<u64> {
+    ptr(t)
+}
+
 /// Whether [`try_decode_attention`] takes heads of `head_dim` for `x`'s device (bf16 on CUDA, the kernels
 /// enabled).
 pub fn takes(x: &Tensor, head_dim: usize) -> bool {
     applies(x) && head_dim.is_multiple_of(2) && head_dim <= 256
 }
 
-/// `x @ w^T * scale (+ residual)` for the quantized input `x: [.., k]` of at most [`GEMV_ROWS`] rows (bf16),
-/// the ternary weights `w: [n, k]`, the outputs' scales `scale: [n]` and `residual` in the output's shape
-/// `[.., n]`, rounded as the candle ops round: `Ok(None)` where it does not apply (more rows, `k` not a
-/// multiple of 8, not bf16 on CUDA).
-pub fn try_gemv(x: &Tensor, w: &Tensor, scale: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+/// `x @ w^T (* scale) (+ residual)` for the quantized input `x: [.., k]` of at most [`GEMV_ROWS`] rows (bf16),
+/// the ternary weights `w: [n, k]`, the outputs' scales `scale: [n]` (or none: the head) and `residual` in
+/// the output's shape `[.., n]`, rounded as the candle ops round: `Ok(None)` where it does not apply (more
+/// rows, `k` not a multiple of 8, not bf16 on CUDA).
+pub fn try_gemv(x: &Tensor, w: &Tensor, scale: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
     let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
     if !applies(x)
@@ -44,7 +49,8 @@ pub fn try_gemv(x: &Tensor, w: &Tensor, scale: &Tensor, residual: Option<&Tensor
     }
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("x has a last dimension") = n;
-    let (x, w, scale) = (x.contiguous()?, w.contiguous()?, scale.contiguous()?);
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let scale = scale.map(|s| s.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
     if residual.as_ref().is_some_and(|r| r.dims() != dims.as_slice()) {
         candle_core::bail!("gemv: residual {:?} for an output {dims:?}", residual.map(|r| r.dims().to_vec()));
@@ -57,7 +63,8 @@ pub fn try_gemv(x: &Tensor, w: &Tensor, scale: &Tensor, residual: Option<&Tensor
         shared_mem_bytes: 0,
     };
     launch!(dev, PTX, "gemv", cfg;
-        aligned_ptr(&x)?, aligned_ptr(&w)?, ptr(&scale)?, residual.as_ref().map_or(Ok(0), ptr)?, ptr(&out)?,
+        aligned_ptr(&x)?, aligned_ptr(&w)?, scale.as_ref().map_or(Ok(0), ptr)?, residual.as_ref().map_or(Ok(0), ptr)?,
+        ptr(&out)?,
         rows as i32, n as i32, k as i32);
     Ok(Some(out))
 }

@@ -8,6 +8,7 @@ use candle_nn::{RmsNorm, VarBuilder};
 use super::arch::{Activation, Family, Role};
 use super::bf16_head::Bf16Matrix;
 use super::kv_cache::{attention_mask, KvCache};
+use super::step_graph::StepGraphs;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
@@ -176,7 +177,7 @@ impl Stacked {
     fn forward(&self, input: &Quantized, residual: Option<&Tensor>) -> Result<Tensor> {
         let y = match input {
             Quantized::Scaled(x) => {
-                if let Some(y) = crate::kernels::decode::try_gemv(x, &self.weight, &self.scales, residual)? {
+                if let Some(y) = crate::kernels::decode::try_gemv(x, &self.weight, Some(&self.scales), residual)? {
                     return Ok(y);
                 }
                 x.broadcast_matmul(&self.weight.t()?)?.broadcast_mul(&self.scales)?
@@ -476,6 +477,8 @@ pub struct BitNet {
     /// The head as bf16 where it holds only bf16 values on the CPU (see `bf16_head`).
     bf16_head: Option<Bf16Matrix>,
     rope: Rope,
+    /// The decoding step's CUDA graph, captured for the cache it ran on.
+    graphs: StepGraphs,
     pub cfg: ModelConfig,
 }
 
@@ -499,6 +502,7 @@ impl BitNet {
             bf16_head: Bf16Matrix::exact(&lm_head)?,
             lm_head,
             rope: Rope::new(cfg, vb.dtype(), vb.device())?,
+            graphs: StepGraphs::default(),
             cfg: cfg.clone(),
         })
     }
@@ -538,6 +542,45 @@ impl BitNet {
     /// states `[batch, seq, hidden]` after the last norm. The outputs at padding columns are meaningless.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let (at, first) = self.place(b, t, cache)?;
+        let hidden = self.run(ids, &at, cache, first)?;
+        cache.advance(t);
+        Ok(hidden)
+    }
+
+    /// The logits `[rows, vocab]` (f32) of a decoding step: one new token per row, `ids: [rows, 1]`, after
+    /// `cache`'s columns. With the decode kernels, the step is captured as a CUDA graph once per layout of
+    /// the cache (`step_graph`) and replayed: one launch a token instead of one per kernel.
+    pub fn step_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t != 1 {
+            candle_core::bail!("a decoding step takes one token per row, not {t}");
+        }
+        let (at, first) = self.place(b, 1, cache)?;
+        let logits = match &at {
+            Positions::Step { meta, inv_freq } if !self.rope.dynamic => {
+                let key = cache.layout_key(b)?;
+                let compute = |ids: &Tensor, meta: &Tensor| {
+                    let at = Positions::Step { meta: meta.clone(), inv_freq: inv_freq.clone() };
+                    let hidden = self.run(ids, &at, &mut *cache, first)?;
+                    self.logits(&hidden.squeeze(1)?)
+                };
+                self.graphs.run(key, ids, meta, compute)?
+            }
+            _ => self.logits(&self.run(ids, &at, cache, first)?.squeeze(1)?)?,
+        };
+        cache.advance(1);
+        Ok(logits)
+    }
+
+    /// How many decoding steps were replayed from a CUDA graph so far ([`BitNet::step_logits`]).
+    pub fn decode_graph_replays(&self) -> usize {
+        self.graphs.replays()
+    }
+
+    /// Where `t` new columns of `b` rows go in `cache` (made room for), as their attention takes it, and the
+    /// first column any row attends to: the host's part of a forward, before its kernels.
+    fn place(&self, b: usize, t: usize, cache: &mut KvCache) -> Result<(Positions, usize)> {
         let (first, col) = cache.reserve(t)?;
         let spans = cache.spans(b)?;
         // The longest row: its own tokens, the new ones included (padding and gaps are not positions).
@@ -560,13 +603,19 @@ impl BitNet {
                 Positions::Tables { rope, mask: attention_mask(t, (first, col), &spans, self.device())? }
             }
         };
+        Ok((at, first))
+    }
+
+    /// The embedding, every block and the final norm of `ids` placed at `at` (device work only: what a
+    /// decoding step's graph captures). The new columns count once the caller advances the cache.
+    fn run(&self, ids: &Tensor, at: &Positions, cache: &mut KvCache, first: usize) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         for (layer, block) in self.layers.iter().enumerate() {
             let kv = (&mut *cache, layer, first);
-            x = block.self_attn.forward(&x, &block.input_layernorm, &at, kv)?;
+            x = block.self_attn.forward(&x, &block.input_layernorm, at, kv)?;
             x = block.mlp.forward(&x, &block.post_attention_layernorm)?;
         }
-        cache.advance(t);
         self.norm.forward(&x)
     }
 
@@ -591,9 +640,11 @@ impl BitNet {
         let mut dims = hidden.dims().to_vec();
         let h = dims.pop().unwrap_or(1);
         let hidden = hidden.reshape(((), h))?;
-        let y = match &self.bf16_head {
-            Some(head) => head.matmul_t(&hidden)?,
-            None => hidden.matmul(&self.lm_head.t()?)?,
+        // A decoding step's few rows on a GPU: the matrix-vector kernel (no cuBLAS in the step's graph).
+        let y = match (&self.bf16_head, crate::kernels::decode::try_gemv(&hidden, &self.lm_head, None, None)?) {
+            (_, Some(y)) => y,
+            (Some(head), None) => head.matmul_t(&hidden)?,
+            (None, None) => hidden.matmul(&self.lm_head.t()?)?,
         };
         dims.push(self.cfg.vocab_size);
         y.reshape(dims)?.to_dtype(DType::F32)

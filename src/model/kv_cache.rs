@@ -218,6 +218,17 @@ impl KvCache {
         Ok(self.layers[layer].clone().expect("allocated above"))
     }
 
+    /// What a decoding step's graph depends on (`model::step_graph`): the rows, the buffers' width and every
+    /// layer's buffer addresses, which the captured kernels read and write. Empty before the first forward.
+    pub(super) fn layout_key(&self, rows: usize) -> Result<Vec<u64>> {
+        let mut key = vec![rows as u64];
+        for layer in &self.layers {
+            let Some((k, v)) = layer else { return Ok(Vec::new()) };
+            key.extend([k.dim(2)? as u64, crate::kernels::decode::address(k)?, crate::kernels::decode::address(v)?]);
+        }
+        Ok(key)
+    }
+
     /// Counts the `t` columns every layer appended.
     pub(super) fn advance(&mut self, t: usize) {
         self.len += t;

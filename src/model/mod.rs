@@ -8,6 +8,7 @@ pub mod hf;
 pub mod init;
 pub mod kv_cache;
 mod pth;
+mod step_graph;
 pub mod ternary;
 
 pub use bitnet::BitNet;
