@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Inference speed on one GPU, in one call: bessie-prompt's prompt and decode speed at batch 1 (bitnet_b1_58-large
-# and 2B4T shapes, a short and a long prompt), bessie-eval on tests/reference/hf_generate_bench.py's synthetic
+# and 2B4T shapes, a short and a long prompt; decoding with CUDA graphs, without them (BESSIE_CUDA_GRAPHS=0),
+# and by candle ops alone (BESSIE_UNFUSED=1, no fused kernel at all)), bessie-eval on tests/reference/hf_generate_bench.py's synthetic
 # dev file beside transformers' `generate` on the same prompts (quantizing on every call and once), and
 # bessie-eval's continuous batching on a model whose answers differ in length (the tiny demo trained here on
 # the GPU, tests/reference/mixed_dev.py's questions). BEFORE=dir (another build's binaries) times those
@@ -20,12 +21,14 @@ short="What is the capital of France?"
 long=$(python3 -c "print(' '.join(['The cows graze in the green field beside the old red barn.'] * 100))")
 for round in 1 2; do
   for b in "${builds[@]}"; do
-    for model in large 2b4t; do
-      for run in "256 $short" "64 $long"; do
-        set -- $run
-        # Speeds go to stderr after each answer.
-        $b/bessie-prompt -m $TMP/$model --device cuda --max-new-tokens $1 -p "${run#* }" 2>&1 >/dev/null | tail -1 |
-          sed "s|^|$round $b $model: |" | tee -a $OUT/prompt.txt
+    for mode in graphs BESSIE_CUDA_GRAPHS=0 BESSIE_UNFUSED=1; do
+      for model in large 2b4t; do
+        for run in "256 $short" "64 $long"; do
+          set -- $run
+          # Speeds go to stderr after each answer.
+          env $([ $mode = graphs ] || echo $mode) $b/bessie-prompt -m $TMP/$model --device cuda --max-new-tokens $1 \
+            -p "${run#* }" 2>&1 >/dev/null | tail -1 | sed "s|^|$round $b $mode $model: |" | tee -a $OUT/prompt.txt
+        done
       done
     done
   done
