@@ -7,13 +7,11 @@
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
-use super::shapes::DecodeAttention;
+use super::shapes::{DecodeAttention, GEMV_ROWS};
 use super::{aligned_ptr, applies, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("decode");
 
-/// Rows [`try_gemv`] takes at a time (`GEMV_ROWS` in decode.cu).
-pub const GEMV_ROWS: usize = 8;
 /// Outputs per block of the product: a warp each.
 const GEMV_WARPS: usize = 8;
 /// Threads of the attention kernel.

@@ -40,6 +40,10 @@ impl TokenRows {
     }
 }
 
+/// Rows the decoding step's matrix-vector kernel takes at a time (`GEMV_ROWS` in decode.cu); more rows are
+/// a GEMM's work.
+pub const GEMV_ROWS: usize = 8;
+
 /// One decoding step's attention (`kernels::decode`): every row's new token over its KV cache.
 pub struct DecodeAttention<'a> {
     /// The stacked q, k, v projection of the new tokens, bf16 `[rows, (heads + 2 kv_heads) head_dim]`.

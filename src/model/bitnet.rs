@@ -12,7 +12,7 @@ use super::step_graph::StepGraphs;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
-use crate::kernels::shapes::DecodeAttention;
+use crate::kernels::shapes::{DecodeAttention, GEMV_ROWS};
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// How a BitLinear layer holds its ternary weight.
@@ -558,7 +558,8 @@ impl BitNet {
         }
         let (at, first) = self.place(b, 1, cache)?;
         let logits = match &at {
-            Positions::Step { meta, inv_freq } if !self.rope.dynamic => {
+            // Only a step without cuBLAS calls is captured: all its products matrix-vector kernels.
+            Positions::Step { meta, inv_freq } if !self.rope.dynamic && b <= GEMV_ROWS => {
                 let key = cache.layout_key(b)?;
                 let compute = |ids: &Tensor, meta: &Tensor| {
                     let at = Positions::Step { meta: meta.clone(), inv_freq: inv_freq.clone() };
