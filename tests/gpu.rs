@@ -306,19 +306,24 @@ mod fused {
     }
 
     /// The decoding step's matrix-vector product (`kernels::decode::try_gemv`) against candle's GEMM, scale and
-    /// residual add on the same bf16 tensors, for 1 to 8 rows and the projection shapes of -large and 2B4T.
+    /// residual add on the same bf16 tensors, for 1 to 8 rows and the projection shapes of -large and 2B4T: bf16
+    /// weights, and ternary ones packed 2 bits each.
     #[test]
     fn decode_gemv_matches_reference() {
-        use bessie::kernels::decode::try_gemv;
+        use bessie::kernels::decode::{pack_ternary, try_gemv};
+        use bessie::kernels::shapes::GemvWeight;
         for (n, k) in [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096), (3840, 2560), (2560, 6912)] {
             for rows in [1, 3, 8] {
                 let (x, w) = (randn(&[rows, 1, k], DType::BF16), randn(&[n, k], DType::BF16));
                 let scale = (randn(&[n], DType::BF16).abs().unwrap() * 0.01).unwrap();
                 let residual = randn(&[rows, 1, n], DType::BF16);
                 let plain = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_mul(&scale).unwrap();
-                let got = try_gemv(&x, &w, Some(&scale), None).unwrap().expect("the kernel takes it");
+                let got =
+                    try_gemv(&x, GemvWeight::Dense(&w), Some(&scale), None).unwrap().expect("the kernel takes it");
                 let (e, m) = (rel_l2(&got, &plain), mismatched(&got, &plain));
-                let with = try_gemv(&x, &w, Some(&scale), Some(&residual)).unwrap().expect("the kernel takes it");
+                let with = try_gemv(&x, GemvWeight::Dense(&w), Some(&scale), Some(&residual))
+                    .unwrap()
+                    .expect("the kernel takes it");
                 let want = (&residual + &plain).unwrap();
                 let (er, mr) = (rel_l2(&with, &want), mismatched(&with, &want));
                 println!(
@@ -326,14 +331,25 @@ mod fused {
                 );
                 // The sums' order differs from cuBLAS's: a bf16 rounding step apart at most, rarely.
                 assert!(e < 4e-3 && er < 4e-3 && m < 0.05 && mr < 0.05, "{rows} x {k} -> {n}");
+                // Ternary weights packed 2 bits each, as the stacked projections hold them on a GPU.
+                let t = (randn(&[n, k], DType::F32) * 1.5).unwrap().round().unwrap().clamp(-1f32, 1f32).unwrap();
+                let t = t.to_dtype(DType::BF16).unwrap();
+                let codes = pack_ternary(&t).unwrap().expect("packs");
+                let packed = GemvWeight::Packed { codes: &codes, k };
+                let got = try_gemv(&x, packed, Some(&scale), Some(&residual)).unwrap().expect("the kernel takes it");
+                let plain = x.broadcast_matmul(&t.t().unwrap()).unwrap().broadcast_mul(&scale).unwrap();
+                let want = (&residual + &plain).unwrap();
+                let (ep, mp) = (rel_l2(&got, &want), mismatched(&got, &want));
+                println!("gemv ternary {rows} x {k} -> {n}: rel L2 {ep:.2e} ({mp:.2e} differ)");
+                assert!(ep < 4e-3 && mp < 0.05, "ternary {rows} x {k} -> {n}");
             }
         }
         // Nine rows are a GEMM's work.
         let x = randn(&[9, 1536], DType::BF16);
-        assert!(try_gemv(&x, &randn(&[64, 1536], DType::BF16), None, None).unwrap().is_none());
+        assert!(try_gemv(&x, GemvWeight::Dense(&randn(&[64, 1536], DType::BF16)), None, None).unwrap().is_none());
         // The head: no scale, the vocabulary's rows (32002: not a multiple of 8).
         let (h, head) = (randn(&[1, 1536], DType::BF16), randn(&[32002, 1536], DType::BF16));
-        let got = try_gemv(&h, &head, None, None).unwrap().expect("the kernel takes the head");
+        let got = try_gemv(&h, GemvWeight::Dense(&head), None, None).unwrap().expect("the kernel takes the head");
         let e = rel_l2(&got, &h.matmul(&head.t().unwrap()).unwrap());
         println!("gemv head 1 x 1536 -> 32002: rel L2 {e:.2e}");
         assert!(e < 4e-3, "head: {e}");

@@ -9,14 +9,33 @@
 // Rows a product takes at a time (bessie-prompt decodes 1; continuous batching's small batches).
 #define GEMV_ROWS 8
 
+// The end of both products: each row's sum reduced over the warp, rounded as the reference's bf16 GEMM output
+// is, times the output's scale (rounded), plus the residual (rounded).
+__device__ __forceinline__ void gemv_finish(float (&acc)[GEMV_ROWS], int rows, int o, int n, const bf16* scale,
+                                            const bf16* residual, bf16* out) {
+    int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r >= rows) break;
+        float s = acc[r];
+        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
+        if (lane == 0) {
+            float y = round_bf16(s);
+            if (scale) y = round_bf16(y * f32(scale[o]));
+            if (residual) y += f32(residual[(size_t)r * n + o]);
+            out[(size_t)r * n + o] = to_bf16(y);
+        }
+    }
+}
+
 // out[r, n] = round(round(round(sum_k x[r, k] w[n, k]) * scale[n]) + residual[r, n]) for r < rows <= 8:
 // x [rows, k] and w [n, k] bf16 (the quantized input times its scale, the ternary weights; or the hidden
-// states and the head), scale [n] (each output's weight scale) or null (1), residual [rows, n] or null. One warp per output n reads its weight row once
-// for every row, 8 bf16 (16 bytes) a lane at a time: k is a multiple of 8 and the rows 16-byte aligned.
+// states and the head), scale [n] (each output's weight scale) or null (1), residual [rows, n] or null. One
+// warp per output n reads its weight row once for every row, 8 bf16 (16 bytes) a lane at a time: k is a
+// multiple of 8 and the rows 16-byte aligned.
 extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale, const bf16* residual, bf16* out,
                                 int rows, int n, int k) {
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    int o = blockIdx.x * (blockDim.x / 32) + warp;
+    int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (o >= n) return;
     float acc[GEMV_ROWS] = {};
     const bf16* wr = w + (size_t)o * k;
@@ -32,17 +51,44 @@ extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale,
             for (int e = 0; e < 8; e++) acc[r] += xv[e] * wv[e];
         }
     }
+    gemv_finish(acc, rows, o, n, scale, residual, out);
+}
+
+// The same product with the ternary weights packed 2 bits each (pack_ternary: a word of 16 per lane and
+// iteration, an eighth of the bf16 weights' bytes): the sums are the same, in another order. k is a multiple
+// of 16.
+extern "C" __global__ void gemv_ternary(const bf16* x, const unsigned* codes, const bf16* scale,
+                                        const bf16* residual, bf16* out, int rows, int n, int k) {
+    int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (o >= n) return;
+    float acc[GEMV_ROWS] = {};
+    int words = k / 16;
+    const unsigned* wr = codes + (size_t)o * words;
+    for (int i = lane; i < words; i += 32) {
+        unsigned word = wr[i];
+        float wv[16];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) {
-        if (r >= rows) break;
-        float s = acc[r];
-        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
-        if (lane == 0) {
-            float y = round_bf16(s);
-            if (scale) y = round_bf16(y * f32(scale[o]));
-            if (residual) y += f32(residual[(size_t)r * n + o]);
-            out[(size_t)r * n + o] = to_bf16(y);
+        for (int e = 0; e < 16; e++) wv[e] = (float)((word >> (2 * e)) & 3u) - 1.f;
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r >= rows) break;
+            float xv[16];
+            load8(x + (size_t)r * k + 16 * (size_t)i, xv);
+            load8(x + (size_t)r * k + 16 * (size_t)i + 8, xv + 8);
+#pragma unroll
+            for (int e = 0; e < 16; e++) acc[r] += xv[e] * wv[e];
         }
+    }
+    gemv_finish(acc, rows, o, n, scale, residual, out);
+}
+
+// Packs ternary weights (bf16 values -1, 0, 1) 16 to a 32-bit word, 2 bits each as the value plus 1, element
+// 16 i + e at bits 2e of word i.
+extern "C" __global__ void pack_ternary(const bf16* w, unsigned* codes, size_t words) {
+    GRID_STRIDE(i, words) {
+        unsigned word = 0;
+        for (int e = 0; e < 16; e++) word |= (unsigned)rintf(f32(w[16 * i + e]) + 1.f) << (2 * e);
+        codes[i] = word;
     }
 }
 

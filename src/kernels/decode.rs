@@ -7,7 +7,7 @@
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
-use super::shapes::{DecodeAttention, GEMV_ROWS};
+use super::shapes::{DecodeAttention, GemvWeight, GEMV_ROWS};
 use super::{aligned_ptr, applies, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("decode");
@@ -31,23 +31,35 @@ pub fn takes(x: &Tensor, head_dim: usize) -> bool {
 }
 
 /// `x @ w^T (* scale) (+ residual)` for the quantized input `x: [.., k]` of at most [`GEMV_ROWS`] rows (bf16),
-/// the ternary weights `w: [n, k]`, the outputs' scales `scale: [n]` (or none: the head) and `residual` in
-/// the output's shape `[.., n]`, rounded as the candle ops round: `Ok(None)` where it does not apply (more
-/// rows, `k` not a multiple of 8, not bf16 on CUDA).
-pub fn try_gemv(x: &Tensor, w: &Tensor, scale: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let (n, k) = w.dims2()?;
+/// the weights `w` (`[n, k]` bf16, or packed ternary codes), the outputs' scales `scale: [n]` (or none: the
+/// head) and `residual` in the output's shape `[.., n]`, rounded as the candle ops round: `Ok(None)` where it
+/// does not apply (more rows, `k` not a multiple of 8, or of 16 packed, not bf16 on CUDA).
+pub fn try_gemv(
+    x: &Tensor,
+    w: GemvWeight,
+    scale: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let (name, weights, n, k) = match w {
+        GemvWeight::Dense(w) => {
+            let (n, k) = w.dims2()?;
+            ("gemv", w, n, k)
+        }
+        GemvWeight::Packed { codes, k } => ("gemv_ternary", codes, codes.dim(0)?, k),
+    };
+    let fits = match w {
+        GemvWeight::Dense(w) => w.dtype() == DType::BF16 && k.is_multiple_of(8),
+        GemvWeight::Packed { codes, .. } => {
+            codes.dtype() == DType::U32 && k.is_multiple_of(16) && codes.dims() == [n, k / 16]
+        }
+    };
     let rows = x.elem_count() / k.max(1);
-    if !applies(x)
-        || w.dtype() != DType::BF16
-        || rows > GEMV_ROWS
-        || !k.is_multiple_of(8)
-        || x.dim(candle_core::D::Minus1)? != k
-    {
+    if !applies(x) || !fits || rows > GEMV_ROWS || x.dim(candle_core::D::Minus1)? != k {
         return Ok(None);
     }
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("x has a last dimension") = n;
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let (x, weights) = (x.contiguous()?, weights.contiguous()?);
     let scale = scale.map(|s| s.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
     if residual.as_ref().is_some_and(|r| r.dims() != dims.as_slice()) {
@@ -60,11 +72,25 @@ pub fn try_gemv(x: &Tensor, w: &Tensor, scale: Option<&Tensor>, residual: Option
         block_dim: (32 * GEMV_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch!(dev, PTX, "gemv", cfg;
-        aligned_ptr(&x)?, aligned_ptr(&w)?, scale.as_ref().map_or(Ok(0), ptr)?, residual.as_ref().map_or(Ok(0), ptr)?,
-        ptr(&out)?,
-        rows as i32, n as i32, k as i32);
+    launch!(dev, PTX, name, cfg;
+        aligned_ptr(&x)?, aligned_ptr(&weights)?, scale.as_ref().map_or(Ok(0), ptr)?,
+        residual.as_ref().map_or(Ok(0), ptr)?, ptr(&out)?, rows as i32, n as i32, k as i32);
     Ok(Some(out))
+}
+
+/// The ternary weights `w: [n, k]` (bf16 values -1, 0, 1) packed 16 to a u32, `[n, k / 16]`, for
+/// [`GemvWeight::Packed`]; `Ok(None)` where that does not apply (not bf16 on CUDA, `k` not a multiple of 16).
+pub fn pack_ternary(w: &Tensor) -> Result<Option<Tensor>> {
+    let (n, k) = w.dims2()?;
+    if !applies(w) || !k.is_multiple_of(16) {
+        return Ok(None);
+    }
+    let w = w.contiguous()?;
+    let words = n * k / 16;
+    let dev = cuda_device(&w)?;
+    let codes = uninit((n, k / 16), DType::U32, &dev)?;
+    launch!(dev, PTX, "pack_ternary", super::grid_stride(words); ptr(&w)?, ptr(&codes)?, words as u64);
+    Ok(Some(codes))
 }
 
 /// One decoding step's attention ([`DecodeAttention`]): the new keys and values written into the caches'

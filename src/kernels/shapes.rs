@@ -44,6 +44,14 @@ impl TokenRows {
 /// a GEMM's work.
 pub const GEMV_ROWS: usize = 8;
 
+/// A weight matrix as the decoding step's product reads it: bf16 `[n, k]` (the head; ternary values), or
+/// ternary codes packed 16 to a u32, `[n, k / 16]` (`kernels::decode::pack_ternary`).
+#[derive(Clone, Copy)]
+pub enum GemvWeight<'a> {
+    Dense(&'a Tensor),
+    Packed { codes: &'a Tensor, k: usize },
+}
+
 /// One decoding step's attention (`kernels::decode`): every row's new token over its KV cache.
 pub struct DecodeAttention<'a> {
     /// The stacked q, k, v projection of the new tokens, bf16 `[rows, (heads + 2 kv_heads) head_dim]`.

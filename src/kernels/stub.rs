@@ -147,7 +147,7 @@ pub mod rope {
 }
 
 pub mod decode {
-    use crate::kernels::shapes::DecodeAttention;
+    use crate::kernels::shapes::{DecodeAttention, GemvWeight};
     use candle_core::{Result, Tensor};
 
     pub fn takes(_: &Tensor, _: usize) -> bool {
@@ -158,7 +158,11 @@ pub mod decode {
         Ok(0)
     }
 
-    pub fn try_gemv(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+    pub fn try_gemv(_: &Tensor, _: GemvWeight, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    pub fn pack_ternary(_: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 

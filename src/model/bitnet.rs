@@ -12,7 +12,7 @@ use super::step_graph::StepGraphs;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
-use crate::kernels::shapes::{DecodeAttention, GEMV_ROWS};
+use crate::kernels::shapes::{DecodeAttention, GemvWeight, GEMV_ROWS};
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// How a BitLinear layer holds its ternary weight.
@@ -141,6 +141,9 @@ impl Quantized {
 #[derive(Debug, Clone)]
 struct Stacked {
     weight: Tensor,
+    /// On a GPU the same ternary values packed 2 bits each, which a decoding step's few rows read instead
+    /// (an eighth of the bytes).
+    packed: Option<Tensor>,
     /// `[sum of outputs]`: each output's weight scale, in the compute dtype.
     scales: Tensor,
     outs: Vec<usize>,
@@ -160,7 +163,8 @@ impl Stacked {
         }
         let weight = Tensor::cat(&weights, 0)?;
         let scales = Tensor::new(scales, weight.device())?.to_dtype(weight.dtype())?;
-        Ok(Some(Self { weight, scales, outs }))
+        let packed = crate::kernels::decode::pack_ternary(&weight)?;
+        Ok(Some(Self { weight, packed, scales, outs }))
     }
 
     /// On a GPU, `inputs` (the layers that read one input) stacked and `output` as a stack of one; None on
@@ -177,7 +181,11 @@ impl Stacked {
     fn forward(&self, input: &Quantized, residual: Option<&Tensor>) -> Result<Tensor> {
         let y = match input {
             Quantized::Scaled(x) => {
-                if let Some(y) = crate::kernels::decode::try_gemv(x, &self.weight, Some(&self.scales), residual)? {
+                let w = match &self.packed {
+                    Some(codes) => GemvWeight::Packed { codes, k: self.weight.dim(1)? },
+                    None => GemvWeight::Dense(&self.weight),
+                };
+                if let Some(y) = crate::kernels::decode::try_gemv(x, w, Some(&self.scales), residual)? {
                     return Ok(y);
                 }
                 x.broadcast_matmul(&self.weight.t()?)?.broadcast_mul(&self.scales)?
@@ -642,7 +650,8 @@ impl BitNet {
         let h = dims.pop().unwrap_or(1);
         let hidden = hidden.reshape(((), h))?;
         // A decoding step's few rows on a GPU: the matrix-vector kernel (no cuBLAS in the step's graph).
-        let y = match (&self.bf16_head, crate::kernels::decode::try_gemv(&hidden, &self.lm_head, None, None)?) {
+        let head = GemvWeight::Dense(&self.lm_head);
+        let y = match (&self.bf16_head, crate::kernels::decode::try_gemv(&hidden, head, None, None)?) {
             (_, Some(y)) => y,
             (Some(head), None) => head.matmul_t(&hidden)?,
             (None, None) => hidden.matmul(&self.lm_head.t()?)?,
