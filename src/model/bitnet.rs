@@ -568,6 +568,10 @@ impl BitNet {
         let logits = match &at {
             // Only a step without cuBLAS calls is captured: all its products matrix-vector kernels.
             Positions::Step { meta, inv_freq } if !self.rope.dynamic && b <= GEMV_ROWS => {
+                // Every layer's buffers as the step will use them (grown first, if they must), which is what a
+                // graph captured now holds.
+                let (heads, dim) = (self.cfg.num_kv_heads(), self.cfg.head_dim());
+                cache.make_room_all(1, (b, heads, dim), &self.embed_tokens)?;
                 let key = cache.layout_key(b)?;
                 let compute = |ids: &Tensor, meta: &Tensor| {
                     let at = Positions::Step { meta: meta.clone(), inv_freq: inv_freq.clone() };

@@ -204,6 +204,11 @@ impl KvCache {
         Ok(())
     }
 
+    /// Every layer's buffers with room for `t` more columns ([`KvCache::make_room`]).
+    pub(super) fn make_room_all(&mut self, t: usize, shape: (usize, usize, usize), like: &Tensor) -> Result<()> {
+        (0..self.layers.len()).try_for_each(|layer| self.make_room(layer, t, shape, like))
+    }
+
     /// Layer `layer`'s whole buffers, with room for one more column, for a decoding step whose kernel writes
     /// the new keys and values into column [`KvCache::len`] itself.
     pub(super) fn step_buffers(
