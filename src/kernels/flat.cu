@@ -52,15 +52,16 @@ extern "C" __global__ void sum_partials_bf16(const bf16* x, size_t n, int square
 struct SlotPart {
     int slot;
     size_t part, blocks;
-    __device__ SlotPart(const long long* slots, int n_slots) {
+    // `block`: the block's place in the whole table's grid of `total` blocks (a launch may cover some slots).
+    __device__ SlotPart(const long long* slots, int n_slots, unsigned block, unsigned total) {
         int lo = 0, hi = n_slots - 1;
         while (lo < hi) {
             int mid = (lo + hi + 1) / 2;
-            if (slots[SLOT_COLS * mid + 3] <= blockIdx.x) lo = mid; else hi = mid - 1;
+            if (slots[SLOT_COLS * mid + 3] <= block) lo = mid; else hi = mid - 1;
         }
         slot = lo;
-        part = blockIdx.x - slots[SLOT_COLS * lo + 3];
-        blocks = (lo + 1 < n_slots ? slots[SLOT_COLS * (lo + 1) + 3] : gridDim.x) - slots[SLOT_COLS * lo + 3];
+        part = block - slots[SLOT_COLS * lo + 3];
+        blocks = (lo + 1 < n_slots ? slots[SLOT_COLS * (lo + 1) + 3] : total) - slots[SLOT_COLS * lo + 3];
     }
 };
 
@@ -87,10 +88,12 @@ __device__ __forceinline__ bf16 step_weight(float x, float s, float inv, float l
 // first; every block adds them in the same order), q = clamp(round(W s), -1, 1) / s, blended with W by lambda
 // (the reference: train::layers::effective_weight). Any other parameter: cast. Four elements per access
 // between the slot's first and last multiples of 4 (16 bytes in, 8 out); block 0 of the slot takes the ends.
+// A launch covers the table's blocks from first_block on (some slots: one block's, train.step_weights =
+// "per_block"), of total_blocks in all.
 extern "C" __global__ void step_weights(const float* flat, const long long* slots, int n_slots,
                                         const double* partials, int parts, float lambda, bf16* out,
-                                        long long out_base) {
-    SlotPart sp(slots, n_slots);
+                                        long long out_base, int first_block, int total_blocks) {
+    SlotPart sp(slots, n_slots, blockIdx.x + first_block, total_blocks);
     int lo = sp.slot;
     const long long* sl = slots + SLOT_COLS * lo;
     size_t first = sl[0], n = sl[1], part = sp.part, blocks = sp.blocks;
@@ -163,7 +166,7 @@ __device__ void adamw(float* p, const G* g, float* m, float* v, size_t shard_sta
                       int n_slots, float grad_scale, float beta1, float one_minus_beta1, float beta2,
                       float one_minus_beta2, float decay, float inv_sqrt_bc2, float eps, float step_size,
                       double* partials) {
-    SlotPart sp(slots, n_slots);
+    SlotPart sp(slots, n_slots, blockIdx.x, gridDim.x);
     const long long* sl = slots + SLOT_COLS * sp.slot;
     size_t first = sl[0], n = sl[1];
     const AdamW h{grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, sl[4] ? decay : 1.f, inv_sqrt_bc2,

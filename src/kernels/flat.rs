@@ -60,7 +60,7 @@ pub fn try_step_weights(
 /// slot's writes.
 pub fn step_weights(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], lambda: f64) -> Result<Tensor> {
     let table = SlotTable::new(flat, slots, 0..flat.elem_count(), |_| false)?;
-    step_weights_in(flat, &table, &absmean_partials(flat, &table)?, lambda, 0..flat.elem_count())
+    step_weights_in(flat, &table, &absmean_partials(flat, &table)?, lambda, 0..flat.elem_count(), 0..slots.len())
 }
 
 /// The slots as the kernels read them, for the elements of the flat buffer in a range (the whole buffer, or
@@ -73,6 +73,8 @@ pub struct SlotTable {
     slots: usize,
     /// The grid: a block per `WRITE_CHUNK` elements of each slot's part.
     blocks: u32,
+    /// Each slot's first block of the grid, and the grid's size last (host copies of the table's column).
+    firsts: Vec<u32>,
 }
 
 /// Elements per block of the step weights' writes and of AdamW (8 accesses of 4 per thread).
@@ -88,14 +90,18 @@ impl SlotTable {
     ) -> Result<Self> {
         let mut blocks = 0;
         let mut table = Vec::with_capacity(5 * slots.len());
+        let mut firsts = Vec::with_capacity(slots.len() + 1);
         for (k, (r, c)) in slots.iter().enumerate() {
             let (first, end) = (r.start.max(range.start), r.end.min(range.end));
             let count = end.saturating_sub(first);
             let matrix = if c.is_some() { r.len() as i64 } else { 0 };
             table.extend([first as i64, count as i64, matrix, blocks as i64, decays(k) as i64]);
+            firsts.push(blocks as u32);
             blocks += count.div_ceil(WRITE_CHUNK);
         }
-        Ok(Self { table: Tensor::new(table, flat.device())?, slots: slots.len(), blocks: blocks as u32 })
+        firsts.push(blocks as u32);
+        let table = Tensor::new(table, flat.device())?;
+        Ok(Self { table, slots: slots.len(), blocks: blocks as u32, firsts })
     }
 
     fn grid(&self) -> LaunchConfig {
@@ -117,29 +123,33 @@ pub fn absmean_partials(flat: &Tensor, table: &SlotTable) -> Result<Tensor> {
 
 /// The second launch of [`step_weights`]: this step's weights of the elements of `flat` in the table's range,
 /// each BitLinear matrix scaled by the sums of `|W|` of the whole matrix in `partials` (f64, a fixed number per
-/// slot: [`absmean_partials`]'s, or one from [`adamw`]), in a new bf16 buffer that holds the elements `out`
-/// of `flat`'s layout (all of them, or one block's: `train.step_weights = "per_block"`), which must contain
-/// the table's range and start at a multiple of 4 (the writes go 4 elements at a time, aligned as in `flat`);
-/// its elements outside the range are left unset (under ZeRO-1, for the other ranks to send).
+/// slot: [`absmean_partials`]'s, or one from [`adamw`]), of the table's slots `slots` (all of them, or one
+/// block's: `train.step_weights = "per_block"`, which builds the table once for every block), in a new bf16
+/// buffer that holds the elements `out` of `flat`'s layout, which must contain those slots' parts of the
+/// table's range and start at a multiple of 4 (the writes go 4 elements at a time, aligned as in `flat`); its
+/// other elements are left unset (under ZeRO-1, for the other ranks to send).
 pub fn step_weights_in(
     flat: &Tensor,
     table: &SlotTable,
     partials: &Tensor,
     lambda: f64,
     out: Range<usize>,
+    slots: Range<usize>,
 ) -> Result<Tensor> {
-    if !out.start.is_multiple_of(4) || out.end > flat.elem_count() {
-        candle_core::bail!("step_weights_in: output range {out:?} of {} elements", flat.elem_count());
+    if !out.start.is_multiple_of(4) || out.end > flat.elem_count() || slots.end > table.slots {
+        candle_core::bail!("step_weights_in: output range {out:?} of {} elements, slots {slots:?}", flat.elem_count());
     }
     let dev = cuda_device(flat)?;
     let buffer = uninit(out.len(), DType::BF16, &dev)?;
-    if table.blocks == 0 {
+    let (first, blocks) = (table.firsts[slots.start], table.firsts[slots.end] - table.firsts[slots.start]);
+    if blocks == 0 {
         return Ok(buffer);
     }
     let parts = (partials.elem_count() / table.slots) as i32;
-    launch!(dev, PTX, "step_weights", table.grid();
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "step_weights", cfg;
         ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, parts, lambda as f32, ptr(&buffer)?,
-        out.start as i64);
+        out.start as i64, first as i32, table.blocks as i32);
     Ok(buffer)
 }
 

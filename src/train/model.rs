@@ -62,12 +62,16 @@ pub struct StepWeights {
 }
 
 /// What per-block weights are built from: the f32 latents, every BitLinear matrix's sum of `|W|` (as
-/// [`shard_abs_sums`] gives them for the whole buffer), the quantizer's strength and the compute dtype.
+/// [`shard_abs_sums`] gives them for the whole buffer), the quantizer's strength and the compute dtype; on
+/// CUDA the kernel's slot table of the whole buffer, uploaded once a step (an upload waits for the stream),
+/// from which each block's launch takes its slots.
 struct BlockSource {
     latents: Tensor,
     sums: Tensor,
     lambda: f64,
     dtype: DType,
+    #[cfg(feature = "cuda")]
+    table: Option<crate::kernels::flat::SlotTable>,
 }
 
 impl StepWeights {
@@ -84,9 +88,27 @@ impl StepWeights {
     /// `train.step_weights = "per_block"`: the slots outside the blocks built now from the whole f32 latents
     /// `latents`, the blocks' when [`StepWeights::block`] asks; `sums` are every matrix's sums of `|W|`.
     pub fn per_block(layout: &ParamLayout, latents: &Tensor, sums: Tensor, lambda: f64, dtype: DType) -> Result<Self> {
-        let source = BlockSource { latents: latents.clone(), sums, lambda, dtype };
-        let blocks = blocks_span(layout);
-        let kept = [0..blocks.start, blocks.end..layout.total]
+        #[cfg(feature = "cuda")]
+        let table = match fused(latents, dtype) {
+            true => {
+                Some(crate::kernels::flat::SlotTable::new(latents, &slot_kinds(layout), 0..layout.total, |_| false)?)
+            }
+            false => None,
+        };
+        let source = BlockSource {
+            latents: latents.clone(),
+            sums,
+            lambda,
+            dtype,
+            #[cfg(feature = "cuda")]
+            table,
+        };
+        let n = layout.slots.len();
+        let blocks = match (layout.blocks.first(), layout.blocks.last()) {
+            (Some(first), Some(last)) => first.input_norm..last.down + 1,
+            _ => n..n,
+        };
+        let kept = [0..blocks.start, blocks.end..n]
             .into_iter()
             .filter(|r| !r.is_empty())
             .map(|r| source.build(layout, r))
@@ -103,18 +125,32 @@ impl StepWeights {
 
     /// Block `l`'s weights: a view of the kept ones, or built now.
     pub fn block(&self, layout: &ParamLayout, l: usize) -> Result<WeightPart> {
+        let s = &layout.blocks[l];
         match &self.per_block {
-            Some(source) => source.build(layout, layout.span(layout.blocks[l].slots())),
+            Some(source) => source.build(layout, s.input_norm..s.down + 1),
             None => Ok(self.kept[0].clone()),
         }
     }
 }
 
 impl BlockSource {
-    /// The step weights of the elements in `range`, in a buffer that starts at the multiple of 4 at or below
-    /// it (the kernels write 4 elements at a time, aligned as in the flat buffer).
-    fn build(&self, layout: &ParamLayout, range: Range<usize>) -> Result<WeightPart> {
+    /// The step weights of the neighbouring slots `slots`, in a buffer that starts at the multiple of 4 at or
+    /// below their first element (the kernels write 4 elements at a time, aligned as in the flat buffer).
+    fn build(&self, layout: &ParamLayout, slots: Range<usize>) -> Result<WeightPart> {
+        let range = layout.span(slots.start..=slots.end - 1);
         let base = range.start / 4 * 4;
+        #[cfg(feature = "cuda")]
+        if let Some(table) = &self.table {
+            let flat = crate::kernels::flat::step_weights_in(
+                &self.latents,
+                table,
+                &self.sums,
+                self.lambda,
+                base..range.end,
+                slots,
+            )?;
+            return Ok(WeightPart { flat, base });
+        }
         let flat = range_step_weights(
             layout,
             &self.latents,
@@ -199,7 +235,7 @@ pub fn range_step_weights(
     #[cfg(feature = "cuda")]
     if fused(flat, dtype) {
         let table = crate::kernels::flat::SlotTable::new(flat, &slots, range, |_| false)?;
-        return Ok(crate::kernels::flat::step_weights_in(flat, &table, sums, lambda, out)?);
+        return Ok(crate::kernels::flat::step_weights_in(flat, &table, sums, lambda, out, 0..slots.len())?);
     }
     let buffer = Tensor::zeros(out.len(), dtype, flat.device())?;
     for (i, part) in layout.parts(range) {
