@@ -38,6 +38,50 @@ fn cuda_bf16_forward_matches_cpu_f32() {
     }
 }
 
+/// How the GPU's logits at generated positions agree with the CPU's.
+#[derive(Default)]
+struct Agreement {
+    positions: usize,
+    /// The same greedy choice where the CPU's is clear.
+    agree: usize,
+    /// Positions whose top two CPU logits are closer than four times the GPU's deviation there.
+    ties: usize,
+    /// The largest relative RMS deviation of a position's logits.
+    worst: f64,
+}
+
+impl Agreement {
+    fn add(&mut self, cpu: &[f32], gpu: &[f32]) {
+        let v = cpu.len() as f64;
+        let diff = (cpu.iter().zip(gpu).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / v).sqrt();
+        let rms = (cpu.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() / v).sqrt();
+        self.worst = self.worst.max(diff / rms);
+        let mut sorted = cpu.to_vec();
+        sorted.sort_by(|p, q| q.total_cmp(p));
+        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        self.positions += 1;
+        if ((sorted[0] - sorted[1]) as f64) < 4.0 * diff {
+            self.ties += 1;
+        } else if argmax(cpu) == argmax(gpu) {
+            self.agree += 1;
+        }
+    }
+
+    /// At least 64 positions, the same choice wherever the CPU's is clear, few near ties, and every position
+    /// within bf16 tolerance.
+    fn check(&self, what: &str) {
+        let Self { positions, agree, ties, worst } = *self;
+        println!(
+            "{what}: {positions} generated positions, greedy choice equal to the CPU's at {agree}, {ties} near \
+             ties; worst relative RMS deviation of a position's logits {worst:.2e}"
+        );
+        assert!(positions >= 64, "{what}: only {positions} generated tokens");
+        assert_eq!(agree + ties, positions, "{what}: the GPU chose otherwise where the CPU's choice was clear");
+        assert!(ties * 10 <= positions, "{what}: {ties} near ties of {positions}: the model is not decisive enough");
+        assert!(worst < 5e-2, "{what}: relative RMS deviation {worst}");
+    }
+}
+
 /// The GPU path (stacked projections; the fused kernels norm, gate and quantize the BitLinear inputs) on a
 /// model that learned something (the tiny demo, 300 steps on the GPU): along the CPU f32 reference's greedy
 /// answers to dev questions (at least 64 generated tokens in all), the GPU's logits at every position are
@@ -66,7 +110,7 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     let stop = Stop::new(&tok, &template);
     let cpu = bessie::model::load(&dir, &Device::Cpu).unwrap();
     let dev = std::fs::read_to_string(root.join("data/tiny/dev.jsonl")).unwrap();
-    let (mut generated, mut agree, mut ties, mut worst) = (0, 0, 0, 0f64);
+    let mut full = Agreement::default();
     for line in dev.lines().take(8) {
         let q = serde_json::from_str::<serde_json::Value>(line).unwrap()["prompt"].as_str().unwrap().to_string();
         let prompt = template.prompt_ids(&tok, &[Message::new("user", &q)]).unwrap();
@@ -76,36 +120,17 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
         let v = x.len() / ids.len();
         // Position p's logits choose token p + 1: the answer's tokens are chosen at prompt.len() - 1 ...
         for p in prompt.len() - 1..ids.len() - 1 {
-            let (a, b) = (&x[p * v..(p + 1) * v], &y[p * v..(p + 1) * v]);
-            let diff = (a.iter().zip(b).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / v as f64).sqrt();
-            let rms = (a.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() / v as f64).sqrt();
-            worst = worst.max(diff / rms);
-            let mut sorted = a.to_vec();
-            sorted.sort_by(|p, q| q.total_cmp(p));
-            let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-            generated += 1;
-            if ((sorted[0] - sorted[1]) as f64) < 4.0 * diff {
-                ties += 1;
-            } else if argmax(a) == argmax(b) {
-                agree += 1;
-            }
+            full.add(&x[p * v..(p + 1) * v], &y[p * v..(p + 1) * v]);
         }
     }
-    println!(
-        "{generated} generated positions: GPU greedy choice equal to the CPU's at {agree}, {ties} near ties; worst \
-         relative RMS deviation of a position's logits {worst:.2e}"
-    );
-    assert!(generated >= 64, "only {generated} generated tokens");
-    assert_eq!(agree + ties, generated, "the GPU chose otherwise where the CPU's choice was clear");
-    assert!(ties * 10 <= generated, "{ties} near ties of {generated}: the model is not decisive enough to test");
-    assert!(worst < 5e-2, "relative RMS deviation {worst}");
+    full.check("the GPU's forward over each whole sequence");
 
     // The decode kernels (one token per step: the matrix-vector products with their residual adds, attention
     // over the cache with RoPE and the cache write) along the same answers, one token at a time after the
     // prompt's prefill, against the CPU's logits of the whole sequence: within bf16 tolerance at every step,
     // the same greedy choice wherever the CPU's is not a near tie.
     let model = bessie::model::load(&dir, &gpu).unwrap();
-    let (mut steps, mut agree, mut ties, mut worst) = (0, 0, 0, 0f64);
+    let mut steps = Agreement::default();
     for line in dev.lines().take(8) {
         let q = serde_json::from_str::<serde_json::Value>(line).unwrap()["prompt"].as_str().unwrap().to_string();
         let prompt = template.prompt_ids(&tok, &[Message::new("user", &q)]).unwrap();
@@ -122,24 +147,10 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
                 h = model.forward(&step, &mut cache).unwrap().squeeze(1).unwrap();
             }
             let b: Vec<f32> = model.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let a = &x[p * v..(p + 1) * v];
-            let diff = (a.iter().zip(&b).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / v as f64).sqrt();
-            let rms = (a.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() / v as f64).sqrt();
-            worst = worst.max(diff / rms);
-            let mut sorted = a.to_vec();
-            sorted.sort_by(|p, q| q.total_cmp(p));
-            let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-            steps += 1;
-            if ((sorted[0] - sorted[1]) as f64) < 4.0 * diff {
-                ties += 1;
-            } else if argmax(a) == argmax(&b) {
-                agree += 1;
-            }
+            steps.add(&x[p * v..(p + 1) * v], &b);
         }
     }
-    println!("decode kernels: {steps} steps, greedy choice equal at {agree}, {ties} near ties; worst {worst:.2e}");
-    assert!(steps >= 64 && agree + ties == steps && ties * 10 <= steps, "{agree} + {ties} of {steps}");
-    assert!(worst < 5e-2, "decode kernels: relative RMS deviation {worst}");
+    steps.check("the decode kernels, a token at a time");
 
     // The decoding step replayed from its CUDA graph (step_logits) gives the logits of the same step run
     // without one (forward), bit for bit, along an answer: the graph replays exactly the kernels it captured,
