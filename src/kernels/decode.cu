@@ -128,6 +128,8 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float position, co
 // scores are bf16, times 1 / sqrt(d) in bf16, and its probabilities bf16: the kernel keeps the first two
 // roundings and takes the probabilities in f32.
 #define SPLIT 256
+// Warps of a block (128 threads: ATTN_THREADS in decode.rs).
+#define ATTN_WARPS 4
 extern "C" __global__ void decode_attention(const bf16* qkv, bf16* k_cache, bf16* v_cache, const unsigned* meta,
                                             const float* inv_freq, bf16* y, float* partial, int heads,
                                             int kv_heads, int d, int width) {
@@ -187,23 +189,36 @@ extern "C" __global__ void decode_attention(const bf16* qkv, bf16* k_cache, bf16
     __syncthreads();
     for (int j = threadIdx.x; j < n; j += blockDim.x) scores[j] = mx == -INFINITY ? 0.f : expf(scores[j] - mx);
     __syncthreads();
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float y1 = 0.f, y2 = 0.f;
-        for (int j = 0; j < n; j++) {
-            float p = scores[j];
-            if (p == 0.f) continue;
-            int c = lo + j;
-            const bf16* vc = v_cache + head_base + (size_t)c * d;
-            y1 += p * (c == col ? v_new[i] : f32(vc[i]));
-            y2 += p * (c == col ? v_new[i + half] : f32(vc[i + half]));
+    // p v: each warp sums its columns (as for the scores), a lane its elements lane + 32 m, so that a column's
+    // values are one coalesced read; then the warps' sums are added in shared memory.
+    float acc[8] = {};
+    for (int j = threadIdx.x / 32; j < n; j += warps) {
+        float p = scores[j];
+        if (p == 0.f) continue;
+        int c = lo + j;
+        const bf16* vc = v_cache + head_base + (size_t)c * d;
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            int e = lane + 32 * m;
+            if (e < d) acc[m] += p * (c == col ? v_new[e] : f32(vc[e]));
         }
+    }
+    __shared__ float sums[ATTN_WARPS][256];
+#pragma unroll
+    for (int m = 0; m < 8; m++) {
+        int e = lane + 32 * m;
+        if (e < d) sums[threadIdx.x / 32][e] = acc[m];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float total = 0.f;
+        for (int w = 0; w < warps; w++) total += sums[w][e];
         if (splits == 1) {
-            bf16* out = y + (size_t)r * heads * d + (size_t)h * d;
-            out[i] = to_bf16(y1 / sum), out[i + half] = to_bf16(y2 / sum);
+            y[(size_t)r * heads * d + (size_t)h * d + e] = to_bf16(total / sum);
         } else {
             float* part = partial + (((size_t)r * heads + h) * splits + split) * (d + 2);
-            part[i] = y1, part[i + half] = y2;
-            if (i == 0) part[d] = mx, part[d + 1] = sum;
+            part[e] = total;
+            if (e == 0) part[d] = mx, part[d + 1] = sum;
         }
     }
 }
