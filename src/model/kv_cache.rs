@@ -367,3 +367,26 @@ pub(super) fn attention_mask(
         .collect();
     Tensor::from_vec(mask, (rows.len(), 1, t, len + t - first), device).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the decode kernel is told of a row agrees with the span's own positions and hidden columns: a
+    /// row from column 3, a row whose own rest follows a shared prefix of 5 columns after a gap of 4, and a
+    /// retired row, which hides every column (its start past any column).
+    #[test]
+    fn step_meta_tells_the_kernel_the_span() {
+        let plain = Span::starting_at(3);
+        assert_eq!(plain.step_meta(10), [7, 3, 3, 0]);
+        let gapped = Span { start: 0, gap: 5, gap_len: 4 };
+        assert_eq!(gapped.step_meta(12), [8, 0, 5, 4]);
+        // The kernel's test, `c < start || c - gap < gap_len` (for c >= gap), against the span's.
+        let [_, start, gap, len] = gapped.step_meta(12);
+        let kernel_hides = |c: u32| c < start || (c >= gap && c - gap < len);
+        for c in 0..13 {
+            assert_eq!(kernel_hides(c), gapped.hides(c as usize), "column {c}");
+        }
+        assert_eq!(Span::RETIRED.step_meta(12), [0, u32::MAX, u32::MAX, 0]);
+    }
+}
