@@ -181,8 +181,9 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     assert_eq!(replays, answer.len() - 1, "every step after the first should replay the captured graph");
 
     // Continuous batching on the GPU (3 rows for 16 prompts: rows refilled mid-answer, the template's shared
-    // prefix run once) answers as one prompt at a time on the GPU, but where bf16 rounding, which differs
-    // between batch shapes, meets a near tie.
+    // prefix run once; and 12 rows, whose steps' products are cuBLAS GEMMs, captured too) answers as one prompt
+    // at a time on the GPU, but where bf16 rounding, which differs between batch shapes, meets a near tie. The
+    // steps replay their graphs between the cache's changes of layout.
     use bessie::generate::ContinuousBatch;
     let model = bessie::model::load(&dir, &gpu).unwrap();
     let prompts: Vec<Vec<u32>> = dev
@@ -197,11 +198,20 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
         .iter()
         .map(|p| generate(&model, &tok, &stop, p, 64, &mut Sampler::greedy(), |_| Ok(())).unwrap().ids)
         .collect();
-    let batch =
-        ContinuousBatch::new(&model, &tok, &stop, &prompts, 3, 64).unwrap().run(&mut Sampler::greedy(), |_, _| Ok(()));
-    let same = batch.unwrap().iter().zip(&alone).filter(|(b, a)| &b.ids == *a).count();
-    println!("continuous batching on the GPU: {same} of {} answers equal to one prompt at a time", prompts.len());
-    assert!(same >= 13, "only {same} of {} answers equal", prompts.len());
+    for rows in [3, 12] {
+        let before = model.decode_graph_replays();
+        let mut batch = ContinuousBatch::new(&model, &tok, &stop, &prompts, rows, 64).unwrap();
+        let batch = batch.run(&mut Sampler::greedy(), |_, _| Ok(())).unwrap();
+        let same = batch.iter().zip(&alone).filter(|(b, a)| &b.ids == *a).count();
+        let replays = model.decode_graph_replays() - before;
+        println!(
+            "continuous batching on the GPU, {rows} rows: {same} of {} answers equal to one prompt at a time; \
+             {replays} steps replayed from graphs",
+            prompts.len()
+        );
+        assert!(same >= 13, "{rows} rows: only {same} of {} answers equal", prompts.len());
+        assert!(replays > 0, "{rows} rows: no step replayed a graph");
+    }
 }
 
 /// Every family's bf16 forward on the GPU against transformers' own `BitNetForCausalLM` / `LlamaForCausalLM`

@@ -12,7 +12,7 @@ use super::step_graph::StepGraphs;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
-use crate::kernels::shapes::{DecodeAttention, GemvWeight, GEMV_ROWS};
+use crate::kernels::shapes::{DecodeAttention, GemvWeight};
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// How a BitLinear layer holds its ternary weight.
@@ -566,8 +566,7 @@ impl BitNet {
         }
         let (at, first) = self.place(b, 1, cache)?;
         let logits = match &at {
-            // Only a step without cuBLAS calls is captured: all its products matrix-vector kernels.
-            Positions::Step { meta, inv_freq } if !self.rope.dynamic && b <= GEMV_ROWS => {
+            Positions::Step { meta, inv_freq } if !self.rope.dynamic => {
                 // Every layer's buffers as the step will use them (grown first, if they must), which is what a
                 // graph captured now holds.
                 let (heads, dim) = (self.cfg.num_kv_heads(), self.cfg.head_dim());

@@ -7,8 +7,10 @@
 //! of its own buffer after.
 //!
 //! The first step of a layout runs as it is (with candle's cache of small uploads on, so that the capture
-//! that follows finds them) and gives that step's logits; the capture follows it. A failed capture is said
-//! once and the process decodes without graphs from then on. `BESSIE_CUDA_GRAPHS=0` turns them off.
+//! that follows finds them) and gives that step's logits; the capture follows it. Steps of up to 8 rows are
+//! matrix-vector kernels only; larger ones hold cuBLAS's GEMMs, which capture once the eager step has
+//! made cuBLAS's workspace. A failed capture is said once, and steps of that many rows run without graphs
+//! from then on. `BESSIE_CUDA_GRAPHS=0` turns them off.
 
 use candle_core::{Result, Tensor};
 
@@ -44,7 +46,7 @@ impl StepGraphs {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let candle_core::Device::Cuda(dev) = ids.device() {
-            if !key.is_empty() && cuda::enabled() {
+            if !key.is_empty() && cuda::enabled(key[0]) {
                 let (logits, replayed) = cuda::run(&self.captured, dev, key, ids, meta, compute)?;
                 self.replays.fetch_add(usize::from(replayed), std::sync::atomic::Ordering::Relaxed);
                 return Ok(logits);
@@ -56,18 +58,19 @@ impl StepGraphs {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
 
     use candle_core::{CudaDevice, Result, Tensor};
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use cudarc::driver::CudaGraph;
 
-    /// Set once a capture failed: the process decodes without graphs from then on.
-    static FAILED: AtomicBool = AtomicBool::new(false);
+    /// The row counts whose capture failed: their steps run without graphs from then on.
+    static FAILED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
-    pub(super) fn enabled() -> bool {
-        !FAILED.load(Ordering::Relaxed) && std::env::var("BESSIE_CUDA_GRAPHS").map_or(true, |v| v != "0")
+    /// Whether steps of `rows` rows are captured.
+    pub(super) fn enabled(rows: u64) -> bool {
+        let failed = FAILED.lock().map_or(true, |f| f.contains(&rows));
+        !failed && std::env::var("BESSIE_CUDA_GRAPHS").map_or(true, |v| v != "0")
     }
 
     /// A captured step: its key, its input and output buffers and the graph.
@@ -101,14 +104,17 @@ mod cuda {
         // This step as it is, with candle's small uploads cached for the capture.
         let _uploads = dev.enable_cuda_graph_htod_cache();
         let logits = compute(ids, meta)?;
+        let rows = key[0];
         match capture(dev, key, ids, meta, &logits, &mut compute) {
             Ok(c) => *slot = Some(c),
             Err(e) => {
-                if !FAILED.swap(true, Ordering::Relaxed) {
-                    eprintln!(
-                        "note: capturing the decoding step as a CUDA graph failed ({e}); decoding without graphs"
-                    );
+                if let Ok(mut failed) = FAILED.lock() {
+                    failed.push(rows);
                 }
+                eprintln!(
+                    "note: capturing a decoding step of {rows} rows as a CUDA graph failed ({e}); such steps run \
+                     without graphs"
+                );
             }
         }
         Ok((logits, false))
