@@ -43,6 +43,12 @@ fn takes(q: &Tensor, k: &Tensor) -> Option<(usize, usize, usize, usize, usize)> 
     (fits && (bk, tk, dk) == (b, t, d)).then_some((b, h, t, d, h / hk))
 }
 
+/// Whether [`try_forward`] takes heads of `head_dim` for `x`'s device (bf16 on CUDA, the kernels enabled), so a
+/// caller can skip preparing its fallback.
+pub fn takes_heads(x: &Tensor, head_dim: usize) -> bool {
+    super::applies(x) && super::FLASH_HEAD_DIMS.contains(&head_dim)
+}
+
 /// `q: [b, h, t, d]`, `k, v: [b, h / group, t, d]` (bf16; grouped-query heads: query head `i` attends with key
 /// and value head `i / group`), `start: [b, t]` (f32, see `train::layers::Windows`): the output
 /// `[b, h, t, d]` and each row's softmax log-sum-exp (f32 `[b, h, t, 1]`). `Ok(None)` where the kernels do not

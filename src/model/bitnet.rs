@@ -290,8 +290,20 @@ impl Rope {
 /// a decoding step on a GPU each row's span (`KvCache::step_meta`) with the step's first and new column
 /// (`DecodeAttention::meta`) and RoPE's inverse frequencies, from which the decode kernel rotates and masks.
 enum Positions {
-    Tables { rope: (Tensor, Tensor), mask: Option<Tensor> },
-    Step { meta: Tensor, inv_freq: Tensor },
+    Tables {
+        rope: (Tensor, Tensor),
+        mask: Option<Tensor>,
+    },
+    /// A prompt into an empty cache whose rows skip no gap, on a GPU: RoPE's tables and each token's first
+    /// visible column (f32 `[batch, seq]`, the training's windows), from which the flash kernel masks.
+    Flash {
+        rope: (Tensor, Tensor),
+        start: Tensor,
+    },
+    Step {
+        meta: Tensor,
+        inv_freq: Tensor,
+    },
 }
 
 /// Rotates `x: [batch, heads, seq, head_dim]` by the tables of `Rope::at`.
@@ -350,8 +362,9 @@ impl Attention {
         (cache, layer, first): (&mut KvCache, usize, usize),
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (rope, mask) = match (at, &self.weights) {
-            (Positions::Tables { rope, mask }, _) => (rope, mask.as_ref()),
+        let (rope, mask, flash) = match (at, &self.weights) {
+            (Positions::Tables { rope, mask }, _) => (rope, mask.as_ref(), None),
+            (Positions::Flash { rope, start }, _) => (rope, None, Some(start)),
             (Positions::Step { meta, inv_freq }, AttnWeights::Stacked { qkv, o }) => {
                 let qkv = qkv.forward(&Quantized::of(x, Some(norm), None)?, None)?;
                 let (k_cache, v_cache) = cache.step_buffers(layer, b, self.num_kv_heads, self.head_dim, x)?;
@@ -387,16 +400,26 @@ impl Attention {
         let k = rotate(&heads(k, self.num_kv_heads)?, rope)?;
         let v = heads(v, self.num_kv_heads)?.contiguous()?;
         let (k, v) = cache.append(layer, first, &k, &v)?;
-        let groups = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
-
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let y = match flash {
+            // The flash kernel reads grouped heads in place; `place` chose it only where it applies.
+            Some(start) => {
+                crate::kernels::flash_attention::try_forward(&q, &k, &v, start)?
+                    .ok_or_else(|| candle_core::Error::msg("the flash kernel declined a prefill it was chosen for"))?
+                    .0
+            }
+            None => {
+                let groups = self.num_heads / self.num_kv_heads;
+                let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
+                let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.to_dtype(DType::F32)?;
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(m)?,
+                    None => scores,
+                };
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)?
+            }
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         match &self.weights {
             AttnWeights::Each { o, .. } => x + o.forward(&maybe_norm(&self.sub_norm, &y)?)?,
             AttnWeights::Stacked { o, .. } => o.forward(&Quantized::of(&y, self.sub_norm.as_ref(), None)?, Some(x)),
@@ -528,6 +551,15 @@ impl BitNet {
         self.cfg.max_positions().ok().flatten().unwrap_or(usize::MAX)
     }
 
+    /// Whether a prefill after `col` cached columns of rows `spans` runs the flash kernel: into an empty cache
+    /// (its keys are its queries) whose rows skip no gap, on a GPU, with heads the kernel takes.
+    fn flash_prefill(&self, col: usize, spans: &[super::kv_cache::Span]) -> bool {
+        col == 0
+            && spans.iter().all(|s| !s.has_gap())
+            && crate::kernels::flash_attention::takes_heads(&self.embed_tokens, self.cfg.head_dim())
+            && self.cfg.num_attention_heads.is_multiple_of(self.cfg.num_kv_heads())
+    }
+
     /// Whether a decoding step (one new token per row) runs the decode kernels: on a GPU with stacked
     /// projections and heads they take; said once when it does not.
     fn decode_kernels(&self) -> bool {
@@ -612,7 +644,17 @@ impl BitNet {
                 let positions: Vec<u32> =
                     spans.iter().flat_map(|s| (col..col + t).map(move |c| s.position(c) as u32)).collect();
                 let rope = self.rope.at(&Tensor::from_vec(positions, (b, t), self.device())?, longest)?;
-                Positions::Tables { rope, mask: attention_mask(t, (first, col), &spans, self.device())? }
+                match self.flash_prefill(col, &spans) {
+                    true => {
+                        // Each token's first visible column: its row's start, or itself where the row hides it.
+                        let start: Vec<f32> = spans
+                            .iter()
+                            .flat_map(|s| (0..t).map(move |c| if s.hides(c) { c as f32 } else { s.start() as f32 }))
+                            .collect();
+                        Positions::Flash { rope, start: Tensor::from_vec(start, (b, t), self.device())? }
+                    }
+                    false => Positions::Tables { rope, mask: attention_mask(t, (first, col), &spans, self.device())? },
+                }
             }
         };
         Ok((at, first))
@@ -635,10 +677,13 @@ impl BitNet {
     /// columns at a time, and returns the final hidden states of the last column, `[batch, hidden]`:
     /// attention's scores (`[batch, heads, chunk, columns]`) stay a chunk's, not the whole prompt's. Under
     /// dynamic RoPE scaling, whose frequencies follow the length a forward sees, in one forward, as
-    /// transformers prefills.
+    /// transformers prefills; and in one where the flash kernel takes it (an empty cache on a GPU), which
+    /// keeps no scores.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache, chunk: usize) -> Result<Tensor> {
         let t = ids.dim(1)?;
-        let chunk = if self.rope.dynamic { t } else { chunk.max(1) };
+        // The flash kernel keeps no scores: a prompt into an empty cache goes whole.
+        let whole = self.rope.dynamic || (cache.is_empty() && self.flash_prefill(0, &[]));
+        let chunk = if whole { t } else { chunk.max(1) };
         let mut hidden = None;
         for c0 in (0..t).step_by(chunk) {
             hidden = Some(self.forward(&ids.narrow(1, c0, chunk.min(t - c0))?, cache)?);

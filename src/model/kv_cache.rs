@@ -42,8 +42,18 @@ impl Span {
         self.start == usize::MAX
     }
 
+    /// The row's first column (`usize::MAX` when retired).
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Whether the row skips a run of columns after its start.
+    pub fn has_gap(&self) -> bool {
+        self.gap_len > 0
+    }
+
     /// Whether column `c` is none of the row's own (before its start, or in its gap).
-    fn hides(&self, c: usize) -> bool {
+    pub fn hides(&self, c: usize) -> bool {
         c < self.start || (self.gap..self.gap + self.gap_len).contains(&c)
     }
 
