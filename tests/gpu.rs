@@ -151,7 +151,13 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     let stop = Stop::new(&tok, &template);
     let cpu = bessie::model::load(&dir, &Device::Cpu).unwrap();
     let dev = std::fs::read_to_string(root.join("data/tiny/dev.jsonl")).unwrap();
-    let mut full = Agreement::default();
+    // The GPU's forward over each whole sequence; and the decode kernels (one token per step: the
+    // matrix-vector products with their residual adds, attention over the cache with RoPE and the cache
+    // write) along the same answers, one token at a time after the prompt's prefill. Both against the CPU's
+    // logits of the whole sequence: within bf16 tolerance at every position, the same greedy choice wherever
+    // the CPU's is not a near tie.
+    let model = bessie::model::load(&dir, &gpu).unwrap();
+    let (mut full, mut steps) = (Agreement::default(), Agreement::default());
     for line in dev.lines().take(8) {
         let q = serde_json::from_str::<serde_json::Value>(line).unwrap()["prompt"].as_str().unwrap().to_string();
         let prompt = template.prompt_ids(&tok, &[Message::new("user", &q)]).unwrap();
@@ -159,30 +165,12 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
         let ids = [&prompt[..], &answer[..]].concat();
         let (x, y) = (logits(&dir, &Device::Cpu, &ids), logits(&dir, &gpu, &ids));
         let v = x.len() / ids.len();
-        // Position p's logits choose token p + 1: the answer's tokens are chosen at prompt.len() - 1 ...
-        for p in prompt.len() - 1..ids.len() - 1 {
-            full.add(&x[p * v..(p + 1) * v], &y[p * v..(p + 1) * v]);
-        }
-    }
-    full.check("the GPU's forward over each whole sequence");
-
-    // The decode kernels (one token per step: the matrix-vector products with their residual adds, attention
-    // over the cache with RoPE and the cache write) along the same answers, one token at a time after the
-    // prompt's prefill, against the CPU's logits of the whole sequence: within bf16 tolerance at every step,
-    // the same greedy choice wherever the CPU's is not a near tie.
-    let model = bessie::model::load(&dir, &gpu).unwrap();
-    let mut steps = Agreement::default();
-    for line in dev.lines().take(8) {
-        let q = serde_json::from_str::<serde_json::Value>(line).unwrap()["prompt"].as_str().unwrap().to_string();
-        let prompt = template.prompt_ids(&tok, &[Message::new("user", &q)]).unwrap();
-        let answer = generate(&cpu, &tok, &stop, &prompt, 64, &mut Sampler::greedy(), |_| Ok(())).unwrap().ids;
-        let ids = [&prompt[..], &answer[..]].concat();
-        let x = logits(&dir, &Device::Cpu, &ids);
-        let v = x.len() / ids.len();
         let mut cache = KvCache::new(&model.cfg);
         let prefill = Tensor::new(&prompt[..], &gpu).unwrap().unsqueeze(0).unwrap();
         let mut h = model.forward_last(&prefill, &mut cache, 512).unwrap();
+        // Position p's logits choose token p + 1: the answer's tokens are chosen at prompt.len() - 1 ...
         for p in prompt.len() - 1..ids.len() - 1 {
+            full.add(&x[p * v..(p + 1) * v], &y[p * v..(p + 1) * v]);
             if p >= prompt.len() {
                 let step = Tensor::new(&[ids[p]], &gpu).unwrap().unsqueeze(0).unwrap();
                 h = model.forward(&step, &mut cache).unwrap().squeeze(1).unwrap();
@@ -191,6 +179,7 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
             steps.add(&x[p * v..(p + 1) * v], &b);
         }
     }
+    full.check("the GPU's forward over each whole sequence");
     steps.check("the decode kernels, a token at a time");
 
     // The decoding step replayed from its CUDA graph (step_logits) gives the logits of the same step run
@@ -226,7 +215,6 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     // at a time on the GPU, but where bf16 rounding, which differs between batch shapes, meets a near tie. The
     // steps replay their graphs between the cache's changes of layout.
     use bessie::generate::ContinuousBatch;
-    let model = bessie::model::load(&dir, &gpu).unwrap();
     let prompts: Vec<Vec<u32>> = dev
         .lines()
         .take(16)
