@@ -179,15 +179,23 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
         for (int k = 0; k < K; k++) {
             int i = R::column(k, c);
             if (i == c) continue;
-            float d[8], xh[8], g[8], u[8], wv[8];
+            // The same sums as one loop over e, in an order that keeps fewer arrays of 8 alive.
+            float d[8], xh[8];
             load8(dy + base + i, d);
-            load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
-            load_weights(w, i, wv);
+            {
+                float g[8], u[8];
+                load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
+            }
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 xh[e] *= r;
-                dot += d[e] * wv[e] * xh[e];
                 acc[k][e] += d[e] * xh[e];
+            }
+            {
+                float wv[8];
+                load_weights(w, i, wv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) dot += d[e] * wv[e] * xh[e];
             }
         }
         // Without a norm (w null, r = 1) the gradient passes straight through: no projection.
@@ -196,13 +204,28 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
         for (int k = 0; k < K; k++) {
             int i = R::column(k, c);
             if (i == c) continue;
-            float d[8], xh[8], g[8], u[8], wv[8], o[8], res[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            load8(dy + base + i, d);
-            load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
-            load_weights(w, i, wv);
-            if (residual) load8(residual + at(row, i, c, t, hd), res);
+            // o = (dy w - xhat r proj) r + residual, built in place so that few arrays of 8 live at once (the
+            // gated kernels' gate and up halves stay to the end): the b2 and b4 variants spilled otherwise.
+            float o[8], g[8], u[8];
+            load8(dy + base + i, o);
+            {
+                float wv[8];
+                load_weights(w, i, wv);
 #pragma unroll
-            for (int e = 0; e < 8; e++) o[e] = (d[e] * wv[e] - xh[e] * r * proj) * r + res[e];
+                for (int e = 0; e < 8; e++) o[e] *= wv[e];
+            }
+            {
+                float xh[8];
+                load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[e] = (o[e] - xh[e] * r * proj) * r;
+            }
+            if (residual) {
+                float res[8];
+                load8(residual + at(row, i, c, t, hd), res);
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[e] += res[e];
+            }
             if constexpr (GLU) {
                 // dh rounded to bf16 as the unfused norm stored it, then through the activation into [dgate | dup].
                 float dg[8], du[8];
