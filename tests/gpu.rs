@@ -472,7 +472,7 @@ mod fused {
                 .unwrap();
             // The same roundings (a sum of two bf16 products rounded twice may differ, rarely).
             let (mk, mv) = (mismatched(&k_cache, &k_want), mismatched(&v_cache, &v_want));
-            assert!(mk < 1e-4 && mv == 0.0, "the cache's new keys differ at {mk}, values at {mv}");
+            assert!(mk < 1e-3 && mv == 0.0, "the cache's new keys differ at {mk}, values at {mv}");
             let repeat = |t: &Tensor| {
                 let t = t.narrow(2, first, col + 1 - first).unwrap();
                 let (b, h, n, dd) = t.dims4().unwrap();
