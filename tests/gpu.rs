@@ -408,8 +408,8 @@ mod fused {
     /// A decoding step's attention (`kernels::decode::try_decode_attention`: RoPE, the cache write, masked
     /// softmax over the cache, split over the columns) against the candle ops of `model::bitnet`'s attention
     /// on the same bf16 tensors: a row from column 0, a row whose own tokens skip a gap (a shared prefix's
-    /// padding), a retired row; 2B4T's grouped heads over 601 columns (three splits, the cache wide enough for
-    /// a fourth, empty one) and -large's over 101 (one).
+    /// padding), a retired row; 2B4T's grouped heads over 601 columns (19 splits of 32, the cache wide enough
+    /// for empty ones after them) and -large's over 101 (several).
     #[test]
     fn decode_attention_matches_reference() {
         use bessie::kernels::decode::try_decode_attention;

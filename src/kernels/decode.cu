@@ -127,7 +127,10 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float position, co
 // stacked projection's output; the caches [rows, kv_heads, width, d]; d <= 256 and even. The reference's
 // scores are bf16, times 1 / sqrt(d) in bf16, and its probabilities bf16: the kernel keeps the first two
 // roundings and takes the probabilities in f32.
-#define SPLIT 256
+// 32 columns a split: a warp walks its columns one after another (a chain of dependent loads), so the
+// columns are spread over many blocks. With 256 a split (64 columns a warp), decoding ran at the same
+// 177-186 tok/s with a 439- and a 2,037-column cache (H200), as that chain, not the context, would make it.
+#define SPLIT 32
 // Warps of a block (128 threads: ATTN_THREADS in decode.rs).
 #define ATTN_WARPS 4
 extern "C" __global__ void decode_attention(const bf16* qkv, bf16* k_cache, bf16* v_cache, const unsigned* meta,

@@ -1,7 +1,7 @@
 //! Decoding one token per row (decode.cu): the few rows of a generation step multiplied by a weight matrix
 //! in one pass over it, with the output's scales and the residual add, and each row's new token's attention
-//! over its KV cache with RoPE and the cache write, in one launch per layer (two past 256 columns, split
-//! over the columns as flash-decoding does) instead of about fifteen ops.
+//! over its KV cache with RoPE and the cache write, in two launches per layer (blocks of 32 columns, joined
+//! after, as flash-decoding splits them) instead of about fifteen ops.
 //! References: `model::bitnet`'s `Stacked::forward` and `Attention::forward` in candle ops.
 
 use candle_core::{DType, Result, Tensor};
@@ -16,8 +16,8 @@ const PTX: Ptx = ptx!("decode");
 const GEMV_WARPS: usize = 8;
 /// Threads of the attention kernel.
 const ATTN_THREADS: u32 = 128;
-/// Columns per split of the attention kernel (`SPLIT`): a long context's columns spread over the card.
-const SPLIT: usize = 256;
+/// Columns per split of the attention kernel (`SPLIT`): the columns spread over the card.
+const SPLIT: usize = 32;
 
 /// The device address of `t`'s first element: what a captured graph's kernels were given.
 pub fn address(t: &Tensor) -> Result<u64> {
