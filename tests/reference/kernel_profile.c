@@ -1,13 +1,17 @@
 // A kernel-level profile of any CUDA program without Nsight (the GPU machines have none): CUPTI's activity
 // API, loaded by the CUDA driver through CUDA_INJECTION64_PATH, records every kernel, memcpy and memset, and at
 // exit prints the time per kernel name and how long the GPU sat idle between them (launch-bound time), with the
-// kernels the idle time came before (what the GPU was waiting to be given: after a host sync, the next launch).
+// kernels the idle time came before (what the GPU was waiting to be given: after a host sync, the next launch),
+// and the host's time in each CUDA driver call (where the host spends a launch-bound step: a graph launch, a
+// copy that waits).
 //
 // Build (here, against the CUPTI wheel's headers; `pip download nvidia-cuda-cupti==13.0.*`):
 //   gcc -O2 -shared -fPIC -o libkprof.so kernel_profile.c -I$CUPTI/include -L$CUPTI/lib -l:libcupti.so.13
 // Run (there, with libcupti.so.13 beside it on LD_LIBRARY_PATH):
 //   CUDA_INJECTION64_PATH=./libkprof.so KPROF_SKIP_S=5 KPROF_TOP=40 bessie-train --bench ...
-// KPROF_SKIP_S drops what ran in the first seconds after the first kernel (model init, warm-up). Gaps of more
+// KPROF_SKIP_S drops what ran in the first seconds after the first kernel (model init, warm-up);
+// KPROF_FROM=NAME:N starts the window at the N-th launch of a kernel whose name begins with NAME instead
+// (flash_forward:25 skips bessie-prompt's warm-up of a 24-layer model: the prompt's own prefill). Gaps of more
 // than 10 ms between kernels (host-side work such as building the model) count as pauses, not as idle time.
 #include <cupti.h>
 #include <stdio.h>
@@ -19,15 +23,20 @@ typedef struct {
   unsigned long long start, end;
 } Record;
 
-static Record *records;
-static size_t count, capacity;
+typedef struct {
+  Record *at;
+  size_t count, capacity;
+} Records;
 
-static void add(const char *name, unsigned long long start, unsigned long long end) {
-  if (count == capacity) {
-    capacity = capacity ? 2 * capacity : 1 << 16;
-    records = realloc(records, capacity * sizeof(Record));
+// The device's work (kernels, copies, memsets) and the host's driver calls.
+static Records device, host;
+
+static void add(Records *rs, const char *name, unsigned long long start, unsigned long long end) {
+  if (rs->count == rs->capacity) {
+    rs->capacity = rs->capacity ? 2 * rs->capacity : 1 << 16;
+    rs->at = realloc(rs->at, rs->capacity * sizeof(Record));
   }
-  records[count++] = (Record){name, start, end};
+  rs->at[rs->count++] = (Record){name, start, end};
 }
 
 static void CUPTIAPI requested(uint8_t **buffer, size_t *size, size_t *max_records) {
@@ -41,15 +50,22 @@ static void CUPTIAPI completed(CUcontext ctx, uint32_t stream, uint8_t *buffer, 
   while (cuptiActivityGetNextRecord(buffer, valid, &r) == CUPTI_SUCCESS) {
     if (r->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) {
       CUpti_ActivityKernel10 *k = (CUpti_ActivityKernel10 *)r;
-      add(k->name, k->start, k->end);
+      add(&device, k->name, k->start, k->end);
     } else if (r->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       CUpti_ActivityMemcpy6 *m = (CUpti_ActivityMemcpy6 *)r;
-      add(m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_HTOD ? "[memcpy HtoD]"
-          : m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOH ? "[memcpy DtoH]" : "[memcpy other]",
+      add(&device,
+          m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_HTOD   ? "[memcpy HtoD]"
+          : m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOH ? "[memcpy DtoH]"
+                                                           : "[memcpy other]",
           m->start, m->end);
     } else if (r->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
       CUpti_ActivityMemset4 *m = (CUpti_ActivityMemset4 *)r;
-      add("[memset]", m->start, m->end);
+      add(&device, "[memset]", m->start, m->end);
+    } else if (r->kind == CUPTI_ACTIVITY_KIND_DRIVER) {
+      CUpti_ActivityAPI *a = (CUpti_ActivityAPI *)r;
+      const char *name = "?";
+      cuptiGetCallbackName(CUPTI_CB_DOMAIN_DRIVER_API, a->cbid, &name);
+      add(&host, name, a->start, a->end);
     }
   }
   free(buffer);
@@ -82,10 +98,21 @@ static int by_time(const void *a, const void *b) {
 
 static void report(void) {
   cuptiActivityFlushAll(1);
+  Record *records = device.at;
+  size_t count = device.count;
   if (!count) return;
   qsort(records, count, sizeof(Record), by_start);
   const char *skip = getenv("KPROF_SKIP_S"), *top = getenv("KPROF_TOP");
   unsigned long long from = records[0].start + (unsigned long long)((skip ? atof(skip) : 0) * 1e9);
+  const char *from_kernel = getenv("KPROF_FROM");
+  if (from_kernel && strchr(from_kernel, ':')) {
+    size_t len = strchr(from_kernel, ':') - from_kernel, nth = atoi(strchr(from_kernel, ':') + 1), seen = 0;
+    for (size_t i = 0; i < count; i++)
+      if (!strncmp(records[i].name, from_kernel, len) && ++seen == nth) {
+        from = records[i].start;
+        break;
+      }
+  }
   size_t first = 0;
   while (first < count && records[first].start < from) first++;
   if (first == count) return;
@@ -124,6 +151,16 @@ static void report(void) {
   for (size_t t = 0; t < wait_kinds && t < n / 2; t++)
     fprintf(stderr, "kprof: idle before: %8zu %10.2f %9.2f  %.150s\n", waits[t].calls, waits[t].ns / 1e6,
             waits[t].ns / 1e3 / waits[t].calls, waits[t].name);
+  // The host's driver calls in the same window.
+  Total *calls = calloc(host.count + 1, sizeof(Total));
+  size_t call_kinds = 0;
+  for (size_t i = 0; i < host.count; i++)
+    if (host.at[i].start >= from) tally(calls, &call_kinds, host.at[i].name, host.at[i].end - host.at[i].start);
+  qsort(calls, call_kinds, sizeof(Total), by_time);
+  fprintf(stderr, "kprof: host call: %8s %10s %9s  %s\n", "calls", "total ms", "avg us", "driver function");
+  for (size_t t = 0; t < call_kinds && t < n / 2; t++)
+    fprintf(stderr, "kprof: host call: %8zu %10.2f %9.2f  %s\n", calls[t].calls, calls[t].ns / 1e6,
+            calls[t].ns / 1e3 / calls[t].calls, calls[t].name);
 }
 
 int InitializeInjection(void) {
@@ -131,6 +168,7 @@ int InitializeInjection(void) {
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET);
+  cuptiActivityEnable(CUPTI_ACTIVITY_KIND_DRIVER);
   atexit(report);
   return 1;
 }
