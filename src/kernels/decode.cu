@@ -28,58 +28,69 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[GEMV_ROWS], int rows, i
     }
 }
 
+// 16-byte chunks of its weight row a lane loads before it multiplies any: a row is a few hundred bytes to a
+// few kilobytes, so a lane's loads must all be in flight at once (one memory latency a product, not one per
+// chunk); beyond 32 x 8 chunks a row takes several rounds.
+#define GEMV_CHUNKS 8
+
 // out[r, n] = round(round(round(sum_k x[r, k] w[n, k]) * scale[n]) + residual[r, n]) for r < rows <= 8:
-// x [rows, k] and w [n, k] bf16 (the quantized input times its scale, the ternary weights; or the hidden
-// states and the head), scale [n] (each output's weight scale) or null (1), residual [rows, n] or null. One
-// warp per output n reads its weight row once for every row, 8 bf16 (16 bytes) a lane at a time: k is a
-// multiple of 8 and the rows 16-byte aligned.
-extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale, const bf16* residual, bf16* out,
-                                int rows, int n, int k) {
+// x [rows, k] bf16 (the quantized input times its scale, or the hidden states), scale [n] (each output's weight
+// scale) or null (1), residual [rows, n] or null. One warp per output n; lane l takes the 16-byte chunks
+// l, l + 32, ... of weight row n: 8 bf16 weights (w [n, k] bf16: the head) or, PACKED, 64 ternary ones 2 bits
+// each (pack_ternary's words 4c..4c+3: elements 64c + 16q + e at bits 2e of word q). k is a multiple of 8
+// (of 64 packed) and the rows are 16-byte aligned.
+template <bool PACKED>
+__device__ __forceinline__ void gemv_rows(const bf16* x, const uint4* w, const bf16* scale, const bf16* residual,
+                                          bf16* out, int rows, int n, int k) {
+    constexpr int PER = PACKED ? 64 : 8;
     int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (o >= n) return;
     float acc[GEMV_ROWS] = {};
-    const bf16* wr = w + (size_t)o * k;
-    for (int i = lane * 8; i < k; i += 32 * 8) {
-        float wv[8];
-        load8(wr + i, wv);
+    int chunks = k / PER;
+    const uint4* wr = w + (size_t)o * chunks;
+    for (int base = lane; base < chunks; base += 32 * GEMV_CHUNKS) {
+        uint4 wv[GEMV_CHUNKS];
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (r >= rows) break;
-            float xv[8];
-            load8(x + (size_t)r * k + i, xv);
+        for (int it = 0; it < GEMV_CHUNKS; it++)
+            if (base + 32 * it < chunks) wv[it] = wr[base + 32 * it];
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[r] += xv[e] * wv[e];
+        for (int it = 0; it < GEMV_CHUNKS; it++) {
+            int c = base + 32 * it;
+            if (c >= chunks) break;
+            const unsigned* words = reinterpret_cast<const unsigned*>(&wv[it]);
+#pragma unroll
+            for (int q = 0; q < PER / 8; q++) {
+                float wf[8];
+                if (PACKED) {
+                    unsigned word = words[q / 2] >> (16 * (q % 2));
+#pragma unroll
+                    for (int e = 0; e < 8; e++) wf[e] = (float)((word >> (2 * e)) & 3u) - 1.f;
+                } else {
+                    load8(reinterpret_cast<const bf16*>(&wv[it]), wf);
+                }
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    if (r >= rows) break;
+                    float xv[8];
+                    load8(x + (size_t)r * k + (size_t)c * PER + 8 * q, xv);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[r] += xv[e] * wf[e];
+                }
+            }
         }
     }
     gemv_finish(acc, rows, o, n, scale, residual, out);
 }
 
-// The same product with the ternary weights packed 2 bits each (pack_ternary: a word of 16 per lane and
-// iteration, an eighth of the bf16 weights' bytes): the sums are the same, in another order. k is a multiple
-// of 16.
-extern "C" __global__ void gemv_ternary(const bf16* x, const unsigned* codes, const bf16* scale,
-                                        const bf16* residual, bf16* out, int rows, int n, int k) {
-    int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (o >= n) return;
-    float acc[GEMV_ROWS] = {};
-    int words = k / 16;
-    const unsigned* wr = codes + (size_t)o * words;
-    for (int i = lane; i < words; i += 32) {
-        unsigned word = wr[i];
-        float wv[16];
-#pragma unroll
-        for (int e = 0; e < 16; e++) wv[e] = (float)((word >> (2 * e)) & 3u) - 1.f;
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (r >= rows) break;
-            float xv[16];
-            load8(x + (size_t)r * k + 16 * (size_t)i, xv);
-            load8(x + (size_t)r * k + 16 * (size_t)i + 8, xv + 8);
-#pragma unroll
-            for (int e = 0; e < 16; e++) acc[r] += xv[e] * wv[e];
-        }
-    }
-    gemv_finish(acc, rows, o, n, scale, residual, out);
+// The product with bf16 weights w [n, k] (the head), and with ternary ones packed 2 bits each (an eighth of
+// the bytes): the sums are the same, in another order.
+extern "C" __global__ void gemv(const bf16* x, const uint4* w, const bf16* scale, const bf16* residual, bf16* out,
+                                int rows, int n, int k) {
+    gemv_rows<false>(x, w, scale, residual, out, rows, n, k);
+}
+extern "C" __global__ void gemv_ternary(const bf16* x, const uint4* codes, const bf16* scale, const bf16* residual,
+                                        bf16* out, int rows, int n, int k) {
+    gemv_rows<true>(x, codes, scale, residual, out, rows, n, k);
 }
 
 // Packs ternary weights (bf16 values -1, 0, 1) 16 to a 32-bit word, 2 bits each as the value plus 1, element
@@ -102,66 +113,78 @@ struct RowMeta {
     __device__ bool hides(unsigned c) const { return c < start || (c >= gap && c - gap < gap_len); }
 };
 
-// The rotate-half RoPE of element i < d / 2 and its partner i + d / 2 of a head, with the angle position *
-// inv_freq[i] in f32 and its cos and sin rounded to bf16, as the reference's tables are, and each product and
-// sum rounded to bf16 as candle's bf16 rope kernel rounds them.
-__device__ __forceinline__ void rope_pair(float& a, float& b, float position, const float* inv_freq, int i) {
-    float angle = position * inv_freq[i];
-    float c = round_bf16(cosf(angle)), s = round_bf16(sinf(angle));
+// The rotate-half RoPE of element pair (a, b) = (i, i + d / 2) of a head by the angle's cos and sin rounded to
+// bf16, as the reference's tables are, each product and sum rounded to bf16 as candle's bf16 rope kernel
+// rounds them.
+__device__ __forceinline__ void rope_pair(float& a, float& b, float c, float s) {
     float x1 = a, x2 = b;
     a = round_bf16(round_bf16(x1 * c) - round_bf16(x2 * s));
     b = round_bf16(round_bf16(x1 * s) + round_bf16(x2 * c));
 }
 
-// Attention of each row's new token over its cache, split over the columns as flash-decoding does, so that a
-// long context spreads over the card: blockIdx.x = query head, blockIdx.y = row, blockIdx.z = split of SPLIT
-// columns (of first..col; enough splits for the cache's width, those past col doing nothing); 128 threads,
-// thread i < d / 2 holding the pair of elements i, i + d / 2 where a head's elements are handled. Each block
-// rotates the new token's q and its kv head's k (the reference's rotate-half RoPE), the block of the group's
-// first query head whose split holds col writes the new k and v to the cache's column `col` (the others take
-// the new column from registers, not from the cache being written),
-// then softmax(q k^T / sqrt(d)) v over the split's columns that the row does not hide (a hidden query, a
-// retired row's, attends to the hidden ones instead, as the reference mask has it). One split writes y; with
-// several, each writes its max, its sum of exponentials and its unnormalized output to `partial` [rows, heads,
-// splits, d + 2] (f32) and decode_attention_combine joins them. qkv [rows, (heads + 2 kv_heads) d] is the
-// stacked projection's output; the caches [rows, kv_heads, width, d]; d <= 256 and even. The reference's
-// scores are bf16, times 1 / sqrt(d) in bf16, and its probabilities bf16: the kernel keeps the first two
-// roundings and takes the probabilities in f32.
-// 32 columns a split: a warp walks its columns one after another (a chain of dependent loads), so the
-// columns are spread over many blocks. With 256 a split (64 columns a warp), decoding ran at the same
-// 177-186 tok/s with a 439- and a 2,037-column cache (H200), as that chain, not the context, would make it.
+// Eight bf16 of a 16-byte chunk held in registers, widened to f32.
+__device__ __forceinline__ void unpack8(const uint4& u, float* out) { load8(reinterpret_cast<const bf16*>(&u), out); }
+
+// Columns of a split, one per lane in the softmax and four threads each in the scores: 128 threads.
 #define SPLIT 32
-// Warps of a block (128 threads: ATTN_THREADS in decode.rs).
-#define ATTN_WARPS 4
-extern "C" __global__ void decode_attention(const bf16* qkv, bf16* k_cache, bf16* v_cache, const unsigned* meta,
-                                            const float* inv_freq, bf16* y, float* partial, int heads,
-                                            int kv_heads, int d, int width) {
-    __shared__ float scores[SPLIT], q[256], k_new[256], v_new[256];
-    int h = blockIdx.x, r = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-    int first = meta[4 * gridDim.y], col = meta[4 * gridDim.y + 1];
+#define ATTN_THREADS 128
+// Query heads of one kv head a block serves (a larger group takes several blocks): K and V are read once for
+// them all.
+#define GROUP_MAX 8
+
+// Attention of each row's new token over its KV cache, split over the columns as flash-decoding does so that
+// a long context spreads over the card: blockIdx.x = kv head (times the blocks its group of query heads
+// takes), blockIdx.y = row, blockIdx.z = split of SPLIT columns of first..col (enough splits for the cache's
+// width; those past col return at once). Each block rotates the new token's q (of its query heads) and its kv
+// head's k by RoPE; the block of the split that holds col writes the new k and v to the cache's column `col`
+// (every block takes the new column from shared memory, not from the cache being written). Then
+// softmax(q k^T / sqrt(d)) v over the split's columns that the row does not hide (a hidden query, a retired
+// row's, attends to the hidden ones instead, as the reference mask has it): four threads a column compute
+// its scores, a lane a column its softmax, and each thread one 16-byte chunk of V for a few columns its
+// share of the output. With one split holding columns the block writes y; with several, each writes its max,
+// its sum of exponentials and its unnormalized output to `partial` [rows, heads, splits, d + 2] (f32) and the
+// last block of a (row, kv head) to finish (counted in `done`, zero between steps: that block sets it back)
+// joins them: y = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M). qkv [rows, (heads + 2 kv_heads) d] is the
+// stacked projection's output; the caches [rows, kv_heads, width, d]; d <= 256 and a multiple of 8. The
+// reference's scores are bf16, times 1 / sqrt(d) in bf16, and its probabilities bf16: the kernel keeps the
+// first two roundings and takes the probabilities in f32.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    decode_attention(const bf16* qkv, bf16* k_cache, bf16* v_cache, const unsigned* meta, const float* inv_freq,
+                     bf16* y, float* partial, unsigned* done, int heads, int kv_heads, int d, int width) {
+    __shared__ __align__(16) float q[GROUP_MAX * 256];
+    __shared__ __align__(16) bf16 kv_new[2 * 256];
+    __shared__ float p[GROUP_MAX][SPLIT], stat_m[GROUP_MAX], stat_l[GROUP_MAX];
+    // Each column group's share of the output: (ATTN_THREADS / (d / 8)) x GROUP_MAX x d <= 8192.
+    __shared__ float red[8192];
+    __shared__ bool last;
+    int group = heads / kv_heads, blocks = (group + GROUP_MAX - 1) / GROUP_MAX;
+    int kvh = blockIdx.x / blocks, h0 = kvh * group + (blockIdx.x % blocks) * GROUP_MAX;
+    int gb = min(GROUP_MAX, kvh * group + group - h0);
+    int rows = gridDim.y, r = blockIdx.y, split = blockIdx.z, splits = gridDim.z, t = threadIdx.x;
+    int first = meta[4 * rows], col = meta[4 * rows + 1];
     int lo = first + split * SPLIT;
-    if (lo > col) {
-        // Nothing to attend to: the combine skips this split.
-        if (threadIdx.x == 0) partial[(((size_t)r * heads + h) * splits + split) * (d + 2) + d] = -INFINITY;
-        return;
-    }
-    int group = heads / kv_heads, kvh = h / group, half = d / 2;
+    if (lo > col) return;
+    int active = (col - first) / SPLIT + 1;
     RowMeta m{meta[4 * r], meta[4 * r + 1], meta[4 * r + 2], meta[4 * r + 3]};
     const bf16* row = qkv + (size_t)r * (heads + 2 * kv_heads) * d;
-    const bf16* qh = row + (size_t)h * d;
     const bf16* kh = row + (size_t)(heads + kvh) * d;
     const bf16* vh = row + (size_t)(heads + kv_heads + kvh) * d;
     size_t head_base = ((size_t)r * kv_heads + kvh) * width * d;
-    float pos = (float)m.position;
-    bool writes = h % group == 0 && (col - first) / SPLIT == split;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float a = f32(qh[i]), b = f32(qh[i + half]);
-        rope_pair(a, b, pos, inv_freq, i);
-        q[i] = a, q[i + half] = b;
-        a = f32(kh[i]), b = f32(kh[i + half]);
-        rope_pair(a, b, pos, inv_freq, i);
-        k_new[i] = a, k_new[i + half] = b;
-        v_new[i] = f32(vh[i]), v_new[i + half] = f32(vh[i + half]);
+    bool writes = h0 == kvh * group && (col - first) / SPLIT == split;
+    int half = d / 2;
+    for (int i = t; i < half; i += ATTN_THREADS) {
+        float angle = (float)m.position * inv_freq[i];
+        float c = round_bf16(cosf(angle)), s = round_bf16(sinf(angle));
+        for (int g = 0; g < gb; g++) {
+            const bf16* qh = row + (size_t)(h0 + g) * d;
+            float a = f32(qh[i]), b = f32(qh[i + half]);
+            rope_pair(a, b, c, s);
+            q[g * d + i] = a, q[g * d + i + half] = b;
+        }
+        float a = f32(kh[i]), b = f32(kh[i + half]);
+        rope_pair(a, b, c, s);
+        kv_new[i] = to_bf16(a), kv_new[i + half] = to_bf16(b);
+        kv_new[d + i] = vh[i], kv_new[d + i + half] = vh[i + half];
         if (writes) {
             size_t at = head_base + (size_t)col * d;
             k_cache[at + i] = to_bf16(a), k_cache[at + i + half] = to_bf16(b);
@@ -169,80 +192,168 @@ extern "C" __global__ void decode_attention(const bf16* qkv, bf16* k_cache, bf16
         }
     }
     __syncthreads();
-    // This split's columns; each warp takes them in turn, its lanes splitting the head's elements.
-    int n = min(SPLIT, col + 1 - lo);
-    int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+
+    // Scores: column j of the split takes threads 4j..4j+3, each the 16-byte chunks part, part + 4, ... of its
+    // key, all loaded before any is used.
+    int n = min(SPLIT, col + 1 - lo), chunks = d / 8;
     bool hidden_query = m.hides(col);
     float inv_sqrt_d = round_bf16(1.f / sqrtf((float)d));
-    for (int j = threadIdx.x / 32; j < n; j += warps) {
-        int c = lo + j;
-        const bf16* kc = k_cache + head_base + (size_t)c * d;
-        float s = 0.f;
-        for (int e = lane; e < d; e += 32) s += q[e] * (c == col ? k_new[e] : f32(kc[e]));
-        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
-        if (lane == 0) scores[j] = m.hides(c) == hidden_query ? round_bf16(round_bf16(s) * inv_sqrt_d) : -INFINITY;
-    }
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, scores[j]);
-    mx = block_reduce(mx, Max());
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) sum += mx == -INFINITY ? 0.f : expf(scores[j] - mx);
-    sum = block_reduce(sum, Sum());
-    __syncthreads();
-    for (int j = threadIdx.x; j < n; j += blockDim.x) scores[j] = mx == -INFINITY ? 0.f : expf(scores[j] - mx);
-    __syncthreads();
-    // p v: each warp sums its columns (as for the scores), a lane its elements lane + 32 m, so that a column's
-    // values are one coalesced read; then the warps' sums are added in shared memory.
-    float acc[8] = {};
-    for (int j = threadIdx.x / 32; j < n; j += warps) {
-        float p = scores[j];
-        if (p == 0.f) continue;
-        int c = lo + j;
-        const bf16* vc = v_cache + head_base + (size_t)c * d;
+    {
+        int j = t / 4, part = t % 4, c = lo + j;
+        float s[GROUP_MAX] = {};
+        if (j < n) {
+            const bf16* kc = c == col ? kv_new : k_cache + head_base + (size_t)c * d;
+            uint4 kr[8];
 #pragma unroll
-        for (int m = 0; m < 8; m++) {
-            int e = lane + 32 * m;
-            if (e < d) acc[m] += p * (c == col ? v_new[e] : f32(vc[e]));
+            for (int it = 0; it < 8; it++)
+                if (part + 4 * it < chunks) kr[it] = *reinterpret_cast<const uint4*>(kc + 8 * (part + 4 * it));
+#pragma unroll
+            for (int it = 0; it < 8; it++) {
+                int ch = part + 4 * it;
+                if (ch >= chunks) break;
+                float kv[8];
+                unpack8(kr[it], kv);
+#pragma unroll
+                for (int g = 0; g < GROUP_MAX; g++) {
+                    if (g >= gb) break;
+                    const float* qg = q + g * d + 8 * ch;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) s[g] += qg[e] * kv[e];
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP_MAX; g++) {
+            s[g] += __shfl_xor_sync(0xffffffff, s[g], 1);
+            s[g] += __shfl_xor_sync(0xffffffff, s[g], 2);
+        }
+        if (part == 0) {
+            bool seen = j < n && m.hides(c) == hidden_query;
+#pragma unroll
+            for (int g = 0; g < GROUP_MAX; g++) {
+                if (g >= gb) break;
+                p[g][j] = seen ? round_bf16(round_bf16(s[g]) * inv_sqrt_d) : -INFINITY;
+            }
         }
     }
-    __shared__ float sums[ATTN_WARPS][256];
-#pragma unroll
-    for (int m = 0; m < 8; m++) {
-        int e = lane + 32 * m;
-        if (e < d) sums[threadIdx.x / 32][e] = acc[m];
+    __syncthreads();
+
+    // Softmax over the split: a warp a head, a lane a column.
+    int lane = t % 32;
+    for (int g = t / 32; g < gb; g += ATTN_THREADS / 32) {
+        float v = p[g][lane], mx = v;
+        for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
+        float e = mx == -INFINITY ? 0.f : expf(v - mx), l = e;
+        for (int off = 16; off > 0; off /= 2) l += __shfl_xor_sync(0xffffffff, l, off);
+        p[g][lane] = e;
+        if (lane == 0) stat_m[g] = mx, stat_l[g] = l;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+
+    // p v: thread (cg, ch) takes chunk ch of the values of columns cg, cg + groups, ... (at most 8: d <= 256),
+    // loaded before any is used; then the column groups' sums are added in shared memory.
+    int groups = ATTN_THREADS / chunks, cg = t / chunks, ch = t % chunks;
+    if (cg < groups) {
+        float acc[GROUP_MAX][8] = {};
+        uint4 vr[8];
+#pragma unroll
+        for (int it = 0; it < 8; it++) {
+            int j = cg + groups * it, c = lo + j;
+            if (j < n) {
+                const bf16* vc = c == col ? kv_new + d : v_cache + head_base + (size_t)c * d;
+                vr[it] = *reinterpret_cast<const uint4*>(vc + 8 * ch);
+            }
+        }
+#pragma unroll
+        for (int it = 0; it < 8; it++) {
+            int j = cg + groups * it;
+            if (j >= n) break;
+            float v[8];
+            unpack8(vr[it], v);
+#pragma unroll
+            for (int g = 0; g < GROUP_MAX; g++) {
+                if (g >= gb) break;
+                float pj = p[g][j];
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[g][e] += pj * v[e];
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP_MAX; g++) {
+            if (g >= gb) break;
+#pragma unroll
+            for (int e = 0; e < 8; e++) red[(cg * gb + g) * d + 8 * ch + e] = acc[g][e];
+        }
+    }
+    __syncthreads();
+    for (int i = t; i < gb * d; i += ATTN_THREADS) {
         float total = 0.f;
-        for (int w = 0; w < warps; w++) total += sums[w][e];
-        if (splits == 1) {
-            y[(size_t)r * heads * d + (size_t)h * d + e] = to_bf16(total / sum);
+        for (int w = 0; w < groups; w++) total += red[w * gb * d + i];
+        int g = i / d, e = i % d;
+        size_t h = h0 + g;
+        if (active == 1) {
+            y[((size_t)r * heads + h) * d + e] = to_bf16(total / stat_l[g]);
         } else {
             float* part = partial + (((size_t)r * heads + h) * splits + split) * (d + 2);
             part[e] = total;
-            if (e == 0) part[d] = mx, part[d + 1] = sum;
+            if (e == 0) part[d] = stat_m[g], part[d + 1] = stat_l[g];
         }
+    }
+    if (active == 1) return;
+
+    // The last of the active splits' blocks to finish joins them (the others' writes are seen: each fenced
+    // them before counting itself).
+    __threadfence();
+    __syncthreads();
+    if (t == 0) {
+        unsigned* count = done + (size_t)r * gridDim.x + blockIdx.x;
+        last = atomicAdd(count, 1u) == (unsigned)active - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    for (int i = t; i < gb * d; i += ATTN_THREADS) {
+        int g = i / d, e = i % d;
+        const float* part = partial + ((size_t)r * heads + h0 + g) * splits * (d + 2);
+        float top = -INFINITY;
+        for (int s = 0; s < active; s++) top = fmaxf(top, __ldcg(part + (size_t)s * (d + 2) + d));
+        float num = 0.f, den = 0.f;
+        for (int s = 0; s < active; s++) {
+            const float* ps = part + (size_t)s * (d + 2);
+            float ms = __ldcg(ps + d);
+            if (ms == -INFINITY) continue;
+            float w = expf(ms - top);
+            num += __ldcg(ps + e) * w;
+            den += __ldcg(ps + d + 1) * w;
+        }
+        y[((size_t)r * heads + h0 + g) * d + e] = to_bf16(num / den);
     }
 }
 
-// Joins decode_attention's splits (blockIdx.x = head, blockIdx.y = row; thread e < d an element):
-// y = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), M the largest m_s. Splits with nothing to attend to
-// (m_s = -inf) count nothing.
-extern "C" __global__ void decode_attention_combine(const float* partial, bf16* y, int heads, int d, int splits) {
-    int h = blockIdx.x, r = blockIdx.y;
-    const float* part = partial + ((size_t)r * heads + h) * splits * (d + 2);
-    float top = -INFINITY;
-    for (int s = 0; s < splits; s++) top = fmaxf(top, part[(size_t)s * (d + 2) + d]);
-    for (int e = threadIdx.x; e < d; e += blockDim.x) {
-        float num = 0.f, den = 0.f;
-        for (int s = 0; s < splits; s++) {
-            const float* p = part + (size_t)s * (d + 2);
-            if (p[d] == -INFINITY) continue;
-            float w = expf(p[d] - top);
-            num += p[e] * w;
-            den += p[d + 1] * w;
-        }
-        y[(size_t)r * heads * d + (size_t)h * d + e] = to_bf16(num / den);
+// The end of a decoding step that a graph replays: each row's greedy pick, the argmax of its f32 logits (the
+// lowest id among equal maxima), written to `picks` and to `ids`, the step's own input, so that a next greedy
+// step can run before the host has read this one's. blockIdx.x = row; 256 threads.
+#define TAIL_THREADS 256
+extern "C" __global__ void greedy_tail(const float* logits, unsigned* ids, unsigned* picks, int vocab) {
+    __shared__ float best[TAIL_THREADS];
+    __shared__ int at[TAIL_THREADS];
+    int r = blockIdx.x, t = threadIdx.x;
+    const float* row = logits + (size_t)r * vocab;
+    float b = -INFINITY;
+    int a = 0;
+    for (int i = t; i < vocab; i += TAIL_THREADS) {
+        float v = row[i];
+        if (v > b) b = v, a = i;
     }
+    best[t] = b, at[t] = a;
+    __syncthreads();
+    for (int half = TAIL_THREADS / 2; half > 0; half /= 2) {
+        if (t < half) {
+            float ob = best[t + half];
+            int oa = at[t + half];
+            if (ob > best[t] || (ob == best[t] && oa < at[t])) best[t] = ob, at[t] = oa;
+        }
+        __syncthreads();
+    }
+    if (t == 0) ids[r] = picks[r] = (unsigned)at[0];
 }

@@ -1,7 +1,7 @@
 //! Decoding one token per row (decode.cu): the few rows of a generation step multiplied by a weight matrix
 //! in one pass over it, with the output's scales and the residual add, and each row's new token's attention
-//! over its KV cache with RoPE and the cache write, in two launches per layer (blocks of 32 columns, joined
-//! after, as flash-decoding splits them) instead of about fifteen ops.
+//! over its KV cache with RoPE and the cache write, in one launch per layer (blocks of 32 columns, joined by
+//! the last to finish, as flash-decoding splits them) instead of about fifteen ops.
 //! References: `model::bitnet`'s `Stacked::forward` and `Attention::forward` in candle ops.
 
 use candle_core::{DType, Result, Tensor};
@@ -14,10 +14,12 @@ const PTX: Ptx = ptx!("decode");
 
 /// Outputs per block of the product: a warp each.
 const GEMV_WARPS: usize = 8;
-/// Threads of the attention kernel.
+/// Threads of the attention kernel (`ATTN_THREADS`).
 const ATTN_THREADS: u32 = 128;
 /// Columns per split of the attention kernel (`SPLIT`): the columns spread over the card.
 const SPLIT: usize = 32;
+/// Query heads of one kv head an attention block serves (`GROUP_MAX`).
+const GROUP_MAX: usize = 8;
 
 /// The device address of `t`'s first element: what a captured graph's kernels were given.
 pub fn address(t: &Tensor) -> Result<u64> {
@@ -25,15 +27,15 @@ pub fn address(t: &Tensor) -> Result<u64> {
 }
 
 /// Whether [`try_decode_attention`] takes heads of `head_dim` for `x`'s device (bf16 on CUDA, the kernels
-/// enabled).
+/// enabled): a multiple of 8 (16-byte chunks) up to 256.
 pub fn takes(x: &Tensor, head_dim: usize) -> bool {
-    applies(x) && head_dim.is_multiple_of(2) && head_dim <= 256
+    applies(x) && head_dim.is_multiple_of(8) && head_dim <= 256
 }
 
 /// `x @ w^T (* scale) (+ residual)` for the quantized input `x: [.., k]` of at most [`GEMV_ROWS`] rows (bf16),
 /// the weights `w` (`[n, k]` bf16, or packed ternary codes), the outputs' scales `scale: [n]` (or none: the
 /// head) and `residual` in the output's shape `[.., n]`, rounded as the candle ops round: `Ok(None)` where it
-/// does not apply (more rows, `k` not a multiple of 8, or of 16 packed, not bf16 on CUDA).
+/// does not apply (more rows, `k` not a multiple of 8, or of 64 packed, not bf16 on CUDA).
 pub fn try_gemv(
     x: &Tensor,
     w: GemvWeight,
@@ -50,7 +52,7 @@ pub fn try_gemv(
     let fits = match w {
         GemvWeight::Dense(w) => w.dtype() == DType::BF16 && k.is_multiple_of(8),
         GemvWeight::Packed { codes, .. } => {
-            codes.dtype() == DType::U32 && k.is_multiple_of(16) && codes.dims() == [n, k / 16]
+            codes.dtype() == DType::U32 && k.is_multiple_of(64) && codes.dims() == [n, k / 16]
         }
     };
     let rows = x.elem_count() / k.max(1);
@@ -79,10 +81,11 @@ pub fn try_gemv(
 }
 
 /// The ternary weights `w: [n, k]` (bf16 values -1, 0, 1) packed 16 to a u32, `[n, k / 16]`, for
-/// [`GemvWeight::Packed`]; `Ok(None)` where that does not apply (not bf16 on CUDA, `k` not a multiple of 16).
+/// [`GemvWeight::Packed`]; `Ok(None)` where that does not apply (not bf16 on CUDA, `k` not a multiple of 64:
+/// the product reads a row 16 bytes at a time).
 pub fn pack_ternary(w: &Tensor) -> Result<Option<Tensor>> {
     let (n, k) = w.dims2()?;
-    if !applies(w) || !k.is_multiple_of(16) {
+    if !applies(w) || !k.is_multiple_of(64) {
         return Ok(None);
     }
     let w = w.contiguous()?;
@@ -128,23 +131,37 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     let inv_freq = a.inv_freq.to_dtype(DType::F32)?.contiguous()?;
     let dev = cuda_device(&qkv)?;
     let splits = width.div_ceil(SPLIT);
+    let blocks = a.kv_heads * (a.heads / a.kv_heads).div_ceil(GROUP_MAX);
     let y = uninit((rows, a.heads * d), DType::BF16, &dev)?;
-    // One split writes y itself; several write their parts for the combine.
-    let partial = uninit(if splits > 1 { rows * a.heads * splits * (d + 2) } else { 1 }, DType::F32, &dev)?;
+    // One split writes y itself; several write their parts, and count themselves done so that the last joins
+    // them (the counts start at zero, a memset that a captured step repeats).
+    let (parts, counts) = if splits > 1 { (rows * a.heads * splits * (d + 2), rows * blocks) } else { (1, 1) };
+    let partial = uninit(parts, DType::F32, &dev)?;
+    let done = Tensor::zeros(counts, DType::U32, qkv.device())?;
     let cfg = LaunchConfig {
-        grid_dim: (a.heads as u32, rows as u32, splits as u32),
+        grid_dim: (blocks as u32, rows as u32, splits as u32),
         block_dim: (ATTN_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY (of writing through the caches): the KV cache's buffers are this generation's alone.
     launch!(dev, PTX, "decode_attention", cfg;
-        ptr(&qkv)?, ptr(a.k_cache)?, ptr(a.v_cache)?, ptr(a.meta)?, ptr(&inv_freq)?, ptr(&y)?, ptr(&partial)?,
-        a.heads as i32, a.kv_heads as i32, d as i32, width as i32);
-    if splits > 1 {
-        let cfg =
-            LaunchConfig { grid_dim: (a.heads as u32, rows as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        launch!(dev, PTX, "decode_attention_combine", cfg;
-            ptr(&partial)?, ptr(&y)?, a.heads as i32, d as i32, splits as i32);
-    }
+        ptr(&qkv)?, aligned_ptr(a.k_cache)?, aligned_ptr(a.v_cache)?, ptr(a.meta)?, ptr(&inv_freq)?, ptr(&y)?,
+        ptr(&partial)?, ptr(&done)?, a.heads as i32, a.kv_heads as i32, d as i32, width as i32);
     Ok(Some(y))
+}
+
+/// The end of a decoding step that a captured graph replays (`greedy_tail` in decode.cu): each row's argmax of
+/// `logits: [rows, vocab]` (f32) written to `picks` and to `ids` (u32, `rows` elements: the step's own input
+/// buffer), so that the next greedy step can be replayed before the host reads this one's picks.
+pub fn greedy_tail(logits: &Tensor, ids: &Tensor, picks: &Tensor) -> Result<()> {
+    let (rows, vocab) = logits.dims2()?;
+    let u32s = ids.dtype() == DType::U32 && picks.dtype() == DType::U32;
+    if logits.dtype() != DType::F32 || !u32s || ids.elem_count() != rows || picks.elem_count() != rows {
+        candle_core::bail!("greedy tail: logits {:?}, ids {:?}, picks {:?}", logits.dims(), ids.dims(), picks.dims());
+    }
+    let logits = logits.contiguous()?;
+    let dev = cuda_device(&logits)?;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    launch!(dev, PTX, "greedy_tail", cfg; ptr(&logits)?, ptr(ids)?, ptr(picks)?, vocab as i32);
+    Ok(())
 }
