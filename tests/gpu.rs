@@ -198,7 +198,7 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     let before = model.decode_graph_replays();
     for &id in &answer {
         let step = Tensor::new(&[id], &gpu).unwrap().unsqueeze(0).unwrap();
-        let a: Vec<f32> = model.step_logits(&step, &mut graphed).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = model.step_logits(&[id], &mut graphed).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let h = model.forward(&step, &mut eager).unwrap().squeeze(1).unwrap();
         let b: Vec<f32> = model.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert!(
@@ -213,7 +213,8 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     // Continuous batching on the GPU (3 rows for 16 prompts: rows refilled mid-answer, the template's shared
     // prefix run once; and 12 rows, whose steps' products are cuBLAS GEMMs, captured too) answers as one prompt
     // at a time on the GPU, but where bf16 rounding, which differs between batch shapes, meets a near tie. The
-    // steps replay their graphs between the cache's changes of layout.
+    // steps replay their graphs between the cache's changes of layout. Each greedy step is launched before the
+    // last one's picks are read (the default on a GPU), and gives exactly the tokens of steps launched after.
     use bessie::generate::ContinuousBatch;
     let prompts: Vec<Vec<u32>> = dev
         .lines()
@@ -233,6 +234,11 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
         let batch = batch.run(&mut Sampler::greedy(), |_, _| Ok(())).unwrap();
         let same = batch.iter().zip(&alone).filter(|(b, a)| &b.ids == *a).count();
         let replays = model.decode_graph_replays() - before;
+        let mut behind = ContinuousBatch::new(&model, &tok, &stop, &prompts, rows, 64).unwrap().lookahead(false);
+        let behind = behind.run(&mut Sampler::greedy(), |_, _| Ok(())).unwrap();
+        for (a, b) in batch.iter().zip(&behind) {
+            assert_eq!(a.ids, b.ids, "{rows} rows: a step launched ahead picked another token");
+        }
         println!(
             "continuous batching on the GPU, {rows} rows: {same} of {} answers equal to one prompt at a time; \
              {replays} steps replayed from graphs",
@@ -394,6 +400,13 @@ mod fused {
                 assert!(ep < 4e-3 && mp < 0.05, "ternary {rows} x {k} -> {n}");
             }
         }
+        // The tiny shape's MLP (k = 176): dense bf16 products only, since packed rows are read 64 weights at
+        // a time.
+        let (x, w) = (randn(&[1, 176], DType::BF16), randn(&[64, 176], DType::BF16));
+        let got = try_gemv(&x, GemvWeight::Dense(&w), None, None).unwrap().expect("the kernel takes it");
+        let e = rel_l2(&got, &x.matmul(&w.t().unwrap()).unwrap());
+        assert!(e < 4e-3, "176 -> 64: {e}");
+        assert!(pack_ternary(&w).unwrap().is_none(), "176 is not a multiple of 64");
         // Nine rows are a GEMM's work.
         let x = randn(&[9, 1536], DType::BF16);
         assert!(try_gemv(&x, GemvWeight::Dense(&randn(&[64, 1536], DType::BF16)), None, None).unwrap().is_none());
@@ -409,13 +422,17 @@ mod fused {
     /// softmax over the cache, split over the columns) against the candle ops of `model::bitnet`'s attention
     /// on the same bf16 tensors: a row from column 0, a row whose own tokens skip a gap (a shared prefix's
     /// padding), a retired row; 2B4T's grouped heads over 601 columns (19 splits of 32, the cache wide enough
-    /// for empty ones after them) and -large's over 101 (several).
+    /// for empty ones after them, joined by the last block to finish), -large's over 101, Falcon3's heads of
+    /// 256 over 301, a group of 16 query heads (two blocks a kv head) and the tiny shape's heads of 16 within
+    /// one split.
     #[test]
     fn decode_attention_matches_reference() {
         use bessie::kernels::decode::try_decode_attention;
         use bessie::kernels::shapes::DecodeAttention;
         use candle_core::D;
-        for (heads, kv_heads, d, col) in [(20, 5, 128, 600), (16, 16, 96, 100)] {
+        for (heads, kv_heads, d, col) in
+            [(20, 5, 128, 600), (16, 16, 96, 100), (8, 2, 256, 300), (32, 2, 64, 70), (4, 4, 16, 20)]
+        {
             let (rows, width, first) = (3, if col > 256 { 1000 } else { 200 }, 0);
             // (start, gap, gap_len); u32::MAX: retired.
             let spans = [(0u32, 0u32, 0u32), (5, 40, 30), (u32::MAX, u32::MAX, 0)];

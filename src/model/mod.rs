@@ -13,6 +13,7 @@ pub mod ternary;
 
 pub use bitnet::BitNet;
 pub use kv_cache::KvCache;
+pub use step_graph::{Picks, StepIds};
 
 use std::path::Path;
 
@@ -22,11 +23,13 @@ use candle_core::Device;
 /// Loads a Hugging Face checkpoint directory for inference on `device` in its compute dtype: latent weights,
 /// or a packed ternary export (`config.json` says which; see `ternary`). Checkpoints with a checksum
 /// manifest are verified first (`manifest`). NaN or infinite weights are warned about, not refused:
-/// inference still shows what the model does.
+/// inference still shows what the model does. On a GPU the model is warmed up ([`BitNet::warm_up`]).
 pub fn load(dir: &Path, device: &Device) -> Result<BitNet> {
     crate::manifest::verify(dir)?;
     let (cfg, vb) = hf::open_with(dir, crate::device::compute_dtype(device), device, hf::NonFinite::Warn)?;
-    BitNet::load(vb, &cfg).with_context(|| format!("loading the model in {}", dir.display()))
+    let model = BitNet::load(vb, &cfg).with_context(|| format!("loading the model in {}", dir.display()))?;
+    model.warm_up().context("warming the model up on the GPU")?;
+    Ok(model)
 }
 
 /// The seven projections of each block are BitLinear layers; the embedding, norms and lm_head are not.
