@@ -588,6 +588,16 @@ mod fused {
         let got = residual_add(&x, &branch).unwrap();
         // One f32 add rounded to bf16 on both sides: equal bit for bit.
         assert_eq!(mismatched(&got, &(&x + &branch).unwrap()), 0.0);
+        // A prefill's BitLinear output times each column's weight scale, with and without the residual, as
+        // model::bitnet's candle ops compute it.
+        use bessie::kernels::residual::try_scale_add;
+        let (y, scale) = (randn(&[3, 37, 4608], DType::BF16), randn(&[4608], DType::BF16));
+        let residual = randn(&[3, 37, 4608], DType::BF16);
+        let want = y.broadcast_mul(&scale).unwrap();
+        let got = try_scale_add(&y, Some(&scale), None).unwrap().expect("the kernel takes it");
+        assert_eq!(mismatched(&got, &want), 0.0);
+        let got = try_scale_add(&y, Some(&scale), Some(&residual)).unwrap().expect("the kernel takes it");
+        assert_eq!(mismatched(&got, &(&residual + &want).unwrap()), 0.0);
     }
 
     /// down_proj's input: the gated activation (SiLU or relu^2) read from the gate/up rows, normed and quantized

@@ -98,6 +98,10 @@ pub mod residual {
     pub fn try_residual_add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
+
+    pub fn try_scale_add(_: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 pub mod rmsnorm {

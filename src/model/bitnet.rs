@@ -12,7 +12,7 @@ use super::step_graph::{Picks, StepGraphs, StepIds, StepOut};
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
-use crate::kernels::shapes::{DecodeAttention, GemvWeight};
+use crate::kernels::shapes::{DecodeAttention, GemvWeight, HeadShape};
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// How a BitLinear layer holds its ternary weight.
@@ -188,7 +188,11 @@ impl Stacked {
                 if let Some(y) = crate::kernels::decode::try_gemv(x, w, Some(&self.scales), residual)? {
                     return Ok(y);
                 }
-                x.broadcast_matmul(&self.weight.t()?)?.broadcast_mul(&self.scales)?
+                let y = x.broadcast_matmul(&self.weight.t()?)?;
+                if let Some(y) = crate::kernels::residual::try_scale_add(&y, Some(&self.scales), residual)? {
+                    return Ok(y);
+                }
+                y.broadcast_mul(&self.scales)?
             }
             Quantized::Codes { q, scale } => {
                 let dtype = self.weight.dtype();
@@ -388,17 +392,26 @@ impl Attention {
                 candle_core::bail!("a decode step for projections that are not stacked")
             }
         };
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let [q, k, v] = match &self.weights {
-            AttnWeights::Each { q, k, v, .. } => BitLinear::forward_many([q, k, v], &norm.forward(x)?)?,
+        // q, k and v as heads `[b, heads, t, d]`, q and k rotated.
+        let heads = |[q, k, v]: [Tensor; 3]| -> Result<(Tensor, Tensor, Tensor)> {
+            let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
+            let q = rotate(&split(q, self.num_heads)?, rope)?;
+            let k = rotate(&split(k, self.num_kv_heads)?, rope)?;
+            Ok((q, k, split(v, self.num_kv_heads)?.contiguous()?))
+        };
+        let (q, k, v) = match &self.weights {
+            AttnWeights::Each { q, k, v, .. } => heads(BitLinear::forward_many([q, k, v], &norm.forward(x)?)?)?,
             AttnWeights::Stacked { qkv, .. } => {
                 let y = qkv.forward(&Quantized::of(x, Some(norm), None)?, None)?;
-                qkv.split(&y)?.try_into().expect("q, k and v")
+                // The training's kernel splits and rotates the stacked rows in one pass.
+                let (q_heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
+                let shape = HeadShape { batch: b, seq: t, q_heads, kv_heads, head_dim };
+                match crate::kernels::rope::try_qkv_heads(&y, shape, &rope.0, &rope.1)? {
+                    Some(qkv) => qkv,
+                    None => heads(qkv.split(&y)?.try_into().expect("q, k and v"))?,
+                }
             }
         };
-        let q = rotate(&heads(q, self.num_heads)?, rope)?;
-        let k = rotate(&heads(k, self.num_kv_heads)?, rope)?;
-        let v = heads(v, self.num_kv_heads)?.contiguous()?;
         let (k, v) = cache.append(layer, first, &k, &v)?;
         let y = match flash {
             // The flash kernel reads grouped heads in place; `place` chose it only where it applies.
