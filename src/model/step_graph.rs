@@ -230,10 +230,13 @@ mod cuda {
             };
             return Ok((out, true));
         }
+        // The ids first: where they are picks still being copied, reading them waits for the step that made
+        // them, whose graph may be the one dropped next.
+        let ids = ids.values()?;
         *slot = None;
         // This step as it is, with candle's small uploads cached for the capture.
         let _uploads = dev.enable_cuda_graph_htod_cache();
-        let ids = Tensor::from_vec(ids.values()?, (rows, 1), meta.device())?;
+        let ids = Tensor::from_vec(ids, (rows, 1), meta.device())?;
         let logits = compute(&ids, meta)?;
         match capture(dev, key, &ids, meta, &logits, &mut compute) {
             Ok(c) => *slot = Some(c),
