@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor, D};
 
 use crate::config::ModelConfig;
-use crate::model::{BitNet, KvCache, Picks, StepIds};
+use crate::model::{BitNet, KvCache};
 use crate::rng::Rng;
 use crate::tokenizer::template::ChatTemplate;
 use crate::tokenizer::{DecodeStream, Tokenizer};
@@ -47,11 +47,6 @@ impl Sampler {
 
     pub fn greedy() -> Self {
         Self::new(0.0, 1.0, 0)
-    }
-
-    /// Whether it picks the argmax (temperature 0), which a GPU computes without the host.
-    pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
     }
 
     /// Picks a token from `logits: [vocab]` (f32).
@@ -349,10 +344,6 @@ pub struct ContinuousBatch<'a> {
     /// cache once the first prefill has run them.
     shared: usize,
     prefix: Option<KvCache>,
-    /// A greedy step launched before the host read the picks of the one before ([`ContinuousBatch::lookahead`]):
-    /// its rows' picks, taken by the next decode.
-    ahead: Option<Picks>,
-    lookahead: bool,
     clock: Instant,
 }
 
@@ -405,19 +396,8 @@ impl<'a> ContinuousBatch<'a> {
             reuse: None,
             shared: if shared >= MIN_SHARED { shared } else { 0 },
             prefix: None,
-            ahead: None,
-            lookahead: model.device().is_cuda() && std::env::var("BESSIE_LOOKAHEAD").map_or(true, |v| v != "0"),
             clock: Instant::now(),
         })
-    }
-
-    /// Whether greedy decoding launches each step before reading the picks of the one before (on a GPU by
-    /// default; `BESSIE_LOOKAHEAD=0` turns it off): the device then runs a step while the host reads and
-    /// streams the last one's tokens, instead of waiting for the host between steps. The tokens are the same; a step launched for rows that all ended
-    /// is thrown away, and a prompt is admitted only once the step ahead has been taken.
-    pub fn lookahead(mut self, on: bool) -> Self {
-        self.lookahead = on;
-        self
     }
 
     /// Runs every prompt to its end; the generations in prompt order. `on_text(prompt, text)` streams each
@@ -457,17 +437,13 @@ impl<'a> ContinuousBatch<'a> {
         let due = !free.is_empty()
             && !self.queue.is_empty()
             && (busy == 0 || free.len() * ADMIT_WHEN_FREE >= self.rows || self.queue.len() <= free.len());
-        let shrink = !due && busy > 0 && self.queue.is_empty() && 2 * busy <= self.slots.len();
-        if self.ahead.is_some() && (due || shrink) {
-            // The rows change: first the tokens of the step already launched for them.
-            self.decode(sampler, &mut on_text, &mut ended, false)?;
-        } else if due {
+        if due {
             self.admit(&free, sampler, &mut on_text, &mut ended)?;
         } else if busy > 0 {
-            if shrink {
+            if self.queue.is_empty() && 2 * busy <= self.slots.len() {
                 self.shrink()?;
             }
-            self.decode(sampler, &mut on_text, &mut ended, self.lookahead)?;
+            self.decode(sampler, &mut on_text, &mut ended)?;
         }
         Ok(ended)
     }
@@ -554,54 +530,28 @@ impl<'a> ContinuousBatch<'a> {
         Ok(())
     }
 
-    /// One token for every row at work (after ending those whose context is full). A greedy step launched
-    /// ahead by the last call is this one; with `ahead`, the step after it is launched before this one's picks
-    /// are read, where some row may still need it.
+    /// One token for every row at work (after ending those whose context is full).
     fn decode(
         &mut self,
         sampler: &mut Sampler,
         on_text: &mut impl FnMut(usize, &str) -> Result<()>,
         ended: &mut Vec<(usize, Generation)>,
-        ahead: bool,
     ) -> Result<()> {
-        let model = self.model;
-        let picks = match self.ahead.take() {
-            // Launched with room for every row (`may_need_next`).
-            Some(picks) => picks,
-            None => {
-                let now = self.clock.elapsed().as_secs_f64();
-                let cache = self.cache.as_ref().expect("rows at work were prefilled");
-                let full: Vec<usize> = (0..self.slots.len())
-                    .filter(|&r| self.slots[r].is_some() && cache.row_len(r) + 1 > model.max_positions())
-                    .collect();
-                for r in full {
-                    self.end(r, StopReason::ContextFull, now, ended);
-                }
-                if self.slots.iter().all(Option::is_none) {
-                    return Ok(());
-                }
-                let (cache, next) = (self.cache.as_mut().expect("rows at work were prefilled"), &self.next);
-                if !sampler.is_greedy() {
-                    let ids = sampler.sample_batch(&on_worker(model, || Ok(model.step_logits(next, cache)?))?)?;
-                    return self.take_tokens(&ids, on_text, ended);
-                }
-                on_worker(model, || Ok(model.greedy_step(StepIds::Host(next), cache)?))?
-            }
-        };
-        if ahead && self.may_need_next() {
-            let cache = self.cache.as_mut().expect("rows at work were prefilled");
-            self.ahead = Some(on_worker(model, || Ok(model.greedy_step(StepIds::Picked(&picks), cache)?))?);
+        let now = self.clock.elapsed().as_secs_f64();
+        let cache = self.cache.as_ref().expect("rows at work were prefilled");
+        let full: Vec<usize> = (0..self.slots.len())
+            .filter(|&r| self.slots[r].is_some() && cache.row_len(r) + 1 > self.model.max_positions())
+            .collect();
+        for r in full {
+            self.end(r, StopReason::ContextFull, now, ended);
         }
-        self.take_tokens(&picks.values()?, on_text, ended)
-    }
-
-    /// Each row at work takes its token of `ids`.
-    fn take_tokens(
-        &mut self,
-        ids: &[u32],
-        on_text: &mut impl FnMut(usize, &str) -> Result<()>,
-        ended: &mut Vec<(usize, Generation)>,
-    ) -> Result<()> {
+        if self.slots.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let x = Tensor::from_vec(self.next.clone(), (self.slots.len(), 1), self.model.device())?;
+        let cache = self.cache.as_mut().expect("rows at work were prefilled");
+        let logits = on_worker(self.model, || Ok(self.model.step_logits(&x, cache)?))?;
+        let ids = sampler.sample_batch(&logits)?;
         let secs = self.clock.elapsed().as_secs_f64();
         for (r, &id) in ids.iter().enumerate() {
             if self.slots[r].is_some() {
@@ -609,16 +559,6 @@ impl<'a> ContinuousBatch<'a> {
             }
         }
         Ok(())
-    }
-
-    /// Whether a step after the one just launched may be needed: some row at work has tokens left in its budget
-    /// after that one's, and every row has room for it in the model's context.
-    fn may_need_next(&self) -> bool {
-        let cache = self.cache.as_ref().expect("rows at work were prefilled");
-        let busy = (0..self.slots.len()).filter(|&r| self.slots[r].is_some());
-        let room = busy.clone().all(|r| cache.row_len(r) < self.model.max_positions());
-        let left = busy.filter_map(|r| self.slots[r].as_ref()).any(|s| s.row.ids.len() + 1 < self.max_new_tokens);
-        room && left
     }
 
     /// The cache of the first tokens every prompt shares, taken from prompt `i`: run at the first call.

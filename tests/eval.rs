@@ -688,9 +688,7 @@ fn a_conversation_reuses_its_cache_and_answers_as_from_scratch() {
 
 /// Continuous batching picks exactly the tokens one-at-a-time generation picks, for prompts of different
 /// lengths in any order and batch sizes of 1, 2, 3 and 7, with rows refilled as answers end (one stops
-/// early, at EOS) and enough prompts that the cache drops columns; eval's rounds return them in order. The
-/// same with each greedy step launched before the last one's picks are read (the GPU's default): steps
-/// thrown away where every row ended, the step ahead taken before prompts are admitted or rows dropped.
+/// early, at EOS) and enough prompts that the cache drops columns; eval's rounds return them in order.
 #[test]
 fn continuous_batching_equals_one_at_a_time() {
     let (_d, model, tok, template) = chat_model();
@@ -714,11 +712,10 @@ fn continuous_batching_equals_one_at_a_time() {
     let rounds = (2 * columns).div_ceil(tokens) + 1;
     let many: Vec<Vec<u32>> = prompts.iter().cycle().take(rounds * prompts.len()).cloned().collect();
     assert!(rounds * tokens / 2 > columns);
-    for (batch_size, lookahead) in [(1, false), (2, false), (3, false), (7, false), (1, true), (2, true), (7, true)] {
+    for batch_size in [1, 2, 3, 7] {
         let mut streamed = vec![String::new(); many.len()];
         let gens = ContinuousBatch::new(&model, &tok, &stop, &many, batch_size, max_new)
             .unwrap()
-            .lookahead(lookahead)
             .run(&mut Sampler::greedy(), |i, text| {
                 streamed[i].push_str(text);
                 Ok(())
@@ -726,7 +723,7 @@ fn continuous_batching_equals_one_at_a_time() {
             .unwrap();
         for (i, (b, text)) in gens.iter().zip(&streamed).enumerate() {
             let a = &alone[i % prompts.len()];
-            assert_eq!(a.ids, b.ids, "batch size {batch_size}, lookahead {lookahead}, prompt {i}");
+            assert_eq!(a.ids, b.ids, "batch size {batch_size}, prompt {i}");
             assert_eq!((&a.text, a.stop, a.prompt_tokens), (&b.text, b.stop, b.prompt_tokens));
             assert_eq!(text, &a.text, "streamed text of prompt {i}");
         }

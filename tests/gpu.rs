@@ -198,7 +198,7 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     let before = model.decode_graph_replays();
     for &id in &answer {
         let step = Tensor::new(&[id], &gpu).unwrap().unsqueeze(0).unwrap();
-        let a: Vec<f32> = model.step_logits(&[id], &mut graphed).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = model.step_logits(&step, &mut graphed).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let h = model.forward(&step, &mut eager).unwrap().squeeze(1).unwrap();
         let b: Vec<f32> = model.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert!(
@@ -213,8 +213,7 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     // Continuous batching on the GPU (3 rows for 16 prompts: rows refilled mid-answer, the template's shared
     // prefix run once; and 12 rows, whose steps' products are cuBLAS GEMMs, captured too) answers as one prompt
     // at a time on the GPU, but where bf16 rounding, which differs between batch shapes, meets a near tie. The
-    // steps replay their graphs between the cache's changes of layout. Each greedy step is launched before the
-    // last one's picks are read (the default on a GPU), and gives exactly the tokens of steps launched after.
+    // steps replay their graphs between the cache's changes of layout.
     use bessie::generate::ContinuousBatch;
     let prompts: Vec<Vec<u32>> = dev
         .lines()
@@ -234,11 +233,6 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
         let batch = batch.run(&mut Sampler::greedy(), |_, _| Ok(())).unwrap();
         let same = batch.iter().zip(&alone).filter(|(b, a)| &b.ids == *a).count();
         let replays = model.decode_graph_replays() - before;
-        let mut behind = ContinuousBatch::new(&model, &tok, &stop, &prompts, rows, 64).unwrap().lookahead(false);
-        let behind = behind.run(&mut Sampler::greedy(), |_, _| Ok(())).unwrap();
-        for (a, b) in batch.iter().zip(&behind) {
-            assert_eq!(a.ids, b.ids, "{rows} rows: a step launched ahead picked another token");
-        }
         println!(
             "continuous batching on the GPU, {rows} rows: {same} of {} answers equal to one prompt at a time; \
              {replays} steps replayed from graphs",

@@ -329,31 +329,3 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         y[((size_t)r * heads + h0 + g) * d + e] = to_bf16(num / den);
     }
 }
-
-// The end of a decoding step that a graph replays: each row's greedy pick, the argmax of its f32 logits (the
-// lowest id among equal maxima), written to `picks` and to `ids`, the step's own input, so that a next greedy
-// step can run before the host has read this one's. blockIdx.x = row; 256 threads.
-#define TAIL_THREADS 256
-extern "C" __global__ void greedy_tail(const float* logits, unsigned* ids, unsigned* picks, int vocab) {
-    __shared__ float best[TAIL_THREADS];
-    __shared__ int at[TAIL_THREADS];
-    int r = blockIdx.x, t = threadIdx.x;
-    const float* row = logits + (size_t)r * vocab;
-    float b = -INFINITY;
-    int a = 0;
-    for (int i = t; i < vocab; i += TAIL_THREADS) {
-        float v = row[i];
-        if (v > b) b = v, a = i;
-    }
-    best[t] = b, at[t] = a;
-    __syncthreads();
-    for (int half = TAIL_THREADS / 2; half > 0; half /= 2) {
-        if (t < half) {
-            float ob = best[t + half];
-            int oa = at[t + half];
-            if (ob > best[t] || (ob == best[t] && oa < at[t])) best[t] = ob, at[t] = oa;
-        }
-        __syncthreads();
-    }
-    if (t == 0) ids[r] = picks[r] = (unsigned)at[0];
-}

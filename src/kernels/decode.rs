@@ -149,19 +149,3 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
         ptr(&partial)?, ptr(&done)?, a.heads as i32, a.kv_heads as i32, d as i32, width as i32);
     Ok(Some(y))
 }
-
-/// The end of a decoding step that a captured graph replays (`greedy_tail` in decode.cu): each row's argmax of
-/// `logits: [rows, vocab]` (f32) written to `picks` and to `ids` (u32, `rows` elements: the step's own input
-/// buffer), so that the next greedy step can be replayed before the host reads this one's picks.
-pub fn greedy_tail(logits: &Tensor, ids: &Tensor, picks: &Tensor) -> Result<()> {
-    let (rows, vocab) = logits.dims2()?;
-    let u32s = ids.dtype() == DType::U32 && picks.dtype() == DType::U32;
-    if logits.dtype() != DType::F32 || !u32s || ids.elem_count() != rows || picks.elem_count() != rows {
-        candle_core::bail!("greedy tail: logits {:?}, ids {:?}, picks {:?}", logits.dims(), ids.dims(), picks.dims());
-    }
-    let logits = logits.contiguous()?;
-    let dev = cuda_device(&logits)?;
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    launch!(dev, PTX, "greedy_tail", cfg; ptr(&logits)?, ptr(ids)?, ptr(picks)?, vocab as i32);
-    Ok(())
-}

@@ -8,7 +8,7 @@ use candle_nn::{RmsNorm, VarBuilder};
 use super::arch::{Activation, Family, Role};
 use super::bf16_head::Bf16Matrix;
 use super::kv_cache::{attention_mask, KvCache};
-use super::step_graph::{Picks, StepGraphs, StepIds, StepOut};
+use super::step_graph::StepGraphs;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
@@ -601,34 +601,16 @@ impl BitNet {
         Ok(hidden)
     }
 
-    /// The logits `[rows, vocab]` (f32) of a decoding step: one new token per row, `ids`, after `cache`'s
-    /// columns. With the decode kernels, the step is captured as a CUDA graph once per layout of the cache
-    /// (`step_graph`) and replayed: one launch a token instead of one per kernel.
-    pub fn step_logits(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        match self.step(StepIds::Host(ids), cache, false)? {
-            StepOut::Logits(logits) => Ok(logits),
-            StepOut::Picks(_) => candle_core::bail!("a decoding step gave picks for logits"),
+    /// The logits `[rows, vocab]` (f32) of a decoding step: one new token per row, `ids: [rows, 1]`, after
+    /// `cache`'s columns. With the decode kernels, the step is captured as a CUDA graph once per layout of
+    /// the cache (`step_graph`) and replayed: one launch a token instead of one per kernel.
+    pub fn step_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t != 1 {
+            candle_core::bail!("a decoding step takes one token per row, not {t}");
         }
-    }
-
-    /// A greedy decoding step (each row's argmax), as [`BitNet::step_logits`]. Its picks are read from the
-    /// device only by [`Picks::values`], so that the next step can be launched first, with
-    /// [`StepIds::Picked`]: a replayed graph then takes them where they are, and the device need not wait for
-    /// the host between the two.
-    pub fn greedy_step(&self, ids: StepIds, cache: &mut KvCache) -> Result<Picks> {
-        match self.step(ids, cache, true)? {
-            StepOut::Picks(picks) => Ok(picks),
-            StepOut::Logits(_) => candle_core::bail!("a greedy decoding step gave logits for picks"),
-        }
-    }
-
-    fn step(&self, ids: StepIds, cache: &mut KvCache, greedy: bool) -> Result<StepOut> {
-        let b = match &ids {
-            StepIds::Host(ids) => ids.len(),
-            StepIds::Picked(picks) => picks.rows(),
-        };
         let (at, first) = self.place(b, 1, cache)?;
-        let out = match &at {
+        let logits = match &at {
             Positions::Step { meta, inv_freq } if !self.rope.dynamic => {
                 // Every layer's buffers as the step will use them (grown first, if they must), which is what a
                 // graph captured now holds.
@@ -640,15 +622,12 @@ impl BitNet {
                     let hidden = self.run(ids, &at, &mut *cache, first)?;
                     self.logits(&hidden.squeeze(1)?)
                 };
-                self.graphs.run(key, ids, meta, greedy, compute)?
+                self.graphs.run(key, ids, meta, compute)?
             }
-            _ => {
-                let x = Tensor::from_vec(ids.values()?, (b, 1), self.device())?;
-                StepOut::of(self.logits(&self.run(&x, &at, cache, first)?.squeeze(1)?)?, greedy)?
-            }
+            _ => self.logits(&self.run(ids, &at, cache, first)?.squeeze(1)?)?,
         };
         cache.advance(1);
-        Ok(out)
+        Ok(logits)
     }
 
     /// On a GPU, runs a short prompt and a decoding step once, so that what a process pays at the first use of

@@ -13,7 +13,6 @@ pub mod ternary;
 
 pub use bitnet::BitNet;
 pub use kv_cache::KvCache;
-pub use step_graph::{Picks, StepIds};
 
 use std::path::Path;
 
