@@ -28,69 +28,58 @@ __device__ __forceinline__ void gemv_finish(float (&acc)[GEMV_ROWS], int rows, i
     }
 }
 
-// 16-byte chunks of its weight row a lane loads before it multiplies any: a row is a few hundred bytes to a
-// few kilobytes, so a lane's loads must all be in flight at once (one memory latency a product, not one per
-// chunk); beyond 32 x 8 chunks a row takes several rounds.
-#define GEMV_CHUNKS 8
-
 // out[r, n] = round(round(round(sum_k x[r, k] w[n, k]) * scale[n]) + residual[r, n]) for r < rows <= 8:
-// x [rows, k] bf16 (the quantized input times its scale, or the hidden states), scale [n] (each output's weight
-// scale) or null (1), residual [rows, n] or null. One warp per output n; lane l takes the 16-byte chunks
-// l, l + 32, ... of weight row n: 8 bf16 weights (w [n, k] bf16: the head) or, PACKED, 64 ternary ones 2 bits
-// each (pack_ternary's words 4c..4c+3: elements 64c + 16q + e at bits 2e of word q). k is a multiple of 8
-// (of 64 packed) and the rows are 16-byte aligned.
-template <bool PACKED>
-__device__ __forceinline__ void gemv_rows(const bf16* x, const uint4* w, const bf16* scale, const bf16* residual,
-                                          bf16* out, int rows, int n, int k) {
-    constexpr int PER = PACKED ? 64 : 8;
+// x [rows, k] and w [n, k] bf16 (the quantized input times its scale, the ternary weights; or the hidden
+// states and the head), scale [n] (each output's weight scale) or null (1), residual [rows, n] or null. One
+// warp per output n reads its weight row once for every row, 8 bf16 (16 bytes) a lane at a time: k is a
+// multiple of 8 and the rows 16-byte aligned.
+extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale, const bf16* residual, bf16* out,
+                                int rows, int n, int k) {
     int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (o >= n) return;
     float acc[GEMV_ROWS] = {};
-    int chunks = k / PER;
-    const uint4* wr = w + (size_t)o * chunks;
-    for (int base = lane; base < chunks; base += 32 * GEMV_CHUNKS) {
-        uint4 wv[GEMV_CHUNKS];
+    const bf16* wr = w + (size_t)o * k;
+    for (int i = lane * 8; i < k; i += 32 * 8) {
+        float wv[8];
+        load8(wr + i, wv);
 #pragma unroll
-        for (int it = 0; it < GEMV_CHUNKS; it++)
-            if (base + 32 * it < chunks) wv[it] = wr[base + 32 * it];
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r >= rows) break;
+            float xv[8];
+            load8(x + (size_t)r * k + i, xv);
 #pragma unroll
-        for (int it = 0; it < GEMV_CHUNKS; it++) {
-            int c = base + 32 * it;
-            if (c >= chunks) break;
-            const unsigned* words = reinterpret_cast<const unsigned*>(&wv[it]);
-#pragma unroll
-            for (int q = 0; q < PER / 8; q++) {
-                float wf[8];
-                if (PACKED) {
-                    unsigned word = words[q / 2] >> (16 * (q % 2));
-#pragma unroll
-                    for (int e = 0; e < 8; e++) wf[e] = (float)((word >> (2 * e)) & 3u) - 1.f;
-                } else {
-                    load8(reinterpret_cast<const bf16*>(&wv[it]), wf);
-                }
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
-                    if (r >= rows) break;
-                    float xv[8];
-                    load8(x + (size_t)r * k + (size_t)c * PER + 8 * q, xv);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) acc[r] += xv[e] * wf[e];
-                }
-            }
+            for (int e = 0; e < 8; e++) acc[r] += xv[e] * wv[e];
         }
     }
     gemv_finish(acc, rows, o, n, scale, residual, out);
 }
 
-// The product with bf16 weights w [n, k] (the head), and with ternary ones packed 2 bits each (an eighth of
-// the bytes): the sums are the same, in another order.
-extern "C" __global__ void gemv(const bf16* x, const uint4* w, const bf16* scale, const bf16* residual, bf16* out,
-                                int rows, int n, int k) {
-    gemv_rows<false>(x, w, scale, residual, out, rows, n, k);
-}
-extern "C" __global__ void gemv_ternary(const bf16* x, const uint4* codes, const bf16* scale, const bf16* residual,
-                                        bf16* out, int rows, int n, int k) {
-    gemv_rows<true>(x, codes, scale, residual, out, rows, n, k);
+// The same product with the ternary weights packed 2 bits each (pack_ternary: a word of 16 per lane and
+// iteration, an eighth of the bf16 weights' bytes): the sums are the same, in another order. k is a multiple
+// of 16.
+extern "C" __global__ void gemv_ternary(const bf16* x, const unsigned* codes, const bf16* scale,
+                                        const bf16* residual, bf16* out, int rows, int n, int k) {
+    int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (o >= n) return;
+    float acc[GEMV_ROWS] = {};
+    int words = k / 16;
+    const unsigned* wr = codes + (size_t)o * words;
+    for (int i = lane; i < words; i += 32) {
+        unsigned word = wr[i];
+        float wv[16];
+#pragma unroll
+        for (int e = 0; e < 16; e++) wv[e] = (float)((word >> (2 * e)) & 3u) - 1.f;
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r >= rows) break;
+            float xv[16];
+            load8(x + (size_t)r * k + 16 * (size_t)i, xv);
+            load8(x + (size_t)r * k + 16 * (size_t)i + 8, xv + 8);
+#pragma unroll
+            for (int e = 0; e < 16; e++) acc[r] += xv[e] * wv[e];
+        }
+    }
+    gemv_finish(acc, rows, o, n, scale, residual, out);
 }
 
 // Packs ternary weights (bf16 values -1, 0, 1) 16 to a 32-bit word, 2 bits each as the value plus 1, element

@@ -35,7 +35,7 @@ pub fn takes(x: &Tensor, head_dim: usize) -> bool {
 /// `x @ w^T (* scale) (+ residual)` for the quantized input `x: [.., k]` of at most [`GEMV_ROWS`] rows (bf16),
 /// the weights `w` (`[n, k]` bf16, or packed ternary codes), the outputs' scales `scale: [n]` (or none: the
 /// head) and `residual` in the output's shape `[.., n]`, rounded as the candle ops round: `Ok(None)` where it
-/// does not apply (more rows, `k` not a multiple of 8, or of 64 packed, not bf16 on CUDA).
+/// does not apply (more rows, `k` not a multiple of 8, or of 16 packed, not bf16 on CUDA).
 pub fn try_gemv(
     x: &Tensor,
     w: GemvWeight,
@@ -52,7 +52,7 @@ pub fn try_gemv(
     let fits = match w {
         GemvWeight::Dense(w) => w.dtype() == DType::BF16 && k.is_multiple_of(8),
         GemvWeight::Packed { codes, .. } => {
-            codes.dtype() == DType::U32 && k.is_multiple_of(64) && codes.dims() == [n, k / 16]
+            codes.dtype() == DType::U32 && k.is_multiple_of(16) && codes.dims() == [n, k / 16]
         }
     };
     let rows = x.elem_count() / k.max(1);
@@ -81,11 +81,10 @@ pub fn try_gemv(
 }
 
 /// The ternary weights `w: [n, k]` (bf16 values -1, 0, 1) packed 16 to a u32, `[n, k / 16]`, for
-/// [`GemvWeight::Packed`]; `Ok(None)` where that does not apply (not bf16 on CUDA, `k` not a multiple of 64:
-/// the product reads a row 16 bytes at a time).
+/// [`GemvWeight::Packed`]; `Ok(None)` where that does not apply (not bf16 on CUDA, `k` not a multiple of 16).
 pub fn pack_ternary(w: &Tensor) -> Result<Option<Tensor>> {
     let (n, k) = w.dims2()?;
-    if !applies(w) || !k.is_multiple_of(64) {
+    if !applies(w) || !k.is_multiple_of(16) {
         return Ok(None);
     }
     let w = w.contiguous()?;
