@@ -339,6 +339,24 @@ pub fn generate_guesses(
     Ok(guesses.into_iter().map(|g| g.expect("every question is answered or skipped")).collect())
 }
 
+/// The line `bessie-eval` logs as it goes without a terminal (where the bar would show the same): `done` of
+/// `total` questions answered in `secs`, their rate and the time left at that rate.
+pub fn progress_line(done: usize, total: usize, secs: f64) -> String {
+    let rate = done as f64 / secs.max(1e-3);
+    let left = match done {
+        0 => "unknown".to_string(),
+        _ => {
+            let s = (total.saturating_sub(done) as f64 / rate).round() as u64;
+            match s {
+                0..60 => format!("{s} s"),
+                60..3600 => format!("{} min {:02} s", s / 60, s % 60),
+                _ => format!("{} h {:02} min", s / 3600, s % 3600 / 60),
+            }
+        }
+    };
+    format!("{done}/{total} questions, {rate:.1} questions/s, {left} left")
+}
+
 /// The items rank `rank` of `world` evaluates: every `world`-th from `rank`. `merge_shards` undoes it.
 pub fn shard<T: Clone>(items: &[T], rank: usize, world: usize) -> Vec<T> {
     assert!(rank < world, "rank {rank} of a world of {world}");
@@ -767,5 +785,19 @@ impl PartialOutput {
     /// Removes the partial output once the output holds everything.
     pub fn finish(self) -> Result<()> {
         std::fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_line;
+
+    #[test]
+    fn progress_lines_give_the_rate_and_the_time_left() {
+        assert_eq!(progress_line(0, 512, 0.0), "0/512 questions, 0.0 questions/s, unknown left");
+        assert_eq!(progress_line(32, 512, 4.0), "32/512 questions, 8.0 questions/s, 1 min 00 s left");
+        assert_eq!(progress_line(100, 11873, 10.0), "100/11873 questions, 10.0 questions/s, 19 min 37 s left");
+        assert_eq!(progress_line(3, 11873, 10.0), "3/11873 questions, 0.3 questions/s, 10 h 59 min left");
+        assert_eq!(progress_line(512, 512, 4.7), "512/512 questions, 108.9 questions/s, 0 s left");
     }
 }

@@ -788,6 +788,12 @@ fn bessie_eval_writes_rows_and_rescoring_reproduces_the_summary() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("HasAns") && stdout.contains("NoAns") && stdout.contains("examples/s"), "{stdout}");
+    // Without a terminal, progress comes as lines with the rate and the time left, the last at the end.
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.lines().any(|l| l.starts_with("5/5 questions, ") && l.ends_with(" questions/s, 0 s left")),
+        "{stderr}"
+    );
 
     let rows = read_jsonl(&out);
     assert_eq!(rows.len(), 5);

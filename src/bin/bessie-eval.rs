@@ -157,6 +157,7 @@ fn evaluate(args: &Args, comm: &Communicator) -> Result<Option<Outcome>> {
         .expect("static template"),
     );
     let mut progress_done = 0;
+    let started = std::time::Instant::now();
     let progress = |n: usize| {
         bar.inc(n as u64);
         // Without a terminal the bar is hidden; logs get a line every 5% instead.
@@ -165,7 +166,7 @@ fn evaluate(args: &Args, comm: &Communicator) -> Result<Option<Outcome>> {
             && bar.is_hidden()
             && ((progress_done + n) / every > progress_done / every || progress_done + n == total)
         {
-            eprintln!("{}/{total} questions", progress_done + n);
+            eprintln!("{}", eval::progress_line(progress_done + n, total, started.elapsed().as_secs_f64()));
         }
         progress_done += n;
     };
