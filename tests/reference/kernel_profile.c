@@ -104,9 +104,9 @@ static void report(void) {
   qsort(records, count, sizeof(Record), by_start);
   const char *skip = getenv("KPROF_SKIP_S"), *top = getenv("KPROF_TOP");
   unsigned long long from = records[0].start + (unsigned long long)((skip ? atof(skip) : 0) * 1e9);
-  const char *from_kernel = getenv("KPROF_FROM");
-  if (from_kernel && strchr(from_kernel, ':')) {
-    size_t len = strchr(from_kernel, ':') - from_kernel, nth = atoi(strchr(from_kernel, ':') + 1), seen = 0;
+  const char *from_kernel = getenv("KPROF_FROM"), *colon = from_kernel ? strchr(from_kernel, ':') : NULL;
+  if (colon) {
+    size_t len = colon - from_kernel, nth = atoi(colon + 1), seen = 0;
     for (size_t i = 0; i < count; i++)
       if (!strncmp(records[i].name, from_kernel, len) && ++seen == nth) {
         from = records[i].start;
