@@ -6,25 +6,31 @@
 #   whole-block recomputation and each saving added to the last (the last is the 24 GB configuration);
 # - the loss curves of the large shape over 200 steps of the demo data from two seeds (data order and initial
 #   weights), f32 state against every saving, compared as means over 20 steps.
-# Writes under OUT.
+# PARTS picks among "large 2b4t curves" (default: all three). Writes under OUT.
 #
-#   OUT=results tests/reference/memory_savings_bench.sh bessie-train
+#   OUT=results [PARTS=curves] tests/reference/memory_savings_bench.sh bessie-train
 set -u
-BT=${1:?bessie-train binary} OUT=${OUT:?a folder for the results}
+BT=${1:?bessie-train binary} OUT=${OUT:?a folder for the results} PARTS=${PARTS:-large 2b4t curves}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 TMP=$(mktemp -d)
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
 bench() { $BT --bench --device cuda --set train.check_memory=false "$@" 2>&1 | grep '^{' | tee -a $OUT/bench.jsonl; }
-for saving in "" train.optimizer_state=int8 train.step_weights=per_block train.grad_buffer=bf16; do
-  bench --shape large --seq 768 --batch 8 --steps 6 ${saving:+--set $saving}
-done
-two_b=(--shape 2b4t --seq 2048 --batch 1 --accum 4 --steps 3)
-bench "${two_b[@]}"
-savings=(--set train.recompute=blocks)
-bench "${two_b[@]}" "${savings[@]}"
-for saving in train.optimizer_state=int8 train.step_weights=per_block train.grad_buffer=bf16 train.loss_chunk=512; do
-  savings+=(--set $saving)
+if part large; then
+  for saving in "" train.optimizer_state=int8 train.step_weights=per_block train.grad_buffer=bf16; do
+    bench --shape large --seq 768 --batch 8 --steps 6 ${saving:+--set $saving}
+  done
+fi
+if part 2b4t; then
+  two_b=(--shape 2b4t --seq 2048 --batch 1 --accum 4 --steps 3)
+  bench "${two_b[@]}"
+  savings=(--set train.recompute=blocks)
   bench "${two_b[@]}" "${savings[@]}"
-done
+  for saving in train.optimizer_state=int8 train.step_weights=per_block train.grad_buffer=bf16 train.loss_chunk=512; do
+    savings+=(--set $saving)
+    bench "${two_b[@]}" "${savings[@]}"
+  done
+fi
+part curves || exit 0
 all=(--set train.optimizer_state=int8 --set train.step_weights=per_block --set train.grad_buffer=bf16)
 for name in full savings; do
   for seed in 1 2; do
