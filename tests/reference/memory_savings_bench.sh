@@ -13,6 +13,7 @@ set -u
 BT=${1:?bessie-train binary} OUT=${OUT:?a folder for the results} PARTS=${PARTS:-large 2b4t curves}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 TMP=$(mktemp -d)
+trap 'rm -rf $TMP' EXIT
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
 bench() { $BT --bench --device cuda --set train.check_memory=false "$@" 2>&1 | grep '^{' | tee -a $OUT/bench.jsonl; }
 if part large; then
@@ -55,4 +56,3 @@ print("savings against full, seed 1:", round(rms("full-1", "savings-1"), 4), " s
 for r, v in c.items():
     print(r, [round(x, 4) for x in v])
 PY
-rm -rf $TMP
