@@ -8,13 +8,13 @@
 #   build's 2B4T decoding step by kernel under CUPTI (1,536 new tokens);
 # - bessie-eval on tests/reference/hf_generate_bench.py's synthetic dev file, batch 32, 50 new tokens, each
 #   build in each mode, how many guesses equal the first run's, and transformers' `generate` on the same
-#   prompts (ternary weights quantized once) for the ratio;
+#   prompts (ternary weights quantized once) for the ratio, unless HF=0 (builds against each other only);
 # - with MIXED=1, bessie-eval's continuous batching on answers of different lengths (the tiny demo trained
 #   here on the GPU, tests/reference/mixed_dev.py's questions).
 # Random weights of the shipped 1,002-token vocabulary: the device machine has only the checkout. Writes under
 # OUT.
 #
-#   OUT=results [MODES="default BESSIE_LOOKAHEAD=0"] [KPROF=dir] [MIXED=1] tests/reference/inference_bench.sh BIN...
+#   OUT=results [MODES="default BESSIE_LOOKAHEAD=0"] [KPROF=dir] [MIXED=1] [HF=0] tests/reference/inference_bench.sh BIN...
 set -u
 OUT=${OUT:?a folder for the results} MODES=${MODES:-default}
 [ $# -ge 1 ] || { echo "usage: OUT=dir tests/reference/inference_bench.sh BIN..." >&2; exit 2; }
@@ -67,8 +67,8 @@ print(f"{sys.argv[1]}: {s['generated_tokens']} tokens in {s['seconds']:.2f} s, {
 PY
   done
 done
-timeout 600 python3 tests/reference/hf_generate_bench.py --dev $TMP/dev.jsonl --quantize-once 2>&1 | grep '^{' |
-  tee -a $OUT/hf.jsonl
+[ "${HF:-1}" = 0 ] || timeout 600 python3 tests/reference/hf_generate_bench.py --dev $TMP/dev.jsonl --quantize-once 2>&1 |
+  grep '^{' | tee -a $OUT/hf.jsonl
 if [ -n "${MIXED:-}" ]; then
   # Answers of different lengths: the demo trained on the GPU, asked the mixed questions.
   $BIN/bessie-train --config configs/tiny.toml --set train.device=cuda --set train.max_steps=600 \
