@@ -20,6 +20,7 @@ OUT=${OUT:?a folder for the results} MODES=${MODES:-default}
 [ $# -ge 1 ] || { echo "usage: OUT=dir tests/reference/inference_bench.sh BIN..." >&2; exit 2; }
 builds=("$@") BIN=$1
 TMP=$(mktemp -d)
+trap 'rm -rf $TMP' EXIT
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
 $BIN/bessie-init-model --out $TMP/large --shape large --dtype bf16 > /dev/null
 $BIN/bessie-init-model --out $TMP/2b4t --shape 2b4t --dtype bf16 > /dev/null
@@ -85,4 +86,3 @@ if [ -n "${MIXED:-}" ]; then
     done
   done
 fi
-rm -rf $TMP
