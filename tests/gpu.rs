@@ -355,25 +355,21 @@ mod fused {
         g.iter().zip(&w).filter(|(a, b)| a != b).count() as f64 / w.len() as f64
     }
 
-    /// The decoding step's matrix-vector product (`kernels::decode::try_gemv`) against candle's GEMM, scale and
-    /// residual add on the same bf16 tensors, for 1 to 8 rows and the projection shapes of -large and 2B4T: bf16
-    /// weights, and ternary ones packed 2 bits each.
+    /// The head's matrix-vector product of a decoding step (`kernels::decode::try_gemv`, also the BitLinear's
+    /// where its weights are not packed) against candle's GEMM, scale and residual add on the same bf16
+    /// tensors, for 1 to 8 rows.
     #[test]
     fn decode_gemv_matches_reference() {
-        use bessie::kernels::decode::{pack_ternary, try_gemv};
-        use bessie::kernels::shapes::GemvWeight;
-        for (n, k) in [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096), (3840, 2560), (2560, 6912)] {
+        use bessie::kernels::decode::try_gemv;
+        for (n, k) in [(4608, 1536), (2560, 6912)] {
             for rows in [1, 3, 8] {
                 let (x, w) = (randn(&[rows, 1, k], DType::BF16), randn(&[n, k], DType::BF16));
                 let scale = (randn(&[n], DType::BF16).abs().unwrap() * 0.01).unwrap();
                 let residual = randn(&[rows, 1, n], DType::BF16);
                 let plain = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_mul(&scale).unwrap();
-                let got =
-                    try_gemv(&x, GemvWeight::Dense(&w), Some(&scale), None).unwrap().expect("the kernel takes it");
+                let got = try_gemv(&x, &w, Some(&scale), None).unwrap().expect("the kernel takes it");
                 let (e, m) = (rel_l2(&got, &plain), mismatched(&got, &plain));
-                let with = try_gemv(&x, GemvWeight::Dense(&w), Some(&scale), Some(&residual))
-                    .unwrap()
-                    .expect("the kernel takes it");
+                let with = try_gemv(&x, &w, Some(&scale), Some(&residual)).unwrap().expect("the kernel takes it");
                 let want = (&residual + &plain).unwrap();
                 let (er, mr) = (rel_l2(&with, &want), mismatched(&with, &want));
                 println!(
@@ -381,28 +377,84 @@ mod fused {
                 );
                 // The sums' order differs from cuBLAS's: a bf16 rounding step apart at most, rarely.
                 assert!(e < 4e-3 && er < 4e-3 && m < 0.05 && mr < 0.05, "{rows} x {k} -> {n}");
-                // Ternary weights packed 2 bits each, as the stacked projections hold them on a GPU.
-                let t = (randn(&[n, k], DType::F32) * 1.5).unwrap().round().unwrap().clamp(-1f32, 1f32).unwrap();
-                let t = t.to_dtype(DType::BF16).unwrap();
-                let codes = pack_ternary(&t).unwrap().expect("packs");
-                let packed = GemvWeight::Packed { codes: &codes, k };
-                let got = try_gemv(&x, packed, Some(&scale), Some(&residual)).unwrap().expect("the kernel takes it");
-                let plain = x.broadcast_matmul(&t.t().unwrap()).unwrap().broadcast_mul(&scale).unwrap();
-                let want = (&residual + &plain).unwrap();
-                let (ep, mp) = (rel_l2(&got, &want), mismatched(&got, &want));
-                println!("gemv ternary {rows} x {k} -> {n}: rel L2 {ep:.2e} ({mp:.2e} differ)");
-                assert!(ep < 4e-3 && mp < 0.05, "ternary {rows} x {k} -> {n}");
             }
         }
         // Nine rows are a GEMM's work.
         let x = randn(&[9, 1536], DType::BF16);
-        assert!(try_gemv(&x, GemvWeight::Dense(&randn(&[64, 1536], DType::BF16)), None, None).unwrap().is_none());
+        assert!(try_gemv(&x, &randn(&[64, 1536], DType::BF16), None, None).unwrap().is_none());
         // The head: no scale, the vocabulary's rows (32002: not a multiple of 8).
         let (h, head) = (randn(&[1, 1536], DType::BF16), randn(&[32002, 1536], DType::BF16));
-        let got = try_gemv(&h, GemvWeight::Dense(&head), None, None).unwrap().expect("the kernel takes the head");
+        let got = try_gemv(&h, &head, None, None).unwrap().expect("the kernel takes the head");
         let e = rel_l2(&got, &h.matmul(&head.t().unwrap()).unwrap());
         println!("gemv head 1 x 1536 -> 32002: rel L2 {e:.2e}");
         assert!(e < 4e-3, "head: {e}");
+    }
+
+    /// A decoding step's BitLinear in one launch (`kernels::decode::try_bitlinear_step`: norm, int8
+    /// quantization, packed ternary product, scales, residual) against the model's reference on the same bf16
+    /// tensors: `sub_norm_quant_forward_reference` (the norm and the fake-quantized input), then candle's
+    /// product with the unpacked ternary weights. 1, 3 and 8 rows at the projections of -large, 2B4T, Falcon3-1B
+    /// and Llama 3 8B (down_proj's 14,336 inputs: eight rows need shared memory beyond 48 KB), with and without
+    /// a norm, the gated activations of the MLP's down_proj.
+    #[test]
+    fn bitlinear_step_matches_reference() {
+        use bessie::kernels::decode::{pack_ternary, try_bitlinear_step};
+        use bessie::kernels::shapes::BitLinearStep;
+        let cases: [(usize, usize, Option<Activation>, bool); 9] = [
+            (4608, 1536, None, true),
+            (1536, 1536, None, true),
+            (1536, 4096, Some(Activation::Silu), true),
+            (3840, 2560, None, true),
+            (13824, 2560, None, true),
+            (2560, 6912, Some(Activation::Relu2), true),
+            (2048, 8192, Some(Activation::Silu), false),
+            (3072, 2048, None, false),
+            (4096, 14336, Some(Activation::Silu), true),
+        ];
+        for (n, k, glu, normed) in cases {
+            for rows in [1, 3, 8] {
+                let width = if glu.is_some() { 2 * k } else { k };
+                let x = randn(&[rows, 1, width], DType::BF16);
+                let norm = normed.then(|| randn(&[k], DType::BF16));
+                let t = (randn(&[n, k], DType::F32) * 1.5).unwrap().round().unwrap().clamp(-1f32, 1f32).unwrap();
+                let t = t.to_dtype(DType::BF16).unwrap();
+                let codes = pack_ternary(&t).unwrap().expect("packs");
+                let scales = (randn(&[n], DType::BF16).abs().unwrap() * 0.01).unwrap();
+                let residual = randn(&[rows, 1, n], DType::BF16);
+                let step = BitLinearStep {
+                    x: &x,
+                    norm: norm.as_ref(),
+                    eps: 1e-6,
+                    glu,
+                    codes: &codes,
+                    scales: &scales,
+                    residual: Some(&residual),
+                };
+                let got = try_bitlinear_step(&step).unwrap().expect("the kernel takes it");
+                let rows2 = x.reshape((rows, width)).unwrap();
+                let (q, _) = sub_norm_quant_forward_reference(&rows2, glu, norm.as_ref(), 1e-6, 1.0).unwrap();
+                let plain = q.matmul(&t.t().unwrap()).unwrap().broadcast_mul(&scales).unwrap();
+                let want = (&residual + plain.reshape((rows, 1, n)).unwrap()).unwrap();
+                let e = rel_l2(&got, &want);
+                println!("bitlinear step {rows} x {k} -> {n} ({glu:?}, norm {normed}): rel L2 {e:.2e}");
+                // The kernel multiplies the int8 codes and applies the input's scale once; the reference
+                // multiplies the codes times the scale rounded to bf16: about 2^-9 relative apart per input.
+                assert!(e < 5e-3, "{rows} x {k} -> {n}: {e}");
+                // Without the residual, the branch alone: the same check where it is not dwarfed by the
+                // residual's magnitude.
+                let alone = try_bitlinear_step(&BitLinearStep { residual: None, ..step }).unwrap().expect("takes it");
+                let e = rel_l2(&alone, &plain.reshape((rows, 1, n)).unwrap());
+                assert!(e < 5e-3, "{rows} x {k} -> {n} without the residual: {e}");
+            }
+        }
+        // Nine rows are a GEMM's work.
+        let (x, t) = (randn(&[9, 1536], DType::BF16), randn(&[64, 1536], DType::F32));
+        let t = t.round().unwrap().clamp(-1f32, 1f32).unwrap().to_dtype(DType::BF16).unwrap();
+        let codes = pack_ternary(&t).unwrap().expect("packs");
+        let scales = randn(&[64], DType::BF16);
+        let step =
+            BitLinearStep { x: &x, norm: None, eps: 1e-6, glu: None, codes: &codes, scales: &scales, residual: None };
+        assert!(try_bitlinear_step(&step).unwrap().is_none());
     }
 
     /// A decoding step's attention (`kernels::decode::try_decode_attention`: RoPE, the cache write, masked
@@ -414,7 +466,7 @@ mod fused {
     /// one split.
     #[test]
     fn decode_attention_matches_reference() {
-        use bessie::kernels::decode::try_decode_attention;
+        use bessie::kernels::decode::{join_counts, try_decode_attention};
         use bessie::kernels::shapes::DecodeAttention;
         use candle_core::D;
         for (heads, kv_heads, d, col) in
@@ -441,10 +493,12 @@ mod fused {
             let k_cache = randn(&[rows, kv_heads, width, d], DType::BF16);
             let v_cache = randn(&[rows, kv_heads, width, d], DType::BF16);
             let (k_before, v_before) = (k_cache.copy().unwrap(), v_cache.copy().unwrap());
+            let done = Tensor::zeros(join_counts(rows, heads, kv_heads), DType::U32, &gpu()).unwrap();
             let step = DecodeAttention {
                 qkv: &qkv,
                 k_cache: &k_cache,
                 v_cache: &v_cache,
+                done: &done,
                 meta: &meta,
                 inv_freq: &inv_freq,
                 heads,
@@ -453,6 +507,11 @@ mod fused {
                 width,
             };
             let got = try_decode_attention(&step).unwrap().expect("the kernel takes it");
+            // The join counts are back at zero, so the next layer's launch reuses them: it gives the same.
+            let counts: Vec<u32> = done.to_vec1().unwrap();
+            assert!(counts.iter().all(|&c| c == 0), "join counts left at {counts:?}");
+            let again = try_decode_attention(&step).unwrap().expect("the kernel takes it");
+            assert_eq!(mismatched(&again, &got), 0.0, "a second launch on the same counts");
 
             // The reference, as model::bitnet's attention computes it.
             let positions: Vec<f32> = spans.iter().map(|&sp| position(sp, col as u32) as f32).collect();

@@ -1,4 +1,5 @@
-// Shared by the kernels: bf16 conversions and a deterministic block reduction.
+// Shared by the kernels: bf16 conversions, a deterministic block reduction, and the pieces of a BitLinear
+// input (the gated activation, the norm weight) that the norm kernels and the decoding step's product share.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -71,4 +72,40 @@ __device__ __forceinline__ void store8(bf16* p, const float* in) {
 #pragma unroll
     for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(in[2 * e], in[2 * e + 1]);
     *reinterpret_cast<uint4*>(p) = u;
+}
+
+// The norm kernels are as much arithmetic as memory traffic, so the exponentials and divisions are the fast
+// intrinsics (a few ulp of f32, below the bf16 rounding that follows; the tests compare against the exact
+// reference).
+__device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.f, 1.f + __expf(-g)); }
+__device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
+
+// The gated activations (`act`), as rmsnorm.rs numbers them.
+#define ACT_SILU 0
+#define ACT_RELU2 1
+
+__device__ __forceinline__ float act_of(int act, float g) {
+    if (act == ACT_RELU2) {
+        float r = fmaxf(g, 0.f);
+        return r * r;
+    }
+    return silu(g);
+}
+
+// h = act(gate) up, rounded to bf16 where the unfused ops stored it (the activation, then the product).
+__device__ __forceinline__ float glu_h(int act, float g, float u) { return round_bf16(round_bf16(act_of(act, g)) * u); }
+
+// The norm weight's 8 channels from i: the weight is a view into the step's flat weight buffer, in one 16-byte
+// access where it lies on the 16-byte grid (the same for every thread: c % 8 == 0), else one by one. Read
+// per row from L1. No weight (null): ones.
+__device__ __forceinline__ void load_weights(const bf16* w, int i, float* out) {
+    if (!w) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) out[e] = 1.f;
+        return;
+    }
+    w += i;
+    if (((uintptr_t)w & 15) == 0) return load8(w, out);
+#pragma unroll
+    for (int e = 0; e < 8; e++) out[e] = f32(w[e]);
 }

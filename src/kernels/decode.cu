@@ -1,7 +1,8 @@
-// Decoding one token per row (generation's steps after the prompt): a matrix-vector product for the few rows
-// of a step, and attention of each row's new token over its KV cache. References: the candle ops of
-// model::bitnet (Stacked::forward, Attention::forward), which each kernel's rounding follows (bf16 where those
-// ops store bf16).
+// Decoding one token per row (generation's steps after the prompt): a BitLinear for the few rows of a step
+// (norm, int8 quantization and the product with packed ternary weights in one launch), a bf16 matrix-vector
+// product for the head, and attention of each row's new token over its KV cache. References: the candle ops
+// of model::bitnet (Quantized::now, Stacked::forward, Attention::forward), which each kernel's rounding
+// follows (bf16 where those ops store bf16).
 #include <float.h>
 
 #include "common.cuh"
@@ -9,30 +10,12 @@
 // Rows a product takes at a time (bessie-prompt decodes 1; continuous batching's small batches).
 #define GEMV_ROWS 8
 
-// The end of both products: each row's sum reduced over the warp, rounded as the reference's bf16 GEMM output
-// is, times the output's scale (rounded), plus the residual (rounded).
-__device__ __forceinline__ void gemv_finish(float (&acc)[GEMV_ROWS], int rows, int o, int n, const bf16* scale,
-                                            const bf16* residual, bf16* out) {
-    int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) {
-        if (r >= rows) break;
-        float s = acc[r];
-        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
-        if (lane == 0) {
-            float y = round_bf16(s);
-            if (scale) y = round_bf16(y * f32(scale[o]));
-            if (residual) y += f32(residual[(size_t)r * n + o]);
-            out[(size_t)r * n + o] = to_bf16(y);
-        }
-    }
-}
-
 // out[r, n] = round(round(round(sum_k x[r, k] w[n, k]) * scale[n]) + residual[r, n]) for r < rows <= 8:
-// x [rows, k] and w [n, k] bf16 (the quantized input times its scale, the ternary weights; or the hidden
-// states and the head), scale [n] (each output's weight scale) or null (1), residual [rows, n] or null. One
-// warp per output n reads its weight row once for every row, 8 bf16 (16 bytes) a lane at a time: k is a
-// multiple of 8 and the rows 16-byte aligned.
+// x [rows, k] and w [n, k] bf16 (the hidden states and the head; or a BitLinear's quantized input and ternary
+// weights where they are not packed), scale [n] (each output's weight scale) or null (1), residual [rows, n]
+// or null. One warp per output n reads its weight row once for every row, 8 bf16 (16 bytes) a lane at a time:
+// k is a multiple of 8 and the rows 16-byte aligned. Each row's sum is reduced over the warp and rounded as
+// the reference's bf16 GEMM output is, then scaled and added as the candle ops round.
 extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale, const bf16* residual, bf16* out,
                                 int rows, int n, int k) {
     int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -51,44 +34,174 @@ extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale,
             for (int e = 0; e < 8; e++) acc[r] += xv[e] * wv[e];
         }
     }
-    gemv_finish(acc, rows, o, n, scale, residual, out);
-}
-
-// The same product with the ternary weights packed 2 bits each (pack_ternary: a word of 16 per lane and
-// iteration, an eighth of the bf16 weights' bytes): the sums are the same, in another order. k is a multiple
-// of 16.
-extern "C" __global__ void gemv_ternary(const bf16* x, const unsigned* codes, const bf16* scale,
-                                        const bf16* residual, bf16* out, int rows, int n, int k) {
-    int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (o >= n) return;
-    float acc[GEMV_ROWS] = {};
-    int words = k / 16;
-    const unsigned* wr = codes + (size_t)o * words;
-    for (int i = lane; i < words; i += 32) {
-        unsigned word = wr[i];
-        float wv[16];
 #pragma unroll
-        for (int e = 0; e < 16; e++) wv[e] = (float)((word >> (2 * e)) & 3u) - 1.f;
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (r >= rows) break;
-            float xv[16];
-            load8(x + (size_t)r * k + 16 * (size_t)i, xv);
-            load8(x + (size_t)r * k + 16 * (size_t)i + 8, xv + 8);
-#pragma unroll
-            for (int e = 0; e < 16; e++) acc[r] += xv[e] * wv[e];
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r >= rows) break;
+        float s = acc[r];
+        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
+        if (lane == 0) {
+            float y = round_bf16(s);
+            if (scale) y = round_bf16(y * f32(scale[o]));
+            if (residual) y += f32(residual[(size_t)r * n + o]);
+            out[(size_t)r * n + o] = to_bf16(y);
         }
     }
-    gemv_finish(acc, rows, o, n, scale, residual, out);
 }
 
-// Packs ternary weights (bf16 values -1, 0, 1) 16 to a 32-bit word, 2 bits each as the value plus 1, element
-// 16 i + e at bits 2e of word i.
+// Packs ternary weights (bf16 values -1, 0, 1) 16 to a 32-bit word, 2 bits each as the value plus 1: element
+// 16 i + 4 j + b at bits 8 b + 2 j of word i, so that (word >> 2 j) & 0x03030303 holds elements 16 i + 4 j ..
+// 16 i + 4 j + 3 one to a byte, the order of four int8 inputs in a 32-bit word (bitlinear_step's dp4a).
 extern "C" __global__ void pack_ternary(const bf16* w, unsigned* codes, size_t words) {
     GRID_STRIDE(i, words) {
         unsigned word = 0;
-        for (int e = 0; e < 16; e++) word |= (unsigned)rintf(f32(w[16 * i + e]) + 1.f) << (2 * e);
+        for (int e = 0; e < 16; e++) word |= (unsigned)rintf(f32(w[16 * i + e]) + 1.f) << (8 * (e % 4) + 2 * (e / 4));
         codes[i] = word;
+    }
+}
+
+// A decoding step's BitLinear (bitlinear_step): its input's norm, int8 quantization, the product with the
+// packed ternary weights, the weight scales and the residual add, in one launch. Mirrors decode.rs's
+// `StepParams`.
+struct BitLinearStep {
+    // The input before its norm, bf16 [rows, k]; with a gated activation (act >= 0) the gate/up rows [rows, 2k].
+    const bf16* x;
+    // The norm's weight [k], or null: no norm, the input only quantized.
+    const bf16* norm;
+    // The packed codes [n, k / 16] (pack_ternary), each output's weight scale [n], the residual [rows, n] or
+    // null, the output [rows, n].
+    const unsigned* codes;
+    const bf16* scale;
+    const bf16* residual;
+    bf16* out;
+    float eps;
+    // ACT_SILU or ACT_RELU2 for down_proj's gated input, -1 for none.
+    int act;
+    int rows, n, k;
+};
+
+// Threads of bitlinear_step (a warp per output at a time) and the weight words a lane loads at once.
+#define STEP_WARPS 8
+#define STEP_WORDS 4
+
+// out[r, o] = round(round(round(s_r sum_i q[r, i] t[o, i]) scale[o]) + residual[r, o]) for the input's rows
+// r < rows <= 8, where q[r] (int8) and s_r are row r of the input normed and quantized per token exactly as
+// rmsnorm_quant_forward does it (the same roundings; its sums in another order) and t the ternary weights.
+// Each block norms and quantizes the rows itself into shared memory (the rows are a few KB; a separate norm
+// launch cost more than the redundant work), then each warp takes outputs o = its number, + the grid's
+// warps, ...: a lane reads the codes' words lane, lane + 32, ... of the output's row, STEP_WORDS at a time,
+// the next batch loaded before the current is used (the first before the norm), and multiplies 4 weights
+// by 4 inputs a dp4a: codes c = t + 1 give sum_i c_i q_i, from which sum_i q_i is taken. The sums are exact
+// integers. Dynamic shared memory: rows k bytes of int8 inputs, then 2 k bytes for a row's normed values.
+extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(const BitLinearStep p) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ int qsum[GEMV_ROWS];
+    __shared__ float qscale[GEMV_ROWS];
+    signed char* q8 = reinterpret_cast<signed char*>(smem);
+    bf16* stage = reinterpret_cast<bf16*>(smem + (size_t)p.rows * p.k);
+    int t = threadIdx.x, lane = t % 32, words = p.k / 16;
+    int batches = (words + 32 * STEP_WORDS - 1) / (32 * STEP_WORDS);
+    int first = blockIdx.x * STEP_WARPS + t / 32, stride = gridDim.x * STEP_WARPS;
+
+    // Batch b of this warp: output first + (b / batches) stride, words from (b % batches) 32 STEP_WORDS.
+    auto load = [&](int b, unsigned (&w)[STEP_WORDS]) {
+        int o = first + (b / batches) * stride, base = (b % batches) * 32 * STEP_WORDS + lane;
+        if (o >= p.n) return false;
+        const unsigned* row = p.codes + (size_t)o * words;
+#pragma unroll
+        for (int u = 0; u < STEP_WORDS; u++) w[u] = base + 32 * u < words ? __ldg(row + base + 32 * u) : 0u;
+        return true;
+    };
+    unsigned w[STEP_WORDS];
+    bool more = load(0, w);
+
+    // The rows normed and quantized: a thread takes the 8-channel vectors t, t + blockDim.x, ... of each row.
+    float inv_k = 1.f / p.k;
+    for (int r = 0; r < p.rows; r++) {
+        float ss = 0.f;
+        for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
+            float v[8];
+            if (p.act >= 0) {
+                float g[8], u[8];
+                load8(p.x + (size_t)r * 2 * p.k + i, g);
+                load8(p.x + (size_t)r * 2 * p.k + p.k + i, u);
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[e] = glu_h(p.act, g[e], u[e]);
+            } else {
+                load8(p.x + (size_t)r * p.k + i, v);
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) ss += v[e] * v[e];
+            store8(stage + i, v);
+        }
+        float rr = p.norm ? 1.f / sqrtf(block_reduce(ss, Sum()) * inv_k + p.eps) : 1.f;
+        float amax = 0.f;
+        for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
+            float v[8], wv[8];
+            load8(stage + i, v);
+            load_weights(p.norm, i, wv);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                v[e] = round_bf16(v[e] * rr * wv[e]);
+                amax = fmaxf(amax, fabsf(v[e]));
+            }
+            store8(stage + i, v);
+        }
+        float scale = fmaxf(block_reduce(amax, Max()), 1e-5f) * (1.f / 127.f);
+        int sum = 0;
+        for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
+            float v[8];
+            load8(stage + i, v);
+            unsigned packed[2] = {0u, 0u};
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                int q = (int)fminf(fmaxf(roundf(__fdividef(v[e], scale)), -128.f), 127.f);
+                sum += q;
+                packed[e / 4] |= (unsigned)(q & 0xff) << (8 * (e % 4));
+            }
+            *reinterpret_cast<uint2*>(q8 + (size_t)r * p.k + i) = make_uint2(packed[0], packed[1]);
+        }
+        sum = block_reduce(sum, Sum());
+        if (t == 0) qsum[r] = sum, qscale[r] = scale;
+    }
+    __syncthreads();
+
+    const uint4* xq = reinterpret_cast<const uint4*>(q8);
+    int acc[GEMV_ROWS] = {};
+    for (int b = 0; more; b++) {
+        unsigned cur[STEP_WORDS];
+#pragma unroll
+        for (int u = 0; u < STEP_WORDS; u++) cur[u] = w[u];
+        int o = first + (b / batches) * stride, base = (b % batches) * 32 * STEP_WORDS + lane;
+        more = load(b + 1, w);
+#pragma unroll
+        for (int u = 0; u < STEP_WORDS; u++) {
+            int i = base + 32 * u;
+            if (i >= words) break;
+            int c0 = cur[u] & 0x03030303, c1 = (cur[u] >> 2) & 0x03030303;
+            int c2 = (cur[u] >> 4) & 0x03030303, c3 = (cur[u] >> 6) & 0x03030303;
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                if (r >= p.rows) break;
+                uint4 xv = xq[(size_t)r * words + i];
+                acc[r] = __dp4a(c0, (int)xv.x, acc[r]);
+                acc[r] = __dp4a(c1, (int)xv.y, acc[r]);
+                acc[r] = __dp4a(c2, (int)xv.z, acc[r]);
+                acc[r] = __dp4a(c3, (int)xv.w, acc[r]);
+            }
+        }
+        if (b % batches != batches - 1) continue;
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r >= p.rows) break;
+            int s = __reduce_add_sync(0xffffffff, acc[r]);
+            acc[r] = 0;
+            if (lane == 0) {
+                float y = round_bf16((float)(s - qsum[r]) * qscale[r]);
+                y = round_bf16(y * f32(p.scale[o]));
+                if (p.residual) y += f32(p.residual[(size_t)r * p.n + o]);
+                p.out[(size_t)r * p.n + o] = to_bf16(y);
+            }
+        }
     }
 }
 
@@ -291,7 +404,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     if (active == 1) return;
 
     // The last of the active splits' blocks to finish joins them (the others' writes are seen: each fenced
-    // them before counting itself).
+    // them before counting itself): a warp a head finds the largest max and the weighted sum of the sums, its
+    // lanes over the splits, then each thread an element's weighted sum over the splits, eight splits' loads
+    // in flight at a time (one at a time, the join's chains of L2 reads were most of the kernel's 27 us).
     __threadfence();
     __syncthreads();
     if (t == 0) {
@@ -301,20 +416,29 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     }
     __syncthreads();
     if (!last) return;
+    for (int g = t / 32; g < gb; g += ATTN_THREADS / 32) {
+        const float* part = partial + ((size_t)r * heads + h0 + g) * splits * (d + 2);
+        float top = -INFINITY;
+        for (int s = lane; s < active; s += 32) top = fmaxf(top, __ldcg(part + (size_t)s * (d + 2) + d));
+        for (int off = 16; off > 0; off /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, off));
+        float den = 0.f;
+        for (int s = lane; s < active; s += 32) {
+            float ms = __ldcg(part + (size_t)s * (d + 2) + d);
+            if (ms != -INFINITY) den += __ldcg(part + (size_t)s * (d + 2) + d + 1) * expf(ms - top);
+        }
+        for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffff, den, off);
+        if (lane == 0) stat_m[g] = top, stat_l[g] = den;
+    }
+    __syncthreads();
     for (int i = t; i < gb * d; i += ATTN_THREADS) {
         int g = i / d, e = i % d;
         const float* part = partial + ((size_t)r * heads + h0 + g) * splits * (d + 2);
-        float top = -INFINITY;
-        for (int s = 0; s < active; s++) top = fmaxf(top, __ldcg(part + (size_t)s * (d + 2) + d));
-        float num = 0.f, den = 0.f;
+        float top = stat_m[g], num = 0.f;
+#pragma unroll 8
         for (int s = 0; s < active; s++) {
-            const float* ps = part + (size_t)s * (d + 2);
-            float ms = __ldcg(ps + d);
-            if (ms == -INFINITY) continue;
-            float w = expf(ms - top);
-            num += __ldcg(ps + e) * w;
-            den += __ldcg(ps + d + 1) * w;
+            float ms = __ldcg(part + (size_t)s * (d + 2) + d), v = __ldcg(part + (size_t)s * (d + 2) + e);
+            num += ms == -INFINITY ? 0.f : v * expf(ms - top);
         }
-        y[((size_t)r * heads + h0 + g) * d + e] = to_bf16(num / den);
+        y[((size_t)r * heads + h0 + g) * d + e] = to_bf16(num / stat_l[g]);
     }
 }

@@ -1,19 +1,22 @@
-//! Decoding one token per row (decode.cu): the few rows of a generation step multiplied by a weight matrix
-//! in one pass over it, with the output's scales and the residual add, and each row's new token's attention
+//! Decoding one token per row (decode.cu): the few rows of a generation step through a BitLinear in one
+//! launch (their norm, int8 quantization, the product with the packed ternary weights in one pass over them,
+//! the scales and the residual add), the head's bf16 product, and each row's new token's attention
 //! over its KV cache with RoPE and the cache write, in one launch per layer (blocks of 32 columns, joined by
 //! the last to finish, as flash-decoding splits them) instead of about fifteen ops.
 //! References: `model::bitnet`'s `Stacked::forward` and `Attention::forward` in candle ops.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 use cudarc::driver::LaunchConfig;
 
-use super::shapes::{DecodeAttention, GemvWeight, GEMV_ROWS};
+use super::shapes::{BitLinearStep, DecodeAttention, GEMV_ROWS};
 use super::{aligned_ptr, applies, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("decode");
 
-/// Outputs per block of the product: a warp each.
+/// Outputs per block of the head's product: a warp each.
 const GEMV_WARPS: usize = 8;
+/// Warps of `bitlinear_step` (`STEP_WARPS`).
+const STEP_WARPS: usize = 8;
 /// Threads of the attention kernel (`ATTN_THREADS`).
 const ATTN_THREADS: u32 = 128;
 /// Columns per split of the attention kernel (`SPLIT`): the columns spread over the card.
@@ -32,41 +35,20 @@ pub fn takes(x: &Tensor, head_dim: usize) -> bool {
     applies(x) && head_dim.is_multiple_of(8) && head_dim <= 256
 }
 
-/// `x @ w^T (* scale) (+ residual)` for the quantized input `x: [.., k]` of at most [`GEMV_ROWS`] rows (bf16),
-/// the weights `w` (`[n, k]` bf16, or packed ternary codes), the outputs' scales `scale: [n]` (or none: the
+/// `x @ w^T (* scale) (+ residual)` for `x: [.., k]` of at most [`GEMV_ROWS`] rows and the weights `w: [n, k]`
+/// (bf16: the head, or ternary values that were not packed), the outputs' scales `scale: [n]` (or none: the
 /// head) and `residual` in the output's shape `[.., n]`, rounded as the candle ops round: `Ok(None)` where it
-/// does not apply (more rows, `k` not a multiple of 8, or of 16 packed, not bf16 on CUDA).
-pub fn try_gemv(
-    x: &Tensor,
-    w: GemvWeight,
-    scale: Option<&Tensor>,
-    residual: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
-    let (name, weights, n, k) = match w {
-        GemvWeight::Dense(w) => {
-            let (n, k) = w.dims2()?;
-            ("gemv", w, n, k)
-        }
-        GemvWeight::Packed { codes, k } => ("gemv_ternary", codes, codes.dim(0)?, k),
-    };
-    let fits = match w {
-        GemvWeight::Dense(w) => w.dtype() == DType::BF16 && k.is_multiple_of(8),
-        GemvWeight::Packed { codes, .. } => {
-            codes.dtype() == DType::U32 && k.is_multiple_of(16) && codes.dims() == [n, k / 16]
-        }
-    };
+/// does not apply (more rows, `k` not a multiple of 8, not bf16 on CUDA).
+pub fn try_gemv(x: &Tensor, w: &Tensor, scale: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
-    if !applies(x) || !fits || rows > GEMV_ROWS || x.dim(candle_core::D::Minus1)? != k {
+    if !applies(x) || w.dtype() != DType::BF16 || !k.is_multiple_of(8) || rows > GEMV_ROWS || x.dim(D::Minus1)? != k {
         return Ok(None);
     }
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("x has a last dimension") = n;
-    let (x, weights) = (x.contiguous()?, weights.contiguous()?);
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
     let scale = scale.map(|s| s.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
-    if residual.as_ref().is_some_and(|r| r.dims() != dims.as_slice()) {
-        candle_core::bail!("gemv: residual {:?} for an output {dims:?}", residual.map(|r| r.dims().to_vec()));
-    }
+    let dims = output_dims(&x, n, residual.as_ref())?;
     let dev = cuda_device(&x)?;
     let out = uninit(dims, DType::BF16, &dev)?;
     let cfg = LaunchConfig {
@@ -74,14 +56,24 @@ pub fn try_gemv(
         block_dim: (32 * GEMV_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch!(dev, PTX, name, cfg;
-        aligned_ptr(&x)?, aligned_ptr(&weights)?, scale.as_ref().map_or(Ok(0), ptr)?,
+    launch!(dev, PTX, "gemv", cfg;
+        aligned_ptr(&x)?, aligned_ptr(&w)?, scale.as_ref().map_or(Ok(0), ptr)?,
         residual.as_ref().map_or(Ok(0), ptr)?, ptr(&out)?, rows as i32, n as i32, k as i32);
     Ok(Some(out))
 }
 
+/// The output's dims: `x`'s with the last one `n`; `residual`, when given, must have them.
+fn output_dims(x: &Tensor, n: usize, residual: Option<&Tensor>) -> Result<Vec<usize>> {
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has a last dimension") = n;
+    if residual.is_some_and(|r| r.dims() != dims.as_slice()) {
+        candle_core::bail!("decode product: residual {:?} for an output {dims:?}", residual.map(|r| r.dims().to_vec()));
+    }
+    Ok(dims)
+}
+
 /// The ternary weights `w: [n, k]` (bf16 values -1, 0, 1) packed 16 to a u32, `[n, k / 16]`, for
-/// [`GemvWeight::Packed`]; `Ok(None)` where that does not apply (not bf16 on CUDA, `k` not a multiple of 16).
+/// [`BitLinearStep::codes`]; `Ok(None)` where that does not apply (not bf16 on CUDA, `k` not a multiple of 16).
 pub fn pack_ternary(w: &Tensor) -> Result<Option<Tensor>> {
     let (n, k) = w.dims2()?;
     if !applies(w) || !k.is_multiple_of(16) {
@@ -93,6 +85,97 @@ pub fn pack_ternary(w: &Tensor) -> Result<Option<Tensor>> {
     let codes = uninit((n, k / 16), DType::U32, &dev)?;
     launch!(dev, PTX, "pack_ternary", super::grid_stride(words); ptr(&w)?, ptr(&codes)?, words as u64);
     Ok(Some(codes))
+}
+
+/// `bitlinear_step`'s parameters, as decode.cu's `BitLinearStep` lays them out (device addresses, 0 for none).
+#[repr(C)]
+struct StepParams {
+    x: u64,
+    norm: u64,
+    codes: u64,
+    scale: u64,
+    residual: u64,
+    out: u64,
+    eps: f32,
+    act: i32,
+    rows: i32,
+    n: i32,
+    k: i32,
+}
+
+// SAFETY: a plain `#[repr(C)]` struct of integers and floats, which the kernel takes by value.
+unsafe impl cudarc::driver::DeviceRepr for StepParams {}
+
+/// Shared memory `bitlinear_step` needs beyond 48 KB is opted into per function; past this it declines
+/// (rows x k of int8 inputs and 2 k bytes of one normed row: 8 rows of 20,480 inputs).
+const STEP_SHARED_MAX: usize = 200 * 1024;
+
+/// The bytes of shared memory `bitlinear_step` takes for `rows` rows of `k` inputs.
+fn step_shared_bytes(rows: usize, k: usize) -> usize {
+    rows * k + 2 * k
+}
+
+/// Whether [`try_bitlinear_step`] takes `rows` rows of `k` inputs on `x`'s device: bf16 on CUDA, at most
+/// [`GEMV_ROWS`] rows, `k` a multiple of 16 (whole words of codes) whose rows fit its shared memory.
+pub fn takes_step(x: &Tensor, rows: usize, k: usize) -> bool {
+    applies(x) && rows <= GEMV_ROWS && k > 0 && k.is_multiple_of(16) && step_shared_bytes(rows, k) <= STEP_SHARED_MAX
+}
+
+/// A decoding step's BitLinear in one launch ([`BitLinearStep`]): the input normed and quantized to int8 per
+/// row as `kernels::rmsnorm`'s forward does it, times the packed ternary codes (exact integer sums), the
+/// scales and the residual; `[.., n]` bf16. `Ok(None)` where it does not apply ([`takes_step`], the codes
+/// not `[n, k / 16]` u32).
+pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
+    let width = s.x.dim(D::Minus1)?;
+    let k = if s.glu.is_some() { width / 2 } else { width };
+    let rows = s.x.elem_count() / width.max(1);
+    let n = s.codes.dim(0)?;
+    let fits = s.codes.dtype() == DType::U32 && s.codes.dims() == [n, k / 16] && s.scales.elem_count() == n;
+    if !takes_step(s.x, rows, k) || !fits || s.norm.is_some_and(|w| w.elem_count() != k) {
+        return Ok(None);
+    }
+    let x = s.x.contiguous()?;
+    let norm = s.norm.map(|w| w.contiguous()).transpose()?;
+    let (codes, scales) = (s.codes.contiguous()?, s.scales.contiguous()?);
+    let residual = s.residual.map(|r| r.contiguous()).transpose()?;
+    let dims = output_dims(&x, n, residual.as_ref())?;
+    let dev = cuda_device(&x)?;
+    let out = uninit(dims, DType::BF16, &dev)?;
+    let bytes = step_shared_bytes(rows, k);
+    let func = dev.get_or_load_custom_func("bitlinear_step", PTX.0, PTX.1)?;
+    if bytes > 48 * 1024 {
+        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+            .map_err(|e| candle_core::Error::Msg(format!("bitlinear_step: shared memory of {bytes} bytes: {e:?}")))?;
+    }
+    // A warp per output at a time, no more blocks than fit the card at once: each block norms the rows once.
+    let blocks = n.div_ceil(STEP_WARPS).min(super::one_wave(&dev, PTX, "bitlinear_step", 32 * STEP_WARPS as u32, bytes as u32)?);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32 * STEP_WARPS as u32, 1, 1),
+        shared_mem_bytes: bytes as u32,
+    };
+    let params = StepParams {
+        x: aligned_ptr(&x)?,
+        norm: norm.as_ref().map_or(Ok(0), ptr)?,
+        codes: ptr(&codes)?,
+        scale: ptr(&scales)?,
+        residual: residual.as_ref().map_or(Ok(0), ptr)?,
+        out: ptr(&out)?,
+        eps: s.eps as f32,
+        act: s.glu.map_or(-1, |a| super::rmsnorm::act_arg(Some(a))),
+        rows: rows as i32,
+        n: n as i32,
+        k: k as i32,
+    };
+    launch!(dev, PTX, "bitlinear_step", cfg; params);
+    Ok(Some(out))
+}
+
+/// The join counts [`try_decode_attention`] needs for `rows` rows of `heads` query heads (`kv_heads` for keys
+/// and values): one per row and block of a split.
+pub fn join_counts(rows: usize, heads: usize, kv_heads: usize) -> usize {
+    rows * kv_heads * (heads / kv_heads.max(1)).div_ceil(GROUP_MAX)
 }
 
 /// One decoding step's attention ([`DecodeAttention`]): the new keys and values written into the caches'
@@ -114,13 +197,17 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
         || a.v_cache.dims() != a.k_cache.dims()
         || !a.k_cache.is_contiguous()
         || !a.v_cache.is_contiguous()
+        || a.done.dtype() != DType::U32
+        || a.done.elem_count() < join_counts(rows, a.heads, a.kv_heads)
     {
         candle_core::bail!(
-            "decode attention: qkv {:?}, caches {:?}, meta {:?}, inv_freq {:?} for {} heads ({} kv) of {}",
+            "decode attention: qkv {:?}, caches {:?}, meta {:?}, inv_freq {:?}, join counts {:?} for {} heads ({} kv) \
+             of {}",
             a.qkv.dims(),
             a.k_cache.dims(),
             a.meta.dims(),
             a.inv_freq.dims(),
+            a.done.dims(),
             a.heads,
             a.kv_heads,
             a.head_dim
@@ -130,13 +217,12 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     let inv_freq = a.inv_freq.to_dtype(DType::F32)?.contiguous()?;
     let dev = cuda_device(&qkv)?;
     let splits = width.div_ceil(SPLIT);
-    let blocks = a.kv_heads * (a.heads / a.kv_heads).div_ceil(GROUP_MAX);
+    let blocks = join_counts(1, a.heads, a.kv_heads);
     let y = uninit((rows, a.heads * d), DType::BF16, &dev)?;
-    // One split writes y itself; several write their parts, and count themselves done so that the last joins
-    // them (the counts start at zero, a memset that a captured step repeats).
-    let (parts, counts) = if splits > 1 { (rows * a.heads * splits * (d + 2), rows * blocks) } else { (1, 1) };
+    // One split writes y itself; several write their parts, and count themselves done in `a.done` so that
+    // the last joins them.
+    let parts = if splits > 1 { rows * a.heads * splits * (d + 2) } else { 1 };
     let partial = uninit(parts, DType::F32, &dev)?;
-    let done = Tensor::zeros(counts, DType::U32, qkv.device())?;
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, rows as u32, splits as u32),
         block_dim: (ATTN_THREADS, 1, 1),
@@ -145,6 +231,6 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     // SAFETY (of writing through the caches): the KV cache's buffers are this generation's alone.
     launch!(dev, PTX, "decode_attention", cfg;
         ptr(&qkv)?, aligned_ptr(a.k_cache)?, aligned_ptr(a.v_cache)?, ptr(a.meta)?, ptr(&inv_freq)?, ptr(&y)?,
-        ptr(&partial)?, ptr(&done)?, a.heads as i32, a.kv_heads as i32, d as i32, width as i32);
+        ptr(&partial)?, ptr(a.done)?, a.heads as i32, a.kv_heads as i32, d as i32, width as i32);
     Ok(Some(y))
 }

@@ -112,15 +112,15 @@ pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) ->
     Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
 }
 
-/// The most blocks of `threads` of kernel `name` that the card runs at once: the blocks an SM holds (as the
-/// kernel's registers and shared memory allow) times the SMs. Kernels that stride over uniform rows launch no
+/// The most blocks of `threads` (and `shared` bytes of dynamic shared memory) of kernel `name` that the card
+/// runs at once: the blocks an SM holds (as the kernel's registers and shared memory allow) times the SMs. Kernels that stride over uniform rows launch no
 /// more: with 1024 blocks where 792 fit, the RMSNorm backward ran a second wave on 30% of the card (60% of the
 /// memory's bandwidth overall, H100).
-pub(crate) fn one_wave(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32) -> Result<usize> {
+pub(crate) fn one_wave(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32, shared: u32) -> Result<usize> {
     use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
     let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
     let err = |e| candle_core::Error::Msg(format!("{name}: occupancy: {e:?}"));
-    let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).map_err(err)?;
+    let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(threads, shared as usize, None).map_err(err)?;
     let sms = dev.cuda_stream().context().attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err)?;
     Ok((per_sm as usize * sms as usize).max(1))
 }

@@ -42,27 +42,6 @@ template <int G> struct Group {
     }
 };
 
-// The kernels are as much arithmetic as memory traffic, so the exponentials and divisions are the fast
-// intrinsics (a few ulp of f32, below the bf16 rounding that follows; the tests compare against the exact
-// reference).
-__device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.f, 1.f + __expf(-g)); }
-__device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
-
-// The gated activations (`act`), as rmsnorm.rs numbers them.
-#define ACT_SILU 0
-#define ACT_RELU2 1
-
-__device__ __forceinline__ float act_of(int act, float g) {
-    if (act == ACT_RELU2) {
-        float r = fmaxf(g, 0.f);
-        return r * r;
-    }
-    return silu(g);
-}
-
-// h = act(gate) up, rounded to bf16 where the unfused ops stored it (the activation, then the product).
-__device__ __forceinline__ float glu_h(int act, float g, float u) { return round_bf16(round_bf16(act_of(act, g)) * u); }
-
 // The gated activation's gradients: dgate = dh up act'(g), dup = dh act(g), with silu'(g) = s (1 + g (1 - s))
 // (s = sigmoid(g)) and (relu(g)^2)' = 2 relu(g).
 __device__ __forceinline__ void glu_grad(int act, float dh, float g, float u, float& dg, float& du) {
@@ -91,21 +70,6 @@ __device__ __forceinline__ void load_input(const bf16* x, int row, int i, int c,
     } else {
         load8(x + at(row, i, c, t, hd), v);
     }
-}
-
-// The norm weight's 8 channels from i: the weight is a view into the step's flat weight buffer, in one 16-byte
-// access where it lies on the 16-byte grid (the same for every thread: c % 8 == 0), else one by one. Read
-// per row from L1. No weight (null): ones.
-__device__ __forceinline__ void load_weights(const bf16* w, int i, float* out) {
-    if (!w) {
-#pragma unroll
-        for (int e = 0; e < 8; e++) out[e] = 1.f;
-        return;
-    }
-    w += i;
-    if (((uintptr_t)w & 15) == 0) return load8(w, out);
-#pragma unroll
-    for (int e = 0; e < 8; e++) out[e] = f32(w[e]);
 }
 
 // Per row of x [n, c] (one block each): r = 1 / sqrt(mean(x^2) + eps), y = bf16(x r w), then y quantized per

@@ -27,7 +27,7 @@ fn kernel(kind: &str, glu: bool, v: &Variant) -> String {
 }
 
 /// The kernels' `act` argument (`rmsnorm.cu`'s `ACT_*`); 0 without a gated activation, where it is not read.
-fn act_arg(glu: Option<Activation>) -> i32 {
+pub(crate) fn act_arg(glu: Option<Activation>) -> i32 {
     match glu {
         None | Some(Activation::Silu) => 0,
         Some(Activation::Relu2) => 1,
@@ -154,7 +154,7 @@ fn rmsnorm_backward(
     // `column_sums` sums, and with one row per group that traffic would match the rows' own. At most one wave.
     let dev = cuda_device(x)?;
     let name = kernel("backward", glu.is_some(), &v);
-    let blocks = n.div_ceil(4 * v.groups).clamp(1, super::one_wave(&dev, PTX, &name, v.threads)?);
+    let blocks = n.div_ceil(4 * v.groups).clamp(1, super::one_wave(&dev, PTX, &name, v.threads, 0)?);
     let partial = uninit((blocks * v.groups, c), DType::F32, &dev)?;
     let dx = uninit(x.shape(), DType::BF16, &dev)?;
     let inv_c = (1.0 / c as f64) as f32;

@@ -3,6 +3,8 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::model::arch::Activation;
+
 /// The shape of attention's heads: `[batch, heads, seq, head_dim]`, `q_heads` for queries, `kv_heads` for
 /// keys and values.
 #[derive(Debug, Clone, Copy)]
@@ -44,12 +46,22 @@ impl TokenRows {
 /// a GEMM's work.
 pub const GEMV_ROWS: usize = 8;
 
-/// A weight matrix as the decoding step's product reads it: bf16 `[n, k]` (the head; ternary values), or
-/// ternary codes packed 16 to a u32, `[n, k / 16]` (`kernels::decode::pack_ternary`).
-#[derive(Clone, Copy)]
-pub enum GemvWeight<'a> {
-    Dense(&'a Tensor),
-    Packed { codes: &'a Tensor, k: usize },
+/// A decoding step's BitLinear in one launch (`kernels::decode::try_bitlinear_step`): its input before the
+/// norm, normed and quantized to int8 per row, times ternary weights packed 2 bits each.
+pub struct BitLinearStep<'a> {
+    /// bf16 `[.., k]` of at most [`GEMV_ROWS`] rows; with `glu`, the gate/up rows `[.., 2k]` whose gated
+    /// activation is the input.
+    pub x: &'a Tensor,
+    /// The norm's weight `[k]` (bf16), or None: the input only quantized.
+    pub norm: Option<&'a Tensor>,
+    pub eps: f64,
+    pub glu: Option<Activation>,
+    /// The ternary weights packed 16 to a u32, `[n, k / 16]` (`kernels::decode::pack_ternary`).
+    pub codes: &'a Tensor,
+    /// Each output's weight scale, bf16 `[n]`.
+    pub scales: &'a Tensor,
+    /// Added to the output (`[.., n]`), or None.
+    pub residual: Option<&'a Tensor>,
 }
 
 /// One decoding step's attention (`kernels::decode`): every row's new token over its KV cache.
@@ -59,6 +71,9 @@ pub struct DecodeAttention<'a> {
     /// The layer's caches, bf16 `[rows, kv_heads, width, head_dim]`; the new keys and values go to `column`.
     pub k_cache: &'a Tensor,
     pub v_cache: &'a Tensor,
+    /// The join's counts, u32, at least `kernels::decode::join_counts` of them, zero: the kernel leaves them
+    /// zero, so one buffer serves every layer and step.
+    pub done: &'a Tensor,
     /// u32 `[4 rows + 2]`: per row the new token's RoPE position, and the row's start, gap and gap length
     /// (`model::kv_cache`'s span; a retired row starts at `u32::MAX`); then `first` and `column`, which the
     /// kernel reads from here (a captured step replays for the next column).

@@ -155,7 +155,7 @@ pub mod rope {
 }
 
 pub mod decode {
-    use crate::kernels::shapes::{DecodeAttention, GemvWeight};
+    use crate::kernels::shapes::{BitLinearStep, DecodeAttention};
     use candle_core::{Result, Tensor};
 
     pub fn takes(_: &Tensor, _: usize) -> bool {
@@ -166,12 +166,24 @@ pub mod decode {
         Ok(0)
     }
 
-    pub fn try_gemv(_: &Tensor, _: GemvWeight, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+    pub fn try_gemv(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    pub fn takes_step(_: &Tensor, _: usize, _: usize) -> bool {
+        false
+    }
+
+    pub fn try_bitlinear_step(_: &BitLinearStep) -> Result<Option<Tensor>> {
         Ok(None)
     }
 
     pub fn pack_ternary(_: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+
+    pub fn join_counts(_: usize, _: usize, _: usize) -> usize {
+        0
     }
 
     pub fn try_decode_attention(_: &DecodeAttention) -> Result<Option<Tensor>> {

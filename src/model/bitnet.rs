@@ -12,7 +12,7 @@ use super::step_graph::StepGraphs;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
-use crate::kernels::shapes::{DecodeAttention, GemvWeight, HeadShape};
+use crate::kernels::shapes::{BitLinearStep, DecodeAttention, HeadShape};
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// How a BitLinear layer holds its ternary weight.
@@ -93,16 +93,30 @@ impl Module for BitLinear {
 
 /// A BitLinear input quantized per row: the int8 values and their scales (the candle-op reference), or the
 /// values times their scales in bf16, as the fused norm kernel writes them (one launch for the norm, a
-/// gated activation and the quantization instead of about ten ops).
+/// gated activation and the quantization instead of about ten ops); or, for a decoding step's few rows on a
+/// GPU, the input as it is with its norm and activation, which the product's own kernel applies (one launch
+/// for the whole BitLinear).
 enum Quantized {
     Codes { q: Tensor, scale: Tensor },
     Scaled(Tensor),
+    Deferred { x: Tensor, norm: Option<RmsNorm>, glu: Option<Activation> },
 }
 
 impl Quantized {
-    /// `x: [.., c]` normed by `norm` (None: not normed), after the gated activation `glu` of its gate and up
-    /// halves when given (then `x` is `[.., 2c]`), and quantized: by the CUDA kernel where it applies.
+    /// `x: [.., c]` to be normed by `norm` (None: not normed), after the gated activation `glu` of its gate
+    /// and up halves when given (then `x` is `[.., 2c]`), and quantized: deferred to the product where the
+    /// step's kernel takes it, else now.
     fn of(x: &Tensor, norm: Option<&RmsNorm>, glu: Option<Activation>) -> Result<Self> {
+        let width = x.dim(D::Minus1)?;
+        let c = if glu.is_some() { width / 2 } else { width };
+        match crate::kernels::decode::takes_step(x, x.elem_count() / width.max(1), c) {
+            true => Ok(Self::Deferred { x: x.clone(), norm: norm.cloned(), glu }),
+            false => Self::now(x, norm, glu),
+        }
+    }
+
+    /// [`Quantized::of`] computed now: by the CUDA norm kernel where it applies, else by candle ops.
+    fn now(x: &Tensor, norm: Option<&RmsNorm>, glu: Option<Activation>) -> Result<Self> {
         let mut dims = x.dims().to_vec();
         let width = dims.pop().unwrap_or(1);
         let c = if glu.is_some() { width / 2 } else { width };
@@ -180,12 +194,25 @@ impl Stacked {
     /// decoding step's few rows take the matrix-vector kernel, which adds the residual as it writes.
     fn forward(&self, input: &Quantized, residual: Option<&Tensor>) -> Result<Tensor> {
         let y = match input {
+            Quantized::Deferred { x, norm, glu } => {
+                if let Some(codes) = &self.packed {
+                    let step = BitLinearStep {
+                        x,
+                        norm: norm.as_ref().map(|n| n.weight()),
+                        eps: norm.as_ref().map_or(0.0, |n| n.eps()),
+                        glu: *glu,
+                        codes,
+                        scales: &self.scales,
+                        residual,
+                    };
+                    if let Some(y) = crate::kernels::decode::try_bitlinear_step(&step)? {
+                        return Ok(y);
+                    }
+                }
+                return self.forward(&Quantized::now(x, norm.as_ref(), *glu)?, residual);
+            }
             Quantized::Scaled(x) => {
-                let w = match &self.packed {
-                    Some(codes) => GemvWeight::Packed { codes, k: self.weight.dim(1)? },
-                    None => GemvWeight::Dense(&self.weight),
-                };
-                if let Some(y) = crate::kernels::decode::try_gemv(x, w, Some(&self.scales), residual)? {
+                if let Some(y) = crate::kernels::decode::try_gemv(x, &self.weight, Some(&self.scales), residual)? {
                     return Ok(y);
                 }
                 let y = x.broadcast_matmul(&self.weight.t()?)?;
@@ -371,11 +398,14 @@ impl Attention {
             (Positions::Flash { rope, start }, _) => (rope, None, Some(start)),
             (Positions::Step { meta, inv_freq }, AttnWeights::Stacked { qkv, o }) => {
                 let qkv = qkv.forward(&Quantized::of(x, Some(norm), None)?, None)?;
-                let (k_cache, v_cache) = cache.step_buffers(layer, b, self.num_kv_heads, self.head_dim, x)?;
+                let counts = crate::kernels::decode::join_counts(b, self.num_heads, self.num_kv_heads);
+                let (k_cache, v_cache, done) =
+                    cache.step_buffers(layer, b, self.num_kv_heads, self.head_dim, counts, x)?;
                 let step = DecodeAttention {
                     qkv: &qkv,
                     k_cache: &k_cache,
                     v_cache: &v_cache,
+                    done: &done,
                     meta,
                     inv_freq,
                     heads: self.num_heads,
@@ -731,8 +761,7 @@ impl BitNet {
         let h = dims.pop().unwrap_or(1);
         let hidden = hidden.reshape(((), h))?;
         // A decoding step's few rows on a GPU: the matrix-vector kernel (no cuBLAS in the step's graph).
-        let head = GemvWeight::Dense(&self.lm_head);
-        let y = match (&self.bf16_head, crate::kernels::decode::try_gemv(&hidden, head, None, None)?) {
+        let y = match (&self.bf16_head, crate::kernels::decode::try_gemv(&hidden, &self.lm_head, None, None)?) {
             (_, Some(y)) => y,
             (Some(head), None) => head.matmul_t(&hidden)?,
             (None, None) => hidden.matmul(&self.lm_head.t()?)?,

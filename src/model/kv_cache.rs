@@ -87,6 +87,9 @@ impl Span {
 pub struct KvCache {
     /// Per layer, keys and values `[rows, kv_heads, width, head_dim]`, allocated at the first forward.
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// The decode attention's join counts (u32, zero between launches: the kernel sets each back), one
+    /// buffer for every layer and step, so that a step needs no memset.
+    join: Option<Tensor>,
     /// Columns filled so far.
     len: usize,
     /// Columns the first forward allocates (at least what it needs).
@@ -108,7 +111,7 @@ impl KvCache {
     }
 
     fn of_rows(cfg: &ModelConfig, rows: Vec<Span>) -> Self {
-        Self { layers: vec![None; cfg.num_hidden_layers], len: 0, capacity: 0, rows }
+        Self { layers: vec![None; cfg.num_hidden_layers], join: None, len: 0, capacity: 0, rows }
     }
 
     /// A cache for a batch of prompts that begin with the tokens `prefix` holds (one row, after one forward
@@ -220,26 +223,36 @@ impl KvCache {
     }
 
     /// Layer `layer`'s whole buffers, with room for one more column, for a decoding step whose kernel writes
-    /// the new keys and values into column [`KvCache::len`] itself.
+    /// the new keys and values into column [`KvCache::len`] itself; and the join counts of its attention, at
+    /// least `counts` of them.
     pub(super) fn step_buffers(
         &mut self,
         layer: usize,
         rows: usize,
         heads: usize,
         dim: usize,
+        counts: usize,
         like: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         self.make_room(layer, 1, (rows, heads, dim), like)?;
-        Ok(self.layers[layer].clone().expect("allocated above"))
+        if self.join.as_ref().is_none_or(|j| j.elem_count() < counts) {
+            self.join = Some(Tensor::zeros(counts, candle_core::DType::U32, like.device())?);
+        }
+        let (k, v) = self.layers[layer].clone().expect("allocated above");
+        Ok((k, v, self.join.clone().expect("allocated above")))
     }
 
     /// What a decoding step's graph depends on (`model::step_graph`): the rows, the buffers' width and every
-    /// layer's buffer addresses, which the captured kernels read and write. Empty before the first forward.
+    /// layer's buffer addresses, which the captured kernels read and write, and the join counts' address.
+    /// Empty before the first forward.
     pub(super) fn layout_key(&self, rows: usize) -> Result<Vec<u64>> {
         let mut key = vec![rows as u64];
         for layer in &self.layers {
             let Some((k, v)) = layer else { return Ok(Vec::new()) };
             key.extend([k.dim(2)? as u64, crate::kernels::decode::address(k)?, crate::kernels::decode::address(v)?]);
+        }
+        if let Some(join) = &self.join {
+            key.push(crate::kernels::decode::address(join)?);
         }
         Ok(key)
     }
