@@ -149,7 +149,8 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
             .map_err(|e| candle_core::Error::Msg(format!("bitlinear_step: shared memory of {bytes} bytes: {e:?}")))?;
     }
     // A warp per output at a time, no more blocks than fit the card at once: each block norms the rows once.
-    let blocks = n.div_ceil(STEP_WARPS).min(super::one_wave(&dev, PTX, "bitlinear_step", 32 * STEP_WARPS as u32, bytes as u32)?);
+    let blocks =
+        n.div_ceil(STEP_WARPS).min(super::one_wave(&dev, PTX, "bitlinear_step", 32 * STEP_WARPS as u32, bytes as u32)?);
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (32 * STEP_WARPS as u32, 1, 1),
