@@ -79,9 +79,10 @@ struct BitLinearStep {
     int rows, n, k;
 };
 
-// Threads of bitlinear_step (a warp per output at a time) and the weight words a lane loads at once.
+// Threads of bitlinear_step (a warp per output at a time) and the weight words a lane loads at once: 8, so
+// that a whole row of up to 4,096 inputs (1 KB a warp) is in flight while the block norms its input.
 #define STEP_WARPS 8
-#define STEP_WORDS 4
+#define STEP_WORDS 8
 
 // out[r, o] = round(round(round(s_r sum_i q[r, i] t[o, i]) scale[o]) + residual[r, o]) for the input's rows
 // r < rows <= 8, where q[r] (int8) and s_r are row r of the input normed and quantized per token exactly as
