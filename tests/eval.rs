@@ -548,10 +548,11 @@ fn a_refilled_cache_equals_each_prompt_alone() {
 
 /// A prefill run a chunk of columns at a time (what generation does, so that attention's scores stay a
 /// chunk's) equals one forward over the whole prompt: left-padded prompts of 1,100 and 700 tokens, chunks
-/// of 512 and of 97 columns. The logits after the prefill agree to 1e-5; after a step to 2% relative RMS
-/// with the same greedy token, as a chunk's sums run in another order and can flip an int8 activation code
-/// of a cached position at a rounding tie (measured: 1.6e-7 with chunks of 97, 8.8e-3 for one row with
-/// chunks of 512).
+/// of 512 and of 97 columns. The logits after the prefill agree to 1e-4 of the largest; after a step to 2%
+/// relative RMS with the same greedy token, as a chunk's sums run in another order and can flip an int8
+/// activation code of a cached position at a rounding tie (measured after the step: 1.6e-7 with chunks of 97,
+/// 8.8e-3 for one row with chunks of 512; after the prefill, 1.6e-5 of the largest logit on a CPU with
+/// AVX-512, whose matrix products sum in another order, against under 1e-6 without it).
 #[test]
 fn a_prefill_in_chunks_equals_one_forward() {
     let (_d, model, _, _) = chat_model();
@@ -574,7 +575,8 @@ fn a_prefill_in_chunks_equals_one_forward() {
             let diff: Vec<f32> = got_step[r].iter().zip(&want_step[r]).map(|(a, b)| a - b).collect();
             let rel = norm(&diff) / norm(&want_step[r]);
             let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-            assert!(d1 < 1e-5, "chunks of {chunk}, row {r}: logits after the prefill differ by {d1:e}");
+            let largest = want[r].iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(d1 < 1e-4 * largest, "chunks of {chunk}, row {r}: logits after the prefill differ by {d1:e}");
             assert!(rel < 2e-2, "chunks of {chunk}, row {r}: logits after a step differ by {d2:e} ({rel:e} relative)");
             assert_eq!(argmax(&got_step[r]), argmax(&want_step[r]), "chunks of {chunk}, row {r}");
         }
