@@ -457,6 +457,97 @@ mod fused {
         assert!(try_bitlinear_step(&step).unwrap().is_none());
     }
 
+    /// Microseconds per launch of `f` (which launches one kernel on the GPU's stream) as a decoding step runs
+    /// it: `n` launches captured as one CUDA graph, replayed.
+    fn graph_us(n: usize, f: &dyn Fn()) -> f64 {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let Device::Cuda(dev) = gpu() else { unreachable!("gpu() is a CUDA device") };
+        f();
+        dev.synchronize().unwrap();
+        let stream = dev.cuda_stream();
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
+        (0..n).for_each(|_| f());
+        let flags = CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+        let graph = stream.end_capture(flags).unwrap().expect("the capture recorded the launches");
+        graph.launch().unwrap();
+        dev.synchronize().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..10 {
+            graph.launch().unwrap();
+        }
+        dev.synchronize().unwrap();
+        start.elapsed().as_secs_f64() / (10 * n) as f64 * 1e6
+    }
+
+    /// The decoding step's kernels one at a time, batch 1, as a captured step replays them: each BitLinear of
+    /// bitnet_b1_58-large and 2B4T with the bandwidth its packed weights take, and the attention over a
+    /// short and a long cache. Prints a table (BENCHMARKS.md's decode profile by shape); asserts nothing.
+    #[test]
+    #[ignore = "a timing; run with --ignored"]
+    fn decode_kernels_timing() {
+        use bessie::kernels::decode::{join_counts, pack_ternary, try_bitlinear_step, try_decode_attention};
+        use bessie::kernels::shapes::{BitLinearStep, DecodeAttention};
+        let shapes: [(&str, usize, usize, Option<Activation>); 8] = [
+            ("large qkv", 4608, 1536, None),
+            ("large o", 1536, 1536, None),
+            ("large gate/up", 8192, 1536, None),
+            ("large down", 1536, 4096, Some(Activation::Silu)),
+            ("2B4T qkv", 3840, 2560, None),
+            ("2B4T o", 2560, 2560, None),
+            ("2B4T gate/up", 13824, 2560, None),
+            ("2B4T down", 2560, 6912, Some(Activation::Relu2)),
+        ];
+        for (name, n, k, glu) in shapes {
+            let x = randn(&[1, 1, if glu.is_some() { 2 * k } else { k }], DType::BF16);
+            let (norm, residual) = (randn(&[k], DType::BF16), randn(&[1, 1, n], DType::BF16));
+            let t = (randn(&[n, k], DType::F32) * 1.5).unwrap().round().unwrap().clamp(-1f32, 1f32).unwrap();
+            let codes = pack_ternary(&t.to_dtype(DType::BF16).unwrap()).unwrap().expect("packs");
+            let scales = randn(&[n], DType::BF16);
+            let step = BitLinearStep {
+                x: &x,
+                norm: Some(&norm),
+                eps: 1e-6,
+                glu,
+                codes: &codes,
+                scales: &scales,
+                residual: Some(&residual),
+            };
+            let us = graph_us(50, &|| drop(try_bitlinear_step(&step).unwrap().expect("takes it")));
+            let gbs = (n * k / 4) as f64 / us / 1e3;
+            println!("bitlinear step {name} ({k} -> {n}): {us:.2} us, packed weights at {gbs:.0} GB/s");
+        }
+        for (name, heads, kv_heads, d, col) in [
+            ("large", 16, 16, 96, 439),
+            ("large", 16, 16, 96, 1700),
+            ("2B4T", 20, 5, 128, 439),
+            ("2B4T", 20, 5, 128, 1700),
+        ] {
+            let width = 2048;
+            let meta: Vec<u32> = [col as u32, 0, 0, 0, 0, col as u32].to_vec();
+            let meta = Tensor::from_vec(meta, 6, &gpu()).unwrap();
+            let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
+            let inv_freq = Tensor::new(inv.as_slice(), &gpu()).unwrap();
+            let qkv = randn(&[1, (heads + 2 * kv_heads) * d], DType::BF16);
+            let (k_cache, v_cache) =
+                (randn(&[1, kv_heads, width, d], DType::BF16), randn(&[1, kv_heads, width, d], DType::BF16));
+            let done = Tensor::zeros(join_counts(1, heads, kv_heads), DType::U32, &gpu()).unwrap();
+            let step = DecodeAttention {
+                qkv: &qkv,
+                k_cache: &k_cache,
+                v_cache: &v_cache,
+                done: &done,
+                meta: &meta,
+                inv_freq: &inv_freq,
+                heads,
+                kv_heads,
+                head_dim: d,
+                width,
+            };
+            let us = graph_us(50, &|| drop(try_decode_attention(&step).unwrap().expect("takes it")));
+            println!("decode attention {name} ({heads}/{kv_heads} heads of {d}) over {} columns: {us:.2} us", col + 1);
+        }
+    }
+
     /// A decoding step's attention (`kernels::decode::try_decode_attention`: RoPE, the cache write, masked
     /// softmax over the cache, split over the columns) against the candle ops of `model::bitnet`'s attention
     /// on the same bf16 tensors: a row from column 0, a row whose own tokens skip a gap (a shared prefix's

@@ -107,12 +107,13 @@ struct StepParams {
 unsafe impl cudarc::driver::DeviceRepr for StepParams {}
 
 /// Shared memory `bitlinear_step` needs beyond 48 KB is opted into per function; past this it declines
-/// (rows x k of int8 inputs and 2 k bytes of one normed row: 8 rows of 20,480 inputs).
+/// (rows x k of int8 inputs, 2 k bytes of one normed row and 2 k of the norm's weights: 8 rows of 17,066
+/// inputs).
 const STEP_SHARED_MAX: usize = 200 * 1024;
 
 /// The bytes of shared memory `bitlinear_step` takes for `rows` rows of `k` inputs.
 fn step_shared_bytes(rows: usize, k: usize) -> usize {
-    rows * k + 2 * k
+    rows * k + 4 * k
 }
 
 /// Whether [`try_bitlinear_step`] takes `rows` rows of `k` inputs on `x`'s device: bf16 on CUDA, at most
