@@ -461,21 +461,22 @@ mod fused {
     /// it: `n` launches captured as one CUDA graph, replayed.
     fn graph_us(n: usize, f: &dyn Fn()) -> f64 {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        let Device::Cuda(dev) = gpu() else { unreachable!("gpu() is a CUDA device") };
+        let device = gpu();
+        let Device::Cuda(dev) = &device else { unreachable!("gpu() is a CUDA device") };
         f();
-        dev.synchronize().unwrap();
+        device.synchronize().unwrap();
         let stream = dev.cuda_stream();
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
         (0..n).for_each(|_| f());
         let flags = CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
         let graph = stream.end_capture(flags).unwrap().expect("the capture recorded the launches");
         graph.launch().unwrap();
-        dev.synchronize().unwrap();
+        device.synchronize().unwrap();
         let start = std::time::Instant::now();
         for _ in 0..10 {
             graph.launch().unwrap();
         }
-        dev.synchronize().unwrap();
+        device.synchronize().unwrap();
         start.elapsed().as_secs_f64() / (10 * n) as f64 * 1e6
     }
 
