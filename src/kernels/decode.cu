@@ -92,15 +92,13 @@ struct BitLinearStep {
 // warps, ...: a lane reads the codes' words lane, lane + 32, ... of the output's row, STEP_WORDS at a time,
 // the next batch loaded before the current is used (the first before the norm), and multiplies 4 weights
 // by 4 inputs a dp4a: codes c = t + 1 give sum_i c_i q_i, from which sum_i q_i is taken. The sums are exact
-// integers. Dynamic shared memory: rows k bytes of int8 inputs, then 2 k bytes for a row's normed values and
-// 2 k for the norm's weights.
+// integers. Dynamic shared memory: rows k bytes of int8 inputs, then 2 k bytes for a row's normed values.
 extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(const BitLinearStep p) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int qsum[GEMV_ROWS];
     __shared__ float qscale[GEMV_ROWS];
     signed char* q8 = reinterpret_cast<signed char*>(smem);
     bf16* stage = reinterpret_cast<bf16*>(smem + (size_t)p.rows * p.k);
-    bf16* norm = stage + p.k;
     int t = threadIdx.x, lane = t % 32, words = p.k / 16;
     int batches = (words + 32 * STEP_WORDS - 1) / (32 * STEP_WORDS);
     int first = blockIdx.x * STEP_WARPS + t / 32, stride = gridDim.x * STEP_WARPS;
@@ -135,19 +133,13 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
 #pragma unroll
             for (int e = 0; e < 8; e++) ss += v[e] * v[e];
             store8(stage + i, v);
-            if (r == 0) {
-                // The norm's weights, loaded with the first row (one round trip less before the product).
-                float wv[8];
-                load_weights(p.norm, i, wv);
-                store8(norm + i, wv);
-            }
         }
         float rr = p.norm ? 1.f / sqrtf(block_reduce(ss, Sum()) * inv_k + p.eps) : 1.f;
         float amax = 0.f;
         for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
             float v[8], wv[8];
             load8(stage + i, v);
-            load8(norm + i, wv);
+            load_weights(p.norm, i, wv);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 v[e] = round_bf16(v[e] * rr * wv[e]);
@@ -304,22 +296,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     }
     __syncthreads();
 
-    // The values' chunks this thread multiplies in p v below (chunk ch of columns cg, cg + groups, ...: at
-    // most 8, d <= 256), loaded now so that they arrive while the scores and the softmax run.
-    int n = min(SPLIT, col + 1 - lo), chunks = d / 8;
-    int groups = ATTN_THREADS / chunks, cg = t / chunks, ch = t % chunks;
-    uint4 vr[8];
-#pragma unroll
-    for (int it = 0; it < 8; it++) {
-        int j = cg + groups * it, c = lo + j;
-        if (cg < groups && j < n) {
-            const bf16* vc = c == col ? kv_new + d : v_cache + head_base + (size_t)c * d;
-            vr[it] = *reinterpret_cast<const uint4*>(vc + 8 * ch);
-        }
-    }
-
     // Scores: column j of the split takes threads 4j..4j+3, each the 16-byte chunks part, part + 4, ... of its
     // key, all loaded before any is used.
+    int n = min(SPLIT, col + 1 - lo), chunks = d / 8;
     bool hidden_query = m.hides(col);
     float inv_sqrt_d = round_bf16(1.f / sqrtf((float)d));
     {
@@ -374,10 +353,20 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     }
     __syncthreads();
 
-    // p v: thread (cg, ch) takes chunk ch of the values of columns cg, cg + groups, ... (loaded with the
-    // keys, above); then the column groups' sums are added in shared memory.
+    // p v: thread (cg, ch) takes chunk ch of the values of columns cg, cg + groups, ... (at most 8: d <= 256),
+    // loaded before any is used; then the column groups' sums are added in shared memory.
+    int groups = ATTN_THREADS / chunks, cg = t / chunks, ch = t % chunks;
     if (cg < groups) {
         float acc[GROUP_MAX][8] = {};
+        uint4 vr[8];
+#pragma unroll
+        for (int it = 0; it < 8; it++) {
+            int j = cg + groups * it, c = lo + j;
+            if (j < n) {
+                const bf16* vc = c == col ? kv_new + d : v_cache + head_base + (size_t)c * d;
+                vr[it] = *reinterpret_cast<const uint4*>(vc + 8 * ch);
+            }
+        }
 #pragma unroll
         for (int it = 0; it < 8; it++) {
             int j = cg + groups * it;
@@ -417,8 +406,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 
     // The last of the active splits' blocks to finish joins them (the others' writes are seen: each fenced
     // them before counting itself): a warp a head finds the largest max and the weighted sum of the sums, its
-    // lanes over the splits, then each thread an element's weighted sum over the splits, sixteen splits' loads
-    // in flight at a time (one at a time, the join's chains of L2 reads took 5 of the kernel's 27 us).
+    // lanes over the splits, then each thread an element's weighted sum over the splits, eight splits' loads
+    // in flight at a time (one at a time, the join's chains of L2 reads were most of the kernel's 27 us).
     __threadfence();
     __syncthreads();
     if (t == 0) {
@@ -446,7 +435,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         int g = i / d, e = i % d;
         const float* part = partial + ((size_t)r * heads + h0 + g) * splits * (d + 2);
         float top = stat_m[g], num = 0.f;
-#pragma unroll 16
+#pragma unroll 8
         for (int s = 0; s < active; s++) {
             float ms = __ldcg(part + (size_t)s * (d + 2) + d), v = __ldcg(part + (size_t)s * (d + 2) + e);
             num += ms == -INFINITY ? 0.f : v * expf(ms - top);

@@ -646,6 +646,8 @@ impl BitNet {
                 // graph captured now holds.
                 let (heads, dim) = (self.cfg.num_kv_heads(), self.cfg.head_dim());
                 cache.make_room_all(1, (b, heads, dim), &self.embed_tokens)?;
+                let counts = crate::kernels::decode::join_counts(b, self.cfg.num_attention_heads, heads);
+                cache.join_counts(counts, &self.embed_tokens)?;
                 let key = cache.layout_key(b)?;
                 let compute = |ids: &Tensor, meta: &Tensor| {
                     let at = Positions::Step { meta: meta.clone(), inv_freq: inv_freq.clone() };

@@ -235,11 +235,18 @@ impl KvCache {
         like: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         self.make_room(layer, 1, (rows, heads, dim), like)?;
+        let join = self.join_counts(counts, like)?;
+        let (k, v) = self.layers[layer].clone().expect("allocated above");
+        Ok((k, v, join))
+    }
+
+    /// The decode attention's join counts, at least `counts` of them (made, zero, when there are fewer): made
+    /// before a step's [`KvCache::layout_key`], which holds their address.
+    pub(super) fn join_counts(&mut self, counts: usize, like: &Tensor) -> Result<Tensor> {
         if self.join.as_ref().is_none_or(|j| j.elem_count() < counts) {
             self.join = Some(Tensor::zeros(counts, candle_core::DType::U32, like.device())?);
         }
-        let (k, v) = self.layers[layer].clone().expect("allocated above");
-        Ok((k, v, self.join.clone().expect("allocated above")))
+        Ok(self.join.clone().expect("made above"))
     }
 
     /// What a decoding step's graph depends on (`model::step_graph`): the rows, the buffers' width and every
