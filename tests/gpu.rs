@@ -457,6 +457,55 @@ mod fused {
         assert!(try_bitlinear_step(&step).unwrap().is_none());
     }
 
+    /// Random inputs of a decoding step's attention: `rows` rows of the stacked q, k, v projection (`heads`
+    /// query heads, `kv_heads` for keys and values, of `d`), caches `width` columns wide, RoPE's inverse
+    /// frequencies (base 10,000) and zero join counts.
+    struct AttentionInputs {
+        qkv: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        inv_freq: Tensor,
+        done: Tensor,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        width: usize,
+    }
+
+    impl AttentionInputs {
+        fn new(rows: usize, heads: usize, kv_heads: usize, d: usize, width: usize) -> Self {
+            use bessie::kernels::decode::join_counts;
+            let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
+            Self {
+                qkv: randn(&[rows, (heads + 2 * kv_heads) * d], DType::BF16),
+                k_cache: randn(&[rows, kv_heads, width, d], DType::BF16),
+                v_cache: randn(&[rows, kv_heads, width, d], DType::BF16),
+                inv_freq: Tensor::new(inv.as_slice(), &gpu()).unwrap(),
+                done: Tensor::zeros(join_counts(rows, heads, kv_heads), DType::U32, &gpu()).unwrap(),
+                heads,
+                kv_heads,
+                d,
+                width,
+            }
+        }
+
+        /// The step over these inputs with `meta` (`DecodeAttention::meta`).
+        fn step<'a>(&'a self, meta: &'a Tensor) -> bessie::kernels::shapes::DecodeAttention<'a> {
+            bessie::kernels::shapes::DecodeAttention {
+                qkv: &self.qkv,
+                k_cache: &self.k_cache,
+                v_cache: &self.v_cache,
+                done: &self.done,
+                meta,
+                inv_freq: &self.inv_freq,
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                head_dim: self.d,
+                width: self.width,
+            }
+        }
+    }
+
     /// Microseconds per launch of `f` (which launches one kernel on the GPU's stream) as a decoding step runs
     /// it: `n` launches captured as one CUDA graph, replayed.
     fn graph_us(n: usize, f: &dyn Fn()) -> f64 {
@@ -486,8 +535,8 @@ mod fused {
     #[test]
     #[ignore = "a timing; run with --ignored"]
     fn decode_kernels_timing() {
-        use bessie::kernels::decode::{join_counts, pack_ternary, try_bitlinear_step, try_decode_attention};
-        use bessie::kernels::shapes::{BitLinearStep, DecodeAttention};
+        use bessie::kernels::decode::{pack_ternary, try_bitlinear_step, try_decode_attention};
+        use bessie::kernels::shapes::BitLinearStep;
         let shapes: [(&str, usize, usize, Option<Activation>); 8] = [
             ("large qkv", 4608, 1536, None),
             ("large o", 1536, 1536, None),
@@ -526,24 +575,8 @@ mod fused {
             let width = 2048;
             let meta: Vec<u32> = [col as u32, 0, 0, 0, 0, col as u32].to_vec();
             let meta = Tensor::from_vec(meta, 6, &gpu()).unwrap();
-            let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
-            let inv_freq = Tensor::new(inv.as_slice(), &gpu()).unwrap();
-            let qkv = randn(&[1, (heads + 2 * kv_heads) * d], DType::BF16);
-            let (k_cache, v_cache) =
-                (randn(&[1, kv_heads, width, d], DType::BF16), randn(&[1, kv_heads, width, d], DType::BF16));
-            let done = Tensor::zeros(join_counts(1, heads, kv_heads), DType::U32, &gpu()).unwrap();
-            let step = DecodeAttention {
-                qkv: &qkv,
-                k_cache: &k_cache,
-                v_cache: &v_cache,
-                done: &done,
-                meta: &meta,
-                inv_freq: &inv_freq,
-                heads,
-                kv_heads,
-                head_dim: d,
-                width,
-            };
+            let inputs = AttentionInputs::new(1, heads, kv_heads, d, width);
+            let step = inputs.step(&meta);
             let us = graph_us(50, &|| drop(try_decode_attention(&step).unwrap().expect("takes it")));
             println!("decode attention {name} ({heads}/{kv_heads} heads of {d}) over {} columns: {us:.2} us", col + 1);
         }
@@ -558,8 +591,7 @@ mod fused {
     /// one split.
     #[test]
     fn decode_attention_matches_reference() {
-        use bessie::kernels::decode::{join_counts, try_decode_attention};
-        use bessie::kernels::shapes::DecodeAttention;
+        use bessie::kernels::decode::try_decode_attention;
         use candle_core::D;
         for (heads, kv_heads, d, col) in
             [(20, 5, 128, 600), (16, 16, 96, 100), (8, 2, 256, 300), (32, 2, 64, 70), (4, 4, 16, 20)]
@@ -579,25 +611,10 @@ mod fused {
                 .chain([first as u32, col as u32])
                 .collect();
             let meta = Tensor::from_vec(meta, 4 * rows + 2, &gpu()).unwrap();
-            let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
-            let inv_freq = Tensor::new(inv.as_slice(), &gpu()).unwrap();
-            let qkv = randn(&[rows, (heads + 2 * kv_heads) * d], DType::BF16);
-            let k_cache = randn(&[rows, kv_heads, width, d], DType::BF16);
-            let v_cache = randn(&[rows, kv_heads, width, d], DType::BF16);
+            let inputs = AttentionInputs::new(rows, heads, kv_heads, d, width);
+            let AttentionInputs { qkv, k_cache, v_cache, inv_freq, done, .. } = &inputs;
             let (k_before, v_before) = (k_cache.copy().unwrap(), v_cache.copy().unwrap());
-            let done = Tensor::zeros(join_counts(rows, heads, kv_heads), DType::U32, &gpu()).unwrap();
-            let step = DecodeAttention {
-                qkv: &qkv,
-                k_cache: &k_cache,
-                v_cache: &v_cache,
-                done: &done,
-                meta: &meta,
-                inv_freq: &inv_freq,
-                heads,
-                kv_heads,
-                head_dim: d,
-                width,
-            };
+            let step = inputs.step(&meta);
             let got = try_decode_attention(&step).unwrap().expect("the kernel takes it");
             // The join counts are back at zero, so the next layer's launch reuses them: it gives the same.
             let counts: Vec<u32> = done.to_vec1().unwrap();
@@ -626,7 +643,7 @@ mod fused {
                 .slice_assign(&[0..rows, 0..kv_heads, col..col + 1, 0..d], &v_new.contiguous().unwrap())
                 .unwrap();
             // The same roundings (a sum of two bf16 products rounded twice may differ, rarely).
-            let (mk, mv) = (mismatched(&k_cache, &k_want), mismatched(&v_cache, &v_want));
+            let (mk, mv) = (mismatched(k_cache, &k_want), mismatched(v_cache, &v_want));
             assert!(mk < 1e-3 && mv == 0.0, "the cache's new keys differ at {mk}, values at {mv}");
             let repeat = |t: &Tensor| {
                 let t = t.narrow(2, first, col + 1 - first).unwrap();
