@@ -7,6 +7,17 @@ mod common;
 use bessie::model::KvCache;
 use candle_core::{Device, Tensor};
 
+/// The checkout whose files the tests read (configs, reference scripts): `BESSIE_CHECKOUT` where set (a test
+/// binary built on another machine and run on a GPU machine's copy of the checkout), else this one.
+fn checkout() -> std::path::PathBuf {
+    std::env::var_os("BESSIE_CHECKOUT").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
+
+/// The `bessie-train` the tests run: `BESSIE_TRAIN` where set (as [`checkout`]), else the one built beside them.
+fn bessie_train() -> std::path::PathBuf {
+    std::env::var_os("BESSIE_TRAIN").map_or_else(|| env!("CARGO_BIN_EXE_bessie-train").into(), Into::into)
+}
+
 fn logits(dir: &std::path::Path, device: &Device, ids: &[u32]) -> Vec<f32> {
     let model = bessie::model::load(dir, device).unwrap();
     let x = Tensor::new(ids, device).unwrap().unsqueeze(0).unwrap();
@@ -134,9 +145,9 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     use bessie::tokenizer::template::{ChatTemplate, Message, TemplateChoice};
     use bessie::tokenizer::Tokenizer;
     let gpu = Device::new_cuda(0).expect("a CUDA device");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = checkout();
     let out = tempfile::tempdir().unwrap();
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_bessie-train"))
+    let run = std::process::Command::new(bessie_train())
         .arg("--config")
         .arg(root.join("configs/tiny.toml"))
         .args(["--set", "train.device=cuda", "--set", "train.max_steps=300", "--set", "log.dev_every=0"])
@@ -267,7 +278,7 @@ fn cuda_bf16_forward_matches_transformers() {
         bessie::export::hf_bitnet::write(&packed, &source, candle_core::DType::BF16).unwrap();
         dirs.extend([latent, packed]);
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/hf_logits.py");
+    let script = checkout().join("tests/reference/hf_logits.py");
     let run = std::process::Command::new("python3")
         .arg(script)
         .args([serde_json::to_string(&ids).unwrap(), "0".into()])
