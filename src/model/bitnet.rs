@@ -12,7 +12,7 @@ use super::step_graph::StepGraphs;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
-use crate::kernels::shapes::{BitLinearStep, DecodeAttention, HeadShape};
+use crate::kernels::shapes::{BitLinearStep, DecodeAttention, HeadShape, GEMV_ROWS};
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// How a BitLinear layer holds its ternary weight.
@@ -109,10 +109,21 @@ impl Quantized {
     fn of(x: &Tensor, norm: Option<&RmsNorm>, glu: Option<Activation>) -> Result<Self> {
         let width = x.dim(D::Minus1)?;
         let c = if glu.is_some() { width / 2 } else { width };
-        match crate::kernels::decode::takes_step(x, x.elem_count() / width.max(1), c) {
-            true => Ok(Self::Deferred { x: x.clone(), norm: norm.cloned(), glu }),
-            false => Self::now(x, norm, glu),
+        let rows = x.elem_count() / width.max(1);
+        if crate::kernels::decode::takes_step(x, rows, c) {
+            return Ok(Self::Deferred { x: x.clone(), norm: norm.cloned(), glu });
         }
+        if x.device().is_cuda() && rows <= GEMV_ROWS {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "note: the decoding step's BitLinear kernel does not take this model's rows of {c} inputs (a \
+                     multiple of 16 that fits its shared memory), or BESSIE_UNFUSED is set; a step's products run \
+                     as a norm kernel and a bf16 matrix-vector product, slower"
+                )
+            });
+        }
+        Self::now(x, norm, glu)
     }
 
     /// [`Quantized::of`] computed now: by the CUDA norm kernel where it applies, else by candle ops.
