@@ -120,15 +120,11 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
     for (int r = 0; r < p.rows; r++) {
         float ss = 0.f;
         for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
-            float v[8];
+            float v[8], g[8], u[8];
             if (p.act >= 0) {
-                float g[8], u[8];
-                load8(p.x + (size_t)r * 2 * p.k + i, g);
-                load8(p.x + (size_t)r * 2 * p.k + p.k + i, u);
-#pragma unroll
-                for (int e = 0; e < 8; e++) v[e] = glu_h(p.act, g[e], u[e]);
+                load_input<true>(p.x, r, i, p.k, 0, 0, p.act, v, g, u);
             } else {
-                load8(p.x + (size_t)r * p.k + i, v);
+                load_input<false>(p.x, r, i, p.k, 0, 0, p.act, v, g, u);
             }
 #pragma unroll
             for (int e = 0; e < 8; e++) ss += v[e] * v[e];
@@ -147,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
             }
             store8(stage + i, v);
         }
-        float scale = fmaxf(block_reduce(amax, Max()), 1e-5f) * (1.f / 127.f);
+        float scale = int8_scale(block_reduce(amax, Max()));
         int sum = 0;
         for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
             float v[8];
@@ -155,7 +151,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
             unsigned packed[2] = {0u, 0u};
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                int q = (int)fminf(fmaxf(roundf(__fdividef(v[e], scale)), -128.f), 127.f);
+                int q = (int)int8_code(v[e], scale);
                 sum += q;
                 packed[e / 4] |= (unsigned)(q & 0xff) << (8 * (e % 4));
             }

@@ -113,9 +113,9 @@ pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) ->
 }
 
 /// The most blocks of `threads` (and `shared` bytes of dynamic shared memory) of kernel `name` that the card
-/// runs at once: the blocks an SM holds (as the kernel's registers and shared memory allow) times the SMs. Kernels that stride over uniform rows launch no
-/// more: with 1024 blocks where 792 fit, the RMSNorm backward ran a second wave on 30% of the card (60% of the
-/// memory's bandwidth overall, H100).
+/// runs at once: the blocks an SM holds (as the kernel's registers and shared memory allow) times the SMs.
+/// Kernels that stride over uniform rows launch no more: with 1024 blocks where 792 fit, the RMSNorm backward
+/// ran a second wave on 30% of the card (60% of the memory's bandwidth overall, H100).
 pub(crate) fn one_wave(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32, shared: u32) -> Result<usize> {
     use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
     let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;

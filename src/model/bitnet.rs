@@ -202,7 +202,9 @@ impl Stacked {
     }
 
     /// The stacked outputs `[.., sum of outputs]` for the quantized input, plus `residual` where given. A
-    /// decoding step's few rows take the matrix-vector kernel, which adds the residual as it writes.
+    /// decoding step's few rows (a deferred input) take the step's BitLinear kernel, which norms and quantizes
+    /// them and adds the residual as it writes; where it declines, the norm kernel and the matrix-vector
+    /// kernel.
     fn forward(&self, input: &Quantized, residual: Option<&Tensor>) -> Result<Tensor> {
         let y = match input {
             Quantized::Deferred { x, norm, glu } => {
