@@ -53,6 +53,24 @@ __device__ __forceinline__ float blend(float x, float q, float lambda) {
     return x + (q - x) * lambda;
 }
 
+// Programmatic dependent launch (Hopper on; no-ops before it, and for a kernel launched without it):
+// `let_next_start` lets the stream's next kernel launched with it (kernels::launch's `Overlap::Early`) start its
+// blocks where the card has room, and `wait_for_inputs` holds a kernel until the grids before it finished and
+// their writes are seen. Before the wait a kernel may only read what no kernel of the step writes (weights, the
+// KV cache's earlier columns) and write nothing: whatever it reads after may still be being written.
+__device__ __forceinline__ void let_next_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_inputs() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Asks the memory for the 128-byte line at `p` into L2 without waiting for it: a later load of it is an L2 hit.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 #define GRID_STRIDE(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 

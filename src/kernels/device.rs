@@ -16,20 +16,96 @@ macro_rules! ptx {
 pub(crate) use ptx;
 
 /// Launches kernel `$name` of module `$ptx` on `$dev`'s stream with the given arguments (each a value
-/// the kernel takes by copy: device addresses as `u64`, scalars as `i32`/`u64`/`f32`).
+/// the kernel takes by copy: device addresses as `u64`, scalars as `i32`/`u64`/`f32`, or a `#[repr(C)]`
+/// parameter struct), after the stream's previous work ([`Overlap::None`], the default) or overlapping it
+/// ([`Overlap::Early`]).
 macro_rules! launch {
-    ($dev:expr, $ptx:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        use cudarc::driver::PushKernelArg as _;
+    ($dev:expr, $ptx:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {
+        launch!($dev, $ptx, $name, $cfg, crate::kernels::Overlap::None; $($arg),*)
+    };
+    ($dev:expr, $ptx:expr, $name:expr, $cfg:expr, $overlap:expr; $($arg:expr),* $(,)?) => {{
         let func = $dev.get_or_load_custom_func($name, $ptx.0, $ptx.1)?;
-        let mut builder = func.builder();
-        $( let arg = $arg; builder.arg(&arg); )*
+        let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
+        // Each `arg` lives to the end of this block (shadowed, not dropped): the pointers stay valid.
+        $( let arg = $arg; params.push(crate::kernels::param(&arg)); )*
         // SAFETY: the arguments match the kernel's signature in the .cu file, and every address points into
         // a live tensor of the size the kernel indexes.
-        unsafe { builder.launch($cfg) }
+        unsafe { crate::kernels::launch_kernel(&$dev, &func, $cfg, &mut params, $overlap) }
             .map_err(|e| candle_core::Error::Msg(format!("launching {}: {e:?}", $name)))?;
     }};
 }
 pub(crate) use launch;
+
+/// A kernel parameter: the address of an argument the kernel takes by copy (a plain value, [`DeviceRepr`]).
+///
+/// [`DeviceRepr`]: cudarc::driver::DeviceRepr
+pub(crate) fn param<T: cudarc::driver::DeviceRepr>(arg: &T) -> *mut std::ffi::c_void {
+    (arg as *const T).cast_mut().cast()
+}
+
+/// How a launch is ordered after the stream's previous kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlap {
+    /// After it has finished: every kernel that reads its inputs from its first instruction.
+    None,
+    /// Programmatic dependent launch (compute capability 9.0 on; elsewhere, or with `BESSIE_PDL=0`, as
+    /// `None`): the kernel's blocks may start once the previous kernel let them (`let_next_start` in
+    /// `common.cuh`) and read its weights while that one finishes; it waits (`wait_for_inputs`) before it
+    /// reads anything a kernel of the stream writes. Only for kernels written so.
+    Early,
+}
+
+/// Whether `dev` launches [`Overlap::Early`] kernels early: compute capability 9.0 on, and not turned off by
+/// `BESSIE_PDL=0` (to measure what it gains, or to rule it out when hunting a bug).
+fn early_launches(dev: &CudaDevice) -> bool {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("BESSIE_PDL").is_ok_and(|v| v == "0"));
+    !off && dev
+        .cuda_stream()
+        .context()
+        .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .is_ok_and(|major| major >= 9)
+}
+
+/// Launches `func` on `dev`'s stream with the kernel parameters `params` (pointers to each argument), as
+/// `overlap` orders it (`cuLaunchKernelEx`, whose programmatic serialization attribute cudarc's safe launch
+/// does not take). Kernel launches of [`launch!`] only.
+///
+/// # Safety
+/// `params` must match the kernel's signature and point at live arguments; the kernel must be written for
+/// `overlap`.
+pub(crate) unsafe fn launch_kernel(
+    dev: &CudaDevice,
+    func: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+    overlap: Overlap,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread()?;
+    let mut early = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
+    };
+    let attrs = overlap == Overlap::Early && early_launches(dev);
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: if attrs { &mut early } else { std::ptr::null_mut() },
+        numAttrs: u32::from(attrs),
+    };
+    // SAFETY: as the caller promises; `config` and `early` outlive the call.
+    unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()
+}
 
 /// `BESSIE_UNFUSED=1` runs the candle-op references on the GPU too: to compare the two paths on one card
 /// (the loss-curve check in BENCHMARKS.md) or to rule a kernel out when hunting a bug.
