@@ -440,6 +440,7 @@ mod fused {
                     codes: &codes,
                     scales: &scales,
                     residual: Some(&residual),
+                    out: None,
                 };
                 let got = try_bitlinear_step(&step).unwrap().expect("the kernel takes it");
                 let rows2 = x.reshape((rows, width)).unwrap();
@@ -452,10 +453,13 @@ mod fused {
                 // multiplies the codes times the scale rounded to bf16: about 2^-9 relative apart per input.
                 assert!(e < 5e-3, "{rows} x {k} -> {n}: {e}");
                 // Without the residual, the branch alone: the same check where it is not dwarfed by the
-                // residual's magnitude.
-                let alone = try_bitlinear_step(&BitLinearStep { residual: None, ..step }).unwrap().expect("takes it");
-                let e = rel_l2(&alone, &plain.reshape((rows, 1, n)).unwrap());
+                // residual's magnitude; written into a buffer given (a captured step's).
+                let buffer = Tensor::zeros((rows, 1, n), DType::BF16, &gpu()).unwrap();
+                let alone = BitLinearStep { residual: None, out: Some(&buffer), ..step };
+                let alone = try_bitlinear_step(&alone).unwrap().expect("takes it");
+                let e = rel_l2(&buffer, &plain.reshape((rows, 1, n)).unwrap());
                 assert!(e < 5e-3, "{rows} x {k} -> {n} without the residual: {e}");
+                assert_eq!(mismatched(&alone, &buffer), 0.0, "the output is the buffer given");
             }
         }
         // Nine rows are a GEMM's work.
@@ -463,8 +467,8 @@ mod fused {
         let t = t.round().unwrap().clamp(-1f32, 1f32).unwrap().to_dtype(DType::BF16).unwrap();
         let codes = pack_ternary(&t).unwrap().expect("packs");
         let scales = randn(&[64], DType::BF16);
-        let step =
-            BitLinearStep { x: &x, norm: None, eps: 1e-6, glu: None, codes: &codes, scales: &scales, residual: None };
+        let (scales, codes) = (&scales, &codes);
+        let step = BitLinearStep { x: &x, norm: None, eps: 1e-6, glu: None, codes, scales, residual: None, out: None };
         assert!(try_bitlinear_step(&step).unwrap().is_none());
     }
 
@@ -513,6 +517,8 @@ mod fused {
                 kv_heads: self.kv_heads,
                 head_dim: self.d,
                 width: self.width,
+                out: None,
+                partial: None,
             }
         }
     }
@@ -572,10 +578,18 @@ mod fused {
                 codes: &codes,
                 scales: &scales,
                 residual: Some(&residual),
+                out: None,
             };
             let us = graph_us(50, &|| drop(try_bitlinear_step(&step).unwrap().expect("takes it")));
-            let gbs = (n * k / 4) as f64 / us / 1e3;
-            println!("bitlinear step {name} ({k} -> {n}): {us:.2} us, packed weights at {gbs:.0} GB/s");
+            // Into one buffer, as a captured step runs (no allocation node between the launches).
+            let buffer = Tensor::zeros((1, 1, n), DType::BF16, &gpu()).unwrap();
+            let into = BitLinearStep { out: Some(&buffer), ..step };
+            let us_into = graph_us(50, &|| drop(try_bitlinear_step(&into).unwrap().expect("takes it")));
+            let gbs = (n * k / 4) as f64 / us_into / 1e3;
+            println!(
+                "bitlinear step {name} ({k} -> {n}): {us:.2} us, into a buffer {us_into:.2} us, packed weights at \
+                 {gbs:.0} GB/s"
+            );
         }
         for (name, heads, kv_heads, d, col) in [
             ("large", 16, 16, 96, 439),
@@ -589,7 +603,16 @@ mod fused {
             let inputs = AttentionInputs::new(1, heads, kv_heads, d, width);
             let step = inputs.step(&meta);
             let us = graph_us(50, &|| drop(try_decode_attention(&step).unwrap().expect("takes it")));
-            println!("decode attention {name} ({heads}/{kv_heads} heads of {d}) over {} columns: {us:.2} us", col + 1);
+            let out = Tensor::zeros((1, heads * d), DType::BF16, &gpu()).unwrap();
+            let partial = bessie::kernels::decode::partial_len(1, heads, d, width);
+            let partial = Tensor::zeros(partial, DType::F32, &gpu()).unwrap();
+            let into = bessie::kernels::shapes::DecodeAttention { out: Some(&out), partial: Some(&partial), ..step };
+            let us_into = graph_us(50, &|| drop(try_decode_attention(&into).unwrap().expect("takes it")));
+            println!(
+                "decode attention {name} ({heads}/{kv_heads} heads of {d}) over {} columns: {us:.2} us, into \
+                 buffers {us_into:.2} us",
+                col + 1
+            );
         }
     }
 
@@ -603,6 +626,7 @@ mod fused {
     #[test]
     fn decode_attention_matches_reference() {
         use bessie::kernels::decode::try_decode_attention;
+        use bessie::kernels::shapes::DecodeAttention;
         use candle_core::D;
         for (heads, kv_heads, d, col) in
             [(20, 5, 128, 600), (16, 16, 96, 100), (8, 2, 256, 300), (32, 2, 64, 70), (4, 4, 16, 20)]
@@ -630,8 +654,13 @@ mod fused {
             // The join counts are back at zero, so the next layer's launch reuses them: it gives the same.
             let counts: Vec<u32> = done.to_vec1().unwrap();
             assert!(counts.iter().all(|&c| c == 0), "join counts left at {counts:?}");
-            let again = try_decode_attention(&step).unwrap().expect("the kernel takes it");
-            assert_eq!(mismatched(&again, &got), 0.0, "a second launch on the same counts");
+            // Into buffers given (a captured step's), as a fresh launch.
+            use bessie::kernels::decode::partial_len;
+            let out = Tensor::zeros((rows, heads * d), DType::BF16, &gpu()).unwrap();
+            let partial = Tensor::zeros(partial_len(rows, heads, d, width), DType::F32, &gpu()).unwrap();
+            let into = DecodeAttention { out: Some(&out), partial: Some(&partial), ..inputs.step(&meta) };
+            try_decode_attention(&into).unwrap().expect("the kernel takes it");
+            assert_eq!(mismatched(&out, &got), 0.0, "a second launch on the same counts, into buffers given");
 
             // The reference, as model::bitnet's attention computes it.
             let positions: Vec<f32> = spans.iter().map(|&sp| position(sp, col as u32) as f32).collect();

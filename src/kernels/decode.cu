@@ -92,10 +92,13 @@ struct BitLinearStep {
 // warps, ...: a lane reads the codes' words lane, lane + 32, ... of the output's row, STEP_WORDS at a time,
 // the next batch loaded before the current is used (the first before the norm), and multiplies 4 weights
 // by 4 inputs a dp4a: codes c = t + 1 give sum_i c_i q_i, from which sum_i q_i is taken. The sums are exact
-// integers. Dynamic shared memory: rows k bytes of int8 inputs, then 2 k bytes for a row's normed values.
+// integers. Launched to start before the previous kernel has finished (programmatic dependent launch), a
+// block asks its weights into L2 and loads its first batch before it waits for its input. Dynamic shared
+// memory: rows k bytes of int8 inputs, then 2 k bytes for a row's normed values.
 extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(const BitLinearStep p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int qsum[GEMV_ROWS];
+    // Each row's sum of codes, by warp (added up in the epilogue: no block reduction), and its scale.
+    __shared__ int qsum[GEMV_ROWS][STEP_WARPS];
     __shared__ float qscale[GEMV_ROWS];
     signed char* q8 = reinterpret_cast<signed char*>(smem);
     bf16* stage = reinterpret_cast<bf16*>(smem + (size_t)p.rows * p.k);
@@ -112,8 +115,27 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
         for (int u = 0; u < STEP_WORDS; u++) w[u] = base + 32 * u < words ? __ldg(row + base + 32 * u) : 0u;
         return true;
     };
+    // Before the previous kernel has finished (programmatic dependent launch): this warp's rows of codes asked
+    // into L2 (its later batches hit it) and its first batch into registers; then the input, once written.
+    let_next_start();
+    for (int o = first; o < p.n; o += stride) {
+        const unsigned* row = p.codes + (size_t)o * words;
+        for (int i = 32 * lane; i < words + 31; i += 32 * 32) prefetch_l2(row + min(i, words - 1));
+    }
     unsigned w[STEP_WORDS];
     bool more = load(0, w);
+    wait_for_inputs();
+    // What lane 0 adds to an output's sum (its weight scale and residuals), loaded with the output's first
+    // batch (the first output's here, in flight during the norm): no round trip after the sum.
+    float out_scale = 0.f, out_res[GEMV_ROWS] = {};
+    auto load_epilogue = [&](int o, float& sc, float (&res)[GEMV_ROWS]) {
+        if (lane != 0 || o >= p.n) return;
+        sc = f32(p.scale[o]);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+            if (r < p.rows) res[r] = p.residual ? f32(p.residual[(size_t)r * p.n + o]) : 0.f;
+    };
+    load_epilogue(first, out_scale, out_res);
 
     // The rows normed and quantized: a thread takes the 8-channel vectors t, t + blockDim.x, ... of each row.
     float inv_k = 1.f / p.k;
@@ -157,8 +179,9 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
             }
             *reinterpret_cast<uint2*>(q8 + (size_t)r * p.k + i) = make_uint2(packed[0], packed[1]);
         }
-        sum = block_reduce(sum, Sum());
-        if (t == 0) qsum[r] = sum, qscale[r] = scale;
+        sum = __reduce_add_sync(0xffffffff, sum);
+        if (lane == 0) qsum[r][t / 32] = sum;
+        if (t == 0) qscale[r] = scale;
     }
     __syncthreads();
 
@@ -170,6 +193,8 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
         for (int u = 0; u < STEP_WORDS; u++) cur[u] = w[u];
         int o = first + (b / batches) * stride, base = (b % batches) * 32 * STEP_WORDS + lane;
         more = load(b + 1, w);
+        float next_scale = 0.f, next_res[GEMV_ROWS] = {};
+        if ((b + 1) % batches == 0) load_epilogue(o + stride, next_scale, next_res);
 #pragma unroll
         for (int u = 0; u < STEP_WORDS; u++) {
             int i = base + 32 * u;
@@ -193,12 +218,17 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
             int s = __reduce_add_sync(0xffffffff, acc[r]);
             acc[r] = 0;
             if (lane == 0) {
-                float y = round_bf16((float)(s - qsum[r]) * qscale[r]);
-                y = round_bf16(y * f32(p.scale[o]));
-                if (p.residual) y += f32(p.residual[(size_t)r * p.n + o]);
+                int q = 0;
+#pragma unroll
+                for (int wp = 0; wp < STEP_WARPS; wp++) q += qsum[r][wp];
+                float y = round_bf16((float)(s - q) * qscale[r]);
+                y = round_bf16(y * out_scale) + out_res[r];
                 p.out[(size_t)r * p.n + o] = to_bf16(y);
             }
         }
+        out_scale = next_scale;
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) out_res[r] = next_res[r];
     }
 }
 
@@ -240,13 +270,14 @@ __device__ __forceinline__ void unpack8(const uint4& u, float* out) { load8(rein
 // softmax(q k^T / sqrt(d)) v over the split's columns that the row does not hide (a hidden query, a retired
 // row's, attends to the hidden ones instead, as the reference mask has it): four threads a column compute
 // its scores, a lane a column its softmax, and each thread one 16-byte chunk of V for a few columns its
-// share of the output. With one split holding columns the block writes y; with several, each writes its max,
-// its sum of exponentials and its unnormalized output to `partial` [rows, heads, splits, d + 2] (f32) and the
+// share of the output. With one split holding columns the block writes y; with several, each writes its
+// unnormalized output, its max and its sum of exponentials to `partial` (rows heads splits (d + 2) f32) and the
 // last block of a (row, kv head) to finish (counted in `done`, zero between steps: that block sets it back)
-// joins them: y = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M). qkv [rows, (heads + 2 kv_heads) d] is the
-// stacked projection's output; the caches [rows, kv_heads, width, d]; d <= 256 and a multiple of 8. The
-// reference's scores are bf16, times 1 / sqrt(d) in bf16, and its probabilities bf16: the kernel keeps the
-// first two roundings and takes the probabilities in f32.
+// joins them: y = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M). The blocks start before the projection that
+// feeds them has finished (programmatic dependent launch) and ask their split's cached columns into L2.
+// qkv [rows, (heads + 2 kv_heads) d] is the stacked projection's output; the caches [rows, kv_heads, width, d];
+// d <= 256 and a multiple of 8. The reference's scores are bf16, times 1 / sqrt(d) in bf16, and its
+// probabilities bf16: the kernel keeps the first two roundings and takes the probabilities in f32.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     decode_attention(const bf16* qkv, bf16* k_cache, bf16* v_cache, const unsigned* meta, const float* inv_freq,
                      bf16* y, float* partial, unsigned* done, int heads, int kv_heads, int d, int width) {
@@ -270,31 +301,55 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     const bf16* vh = row + (size_t)(heads + kv_heads + kvh) * d;
     size_t head_base = ((size_t)r * kv_heads + kvh) * width * d;
     bool writes = h0 == kvh * group && (col - first) / SPLIT == split;
-    int half = d / 2;
-    for (int i = t; i < half; i += ATTN_THREADS) {
-        float angle = (float)m.position * inv_freq[i];
-        float c = round_bf16(cosf(angle)), s = round_bf16(sinf(angle));
-        for (int g = 0; g < gb; g++) {
-            const bf16* qh = row + (size_t)(h0 + g) * d;
-            float a = f32(qh[i]), b = f32(qh[i + half]);
+    int half = d / 2, n = min(SPLIT, col + 1 - lo), lines = d / 64 + 1;
+
+    // Before the previous kernel has finished (programmatic dependent launch): the split's cached keys and
+    // values asked into L2 (a line holds 64 elements: a column's elements 0, 64, ... and its last; the new
+    // column's are asked too, which does no harm) and this thread's rotation; then q, k and v once written.
+    let_next_start();
+    for (int i = t; i < 2 * n * lines; i += ATTN_THREADS) {
+        int j = i / 2 / lines, e = min(64 * (i / 2 % lines), d - 1);
+        prefetch_l2((i % 2 ? v_cache : k_cache) + head_base + (size_t)(lo + j) * d + e);
+    }
+    float c = 0.f, s = 0.f;
+    if (t < half) {
+        float angle = (float)m.position * inv_freq[t];
+        c = round_bf16(cosf(angle)), s = round_bf16(sinf(angle));
+    }
+    wait_for_inputs();
+    // d <= 256: a thread rotates at most one pair of each head (elements t and t + d / 2), all its loads in
+    // flight at once.
+    if (t < half) {
+        int i = t;
+        bf16 qa[GROUP_MAX], qb[GROUP_MAX];
+#pragma unroll
+        for (int g = 0; g < GROUP_MAX; g++) {
+            if (g >= gb) break;
+            qa[g] = row[(size_t)(h0 + g) * d + i], qb[g] = row[(size_t)(h0 + g) * d + i + half];
+        }
+        bf16 ka = kh[i], kb = kh[i + half], va = vh[i], vb = vh[i + half];
+#pragma unroll
+        for (int g = 0; g < GROUP_MAX; g++) {
+            if (g >= gb) break;
+            float a = f32(qa[g]), b = f32(qb[g]);
             rope_pair(a, b, c, s);
             q[g * d + i] = a, q[g * d + i + half] = b;
         }
-        float a = f32(kh[i]), b = f32(kh[i + half]);
+        float a = f32(ka), b = f32(kb);
         rope_pair(a, b, c, s);
         kv_new[i] = to_bf16(a), kv_new[i + half] = to_bf16(b);
-        kv_new[d + i] = vh[i], kv_new[d + i + half] = vh[i + half];
+        kv_new[d + i] = va, kv_new[d + i + half] = vb;
         if (writes) {
             size_t at = head_base + (size_t)col * d;
             k_cache[at + i] = to_bf16(a), k_cache[at + i + half] = to_bf16(b);
-            v_cache[at + i] = vh[i], v_cache[at + i + half] = vh[i + half];
+            v_cache[at + i] = va, v_cache[at + i + half] = vb;
         }
     }
     __syncthreads();
 
     // Scores: column j of the split takes threads 4j..4j+3, each the 16-byte chunks part, part + 4, ... of its
     // key, all loaded before any is used.
-    int n = min(SPLIT, col + 1 - lo), chunks = d / 8;
+    int chunks = d / 8;
     bool hidden_query = m.hides(col);
     float inv_sqrt_d = round_bf16(1.f / sqrtf((float)d));
     {
@@ -385,25 +440,29 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         }
     }
     __syncthreads();
+    // The split's output: y itself, or its unnormalized sums to `partial`'s values [rows, heads, splits, d]
+    // and its max and sum of exponentials to the stats that follow them [rows, heads, splits] (f32 pairs).
+    size_t head_split = ((size_t)r * heads + h0) * splits;
+    float2* stats = reinterpret_cast<float2*>(partial + (size_t)rows * heads * splits * d);
     for (int i = t; i < gb * d; i += ATTN_THREADS) {
         float total = 0.f;
         for (int w = 0; w < groups; w++) total += red[w * gb * d + i];
         int g = i / d, e = i % d;
-        size_t h = h0 + g;
         if (active == 1) {
-            y[((size_t)r * heads + h) * d + e] = to_bf16(total / stat_l[g]);
+            y[((size_t)r * heads + h0 + g) * d + e] = to_bf16(total / stat_l[g]);
         } else {
-            float* part = partial + (((size_t)r * heads + h) * splits + split) * (d + 2);
-            part[e] = total;
-            if (e == 0) part[d] = stat_m[g], part[d + 1] = stat_l[g];
+            partial[(head_split + (size_t)g * splits + split) * d + e] = total;
+            if (e == 0) stats[head_split + (size_t)g * splits + split] = make_float2(stat_m[g], stat_l[g]);
         }
     }
     if (active == 1) return;
 
     // The last of the active splits' blocks to finish joins them (the others' writes are seen: each fenced
-    // them before counting itself): a warp a head finds the largest max and the weighted sum of the sums, its
-    // lanes over the splits, then each thread an element's weighted sum over the splits, eight splits' loads
-    // in flight at a time (one at a time, the join's chains of L2 reads were most of the kernel's 27 us).
+    // them before counting itself): y = sum_s o_s w_s with w_s = e^(m_s - M) / sum_s l_s e^(m_s - M). A warp a
+    // head finds M and the denominator in one pass over the stats (each lane with its own running max), the
+    // weights go to shared memory (`red`, whose sums are written), then each thread sums four elements over
+    // the splits, eight splits' loads in flight at a time: few round trips to L2 (one at a time, the join's
+    // chains of reads were most of the kernel).
     __threadfence();
     __syncthreads();
     if (t == 0) {
@@ -414,28 +473,52 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     __syncthreads();
     if (!last) return;
     for (int g = t / 32; g < gb; g += ATTN_THREADS / 32) {
-        const float* part = partial + ((size_t)r * heads + h0 + g) * splits * (d + 2);
-        float top = -INFINITY;
-        for (int s = lane; s < active; s += 32) top = fmaxf(top, __ldcg(part + (size_t)s * (d + 2) + d));
-        for (int off = 16; off > 0; off /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, off));
-        float den = 0.f;
+        const float2* st = stats + head_split + (size_t)g * splits;
+        float top = -INFINITY, den = 0.f;
         for (int s = lane; s < active; s += 32) {
-            float ms = __ldcg(part + (size_t)s * (d + 2) + d);
-            if (ms != -INFINITY) den += __ldcg(part + (size_t)s * (d + 2) + d + 1) * expf(ms - top);
+            float2 ml = __ldcg(st + s);
+            if (ml.x == -INFINITY) continue;
+            float now = fmaxf(top, ml.x);
+            den = den * expf(top - now) + ml.y * expf(ml.x - now);
+            top = now;
         }
+        float all = top;
+        for (int off = 16; off > 0; off /= 2) all = fmaxf(all, __shfl_xor_sync(0xffffffff, all, off));
+        den = top == -INFINITY ? 0.f : den * expf(top - all);
         for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffff, den, off);
-        if (lane == 0) stat_m[g] = top, stat_l[g] = den;
+        if (lane == 0) stat_m[g] = all, stat_l[g] = den;
     }
-    __syncthreads();
-    for (int i = t; i < gb * d; i += ATTN_THREADS) {
-        int g = i / d, e = i % d;
-        const float* part = partial + ((size_t)r * heads + h0 + g) * splits * (d + 2);
-        float top = stat_m[g], num = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < active; s++) {
-            float ms = __ldcg(part + (size_t)s * (d + 2) + d), v = __ldcg(part + (size_t)s * (d + 2) + e);
-            num += ms == -INFINITY ? 0.f : v * expf(ms - top);
+    // A thread's elements: float4 u = t, t + ATTN_THREADS, ... of the group's gb d (at most 4: d <= 256).
+    float4 num[GROUP_MAX * 256 / 4 / ATTN_THREADS] = {};
+    int cap = 8192 / gb;
+    for (int s0 = 0; s0 < active; s0 += cap) {
+        int count = min(cap, active - s0);
+        __syncthreads();
+        for (int i = t; i < gb * count; i += ATTN_THREADS) {
+            int g = i / count, s = s0 + i % count;
+            float ms = __ldcg(&stats[head_split + (size_t)g * splits + s].x);
+            red[i] = ms == -INFINITY ? 0.f : expf(ms - stat_m[g]) / stat_l[g];
         }
-        y[((size_t)r * heads + h0 + g) * d + e] = to_bf16(num / stat_l[g]);
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < GROUP_MAX * 256 / 4 / ATTN_THREADS; j++) {
+            int u = t + j * ATTN_THREADS, g = 4 * u / d, e = 4 * u % d;
+            if (g >= gb) break;
+            const float* part = partial + (head_split + (size_t)g * splits + s0) * d + e;
+            const float* wg = red + g * count;
+#pragma unroll 8
+            for (int s = 0; s < count; s++) {
+                float4 v = __ldcg(reinterpret_cast<const float4*>(part + (size_t)s * d));
+                float ws = wg[s];
+                num[j].x += v.x * ws, num[j].y += v.y * ws, num[j].z += v.z * ws, num[j].w += v.w * ws;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < GROUP_MAX * 256 / 4 / ATTN_THREADS; j++) {
+        int u = t + j * ATTN_THREADS, g = 4 * u / d, e = 4 * u % d;
+        if (g >= gb) break;
+        bf16* out = y + ((size_t)r * heads + h0 + g) * d + e;
+        out[0] = to_bf16(num[j].x), out[1] = to_bf16(num[j].y), out[2] = to_bf16(num[j].z), out[3] = to_bf16(num[j].w);
     }
 }

@@ -2,7 +2,10 @@
 //! launch (their norm, int8 quantization, the product with the packed ternary weights in one pass over them,
 //! the scales and the residual add), the head's bf16 product, and each row's new token's attention
 //! over its KV cache with RoPE and the cache write, in one launch per layer (blocks of 32 columns, joined by
-//! the last to finish, as flash-decoding splits them) instead of about fifteen ops.
+//! the last to finish, as flash-decoding splits them) instead of about fifteen ops. The BitLinear and
+//! attention kernels launch with [`super::Overlap::Early`]: on Hopper each starts while the one before it
+//! finishes, reading its weights (or its cached columns) meanwhile, where the step writes buffers of its own
+//! (`out`, `partial`: no allocation between them in a captured step).
 //! References: `model::bitnet`'s `Stacked::forward` and `Attention::forward` in candle ops.
 
 use candle_core::{DType, Result, Tensor, D};
@@ -70,6 +73,17 @@ fn output_dims(x: &Tensor, n: usize, residual: Option<&Tensor>) -> Result<Vec<us
         candle_core::bail!("decode product: residual {:?} for an output {dims:?}", residual.map(|r| r.dims().to_vec()));
     }
     Ok(dims)
+}
+
+/// `out` (checked to hold `dims` of `dtype`, contiguous), or a fresh tensor of them.
+fn output(out: Option<&Tensor>, dims: &[usize], dtype: DType, dev: &candle_core::CudaDevice) -> Result<Tensor> {
+    match out {
+        None => uninit(dims, dtype, dev),
+        Some(t) if t.dims() == dims && t.dtype() == dtype && t.is_contiguous() => Ok(t.clone()),
+        Some(t) => {
+            candle_core::bail!("decode step: an output buffer {:?} {:?} for {dims:?} {dtype:?}", t.dims(), t.dtype())
+        }
+    }
 }
 
 /// The ternary weights `w: [n, k]` (bf16 values -1, 0, 1) packed 16 to a u32, `[n, k / 16]`, for
@@ -140,7 +154,7 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
     let residual = s.residual.map(|r| r.contiguous()).transpose()?;
     let dims = output_dims(&x, n, residual.as_ref())?;
     let dev = cuda_device(&x)?;
-    let out = uninit(dims, DType::BF16, &dev)?;
+    let out = output(s.out, &dims, DType::BF16, &dev)?;
     let bytes = step_shared_bytes(rows, k);
     let func = dev.get_or_load_custom_func("bitlinear_step", PTX.0, PTX.1)?;
     // The static shared memory counts toward the 48 KB too: opted into with room to spare.
@@ -150,8 +164,9 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
             .map_err(|e| candle_core::Error::Msg(format!("bitlinear_step: shared memory of {bytes} bytes: {e:?}")))?;
     }
     // A warp per output at a time, no more blocks than fit the card at once: each block norms the rows once.
-    let blocks =
-        n.div_ceil(STEP_WARPS).min(super::one_wave(&dev, PTX, "bitlinear_step", 32 * STEP_WARPS as u32, bytes as u32)?);
+    // (Half as many, leaving room for the next kernel's blocks to start early, measured 8-18% slower.)
+    let wave = super::one_wave(&dev, PTX, "bitlinear_step", 32 * STEP_WARPS as u32, bytes as u32)?;
+    let blocks = n.div_ceil(STEP_WARPS).min(wave);
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (32 * STEP_WARPS as u32, 1, 1),
@@ -170,7 +185,7 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
         n: n as i32,
         k: k as i32,
     };
-    launch!(dev, PTX, "bitlinear_step", cfg; params);
+    launch!(dev, PTX, "bitlinear_step", cfg, super::Overlap::Early; params);
     Ok(Some(out))
 }
 
@@ -178,6 +193,16 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
 /// and values): one per row and block of a split.
 pub fn join_counts(rows: usize, heads: usize, kv_heads: usize) -> usize {
     rows * kv_heads * (heads / kv_heads.max(1)).div_ceil(GROUP_MAX)
+}
+
+/// The f32 partial results [`try_decode_attention`] needs for `rows` rows of `heads` query heads of `head_dim`
+/// over a cache `width` columns wide: each split's output, max and sum of exponentials (one, unused, where one
+/// split covers the cache).
+pub fn partial_len(rows: usize, heads: usize, head_dim: usize, width: usize) -> usize {
+    match width.div_ceil(SPLIT) {
+        1 => 1,
+        splits => rows * heads * splits * (head_dim + 2),
+    }
 }
 
 /// One decoding step's attention ([`DecodeAttention`]): the new keys and values written into the caches'
@@ -220,18 +245,22 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     let dev = cuda_device(&qkv)?;
     let splits = width.div_ceil(SPLIT);
     let blocks = join_counts(1, a.heads, a.kv_heads);
-    let y = uninit((rows, a.heads * d), DType::BF16, &dev)?;
+    let y = output(a.out, &[rows, a.heads * d], DType::BF16, &dev)?;
     // One split writes y itself; several write their parts, and count themselves done in `a.done` so that
     // the last joins them.
-    let parts = if splits > 1 { rows * a.heads * splits * (d + 2) } else { 1 };
-    let partial = uninit(parts, DType::F32, &dev)?;
+    let parts = partial_len(rows, a.heads, d, width);
+    let partial = match a.partial {
+        Some(p) if p.elem_count() >= parts && p.dtype() == DType::F32 && p.is_contiguous() => p.clone(),
+        Some(p) => candle_core::bail!("decode attention: {} partial results for {parts}", p.elem_count()),
+        None => uninit(parts, DType::F32, &dev)?,
+    };
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, rows as u32, splits as u32),
         block_dim: (ATTN_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY (of writing through the caches): the KV cache's buffers are this generation's alone.
-    launch!(dev, PTX, "decode_attention", cfg;
+    launch!(dev, PTX, "decode_attention", cfg, super::Overlap::Early;
         ptr(&qkv)?, aligned_ptr(a.k_cache)?, aligned_ptr(a.v_cache)?, ptr(a.meta)?, ptr(&inv_freq)?, ptr(&y)?,
         ptr(&partial)?, ptr(a.done)?, a.heads as i32, a.kv_heads as i32, d as i32, width as i32);
     Ok(Some(y))

@@ -62,6 +62,10 @@ pub struct BitLinearStep<'a> {
     pub scales: &'a Tensor,
     /// Added to the output (`[.., n]`), or None.
     pub residual: Option<&'a Tensor>,
+    /// Where the output goes (bf16 `[.., n]`, not `residual`'s buffer), or None: a fresh tensor. A captured
+    /// step writes buffers of its own: an allocation between two kernels of a CUDA graph is a node that keeps
+    /// them from overlapping.
+    pub out: Option<&'a Tensor>,
 }
 
 /// One decoding step's attention (`kernels::decode`): every row's new token over its KV cache.
@@ -85,4 +89,8 @@ pub struct DecodeAttention<'a> {
     pub head_dim: usize,
     /// Columns the caches have room for: the kernel's splits cover them.
     pub width: usize,
+    /// Where the output goes (bf16 `[rows, heads head_dim]`) and the splits' partial results (f32, at least
+    /// `kernels::decode::partial_len` of them), or None: fresh tensors (as [`BitLinearStep::out`]).
+    pub out: Option<&'a Tensor>,
+    pub partial: Option<&'a Tensor>,
 }

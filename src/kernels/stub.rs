@@ -186,6 +186,10 @@ pub mod decode {
         0
     }
 
+    pub fn partial_len(_: usize, _: usize, _: usize, _: usize) -> usize {
+        0
+    }
+
     pub fn try_decode_attention(_: &DecodeAttention) -> Result<Option<Tensor>> {
         Ok(None)
     }

@@ -7,7 +7,7 @@ use candle_nn::{RmsNorm, VarBuilder};
 
 use super::arch::{Activation, Family, Role};
 use super::bf16_head::Bf16Matrix;
-use super::kv_cache::{attention_mask, KvCache};
+use super::kv_cache::{attention_mask, KvCache, StepScratch};
 use super::step_graph::StepGraphs;
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
@@ -206,6 +206,11 @@ impl Stacked {
     /// them and adds the residual as it writes; where it declines, the norm kernel and the matrix-vector
     /// kernel.
     fn forward(&self, input: &Quantized, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_into(input, residual, None)
+    }
+
+    /// [`Stacked::forward`], a decoding step's product writing `out` (the step's buffer; other paths allocate).
+    fn forward_into(&self, input: &Quantized, residual: Option<&Tensor>, out: Option<&Tensor>) -> Result<Tensor> {
         let y = match input {
             Quantized::Deferred { x, norm, glu } => {
                 if let Some(codes) = &self.packed {
@@ -217,6 +222,7 @@ impl Stacked {
                         codes,
                         scales: &self.scales,
                         residual,
+                        out,
                     };
                     if let Some(y) = crate::kernels::decode::try_bitlinear_step(&step)? {
                         return Ok(y);
@@ -347,6 +353,8 @@ enum Positions {
     Step {
         meta: Tensor,
         inv_freq: Tensor,
+        /// The step's activation buffers (`KvCache::step_scratch`), or None: fresh tensors.
+        scratch: Option<StepScratch>,
     },
 }
 
@@ -409,8 +417,9 @@ impl Attention {
         let (rope, mask, flash) = match (at, &self.weights) {
             (Positions::Tables { rope, mask }, _) => (rope, mask.as_ref(), None),
             (Positions::Flash { rope, start }, _) => (rope, None, Some(start)),
-            (Positions::Step { meta, inv_freq }, AttnWeights::Stacked { qkv, o }) => {
-                let qkv = qkv.forward(&Quantized::of(x, Some(norm), None)?, None)?;
+            (Positions::Step { meta, inv_freq, scratch }, AttnWeights::Stacked { qkv, o }) => {
+                let scratch = scratch.as_ref();
+                let qkv = qkv.forward_into(&Quantized::of(x, Some(norm), None)?, None, scratch.map(|s| &s.qkv))?;
                 let counts = crate::kernels::decode::join_counts(b, self.num_heads, self.num_kv_heads);
                 let (k_cache, v_cache, done) =
                     cache.step_buffers(layer, b, self.num_kv_heads, self.head_dim, counts, x)?;
@@ -425,11 +434,14 @@ impl Attention {
                     kv_heads: self.num_kv_heads,
                     head_dim: self.head_dim,
                     width: k_cache.dim(2)?,
+                    out: scratch.map(|s| &s.attention),
+                    partial: scratch.map(|s| &s.partial),
                 };
                 let y = crate::kernels::decode::try_decode_attention(&step)?
                     .ok_or_else(|| candle_core::Error::msg("the decode kernel declined a step it was chosen for"))?;
                 let y = y.reshape((b, t, self.num_heads * self.head_dim))?;
-                return o.forward(&Quantized::of(&y, self.sub_norm.as_ref(), None)?, Some(x));
+                let out = scratch.map(|s| &s.after_attention);
+                return o.forward_into(&Quantized::of(&y, self.sub_norm.as_ref(), None)?, Some(x), out);
             }
             (Positions::Step { .. }, AttnWeights::Each { .. }) => {
                 candle_core::bail!("a decode step for projections that are not stacked")
@@ -518,8 +530,8 @@ impl Mlp {
         })
     }
 
-    /// `x` (the residual stream) plus its MLP, normed by `norm`.
-    fn forward(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+    /// `x` (the residual stream) plus its MLP, normed by `norm`; a decoding step's products write `scratch`.
+    fn forward(&self, x: &Tensor, norm: &RmsNorm, scratch: Option<&StepScratch>) -> Result<Tensor> {
         match &self.weights {
             MlpWeights::Each { gate, up, down } => {
                 let [gate, up] = BitLinear::forward_many([gate, up], &norm.forward(x)?)?;
@@ -527,9 +539,10 @@ impl Mlp {
                 x + down.forward(&maybe_norm(&self.sub_norm, &y)?)?
             }
             MlpWeights::Stacked { gate_up, down } => {
-                let gate_up = gate_up.forward(&Quantized::of(x, Some(norm), None)?, None)?;
+                let quantized = Quantized::of(x, Some(norm), None)?;
+                let gate_up = gate_up.forward_into(&quantized, None, scratch.map(|s| &s.gate_up))?;
                 let h = Quantized::of(&gate_up, self.sub_norm.as_ref(), Some(self.activation))?;
-                down.forward(&h, Some(x))
+                down.forward_into(&h, Some(x), scratch.map(|s| &s.after_mlp))
             }
         }
     }
@@ -654,16 +667,18 @@ impl BitNet {
         }
         let (at, first) = self.place(b, 1, cache)?;
         let logits = match &at {
-            Positions::Step { meta, inv_freq } if !self.rope.dynamic => {
-                // Every layer's buffers as the step will use them (grown first, if they must), which is what a
-                // graph captured now holds.
+            Positions::Step { meta, inv_freq, .. } if !self.rope.dynamic => {
+                // Every layer's buffers as the step will use them (grown first, if they must), and the step's
+                // activations, which is what a graph captured now holds.
                 let (heads, dim) = (self.cfg.num_kv_heads(), self.cfg.head_dim());
                 cache.make_room_all(1, (b, heads, dim), &self.embed_tokens)?;
                 let counts = crate::kernels::decode::join_counts(b, self.cfg.num_attention_heads, heads);
                 cache.join_counts(counts, &self.embed_tokens)?;
+                let scratch = cache.step_scratch(b, |rows, width| self.step_scratch(rows, width))?;
                 let key = cache.layout_key(b)?;
                 let compute = |ids: &Tensor, meta: &Tensor| {
-                    let at = Positions::Step { meta: meta.clone(), inv_freq: inv_freq.clone() };
+                    let scratch = scratch.clone();
+                    let at = Positions::Step { meta: meta.clone(), inv_freq: inv_freq.clone(), scratch };
                     let hidden = self.run(ids, &at, &mut *cache, first)?;
                     self.logits(&hidden.squeeze(1)?)
                 };
@@ -673,6 +688,22 @@ impl BitNet {
         };
         cache.advance(1);
         Ok(logits)
+    }
+
+    /// A decoding step's activation buffers for `rows` rows over a cache `width` columns wide.
+    fn step_scratch(&self, rows: usize, width: usize) -> Result<StepScratch> {
+        let (cfg, dev) = (&self.cfg, self.device());
+        let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
+        let bf16 = |dims: &[usize]| Tensor::zeros(dims, self.embed_tokens.dtype(), dev);
+        let partial = crate::kernels::decode::partial_len(rows, heads, d, width);
+        Ok(StepScratch {
+            qkv: bf16(&[rows, 1, (heads + 2 * cfg.num_kv_heads()) * d])?,
+            attention: bf16(&[rows, heads * d])?,
+            partial: Tensor::zeros(partial, DType::F32, dev)?,
+            gate_up: bf16(&[rows, 1, 2 * cfg.intermediate_size])?,
+            after_attention: bf16(&[rows, 1, cfg.hidden_size])?,
+            after_mlp: bf16(&[rows, 1, cfg.hidden_size])?,
+        })
     }
 
     /// On a GPU, runs a short prompt and a decoding step once, so that what a process pays at the first use of
@@ -716,7 +747,7 @@ impl BitNet {
                 let meta: Vec<u32> =
                     spans.iter().flat_map(|s| s.step_meta(col)).chain([first as u32, col as u32]).collect();
                 let meta = Tensor::from_vec(meta, 4 * b + 2, self.device())?;
-                Positions::Step { meta, inv_freq: self.rope.inv_freq_for(longest, self.device())? }
+                Positions::Step { meta, inv_freq: self.rope.inv_freq_for(longest, self.device())?, scratch: None }
             }
             false => {
                 let positions: Vec<u32> =
@@ -743,10 +774,14 @@ impl BitNet {
     fn run(&self, ids: &Tensor, at: &Positions, cache: &mut KvCache, first: usize) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let scratch = match at {
+            Positions::Step { scratch, .. } => scratch.as_ref(),
+            _ => None,
+        };
         for (layer, block) in self.layers.iter().enumerate() {
             let kv = (&mut *cache, layer, first);
             x = block.self_attn.forward(&x, &block.input_layernorm, at, kv)?;
-            x = block.mlp.forward(&x, &block.post_attention_layernorm)?;
+            x = block.mlp.forward(&x, &block.post_attention_layernorm, scratch)?;
         }
         self.norm.forward(&x)
     }

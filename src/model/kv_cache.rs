@@ -83,6 +83,33 @@ impl Span {
     }
 }
 
+/// A decoding step's activations on a GPU, made once per layout of the cache and reused by every layer and
+/// step, so that a captured step allocates nothing between its kernels: an allocation is a graph node, which
+/// keeps the kernels on either side of it from overlapping (`kernels::Overlap::Early`). Each kernel writes
+/// one buffer that nothing it reads lies in; the residual stream alternates between two.
+#[derive(Debug, Clone)]
+pub(super) struct StepScratch {
+    /// The stacked q, k, v projection `[rows, 1, (heads + 2 kv_heads) head_dim]`, bf16.
+    pub qkv: Tensor,
+    /// The attention's output `[rows, heads head_dim]` and its splits' partial results (f32).
+    pub attention: Tensor,
+    pub partial: Tensor,
+    /// The stacked gate and up projections `[rows, 1, 2 intermediate]`.
+    pub gate_up: Tensor,
+    /// The residual stream `[rows, 1, hidden]` after a block's attention and after its MLP.
+    pub after_attention: Tensor,
+    pub after_mlp: Tensor,
+}
+
+impl StepScratch {
+    fn addresses(&self) -> Result<Vec<u64>> {
+        [&self.qkv, &self.attention, &self.partial, &self.gate_up, &self.after_attention, &self.after_mlp]
+            .into_iter()
+            .map(crate::kernels::decode::address)
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KvCache {
     /// Per layer, keys and values `[rows, kv_heads, width, head_dim]`, allocated at the first forward.
@@ -90,6 +117,8 @@ pub struct KvCache {
     /// The decode attention's join counts (u32, zero between launches: the kernel sets each back), one
     /// buffer for every layer and step, so that a step needs no memset.
     join: Option<Tensor>,
+    /// A decoding step's activations on a GPU, for the rows and width they were made for.
+    scratch: Option<(usize, usize, StepScratch)>,
     /// Columns filled so far.
     len: usize,
     /// Columns the first forward allocates (at least what it needs).
@@ -111,7 +140,7 @@ impl KvCache {
     }
 
     fn of_rows(cfg: &ModelConfig, rows: Vec<Span>) -> Self {
-        Self { layers: vec![None; cfg.num_hidden_layers], join: None, len: 0, capacity: 0, rows }
+        Self { layers: vec![None; cfg.num_hidden_layers], join: None, scratch: None, len: 0, capacity: 0, rows }
     }
 
     /// A cache for a batch of prompts that begin with the tokens `prefix` holds (one row, after one forward
@@ -249,8 +278,25 @@ impl KvCache {
         Ok(self.join.clone().expect("made above"))
     }
 
+    /// The decoding step's activations for `rows` rows over the buffers' present width, made by `make(rows,
+    /// width)` where there are none for them: made before a step's [`KvCache::layout_key`], which holds their
+    /// addresses. None before the first forward.
+    pub(super) fn step_scratch(
+        &mut self,
+        rows: usize,
+        make: impl FnOnce(usize, usize) -> Result<StepScratch>,
+    ) -> Result<Option<StepScratch>> {
+        let Some(Some((k, _))) = self.layers.first() else { return Ok(None) };
+        let width = k.dim(2)?;
+        if self.scratch.as_ref().is_none_or(|(r, w, _)| (*r, *w) != (rows, width)) {
+            self.scratch = Some((rows, width, make(rows, width)?));
+        }
+        Ok(self.scratch.as_ref().map(|(_, _, s)| s.clone()))
+    }
+
     /// What a decoding step's graph depends on (`model::step_graph`): the rows, the buffers' width and every
-    /// layer's buffer addresses, which the captured kernels read and write, and the join counts' address.
+    /// layer's buffer addresses, which the captured kernels read and write, the join counts' and the
+    /// activations' addresses.
     /// Empty before the first forward.
     pub(super) fn layout_key(&self, rows: usize) -> Result<Vec<u64>> {
         let mut key = vec![rows as u64];
@@ -260,6 +306,9 @@ impl KvCache {
         }
         if let Some(join) = &self.join {
             key.push(crate::kernels::decode::address(join)?);
+        }
+        if let Some((_, _, scratch)) = &self.scratch {
+            key.extend(scratch.addresses()?);
         }
         Ok(key)
     }
