@@ -33,21 +33,24 @@ if part 2b4t; then
 fi
 part curves || exit 0
 all=(--set train.optimizer_state=int8 --set train.step_weights=per_block --set train.grad_buffer=bf16)
-for name in full savings; do
-  for seed in 1 2; do
+for seed in 1 2; do
+  for name in full savings; do
     extra=()
     [ $name = savings ] && extra=("${all[@]}")
     $BT --config configs/tiny.toml --set model.init=large --set model.init_seed=$seed --set train.seed=$seed \
       --set train.device=cuda --set train.max_steps=200 --set train.lr=3e-4 --set train.grad_accum=2 \
       "${extra[@]}" --set checkpoint.every=0 --set log.dev_every=0 --set checkpoint.out_dir=$TMP/$name-$seed \
       > $TMP/log 2>&1 || tail -3 $TMP/log
+    # Each run's metrics kept as it ends (a run cut short by a time limit leaves the others'), its checkpoint not.
+    cp $TMP/$name-$seed/metrics.jsonl $OUT/metrics-$name-$seed.jsonl && rm -rf $TMP/$name-$seed
+    echo "$name seed $seed done at ${SECONDS} s"
   done
 done
-python3 - "$TMP" <<'PY' | tee $OUT/curves.txt
+python3 - "$OUT" <<'PY' | tee $OUT/curves.txt
 import json, math, sys
-tmp = sys.argv[1]
+out = sys.argv[1]
 def curve(run):
-    losses = [json.loads(l)["loss"] for l in open(f"{tmp}/{run}/metrics.jsonl") if '"loss"' in l and '"step"' in l]
+    losses = [json.loads(l)["loss"] for l in open(f"{out}/metrics-{run}.jsonl") if '"loss"' in l and '"step"' in l]
     return [sum(losses[i:i + 20]) / 20 for i in range(0, len(losses) - 19, 20)]
 c = {r: curve(r) for r in ["full-1", "full-2", "savings-1", "savings-2"]}
 rms = lambda a, b: math.sqrt(sum((x - y) ** 2 for x, y in zip(c[a], c[b])) / len(c[a]))
