@@ -468,4 +468,40 @@ mod tests {
         }
         assert_eq!(Span::RETIRED.step_meta(12), [0, u32::MAX, u32::MAX, 0]);
     }
+
+    /// A decoding step's activations are made once per layout: none before the first forward, the same
+    /// buffers step after step, new ones when the step's rows or the cache's width change (a captured step
+    /// holds their addresses).
+    #[test]
+    fn step_scratch_is_made_once_per_layout() {
+        let cfg = ModelConfig::shape("tiny", 1002).unwrap();
+        let like = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let made = std::cell::RefCell::new(Vec::new());
+        let make = |rows: usize, width: usize| {
+            made.borrow_mut().push((rows, width));
+            let t = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu);
+            Ok(StepScratch {
+                qkv: t(rows)?,
+                attention: t(rows)?,
+                partial: t(width)?,
+                gate_up: t(rows)?,
+                after_attention: t(rows)?,
+                after_mlp: t(rows)?,
+            })
+        };
+        let mut cache = KvCache::new(&cfg).with_capacity(8);
+        assert!(cache.step_scratch(2, make).unwrap().is_none(), "no buffers before the first forward");
+        let shape = (2, cfg.num_kv_heads(), cfg.head_dim());
+        cache.make_room_all(1, shape, &like).unwrap();
+        let first = cache.step_scratch(2, make).unwrap().expect("made");
+        cache.advance(1);
+        let again = cache.step_scratch(2, make).unwrap().expect("kept");
+        assert_eq!(first.qkv.id(), again.qkv.id(), "the next step's buffers are the same");
+        cache.step_scratch(3, make).unwrap();
+        // Past the capacity the buffers grow by GROW columns, and the partial results with them.
+        cache.advance(7);
+        cache.make_room_all(1, shape, &like).unwrap();
+        cache.step_scratch(3, make).unwrap();
+        assert_eq!(*made.borrow(), [(2, 8), (3, 8), (3, GROW)]);
+    }
 }
