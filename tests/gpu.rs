@@ -360,6 +360,14 @@ mod fused {
         flat
     }
 
+    /// Random ternary weights `[n, k]` (bf16 -1, 0, 1, each about a third of them) and their packed codes.
+    fn ternary(n: usize, k: usize) -> (Tensor, Tensor) {
+        let t = (randn(&[n, k], DType::F32) * 1.5).unwrap().round().unwrap().clamp(-1f32, 1f32).unwrap();
+        let t = t.to_dtype(DType::BF16).unwrap();
+        let codes = bessie::kernels::decode::pack_ternary(&t).unwrap().expect("packs");
+        (t, codes)
+    }
+
     /// Fraction of elements that differ at all.
     fn mismatched(got: &Tensor, want: &Tensor) -> f64 {
         let (g, w) = (values(got), values(want));
@@ -409,7 +417,7 @@ mod fused {
     /// a norm, the gated activations of the MLP's down_proj.
     #[test]
     fn bitlinear_step_matches_reference() {
-        use bessie::kernels::decode::{pack_ternary, try_bitlinear_step};
+        use bessie::kernels::decode::try_bitlinear_step;
         use bessie::kernels::shapes::BitLinearStep;
         let cases: [(usize, usize, Option<Activation>, bool); 9] = [
             (4608, 1536, None, true),
@@ -427,9 +435,7 @@ mod fused {
                 let width = if glu.is_some() { 2 * k } else { k };
                 let x = randn(&[rows, 1, width], DType::BF16);
                 let norm = normed.then(|| randn(&[k], DType::BF16));
-                let t = (randn(&[n, k], DType::F32) * 1.5).unwrap().round().unwrap().clamp(-1f32, 1f32).unwrap();
-                let t = t.to_dtype(DType::BF16).unwrap();
-                let codes = pack_ternary(&t).unwrap().expect("packs");
+                let (t, codes) = ternary(n, k);
                 let scales = (randn(&[n], DType::BF16).abs().unwrap() * 0.01).unwrap();
                 let residual = randn(&[rows, 1, n], DType::BF16);
                 let step = BitLinearStep {
@@ -463,9 +469,7 @@ mod fused {
             }
         }
         // Nine rows are a GEMM's work.
-        let (x, t) = (randn(&[9, 1536], DType::BF16), randn(&[64, 1536], DType::F32));
-        let t = t.round().unwrap().clamp(-1f32, 1f32).unwrap().to_dtype(DType::BF16).unwrap();
-        let codes = pack_ternary(&t).unwrap().expect("packs");
+        let (x, (_, codes)) = (randn(&[9, 1536], DType::BF16), ternary(64, 1536));
         let scales = randn(&[64], DType::BF16);
         let (scales, codes) = (&scales, &codes);
         let step = BitLinearStep { x: &x, norm: None, eps: 1e-6, glu: None, codes, scales, residual: None, out: None };
@@ -552,7 +556,7 @@ mod fused {
     #[test]
     #[ignore = "a timing; run with --ignored"]
     fn decode_kernels_timing() {
-        use bessie::kernels::decode::{pack_ternary, try_bitlinear_step, try_decode_attention};
+        use bessie::kernels::decode::{try_bitlinear_step, try_decode_attention};
         use bessie::kernels::shapes::BitLinearStep;
         let shapes: [(&str, usize, usize, Option<Activation>); 8] = [
             ("large qkv", 4608, 1536, None),
@@ -567,8 +571,7 @@ mod fused {
         for (name, n, k, glu) in shapes {
             let x = randn(&[1, 1, if glu.is_some() { 2 * k } else { k }], DType::BF16);
             let (norm, residual) = (randn(&[k], DType::BF16), randn(&[1, 1, n], DType::BF16));
-            let t = (randn(&[n, k], DType::F32) * 1.5).unwrap().round().unwrap().clamp(-1f32, 1f32).unwrap();
-            let codes = pack_ternary(&t.to_dtype(DType::BF16).unwrap()).unwrap().expect("packs");
+            let (_, codes) = ternary(n, k);
             let scales = randn(&[n], DType::BF16);
             let step = BitLinearStep {
                 x: &x,

@@ -75,7 +75,7 @@ fn output_dims(x: &Tensor, n: usize, residual: Option<&Tensor>) -> Result<Vec<us
     Ok(dims)
 }
 
-/// `out` (checked to hold `dims` of `dtype`, contiguous), or a fresh tensor of them.
+/// `out` (checked to hold `dims` of `dtype`, contiguous: a step's buffer), or a fresh tensor of them.
 fn output(out: Option<&Tensor>, dims: &[usize], dtype: DType, dev: &candle_core::CudaDevice) -> Result<Tensor> {
     match out {
         None => uninit(dims, dtype, dev),
@@ -249,11 +249,7 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     // One split writes y itself; several write their parts, and count themselves done in `a.done` so that
     // the last joins them.
     let parts = partial_len(rows, a.heads, d, width);
-    let partial = match a.partial {
-        Some(p) if p.elem_count() >= parts && p.dtype() == DType::F32 && p.is_contiguous() => p.clone(),
-        Some(p) => candle_core::bail!("decode attention: {} partial results for {parts}", p.elem_count()),
-        None => uninit(parts, DType::F32, &dev)?,
-    };
+    let partial = output(a.partial, &[parts], DType::F32, &dev)?;
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, rows as u32, splits as u32),
         block_dim: (ATTN_THREADS, 1, 1),

@@ -89,8 +89,8 @@ pub struct DecodeAttention<'a> {
     pub head_dim: usize,
     /// Columns the caches have room for: the kernel's splits cover them.
     pub width: usize,
-    /// Where the output goes (bf16 `[rows, heads head_dim]`) and the splits' partial results (f32, at least
-    /// `kernels::decode::partial_len` of them), or None: fresh tensors (as [`BitLinearStep::out`]).
+    /// Where the output goes (bf16 `[rows, heads head_dim]`) and the splits' partial results (f32, as many as
+    /// `kernels::decode::partial_len` says), or None: fresh tensors (as [`BitLinearStep::out`]).
     pub out: Option<&'a Tensor>,
     pub partial: Option<&'a Tensor>,
 }
