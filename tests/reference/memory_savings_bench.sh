@@ -6,16 +6,19 @@
 #   whole-block recomputation and each saving added to the last (the last is the 24 GB configuration);
 # - the loss curves of the large shape over 200 steps of the demo data from two seeds (data order and initial
 #   weights), f32 state against every saving, compared as means over 20 steps.
-# PARTS picks among "large 2b4t curves" (default: all three). Writes under OUT. A curve's run took four minutes
-# on an H100 (2026-12-05): its steps about 33 s, 26 of them the first; the rest outside the steps, not yet
-# broken down. SEEDS="1" and SEEDS="2" split the curves over two calls; the comparison is made of the metrics
-# files present in OUT (copy the other call's there to compare all four).
+# PARTS picks among "large 2b4t curves" (default: all three). Writes under OUT, each curve's log with the
+# seconds since its start on every line. A curve's run took four minutes on an H100 (2026-12-05, checkpoints
+# on disk): its steps about 33 s, 26 of them the first. SEEDS="1" and SEEDS="2" split the curves over two
+# calls; the comparison is made of the metrics files present in OUT (copy the other call's there to compare
+# all four).
 #
 #   OUT=results [PARTS=curves] [SEEDS="1 2"] tests/reference/memory_savings_bench.sh bessie-train
 set -u
 BT=${1:?bessie-train binary} OUT=${OUT:?a folder for the results} PARTS=${PARTS:-large 2b4t curves}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
-TMP=$(mktemp -d)
+# The runs' checkpoints (a random large model written before each run, the final one after it) go to memory
+# where there is a tmpfs: on the device machine's disk writing them took longer than the runs' steps.
+TMP=$(mktemp -d -p "$( [ -d /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")")
 trap 'rm -rf $TMP' EXIT
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
 bench() { $BT --bench --device cuda --set train.check_memory=false "$@" 2>&1 | grep '^{' | tee -a $OUT/bench.jsonl; }
@@ -35,6 +38,14 @@ if part 2b4t; then
   done
 fi
 part curves || exit 0
+# Each line of a run's output after the seconds since the run started (bash's clock: awk buffers its input).
+stamped() {
+  local t0=${EPOCHREALTIME/./} line now
+  while IFS= read -r line; do
+    now=${EPOCHREALTIME/./}
+    printf '%7.1f s  %s\n' "$(((now - t0) / 100000))e-1" "$line"
+  done
+}
 all=(--set train.optimizer_state=int8 --set train.step_weights=per_block --set train.grad_buffer=bf16)
 for seed in ${SEEDS:-1 2}; do
   for name in full savings; do
@@ -42,8 +53,9 @@ for seed in ${SEEDS:-1 2}; do
     [ $name = savings ] && extra=("${all[@]}")
     $BT --config configs/tiny.toml --set model.init=large --set model.init_seed=$seed --set train.seed=$seed \
       --set train.device=cuda --set train.max_steps=200 --set train.lr=3e-4 --set train.grad_accum=2 \
-      "${extra[@]}" --set checkpoint.every=0 --set log.dev_every=0 --set checkpoint.out_dir=$TMP/$name-$seed \
-      > $TMP/log 2>&1 || tail -3 $TMP/log
+      "${extra[@]}" --set checkpoint.every=0 --set log.dev_every=0 --set checkpoint.out_dir=$TMP/$name-$seed 2>&1 |
+      stamped > $OUT/log-$name-$seed.txt
+    [ "${PIPESTATUS[0]}" = 0 ] || tail -3 $OUT/log-$name-$seed.txt
     # Each run's metrics kept as it ends (a run cut short by a time limit leaves the others'), its checkpoint not.
     cp $TMP/$name-$seed/metrics.jsonl $OUT/metrics-$name-$seed.jsonl && rm -rf $TMP/$name-$seed
     echo "$name seed $seed done at ${SECONDS} s"
