@@ -7,17 +7,16 @@
 # - the loss curves of the large shape over 200 steps of the demo data from two seeds (data order and initial
 #   weights), f32 state against every saving, compared as means over 20 steps.
 # PARTS picks among "large 2b4t curves" (default: all three). Writes under OUT, each curve's log with the
-# seconds since its start on every line. A curve's run took four minutes on an H100 (2026-12-05, checkpoints
-# on disk): its steps about 33 s, 26 of them the first. SEEDS="1" and SEEDS="2" split the curves over two
-# calls; the comparison is made of the metrics files present in OUT (copy the other call's there to compare
-# all four).
+# seconds since its start on every line: on an H100 (2026-12-05) a curve's run wrote its random base model and
+# loaded it in 25 s, then took 8 s for its 200 steps. SEEDS="1" and SEEDS="2" split the curves over calls;
+# the comparison is made of the metrics files present in OUT (copy the other call's there to compare all four).
 #
 #   OUT=results [PARTS=curves] [SEEDS="1 2"] tests/reference/memory_savings_bench.sh bessie-train
 set -u
 BT=${1:?bessie-train binary} OUT=${OUT:?a folder for the results} PARTS=${PARTS:-large 2b4t curves}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 # The runs' checkpoints (a random large model written before each run, the final one after it) go to memory
-# where there is a tmpfs: on the device machine's disk writing them took longer than the runs' steps.
+# where there is a tmpfs: the device machine's disk is for the user's files.
 TMP=$(mktemp -d -p "$( [ -d /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")")
 trap 'rm -rf $TMP' EXIT
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
