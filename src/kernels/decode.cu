@@ -7,6 +7,9 @@
 
 #include "common.cuh"
 
+// Eight bf16 of a 16-byte chunk held in registers, widened to f32.
+__device__ __forceinline__ void unpack8(const uint4& u, float* out) { load8(reinterpret_cast<const bf16*>(&u), out); }
+
 // Rows a product takes at a time (bessie-prompt decodes 1; continuous batching's small batches).
 #define GEMV_ROWS 8
 
@@ -77,84 +80,142 @@ struct BitLinearStep {
     // ACT_SILU or ACT_RELU2 for down_proj's gated input, -1 for none.
     int act;
     int rows, n, k;
+    // The outputs a block takes (consecutive: their codes are one span of memory), and how many of them a
+    // stage of its codes in shared memory holds (all of them, or a half of its buffer when it takes two).
+    int block_outputs, stage_outputs;
 };
 
-// Threads of bitlinear_step (a warp per output at a time) and the weight words a lane loads at once: 8, so
-// that a whole row of up to 4,096 inputs (1 KB a warp) is in flight while the block norms its input.
+// Warps of bitlinear_step.
 #define STEP_WARPS 8
-#define STEP_WORDS 8
+// A thread's 16-byte chunks of an input row loaded at once: 4 cover k <= 8,192 (2B4T's down_proj: 6,912).
+#define STEP_IN_FLIGHT 4
+// A thread's residuals loaded during the norm; a block's others (past 2 x 256) after it.
+#define STEP_RES_REGS 2
+
+// Copies `bytes` from global to shared memory without holding the thread (cp.async, sm_80 and later;
+// before, plain loads): 16 bytes a thread at a time where both addresses and the size allow, else 4.
+__device__ __forceinline__ void copy_async(void* dst, const void* src, int bytes) {
+    const char* s = static_cast<const char*>(src);
+    char* d = static_cast<char*>(dst);
+    int step = ((uintptr_t)s % 16 == 0 && (uintptr_t)d % 16 == 0 && bytes % 16 == 0) ? 16 : 4;
+    for (int i = step * threadIdx.x; i < bytes; i += step * blockDim.x) {
+#if __CUDA_ARCH__ >= 800
+        unsigned at = (unsigned)__cvta_generic_to_shared(d + i);
+        if (step == 16) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at), "l"(s + i) : "memory");
+        } else {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(at), "l"(s + i) : "memory");
+        }
+#else
+        if (step == 16) {
+            *reinterpret_cast<uint4*>(d + i) = *reinterpret_cast<const uint4*>(s + i);
+        } else {
+            *reinterpret_cast<unsigned*>(d + i) = *reinterpret_cast<const unsigned*>(s + i);
+        }
+#endif
+    }
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until this thread's copies but the last `pending` groups have landed (a __syncthreads makes the
+// block's visible to all).
+template <int PENDING> __device__ __forceinline__ void copies_landed() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+#endif
+}
 
 // out[r, o] = round(round(round(s_r sum_i q[r, i] t[o, i]) scale[o]) + residual[r, o]) for the input's rows
 // r < rows <= 8, where q[r] (int8) and s_r are row r of the input normed and quantized per token exactly as
 // rmsnorm_quant_forward does it (the same roundings; its sums in another order) and t the ternary weights.
-// Each block norms and quantizes the rows itself into shared memory (the rows are a few KB; a separate norm
-// launch cost more than the redundant work), then each warp takes outputs o = its number, + the grid's
-// warps, ...: a lane reads the codes' words lane, lane + 32, ... of the output's row, STEP_WORDS at a time,
-// the next batch loaded before the current is used (the first before the norm), and multiplies 4 weights
-// by 4 inputs a dp4a: codes c = t + 1 give sum_i c_i q_i, from which sum_i q_i is taken. The sums are exact
-// integers. Launched to start before the previous kernel has finished (programmatic dependent launch), a
-// block asks its weights into L2 and loads its first batch before it waits for its input. Dynamic shared
-// memory: rows k bytes of int8 inputs, then 2 k bytes for a row's normed values.
+// Block b takes the outputs b block_outputs, ... (the last block fewer). Launched to start before the
+// previous kernel has finished (programmatic dependent launch), it copies its outputs' codes (or the first
+// stage of them) into shared memory asynchronously, and its scales, before it waits
+// for its input: the product then reads no memory but shared, and the whole card's loads of the codes are
+// in flight at once (one output's row at a time a warp, with L2's latency each, was most of the time).
+// Then each block norms and quantizes the rows itself into shared memory (a thread's loads of its chunks of
+// a row all issued before any is used; the rows are a few KB, and a separate norm launch cost more than the
+// redundant work), and each warp takes its stage's outputs warp, warp + STEP_WARPS, ...: a lane multiplies
+// the words lane, lane + 32, ... of the output's codes by the inputs, 4 weights by 4 inputs a dp4a: codes
+// c = t + 1 give sum_i c_i q_i, from which sum_i q_i is taken. The sums are exact integers. With more than
+// one stage, the next stage's copy is in flight while one is multiplied (two buffers).
+// Dynamic shared memory, in shapes.rs's `StepLayout` order: the codes' buffers, rows k bytes of int8 inputs,
+// 2 k bytes for a row's normed values, the block's scales (f32), its residuals (f32, rows of block_outputs).
 extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(const BitLinearStep p) {
     extern __shared__ __align__(16) unsigned char smem[];
     // Each row's sum of codes, by warp (added up in the epilogue: no block reduction), and its scale.
     __shared__ int qsum[GEMV_ROWS][STEP_WARPS];
     __shared__ float qscale[GEMV_ROWS];
-    signed char* q8 = reinterpret_cast<signed char*>(smem);
-    bf16* stage = reinterpret_cast<bf16*>(smem + (size_t)p.rows * p.k);
-    int t = threadIdx.x, lane = t % 32, words = p.k / 16;
-    int batches = (words + 32 * STEP_WORDS - 1) / (32 * STEP_WORDS);
-    int first = blockIdx.x * STEP_WARPS + t / 32, stride = gridDim.x * STEP_WARPS;
-
-    // Batch b of this warp: output first + (b / batches) stride, words from (b % batches) 32 STEP_WORDS.
-    auto load = [&](int b, unsigned (&w)[STEP_WORDS]) {
-        int o = first + (b / batches) * stride, base = (b % batches) * 32 * STEP_WORDS + lane;
-        if (o >= p.n) return false;
-        const unsigned* row = p.codes + (size_t)o * words;
-#pragma unroll
-        for (int u = 0; u < STEP_WORDS; u++) w[u] = base + 32 * u < words ? __ldg(row + base + 32 * u) : 0u;
-        return true;
+    int t = threadIdx.x, lane = t % 32, warp = t / 32, words = p.k / 16;
+    int o0 = blockIdx.x * p.block_outputs, mine = min(p.block_outputs, p.n - o0);
+    int per = p.stage_outputs, stages = (mine + per - 1) / per;
+    int buffers = p.block_outputs > per ? 2 : 1;
+    unsigned* codes_s = reinterpret_cast<unsigned*>(smem);
+    // The int8 rows start on a 16-byte boundary (read 16 bytes at a time).
+    signed char* q8 = reinterpret_cast<signed char*>(codes_s + (((size_t)buffers * per * words + 3) & ~(size_t)3));
+    bf16* stage = reinterpret_cast<bf16*>(q8 + (size_t)p.rows * p.k);
+    float* scale_s = reinterpret_cast<float*>(stage + p.k);
+    float* res_s = scale_s + p.block_outputs;
+    // Stage s's codes into buffer s % 2.
+    auto copy_stage = [&](int s) {
+        int first = s * per, count = min(mine, first + per) - first;
+        copy_async(codes_s + (size_t)(s % buffers) * per * words, p.codes + (size_t)(o0 + first) * words,
+                   count * words * 4);
     };
-    // Before the previous kernel has finished (programmatic dependent launch): this warp's rows of codes asked
-    // into L2 (its later batches hit it) and its first batch into registers; then the input, once written.
+
+    // Before the previous kernel has finished: what no kernel of the step writes (the codes, the scales); the
+    // codes of later stages asked into L2.
     let_next_start();
-    for (int o = first; o < p.n; o += stride) {
-        const unsigned* row = p.codes + (size_t)o * words;
-        for (int i = 32 * lane; i < words + 31; i += 32 * 32) prefetch_l2(row + min(i, words - 1));
-    }
-    unsigned w[STEP_WORDS];
-    bool more = load(0, w);
+    copy_stage(0);
+    for (int i = per * words + 32 * t; i < mine * words; i += 32 * blockDim.x)
+        prefetch_l2(p.codes + (size_t)o0 * words + i);
+    for (int i = t; i < mine; i += blockDim.x) scale_s[i] = f32(p.scale[o0 + i]);
     wait_for_inputs();
-    // What lane 0 adds to an output's sum (its weight scale and residuals), loaded with the output's first
-    // batch (the first output's here, in flight during the norm): no round trip after the sum.
-    float out_scale = 0.f, out_res[GEMV_ROWS] = {};
-    auto load_epilogue = [&](int o, float& sc, float (&res)[GEMV_ROWS]) {
-        if (lane != 0 || o >= p.n) return;
-        sc = f32(p.scale[o]);
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++)
-            if (r < p.rows) res[r] = p.residual ? f32(p.residual[(size_t)r * p.n + o]) : 0.f;
-    };
-    load_epilogue(first, out_scale, out_res);
 
-    // The rows normed and quantized: a thread takes the 8-channel vectors t, t + blockDim.x, ... of each row.
+    // The residuals: a thread's first ones asked for now, kept in shared memory after the norm's loads.
+    float res[STEP_RES_REGS];
+#pragma unroll
+    for (int j = 0; j < STEP_RES_REGS; j++) {
+        int i = t + j * blockDim.x;
+        res[j] = p.residual && i < p.rows * mine ? f32(p.residual[(size_t)(i / mine) * p.n + o0 + i % mine]) : 0.f;
+    }
+
+    // The rows normed and quantized: a thread takes the 8-channel chunks t, t + blockDim.x, ... of each row.
     float inv_k = 1.f / p.k;
+    int stride_in = 8 * blockDim.x;
     for (int r = 0; r < p.rows; r++) {
         float ss = 0.f;
-        for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
-            float v[8], g[8], u[8];
-            if (p.act >= 0) {
-                load_input<true>(p.x, r, i, p.k, 0, 0, p.act, v, g, u);
-            } else {
-                load_input<false>(p.x, r, i, p.k, 0, 0, p.act, v, g, u);
+        const bf16* xr = p.x + (size_t)r * (p.act >= 0 ? 2 : 1) * p.k;
+        for (int i0 = 8 * t; i0 < p.k; i0 += STEP_IN_FLIGHT * stride_in) {
+            uint4 a[STEP_IN_FLIGHT], b[STEP_IN_FLIGHT];
+#pragma unroll
+            for (int j = 0; j < STEP_IN_FLIGHT; j++) {
+                int i = i0 + j * stride_in;
+                if (i >= p.k) break;
+                a[j] = *reinterpret_cast<const uint4*>(xr + i);
+                if (p.act >= 0) b[j] = *reinterpret_cast<const uint4*>(xr + p.k + i);
             }
 #pragma unroll
-            for (int e = 0; e < 8; e++) ss += v[e] * v[e];
-            store8(stage + i, v);
+            for (int j = 0; j < STEP_IN_FLIGHT; j++) {
+                int i = i0 + j * stride_in;
+                if (i >= p.k) break;
+                float v[8];
+                unpack8(a[j], v);
+                if (p.act >= 0) {
+                    float u[8];
+                    unpack8(b[j], u);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) v[e] = glu_h(p.act, v[e], u[e]);
+                }
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss += v[e] * v[e];
+                store8(stage + i, v);
+            }
         }
         float rr = p.norm ? 1.f / sqrtf(block_reduce(ss, Sum()) * inv_k + p.eps) : 1.f;
         float amax = 0.f;
-        for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
+        for (int i = 8 * t; i < p.k; i += stride_in) {
             float v[8], wv[8];
             load8(stage + i, v);
             load_weights(p.norm, i, wv);
@@ -167,7 +228,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
         }
         float scale = int8_scale(block_reduce(amax, Max()));
         int sum = 0;
-        for (int i = 8 * t; i < p.k; i += 8 * blockDim.x) {
+        for (int i = 8 * t; i < p.k; i += stride_in) {
             float v[8];
             load8(stage + i, v);
             unsigned packed[2] = {0u, 0u};
@@ -180,55 +241,63 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
             *reinterpret_cast<uint2*>(q8 + (size_t)r * p.k + i) = make_uint2(packed[0], packed[1]);
         }
         sum = __reduce_add_sync(0xffffffff, sum);
-        if (lane == 0) qsum[r][t / 32] = sum;
+        if (lane == 0) qsum[r][warp] = sum;
         if (t == 0) qscale[r] = scale;
     }
-    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < STEP_RES_REGS; j++) {
+        int i = t + j * blockDim.x;
+        if (i < p.rows * mine) res_s[i] = res[j];
+    }
+    for (int i = t + STEP_RES_REGS * blockDim.x; i < p.rows * mine; i += blockDim.x)
+        res_s[i] = p.residual ? f32(p.residual[(size_t)(i / mine) * p.n + o0 + i % mine]) : 0.f;
 
     const uint4* xq = reinterpret_cast<const uint4*>(q8);
-    int acc[GEMV_ROWS] = {};
-    for (int b = 0; more; b++) {
-        unsigned cur[STEP_WORDS];
+    for (int s = 0; s < stages; s++) {
+        if (s + 1 < stages) {
+            copy_stage(s + 1);
+            copies_landed<1>();
+        } else {
+            copies_landed<0>();
+        }
+        __syncthreads();
+        const unsigned* cs = codes_s + (size_t)(s % buffers) * per * words;
+        int count = min(mine, (s + 1) * per) - s * per;
+        for (int j = warp; j < count; j += STEP_WARPS) {
+            const unsigned* row = cs + (size_t)j * words;
+            int acc[GEMV_ROWS] = {};
+#pragma unroll 4
+            for (int i = lane; i < words; i += 32) {
+                unsigned c = row[i];
+                int c0 = c & 0x03030303, c1 = (c >> 2) & 0x03030303;
+                int c2 = (c >> 4) & 0x03030303, c3 = (c >> 6) & 0x03030303;
 #pragma unroll
-        for (int u = 0; u < STEP_WORDS; u++) cur[u] = w[u];
-        int o = first + (b / batches) * stride, base = (b % batches) * 32 * STEP_WORDS + lane;
-        more = load(b + 1, w);
-        float next_scale = 0.f, next_res[GEMV_ROWS] = {};
-        if ((b + 1) % batches == 0) load_epilogue(o + stride, next_scale, next_res);
-#pragma unroll
-        for (int u = 0; u < STEP_WORDS; u++) {
-            int i = base + 32 * u;
-            if (i >= words) break;
-            int c0 = cur[u] & 0x03030303, c1 = (cur[u] >> 2) & 0x03030303;
-            int c2 = (cur[u] >> 4) & 0x03030303, c3 = (cur[u] >> 6) & 0x03030303;
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    if (r >= p.rows) break;
+                    uint4 xv = xq[(size_t)r * words + i];
+                    acc[r] = __dp4a(c0, (int)xv.x, acc[r]);
+                    acc[r] = __dp4a(c1, (int)xv.y, acc[r]);
+                    acc[r] = __dp4a(c2, (int)xv.z, acc[r]);
+                    acc[r] = __dp4a(c3, (int)xv.w, acc[r]);
+                }
+            }
+            int o = s * per + j;
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) {
                 if (r >= p.rows) break;
-                uint4 xv = xq[(size_t)r * words + i];
-                acc[r] = __dp4a(c0, (int)xv.x, acc[r]);
-                acc[r] = __dp4a(c1, (int)xv.y, acc[r]);
-                acc[r] = __dp4a(c2, (int)xv.z, acc[r]);
-                acc[r] = __dp4a(c3, (int)xv.w, acc[r]);
+                int sum = __reduce_add_sync(0xffffffff, acc[r]);
+                if (lane == 0) {
+                    int q = 0;
+#pragma unroll
+                    for (int wp = 0; wp < STEP_WARPS; wp++) q += qsum[r][wp];
+                    float y = round_bf16((float)(sum - q) * qscale[r]);
+                    y = round_bf16(y * scale_s[o]) + res_s[r * mine + o];
+                    p.out[(size_t)r * p.n + o0 + o] = to_bf16(y);
+                }
             }
         }
-        if (b % batches != batches - 1) continue;
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (r >= p.rows) break;
-            int s = __reduce_add_sync(0xffffffff, acc[r]);
-            acc[r] = 0;
-            if (lane == 0) {
-                int q = 0;
-#pragma unroll
-                for (int wp = 0; wp < STEP_WARPS; wp++) q += qsum[r][wp];
-                float y = round_bf16((float)(s - q) * qscale[r]);
-                y = round_bf16(y * out_scale) + out_res[r];
-                p.out[(size_t)r * p.n + o] = to_bf16(y);
-            }
-        }
-        out_scale = next_scale;
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) out_res[r] = next_res[r];
+        // The buffer is copied into again two stages on.
+        if (s + 2 < stages) __syncthreads();
     }
 }
 
@@ -250,9 +319,6 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float c, float s) 
     a = round_bf16(round_bf16(x1 * c) - round_bf16(x2 * s));
     b = round_bf16(round_bf16(x1 * s) + round_bf16(x2 * c));
 }
-
-// Eight bf16 of a 16-byte chunk held in registers, widened to f32.
-__device__ __forceinline__ void unpack8(const uint4& u, float* out) { load8(reinterpret_cast<const bf16*>(&u), out); }
 
 // Columns of a split, one per lane in the softmax and four threads each in the scores: 128 threads.
 #define SPLIT 32

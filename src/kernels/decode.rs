@@ -11,15 +11,13 @@
 use candle_core::{DType, Result, Tensor, D};
 use cudarc::driver::LaunchConfig;
 
-use super::shapes::{BitLinearStep, DecodeAttention, GEMV_ROWS};
+use super::shapes::{BitLinearStep, DecodeAttention, StepLayout, GEMV_ROWS, STEP_WARPS};
 use super::{aligned_ptr, applies, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("decode");
 
 /// Outputs per block of the head's product: a warp each.
 const GEMV_WARPS: usize = 8;
-/// Warps of `bitlinear_step` (`STEP_WARPS`).
-const STEP_WARPS: usize = 8;
 /// Threads of the attention kernel (`ATTN_THREADS`).
 const ATTN_THREADS: u32 = 128;
 /// Columns per split of the attention kernel (`SPLIT`): the columns spread over the card.
@@ -115,24 +113,17 @@ struct StepParams {
     rows: i32,
     n: i32,
     k: i32,
+    block_outputs: i32,
+    stage_outputs: i32,
 }
 
 // SAFETY: a plain `#[repr(C)]` struct of integers and floats, which the kernel takes by value.
 unsafe impl cudarc::driver::DeviceRepr for StepParams {}
 
-/// Shared memory `bitlinear_step` needs beyond 48 KB is opted into per function; past this it declines
-/// (rows x k of int8 inputs and 2 k bytes of one normed row: 8 rows of 20,480 inputs).
-const STEP_SHARED_MAX: usize = 200 * 1024;
-
-/// The bytes of shared memory `bitlinear_step` takes for `rows` rows of `k` inputs.
-fn step_shared_bytes(rows: usize, k: usize) -> usize {
-    rows * k + 2 * k
-}
-
 /// Whether [`try_bitlinear_step`] takes `rows` rows of `k` inputs on `x`'s device: bf16 on CUDA, at most
 /// [`GEMV_ROWS`] rows, `k` a multiple of 16 (whole words of codes) whose rows fit its shared memory.
 pub fn takes_step(x: &Tensor, rows: usize, k: usize) -> bool {
-    applies(x) && rows <= GEMV_ROWS && k > 0 && k.is_multiple_of(16) && step_shared_bytes(rows, k) <= STEP_SHARED_MAX
+    applies(x) && rows <= GEMV_ROWS && k > 0 && k.is_multiple_of(16) && StepLayout::most(rows, k).is_some()
 }
 
 /// A decoding step's BitLinear in one launch ([`BitLinearStep`]): the input normed and quantized to int8 per
@@ -148,29 +139,37 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
     if !takes_step(s.x, rows, k) || !fits || s.norm.is_some_and(|w| w.elem_count() != k) {
         return Ok(None);
     }
+    let dev = cuda_device(s.x)?;
+    let name = "bitlinear_step";
+    let func = dev.get_or_load_custom_func(name, PTX.0, PTX.1)?;
+    // Shared memory beyond 48 KB (the static counts too: opted into above 40) is opted into before the
+    // occupancy is asked for it, and again where the layout takes more.
+    let opt_in = |bytes: usize| -> Result<()> {
+        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        if bytes > 40 * 1024 {
+            func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).map_err(|e| {
+                candle_core::Error::Msg(format!("bitlinear_step: shared memory of {bytes} bytes: {e:?}"))
+            })?;
+        }
+        Ok(())
+    };
+    let most = StepLayout::most(rows, k).expect("takes_step checked it");
+    opt_in(most)?;
+    let wave = super::one_wave(&dev, PTX, name, 32 * STEP_WARPS as u32, most as u32)?;
+    let Some(layout) = StepLayout::new(rows, n, k, wave) else { return Ok(None) };
+    if layout.bytes > most {
+        opt_in(layout.bytes)?;
+    }
     let x = s.x.contiguous()?;
     let norm = s.norm.map(|w| w.contiguous()).transpose()?;
     let (codes, scales) = (s.codes.contiguous()?, s.scales.contiguous()?);
     let residual = s.residual.map(|r| r.contiguous()).transpose()?;
     let dims = output_dims(&x, n, residual.as_ref())?;
-    let dev = cuda_device(&x)?;
     let out = output(s.out, &dims, DType::BF16, &dev)?;
-    let bytes = step_shared_bytes(rows, k);
-    let func = dev.get_or_load_custom_func("bitlinear_step", PTX.0, PTX.1)?;
-    // The static shared memory counts toward the 48 KB too: opted into with room to spare.
-    if bytes > 40 * 1024 {
-        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-            .map_err(|e| candle_core::Error::Msg(format!("bitlinear_step: shared memory of {bytes} bytes: {e:?}")))?;
-    }
-    // A warp per output at a time, no more blocks than fit the card at once: each block norms the rows once.
-    // (Half as many, leaving room for the next kernel's blocks to start early, measured 8-18% slower.)
-    let wave = super::one_wave(&dev, PTX, "bitlinear_step", 32 * STEP_WARPS as u32, bytes as u32)?;
-    let blocks = n.div_ceil(STEP_WARPS).min(wave);
     let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
+        grid_dim: (layout.blocks as u32, 1, 1),
         block_dim: (32 * STEP_WARPS as u32, 1, 1),
-        shared_mem_bytes: bytes as u32,
+        shared_mem_bytes: layout.bytes as u32,
     };
     let params = StepParams {
         x: aligned_ptr(&x)?,
@@ -184,8 +183,10 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
         rows: rows as i32,
         n: n as i32,
         k: k as i32,
+        block_outputs: layout.block_outputs as i32,
+        stage_outputs: layout.stage_outputs as i32,
     };
-    launch!(dev, PTX, "bitlinear_step", cfg, super::Overlap::Early; params);
+    launch!(dev, PTX, name, cfg, super::Overlap::Early; params);
     Ok(Some(out))
 }
 

@@ -46,6 +46,62 @@ impl TokenRows {
 /// a GEMM's work.
 pub const GEMV_ROWS: usize = 8;
 
+/// Warps of `bitlinear_step` (`STEP_WARPS` in decode.cu).
+pub const STEP_WARPS: usize = 8;
+
+/// Shared memory `bitlinear_step` needs beyond 48 KB is opted into per function; past this it declines.
+const STEP_SHARED_MAX: usize = 200 * 1024;
+
+/// The bytes of codes a block of `bitlinear_step` keeps in shared memory at most: all of its outputs' where
+/// they fit (every BitLinear of the shipped shapes), else two stages of half as many.
+const STEP_CODES_BYTES: usize = 48 * 1024;
+
+/// How `bitlinear_step` shares `n` outputs of `k` inputs for `rows` rows out over its blocks, and the shared
+/// memory that takes, in decode.cu's order: the codes' buffers, the int8 rows (`rows k` bytes), a normed row
+/// (`2 k`), the block's scales and residuals (f32).
+#[derive(Debug, PartialEq)]
+pub struct StepLayout {
+    pub blocks: usize,
+    pub block_outputs: usize,
+    pub stage_outputs: usize,
+    pub bytes: usize,
+}
+
+impl StepLayout {
+    /// The bytes of the rows, which do not depend on how the outputs are shared out.
+    pub fn fixed(rows: usize, k: usize) -> usize {
+        rows * k + 2 * k
+    }
+
+    /// The most shared memory a block takes for `rows` rows of `k` inputs (its codes at their most), or None
+    /// where not even two outputs' codes fit beside the rows.
+    pub fn most(rows: usize, k: usize) -> Option<usize> {
+        let room = STEP_SHARED_MAX.checked_sub(Self::fixed(rows, k))?;
+        (room >= 2 * k / 4 + 16).then(|| Self::fixed(rows, k) + room.min(STEP_CODES_BYTES))
+    }
+
+    /// At most `wave` blocks (those that fit the card at once at [`Self::most`]), no fewer than
+    /// [`STEP_WARPS`] outputs each: every block norms the rows once. None where a block's scales and
+    /// residuals leave too little room for two outputs' codes.
+    pub fn new(rows: usize, n: usize, k: usize, wave: usize) -> Option<Self> {
+        let row_bytes = k / 4;
+        let block_outputs = n.div_ceil(n.div_ceil(STEP_WARPS).min(wave).max(1));
+        let own = Self::fixed(rows, k) + 4 * (1 + rows) * block_outputs;
+        let room = STEP_SHARED_MAX.checked_sub(own)?.min(STEP_CODES_BYTES) & !15;
+        let (stage_outputs, buffers) = match block_outputs * row_bytes <= room {
+            true => (block_outputs, 1),
+            false => (room / 2 / row_bytes, 2),
+        };
+        let codes = (buffers * stage_outputs * row_bytes).next_multiple_of(16);
+        (stage_outputs > 0).then(|| Self {
+            blocks: n.div_ceil(block_outputs),
+            block_outputs,
+            stage_outputs,
+            bytes: codes + own,
+        })
+    }
+}
+
 /// A decoding step's BitLinear in one launch (`kernels::decode::try_bitlinear_step`): its input before the
 /// norm, normed and quantized to int8 per row, times ternary weights packed 2 bits each.
 pub struct BitLinearStep<'a> {
@@ -93,4 +149,40 @@ pub struct DecodeAttention<'a> {
     /// `kernels::decode::partial_len` says), or None: fresh tensors (as [`BitLinearStep::out`]).
     pub out: Option<&'a Tensor>,
     pub partial: Option<&'a Tensor>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The blocks cover the outputs once, their stages cover each block's, and the shared memory holds
+    /// what decode.cu puts there, for the shipped shapes (one stage a block) and one whose codes need two.
+    #[test]
+    fn step_layout_covers_the_outputs_within_shared_memory() {
+        // (rows, n, k, wave): -large's and 2B4T's BitLinears on an H100's 132 SMs, 8 rows, and a wide input.
+        let cases = [
+            (1, 4608, 1536, 528),
+            (1, 13824, 2560, 396),
+            (1, 2560, 6912, 264),
+            (8, 8192, 1536, 264),
+            (8, 4096, 14336, 132),
+            (1, 28672, 16384, 132),
+        ];
+        for (rows, n, k, wave) in cases {
+            let l = StepLayout::new(rows, n, k, wave).expect("the shape is taken");
+            assert!(l.blocks <= wave.max(n.div_ceil(STEP_WARPS)), "{l:?}");
+            assert!(l.block_outputs * (l.blocks - 1) < n && l.block_outputs * l.blocks >= n, "{l:?} for {n}");
+            assert!(l.block_outputs >= STEP_WARPS.min(n), "{l:?}");
+            let buffers = if l.stage_outputs < l.block_outputs { 2 } else { 1 };
+            let codes = (buffers * l.stage_outputs * k / 4).next_multiple_of(16);
+            assert_eq!(l.bytes, codes + rows * k + 2 * k + 4 * (1 + rows) * l.block_outputs, "{l:?}");
+            assert!(l.bytes <= STEP_SHARED_MAX && codes <= STEP_CODES_BYTES.next_multiple_of(16), "{l:?}");
+        }
+        assert_eq!(StepLayout::new(1, 13824, 2560, 396).map(|l| (l.block_outputs, l.stage_outputs)), Some((35, 35)));
+        let wide = StepLayout::new(1, 28672, 16384, 132).expect("taken");
+        assert!(wide.stage_outputs < wide.block_outputs, "{wide:?}: two stages");
+        // Llama 3 8B's down_proj at 8 rows fits; inputs too wide for two outputs' codes beside the rows do not.
+        assert!(StepLayout::new(8, 4096, 14336, 132).is_some());
+        assert_eq!(StepLayout::most(8, 20480), None);
+    }
 }
