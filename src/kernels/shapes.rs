@@ -184,5 +184,7 @@ mod tests {
         // Llama 3 8B's down_proj at 8 rows fits; inputs too wide for two outputs' codes beside the rows do not.
         assert!(StepLayout::new(8, 4096, 14336, 132).is_some());
         assert_eq!(StepLayout::most(8, 20480), None);
+        // The README's limit: 8 rows of up to 19,488 inputs.
+        assert!(StepLayout::most(8, 19488).is_some() && StepLayout::most(8, 19504).is_none());
     }
 }
