@@ -3,7 +3,7 @@
 # binaries; they alternate, two rounds):
 # - bessie-prompt's prompt and decode speed at batch 1, bitnet_b1_58-large and 2B4T shapes, a short prompt
 #   (183 tokens, 256 new) and a long one (1,973 tokens, 64 new), in each of MODES: "default", or environment
-#   settings such as BESSIE_LOOKAHEAD=0, BESSIE_CUDA_GRAPHS=0, BESSIE_UNFUSED=1 (default MODES: "default");
+#   settings such as BESSIE_PDL=0, BESSIE_CUDA_GRAPHS=0, BESSIE_UNFUSED=1 (default MODES: "default");
 # - with KPROF=dir (libkprof.so built from tests/reference/kernel_profile.c, and libcupti beside it), each
 #   build's 2B4T decoding step by kernel under CUPTI (1,536 new tokens);
 # - bessie-eval on tests/reference/hf_generate_bench.py's synthetic dev file, batch 32, 50 new tokens, each
@@ -14,7 +14,7 @@
 # Random weights of the shipped 1,002-token vocabulary: the device machine has only the checkout. Writes under
 # OUT.
 #
-#   OUT=results [MODES="default BESSIE_LOOKAHEAD=0"] [KPROF=dir] [MIXED=1] [HF=0] tests/reference/inference_bench.sh BIN...
+#   OUT=results [MODES="default BESSIE_PDL=0"] [KPROF=dir] [MIXED=1] [HF=0] tests/reference/inference_bench.sh BIN...
 set -u
 OUT=${OUT:?a folder for the results} MODES=${MODES:-default}
 [ $# -ge 1 ] || { echo "usage: OUT=dir tests/reference/inference_bench.sh BIN..." >&2; exit 2; }
