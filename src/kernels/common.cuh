@@ -1,6 +1,6 @@
 // Shared by the kernels: bf16 conversions, a deterministic block reduction, and the pieces of a BitLinear
-// input (where a row's channels lie, the gated activation, the norm weight, the int8 quantization) that the
-// norm kernels and the decoding step's product share.
+// input (the gated activation, the norm weight, the int8 quantization) that the norm kernels and the decoding
+// step's product share.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -127,30 +127,6 @@ __device__ __forceinline__ void load_weights(const bf16* w, int i, float* out) {
     if (((uintptr_t)w & 15) == 0) return load8(w, out);
 #pragma unroll
     for (int e = 0; e < 8; e++) out[e] = f32(w[e]);
-}
-
-// Where channel i of row `row` lies in x (and dx): rows [n, c] when d == 0, else attention's heads
-// [b, c / d, t, d] read as rows [b t, c] (d % 8 == 0, so a vector of 8 channels stays in one head).
-__device__ __forceinline__ size_t at(int row, int i, int c, int t, int d) {
-    if (d == 0) return (size_t)row * c + i;
-    int bi = row / t, ti = row - bi * t, h = i / d;
-    return (((size_t)bi * (c / d) + h) * t + ti) * d + (i - h * d);
-}
-
-// The 8 input channels from i of row `row`: x itself, or with GLU h computed from the gate and up halves of
-// the row of gu [n, 2c] (what `glu_h` rounds is what the unfused SwiGLU stored); `g` and `u` keep the halves
-// for the backward.
-template <bool GLU>
-__device__ __forceinline__ void load_input(const bf16* x, int row, int i, int c, int t, int hd, int act, float* v,
-                                           float* g, float* u) {
-    if constexpr (GLU) {
-        load8(x + (size_t)row * 2 * c + i, g);
-        load8(x + (size_t)row * 2 * c + c + i, u);
-#pragma unroll
-        for (int e = 0; e < 8; e++) v[e] = glu_h(act, g[e], u[e]);
-    } else {
-        load8(x + at(row, i, c, t, hd), v);
-    }
 }
 
 // A row's int8 quantization (the BitLinear input's, per token): the scale from the row's largest magnitude,

@@ -157,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
     bf16* stage = reinterpret_cast<bf16*>(q8 + (size_t)p.rows * p.k);
     float* scale_s = reinterpret_cast<float*>(stage + p.k);
     float* res_s = scale_s + p.block_outputs;
-    // Stage s's codes into buffer s % 2.
+    // Stage s's codes into buffer s % buffers.
     auto copy_stage = [&](int s) {
         int first = s * per, count = min(mine, first + per) - first;
         copy_async(codes_s + (size_t)(s % buffers) * per * words, p.codes + (size_t)(o0 + first) * words,
@@ -173,12 +173,16 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
     for (int i = t; i < mine; i += blockDim.x) scale_s[i] = f32(p.scale[o0 + i]);
     wait_for_inputs();
 
-    // The residuals: a thread's first ones asked for now, kept in shared memory after the norm's loads.
+    // The residuals, i = r mine + the output's place in the block: a thread's first ones asked for now, kept
+    // in shared memory after the norm's loads.
+    auto residual_at = [&](int i) {
+        return p.residual ? f32(p.residual[(size_t)(i / mine) * p.n + o0 + i % mine]) : 0.f;
+    };
     float res[STEP_RES_REGS];
 #pragma unroll
     for (int j = 0; j < STEP_RES_REGS; j++) {
         int i = t + j * blockDim.x;
-        res[j] = p.residual && i < p.rows * mine ? f32(p.residual[(size_t)(i / mine) * p.n + o0 + i % mine]) : 0.f;
+        res[j] = i < p.rows * mine ? residual_at(i) : 0.f;
     }
 
     // The rows normed and quantized: a thread takes the 8-channel chunks t, t + blockDim.x, ... of each row.
@@ -249,8 +253,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
         int i = t + j * blockDim.x;
         if (i < p.rows * mine) res_s[i] = res[j];
     }
-    for (int i = t + STEP_RES_REGS * blockDim.x; i < p.rows * mine; i += blockDim.x)
-        res_s[i] = p.residual ? f32(p.residual[(size_t)(i / mine) * p.n + o0 + i % mine]) : 0.f;
+    for (int i = t + STEP_RES_REGS * blockDim.x; i < p.rows * mine; i += blockDim.x) res_s[i] = residual_at(i);
 
     const uint4* xq = reinterpret_cast<const uint4*>(q8);
     for (int s = 0; s < stages; s++) {

@@ -10,9 +10,33 @@
 // channels: no block barriers, and each lane has several loads in flight), else the whole block (G = 0). Lane `l`
 // owns the 8-channel vectors l, l + group size, ... (K of them, K a template parameter so they live in
 // registers), so each row is read from memory once, in 16-byte accesses (x, dy, dx; c % 8 == 0 keeps every
-// row aligned; x and dx may be attention's heads, see `at` in common.cuh), and kept in registers between the
-// passes that need its statistics.
+// row aligned; x and dx may be attention's heads, see `at`), and kept in registers between the passes that
+// need its statistics.
 #include "common.cuh"
+
+// Where channel i of row `row` lies in x (and dx): rows [n, c] when d == 0, else attention's heads
+// [b, c / d, t, d] read as rows [b t, c] (d % 8 == 0, so a vector of 8 channels stays in one head).
+__device__ __forceinline__ size_t at(int row, int i, int c, int t, int d) {
+    if (d == 0) return (size_t)row * c + i;
+    int bi = row / t, ti = row - bi * t, h = i / d;
+    return (((size_t)bi * (c / d) + h) * t + ti) * d + (i - h * d);
+}
+
+// The 8 input channels from i of row `row`: x itself, or with GLU h computed from the gate and up halves of
+// the row of gu [n, 2c] (what `glu_h` rounds is what the unfused SwiGLU stored); `g` and `u` keep the halves
+// for the backward.
+template <bool GLU>
+__device__ __forceinline__ void load_input(const bf16* x, int row, int i, int c, int t, int hd, int act, float* v,
+                                           float* g, float* u) {
+    if constexpr (GLU) {
+        load8(x + (size_t)row * 2 * c + i, g);
+        load8(x + (size_t)row * 2 * c + c + i, u);
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = glu_h(act, g[e], u[e]);
+    } else {
+        load8(x + at(row, i, c, t, hd), v);
+    }
+}
 
 // The threads that share a row: a warp (G = 32) or the block (G = 0).
 template <int G> struct Group {

@@ -69,7 +69,7 @@ pub struct StepLayout {
 
 impl StepLayout {
     /// The bytes of the rows, which do not depend on how the outputs are shared out.
-    pub fn fixed(rows: usize, k: usize) -> usize {
+    fn fixed(rows: usize, k: usize) -> usize {
         rows * k + 2 * k
     }
 
