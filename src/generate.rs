@@ -9,6 +9,7 @@ use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor, D};
 
 use crate::config::ModelConfig;
+use crate::kernels::readback::{Readback, Ticket};
 use crate::model::{BitNet, KvCache};
 use crate::rng::Rng;
 use crate::tokenizer::template::ChatTemplate;
@@ -345,6 +346,41 @@ pub struct ContinuousBatch<'a> {
     shared: usize,
     prefix: Option<KvCache>,
     clock: Instant,
+    /// Whether greedy steps run one ahead ([`Self::decode_ahead`]), the step launched ahead whose picks the
+    /// rows take next, and the copies that bring picks to the host.
+    ahead: bool,
+    pending: Option<Picks>,
+    readback: Readback,
+}
+
+/// A decoding step's picks, one a row: read already, or (greedy on a GPU) still on the device, on their way
+/// to the host.
+struct Picks {
+    on_device: Option<Tensor>,
+    host: HostIds,
+}
+
+enum HostIds {
+    Read(Vec<u32>),
+    Copying(Ticket),
+}
+
+impl Picks {
+    /// The picks as the next step's input `[rows, 1]`, without waiting for them where they are on the device.
+    fn as_input(&self, device: &candle_core::Device) -> Result<Tensor> {
+        Ok(match (&self.on_device, &self.host) {
+            (Some(ids), _) => ids.unsqueeze(1)?,
+            (None, HostIds::Read(ids)) => Tensor::from_vec(ids.clone(), (ids.len(), 1), device)?,
+            (None, HostIds::Copying(_)) => unreachable!("a copy is only made of picks on the device"),
+        })
+    }
+
+    fn read(self, readback: &mut Readback) -> Result<Vec<u32>> {
+        Ok(match self.host {
+            HostIds::Read(ids) => ids,
+            HostIds::Copying(ticket) => readback.read(ticket)?,
+        })
+    }
 }
 
 /// A row of a [`ContinuousBatch`] at work: its prompt, its answer so far, and when it was admitted and
@@ -397,7 +433,21 @@ impl<'a> ContinuousBatch<'a> {
             shared: if shared >= MIN_SHARED { shared } else { 0 },
             prefix: None,
             clock: Instant::now(),
+            ahead: model.device().is_cuda() && std::env::var("BESSIE_DECODE_AHEAD").map_or(true, |v| v != "0"),
+            pending: None,
+            readback: Readback::new(),
         })
+    }
+
+    /// Greedy decoding one step ahead (the default on a GPU; `BESSIE_DECODE_AHEAD=0` turns it off): the next
+    /// step is launched from this step's picks on the device before the host reads them, so the GPU never
+    /// waits for the host's work between tokens (the picks' copy, the stop checks, the text, the next launch).
+    /// The tokens are the same; where an answer stops at an end-of-turn id, the step run ahead for it is
+    /// thrown away (its cache column is never read). On the CPU it only costs that step, which is why it is
+    /// off there.
+    pub fn decode_ahead(mut self, on: bool) -> Self {
+        self.ahead = on;
+        self
     }
 
     /// Runs every prompt to its end; the generations in prompt order. `on_text(prompt, text)` streams each
@@ -437,10 +487,14 @@ impl<'a> ContinuousBatch<'a> {
         let due = !free.is_empty()
             && !self.queue.is_empty()
             && (busy == 0 || free.len() * ADMIT_WHEN_FREE >= self.rows || self.queue.len() <= free.len());
-        if due {
+        let shrinks = !due && busy > 0 && self.queue.is_empty() && 2 * busy <= self.slots.len();
+        if let Some(picks) = self.pending.take_if(|_| due || shrinks) {
+            // The step launched ahead is taken before the batch changes its rows.
+            self.take_picks(picks, &mut on_text, &mut ended)?;
+        } else if due {
             self.admit(&free, sampler, &mut on_text, &mut ended)?;
         } else if busy > 0 {
-            if self.queue.is_empty() && 2 * busy <= self.slots.len() {
+            if shrinks {
                 self.shrink()?;
             }
             self.decode(sampler, &mut on_text, &mut ended)?;
@@ -530,28 +584,74 @@ impl<'a> ContinuousBatch<'a> {
         Ok(())
     }
 
-    /// One token for every row at work (after ending those whose context is full).
+    /// One token for every row at work (after ending those whose context is full): the picks of the step
+    /// launched ahead, or of a step launched now; with [`Self::decode_ahead`], the next step is launched from
+    /// them before they are read.
     fn decode(
         &mut self,
         sampler: &mut Sampler,
         on_text: &mut impl FnMut(usize, &str) -> Result<()>,
         ended: &mut Vec<(usize, Generation)>,
     ) -> Result<()> {
-        let now = self.clock.elapsed().as_secs_f64();
-        let cache = self.cache.as_ref().expect("rows at work were prefilled");
-        let full: Vec<usize> = (0..self.slots.len())
-            .filter(|&r| self.slots[r].is_some() && cache.row_len(r) + 1 > self.model.max_positions())
-            .collect();
-        for r in full {
-            self.end(r, StopReason::ContextFull, now, ended);
+        let picks = match self.pending.take() {
+            Some(picks) => picks,
+            None => {
+                let now = self.clock.elapsed().as_secs_f64();
+                let cache = self.cache.as_ref().expect("rows at work were prefilled");
+                let full: Vec<usize> = (0..self.slots.len())
+                    .filter(|&r| self.slots[r].is_some() && cache.row_len(r) + 1 > self.model.max_positions())
+                    .collect();
+                for r in full {
+                    self.end(r, StopReason::ContextFull, now, ended);
+                }
+                if self.slots.iter().all(Option::is_none) {
+                    return Ok(());
+                }
+                let x = Tensor::from_vec(self.next.clone(), (self.slots.len(), 1), self.model.device())?;
+                self.launch(&x, sampler)?
+            }
+        };
+        if self.runs_ahead(sampler) {
+            let x = picks.as_input(self.model.device())?;
+            self.pending = Some(self.launch(&x, sampler)?);
         }
-        if self.slots.iter().all(Option::is_none) {
-            return Ok(());
-        }
-        let x = Tensor::from_vec(self.next.clone(), (self.slots.len(), 1), self.model.device())?;
+        self.take_picks(picks, on_text, ended)
+    }
+
+    /// A decoding step over the cache on input `x: [rows, 1]`, and its picks: greedy ones left on the device
+    /// and copied to the host behind the step where the model is on a GPU.
+    fn launch(&mut self, x: &Tensor, sampler: &mut Sampler) -> Result<Picks> {
         let cache = self.cache.as_mut().expect("rows at work were prefilled");
-        let logits = on_worker(self.model, || Ok(self.model.step_logits(&x, cache)?))?;
-        let ids = sampler.sample_batch(&logits)?;
+        let logits = on_worker(self.model, || Ok(self.model.step_logits(x, cache)?))?;
+        if sampler.temperature > 0.0 {
+            return Ok(Picks { on_device: None, host: HostIds::Read(sampler.sample_batch(&logits)?) });
+        }
+        let ids = logits.argmax(D::Minus1)?;
+        Ok(match self.readback.try_start(&ids)? {
+            Some(ticket) => Picks { on_device: Some(ids), host: HostIds::Copying(ticket) },
+            None => Picks { on_device: None, host: HostIds::Read(ids.to_vec1()?) },
+        })
+    }
+
+    /// Whether the next step is launched before this one's picks are read: greedy decoding one step ahead,
+    /// with room in every row's context for it and a row that will still be generating after these picks.
+    fn runs_ahead(&self, sampler: &Sampler) -> bool {
+        let cache = self.cache.as_ref().expect("rows at work were prefilled");
+        let at_work = || (0..self.slots.len()).filter_map(|r| Some((r, self.slots[r].as_ref()?)));
+        self.ahead
+            && sampler.temperature <= 0.0
+            && at_work().all(|(r, _)| cache.row_len(r) < self.model.max_positions())
+            && at_work().any(|(_, slot)| slot.row.ids.len() + 1 < self.max_new_tokens)
+    }
+
+    /// Every row at work takes its pick of `picks`.
+    fn take_picks(
+        &mut self,
+        picks: Picks,
+        on_text: &mut impl FnMut(usize, &str) -> Result<()>,
+        ended: &mut Vec<(usize, Generation)>,
+    ) -> Result<()> {
+        let ids = picks.read(&mut self.readback)?;
         let secs = self.clock.elapsed().as_secs_f64();
         for (r, &id) in ids.iter().enumerate() {
             if self.slots[r].is_some() {

@@ -252,6 +252,22 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
         assert!(same >= 13, "{rows} rows: only {same} of {} answers equal", prompts.len());
         assert!(replays > 0, "{rows} rows: no step replayed a graph");
     }
+
+    // Greedy decoding one step ahead (the default on a GPU: the next step launched from the picks still on
+    // the device) picks exactly the tokens of reading each step's picks before the next: the same kernels on
+    // the same rows, whatever step a row is admitted or dropped at.
+    for rows in [1, 3] {
+        let run = |ahead: bool| {
+            let mut batch = ContinuousBatch::new(&model, &tok, &stop, &prompts, rows, 64).unwrap().decode_ahead(ahead);
+            batch.run(&mut Sampler::greedy(), |_, _| Ok(())).unwrap()
+        };
+        let (ahead, waiting) = (run(true), run(false));
+        for (i, (a, w)) in ahead.iter().zip(&waiting).enumerate() {
+            assert_eq!((&a.ids, &a.stop), (&w.ids, &w.stop), "{rows} rows, prompt {i}: one step ahead differs");
+        }
+        let stops = ahead.iter().filter(|g| g.stop != bessie::generate::StopReason::MaxNewTokens).count();
+        println!("decoding ahead, {rows} rows: the {} answers equal ({stops} ended before the budget)", prompts.len());
+    }
 }
 
 /// Every family's bf16 forward on the GPU against transformers' own `BitNetForCausalLM` / `LlamaForCausalLM`

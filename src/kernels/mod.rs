@@ -39,6 +39,8 @@ pub mod flat;
 #[cfg(feature = "cuda")]
 pub mod gemm;
 #[cfg(feature = "cuda")]
+pub mod readback;
+#[cfg(feature = "cuda")]
 pub mod residual;
 #[cfg(feature = "cuda")]
 pub mod rmsnorm;
