@@ -329,6 +329,8 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float c, float s) 
 // Query heads of one kv head a block serves (a larger group takes several blocks): K and V are read once for
 // them all.
 #define GROUP_MAX 8
+// Splits whose values and stats a joining thread has in flight at once.
+#define JOIN_BATCH 8
 
 // Attention of each row's new token over its KV cache, split over the columns as flash-decoding does so that
 // a long context spreads over the card: blockIdx.x = kv head (times the blocks its group of query heads
@@ -527,11 +529,12 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     if (active == 1) return;
 
     // The last of the active splits' blocks to finish joins them (the others' writes are seen: each fenced
-    // them before counting itself): y = sum_s o_s w_s with w_s = e^(m_s - M) / sum_s l_s e^(m_s - M). A warp a
-    // head finds M and the denominator in one pass over the stats (each lane with its own running max), the
-    // weights go to shared memory (`red`, whose sums are written), then each thread sums four elements over
-    // the splits, eight splits' loads in flight at a time: few round trips to L2 (one at a time, the join's
-    // chains of reads were most of the kernel).
+    // them before counting itself): y = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), a running max and sums
+    // over the splits as flash-decoding's combine. Each float4 of the group's outputs takes `lanes` adjacent
+    // threads (as many as leave none idle), each thread the splits i, i + lanes, ... (its place i among them), whose values and stats it
+    // loads JOIN_BATCH splits at a time, all in flight, then the lanes merge their sums by shuffles. For a short
+    // context that is one round trip to L2 (three and more when the stats were read first, then the weights
+    // made, then the values read: half the kernel).
     __threadfence();
     __syncthreads();
     if (t == 0) {
@@ -541,53 +544,51 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     }
     __syncthreads();
     if (!last) return;
-    for (int g = t / 32; g < gb; g += ATTN_THREADS / 32) {
+    int elems = gb * d / 4, lanes = 1;
+    while (2 * lanes * elems <= ATTN_THREADS && lanes < 32) lanes *= 2;
+    int part_of = t % lanes, rounds = (elems * lanes + ATTN_THREADS - 1) / ATTN_THREADS;
+    // Every thread takes part in every round (the shuffles name whole warps); those past the outputs load none.
+    for (int round = 0; round < rounds; round++) {
+        int u = t / lanes + round * (ATTN_THREADS / lanes), g = 4 * u / d, e = 4 * u % d;
+        bool mine = u < elems;
         const float2* st = stats + head_split + (size_t)g * splits;
+        const float* part = partial + (head_split + (size_t)g * splits) * d + e;
         float top = -INFINITY, den = 0.f;
-        for (int s = lane; s < active; s += 32) {
-            float2 ml = __ldcg(st + s);
-            if (ml.x == -INFINITY) continue;
-            float now = fmaxf(top, ml.x);
-            den = den * expf(top - now) + ml.y * expf(ml.x - now);
-            top = now;
-        }
-        float all = top;
-        for (int off = 16; off > 0; off /= 2) all = fmaxf(all, __shfl_xor_sync(0xffffffff, all, off));
-        den = top == -INFINITY ? 0.f : den * expf(top - all);
-        for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffff, den, off);
-        if (lane == 0) stat_m[g] = all, stat_l[g] = den;
-    }
-    // A thread's elements: float4 u = t, t + ATTN_THREADS, ... of the group's gb d (at most 4: d <= 256).
-    float4 num[GROUP_MAX * 256 / 4 / ATTN_THREADS] = {};
-    int cap = 8192 / gb;
-    for (int s0 = 0; s0 < active; s0 += cap) {
-        int count = min(cap, active - s0);
-        __syncthreads();
-        for (int i = t; i < gb * count; i += ATTN_THREADS) {
-            int g = i / count, s = s0 + i % count;
-            float ms = __ldcg(&stats[head_split + (size_t)g * splits + s].x);
-            red[i] = ms == -INFINITY ? 0.f : expf(ms - stat_m[g]) / stat_l[g];
-        }
-        __syncthreads();
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s0 = part_of; mine && s0 < active; s0 += JOIN_BATCH * lanes) {
+            float2 ml[JOIN_BATCH];
+            float4 v[JOIN_BATCH];
 #pragma unroll
-        for (int j = 0; j < GROUP_MAX * 256 / 4 / ATTN_THREADS; j++) {
-            int u = t + j * ATTN_THREADS, g = 4 * u / d, e = 4 * u % d;
-            if (g >= gb) break;
-            const float* part = partial + (head_split + (size_t)g * splits + s0) * d + e;
-            const float* wg = red + g * count;
-#pragma unroll 8
-            for (int s = 0; s < count; s++) {
-                float4 v = __ldcg(reinterpret_cast<const float4*>(part + (size_t)s * d));
-                float ws = wg[s];
-                num[j].x += v.x * ws, num[j].y += v.y * ws, num[j].z += v.z * ws, num[j].w += v.w * ws;
+            for (int b = 0; b < JOIN_BATCH; b++) {
+                int sp = s0 + b * lanes;
+                if (sp < active) ml[b] = __ldcg(st + sp), v[b] = __ldcg(reinterpret_cast<const float4*>(part + (size_t)sp * d));
+            }
+#pragma unroll
+            for (int b = 0; b < JOIN_BATCH; b++) {
+                if (s0 + b * lanes >= active || ml[b].x == -INFINITY) continue;
+                float now = fmaxf(top, ml[b].x), old = expf(top - now), w = expf(ml[b].x - now);
+                den = den * old + ml[b].y * w;
+                acc.x = acc.x * old + v[b].x * w, acc.y = acc.y * old + v[b].y * w;
+                acc.z = acc.z * old + v[b].z * w, acc.w = acc.w * old + v[b].w * w;
+                top = now;
             }
         }
-    }
-#pragma unroll
-    for (int j = 0; j < GROUP_MAX * 256 / 4 / ATTN_THREADS; j++) {
-        int u = t + j * ATTN_THREADS, g = 4 * u / d, e = 4 * u % d;
-        if (g >= gb) break;
-        bf16* out = y + ((size_t)r * heads + h0 + g) * d + e;
-        out[0] = to_bf16(num[j].x), out[1] = to_bf16(num[j].y), out[2] = to_bf16(num[j].z), out[3] = to_bf16(num[j].w);
+        for (int off = lanes / 2; off > 0; off /= 2) {
+            float top2 = __shfl_xor_sync(0xffffffff, top, off), den2 = __shfl_xor_sync(0xffffffff, den, off);
+            float4 acc2 = make_float4(__shfl_xor_sync(0xffffffff, acc.x, off), __shfl_xor_sync(0xffffffff, acc.y, off),
+                                      __shfl_xor_sync(0xffffffff, acc.z, off), __shfl_xor_sync(0xffffffff, acc.w, off));
+            float now = fmaxf(top, top2);
+            float wa = top == -INFINITY ? 0.f : expf(top - now), wb = top2 == -INFINITY ? 0.f : expf(top2 - now);
+            den = den * wa + den2 * wb;
+            acc.x = acc.x * wa + acc2.x * wb, acc.y = acc.y * wa + acc2.y * wb;
+            acc.z = acc.z * wa + acc2.z * wb, acc.w = acc.w * wa + acc2.w * wb;
+            top = now;
+        }
+        if (mine && part_of == 0) {
+            float inv = den > 0.f ? 1.f / den : 0.f;
+            bf16* out = y + ((size_t)r * heads + h0 + g) * d + e;
+            out[0] = to_bf16(acc.x * inv), out[1] = to_bf16(acc.y * inv), out[2] = to_bf16(acc.z * inv);
+            out[3] = to_bf16(acc.w * inv);
+        }
     }
 }
