@@ -355,30 +355,24 @@ pub struct ContinuousBatch<'a> {
 
 /// A decoding step's picks, one a row: read already, or (greedy on a GPU) still on the device, on their way
 /// to the host.
-struct Picks {
-    on_device: Option<Tensor>,
-    host: HostIds,
-}
-
-enum HostIds {
+enum Picks {
     Read(Vec<u32>),
-    Copying(Ticket),
+    Copying { ids: Tensor, ticket: Ticket },
 }
 
 impl Picks {
     /// The picks as the next step's input `[rows, 1]`, without waiting for them where they are on the device.
     fn as_input(&self, device: &candle_core::Device) -> Result<Tensor> {
-        Ok(match (&self.on_device, &self.host) {
-            (Some(ids), _) => ids.unsqueeze(1)?,
-            (None, HostIds::Read(ids)) => Tensor::from_vec(ids.clone(), (ids.len(), 1), device)?,
-            (None, HostIds::Copying(_)) => unreachable!("a copy is only made of picks on the device"),
+        Ok(match self {
+            Picks::Read(ids) => Tensor::from_vec(ids.clone(), (ids.len(), 1), device)?,
+            Picks::Copying { ids, .. } => ids.unsqueeze(1)?,
         })
     }
 
     fn read(self, readback: &mut Readback) -> Result<Vec<u32>> {
-        Ok(match self.host {
-            HostIds::Read(ids) => ids,
-            HostIds::Copying(ticket) => readback.read(ticket)?,
+        Ok(match self {
+            Picks::Read(ids) => ids,
+            Picks::Copying { ticket, .. } => readback.read(ticket)?,
         })
     }
 }
@@ -624,12 +618,12 @@ impl<'a> ContinuousBatch<'a> {
         let cache = self.cache.as_mut().expect("rows at work were prefilled");
         let logits = on_worker(self.model, || Ok(self.model.step_logits(x, cache)?))?;
         if sampler.temperature > 0.0 {
-            return Ok(Picks { on_device: None, host: HostIds::Read(sampler.sample_batch(&logits)?) });
+            return Ok(Picks::Read(sampler.sample_batch(&logits)?));
         }
         let ids = logits.argmax(D::Minus1)?;
         Ok(match self.readback.try_start(&ids)? {
-            Some(ticket) => Picks { on_device: Some(ids), host: HostIds::Copying(ticket) },
-            None => Picks { on_device: None, host: HostIds::Read(ids.to_vec1()?) },
+            Some(ticket) => Picks::Copying { ids, ticket },
+            None => Picks::Read(ids.to_vec1()?),
         })
     }
 
