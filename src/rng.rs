@@ -35,15 +35,27 @@ impl Rng {
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        unit(self.next_u64())
     }
 
     /// Standard normal (Box-Muller).
     pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform(); // in (0, 1]: ln is finite
-        let u2 = self.uniform();
+        let a = self.next_u64();
+        Self::normal_of(a, self.next_u64())
+    }
+
+    /// The standard normal [`Self::normal`] makes of its two draws `a` and `b`: a stream drawn in order (cheap)
+    /// can be transformed elsewhere, in parallel, into the same values.
+    pub fn normal_of(a: u64, b: u64) -> f64 {
+        let u1 = 1.0 - unit(a); // in (0, 1]: ln is finite
+        let u2 = unit(b);
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
+}
+
+/// A draw as a uniform number in [0, 1).
+fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 #[cfg(test)]
