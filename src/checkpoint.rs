@@ -134,8 +134,7 @@ fn ensure_finite(layout: &ParamLayout, what: &str, flat: &Tensor) -> Result<()> 
         return Ok(());
     }
     for (name, t) in layout.named(flat)? {
-        // Its own elements copied first (as `hf::save` does): a view's move to the host copies its buffer.
-        let values = t.flatten_all()?.to_dtype(DType::F32)?.force_contiguous()?.to_vec1::<f32>()?;
+        let values = crate::device::to_host(&t.flatten_all()?.to_dtype(DType::F32)?)?.to_vec1::<f32>()?;
         if let Some(v) = values.iter().find(|v| !v.is_finite()) {
             bail!("{what} `{name}` holds {v}: the training diverged");
         }

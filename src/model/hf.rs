@@ -455,10 +455,7 @@ pub fn save(
     let tensors: Vec<(String, Tensor)> = tensors
         .iter()
         .filter(|(n, _)| !(cfg.tie_word_embeddings && n == "lm_head.weight"))
-        // A copy of the tensor's own elements first: moving a view (a training run's parameters are views
-        // of one flat buffer) to the host copies its whole buffer, which for bitnet_b1_58-large on a GPU made
-        // saving a checkpoint take minutes.
-        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.force_contiguous()?.to_device(&Device::Cpu)?)))
+        .map(|(n, t)| Ok((n.clone(), crate::device::to_host(&t.to_dtype(dtype)?)?.contiguous()?)))
         .collect::<Result<_>>()?;
     match layout {
         Layout::Safetensors => write_safetensors(&dir.join(SAFETENSORS_FILE), &tensors)?,
