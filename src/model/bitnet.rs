@@ -358,6 +358,20 @@ enum Positions {
     },
 }
 
+/// `softmax(q k^T / sqrt(d) + mask) v` in candle ops for `q: [b, heads, t, d]` and the cache's `k`, `v`:
+/// `[b, kv_heads, n, d]` (grouped query heads share a kv head), `mask` additive `[b, 1, t, n]` or None.
+pub(super) fn attention_by_ops(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let groups = q.dim(1)? / k.dim(1)?;
+    let (k, v) = (repeat_kv(k, groups)?, repeat_kv(v, groups)?);
+    let scores = (q.matmul(&k.t()?)? / (q.dim(3)? as f64).sqrt())?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    probs.matmul(&v)
+}
+
 /// Rotates `x: [batch, heads, seq, head_dim]` by the tables of `Rope::at`.
 fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
     candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
@@ -475,17 +489,11 @@ impl Attention {
                     .ok_or_else(|| candle_core::Error::msg("the flash kernel declined a prefill it was chosen for"))?
                     .0
             }
-            None => {
-                let groups = self.num_heads / self.num_kv_heads;
-                let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
-                let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.to_dtype(DType::F32)?;
-                let scores = match mask {
-                    Some(m) => scores.broadcast_add(m)?,
-                    None => scores,
-                };
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-                probs.matmul(&v)?
-            }
+            // A decoding step on the CPU: each row's one query in plain loops.
+            None => match super::cpu_attention::try_decode_attention(&q, &k, &v, mask)? {
+                Some(y) => y,
+                None => attention_by_ops(&q, &k, &v, mask)?,
+            },
         };
         let y = y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         match &self.weights {

@@ -4,6 +4,7 @@ pub mod arch;
 mod bf16_head;
 pub mod bitnet;
 pub mod bitnet_packed;
+mod cpu_attention;
 pub mod hf;
 pub mod init;
 pub mod kv_cache;
