@@ -85,12 +85,15 @@ struct BitLinearStep {
     int block_outputs, stage_outputs;
 };
 
-// Warps of bitlinear_step.
-#define STEP_WARPS 8
-// A thread's 16-byte chunks of an input row loaded at once: 4 cover k <= 8,192 (2B4T's down_proj: 6,912).
-#define STEP_IN_FLIGHT 4
-// A thread's residuals loaded during the norm; a block's others (past 2 x 256) after it.
-#define STEP_RES_REGS 2
+// Warps of bitlinear_step: one block an SM. Each block norms and quantizes the whole input row itself, and
+// that norm is most of a launch: blocks sharing an SM repeated it, one block an SM does it once.
+#define STEP_WARPS 32
+static_assert(STEP_WARPS <= 32, "a warp's lanes add up the warps' sums of codes");
+// A thread's 8-channel chunks of an input row, held in registers from the load to the quantization:
+// k <= 8 x 32 x STEP_WARPS x STEP_CHUNKS = 16,384 (shapes.rs's STEP_K_MAX).
+#define STEP_CHUNKS 2
+// A thread's residuals loaded during the norm; a block's others (past 1,024) after it.
+#define STEP_RES_REGS 1
 
 // Copies `bytes` from global to shared memory without holding the thread (cp.async, sm_80 and later;
 // before, plain loads): 16 bytes a thread at a time where both addresses and the size allow, else 4.
@@ -126,25 +129,37 @@ template <int PENDING> __device__ __forceinline__ void copies_landed() {
 #endif
 }
 
+// Eight bf16 at w + i as raw bits (16 bytes), in one access where the address allows.
+__device__ __forceinline__ uint4 load8_raw(const bf16* w, int i) {
+    w += i;
+    if (((uintptr_t)w & 15) == 0) return *reinterpret_cast<const uint4*>(w);
+    uint4 u;
+    bf16* h = reinterpret_cast<bf16*>(&u);
+#pragma unroll
+    for (int e = 0; e < 8; e++) h[e] = w[e];
+    return u;
+}
+
 // out[r, o] = round(round(round(s_r sum_i q[r, i] t[o, i]) scale[o]) + residual[r, o]) for the input's rows
 // r < rows <= 8, where q[r] (int8) and s_r are row r of the input normed and quantized per token exactly as
 // rmsnorm_quant_forward does it (the same roundings; its sums in another order) and t the ternary weights.
-// Block b takes the outputs b block_outputs, ... (the last block fewer). Launched to start before the
-// previous kernel has finished (programmatic dependent launch), it copies its outputs' codes (or the first
-// stage of them) into shared memory asynchronously, and its scales, before it waits
-// for its input: the product then reads no memory but shared, and the whole card's loads of the codes are
-// in flight at once (one output's row at a time a warp, with L2's latency each, was most of the time).
-// Then each block norms and quantizes the rows itself into shared memory (a thread's loads of its chunks of
-// a row all issued before any is used; the rows are a few KB, and a separate norm launch cost more than the
-// redundant work), and each warp takes its stage's outputs warp, warp + STEP_WARPS, ...: a lane multiplies
-// the words lane, lane + 32, ... of the output's codes by the inputs, 4 weights by 4 inputs a dp4a: codes
-// c = t + 1 give sum_i c_i q_i, from which sum_i q_i is taken. The sums are exact integers. With more than
-// one stage, the next stage's copy is in flight while one is multiplied (two buffers).
+// Block b takes the outputs b block_outputs, ... (the last block fewer), one block an SM. Launched to start
+// before the previous kernel has finished (programmatic dependent launch), it copies its outputs' codes (or
+// the first stage of them) into shared memory asynchronously, and loads its scales and the norm's weight,
+// before it waits for its input: the product then reads no memory but shared, and the whole card's loads of
+// the codes are in flight at once (one output's row at a time a warp, with L2's latency each, was most of
+// the time). Then each block norms and quantizes the rows itself, a thread's chunks of a row held in
+// registers from the load to the int8 codes (a separate norm launch cost more than the redundant work), and
+// each warp takes its stage's outputs warp, warp + STEP_WARPS, ...: a lane multiplies the words lane,
+// lane + 32, ... of the output's codes by the inputs, 4 weights by 4 inputs a dp4a: codes c = t + 1 give
+// sum_i c_i q_i, from which sum_i q_i is taken. The sums are exact integers. With more than one stage, the
+// next stage's copy is in flight while one is multiplied (two buffers).
 // Dynamic shared memory, in shapes.rs's `StepLayout` order: the codes' buffers, rows k bytes of int8 inputs,
-// 2 k bytes for a row's normed values, the block's scales (f32), its residuals (f32, rows of block_outputs).
+// the block's scales (f32), its residuals (f32, rows of block_outputs).
 extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(const BitLinearStep p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    // Each row's sum of codes, by warp (added up in the epilogue: no block reduction), and its scale.
+    // Each row's sum of codes, by warp (added up by a warp's lanes in the epilogue: no block reduction), and
+    // its scale.
     __shared__ int qsum[GEMV_ROWS][STEP_WARPS];
     __shared__ float qscale[GEMV_ROWS];
     int t = threadIdx.x, lane = t % 32, warp = t / 32, words = p.k / 16;
@@ -154,8 +169,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
     unsigned* codes_s = reinterpret_cast<unsigned*>(smem);
     // The int8 rows start on a 16-byte boundary (read 16 bytes at a time).
     signed char* q8 = reinterpret_cast<signed char*>(codes_s + (((size_t)buffers * per * words + 3) & ~(size_t)3));
-    bf16* stage = reinterpret_cast<bf16*>(q8 + (size_t)p.rows * p.k);
-    float* scale_s = reinterpret_cast<float*>(stage + p.k);
+    float* scale_s = reinterpret_cast<float*>(q8 + (size_t)p.rows * p.k);
     float* res_s = scale_s + p.block_outputs;
     // Stage s's codes into buffer s % buffers.
     auto copy_stage = [&](int s) {
@@ -163,14 +177,20 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
         copy_async(codes_s + (size_t)(s % buffers) * per * words, p.codes + (size_t)(o0 + first) * words,
                    count * words * 4);
     };
+    // This thread's chunks of a row: channels 8 (t + c blockDim.x) .. + 8 for c < STEP_CHUNKS.
+    auto chunk = [&](int c) { return 8 * (t + c * blockDim.x); };
 
-    // Before the previous kernel has finished: what no kernel of the step writes (the codes, the scales); the
-    // codes of later stages asked into L2.
+    // Before the previous kernel has finished: what no kernel of the step writes (the codes, the scales, the
+    // norm's weight); the codes of later stages asked into L2.
     let_next_start();
     copy_stage(0);
     for (int i = per * words + 32 * t; i < mine * words; i += 32 * blockDim.x)
         prefetch_l2(p.codes + (size_t)o0 * words + i);
     for (int i = t; i < mine; i += blockDim.x) scale_s[i] = f32(p.scale[o0 + i]);
+    uint4 weight[STEP_CHUNKS];
+#pragma unroll
+    for (int c = 0; c < STEP_CHUNKS; c++)
+        if (p.norm && chunk(c) < p.k) weight[c] = load8_raw(p.norm, chunk(c));
     wait_for_inputs();
 
     // The residuals, i = r mine + the output's place in the block: a thread's first ones asked for now, kept
@@ -185,64 +205,62 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
         res[j] = i < p.rows * mine ? residual_at(i) : 0.f;
     }
 
-    // The rows normed and quantized: a thread takes the 8-channel chunks t, t + blockDim.x, ... of each row.
+    // The rows normed and quantized, each thread's chunks loaded at once and kept in registers.
     float inv_k = 1.f / p.k;
-    int stride_in = 8 * blockDim.x;
     for (int r = 0; r < p.rows; r++) {
-        float ss = 0.f;
         const bf16* xr = p.x + (size_t)r * (p.act >= 0 ? 2 : 1) * p.k;
-        for (int i0 = 8 * t; i0 < p.k; i0 += STEP_IN_FLIGHT * stride_in) {
-            uint4 a[STEP_IN_FLIGHT], b[STEP_IN_FLIGHT];
+        uint4 a[STEP_CHUNKS], b[STEP_CHUNKS];
 #pragma unroll
-            for (int j = 0; j < STEP_IN_FLIGHT; j++) {
-                int i = i0 + j * stride_in;
-                if (i >= p.k) break;
-                a[j] = *reinterpret_cast<const uint4*>(xr + i);
-                if (p.act >= 0) b[j] = *reinterpret_cast<const uint4*>(xr + p.k + i);
+        for (int c = 0; c < STEP_CHUNKS; c++) {
+            if (chunk(c) >= p.k) break;
+            a[c] = *reinterpret_cast<const uint4*>(xr + chunk(c));
+            if (p.act >= 0) b[c] = *reinterpret_cast<const uint4*>(xr + p.k + chunk(c));
+        }
+        float v[STEP_CHUNKS][8], ss = 0.f;
+#pragma unroll
+        for (int c = 0; c < STEP_CHUNKS; c++) {
+            if (chunk(c) >= p.k) break;
+            unpack8(a[c], v[c]);
+            if (p.act >= 0) {
+                float u[8];
+                unpack8(b[c], u);
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[c][e] = glu_h(p.act, v[c][e], u[e]);
             }
 #pragma unroll
-            for (int j = 0; j < STEP_IN_FLIGHT; j++) {
-                int i = i0 + j * stride_in;
-                if (i >= p.k) break;
-                float v[8];
-                unpack8(a[j], v);
-                if (p.act >= 0) {
-                    float u[8];
-                    unpack8(b[j], u);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) v[e] = glu_h(p.act, v[e], u[e]);
-                }
-#pragma unroll
-                for (int e = 0; e < 8; e++) ss += v[e] * v[e];
-                store8(stage + i, v);
-            }
+            for (int e = 0; e < 8; e++) ss += v[c][e] * v[c][e];
         }
         float rr = p.norm ? 1.f / sqrtf(block_reduce(ss, Sum()) * inv_k + p.eps) : 1.f;
         float amax = 0.f;
-        for (int i = 8 * t; i < p.k; i += stride_in) {
-            float v[8], wv[8];
-            load8(stage + i, v);
-            load_weights(p.norm, i, wv);
+#pragma unroll
+        for (int c = 0; c < STEP_CHUNKS; c++) {
+            if (chunk(c) >= p.k) break;
+            float w[8];
+            if (p.norm) {
+                unpack8(weight[c], w);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) w[e] = 1.f;
+            }
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                v[e] = round_bf16(v[e] * rr * wv[e]);
-                amax = fmaxf(amax, fabsf(v[e]));
+                v[c][e] = round_bf16(v[c][e] * rr * w[e]);
+                amax = fmaxf(amax, fabsf(v[c][e]));
             }
-            store8(stage + i, v);
         }
         float scale = int8_scale(block_reduce(amax, Max()));
         int sum = 0;
-        for (int i = 8 * t; i < p.k; i += stride_in) {
-            float v[8];
-            load8(stage + i, v);
+#pragma unroll
+        for (int c = 0; c < STEP_CHUNKS; c++) {
+            if (chunk(c) >= p.k) break;
             unsigned packed[2] = {0u, 0u};
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                int q = (int)int8_code(v[e], scale);
+                int q = (int)int8_code(v[c][e], scale);
                 sum += q;
                 packed[e / 4] |= (unsigned)(q & 0xff) << (8 * (e % 4));
             }
-            *reinterpret_cast<uint2*>(q8 + (size_t)r * p.k + i) = make_uint2(packed[0], packed[1]);
+            *reinterpret_cast<uint2*>(q8 + (size_t)r * p.k + chunk(c)) = make_uint2(packed[0], packed[1]);
         }
         sum = __reduce_add_sync(0xffffffff, sum);
         if (lane == 0) qsum[r][warp] = sum;
@@ -289,10 +307,9 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
             for (int r = 0; r < GEMV_ROWS; r++) {
                 if (r >= p.rows) break;
                 int sum = __reduce_add_sync(0xffffffff, acc[r]);
+                // The row's sum of codes: the warps' parts, one a lane.
+                int q = __reduce_add_sync(0xffffffff, lane < STEP_WARPS ? qsum[r][lane] : 0);
                 if (lane == 0) {
-                    int q = 0;
-#pragma unroll
-                    for (int wp = 0; wp < STEP_WARPS; wp++) q += qsum[r][wp];
                     float y = round_bf16((float)(sum - q) * qscale[r]);
                     y = round_bf16(y * scale_s[o]) + res_s[r * mine + o];
                     p.out[(size_t)r * p.n + o0 + o] = to_bf16(y);

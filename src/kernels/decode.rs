@@ -120,10 +120,26 @@ struct StepParams {
 // SAFETY: a plain `#[repr(C)]` struct of integers and floats, which the kernel takes by value.
 unsafe impl cudarc::driver::DeviceRepr for StepParams {}
 
+/// The dynamic shared memory one block of `bitlinear_step` may take on `dev`: the device's most for a block
+/// (opted into) less the kernel's static arrays.
+fn step_shared(dev: &candle_core::CudaDevice) -> Result<usize> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    let func = dev.get_or_load_custom_func("bitlinear_step", PTX.0, PTX.1)?;
+    let err = |e| candle_core::Error::Msg(format!("bitlinear_step: shared memory: {e:?}"));
+    let most =
+        dev.cuda_stream().context().attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(err)?;
+    Ok((most as usize).saturating_sub(func.shared_size_bytes().map_err(err)? as usize))
+}
+
 /// Whether [`try_bitlinear_step`] takes `rows` rows of `k` inputs on `x`'s device: bf16 on CUDA, at most
-/// [`GEMV_ROWS`] rows, `k` a multiple of 16 (whole words of codes) whose rows fit its shared memory.
+/// [`GEMV_ROWS`] rows, `k` a multiple of 16 (whole words of codes) up to [`STEP_K_MAX`](super::shapes::STEP_K_MAX), whose rows fit a
+/// block's shared memory beside two outputs' codes.
 pub fn takes_step(x: &Tensor, rows: usize, k: usize) -> bool {
-    applies(x) && rows <= GEMV_ROWS && k > 0 && k.is_multiple_of(16) && StepLayout::most(rows, k).is_some()
+    applies(x)
+        && rows <= GEMV_ROWS
+        && k > 0
+        && k.is_multiple_of(16)
+        && cuda_device(x).and_then(|dev| step_shared(&dev)).is_ok_and(|shared| StepLayout::fits(rows, k, shared))
 }
 
 /// A decoding step's BitLinear in one launch ([`BitLinearStep`]): the input normed and quantized to int8 per
@@ -141,24 +157,17 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
     }
     let dev = cuda_device(s.x)?;
     let name = "bitlinear_step";
-    let func = dev.get_or_load_custom_func(name, PTX.0, PTX.1)?;
-    // Shared memory beyond 48 KB (the static counts too: opted into above 40) is opted into before the
-    // occupancy is asked for it, and again where the layout takes more.
-    let opt_in = |bytes: usize| -> Result<()> {
+    let shared = step_shared(&dev)?;
+    // One block an SM: its registers fill one (launch bounds of 1,024 threads), whatever its shared memory.
+    let wave = super::one_wave(&dev, PTX, name, 32 * STEP_WARPS as u32, 0)?;
+    let Some(layout) = StepLayout::new(rows, n, k, wave, shared) else { return Ok(None) };
+    // Shared memory beyond 48 KB (the static counts too: opted into above 40) is opted into.
+    if layout.bytes > 40 * 1024 {
         use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        if bytes > 40 * 1024 {
-            func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).map_err(|e| {
-                candle_core::Error::Msg(format!("bitlinear_step: shared memory of {bytes} bytes: {e:?}"))
-            })?;
-        }
-        Ok(())
-    };
-    let most = StepLayout::most(rows, k).expect("takes_step checked it");
-    opt_in(most)?;
-    let wave = super::one_wave(&dev, PTX, name, 32 * STEP_WARPS as u32, most as u32)?;
-    let Some(layout) = StepLayout::new(rows, n, k, wave) else { return Ok(None) };
-    if layout.bytes > most {
-        opt_in(layout.bytes)?;
+        let func = dev.get_or_load_custom_func(name, PTX.0, PTX.1)?;
+        func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, layout.bytes as i32).map_err(|e| {
+            candle_core::Error::Msg(format!("bitlinear_step: shared memory of {} bytes: {e:?}", layout.bytes))
+        })?;
     }
     let x = s.x.contiguous()?;
     let norm = s.norm.map(|w| w.contiguous()).transpose()?;

@@ -46,19 +46,16 @@ impl TokenRows {
 /// a GEMM's work.
 pub const GEMV_ROWS: usize = 8;
 
-/// Warps of `bitlinear_step` (`STEP_WARPS` in decode.cu).
-pub const STEP_WARPS: usize = 8;
+/// Warps of `bitlinear_step` (`STEP_WARPS` in decode.cu): one block an SM.
+pub const STEP_WARPS: usize = 32;
 
-/// Shared memory `bitlinear_step` needs beyond 48 KB is opted into per function; past this it declines.
-const STEP_SHARED_MAX: usize = 200 * 1024;
-
-/// The bytes of codes a block of `bitlinear_step` keeps in shared memory at most: all of its outputs' where
-/// they fit (every BitLinear of the shipped shapes), else two stages of half as many.
-const STEP_CODES_BYTES: usize = 48 * 1024;
+/// The widest input `bitlinear_step` takes: a thread holds two 8-channel chunks of a row in registers
+/// (`STEP_CHUNKS` in decode.cu).
+pub const STEP_K_MAX: usize = 2 * 8 * 32 * STEP_WARPS;
 
 /// How `bitlinear_step` shares `n` outputs of `k` inputs for `rows` rows out over its blocks, and the shared
-/// memory that takes, in decode.cu's order: the codes' buffers, the int8 rows (`rows k` bytes), a normed row
-/// (`2 k`), the block's scales and residuals (f32).
+/// memory that takes, in decode.cu's order: the codes' buffers, the int8 rows (`rows k` bytes), the block's
+/// scales and residuals (f32). `shared` is the most dynamic shared memory a block may take on the device.
 #[derive(Debug, PartialEq)]
 pub struct StepLayout {
     pub blocks: usize,
@@ -70,24 +67,27 @@ pub struct StepLayout {
 impl StepLayout {
     /// The bytes of the rows, which do not depend on how the outputs are shared out.
     fn fixed(rows: usize, k: usize) -> usize {
-        rows * k + 2 * k
+        rows * k
     }
 
-    /// The most shared memory a block takes for `rows` rows of `k` inputs (its codes at their most), or None
-    /// where not even two outputs' codes fit beside the rows.
-    pub fn most(rows: usize, k: usize) -> Option<usize> {
-        let room = STEP_SHARED_MAX.checked_sub(Self::fixed(rows, k))?;
-        (room >= 2 * k / 4 + 16).then(|| Self::fixed(rows, k) + room.min(STEP_CODES_BYTES))
+    /// Whether the kernel takes `rows` rows of `k` inputs within `shared` bytes: `k` within
+    /// [`STEP_K_MAX`], and room for at least two outputs' codes beside the rows.
+    pub fn fits(rows: usize, k: usize, shared: usize) -> bool {
+        k <= STEP_K_MAX && shared.checked_sub(Self::fixed(rows, k)).is_some_and(|room| room >= 2 * k / 4 + 16)
     }
 
-    /// At most `wave` blocks (those that fit the card at once at [`Self::most`]), no fewer than
-    /// [`STEP_WARPS`] outputs each: every block norms the rows once. None where a block's scales and
-    /// residuals leave too little room for two outputs' codes.
-    pub fn new(rows: usize, n: usize, k: usize, wave: usize) -> Option<Self> {
+    /// At most `wave` blocks (those that fit the card at once), no fewer than [`STEP_WARPS`] outputs each:
+    /// every block norms the rows once. A block keeps all its outputs' codes in shared memory where they fit
+    /// (every BitLinear of the shipped shapes on a 24 GB card and up), else two stages of as many as half
+    /// the room holds. None where a block's scales and residuals leave too little room for two outputs'.
+    pub fn new(rows: usize, n: usize, k: usize, wave: usize, shared: usize) -> Option<Self> {
+        if !Self::fits(rows, k, shared) {
+            return None;
+        }
         let row_bytes = k / 4;
         let block_outputs = n.div_ceil(n.div_ceil(STEP_WARPS).min(wave).max(1));
         let own = Self::fixed(rows, k) + 4 * (1 + rows) * block_outputs;
-        let room = STEP_SHARED_MAX.checked_sub(own)?.min(STEP_CODES_BYTES) & !15;
+        let room = shared.checked_sub(own)? & !15;
         let (stage_outputs, buffers) = match block_outputs * row_bytes <= room {
             true => (block_outputs, 1),
             false => (room / 2 / row_bytes, 2),
@@ -156,35 +156,39 @@ mod tests {
     use super::*;
 
     /// The blocks cover the outputs once, their stages cover each block's, and the shared memory holds
-    /// what decode.cu puts there, for the shipped shapes (one stage a block) and one whose codes need two.
+    /// what decode.cu puts there, for the shipped shapes (one stage a block) and ones whose codes need two.
     #[test]
     fn step_layout_covers_the_outputs_within_shared_memory() {
-        // (rows, n, k, wave): -large's and 2B4T's BitLinears on an H100's 132 SMs, 8 rows, and a wide input.
+        // (rows, n, k, wave, shared): -large's and 2B4T's BitLinears on an H100's 132 SMs (227 KB a block
+        // less the static), 8 rows, wide inputs, and an A10's 99 KB.
+        let (h100, a10) = (226 * 1024, 98 * 1024);
         let cases = [
-            (1, 4608, 1536, 528),
-            (1, 13824, 2560, 396),
-            (1, 2560, 6912, 264),
-            (8, 8192, 1536, 264),
-            (8, 4096, 14336, 132),
-            (1, 28672, 16384, 132),
+            (1, 4608, 1536, 132, h100),
+            (1, 13824, 2560, 132, h100),
+            (1, 2560, 6912, 132, h100),
+            (8, 8192, 1536, 132, h100),
+            (8, 4096, 14336, 132, h100),
+            (1, 28672, 16384, 132, h100),
+            (1, 13824, 2560, 72, a10),
+            (1, 28672, 4096, 72, a10),
         ];
-        for (rows, n, k, wave) in cases {
-            let l = StepLayout::new(rows, n, k, wave).expect("the shape is taken");
+        for (rows, n, k, wave, shared) in cases {
+            let l = StepLayout::new(rows, n, k, wave, shared).expect("the shape is taken");
             assert!(l.blocks <= wave.max(n.div_ceil(STEP_WARPS)), "{l:?}");
             assert!(l.block_outputs * (l.blocks - 1) < n && l.block_outputs * l.blocks >= n, "{l:?} for {n}");
             assert!(l.block_outputs >= STEP_WARPS.min(n), "{l:?}");
             let buffers = if l.stage_outputs < l.block_outputs { 2 } else { 1 };
             let codes = (buffers * l.stage_outputs * k / 4).next_multiple_of(16);
-            assert_eq!(l.bytes, codes + rows * k + 2 * k + 4 * (1 + rows) * l.block_outputs, "{l:?}");
-            assert!(l.bytes <= STEP_SHARED_MAX && codes <= STEP_CODES_BYTES.next_multiple_of(16), "{l:?}");
+            assert_eq!(l.bytes, codes + rows * k + 4 * (1 + rows) * l.block_outputs, "{l:?}");
+            assert!(l.bytes <= shared, "{l:?}");
         }
-        assert_eq!(StepLayout::new(1, 13824, 2560, 396).map(|l| (l.block_outputs, l.stage_outputs)), Some((35, 35)));
-        let wide = StepLayout::new(1, 28672, 16384, 132).expect("taken");
+        let gate_up = StepLayout::new(1, 13824, 2560, 132, h100).map(|l| (l.block_outputs, l.stage_outputs));
+        assert_eq!(gate_up, Some((105, 105)));
+        let wide = StepLayout::new(1, 28672, 4096, 72, a10).expect("taken");
         assert!(wide.stage_outputs < wide.block_outputs, "{wide:?}: two stages");
-        // Llama 3 8B's down_proj at 8 rows fits; inputs too wide for two outputs' codes beside the rows do not.
-        assert!(StepLayout::new(8, 4096, 14336, 132).is_some());
-        assert_eq!(StepLayout::most(8, 20480), None);
-        // The README's limit: 8 rows of up to 19,488 inputs.
-        assert!(StepLayout::most(8, 19488).is_some() && StepLayout::most(8, 19504).is_none());
+        // Inputs wider than a block's registers hold, or whose rows leave no room for two outputs' codes, are
+        // not taken.
+        assert!(StepLayout::fits(1, STEP_K_MAX, h100) && !StepLayout::fits(1, STEP_K_MAX + 16, h100));
+        assert!(StepLayout::fits(8, 11792, a10) && !StepLayout::fits(8, 11808, a10));
     }
 }
