@@ -365,7 +365,7 @@ impl Picks {
     fn as_input(&self, device: &candle_core::Device) -> Result<Tensor> {
         Ok(match self {
             Picks::Read(ids) => Tensor::from_vec(ids.clone(), (ids.len(), 1), device)?,
-            Picks::Copying { ids, .. } => ids.unsqueeze(1)?,
+            Picks::Copying { ids, .. } => ids.clone(),
         })
     }
 
@@ -612,18 +612,21 @@ impl<'a> ContinuousBatch<'a> {
         self.take_picks(picks, on_text, ended)
     }
 
-    /// A decoding step over the cache on input `x: [rows, 1]`, and its picks: greedy ones left on the device
-    /// and copied to the host behind the step where the model is on a GPU.
+    /// A decoding step over the cache on input `x: [rows, 1]`, and its picks: greedy ones taken on the device
+    /// (inside the step's graph), left there and copied to the host behind the step where the model is on a
+    /// GPU.
     fn launch(&mut self, x: &Tensor, sampler: &mut Sampler) -> Result<Picks> {
         let cache = self.cache.as_mut().expect("rows at work were prefilled");
-        let logits = on_worker(self.model, || Ok(self.model.step_logits(x, cache)?))?;
         if sampler.temperature > 0.0 {
+            let logits = on_worker(self.model, || Ok(self.model.step_logits(x, cache)?))?;
             return Ok(Picks::Read(sampler.sample_batch(&logits)?));
         }
-        let ids = logits.argmax(D::Minus1)?;
+        // `[rows, 1]`: with a graph, its own ids buffer, which the copy to the host reads before the next step
+        // overwrites it (the stream's order).
+        let ids = on_worker(self.model, || Ok(self.model.step_picks(x, cache)?))?;
         Ok(match self.readback.try_start(&ids)? {
             Some(ticket) => Picks::Copying { ids, ticket },
-            None => Picks::Read(ids.to_vec1()?),
+            None => Picks::Read(ids.flatten_all()?.to_vec1()?),
         })
     }
 

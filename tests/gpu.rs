@@ -144,6 +144,7 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     use bessie::generate::{generate, Sampler, Stop};
     use bessie::tokenizer::template::{ChatTemplate, Message, TemplateChoice};
     use bessie::tokenizer::Tokenizer;
+    use candle_core::D;
     let gpu = Device::new_cuda(0).expect("a CUDA device");
     let root = checkout();
     let out = tempfile::tempdir().unwrap();
@@ -219,6 +220,29 @@ fn cuda_generation_matches_cpu_on_a_trained_model() {
     }
     let replays = model.decode_graph_replays() - before;
     println!("CUDA graph: {replays} of {} steps replayed, equal to the eager steps bit for bit", answer.len());
+    assert_eq!(replays, answer.len() - 1, "every step after the first should replay the captured graph");
+
+    // Greedy picks taken inside the graph (step_picks), each step's fed back as the next one's ids in place
+    // (the graph's own buffer), are the eager steps' argmax along the model's greedy answer.
+    let (mut fed, mut eager) = (KvCache::new(&model.cfg), KvCache::new(&model.cfg));
+    let mut first = 0;
+    for cache in [&mut fed, &mut eager] {
+        *cache = KvCache::new(&model.cfg).with_capacity(prompt.len() + answer.len() + 1);
+        let h = model.forward_last(&prefill, cache, 512).unwrap();
+        first =
+            model.logits(&h).unwrap().argmax(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()[0];
+    }
+    let (mut ids, mut want) = (Tensor::new(&[[first]], &gpu).unwrap(), first);
+    let before = model.decode_graph_replays();
+    for step in 0..answer.len() {
+        let picks = model.step_picks(&ids, &mut fed).unwrap();
+        let h = model.forward(&Tensor::new(&[[want]], &gpu).unwrap(), &mut eager).unwrap().squeeze(1).unwrap();
+        want = model.logits(&h).unwrap().argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap()[0];
+        assert_eq!(picks.flatten_all().unwrap().to_vec1::<u32>().unwrap(), [want], "step {step}'s pick");
+        ids = picks;
+    }
+    let replays = model.decode_graph_replays() - before;
+    println!("greedy picks in the graph, fed back in place: {replays} of {} steps replayed", answer.len());
     assert_eq!(replays, answer.len() - 1, "every step after the first should replay the captured graph");
 
     // Continuous batching on the GPU (3 rows for 16 prompts: rows refilled mid-answer, the template's shared

@@ -8,7 +8,7 @@ use candle_nn::{RmsNorm, VarBuilder};
 use super::arch::{Activation, Family, Role};
 use super::bf16_head::Bf16Matrix;
 use super::kv_cache::{attention_mask, KvCache, StepScratch};
-use super::step_graph::StepGraphs;
+use super::step_graph::{StepGraphs, StepOutput};
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
@@ -669,12 +669,24 @@ impl BitNet {
     /// `cache`'s columns. With the decode kernels, the step is captured as a CUDA graph once per layout of
     /// the cache (`step_graph`) and replayed: one launch a token instead of one per kernel.
     pub fn step_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.step(ids, cache, StepOutput::Logits)
+    }
+
+    /// The greedy picks `[rows, 1]` (u32, each row's argmax) of the step [`Self::step_logits`] runs, taken
+    /// inside its graph. With a graph they are the graph's own ids buffer: passed back as the next step's
+    /// `ids` they are read in place, and the next step overwrites them (read or copy them before it, in the
+    /// stream's order as `kernels::readback` does).
+    pub fn step_picks(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.step(ids, cache, StepOutput::Picks)
+    }
+
+    fn step(&self, ids: &Tensor, cache: &mut KvCache, output: StepOutput) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t != 1 {
             candle_core::bail!("a decoding step takes one token per row, not {t}");
         }
         let (at, first) = self.place(b, 1, cache)?;
-        let logits = match &at {
+        let out = match &at {
             Positions::Step { meta, inv_freq, .. } if !self.rope.dynamic => {
                 // Every layer's buffers as the step will use them (grown first, if they must), and the step's
                 // activations, which is what a graph captured now holds.
@@ -690,12 +702,12 @@ impl BitNet {
                     let hidden = self.run(ids, &at, &mut *cache, first)?;
                     self.logits(&hidden.squeeze(1)?)
                 };
-                self.graphs.run(key, ids, meta, compute)?
+                self.graphs.run(key, ids, meta, output, compute)?
             }
-            _ => self.logits(&self.run(ids, &at, cache, first)?.squeeze(1)?)?,
+            _ => output.of(self.logits(&self.run(ids, &at, cache, first)?.squeeze(1)?)?)?,
         };
         cache.advance(1);
-        Ok(logits)
+        Ok(out)
     }
 
     /// A decoding step's activation buffers for `rows` rows over a cache `width` columns wide.

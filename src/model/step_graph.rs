@@ -4,7 +4,9 @@
 //! and buffers: `KvCache::layout_key`) and made again when that changes (a grown or compacted cache, a batch
 //! that admitted prompts or dropped rows). The step's inputs (the new ids, each row's span and the new column:
 //! `DecodeAttention::meta`) are copied into the graph's own buffers before each replay, and its logits out
-//! of its own buffer after.
+//! of its own buffer after. A greedy step ([`StepOutput::Picks`]) takes each row's argmax inside the graph
+//! and writes it into the graph's own ids buffer: fed back as the next step's ids, the picks are read in
+//! place, and nothing runs between two steps but the spans' copy.
 //!
 //! The first step of a layout runs as it is (with candle's cache of small uploads on, so that the capture
 //! that follows finds them) and gives that step's logits; the capture follows it. Steps of up to 8 rows are
@@ -13,6 +15,26 @@
 //! from then on. `BESSIE_CUDA_GRAPHS=0` turns them off.
 
 use candle_core::{Result, Tensor};
+
+/// What a decoding step gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutput {
+    /// Every row's logits `[rows, vocab]`.
+    Logits,
+    /// Every row's greedy pick `[rows, 1]` (u32, the argmax of its logits): with a graph, the graph's own
+    /// ids buffer, which the next step overwrites.
+    Picks,
+}
+
+impl StepOutput {
+    /// The step's output from its logits.
+    pub(super) fn of(self, logits: Tensor) -> Result<Tensor> {
+        match self {
+            StepOutput::Logits => Ok(logits),
+            StepOutput::Picks => logits.argmax_keepdim(candle_core::D::Minus1),
+        }
+    }
+}
 
 /// The captured step of the last cache layout it ran on, if any.
 #[derive(Default, Clone)]
@@ -34,25 +56,26 @@ impl StepGraphs {
         self.replays.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The logits `compute(ids, meta)` gives, from the graph captured for `key` where there is one, else
-    /// computed (and on a GPU captured for the next step). An empty key is never captured.
+    /// The `output` of the logits `compute(ids, meta)` gives, from the graph captured for `key` where there
+    /// is one, else computed (and on a GPU captured for the next step). An empty key is never captured.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn run(
         &self,
         key: Vec<u64>,
         ids: &Tensor,
         meta: &Tensor,
+        output: StepOutput,
         mut compute: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let candle_core::Device::Cuda(dev) = ids.device() {
             if !key.is_empty() && cuda::enabled(key[0]) {
-                let (logits, replayed) = cuda::run(&self.captured, dev, key, ids, meta, compute)?;
+                let (out, replayed) = cuda::run(&self.captured, dev, key, ids, meta, output, compute)?;
                 self.replays.fetch_add(usize::from(replayed), std::sync::atomic::Ordering::Relaxed);
-                return Ok(logits);
+                return Ok(out);
             }
         }
-        compute(ids, meta)
+        output.of(compute(ids, meta)?)
     }
 }
 
@@ -64,6 +87,9 @@ mod cuda {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use cudarc::driver::CudaGraph;
 
+    use super::StepOutput;
+    use crate::kernels::decode::address;
+
     /// The row counts whose capture failed: their steps run without graphs from then on.
     static FAILED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
@@ -73,12 +99,14 @@ mod cuda {
         !failed && std::env::var("BESSIE_CUDA_GRAPHS").map_or(true, |v| v != "0")
     }
 
-    /// A captured step: its key, its input and output buffers and the graph.
+    /// A captured step: its key and output, its input buffers, its logits' buffer (none for picks, which go
+    /// into `ids`) and the graph.
     pub(super) struct Captured {
         key: Vec<u64>,
+        output: StepOutput,
         ids: Tensor,
         meta: Tensor,
-        logits: Tensor,
+        logits: Option<Tensor>,
         graph: CudaGraph,
     }
 
@@ -91,21 +119,32 @@ mod cuda {
         key: Vec<u64>,
         ids: &Tensor,
         meta: &Tensor,
+        output: StepOutput,
         mut compute: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, bool)> {
         let mut slot = captured.lock().map_err(|_| candle_core::Error::msg("a decoding graph's lock was poisoned"))?;
-        if let Some(c) = slot.as_ref().filter(|c| c.key == key && c.ids.dims() == ids.dims()) {
-            c.ids.slice_set(ids, 0, 0)?;
+        if let Some(c) = slot.as_ref().filter(|c| c.key == key && c.output == output && c.ids.dims() == ids.dims()) {
+            // The last step's picks fed back are this buffer already.
+            if address(ids)? != address(&c.ids)? {
+                c.ids.slice_set(ids, 0, 0)?;
+            }
             c.meta.slice_set(meta, 0, 0)?;
             c.graph.launch().map_err(|e| candle_core::Error::msg(format!("replaying the decoding graph: {e:?}")))?;
-            return Ok((c.logits.copy()?, true));
+            let out = match &c.logits {
+                Some(logits) => logits.copy()?,
+                None => c.ids.clone(),
+            };
+            return Ok((out, true));
         }
         *slot = None;
         // This step as it is, with candle's small uploads cached for the capture.
         let _uploads = dev.enable_cuda_graph_htod_cache();
         let logits = compute(ids, meta)?;
         let rows = key[0];
-        match capture(dev, key, ids, meta, &logits, &mut compute) {
+        // The picks are taken before the capture, so that their kernel's small uploads are cached for it.
+        let out = output.of(logits.clone())?;
+        let captured = capture(dev, key, ids, meta, &logits, output, &mut compute);
+        match captured {
             Ok(c) => *slot = Some(c),
             Err(e) => {
                 if let Ok(mut failed) = FAILED.lock() {
@@ -117,19 +156,25 @@ mod cuda {
                 );
             }
         }
-        Ok((logits, false))
+        Ok((out, false))
     }
 
-    /// Captures `compute` on the step's own copies of its inputs, its logits copied into a buffer of its own.
+    /// Captures `compute` on the step's own copies of its inputs, its logits copied into a buffer of its own,
+    /// or its picks into its ids.
     fn capture(
         dev: &CudaDevice,
         key: Vec<u64>,
         ids: &Tensor,
         meta: &Tensor,
         like: &Tensor,
+        output: StepOutput,
         compute: &mut impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Captured> {
-        let (ids, meta, logits) = (ids.copy()?, meta.copy()?, like.zeros_like()?);
+        let (ids, meta) = (ids.copy()?, meta.copy()?);
+        let logits = match output {
+            StepOutput::Logits => Some(like.zeros_like()?),
+            StepOutput::Picks => None,
+        };
         let stream = dev.cuda_stream();
         let to_err = |what: &str, e: cudarc::driver::DriverError| candle_core::Error::msg(format!("{what}: {e:?}"));
         stream.synchronize().map_err(|e| to_err("synchronizing before the capture", e))?;
@@ -137,12 +182,15 @@ mod cuda {
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| to_err("beginning the capture", e))?;
         // Whatever happens, the capture ends: a stream left capturing would fail every later op.
-        let body = compute(&ids, &meta).and_then(|out| logits.slice_set(&out, 0, 0));
+        let body = compute(&ids, &meta).and_then(|out| match &logits {
+            Some(logits) => logits.slice_set(&out, 0, 0),
+            None => ids.slice_set(&output.of(out)?, 0, 0),
+        });
         let flags = CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
         let graph = stream.end_capture(flags).map_err(|e| to_err("ending the capture", e))?;
         body?;
         let graph = graph.ok_or_else(|| candle_core::Error::msg("the capture recorded nothing"))?;
         graph.upload().map_err(|e| to_err("uploading the graph", e))?;
-        Ok(Captured { key, ids, meta, logits, graph })
+        Ok(Captured { key, output, ids, meta, logits, graph })
     }
 }
