@@ -542,7 +542,7 @@ mod fused {
                 k_cache: randn(&[rows, kv_heads, width, d], DType::BF16),
                 v_cache: randn(&[rows, kv_heads, width, d], DType::BF16),
                 inv_freq: Tensor::new(inv.as_slice(), &gpu()).unwrap(),
-                done: Tensor::zeros(join_counts(rows, heads, kv_heads), DType::U32, &gpu()).unwrap(),
+                done: Tensor::zeros(join_counts(rows, heads), DType::U32, &gpu()).unwrap(),
                 heads,
                 kv_heads,
                 d,

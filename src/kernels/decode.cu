@@ -343,15 +343,15 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float c, float s) 
 // Columns of a split, one per lane in the softmax and four threads each in the scores: 128 threads.
 #define SPLIT 32
 #define ATTN_THREADS 128
-// Query heads of one kv head a block serves (a larger group takes several blocks): K and V are read once for
-// them all.
+// The most query heads of one kv head a block serves (per_block, chosen by decode.rs; a larger group takes
+// several blocks): K and V are read once for them all.
 #define GROUP_MAX 8
 // Splits whose values and stats a joining thread has in flight at once.
 #define JOIN_BATCH 8
 
 // Attention of each row's new token over its KV cache, split over the columns as flash-decoding does so that
 // a long context spreads over the card: blockIdx.x = kv head (times the blocks its group of query heads
-// takes), blockIdx.y = row, blockIdx.z = split of SPLIT columns of first..col (enough splits for the cache's
+// takes, per_block heads each), blockIdx.y = row, blockIdx.z = split of SPLIT columns of first..col (enough splits for the cache's
 // width; those past col return at once). Each block rotates the new token's q (of its query heads) and its kv
 // head's k by RoPE; the block of the split that holds col writes the new k and v to the cache's column `col`
 // (every block takes the new column from shared memory, not from the cache being written). Then
@@ -368,16 +368,17 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float c, float s) 
 // probabilities bf16: the kernel keeps the first two roundings and takes the probabilities in f32.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     decode_attention(const bf16* qkv, bf16* k_cache, bf16* v_cache, const unsigned* meta, const float* inv_freq,
-                     bf16* y, float* partial, unsigned* done, int heads, int kv_heads, int d, int width) {
+                     bf16* y, float* partial, unsigned* done, int heads, int kv_heads, int d, int width,
+                     int per_block) {
     __shared__ __align__(16) float q[GROUP_MAX * 256];
     __shared__ __align__(16) bf16 kv_new[2 * 256];
     __shared__ float p[GROUP_MAX][SPLIT], stat_m[GROUP_MAX], stat_l[GROUP_MAX];
     // Each column group's share of the output: (ATTN_THREADS / (d / 8)) x GROUP_MAX x d <= 8192.
     __shared__ float red[8192];
     __shared__ bool last;
-    int group = heads / kv_heads, blocks = (group + GROUP_MAX - 1) / GROUP_MAX;
-    int kvh = blockIdx.x / blocks, h0 = kvh * group + (blockIdx.x % blocks) * GROUP_MAX;
-    int gb = min(GROUP_MAX, kvh * group + group - h0);
+    int group = heads / kv_heads, blocks = (group + per_block - 1) / per_block;
+    int kvh = blockIdx.x / blocks, h0 = kvh * group + (blockIdx.x % blocks) * per_block;
+    int gb = min(per_block, kvh * group + group - h0);
     int rows = gridDim.y, r = blockIdx.y, split = blockIdx.z, splits = gridDim.z, t = threadIdx.x;
     int first = meta[4 * rows], col = meta[4 * rows + 1];
     int lo = first + split * SPLIT;

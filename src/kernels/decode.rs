@@ -22,7 +22,7 @@ const GEMV_WARPS: usize = 8;
 const ATTN_THREADS: u32 = 128;
 /// Columns per split of the attention kernel (`SPLIT`): the columns spread over the card.
 const SPLIT: usize = 32;
-/// Query heads of one kv head an attention block serves (`GROUP_MAX`).
+/// The most query heads of one kv head an attention block serves (`GROUP_MAX`).
 const GROUP_MAX: usize = 8;
 
 /// The device address of `t`'s first element: what a captured graph's kernels were given.
@@ -199,10 +199,33 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
     Ok(Some(out))
 }
 
-/// The join counts [`try_decode_attention`] needs for `rows` rows of `heads` query heads (`kv_heads` for keys
-/// and values): one per row and block of a split.
-pub fn join_counts(rows: usize, heads: usize, kv_heads: usize) -> usize {
-    rows * kv_heads * (heads / kv_heads.max(1)).div_ceil(GROUP_MAX)
+/// The join counts [`try_decode_attention`] needs for `rows` rows of `heads` query heads: one per row and
+/// block of a split, a block serving one query head at the least.
+pub fn join_counts(rows: usize, heads: usize) -> usize {
+    rows * heads
+}
+
+/// The query heads of one kv head that an attention block serves for `rows` rows over a cache `width` columns
+/// wide: the fewest (a power of two up to the group, at most [`GROUP_MAX`]) whose grid fits two waves of
+/// the card. Fewer heads a block spread a short context's few splits over more SMs, each block's chain
+/// shorter; past two waves the keys and values each block reads again cost more. 2B4T's heads (20 on 5),
+/// H100, us a launch: at 440 columns 10.08 (8 heads a block, 70 blocks), 8.07 (2), 7.10 (1, 280 blocks); at
+/// 1,701 columns 17.02 (8), 15.82 (2, 540 blocks), 18.16 (1, 1,080 blocks).
+fn heads_per_block(
+    dev: &candle_core::CudaDevice,
+    rows: usize,
+    heads: usize,
+    kv_heads: usize,
+    width: usize,
+) -> Result<usize> {
+    let group = heads / kv_heads;
+    let waves = 2 * super::one_wave(dev, PTX, "decode_attention", ATTN_THREADS, 0)?;
+    let blocks = |per: usize| rows * kv_heads * group.div_ceil(per) * width.div_ceil(SPLIT);
+    let mut per = 1;
+    while per < group.min(GROUP_MAX) && blocks(per) > waves {
+        per *= 2;
+    }
+    Ok(per.min(GROUP_MAX))
 }
 
 /// The f32 partial results [`try_decode_attention`] needs for `rows` rows of `heads` query heads of `head_dim`
@@ -235,7 +258,7 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
         || !a.k_cache.is_contiguous()
         || !a.v_cache.is_contiguous()
         || a.done.dtype() != DType::U32
-        || a.done.elem_count() < join_counts(rows, a.heads, a.kv_heads)
+        || a.done.elem_count() < join_counts(rows, a.heads)
     {
         candle_core::bail!(
             "decode attention: qkv {:?}, caches {:?}, meta {:?}, inv_freq {:?}, join counts {:?} for {} heads ({} kv) \
@@ -254,7 +277,8 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     let inv_freq = a.inv_freq.to_dtype(DType::F32)?.contiguous()?;
     let dev = cuda_device(&qkv)?;
     let splits = width.div_ceil(SPLIT);
-    let blocks = join_counts(1, a.heads, a.kv_heads);
+    let per = heads_per_block(&dev, rows, a.heads, a.kv_heads, width)?;
+    let blocks = a.kv_heads * (a.heads / a.kv_heads).div_ceil(per);
     let y = output(a.out, &[rows, a.heads * d], DType::BF16, &dev)?;
     // One split writes y itself; several write their parts, and count themselves done in `a.done` so that
     // the last joins them.
@@ -268,6 +292,6 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
     // SAFETY (of writing through the caches): the KV cache's buffers are this generation's alone.
     launch!(dev, PTX, "decode_attention", cfg, super::Overlap::Early;
         ptr(&qkv)?, aligned_ptr(a.k_cache)?, aligned_ptr(a.v_cache)?, ptr(a.meta)?, ptr(&inv_freq)?, ptr(&y)?,
-        ptr(&partial)?, ptr(a.done)?, a.heads as i32, a.kv_heads as i32, d as i32, width as i32);
+        ptr(&partial)?, ptr(a.done)?, a.heads as i32, a.kv_heads as i32, d as i32, width as i32, per as i32);
     Ok(Some(y))
 }

@@ -207,7 +207,7 @@ pub mod decode {
         Ok(None)
     }
 
-    pub fn join_counts(_: usize, _: usize, _: usize) -> usize {
+    pub fn join_counts(_: usize, _: usize) -> usize {
         0
     }
 

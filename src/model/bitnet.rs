@@ -434,7 +434,7 @@ impl Attention {
             (Positions::Step { meta, inv_freq, scratch }, AttnWeights::Stacked { qkv, o }) => {
                 let scratch = scratch.as_ref();
                 let qkv = qkv.forward_into(&Quantized::of(x, Some(norm), None)?, None, scratch.map(|s| &s.qkv))?;
-                let counts = crate::kernels::decode::join_counts(b, self.num_heads, self.num_kv_heads);
+                let counts = crate::kernels::decode::join_counts(b, self.num_heads);
                 let (k_cache, v_cache, done) =
                     cache.step_buffers(layer, b, self.num_kv_heads, self.head_dim, counts, x)?;
                 let step = DecodeAttention {
@@ -692,7 +692,7 @@ impl BitNet {
                 // activations, which is what a graph captured now holds.
                 let (heads, dim) = (self.cfg.num_kv_heads(), self.cfg.head_dim());
                 cache.make_room_all(1, (b, heads, dim), &self.embed_tokens)?;
-                let counts = crate::kernels::decode::join_counts(b, self.cfg.num_attention_heads, heads);
+                let counts = crate::kernels::decode::join_counts(b, self.cfg.num_attention_heads);
                 cache.join_counts(counts, &self.embed_tokens)?;
                 let scratch = cache.step_scratch(b, |rows, width| self.step_scratch(rows, width))?;
                 let key = cache.layout_key(b)?;
