@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Kernel modules that use Hopper's arch-specific instructions.
+const HOPPER_ONLY: [&str; 1] = ["int8_gemm"];
+
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=src/kernels");
@@ -25,9 +28,16 @@ fn main() {
         .collect();
     sources.sort();
     for src in sources {
-        let ptx = out.join(src.file_stem().unwrap()).with_extension("ptx");
+        let stem = src.file_stem().unwrap();
+        let ptx = out.join(stem).with_extension("ptx");
+        // Modules of Hopper's own instructions (wgmma) are built for sm_90a where the target is 90 (PTX that
+        // only an sm_90 card loads; their Rust side checks the card first), and elsewhere build empty.
+        let arch = match HOPPER_ONLY.contains(&stem.to_str().unwrap()) && cap == "90" {
+            true => format!("-arch=compute_{cap}a"),
+            false => format!("-arch=compute_{cap}"),
+        };
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), "-o"])
+            .args(["--ptx", "-O3", "-std=c++17", &arch, "-o"])
             .arg(&ptx)
             .arg(&src)
             .status()

@@ -569,6 +569,123 @@ mod fused {
         }
     }
 
+    /// Random int8 values (u8 bit patterns, two's complement) `[rows, cols]` on the GPU, the extremes
+    /// -128 and 127 in the first row, and the same values as i8 on the host.
+    fn int8s(rows: usize, cols: usize, seed: u64) -> (Tensor, Vec<i8>) {
+        let mut rng = bessie::rng::Rng::new(seed);
+        let host: Vec<i8> = (0..rows * cols)
+            .map(|i| match i {
+                i if i < cols => [-128i8, 127][i % 2],
+                _ => (rng.next_u64() >> 56) as u8 as i8,
+            })
+            .collect();
+        let bytes: Vec<u8> = host.iter().map(|&v| v as u8).collect();
+        (Tensor::from_vec(bytes, (rows, cols), &gpu()).unwrap(), host)
+    }
+
+    /// The int8 GEMM (`kernels::int8_gemm`, Hopper's wgmma) against the same products in integers on the
+    /// host, bit for bit after the scales (f32, in the kernel's order) and the bf16 rounding: the forward
+    /// BitLinears' shapes of bitnet_b1_58-large and 2B4T at 300 tokens (a partial tile of rows), with and
+    /// without scales, and a block of 128 rows whose sums are all at their extremes.
+    #[test]
+    fn int8_gemm_matches_integer_products() {
+        use bessie::kernels::int8_gemm::{try_int8_gemm, Tile};
+        for (i, &(n, k)) in
+            [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096), (3840, 2560), (2560, 6912)].iter().enumerate()
+        {
+            let m = 300;
+            let (a, ha) = int8s(m, k, 2 * i as u64);
+            let (b, hb) = int8s(n, k, 2 * i as u64 + 1);
+            let sa: Vec<f32> = (0..m).map(|r| 0.01 + r as f32 * 1e-3).collect();
+            let sb: Vec<f32> = (0..n).map(|c| 0.5 + (c % 7) as f32 * 0.03).collect();
+            let (ta, tb) = (Tensor::new(&sa[..], &gpu()).unwrap(), Tensor::new(&sb[..], &gpu()).unwrap());
+            for (scaled, tile) in [(false, Tile::N128), (true, Tile::N128), (true, Tile::N256)] {
+                let (x, y) = if scaled { (Some(&ta), Some(&tb)) } else { (None, None) };
+                let got = try_int8_gemm(&a, &b, x, y, tile).unwrap().expect("a Hopper GPU takes it");
+                let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                // Every output of the first and last rows (the extremes and the partial tile), and a sample.
+                let mut rng = bessie::rng::Rng::new(99);
+                let sample =
+                    (0..4000).map(|_| ((rng.next_u64() % m as u64) as usize, (rng.next_u64() % n as u64) as usize));
+                let edges = (0..n).flat_map(|c| [(0, c), (m - 1, c)]);
+                let mut checked = 0;
+                for (r, c) in edges.chain(sample) {
+                    let dot: i32 = (0..k).map(|j| ha[r * k + j] as i32 * hb[c * k + j] as i32).sum();
+                    let want = match scaled {
+                        true => dot as f32 * sa[r] * sb[c],
+                        false => dot as f32,
+                    };
+                    let want = half::bf16::from_f32(want).to_f32();
+                    assert_eq!(
+                        got[r * n + c].to_bits(),
+                        want.to_bits(),
+                        "{n} x {k}, [{r}, {c}], {tile:?}, scaled {scaled}"
+                    );
+                    checked += 1;
+                }
+                println!(
+                    "int8 GEMM {m} x {n} x {k} (scaled {scaled}): {checked} outputs equal to the integer products"
+                );
+            }
+        }
+        // Sums at their extremes: every a = -128 against every b = -128 and 127.
+        let (m, n, k) = (128, 256, 4096);
+        let a = Tensor::from_vec(vec![128u8; m * k], (m, k), &gpu()).unwrap();
+        let b: Vec<u8> = (0..n * k).map(|i| if i / k % 2 == 0 { 128u8 } else { 127 }).collect();
+        let b = Tensor::from_vec(b, (n, k), &gpu()).unwrap();
+        for tile in [Tile::N128, Tile::N256] {
+            let got = try_int8_gemm(&a, &b, None, None, tile).unwrap().expect("takes it");
+            let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for (i, v) in got.iter().enumerate() {
+                let want = if i % n % 2 == 0 { 128.0 * 128.0 * k as f32 } else { -128.0 * 127.0 * k as f32 };
+                assert_eq!(*v, half::bf16::from_f32(want).to_f32(), "extreme sums, {tile:?}, output {i}");
+            }
+        }
+    }
+
+    /// The int8 GEMM against cuBLAS's bf16 GEMM (candle's matmul, f32 sums) at the forward BitLinears' shapes
+    /// of bitnet_b1_58-large and 2B4T, 6,144 tokens (768 x 8), each tile width: microseconds and tera-operations
+    /// a second.
+    /// Prints a table; asserts nothing.
+    #[test]
+    #[ignore = "timing: run with --ignored on a GPU machine"]
+    fn int8_gemm_timing() {
+        use bessie::kernels::int8_gemm::{try_int8_gemm, Tile};
+        let m = 6144;
+        for (n, k) in
+            [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096), (3840, 2560), (13824, 2560), (2560, 6912)]
+        {
+            let (a, _) = int8s(m, k, 1);
+            let (b, _) = int8s(n, k, 2);
+            let (xa, wb) = (randn(&[m, k], DType::BF16), randn(&[n, k], DType::BF16));
+            let bf16 = mean_us(&|| drop(xa.matmul(&wb.t().unwrap()).unwrap()));
+            let ops = 2.0 * (m * n * k) as f64;
+            for tile in [Tile::N128, Tile::N256] {
+                let int8 = mean_us(&|| drop(try_int8_gemm(&a, &b, None, None, tile).unwrap().expect("takes it")));
+                println!(
+                    "GEMM {m} x {n} x {k}: int8 {tile:?} {int8:.1} us ({:.0} TOP/s), bf16 {bf16:.1} us ({:.0} TFLOP/s): \
+                     {:.2}x",
+                    ops / int8 / 1e6,
+                    ops / bf16 / 1e6,
+                    bf16 / int8
+                );
+            }
+        }
+    }
+
+    /// Microseconds per call of `f` (work queued on the GPU's stream), over 20 calls after one to warm up.
+    fn mean_us(f: &dyn Fn()) -> f64 {
+        let device = gpu();
+        f();
+        device.synchronize().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..20 {
+            f();
+        }
+        device.synchronize().unwrap();
+        start.elapsed().as_secs_f64() / 20.0 * 1e6
+    }
+
     /// Microseconds per launch of `f` (which launches one kernel on the GPU's stream) as a decoding step runs
     /// it: `n` launches captured as one CUDA graph, replayed.
     fn graph_us(n: usize, f: &dyn Fn()) -> f64 {
@@ -1219,7 +1336,6 @@ mod fused {
         use bessie::ops::repeat_kv;
         let (b, t, h, hkv, d) = (4, 2048, 20, 5, 128);
         let groups = h / hkv;
-        let dev = gpu();
         let windows = packed_windows(b, t);
         let (q, k, v, dy) = (
             randn(&[b, h, t, d], DType::BF16),
@@ -1243,17 +1359,7 @@ mod fused {
         println!("GQA native vs expanded: dq rel L2 {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
         // The same dQ bits; dK and dV summed in f32 before one rounding rather than rounded per head.
         assert!(eq == 0.0 && ek < 1e-2 && ev < 1e-2);
-        let time = |f: &dyn Fn()| {
-            f();
-            dev.synchronize().unwrap();
-            let start = std::time::Instant::now();
-            for _ in 0..20 {
-                f();
-            }
-            dev.synchronize().unwrap();
-            start.elapsed().as_secs_f64() / 20.0 * 1e3
-        };
-        let (tn, te) = (time(&|| drop(native())), time(&|| drop(expanded())));
+        let (tn, te) = (mean_us(&|| drop(native())) / 1e3, mean_us(&|| drop(expanded())) / 1e3);
         println!(
             "flash attention fwd+bwd at 4 x 2048, 20 heads on 5, dim 128: native GQA {tn:.3} ms, expanded {te:.3} ms"
         );

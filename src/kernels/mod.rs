@@ -39,6 +39,8 @@ pub mod flat;
 #[cfg(feature = "cuda")]
 pub mod gemm;
 #[cfg(feature = "cuda")]
+pub mod int8_gemm;
+#[cfg(feature = "cuda")]
 pub mod readback;
 #[cfg(feature = "cuda")]
 pub mod residual;
