@@ -161,13 +161,9 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
     // One block an SM: its registers fill one (launch bounds of 1,024 threads), whatever its shared memory.
     let wave = super::one_wave(&dev, PTX, name, 32 * STEP_WARPS as u32, 0)?;
     let Some(layout) = StepLayout::new(rows, n, k, wave, shared) else { return Ok(None) };
-    // Shared memory beyond 48 KB (the static counts too: opted into above 40) is opted into.
+    // Beyond 48 KB with the static arrays: opted into above 40 KB.
     if layout.bytes > 40 * 1024 {
-        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        let func = dev.get_or_load_custom_func(name, PTX.0, PTX.1)?;
-        func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, layout.bytes as i32).map_err(|e| {
-            candle_core::Error::Msg(format!("bitlinear_step: shared memory of {} bytes: {e:?}", layout.bytes))
-        })?;
+        super::opt_in_shared(&dev, PTX, name, layout.bytes)?;
     }
     let x = s.x.contiguous()?;
     let norm = s.norm.map(|w| w.contiguous()).transpose()?;

@@ -58,14 +58,28 @@ pub enum Overlap {
 /// Whether `dev` launches [`Overlap::Early`] kernels early: compute capability 9.0 on, and not turned off by
 /// `BESSIE_PDL=0` (to measure what it gains, or to rule it out when hunting a bug).
 fn early_launches(dev: &CudaDevice) -> bool {
-    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("BESSIE_PDL").is_ok_and(|v| v == "0"));
-    !off && dev
-        .cuda_stream()
-        .context()
-        .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .is_ok_and(|major| major >= 9)
+    !off && compute_capability(dev).is_some_and(|(major, _)| major >= 9)
+}
+
+/// `dev`'s compute capability (major, minor), or None where the driver does not say.
+pub(crate) fn compute_capability(dev: &CudaDevice) -> Option<(i32, i32)> {
+    use cudarc::driver::sys::CUdevice_attribute::{
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as MINOR,
+    };
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    Some((ctx.attribute(MAJOR).ok()?, ctx.attribute(MINOR).ok()?))
+}
+
+/// Lets kernel `name` of module `ptx` take `bytes` of dynamic shared memory a block: above 48 KB (the static
+/// arrays count too) a block's shared memory must be opted into, per function.
+pub(crate) fn opt_in_shared(dev: &CudaDevice, ptx: Ptx, name: &str, bytes: usize) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
+    func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory of {bytes} bytes: {e:?}")))
 }
 
 /// Launches `func` on `dev`'s stream with the kernel parameters `params` (pointers to each argument), as

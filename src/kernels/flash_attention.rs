@@ -2,7 +2,6 @@
 //! heads read in place (no expanded K and V).
 
 use candle_core::{DType, Result, Tensor};
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::LaunchConfig;
 
 use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
@@ -91,10 +90,7 @@ pub fn try_backward(
         ptr(&delta)?, ptr(&start)?, aligned_ptr(&dq)?, t as i32, h as i32, group as i32, scale2(d));
     let name = format!("flash_backward_kv_{d}");
     let bytes = kv_shared_bytes(d);
-    // Above 48 KB a block's shared memory must be opted into, per function.
-    let func = dev.get_or_load_custom_func(&name, PTX.0, PTX.1)?;
-    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-        .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory of {bytes} bytes: {e:?}")))?;
+    super::opt_in_shared(&dev, PTX, &name, bytes as usize)?;
     // A block per 64 keys of each key/value head.
     launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h / group) };
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, ptr(&lse)?, ptr(&delta)?,

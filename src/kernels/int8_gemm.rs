@@ -10,7 +10,7 @@
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
-use super::{cuda_device, launch, ptr, ptx, uninit, Ptx};
+use super::{compute_capability, cuda_device, launch, opt_in_shared, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("int8_gemm");
 
@@ -65,16 +65,6 @@ struct GemmParams {
 // SAFETY: a plain `#[repr(C)]` struct of integers, which the kernel takes by value.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
 
-/// Whether `dev` is a Hopper GPU (compute capability 9.0): the module is built for sm_90a only.
-fn hopper(dev: &candle_core::CudaDevice) -> bool {
-    use cudarc::driver::sys::CUdevice_attribute::{
-        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as MINOR,
-    };
-    let stream = dev.cuda_stream();
-    let ctx = stream.context();
-    ctx.attribute(MAJOR).is_ok_and(|v| v == 9) && ctx.attribute(MINOR).is_ok_and(|v| v == 0)
-}
-
 /// `out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n])` (bf16 `[m, n]`) for `a: [m, k]`
 /// and `b: [n, k]`, u8 tensors holding int8 values (two's complement), and f32 scales `[m]` and `[n]` (None:
 /// 1), each block taking `tile`'s columns. `Ok(None)` where the kernel does not apply: not on a Hopper GPU, `k`
@@ -88,7 +78,13 @@ pub fn try_int8_gemm(
 ) -> Result<Option<Tensor>> {
     let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
     let Ok(dev) = cuda_device(a) else { return Ok(None) };
-    if !hopper(&dev) || k != kb || !k.is_multiple_of(STAGE_K) || !n.is_multiple_of(2) || m == 0 {
+    // The module is built for sm_90a only: Hopper (compute capability 9.0).
+    if compute_capability(&dev) != Some((9, 0))
+        || k != kb
+        || !k.is_multiple_of(STAGE_K)
+        || !n.is_multiple_of(2)
+        || m == 0
+    {
         return Ok(None);
     }
     let scale_ok = |s: Option<&Tensor>, len: usize| s.is_none_or(|s| s.dtype() == DType::F32 && s.elem_count() == len);
@@ -107,10 +103,7 @@ pub fn try_int8_gemm(
     let a_scale = a_scale.map(|s| s.contiguous()).transpose()?;
     let b_scale = b_scale.map(|s| s.contiguous()).transpose()?;
     let (name, shared) = (tile.kernel(), tile.shared());
-    let func = dev.get_or_load_custom_func(name, PTX.0, PTX.1)?;
-    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-    func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
-        .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory of {shared} bytes: {e:?}")))?;
+    opt_in_shared(&dev, PTX, name, shared)?;
     let out = uninit((m, n), DType::BF16, &dev)?;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(tile.columns()) as u32, m.div_ceil(ROWS) as u32, 1),
