@@ -135,11 +135,16 @@ fn step_shared(dev: &candle_core::CudaDevice) -> Result<usize> {
 /// [`GEMV_ROWS`] rows, `k` a multiple of 16 (whole words of codes) up to [`STEP_K_MAX`](super::shapes::STEP_K_MAX), whose rows fit a
 /// block's shared memory beside two outputs' codes.
 pub fn takes_step(x: &Tensor, rows: usize, k: usize) -> bool {
-    applies(x)
-        && rows <= GEMV_ROWS
-        && k > 0
-        && k.is_multiple_of(16)
-        && cuda_device(x).and_then(|dev| step_shared(&dev)).is_ok_and(|shared| StepLayout::fits(rows, k, shared))
+    step_room(x, rows, k).is_some()
+}
+
+/// [`takes_step`]'s answer as the dynamic shared memory a block may take on `x`'s device, where it takes them.
+fn step_room(x: &Tensor, rows: usize, k: usize) -> Option<usize> {
+    if !applies(x) || rows > GEMV_ROWS || k == 0 || !k.is_multiple_of(16) {
+        return None;
+    }
+    let shared = cuda_device(x).and_then(|dev| step_shared(&dev)).ok()?;
+    StepLayout::fits(rows, k, shared).then_some(shared)
 }
 
 /// A decoding step's BitLinear in one launch ([`BitLinearStep`]): the input normed and quantized to int8 per
@@ -151,13 +156,13 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
     let k = if s.glu.is_some() { width / 2 } else { width };
     let rows = s.x.elem_count() / width.max(1);
     let n = s.codes.dim(0)?;
-    let fits = s.codes.dtype() == DType::U32 && s.codes.dims() == [n, k / 16] && s.scales.elem_count() == n;
-    if !takes_step(s.x, rows, k) || !fits || s.norm.is_some_and(|w| w.elem_count() != k) {
-        return Ok(None);
-    }
+    let fits = s.codes.dtype() == DType::U32
+        && s.codes.dims() == [n, k / 16]
+        && s.scales.elem_count() == n
+        && s.norm.is_none_or(|w| w.elem_count() == k);
+    let Some(shared) = step_room(s.x, rows, k).filter(|_| fits) else { return Ok(None) };
     let dev = cuda_device(s.x)?;
     let name = "bitlinear_step";
-    let shared = step_shared(&dev)?;
     // One block an SM: its registers fill one (launch bounds of 1,024 threads), whatever its shared memory.
     let wave = super::one_wave(&dev, PTX, name, 32 * STEP_WARPS as u32, 0)?;
     let Some(layout) = StepLayout::new(rows, n, k, wave, shared) else { return Ok(None) };
@@ -221,7 +226,7 @@ fn heads_per_block(
     while per < group.min(GROUP_MAX) && blocks(per) > waves {
         per *= 2;
     }
-    Ok(per.min(GROUP_MAX))
+    Ok(per)
 }
 
 /// The f32 partial results [`try_decode_attention`] needs for `rows` rows of `heads` query heads of `head_dim`
