@@ -2,8 +2,8 @@
 //! plain loops, a (row, head) a task. At one query row the two candle matmuls (the gemm crate) and the
 //! softmax between them cost more in dispatch, packing and thread hand-offs than in arithmetic: they were
 //! 15% of packed bitnet_b1_58-large's decoding time on 2 cores, and their thread pool's spinning a tenth
-//! more. The reference is the candle ops beside the call (`bitnet::Attention::forward`); the sums are f32
-//! in another order.
+//! more. The reference is the candle ops beside the call (`bitnet::attention_by_ops`); the sums are f32 in
+//! another order.
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;

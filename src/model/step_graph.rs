@@ -6,7 +6,7 @@
 //! `DecodeAttention::meta`) are copied into the graph's own buffers before each replay, and its logits out
 //! of its own buffer after. A greedy step ([`StepOutput::Picks`]) takes each row's argmax inside the graph
 //! and writes it into the graph's own ids buffer: fed back as the next step's ids, the picks are read in
-//! place, and nothing runs between two steps but the spans' copy.
+//! place, and nothing runs between two steps but the spans' upload and copy and the picks' copy to the host.
 //!
 //! The first step of a layout runs as it is (with candle's cache of small uploads on, so that the capture
 //! that follows finds them) and gives that step's logits; the capture follows it. Steps of up to 8 rows are
@@ -99,11 +99,10 @@ mod cuda {
         !failed && std::env::var("BESSIE_CUDA_GRAPHS").map_or(true, |v| v != "0")
     }
 
-    /// A captured step: its key and output, its input buffers, its logits' buffer (none for picks, which go
-    /// into `ids`) and the graph.
+    /// A captured step: its key, its input buffers, its logits' buffer (none for picks, which go into `ids`)
+    /// and the graph.
     pub(super) struct Captured {
         key: Vec<u64>,
-        output: StepOutput,
         ids: Tensor,
         meta: Tensor,
         logits: Option<Tensor>,
@@ -123,7 +122,8 @@ mod cuda {
         mut compute: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, bool)> {
         let mut slot = captured.lock().map_err(|_| candle_core::Error::msg("a decoding graph's lock was poisoned"))?;
-        if let Some(c) = slot.as_ref().filter(|c| c.key == key && c.output == output && c.ids.dims() == ids.dims()) {
+        let gives = |c: &Captured| c.logits.is_some() == (output == StepOutput::Logits);
+        if let Some(c) = slot.as_ref().filter(|c| c.key == key && gives(c) && c.ids.dims() == ids.dims()) {
             // The last step's picks fed back are this buffer already.
             if address(ids)? != address(&c.ids)? {
                 c.ids.slice_set(ids, 0, 0)?;
@@ -143,8 +143,7 @@ mod cuda {
         let rows = key[0];
         // The picks are taken before the capture, so that their kernel's small uploads are cached for it.
         let out = output.of(logits.clone())?;
-        let captured = capture(dev, key, ids, meta, &logits, output, &mut compute);
-        match captured {
+        match capture(dev, key, ids, meta, &logits, output, &mut compute) {
             Ok(c) => *slot = Some(c),
             Err(e) => {
                 if let Ok(mut failed) = FAILED.lock() {
@@ -191,6 +190,6 @@ mod cuda {
         body?;
         let graph = graph.ok_or_else(|| candle_core::Error::msg("the capture recorded nothing"))?;
         graph.upload().map_err(|e| to_err("uploading the graph", e))?;
-        Ok(Captured { key, output, ids, meta, logits, graph })
+        Ok(Captured { key, ids, meta, logits, graph })
     }
 }
