@@ -414,6 +414,12 @@ mod fused {
         g.iter().zip(&w).filter(|(a, b)| a != b).count() as f64 / w.len() as f64
     }
 
+    /// The share of values further apart than one bf16 unit in the last place of the wanted value.
+    fn beyond_one_ulp(got: &Tensor, want: &Tensor) -> f64 {
+        let (g, w) = (values(got), values(want));
+        g.iter().zip(&w).filter(|(a, b)| (*a - *b).abs() > b.abs() * 2f64.powi(-7)).count() as f64 / w.len() as f64
+    }
+
     /// The head's matrix-vector product of a decoding step (`kernels::decode::try_gemv`, also the BitLinear's
     /// where its weights are not packed) against candle's GEMM, scale and residual add on the same bf16
     /// tensors, for 1 to 8 rows.
@@ -1138,9 +1144,16 @@ mod fused {
             let got = step_weights(&flat, &slots, lambda, DType::BF16).unwrap();
             for (r, columns) in &slots {
                 let (g, w) = (got.narrow(0, r.start, r.len()).unwrap(), want.narrow(0, r.start, r.len()).unwrap());
-                let (e, m) = (rel_l2(&g, &w), mismatched(&g, &w));
-                println!("step weights {r:?} matrix columns {columns:?} lambda={lambda}: rel L2 {e:.2e}, {m:.2e} of values differ");
-                assert!(m < 1e-4 && e < 1e-3, "rel L2 {e}, mismatched {m}");
+                // The blend `x + lambda (q - x)` may round its f32 result once more or less than candle's
+                // ops (a fused multiply-add), which moves a bf16 value by one unit in the last place where the
+                // f32 value sits on a rounding boundary: about one value in 6,000 of a fresh draw. A wrong
+                // ternary value or scale moves it by far more.
+                let (e, m, far) = (rel_l2(&g, &w), mismatched(&g, &w), beyond_one_ulp(&g, &w));
+                println!(
+                    "step weights {r:?} matrix columns {columns:?} lambda={lambda}: rel L2 {e:.2e}, {m:.2e} of values \
+                     differ, {far:.2e} by more than one bf16 unit"
+                );
+                assert!(far == 0.0 && m < 1e-3 && e < 1e-3, "rel L2 {e}, mismatched {m}, beyond one unit {far}");
             }
         }
     }
