@@ -35,15 +35,24 @@ struct Max {
 
 // Reduces `v` over the block and gives every thread the result. The order of the additions is fixed by the
 // block's shape, so results repeat bit for bit run to run (no atomics). blockDim.x: a multiple of 32.
+// The warps' partials are combined by every warp in a tree of shuffles, lane i holding warp i's: a serial
+// loop over them took one shared-memory load after another (about 1,000 cycles at 32 warps, most of a
+// decoding step's norm).
 template <typename T, typename Op> __device__ T block_reduce(T v, Op op) {
     __shared__ T warps[32];
+    int lane = threadIdx.x % 32, count = blockDim.x / 32;
     for (int o = 16; o > 0; o /= 2) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
     __syncthreads();  // a previous call may still be reading `warps`
-    if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = v;
+    if (lane == 0) warps[threadIdx.x / 32] = v;
     __syncthreads();
-    v = warps[0];
-    for (int i = 1; i < blockDim.x / 32; i++) v = op(v, warps[i]);
-    return v;
+    v = warps[lane < count ? lane : 0];
+    // A lane takes its partner's partial only where the partner holds a warp's: lanes past `count` hold
+    // none, and every partial a lane below `count` holds covers warps below `count` only.
+    for (int o = 16; o > 0; o /= 2) {
+        T other = __shfl_xor_sync(0xffffffff, v, o);
+        if ((lane ^ o) < count) v = op(v, other);
+    }
+    return __shfl_sync(0xffffffff, v, 0);
 }
 
 // `x + lambda (q - x)`, the quantization warm-up, exact at the ends as the reference is.
