@@ -362,7 +362,7 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, float c, float s) 
 // unnormalized output, its max and its sum of exponentials to `partial` (rows heads splits (d + 2) f32) and the
 // last block of a (row, kv head) to finish (counted in `done`, zero between steps: that block sets it back)
 // joins them: y = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M). The blocks start before the projection that
-// feeds them has finished (programmatic dependent launch) and ask their split's cached columns into L2.
+// feeds them has finished (programmatic dependent launch) and load their split's cached keys and values then.
 // qkv [rows, (heads + 2 kv_heads) d] is the stacked projection's output; the caches [rows, kv_heads, width, d];
 // d <= 256 and a multiple of 8. The reference's scores are bf16, times 1 / sqrt(d) in bf16, and its
 // probabilities bf16: the kernel keeps the first two roundings and takes the probabilities in f32.
@@ -390,16 +390,27 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     const bf16* vh = row + (size_t)(heads + kv_heads + kvh) * d;
     size_t head_base = ((size_t)r * kv_heads + kvh) * width * d;
     bool writes = h0 == kvh * group && (col - first) / SPLIT == split;
-    int half = d / 2, n = min(SPLIT, col + 1 - lo), lines = d / 64 + 1;
+    int half = d / 2, n = min(SPLIT, col + 1 - lo);
 
     // Before the previous kernel has finished (programmatic dependent launch): the split's cached keys and
-    // values asked into L2 (a line holds 64 elements: a column's elements 0, 64, ... and its last; the new
-    // column's are asked too, which does no harm) and this thread's rotation; then q, k and v once written.
+    // values this thread reads, loaded into registers (the step's kernels write only the new column, and
+    // every earlier one was written by an earlier step, which finished before this step began), and this
+    // thread's rotation; then q, k and v once written. Scores: column j of the split takes threads
+    // 4j..4j+3, each the 16-byte chunks part, part + 4, ... of its key. p v: thread (cg, ch) takes chunk ch
+    // of the values of columns cg, cg + groups, ... (at most 8: d <= 256).
     let_next_start();
-    for (int i = t; i < 2 * n * lines; i += ATTN_THREADS) {
-        int j = i / 2 / lines, e = min(64 * (i / 2 % lines), d - 1);
-        prefetch_l2((i % 2 ? v_cache : k_cache) + head_base + (size_t)(lo + j) * d + e);
-    }
+    int chunks = d / 8, j = t / 4, part = t % 4;
+    int groups = ATTN_THREADS / chunks, cg = t / chunks, ch = t % chunks;
+    uint4 kr[8], vr[8];
+    auto cached = [&](int jj) { return jj < n && lo + jj != col; };
+#pragma unroll
+    for (int it = 0; it < 8; it++)
+        if (cached(j) && part + 4 * it < chunks)
+            kr[it] = *reinterpret_cast<const uint4*>(k_cache + head_base + (size_t)(lo + j) * d + 8 * (part + 4 * it));
+#pragma unroll
+    for (int it = 0; it < 8; it++)
+        if (cg < groups && cached(cg + groups * it))
+            vr[it] = *reinterpret_cast<const uint4*>(v_cache + head_base + (size_t)(lo + cg + groups * it) * d + 8 * ch);
     float c = 0.f, s = 0.f;
     if (t < half) {
         float angle = (float)m.position * inv_freq[t];
@@ -436,20 +447,18 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     }
     __syncthreads();
 
-    // Scores: column j of the split takes threads 4j..4j+3, each the 16-byte chunks part, part + 4, ... of its
-    // key, all loaded before any is used.
-    int chunks = d / 8;
+    // Scores, the new column's key from shared memory.
     bool hidden_query = m.hides(col);
     float inv_sqrt_d = round_bf16(1.f / sqrtf((float)d));
     {
-        int j = t / 4, part = t % 4, c = lo + j;
+        int c = lo + j;
         float s[GROUP_MAX] = {};
         if (j < n) {
-            const bf16* kc = c == col ? kv_new : k_cache + head_base + (size_t)c * d;
-            uint4 kr[8];
+            if (c == col) {
 #pragma unroll
-            for (int it = 0; it < 8; it++)
-                if (part + 4 * it < chunks) kr[it] = *reinterpret_cast<const uint4*>(kc + 8 * (part + 4 * it));
+                for (int it = 0; it < 8; it++)
+                    if (part + 4 * it < chunks) kr[it] = *reinterpret_cast<const uint4*>(kv_new + 8 * (part + 4 * it));
+            }
 #pragma unroll
             for (int it = 0; it < 8; it++) {
                 int ch = part + 4 * it;
@@ -493,30 +502,25 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     }
     __syncthreads();
 
-    // p v: thread (cg, ch) takes chunk ch of the values of columns cg, cg + groups, ... (at most 8: d <= 256),
-    // loaded before any is used; then the column groups' sums are added in shared memory.
-    int groups = ATTN_THREADS / chunks, cg = t / chunks, ch = t % chunks;
+    // p v (the new column's values from shared memory); then the column groups' sums are added in shared
+    // memory.
     if (cg < groups) {
         float acc[GROUP_MAX][8] = {};
-        uint4 vr[8];
 #pragma unroll
         for (int it = 0; it < 8; it++) {
-            int j = cg + groups * it, c = lo + j;
-            if (j < n) {
-                const bf16* vc = c == col ? kv_new + d : v_cache + head_base + (size_t)c * d;
-                vr[it] = *reinterpret_cast<const uint4*>(vc + 8 * ch);
-            }
+            int jj = cg + groups * it;
+            if (jj < n && lo + jj == col) vr[it] = *reinterpret_cast<const uint4*>(kv_new + d + 8 * ch);
         }
 #pragma unroll
         for (int it = 0; it < 8; it++) {
-            int j = cg + groups * it;
-            if (j >= n) break;
+            int jj = cg + groups * it;
+            if (jj >= n) break;
             float v[8];
             unpack8(vr[it], v);
 #pragma unroll
             for (int g = 0; g < GROUP_MAX; g++) {
                 if (g >= gb) break;
-                float pj = p[g][j];
+                float pj = p[g][jj];
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[g][e] += pj * v[e];
             }
