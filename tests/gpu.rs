@@ -605,7 +605,7 @@ mod fused {
             let sa: Vec<f32> = (0..m).map(|r| 0.01 + r as f32 * 1e-3).collect();
             let sb: Vec<f32> = (0..n).map(|c| 0.5 + (c % 7) as f32 * 0.03).collect();
             let (ta, tb) = (Tensor::new(&sa[..], &gpu()).unwrap(), Tensor::new(&sb[..], &gpu()).unwrap());
-            for (scaled, tile) in [(false, Tile::N128), (true, Tile::N128), (true, Tile::N256)] {
+            for (scaled, tile) in Tile::ALL.into_iter().flat_map(|t| [(false, t), (true, t)]) {
                 let (x, y) = if scaled { (Some(&ta), Some(&tb)) } else { (None, None) };
                 let got = try_int8_gemm(&a, &b, x, y, tile).unwrap().expect("a Hopper GPU takes it");
                 let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -639,7 +639,7 @@ mod fused {
         let a = Tensor::from_vec(vec![128u8; m * k], (m, k), &gpu()).unwrap();
         let b: Vec<u8> = (0..n * k).map(|i| if i / k % 2 == 0 { 128u8 } else { 127 }).collect();
         let b = Tensor::from_vec(b, (n, k), &gpu()).unwrap();
-        for tile in [Tile::N128, Tile::N256] {
+        for tile in Tile::ALL {
             let got = try_int8_gemm(&a, &b, None, None, tile).unwrap().expect("takes it");
             let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             for (i, v) in got.iter().enumerate() {
@@ -666,7 +666,7 @@ mod fused {
             let (xa, wb) = (randn(&[m, k], DType::BF16), randn(&[n, k], DType::BF16));
             let bf16 = mean_us(&|| drop(xa.matmul(&wb.t().unwrap()).unwrap()));
             let ops = 2.0 * (m * n * k) as f64;
-            for tile in [Tile::N128, Tile::N256] {
+            for tile in Tile::ALL {
                 let int8 = mean_us(&|| drop(try_int8_gemm(&a, &b, None, None, tile).unwrap().expect("takes it")));
                 println!(
                     "GEMM {m} x {n} x {k}: int8 {tile:?} {int8:.1} us ({:.0} TOP/s), bf16 {bf16:.1} us ({:.0} TFLOP/s): \

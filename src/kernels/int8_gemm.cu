@@ -4,21 +4,29 @@
 // exact integers; the scales are applied once in f32, in that order. Compiled for sm_90a (build.rs): on
 // other cards the module is empty and kernels::int8_gemm declines.
 //
-// A block takes a 128 x BN tile of the output (BN 128 or 256, one kernel each): two warpgroups, 64 rows
-// each, every wgmma m64nBNk32. The operands stream through IG_STAGES shared-memory stages of 128 bytes of k
-// (cp.async by every thread, 16 bytes each, zero-filled past m and n), laid out as wgmma's 128-byte swizzle
-// expects: row r's 16-byte chunk c at r * 128 + (c ^ r % 8) * 16, each operand's tile 1024-byte aligned.
+// A block takes 128 x BN tiles of the output in turn (BN 128 or 256, one kernel each; one block an SM, tiles
+// b, b + blocks, ...). Its first warpgroup's first thread loads the operands with the tensor memory
+// accelerator (TMA: one instruction a tile of 128 bytes of k, zero past m and n, laid out as wgmma's 128-byte
+// swizzle expects: row r's 16-byte chunk c at r * 128 + (c ^ r % 8) * 16, each operand's tile 1024-byte
+// aligned) into STAGES shared-memory stages; the two other warpgroups multiply, 64 rows each, every wgmma
+// m64nBNk32. Each stage has two mbarriers: `full` (the TMA's bytes landed) and `empty` (both warpgroups'
+// wgmmas that read it finished), so the loads run STAGES steps ahead of the products without a block barrier,
+// into the next tile's while the multiplying warpgroups write the last one's outputs.
 #include "common.cuh"
 
 #define IG_BM 128
 #define IG_BK 128
-#define IG_THREADS 256
 
-// Mirrors int8_gemm.rs's `GemmParams`.
+// A TMA descriptor (CUtensorMap), opaque.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+// Mirrors int8_gemm.rs's `GemmParams`: the operands as TMA descriptors (cuTensorMapEncodeTiled), each row's
+// and each column's scale (f32) or null (1), the output.
 struct Int8Gemm {
-    const signed char* a;
-    const signed char* b;
-    // Each row's and each column's scale (f32), or null: 1.
+    TensorMap a;
+    TensorMap b;
     const float* a_scale;
     const float* b_scale;
     bf16* out;
@@ -28,9 +36,6 @@ struct Int8Gemm {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ unsigned shared_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
-// The byte of row r's 16-byte chunk c in a tile of 128-byte rows under the 128-byte swizzle.
-__device__ __forceinline__ int swizzled(int r, int c) { return r * 128 + ((c ^ (r % 8)) * 16); }
-
 // A wgmma operand descriptor for K-major rows of 128 bytes under the 128-byte swizzle, from `addr` (the
 // start of 8-row groups 1024 bytes apart; k advances within a row by adding to the address).
 __device__ __forceinline__ unsigned long long descriptor(unsigned addr) {
@@ -39,11 +44,6 @@ __device__ __forceinline__ unsigned long long descriptor(unsigned addr) {
     d |= (unsigned long long)(1024 >> 4) << 32;  // stride byte offset: from one 8-row group to the next
     d |= 1ull << 62;                             // 128-byte swizzle
     return d;
-}
-
-__device__ __forceinline__ void copy16(void* dst, const void* src, bool in) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_addr(dst)), "l"(src), "r"(in ? 16 : 0)
-                 : "memory");
 }
 
 // d += a b for a 64 x 32 slab of a and an N x 32 slab of b (k-major, in shared memory).
@@ -71,86 +71,126 @@ template <int N> __device__ __forceinline__ void keep_in_place(int (&d)[N]) {
     for (int i = 0; i < N; i++) asm volatile("" : "+r"(d[i])::"memory");
 }
 
-// The tile's 128 x BN outputs over all of k, each warpgroup's 64 x BN sums in d.
-template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tile(const Int8Gemm& p) {
+// A stage's mbarriers (in shared memory at `bar`): made for `count` arrivals a phase; waited on until the
+// phase of the given parity has finished; arrived at; arrived at by the producer, which also tells it how
+// many bytes the TMA will bring.
+__device__ __forceinline__ void barrier_init(unsigned bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void barrier_wait(unsigned bar, int parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void barrier_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void barrier_expect(unsigned bar, int bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Rows row .. row + box of the operand `map` describes, bytes kb .. kb + 128 of each, into `dst`.
+__device__ __forceinline__ void tma_load(unsigned dst, const TensorMap* map, int kb, int row, unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(kb), "r"(row), "r"(bar)
+        : "memory");
+}
+
+template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
     constexpr int A_BYTES = IG_BM * IG_BK, STAGE_BYTES = (IG_BM + BN) * IG_BK;
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    // The barriers after the stages: full[s] at 8 s, empty[s] at 8 (STAGES + s).
+    unsigned bars = shared_addr(smem + STAGES * STAGE_BYTES);
+    auto full = [&](int s) { return bars + 8 * s; };
+    auto empty = [&](int s) { return bars + 8 * (STAGES + s); };
     int t = threadIdx.x, wg = t / 128;
-    int m0 = blockIdx.y * IG_BM, n0 = blockIdx.x * BN, tiles = p.k / IG_BK;
-    // Tile kt of k into stage s: 8 chunks a row, (128 + BN) rows.
-    auto load = [&](int kt, int s) {
-        unsigned char* sa = smem + s * STAGE_BYTES;
-        unsigned char* sb = sa + A_BYTES;
-#pragma unroll
-        for (int j = 0; j < (IG_BM + BN) * 8 / IG_THREADS; j++) {
-            int i = t + j * IG_THREADS, r = i / 8, c = i % 8;
-            size_t kb = (size_t)kt * IG_BK + 16 * c;
-            if (r < IG_BM) {
-                copy16(sa + swizzled(r, c), p.a + (size_t)min(m0 + r, p.m - 1) * p.k + kb, m0 + r < p.m);
-            } else {
-                int rb = r - IG_BM;
-                copy16(sb + swizzled(rb, c), p.b + (size_t)min(n0 + rb, p.n - 1) * p.k + kb, n0 + rb < p.n);
+    int n_tiles = (p.n + BN - 1) / BN, tiles = n_tiles * ((p.m + IG_BM - 1) / IG_BM), steps = p.k / IG_BK;
+    if (t == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            barrier_init(full(s), 1);
+            barrier_init(empty(s), 2 * 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    // Block b takes the tiles b, b + gridDim.x, ... (the columns' tiles of a row of tiles in turn), and
+    // every (tile, k step) in that order goes through the stages in turn: `it` counts them, which gives each
+    // its stage (it % STAGES) and the round of that stage's barriers (it / STAGES).
+    if (wg == 0) {
+        // The producer: its registers given to the consumers. It runs ahead into the next tile's stages
+        // while the consumers write the last one's outputs.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (t == 0) {
+            int it = 0;
+            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                int m0 = tile / n_tiles * IG_BM, n0 = tile % n_tiles * BN;
+                for (int kt = 0; kt < steps; kt++, it++) {
+                    int s = it % STAGES;
+                    // A fresh barrier counts as having finished the phase before its first: round 0 passes.
+                    barrier_wait(empty(s), (it / STAGES + 1) % 2);
+                    barrier_expect(full(s), STAGE_BYTES);
+                    unsigned sa = shared_addr(smem + s * STAGE_BYTES);
+                    tma_load(sa, &p.a, kt * IG_BK, m0, full(s));
+                    tma_load(sa + A_BYTES, &p.b, kt * IG_BK, n0, full(s));
+                }
             }
         }
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
-    };
-    // The sums start at zero, and every wgmma adds to them.
-    int d[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) d[i] = 0;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
-        if (s < tiles) load(s, s);
-        else asm volatile("cp.async.commit_group;\n" ::: "memory");
+        return;
     }
-    for (int kt = 0; kt < tiles; kt++) {
-        // Tile kt has landed (each iteration commits one group), and is seen by the tensor cores' proxy.
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2) : "memory");
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        int s = kt % STAGES;
-        unsigned a = shared_addr(smem + s * STAGE_BYTES + wg * 64 * IG_BK);
-        unsigned b = shared_addr(smem + s * STAGE_BYTES + A_BYTES);
-        keep_in_place(d);
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    int c = wg - 1, warp = t % 128 / 32, lane = t % 32, it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int m0 = tile / n_tiles * IG_BM, n0 = tile % n_tiles * BN;
+        int d[BN / 2];
 #pragma unroll
-        for (int kk = 0; kk < IG_BK / 32; kk++) wgmma_k32(d, descriptor(a + 32 * kk), descriptor(b + 32 * kk));
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        for (int i = 0; i < BN / 2; i++) d[i] = 0;
+        for (int kt = 0; kt < steps; kt++, it++) {
+            int s = it % STAGES;
+            barrier_wait(full(s), it / STAGES % 2);
+            unsigned a = shared_addr(smem + s * STAGE_BYTES + c * 64 * IG_BK);
+            unsigned b = shared_addr(smem + s * STAGE_BYTES + A_BYTES);
+            keep_in_place(d);
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kk = 0; kk < IG_BK / 32; kk++) wgmma_k32(d, descriptor(a + 32 * kk), descriptor(b + 32 * kk));
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            keep_in_place(d);
+            // The previous step's products have finished: its stage is free for the producer.
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            if (kt > 0) barrier_arrive(empty((it - 1) % STAGES));
+        }
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         keep_in_place(d);
-        // The stage the next load overwrites was read by the previous tile's products: both warpgroups' must
-        // have finished.
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-        __syncthreads();
-        int next = kt + STAGES - 1;
-        if (next < tiles) load(next, next % STAGES);
-        else asm volatile("cp.async.commit_group;\n" ::: "memory");
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    keep_in_place(d);
+        barrier_arrive(empty((it - 1) % STAGES));
 
-    // d[i] holds row 16 warp + lane / 4 (+ 8 for i % 4 >= 2) and column 8 (i / 4) + 2 (lane % 4) + i % 2 of
-    // the warpgroup's 64 x BN part.
-    int warp = t % 128 / 32, lane = t % 32;
 #pragma unroll
-    for (int i = 0; i < BN / 2; i += 2) {
-        int row = m0 + 64 * wg + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
-        int col = n0 + 8 * (i / 4) + 2 * (lane % 4);
-        if (row >= p.m || col >= p.n) continue;
-        float sa = p.a_scale ? p.a_scale[row] : 1.f;
-        float s0 = p.b_scale ? p.b_scale[col] : 1.f, s1 = p.b_scale ? p.b_scale[col + 1] : 1.f;
-        *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)row * p.n + col) =
-            __floats2bfloat162_rn((float)d[i] * sa * s0, (float)d[i + 1] * sa * s1);
+        for (int i = 0; i < BN / 2; i += 2) {
+            int row = m0 + 64 * c + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
+            int col = n0 + 8 * (i / 4) + 2 * (lane % 4);
+            if (row >= p.m || col >= p.n) continue;
+            float sa = p.a_scale ? p.a_scale[row] : 1.f;
+            float s0 = p.b_scale ? p.b_scale[col] : 1.f, s1 = p.b_scale ? p.b_scale[col + 1] : 1.f;
+            *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)row * p.n + col) =
+                __floats2bfloat162_rn((float)d[i] * sa * s0, (float)d[i + 1] * sa * s1);
+        }
     }
 }
-#endif
-
-// The kernels of each tile width, with as many stages as fit 227 KB: 4 of 32 KB for 128 columns, 4 of 48 KB
-// for 256 (int8_gemm.rs's `Tile`).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define IG_BODY(BN, STAGES) int8_gemm_tile<BN, STAGES>(p);
+#define IG_BODY(BN, STAGES) int8_gemm_tiles<BN, STAGES>(p);
 #else
 #define IG_BODY(BN, STAGES)
 #endif
-extern "C" __global__ void __launch_bounds__(IG_THREADS) int8_gemm_n128(const Int8Gemm p) { IG_BODY(128, 4) }
-extern "C" __global__ void __launch_bounds__(IG_THREADS) int8_gemm_n256(const Int8Gemm p) { IG_BODY(256, 4) }
+
+// The kernels of each tile width, with as many stages as fit 227 KB: 6 of 32 KB for 128 columns, 4 of 48 KB
+// for 256 (int8_gemm.rs's `Tile`). Three warpgroups: the loads' registers go to the products (setmaxnreg).
+extern "C" __global__ void __launch_bounds__(384, 1) int8_gemm_n128(const __grid_constant__ Int8Gemm p) {
+    IG_BODY(128, 6)
+}
+extern "C" __global__ void __launch_bounds__(384, 1) int8_gemm_n256(const __grid_constant__ Int8Gemm p) {
+    IG_BODY(256, 4)
+}

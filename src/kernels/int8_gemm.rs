@@ -3,9 +3,9 @@
 //! BitLinear's shapes): `round_bf16(a b^T * a_scale[m] * b_scale[n])` with exact integer sums. The
 //! reference is the same product in integers on the host (`tests/gpu.rs`).
 //!
-//! Not yet called by training: this first version (every thread loading stages with cp.async, no TMA, no
-//! warp specialization) runs at 0.62-0.92x of cuBLAS's bf16 GEMM at the forward's shapes (BENCHMARKS.md),
-//! and the forward would also need the int8 codes beside the bf16 input its weight gradient reads.
+//! The operands are loaded by the TMA, one warpgroup's thread, while two warpgroups multiply: 1.07-1.49x
+//! cuBLAS's bf16 GEMM at the training forward's shapes (BENCHMARKS.md). Not yet called by training: the
+//! forward would also need the int8 codes beside the bf16 input its weight gradient reads.
 
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
@@ -14,14 +14,14 @@ use super::{compute_capability, cuda_device, launch, opt_in_shared, ptr, ptx, un
 
 const PTX: Ptx = ptx!("int8_gemm");
 
-/// The rows of the output a block takes, the bytes of k a stage holds, the stages and the threads
-/// (int8_gemm.cu's `IG_BM`, `IG_BK`, `STAGES`, `IG_THREADS`).
+/// The rows of the output a block takes, the bytes of k a stage holds, and the threads: a warpgroup that
+/// loads and two that multiply (int8_gemm.cu's `IG_BM`, `IG_BK`, `__launch_bounds__`).
 const ROWS: usize = 128;
 const STAGE_K: usize = 128;
-const STAGES: usize = 4;
-const THREADS: u32 = 256;
+const THREADS: u32 = 384;
 
-/// The columns of the output a block takes: a kernel each (`int8_gemm_n128`, `int8_gemm_n256`).
+/// The columns of the output a block's tiles take: a kernel each (`int8_gemm_n128`, `int8_gemm_n256`). 256
+/// is faster where n is large, 128 at -large's `o_proj` and `down_proj` (BENCHMARKS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
     N128,
@@ -29,6 +29,8 @@ pub enum Tile {
 }
 
 impl Tile {
+    pub const ALL: [Tile; 2] = [Tile::N128, Tile::N256];
+
     fn columns(self) -> usize {
         match self {
             Tile::N128 => 128,
@@ -43,17 +45,27 @@ impl Tile {
         }
     }
 
-    /// The stages' operands, and room to align them to 1,024 bytes (the swizzle's period).
+    /// As many stages as fit 227 KB (int8_gemm.cu's kernels).
+    fn stages(self) -> usize {
+        match self {
+            Tile::N128 => 6,
+            Tile::N256 => 4,
+        }
+    }
+
+    /// The stages' operands, room to align them to 1,024 bytes (the swizzle's period), and two mbarriers a
+    /// stage.
     fn shared(self) -> usize {
-        STAGES * (ROWS + self.columns()) * STAGE_K + 1024
+        self.stages() * (ROWS + self.columns()) * STAGE_K + 1024 + 16 * self.stages()
     }
 }
 
-/// `int8_gemm`'s parameters, as int8_gemm.cu's `Int8Gemm` lays them out (device addresses, 0 for none).
-#[repr(C)]
+/// `int8_gemm`'s parameters, as int8_gemm.cu's `Int8Gemm` lays them out: the operands' TMA descriptors,
+/// the scales' device addresses (0 for none), the output's, the sizes.
+#[repr(C, align(64))]
 struct GemmParams {
-    a: u64,
-    b: u64,
+    a: cudarc::driver::sys::CUtensorMap,
+    b: cudarc::driver::sys::CUtensorMap,
     a_scale: u64,
     b_scale: u64,
     out: u64,
@@ -62,13 +74,46 @@ struct GemmParams {
     k: i32,
 }
 
-// SAFETY: a plain `#[repr(C)]` struct of integers, which the kernel takes by value.
+// SAFETY: a `#[repr(C)]` struct of plain data, which the kernel takes by value (`__grid_constant__`).
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
+
+/// The TMA descriptor of a row-major int8 matrix `[rows, k]` at `address`, loaded in boxes of `box_rows`
+/// rows and 128 bytes of k, under the 128-byte swizzle the kernel's wgmma reads; rows past the end read 0.
+fn tensor_map(address: u64, rows: usize, k: usize, box_rows: usize) -> Result<cudarc::driver::sys::CUtensorMap> {
+    use cudarc::driver::sys::*;
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
+    let dims: [u64; 2] = [k as u64, rows as u64];
+    let strides: [u64; 1] = [k as u64];
+    let boxes: [u32; 2] = [STAGE_K as u32, box_rows as u32];
+    let unit: [u32; 2] = [1, 1];
+    // SAFETY: the arrays hold rank (2) entries (strides rank - 1), and `map` is written before it is read.
+    let status = unsafe {
+        cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            2,
+            address as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            unit.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != CUresult::CUDA_SUCCESS {
+        candle_core::bail!("int8 GEMM: encoding a TMA descriptor for [{rows}, {k}]: {status:?}");
+    }
+    // SAFETY: written by the successful call above.
+    Ok(unsafe { map.assume_init() })
+}
 
 /// `out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n])` (bf16 `[m, n]`) for `a: [m, k]`
 /// and `b: [n, k]`, u8 tensors holding int8 values (two's complement), and f32 scales `[m]` and `[n]` (None:
 /// 1), each block taking `tile`'s columns. `Ok(None)` where the kernel does not apply: not on a Hopper GPU, `k`
-/// not a multiple of 128, `n` odd.
+/// not a multiple of 128, `n` odd, an operand not 16-byte aligned.
 pub fn try_int8_gemm(
     a: &Tensor,
     b: &Tensor,
@@ -100,19 +145,24 @@ pub fn try_int8_gemm(
         );
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
+    // The TMA reads from 16-byte aligned addresses only.
+    if ptr(&a)? % 16 != 0 || ptr(&b)? % 16 != 0 {
+        return Ok(None);
+    }
     let a_scale = a_scale.map(|s| s.contiguous()).transpose()?;
     let b_scale = b_scale.map(|s| s.contiguous()).transpose()?;
     let (name, shared) = (tile.kernel(), tile.shared());
     opt_in_shared(&dev, PTX, name, shared)?;
     let out = uninit((m, n), DType::BF16, &dev)?;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(tile.columns()) as u32, m.div_ceil(ROWS) as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
+    // One block an SM, each taking tiles in turn: a block's loads run on into its next tile while it writes
+    // the last one's outputs.
+    let tiles = n.div_ceil(tile.columns()) * m.div_ceil(ROWS);
+    let blocks = tiles.min(super::one_wave(&dev, PTX, name, THREADS, shared as u32)?);
+    let cfg =
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
     let params = GemmParams {
-        a: ptr(&a)?,
-        b: ptr(&b)?,
+        a: tensor_map(ptr(&a)?, m, k, ROWS)?,
+        b: tensor_map(ptr(&b)?, n, k, tile.columns())?,
         a_scale: a_scale.as_ref().map_or(Ok(0), ptr)?,
         b_scale: b_scale.as_ref().map_or(Ok(0), ptr)?,
         out: ptr(&out)?,
