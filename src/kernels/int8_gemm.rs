@@ -3,7 +3,7 @@
 //! BitLinear's shapes): `round_bf16(a b^T * a_scale[m] * b_scale[n])` with exact integer sums. The
 //! reference is the same product in integers on the host (`tests/gpu.rs`).
 //!
-//! The operands are loaded by the TMA, one warpgroup's thread, while two warpgroups multiply: 1.06-1.57x
+//! The operands are loaded by the TMA, one warpgroup's thread, while two warpgroups multiply: 1.07-1.49x
 //! cuBLAS's bf16 GEMM at the training forward's shapes, alone (BENCHMARKS.md). Not called by training: inside
 //! a training step its launches took 1.25x that time, and the step measured slower than on cuBLAS.
 
