@@ -1378,6 +1378,54 @@ mod fused {
         );
     }
 
+    /// Flash attention's forward and backward at the training shapes of the families (one causal example a
+    /// row, as `--bench` trains): milliseconds and TFLOP/s of each (causal FLOPs: 2 t^2 d a head forward, 2.5
+    /// times that backward, as FlashAttention counts them), and a hash of the gradients' bits from seeded
+    /// inputs, so two builds' kernels can be compared bit for bit.
+    #[test]
+    #[ignore = "a timing; run with --ignored"]
+    fn flash_attention_timing() {
+        let shapes = [
+            ("bitnet_b1_58-large 768 x 8", 8, 768, 16, 16, 96),
+            ("bitnet_b1_58-large 2048 x 4", 4, 2048, 16, 16, 96),
+            ("2B4T 2048 x 4", 4, 2048, 20, 5, 128),
+            ("Falcon3-1B 2048 x 4", 4, 2048, 8, 4, 256),
+        ];
+        for (name, b, t, h, hkv, d) in shapes {
+            let mut rng = bessie::rng::Rng::new(7);
+            let mut seeded = |dims: &[usize]| {
+                let n = dims.iter().product::<usize>();
+                let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+                Tensor::from_vec(x, dims, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_device(&gpu())
+                    .unwrap()
+            };
+            let (q, k, v, dy) =
+                (seeded(&[b, h, t, d]), seeded(&[b, hkv, t, d]), seeded(&[b, hkv, t, d]), seeded(&[b, h, t, d]));
+            let windows = Windows::new(vec![0.0; b * t], b, t, &gpu()).unwrap();
+            let (_, s) = flash_attention_forward(&q, &k, &v, &windows, t).unwrap();
+            let (dq, dk, dv) = flash_attention_backward(&dy, &s, &windows, t).unwrap();
+            let hash = [&dq, &dk, &dv]
+                .iter()
+                .flat_map(|g| values(g))
+                .fold(0u64, |acc, x| (acc ^ x.to_bits()).wrapping_mul(0x100000001b3));
+            let forward_us = mean_us(&|| drop(flash_attention_forward(&q, &k, &v, &windows, t).unwrap()));
+            let backward_us = mean_us(&|| drop(flash_attention_backward(&dy, &s, &windows, t).unwrap()));
+            let flops = 2.0 * (b * h * t * t * d) as f64;
+            println!(
+                "flash {name}: forward {:.3} ms ({:.0} TFLOP/s), backward {:.3} ms ({:.0} TFLOP/s), gradients' bits \
+                 {hash:016x}",
+                forward_us / 1e3,
+                flops / forward_us / 1e6,
+                backward_us / 1e3,
+                2.5 * flops / backward_us / 1e6
+            );
+        }
+    }
+
     #[test]
     fn accumulate_matches_reference() {
         let layout =
