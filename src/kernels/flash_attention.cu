@@ -9,8 +9,7 @@
 // train::layers::flash_attention_{forward,backward}_reference.
 #include "common.cuh"
 
-#define THREADS 128     // four warps, each owning 16 rows of the block's tile
-#define KV_THREADS 256  // the dK/dV kernel: four pairs of warps, each pair owning 16 keys
+#define THREADS 128  // four warps, each owning 16 rows of the block's tile (the dK/dV kernel: KvShared)
 
 // Fragments of mma.sync.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"): lane = 4 g + c holds
 // A rows g and g + 8, B column g and C rows g and g + 8, at columns 2c and 2c + 1 of each 8-wide piece.
@@ -246,8 +245,8 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
 // has dS = 0 exactly, as the plain backward gives. The backward kernels call them for a whole tile with
 // `masked` a compile-time constant: a tile whose queries all see all its keys (so none sees only one) skips
 // the tests per score, which made the integer pipe the busiest of the dK/dV kernel.
-template <bool M> struct Masked {
-    static constexpr bool value = M;
+template <bool B> struct Flag {  // a compile-time bool as an argument's type
+    static constexpr bool value = B;
 };
 __device__ __forceinline__ float prob(float s, bool seen, float lse2, float scale2) {
     return seen ? exp2_ftz(s * scale2 - lse2) : 0.f;
@@ -257,14 +256,14 @@ __device__ __forceinline__ float score_grad(float p, float dp, bool seen, bool a
 }
 
 // The query tile of the dK/dV kernel: Q and dO rows, and per row lse (base 2), delta and window start.
-template <int D, int BQ> struct QueryTile {
+template <int D, int BQ, int NT> struct QueryTile {
     bf16 *q, *dout;
     float *lse2, *delta;
     int* lo;
     __device__ void load(const bf16* gq, const bf16* gdo, const float* glse, const float* gdelta, const float* start,
                          int q0, int t) {
-        load_rows<D, KV_THREADS>(q, gq, q0, BQ, t);
-        load_rows<D, KV_THREADS>(dout, gdo, q0, BQ, t);
+        load_rows<D, NT>(q, gq, q0, BQ, t);
+        load_rows<D, NT>(dout, gdo, q0, BQ, t);
         commit();
         int i = q0 + threadIdx.x;
         if (threadIdx.x < BQ) {
@@ -276,13 +275,18 @@ template <int D, int BQ> struct QueryTile {
     }
 };
 
-// Shared memory of the dK/dV kernel: K and V tiles, two query tiles (one in use, the next in flight), their
-// per-row values, then the probabilities each P warp hands its dS warp (f32, in the fragments' order).
-// flash_attention.rs sizes the launch by the same formula. BQ 32 from D = 128 keeps two blocks an SM at 128
-// (and D = 256's one block within the 227 KB).
+// The dK/dV kernel's shape. Each 16 keys of the block have two sums, dV (from S^T and P^T: the P role) and
+// dK (from dP^T and dS^T: the dS role). Up to D = 128 one warp takes both, with 16-query tiles at 128 to fit
+// its registers. At 256 that warp spilled (512 bytes), so there (SPLIT) the roles go to a pair of warps, the P
+// warp handing its probabilities to the dS warp through shared memory: 1.27x faster at Falcon3's shape, but
+// 1.3x slower at D = 96 and 1.03x at 128 (H100, flash_attention_timing). Shared memory: K and V tiles, two
+// query tiles (one in use, the next in flight), their per-row values, then under SPLIT the probabilities (f32,
+// in the fragments' order). flash_attention.rs sizes the launch by the same formulas.
 template <int D> struct KvShared {
-    static constexpr int BK = 64, BQ = D <= 96 ? 64 : 32, LD = Tile<D>::LD, BLOCKS = D <= 128 ? 2 : 1;
-    static __device__ QueryTile<D, BQ> tile(unsigned char* smem, int stage) {
+    static constexpr bool SPLIT = D >= 256;
+    static constexpr int BK = 64, BQ = D <= 96 ? 64 : SPLIT ? 32 : 16, LD = Tile<D>::LD;
+    static constexpr int NT = SPLIT ? 256 : 128;  // threads
+    static __device__ QueryTile<D, BQ, NT> tile(unsigned char* smem, int stage) {
         bf16* rows = reinterpret_cast<bf16*>(smem) + (2 * BK + 2 * stage * BQ) * LD;
         float* small = reinterpret_cast<float*>(reinterpret_cast<bf16*>(smem) + (2 * BK + 4 * BQ) * LD) + 3 * stage * BQ;
         return {rows, rows + BQ * LD, small, small + BQ, reinterpret_cast<int*>(small + 2 * BQ)};
@@ -295,25 +299,22 @@ template <int D> struct KvShared {
 // Waits at named barrier `id` (1..) for `n` threads: a P warp and its dS warp, not the whole block.
 __device__ __forceinline__ void pair_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n)); }
 
-// dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head): for each of the
-// group's query heads and each tile of BQ queries that sees the keys, 16 keys a warp pair. Its P warp takes
-// S^T = K Q^T, P^T (handed to its partner through shared memory) and dV += P^T dO; its dS warp dP^T = V dO^T,
-// dS^T and dK += dS^T Q. Splitting the two sums between two warps halves the registers a thread holds (one
-// warp holding both spilled at D = 256 and needed 16-query tiles at 128); the sum over the group stays in
-// registers.
+// dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head), 16 keys a warp (or a
+// pair of warps, KvShared::SPLIT): for each of the group's query heads and each tile of BQ queries that sees
+// the keys, S^T = K Q^T and dP^T = V dO^T in registers (keys as rows), then dV += P^T dO and dK += dS^T Q: the
+// sum over the group stays in registers.
 template <int D>
 __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                             const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,
                             int group, float scale2) {
     using S = KvShared<D>;
-    constexpr int BK = S::BK, BQ = S::BQ, LD = S::LD;
+    constexpr int BK = S::BK, BQ = S::BQ, LD = S::LD, NT = S::NT;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* ks = reinterpret_cast<bf16*>(smem);
     bf16* vs = ks + BK * LD;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-    bool ds_warp = warp >= 4;
-    int rows = warp % 4 * 16;  // this pair's keys in the tile
-    // This lane's probabilities, entry i at [i * 32]: a layout without bank conflicts.
+    int rows = warp % 4 * 16;  // this warp's keys in the tile
+    // Under SPLIT, this lane's probabilities, entry i at [i * 32]: a layout without bank conflicts.
     float* handed = S::probs(smem) + warp % 4 * (BQ / 2) * 32 + lane;
     int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
     int kv_heads = heads / group, bi = blockIdx.y / kv_heads;
@@ -325,81 +326,94 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
     int keys[2] = {k0 + rows + g, k0 + rows + g + 8};
     // The query tiles that see these keys: from k0 on, those whose first row's window starts in them.
     int n_tiles = 0;
-    for (int base = 0;; base += KV_THREADS) {
+    for (int base = 0;; base += NT) {
         int i = k0 + (base + threadIdx.x) * BQ;
         int n = __syncthreads_count(i < t && (int)start[i] < k0 + BK);
         n_tiles += n;
-        if (n < KV_THREADS) break;
+        if (n < NT) break;
     }
     auto load_tile = [&](int it) {
         size_t qh = qh0 + it / n_tiles;
         S::tile(smem, it % 2).load(q + qh * t * D, dout + qh * t * D, lse + qh * t, delta + qh * t, start,
                                    k0 + it % n_tiles * BQ, t);
     };
-    load_rows<D, KV_THREADS>(ks, k + head, k0, BK, t);
-    load_rows<D, KV_THREADS>(vs, v + head, k0, BK, t);
+    load_rows<D, NT>(ks, k + head, k0, BK, t);
+    load_rows<D, NT>(vs, v + head, k0, BK, t);
     if (n_tiles > 0) load_tile(0);
 
-    float acc[D / 8][4] = {};  // dV in a P warp, dK in a dS warp
-    for (int it = 0; it < group * n_tiles; it++) {
-        int q0 = k0 + it % n_tiles * BQ;
-        QueryTile<D, BQ> tile = S::tile(smem, it % 2);
-        if (it + 1 < group * n_tiles) {
-            load_tile(it + 1);
-            wait_loads<1>();
-        } else {
-            wait_loads<0>();
+    // The loop of a warp taking the P role, the dS role or both; each role's arrays exist only where it is
+    // taken.
+    auto pass = [&](auto p_role, auto ds_role) {
+        constexpr bool P = decltype(p_role)::value, DS = decltype(ds_role)::value, HANDED = !(P && DS);
+        float dv_acc[D / 8][4] = {}, dk_acc[D / 8][4] = {};
+        for (int it = 0; it < group * n_tiles; it++) {
+            int q0 = k0 + it % n_tiles * BQ;
+            QueryTile<D, BQ, NT> tile = S::tile(smem, it % 2);
+            if (it + 1 < group * n_tiles) {
+                load_tile(it + 1);
+                wait_loads<1>();
+            } else {
+                wait_loads<0>();
+            }
+            __syncthreads();
+            float s[BQ / 8][4] = {}, dp[BQ / 8][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t ka[4], va[4];
+                if (P) load_a<D>(ka, ks, rows, kk * 16, lane);
+                if (DS) load_a<D>(va, vs, rows, kk * 16, lane);
+#pragma unroll
+                for (int n = 0; n < BQ / 16; n++) {
+                    uint32_t b[4];
+                    if (P) {
+                        load_bt<D>(b, tile.q, n * 16, kk * 16, lane);
+                        mma(s[2 * n], ka, b);
+                        mma(s[2 * n + 1], ka, b + 2);
+                    }
+                    if (DS) {
+                        load_bt<D>(b, tile.dout, n * 16, kk * 16, lane);
+                        mma(dp[2 * n], va, b);
+                        mma(dp[2 * n + 1], va, b + 2);
+                    }
+                }
+            }
+            auto grads = [&](auto tag) {
+                constexpr bool masked = decltype(tag)::value;
+#pragma unroll
+                for (int n = 0; n < BQ / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = masked ? tile.lo[col] : 0;
+                        bool seen = !masked || sees(qi, lo, keys[e / 2]);
+                        float& p = s[n][e];
+                        if (P) p = prob(p, seen, tile.lse2[col], scale2);
+                        if (P && HANDED) handed[(4 * n + e) * 32] = p;
+                        if (DS && HANDED) p = handed[(4 * n + e) * 32];
+                        if (DS) dp[n][e] = score_grad(p, dp[n][e], seen, masked && lo == qi, tile.delta[col], scale2);
+                    }
+            };
+            if (DS && HANDED) pair_sync(1 + warp % 4, 64);  // the partner's probabilities are in
+            if (all_seen(q0, BQ, tile.lo[BQ - 1], k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
+            if (P && HANDED) pair_sync(1 + warp % 4, 64);
+            if (P) mma_cb<D, BQ>(dv_acc, s, tile.dout, lane);
+            if (DS) mma_cb<D, BQ>(dk_acc, dp, tile.q, lane);
+            __syncthreads();  // every warp is done with this tile (and the probabilities handed) before the one
+                              // after next overwrites it
         }
-        __syncthreads();
-        // S^T = K Q^T in a P warp, dP^T = V dO^T in a dS warp: keys as rows.
-        float s[BQ / 8][4] = {};
-        const bf16 *rows_tile = ds_warp ? vs : ks, *cols_tile = ds_warp ? tile.dout : tile.q;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t a[4];
-            load_a<D>(a, rows_tile, rows, kk * 16, lane);
+        for (int h = 0; h < 2; h++) {
+            if (keys[h] >= t) continue;
+            size_t at = head + (size_t)keys[h] * D + 2 * c;
 #pragma unroll
-            for (int n = 0; n < BQ / 16; n++) {
-                uint32_t b[4];
-                load_bt<D>(b, cols_tile, n * 16, kk * 16, lane);
-                mma(s[2 * n], a, b);
-                mma(s[2 * n + 1], a, b + 2);
+            for (int n = 0; n < D / 8; n++) {
+                if (DS) *reinterpret_cast<uint32_t*>(dk + at + n * 8) = pack(dk_acc[n][2 * h], dk_acc[n][2 * h + 1]);
+                if (P) *reinterpret_cast<uint32_t*>(dv + at + n * 8) = pack(dv_acc[n][2 * h], dv_acc[n][2 * h + 1]);
             }
         }
-        // P^T in a P warp, handed on; dS^T in a dS warp, once its partner's P^T is in.
-        auto grads = [&](auto tag) {
-            constexpr bool masked = decltype(tag)::value;
-#pragma unroll
-            for (int n = 0; n < BQ / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = masked ? tile.lo[col] : 0;
-                    bool seen = !masked || sees(qi, lo, keys[e / 2]);
-                    float& x = s[n][e];
-                    if (ds_warp)
-                        x = score_grad(handed[(4 * n + e) * 32], x, seen, masked && lo == qi, tile.delta[col], scale2);
-                    else
-                        handed[(4 * n + e) * 32] = x = prob(x, seen, tile.lse2[col], scale2);
-                }
-        };
-        bool full = all_seen(q0, BQ, tile.lo[BQ - 1], k0, BK, t);
-        if (ds_warp) pair_sync(1 + warp % 4, 64);
-        if (full) grads(Masked<false>{}); else grads(Masked<true>{});
-        if (!ds_warp) pair_sync(1 + warp % 4, 64);
-        // dV += P^T dO, dK += dS^T Q
-        mma_cb<D, BQ>(acc, s, ds_warp ? tile.q : tile.dout, lane);
-        __syncthreads();  // every warp is done with this tile (and its partner's probabilities) before the
-                          // one after next overwrites it
-    }
-    bf16* out = ds_warp ? dk : dv;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        if (keys[h] >= t) continue;
-        size_t at = head + (size_t)keys[h] * D + 2 * c;
-#pragma unroll
-        for (int n = 0; n < D / 8; n++)
-            *reinterpret_cast<uint32_t*>(out + at + n * 8) = pack(acc[n][2 * h], acc[n][2 * h + 1]);
-    }
+    };
+    if (!S::SPLIT) pass(Flag<true>{}, Flag<true>{});
+    else if (warp >= 4) pass(Flag<false>{}, Flag<true>{});
+    else pass(Flag<true>{}, Flag<false>{});
 }
 
 // The sum over row r's channels of a * b for A fragments of 16 rows x D (load_a's layout): this thread's share
@@ -511,7 +525,7 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
                     dp[n][e] = score_grad(s[n][e], dp[n][e], seen, masked && lo[h] == rows[h], dl[h], scale2);
                 }
         };
-        if (all_seen(q0, BQ, lo_last, k0, BK, t)) grads(Masked<false>{}); else grads(Masked<true>{});
+        if (all_seen(q0, BQ, lo_last, k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
         mma_cb<D, BK>(acc, dp, ks, lane);
         __syncthreads();  // every warp is done with this stage before the one after next overwrites it
     }
@@ -531,7 +545,7 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
                           int t, int heads, int group, float scale2) {                                            \
         forward<D>(q, k, v, start, o, lse, t, heads, group, scale2);                                              \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(KV_THREADS, KvShared<D>::BLOCKS)                                 \
+    extern "C" __global__ void __launch_bounds__(KvShared<D>::NT)                                                 \
         flash_backward_kv_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,    \
                               const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,       \
                               int group, float scale2) {                                                          \

@@ -8,10 +8,8 @@ use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flash_attention");
 
-/// Threads per block (`THREADS` in the kernel; `KV_THREADS` in the dK/dV kernel, two warps per 16 keys) and
-/// rows per block (64 queries or keys).
+/// Threads per block (`THREADS` in the kernel) and rows per block (64 queries or keys).
 const THREADS: u32 = 128;
-const KV_THREADS: u32 = 256;
 const TILE: usize = 64;
 
 /// One block per 64 rows of each `(batch, head)`.
@@ -23,12 +21,19 @@ fn tiles(t: usize, heads: usize) -> LaunchConfig {
     }
 }
 
-/// The dK/dV kernel's dynamic shared memory (`KvShared` in the kernel): K and V tiles of 64 rows, two query
-/// tiles of Q and dO rows (`bq` each), their per-row values, and the probabilities handed between warps (f32,
-/// 64 x `bq`); rows of `d + 8` bf16. 141 KB at d = 256, within the H100's and H200's 227 KB a block.
-fn kv_shared_bytes(d: usize) -> u32 {
-    let bq = if d <= 96 { 64 } else { 32 };
-    ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + TILE * bq * 4) as u32
+/// The dK/dV kernel's threads and dynamic shared memory (`KvShared` in the kernel): from d = 256 two warps per
+/// 16 keys (`SPLIT`), else one. K and V tiles of 64 rows, two query tiles of Q and dO rows (`bq` each), their
+/// per-row values, and under `SPLIT` the probabilities handed between warps (f32, 64 x `bq`); rows of `d + 8`
+/// bf16. 141 KB at d = 256, within the H100's and H200's 227 KB a block.
+fn kv_shape(d: usize) -> (u32, u32) {
+    let split = d >= 256;
+    let bq = match (d, split) {
+        (..=96, _) => 64,
+        (_, true) => 32,
+        (_, false) => 16,
+    };
+    let handed = if split { TILE * bq * 4 } else { 0 };
+    (if split { 2 * THREADS } else { THREADS }, ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + handed) as u32)
 }
 
 /// `log2(e) / sqrt(d)`: the kernels' softmax runs in base 2.
@@ -91,11 +96,11 @@ pub fn try_backward(
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, aligned_ptr(&o)?, ptr(&lse)?,
         ptr(&delta)?, ptr(&start)?, aligned_ptr(&dq)?, t as i32, h as i32, group as i32, scale2(d));
     let name = format!("flash_backward_kv_{d}");
-    let bytes = kv_shared_bytes(d);
+    let (threads, bytes) = kv_shape(d);
     super::opt_in_shared(&dev, PTX, &name, bytes as usize)?;
     // A block per 64 keys of each key/value head.
     let blocks = tiles(t, b * h / group);
-    launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (KV_THREADS, 1, 1), ..blocks };
+    launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, ptr(&lse)?, ptr(&delta)?,
         ptr(&start)?, aligned_ptr(&dk)?, aligned_ptr(&dv)?, t as i32, h as i32, group as i32, scale2(d));
     Ok(Some((dq, dk, dv)))
