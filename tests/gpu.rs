@@ -649,9 +649,9 @@ mod fused {
         }
     }
 
-    /// The int8 GEMM against cuBLAS's bf16 GEMM (candle's matmul, f32 sums) at the forward BitLinears' shapes
-    /// of bitnet_b1_58-large and 2B4T, 6,144 tokens (768 x 8), each tile width: microseconds and tera-operations
-    /// a second.
+    /// The int8 GEMM, with its row and column scales as a BitLinear calls it, against cuBLAS's bf16 GEMM
+    /// (candle's matmul, f32 sums) at the forward BitLinears' shapes of bitnet_b1_58-large and 2B4T, 6,144
+    /// tokens (768 x 8), each tile width: microseconds and tera-operations a second.
     /// Prints a table; asserts nothing.
     #[test]
     #[ignore = "timing: run with --ignored on a GPU machine"]
@@ -663,11 +663,13 @@ mod fused {
         {
             let (a, _) = int8s(m, k, 1);
             let (b, _) = int8s(n, k, 2);
+            let (sa, sb) = (randn(&[m], DType::F32), randn(&[n], DType::F32));
             let (xa, wb) = (randn(&[m, k], DType::BF16), randn(&[n, k], DType::BF16));
             let bf16 = mean_us(&|| drop(xa.matmul(&wb.t().unwrap()).unwrap()));
             let ops = 2.0 * (m * n * k) as f64;
             for tile in Tile::ALL {
-                let int8 = mean_us(&|| drop(try_int8_gemm(&a, &b, None, None, tile).unwrap().expect("takes it")));
+                let int8 =
+                    mean_us(&|| drop(try_int8_gemm(&a, &b, Some(&sa), Some(&sb), tile).unwrap().expect("takes it")));
                 println!(
                     "GEMM {m} x {n} x {k}: int8 {tile:?} {int8:.1} us ({:.0} TOP/s), bf16 {bf16:.1} us ({:.0} TFLOP/s): \
                      {:.2}x",
