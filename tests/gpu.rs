@@ -634,6 +634,13 @@ mod fused {
                 );
             }
         }
+        // Column scales off the 8-byte grid (a view one float in): declined, not read in pairs out of line.
+        let (a, _) = int8s(128, 128, 7);
+        let (b, _) = int8s(256, 128, 8);
+        let scales = Tensor::ones(257, DType::F32, &gpu()).unwrap();
+        let odd = scales.narrow(0, 1, 256).unwrap();
+        assert!(try_int8_gemm(&a, &b, None, Some(&odd), Tile::N128).unwrap().is_none(), "misaligned b_scale taken");
+        assert!(try_int8_gemm(&a, &b, None, Some(&scales.narrow(0, 0, 256).unwrap()), Tile::N128).unwrap().is_some());
         // Sums at their extremes: every a = -128 against every b = -128 and 127.
         let (m, n, k) = (128, 256, 4096);
         let a = Tensor::from_vec(vec![128u8; m * k], (m, k), &gpu()).unwrap();

@@ -169,15 +169,26 @@ template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(co
         keep_in_place(d);
         barrier_arrive(empty((it - 1) % STAGES));
 
+        // The thread's sums: rows r0 and r0 + 8, each column pair col, col + 1 for 8-column groups g, at
+        // d[4 g + 2 h] (h: the row). Its two rows' scales are read once: the compiler cannot keep them across
+        // the stores, which might alias them.
+        int r0 = m0 + 64 * c + 16 * warp + lane / 4;
+        float sa[2];
 #pragma unroll
-        for (int i = 0; i < BN / 2; i += 2) {
-            int row = m0 + 64 * c + 16 * warp + lane / 4 + 8 * (i / 2 % 2);
-            int col = n0 + 8 * (i / 4) + 2 * (lane % 4);
-            if (row >= p.m || col >= p.n) continue;
-            float sa = p.a_scale ? p.a_scale[row] : 1.f;
-            float s0 = p.b_scale ? p.b_scale[col] : 1.f, s1 = p.b_scale ? p.b_scale[col + 1] : 1.f;
-            *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)row * p.n + col) =
-                __floats2bfloat162_rn((float)d[i] * sa * s0, (float)d[i + 1] * sa * s1);
+        for (int h = 0; h < 2; h++) sa[h] = p.a_scale && r0 + 8 * h < p.m ? p.a_scale[r0 + 8 * h] : 1.f;
+#pragma unroll
+        for (int g = 0; g < BN / 8; g++) {
+            int col = n0 + 8 * g + 2 * (lane % 4);
+            if (col >= p.n) continue;
+            // col and n are even, b_scale 8-byte aligned (int8_gemm.rs): the pair's scales in one load.
+            float2 sb = p.b_scale ? *reinterpret_cast<const float2*>(p.b_scale + col) : make_float2(1.f, 1.f);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int row = r0 + 8 * h;
+                if (row >= p.m) continue;
+                *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)row * p.n + col) = __floats2bfloat162_rn(
+                    (float)d[4 * g + 2 * h] * sa[h] * sb.x, (float)d[4 * g + 2 * h + 1] * sa[h] * sb.y);
+            }
         }
     }
 }
