@@ -123,19 +123,24 @@ __device__ __forceinline__ float act_of(int act, float g) {
 // h = act(gate) up, rounded to bf16 where the unfused ops stored it (the activation, then the product).
 __device__ __forceinline__ float glu_h(int act, float g, float u) { return round_bf16(round_bf16(act_of(act, g)) * u); }
 
-// The norm weight's 8 channels from i: the weight is a view into the step's flat weight buffer, in one 16-byte
-// access where it lies on the 16-byte grid (the same for every thread: c % 8 == 0), else one by one. Read
-// per row from L1. No weight (null): ones.
-__device__ __forceinline__ void load_weights(const bf16* w, int i, float* out) {
-    if (!w) {
-#pragma unroll
-        for (int e = 0; e < 8; e++) out[e] = 1.f;
-        return;
-    }
+// Eight bf16 at w + i as raw bits (16 bytes), in one access where the address lies on the 16-byte grid, else
+// one by one (a norm weight is a view into the step's flat weight buffer, so it may not).
+__device__ __forceinline__ uint4 load8_raw(const bf16* w, int i) {
     w += i;
-    if (((uintptr_t)w & 15) == 0) return load8(w, out);
+    if (((uintptr_t)w & 15) == 0) return *reinterpret_cast<const uint4*>(w);
+    uint4 u;
+    bf16* h = reinterpret_cast<bf16*>(&u);
 #pragma unroll
-    for (int e = 0; e < 8; e++) out[e] = f32(w[e]);
+    for (int e = 0; e < 8; e++) h[e] = w[e];
+    return u;
+}
+// Eight bf16 ones as raw bits: the weight of a norm that has none.
+#define BF16_ONES8 make_uint4(0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u)
+
+// The norm weight's 8 channels from i, widened, read per row from L1. No weight (null): ones.
+__device__ __forceinline__ void load_weights(const bf16* w, int i, float* out) {
+    uint4 u = w ? load8_raw(w, i) : BF16_ONES8;
+    load8(reinterpret_cast<const bf16*>(&u), out);
 }
 
 // A row's int8 quantization (the BitLinear input's, per token): the scale from the row's largest magnitude,

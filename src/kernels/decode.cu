@@ -129,17 +129,6 @@ template <int PENDING> __device__ __forceinline__ void copies_landed() {
 #endif
 }
 
-// Eight bf16 at w + i as raw bits (16 bytes), in one access where the address allows.
-__device__ __forceinline__ uint4 load8_raw(const bf16* w, int i) {
-    w += i;
-    if (((uintptr_t)w & 15) == 0) return *reinterpret_cast<const uint4*>(w);
-    uint4 u;
-    bf16* h = reinterpret_cast<bf16*>(&u);
-#pragma unroll
-    for (int e = 0; e < 8; e++) h[e] = w[e];
-    return u;
-}
-
 // out[r, o] = round(round(round(s_r sum_i q[r, i] t[o, i]) scale[o]) + residual[r, o]) for the input's rows
 // r < rows <= 8, where q[r] (int8) and s_r are row r of the input normed and quantized per token exactly as
 // rmsnorm_quant_forward does it (the same roundings; its sums in another order) and t the ternary weights.
@@ -190,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
     uint4 weight[STEP_CHUNKS];
 #pragma unroll
     for (int c = 0; c < STEP_CHUNKS; c++)
-        if (p.norm && chunk(c) < p.k) weight[c] = load8_raw(p.norm, chunk(c));
+        weight[c] = p.norm && chunk(c) < p.k ? load8_raw(p.norm, chunk(c)) : BF16_ONES8;
     wait_for_inputs();
 
     // The residuals, i = r mine + the output's place in the block: a thread's first ones asked for now, kept
@@ -236,12 +225,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
         for (int c = 0; c < STEP_CHUNKS; c++) {
             if (chunk(c) >= p.k) break;
             float w[8];
-            if (p.norm) {
-                unpack8(weight[c], w);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; e++) w[e] = 1.f;
-            }
+            unpack8(weight[c], w);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 v[c][e] = round_bf16(v[c][e] * rr * w[e]);

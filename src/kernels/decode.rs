@@ -120,17 +120,6 @@ struct StepParams {
 // SAFETY: a plain `#[repr(C)]` struct of integers and floats, which the kernel takes by value.
 unsafe impl cudarc::driver::DeviceRepr for StepParams {}
 
-/// The dynamic shared memory one block of `bitlinear_step` may take on `dev`: the device's most for a block
-/// (opted into) less the kernel's static arrays.
-fn step_shared(dev: &candle_core::CudaDevice) -> Result<usize> {
-    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-    let func = dev.get_or_load_custom_func("bitlinear_step", PTX.0, PTX.1)?;
-    let err = |e| candle_core::Error::Msg(format!("bitlinear_step: shared memory: {e:?}"));
-    let most =
-        dev.cuda_stream().context().attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(err)?;
-    Ok((most as usize).saturating_sub(func.shared_size_bytes().map_err(err)? as usize))
-}
-
 /// Whether [`try_bitlinear_step`] takes `rows` rows of `k` inputs on `x`'s device: bf16 on CUDA, at most
 /// [`GEMV_ROWS`] rows, `k` a multiple of 16 (whole words of codes) up to [`STEP_K_MAX`](super::shapes::STEP_K_MAX), whose rows fit a
 /// block's shared memory beside two outputs' codes.
@@ -143,7 +132,7 @@ fn step_room(x: &Tensor, rows: usize, k: usize) -> Option<usize> {
     if !applies(x) || rows > GEMV_ROWS || k == 0 || !k.is_multiple_of(16) {
         return None;
     }
-    let shared = cuda_device(x).and_then(|dev| step_shared(&dev)).ok()?;
+    let shared = cuda_device(x).and_then(|dev| super::shared_room(&dev, PTX, "bitlinear_step")).ok()?;
     StepLayout::fits(rows, k, shared).then_some(shared)
 }
 

@@ -202,17 +202,61 @@ pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) ->
     Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
 }
 
+/// A fact about kernel `name` on `dev` that does not change while the process runs (keyed further by
+/// `threads` and `shared`), asked of the driver once: eager decoding launches ask on every step, and a driver
+/// query costs microseconds beside a 3 us kernel.
+fn remembered(
+    dev: &CudaDevice,
+    name: &str,
+    threads: u32,
+    shared: u32,
+    ask: impl FnOnce() -> Result<usize>,
+) -> Result<usize> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (candle_core::cuda_backend::DeviceId, String, u32, u32);
+    static FACTS: OnceLock<Mutex<HashMap<Key, usize>>> = OnceLock::new();
+    let key = (dev.id(), name.to_string(), threads, shared);
+    let facts = FACTS.get_or_init(Default::default);
+    if let Some(&v) = facts.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(v);
+    }
+    let v = ask()?;
+    facts.lock().unwrap_or_else(|e| e.into_inner()).insert(key, v);
+    Ok(v)
+}
+
 /// The most blocks of `threads` (and `shared` bytes of dynamic shared memory) of kernel `name` that the card
 /// runs at once: the blocks an SM holds (as the kernel's registers and shared memory allow) times the SMs.
 /// Kernels that stride over uniform rows launch no more: with 1024 blocks where 792 fit, the RMSNorm backward
 /// ran a second wave on 30% of the card (60% of the memory's bandwidth overall, H100).
 pub(crate) fn one_wave(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32, shared: u32) -> Result<usize> {
     use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-    let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
-    let err = |e| candle_core::Error::Msg(format!("{name}: occupancy: {e:?}"));
-    let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(threads, shared as usize, None).map_err(err)?;
-    let sms = dev.cuda_stream().context().attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err)?;
-    Ok((per_sm as usize * sms as usize).max(1))
+    remembered(dev, name, threads, shared, || {
+        let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
+        let err = |e| candle_core::Error::Msg(format!("{name}: occupancy: {e:?}"));
+        let per_sm =
+            func.occupancy_max_active_blocks_per_multiprocessor(threads, shared as usize, None).map_err(err)?;
+        let sms = dev.cuda_stream().context().attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err)?;
+        Ok((per_sm as usize * sms as usize).max(1))
+    })
+}
+
+/// The dynamic shared memory one block of kernel `name` may take on `dev`: the device's most for a block
+/// (opted into, [`opt_in_shared`]) less the kernel's static arrays.
+pub(crate) fn shared_room(dev: &CudaDevice, ptx: Ptx, name: &str) -> Result<usize> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    // Keyed apart from one_wave's facts by threads = 0 (no launch has none).
+    remembered(dev, name, 0, 0, || {
+        let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
+        let err = |e| candle_core::Error::Msg(format!("{name}: shared memory: {e:?}"));
+        let most = dev
+            .cuda_stream()
+            .context()
+            .attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(err)?;
+        Ok((most as usize).saturating_sub(func.shared_size_bytes().map_err(err)? as usize))
+    })
 }
 
 /// One block of `threads` per row.
