@@ -414,6 +414,21 @@ mod fused {
         g.iter().zip(&w).filter(|(a, b)| a != b).count() as f64 / w.len() as f64
     }
 
+    /// What an int8 operand stands for: each code (u8 holding int8) times its row's scale, rounded to bf16.
+    fn int8_values(op: &Int8Operand) -> Tensor {
+        let c = op.codes.to_dtype(DType::F32).unwrap();
+        let negative = c.ge(128f64).unwrap().to_dtype(DType::F32).unwrap();
+        let c = (c - (negative * 256.0).unwrap()).unwrap();
+        c.broadcast_mul(&op.scales.unsqueeze(1).unwrap()).unwrap().to_dtype(DType::BF16).unwrap()
+    }
+
+    /// A norm's output and its int8 form (lambda 1): the codes times the scales are the output, bit for bit.
+    fn assert_int8_form(y: &Tensor, int8: Option<&Int8Operand>) {
+        let op = int8.expect("the kernel wrote the int8 form");
+        let m = mismatched(&int8_values(op), &y.reshape(op.codes.dims()).unwrap());
+        assert_eq!(m, 0.0, "{m} of the int8 form's values differ from the bf16 output");
+    }
+
     /// The share of values further apart than one bf16 unit in the last place of the wanted value.
     fn beyond_one_ulp(got: &Tensor, want: &Tensor) -> f64 {
         let (g, w) = (values(got), values(want));
@@ -941,7 +956,10 @@ mod fused {
         ] {
             let (x, w, dy) = (randn(&[n, c], DType::BF16), randn(&[c], DType::BF16), randn(&[n, c], DType::BF16));
             let (y_ref, s_ref) = sub_norm_quant_forward_reference(&x, None, Some(&w), 1e-6, lambda).unwrap();
-            let (y, s) = rmsnorm_quant_forward(&x, &w, 1e-6, lambda).unwrap();
+            let (y, s, y8) = rmsnorm_quant_forward(&x, &w, 1e-6, lambda, lambda == 1.0).unwrap();
+            if lambda == 1.0 {
+                assert_int8_form(&y, y8.as_ref());
+            }
             let (e, m) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
             println!("rmsnorm+quant n={n} c={c} lambda={lambda}: rel L2 {e:.2e}, {:.3}% codes differ", m * 100.0);
             assert!(e < 5e-3 && m < 5e-3, "forward: rel L2 {e}, mismatched {m}");
@@ -965,7 +983,8 @@ mod fused {
         let (x, w, dy) =
             (randn(&[2, 3, 5, 64], DType::BF16), randn(&[192], DType::BF16), randn(&[10, 192], DType::BF16));
         let (y_ref, s_ref) = sub_norm_quant_forward_reference(&x, None, Some(&w), 1e-6, 1.0).unwrap();
-        let (y, s) = rmsnorm_quant_forward(&x, &w, 1e-6, 1.0).unwrap();
+        let (y, s, y8) = rmsnorm_quant_forward(&x, &w, 1e-6, 1.0, true).unwrap();
+        assert_int8_form(&y, y8.as_ref());
         let (dx_ref, dw_ref) = norm_backward_reference(&dy, Some(&w), &s_ref, None).unwrap();
         let dw_ref = dw_ref.unwrap();
         let (dx, dw) = rmsnorm_backward(&dy, &w, &s, None).unwrap();
@@ -1009,7 +1028,10 @@ mod fused {
                 let (gu, w, dy) =
                     (randn(&[n, 2 * m], DType::BF16), randn(&[m], DType::BF16), randn(&[n, m], DType::BF16));
                 let (y_ref, s_ref) = sub_norm_quant_forward_reference(&gu, Some(act), Some(&w), 1e-6, lambda).unwrap();
-                let (y, s) = sub_norm_quant_forward(&gu, Some(act), Some(&w), 1e-6, lambda).unwrap();
+                let (y, s, y8) = sub_norm_quant_forward(&gu, Some(act), Some(&w), 1e-6, lambda, lambda == 1.0).unwrap();
+                if lambda == 1.0 {
+                    assert_int8_form(&y, y8.as_ref());
+                }
                 let (e, mis) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
                 let (dgu_ref, dw_ref) = norm_backward_reference(&dy, Some(&w), &s_ref, None).unwrap();
                 let dw_ref = dw_ref.unwrap();
@@ -1039,7 +1061,8 @@ mod fused {
             for act in [Activation::Silu, Activation::Relu2] {
                 let (gu, dy) = (randn(&[n, 2 * m], DType::BF16), randn(&[n, m], DType::BF16));
                 let (y_ref, s_ref) = sub_norm_quant_forward_reference(&gu, Some(act), None, 1e-6, 1.0).unwrap();
-                let (y, s) = sub_norm_quant_forward(&gu, Some(act), None, 1e-6, 1.0).unwrap();
+                let (y, s, y8) = sub_norm_quant_forward(&gu, Some(act), None, 1e-6, 1.0, true).unwrap();
+                assert_int8_form(&y, y8.as_ref());
                 let (dgu_ref, _) = norm_backward_reference(&dy, None, &s_ref, None).unwrap();
                 let (dgu, dw) = sub_norm_backward(&dy, None, &s).unwrap();
                 assert!(dw.is_none());
@@ -1053,7 +1076,7 @@ mod fused {
         }
         let (x, dy) = (randn(&[2, 8, 33, 256], DType::BF16), randn(&[66, 2048], DType::BF16));
         let (y_ref, s_ref) = sub_norm_quant_forward_reference(&x, None, None, 1e-6, 0.5).unwrap();
-        let (y, s) = sub_norm_quant_forward(&x, None, None, 1e-6, 0.5).unwrap();
+        let (y, s, _) = sub_norm_quant_forward(&x, None, None, 1e-6, 0.5, false).unwrap();
         let (dx_ref, _) = norm_backward_reference(&dy, None, &s_ref, None).unwrap();
         let (dx, _) = sub_norm_backward(&dy, None, &s).unwrap();
         assert_eq!(dx.dims(), &[2, 8, 33, 256]);
@@ -1156,7 +1179,15 @@ mod fused {
         let flat = (randn(&[at], DType::F32) * 0.02).unwrap();
         for lambda in [1.0, 0.3] {
             let want = step_weights_reference(&flat, &slots, lambda, DType::BF16).unwrap();
-            let got = step_weights(&flat, &slots, lambda, DType::BF16).unwrap();
+            let (got, codes) = step_weights(&flat, &slots, lambda, DType::BF16, lambda == 1.0).unwrap();
+            assert_eq!(codes.is_some(), lambda == 1.0);
+            // The int8 form of every matrix: its codes times its rows' scales are the bf16 weights, bit for bit.
+            for (k, (r, columns)) in slots.iter().enumerate() {
+                if let (Some(codes), Some(c)) = (&codes, columns) {
+                    let op = codes.operand(k, r.clone(), *c).unwrap();
+                    assert_int8_form(&got.narrow(0, r.start, r.len()).unwrap(), Some(&op));
+                }
+            }
             for (r, columns) in &slots {
                 let (g, w) = (got.narrow(0, r.start, r.len()).unwrap(), want.narrow(0, r.start, r.len()).unwrap());
                 // The blend `x + lambda (q - x)` may round its f32 result once more or less than candle's
@@ -1169,6 +1200,53 @@ mod fused {
                      differ, {far:.2e} by more than one bf16 unit"
                 );
                 assert!(far == 0.0 && m < 1e-3 && e < 1e-3, "rel L2 {e}, mismatched {m}, beyond one unit {far}");
+            }
+        }
+    }
+
+    /// The BitLinear forward by the int8 GEMM (lambda 1 on Hopper, from the norm's and the step weights' int8
+    /// forms) against the bf16 GEMM of the same bf16 operands and against their exact product (f64), at the
+    /// forward's four GEMMs of each family's shape, q, k and v stacked with a scale each. 200 rows: a
+    /// partial tile of rows too.
+    #[test]
+    fn bitlinear_int8_forward_matches_bf16() {
+        use bessie::config::ModelConfig;
+        assert!(bessie::kernels::int8_gemm::available(&gpu()), "the GPU suite runs on Hopper");
+        let n = 200;
+        for name in ["large", "2b4t", "falcon3-1b", "llama3-8b-1.58"] {
+            let c = ModelConfig::shape(name, 1000).unwrap();
+            let (h, i) = (c.hidden_size, c.intermediate_size);
+            let (q, kv) = (c.num_attention_heads * c.head_dim(), c.num_kv_heads() * c.head_dim());
+            let gemms: [(&str, usize, Vec<usize>); 4] = [
+                ("q/k/v", h, vec![q, kv, kv]),
+                ("o_proj", q, vec![h]),
+                ("gate/up", h, vec![i, i]),
+                ("down", i, vec![h]),
+            ];
+            for (what, k, rows) in gemms {
+                let (x, w) = (randn(&[n, k], DType::BF16), randn(&[k], DType::BF16));
+                let (a, _, a8) = rmsnorm_quant_forward(&x, &w, 1e-6, 1.0, true).unwrap();
+                let mut slots = Vec::new();
+                for r in &rows {
+                    let at = slots.last().map_or(0, |(s, _): &(std::ops::Range<usize>, _)| s.end);
+                    slots.push((at..at + r * k, Some(k)));
+                }
+                let total = slots.last().unwrap().0.end;
+                let latents = (randn(&[total], DType::F32) * 0.02).unwrap();
+                let (weights, codes) = step_weights(&latents, &slots, 1.0, DType::BF16, true).unwrap();
+                let weights = weights.reshape((total / k, k)).unwrap();
+                let w8 = codes.unwrap().operand(0, 0..total, k).unwrap();
+                let y8 = linear_forward(&a, &weights, Some((a8.as_ref().unwrap(), &w8))).unwrap();
+                let y16 = linear_forward(&a, &weights, None).unwrap();
+                let exact = a.to_dtype(DType::F64).unwrap().matmul(&weights.to_dtype(DType::F64).unwrap().t().unwrap());
+                let exact = exact.unwrap();
+                let (e, e8, e16) = (rel_l2(&y8, &y16), rel_l2(&y8, &exact), rel_l2(&y16, &exact));
+                println!(
+                    "{name} {what} ({k} -> {rows:?}): int8 against bf16 rel L2 {e:.2e}; against the exact product \
+                     int8 {e8:.2e}, bf16 {e16:.2e}"
+                );
+                assert!(mismatched(&y8, &y16) > 0.0, "{name} {what}: the int8 GEMM did not run");
+                assert!(e < 5e-3 && e8 < 5e-3, "{name} {what}: int8 rel L2 {e} to bf16, {e8} to the exact product");
             }
         }
     }
@@ -1529,9 +1607,10 @@ mod fused {
     }
 }
 
-/// A whole training step on the GPU (bf16, every fused kernel) against the CPU's f32 step: same tiny model,
-/// same packed batch. bf16 activations move some int8 and ternary codes by one, so the agreement is
-/// statistical: the loss within 1% and the flat gradient within a few percent (relative L2).
+/// A whole training step on the GPU (bf16, every fused kernel, the int8 forward GEMM on Hopper) against the
+/// CPU's f32 step: same small model (widths the int8 GEMM takes: multiples of 128), same packed batch. bf16
+/// activations move some int8 and ternary codes by one, so the agreement is statistical: the loss within 1%
+/// and the flat gradient within a few percent (relative L2).
 #[test]
 fn training_step_matches_cpu_f32() {
     use bessie::data::{make_batch, DataStats, Dataset, Example, Row};
@@ -1542,7 +1621,7 @@ fn training_step_matches_cpu_f32() {
     use candle_core::DType;
 
     let mut c = bessie::config::ModelConfig::shape("tiny", 97).unwrap();
-    c.num_key_value_heads = Some(2);
+    (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads) = (128, 256, 2, Some(1));
     let layout = ParamLayout::new(&c);
     let flat = layout.flatten(&random_weights(&c, 3).unwrap().into_iter().map(|(_, t)| t).collect::<Vec<_>>()).unwrap();
     let ex = |len: usize, loss_start: usize, k: u32| {
@@ -1557,10 +1636,21 @@ fn training_step_matches_cpu_f32() {
         loss_chunk: 1024,
         step_weights: StepWeightsPlan::Kept,
     };
-    let step = |dev: &Device, dtype: DType, plan: MemoryPlan, buffer: DType| -> (f64, Vec<f32>) {
+    // `int8`: the step weights with their ternary codes where the card runs the int8 GEMM (as training
+    // builds them), or without (every forward GEMM in bf16).
+    let step = |dev: &Device, dtype: DType, plan: MemoryPlan, buffer: DType, int8: bool| -> (f64, Vec<f32>) {
         let flat = flat.to_device(dev).unwrap();
         let w = match plan.step_weights {
-            StepWeightsPlan::Kept => StepWeights::new(&layout, &flat, 1.0, dtype).unwrap(),
+            StepWeightsPlan::Kept if int8 => StepWeights::new(&layout, &flat, 1.0, dtype).unwrap(),
+            StepWeightsPlan::Kept => {
+                let slots: Vec<_> = layout
+                    .slots
+                    .iter()
+                    .map(|s| (s.offset..s.offset + s.len, bessie::model::is_bitlinear(&s.name).then(|| s.shape[1])))
+                    .collect();
+                let weights = bessie::train::layers::step_weights(&flat, &slots, 1.0, dtype, false).unwrap().0;
+                StepWeights::from_flat(weights, None).unwrap()
+            }
             StepWeightsPlan::PerBlock => {
                 let sums = bessie::train::model::shard_abs_sums(&layout, &flat, 0..layout.total, dtype).unwrap();
                 StepWeights::per_block(&layout, &flat, sums, 1.0, dtype).unwrap()
@@ -1576,9 +1666,9 @@ fn training_step_matches_cpu_f32() {
         let g = grads.tensor().to_dtype(DType::F32).unwrap();
         (loss.to_scalar::<f64>().unwrap(), g.to_device(&Device::Cpu).unwrap().to_vec1().unwrap())
     };
-    let (loss_ref, g_ref) = step(&Device::Cpu, DType::F32, kept, DType::F32);
+    let (loss_ref, g_ref) = step(&Device::Cpu, DType::F32, kept, DType::F32, true);
     let gpu = Device::new_cuda(0).expect("a CUDA device");
-    let (loss, g) = step(&gpu, DType::BF16, kept, DType::F32);
+    let (loss, g) = step(&gpu, DType::BF16, kept, DType::F32, true);
     let rel = |g: &[f32], g_ref: &[f32]| {
         let num: f64 = g.iter().zip(g_ref).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
         (num / g_ref.iter().map(|b| (*b as f64).powi(2)).sum::<f64>()).sqrt()
@@ -1589,14 +1679,28 @@ fn training_step_matches_cpu_f32() {
     // Per-block weights are the same bf16 weights in smaller buffers: only cuBLAS's choice of kernel for
     // another alignment may round differently.
     let per_block = MemoryPlan { step_weights: StepWeightsPlan::PerBlock, ..kept };
-    let (loss_pb, g_pb) = step(&gpu, DType::BF16, per_block, DType::F32);
+    let (loss_pb, g_pb) = step(&gpu, DType::BF16, per_block, DType::F32, true);
     let (el, eg) = ((loss_pb - loss).abs() / loss, rel(&g_pb, &g));
     println!("per-block step weights: loss {loss_pb:.6} vs {loss:.6} (rel {el:.2e}), gradient rel L2 {eg:.2e}");
     assert!(el < 1e-4 && eg < 1e-3, "per block: loss rel {el}, gradient rel L2 {eg}");
     // A bf16 gradient buffer: every GEMM, norm, embedding and addition kernel writing into it; each element
     // rounded to bf16 once per addition (2^-9 relative), against the f32 buffer on the same card.
-    let (loss_b, g_b) = step(&gpu, DType::BF16, kept, DType::BF16);
+    let (loss_b, g_b) = step(&gpu, DType::BF16, kept, DType::BF16, true);
     let eg = rel(&g_b, &g);
     println!("bf16 gradient buffer: gradient rel L2 {eg:.2e} against the f32 buffer");
     assert!(loss_b == loss && eg < 5e-3, "bf16 buffer: loss {loss_b} vs {loss}, gradient rel L2 {eg}");
+    // The int8 forward GEMM (Hopper) against every forward GEMM in bf16 on the same card: exact integer sums
+    // scaled once against f32 sums of bf16-rounded products, so the steps differ by roundings only.
+    assert!(bessie::kernels::int8_gemm::available(&gpu), "the GPU suite runs on Hopper");
+    let (loss_16, g_16) = step(&gpu, DType::BF16, kept, DType::F32, false);
+    let (el, eg) = ((loss - loss_16).abs() / loss_16, rel(&g, &g_16));
+    println!("int8 forward GEMMs: loss {loss:.6} vs {loss_16:.6} in bf16 (rel {el:.2e}), gradient rel L2 {eg:.2e}");
+    assert!(g != g_16, "the int8 forward changed nothing: it did not run");
+    assert!(el < 1e-3 && eg < 2e-2, "int8 forward: loss rel {el}, gradient rel L2 {eg}");
+    // Recomputing attention redoes q, k and v from the saved input's int8 form: the same gradients.
+    let attention = MemoryPlan { recompute: Recompute::Attention, ..kept };
+    let (loss_ra, g_ra) = step(&gpu, DType::BF16, attention, DType::F32, true);
+    let eg = rel(&g_ra, &g);
+    println!("recompute = attention with the int8 forward: loss {loss_ra:.6} vs {loss:.6}, gradient rel L2 {eg:.2e}");
+    assert!(loss_ra == loss && eg < 1e-6, "recompute attention: loss {loss_ra} vs {loss}, gradient rel L2 {eg}");
 }

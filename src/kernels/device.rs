@@ -196,6 +196,7 @@ pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) ->
             DType::F64 => CudaStorage::wrap_cuda_slice(dev.alloc::<f64>(n)?, dev.clone()),
             DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
             DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
+            DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc::<u8>(n)?, dev.clone()),
             d => bail!("fused kernels write no {d:?} tensors"),
         }
     };

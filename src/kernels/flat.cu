@@ -40,12 +40,13 @@ extern "C" __global__ void sum_partials_bf16(const bf16* x, size_t n, int square
     if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
-// The slot table (flat.rs's SlotTable): slots[SLOT_COLS k ..] = first, count, matrix, first block, decays: slot
-// k's elements flat[first .. first + count] (the whole slot, or under ZeRO-1 its part in this rank's shard;
-// count 0 when none), for a BitLinear matrix the element count of the whole matrix (0 for a parameter that is
-// only cast), the first block of the grid that is the slot's (the grid of step_weights and adamw: a block per
-// ~8192 elements of each slot), and whether AdamW's weight decay applies to it.
-#define SLOT_COLS 5
+// The slot table (flat.rs's SlotTable): slots[SLOT_COLS k ..] = first, count, matrix, first block, decays,
+// columns, first row: slot k's elements flat[first .. first + count] (the whole slot, or under ZeRO-1 its part
+// in this rank's shard; count 0 when none), for a BitLinear matrix the element count of the whole matrix (0 for
+// a parameter that is only cast), the first block of the grid that is the slot's (the grid of step_weights and
+// adamw: a block per ~8192 elements of each slot), whether AdamW's weight decay applies to it, and for a
+// matrix its columns and its first row among all the matrices' rows (the int8 GEMM's row scales).
+#define SLOT_COLS 7
 
 // This block's slot (the last whose first block is at most this one), its place among the slot's blocks and
 // their number.
@@ -78,8 +79,9 @@ extern "C" __global__ void slot_absmean_partials(const float* flat, const long l
     if (threadIdx.x == 0) partials[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
 
+__device__ __forceinline__ float ternary(float x, float s) { return fminf(fmaxf(roundf(x * s), -1.f), 1.f); }
 __device__ __forceinline__ bf16 step_weight(float x, float s, float inv, float lambda, bool matrix) {
-    return to_bf16(matrix ? blend(x, fminf(fmaxf(roundf(x * s), -1.f), 1.f) * inv, lambda) : x);
+    return to_bf16(matrix ? blend(x, ternary(x, s) * inv, lambda) : x);
 }
 
 // Then the writes, over the table's grid, which each slot shares in proportion to its size, so that the
@@ -90,9 +92,13 @@ __device__ __forceinline__ bf16 step_weight(float x, float s, float inv, float l
 // between the slot's first and last multiples of 4 (16 bytes in, 8 out); block 0 of the slot takes the ends.
 // A launch covers the table's blocks from first_block on (some slots: one block's, train.step_weights =
 // "per_block"), of total_blocks in all.
+// With `codes` (not null; lambda 1 and whole slots only) the matrices are also written as the int8 GEMM
+// reads them: the ternary codes (int8, `out`'s layout) and each row's scale, the bf16 value of a nonzero
+// weight (`row_scales`, at the slot's first row): a weight is exactly its code times its row's scale.
 extern "C" __global__ void step_weights(const float* flat, const long long* slots, int n_slots,
                                         const double* partials, int parts, float lambda, bf16* out,
-                                        long long out_base, int first_block, int total_blocks) {
+                                        signed char* codes, float* row_scales, long long out_base, int first_block,
+                                        int total_blocks) {
     SlotPart sp(slots, n_slots, blockIdx.x + first_block, total_blocks);
     int lo = sp.slot;
     const long long* sl = slots + SLOT_COLS * lo;
@@ -106,8 +112,9 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
         inv = 1.f / s;
     }
     const float* w = flat + first;
-    // out_base is a multiple of 4, so o is aligned as w for the 8-byte writes.
+    // out_base is a multiple of 4, so o (and c) is aligned as w for the 8-byte (4-byte) writes.
     bf16* o = out + (first - out_base);
+    signed char* c = codes && matrix ? codes + (first - out_base) : nullptr;
     size_t head = min(n, (4 - first % 4) % 4), quads = (n - head) / 4;
     for (size_t q = part * blockDim.x + threadIdx.x; q < quads; q += blocks * blockDim.x) {
         size_t i = head + 4 * q;
@@ -115,12 +122,19 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
         __nv_bfloat162 y[2] = {{step_weight(x.x, s, inv, lambda, matrix), step_weight(x.y, s, inv, lambda, matrix)},
                                {step_weight(x.z, s, inv, lambda, matrix), step_weight(x.w, s, inv, lambda, matrix)}};
         *reinterpret_cast<uint2*>(o + i) = *reinterpret_cast<uint2*>(y);
+        if (c)
+            *reinterpret_cast<char4*>(c + i) = make_char4((signed char)ternary(x.x, s), (signed char)ternary(x.y, s),
+                                                          (signed char)ternary(x.z, s), (signed char)ternary(x.w, s));
     }
-    if (part == 0)
+    if (part == 0) {
         for (size_t i = threadIdx.x; i < n - 4 * quads; i += blockDim.x) {
             size_t j = i < head ? i : 4 * quads + i;
             o[j] = step_weight(w[j], s, inv, lambda, matrix);
+            if (c) c[j] = (signed char)ternary(w[j], s);
         }
+        if (c)
+            for (long long r = threadIdx.x; r < sl[2] / sl[5]; r += blockDim.x) row_scales[sl[6] + r] = round_bf16(inv);
+    }
 }
 
 // dst += src (add = 1) or dst = src (add = 0, the step's first gradient of the range: dst is not read, it may

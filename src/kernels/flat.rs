@@ -8,6 +8,7 @@ use candle_core::{DType, Result, Tensor};
 
 use cudarc::driver::LaunchConfig;
 
+use super::shapes::{first_rows, Int8Operand};
 use super::{cuda_device, grid_stride, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flat");
@@ -47,20 +48,55 @@ pub fn try_step_weights(
     slots: &[(Range<usize>, Option<usize>)],
     lambda: f64,
     dtype: DType,
-) -> Result<Option<Tensor>> {
+    codes: bool,
+) -> Result<Option<(Tensor, Option<TernaryCodes>)>> {
     if !(super::on_cuda(flat) && dtype == DType::BF16) {
         return Ok(None);
     }
-    step_weights(&flat.contiguous()?, slots, lambda).map(Some)
+    step_weights(&flat.contiguous()?, slots, lambda, codes).map(Some)
 }
 
 /// This step's weights in bf16, `[flat.len()]`, the layout of the f32 `flat`: every slot either the BitLinear
 /// weight of its latent (`(range, Some(columns))`: ternary times the absmean scale, blended by `lambda`) or a
-/// cast (`(range, None)`). Two launches for the whole model: every matrix's partial sums of `|W|`, then every
-/// slot's writes.
-pub fn step_weights(flat: &Tensor, slots: &[(Range<usize>, Option<usize>)], lambda: f64) -> Result<Tensor> {
+/// cast (`(range, None)`); with `codes` (lambda 1 only) also the matrices' [`TernaryCodes`]. Two launches for
+/// the whole model: every matrix's partial sums of `|W|`, then every slot's writes.
+pub fn step_weights(
+    flat: &Tensor,
+    slots: &[(Range<usize>, Option<usize>)],
+    lambda: f64,
+    codes: bool,
+) -> Result<(Tensor, Option<TernaryCodes>)> {
     let table = SlotTable::new(flat, slots, 0..flat.elem_count(), |_| false)?;
-    step_weights_in(flat, &table, &absmean_partials(flat, &table)?, lambda, 0..flat.elem_count(), 0..slots.len())
+    let partials = absmean_partials(flat, &table)?;
+    step_weights_in(flat, &table, &partials, lambda, 0..flat.elem_count(), 0..slots.len(), codes)
+}
+
+/// The BitLinear matrices of a step's weights as the int8 GEMM reads them: the ternary codes (u8 holding
+/// -1, 0, 1), laid out as the bf16 step weights they come with, and every matrix row's scale (f32, the
+/// rows of all the table's matrices in slot order, [`first_rows`]), the bf16 value of the matrix's nonzero
+/// weights: each weight is exactly its code times its row's scale.
+#[derive(Clone)]
+pub struct TernaryCodes {
+    codes: Tensor,
+    row_scales: Tensor,
+    /// Where the codes' buffer starts in the flat layout, and each slot's first row.
+    base: usize,
+    first_rows: std::sync::Arc<Vec<Option<usize>>>,
+}
+
+impl TernaryCodes {
+    /// The matrix `[rows, columns]` of the neighbouring slots whose elements are `range` (one matrix, or
+    /// several read by one GEMM), the first of them slot `first`: its codes and row scales.
+    pub fn operand(&self, first: usize, range: Range<usize>, columns: usize) -> Result<Int8Operand> {
+        let Some(row) = self.first_rows[first] else {
+            candle_core::bail!("slot {first} is not a BitLinear matrix: it has no ternary codes");
+        };
+        let rows = range.len() / columns;
+        Ok(Int8Operand {
+            codes: self.codes.narrow(0, range.start - self.base, range.len())?.reshape((rows, columns))?,
+            scales: self.row_scales.narrow(0, row, rows)?,
+        })
+    }
 }
 
 /// The slots as the kernels read them, for the elements of the flat buffer in a range (the whole buffer, or
@@ -75,6 +111,11 @@ pub struct SlotTable {
     blocks: u32,
     /// Each slot's first block of the grid, and the grid's size last (host copies of the table's column).
     firsts: Vec<u32>,
+    /// Each matrix's first row among all the matrices' rows, and the rows in all ([`first_rows`]).
+    first_rows: std::sync::Arc<Vec<Option<usize>>>,
+    rows: usize,
+    /// Whether the range holds part of a matrix only (a ZeRO-1 shard's ends).
+    partial: bool,
 }
 
 /// Elements per block of the step weights' writes and of AdamW (8 accesses of 4 per thread).
@@ -89,19 +130,31 @@ impl SlotTable {
         decays: impl Fn(usize) -> bool,
     ) -> Result<Self> {
         let mut blocks = 0;
-        let mut table = Vec::with_capacity(5 * slots.len());
+        let mut table = Vec::with_capacity(7 * slots.len());
         let mut firsts = Vec::with_capacity(slots.len() + 1);
+        let (first_rows, rows) = first_rows(slots);
+        let mut partial = false;
         for (k, (r, c)) in slots.iter().enumerate() {
             let (first, end) = (r.start.max(range.start), r.end.min(range.end));
             let count = end.saturating_sub(first);
             let matrix = if c.is_some() { r.len() as i64 } else { 0 };
-            table.extend([first as i64, count as i64, matrix, blocks as i64, decays(k) as i64]);
+            partial |= c.is_some() && count > 0 && count < r.len();
+            let (columns, row) = (c.unwrap_or(0) as i64, first_rows[k].unwrap_or(0) as i64);
+            table.extend([first as i64, count as i64, matrix, blocks as i64, decays(k) as i64, columns, row]);
             firsts.push(blocks as u32);
             blocks += count.div_ceil(WRITE_CHUNK);
         }
         firsts.push(blocks as u32);
         let table = Tensor::new(table, flat.device())?;
-        Ok(Self { table, slots: slots.len(), blocks: blocks as u32, firsts })
+        Ok(Self {
+            table,
+            slots: slots.len(),
+            blocks: blocks as u32,
+            firsts,
+            first_rows: first_rows.into(),
+            rows,
+            partial,
+        })
     }
 
     fn grid(&self) -> LaunchConfig {
@@ -127,7 +180,8 @@ pub fn absmean_partials(flat: &Tensor, table: &SlotTable) -> Result<Tensor> {
 /// block's: `train.step_weights = "per_block"`, which builds the table once for every block), in a new bf16
 /// buffer that holds the elements `out` of `flat`'s layout, which must contain those slots' parts of the
 /// table's range and start at a multiple of 4 (the writes go 4 elements at a time, aligned as in `flat`); its
-/// other elements are left unset (under ZeRO-1, for the other ranks to send).
+/// other elements are left unset (under ZeRO-1, for the other ranks to send). With `codes` the matrices'
+/// [`TernaryCodes`] too, which only lambda 1 and whole matrices have (the blend is no code times a scale).
 pub fn step_weights_in(
     flat: &Tensor,
     table: &SlotTable,
@@ -135,22 +189,39 @@ pub fn step_weights_in(
     lambda: f64,
     out: Range<usize>,
     slots: Range<usize>,
-) -> Result<Tensor> {
+    codes: bool,
+) -> Result<(Tensor, Option<TernaryCodes>)> {
     if !out.start.is_multiple_of(4) || out.end > flat.elem_count() || slots.end > table.slots {
         candle_core::bail!("step_weights_in: output range {out:?} of {} elements, slots {slots:?}", flat.elem_count());
     }
+    if codes && (lambda < 1.0 || table.partial) {
+        candle_core::bail!("step_weights_in: ternary codes need lambda 1 ({lambda}) and whole matrices");
+    }
     let dev = cuda_device(flat)?;
     let buffer = uninit(out.len(), DType::BF16, &dev)?;
+    let codes = match codes {
+        true => Some(TernaryCodes {
+            codes: uninit(out.len(), DType::U8, &dev)?,
+            row_scales: Tensor::zeros(table.rows.max(1), DType::F32, flat.device())?,
+            base: out.start,
+            first_rows: table.first_rows.clone(),
+        }),
+        false => None,
+    };
     let (first, blocks) = (table.firsts[slots.start], table.firsts[slots.end] - table.firsts[slots.start]);
     if blocks == 0 {
-        return Ok(buffer);
+        return Ok((buffer, codes));
     }
     let parts = (partials.elem_count() / table.slots) as i32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (code_ptr, scale_ptr) = match &codes {
+        Some(c) => (ptr(&c.codes)?, ptr(&c.row_scales)?),
+        None => (0, 0),
+    };
     launch!(dev, PTX, "step_weights", cfg;
         ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, parts, lambda as f32, ptr(&buffer)?,
-        out.start as i64, first as i32, table.blocks as i32);
-    Ok(buffer)
+        code_ptr, scale_ptr, out.start as i64, first as i32, table.blocks as i32);
+    Ok((buffer, codes))
 }
 
 /// [`accumulate`] where it applies (`dst` on CUDA), else `Ok(None)`.

@@ -4,12 +4,14 @@
 //! reference is the same product in integers on the host (`tests/gpu.rs`).
 //!
 //! The operands are loaded by the TMA, one warpgroup's thread, while two warpgroups multiply: 1.07-1.49x
-//! cuBLAS's bf16 GEMM at the training forward's shapes, alone (BENCHMARKS.md). Not called by training: inside
-//! a training step its launches took 1.25x that time, and the step measured slower than on cuBLAS.
+//! cuBLAS's bf16 GEMM at the training forward's shapes (BENCHMARKS.md). Training's BitLinear forwards run on
+//! it at lambda 1 ([`try_bitlinear_forward`]), from the int8 codes the norms and the step weights write
+//! beside the bf16 operands the backward reads.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
+use super::shapes::Int8Operand;
 use super::{compute_capability, cuda_device, launch, opt_in_shared, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("int8_gemm");
@@ -30,6 +32,16 @@ pub enum Tile {
 
 impl Tile {
     pub const ALL: [Tile; 2] = [Tile::N128, Tile::N256];
+
+    /// The faster tile for `n` outputs of `k` inputs at the training forward's shapes (BENCHMARKS.md's int8
+    /// table, 6,144 rows): 256 columns where the output is wider than 4,608 or the input deeper than 4,096.
+    pub fn for_shape(n: usize, k: usize) -> Tile {
+        if n > 4608 || k > 4096 {
+            Tile::N256
+        } else {
+            Tile::N128
+        }
+    }
 
     fn columns(self) -> usize {
         match self {
@@ -108,6 +120,21 @@ fn tensor_map(address: u64, rows: usize, k: usize, box_rows: usize) -> Result<cu
     }
     // SAFETY: written by the successful call above.
     Ok(unsafe { map.assume_init() })
+}
+
+/// Whether the kernel runs on `dev`: a Hopper GPU (the module is built for sm_90a only).
+pub fn available(dev: &Device) -> bool {
+    match dev {
+        Device::Cuda(d) => compute_capability(d) == Some((9, 0)),
+        _ => false,
+    }
+}
+
+/// A BitLinear's forward `x w^T` (bf16 `[rows, outputs]`) from the int8 forms of its input and its weight,
+/// with the faster tile for the shape ([`Tile::for_shape`]). `Ok(None)` where the kernel does not apply.
+pub fn try_bitlinear_forward(x: &Int8Operand, w: &Int8Operand) -> Result<Option<Tensor>> {
+    let (n, k) = w.codes.dims2()?;
+    try_int8_gemm(&x.codes, &w.codes, Some(&x.scales), Some(&w.scales), Tile::for_shape(n, k))
 }
 
 /// `out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n])` (bf16 `[m, n]`) for `a: [m, k]`

@@ -73,11 +73,13 @@ __device__ __forceinline__ void glu_grad(int act, float dh, float g, float u, fl
 }
 
 // Per row of x [n, c] (one block each): r = 1 / sqrt(mean(x^2) + eps), y = bf16(x r w), then y quantized per
-// token to int8 (scale max|y| / 127) and back, blended with y by lambda. Writes the BitLinear input and r.
+// token to int8 (scale max|y| / 127) and back, blended with y by lambda. Writes the BitLinear input and r, and
+// where `codes` is not null the int8 codes [n, c] and each row's scale (`scales` [n]) for the int8 GEMM.
 // Without a weight (w null: a family without this sub-norm) there is no norm: r = 1, y = bf16(x), quantized.
 template <int K, int G, bool GLU>
-__device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, float* rrms, int n, int c,
-                                      float inv_c, float eps, float lambda, int t, int hd, int act) {
+__device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, float* rrms, signed char* codes,
+                                      float* scales, int n, int c, float inv_c, float eps, float lambda, int t,
+                                      int hd, int act) {
     using R = Group<G>;
     int rw = R::index();
     if (rw >= n) return;  // whole groups only: the block reduction is reached by every thread or none
@@ -113,14 +115,21 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
     for (int k = 0; k < K; k++) {
         int i = R::column(k, c);
         if (i == c) continue;
+        unsigned packed[2] = {0u, 0u};
 #pragma unroll
         for (int e = 0; e < 8; e++) {
-            float q = int8_code(v[k][e], scale) * scale;
-            v[k][e] = blend(v[k][e], q, lambda);
+            float q = int8_code(v[k][e], scale);
+            packed[e / 4] |= (unsigned)((int)q & 0xff) << (8 * (e % 4));
+            v[k][e] = blend(v[k][e], q * scale, lambda);
         }
         store8(y + row + i, v[k]);
+        // c % 8 == 0: the 8 codes lie on the 8-byte grid.
+        if (codes) *reinterpret_cast<uint2*>(codes + row + i) = make_uint2(packed[0], packed[1]);
     }
-    if (R::lane() == 0) rrms[rw] = r;
+    if (R::lane() == 0) {
+        rrms[rw] = r;
+        if (scales) scales[rw] = scale;
+    }
 }
 
 // With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)), plus the residual stream's gradient when
@@ -217,9 +226,10 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
 // Measured on an H200 at 6144 rows: a warp per row is slower where its registers allow one block per SM, the
 // backward at 1536 channels (68 us against 31 us) and the forward at 4096 (119 us against 58 us).
 #define RMSNORM_FORWARD(K, G, GLU, NAME)                                                                           \
-    extern "C" __global__ void NAME(const bf16* x, const bf16* w, bf16* y, float* rrms, int n, int c, float inv_c, \
-                                    float eps, float lambda, int t, int hd, int act) {                             \
-        rmsnorm_quant_forward<K, G, GLU>(x, w, y, rrms, n, c, inv_c, eps, lambda, t, hd, act);                     \
+    extern "C" __global__ void NAME(const bf16* x, const bf16* w, bf16* y, float* rrms, signed char* codes,        \
+                                    float* scales, int n, int c, float inv_c, float eps, float lambda, int t,     \
+                                    int hd, int act) {                                                             \
+        rmsnorm_quant_forward<K, G, GLU>(x, w, y, rrms, codes, scales, n, c, inv_c, eps, lambda, t, hd, act);     \
     }
 #define RMSNORM_BACKWARD(K, GLU, NAME)                                                                             \
     extern "C" __global__ void __launch_bounds__(512, 2)                                                           \

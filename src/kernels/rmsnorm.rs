@@ -6,6 +6,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
+use super::shapes::Int8Operand;
 use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 use crate::model::arch::Activation;
 
@@ -79,7 +80,8 @@ fn row_shape(x: &Tensor, glu: bool) -> Result<(usize, usize, usize, usize)> {
 /// For `x` (rows `[n, c]` or heads, or with `glu` gate/up rows `[n, 2c]` whose gated activation is normed:
 /// see [`row_shape`]) and the norm weight `w: [c]` (bf16; None: no norm, the input only quantized, and the
 /// reciprocal RMS written as 1): the BitLinear input (normed, fake-quantized to int8
-/// per row, blended by `lambda`), bf16 rows `[n, c]`, and the reciprocal RMS of each row, f32 `[n, 1]`.
+/// per row, blended by `lambda`), bf16 rows `[n, c]`, the reciprocal RMS of each row, f32 `[n, 1]`, and with
+/// `int8` (lambda 1 only: the input is then its codes times its row's scale) the input's int8 form.
 /// `Ok(None)` where the kernels do not apply.
 pub fn try_rmsnorm_quant_forward(
     x: &Tensor,
@@ -87,12 +89,16 @@ pub fn try_rmsnorm_quant_forward(
     w: Option<&Tensor>,
     eps: f64,
     lambda: f64,
-) -> Result<Option<(Tensor, Tensor)>> {
+    int8: bool,
+) -> Result<Option<(Tensor, Tensor, Option<Int8Operand>)>> {
     if !takes(x, glu.is_some()) {
         return Ok(None);
     }
+    if int8 && lambda < 1.0 {
+        bail!("the int8 form of a BitLinear input needs lambda 1, not {lambda}");
+    }
     let w = w.map(|w| w.contiguous()).transpose()?;
-    rmsnorm_quant_forward(&x.contiguous()?, glu, w.as_ref(), eps, lambda).map(Some)
+    rmsnorm_quant_forward(&x.contiguous()?, glu, w.as_ref(), eps, lambda, int8).map(Some)
 }
 
 /// The weight's address, or 0 (null) for none.
@@ -106,16 +112,25 @@ fn rmsnorm_quant_forward(
     w: Option<&Tensor>,
     eps: f64,
     lambda: f64,
-) -> Result<(Tensor, Tensor)> {
+    int8: bool,
+) -> Result<(Tensor, Tensor, Option<Int8Operand>)> {
     let (n, c, t, d) = row_shape(x, glu.is_some())?;
     let v = variant(c, false)?;
     let dev = cuda_device(x)?;
     let (y, rrms) = (uninit((n, c), DType::BF16, &dev)?, uninit((n, 1), DType::F32, &dev)?);
+    let int8 = match int8 {
+        true => Some(Int8Operand { codes: uninit((n, c), DType::U8, &dev)?, scales: uninit(n, DType::F32, &dev)? }),
+        false => None,
+    };
+    let (codes, scales) = match &int8 {
+        Some(o) => (ptr(&o.codes)?, ptr(&o.scales)?),
+        None => (0, 0),
+    };
     let inv_c = (1.0 / c as f64) as f32;
     launch!(dev, PTX, &kernel("quant_forward", glu.is_some(), &v), super::per_row(n.div_ceil(v.groups), v.threads);
-        aligned_ptr(x)?, weight_ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, n as i32, c as i32, inv_c, eps as f32,
-        lambda as f32, t as i32, d as i32, act_arg(glu));
-    Ok((y, rrms))
+        aligned_ptr(x)?, weight_ptr(w)?, aligned_ptr(&y)?, ptr(&rrms)?, codes, scales, n as i32, c as i32, inv_c,
+        eps as f32, lambda as f32, t as i32, d as i32, act_arg(glu));
+    Ok((y, rrms, int8))
 }
 
 /// `(dx, partial)` of RMSNorm for `dy: [n, c]` and `x` (bf16; rows, heads or with `glu` gate/up rows, see

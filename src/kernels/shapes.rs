@@ -53,6 +53,33 @@ pub const STEP_WARPS: usize = 32;
 /// (`STEP_CHUNKS` in decode.cu).
 pub const STEP_K_MAX: usize = 2 * 8 * 32 * STEP_WARPS;
 
+/// A BitLinear operand as the int8 GEMM reads it: codes `[rows, k]` (u8 holding int8, two's complement) and
+/// each row's f32 scale `[rows]`, the operand being `round_bf16(code * scale)` exactly: the forward's input
+/// at lambda 1 (per-token codes and scales) or a ternary weight (codes -1, 0, 1; its matrix's scale on every
+/// row).
+#[derive(Clone)]
+pub struct Int8Operand {
+    pub codes: Tensor,
+    pub scales: Tensor,
+}
+
+/// Each BitLinear matrix's first row among all the matrices' rows, in slot order (None for a slot that is
+/// only cast), and the rows in all, for `slots` as the step weights take them: `(elements, Some(columns))`
+/// for a matrix. Where the step weights' kernel writes each matrix's row scales.
+pub fn first_rows(slots: &[(std::ops::Range<usize>, Option<usize>)]) -> (Vec<Option<usize>>, usize) {
+    let mut rows = 0;
+    let firsts = slots
+        .iter()
+        .map(|(r, c)| {
+            c.map(|c| {
+                rows += r.len() / c;
+                rows - r.len() / c
+            })
+        })
+        .collect();
+    (firsts, rows)
+}
+
 /// How `bitlinear_step` shares `n` outputs of `k` inputs for `rows` rows out over its blocks, and the shared
 /// memory that takes, in decode.cu's order: the codes' buffers, the int8 rows (`rows k` bytes), the block's
 /// scales and residuals (f32). `shared` is the most dynamic shared memory a block may take on the device.

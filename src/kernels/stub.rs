@@ -75,8 +75,19 @@ pub mod flat {
         _: &[(Range<usize>, Option<usize>)],
         _: f64,
         _: DType,
-    ) -> Result<Option<Tensor>> {
+        _: bool,
+    ) -> Result<Option<(Tensor, Option<TernaryCodes>)>> {
         Ok(None)
+    }
+
+    /// None without CUDA: no value of it exists.
+    #[derive(Clone)]
+    pub enum TernaryCodes {}
+
+    impl TernaryCodes {
+        pub fn operand(&self, _: usize, _: Range<usize>, _: usize) -> Result<crate::kernels::shapes::Int8Operand> {
+            match *self {}
+        }
     }
 
     pub fn try_accumulate(_: &Tensor, _: &Tensor, _: bool) -> Result<Option<()>> {
@@ -88,6 +99,19 @@ pub mod gemm {
     use candle_core::{Result, Tensor};
 
     pub fn try_gemm_at_b(_: &Tensor, _: &Tensor, _: &Tensor, _: bool) -> Result<Option<()>> {
+        Ok(None)
+    }
+}
+
+pub mod int8_gemm {
+    use crate::kernels::shapes::Int8Operand;
+    use candle_core::{Device, Result, Tensor};
+
+    pub fn available(_: &Device) -> bool {
+        false
+    }
+
+    pub fn try_bitlinear_forward(_: &Int8Operand, _: &Int8Operand) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }
@@ -139,7 +163,8 @@ pub mod rmsnorm {
         _: Option<&Tensor>,
         _: f64,
         _: f64,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+        _: bool,
+    ) -> Result<Option<(Tensor, Tensor, Option<crate::kernels::shapes::Int8Operand>)>> {
         Ok(None)
     }
 

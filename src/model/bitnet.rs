@@ -135,7 +135,7 @@ impl Quantized {
         let rows = x.reshape(((), width))?;
         let w = norm.map(|n| n.weight());
         let eps = norm.map_or(0.0, |n| n.eps());
-        if let Some((y, _)) = crate::kernels::rmsnorm::try_rmsnorm_quant_forward(&rows, glu, w, eps, 1.0)? {
+        if let Some((y, _, _)) = crate::kernels::rmsnorm::try_rmsnorm_quant_forward(&rows, glu, w, eps, 1.0, false)? {
             return Ok(Self::Scaled(y.reshape(dims)?));
         }
         if x.device().is_cuda() {

@@ -10,7 +10,8 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::kernels;
-pub use crate::kernels::shapes::{HeadShape, TokenRows};
+pub use crate::kernels::flat::TernaryCodes;
+pub use crate::kernels::shapes::{HeadShape, Int8Operand, TokenRows};
 use crate::model::arch::Activation;
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
@@ -25,16 +26,18 @@ pub fn effective_weight(latent: &Tensor, lambda: f64, dtype: DType) -> Result<Te
 
 /// This step's weights, computed once per optimizer step: every slot of the flat f32 buffer in `dtype`, in the
 /// same layout; a slot `(range, Some(columns))` is a BitLinear matrix and becomes its [`effective_weight`],
-/// a slot `(range, None)` is cast. On CUDA in bf16, two launches for the whole model.
+/// a slot `(range, None)` is cast. On CUDA in bf16, two launches for the whole model, and with `codes` (lambda
+/// 1) the matrices' int8 form for the int8 forward GEMM too; elsewhere no codes.
 pub fn step_weights(
     flat: &Tensor,
     slots: &[(std::ops::Range<usize>, Option<usize>)],
     lambda: f64,
     dtype: DType,
-) -> Result<Tensor> {
-    match kernels::flat::try_step_weights(flat, slots, lambda, dtype)? {
+    codes: bool,
+) -> Result<(Tensor, Option<TernaryCodes>)> {
+    match kernels::flat::try_step_weights(flat, slots, lambda, dtype, codes)? {
         Some(w) => Ok(w),
-        None => step_weights_reference(flat, slots, lambda, dtype),
+        None => Ok((step_weights_reference(flat, slots, lambda, dtype)?, None)),
     }
 }
 
@@ -76,8 +79,16 @@ pub fn effective_input(x: &Tensor, lambda: f64) -> Result<Tensor> {
     blend(&x.to_dtype(DType::F32)?, &q, lambda)?.to_dtype(x.dtype())
 }
 
-/// `y = x_eff @ W_eff^T` for `x_eff: [n, in]`, `w: [out, in]`.
-pub fn linear_forward(x_eff: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `y = x_eff @ W_eff^T` for `x_eff: [n, in]`, `w: [out, in]`. With both operands' int8 forms (`int8`: the
+/// input's and the weight's, at lambda 1 on Hopper) the int8 GEMM computes it from their codes: exact integer
+/// sums scaled once, where the bf16 GEMM sums the rounded products `x_eff w` in f32 (the two differ by bf16
+/// roundings; `tests/gpu.rs` bounds it).
+pub fn linear_forward(x_eff: &Tensor, w: &Tensor, int8: Option<(&Int8Operand, &Int8Operand)>) -> Result<Tensor> {
+    if let Some((x8, w8)) = int8 {
+        if let Some(y) = kernels::int8_gemm::try_bitlinear_forward(x8, w8)? {
+            return Ok(y);
+        }
+    }
     x_eff.matmul(&w.t()?)
 }
 
@@ -172,7 +183,7 @@ fn as_rows(x: &Tensor) -> Result<Tensor> {
 /// eight candle kernels, 0.6 ms a step of the large model at 768 x 8 (H100).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
     if x.rank() == 2 {
-        if let Some((y, rrms)) = kernels::rmsnorm::try_rmsnorm_quant_forward(x, None, Some(w), eps, 0.0)? {
+        if let Some((y, rrms, _)) = kernels::rmsnorm::try_rmsnorm_quant_forward(x, None, Some(w), eps, 0.0, false)? {
             return Ok((y, RmsNormSaved { x: x.clone(), rrms, glu: None }));
         }
     }
@@ -187,28 +198,37 @@ pub fn rmsnorm_forward_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Te
     Ok((y, RmsNormSaved { x: x.clone(), rrms, glu: None }))
 }
 
-/// RMSNorm and the BitLinear input quantization that follows it: `(x_eff, saved)`, `x_eff` as rows `[n, c]`.
-/// `x` is rows, or attention's output heads `[b, h, t, d]` normed as rows `[b t, h d]` (read in place by the
-/// kernel: no transposing copy; the backward gives `dx` in the same heads).
-pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64) -> Result<(Tensor, RmsNormSaved)> {
-    sub_norm_quant_forward(x, None, Some(w), eps, lambda)
+/// A BitLinear input as a norm's forward gives it: `x_eff` (bf16 rows, what the GEMMs of the backward read), what
+/// the norm's backward needs, and where asked for and the kernel ran (lambda 1, CUDA) the input's int8 form.
+pub type NormedInput = (Tensor, RmsNormSaved, Option<Int8Operand>);
+
+/// RMSNorm and the BitLinear input quantization that follows it: `x_eff` as rows `[n, c]`, and with `int8`
+/// its int8 form where the kernel ran ([`NormedInput`]). `x` is rows, or attention's output heads
+/// `[b, h, t, d]` normed as rows `[b t, h d]` (read in place by the kernel: no transposing copy; the backward
+/// gives `dx` in the same heads).
+pub fn rmsnorm_quant_forward(x: &Tensor, w: &Tensor, eps: f64, lambda: f64, int8: bool) -> Result<NormedInput> {
+    sub_norm_quant_forward(x, None, Some(w), eps, lambda, int8)
 }
 
 /// A BitLinear input at a sub-norm's place (before `o_proj`, before `down_proj`): `x` as rows (attention's
 /// heads `[b, h, t, d]` read as `[b t, h d]`), or with `glu` the gated activation `act(gate) up` of the fused
 /// gate/up rows `[n, 2m]`; normed by `w` where the family has the sub-norm (None: not normed), then quantized.
 /// On CUDA one kernel, and `h = act(gate) up` never reaches memory; the backward ([`sub_norm_backward`])
-/// gives the gradient in `x`'s shape (`[dgate | dup]` with `glu`).
+/// gives the gradient in `x`'s shape (`[dgate | dup]` with `glu`). `int8`: as [`rmsnorm_quant_forward`].
 pub fn sub_norm_quant_forward(
     x: &Tensor,
     glu: Option<Activation>,
     w: Option<&Tensor>,
     eps: f64,
     lambda: f64,
-) -> Result<(Tensor, RmsNormSaved)> {
-    match kernels::rmsnorm::try_rmsnorm_quant_forward(x, glu, w, eps, lambda)? {
-        Some((y, rrms)) => Ok((y, RmsNormSaved { x: x.clone(), rrms, glu })),
-        None => sub_norm_quant_forward_reference(x, glu, w, eps, lambda),
+    int8: bool,
+) -> Result<NormedInput> {
+    match kernels::rmsnorm::try_rmsnorm_quant_forward(x, glu, w, eps, lambda, int8)? {
+        Some((y, rrms, int8)) => Ok((y, RmsNormSaved { x: x.clone(), rrms, glu }, int8)),
+        None => {
+            let (y, saved) = sub_norm_quant_forward_reference(x, glu, w, eps, lambda)?;
+            Ok((y, saved, None))
+        }
     }
 }
 

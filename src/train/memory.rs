@@ -109,7 +109,9 @@ impl Estimate {
 /// nothing recomputed: the block input, the residual after attention, the normed quantized inputs of
 /// q/k/v, o_proj and gate/up (4 x hidden, 1 x q width), q, k, v and attention's output rows (4 x q width),
 /// gate, up and down_proj's input (3 x intermediate), four f32 RMS statistics and one f32 log-sum-exp per head.
-pub fn saved_per_token(cfg: &ModelConfig, recompute: Recompute, e: f64) -> f64 {
+/// `int8`: the forward runs the int8 GEMM, whose input codes (a byte a channel, an f32 scale a token) the
+/// recomputation of attention reads too.
+pub fn saved_per_token(cfg: &ModelConfig, recompute: Recompute, e: f64, int8: bool) -> f64 {
     let (h, i, heads) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_attention_heads as f64);
     // The width of q, of attention's output and o_proj's input; k and v as attention keeps them: their own
     // heads, which grouped-query attention reads in place.
@@ -117,7 +119,7 @@ pub fn saved_per_token(cfg: &ModelConfig, recompute: Recompute, e: f64) -> f64 {
     match recompute {
         Recompute::None => e * (4.0 * h + 3.0 * q + 2.0 * kv + 3.0 * i) + 4.0 * (4.0 + heads),
         // Less q, k, v, the log-sum-exp, down_proj's input and its statistics.
-        Recompute::Attention => e * (4.0 * h + 2.0 * q + 2.0 * i) + 12.0,
+        Recompute::Attention => e * (4.0 * h + 2.0 * q + 2.0 * i) + 12.0 + if int8 { h + 4.0 } else { 0.0 },
         Recompute::Blocks => e * h,
     }
 }
@@ -141,7 +143,7 @@ pub fn estimate(s: &StepShape) -> Estimate {
         cfg.block_tensors(family, 0).iter().map(|t| t.shape.iter().product::<usize>()).sum::<usize>() as f64;
 
     // The final norm's input and the gradient at its output stay to the backward.
-    let saved = n * (layers * saved_per_token(cfg, s.plan.recompute, e) + 2.0 * e * h + 4.0);
+    let saved = n * (layers * saved_per_token(cfg, s.plan.recompute, e, s.cuda) + 2.0 * e * h + 4.0);
     let chunk = s.plan.loss_chunk.min(s.micro_batch * s.seq) as f64;
     // On CUDA the fused kernels (crate::kernels) replace chains of f32 temporaries with one bf16 output.
     let fused = s.cuda;
@@ -178,7 +180,7 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let recomputed = match s.plan.recompute {
         Recompute::None => 0.0,
         Recompute::Attention => n * (3.0 * e * h + 4.0 * heads),
-        Recompute::Blocks => n * saved_per_token(cfg, Recompute::None, e),
+        Recompute::Blocks => n * saved_per_token(cfg, Recompute::None, e, s.cuda),
     };
     // The block's weight gradients (in e: the flat buffer widens them as it adds them), the residual
     // gradients, and off CUDA the embedding's dense gradient.
@@ -190,10 +192,13 @@ pub fn estimate(s: &StepShape) -> Estimate {
         OptimizerState::F32 => "AdamW moments (f32)",
         OptimizerState::Int8 => "AdamW moments (8-bit)",
     };
-    // Per block, the slots outside the blocks and one block's at a time.
+    // Per block, the slots outside the blocks and one block's at a time. On CUDA the BitLinear matrices'
+    // ternary codes beside them, a byte a weight, for the int8 forward GEMM (only Hopper builds them; the
+    // estimate does not ask which card, so it counts them on every one).
+    let codes = if s.cuda { 1.0 } else { 0.0 };
     let step_weights = match s.plan.step_weights {
-        StepWeightsPlan::Kept => e * p,
-        StepWeightsPlan::PerBlock => e * (p - layers * block_params + block_params),
+        StepWeightsPlan::Kept => e * p + codes * layers * block_params,
+        StepWeightsPlan::PerBlock => e * (p - layers * block_params + block_params) + codes * block_params,
     };
     let (grads_part, grads) = match s.grad_buffer {
         GradDtype::F32 => ("gradient buffer (f32)", 4.0 * p),
@@ -409,11 +414,13 @@ mod tests {
         let p = cfg.num_parameters() as f64;
         let est = estimate(&shape(&cfg, 2, 64, Recompute::None));
         assert_eq!(est.part("latent weights (f32)"), 4.0 * p);
-        // With the head (vocabulary 97) padded to 104 rows.
-        assert_eq!(est.part("this step's weights"), 2.0 * p + 2.0 * 104.0 * 64.0);
+        // With the head (vocabulary 97) padded to 104 rows, and the blocks' ternary codes, a byte a weight.
+        let block_params: usize =
+            cfg.block_tensors(cfg.family().unwrap(), 0).iter().map(|t| t.shape.iter().product::<usize>()).sum();
+        assert_eq!(est.part("this step's weights"), 2.0 * p + 2.0 * 104.0 * 64.0 + 2.0 * block_params as f64);
         // hidden 64, intermediate 176, 4 heads, 2 layers: (9 x 64 + 3 x 176) x 2 + 4 x 8 = 2240 bytes a
         // token and block; 128 tokens; the final norm's 2 x 2 x 64 + 4.
-        assert_eq!(saved_per_token(&cfg, Recompute::None, 2.0), 2240.0);
+        assert_eq!(saved_per_token(&cfg, Recompute::None, 2.0, true), 2240.0);
         assert_eq!(est.part("saved activations"), 128.0 * (2.0 * 2240.0 + 260.0));
         assert_eq!(est.part("allocator slack (two largest transients)"), 2.0 * est.part("largest transient"));
         let sum: f64 = est.parts.iter().map(|(_, b)| b).sum();
@@ -452,12 +459,12 @@ mod tests {
         );
         assert!(gib.windows(2).all(|w| w[1] < w[0]), "{gib:?}");
         assert!(gib[3] <= 22.0 && gib[2] > 22.0, "{gib:?}");
-        // The buffer's half, and the step weights of every block but one.
+        // The buffer's half, and the step weights (bf16 and their codes) of every block but one.
         assert_eq!(estimate(&all).part("gradient buffer (bf16)"), 2.0 * p);
         let kept = estimate(&int8).part("this step's weights");
         let block_params: usize =
             cfg.block_tensors(cfg.family().unwrap(), 0).iter().map(|t| t.shape.iter().product::<usize>()).sum();
-        let saved = 2.0 * (cfg.num_hidden_layers - 1) as f64 * block_params as f64;
+        let saved = 3.0 * (cfg.num_hidden_layers - 1) as f64 * block_params as f64;
         assert_eq!(kept - estimate(&per_block).part("this step's weights"), saved);
         // What the check says of the plain config on a 24 GB card.
         let err = check_fits(&base, 22.0 * GIB).unwrap_err().to_string();

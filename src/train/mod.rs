@@ -196,12 +196,12 @@ fn step_weights(
         gather_params(comm, params, shard)?;
         return StepWeights::per_block(layout, params, sums, lambda, ctx.dtype);
     }
-    let flat = model::shard_step_weights(layout, params, shard.clone(), &sums, lambda, ctx.dtype)?;
+    let (flat, int8) = model::shard_step_weights(layout, params, shard.clone(), &sums, lambda, ctx.dtype)?;
     if !whole {
         comm.all_gather_in_place(&flat, &optim::shards(layout.total, comm.world()))?;
         comm.wait_for_collectives(&ctx.device)?;
     }
-    StepWeights::from_flat(flat)
+    StepWeights::from_flat(flat, int8)
 }
 
 /// Gives every rank the whole f32 latents: under ZeRO-1 each rank's are current in its `shard` only (the

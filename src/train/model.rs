@@ -22,11 +22,12 @@ use crate::model::is_bitlinear;
 use crate::ops::quantize_weight_part;
 
 /// A stretch of this step's weights in the compute dtype: `flat` holds the elements `base..` of the flat
-/// buffer's layout.
+/// buffer's layout; `int8`, where the step has them, its matrices' ternary codes for the int8 forward GEMM.
 #[derive(Clone)]
 pub struct WeightPart {
     flat: Tensor,
     base: usize,
+    int8: Option<TernaryCodes>,
 }
 
 impl WeightPart {
@@ -43,6 +44,20 @@ impl WeightPart {
         let r = layout.span(slots);
         Ok(self.flat.narrow(0, r.start - self.base, r.len())?.reshape((r.len() / cols, cols))?)
     }
+
+    /// [`WeightPart::stacked`]'s matrix in its int8 form, where the part has its codes.
+    fn stacked_int8(&self, layout: &ParamLayout, slots: RangeInclusive<usize>) -> Result<Option<Int8Operand>> {
+        let Some(codes) = &self.int8 else { return Ok(None) };
+        let first = *slots.start();
+        Ok(Some(codes.operand(first, layout.span(slots), layout.slots[first].shape[1])?))
+    }
+}
+
+/// Whether this step's weights come with their ternary codes, for the int8 forward GEMM: at lambda 1 (the
+/// blend of the warm-up is no code times a scale) on a GPU that runs the kernel (Hopper). The norms then
+/// write their outputs' int8 form too.
+fn int8_forward(flat: &Tensor, lambda: f64) -> bool {
+    lambda >= 1.0 && crate::kernels::int8_gemm::available(flat.device())
 }
 
 /// This step's weights in the compute dtype: BitLinear weights quantized (once per optimizer step, shared by
@@ -77,12 +92,14 @@ struct BlockSource {
 impl StepWeights {
     /// All of them, built now from the f32 latents `flat`.
     pub fn new(layout: &ParamLayout, flat: &Tensor, lambda: f64, dtype: DType) -> Result<Self> {
-        Self::from_flat(step_weights(flat, &slot_kinds(layout), lambda, dtype)?)
+        let (weights, int8) = step_weights(flat, &slot_kinds(layout), lambda, dtype, int8_forward(flat, lambda))?;
+        Self::from_flat(weights, int8)
     }
 
-    /// The step weights in `flat`, built whole or gathered from the ZeRO-1 shards ([`shard_step_weights`]).
-    pub fn from_flat(flat: Tensor) -> Result<Self> {
-        Ok(Self { kept: vec![WeightPart { flat, base: 0 }], per_block: None, padded_head: Default::default() })
+    /// The step weights in `flat`, built whole (with their codes where [`int8_forward`]) or gathered from the
+    /// ZeRO-1 shards ([`shard_step_weights`]; no codes).
+    pub fn from_flat(flat: Tensor, int8: Option<TernaryCodes>) -> Result<Self> {
+        Ok(Self { kept: vec![WeightPart { flat, base: 0, int8 }], per_block: None, padded_head: Default::default() })
     }
 
     /// `train.step_weights = "per_block"`: the slots outside the blocks built now from the whole f32 latents
@@ -141,15 +158,16 @@ impl BlockSource {
         let base = range.start / 4 * 4;
         #[cfg(feature = "cuda")]
         if let Some(table) = &self.table {
-            let flat = crate::kernels::flat::step_weights_in(
+            let (flat, int8) = crate::kernels::flat::step_weights_in(
                 &self.latents,
                 table,
                 &self.sums,
                 self.lambda,
                 base..range.end,
                 slots,
+                int8_forward(&self.latents, self.lambda),
             )?;
-            return Ok(WeightPart { flat, base });
+            return Ok(WeightPart { flat, base, int8 });
         }
         let flat = range_step_weights(
             layout,
@@ -159,8 +177,10 @@ impl BlockSource {
             &self.sums,
             self.lambda,
             self.dtype,
-        )?;
-        Ok(WeightPart { flat, base })
+            false,
+        )?
+        .0;
+        Ok(WeightPart { flat, base, int8: None })
     }
 }
 
@@ -205,7 +225,9 @@ pub fn shard_abs_sums(layout: &ParamLayout, flat: &Tensor, shard: Range<usize>, 
 }
 
 /// ZeRO-1's step weights, second half: this step's weights of the elements in `shard`, in `dtype`, in a buffer
-/// laid out as `flat` whose other elements are left for the ranks that own them (see [`range_step_weights`]).
+/// laid out as `flat` whose other elements are left for the ranks that own them (see [`range_step_weights`]);
+/// where the shard is the whole buffer, with their codes as [`int8_forward`] says (a shard's would need
+/// gathering too: the int8 forward runs on one GPU, or on each of several without ZeRO-1).
 pub fn shard_step_weights(
     layout: &ParamLayout,
     flat: &Tensor,
@@ -213,14 +235,18 @@ pub fn shard_step_weights(
     sums: &Tensor,
     lambda: f64,
     dtype: DType,
-) -> Result<Tensor> {
-    range_step_weights(layout, flat, shard, 0..flat.elem_count(), sums, lambda, dtype)
+) -> Result<(Tensor, Option<TernaryCodes>)> {
+    let codes = shard.len() == flat.elem_count() && int8_forward(flat, lambda);
+    range_step_weights(layout, flat, shard, 0..flat.elem_count(), sums, lambda, dtype, codes)
 }
 
 /// This step's weights of the elements of `flat` in `range`, in `dtype`, written to a new buffer that holds
 /// the elements `out` of the layout (`out` contains `range` and, on CUDA, starts at a multiple of 4); its
 /// other elements are left unset. Each BitLinear matrix is [`effective_weight`] with the scale from its whole
-/// matrix's sum in `sums` (whole-buffer or summed ZeRO-1 [`shard_abs_sums`]); the other slots are cast.
+/// matrix's sum in `sums` (whole-buffer or summed ZeRO-1 [`shard_abs_sums`]); the other slots are cast. With
+/// `codes` (CUDA, lambda 1, whole matrices) the matrices' ternary codes too.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn range_step_weights(
     layout: &ParamLayout,
     flat: &Tensor,
@@ -229,13 +255,14 @@ pub fn range_step_weights(
     sums: &Tensor,
     lambda: f64,
     dtype: DType,
-) -> Result<Tensor> {
+    codes: bool,
+) -> Result<(Tensor, Option<TernaryCodes>)> {
     assert!(out.start <= range.start && range.end <= out.end, "{out:?} holds {range:?}");
     let slots = slot_kinds(layout);
     #[cfg(feature = "cuda")]
     if fused(flat, dtype) {
         let table = crate::kernels::flat::SlotTable::new(flat, &slots, range, |_| false)?;
-        return Ok(crate::kernels::flat::step_weights_in(flat, &table, sums, lambda, out, 0..slots.len())?);
+        return Ok(crate::kernels::flat::step_weights_in(flat, &table, sums, lambda, out, 0..slots.len(), codes)?);
     }
     let buffer = Tensor::zeros(out.len(), dtype, flat.device())?;
     for (i, part) in layout.parts(range) {
@@ -249,7 +276,7 @@ pub fn range_step_weights(
         };
         buffer.slice_set(&w.to_dtype(dtype)?, 0, part.start - out.start)?;
     }
-    Ok(buffer)
+    Ok((buffer, None))
 }
 
 /// A micro-batch on the device: token ids, targets, loss mask, per-token rotary angles and each token's
@@ -353,6 +380,9 @@ impl MemoryPlan {
 struct BlockSaved {
     input_norm: RmsNormSaved,
     a1: Tensor,
+    /// a1's int8 form under `recompute = "attention"` where the forward ran the int8 GEMM, so that the
+    /// recomputed q, k and v are the forward's.
+    a1_int8: Option<Int8Operand>,
     /// None under `recompute = "attention"`: the backward rebuilds it from `a1`.
     attn: Option<FlashSaved>,
     /// What the attention sub-norm (or, without one, the quantization alone) keeps.
@@ -423,10 +453,33 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// A block's attention from its normed, quantized input `a1`: the output heads `[b, h, t, d]` (before the
-    /// sub-norm, which reads them as rows) and what attention's backward needs. q, k and v are one GEMM.
-    fn attention(&self, s: &BlockSlots, bw: &WeightPart, a1: &Tensor) -> Result<(Tensor, FlashSaved)> {
-        let qkv = linear_forward(a1, &bw.stacked(self.layout, s.q..=s.v)?)?;
+    /// The BitLinear forward of the neighbouring matrices `slots` (one, or several that read the same input)
+    /// on the input `x`, by the int8 GEMM where `x8` (its int8 form) and the part's codes are there.
+    fn bitlinear(
+        &self,
+        bw: &WeightPart,
+        slots: RangeInclusive<usize>,
+        x: &Tensor,
+        x8: Option<&Int8Operand>,
+    ) -> Result<Tensor> {
+        let w8 = match x8 {
+            Some(_) => bw.stacked_int8(self.layout, slots.clone())?,
+            None => None,
+        };
+        Ok(linear_forward(x, &bw.stacked(self.layout, slots)?, x8.zip(w8.as_ref()))?)
+    }
+
+    /// A block's attention from its normed, quantized input `a1` (and its int8 form, where there is one): the
+    /// output heads `[b, h, t, d]` (before the sub-norm, which reads them as rows) and what attention's
+    /// backward needs. q, k and v are one GEMM.
+    fn attention(
+        &self,
+        s: &BlockSlots,
+        bw: &WeightPart,
+        a1: &Tensor,
+        a1_int8: Option<&Int8Operand>,
+    ) -> Result<(Tensor, FlashSaved)> {
+        let qkv = self.bitlinear(bw, s.q..=s.v, a1, a1_int8)?;
         let (q, k, v) = qkv_heads(&qkv, self.head_shape(), &self.b.cos, &self.b.sin)?;
         Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
@@ -438,36 +491,37 @@ impl<'a> Pass<'a> {
 
     /// o_proj's input from attention's output heads: the sub-norm where the family has one, and the
     /// quantization.
-    fn attention_out(&self, s: &BlockSlots, bw: &WeightPart, y: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+    fn attention_out(&self, s: &BlockSlots, bw: &WeightPart, y: &Tensor) -> Result<NormedInput> {
         let w = self.sub_norm(bw, s.attn_sub_norm)?;
-        Ok(sub_norm_quant_forward(y, None, w.as_ref(), self.cfg.rms_norm_eps, self.lambda)?)
+        Ok(sub_norm_quant_forward(y, None, w.as_ref(), self.cfg.rms_norm_eps, self.lambda, bw.int8.is_some())?)
     }
 
     /// Block `l` on its input `x` with its weights `bw`: the block's output and what its backward needs
     /// (attention's part and down_proj's input only when `keep_all`).
     fn block_forward(&self, l: usize, bw: &WeightPart, x: &Tensor, keep_all: bool) -> Result<(Tensor, BlockSaved)> {
-        let (eps, lambda) = (self.cfg.rms_norm_eps, self.lambda);
+        let (eps, lambda, int8) = (self.cfg.rms_norm_eps, self.lambda, bw.int8.is_some());
         let s = &self.layout.blocks[l];
         let p = |i: usize| bw.slot(self.layout, i);
-        let (a1, input_norm) = rmsnorm_quant_forward(x, &p(s.input_norm)?, eps, lambda)?;
-        let (y, attn) = self.attention(s, bw, &a1)?;
-        let (o, attn_sub_norm) = self.attention_out(s, bw, &y)?;
-        let x = residual_add(x, &linear_forward(&o, &p(s.o)?)?)?;
+        let (a1, input_norm, a1_int8) = rmsnorm_quant_forward(x, &p(s.input_norm)?, eps, lambda, int8)?;
+        let (y, attn) = self.attention(s, bw, &a1, a1_int8.as_ref())?;
+        let (o, attn_sub_norm, o_int8) = self.attention_out(s, bw, &y)?;
+        let x = residual_add(x, &self.bitlinear(bw, s.o..=s.o, &o, o_int8.as_ref())?)?;
 
-        let (a2, post_norm) = rmsnorm_quant_forward(&x, &p(s.post_norm)?, eps, lambda)?;
-        let gu = linear_forward(&a2, &bw.stacked(self.layout, s.gate..=s.up)?)?;
-        let (h, ffn_norm) = self.ffn_inner(s, bw, &gu)?;
-        let x = residual_add(&x, &linear_forward(&h, &p(s.down)?)?)?;
+        let (a2, post_norm, a2_int8) = rmsnorm_quant_forward(&x, &p(s.post_norm)?, eps, lambda, int8)?;
+        let gu = self.bitlinear(bw, s.gate..=s.up, &a2, a2_int8.as_ref())?;
+        let (h, ffn_norm, h_int8) = self.ffn_inner(s, bw, &gu, int8)?;
+        let x = residual_add(&x, &self.bitlinear(bw, s.down..=s.down, &h, h_int8.as_ref())?)?;
         let (attn, ffn) = (keep_all.then_some(attn), keep_all.then_some((h, ffn_norm)));
-        Ok((x, BlockSaved { input_norm, a1, attn, attn_sub_norm, o, post_norm, a2, gu, ffn }))
+        let a1_int8 = a1_int8.filter(|_| !keep_all);
+        Ok((x, BlockSaved { input_norm, a1, a1_int8, attn, attn_sub_norm, o, post_norm, a2, gu, ffn }))
     }
 
     /// down_proj's input from gate and up (the gated activation, the MLP sub-norm where the family has one,
-    /// quantization) and the norm's saved statistics: one elementwise pass over `gu`, which the backward redoes
-    /// unless `recompute = "none"`.
-    fn ffn_inner(&self, s: &BlockSlots, bw: &WeightPart, gu: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+    /// quantization; with `int8`, its int8 form) and the norm's saved statistics: one elementwise pass over
+    /// `gu`, which the backward redoes unless `recompute = "none"`.
+    fn ffn_inner(&self, s: &BlockSlots, bw: &WeightPart, gu: &Tensor, int8: bool) -> Result<NormedInput> {
         let w = self.sub_norm(bw, s.ffn_sub_norm)?;
-        Ok(sub_norm_quant_forward(gu, Some(self.activation), w.as_ref(), self.cfg.rms_norm_eps, self.lambda)?)
+        Ok(sub_norm_quant_forward(gu, Some(self.activation), w.as_ref(), self.cfg.rms_norm_eps, self.lambda, int8)?)
     }
 
     /// Block `l`'s backward with its weights `bw`: adds its parameters' gradients with `add` (to a slot or to
@@ -489,7 +543,7 @@ impl<'a> Pass<'a> {
         let (h, ffn_norm) = match &sv.ffn {
             Some((h, n)) => (h, n),
             None => {
-                recomputed_ffn = self.ffn_inner(s, bw, &sv.gu)?;
+                recomputed_ffn = self.ffn_inner(s, bw, &sv.gu, false)?;
                 (&recomputed_ffn.0, &recomputed_ffn.1)
             }
         };
@@ -516,7 +570,7 @@ impl<'a> Pass<'a> {
         let attn = match &sv.attn {
             Some(a) => a,
             None => {
-                recomputed = self.attention(s, bw, &sv.a1)?.1;
+                recomputed = self.attention(s, bw, &sv.a1, sv.a1_int8.as_ref())?.1;
                 &recomputed
             }
         };
@@ -572,7 +626,7 @@ impl<'a> Pass<'a> {
         for r0 in (0..n).step_by(self.plan.loss_chunk) {
             let nr = self.plan.loss_chunk.min(n - r0);
             let h = hidden.narrow(0, r0, nr)?;
-            let logits = linear_forward(&h, &head)?;
+            let logits = linear_forward(&h, &head, None)?;
             let targets = self.b.targets.narrow(0, r0, nr)?;
             let mask = self.b.loss_mask.narrow(0, r0, nr)?;
             let (l, dlogits) = cross_entropy_forward_backward(&logits, vocab, &targets, &mask)?;

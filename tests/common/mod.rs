@@ -50,11 +50,12 @@ pub fn sharded_step_weights(
         .map(|s| {
             shard_step_weights(layout, flat, s.clone(), &sums, lambda, dtype)
                 .unwrap()
+                .0
                 .narrow(0, s.start, s.len())
                 .unwrap()
         })
         .collect();
-    StepWeights::from_flat(Tensor::cat(&parts, 0).unwrap()).unwrap()
+    StepWeights::from_flat(Tensor::cat(&parts, 0).unwrap(), None).unwrap()
 }
 
 /// A pickle op by op, as torch.save writes them.
