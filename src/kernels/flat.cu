@@ -93,12 +93,13 @@ __device__ __forceinline__ bf16 step_weight(float x, float s, float inv, float l
 // A launch covers the table's blocks from first_block on (some slots: one block's, train.step_weights =
 // "per_block"), of total_blocks in all.
 // With `codes` (not null; lambda 1 and whole slots only) the matrices are also written as the int8 GEMM
-// reads them: the ternary codes (int8, `out`'s layout) and each row's scale, the bf16 value of a nonzero
-// weight (`row_scales`, at the slot's first row): a weight is exactly its code times its row's scale.
+// reads them: the ternary codes (int8, the flat layout from element `codes_base` on, a multiple of 16) and
+// each row's scale, the bf16 value of a nonzero weight (`row_scales`, at the slot's first row): a weight is
+// exactly its code times its row's scale.
 extern "C" __global__ void step_weights(const float* flat, const long long* slots, int n_slots,
                                         const double* partials, int parts, float lambda, bf16* out,
-                                        signed char* codes, float* row_scales, long long out_base, int first_block,
-                                        int total_blocks) {
+                                        signed char* codes, long long codes_base, float* row_scales,
+                                        long long out_base, int first_block, int total_blocks) {
     SlotPart sp(slots, n_slots, blockIdx.x + first_block, total_blocks);
     int lo = sp.slot;
     const long long* sl = slots + SLOT_COLS * lo;
@@ -112,9 +113,9 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
         inv = 1.f / s;
     }
     const float* w = flat + first;
-    // out_base is a multiple of 4, so o (and c) is aligned as w for the 8-byte (4-byte) writes.
+    // out_base and codes_base are multiples of 4, so o and c are aligned as w for the 8- and 4-byte writes.
     bf16* o = out + (first - out_base);
-    signed char* c = codes && matrix ? codes + (first - out_base) : nullptr;
+    signed char* c = codes && matrix ? codes + (first - codes_base) : nullptr;
     size_t head = min(n, (4 - first % 4) % 4), quads = (n - head) / 4;
     for (size_t q = part * blockDim.x + threadIdx.x; q < quads; q += blocks * blockDim.x) {
         size_t i = head + 4 * q;

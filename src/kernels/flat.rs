@@ -72,9 +72,10 @@ pub fn step_weights(
 }
 
 /// The BitLinear matrices of a step's weights as the int8 GEMM reads them: the ternary codes (u8 holding
-/// -1, 0, 1), laid out as the bf16 step weights they come with, and every matrix row's scale (f32, the
-/// rows of all the table's matrices in slot order, [`first_rows`]), the bf16 value of the matrix's nonzero
-/// weights: each weight is exactly its code times its row's scale.
+/// -1, 0, 1), laid out as the flat buffer from the first matrix to the last one built (the casts around them,
+/// such as the embedding and the head, get none), and every matrix row's scale (f32, the rows of all the
+/// table's matrices in slot order, [`first_rows`]), the bf16 value of the matrix's nonzero weights: each
+/// weight is exactly its code times its row's scale.
 #[derive(Clone)]
 pub struct TernaryCodes {
     codes: Tensor,
@@ -114,6 +115,8 @@ pub struct SlotTable {
     /// Each matrix's first row among all the matrices' rows, and the rows in all ([`first_rows`]).
     first_rows: std::sync::Arc<Vec<Option<usize>>>,
     rows: usize,
+    /// Each slot's elements in the flat buffer (all of the slot's, whatever the range).
+    ranges: Vec<Range<usize>>,
     /// Whether the range holds part of a matrix only (a ZeRO-1 shard's ends).
     partial: bool,
 }
@@ -153,6 +156,7 @@ impl SlotTable {
             firsts,
             first_rows: first_rows.into(),
             rows,
+            ranges: slots.iter().map(|(r, _)| r.clone()).collect(),
             partial,
         })
     }
@@ -199,14 +203,18 @@ pub fn step_weights_in(
     }
     let dev = cuda_device(flat)?;
     let buffer = uninit(out.len(), DType::BF16, &dev)?;
-    let codes = match codes {
-        true => Some(TernaryCodes {
-            codes: uninit(out.len(), DType::U8, &dev)?,
+    // The codes' buffer spans the matrices among `slots` only, from the first one's start on the 16-byte grid
+    // (the TMA reads a matrix at the alignment it has in the flat buffer) to the last one's end.
+    let mut matrices = slots.clone().filter(|&k| table.first_rows[k].is_some()).map(|k| table.ranges[k].clone());
+    let span = matrices.next().map(|first| first.start / 16 * 16..matrices.next_back().unwrap_or(first).end);
+    let codes = match span.filter(|_| codes) {
+        Some(span) => Some(TernaryCodes {
+            codes: uninit(span.len(), DType::U8, &dev)?,
             row_scales: Tensor::zeros(table.rows.max(1), DType::F32, flat.device())?,
-            base: out.start,
+            base: span.start,
             first_rows: table.first_rows.clone(),
         }),
-        false => None,
+        None => None,
     };
     let (first, blocks) = (table.firsts[slots.start], table.firsts[slots.end] - table.firsts[slots.start]);
     if blocks == 0 {
@@ -214,13 +222,13 @@ pub fn step_weights_in(
     }
     let parts = (partials.elem_count() / table.slots) as i32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (code_ptr, scale_ptr) = match &codes {
-        Some(c) => (ptr(&c.codes)?, ptr(&c.row_scales)?),
-        None => (0, 0),
+    let (code_ptr, code_base, scale_ptr) = match &codes {
+        Some(c) => (ptr(&c.codes)?, c.base, ptr(&c.row_scales)?),
+        None => (0, 0, 0),
     };
     launch!(dev, PTX, "step_weights", cfg;
         ptr(flat)?, ptr(&table.table)?, table.slots as i32, ptr(partials)?, parts, lambda as f32, ptr(&buffer)?,
-        code_ptr, scale_ptr, out.start as i64, first as i32, table.blocks as i32);
+        code_ptr, code_base as i64, scale_ptr, out.start as i64, first as i32, table.blocks as i32);
     Ok((buffer, codes))
 }
 
