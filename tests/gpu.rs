@@ -1692,11 +1692,20 @@ fn training_step_matches_cpu_f32() {
     // The int8 forward GEMM (Hopper) against every forward GEMM in bf16 on the same card: exact integer sums
     // scaled once against f32 sums of bf16-rounded products, so the steps differ by roundings only.
     assert!(bessie::kernels::int8_gemm::available(&gpu), "the GPU suite runs on Hopper");
+    // Both steps differ from the f32 one by activation codes moved by one, about as much as from each other,
+    // so the oracle is the f32 step: the int8 forward must not be farther from it than the bf16 one.
     let (loss_16, g_16) = step(&gpu, DType::BF16, kept, DType::F32, false);
     let (el, eg) = ((loss - loss_16).abs() / loss_16, rel(&g, &g_16));
-    println!("int8 forward GEMMs: loss {loss:.6} vs {loss_16:.6} in bf16 (rel {el:.2e}), gradient rel L2 {eg:.2e}");
+    let (eg_int8, eg_16) = (rel(&g, &g_ref), rel(&g_16, &g_ref));
+    println!(
+        "int8 forward GEMMs: loss {loss:.6} vs {loss_16:.6} in bf16 (rel {el:.2e}), gradient rel L2 {eg:.2e}; \
+         against the CPU's f32 gradient int8 {eg_int8:.2e}, bf16 {eg_16:.2e}"
+    );
     assert!(g != g_16, "the int8 forward changed nothing: it did not run");
-    assert!(el < 1e-3 && eg < 2e-2, "int8 forward: loss rel {el}, gradient rel L2 {eg}");
+    assert!(
+        el < 1e-3 && eg_int8 < 1.25 * eg_16,
+        "int8 forward: loss rel {el}, gradient rel L2 {eg_int8} vs bf16's {eg_16}"
+    );
     // Recomputing attention redoes q, k and v from the saved input's int8 form: the same gradients.
     let attention = MemoryPlan { recompute: Recompute::Attention, ..kept };
     let (loss_ra, g_ra) = step(&gpu, DType::BF16, attention, DType::F32, true);

@@ -179,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
     uint4 weight[STEP_CHUNKS];
 #pragma unroll
     for (int c = 0; c < STEP_CHUNKS; c++)
-        weight[c] = p.norm && chunk(c) < p.k ? load8_raw(p.norm, chunk(c)) : BF16_ONES8;
+        if (p.norm && chunk(c) < p.k) weight[c] = load8_raw(p.norm, chunk(c));
     wait_for_inputs();
 
     // The residuals, i = r mine + the output's place in the block: a thread's first ones asked for now, kept
@@ -225,7 +225,13 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
         for (int c = 0; c < STEP_CHUNKS; c++) {
             if (chunk(c) >= p.k) break;
             float w[8];
-            unpack8(weight[c], w);
+            // No norm weight: constant ones. Unpacking ones kept in registers spilled this register-bound loop.
+            if (p.norm) {
+                unpack8(weight[c], w);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) w[e] = 1.f;
+            }
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 v[c][e] = round_bf16(v[c][e] * rr * w[e]);
