@@ -1693,7 +1693,8 @@ fn training_step_matches_cpu_f32() {
     // scaled once against f32 sums of bf16-rounded products, so the steps differ by roundings only.
     assert!(bessie::kernels::int8_gemm::available(&gpu), "the GPU suite runs on Hopper");
     // Both steps differ from the f32 one by activation codes moved by one, about as much as from each other,
-    // so the oracle is the f32 step: the int8 forward must not be farther from it than the bf16 one.
+    // so the oracle is the f32 step: the int8 forward must be about as close to it as the bf16 one (a factor
+    // 1.5 for which codes happen to move; a wrong scale or layout lands near 1).
     let (loss_16, g_16) = step(&gpu, DType::BF16, kept, DType::F32, false);
     let (el, eg) = ((loss - loss_16).abs() / loss_16, rel(&g, &g_16));
     let (eg_int8, eg_16) = (rel(&g, &g_ref), rel(&g_16, &g_ref));
@@ -1703,7 +1704,7 @@ fn training_step_matches_cpu_f32() {
     );
     assert!(g != g_16, "the int8 forward changed nothing: it did not run");
     assert!(
-        el < 1e-3 && eg_int8 < 1.25 * eg_16,
+        el < 1e-3 && eg_int8 < 1.5 * eg_16,
         "int8 forward: loss rel {el}, gradient rel L2 {eg_int8} vs bf16's {eg_16}"
     );
     // Recomputing attention redoes q, k and v from the saved input's int8 form: the same gradients.
