@@ -278,7 +278,7 @@ template <int D, int BQ, int NT> struct QueryTile {
 // The dK/dV kernel's shape. Each 16 keys of the block have two sums, dV (from S^T and P^T: the P role) and
 // dK (from dP^T and dS^T: the dS role). Up to D = 128 one warp takes both, with 16-query tiles at 128 to fit
 // its registers. At 256 that warp spilled (512 bytes), so there (SPLIT) the roles go to a pair of warps, the P
-// warp handing its probabilities to the dS warp through shared memory: 1.27x faster at Falcon3's shape, but
+// warp handing its probabilities to the dS warp through shared memory: 1.38x faster at Falcon3-1B's shape, but
 // 1.3x slower at D = 96 and 1.03x at 128 (H100, flash_attention_timing). Shared memory: K and V tiles, two
 // query tiles (one in use, the next in flight), their per-row values, then under SPLIT the probabilities (f32,
 // in the fragments' order). flash_attention.rs sizes the launch by the same formulas.
