@@ -149,6 +149,13 @@ __device__ __forceinline__ float int8_scale(float amax) { return fmaxf(amax, 1e-
 __device__ __forceinline__ float int8_code(float v, float scale) {
     return fminf(fmaxf(roundf(__fdividef(v, scale)), -128.f), 127.f);
 }
+// Waits at named barrier `id` (1..15; 0 is __syncthreads') for N threads (whole warps): a group of
+// warps, not the whole block. Like __syncthreads it orders the group's shared-memory accesses, so the
+// compiler may move none across it.
+template <int N> __device__ __forceinline__ void named_sync(int id) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(N) : "memory");
+}
+
 // Code q as byte e of eight codes held in two words (one 8-byte store, the int8 GEMM's row-major layout).
 __device__ __forceinline__ void pack_code(unsigned (&packed)[2], int e, int q) {
     packed[e / 4] |= (unsigned)(q & 0xff) << (8 * (e % 4));

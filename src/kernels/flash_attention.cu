@@ -296,9 +296,6 @@ template <int D> struct KvShared {
     }
 };
 
-// Waits at named barrier `id` (1..) for `n` threads: a P warp and its dS warp, not the whole block.
-__device__ __forceinline__ void pair_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n)); }
-
 // dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head), 16 keys a warp (or a
 // pair of warps, KvShared::SPLIT): for each of the group's query heads and each tile of BQ queries that sees
 // the keys, S^T = K Q^T and dP^T = V dO^T in registers (keys as rows), then dV += P^T dO and dK += dS^T Q: the
@@ -392,9 +389,9 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
                         if (DS) dp[n][e] = score_grad(p, dp[n][e], seen, masked && lo == qi, tile.delta[col], scale2);
                     }
             };
-            if (DS && HANDED) pair_sync(1 + warp % 4, 64);  // the partner's probabilities are in
+            if (DS && HANDED) named_sync<64>(1 + warp % 4);  // the pair's barrier: the partner's probabilities are in
             if (all_seen(q0, BQ, tile.lo[BQ - 1], k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
-            if (P && HANDED) pair_sync(1 + warp % 4, 64);
+            if (P && HANDED) named_sync<64>(1 + warp % 4);
             if (P) mma_cb<D, BQ>(dv_acc, s, tile.dout, lane);
             if (DS) mma_cb<D, BQ>(dk_acc, dp, tile.q, lane);
             __syncthreads();  // every warp is done with this tile (and the probabilities handed) before the one

@@ -27,10 +27,12 @@ fn tiles(t: usize, heads: usize) -> LaunchConfig {
 /// bf16. 141 KB at d = 256, within the H100's and H200's 227 KB a block.
 fn kv_shape(d: usize) -> (u32, u32) {
     let split = d >= 256;
-    let bq = match (d, split) {
-        (..=96, _) => 64,
-        (_, true) => 32,
-        (_, false) => 16,
+    let bq = if d <= 96 {
+        64
+    } else if split {
+        32
+    } else {
+        16
     };
     let handed = if split { TILE * bq * 4 } else { 0 };
     (if split { 2 * THREADS } else { THREADS }, ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + handed) as u32)

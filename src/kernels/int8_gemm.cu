@@ -100,9 +100,6 @@ __device__ __forceinline__ void tma_load(unsigned dst, const TensorMap* map, int
         : "memory");
 }
 
-// Waits at named barrier `id` (1..) for the 128 threads of one warpgroup.
-__device__ __forceinline__ void warpgroup_sync(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
-
 template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
     constexpr int A_BYTES = IG_BM * IG_BK, STAGE_BYTES = (IG_BM + BN) * IG_BK;
     extern __shared__ unsigned char smem_raw[];
@@ -147,7 +144,7 @@ template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(co
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    int c = wg - 1, warp = t % 128 / 32, lane = t % 32, it = 0, i = t % 128;
+    int c = wg - 1, warp = t % 128 / 32, lane = t % 32, it = 0, wt = t % 128;  // wt: the thread in its warpgroup
     // Each multiplying warpgroup's column scales of its tile, after the barriers.
     float* col_scales = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES + 16 * STAGES) + c * BN;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -155,14 +152,14 @@ template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(co
         // The scales are read from global memory before the products (whose asm clobbers memory, so the
         // loads stay here) and their latency hides under them: read in the epilogue, between its stores,
         // which might alias them, each waited in turn, they cost the scaled GEMM 1.2-1.4x its time.
-        // Rows r0 and r0 + 8 are this thread's; columns n0 + i + 128 j its share of the warpgroup's.
+        // Rows r0 and r0 + 8 are this thread's; columns n0 + wt + 128 j its share of the warpgroup's.
         int r0 = m0 + 64 * c + 16 * warp + lane / 4;
         float sa[2], sb[BN / 128];
 #pragma unroll
         for (int h = 0; h < 2; h++) sa[h] = p.a_scale && r0 + 8 * h < p.m ? p.a_scale[r0 + 8 * h] : 1.f;
 #pragma unroll
         for (int j = 0; j < BN / 128; j++) {
-            int col = n0 + i + 128 * j;
+            int col = n0 + wt + 128 * j;
             sb[j] = p.b_scale && col < p.n ? p.b_scale[col] : 1.f;
         }
         int d[BN / 2];
@@ -190,8 +187,8 @@ template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(co
         // The column scales through shared memory to the threads that hold those columns' sums: rows r0 and
         // r0 + 8, column pairs col, col + 1 of 8-column groups g, at d[4 g + 2 h] (h: the row).
 #pragma unroll
-        for (int j = 0; j < BN / 128; j++) col_scales[i + 128 * j] = sb[j];
-        warpgroup_sync(1 + c);
+        for (int j = 0; j < BN / 128; j++) col_scales[wt + 128 * j] = sb[j];
+        named_sync<128>(1 + c);  // the warpgroup's barrier
 #pragma unroll
         for (int g = 0; g < BN / 8; g++) {
             int col = n0 + 8 * g + 2 * (lane % 4);
@@ -205,7 +202,7 @@ template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(co
                     (float)d[4 * g + 2 * h] * sa[h] * sc.x, (float)d[4 * g + 2 * h + 1] * sa[h] * sc.y);
             }
         }
-        warpgroup_sync(1 + c);  // every thread has read the scales before the next tile's overwrite them
+        named_sync<128>(1 + c);  // every thread has read the scales before the next tile's overwrite them
     }
 }
 #define IG_BODY(BN, STAGES) int8_gemm_tiles<BN, STAGES>(p);

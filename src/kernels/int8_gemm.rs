@@ -149,16 +149,10 @@ pub fn try_int8_gemm(
     tile: Tile,
 ) -> Result<Option<Tensor>> {
     let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
-    let Ok(dev) = cuda_device(a) else { return Ok(None) };
-    // The module is built for sm_90a only: Hopper (compute capability 9.0).
-    if compute_capability(&dev) != Some((9, 0))
-        || k != kb
-        || !k.is_multiple_of(STAGE_K)
-        || !n.is_multiple_of(2)
-        || m == 0
-    {
+    if !available(a.device()) || k != kb || !k.is_multiple_of(STAGE_K) || !n.is_multiple_of(2) || m == 0 {
         return Ok(None);
     }
+    let dev = cuda_device(a)?;
     let scale_ok = |s: Option<&Tensor>, len: usize| s.is_none_or(|s| s.dtype() == DType::F32 && s.elem_count() == len);
     if a.dtype() != DType::U8 || b.dtype() != DType::U8 || !scale_ok(a_scale, m) || !scale_ok(b_scale, n) {
         candle_core::bail!(
