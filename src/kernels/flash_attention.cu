@@ -89,19 +89,34 @@ __device__ __forceinline__ void as_a(uint32_t* a, const float* lo, const float* 
     a[0] = pack(lo[0], lo[1]), a[1] = pack(lo[2], lo[3]), a[2] = pack(hi[0], hi[1]), a[3] = pack(hi[2], hi[3]);
 }
 
-// c[0 .. N/8) += A B^T: A 16 rows x D (fragments a[D/16], in registers), B the N rows of a shared tile (K for
-// Q K^T).
-template <int D, int N>
-__device__ __forceinline__ void mma_abt(float (*c)[4], const uint32_t (*a)[4], const bf16* tile, int lane) {
+// c[0 .. N/8) += A B^T: A 16 rows x D (a(f, kk) puts the fragment of columns 16 kk.. in f, from registers
+// or from shared memory), B the N rows of a shared tile (K for Q K^T).
+template <int D, int N, class A>
+__device__ __forceinline__ void mma_abt(float (*c)[4], A a, const bf16* tile, int lane) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++)
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t f[4];
+        a(f, kk);
 #pragma unroll
         for (int n = 0; n < N / 16; n++) {
             uint32_t b[4];
             load_bt<D>(b, tile, n * 16, kk * 16, lane);
-            mma(c[2 * n], a[kk], b);
-            mma(c[2 * n + 1], a[kk], b + 2);
+            mma(c[2 * n], f, b);
+            mma(c[2 * n + 1], f, b + 2);
         }
+    }
+}
+
+// mma_abt's A from fragments held in registers.
+__device__ __forceinline__ auto held(const uint32_t (*frags)[4]) {
+    return [frags](uint32_t* f, int kk) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) f[e] = frags[kk][e];
+    };
+}
+// mma_abt's A read from a shared tile at each use: this warp's 16 rows from row0.
+template <int D> __device__ __forceinline__ auto read(const bf16* tile, int row0, int lane) {
+    return [=](uint32_t* f, int kk) { load_a<D>(f, tile, row0, kk * 16, lane); };
 }
 
 // acc[0 .. D/8) += C B: C 16 rows x K (the C fragments c[0 .. K/8) of an earlier product, as A fragments), B
@@ -187,7 +202,7 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
         load_rows<D>(vs, v + kv, k0, BK, t);
         commit();
         float s[BK / 8][4] = {};
-        mma_abt<D, BK>(s, qf, ks, lane);
+        mma_abt<D, BK>(s, held(qf), ks, lane);
         bool masked = !all_seen(q0, BQ, lo_last, k0, BK, t);
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -413,18 +428,35 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
     else pass(Flag<true>{}, Flag<false>{});
 }
 
-// The sum over row r's channels of a * b for A fragments of 16 rows x D (load_a's layout): this thread's share
-// of rows g (out[0]) and g + 8 (out[1]), to be summed over the quad's four lanes.
-template <int D> __device__ __forceinline__ void rows_dot(float* out, const uint32_t (*a)[4], const uint32_t (*b)[4]) {
+// The sum over row r's channels of a * b for A fragments of 16 rows x D (load_a's layout, given as
+// mma_abt's are): this thread's share of rows g (out[0]) and g + 8 (out[1]), to be summed over the quad's
+// four lanes.
+template <int D, class A, class B> __device__ __forceinline__ void rows_dot(float* out, A a, B b) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++)
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t fa[4], fb[4];
+        a(fa, kk);
+        b(fb, kk);
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[kk][e]));
-            float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b[kk][e]));
+            float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&fa[e]));
+            float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&fb[e]));
             out[e % 2] += x.x * y.x + x.y * y.y;
         }
+    }
 }
+
+// The dQ kernel's shape and dynamic shared memory (flash_attention.rs sizes the launch by the same formula).
+// Two stages of BK keys' K and V rows; before them Q, dO and O pass through the same rows into registers. At D
+// = 256 the Q and dO fragments (128 registers) beside the dQ sums (128) spilled, so there (RESIDENT) Q and dO
+// stay in shared memory ahead of the stages and each product reads its fragments from them.
+template <int D> struct DqShape {
+    static constexpr bool RESIDENT = D >= 256;
+    static constexpr int BQ = 64, BK = D <= 128 ? 32 : 16, LD = Tile<D>::LD;
+    static constexpr bool TOGETHER = 4 * BK >= 2 * BQ;  // Q and dO fit the stages' rows at once
+    static constexpr int STAGE_ROWS = TOGETHER ? 4 * BK : (BQ > 4 * BK ? BQ : 4 * BK);
+    static constexpr int ROWS = (RESIDENT ? 2 * BQ : 0) + STAGE_ROWS;
+};
 
 // dQ for 64 queries: over the keys they see, S = Q K^T and dP = dO V^T in registers, then dQ += dS K. Two
 // stages of K and V tiles: the next one is copied while this one is used. First each row's delta = sum over
@@ -434,11 +466,12 @@ template <int D>
 __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
                            const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,
                            int group, float scale2) {
-    // 16 keys per stage at D = 256: two stages of K and V at 32 would exceed the 48 KB of static shared memory.
-    constexpr int BQ = 64, BK = D <= 128 ? 32 : 16, LD = Tile<D>::LD;
-    constexpr bool TOGETHER = 4 * BK >= 2 * BQ;  // Q and dO fit the buffer at once, else they pass in turn
-    constexpr int ROWS = TOGETHER ? 4 * BK : (BQ > 4 * BK ? BQ : 4 * BK);
-    __shared__ __align__(16) bf16 buf[ROWS * LD];  // Q, dO and O, then two stages of K and V
+    using Sh = DqShape<D>;
+    constexpr int BQ = Sh::BQ, BK = Sh::BK, LD = Sh::LD;
+    constexpr bool TOGETHER = Sh::TOGETHER, RESIDENT = Sh::RESIDENT;
+    extern __shared__ __align__(16) unsigned char dq_smem[];
+    bf16* resident = reinterpret_cast<bf16*>(dq_smem);  // under RESIDENT: Q, then dO
+    bf16* buf = resident + (RESIDENT ? 2 * BQ * LD : 0);  // (Q, dO and) O, then two stages of K and V
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
     size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t, kv = kv_head<D>(blockIdx.y, t, heads, group);
@@ -449,32 +482,40 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) load_a<D>(f[kk], buf + at * LD, warp * 16, kk * 16, lane);
     };
-    uint32_t qf[D / 16][4], dof[D / 16][4];
-    load_rows<D>(buf, q + head, q0, BQ, t);
-    if constexpr (TOGETHER) load_rows<D>(buf + BQ * LD, dout + head, q0, BQ, t);
-    commit();
-    wait_loads<0>();
-    __syncthreads();
-    fragments(qf, 0);
-    if constexpr (!TOGETHER) {
-        __syncthreads();  // every warp has its Q
-        load_rows<D>(buf, dout + head, q0, BQ, t);
+    uint32_t qf[RESIDENT ? 1 : D / 16][4], dof[RESIDENT ? 1 : D / 16][4];
+    if constexpr (RESIDENT) {
+        load_rows<D>(resident, q + head, q0, BQ, t);
+        load_rows<D>(resident + BQ * LD, dout + head, q0, BQ, t);
+    } else {
+        load_rows<D>(buf, q + head, q0, BQ, t);
+        if constexpr (TOGETHER) load_rows<D>(buf + BQ * LD, dout + head, q0, BQ, t);
         commit();
         wait_loads<0>();
         __syncthreads();
+        fragments(qf, 0);
+        if constexpr (!TOGETHER) {
+            __syncthreads();  // every warp has its Q
+            load_rows<D>(buf, dout + head, q0, BQ, t);
+            commit();
+            wait_loads<0>();
+            __syncthreads();
+        }
+        fragments(dof, TOGETHER ? BQ : 0);
+        __syncthreads();  // every warp has its Q and dO
     }
-    fragments(dof, TOGETHER ? BQ : 0);
-    __syncthreads();  // every warp has its Q and dO
+    // Each product's Q and dO fragments: held, or read from the resident tiles.
+    auto q_a = [&](uint32_t* f, int kk) {
+        if constexpr (RESIDENT) read<D>(resident, warp * 16, lane)(f, kk); else held(qf)(f, kk);
+    };
+    auto do_a = [&](uint32_t* f, int kk) {
+        if constexpr (RESIDENT) read<D>(resident + BQ * LD, warp * 16, lane)(f, kk); else held(dof)(f, kk);
+    };
     load_rows<D>(buf, o + head, q0, BQ, t);
     commit();
     wait_loads<0>();
     __syncthreads();
     float dl[2] = {0.f, 0.f};
-    {
-        uint32_t of[D / 16][4];
-        fragments(of, 0);
-        rows_dot<D>(dl, of, dof);
-    }
+    rows_dot<D>(dl, read<D>(buf, warp * 16, lane), do_a);
     int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
     float lse2[2];
 #pragma unroll
@@ -508,8 +549,8 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         }
         __syncthreads();
         float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
-        mma_abt<D, BK>(s, qf, ks, lane);
-        mma_abt<D, BK>(dp, dof, vs, lane);
+        mma_abt<D, BK>(s, q_a, ks, lane);
+        mma_abt<D, BK>(dp, do_a, vs, lane);
         auto grads = [&](auto tag) {
             constexpr bool masked = decltype(tag)::value;
 #pragma unroll

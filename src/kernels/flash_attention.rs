@@ -38,6 +38,16 @@ fn kv_shape(d: usize) -> (u32, u32) {
     (if split { 2 * THREADS } else { THREADS }, ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + handed) as u32)
 }
 
+/// The dQ kernel's dynamic shared memory (`DqShape` in the kernel): two stages of K and V rows (32 keys up
+/// to d = 128, else 16), through which Q, dO and O pass first, and from d = 256 (`RESIDENT`) the Q and dO
+/// tiles of 64 rows kept ahead of them; rows of `d + 8` bf16. 99 KB at d = 256.
+fn q_shared_bytes(d: usize) -> u32 {
+    let (bq, bk) = (TILE, if d <= 128 { 32 } else { 16 });
+    let stage_rows = if 4 * bk >= 2 * bq { 4 * bk } else { bq.max(4 * bk) };
+    let resident = if d >= 256 { 2 * bq } else { 0 };
+    ((resident + stage_rows) * (d + 8) * 2) as u32
+}
+
 /// `log2(e) / sqrt(d)`: the kernels' softmax runs in base 2.
 fn scale2(d: usize) -> f32 {
     (std::f64::consts::LOG2_E / (d as f64).sqrt()) as f32
@@ -94,7 +104,9 @@ pub fn try_backward(
     // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes each
     // row's delta = rowsum(dO O), which both need.
     let name = format!("flash_backward_q_{d}");
-    launch!(dev, PTX, &name, tiles(t, b * h);
+    let bytes = q_shared_bytes(d);
+    super::opt_in_shared(&dev, PTX, &name, bytes as usize)?;
+    launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, aligned_ptr(&o)?, ptr(&lse)?,
         ptr(&delta)?, ptr(&start)?, aligned_ptr(&dq)?, t as i32, h as i32, group as i32, scale2(d));
     let name = format!("flash_backward_kv_{d}");
