@@ -654,11 +654,13 @@ mod fused {
         let (b, _) = int8s(256, 128, 8);
         let scales = randn(&[257], DType::F32);
         let odd = scales.narrow(0, 1, 256).unwrap();
-        let (from_view, from_copy) = (
-            try_int8_gemm(&a, &b, None, Some(&odd), Tile::N128).unwrap().expect("takes it"),
-            try_int8_gemm(&a, &b, None, Some(&odd.copy().unwrap()), Tile::N128).unwrap().expect("takes it"),
-        );
-        assert_eq!(values(&from_view), values(&from_copy), "a column-scale view one float in");
+        for tile in Tile::ALL {
+            let (from_view, from_copy) = (
+                try_int8_gemm(&a, &b, None, Some(&odd), tile).unwrap().expect("takes it"),
+                try_int8_gemm(&a, &b, None, Some(&odd.copy().unwrap()), tile).unwrap().expect("takes it"),
+            );
+            assert_eq!(values(&from_view), values(&from_copy), "a column-scale view one float in, {tile:?}");
+        }
         // Sums at their extremes: every a = -128 against every b = -128 and 127.
         let (m, n, k) = (128, 256, 4096);
         let a = Tensor::from_vec(vec![128u8; m * k], (m, k), &gpu()).unwrap();
@@ -676,16 +678,19 @@ mod fused {
 
     /// The int8 GEMM, with its row and column scales as a BitLinear calls it, against cuBLAS's bf16 GEMM
     /// (candle's matmul, f32 sums) at the forward BitLinears' shapes of bitnet_b1_58-large and 2B4T, 6,144
-    /// tokens (768 x 8), each tile width: microseconds and tera-operations a second.
-    /// Prints a table; asserts nothing.
+    /// tokens (768 x 8), 2,048 (a micro-batch of one 2,048-token row) and -large's at 768
+    /// (`configs/large.toml`'s micro-batch), each tile: microseconds and tera-operations a second. Prints a
+    /// table; asserts nothing.
     #[test]
     #[ignore = "timing: run with --ignored on a GPU machine"]
     fn int8_gemm_timing() {
         use bessie::kernels::int8_gemm::{try_int8_gemm, Tile};
-        let m = 6144;
-        for (n, k) in
-            [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096), (3840, 2560), (13824, 2560), (2560, 6912)]
-        {
+        let large = [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096)];
+        let bitnet_2b4t = [(3840, 2560), (13824, 2560), (2560, 6912)];
+        let both = || large.iter().chain(&bitnet_2b4t);
+        let shapes =
+            both().map(|&s| (6144, s)).chain(both().map(|&s| (2048, s))).chain(large.iter().map(|&s| (768, s)));
+        for (m, (n, k)) in shapes {
             let (a, _) = int8s(m, k, 1);
             let (b, _) = int8s(n, k, 2);
             let (sa, sb) = (randn(&[m], DType::F32), randn(&[n], DType::F32));

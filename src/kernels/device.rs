@@ -243,6 +243,35 @@ pub(crate) fn one_wave(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32, sha
     })
 }
 
+/// The most clusters of kernel `name` (its blocks of `threads` and `shared` bytes of dynamic shared memory, in
+/// the clusters its `__cluster_dims__` names) that the card runs at once: the driver's count, as the GPCs'
+/// SMs hold whole clusters only. Kernels whose clusters take tiles in turn launch no more.
+pub(crate) fn one_wave_of_clusters(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32, shared: u32) -> Result<usize> {
+    use cudarc::driver::sys;
+    // Keyed apart from one_wave's facts by the name.
+    remembered(dev, &format!("{name} clusters"), threads, shared, || {
+        let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
+        let config = sys::CUlaunchConfig {
+            gridDimX: 2,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared,
+            hStream: dev.cuda_stream().cu_stream(),
+            attrs: std::ptr::null_mut(),
+            numAttrs: 0,
+        };
+        let mut clusters = 0;
+        // SAFETY: `config` and `clusters` outlive the call; no attributes (the kernel names its cluster).
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }
+            .result()
+            .map_err(|e| candle_core::Error::Msg(format!("{name}: cluster occupancy: {e:?}")))?;
+        Ok(clusters.max(0) as usize)
+    })
+}
+
 /// The dynamic shared memory one block of kernel `name` may take on `dev`: the device's most for a block
 /// (opted into, [`opt_in_shared`]) less the kernel's static arrays.
 pub(crate) fn shared_room(dev: &CudaDevice, ptx: Ptx, name: &str) -> Result<usize> {

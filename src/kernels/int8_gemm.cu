@@ -4,14 +4,20 @@
 // exact integers; the scales are applied once in f32, in that order. Compiled for sm_90a (build.rs): on
 // other cards the module is empty and kernels::int8_gemm declines.
 //
-// A block takes 128 x BN tiles of the output in turn (BN 128 or 256, one kernel each; one block an SM, tiles
-// b, b + blocks, ...). Its first warpgroup's first thread loads the operands with the tensor memory
-// accelerator (TMA: one instruction a tile of 128 bytes of k, zero past m and n, laid out as wgmma's 128-byte
-// swizzle expects: row r's 16-byte chunk c at r * 128 + (c ^ r % 8) * 16, each operand's tile 1024-byte
-// aligned) into STAGES shared-memory stages; the two other warpgroups multiply, 64 rows each, every wgmma
-// m64nBNk32. Each stage has two mbarriers: `full` (the TMA's bytes landed) and `empty` (both warpgroups'
-// wgmmas that read it finished), so the loads run STAGES steps ahead of the products without a block barrier,
-// into the next tile's while the multiplying warpgroups write the last one's outputs.
+// A block takes 128 x BN tiles of the output in turn (BN 128 or 256; one block an SM). Its first warpgroup's
+// first thread loads the operands with the tensor memory accelerator (TMA: one instruction a tile of 128
+// bytes of k, zero past m and n, laid out as wgmma's 128-byte swizzle expects: row r's 16-byte chunk c at
+// r * 128 + (c ^ r % 8) * 16, each operand's tile 1024-byte aligned) into STAGES shared-memory stages; the two
+// other warpgroups multiply, 64 rows each, every wgmma m64nBNk32. Each stage has two mbarriers: `full` (the
+// TMA's bytes landed) and `empty` (the wgmmas that read it finished), so the loads run STAGES steps ahead of
+// the products without a block barrier, into the next tile's while the multiplying warpgroups write the last
+// one's outputs.
+//
+// With CLUSTER 2 the blocks run in clusters of two that take pairs of tiles one above the other (rows m0 and
+// m0 + 128, the same columns): each block loads its own rows of a and half of the pair's columns of b,
+// multicast into both blocks' stages, so it reads 3/4 (BN 128) or 2/3 (BN 256) of the bytes it multiplies
+// from L2. A stage's `full` then counts the peer's half of b too, and its `empty` the peer's products (the
+// peer's producer writes into it). One kernel for each BN and CLUSTER (int8_gemm.rs picks by the shape).
 #include "common.cuh"
 
 #define IG_BM 128
@@ -88,48 +94,91 @@ __device__ __forceinline__ void barrier_wait(unsigned bar, int parity) {
 __device__ __forceinline__ void barrier_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// Arrives at the barrier at the same place in block `rank` of the cluster (this block's own included). The
+// release is the CTA's (the default), as for a local arrival: at the cluster's scope it also waited for the
+// thread's earlier global stores (the last tile's outputs), and the kernel ran 1.2-1.6x slower.
+__device__ __forceinline__ void barrier_arrive_in(unsigned bar, unsigned rank) {
+    asm volatile(
+        "{\n.reg .b32 r;\nmapa.shared::cluster.u32 r, %0, %1;\n"
+        "mbarrier.arrive.shared::cluster.b64 _, [r];\n}\n" ::"r"(bar),
+        "r"(rank)
+        : "memory");
+}
 __device__ __forceinline__ void barrier_expect(unsigned bar, int bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-// Rows row .. row + box of the operand `map` describes, bytes kb .. kb + 128 of each, into `dst`.
-__device__ __forceinline__ void tma_load(unsigned dst, const TensorMap* map, int kb, int row, unsigned bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-            dst),
-        "l"(reinterpret_cast<unsigned long long>(map)), "r"(kb), "r"(row), "r"(bar)
-        : "memory");
+// Rows row .. row + box of the operand `map` describes, bytes kb .. kb + 128 of each, into `dst`, the
+// barrier at `bar` told of its bytes: of this block only (`blocks` 0), or of every block of the cluster in
+// `blocks` (a bit each), at the same places.
+__device__ __forceinline__ void tma_load(unsigned dst, const TensorMap* map, int kb, int row, unsigned bar,
+                                         unsigned short blocks = 0) {
+    auto m = reinterpret_cast<unsigned long long>(map);
+    if (blocks == 0)
+        asm volatile(
+            "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+                "r"(dst),
+            "l"(m), "r"(kb), "r"(row), "r"(bar)
+            : "memory");
+    else
+        asm volatile(
+            "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+            " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+            "l"(m), "r"(kb), "r"(row), "r"(bar), "h"(blocks)
+            : "memory");
+}
+// This block's rank in its cluster, its cluster's index in the grid, and the grid's clusters.
+#define IG_SPECIAL(name, reg)                                       \
+    __device__ __forceinline__ int name() {                         \
+        unsigned v;                                                 \
+        asm volatile("mov.u32 %0, %%" reg ";\n" : "=r"(v));         \
+        return (int)v;                                              \
+    }
+IG_SPECIAL(cluster_rank, "cluster_ctarank")
+IG_SPECIAL(cluster_index, "clusterid.x")
+IG_SPECIAL(cluster_count, "nclusterid.x")
+// Every thread of the cluster's blocks (that has not exited) here: the barriers' initialization seen by the
+// peer before it multicasts into them or arrives at them.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
-template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
-    constexpr int A_BYTES = IG_BM * IG_BK, STAGE_BYTES = (IG_BM + BN) * IG_BK;
+template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
+    constexpr int A_BYTES = IG_BM * IG_BK, STAGE_BYTES = (IG_BM + BN) * IG_BK, B_PART = BN / CLUSTER * IG_BK;
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
     // The barriers after the stages: full[s] at 8 s, empty[s] at 8 (STAGES + s).
     unsigned bars = shared_addr(smem + STAGES * STAGE_BYTES);
     auto full = [&](int s) { return bars + 8 * s; };
     auto empty = [&](int s) { return bars + 8 * (STAGES + s); };
-    int t = threadIdx.x, wg = t / 128;
-    int n_tiles = (p.n + BN - 1) / BN, tiles = n_tiles * ((p.m + IG_BM - 1) / IG_BM), steps = p.k / IG_BK;
+    int t = threadIdx.x, wg = t / 128, rank = CLUSTER > 1 ? cluster_rank() : 0;
+    int first = CLUSTER > 1 ? cluster_index() : blockIdx.x, stride = CLUSTER > 1 ? cluster_count() : gridDim.x;
+    int n_tiles = (p.n + BN - 1) / BN, steps = p.k / IG_BK;
+    int groups = n_tiles * ((p.m + CLUSTER * IG_BM - 1) / (CLUSTER * IG_BM));
     if (t == 0) {
         for (int s = 0; s < STAGES; s++) {
             barrier_init(full(s), 1);
-            barrier_init(empty(s), 2 * 128);
+            // Lane 0 of each multiplying warp, of every block of the cluster.
+            barrier_init(empty(s), CLUSTER * 2 * 4);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    if (CLUSTER > 1)
+        cluster_sync();
+    else
+        __syncthreads();
 
-    // Block b takes the tiles b, b + gridDim.x, ... (the columns' tiles of a row of tiles in turn), and
-    // every (tile, k step) in that order goes through the stages in turn: `it` counts them, which gives each
-    // its stage (it % STAGES) and the round of that stage's barriers (it / STAGES).
+    // Each cluster (or block) takes the groups of CLUSTER tiles above each other g, g + stride, ... (the
+    // columns' tiles of CLUSTER rows of tiles in turn), this block the one of its rank. Every (group, k step)
+    // in that order goes through the stages in turn, in the cluster's blocks alike: `it` counts them, which
+    // gives each its stage (it % STAGES) and the round of that stage's barriers (it / STAGES).
     if (wg == 0) {
         // The producer: its registers given to the consumers. It runs ahead into the next tile's stages
         // while the consumers write the last one's outputs.
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (t == 0) {
             int it = 0;
-            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                int m0 = tile / n_tiles * IG_BM, n0 = tile % n_tiles * BN;
+            for (int group = first; group < groups; group += stride) {
+                int m0 = (group / n_tiles * CLUSTER + rank) * IG_BM, n0 = group % n_tiles * BN;
                 for (int kt = 0; kt < steps; kt++, it++) {
                     int s = it % STAGES;
                     // A fresh barrier counts as having finished the phase before its first: round 0 passes.
@@ -137,18 +186,28 @@ template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(co
                     barrier_expect(full(s), STAGE_BYTES);
                     unsigned sa = shared_addr(smem + s * STAGE_BYTES);
                     tma_load(sa, &p.a, kt * IG_BK, m0, full(s));
-                    tma_load(sa + A_BYTES, &p.b, kt * IG_BK, n0, full(s));
+                    tma_load(sa + A_BYTES + rank * B_PART, &p.b, kt * IG_BK, n0 + rank * BN / CLUSTER, full(s),
+                             CLUSTER > 1 ? (1 << CLUSTER) - 1 : 0);
                 }
             }
+            // The peer's products arrive at this block's barriers until its last stage: the block stays until
+            // they have (its shared memory is freed when it exits).
+            if (CLUSTER > 1)
+                for (int s = 0; s < STAGES; s++, it++) barrier_wait(empty(it % STAGES), (it / STAGES + 1) % 2);
         }
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     int c = wg - 1, warp = t % 128 / 32, lane = t % 32, it = 0, wt = t % 128;  // wt: the thread in its warpgroup
+    // A stage is free once the products of every multiplying warp of the cluster have finished reading it.
+    auto release = [&](int s) {
+        if (CLUSTER == 1 && lane == 0) barrier_arrive(empty(s));
+        if (CLUSTER > 1 && lane < CLUSTER) barrier_arrive_in(empty(s), lane);
+    };
     // Each multiplying warpgroup's column scales of its tile, after the barriers.
     float* col_scales = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES + 16 * STAGES) + c * BN;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int m0 = tile / n_tiles * IG_BM, n0 = tile % n_tiles * BN;
+    for (int group = first; group < groups; group += stride) {
+        int m0 = (group / n_tiles * CLUSTER + rank) * IG_BM, n0 = group % n_tiles * BN;
         // The scales are read from global memory before the products (whose asm clobbers memory, so the
         // loads stay here) and their latency hides under them: read in the epilogue, between its stores,
         // which might alias them, each waited in turn, they cost the scaled GEMM 1.2-1.4x its time.
@@ -178,11 +237,11 @@ template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(co
             keep_in_place(d);
             // The previous step's products have finished: its stage is free for the producer.
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            if (kt > 0) barrier_arrive(empty((it - 1) % STAGES));
+            if (kt > 0) release((it - 1) % STAGES);
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         keep_in_place(d);
-        barrier_arrive(empty((it - 1) % STAGES));
+        release((it - 1) % STAGES);
 
         // The column scales through shared memory to the threads that hold those columns' sums: rows r0 and
         // r0 + 8, column pairs col, col + 1 of 8-column groups g, at d[4 g + 2 h] (h: the row).
@@ -205,16 +264,21 @@ template <int BN, int STAGES> __device__ __forceinline__ void int8_gemm_tiles(co
         named_sync<128>(1 + c);  // every thread has read the scales before the next tile's overwrite them
     }
 }
-#define IG_BODY(BN, STAGES) int8_gemm_tiles<BN, STAGES>(p);
+#define IG_BODY(BN, STAGES, CLUSTER) int8_gemm_tiles<BN, STAGES, CLUSTER>(p);
 #else
-#define IG_BODY(BN, STAGES)
+#define IG_BODY(BN, STAGES, CLUSTER)
 #endif
 
 // The kernels of each tile width, with as many stages as fit 227 KB: 6 of 32 KB for 128 columns, 4 of 48 KB
-// for 256 (int8_gemm.rs's `Tile`). Three warpgroups: the loads' registers go to the products (setmaxnreg).
-extern "C" __global__ void __launch_bounds__(384, 1) int8_gemm_n128(const __grid_constant__ Int8Gemm p) {
-    IG_BODY(128, 6)
-}
-extern "C" __global__ void __launch_bounds__(384, 1) int8_gemm_n256(const __grid_constant__ Int8Gemm p) {
-    IG_BODY(256, 4)
-}
+// for 256 (int8_gemm.rs's `Tile`), alone or in clusters of two. Three warpgroups: the loads' registers go to
+// the products (setmaxnreg).
+#define IG_KERNEL(name, BN, STAGES)                                                                        \
+    extern "C" __global__ void __launch_bounds__(384, 1) name(const __grid_constant__ Int8Gemm p) {        \
+        IG_BODY(BN, STAGES, 1)                                                                             \
+    }                                                                                                      \
+    extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)                         \
+        name##_pair(const __grid_constant__ Int8Gemm p) {                                                  \
+        IG_BODY(BN, STAGES, 2)                                                                             \
+    }
+IG_KERNEL(int8_gemm_n128, 128, 6)
+IG_KERNEL(int8_gemm_n256, 256, 4)

@@ -3,8 +3,9 @@
 //! BitLinear's shapes): `round_bf16(a b^T * a_scale[m] * b_scale[n])` with exact integer sums. The
 //! reference is the same product in integers on the host (`tests/gpu.rs`).
 //!
-//! The operands are loaded by the TMA, one warpgroup's thread, while two warpgroups multiply: 1.07-1.49x
-//! cuBLAS's bf16 GEMM at the training forward's shapes (BENCHMARKS.md). Training's BitLinear forwards run on
+//! The operands are loaded by the TMA, one warpgroup's thread, while two warpgroups multiply; blocks run in
+//! clusters of two whose tiles share the weight's columns, loaded once for both (BENCHMARKS.md has the
+//! times against cuBLAS's bf16 GEMM at the training forward's shapes). Training's BitLinear forwards run on
 //! it at lambda 1 ([`try_bitlinear_forward`]), from the int8 codes the norms and the step weights write
 //! beside the bf16 operands the backward reads.
 
@@ -22,53 +23,57 @@ const ROWS: usize = 128;
 const STAGE_K: usize = 128;
 const THREADS: u32 = 384;
 
-/// The columns of the output a block's tiles take: a kernel each (`int8_gemm_n128`, `int8_gemm_n256`). 256
-/// is faster where n is large, 128 at -large's `o_proj` and `down_proj` (BENCHMARKS.md).
+/// How the blocks take the output: tiles of 128 rows and `columns` (128 or 256) columns, each block alone
+/// (`cluster` 1) or in clusters of two taking the tiles above each other, the weight's columns loaded once
+/// for both. A kernel each (int8_gemm.cu's `IG_KERNEL`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tile {
-    N128,
-    N256,
+pub struct Tile {
+    columns: usize,
+    cluster: usize,
 }
 
 impl Tile {
-    pub const ALL: [Tile; 2] = [Tile::N128, Tile::N256];
+    pub const ALL: [Tile; 4] = [
+        Tile { columns: 128, cluster: 1 },
+        Tile { columns: 256, cluster: 1 },
+        Tile { columns: 128, cluster: 2 },
+        Tile { columns: 256, cluster: 2 },
+    ];
 
-    /// The faster tile for `n` outputs of `k` inputs at the training forward's shapes (BENCHMARKS.md's int8
-    /// table, 6,144 rows): 256 columns where the output is wider than 4,608 or the input deeper than 4,096.
-    pub fn for_shape(n: usize, k: usize) -> Tile {
-        if n > 4608 || k > 4096 {
-            Tile::N256
-        } else {
-            Tile::N128
-        }
-    }
-
-    fn columns(self) -> usize {
-        match self {
-            Tile::N128 => 128,
-            Tile::N256 => 256,
-        }
+    /// The tile for `m` rows of `n` outputs, from `int8_gemm_timing` at the training forward's
+    /// shapes (-large and 2B4T at 768, 2,048 and 6,144 rows; BENCHMARKS.md's int8 table, H100): 256 columns
+    /// where they still make about three waves of tiles on 132 SMs (400; -large's q/k/v at 2,048 rows, 288
+    /// such tiles, ran 1.09x slower on them), clusters where the output is wider than 1,536 and the rows more
+    /// than 1,024 (alone, -large's `o_proj` and `down` ran 1.02-1.07x faster, and the two were even at 768
+    /// rows). Within 4% of the best of the four at every measured shape.
+    pub fn for_shape(m: usize, n: usize) -> Tile {
+        let columns = if m.div_ceil(ROWS) * n.div_ceil(256) >= 400 { 256 } else { 128 };
+        let cluster = if n > 1536 && m > 1024 { 2 } else { 1 };
+        Tile { columns, cluster }
     }
 
     fn kernel(self) -> &'static str {
-        match self {
-            Tile::N128 => "int8_gemm_n128",
-            Tile::N256 => "int8_gemm_n256",
+        match (self.columns, self.cluster) {
+            (128, 1) => "int8_gemm_n128",
+            (256, 1) => "int8_gemm_n256",
+            (128, _) => "int8_gemm_n128_pair",
+            _ => "int8_gemm_n256_pair",
         }
     }
 
     /// As many stages as fit 227 KB (int8_gemm.cu's kernels).
     fn stages(self) -> usize {
-        match self {
-            Tile::N128 => 6,
-            Tile::N256 => 4,
+        if self.columns == 128 {
+            6
+        } else {
+            4
         }
     }
 
     /// The stages' operands, room to align them to 1,024 bytes (the swizzle's period), two mbarriers a
     /// stage, and each multiplying warpgroup's column scales (f32).
     fn shared(self) -> usize {
-        self.stages() * (ROWS + self.columns()) * STAGE_K + 1024 + 16 * self.stages() + 2 * 4 * self.columns()
+        self.stages() * (ROWS + self.columns) * STAGE_K + 1024 + 16 * self.stages() + 2 * 4 * self.columns
     }
 }
 
@@ -133,8 +138,8 @@ pub fn available(dev: &Device) -> bool {
 /// A BitLinear's forward `x w^T` (bf16 `[rows, outputs]`) from the int8 forms of its input and its weight,
 /// with the faster tile for the shape ([`Tile::for_shape`]). `Ok(None)` where the kernel does not apply.
 pub fn try_bitlinear_forward(x: &Int8Operand, w: &Int8Operand) -> Result<Option<Tensor>> {
-    let (n, k) = w.codes.dims2()?;
-    try_int8_gemm(&x.codes, &w.codes, Some(&x.scales), Some(&w.scales), Tile::for_shape(n, k))
+    let ((m, _), (n, _)) = (x.codes.dims2()?, w.codes.dims2()?);
+    try_int8_gemm(&x.codes, &w.codes, Some(&x.scales), Some(&w.scales), Tile::for_shape(m, n))
 }
 
 /// `out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n])` (bf16 `[m, n]`) for `a: [m, k]`
@@ -174,16 +179,28 @@ pub fn try_int8_gemm(
     let b_scale = b_scale.map(|s| s.contiguous()).transpose()?;
     let (name, shared) = (tile.kernel(), tile.shared());
     opt_in_shared(&dev, PTX, name, shared)?;
+    // As many blocks (clusters) as run at once, each taking tiles (groups of tiles) in turn: a block's loads
+    // run on into its next tile while it writes the last one's outputs. No cluster at once (a partitioned
+    // card): decline.
+    let groups = n.div_ceil(tile.columns) * m.div_ceil(tile.cluster * ROWS);
+    let at_once = match tile.cluster {
+        1 => super::one_wave(&dev, PTX, name, THREADS, shared as u32)?,
+        _ => super::one_wave_of_clusters(&dev, PTX, name, THREADS, shared as u32)?,
+    };
+    let clusters = groups.min(at_once);
+    if clusters == 0 {
+        return Ok(None);
+    }
     let out = uninit((m, n), DType::BF16, &dev)?;
-    // One block an SM, each taking tiles in turn: a block's loads run on into its next tile while it writes
-    // the last one's outputs.
-    let tiles = n.div_ceil(tile.columns()) * m.div_ceil(ROWS);
-    let blocks = tiles.min(super::one_wave(&dev, PTX, name, THREADS, shared as u32)?);
-    let cfg =
-        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+    let cfg = LaunchConfig {
+        grid_dim: ((tile.cluster * clusters) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
     let params = GemmParams {
         a: tensor_map(ptr(&a)?, m, k, ROWS)?,
-        b: tensor_map(ptr(&b)?, n, k, tile.columns())?,
+        // Each block of a cluster loads its share of the tile's columns, for all.
+        b: tensor_map(ptr(&b)?, n, k, tile.columns / tile.cluster)?,
         a_scale: a_scale.as_ref().map_or(Ok(0), ptr)?,
         b_scale: b_scale.as_ref().map_or(Ok(0), ptr)?,
         out: ptr(&out)?,
