@@ -45,7 +45,7 @@ impl Tile {
     /// where they still make about three waves of tiles on 132 SMs (400; -large's q/k/v at 2,048 rows, 288
     /// such tiles, ran 1.09x slower on them), clusters where the output is wider than 1,536 and the rows more
     /// than 1,024 (alone, -large's `o_proj` and `down` ran 1.02-1.07x faster, and the two were even at 768
-    /// rows). Within 4% of the best of the four at every measured shape.
+    /// rows). Within 5% of the fastest of the four at every measured shape.
     pub fn for_shape(m: usize, n: usize) -> Tile {
         let columns = if m.div_ceil(ROWS) * n.div_ceil(256) >= 400 { 256 } else { 128 };
         let cluster = if n > 1536 && m > 1024 { 2 } else { 1 };
