@@ -605,33 +605,47 @@ mod fused {
     }
 
     /// The int8 GEMM (`kernels::int8_gemm`, Hopper's wgmma) against the same products in integers on the
-    /// host, bit for bit after the scales (f32, in the kernel's order) and the bf16 rounding: the forward
-    /// BitLinears' shapes of bitnet_b1_58-large and 2B4T at 300 tokens (a partial tile of rows), with and
-    /// without scales, and a block of 128 rows whose sums are all at their extremes.
+    /// host, bit for bit after the scales (f32, in the kernel's order) and the bf16 rounding: every kernel at
+    /// the forward BitLinears' shapes of each family (q/k/v and gate/up stacked, as the forward runs them) at
+    /// 300 tokens (a partial tile of rows; a cluster's lower tile past the end), with and without scales, and
+    /// a block of 128 rows whose sums are all at their extremes.
     #[test]
     fn int8_gemm_matches_integer_products() {
+        use bessie::config::ModelConfig;
         use bessie::kernels::int8_gemm::{try_int8_gemm, Tile};
-        for (i, &(n, k)) in
-            [(4608, 1536), (1536, 1536), (8192, 1536), (1536, 4096), (3840, 2560), (2560, 6912)].iter().enumerate()
-        {
+        let mut shapes: Vec<(usize, usize)> = Vec::new();
+        for name in ["large", "2b4t", "falcon3-1b", "llama3-8b-1.58"] {
+            let c = ModelConfig::shape(name, 1000).unwrap();
+            let (h, i) = (c.hidden_size, c.intermediate_size);
+            let (q, kv) = (c.num_attention_heads * c.head_dim(), c.num_kv_heads() * c.head_dim());
+            for nk in [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)] {
+                if !shapes.contains(&nk) {
+                    shapes.push(nk);
+                }
+            }
+        }
+        for (i, &(n, k)) in shapes.iter().enumerate() {
             let m = 300;
             let (a, ha) = int8s(m, k, 2 * i as u64);
             let (b, hb) = int8s(n, k, 2 * i as u64 + 1);
             let sa: Vec<f32> = (0..m).map(|r| 0.01 + r as f32 * 1e-3).collect();
             let sb: Vec<f32> = (0..n).map(|c| 0.5 + (c % 7) as f32 * 0.03).collect();
             let (ta, tb) = (Tensor::new(&sa[..], &gpu()).unwrap(), Tensor::new(&sb[..], &gpu()).unwrap());
+            // Every output of the first and last rows (the extremes and the partial tile), and a sample, with
+            // its integer product, computed once for the eight launches.
+            let mut rng = bessie::rng::Rng::new(99);
+            let sample =
+                (0..4000).map(|_| ((rng.next_u64() % m as u64) as usize, (rng.next_u64() % n as u64) as usize));
+            let checks: Vec<(usize, usize, i32)> = (0..n)
+                .flat_map(|c| [(0, c), (m - 1, c)])
+                .chain(sample)
+                .map(|(r, c)| (r, c, (0..k).map(|j| ha[r * k + j] as i32 * hb[c * k + j] as i32).sum()))
+                .collect();
             for (scaled, tile) in Tile::ALL.into_iter().flat_map(|t| [(false, t), (true, t)]) {
                 let (x, y) = if scaled { (Some(&ta), Some(&tb)) } else { (None, None) };
                 let got = try_int8_gemm(&a, &b, x, y, tile).unwrap().expect("a Hopper GPU takes it");
                 let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                // Every output of the first and last rows (the extremes and the partial tile), and a sample.
-                let mut rng = bessie::rng::Rng::new(99);
-                let sample =
-                    (0..4000).map(|_| ((rng.next_u64() % m as u64) as usize, (rng.next_u64() % n as u64) as usize));
-                let edges = (0..n).flat_map(|c| [(0, c), (m - 1, c)]);
-                let mut checked = 0;
-                for (r, c) in edges.chain(sample) {
-                    let dot: i32 = (0..k).map(|j| ha[r * k + j] as i32 * hb[c * k + j] as i32).sum();
+                for &(r, c, dot) in &checks {
                     let want = match scaled {
                         true => dot as f32 * sa[r] * sb[c],
                         false => dot as f32,
@@ -642,10 +656,10 @@ mod fused {
                         want.to_bits(),
                         "{n} x {k}, [{r}, {c}], {tile:?}, scaled {scaled}"
                     );
-                    checked += 1;
                 }
                 println!(
-                    "int8 GEMM {m} x {n} x {k} (scaled {scaled}): {checked} outputs equal to the integer products"
+                    "int8 GEMM {m} x {n} x {k}, {tile:?} (scaled {scaled}): {} outputs equal to the integer products",
+                    checks.len()
                 );
             }
         }
