@@ -203,11 +203,21 @@ pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) ->
     Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
 }
 
+/// What [`remembered`] keeps about a kernel: how many of its blocks run at once ([`one_wave`]), how many of
+/// its clusters ([`one_wave_of_clusters`]), the shared memory a block may take ([`shared_room`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Fact {
+    Blocks,
+    Clusters,
+    SharedRoom,
+}
+
 /// A fact about kernel `name` on `dev` that does not change while the process runs (keyed further by
 /// `threads` and `shared`), asked of the driver once: eager decoding launches ask on every step, and a driver
 /// query costs microseconds beside a 3 us kernel.
 fn remembered(
     dev: &CudaDevice,
+    fact: Fact,
     name: &str,
     threads: u32,
     shared: u32,
@@ -215,9 +225,9 @@ fn remembered(
 ) -> Result<usize> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    type Key = (candle_core::cuda_backend::DeviceId, String, u32, u32);
+    type Key = (candle_core::cuda_backend::DeviceId, Fact, String, u32, u32);
     static FACTS: OnceLock<Mutex<HashMap<Key, usize>>> = OnceLock::new();
-    let key = (dev.id(), name.to_string(), threads, shared);
+    let key = (dev.id(), fact, name.to_string(), threads, shared);
     let facts = FACTS.get_or_init(Default::default);
     if let Some(&v) = facts.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(v);
@@ -233,7 +243,7 @@ fn remembered(
 /// ran a second wave on 30% of the card (60% of the memory's bandwidth overall, H100).
 pub(crate) fn one_wave(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32, shared: u32) -> Result<usize> {
     use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-    remembered(dev, name, threads, shared, || {
+    remembered(dev, Fact::Blocks, name, threads, shared, || {
         let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
         let err = |e| candle_core::Error::Msg(format!("{name}: occupancy: {e:?}"));
         let per_sm =
@@ -248,8 +258,7 @@ pub(crate) fn one_wave(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32, sha
 /// SMs hold whole clusters only. Kernels whose clusters take tiles in turn launch no more.
 pub(crate) fn one_wave_of_clusters(dev: &CudaDevice, ptx: Ptx, name: &str, threads: u32, shared: u32) -> Result<usize> {
     use cudarc::driver::sys;
-    // Keyed apart from one_wave's facts by the name.
-    remembered(dev, &format!("{name} clusters"), threads, shared, || {
+    remembered(dev, Fact::Clusters, name, threads, shared, || {
         let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
         let config = sys::CUlaunchConfig {
             gridDimX: 2,
@@ -276,8 +285,7 @@ pub(crate) fn one_wave_of_clusters(dev: &CudaDevice, ptx: Ptx, name: &str, threa
 /// (opted into, [`opt_in_shared`]) less the kernel's static arrays.
 pub(crate) fn shared_room(dev: &CudaDevice, ptx: Ptx, name: &str) -> Result<usize> {
     use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-    // Keyed apart from one_wave's facts by threads = 0 (no launch has none).
-    remembered(dev, name, 0, 0, || {
+    remembered(dev, Fact::SharedRoom, name, 0, 0, || {
         let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
         let err = |e| candle_core::Error::Msg(format!("{name}: shared memory: {e:?}"));
         let most = dev
