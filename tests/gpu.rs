@@ -604,6 +604,18 @@ mod fused {
         (Tensor::from_vec(bytes, (rows, cols), &gpu()).unwrap(), host)
     }
 
+    /// The shapes of the supported families whose BitLinear GEMMs the int8 tests run.
+    const FAMILY_SHAPES: [&str; 4] = ["large", "2b4t", "falcon3-1b", "llama3-8b-1.58"];
+
+    /// The forward's four BitLinear GEMMs at family shape `name`: what each is, its inputs, and the outputs of
+    /// the matrices it stacks (q, k and v; gate and up), as the training forward runs them.
+    fn bitlinear_gemms(name: &str) -> [(&'static str, usize, Vec<usize>); 4] {
+        let c = bessie::config::ModelConfig::shape(name, 1000).unwrap();
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (q, kv) = (c.num_attention_heads * c.head_dim(), c.num_kv_heads() * c.head_dim());
+        [("q/k/v", h, vec![q, kv, kv]), ("o_proj", q, vec![h]), ("gate/up", h, vec![i, i]), ("down", i, vec![h])]
+    }
+
     /// The int8 GEMM (`kernels::int8_gemm`, Hopper's wgmma) against the same products in integers on the
     /// host, bit for bit after the scales (f32, in the kernel's order) and the bf16 rounding: every kernel at
     /// the forward BitLinears' shapes of each family (q/k/v and gate/up stacked, as the forward runs them) at
@@ -611,14 +623,11 @@ mod fused {
     /// a block of 128 rows whose sums are all at their extremes.
     #[test]
     fn int8_gemm_matches_integer_products() {
-        use bessie::config::ModelConfig;
         use bessie::kernels::int8_gemm::{try_int8_gemm, Tile};
         let mut shapes: Vec<(usize, usize)> = Vec::new();
-        for name in ["large", "2b4t", "falcon3-1b", "llama3-8b-1.58"] {
-            let c = ModelConfig::shape(name, 1000).unwrap();
-            let (h, i) = (c.hidden_size, c.intermediate_size);
-            let (q, kv) = (c.num_attention_heads * c.head_dim(), c.num_kv_heads() * c.head_dim());
-            for nk in [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)] {
+        for name in FAMILY_SHAPES {
+            for (_, k, rows) in bitlinear_gemms(name) {
+                let nk = (rows.iter().sum(), k);
                 if !shapes.contains(&nk) {
                     shapes.push(nk);
                 }
@@ -1229,20 +1238,10 @@ mod fused {
     /// partial tile of rows too.
     #[test]
     fn bitlinear_int8_forward_matches_bf16() {
-        use bessie::config::ModelConfig;
         assert!(bessie::kernels::int8_gemm::available(&gpu()), "the GPU suite runs on Hopper");
         let n = 200;
-        for name in ["large", "2b4t", "falcon3-1b", "llama3-8b-1.58"] {
-            let c = ModelConfig::shape(name, 1000).unwrap();
-            let (h, i) = (c.hidden_size, c.intermediate_size);
-            let (q, kv) = (c.num_attention_heads * c.head_dim(), c.num_kv_heads() * c.head_dim());
-            let gemms: [(&str, usize, Vec<usize>); 4] = [
-                ("q/k/v", h, vec![q, kv, kv]),
-                ("o_proj", q, vec![h]),
-                ("gate/up", h, vec![i, i]),
-                ("down", i, vec![h]),
-            ];
-            for (what, k, rows) in gemms {
+        for name in FAMILY_SHAPES {
+            for (what, k, rows) in bitlinear_gemms(name) {
                 let (x, w) = (randn(&[n, k], DType::BF16), randn(&[k], DType::BF16));
                 let (a, _, a8) = rmsnorm_quant_forward(&x, &w, 1e-6, 1.0, true).unwrap();
                 let mut slots = Vec::new();
