@@ -395,12 +395,11 @@ mod with_mpi {
         pub(super) fn start_nccl(&self, device: &candle_core::CudaDevice) -> Result<()> {
             use cudarc::nccl::safe::{Comm, Id};
             use mpi::traits::Root as _;
-            // A second stream would make cudarc record and wait on events for every buffer of every
-            // launch (microseconds of CPU each, thousands of launches per step). The two streams meet only
-            // in the collectives and `wait_for_collectives`, which order them explicitly, and every buffer
-            // NCCL touches stays alive until `wait_for_collectives`.
-            // SAFETY: called before this rank creates any tensor on `device`; see above for the ordering.
-            unsafe { device.disable_event_tracking() };
+            // `device::rank_device` turned cudarc's per-buffer events off, which a second stream would
+            // otherwise record and wait on for every buffer of every launch (microseconds of CPU each,
+            // thousands of launches per step). The two streams meet only in the collectives and
+            // `wait_for_collectives`, which order them explicitly, and every buffer NCCL touches stays alive
+            // until `wait_for_collectives`.
             let ctx = device.cuda_stream().context().clone();
             let (_, highest) = cudarc::driver::result::stream::get_priority_range().context("stream priorities")?;
             let stream = ctx.new_stream_with_priority(highest).context("creating NCCL's stream")?;
