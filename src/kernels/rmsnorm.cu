@@ -132,20 +132,70 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
     }
 }
 
+// One 8-channel vector of a row's data for the backward, as loaded (bf16 bits): dy, x (with GLU the gate half)
+// and the third operand (with GLU the up half, else the residual stream's gradient, where there is one).
+template <bool GLU> struct RowVector {
+    uint4 dy, x, third;
+    __device__ static RowVector load(const bf16* gdy, const bf16* gx, const bf16* residual, int row, int i, int c,
+                                     int t, int hd) {
+        RowVector v;
+        v.dy = *reinterpret_cast<const uint4*>(gdy + (size_t)row * c + i);
+        if constexpr (GLU) {
+            v.x = *reinterpret_cast<const uint4*>(gx + (size_t)row * 2 * c + i);
+            v.third = *reinterpret_cast<const uint4*>(gx + (size_t)row * 2 * c + c + i);
+        } else {
+            v.x = *reinterpret_cast<const uint4*>(gx + at(row, i, c, t, hd));
+            if (residual) v.third = *reinterpret_cast<const uint4*>(residual + at(row, i, c, t, hd));
+        }
+        return v;
+    }
+    // dy, the norm's input (with GLU h = act(gate) up, and the halves in g and u), widened.
+    __device__ void widen(int act, float* d, float* v, float* g, float* u) const {
+        load8(reinterpret_cast<const bf16*>(&dy), d);
+        input(act, v, g, u);
+    }
+    __device__ void widen(int act, float* d, float* v) const {
+        float g[8], u[8];
+        widen(act, d, v, g, u);
+    }
+    __device__ void input(int act, float* v, float* g, float* u) const {
+        if constexpr (GLU) {
+            load8(reinterpret_cast<const bf16*>(&x), g);
+            load8(reinterpret_cast<const bf16*>(&third), u);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = glu_h(act, g[e], u[e]);
+        } else {
+            load8(reinterpret_cast<const bf16*>(&x), v);
+        }
+    }
+};
+
 // With xhat = x r and g = dy w: dx = r (g - xhat mean(g xhat)), plus the residual stream's gradient when
 // `residual` is not null (the add that follows every pre-norm block's branch, fused). Group j takes rows
 // j + i * (groups) and writes its share of dw = sum_rows(dy xhat) to dw_partial[j, :]; `column_sums` sums
-// the partial rows in a fixed order (deterministic, unlike atomics). The row is read twice, for its
-// projection and then for dx (the second time from cache), and the weight per row from L1: what a thread
-// keeps across the reduction is its dw sums only, so that at 4096 channels two blocks of 512 fit an SM
-// (the row kept in registers allowed one: 187 us a call at 6144 rows of gate/up, H200).
+// the partial rows in a fixed order (deterministic, unlike atomics). With one vector a thread (every family's
+// residual norms and -large's gate/up) each thread holds its vectors of the row as loaded (HeldRow) from the
+// pass before the block's reduction to the pass after it, and loads the next row's before the reduction, so
+// that they are in flight during it and the pass after: rereading the row from L2 after the reduction left
+// the memory idle meanwhile (126 us a call at -large's gate/up, 6144 rows, H100: 2/3 of the bandwidth). With
+// more vectors two held rows spill (two blocks of 512 threads an SM): the row is loaded for each pass.
 template <int K, bool GLU>
 __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual,
                                  bf16* dx, float* dw_partial, int n, int c, float inv_c, int t, int hd, int act) {
     using R = Group<0>;  // a block per row
+    constexpr bool AHEAD = K == 1;
+    auto load = [&](int row, int k) {
+        int i = R::column(k, c);
+        return i == c ? RowVector<GLU>{} : RowVector<GLU>::load(dy, x, residual, row, i, c, t, hd);
+    };
+    RowVector<GLU> held[AHEAD ? K : 1];  // under AHEAD, this row's vectors, loaded during the row before
+    if (AHEAD && R::index() < n)
+#pragma unroll
+        for (int k = 0; k < K; k++) held[k] = load(R::index(), k);
     float acc[K][8] = {};
     for (int row = R::index(); row < n; row += R::count()) {
-        size_t base = (size_t)row * c;
+        int next_row = row + R::count();
+        auto vector = [&](int k) { return AHEAD ? held[k] : load(row, k); };
         float r = rrms[row];
         float dot = 0.f;
 #pragma unroll
@@ -154,11 +204,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             if (i == c) continue;
             // The same sums as one loop over e, in an order that keeps fewer arrays of 8 alive.
             float d[8], xh[8];
-            load8(dy + base + i, d);
-            {
-                float g[8], u[8];
-                load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
-            }
+            vector(k).widen(act, d, xh);
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 xh[e] *= r;
@@ -171,16 +217,22 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
                 for (int e = 0; e < 8; e++) dot += d[e] * wv[e] * xh[e];
             }
         }
+        RowVector<GLU> next[AHEAD ? K : 1];
+        if (AHEAD && next_row < n)
+#pragma unroll
+            for (int k = 0; k < K; k++) next[k] = load(next_row, k);
         // Without a norm (w null, r = 1) the gradient passes straight through: no projection.
         float proj = w ? R::reduce(dot, Sum()) * inv_c : 0.f;
 #pragma unroll
         for (int k = 0; k < K; k++) {
             int i = R::column(k, c);
             if (i == c) continue;
-            // o = (dy w - xhat r proj) r + residual, built in place so that few arrays of 8 live at once (the
-            // gated kernels' gate and up halves stay to the end): the b2 and b4 variants spilled otherwise.
+            // o = (dy w - xhat r proj) r + residual.
+            // Built in place so that few arrays of 8 live at once (the gated kernels' gate and up halves stay to
+            // the end): the b2 and b4 variants spilled otherwise.
+            RowVector<GLU> rv = vector(k);
             float o[8], g[8], u[8];
-            load8(dy + base + i, o);
+            load8(reinterpret_cast<const bf16*>(&rv.dy), o);
             {
                 float wv[8];
                 load_weights(w, i, wv);
@@ -189,13 +241,13 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             }
             {
                 float xh[8];
-                load_input<GLU>(x, row, i, c, t, hd, act, xh, g, u);
+                rv.input(act, xh, g, u);
 #pragma unroll
                 for (int e = 0; e < 8; e++) o[e] = (o[e] - xh[e] * r * proj) * r;
             }
-            if (residual) {
+            if (!GLU && residual) {
                 float res[8];
-                load8(residual + at(row, i, c, t, hd), res);
+                load8(reinterpret_cast<const bf16*>(&rv.third), res);
 #pragma unroll
                 for (int e = 0; e < 8; e++) o[e] += res[e];
             }
@@ -210,6 +262,9 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
                 store8(dx + at(row, i, c, t, hd), o);
             }
         }
+        if constexpr (AHEAD)
+#pragma unroll
+            for (int k = 0; k < K; k++) held[k] = next[k];
     }
 #pragma unroll
     for (int k = 0; k < K; k++) {
