@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Kernel modules that use Hopper's arch-specific instructions.
-const HOPPER_ONLY: [&str; 1] = ["int8_gemm"];
+const HOPPER_ONLY: [&str; 2] = ["flash_hopper", "int8_gemm"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

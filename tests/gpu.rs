@@ -1393,6 +1393,11 @@ mod fused {
 
     /// Row 0: two packed examples then padding; row 1: one example.
     fn packed_windows(b: usize, t: usize) -> Windows {
+        Windows::new(packed_starts(b, t), b, t, &gpu()).unwrap()
+    }
+
+    /// The window starts of [`packed_windows`].
+    fn packed_starts(b: usize, t: usize) -> Vec<f32> {
         let segments: Vec<u32> = (0..b * t)
             .map(|i| match (i / t, i % t) {
                 (0, p) if p < 3 * t / 7 => 1,
@@ -1401,8 +1406,7 @@ mod fused {
                 _ => 1,
             })
             .collect();
-        let starts = bessie::train::model::window_starts(&segments, t).unwrap();
-        Windows::new(starts, b, t, &gpu()).unwrap()
+        bessie::train::model::window_starts(&segments, t).unwrap()
     }
 
     #[test]
@@ -1447,6 +1451,19 @@ mod fused {
                  dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}"
             );
             assert!(ey < 1e-2 && eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
+            // On Hopper the backward above took the warpgroup dK/dV kernel up to head dim 128: the portable one,
+            // which other cards run, against the same reference.
+            if [64, 96, 128].contains(&d) {
+                use bessie::kernels::{flash_attention, shapes::KvKernel};
+                let start = Tensor::from_vec(packed_starts(b, t), (b, t), &gpu()).unwrap();
+                let (o, lse) = flash_attention::try_forward(&q, &k, &v, &start).unwrap().expect("the flash kernel");
+                let (_, dk, dv) = flash_attention::try_backward(&dy, &q, &k, &v, &o, &lse, &start, KvKernel::Portable)
+                    .unwrap()
+                    .expect("the flash kernel");
+                let (ek, ev) = (rel_l2(&dk, &grads_ref.1), rel_l2(&dv, &grads_ref.2));
+                println!("  the portable dK/dV kernel: dk {ek:.2e}, dv {ev:.2e}");
+                assert!(ek < 2e-2 && ev < 1e-2);
+            }
         }
     }
 
@@ -1535,6 +1552,13 @@ mod fused {
                 backward_us / 1e3,
                 2.5 * flops / backward_us / 1e6
             );
+            // The backward with the portable dK/dV kernel (on Hopper the other takes head dims up to 128).
+            use bessie::kernels::{flash_attention, shapes::KvKernel};
+            let start = Tensor::zeros((b, t), DType::F32, &gpu()).unwrap();
+            let (o, lse) = flash_attention::try_forward(&q, &k, &v, &start).unwrap().expect("the flash kernel");
+            let portable = || flash_attention::try_backward(&dy, &q, &k, &v, &o, &lse, &start, KvKernel::Portable);
+            let portable_us = mean_us(&|| drop(portable().unwrap()));
+            println!("flash {name}: backward with the portable dK/dV kernel {:.3} ms", portable_us / 1e3);
         }
     }
 

@@ -6,6 +6,7 @@ use candle_core::{bail, CudaDevice, DType, Device, Result, Shape, Storage, Tenso
 use cudarc::driver::{DevicePtr, LaunchConfig};
 
 /// A PTX module: its name for candle's module cache and its text.
+#[derive(Clone, Copy)]
 pub(crate) struct Ptx(pub(crate) &'static str, pub(crate) &'static str);
 
 macro_rules! ptx {

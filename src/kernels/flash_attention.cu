@@ -7,7 +7,7 @@
 // summing in registers in a fixed order (no atomics: the same inputs give the same bits). The dQ kernel runs
 // first: it also writes each row's rowsum(dO O), which the dK/dV kernel reads. The plain reference is
 // train::layers::flash_attention_{forward,backward}_reference.
-#include "common.cuh"
+#include "flash_common.cuh"
 
 #define THREADS 128  // four warps, each owning 16 rows of the block's tile (the dK/dV kernel: KvShared)
 
@@ -33,19 +33,6 @@ __device__ __forceinline__ void ldsm_t(uint32_t* r, const bf16* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
-}
-
-// 2^x on the special-function unit with denormal results flushed to 0 (a probability below 1e-38 weighs
-// nothing): exp2f's handling of denormals cost extra instructions per score in kernels that issue-bound.
-__device__ __forceinline__ float exp2_ftz(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
 }
 
 // Shared tiles are row-major with 8 bf16 of padding per row, so the 8 rows one ldmatrix reads fall in
@@ -79,16 +66,6 @@ template <int D, int NT = THREADS> __device__ void load_rows(bf16* s, const bf16
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
     }
 }
-__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n"); }
-// Waits until at most N committed groups are in flight; a barrier then makes the data visible to all.
-template <int N> __device__ __forceinline__ void wait_loads() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Two 8-wide C fragments (16 columns) as one A fragment of a 16-deep k step: a product's output feeds the
-// next product without leaving registers.
-__device__ __forceinline__ void as_a(uint32_t* a, const float* lo, const float* hi) {
-    a[0] = pack(lo[0], lo[1]), a[1] = pack(lo[2], lo[3]), a[2] = pack(hi[0], hi[1]), a[3] = pack(hi[2], hi[3]);
-}
-
 // c[0 .. N/8) += A B^T: A 16 rows x D (a(f, kk) puts the fragment of columns 16 kk.. in f, from registers
 // or from shared memory), B the N rows of a shared tile (K for Q K^T).
 template <int D, int N, class A>
@@ -135,27 +112,6 @@ __device__ __forceinline__ void mma_cb(float (*acc)[4], const float (*c)[4], con
             mma(acc[2 * n + 1], a, b + 2);
         }
     }
-}
-
-// The window start of a row past the sequence: it sees no key.
-#define NO_KEYS (1 << 30)
-
-// Whether query i (of window start lo) sees key j. `start` is non-decreasing along a sequence (examples are
-// contiguous runs, padding starts at itself), so a tile's first row has the tile's first key, its last row
-// the last window start, and the queries that see a key form one run.
-__device__ __forceinline__ bool sees(int i, int lo, int j) { return j >= lo && j <= i; }
-
-// Whether every query of rows q0..q0+nq-1 (the last of window start lo_last) sees every key k0..k0+nk-1:
-// then the tile needs no mask.
-__device__ __forceinline__ bool all_seen(int q0, int nq, int lo_last, int k0, int nk, int t) {
-    return q0 >= k0 + nk - 1 && lo_last <= k0 && q0 + nq <= t;
-}
-
-// The offset of key/value head of query head `qh` (blockIdx.y = batch * heads + query head) in K and V
-// [batch * heads / group, t, D].
-template <int D> __device__ __forceinline__ size_t kv_head(int qh, int t, int heads, int group) {
-    int b = qh / heads;
-    return ((size_t)b * (heads / group) + qh % heads / group) * t * D;
 }
 
 // Keys per tile of the forward: at D = 256 a tile of 64 K rows and one of V (67 KB) exceed the 48 KB of static
@@ -253,21 +209,6 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
             *reinterpret_cast<uint32_t*>(out + n * 8) = pack(acc[n][2 * h] * inv, acc[n][2 * h + 1] * inv);
         if (c == 0) lse[(size_t)blockIdx.y * t + rows[h]] = (m[h] + log2f(l[h])) * 0.69314718056f;
     }
-}
-
-// Softmax gradient of one score in two steps: the probability p from the score s (unscaled), then dS / sqrt(D)
-// from p and dp (the scale folded in for dQ and dK). A query that sees one key (each example's first token)
-// has dS = 0 exactly, as the plain backward gives. The backward kernels call them for a whole tile with
-// `masked` a compile-time constant: a tile whose queries all see all its keys (so none sees only one) skips
-// the tests per score, which made the integer pipe the busiest of the dK/dV kernel.
-template <bool B> struct Flag {  // a compile-time bool as an argument's type
-    static constexpr bool value = B;
-};
-__device__ __forceinline__ float prob(float s, bool seen, float lse2, float scale2) {
-    return seen ? exp2_ftz(s * scale2 - lse2) : 0.f;
-}
-__device__ __forceinline__ float score_grad(float p, float dp, bool seen, bool alone, float delta, float scale2) {
-    return seen && !alone ? p * (dp - delta) * (scale2 * 0.69314718056f) : 0.f;
 }
 
 // The query tile of the dK/dV kernel: Q and dO rows, and per row lse (base 2), delta and window start.

@@ -4,9 +4,12 @@
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
-use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
+use super::shapes::KvKernel;
+use super::{aligned_ptr, compute_capability, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flash_attention");
+/// The dK/dV kernel on Hopper's warpgroup products (`flash_hopper.cu`), built for sm_90a only.
+const HOPPER: Ptx = ptx!("flash_hopper");
 
 /// Threads per block (`THREADS` in the kernel) and rows per block (64 queries or keys).
 const THREADS: u32 = 128;
@@ -21,7 +24,7 @@ fn tiles(t: usize, heads: usize) -> LaunchConfig {
     }
 }
 
-/// The dK/dV kernel's threads and dynamic shared memory (`KvShared` in the kernel): from d = 256 two warps per
+/// The portable dK/dV kernel's threads and dynamic shared memory (`KvShared` in the kernel): from d = 256 two warps per
 /// 16 keys (`SPLIT`), else one. K and V tiles of 64 rows, two query tiles of Q and dO rows (`bq` each), their
 /// per-row values, and under `SPLIT` the probabilities handed between warps (f32, 64 x `bq`); rows of `d + 8`
 /// bf16. 141 KB at d = 256, within the H100's and H200's 227 KB a block.
@@ -36,6 +39,16 @@ fn kv_shape(d: usize) -> (u32, u32) {
     };
     let handed = if split { TILE * bq * 4 } else { 0 };
     (if split { 2 * THREADS } else { THREADS }, ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + handed) as u32)
+}
+
+/// The Hopper dK/dV kernel's dynamic shared memory (`HopperKv` in the kernel), where it runs: on an sm_90
+/// card, at head dims up to 128. K, V and two stages of Q and dO tiles of 64 rows in panels of 64 columns
+/// (128 bytes a row), each stage's per-row values (3 x 64 f32), and 1,024 bytes to align the tiles: 98.5 KB at
+/// d = 96 and 128, two blocks an SM.
+fn hopper_kv_shared(dev: &candle_core::CudaDevice, d: usize) -> Option<u32> {
+    let panels = d.div_ceil(64);
+    (d <= 128 && compute_capability(dev) == Some((9, 0)))
+        .then(|| ((6 * panels * TILE * 128) + 2 * 3 * TILE * 4 + 1024) as u32)
 }
 
 /// The dQ kernel's dynamic shared memory (`DqShape` in the kernel): two stages of K and V rows (32 keys up
@@ -84,7 +97,9 @@ pub fn try_forward(q: &Tensor, k: &Tensor, v: &Tensor, start: &Tensor) -> Result
 }
 
 /// The gradients `(dq, dk, dv)` of [`try_forward`] from `dy`, the gradient at its output `o`; `dk` and `dv` in
-/// `k`'s shape, each summed over the query heads of its group. `Ok(None)` where the kernels do not apply.
+/// `k`'s shape, each summed over the query heads of its group, by the kernel `kv` names. `Ok(None)` where the
+/// kernels do not apply.
+#[allow(clippy::too_many_arguments)]
 pub fn try_backward(
     dy: &Tensor,
     q: &Tensor,
@@ -93,6 +108,7 @@ pub fn try_backward(
     o: &Tensor,
     lse: &Tensor,
     start: &Tensor,
+    kv: KvKernel,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some((b, h, t, d, group)) = takes(q, k) else { return Ok(None) };
     let (q, k, v, o, dy) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, o.contiguous()?, dy.contiguous()?);
@@ -109,12 +125,18 @@ pub fn try_backward(
     launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, aligned_ptr(&o)?, ptr(&lse)?,
         ptr(&delta)?, ptr(&start)?, aligned_ptr(&dq)?, t as i32, h as i32, group as i32, scale2(d));
-    let name = format!("flash_backward_kv_{d}");
-    let (threads, bytes) = kv_shape(d);
-    super::opt_in_shared(&dev, PTX, &name, bytes as usize)?;
-    // A block per 64 keys of each key/value head.
+    // A block per 64 keys of each key/value head, on Hopper's warpgroup products where they run.
+    let hopper = match kv {
+        KvKernel::Fastest => hopper_kv_shared(&dev, d),
+        KvKernel::Portable => None,
+    };
+    let (module, name, (threads, bytes)) = match hopper {
+        Some(bytes) => (HOPPER, format!("flash_backward_kv_hopper_{d}"), (THREADS, bytes)),
+        None => (PTX, format!("flash_backward_kv_{d}"), kv_shape(d)),
+    };
+    super::opt_in_shared(&dev, module, &name, bytes as usize)?;
     let blocks = tiles(t, b * h / group);
-    launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
+    launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, ptr(&lse)?, ptr(&delta)?,
         ptr(&start)?, aligned_ptr(&dk)?, aligned_ptr(&dv)?, t as i32, h as i32, group as i32, scale2(d));
     Ok(Some((dq, dk, dv)))

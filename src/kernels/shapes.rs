@@ -16,6 +16,16 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
+/// Which kernel flash attention's backward takes for dK and dV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvKernel {
+    /// Hopper's warpgroup-product kernel where the card (sm_90) and the head dim (up to 128) allow it, else the
+    /// portable one: what training runs.
+    Fastest,
+    /// The mma.sync kernel every card runs; on Hopper, the tests' check of it.
+    Portable,
+}
+
 /// Which rows of a batch hold each token id, for the embedding's backward: the rows sorted by id (stable),
 /// and per distinct id `(id, first, end)` into that order; u32 tensors on the batch's device.
 #[derive(Clone)]
