@@ -4,11 +4,11 @@
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
-use super::shapes::KvKernel;
+use super::shapes::FlashBackward;
 use super::{aligned_ptr, compute_capability, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flash_attention");
-/// The dK/dV kernel on Hopper's warpgroup products (`flash_hopper.cu`), built for sm_90a only.
+/// The backward's kernels on Hopper's warpgroup products (`flash_hopper.cu`), built for sm_90a only.
 const HOPPER: Ptx = ptx!("flash_hopper");
 
 /// Threads per block (`THREADS` in the kernel) and rows per block (64 queries or keys).
@@ -41,14 +41,14 @@ fn kv_shape(d: usize) -> (u32, u32) {
     (if split { 2 * THREADS } else { THREADS }, ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + handed) as u32)
 }
 
-/// The Hopper dK/dV kernel's dynamic shared memory (`HopperKv` in the kernel), where it runs: on an sm_90
-/// card, at head dims up to 128. K, V and two stages of Q and dO tiles of 64 rows in panels of 64 columns
-/// (128 bytes a row), each stage's per-row values (3 x 64 f32), and 1,024 bytes to align the tiles: 98.5 KB at
-/// d = 96 and 128, two blocks an SM.
-fn hopper_kv_shared(dev: &candle_core::CudaDevice, d: usize) -> Option<u32> {
+/// The Hopper kernels' dynamic shared memory (`HopperTiles` in `flash_hopper.cu`), where they run: on an sm_90
+/// card, at head dims up to 128. Six tiles of 64 rows (two resident, two stages of two) in panels of 64
+/// columns (128 bytes a row), two stages' per-row values (3 x 64 f32), and 1,024 bytes to align the tiles:
+/// 98.5 KB at d = 96 and 128, two blocks an SM.
+fn hopper_shared(dev: &candle_core::CudaDevice, d: usize) -> Option<u32> {
     let panels = d.div_ceil(64);
     (d <= 128 && compute_capability(dev) == Some((9, 0)))
-        .then(|| ((6 * panels * TILE * 128) + 2 * 3 * TILE * 4 + 1024) as u32)
+        .then(|| (6 * panels * TILE * 128 + 2 * 3 * TILE * 4 + 1024) as u32)
 }
 
 /// The dQ kernel's dynamic shared memory (`DqShape` in the kernel): two stages of K and V rows (32 keys up
@@ -97,8 +97,8 @@ pub fn try_forward(q: &Tensor, k: &Tensor, v: &Tensor, start: &Tensor) -> Result
 }
 
 /// The gradients `(dq, dk, dv)` of [`try_forward`] from `dy`, the gradient at its output `o`; `dk` and `dv` in
-/// `k`'s shape, each summed over the query heads of its group, by the kernel `kv` names. `Ok(None)` where the
-/// kernels do not apply.
+/// `k`'s shape, each summed over the query heads of its group, by the kernels `kernels` names. `Ok(None)` where
+/// the kernels do not apply.
 #[allow(clippy::too_many_arguments)]
 pub fn try_backward(
     dy: &Tensor,
@@ -108,7 +108,7 @@ pub fn try_backward(
     o: &Tensor,
     lse: &Tensor,
     start: &Tensor,
-    kv: KvKernel,
+    kernels: FlashBackward,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some((b, h, t, d, group)) = takes(q, k) else { return Ok(None) };
     let (q, k, v, o, dy) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, o.contiguous()?, dy.contiguous()?);
@@ -118,18 +118,20 @@ pub fn try_backward(
     let dq = uninit(q.shape(), DType::BF16, &dev)?;
     let (dk, dv) = (uninit(k.shape(), DType::BF16, &dev)?, uninit(k.shape(), DType::BF16, &dev)?);
     // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes each
-    // row's delta = rowsum(dO O), which both need.
-    let name = format!("flash_backward_q_{d}");
-    let bytes = q_shared_bytes(d);
-    super::opt_in_shared(&dev, PTX, &name, bytes as usize)?;
-    launch!(dev, PTX, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
+    // row's delta = rowsum(dO O), which both need. Both on Hopper's warpgroup products where they run.
+    let hopper = match kernels {
+        FlashBackward::Fastest => hopper_shared(&dev, d),
+        FlashBackward::Portable => None,
+    };
+    let (module, name, bytes) = match hopper {
+        Some(bytes) => (HOPPER, format!("flash_backward_q_hopper_{d}"), bytes),
+        None => (PTX, format!("flash_backward_q_{d}"), q_shared_bytes(d)),
+    };
+    super::opt_in_shared(&dev, module, &name, bytes as usize)?;
+    launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, aligned_ptr(&o)?, ptr(&lse)?,
         ptr(&delta)?, ptr(&start)?, aligned_ptr(&dq)?, t as i32, h as i32, group as i32, scale2(d));
-    // A block per 64 keys of each key/value head, on Hopper's warpgroup products where they run.
-    let hopper = match kv {
-        KvKernel::Fastest => hopper_kv_shared(&dev, d),
-        KvKernel::Portable => None,
-    };
+    // A block per 64 keys of each key/value head.
     let (module, name, (threads, bytes)) = match hopper {
         Some(bytes) => (HOPPER, format!("flash_backward_kv_hopper_{d}"), (THREADS, bytes)),
         None => (PTX, format!("flash_backward_kv_{d}"), kv_shape(d)),

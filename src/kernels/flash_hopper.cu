@@ -1,56 +1,135 @@
-// Flash attention's dK/dV kernel on Hopper's warpgroup products (wgmma), for heads of 64, 96 and 128 dims: the
-// same work as flash_attention.cu's backward_kv (which other cards and head_dim 256 run), whose products are
-// per-warp mma.syncs that each read their B operand from shared memory through ldmatrix. There the four
-// warps of a block each read the whole query tile for every product, and shared memory's bandwidth, not the
-// tensor cores, bounded the kernel (161 TFLOP/s at -large's shape on an H100). A wgmma reads its shared
-// operands once for the warpgroup's 64 rows.
+// Flash attention's backward on Hopper's warpgroup products (wgmma), for heads of 64, 96 and 128 dims: the
+// same work as flash_attention.cu's backward_kv and backward_q (which other cards and head_dim 256 run), whose
+// products are per-warp mma.syncs that each read their B operand from shared memory through ldmatrix. There
+// the four warps of a block each read the whole tile of the other side for every product, and shared
+// memory's bandwidth, not the tensor cores, bounded the kernels. A wgmma reads its shared operands once for
+// the warpgroup's 64 rows.
 //
-// A block (one warpgroup) takes 64 keys of a key/value head. For each query tile of 64 rows that sees them
-// (of each query head of the group): S^T = K Q^T and dP^T = V dO^T (keys as rows, both operands from shared
-// memory), the probabilities and score gradients in registers (flash_common.cuh, as backward_kv), then
-// dV += P^T dO and dK += dS^T Q with P^T and dS^T from registers and dO and Q read transposed (MN-major) from
-// the same tiles. Tiles sit in shared memory under the 128-byte swizzle wgmma reads, in panels of 64 columns
-// (a row of a panel is 128 bytes; at D = 96 the second panel's rows are half used), loaded by cp.async; the
-// next query tile's loads run during this one's products. Sums are in f32 in a fixed order (the same inputs
-// give the same bits), but not the order of backward_kv's, so the two kernels' gradients differ in rounding.
-// Reference: train::layers::flash_attention_backward_reference.
+// A block is one warpgroup and takes 64 rows of its side: keys (dK/dV) or queries (dQ). Over the tiles of 64
+// rows of the other side that it meets, two products over D with both operands in shared memory give the
+// scores and their gradients' inputs in registers (the dK/dV kernel: S^T = K Q^T and dP^T = V dO^T, keys as
+// rows; dQ: S = Q K^T and dP = dO V^T), then the probabilities and score gradients as the portable kernels
+// take them (flash_common.cuh), then sums over the other side's rows with the left operand from registers
+// and the right read transposed (MN-major) from the same tiles (dV += P^T dO and dK += dS^T Q; dQ += dS K).
+// Tiles sit in shared memory under the 128-byte swizzle, in panels of 64 columns (128 bytes a row; at D = 96
+// the second panel's rows are half used), loaded by cp.async; the next tile's loads run during this one's
+// products. Sums are in f32 in a fixed order (the same inputs give the same bits), not the portable kernels'
+// order, so the two differ in rounding. Reference: train::layers::flash_attention_backward_reference.
 #include "flash_common.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #include "hopper.cuh"
 
-// The kernel's shape and dynamic shared memory (flash_attention.rs's `HopperKv` sizes the launch by the same
-// formula): K, V, then two stages of Q and dO tiles, each PANELS panels of rows x 128 bytes, then each stage's
-// per-row values (lse in base 2, delta, window start), after 1024 bytes of room to align the tiles.
-template <int D> struct HopperKv {
-    static constexpr int BK = 64, BQ = 64, PANELS = (D + 63) / 64, THREADS = 128;
-    static constexpr int KV_TILE = PANELS * BK * 128, Q_TILE = PANELS * BQ * 128;
-    static constexpr int TILES = 2 * KV_TILE + 4 * Q_TILE;
+// Both kernels' shape and dynamic shared memory (flash_attention.rs's `hopper_shared` sizes the launch by the
+// same formula): two resident tiles (K and V, or Q and dO), then two stages of two tiles of the other side,
+// each PANELS panels of 64 rows x 128 bytes, then each stage's per-row values (3 x 64), after 1024 bytes of
+// room to align the tiles.
+template <int D> struct HopperTiles {
+    static constexpr int ROWS = 64, PANELS = (D + 63) / 64, THREADS = 128;
+    static constexpr int TILE = PANELS * ROWS * 128, TILES = 6 * TILE;
 };
 
-// Rows row0 .. row0 + rows of a [t, D] head (zeros past t) into a swizzled tile of `rows` rows: 16-byte chunk
-// c of row r to panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16.
-template <int D> __device__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int rows, int t) {
-    for (int ch = threadIdx.x; ch < rows * D / 8; ch += HopperKv<D>::THREADS) {
+// Rows row0 .. row0 + 64 of a [t, D] head (zeros past t) into a swizzled tile: 16-byte chunk c of row r to
+// panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16.
+template <int D> __device__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int t) {
+    using H = HopperTiles<D>;
+    for (int ch = threadIdx.x; ch < H::ROWS * D / 8; ch += H::THREADS) {
         int r = ch / (D / 8), c = ch % (D / 8);
         bool in = row0 + r < t;
-        unsigned dst = shared_addr(tile + c / 8 * rows * 128 + r * 128 + ((c % 8 ^ r % 8) << 4));
+        unsigned dst = shared_addr(tile + c / 8 * H::ROWS * 128 + r * 128 + ((c % 8 ^ r % 8) << 4));
         const bf16* src = g + (size_t)(in ? row0 + r : 0) * D + c * 8;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
     }
 }
 
+// x = A1 B1^T and y = A2 B2^T (64 x 64, f32, the accumulator layout) for swizzled tiles A and B of 64 rows
+// x D: k runs along D, 16 at a time (32 bytes within a panel's rows). Issued, committed and waited for.
+template <int D>
+__device__ __forceinline__ void scores(float (&x)[8][4], float (&y)[8][4], unsigned a1, unsigned b1, unsigned a2,
+                                       unsigned b2) {
+    constexpr int PANEL = HopperTiles<D>::ROWS * 128;
+    auto& xf = reinterpret_cast<float(&)[32]>(x);
+    auto& yf = reinterpret_cast<float(&)[32]>(y);
+#pragma unroll
+    for (int i = 0; i < 32; i++) xf[i] = 0.f, yf[i] = 0.f;
+    keep_in_place(xf);
+    keep_in_place(yf);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        unsigned at = kk / 4 * PANEL + kk % 4 * 32;
+        wgmma_bf16(xf, sw128_descriptor(a1 + at, 16, 1024), sw128_descriptor(b1 + at, 16, 1024));
+        wgmma_bf16(yf, sw128_descriptor(a2 + at, 16, 1024), sw128_descriptor(b2 + at, 16, 1024));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    keep_in_place(xf);
+    keep_in_place(yf);
+}
+
+// acc[i] += X[i] B[i] for i < N (64 x D sums) for X[i] 64 x 64 in registers (scores' layout, made A
+// fragments) and B[i] swizzled tiles of 64 rows x D read MN-major: k runs along their rows, 16 (2048 bytes of
+// a panel) at a time; n along D, a panel (64 columns, or the 32 left at D = 96) a product.
+template <int D, int N>
+__device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*const (&x)[N])[4],
+                                     const unsigned (&b)[N]) {
+    constexpr int PANEL = HopperTiles<D>::ROWS * 128, P = HopperTiles<D>::PANELS;
+    uint32_t a[N][4][4];
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) as_a(a[i][kk], x[i][2 * kk], x[i][2 * kk + 1]);
+#pragma unroll
+    for (int i = 0; i < N; i++) keep_in_place(reinterpret_cast<float(&)[D / 2]>(*acc[i]));
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int p = 0; p < P; p++)
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                auto desc = sw128_descriptor(b[i] + p * PANEL + kk * 2048, PANEL, 1024);
+                if (D - 64 * p >= 64)
+                    wgmma_bf16_t(reinterpret_cast<float(&)[32]>(acc[i][8 * p]), a[i][kk], desc);
+                else
+                    wgmma_bf16_t(reinterpret_cast<float(&)[16]>(acc[i][8 * p]), a[i][kk], desc);
+            }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        keep_in_place(reinterpret_cast<float(&)[D / 2]>(*acc[i]));
+        // The A fragments stay in their registers until the products have read them.
+        keep_in_place(reinterpret_cast<uint32_t(&)[16]>(a[i]));
+    }
+}
+
+// Rows r and r + 8 (this thread's, of 16 (warp) + lane / 4) of a 64 x D sum, as bf16, to rows [t, D] from `out`.
+template <int D> __device__ __forceinline__ void store_rows(bf16* out, const float (&acc)[D / 8][4], int row, int t) {
+    int c = threadIdx.x % 4;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (row + 8 * h >= t) continue;
+        bf16* at = out + (size_t)(row + 8 * h) * D + 2 * c;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *reinterpret_cast<uint32_t*>(at + n * 8) = pack(acc[n][2 * h], acc[n][2 * h + 1]);
+    }
+}
+
+// dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head), over each query
+// tile of each query head of the group that sees them, the sums over the group in registers.
 template <int D>
 __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                                    const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,
                                    int group, float scale2) {
-    using H = HopperKv<D>;
-    constexpr int BK = H::BK, BQ = H::BQ, P = H::PANELS;
+    using H = HopperTiles<D>;
+    constexpr int BK = H::ROWS, BQ = H::ROWS;
     extern __shared__ unsigned char hopper_smem_raw[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(((uintptr_t)hopper_smem_raw + 1023) & ~(uintptr_t)1023);
-    unsigned char *ks = smem, *vs = smem + H::KV_TILE;
-    auto q_tile = [&](int stage) { return smem + 2 * H::KV_TILE + stage * 2 * H::Q_TILE; };
-    auto do_tile = [&](int stage) { return q_tile(stage) + H::Q_TILE; };
+    unsigned char *ks = smem, *vs = smem + H::TILE;
+    auto q_tile = [&](int stage) { return smem + (2 + 2 * stage) * H::TILE; };
+    auto do_tile = [&](int stage) { return q_tile(stage) + H::TILE; };
     float* small = reinterpret_cast<float*>(smem + H::TILES);  // per stage: lse2[BQ], delta[BQ], lo[BQ]
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
@@ -71,8 +150,8 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     auto load_tile = [&](int it) {
         size_t qh = qh0 + it / n_tiles;
         int q0 = k0 + it % n_tiles * BQ, stage = it % 2;
-        load_swizzled<D>(q_tile(stage), q + qh * t * D, q0, BQ, t);
-        load_swizzled<D>(do_tile(stage), dout + qh * t * D, q0, BQ, t);
+        load_swizzled<D>(q_tile(stage), q + qh * t * D, q0, t);
+        load_swizzled<D>(do_tile(stage), dout + qh * t * D, q0, t);
         commit();
         float* row = small + stage * 3 * BQ;
         int i = q0 + threadIdx.x;
@@ -83,8 +162,8 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
             reinterpret_cast<int*>(row)[2 * BQ + threadIdx.x] = in ? (int)start[i] : NO_KEYS;
         }
     };
-    load_swizzled<D>(ks, k + head, k0, BK, t);
-    load_swizzled<D>(vs, v + head, k0, BK, t);
+    load_swizzled<D>(ks, k + head, k0, t);
+    load_swizzled<D>(vs, v + head, k0, t);
     if (n_tiles > 0) load_tile(0);
 
     float dv_acc[D / 8][4] = {}, dk_acc[D / 8][4] = {};
@@ -102,29 +181,8 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
         const float* dl = lse2 + BQ;
         const int* lo_of = reinterpret_cast<const int*>(lse2 + 2 * BQ);
         unsigned qs = shared_addr(q_tile(stage)), dos = shared_addr(do_tile(stage));
-        unsigned ka = shared_addr(ks), va = shared_addr(vs);
-
-        // S^T = K Q^T, dP^T = V dO^T: k runs along D, 16 at a time (32 bytes within a panel's rows).
-        float s[BQ / 8][4] = {}, dp[BQ / 8][4] = {};
-        auto& s_flat = reinterpret_cast<float(&)[BQ / 2]>(s);
-        auto& dp_flat = reinterpret_cast<float(&)[BQ / 2]>(dp);
-        keep_in_place(s_flat);
-        keep_in_place(dp_flat);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            unsigned at = kk % 4 * 32;  // within the panel's rows
-            unsigned kv_panel = kk / 4 * BK * 128, q_panel = kk / 4 * BQ * 128;
-            wgmma_bf16(s_flat, sw128_descriptor(ka + kv_panel + at, 16, 1024),
-                       sw128_descriptor(qs + q_panel + at, 16, 1024));
-            wgmma_bf16(dp_flat, sw128_descriptor(va + kv_panel + at, 16, 1024),
-                       sw128_descriptor(dos + q_panel + at, 16, 1024));
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        keep_in_place(s_flat);
-        keep_in_place(dp_flat);
-
+        float s[BQ / 8][4], dp[BQ / 8][4];
+        scores<D>(s, dp, shared_addr(ks), qs, shared_addr(vs), dos);  // S^T = K Q^T, dP^T = V dO^T
         auto grads = [&](auto tag) {
             constexpr bool masked = decltype(tag)::value;
 #pragma unroll
@@ -139,68 +197,123 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
                 }
         };
         if (all_seen(q0, BQ, lo_of[BQ - 1], k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
-
-        // dV += P^T dO, dK += dS^T Q: k runs along the queries, 16 rows (2048 bytes of a panel) at a time; n
-        // along D, a panel (64 columns, or the 32 left at D = 96) a product.
-        uint32_t pa[BQ / 16][4], da[BQ / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BQ / 16; kk++) {
-            as_a(pa[kk], s[2 * kk], s[2 * kk + 1]);
-            as_a(da[kk], dp[2 * kk], dp[2 * kk + 1]);
-        }
-        auto& pa_flat = reinterpret_cast<uint32_t(&)[BQ / 4]>(pa);
-        auto& da_flat = reinterpret_cast<uint32_t(&)[BQ / 4]>(da);
-        auto& dv_flat = reinterpret_cast<float(&)[D / 2]>(dv_acc);
-        auto& dk_flat = reinterpret_cast<float(&)[D / 2]>(dk_acc);
-        keep_in_place(dv_flat);
-        keep_in_place(dk_flat);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BQ / 16; kk++)
-#pragma unroll
-            for (int p = 0; p < P; p++) {
-                unsigned at = p * BQ * 128 + kk * 2048;
-                auto b_do = sw128_descriptor(dos + at, BQ * 128, 1024), b_q = sw128_descriptor(qs + at, BQ * 128, 1024);
-                if (D - 64 * p >= 64) {
-                    wgmma_bf16_t(reinterpret_cast<float(&)[32]>(dv_acc[8 * p]), pa[kk], b_do);
-                    wgmma_bf16_t(reinterpret_cast<float(&)[32]>(dk_acc[8 * p]), da[kk], b_q);
-                } else {
-                    wgmma_bf16_t(reinterpret_cast<float(&)[16]>(dv_acc[8 * p]), pa[kk], b_do);
-                    wgmma_bf16_t(reinterpret_cast<float(&)[16]>(dk_acc[8 * p]), da[kk], b_q);
-                }
-            }
-        wgmma_commit();
-        wgmma_wait<0>();
-        keep_in_place(dv_flat);
-        keep_in_place(dk_flat);
-        keep_in_place(pa_flat);
-        keep_in_place(da_flat);
+        sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs});  // dV += P^T dO, dK += dS^T Q
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
     }
+    store_rows<D>(dk + head, dk_acc, keys[0], t);
+    store_rows<D>(dv + head, dv_acc, keys[0], t);
+}
+
+// dQ for 64 queries (blockIdx.y = batch * heads + query head), over the key tiles they see. First each row's
+// delta = sum over d of dO O (dS = P (dP - delta)), written for the dK/dV kernel, which runs after this one.
+template <int D>
+__device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
+                                  const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,
+                                  int group, float scale2) {
+    using H = HopperTiles<D>;
+    constexpr int BK = H::ROWS, BQ = H::ROWS;
+    extern __shared__ unsigned char hopper_smem_raw[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(((uintptr_t)hopper_smem_raw + 1023) & ~(uintptr_t)1023);
+    unsigned char *qs = smem, *dos = smem + H::TILE;
+    auto k_tile = [&](int stage) { return smem + (2 + 2 * stage) * H::TILE; };
+    auto v_tile = [&](int stage) { return k_tile(stage) + H::TILE; };
+    float* dl_rows = reinterpret_cast<float*>(smem + H::TILES);  // each row's delta
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
+    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t, kv = kv_head<D>(blockIdx.y, t, heads, group);
+    start += (size_t)(blockIdx.y / heads) * t;
+    load_swizzled<D>(qs, q + head, q0, t);
+    load_swizzled<D>(dos, dout + head, q0, t);
+    int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
+    int k_first = (int)start[q0] / BK * BK;
+    auto load = [&](int i, int k0) {
+        load_swizzled<D>(k_tile(i % 2), k + kv, k0, t);
+        load_swizzled<D>(v_tile(i % 2), v + kv, k0, t);
+    };
+    load(0, k_first);
+    commit();
+    // delta: two threads a row, each over half of its channels, from global memory.
+    {
+        int r = threadIdx.x / 2, half = threadIdx.x % 2, i = q0 + r;
+        float sum = 0.f;
+        if (i < t)
+            for (int j = half * D / 2; j < (half + 1) * D / 2; j += 8) {
+                float a[8], b[8];
+                load8(dout + head + (size_t)i * D + j, a);
+                load8(o + head + (size_t)i * D + j, b);
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        if (keys[h] >= t) continue;
-        size_t at = head + (size_t)keys[h] * D + 2 * c;
-#pragma unroll
-        for (int n = 0; n < D / 8; n++) {
-            *reinterpret_cast<uint32_t*>(dk + at + n * 8) = pack(dk_acc[n][2 * h], dk_acc[n][2 * h + 1]);
-            *reinterpret_cast<uint32_t*>(dv + at + n * 8) = pack(dv_acc[n][2 * h], dv_acc[n][2 * h + 1]);
+                for (int e = 0; e < 8; e++) sum += a[e] * b[e];
+            }
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        if (half == 0) {
+            dl_rows[r] = sum;
+            if (i < t) delta[rows0 + i] = sum;
         }
     }
+    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
+    float lse2[2], dl[2];
+    __syncthreads();  // the deltas are in
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        bool in = rows[h] < t;
+        lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
+        lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
+        dl[h] = dl_rows[rows[h] - q0];
+    }
+
+    float acc[D / 8][4] = {};
+    for (int it = 0, k0 = k_first; k0 < k_end; it++, k0 += BK) {
+        if (k0 + BK < k_end) {
+            load(it + 1, k0 + BK);
+            commit();
+            wait_loads<1>();
+        } else {
+            wait_loads<0>();
+        }
+        fence_to_wgmma();
+        __syncthreads();
+        unsigned ks = shared_addr(k_tile(it % 2)), vs = shared_addr(v_tile(it % 2));
+        float s[BK / 8][4], dp[BK / 8][4];
+        scores<D>(s, dp, shared_addr(qs), ks, shared_addr(dos), vs);  // S = Q K^T, dP = dO V^T
+        auto grads = [&](auto tag) {
+            constexpr bool masked = decltype(tag)::value;
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int h = e / 2;
+                    bool seen = !masked || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
+                    s[n][e] = prob(s[n][e], seen, lse2[h], scale2);
+                    dp[n][e] = score_grad(s[n][e], dp[n][e], seen, masked && lo[h] == rows[h], dl[h], scale2);
+                }
+        };
+        if (all_seen(q0, BQ, lo_last, k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
+        sums<D, 1>({acc}, {dp}, {ks});  // dQ += dS K
+        __syncthreads();  // every product has read this stage before the tile after next overwrites it
+    }
+    store_rows<D>(dq + head, acc, rows[0], t);
 }
-#define HOPPER_BODY(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, group, scale2);
+#define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, group, scale2);
+#define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, dq, t, heads, group, scale2);
 #else
-#define HOPPER_BODY(D)
+#define HOPPER_KV(D)
+#define HOPPER_Q(D)
 #endif
 
-// flash_backward_kv_hopper_{64,96,128}, with flash_backward_kv_{D}'s arguments.
-#define FLASH_KV_HOPPER(D)                                                                                        \
+// flash_backward_{kv,q}_hopper_{64,96,128}, with flash_backward_{kv,q}_{D}'s arguments.
+#define FLASH_HOPPER(D)                                                                                           \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_backward_kv_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
                                      const float* lse, const float* delta, const float* start, bf16* dk,          \
                                      bf16* dv, int t, int heads, int group, float scale2) {                       \
-        HOPPER_BODY(D)                                                                                            \
+        HOPPER_KV(D)                                                                                              \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128)                                                             \
+        flash_backward_q_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o, \
+                                    const float* lse, float* delta, const float* start, bf16* dq, int t,          \
+                                    int heads, int group, float scale2) {                                         \
+        HOPPER_Q(D)                                                                                               \
     }
-FLASH_KV_HOPPER(64)
-FLASH_KV_HOPPER(96)
-FLASH_KV_HOPPER(128)
+FLASH_HOPPER(64)
+FLASH_HOPPER(96)
+FLASH_HOPPER(128)

@@ -16,13 +16,13 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
-/// Which kernel flash attention's backward takes for dK and dV.
+/// Which kernels flash attention's backward takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvKernel {
-    /// Hopper's warpgroup-product kernel where the card (sm_90) and the head dim (up to 128) allow it, else the
-    /// portable one: what training runs.
+pub enum FlashBackward {
+    /// Hopper's warpgroup-product kernels where the card (sm_90) and the head dim (up to 128) allow them, else
+    /// the portable ones: what training runs.
     Fastest,
-    /// The mma.sync kernel every card runs; on Hopper, the tests' check of it.
+    /// The mma.sync kernels every card runs; on Hopper, the tests' check of them.
     Portable,
 }
 

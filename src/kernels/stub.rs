@@ -62,7 +62,7 @@ pub mod flash_attention {
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
-        _: crate::kernels::shapes::KvKernel,
+        _: crate::kernels::shapes::FlashBackward,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         Ok(None)
     }

@@ -723,7 +723,7 @@ pub fn flash_attention_backward(
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (fastest, start) = (kernels::shapes::KvKernel::Fastest, &windows.start);
+    let (fastest, start) = (kernels::shapes::FlashBackward::Fastest, &windows.start);
     if let Some(grads) = kernels::flash_attention::try_backward(dy, &s.q, &s.k, &s.v, &s.o, &s.lse, start, fastest)? {
         return Ok(grads);
     }
