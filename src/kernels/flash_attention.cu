@@ -222,13 +222,7 @@ template <int D, int BQ, int NT> struct QueryTile {
         load_rows<D, NT>(q, gq, q0, BQ, t);
         load_rows<D, NT>(dout, gdo, q0, BQ, t);
         commit();
-        int i = q0 + threadIdx.x;
-        if (threadIdx.x < BQ) {
-            bool in = i < t;
-            lse2[threadIdx.x] = in ? glse[i] * 1.44269504089f : 0.f;
-            delta[threadIdx.x] = in ? gdelta[i] : 0.f;
-            lo[threadIdx.x] = in ? (int)start[i] : NO_KEYS;
-        }
+        load_row_values(lse2, delta, lo, glse, gdelta, start, q0, BQ, t);
     }
 };
 
@@ -279,13 +273,7 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
     start += (size_t)bi * t;
     int keys[2] = {k0 + rows + g, k0 + rows + g + 8};
     // The query tiles that see these keys: from k0 on, those whose first row's window starts in them.
-    int n_tiles = 0;
-    for (int base = 0;; base += NT) {
-        int i = k0 + (base + threadIdx.x) * BQ;
-        int n = __syncthreads_count(i < t && (int)start[i] < k0 + BK);
-        n_tiles += n;
-        if (n < NT) break;
-    }
+    int n_tiles = query_tiles_seeing<NT>(k0, BK, BQ, t, start);
     auto load_tile = [&](int it) {
         size_t qh = qh0 + it / n_tiles;
         S::tile(smem, it % 2).load(q + qh * t * D, dout + qh * t * D, lse + qh * t, delta + qh * t, start,
@@ -331,20 +319,13 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
                     }
                 }
             }
+            auto hand = [&](int i, float& p) {
+                if (P && HANDED) handed[i * 32] = p;
+                if (DS && HANDED) p = handed[i * 32];
+            };
             auto grads = [&](auto tag) {
-                constexpr bool masked = decltype(tag)::value;
-#pragma unroll
-                for (int n = 0; n < BQ / 8; n++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = masked ? tile.lo[col] : 0;
-                        bool seen = !masked || sees(qi, lo, keys[e / 2]);
-                        float& p = s[n][e];
-                        if (P) p = prob(p, seen, tile.lse2[col], scale2);
-                        if (P && HANDED) handed[(4 * n + e) * 32] = p;
-                        if (DS && HANDED) p = handed[(4 * n + e) * 32];
-                        if (DS) dp[n][e] = score_grad(p, dp[n][e], seen, masked && lo == qi, tile.delta[col], scale2);
-                    }
+                key_grads<BQ, decltype(tag)::value, P, DS>(s, dp, keys, q0, c, tile.lse2, tile.delta, tile.lo, scale2,
+                                                           hand);
             };
             if (DS && HANDED) named_sync<64>(1 + warp % 4);  // the pair's barrier: the partner's probabilities are in
             if (all_seen(q0, BQ, tile.lo[BQ - 1], k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
@@ -494,16 +475,7 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         mma_abt<D, BK>(s, q_a, ks, lane);
         mma_abt<D, BK>(dp, do_a, vs, lane);
         auto grads = [&](auto tag) {
-            constexpr bool masked = decltype(tag)::value;
-#pragma unroll
-            for (int n = 0; n < BK / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int h = e / 2;
-                    bool seen = !masked || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
-                    s[n][e] = prob(s[n][e], seen, lse2[h], scale2);
-                    dp[n][e] = score_grad(s[n][e], dp[n][e], seen, masked && lo[h] == rows[h], dl[h], scale2);
-                }
+            query_grads<BK, decltype(tag)::value>(s, dp, rows, lo, lse2, dl, k0, c, scale2);
         };
         if (all_seen(q0, BQ, lo_last, k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
         mma_cb<D, BK>(acc, dp, ks, lane);

@@ -62,3 +62,67 @@ __device__ __forceinline__ float score_grad(float p, float dp, bool seen, bool a
     return seen && !alone ? p * (dp - delta) * (scale2 * 0.69314718056f) : 0.f;
 }
 
+
+// The probabilities and score gradients of a tile whose rows are this thread's two queries (rows[h], window
+// starts lo[h], log-sum-exp lse2[h] in base 2, delta dl[h]) and whose columns are the keys k0 + 8 n + 2 c +
+// e % 2 (c = lane % 4) of s[n][e] (the mma C layout): s becomes P, dp becomes dS / sqrt(D). The dQ kernels'.
+template <int N, bool MASKED>
+__device__ __forceinline__ void query_grads(float (*s)[4], float (*dp)[4], const int* rows, const int* lo,
+                                            const float* lse2, const float* dl, int k0, int c, float scale2) {
+#pragma unroll
+    for (int n = 0; n < N / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int h = e / 2;
+            bool seen = !MASKED || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
+            s[n][e] = prob(s[n][e], seen, lse2[h], scale2);
+            dp[n][e] = score_grad(s[n][e], dp[n][e], seen, MASKED && lo[h] == rows[h], dl[h], scale2);
+        }
+}
+
+// The same for a tile whose rows are this thread's two keys (keys[h]) and whose columns are the queries q0 +
+// col, each column's values in shared memory (lse2, delta dl, window start lo_of). The dK/dV kernels': P
+// computes the probabilities, DS the score gradients (a warp may take one role, flash_attention.cu's SPLIT),
+// and hand(i, p) runs between the two for entry i = 4 n + e (where the roles' warps hand p over).
+template <int N, bool MASKED, bool P = true, bool DS = true, class Hand>
+__device__ __forceinline__ void key_grads(float (*s)[4], float (*dp)[4], const int* keys, int q0, int c,
+                                          const float* lse2, const float* dl, const int* lo_of, float scale2,
+                                          Hand hand) {
+#pragma unroll
+    for (int n = 0; n < N / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = MASKED ? lo_of[col] : 0;
+            bool seen = !MASKED || sees(qi, lo, keys[e / 2]);
+            float& p = s[n][e];
+            if (P) p = prob(p, seen, lse2[col], scale2);
+            hand(4 * n + e, p);
+            if (DS) dp[n][e] = score_grad(p, dp[n][e], seen, MASKED && lo == qi, dl[col], scale2);
+        }
+}
+
+// How many query tiles of `bq` rows see keys k0 .. k0 + bk of a sequence whose window starts are `start`:
+// from k0 on, those whose first row's window starts before k0 + bk. Every thread of the block (NT) calls it.
+template <int NT> __device__ int query_tiles_seeing(int k0, int bk, int bq, int t, const float* start) {
+    int n_tiles = 0;
+    for (int base = 0;; base += NT) {
+        int i = k0 + (base + threadIdx.x) * bq;
+        int n = __syncthreads_count(i < t && (int)start[i] < k0 + bk);
+        n_tiles += n;
+        if (n < NT) break;
+    }
+    return n_tiles;
+}
+
+// Each of the query rows q0 .. q0 + bq's lse (in base 2), delta and window start into shared memory, by the
+// block's first bq threads (rows past t: 0, 0 and a start that sees no key).
+__device__ __forceinline__ void load_row_values(float* lse2, float* delta, int* lo, const float* glse,
+                                                const float* gdelta, const float* start, int q0, int bq, int t) {
+    int i = q0 + threadIdx.x;
+    if (threadIdx.x < bq) {
+        bool in = i < t;
+        lse2[threadIdx.x] = in ? glse[i] * 1.44269504089f : 0.f;
+        delta[threadIdx.x] = in ? gdelta[i] : 0.f;
+        lo[threadIdx.x] = in ? (int)start[i] : NO_KEYS;
+    }
+}

@@ -27,6 +27,15 @@
 template <int D> struct HopperTiles {
     static constexpr int ROWS = 64, PANELS = (D + 63) / 64, THREADS = 128;
     static constexpr int TILE = PANELS * ROWS * 128, TILES = 6 * TILE;
+    unsigned char* base;
+    // The block's dynamic shared memory, aligned for the swizzle.
+    __device__ static HopperTiles here() {
+        extern __shared__ unsigned char hopper_smem_raw[];
+        return {reinterpret_cast<unsigned char*>(((uintptr_t)hopper_smem_raw + 1023) & ~(uintptr_t)1023)};
+    }
+    __device__ unsigned char* resident(int i) const { return base + i * TILE; }
+    __device__ unsigned char* staged(int stage, int i) const { return base + (2 + 2 * stage + i) * TILE; }
+    __device__ float* values() const { return reinterpret_cast<float*>(base + TILES); }
 };
 
 // Rows row0 .. row0 + 64 of a [t, D] head (zeros past t) into a swizzled tile: 16-byte chunk c of row r to
@@ -125,12 +134,9 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
                                    int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BK = H::ROWS, BQ = H::ROWS;
-    extern __shared__ unsigned char hopper_smem_raw[];
-    unsigned char* smem = reinterpret_cast<unsigned char*>(((uintptr_t)hopper_smem_raw + 1023) & ~(uintptr_t)1023);
-    unsigned char *ks = smem, *vs = smem + H::TILE;
-    auto q_tile = [&](int stage) { return smem + (2 + 2 * stage) * H::TILE; };
-    auto do_tile = [&](int stage) { return q_tile(stage) + H::TILE; };
-    float* small = reinterpret_cast<float*>(smem + H::TILES);  // per stage: lse2[BQ], delta[BQ], lo[BQ]
+    H sm = H::here();  // K, V; each stage's Q, dO; then per stage lse2[BQ], delta[BQ], lo[BQ]
+    unsigned char *ks = sm.resident(0), *vs = sm.resident(1);
+    float* small = sm.values();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
     int kv_heads = heads / group, bi = blockIdx.y / kv_heads;
@@ -139,28 +145,17 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     start += (size_t)bi * t;
     int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
     // The query tiles that see these keys: from k0 on, those whose first row's window starts in them.
-    int n_tiles = 0;
-    for (int base = 0;; base += H::THREADS) {
-        int i = k0 + (base + threadIdx.x) * BQ;
-        int n = __syncthreads_count(i < t && (int)start[i] < k0 + BK);
-        n_tiles += n;
-        if (n < H::THREADS) break;
-    }
+    int n_tiles = query_tiles_seeing<H::THREADS>(k0, BK, BQ, t, start);
     // Step `it` takes query head qh0 + it / n_tiles and its query tile it % n_tiles, into stage it % 2.
     auto load_tile = [&](int it) {
         size_t qh = qh0 + it / n_tiles;
         int q0 = k0 + it % n_tiles * BQ, stage = it % 2;
-        load_swizzled<D>(q_tile(stage), q + qh * t * D, q0, t);
-        load_swizzled<D>(do_tile(stage), dout + qh * t * D, q0, t);
+        load_swizzled<D>(sm.staged(stage, 0), q + qh * t * D, q0, t);
+        load_swizzled<D>(sm.staged(stage, 1), dout + qh * t * D, q0, t);
         commit();
         float* row = small + stage * 3 * BQ;
-        int i = q0 + threadIdx.x;
-        if (threadIdx.x < BQ) {
-            bool in = i < t;
-            row[threadIdx.x] = in ? lse[qh * t + i] * 1.44269504089f : 0.f;
-            row[BQ + threadIdx.x] = in ? delta[qh * t + i] : 0.f;
-            reinterpret_cast<int*>(row)[2 * BQ + threadIdx.x] = in ? (int)start[i] : NO_KEYS;
-        }
+        load_row_values(row, row + BQ, reinterpret_cast<int*>(row + 2 * BQ), lse + qh * t, delta + qh * t, start, q0,
+                        BQ, t);
     };
     load_swizzled<D>(ks, k + head, k0, t);
     load_swizzled<D>(vs, v + head, k0, t);
@@ -180,21 +175,11 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
         const float* lse2 = small + stage * 3 * BQ;
         const float* dl = lse2 + BQ;
         const int* lo_of = reinterpret_cast<const int*>(lse2 + 2 * BQ);
-        unsigned qs = shared_addr(q_tile(stage)), dos = shared_addr(do_tile(stage));
+        unsigned qs = shared_addr(sm.staged(stage, 0)), dos = shared_addr(sm.staged(stage, 1));
         float s[BQ / 8][4], dp[BQ / 8][4];
         scores<D>(s, dp, shared_addr(ks), qs, shared_addr(vs), dos);  // S^T = K Q^T, dP^T = V dO^T
         auto grads = [&](auto tag) {
-            constexpr bool masked = decltype(tag)::value;
-#pragma unroll
-            for (int n = 0; n < BQ / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = masked ? lo_of[col] : 0;
-                    bool seen = !masked || sees(qi, lo, keys[e / 2]);
-                    float& p = s[n][e];
-                    p = prob(p, seen, lse2[col], scale2);
-                    dp[n][e] = score_grad(p, dp[n][e], seen, masked && lo == qi, dl[col], scale2);
-                }
+            key_grads<BQ, decltype(tag)::value>(s, dp, keys, q0, c, lse2, dl, lo_of, scale2, [](int, float&) {});
         };
         if (all_seen(q0, BQ, lo_of[BQ - 1], k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
         sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs});  // dV += P^T dO, dK += dS^T Q
@@ -212,12 +197,9 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
                                   int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BK = H::ROWS, BQ = H::ROWS;
-    extern __shared__ unsigned char hopper_smem_raw[];
-    unsigned char* smem = reinterpret_cast<unsigned char*>(((uintptr_t)hopper_smem_raw + 1023) & ~(uintptr_t)1023);
-    unsigned char *qs = smem, *dos = smem + H::TILE;
-    auto k_tile = [&](int stage) { return smem + (2 + 2 * stage) * H::TILE; };
-    auto v_tile = [&](int stage) { return k_tile(stage) + H::TILE; };
-    float* dl_rows = reinterpret_cast<float*>(smem + H::TILES);  // each row's delta
+    H sm = H::here();  // Q, dO; each stage's K, V; then each row's delta
+    unsigned char *qs = sm.resident(0), *dos = sm.resident(1);
+    float* dl_rows = sm.values();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
     size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t, kv = kv_head<D>(blockIdx.y, t, heads, group);
@@ -227,8 +209,8 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
     int k_first = (int)start[q0] / BK * BK;
     auto load = [&](int i, int k0) {
-        load_swizzled<D>(k_tile(i % 2), k + kv, k0, t);
-        load_swizzled<D>(v_tile(i % 2), v + kv, k0, t);
+        load_swizzled<D>(sm.staged(i % 2, 0), k + kv, k0, t);
+        load_swizzled<D>(sm.staged(i % 2, 1), v + kv, k0, t);
     };
     load(0, k_first);
     commit();
@@ -272,20 +254,11 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         }
         fence_to_wgmma();
         __syncthreads();
-        unsigned ks = shared_addr(k_tile(it % 2)), vs = shared_addr(v_tile(it % 2));
+        unsigned ks = shared_addr(sm.staged(it % 2, 0)), vs = shared_addr(sm.staged(it % 2, 1));
         float s[BK / 8][4], dp[BK / 8][4];
         scores<D>(s, dp, shared_addr(qs), ks, shared_addr(dos), vs);  // S = Q K^T, dP = dO V^T
         auto grads = [&](auto tag) {
-            constexpr bool masked = decltype(tag)::value;
-#pragma unroll
-            for (int n = 0; n < BK / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int h = e / 2;
-                    bool seen = !masked || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
-                    s[n][e] = prob(s[n][e], seen, lse2[h], scale2);
-                    dp[n][e] = score_grad(s[n][e], dp[n][e], seen, masked && lo[h] == rows[h], dl[h], scale2);
-                }
+            query_grads<BK, decltype(tag)::value>(s, dp, rows, lo, lse2, dl, k0, c, scale2);
         };
         if (all_seen(q0, BQ, lo_last, k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
         sums<D, 1>({acc}, {dp}, {ks});  // dQ += dS K
