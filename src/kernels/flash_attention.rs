@@ -1,5 +1,7 @@
 //! Flash attention on tensor cores, forward and backward: no `[seq, seq]` scores in memory, grouped-query
-//! heads read in place (no expanded K and V).
+//! heads read in place (no expanded K and V). `flash_attention.cu`'s kernels run on every card;
+//! on Hopper the backward at head dims up to 128 runs `flash_hopper.cu`'s (warpgroup products), which
+//! [`FlashBackward`] chooses.
 
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
@@ -24,10 +26,10 @@ fn tiles(t: usize, heads: usize) -> LaunchConfig {
     }
 }
 
-/// The portable dK/dV kernel's threads and dynamic shared memory (`KvShared` in the kernel): from d = 256 two warps per
-/// 16 keys (`SPLIT`), else one. K and V tiles of 64 rows, two query tiles of Q and dO rows (`bq` each), their
-/// per-row values, and under `SPLIT` the probabilities handed between warps (f32, 64 x `bq`); rows of `d + 8`
-/// bf16. 141 KB at d = 256, within the H100's and H200's 227 KB a block.
+/// The portable dK/dV kernel's threads and dynamic shared memory (`KvShared` in the kernel): from d = 256 two
+/// warps per 16 keys (`SPLIT`), else one. K and V tiles of 64 rows, two query tiles of Q and dO rows (`bq`
+/// each), their per-row values, and under `SPLIT` the probabilities handed between warps (f32, 64 x `bq`);
+/// rows of `d + 8` bf16. 141 KB at d = 256, within the H100's and H200's 227 KB a block.
 fn kv_shape(d: usize) -> (u32, u32) {
     let split = d >= 256;
     let bq = if d <= 96 {

@@ -202,7 +202,8 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     float* dl_rows = sm.values();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
-    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t, kv = kv_head<D>(blockIdx.y, t, heads, group);
+    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t;
+    size_t kv = kv_head<D>(blockIdx.y, t, heads, group);
     start += (size_t)(blockIdx.y / heads) * t;
     load_swizzled<D>(qs, q + head, q0, t);
     load_swizzled<D>(dos, dout + head, q0, t);
