@@ -1,9 +1,11 @@
 // Flash attention's backward on Hopper's warpgroup products (wgmma), for heads of 64, 96 and 128 dims: the
 // same work as flash_attention.cu's backward_kv and backward_q (which other cards and head_dim 256 run), whose
-// products are per-warp mma.syncs that each read their B operand from shared memory through ldmatrix. There
-// the four warps of a block each read the whole tile of the other side for every product, and shared
-// memory's bandwidth, not the tensor cores, bounded the kernels. A wgmma reads its shared operands once for
-// the warpgroup's 64 rows.
+// products are per-warp mma.syncs that each read their B operand from shared memory through ldmatrix: each of
+// a block's four warps reads the whole tile of the other side for every product. A wgmma reads its shared
+// operands once for the warpgroup's 64 rows. Against the portable kernels (H100, BENCHMARKS.md): 1.7x at head
+// dim 128, whose portable dK/dV kernel takes 16-query tiles to fit its registers, and 1.08-1.13x at 96. What
+// bounds both now is each warpgroup's serial chain (products, softmax, products) with two blocks an SM: two
+// warpgroups a block sharing each tile measured no faster.
 //
 // A block is one warpgroup and takes 64 rows of its side: keys (dK/dV) or queries (dQ). Over the tiles of 64
 // rows of the other side that it meets, two products over D with both operands in shared memory give the
