@@ -64,14 +64,21 @@ fn early_launches(dev: &CudaDevice) -> bool {
     !off && compute_capability(dev).is_some_and(|(major, _)| major >= 9)
 }
 
-/// `dev`'s compute capability (major, minor), or None where the driver does not say.
+/// `dev`'s compute capability (major, minor), or None where the driver does not say. Asked before every int8
+/// GEMM, flash backward and early launch, so [`remembered`] (as 100 major + minor) after the first answer.
 pub(crate) fn compute_capability(dev: &CudaDevice) -> Option<(i32, i32)> {
     use cudarc::driver::sys::CUdevice_attribute::{
         CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as MINOR,
     };
-    let stream = dev.cuda_stream();
-    let ctx = stream.context();
-    Some((ctx.attribute(MAJOR).ok()?, ctx.attribute(MINOR).ok()?))
+    let packed = remembered(dev, Fact::ComputeCapability, "", 0, 0, || {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        let err = |e| candle_core::Error::Msg(format!("compute capability: {e:?}"));
+        let (major, minor) = (ctx.attribute(MAJOR).map_err(err)?, ctx.attribute(MINOR).map_err(err)?);
+        Ok(major.max(0) as usize * 100 + minor.clamp(0, 99) as usize)
+    })
+    .ok()?;
+    Some(((packed / 100) as i32, (packed % 100) as i32))
 }
 
 /// Lets kernel `name` of module `ptx` take `bytes` of dynamic shared memory a block: above 48 KB (the static
@@ -205,16 +212,18 @@ pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) ->
 }
 
 /// What [`remembered`] keeps about a kernel: how many of its blocks run at once ([`one_wave`]), how many of
-/// its clusters ([`one_wave_of_clusters`]), the shared memory a block may take ([`shared_room`]).
+/// its clusters ([`one_wave_of_clusters`]), the shared memory a block may take ([`shared_room`]); and about
+/// the device itself (no kernel name), its compute capability ([`compute_capability`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Fact {
     Blocks,
     Clusters,
     SharedRoom,
+    ComputeCapability,
 }
 
-/// A fact about kernel `name` on `dev` that does not change while the process runs (keyed further by
-/// `threads` and `shared`), asked of the driver once: eager decoding launches ask on every step, and a driver
+/// A fact about kernel `name` on `dev` (or about `dev` itself, with no name) that does not change while the
+/// process runs (keyed further by `threads` and `shared`), asked of the driver once: eager decoding launches ask on every step, and a driver
 /// query costs microseconds beside a 3 us kernel.
 fn remembered(
     dev: &CudaDevice,
