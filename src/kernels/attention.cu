@@ -57,6 +57,7 @@ __device__ __forceinline__ void probs8(const bf16* s, const Row& row, int v, int
 // pass (online softmax), the write in a second.
 extern "C" __global__ void attention_block_forward(const bf16* s, const float* start, bf16* p, float* lse, int rows,
                                                    int q0, int nq, int nk, int t, int heads, float scale) {
+    follow_previous();
     int r = blockIdx.x * WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (r >= rows) return;
     Row row = row_of(r, start, q0, nq, nk, t, heads);
@@ -98,6 +99,7 @@ extern "C" __global__ void attention_block_forward(const bf16* s, const float* s
 extern "C" __global__ void attention_block_backward(const bf16* s, const float* lse, const bf16* dp,
                                                     const float* start, bf16* p, bf16* ds, int rows, int q0,
                                                     int nq, int nk, int t, int heads, float scale) {
+    follow_previous();
     int r = blockIdx.x * WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (r >= rows) return;
     Row row = row_of(r, start, q0, nq, nk, t, heads);

@@ -63,7 +63,7 @@ __device__ __forceinline__ float blend(float x, float q, float lambda) {
 }
 
 // Programmatic dependent launch (Hopper on; no-ops before it, and for a kernel launched without it):
-// `let_next_start` lets the stream's next kernel launched with it (kernels::launch's `Overlap::Early`) start its
+// `let_next_start` lets the stream's next kernel (kernels::launch_kernel launches every kernel so) start its
 // blocks where the card has room, and `wait_for_inputs` holds a kernel until the grids before it finished and
 // their writes are seen. Before the wait a kernel may only read what no kernel of the step writes (weights, the
 // KV cache's earlier columns) and write nothing: whatever it reads after may still be being written.
@@ -76,6 +76,13 @@ __device__ __forceinline__ void wait_for_inputs() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+// The first thing a kernel does that reads nothing before its inputs (all but decode's): waits for the kernels
+// before it, then lets the next one start its blocks beside this one's last. So at most one kernel of the
+// stream waits at a time.
+__device__ __forceinline__ void follow_previous() {
+    wait_for_inputs();
+    let_next_start();
 }
 // Asks the memory for the 128-byte line at `p` into L2 without waiting for it: a later load of it is an L2 hit.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }

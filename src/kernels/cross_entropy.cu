@@ -13,6 +13,7 @@
 extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, const uint32_t* targets,
                                                           const float* mask, float* loss, bf16* dlogits, int v,
                                                           int stride) {
+    follow_previous();
     const bf16* l = logits + (size_t)blockIdx.x * stride;
     bf16* dl = dlogits + (size_t)blockIdx.x * stride;
     float m = -INFINITY, s = 0.f;  // in base 2: logits times log2(e)

@@ -21,6 +21,7 @@ __device__ __forceinline__ void unpack8(const uint4& u, float* out) { load8(rein
 // the reference's bf16 GEMM output is, then scaled and added as the candle ops round.
 extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale, const bf16* residual, bf16* out,
                                 int rows, int n, int k) {
+    follow_previous();
     int lane = threadIdx.x % 32, o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (o >= n) return;
     float acc[GEMV_ROWS] = {};
@@ -55,6 +56,7 @@ extern "C" __global__ void gemv(const bf16* x, const bf16* w, const bf16* scale,
 // 16 i + 4 j + b at bits 8 b + 2 j of word i, so that (word >> 2 j) & 0x03030303 holds elements 16 i + 4 j ..
 // 16 i + 4 j + 3 one to a byte, the order of four int8 inputs in a 32-bit word (bitlinear_step's dp4a).
 extern "C" __global__ void pack_ternary(const bf16* w, unsigned* codes, size_t words) {
+    follow_previous();
     GRID_STRIDE(i, words) {
         unsigned word = 0;
         for (int e = 0; e < 16; e++) word |= (unsigned)rintf(f32(w[16 * i + e]) + 1.f) << (8 * (e % 4) + 2 * (e / 4));

@@ -3,8 +3,8 @@
 //! the scales and the residual add), the head's bf16 product, and each row's new token's attention
 //! over its KV cache with RoPE and the cache write, in one launch per layer (blocks of 32 columns, joined by
 //! the last to finish, as flash-decoding splits them) instead of about fifteen ops. The BitLinear and
-//! attention kernels launch with [`super::Overlap::Early`]: on Hopper each starts while the one before it
-//! finishes, reading its weights (or its cached columns) meanwhile, where the step writes buffers of its own
+//! attention kernels read before they wait for their inputs (`super::launch_kernel`'s early launches): on
+//! Hopper each starts while the one before it finishes, reading its weights (or its cached columns) meanwhile, where the step writes buffers of its own
 //! (`out`, `partial`: no allocation between them in a captured step).
 //! References: `model::bitnet`'s `Stacked::forward` and `Attention::forward` in candle ops.
 
@@ -185,7 +185,7 @@ pub fn try_bitlinear_step(s: &BitLinearStep) -> Result<Option<Tensor>> {
         block_outputs: layout.block_outputs as i32,
         stage_outputs: layout.stage_outputs as i32,
     };
-    launch!(dev, PTX, name, cfg, super::Overlap::Early; params);
+    launch!(dev, PTX, name, cfg; params);
     Ok(Some(out))
 }
 
@@ -280,7 +280,7 @@ pub fn try_decode_attention(a: &DecodeAttention) -> Result<Option<Tensor>> {
         shared_mem_bytes: 0,
     };
     // SAFETY (of writing through the caches): the KV cache's buffers are this generation's alone.
-    launch!(dev, PTX, "decode_attention", cfg, super::Overlap::Early;
+    launch!(dev, PTX, "decode_attention", cfg;
         ptr(&qkv)?, aligned_ptr(a.k_cache)?, aligned_ptr(a.v_cache)?, ptr(a.meta)?, ptr(&inv_freq)?, ptr(&y)?,
         ptr(&partial)?, ptr(a.done)?, a.heads as i32, a.kv_heads as i32, d as i32, width as i32, per as i32);
     Ok(Some(y))

@@ -18,20 +18,16 @@ pub(crate) use ptx;
 
 /// Launches kernel `$name` of module `$ptx` on `$dev`'s stream with the given arguments (each a value
 /// the kernel takes by copy: device addresses as `u64`, scalars as `i32`/`u64`/`f32`, or a `#[repr(C)]`
-/// parameter struct), after the stream's previous work ([`Overlap::None`], the default) or overlapping it
-/// ([`Overlap::Early`]).
+/// parameter struct), overlapping the stream's previous kernel where the card allows ([`launch_kernel`]).
 macro_rules! launch {
-    ($dev:expr, $ptx:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {
-        launch!($dev, $ptx, $name, $cfg, crate::kernels::Overlap::None; $($arg),*)
-    };
-    ($dev:expr, $ptx:expr, $name:expr, $cfg:expr, $overlap:expr; $($arg:expr),* $(,)?) => {{
+    ($dev:expr, $ptx:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let func = $dev.get_or_load_custom_func($name, $ptx.0, $ptx.1)?;
         let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
         // Each `arg` lives to the end of this block (shadowed, not dropped): the pointers stay valid.
         $( let arg = $arg; params.push(crate::kernels::param(&arg)); )*
         // SAFETY: the arguments match the kernel's signature in the .cu file, and every address points into
         // a live tensor of the size the kernel indexes.
-        unsafe { crate::kernels::launch_kernel(&$dev, &func, $cfg, &mut params, $overlap) }
+        unsafe { crate::kernels::launch_kernel(&$dev, &func, $cfg, &mut params) }
             .map_err(|e| candle_core::Error::Msg(format!("launching {}: {e:?}", $name)))?;
     }};
 }
@@ -44,20 +40,8 @@ pub(crate) fn param<T: cudarc::driver::DeviceRepr>(arg: &T) -> *mut std::ffi::c_
     (arg as *const T).cast_mut().cast()
 }
 
-/// How a launch is ordered after the stream's previous kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Overlap {
-    /// After it has finished: every kernel that reads its inputs from its first instruction.
-    None,
-    /// Programmatic dependent launch (compute capability 9.0 on; elsewhere, or with `BESSIE_PDL=0`, as
-    /// `None`): the kernel's blocks may start once the previous kernel let them (`let_next_start` in
-    /// `common.cuh`) and read its weights while that one finishes; it waits (`wait_for_inputs`) before it
-    /// reads anything a kernel of the stream writes. Only for kernels written so.
-    Early,
-}
-
-/// Whether `dev` launches [`Overlap::Early`] kernels early: compute capability 9.0 on, and not turned off by
-/// `BESSIE_PDL=0` (to measure what it gains, or to rule it out when hunting a bug).
+/// Whether `dev` launches kernels early (programmatic dependent launch): compute capability 9.0 on, and not
+/// turned off by `BESSIE_PDL=0` (to measure what it gains, or to rule it out when hunting a bug).
 fn early_launches(dev: &CudaDevice) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("BESSIE_PDL").is_ok_and(|v| v == "0"));
@@ -90,19 +74,24 @@ pub(crate) fn opt_in_shared(dev: &CudaDevice, ptx: Ptx, name: &str, bytes: usize
         .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory of {bytes} bytes: {e:?}")))
 }
 
-/// Launches `func` on `dev`'s stream with the kernel parameters `params` (pointers to each argument), as
-/// `overlap` orders it (`cuLaunchKernelEx`, whose programmatic serialization attribute cudarc's safe launch
-/// does not take). Kernel launches of [`launch!`] only.
+/// Launches `func` on `dev`'s stream with the kernel parameters `params` (pointers to each argument)
+/// (`cuLaunchKernelEx`, whose programmatic serialization attribute cudarc's safe launch does not take). Kernel
+/// launches of [`launch!`] only.
+///
+/// Where [`early_launches`], every kernel launches early: its blocks may start once the stream's previous
+/// kernel let them (`let_next_start` in `common.cuh`), beside that kernel's last blocks, instead of after its
+/// end and the launch's latency. Each kernel of this crate is written for it: it waits (`wait_for_inputs`)
+/// before it reads anything a kernel of the stream writes and before it writes anything: most first of all
+/// (`follow_previous`), decode's after reading its weights. Between the hundreds of short kernels of a
+/// training step the GPU otherwise idles a few microseconds at each boundary.
 ///
 /// # Safety
-/// `params` must match the kernel's signature and point at live arguments; the kernel must be written for
-/// `overlap`.
+/// `params` must match the kernel's signature and point at live arguments; the kernel must wait as above.
 pub(crate) unsafe fn launch_kernel(
     dev: &CudaDevice,
     func: &cudarc::driver::CudaFunction,
     cfg: LaunchConfig,
     params: &mut [*mut std::ffi::c_void],
-    overlap: Overlap,
 ) -> std::result::Result<(), cudarc::driver::DriverError> {
     use cudarc::driver::sys;
     let stream = dev.cuda_stream();
@@ -112,7 +101,7 @@ pub(crate) unsafe fn launch_kernel(
         pad: [0; 4],
         value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
     };
-    let attrs = overlap == Overlap::Early && early_launches(dev);
+    let attrs = early_launches(dev);
     let config = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,

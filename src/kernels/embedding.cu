@@ -6,6 +6,7 @@
 // rows sorted by id (stable, so each id's rows are summed in batch order, as the reference does).
 template <typename D>
 __device__ void embedding_backward(D* dtable, const bf16* dx, const uint32_t* order, const uint32_t* runs, int c) {
+    follow_previous();
     uint32_t id = runs[3 * blockIdx.x], first = runs[3 * blockIdx.x + 1], end = runs[3 * blockIdx.x + 2];
     for (int col = threadIdx.x; col < c; col += blockDim.x) {
         float s = 0.f;

@@ -495,18 +495,21 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
     extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
         flash_forward_##D(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o, float* lse,   \
                           int t, int heads, int group, float scale2) {                                            \
+        follow_previous();                                                                                        \
         forward<D>(q, k, v, start, o, lse, t, heads, group, scale2);                                              \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(KvShared<D>::NT)                                                 \
         flash_backward_kv_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,    \
                               const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,       \
                               int group, float scale2) {                                                          \
+        follow_previous();                                                                                        \
         backward_kv<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, group, scale2);                        \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
         flash_backward_q_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,        \
                              const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,       \
                              int group, float scale2) {                                                            \
+        follow_previous();                                                                                        \
         backward_q<D>(q, k, v, dout, o, lse, delta, start, dq, t, heads, group, scale2);                          \
     }
 

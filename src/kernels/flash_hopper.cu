@@ -282,12 +282,14 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         flash_backward_kv_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
                                      const float* lse, const float* delta, const float* start, bf16* dk,          \
                                      bf16* dv, int t, int heads, int group, float scale2) {                       \
+        follow_previous();                                                                                        \
         HOPPER_KV(D)                                                                                              \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_backward_q_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o, \
                                     const float* lse, float* delta, const float* start, bf16* dq, int t,          \
                                     int heads, int group, float scale2) {                                         \
+        follow_previous();                                                                                        \
         HOPPER_Q(D)                                                                                               \
     }
 FLASH_HOPPER(64)

@@ -29,11 +29,13 @@ __device__ double partial_sum(const float* x, size_t n, int square, int part, in
 
 // One partial sum per block into out[blockIdx.x].
 extern "C" __global__ void sum_partials(const float* x, size_t n, int square, double* out) {
+    follow_previous();
     double acc = partial_sum(x, n, square, blockIdx.x, gridDim.x);
     if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 // The same over bf16 (a bf16 gradient buffer's squares), element by element.
 extern "C" __global__ void sum_partials_bf16(const bf16* x, size_t n, int square, double* out) {
+    follow_previous();
     double acc = 0.0;
     GRID_STRIDE(i, n) acc += term(f32(x[i]), square);
     acc = block_reduce(acc, Sum());
@@ -74,6 +76,7 @@ struct SlotPart {
 // parts of a matrix sum to the matrix's). After an AdamW step the sums come from adamw and slot_totals instead
 // (parts = 1), which saw the new weights as it wrote them.
 extern "C" __global__ void slot_absmean_partials(const float* flat, const long long* slots, double* partials) {
+    follow_previous();
     const long long* s = slots + SLOT_COLS * blockIdx.y;
     double acc = s[2] ? partial_sum(flat + s[0], s[1], 0, blockIdx.x, gridDim.x) : 0.0;
     if (threadIdx.x == 0) partials[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
@@ -100,6 +103,7 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
                                         const double* partials, int parts, float lambda, bf16* out,
                                         signed char* codes, long long codes_base, float* row_scales,
                                         long long out_base, int first_block, int total_blocks) {
+    follow_previous();
     SlotPart sp(slots, n_slots, blockIdx.x + first_block, total_blocks);
     int lo = sp.slot;
     const long long* sl = slots + SLOT_COLS * lo;
@@ -143,6 +147,7 @@ extern "C" __global__ void step_weights(const float* flat, const long long* slot
 // gradient buffer (f32, or bf16: rounded once, after the sum in f32). One pass instead of a cast, an add and a
 // copy. Named accumulate_SRC_DST.
 template <typename D, typename S> __device__ void accumulate(D* dst, const S* src, size_t n, int add) {
+    follow_previous();
     GRID_STRIDE(i, n) {
         float s = load_f32(src + i);
         store_f32(dst + i, add ? load_f32(dst + i) + s : s);
@@ -181,6 +186,7 @@ __device__ void adamw(float* p, const G* g, float* m, float* v, size_t shard_sta
                       int n_slots, float grad_scale, float beta1, float one_minus_beta1, float beta2,
                       float one_minus_beta2, float decay, float inv_sqrt_bc2, float eps, float step_size,
                       double* partials) {
+    follow_previous();
     SlotPart sp(slots, n_slots, blockIdx.x, gridDim.x);
     const long long* sl = slots + SLOT_COLS * sp.slot;
     size_t first = sl[0], n = sl[1];
@@ -244,6 +250,7 @@ template <typename G>
 __device__ void adamw_int8(float* p, const G* g, unsigned char* u, float* u_scale, unsigned char* v,
                            float* v_scale, size_t n, size_t shard_start, const long long* runs, int n_runs,
                            AdamW h, float decay) {
+    follow_previous();
     size_t i = (size_t)blockIdx.x * MOMENT_BLOCK + threadIdx.x;
     bool live = i < n;
     float us = u_scale[blockIdx.x], vs = v_scale[blockIdx.x];
@@ -289,6 +296,7 @@ ADAMW_INT8(adamw_int8_bf16, bf16)
 // totals[k] = the sum of slot k's blocks' partials (adamw's), in block order: one block per slot.
 extern "C" __global__ void slot_totals(const double* partials, const long long* slots, int n_slots, int blocks,
                                        double* totals) {
+    follow_previous();
     int k = blockIdx.x;
     long long from = slots[SLOT_COLS * k + 3], to = k + 1 < n_slots ? slots[SLOT_COLS * (k + 1) + 3] : blocks;
     double acc = 0.0;

@@ -260,10 +260,12 @@ template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_
 // the products (setmaxnreg).
 #define IG_KERNEL(name, BN, STAGES)                                                                        \
     extern "C" __global__ void __launch_bounds__(384, 1) name(const __grid_constant__ Int8Gemm p) {        \
+        follow_previous();                                                                                 \
         IG_BODY(BN, STAGES, 1)                                                                             \
     }                                                                                                      \
     extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)                         \
         name##_pair(const __grid_constant__ Int8Gemm p) {                                                  \
+        follow_previous();                                                                                 \
         IG_BODY(BN, STAGES, 2)                                                                             \
     }
 IG_KERNEL(int8_gemm_n128, 128, 6)

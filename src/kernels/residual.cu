@@ -10,6 +10,7 @@
 // round: x or scale null leave out the add or the multiply.
 extern "C" __global__ void residual_add(const bf16* x, const bf16* branch, const bf16* scale, bf16* out,
                                         size_t vectors, int n) {
+    follow_previous();
     GRID_STRIDE(v, vectors) {
         float a[8], b[8];
         load8(branch + 8 * v, b);

@@ -284,12 +284,14 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
     extern "C" __global__ void NAME(const bf16* x, const bf16* w, bf16* y, float* rrms, signed char* codes,        \
                                     float* scales, int n, int c, float inv_c, float eps, float lambda, int t,     \
                                     int hd, int act) {                                                             \
+        follow_previous();                                                                                         \
         rmsnorm_quant_forward<K, G, GLU>(x, w, y, rrms, codes, scales, n, c, inv_c, eps, lambda, t, hd, act);     \
     }
 #define RMSNORM_BACKWARD(K, GLU, NAME)                                                                             \
     extern "C" __global__ void __launch_bounds__(512, 2)                                                           \
         NAME(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual, bf16* dx,     \
              float* dw_partial, int n, int c, float inv_c, int t, int hd, int act) {                               \
+        follow_previous();                                                                                         \
         rmsnorm_backward<K, GLU>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd, act);               \
     }
 // The forward: a warp per row with 1, 2, 4 or 6 vectors per lane, or a block per row with 4; the backward: a
@@ -315,6 +317,7 @@ BACKWARDS(true, glu_rmsnorm_backward_)
 // adds the 32 sums.
 template <typename D> __device__ void column_sums(const float* x, int rows, int cols, int add, D* out) {
     __shared__ float part[32][33];
+    follow_previous();
     int j = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
     if (j < cols)

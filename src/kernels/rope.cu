@@ -12,6 +12,7 @@
 // to channels j..j+8 and their partners j+d/2..; half = d/2 must be a multiple of 8.
 extern "C" __global__ void qkv_rope(bf16* qkv, bf16* q, bf16* k, bf16* v, const bf16* cos, const bf16* sin,
                                     int b, int t, int hq, int hkv, int d, int backward) {
+    follow_previous();
     int half = d / 2, heads = hq + 2 * hkv, vecs = half / 8;
     for (int row = blockIdx.x; row < b * t; row += gridDim.x) {  // the token: batch row * t + position
         int ti = row % t, bi = row / t;

@@ -85,7 +85,7 @@ impl Span {
 
 /// A decoding step's activations on a GPU, made once per layout of the cache and reused by every layer and
 /// step, so that a captured step allocates nothing between its kernels: an allocation is a graph node, which
-/// keeps the kernels on either side of it from overlapping (`kernels::Overlap::Early`). Each kernel writes
+/// keeps the kernels on either side of it from overlapping (`kernels::launch_kernel`'s early launches). Each kernel writes
 /// one buffer that nothing it reads lies in; the residual stream alternates between two.
 #[derive(Debug, Clone)]
 pub(super) struct StepScratch {
