@@ -619,8 +619,9 @@ mod fused {
     /// The int8 GEMM (`kernels::int8_gemm`, Hopper's wgmma) against the same products in integers on the
     /// host, bit for bit after the scales (f32, in the kernel's order) and the bf16 rounding: every kernel at
     /// the forward BitLinears' shapes of each family (q/k/v and gate/up stacked, as the forward runs them) at
-    /// 300 tokens (a partial tile of rows; a cluster's lower tile past the end), with and without scales, and
-    /// a block of 128 rows whose sums are all at their extremes.
+    /// 300 tokens (a partial tile of rows; a cluster's lower tile past the end), with and without scales, with
+    /// a residual added in the epilogue where the tile adds one (rounded after the product and after the add),
+    /// and a block of 128 rows whose sums are all at their extremes.
     #[test]
     fn int8_gemm_matches_integer_products() {
         use bessie::kernels::int8_gemm::{try_int8_gemm, Tile};
@@ -640,6 +641,8 @@ mod fused {
             let sa: Vec<f32> = (0..m).map(|r| 0.01 + r as f32 * 1e-3).collect();
             let sb: Vec<f32> = (0..n).map(|c| 0.5 + (c % 7) as f32 * 0.03).collect();
             let (ta, tb) = (Tensor::new(&sa[..], &gpu()).unwrap(), Tensor::new(&sb[..], &gpu()).unwrap());
+            let residual = randn(&[m, n], DType::BF16);
+            let hr: Vec<f32> = residual.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             // Every output of the first and last rows (the extremes and the partial tile), and a sample, with
             // its integer product, computed once for the eight launches.
             let mut rng = bessie::rng::Rng::new(99);
@@ -650,24 +653,30 @@ mod fused {
                 .chain(sample)
                 .map(|(r, c)| (r, c, (0..k).map(|j| ha[r * k + j] as i32 * hb[c * k + j] as i32).sum()))
                 .collect();
-            for (scaled, tile) in Tile::ALL.into_iter().flat_map(|t| [(false, t), (true, t)]) {
+            let cases = Tile::ALL.into_iter().flat_map(|t| [(false, false, t), (true, false, t), (true, true, t)]);
+            for (scaled, added, tile) in cases.filter(|&(_, added, t)| !added || t.adds_residual()) {
                 let (x, y) = if scaled { (Some(&ta), Some(&tb)) } else { (None, None) };
-                let got = try_int8_gemm(&a, &b, x, y, tile).unwrap().expect("a Hopper GPU takes it");
+                let r = added.then_some(&residual);
+                let got = try_int8_gemm(&a, &b, x, y, r, tile).unwrap().expect("a Hopper GPU takes it");
                 let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                 for &(r, c, dot) in &checks {
                     let want = match scaled {
                         true => dot as f32 * sa[r] * sb[c],
                         false => dot as f32,
                     };
-                    let want = half::bf16::from_f32(want).to_f32();
+                    let mut want = half::bf16::from_f32(want).to_f32();
+                    if added {
+                        want = half::bf16::from_f32(want + hr[r * n + c]).to_f32();
+                    }
                     assert_eq!(
                         got[r * n + c].to_bits(),
                         want.to_bits(),
-                        "{n} x {k}, [{r}, {c}], {tile:?}, scaled {scaled}"
+                        "{n} x {k}, [{r}, {c}], {tile:?}, scaled {scaled}, residual {added}"
                     );
                 }
                 println!(
-                    "int8 GEMM {m} x {n} x {k}, {tile:?} (scaled {scaled}): {} outputs equal to the integer products",
+                    "int8 GEMM {m} x {n} x {k}, {tile:?} (scaled {scaled}, residual {added}): {} outputs equal to \
+                     the integer products",
                     checks.len()
                 );
             }
@@ -679,8 +688,8 @@ mod fused {
         let odd = scales.narrow(0, 1, 256).unwrap();
         for tile in Tile::ALL {
             let (from_view, from_copy) = (
-                try_int8_gemm(&a, &b, None, Some(&odd), tile).unwrap().expect("takes it"),
-                try_int8_gemm(&a, &b, None, Some(&odd.copy().unwrap()), tile).unwrap().expect("takes it"),
+                try_int8_gemm(&a, &b, None, Some(&odd), None, tile).unwrap().expect("takes it"),
+                try_int8_gemm(&a, &b, None, Some(&odd.copy().unwrap()), None, tile).unwrap().expect("takes it"),
             );
             assert_eq!(values(&from_view), values(&from_copy), "a column-scale view one float in, {tile:?}");
         }
@@ -690,7 +699,7 @@ mod fused {
         let b: Vec<u8> = (0..n * k).map(|i| if i / k % 2 == 0 { 128u8 } else { 127 }).collect();
         let b = Tensor::from_vec(b, (n, k), &gpu()).unwrap();
         for tile in Tile::ALL {
-            let got = try_int8_gemm(&a, &b, None, None, tile).unwrap().expect("takes it");
+            let got = try_int8_gemm(&a, &b, None, None, None, tile).unwrap().expect("takes it");
             let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             for (i, v) in got.iter().enumerate() {
                 let want = if i % n % 2 == 0 { 128.0 * 128.0 * k as f32 } else { -128.0 * 127.0 * k as f32 };
@@ -723,7 +732,7 @@ mod fused {
             for tile in Tile::ALL {
                 let int8 = |scales: bool| {
                     let (sa, sb) = if scales { (Some(&sa), Some(&sb)) } else { (None, None) };
-                    mean_us(&|| drop(try_int8_gemm(&a, &b, sa, sb, tile).unwrap().expect("takes it")))
+                    mean_us(&|| drop(try_int8_gemm(&a, &b, sa, sb, None, tile).unwrap().expect("takes it")))
                 };
                 let (scaled, unscaled) = (int8(true), int8(false));
                 println!(
@@ -733,6 +742,18 @@ mod fused {
                     ops / bf16 / 1e6,
                     bf16 / scaled
                 );
+                if tile.adds_residual() {
+                    // The residual stream's add in the epilogue against the residual kernel after the GEMM.
+                    let residual = randn(&[m, n], DType::BF16);
+                    let fused = mean_us(&|| {
+                        drop(try_int8_gemm(&a, &b, Some(&sa), Some(&sb), Some(&residual), tile).unwrap().unwrap())
+                    });
+                    let apart = mean_us(&|| {
+                        let y = try_int8_gemm(&a, &b, Some(&sa), Some(&sb), None, tile).unwrap().unwrap();
+                        drop(bessie::kernels::residual::try_residual_add(&residual, &y).unwrap().unwrap())
+                    });
+                    println!("GEMM {m} x {n} x {k}: {tile:?} with the residual added {fused:.1} us, then added {apart:.1} us");
+                }
             }
         }
     }
@@ -1254,8 +1275,8 @@ mod fused {
                 let (weights, codes) = step_weights(&latents, &slots, 1.0, DType::BF16, true).unwrap();
                 let weights = weights.reshape((total / k, k)).unwrap();
                 let w8 = codes.unwrap().operand(0, 0..total, k).unwrap();
-                let y8 = linear_forward(&a, &weights, Some((a8.as_ref().unwrap(), &w8))).unwrap();
-                let y16 = linear_forward(&a, &weights, None).unwrap();
+                let y8 = linear_forward(&a, &weights, Some((a8.as_ref().unwrap(), &w8)), None).unwrap();
+                let y16 = linear_forward(&a, &weights, None, None).unwrap();
                 let exact = a.to_dtype(DType::F64).unwrap().matmul(&weights.to_dtype(DType::F64).unwrap().t().unwrap());
                 let exact = exact.unwrap();
                 let (e, e8, e16) = (rel_l2(&y8, &y16), rel_l2(&y8, &exact), rel_l2(&y16, &exact));

@@ -1,7 +1,9 @@
 // An int8 x int8 GEMM with bf16 output on Hopper's tensor cores (wgmma with s8 inputs and s32 sums, at twice
 // bf16's rate): out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n]), both operands
-// row-major with k contiguous (a BitLinear's int8 activations and its ternary weights as int8). The sums are
-// exact integers; the scales are applied once in f32, in that order. Compiled for sm_90a (build.rs): on
+// row-major with k contiguous (a BitLinear's int8 activations and its ternary weights as int8), plus
+// residual[m, n] where given (the residual stream a block's o_proj or down adds to; 128-column tiles only),
+// added to the rounded product and rounded again, as a separate bf16 add would. The sums are exact integers; the scales are
+// applied once in f32, in that order. Compiled for sm_90a (build.rs): on
 // other cards the module is empty and kernels::int8_gemm declines.
 //
 // A block takes 128 x BN tiles of the output in turn (BN 128 or 256; one block an SM). Its first warpgroup's
@@ -29,13 +31,15 @@ struct alignas(64) TensorMap {
 };
 
 // Mirrors int8_gemm.rs's `GemmParams`: the operands as TMA descriptors (cuTensorMapEncodeTiled), each row's
-// and each column's scale (f32) or null (1), the output.
+// and each column's scale (f32) or null (1), the output, and what it adds to (bf16 [m, n], not `out`) or null
+// (ignored by the kernels of 256 columns, whose sums leave no registers for it).
 struct Int8Gemm {
     TensorMap a;
     TensorMap b;
     const float* a_scale;
     const float* b_scale;
     bf16* out;
+    const bf16* residual;
     int m, n, k;
 };
 
@@ -210,6 +214,21 @@ template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_
         int d[BN / 2];
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) d[i] = 0;
+        // The residuals this thread's outputs add to (its rows and column pairs, as the epilogue stores them),
+        // asked for before the products, as the scales are: loaded in the epilogue, each would wait in turn
+        // between its stores. At 256 columns the 64 registers they take made the products spill.
+        constexpr bool ADDS = BN == 128;
+        uint32_t res[BN / 8][2];
+        if (ADDS && p.residual)
+#pragma unroll
+            for (int g = 0; g < BN / 8; g++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    int row = r0 + 8 * h, col = n0 + 8 * g + 2 * (lane % 4);
+                    res[g][h] = row < p.m && col < p.n
+                                    ? *reinterpret_cast<const uint32_t*>(p.residual + (size_t)row * p.n + col)
+                                    : 0u;
+                }
         for (int kt = 0; kt < steps; kt++, it++) {
             int s = it % STAGES;
             barrier_wait(full(s), it / STAGES % 2);
@@ -243,8 +262,12 @@ template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_
             for (int h = 0; h < 2; h++) {
                 int row = r0 + 8 * h;
                 if (row >= p.m) continue;
-                *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)row * p.n + col) = __floats2bfloat162_rn(
-                    (float)d[4 * g + 2 * h] * sa[h] * sc.x, (float)d[4 * g + 2 * h + 1] * sa[h] * sc.y);
+                float y0 = (float)d[4 * g + 2 * h] * sa[h] * sc.x, y1 = (float)d[4 * g + 2 * h + 1] * sa[h] * sc.y;
+                if (ADDS && p.residual) {
+                    float2 r = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&res[g][h]));
+                    y0 = round_bf16(y0) + r.x, y1 = round_bf16(y1) + r.y;
+                }
+                *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)row * p.n + col) = __floats2bfloat162_rn(y0, y1);
             }
         }
         named_sync<128>(1 + c);  // every thread has read the scales before the next tile's overwrite them

@@ -1,7 +1,8 @@
 //! An int8 x int8 GEMM with bf16 output on Hopper's tensor cores (`int8_gemm.cu`: wgmma with s8 inputs and
 //! s32 sums, which run at twice bf16's rate; cuBLASLt's int8 GEMM measured slower than its bf16 one at a
-//! BitLinear's shapes): `round_bf16(a b^T * a_scale[m] * b_scale[n])` with exact integer sums. The
-//! reference is the same product in integers on the host (`tests/gpu.rs`).
+//! BitLinear's shapes): `round_bf16(a b^T * a_scale[m] * b_scale[n])` with exact integer sums, and the
+//! residual stream's add after o_proj and down in its epilogue. The reference is the same product in
+//! integers on the host (`tests/gpu.rs`).
 //!
 //! The operands are loaded by the TMA, one warpgroup's thread, while two warpgroups multiply; blocks run in
 //! clusters of two whose tiles share the weight's columns, loaded once for both (BENCHMARKS.md has the
@@ -52,6 +53,12 @@ impl Tile {
         Tile { columns, cluster }
     }
 
+    /// Whether the tile's kernel adds a residual in its epilogue: 128 columns (at 256 the residuals' registers
+    /// made the products spill).
+    pub fn adds_residual(self) -> bool {
+        self.columns == 128
+    }
+
     fn kernel(self) -> &'static str {
         match (self.columns, self.cluster) {
             (128, 1) => "int8_gemm_n128",
@@ -78,7 +85,7 @@ impl Tile {
 }
 
 /// `int8_gemm`'s parameters, as int8_gemm.cu's `Int8Gemm` lays them out: the operands' TMA descriptors,
-/// the scales' device addresses (0 for none), the output's, the sizes.
+/// the scales' device addresses (0 for none), the output's, the residual's (0 for none), the sizes.
 #[repr(C, align(64))]
 struct GemmParams {
     a: cudarc::driver::sys::CUtensorMap,
@@ -86,6 +93,7 @@ struct GemmParams {
     a_scale: u64,
     b_scale: u64,
     out: u64,
+    residual: u64,
     m: i32,
     n: i32,
     k: i32,
@@ -136,21 +144,33 @@ pub fn available(dev: &Device) -> bool {
 }
 
 /// A BitLinear's forward `x w^T` (bf16 `[rows, outputs]`) from the int8 forms of its input and its weight,
-/// with the faster tile for the shape ([`Tile::for_shape`]). `Ok(None)` where the kernel does not apply.
-pub fn try_bitlinear_forward(x: &Int8Operand, w: &Int8Operand) -> Result<Option<Tensor>> {
+/// with the faster tile for the shape ([`Tile::for_shape`]), plus `residual` where given (bf16 `[rows,
+/// outputs]`, the residual stream o_proj and down add to): in the GEMM's epilogue where the tile adds one,
+/// else by the residual kernel after it. `Ok(None)` where the GEMM does not apply.
+pub fn try_bitlinear_forward(x: &Int8Operand, w: &Int8Operand, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
     let ((m, _), (n, _)) = (x.codes.dims2()?, w.codes.dims2()?);
-    try_int8_gemm(&x.codes, &w.codes, Some(&x.scales), Some(&w.scales), Tile::for_shape(m, n))
+    let tile = Tile::for_shape(m, n);
+    let fused = residual.filter(|_| tile.adds_residual());
+    let Some(y) = try_int8_gemm(&x.codes, &w.codes, Some(&x.scales), Some(&w.scales), fused, tile)? else {
+        return Ok(None);
+    };
+    match residual {
+        Some(r) if fused.is_none() => Ok(Some(super::residual::try_residual_add(r, &y)?.map_or_else(|| r + &y, Ok)?)),
+        _ => Ok(Some(y)),
+    }
 }
 
 /// `out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n])` (bf16 `[m, n]`) for `a: [m, k]`
 /// and `b: [n, k]`, u8 tensors holding int8 values (two's complement), and f32 scales `[m]` and `[n]` (None:
-/// 1), each block taking `tile`'s columns. `Ok(None)` where the kernel does not apply: not on a Hopper GPU, `k`
-/// not a multiple of 128, `n` odd, an operand not 16-byte aligned.
+/// 1), plus `residual` (bf16 `[m, n]`, rounded again after the add; only where `tile` adds one), each block
+/// taking `tile`'s columns. `Ok(None)` where the kernel does not apply: not on a Hopper GPU, `k` not a
+/// multiple of 128, `n` odd, an operand not 16-byte aligned.
 pub fn try_int8_gemm(
     a: &Tensor,
     b: &Tensor,
     a_scale: Option<&Tensor>,
     b_scale: Option<&Tensor>,
+    residual: Option<&Tensor>,
     tile: Tile,
 ) -> Result<Option<Tensor>> {
     let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
@@ -159,15 +179,22 @@ pub fn try_int8_gemm(
     }
     let dev = cuda_device(a)?;
     let scale_ok = |s: Option<&Tensor>, len: usize| s.is_none_or(|s| s.dtype() == DType::F32 && s.elem_count() == len);
-    if a.dtype() != DType::U8 || b.dtype() != DType::U8 || !scale_ok(a_scale, m) || !scale_ok(b_scale, n) {
+    let residual_ok = residual.is_none_or(|r| tile.adds_residual() && r.dtype() == DType::BF16 && r.dims() == [m, n]);
+    if a.dtype() != DType::U8
+        || b.dtype() != DType::U8
+        || !scale_ok(a_scale, m)
+        || !scale_ok(b_scale, n)
+        || !residual_ok
+    {
         candle_core::bail!(
-            "int8 GEMM: a {:?} {:?}, b {:?} {:?}, scales {:?} {:?}",
+            "int8 GEMM: a {:?} {:?}, b {:?} {:?}, scales {:?} {:?}, residual {:?} on {tile:?}",
             a.dims(),
             a.dtype(),
             b.dims(),
             b.dtype(),
             a_scale.map(|s| (s.dims().to_vec(), s.dtype())),
-            b_scale.map(|s| (s.dims().to_vec(), s.dtype()))
+            b_scale.map(|s| (s.dims().to_vec(), s.dtype())),
+            residual.map(|r| (r.dims().to_vec(), r.dtype()))
         );
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
@@ -177,6 +204,11 @@ pub fn try_int8_gemm(
     }
     let a_scale = a_scale.map(|s| s.contiguous()).transpose()?;
     let b_scale = b_scale.map(|s| s.contiguous()).transpose()?;
+    // Read a column pair (4 bytes) at a time.
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    if residual.as_ref().map_or(Ok(0), ptr)? % 4 != 0 {
+        return Ok(None);
+    }
     let (name, shared) = (tile.kernel(), tile.shared());
     opt_in_shared(&dev, PTX, name, shared)?;
     // As many blocks (clusters) as run at once, each taking tiles (groups of tiles) in turn: a block's loads
@@ -204,6 +236,7 @@ pub fn try_int8_gemm(
         a_scale: a_scale.as_ref().map_or(Ok(0), ptr)?,
         b_scale: b_scale.as_ref().map_or(Ok(0), ptr)?,
         out: ptr(&out)?,
+        residual: residual.as_ref().map_or(Ok(0), ptr)?,
         m: m as i32,
         n: n as i32,
         k: k as i32,

@@ -113,7 +113,7 @@ pub mod int8_gemm {
         false
     }
 
-    pub fn try_bitlinear_forward(_: &Int8Operand, _: &Int8Operand) -> Result<Option<Tensor>> {
+    pub fn try_bitlinear_forward(_: &Int8Operand, _: &Int8Operand, _: Option<&Tensor>) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

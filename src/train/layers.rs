@@ -79,17 +79,24 @@ pub fn effective_input(x: &Tensor, lambda: f64) -> Result<Tensor> {
     blend(&x.to_dtype(DType::F32)?, &q, lambda)?.to_dtype(x.dtype())
 }
 
-/// `y = x_eff @ W_eff^T` for `x_eff: [n, in]`, `w: [out, in]`. With both operands' int8 forms (`int8`: the
-/// input's and the weight's, at lambda 1 on Hopper) the int8 GEMM computes it from their codes: exact integer
-/// sums scaled once, where the bf16 GEMM sums the rounded products `x_eff w` in f32 (the two differ by bf16
-/// roundings; `tests/gpu.rs` bounds it).
-pub fn linear_forward(x_eff: &Tensor, w: &Tensor, int8: Option<(&Int8Operand, &Int8Operand)>) -> Result<Tensor> {
+/// `y = x_eff @ W_eff^T` for `x_eff: [n, in]`, `w: [out, in]`, plus `residual` where given: the residual
+/// stream the branch adds to, `residual + y` as [`residual_add`] rounds it. With both operands' int8 forms
+/// (`int8`: the input's and the weight's, at lambda 1 on Hopper) the int8 GEMM computes it from their codes,
+/// the add in its epilogue: exact integer sums scaled once, where the bf16 GEMM sums the rounded products
+/// `x_eff w` in f32 (the two differ by bf16 roundings; `tests/gpu.rs` bounds it).
+pub fn linear_forward(
+    x_eff: &Tensor,
+    w: &Tensor,
+    int8: Option<(&Int8Operand, &Int8Operand)>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     if let Some((x8, w8)) = int8 {
-        if let Some(y) = kernels::int8_gemm::try_bitlinear_forward(x8, w8)? {
+        if let Some(y) = kernels::int8_gemm::try_bitlinear_forward(x8, w8, residual)? {
             return Ok(y);
         }
     }
-    x_eff.matmul(&w.t()?)
+    let y = x_eff.matmul(&w.t()?)?;
+    residual.map_or(Ok(y.clone()), |r| residual_add(r, &y))
 }
 
 /// Straight-through estimator: both quantizers pass gradients unchanged, so the gradients are those of a

@@ -454,19 +454,21 @@ impl<'a> Pass<'a> {
     }
 
     /// The BitLinear forward of the neighbouring matrices `slots` (one, or several that read the same input)
-    /// on the input `x`, by the int8 GEMM where `x8` (its int8 form) and the part's codes are there.
+    /// on the input `x`, by the int8 GEMM where `x8` (its int8 form) and the part's codes are there, added to
+    /// the residual stream `residual` where given (o_proj and down).
     fn bitlinear(
         &self,
         bw: &WeightPart,
         slots: RangeInclusive<usize>,
         x: &Tensor,
         x8: Option<&Int8Operand>,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let w8 = match x8 {
             Some(_) => bw.stacked_int8(self.layout, slots.clone())?,
             None => None,
         };
-        Ok(linear_forward(x, &bw.stacked(self.layout, slots)?, x8.zip(w8.as_ref()))?)
+        Ok(linear_forward(x, &bw.stacked(self.layout, slots)?, x8.zip(w8.as_ref()), residual)?)
     }
 
     /// A block's attention from its normed, quantized input `a1` (and its int8 form, where there is one): the
@@ -479,7 +481,7 @@ impl<'a> Pass<'a> {
         a1: &Tensor,
         a1_int8: Option<&Int8Operand>,
     ) -> Result<(Tensor, FlashSaved)> {
-        let qkv = self.bitlinear(bw, s.q..=s.v, a1, a1_int8)?;
+        let qkv = self.bitlinear(bw, s.q..=s.v, a1, a1_int8, None)?;
         let (q, k, v) = qkv_heads(&qkv, self.head_shape(), &self.b.cos, &self.b.sin)?;
         Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
@@ -505,12 +507,12 @@ impl<'a> Pass<'a> {
         let (a1, input_norm, a1_int8) = rmsnorm_quant_forward(x, &p(s.input_norm)?, eps, lambda, int8)?;
         let (y, attn) = self.attention(s, bw, &a1, a1_int8.as_ref())?;
         let (o, attn_sub_norm, o_int8) = self.attention_out(s, bw, &y)?;
-        let x = residual_add(x, &self.bitlinear(bw, s.o..=s.o, &o, o_int8.as_ref())?)?;
+        let x = self.bitlinear(bw, s.o..=s.o, &o, o_int8.as_ref(), Some(x))?;
 
         let (a2, post_norm, a2_int8) = rmsnorm_quant_forward(&x, &p(s.post_norm)?, eps, lambda, int8)?;
-        let gu = self.bitlinear(bw, s.gate..=s.up, &a2, a2_int8.as_ref())?;
+        let gu = self.bitlinear(bw, s.gate..=s.up, &a2, a2_int8.as_ref(), None)?;
         let (h, ffn_norm, h_int8) = self.ffn_inner(s, bw, &gu, int8)?;
-        let x = residual_add(&x, &self.bitlinear(bw, s.down..=s.down, &h, h_int8.as_ref())?)?;
+        let x = self.bitlinear(bw, s.down..=s.down, &h, h_int8.as_ref(), Some(&x))?;
         let (attn, ffn) = (keep_all.then_some(attn), keep_all.then_some((h, ffn_norm)));
         let a1_int8 = a1_int8.filter(|_| !keep_all);
         Ok((x, BlockSaved { input_norm, a1, a1_int8, attn, attn_sub_norm, o, post_norm, a2, gu, ffn }))
@@ -626,7 +628,7 @@ impl<'a> Pass<'a> {
         for r0 in (0..n).step_by(self.plan.loss_chunk) {
             let nr = self.plan.loss_chunk.min(n - r0);
             let h = hidden.narrow(0, r0, nr)?;
-            let logits = linear_forward(&h, &head, None)?;
+            let logits = linear_forward(&h, &head, None, None)?;
             let targets = self.b.targets.narrow(0, r0, nr)?;
             let mask = self.b.loss_mask.narrow(0, r0, nr)?;
             let (l, dlogits) = cross_entropy_forward_backward(&logits, vocab, &targets, &mask)?;
