@@ -1486,6 +1486,33 @@ mod fused {
                 println!("  the portable kernels: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
                 assert!(eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
             }
+            // The flash kernels writing the q/k/v projection's rows, dQ and dK turned back by RoPE (each token
+            // its own angles), both kernel sets, against the reference's gradients through the reference turn.
+            if d != 100 {
+                use bessie::kernels::{flash_attention, shapes::FlashBackward};
+                let shape = HeadShape { batch: b, seq: t, q_heads: h, kv_heads: hkv, head_dim: d };
+                let angles = (randn(&[b, t, d / 2], DType::F32) * 3.0).unwrap();
+                let cos = angles.cos().unwrap().to_dtype(DType::BF16).unwrap();
+                let sin = angles.sin().unwrap().to_dtype(DType::BF16).unwrap();
+                let want =
+                    qkv_heads_backward_reference(&grads_ref.0, &grads_ref.1, &grads_ref.2, shape, &cos, &sin).unwrap();
+                let start = Tensor::from_vec(packed_starts(b, t), (b, t), &gpu()).unwrap();
+                let (o, lse) = flash_attention::try_forward(&q, &k, &v, &start).unwrap().expect("the flash kernel");
+                for kernels in [FlashBackward::Fastest, FlashBackward::Portable] {
+                    let got =
+                        flash_attention::try_backward_rows(&dy, &q, &k, &v, &o, &lse, &start, (&cos, &sin), kernels)
+                            .unwrap()
+                            .expect("the flash kernel");
+                    let part = |x: &Tensor, from: usize, heads: usize| x.narrow(1, from * d, heads * d).unwrap();
+                    let (eq, ek, ev) = (
+                        rel_l2(&part(&got, 0, h), &part(&want, 0, h)),
+                        rel_l2(&part(&got, h, hkv), &part(&want, h, hkv)),
+                        rel_l2(&part(&got, h + hkv, hkv), &part(&want, h + hkv, hkv)),
+                    );
+                    println!("  {kernels:?} kernels into the q/k/v rows: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
+                    assert!(eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
+                }
+            }
         }
     }
 

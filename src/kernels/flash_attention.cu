@@ -253,8 +253,8 @@ template <int D> struct KvShared {
 // sum over the group stays in registers.
 template <int D>
 __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                            const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,
-                            int group, float scale2) {
+                            const float* delta, const float* start, GradRows grads, int t, int heads, int group,
+                            float scale2) {
     using S = KvShared<D>;
     constexpr int BK = S::BK, BQ = S::BQ, LD = S::LD, NT = S::NT;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -335,16 +335,10 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
             __syncthreads();  // every warp is done with this tile (and the probabilities handed) before the one
                               // after next overwrites it
         }
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            if (keys[h] >= t) continue;
-            size_t at = head + (size_t)keys[h] * D + 2 * c;
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                if (DS) *reinterpret_cast<uint32_t*>(dk + at + n * 8) = pack(dk_acc[n][2 * h], dk_acc[n][2 * h + 1]);
-                if (P) *reinterpret_cast<uint32_t*>(dv + at + n * 8) = pack(dv_acc[n][2 * h], dv_acc[n][2 * h + 1]);
-            }
-        }
+        if (DS)
+            store_grads<D>(grads.k_rows(blockIdx.y, kv_heads), grads.row, dk_acc, keys, t, grads.cos_of(bi, t, D),
+                           grads.sin_of(bi, t, D));
+        if (P) store_grads<D>(grads.v_rows(blockIdx.y, kv_heads), grads.row, dv_acc, keys, t);
     };
     if (!S::SPLIT) pass(Flag<true>{}, Flag<true>{});
     else if (warp >= 4) pass(Flag<false>{}, Flag<true>{});
@@ -387,7 +381,7 @@ template <int D> struct DqShape {
 // kernel, which runs after this one.
 template <int D>
 __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
-                           const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,
+                           const float* lse, float* delta, const float* start, GradRows grads, int t, int heads,
                            int group, float scale2) {
     using Sh = DqShape<D>;
     constexpr int BQ = Sh::BQ, BK = Sh::BK, LD = Sh::LD;
@@ -481,14 +475,9 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         mma_cb<D, BK>(acc, dp, ks, lane);
         __syncthreads();  // every warp is done with this stage before the one after next overwrites it
     }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        if (rows[h] >= t) continue;
-        bf16* out = dq + head + (size_t)rows[h] * D + 2 * c;
-#pragma unroll
-        for (int n = 0; n < D / 8; n++)
-            *reinterpret_cast<uint32_t*>(out + n * 8) = pack(acc[n][2 * h], acc[n][2 * h + 1]);
-    }
+    int bi = blockIdx.y / heads;
+    store_grads<D>(grads.q_rows(blockIdx.y, heads), grads.row, acc, rows, t, grads.cos_of(bi, t, D),
+                   grads.sin_of(bi, t, D));
 }
 
 #define FLASH(D)                                                                                                  \
@@ -500,17 +489,17 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(KvShared<D>::NT)                                                 \
         flash_backward_kv_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,    \
-                              const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,       \
+                              const float* delta, const float* start, GradRows grads, int t, int heads,           \
                               int group, float scale2) {                                                          \
         follow_previous();                                                                                        \
-        backward_kv<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, group, scale2);                        \
+        backward_kv<D>(q, k, v, dout, lse, delta, start, grads, t, heads, group, scale2);                         \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
         flash_backward_q_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,        \
-                             const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,       \
-                             int group, float scale2) {                                                            \
+                             const float* lse, float* delta, const float* start, GradRows grads, int t,            \
+                             int heads, int group, float scale2) {                                                 \
         follow_previous();                                                                                        \
-        backward_q<D>(q, k, v, dout, o, lse, delta, start, dq, t, heads, group, scale2);                          \
+        backward_q<D>(q, k, v, dout, o, lse, delta, start, grads, t, heads, group, scale2);                       \
     }
 
 // The head dims of kernels::FLASH_HEAD_DIMS.

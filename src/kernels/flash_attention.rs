@@ -98,6 +98,88 @@ pub fn try_forward(q: &Tensor, k: &Tensor, v: &Tensor, start: &Tensor) -> Result
     Ok(Some((o, lse)))
 }
 
+/// Where the backward kernels write the gradients, as `GradRows` in `flash_common.cuh` lays it out: each
+/// one's address, the elements between batches (of query heads, of key/value heads), heads and rows, and RoPE's
+/// angles to turn dQ and dK back by (0: none).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GradRows {
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    q_batch: i64,
+    kv_batch: i64,
+    head: i64,
+    row: i64,
+    cos: u64,
+    sin: u64,
+}
+
+// SAFETY: a `#[repr(C)]` struct of plain data, which the kernels take by value.
+unsafe impl cudarc::driver::DeviceRepr for GradRows {}
+
+/// The backward's inputs where the kernels apply: the shape and the tensors, contiguous.
+struct Backward {
+    b: usize,
+    h: usize,
+    t: usize,
+    d: usize,
+    group: usize,
+    dev: candle_core::CudaDevice,
+    /// `dy, q, k, v, o, lse, start`.
+    inputs: [Tensor; 7],
+}
+
+impl Backward {
+    fn new(
+        dy: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        start: &Tensor,
+    ) -> Result<Option<Self>> {
+        let Some((b, h, t, d, group)) = takes(q, k) else { return Ok(None) };
+        let c = |x: &Tensor| x.contiguous();
+        let inputs = [c(dy)?, c(q)?, c(k)?, c(v)?, c(o)?, c(lse)?, c(start)?];
+        let dev = cuda_device(&inputs[1])?;
+        Ok(Some(Self { b, h, t, d, group, dev, inputs }))
+    }
+
+    /// Both kernels, `kernels`' set, writing into `grads`.
+    fn launch(&self, kernels: FlashBackward, grads: GradRows) -> Result<()> {
+        let (b, h, t, d, group, dev) = (self.b, self.h, self.t, self.d, self.group, &self.dev);
+        let [dy, q, k, v, o, lse, start] = &self.inputs;
+        let delta = uninit(b * h * t, DType::F32, dev)?;
+        // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes
+        // each row's delta = rowsum(dO O), which both need. Both on Hopper's warpgroup products where they run.
+        let hopper = match kernels {
+            FlashBackward::Fastest => hopper_shared(dev, d),
+            FlashBackward::Portable => None,
+        };
+        let (module, name, bytes) = match hopper {
+            Some(bytes) => (HOPPER, format!("flash_backward_q_hopper_{d}"), bytes),
+            None => (PTX, format!("flash_backward_q_{d}"), q_shared_bytes(d)),
+        };
+        super::opt_in_shared(dev, module, &name, bytes as usize)?;
+        launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
+            aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, aligned_ptr(o)?, ptr(lse)?,
+            ptr(&delta)?, ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
+        // A block per 64 keys of each key/value head.
+        let (module, name, (threads, bytes)) = match hopper {
+            Some(bytes) => (HOPPER, format!("flash_backward_kv_hopper_{d}"), (THREADS, bytes)),
+            None => (PTX, format!("flash_backward_kv_{d}"), kv_shape(d)),
+        };
+        super::opt_in_shared(dev, module, &name, bytes as usize)?;
+        let blocks = tiles(t, b * h / group);
+        launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
+            aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?,
+            ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
+        Ok(())
+    }
+}
+
 /// The gradients `(dq, dk, dv)` of [`try_forward`] from `dy`, the gradient at its output `o`; `dk` and `dv` in
 /// `k`'s shape, each summed over the query heads of its group, by the kernels `kernels` names. `Ok(None)` where
 /// the kernels do not apply.
@@ -112,36 +194,70 @@ pub fn try_backward(
     start: &Tensor,
     kernels: FlashBackward,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let Some((b, h, t, d, group)) = takes(q, k) else { return Ok(None) };
-    let (q, k, v, o, dy) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, o.contiguous()?, dy.contiguous()?);
-    let (lse, start) = (lse.contiguous()?, start.contiguous()?);
-    let dev = cuda_device(&q)?;
-    let delta = uninit(b * h * t, DType::F32, &dev)?;
-    let dq = uninit(q.shape(), DType::BF16, &dev)?;
-    let (dk, dv) = (uninit(k.shape(), DType::BF16, &dev)?, uninit(k.shape(), DType::BF16, &dev)?);
-    // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes each
-    // row's delta = rowsum(dO O), which both need. Both on Hopper's warpgroup products where they run.
-    let hopper = match kernels {
-        FlashBackward::Fastest => hopper_shared(&dev, d),
-        FlashBackward::Portable => None,
+    let Some(x) = Backward::new(dy, q, k, v, o, lse, start)? else { return Ok(None) };
+    let (b, h, t, d, kv_heads) = (x.b, x.h, x.t, x.d, x.h / x.group);
+    let dq = uninit((b, h, t, d), DType::BF16, &x.dev)?;
+    let (dk, dv) =
+        (uninit((b, kv_heads, t, d), DType::BF16, &x.dev)?, uninit((b, kv_heads, t, d), DType::BF16, &x.dev)?);
+    let grads = GradRows {
+        dq: aligned_ptr(&dq)?,
+        dk: aligned_ptr(&dk)?,
+        dv: aligned_ptr(&dv)?,
+        q_batch: (h * t * d) as i64,
+        kv_batch: (kv_heads * t * d) as i64,
+        head: (t * d) as i64,
+        row: d as i64,
+        cos: 0,
+        sin: 0,
     };
-    let (module, name, bytes) = match hopper {
-        Some(bytes) => (HOPPER, format!("flash_backward_q_hopper_{d}"), bytes),
-        None => (PTX, format!("flash_backward_q_{d}"), q_shared_bytes(d)),
-    };
-    super::opt_in_shared(&dev, module, &name, bytes as usize)?;
-    launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
-        aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, aligned_ptr(&o)?, ptr(&lse)?,
-        ptr(&delta)?, ptr(&start)?, aligned_ptr(&dq)?, t as i32, h as i32, group as i32, scale2(d));
-    // A block per 64 keys of each key/value head.
-    let (module, name, (threads, bytes)) = match hopper {
-        Some(bytes) => (HOPPER, format!("flash_backward_kv_hopper_{d}"), (THREADS, bytes)),
-        None => (PTX, format!("flash_backward_kv_{d}"), kv_shape(d)),
-    };
-    super::opt_in_shared(&dev, module, &name, bytes as usize)?;
-    let blocks = tiles(t, b * h / group);
-    launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
-        aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, aligned_ptr(&dy)?, ptr(&lse)?, ptr(&delta)?,
-        ptr(&start)?, aligned_ptr(&dk)?, aligned_ptr(&dv)?, t as i32, h as i32, group as i32, scale2(d));
+    x.launch(kernels, grads)?;
     Ok(Some((dq, dk, dv)))
+}
+
+/// The gradient at the q/k/v projection's rows `[b t, (h + 2 h / group) d]` (bf16) from `dy`: [`try_backward`]'s
+/// gradients written as those rows, dQ and dK turned back by RoPE's angles `cos, sin: [b, t, d / 2]` (bf16, the
+/// forward's), as `train::layers::qkv_heads_backward` makes them from the heads' gradients, rounded once after
+/// the turn. `Ok(None)` where the kernels do not apply.
+#[allow(clippy::too_many_arguments)]
+pub fn try_backward_rows(
+    dy: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    start: &Tensor,
+    rope: (&Tensor, &Tensor),
+    kernels: FlashBackward,
+) -> Result<Option<Tensor>> {
+    let Some(x) = Backward::new(dy, q, k, v, o, lse, start)? else { return Ok(None) };
+    let (b, h, t, d, kv_heads) = (x.b, x.h, x.t, x.d, x.h / x.group);
+    let (cos, sin) = (rope.0.contiguous()?, rope.1.contiguous()?);
+    for angles in [&cos, &sin] {
+        if angles.dtype() != DType::BF16 || angles.dims() != [b, t, d / 2] {
+            candle_core::bail!(
+                "flash backward: RoPE angles {:?} {:?} for [{b}, {t}, {}]",
+                angles.dims(),
+                angles.dtype(),
+                d / 2
+            );
+        }
+    }
+    let width = (h + 2 * kv_heads) * d;
+    let dqkv = uninit((b * t, width), DType::BF16, &x.dev)?;
+    let base = aligned_ptr(&dqkv)?;
+    let bf16 = DType::BF16.size_in_bytes() as u64;
+    let grads = GradRows {
+        dq: base,
+        dk: base + (h * d) as u64 * bf16,
+        dv: base + ((h + kv_heads) * d) as u64 * bf16,
+        q_batch: (t * width) as i64,
+        kv_batch: (t * width) as i64,
+        head: d as i64,
+        row: width as i64,
+        cos: aligned_ptr(&cos)?,
+        sin: aligned_ptr(&sin)?,
+    };
+    x.launch(kernels, grads)?;
+    Ok(Some(dqkv))
 }

@@ -101,6 +101,59 @@ __device__ __forceinline__ void key_grads(float (*s)[4], float (*dp)[4], const i
         }
 }
 
+// Where the backward kernels write dQ, dK and dV (flash_attention.rs's `GradRows`): row i of query head h of
+// batch b at dq + b q_batch + h head + i row, and dK and dV's likewise over the key/value heads, kv_batch apart.
+// Attention's own layout ([b, heads, t, D] and [b, kv_heads, t, D]), or the rows of the q/k/v projection
+// ([b t, (heads + 2 kv_heads) D], the three from their first columns), which its backward GEMMs read: there
+// dQ and dK turn back by RoPE's angles, `cos` and `sin` [b, t, D/2] (bf16; null where the layout is the
+// heads'), and no separate pass moves and turns them.
+struct GradRows {
+    bf16 *dq, *dk, *dv;
+    long long q_batch, kv_batch, head, row;
+    const bf16 *cos, *sin;
+    // Row 0 of query head `qh` (of [batch * heads]) or of key/value head `kvh` (of [batch * kv_heads]).
+    __device__ bf16* q_rows(int qh, int heads) const { return dq + qh / heads * q_batch + qh % heads * head; }
+    __device__ bf16* k_rows(int kvh, int kv_heads) const { return dk + kvh / kv_heads * kv_batch + kvh % kv_heads * head; }
+    __device__ bf16* v_rows(int kvh, int kv_heads) const { return dv + kvh / kv_heads * kv_batch + kvh % kv_heads * head; }
+    // Batch b's angles (null where there are none), for heads of d channels.
+    __device__ const bf16* cos_of(int b, int t, int d) const { return cos ? cos + (size_t)b * t * (d / 2) : nullptr; }
+    __device__ const bf16* sin_of(int b, int t, int d) const { return sin ? sin + (size_t)b * t * (d / 2) : nullptr; }
+};
+
+// This thread's rows rows[h] (below t) of a sum of 16 rows x D in the mma C layout (acc[n][2 h + e] at column
+// 8 n + 2 c + e, c = lane % 4) as bf16 to `out` (row 0; rows `row` apart), turned back by RoPE where `cos` is
+// given (the angles of the rows' sequence, [t, D/2]): channel j with j + D/2, which this thread holds in acc[n]
+// and acc[n + D/16]; rounded once, after the turn. Reference: train::layers::qkv_heads_backward.
+template <int D>
+__device__ __forceinline__ void store_grads(bf16* out, long long row, const float (&acc)[D / 8][4], const int (&rows)[2],
+                                            int t, const bf16* cos = nullptr, const bf16* sin = nullptr) {
+    int c = threadIdx.x % 4;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (rows[h] >= t) continue;
+        float y[D / 8][2];
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) y[n][0] = acc[n][2 * h], y[n][1] = acc[n][2 * h + 1];
+        if (cos) {
+#pragma unroll
+            for (int n = 0; n < D / 16; n++) {
+                size_t j = (size_t)rows[h] * (D / 2) + 8 * n + 2 * c;
+                float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + j));
+                float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + j));
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float x1 = y[n][e], x2 = y[n + D / 16][e], ce = e ? cs.y : cs.x, se = e ? sn.y : sn.x;
+                    y[n][e] = x1 * ce + x2 * se;
+                    y[n + D / 16][e] = x2 * ce - x1 * se;
+                }
+            }
+        }
+        bf16* at = out + rows[h] * row + 2 * c;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) *reinterpret_cast<uint32_t*>(at + n * 8) = pack(y[n][0], y[n][1]);
+    }
+}
+
 // How many query tiles of `bq` rows see keys k0 .. k0 + bk of a sequence whose window starts are `start`:
 // from k0 on, those whose first row's window starts before k0 + bk. Every thread of the block (NT) calls it.
 template <int NT> __device__ int query_tiles_seeing(int k0, int bk, int bq, int t, const float* start) {

@@ -115,24 +115,11 @@ __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*
     }
 }
 
-// Rows r and r + 8 (this thread's, of 16 (warp) + lane / 4) of a 64 x D sum, as bf16, to rows [t, D] from `out`.
-template <int D> __device__ __forceinline__ void store_rows(bf16* out, const float (&acc)[D / 8][4], int row, int t) {
-    int c = threadIdx.x % 4;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        if (row + 8 * h >= t) continue;
-        bf16* at = out + (size_t)(row + 8 * h) * D + 2 * c;
-#pragma unroll
-        for (int n = 0; n < D / 8; n++)
-            *reinterpret_cast<uint32_t*>(at + n * 8) = pack(acc[n][2 * h], acc[n][2 * h + 1]);
-    }
-}
-
 // dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head), over each query
 // tile of each query head of the group that sees them, the sums over the group in registers.
 template <int D>
 __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                                   const float* delta, const float* start, bf16* dk, bf16* dv, int t, int heads,
+                                   const float* delta, const float* start, GradRows grads, int t, int heads,
                                    int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BK = H::ROWS, BQ = H::ROWS;
@@ -187,16 +174,17 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
         sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs});  // dV += P^T dO, dK += dS^T Q
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
     }
-    store_rows<D>(dk + head, dk_acc, keys[0], t);
-    store_rows<D>(dv + head, dv_acc, keys[0], t);
+    store_grads<D>(grads.k_rows(blockIdx.y, kv_heads), grads.row, dk_acc, keys, t, grads.cos_of(bi, t, D),
+                   grads.sin_of(bi, t, D));
+    store_grads<D>(grads.v_rows(blockIdx.y, kv_heads), grads.row, dv_acc, keys, t);
 }
 
 // dQ for 64 queries (blockIdx.y = batch * heads + query head), over the key tiles they see. First each row's
 // delta = sum over d of dO O (dS = P (dP - delta)), written for the dK/dV kernel, which runs after this one.
 template <int D>
 __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
-                                  const float* lse, float* delta, const float* start, bf16* dq, int t, int heads,
-                                  int group, float scale2) {
+                                  const float* lse, float* delta, const float* start, GradRows grads, int t,
+                                  int heads, int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BK = H::ROWS, BQ = H::ROWS;
     H sm = H::here();  // Q, dO; each stage's K, V; then each row's delta
@@ -267,10 +255,12 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         sums<D, 1>({acc}, {dp}, {ks});  // dQ += dS K
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
     }
-    store_rows<D>(dq + head, acc, rows[0], t);
+    int bi = blockIdx.y / heads;
+    store_grads<D>(grads.q_rows(blockIdx.y, heads), grads.row, acc, rows, t, grads.cos_of(bi, t, D),
+                   grads.sin_of(bi, t, D));
 }
-#define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dk, dv, t, heads, group, scale2);
-#define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, dq, t, heads, group, scale2);
+#define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, grads, t, heads, group, scale2);
+#define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, grads, t, heads, group, scale2);
 #else
 #define HOPPER_KV(D)
 #define HOPPER_Q(D)
@@ -280,14 +270,14 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
 #define FLASH_HOPPER(D)                                                                                           \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_backward_kv_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
-                                     const float* lse, const float* delta, const float* start, bf16* dk,          \
-                                     bf16* dv, int t, int heads, int group, float scale2) {                       \
+                                     const float* lse, const float* delta, const float* start, GradRows grads,    \
+                                     int t, int heads, int group, float scale2) {                                 \
         follow_previous();                                                                                        \
         HOPPER_KV(D)                                                                                              \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_backward_q_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o, \
-                                    const float* lse, float* delta, const float* start, bf16* dq, int t,          \
+                                    const float* lse, float* delta, const float* start, GradRows grads, int t,    \
                                     int heads, int group, float scale2) {                                         \
         follow_previous();                                                                                        \
         HOPPER_Q(D)                                                                                               \

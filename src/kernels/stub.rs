@@ -66,6 +66,21 @@ pub mod flash_attention {
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         Ok(None)
     }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_backward_rows(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: (&Tensor, &Tensor),
+        _: crate::kernels::shapes::FlashBackward,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 pub mod flat {

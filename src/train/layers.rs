@@ -737,6 +737,30 @@ pub fn flash_attention_backward(
     blocked_attention_backward(dy, s, windows, block, true)
 }
 
+/// The gradient at the q/k/v projection's rows (`[batch * seq, (q_heads + 2 kv_heads) head_dim]`) from the
+/// attention output's `dy`: [`flash_attention_backward`] then [`qkv_heads_backward`], which on CUDA, for the
+/// flash kernel's head dims, its backward kernels do at once: they write the rows, dQ and dK turned back by
+/// RoPE, in place of the heads (a pass over all three gradients fewer).
+pub fn qkv_attention_backward(
+    dy: &Tensor,
+    s: &FlashSaved,
+    windows: &Windows,
+    block: usize,
+    shape: HeadShape,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let (fastest, start) = (kernels::shapes::FlashBackward::Fastest, &windows.start);
+    let rope = (cos, sin);
+    if let Some(dqkv) =
+        kernels::flash_attention::try_backward_rows(dy, &s.q, &s.k, &s.v, &s.o, &s.lse, start, rope, fastest)?
+    {
+        return Ok(dqkv);
+    }
+    let (dq, dk, dv) = flash_attention_backward(dy, s, windows, block)?;
+    qkv_heads_backward(&dq, &dk, &dv, shape, cos, sin)
+}
+
 /// [`flash_attention_backward`] in candle ops, recomputing each block's probabilities from the saved
 /// log-sum-exp (`P = exp(S - lse)`, flash attention 2), so again at most one block of scores exists at once.
 /// A query block sees all the keys of its rows, so `dS = P (dP - rowsum(dP P))` is taken as the plain backward
