@@ -253,7 +253,7 @@ template <int D> struct KvShared {
 // sum over the group stays in registers.
 template <int D>
 __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                            const float* delta, const float* start, GradRows grads, int t, int heads, int group,
+                            const float* delta, const float* start, GradRows dst, int t, int heads, int group,
                             float scale2) {
     using S = KvShared<D>;
     constexpr int BK = S::BK, BQ = S::BQ, LD = S::LD, NT = S::NT;
@@ -336,9 +336,9 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
                               // after next overwrites it
         }
         if (DS)
-            store_grads<D>(grads.k_rows(blockIdx.y, kv_heads), grads.row, dk_acc, keys, t, grads.cos_of(bi, t, D),
-                           grads.sin_of(bi, t, D));
-        if (P) store_grads<D>(grads.v_rows(blockIdx.y, kv_heads), grads.row, dv_acc, keys, t);
+            store_grads<D>(dst.k_rows(blockIdx.y, kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
+                           dst.sin_of(bi, t, D));
+        if (P) store_grads<D>(dst.v_rows(blockIdx.y, kv_heads), dst.row, dv_acc, keys, t);
     };
     if (!S::SPLIT) pass(Flag<true>{}, Flag<true>{});
     else if (warp >= 4) pass(Flag<false>{}, Flag<true>{});
@@ -381,7 +381,7 @@ template <int D> struct DqShape {
 // kernel, which runs after this one.
 template <int D>
 __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
-                           const float* lse, float* delta, const float* start, GradRows grads, int t, int heads,
+                           const float* lse, float* delta, const float* start, GradRows dst, int t, int heads,
                            int group, float scale2) {
     using Sh = DqShape<D>;
     constexpr int BQ = Sh::BQ, BK = Sh::BK, LD = Sh::LD;
@@ -476,8 +476,8 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         __syncthreads();  // every warp is done with this stage before the one after next overwrites it
     }
     int bi = blockIdx.y / heads;
-    store_grads<D>(grads.q_rows(blockIdx.y, heads), grads.row, acc, rows, t, grads.cos_of(bi, t, D),
-                   grads.sin_of(bi, t, D));
+    store_grads<D>(dst.q_rows(blockIdx.y, heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
+                   dst.sin_of(bi, t, D));
 }
 
 #define FLASH(D)                                                                                                  \
@@ -489,17 +489,17 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(KvShared<D>::NT)                                                 \
         flash_backward_kv_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,    \
-                              const float* delta, const float* start, GradRows grads, int t, int heads,           \
+                              const float* delta, const float* start, GradRows dst, int t, int heads,             \
                               int group, float scale2) {                                                          \
         follow_previous();                                                                                        \
-        backward_kv<D>(q, k, v, dout, lse, delta, start, grads, t, heads, group, scale2);                         \
+        backward_kv<D>(q, k, v, dout, lse, delta, start, dst, t, heads, group, scale2);                           \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
         flash_backward_q_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,        \
-                             const float* lse, float* delta, const float* start, GradRows grads, int t,            \
-                             int heads, int group, float scale2) {                                                 \
+                             const float* lse, float* delta, const float* start, GradRows dst, int t,             \
+                             int heads, int group, float scale2) {                                                \
         follow_previous();                                                                                        \
-        backward_q<D>(q, k, v, dout, o, lse, delta, start, grads, t, heads, group, scale2);                       \
+        backward_q<D>(q, k, v, dout, o, lse, delta, start, dst, t, heads, group, scale2);                         \
     }
 
 // The head dims of kernels::FLASH_HEAD_DIMS.

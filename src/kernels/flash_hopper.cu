@@ -119,7 +119,7 @@ __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*
 // tile of each query head of the group that sees them, the sums over the group in registers.
 template <int D>
 __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                                   const float* delta, const float* start, GradRows grads, int t, int heads,
+                                   const float* delta, const float* start, GradRows dst, int t, int heads,
                                    int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BK = H::ROWS, BQ = H::ROWS;
@@ -174,16 +174,16 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
         sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs});  // dV += P^T dO, dK += dS^T Q
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
     }
-    store_grads<D>(grads.k_rows(blockIdx.y, kv_heads), grads.row, dk_acc, keys, t, grads.cos_of(bi, t, D),
-                   grads.sin_of(bi, t, D));
-    store_grads<D>(grads.v_rows(blockIdx.y, kv_heads), grads.row, dv_acc, keys, t);
+    store_grads<D>(dst.k_rows(blockIdx.y, kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
+                   dst.sin_of(bi, t, D));
+    store_grads<D>(dst.v_rows(blockIdx.y, kv_heads), dst.row, dv_acc, keys, t);
 }
 
 // dQ for 64 queries (blockIdx.y = batch * heads + query head), over the key tiles they see. First each row's
 // delta = sum over d of dO O (dS = P (dP - delta)), written for the dK/dV kernel, which runs after this one.
 template <int D>
 __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
-                                  const float* lse, float* delta, const float* start, GradRows grads, int t,
+                                  const float* lse, float* delta, const float* start, GradRows dst, int t,
                                   int heads, int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BK = H::ROWS, BQ = H::ROWS;
@@ -256,11 +256,11 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
     }
     int bi = blockIdx.y / heads;
-    store_grads<D>(grads.q_rows(blockIdx.y, heads), grads.row, acc, rows, t, grads.cos_of(bi, t, D),
-                   grads.sin_of(bi, t, D));
+    store_grads<D>(dst.q_rows(blockIdx.y, heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
+                   dst.sin_of(bi, t, D));
 }
-#define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, grads, t, heads, group, scale2);
-#define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, grads, t, heads, group, scale2);
+#define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dst, t, heads, group, scale2);
+#define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, dst, t, heads, group, scale2);
 #else
 #define HOPPER_KV(D)
 #define HOPPER_Q(D)
@@ -270,14 +270,14 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
 #define FLASH_HOPPER(D)                                                                                           \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_backward_kv_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
-                                     const float* lse, const float* delta, const float* start, GradRows grads,    \
+                                     const float* lse, const float* delta, const float* start, GradRows dst,      \
                                      int t, int heads, int group, float scale2) {                                 \
         follow_previous();                                                                                        \
         HOPPER_KV(D)                                                                                              \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_backward_q_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o, \
-                                    const float* lse, float* delta, const float* start, GradRows grads, int t,    \
+                                    const float* lse, float* delta, const float* start, GradRows dst, int t,      \
                                     int heads, int group, float scale2) {                                         \
         follow_previous();                                                                                        \
         HOPPER_Q(D)                                                                                               \
