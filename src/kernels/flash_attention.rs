@@ -43,14 +43,23 @@ fn kv_shape(d: usize) -> (u32, u32) {
     (if split { 2 * THREADS } else { THREADS }, ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + handed) as u32)
 }
 
-/// The Hopper kernels' dynamic shared memory (`HopperTiles` in `flash_hopper.cu`), where they run: on an sm_90
-/// card, at head dims up to 128. Six tiles of 64 rows (two resident, two stages of two) in panels of 64
-/// columns (128 bytes a row), two stages' per-row values (3 x 64 f32), and 1,024 bytes to align the tiles:
-/// 98.5 KB at d = 96 and 128, two blocks an SM.
-fn hopper_shared(dev: &candle_core::CudaDevice, d: usize) -> Option<u32> {
+/// The Hopper kernels' dynamic shared memory (`HopperTiles` in `flash_hopper.cu`) for `stages` stages, where
+/// they run: on an sm_90 card, at head dims up to 128. Two resident tiles of 64 rows and two a stage, in panels
+/// of 64 columns (128 bytes a row), the stages' per-row values (3 x 64 f32), and 1,024 bytes to align the
+/// tiles: with two stages 98.5 KB at d = 96 and 128, two blocks an SM; with one 66 KB, three.
+fn hopper_shared(dev: &candle_core::CudaDevice, d: usize, stages: usize) -> Option<u32> {
     let panels = d.div_ceil(64);
     (d <= 128 && compute_capability(dev) == Some((9, 0)))
-        .then(|| (6 * panels * TILE * 128 + 2 * 3 * TILE * 4 + 1024) as u32)
+        .then(|| ((2 + 2 * stages) * panels * TILE * 128 + stages * 3 * TILE * 4 + 1024) as u32)
+}
+
+/// The Hopper dQ kernel's stages (`q_stages` in `flash_hopper.cu`).
+fn q_stages(d: usize) -> usize {
+    if d >= 96 {
+        1
+    } else {
+        2
+    }
 }
 
 /// The dQ kernel's dynamic shared memory (`DqShape` in the kernel): two stages of K and V rows (32 keys up
@@ -154,11 +163,8 @@ impl Backward {
         let delta = uninit(b * h * t, DType::F32, dev)?;
         // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes
         // each row's delta = rowsum(dO O), which both need. Both on Hopper's warpgroup products where they run.
-        let hopper = match kernels {
-            FlashBackward::Fastest => hopper_shared(dev, d),
-            FlashBackward::Portable => None,
-        };
-        let (module, name, bytes) = match hopper {
+        let hopper = kernels == FlashBackward::Fastest;
+        let (module, name, bytes) = match hopper_shared(dev, d, q_stages(d)).filter(|_| hopper) {
             Some(bytes) => (HOPPER, format!("flash_backward_q_hopper_{d}"), bytes),
             None => (PTX, format!("flash_backward_q_{d}"), q_shared_bytes(d)),
         };
@@ -167,7 +173,7 @@ impl Backward {
             aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, aligned_ptr(o)?, ptr(lse)?,
             ptr(&delta)?, ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
         // A block per 64 keys of each key/value head.
-        let (module, name, (threads, bytes)) = match hopper {
+        let (module, name, (threads, bytes)) = match hopper_shared(dev, d, 2).filter(|_| hopper) {
             Some(bytes) => (HOPPER, format!("flash_backward_kv_hopper_{d}"), (THREADS, bytes)),
             None => (PTX, format!("flash_backward_kv_{d}"), kv_shape(d)),
         };

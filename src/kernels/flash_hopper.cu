@@ -23,12 +23,12 @@
 #include "hopper.cuh"
 
 // Both kernels' shape and dynamic shared memory (flash_attention.rs's `hopper_shared` sizes the launch by the
-// same formula): two resident tiles (K and V, or Q and dO), then two stages of two tiles of the other side,
+// same formula): two resident tiles (K and V, or Q and dO), then STAGES stages of two tiles of the other side,
 // each PANELS panels of 64 rows x 128 bytes, then each stage's per-row values (3 x 64), after 1024 bytes of
 // room to align the tiles.
-template <int D> struct HopperTiles {
+template <int D, int STAGES = 2> struct HopperTiles {
     static constexpr int ROWS = 64, PANELS = (D + 63) / 64, THREADS = 128;
-    static constexpr int TILE = PANELS * ROWS * 128, TILES = 6 * TILE;
+    static constexpr int TILE = PANELS * ROWS * 128, TILES = (2 + 2 * STAGES) * TILE;
     unsigned char* base;
     // The block's dynamic shared memory, aligned for the swizzle.
     __device__ static HopperTiles here() {
@@ -179,13 +179,18 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     store_grads<D>(dst.v_rows(blockIdx.y, kv_heads), dst.row, dv_acc, keys, t);
 }
 
+// The dQ kernel's stages of K and V tiles (flash_attention.rs's `Q_STAGES`): one from head dim 96, where it
+// leaves room for three blocks an SM (its registers allow three), whose loads and products interleave instead.
+template <int D> __device__ constexpr int q_stages() { return D >= 96 ? 1 : 2; }
+
 // dQ for 64 queries (blockIdx.y = batch * heads + query head), over the key tiles they see. First each row's
 // delta = sum over d of dO O (dS = P (dP - delta)), written for the dK/dV kernel, which runs after this one.
 template <int D>
 __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
                                   const float* lse, float* delta, const float* start, GradRows dst, int t,
                                   int heads, int group, float scale2) {
-    using H = HopperTiles<D>;
+    constexpr int STAGES = q_stages<D>();
+    using H = HopperTiles<D, STAGES>;
     constexpr int BK = H::ROWS, BQ = H::ROWS;
     H sm = H::here();  // Q, dO; each stage's K, V; then each row's delta
     unsigned char *qs = sm.resident(0), *dos = sm.resident(1);
@@ -200,11 +205,11 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
     int k_first = (int)start[q0] / BK * BK;
     auto load = [&](int i, int k0) {
-        load_swizzled<D>(sm.staged(i % 2, 0), k + kv, k0, t);
-        load_swizzled<D>(sm.staged(i % 2, 1), v + kv, k0, t);
+        load_swizzled<D>(sm.staged(i % STAGES, 0), k + kv, k0, t);
+        load_swizzled<D>(sm.staged(i % STAGES, 1), v + kv, k0, t);
+        commit();
     };
     load(0, k_first);
-    commit();
     // delta: two threads a row, each over half of its channels, from global memory.
     {
         int r = threadIdx.x / 2, half = threadIdx.x % 2, i = q0 + r;
@@ -236,16 +241,16 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
 
     float acc[D / 8][4] = {};
     for (int it = 0, k0 = k_first; k0 < k_end; it++, k0 += BK) {
-        if (k0 + BK < k_end) {
+        bool more = k0 + BK < k_end;
+        if (STAGES == 2 && more) {
             load(it + 1, k0 + BK);
-            commit();
             wait_loads<1>();
         } else {
             wait_loads<0>();
         }
         fence_to_wgmma();
         __syncthreads();
-        unsigned ks = shared_addr(sm.staged(it % 2, 0)), vs = shared_addr(sm.staged(it % 2, 1));
+        unsigned ks = shared_addr(sm.staged(it % STAGES, 0)), vs = shared_addr(sm.staged(it % STAGES, 1));
         float s[BK / 8][4], dp[BK / 8][4];
         scores<D>(s, dp, shared_addr(qs), ks, shared_addr(dos), vs);  // S = Q K^T, dP = dO V^T
         auto grads = [&](auto tag) {
@@ -253,7 +258,8 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         };
         if (all_seen(q0, BQ, lo_last, k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
         sums<D, 1>({acc}, {dp}, {ks});  // dQ += dS K
-        __syncthreads();  // every product has read this stage before the tile after next overwrites it
+        __syncthreads();  // every product has read this stage before a later tile overwrites it
+        if (STAGES == 1 && more) load(it + 1, k0 + BK);
     }
     int bi = blockIdx.y / heads;
     store_grads<D>(dst.q_rows(blockIdx.y, heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
