@@ -6,7 +6,7 @@
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
-use super::shapes::FlashBackward;
+use super::shapes::{FlashBackward, FlashInputs};
 use super::{aligned_ptr, compute_capability, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flash_attention");
@@ -140,18 +140,10 @@ struct Backward {
 }
 
 impl Backward {
-    fn new(
-        dy: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        lse: &Tensor,
-        start: &Tensor,
-    ) -> Result<Option<Self>> {
-        let Some((b, h, t, d, group)) = takes(q, k) else { return Ok(None) };
+    fn new(x: &FlashInputs) -> Result<Option<Self>> {
+        let Some((b, h, t, d, group)) = takes(x.q, x.k) else { return Ok(None) };
         let c = |x: &Tensor| x.contiguous();
-        let inputs = [c(dy)?, c(q)?, c(k)?, c(v)?, c(o)?, c(lse)?, c(start)?];
+        let inputs = [c(x.dy)?, c(x.q)?, c(x.k)?, c(x.v)?, c(x.o)?, c(x.lse)?, c(x.start)?];
         let dev = cuda_device(&inputs[1])?;
         Ok(Some(Self { b, h, t, d, group, dev, inputs }))
     }
@@ -186,21 +178,11 @@ impl Backward {
     }
 }
 
-/// The gradients `(dq, dk, dv)` of [`try_forward`] from `dy`, the gradient at its output `o`; `dk` and `dv` in
-/// `k`'s shape, each summed over the query heads of its group, by the kernels `kernels` names. `Ok(None)` where
-/// the kernels do not apply.
-#[allow(clippy::too_many_arguments)]
-pub fn try_backward(
-    dy: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    start: &Tensor,
-    kernels: FlashBackward,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let Some(x) = Backward::new(dy, q, k, v, o, lse, start)? else { return Ok(None) };
+/// The gradients `(dq, dk, dv)` of [`try_forward`] from `x.dy`, the gradient at its output `x.o`; `dk` and `dv`
+/// in `k`'s shape, each summed over the query heads of its group, by the kernels `kernels` names. `Ok(None)`
+/// where the kernels do not apply.
+pub fn try_backward(x: &FlashInputs, kernels: FlashBackward) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some(x) = Backward::new(x)? else { return Ok(None) };
     let (b, h, t, d, kv_heads) = (x.b, x.h, x.t, x.d, x.h / x.group);
     let dq = uninit((b, h, t, d), DType::BF16, &x.dev)?;
     let (dk, dv) =
@@ -220,23 +202,12 @@ pub fn try_backward(
     Ok(Some((dq, dk, dv)))
 }
 
-/// The gradient at the q/k/v projection's rows `[b t, (h + 2 h / group) d]` (bf16) from `dy`: [`try_backward`]'s
-/// gradients written as those rows, dQ and dK turned back by RoPE's angles `cos, sin: [b, t, d / 2]` (bf16, the
-/// forward's), as `train::layers::qkv_heads_backward` makes them from the heads' gradients, rounded once after
-/// the turn. `Ok(None)` where the kernels do not apply.
-#[allow(clippy::too_many_arguments)]
-pub fn try_backward_rows(
-    dy: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    start: &Tensor,
-    rope: (&Tensor, &Tensor),
-    kernels: FlashBackward,
-) -> Result<Option<Tensor>> {
-    let Some(x) = Backward::new(dy, q, k, v, o, lse, start)? else { return Ok(None) };
+/// The gradient at the q/k/v projection's rows `[b t, (h + 2 h / group) d]` (bf16) from `x.dy`:
+/// [`try_backward`]'s gradients written as those rows, dQ and dK turned back by RoPE's angles `cos, sin: [b, t,
+/// d / 2]` (bf16, the forward's), as `train::layers::qkv_heads_backward` makes them from the heads' gradients,
+/// rounded once after the turn. `Ok(None)` where the kernels do not apply.
+pub fn try_backward_rows(x: &FlashInputs, rope: (&Tensor, &Tensor), kernels: FlashBackward) -> Result<Option<Tensor>> {
+    let Some(x) = Backward::new(x)? else { return Ok(None) };
     let (b, h, t, d, kv_heads) = (x.b, x.h, x.t, x.d, x.h / x.group);
     let (cos, sin) = (rope.0.contiguous()?, rope.1.contiguous()?);
     for angles in [&cos, &sin] {

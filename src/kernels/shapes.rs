@@ -26,6 +26,20 @@ pub enum FlashBackward {
     Portable,
 }
 
+/// What flash attention's backward reads: the gradient at the output `dy` and the forward's output `o`
+/// (`[b, h, t, d]`), its inputs `q` (`[b, h, t, d]`), `k` and `v` (`[b, h / group, t, d]`), each row's softmax
+/// log-sum-exp `lse` (f32 `[b, h, t, 1]`) and window start `start` (f32 `[b, t]`, `train::layers::Windows`).
+#[derive(Clone, Copy)]
+pub struct FlashInputs<'a> {
+    pub dy: &'a Tensor,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub o: &'a Tensor,
+    pub lse: &'a Tensor,
+    pub start: &'a Tensor,
+}
+
 /// Which rows of a batch hold each token id, for the embedding's backward: the rows sorted by id (stable),
 /// and per distinct id `(id, first, end)` into that order; u32 tensors on the batch's device.
 #[derive(Clone)]

@@ -43,6 +43,7 @@ pub mod embedding {
 }
 
 pub mod flash_attention {
+    use crate::kernels::shapes::{FlashBackward, FlashInputs};
     use candle_core::{Result, Tensor};
 
     pub fn takes_heads(_: &Tensor, _: usize) -> bool {
@@ -53,32 +54,11 @@ pub mod flash_attention {
         Ok(None)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn try_backward(
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: crate::kernels::shapes::FlashBackward,
-    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    pub fn try_backward(_: &FlashInputs, _: FlashBackward) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         Ok(None)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn try_backward_rows(
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: (&Tensor, &Tensor),
-        _: crate::kernels::shapes::FlashBackward,
-    ) -> Result<Option<Tensor>> {
+    pub fn try_backward_rows(_: &FlashInputs, _: (&Tensor, &Tensor), _: FlashBackward) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

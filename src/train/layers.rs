@@ -11,7 +11,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::kernels;
 pub use crate::kernels::flat::TernaryCodes;
-pub use crate::kernels::shapes::{HeadShape, Int8Operand, TokenRows};
+pub use crate::kernels::shapes::{FlashBackward, FlashInputs, HeadShape, Int8Operand, TokenRows};
 use crate::model::arch::Activation;
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
@@ -562,6 +562,11 @@ pub struct FlashSaved {
 }
 
 impl FlashSaved {
+    /// What the flash kernels' backward reads, with the gradient at the output `dy`.
+    fn inputs<'a>(&'a self, dy: &'a Tensor, windows: &'a Windows) -> FlashInputs<'a> {
+        FlashInputs { dy, q: &self.q, k: &self.k, v: &self.v, o: &self.o, lse: &self.lse, start: &windows.start }
+    }
+
     /// The same with K and V expanded to a head per query head ([`repeat_kv`]), for the blocked path.
     fn expanded(&self) -> Result<Self> {
         let groups = kv_groups(&self.q, &self.k)?;
@@ -730,8 +735,7 @@ pub fn flash_attention_backward(
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (fastest, start) = (kernels::shapes::FlashBackward::Fastest, &windows.start);
-    if let Some(grads) = kernels::flash_attention::try_backward(dy, &s.q, &s.k, &s.v, &s.o, &s.lse, start, fastest)? {
+    if let Some(grads) = kernels::flash_attention::try_backward(&s.inputs(dy, windows), FlashBackward::Fastest)? {
         return Ok(grads);
     }
     blocked_attention_backward(dy, s, windows, block, true)
@@ -750,11 +754,8 @@ pub fn qkv_attention_backward(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Tensor> {
-    let (fastest, start) = (kernels::shapes::FlashBackward::Fastest, &windows.start);
-    let rope = (cos, sin);
-    if let Some(dqkv) =
-        kernels::flash_attention::try_backward_rows(dy, &s.q, &s.k, &s.v, &s.o, &s.lse, start, rope, fastest)?
-    {
+    let (x, fastest) = (s.inputs(dy, windows), FlashBackward::Fastest);
+    if let Some(dqkv) = kernels::flash_attention::try_backward_rows(&x, (cos, sin), fastest)? {
         return Ok(dqkv);
     }
     let (dq, dk, dv) = flash_attention_backward(dy, s, windows, block)?;
