@@ -4,8 +4,9 @@
 //! over its KV cache with RoPE and the cache write, in one launch per layer (blocks of 32 columns, joined by
 //! the last to finish, as flash-decoding splits them) instead of about fifteen ops. The BitLinear and
 //! attention kernels read before they wait for their inputs (`super::launch_kernel`'s early launches): on
-//! Hopper each starts while the one before it finishes, reading its weights (or its cached columns) meanwhile, where the step writes buffers of its own
-//! (`out`, `partial`: no allocation between them in a captured step).
+//! Hopper each starts while the one before it finishes, reading its weights (or its cached columns)
+//! meanwhile, where the step writes buffers of its own (`out`, `partial`: no allocation between them in a
+//! captured step).
 //! References: `model::bitnet`'s `Stacked::forward` and `Attention::forward` in candle ops.
 
 use candle_core::{DType, Result, Tensor, D};

@@ -111,10 +111,14 @@ struct GradRows {
     bf16 *dq, *dk, *dv;
     long long q_batch, kv_batch, head, row;
     const bf16 *cos, *sin;
+    // Row 0 of head `y` (of [batch * heads]) of the gradient at `at`, whose batches are `batch` apart.
+    __device__ bf16* rows_of(bf16* at, int y, int heads, long long batch) const {
+        return at + y / heads * batch + y % heads * head;
+    }
     // Row 0 of query head `qh` (of [batch * heads]) or of key/value head `kvh` (of [batch * kv_heads]).
-    __device__ bf16* q_rows(int qh, int heads) const { return dq + qh / heads * q_batch + qh % heads * head; }
-    __device__ bf16* k_rows(int kvh, int kv_heads) const { return dk + kvh / kv_heads * kv_batch + kvh % kv_heads * head; }
-    __device__ bf16* v_rows(int kvh, int kv_heads) const { return dv + kvh / kv_heads * kv_batch + kvh % kv_heads * head; }
+    __device__ bf16* q_rows(int qh, int heads) const { return rows_of(dq, qh, heads, q_batch); }
+    __device__ bf16* k_rows(int kvh, int kv_heads) const { return rows_of(dk, kvh, kv_heads, kv_batch); }
+    __device__ bf16* v_rows(int kvh, int kv_heads) const { return rows_of(dv, kvh, kv_heads, kv_batch); }
     // Batch b's angles (null where there are none), for heads of d channels.
     __device__ const bf16* cos_of(int b, int t, int d) const { return cos ? cos + (size_t)b * t * (d / 2) : nullptr; }
     __device__ const bf16* sin_of(int b, int t, int d) const { return sin ? sin + (size_t)b * t * (d / 2) : nullptr; }
@@ -125,8 +129,9 @@ struct GradRows {
 // given (the angles of the rows' sequence, [t, D/2]): channel j with j + D/2, which this thread holds in acc[n]
 // and acc[n + D/16]; rounded once, after the turn. Reference: train::layers::qkv_heads_backward.
 template <int D>
-__device__ __forceinline__ void store_grads(bf16* out, long long row, const float (&acc)[D / 8][4], const int (&rows)[2],
-                                            int t, const bf16* cos = nullptr, const bf16* sin = nullptr) {
+__device__ __forceinline__ void store_grads(bf16* out, long long row, const float (&acc)[D / 8][4],
+                                            const int (&rows)[2], int t, const bf16* cos = nullptr,
+                                            const bf16* sin = nullptr) {
     int c = threadIdx.x % 4;
 #pragma unroll
     for (int h = 0; h < 2; h++) {

@@ -2,9 +2,9 @@
 // bf16's rate): out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n]), both operands
 // row-major with k contiguous (a BitLinear's int8 activations and its ternary weights as int8), plus
 // residual[m, n] where given (the residual stream a block's o_proj or down adds to; 128-column tiles only),
-// added to the rounded product and rounded again, as a separate bf16 add would. The sums are exact integers; the scales are
-// applied once in f32, in that order. Compiled for sm_90a (build.rs): on
-// other cards the module is empty and kernels::int8_gemm declines.
+// added to the rounded product and rounded again, as a separate bf16 add would. The sums are exact integers;
+// the scales are applied once in f32, in that order. Compiled for sm_90a (build.rs): on other cards the module
+// is empty and kernels::int8_gemm declines.
 //
 // A block takes 128 x BN tiles of the output in turn (BN 128 or 256; one block an SM). Its first warpgroup's
 // first thread loads the operands with the tensor memory accelerator (TMA: one instruction a tile of 128
