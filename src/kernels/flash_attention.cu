@@ -291,12 +291,7 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
         for (int it = 0; it < group * n_tiles; it++) {
             int q0 = k0 + it % n_tiles * BQ;
             QueryTile<D, BQ, NT> tile = S::tile(smem, it % 2);
-            if (it + 1 < group * n_tiles) {
-                load_tile(it + 1);
-                wait_loads<1>();
-            } else {
-                wait_loads<0>();
-            }
+            load_next_wait(it + 1 < group * n_tiles, [&] { load_tile(it + 1); });
             __syncthreads();
             float s[BQ / 8][4] = {}, dp[BQ / 8][4] = {};
 #pragma unroll
@@ -458,12 +453,7 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
     float acc[D / 8][4] = {};
     for (int it = 0, k0 = k_first; k0 < k_end; it++, k0 += BK) {
         const bf16 *ks = stage(it), *vs = ks + BK * LD;
-        if (k0 + BK < k_end) {
-            load(it + 1, k0 + BK);
-            wait_loads<1>();
-        } else {
-            wait_loads<0>();
-        }
+        load_next_wait(k0 + BK < k_end, [&] { load(it + 1, k0 + BK); });
         __syncthreads();
         float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
         mma_abt<D, BK>(s, q_a, ks, lane);

@@ -26,6 +26,17 @@ __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\
 // Waits until at most N committed groups are in flight; a barrier then makes the data visible to all.
 template <int N> __device__ __forceinline__ void wait_loads() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// cp.async's double buffering: starts the next step's loads where there is a next step (`load_next` commits
+// its group) and waits for this step's, which were committed before them.
+template <class Next> __device__ __forceinline__ void load_next_wait(bool more, Next load_next) {
+    if (more) {
+        load_next();
+        wait_loads<1>();
+    } else {
+        wait_loads<0>();
+    }
+}
+
 // The window start of a row past the sequence: it sees no key.
 #define NO_KEYS (1 << 30)
 

@@ -153,12 +153,7 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     float dv_acc[D / 8][4] = {}, dk_acc[D / 8][4] = {};
     for (int it = 0; it < group * n_tiles; it++) {
         int q0 = k0 + it % n_tiles * BQ, stage = it % 2;
-        if (it + 1 < group * n_tiles) {
-            load_tile(it + 1);
-            wait_loads<1>();
-        } else {
-            wait_loads<0>();
-        }
+        load_next_wait(it + 1 < group * n_tiles, [&] { load_tile(it + 1); });
         fence_to_wgmma();
         __syncthreads();
         const float* lse2 = small + stage * 3 * BQ;
@@ -242,12 +237,7 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     float acc[D / 8][4] = {};
     for (int it = 0, k0 = k_first; k0 < k_end; it++, k0 += BK) {
         bool more = k0 + BK < k_end;
-        if (STAGES == 2 && more) {
-            load(it + 1, k0 + BK);
-            wait_loads<1>();
-        } else {
-            wait_loads<0>();
-        }
+        load_next_wait(STAGES == 2 && more, [&] { load(it + 1, k0 + BK); });
         fence_to_wgmma();
         __syncthreads();
         unsigned ks = shared_addr(sm.staged(it % STAGES, 0)), vs = shared_addr(sm.staged(it % STAGES, 1));
