@@ -144,20 +144,20 @@ pub fn available(dev: &Device) -> bool {
 }
 
 /// A BitLinear's forward `x w^T` (bf16 `[rows, outputs]`) from the int8 forms of its input and its weight,
-/// with the faster tile for the shape ([`Tile::for_shape`]), plus `residual` where given (bf16 `[rows,
-/// outputs]`, the residual stream o_proj and down add to): in the GEMM's epilogue where the tile adds one,
-/// else by the residual kernel after it. `Ok(None)` where the GEMM does not apply.
-pub fn try_bitlinear_forward(x: &Int8Operand, w: &Int8Operand, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+/// with the faster tile for the shape ([`Tile::for_shape`]), plus `residual` (bf16 `[rows, outputs]`, the
+/// residual stream o_proj and down add to) where given and the tile adds it in its epilogue
+/// ([`Tile::adds_residual`]); the bool says whether it did, and where it did not the caller adds it.
+/// `Ok(None)` where the GEMM does not apply.
+pub fn try_bitlinear_forward(
+    x: &Int8Operand,
+    w: &Int8Operand,
+    residual: Option<&Tensor>,
+) -> Result<Option<(Tensor, bool)>> {
     let ((m, _), (n, _)) = (x.codes.dims2()?, w.codes.dims2()?);
     let tile = Tile::for_shape(m, n);
     let fused = residual.filter(|_| tile.adds_residual());
-    let Some(y) = try_int8_gemm(&x.codes, &w.codes, Some(&x.scales), Some(&w.scales), fused, tile)? else {
-        return Ok(None);
-    };
-    match residual {
-        Some(r) if fused.is_none() => Ok(Some(super::residual::try_residual_add(r, &y)?.map_or_else(|| r + &y, Ok)?)),
-        _ => Ok(Some(y)),
-    }
+    let y = try_int8_gemm(&x.codes, &w.codes, Some(&x.scales), Some(&w.scales), fused, tile)?;
+    Ok(y.map(|y| (y, fused.is_some())))
 }
 
 /// `out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n])` (bf16 `[m, n]`) for `a: [m, k]`

@@ -108,7 +108,11 @@ pub mod int8_gemm {
         false
     }
 
-    pub fn try_bitlinear_forward(_: &Int8Operand, _: &Int8Operand, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+    pub fn try_bitlinear_forward(
+        _: &Int8Operand,
+        _: &Int8Operand,
+        _: Option<&Tensor>,
+    ) -> Result<Option<(Tensor, bool)>> {
         Ok(None)
     }
 }

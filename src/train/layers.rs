@@ -90,13 +90,19 @@ pub fn linear_forward(
     int8: Option<(&Int8Operand, &Int8Operand)>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if let Some((x8, w8)) = int8 {
-        if let Some(y) = kernels::int8_gemm::try_bitlinear_forward(x8, w8, residual)? {
-            return Ok(y);
-        }
+    let int8_product = match int8 {
+        Some((x8, w8)) => kernels::int8_gemm::try_bitlinear_forward(x8, w8, residual)?,
+        None => None,
+    };
+    // Whether the int8 GEMM's epilogue added the residual already (its 128-column tiles do).
+    let (y, added) = match int8_product {
+        Some(done) => done,
+        None => (x_eff.matmul(&w.t()?)?, false),
+    };
+    match residual {
+        Some(r) if !added => residual_add(r, &y),
+        _ => Ok(y),
     }
-    let y = x_eff.matmul(&w.t()?)?;
-    residual.map_or(Ok(y.clone()), |r| residual_add(r, &y))
 }
 
 /// Straight-through estimator: both quantizers pass gradients unchanged, so the gradients are those of a
