@@ -65,6 +65,12 @@ pub(crate) fn compute_capability(dev: &CudaDevice) -> Option<(i32, i32)> {
     Some(((packed / 100) as i32, (packed % 100) as i32))
 }
 
+/// Whether `dev` runs the modules built for sm_90a alone (build.rs's `HOPPER_ONLY`: the int8 GEMM, the Hopper
+/// flash backward): compute capability 9.0, an H100 or H200. Elsewhere those modules are empty.
+pub(crate) fn runs_sm90a(dev: &CudaDevice) -> bool {
+    compute_capability(dev) == Some((9, 0))
+}
+
 /// Lets kernel `name` of module `ptx` take `bytes` of dynamic shared memory a block: above 48 KB (the static
 /// arrays count too) a block's shared memory must be opted into, per function.
 pub(crate) fn opt_in_shared(dev: &CudaDevice, ptx: Ptx, name: &str, bytes: usize) -> Result<()> {
@@ -101,8 +107,17 @@ pub(crate) unsafe fn launch_kernel(
         pad: [0; 4],
         value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
     };
-    let attrs = early_launches(dev);
-    let config = sys::CUlaunchConfig {
+    let mut config = driver_config(dev, cfg);
+    if early_launches(dev) {
+        (config.attrs, config.numAttrs) = (&mut early, 1);
+    }
+    // SAFETY: as the caller promises; `config` and `early` outlive the call.
+    unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()
+}
+
+/// `cfg` as the driver's launch configuration on `dev`'s stream, with no launch attributes.
+fn driver_config(dev: &CudaDevice, cfg: LaunchConfig) -> cudarc::driver::sys::CUlaunchConfig {
+    cudarc::driver::sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
         gridDimZ: cfg.grid_dim.2,
@@ -110,12 +125,10 @@ pub(crate) unsafe fn launch_kernel(
         blockDimY: cfg.block_dim.1,
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
-        hStream: stream.cu_stream(),
-        attrs: if attrs { &mut early } else { std::ptr::null_mut() },
-        numAttrs: u32::from(attrs),
-    };
-    // SAFETY: as the caller promises; `config` and `early` outlive the call.
-    unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()
+        hStream: dev.cuda_stream().cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    }
 }
 
 /// `BESSIE_UNFUSED=1` runs the candle-op references on the GPU too: to compare the two paths on one card
@@ -212,8 +225,8 @@ enum Fact {
 }
 
 /// A fact about kernel `name` on `dev` (or about `dev` itself, with no name) that does not change while the
-/// process runs (keyed further by `threads` and `shared`), asked of the driver once: eager decoding launches ask on every step, and a driver
-/// query costs microseconds beside a 3 us kernel.
+/// process runs (keyed further by `threads` and `shared`), asked of the driver once: eager decoding launches
+/// ask on every step, and a driver query costs microseconds beside a 3 us kernel.
 fn remembered(
     dev: &CudaDevice,
     fact: Fact,
@@ -259,18 +272,10 @@ pub(crate) fn one_wave_of_clusters(dev: &CudaDevice, ptx: Ptx, name: &str, threa
     use cudarc::driver::sys;
     remembered(dev, Fact::Clusters, name, threads, shared, || {
         let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
-        let config = sys::CUlaunchConfig {
-            gridDimX: 2,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: threads,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: shared,
-            hStream: dev.cuda_stream().cu_stream(),
-            attrs: std::ptr::null_mut(),
-            numAttrs: 0,
-        };
+        let config = driver_config(
+            dev,
+            LaunchConfig { grid_dim: (2, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared },
+        );
         let mut clusters = 0;
         // SAFETY: `config` and `clusters` outlive the call; no attributes (the kernel names its cluster).
         unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }

@@ -7,7 +7,7 @@ use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
 use super::shapes::{FlashBackward, FlashInputs};
-use super::{aligned_ptr, compute_capability, cuda_device, launch, ptr, ptx, uninit, Ptx};
+use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flash_attention");
 /// The backward's kernels on Hopper's warpgroup products (`flash_hopper.cu`), built for sm_90a only.
@@ -49,7 +49,7 @@ fn kv_shape(d: usize) -> (u32, u32) {
 /// tiles: with two stages 98.5 KB at d = 96 and 128, two blocks an SM; with one 66 KB, three.
 fn hopper_shared(dev: &candle_core::CudaDevice, d: usize, stages: usize) -> Option<u32> {
     let panels = d.div_ceil(64);
-    (d <= 128 && compute_capability(dev) == Some((9, 0)))
+    (d <= 128 && super::runs_sm90a(dev))
         .then(|| ((2 + 2 * stages) * panels * TILE * 128 + stages * 3 * TILE * 4 + 1024) as u32)
 }
 

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
 use super::shapes::Int8Operand;
-use super::{compute_capability, cuda_device, launch, opt_in_shared, ptr, ptx, uninit, Ptx};
+use super::{cuda_device, launch, opt_in_shared, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("int8_gemm");
 
@@ -138,7 +138,7 @@ fn tensor_map(address: u64, rows: usize, k: usize, box_rows: usize) -> Result<cu
 /// Whether the kernel runs on `dev`: a Hopper GPU (the module is built for sm_90a only).
 pub fn available(dev: &Device) -> bool {
     match dev {
-        Device::Cuda(d) => compute_capability(d) == Some((9, 0)),
+        Device::Cuda(d) => super::runs_sm90a(d),
         _ => false,
     }
 }
