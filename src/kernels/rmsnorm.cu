@@ -174,7 +174,7 @@ template <bool GLU> struct RowVector {
 // `residual` is not null (the add that follows every pre-norm block's branch, fused). Group j takes rows
 // j + i * (groups) and writes its share of dw = sum_rows(dy xhat) to dw_partial[j, :]; `column_sums` sums
 // the partial rows in a fixed order (deterministic, unlike atomics). With one vector a thread (every family's
-// residual norms and -large's gate/up) each thread holds its vectors of the row as loaded (HeldRow) from the
+// residual norms and -large's gate/up) each thread holds its vectors of the row as loaded (RowVector) from the
 // pass before the block's reduction to the pass after it, and loads the next row's before the reduction, so
 // that they are in flight during it and the pass after: rereading the row from L2 after the reduction left
 // the memory idle meanwhile (126 us a call at -large's gate/up, 6144 rows, H100: 2/3 of the bandwidth). With

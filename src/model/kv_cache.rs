@@ -85,8 +85,8 @@ impl Span {
 
 /// A decoding step's activations on a GPU, made once per layout of the cache and reused by every layer and
 /// step, so that a captured step allocates nothing between its kernels: an allocation is a graph node, which
-/// keeps the kernels on either side of it from overlapping (`kernels::launch_kernel`'s early launches). Each kernel writes
-/// one buffer that nothing it reads lies in; the residual stream alternates between two.
+/// keeps the kernels on either side of it from overlapping (`kernels::launch_kernel`'s early launches). Each
+/// kernel writes one buffer that nothing it reads lies in; the residual stream alternates between two.
 #[derive(Debug, Clone)]
 pub(super) struct StepScratch {
     /// The stacked q, k, v projection `[rows, 1, (heads + 2 kv_heads) head_dim]`, bf16.
