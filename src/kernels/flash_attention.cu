@@ -128,29 +128,37 @@ template <int D>
 __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o, float* lse,
                         int t, int heads, int group, float scale2) {
     constexpr int BQ = Forward<D>::BQ, BK = Forward<D>::BK, LD = Tile<D>::LD;
+    // Q passes into registers through the V tile where it fits, so that the first K tile loads beside it;
+    // else (D = 256) through both tiles, before the K tile.
+    constexpr bool Q_IN_V = BK >= BQ;
     static_assert(2 * BK >= BQ, "Q passes through the K and V tiles");
     __shared__ __align__(16) bf16 kvs[2 * BK * LD];
-    bf16 *ks = kvs, *vs = kvs + BK * LD;
+    bf16 *ks = kvs, *vs = kvs + BK * LD, *qs = Q_IN_V ? vs : kvs;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
     size_t head = (size_t)blockIdx.y * t * D, kv = kv_head<D>(blockIdx.y, t, heads, group);
     start += (size_t)(blockIdx.y / heads) * t;
 
-    load_rows<D>(kvs, q + head, q0, BQ, t);  // Q passes through the K and V tiles into registers
+    load_rows<D>(qs, q + head, q0, BQ, t);
     commit();
-    wait_loads<0>();
-    __syncthreads();
-    uint32_t qf[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) load_a<D>(qf[kk], kvs, warp * 16, kk * 16, lane);
+    // The window starts while Q loads: the first K tile's rows depend on them.
     int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) lo[h] = rows[h] < t ? (int)start[rows[h]] : NO_KEYS;
     int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
     int k_first = (int)start[q0] / BK * BK;
+    auto load_first_k = [&] {
+        load_rows<D>(ks, k + kv, k_first, BK, t);
+        commit();
+    };
+    if (Q_IN_V) load_first_k();
+    if (Q_IN_V) wait_loads<1>(); else wait_loads<0>();
+    __syncthreads();
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) load_a<D>(qf[kk], qs, warp * 16, kk * 16, lane);
     __syncthreads();  // every warp has its Q
-    load_rows<D>(ks, k + kv, k_first, BK, t);
-    commit();
+    if (!Q_IN_V) load_first_k();
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[D / 8][4] = {};
     for (int k0 = k_first; k0 < k_end; k0 += BK) {

@@ -133,6 +133,9 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     int qh0 = bi * heads + blockIdx.y % kv_heads * group;  // the group's first query head, of [batch * heads]
     start += (size_t)bi * t;
     int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+    load_swizzled<D>(ks, k + head, k0, t);  // while the window starts are read
+    load_swizzled<D>(vs, v + head, k0, t);
+    commit();
     // The query tiles that see these keys: from k0 on, those whose first row's window starts in them.
     int n_tiles = query_tiles_seeing<H::THREADS>(k0, BK, BQ, t, start);
     // Step `it` takes query head qh0 + it / n_tiles and its query tile it % n_tiles, into stage it % 2.
@@ -146,11 +149,10 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
         load_row_values(row, row + BQ, reinterpret_cast<int*>(row + 2 * BQ), lse + qh * t, delta + qh * t, start, q0,
                         BQ, t);
     };
-    load_swizzled<D>(ks, k + head, k0, t);
-    load_swizzled<D>(vs, v + head, k0, t);
     if (n_tiles > 0) load_tile(0);
 
     float dv_acc[D / 8][4] = {}, dk_acc[D / 8][4] = {};
+    if (n_tiles == 0) wait_loads<0>();  // no copy outlives the block
     for (int it = 0; it < group * n_tiles; it++) {
         int q0 = k0 + it % n_tiles * BQ, stage = it % 2;
         load_next_wait(it + 1 < group * n_tiles, [&] { load_tile(it + 1); });
@@ -205,6 +207,15 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         commit();
     };
     load(0, k_first);
+    // Each row's window start and log-sum-exp while delta's inputs load.
+    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
+    float lse2[2], dl[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        bool in = rows[h] < t;
+        lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
+        lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
+    }
     // delta: two threads a row, each over half of its channels, from global memory.
     {
         int r = threadIdx.x / 2, half = threadIdx.x % 2, i = q0 + r;
@@ -223,16 +234,9 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
             if (i < t) delta[rows0 + i] = sum;
         }
     }
-    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
-    float lse2[2], dl[2];
     __syncthreads();  // the deltas are in
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        bool in = rows[h] < t;
-        lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
-        lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
-        dl[h] = dl_rows[rows[h] - q0];
-    }
+    for (int h = 0; h < 2; h++) dl[h] = dl_rows[rows[h] - q0];
 
     float acc[D / 8][4] = {};
     for (int it = 0, k0 = k_first; k0 < k_end; it++, k0 += BK) {
