@@ -449,6 +449,22 @@ mod fused {
         g.iter().zip(&w).filter(|(a, b)| a != b).count() as f64 / w.len() as f64
     }
 
+    /// [`mismatched`] for two quantized BitLinear inputs `got` and `want` (rows `[n, c]`), over the rows whose
+    /// largest magnitude before the quantization (`got_pre`, `want_pre`) is the same, and how many rows it is
+    /// not. One bf16 unit apart there (where the kernel's and the reference's sums of squares round apart) a
+    /// row has another int8 scale, and every value of it moves by a rounding: such rows are left to the
+    /// relative L2 bound.
+    fn mismatched_same_scale(got: &Tensor, want: &Tensor, got_pre: &Tensor, want_pre: &Tensor) -> (f64, usize) {
+        let c = *want.dims().last().unwrap();
+        let (g, w, gp, wp) = (values(got), values(want), values(got_pre), values(want_pre));
+        let row_max = |x: &[f64]| x.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let same: Vec<bool> = gp.chunks(c).zip(wp.chunks(c)).map(|(a, b)| row_max(a) == row_max(b)).collect();
+        let kept = same.iter().filter(|&&s| s).count() * c;
+        let differ = g.chunks(c).zip(w.chunks(c)).zip(&same).filter(|(_, &s)| s);
+        let differ: usize = differ.map(|((a, b), _)| a.iter().zip(b).filter(|(x, y)| x != y).count()).sum();
+        (differ as f64 / kept.max(1) as f64, same.iter().filter(|&&s| !s).count())
+    }
+
     /// What an int8 operand stands for: each code (u8 holding int8) times its row's scale, rounded to bf16.
     fn int8_values(op: &Int8Operand) -> Tensor {
         let c = op.codes.to_dtype(DType::F32).unwrap();
@@ -1044,12 +1060,19 @@ mod fused {
             if lambda == 1.0 {
                 assert_int8_form(&y, y8.as_ref());
             }
-            let (e, m) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
-            println!("rmsnorm+quant n={n} c={c} lambda={lambda}: rel L2 {e:.2e}, {:.3}% codes differ", m * 100.0);
-            assert!(e < 5e-3 && m < 5e-3, "forward: rel L2 {e}, mismatched {m}");
-            // The plain norm (the final one), the same kernel without the quantization.
-            let (y_ref, _) = rmsnorm_forward_reference(&x, &w, 1e-6).unwrap();
-            let (y, _) = rmsnorm_forward(&x, &w, 1e-6).unwrap();
+            // The plain norm (the final one): the same kernel without the quantization, so also the values the
+            // quantization started from.
+            let (pre_ref, _) = rmsnorm_forward_reference(&x, &w, 1e-6).unwrap();
+            let (pre, _) = rmsnorm_forward(&x, &w, 1e-6).unwrap();
+            let e = rel_l2(&y, &y_ref);
+            let (m, moved) = mismatched_same_scale(&y, &y_ref, &pre, &pre_ref);
+            println!(
+                "rmsnorm+quant n={n} c={c} lambda={lambda}: rel L2 {e:.2e}, {:.3}% codes differ, {moved} rows of \
+                 another scale",
+                m * 100.0
+            );
+            assert!(e < 5e-3 && m < 5e-3 && moved <= (n / 50).max(1), "forward: rel L2 {e}, mismatched {m}, {moved}");
+            let (y, y_ref) = (pre, pre_ref);
             let (e, m) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
             println!("rmsnorm n={n} c={c}: rel L2 {e:.2e}, {:.3}% of values differ", m * 100.0);
             assert!(e < 1e-3 && m < 2e-2, "plain forward: rel L2 {e}, mismatched {m}");
@@ -1116,7 +1139,10 @@ mod fused {
                 if lambda == 1.0 {
                     assert_int8_form(&y, y8.as_ref());
                 }
-                let (e, mis) = (rel_l2(&y, &y_ref), mismatched(&y, &y_ref));
+                let pre_ref = sub_norm_quant_forward_reference(&gu, Some(act), Some(&w), 1e-6, 0.0).unwrap().0;
+                let pre = sub_norm_quant_forward(&gu, Some(act), Some(&w), 1e-6, 0.0, false).unwrap().0;
+                let e = rel_l2(&y, &y_ref);
+                let (mis, moved) = mismatched_same_scale(&y, &y_ref, &pre, &pre_ref);
                 let (dgu_ref, dw_ref) = norm_backward_reference(&dy, Some(&w), &s_ref, None).unwrap();
                 let dw_ref = dw_ref.unwrap();
                 let (dgu, dw) = rmsnorm_backward(&dy, &w, &s, None).unwrap();
@@ -1127,11 +1153,11 @@ mod fused {
                 );
                 let ew = rel_l2(&dense(&dw, m, false), &dense(&dw_ref, m, true));
                 println!(
-                    "{act:?} glu+rmsnorm n={n} m={m} lambda={lambda}: y rel L2 {e:.2e} ({:.3}% codes differ), \
-                     dgate {eg:.2e}, dup {eu:.2e}, dw {ew:.2e}",
+                    "{act:?} glu+rmsnorm n={n} m={m} lambda={lambda}: y rel L2 {e:.2e} ({:.3}% codes differ, {moved} \
+                     rows of another scale), dgate {eg:.2e}, dup {eu:.2e}, dw {ew:.2e}",
                     mis * 100.0
                 );
-                assert!(e < 5e-3 && mis < 5e-3 && eg < 1e-2 && eu < 1e-2 && ew < 1e-3);
+                assert!(e < 5e-3 && mis < 5e-3 && moved <= (n / 50).max(1) && eg < 1e-2 && eu < 1e-2 && ew < 1e-3);
             }
         }
     }
