@@ -151,8 +151,12 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
         load_rows<D>(ks, k + kv, k_first, BK, t);
         commit();
     };
-    if (Q_IN_V) load_first_k();
-    if (Q_IN_V) wait_loads<1>(); else wait_loads<0>();
+    if (Q_IN_V) {
+        load_first_k();
+        wait_loads<1>();  // Q's; the K tile's may stay in flight
+    } else {
+        wait_loads<0>();
+    }
     __syncthreads();
     uint32_t qf[D / 16][4];
 #pragma unroll
