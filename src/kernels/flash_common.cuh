@@ -1,5 +1,5 @@
-// What the flash attention kernels share (flash_attention.cu's, and flash_hopper.cu's dK/dV kernel for
-// Hopper): the softmax's pieces, the masks of causal windows, fragment packing and cp.async's groups.
+// What the flash attention kernels share (flash_attention.cu's, and flash_hopper.cu's two for Hopper): the
+// softmax's pieces, the masks of causal windows, fragment packing, cp.async's groups and the gradients' stores.
 #pragma once
 #include "common.cuh"
 
