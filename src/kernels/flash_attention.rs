@@ -1,7 +1,6 @@
 //! Flash attention on tensor cores, forward and backward: no `[seq, seq]` scores in memory, grouped-query
 //! heads read in place (no expanded K and V). `flash_attention.cu`'s kernels run on every card;
-//! on Hopper the backward at head dims up to 128 runs `flash_hopper.cu`'s (warpgroup products), which
-//! [`FlashBackward`] chooses.
+//! on Hopper the backward runs `flash_hopper.cu`'s (warpgroup products), which [`FlashBackward`] chooses.
 
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
@@ -43,19 +42,22 @@ fn kv_shape(d: usize) -> (u32, u32) {
     (if split { 2 * THREADS } else { THREADS }, ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + handed) as u32)
 }
 
-/// The Hopper kernels' dynamic shared memory (`HopperTiles` in `flash_hopper.cu`) for `stages` stages, where
-/// they run: on an sm_90 card, at head dims up to 128. Two resident tiles of 64 rows and two a stage, in panels
-/// of 64 columns (128 bytes a row), the stages' per-row values (3 x 64 f32), and 1,024 bytes to align the
-/// tiles: with two stages 98.5 KB at d = 96 and 128, two blocks an SM; with one 66 KB, three.
-fn hopper_shared(dev: &candle_core::CudaDevice, d: usize, stages: usize) -> Option<u32> {
-    let panels = d.div_ceil(64);
-    (d <= 128 && super::runs_sm90a(dev))
-        .then(|| ((2 + 2 * stages) * panels * TILE * 128 + stages * 3 * TILE * 4 + 1024) as u32)
+/// The Hopper kernels' threads and dynamic shared memory (`HopperTiles` in `flash_hopper.cu`) for `stages`
+/// stages, where they run: on an sm_90 card. Two resident tiles of 64 rows and two a stage, in panels of 64
+/// columns (128 bytes a row); at d = 256, where a block is a pair of warpgroups (256 threads), the tiles they
+/// hand each other (P in f32, dS in bf16, 64 x 64 each); the stages' per-row values (3 x 64 f32), and 1,024
+/// bytes to align the tiles. With two stages 98.5 KB at d = 96 and 128, two blocks an SM; with one 66 KB,
+/// three; 218.5 KB at d = 256, one.
+fn hopper_shape(dev: &candle_core::CudaDevice, d: usize, stages: usize) -> Option<(u32, u32)> {
+    let (panels, pair) = (d.div_ceil(64), d > 128);
+    let handed = if pair { TILE * TILE * (4 + 2) } else { 0 };
+    let bytes = (2 + 2 * stages) * panels * TILE * 128 + handed + stages * 3 * TILE * 4 + 1024;
+    super::runs_sm90a(dev).then_some((if pair { 2 * THREADS } else { THREADS }, bytes as u32))
 }
 
 /// The Hopper dQ kernel's stages (`q_stages` in `flash_hopper.cu`).
 fn q_stages(d: usize) -> usize {
-    if d >= 96 {
+    if d == 96 || d == 128 {
         1
     } else {
         2
@@ -156,17 +158,18 @@ impl Backward {
         // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes
         // each row's delta = rowsum(dO O), which both need. Both on Hopper's warpgroup products where they run.
         let hopper = kernels == FlashBackward::Fastest;
-        let (module, name, bytes) = match hopper_shared(dev, d, q_stages(d)).filter(|_| hopper) {
-            Some(bytes) => (HOPPER, format!("flash_backward_q_hopper_{d}"), bytes),
-            None => (PTX, format!("flash_backward_q_{d}"), q_shared_bytes(d)),
+        let (module, name, (threads, bytes)) = match hopper_shape(dev, d, q_stages(d)).filter(|_| hopper) {
+            Some(shape) => (HOPPER, format!("flash_backward_q_hopper_{d}"), shape),
+            None => (PTX, format!("flash_backward_q_{d}"), (THREADS, q_shared_bytes(d))),
         };
         super::opt_in_shared(dev, module, &name, bytes as usize)?;
-        launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, ..tiles(t, b * h) };
+        let blocks = tiles(t, b * h);
+        launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
             aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, aligned_ptr(o)?, ptr(lse)?,
             ptr(&delta)?, ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
         // A block per 64 keys of each key/value head.
-        let (module, name, (threads, bytes)) = match hopper_shared(dev, d, 2).filter(|_| hopper) {
-            Some(bytes) => (HOPPER, format!("flash_backward_kv_hopper_{d}"), (THREADS, bytes)),
+        let (module, name, (threads, bytes)) = match hopper_shape(dev, d, 2).filter(|_| hopper) {
+            Some(shape) => (HOPPER, format!("flash_backward_kv_hopper_{d}"), shape),
             None => (PTX, format!("flash_backward_kv_{d}"), kv_shape(d)),
         };
         super::opt_in_shared(dev, module, &name, bytes as usize)?;

@@ -77,7 +77,9 @@ __device__ __forceinline__ float score_grad(float p, float dp, bool seen, bool a
 // The probabilities and score gradients of a tile whose rows are this thread's two queries (rows[h], window
 // starts lo[h], log-sum-exp lse2[h] in base 2, delta dl[h]) and whose columns are the keys k0 + 8 n + 2 c +
 // e % 2 (c = lane % 4) of s[n][e] (the mma C layout): s becomes P, dp becomes dS / sqrt(D). The dQ kernels'.
-template <int N, bool MASKED>
+// P computes the probabilities, DS the score gradients (from s, already P where P is false): a pair of
+// warpgroups at head dim 256 (flash_hopper.cu) takes one role each.
+template <int N, bool MASKED, bool P = true, bool DS = true>
 __device__ __forceinline__ void query_grads(float (*s)[4], float (*dp)[4], const int* rows, const int* lo,
                                             const float* lse2, const float* dl, int k0, int c, float scale2) {
 #pragma unroll
@@ -86,8 +88,8 @@ __device__ __forceinline__ void query_grads(float (*s)[4], float (*dp)[4], const
         for (int e = 0; e < 4; e++) {
             int h = e / 2;
             bool seen = !MASKED || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
-            s[n][e] = prob(s[n][e], seen, lse2[h], scale2);
-            dp[n][e] = score_grad(s[n][e], dp[n][e], seen, MASKED && lo[h] == rows[h], dl[h], scale2);
+            if (P) s[n][e] = prob(s[n][e], seen, lse2[h], scale2);
+            if (DS) dp[n][e] = score_grad(s[n][e], dp[n][e], seen, MASKED && lo[h] == rows[h], dl[h], scale2);
         }
 }
 
@@ -135,38 +137,40 @@ struct GradRows {
     __device__ const bf16* sin_of(int b, int t, int d) const { return sin ? sin + (size_t)b * t * (d / 2) : nullptr; }
 };
 
-// This thread's rows rows[h] (below t) of a sum of 16 rows x D in the mma C layout (acc[n][2 h + e] at column
-// 8 n + 2 c + e, c = lane % 4) as bf16 to `out` (row 0; rows `row` apart), turned back by RoPE where `cos` is
-// given (the angles of the rows' sequence, [t, D/2]): channel j with j + D/2, which this thread holds in acc[n]
-// and acc[n + D/16]; rounded once, after the turn. Reference: train::layers::qkv_heads_backward.
-template <int D>
-__device__ __forceinline__ void store_grads(bf16* out, long long row, const float (&acc)[D / 8][4],
+// This thread's rows rows[h] (below t) of a sum of 16 rows x W of D's columns in the mma C layout (acc[n][2 h +
+// e], c = lane % 4) as bf16 to `out` (row 0; rows `row` apart): the first W/2 columns from col0 on and as many
+// from D/2 + col0 (all of D where W = D: column 8 n + 2 c + e), turned back by RoPE where `cos` is given (the
+// angles of the rows' sequence, [t, D/2]): channel j with j + D/2, which this thread holds in acc[n] and
+// acc[n + W/16]; rounded once, after the turn. Reference: train::layers::qkv_heads_backward.
+template <int D, int W = D>
+__device__ __forceinline__ void store_grads(bf16* out, long long row, const float (&acc)[W / 8][4],
                                             const int (&rows)[2], int t, const bf16* cos = nullptr,
-                                            const bf16* sin = nullptr) {
+                                            const bf16* sin = nullptr, int col0 = 0) {
     int c = threadIdx.x % 4;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         if (rows[h] >= t) continue;
-        float y[D / 8][2];
+        float y[W / 8][2];
 #pragma unroll
-        for (int n = 0; n < D / 8; n++) y[n][0] = acc[n][2 * h], y[n][1] = acc[n][2 * h + 1];
+        for (int n = 0; n < W / 8; n++) y[n][0] = acc[n][2 * h], y[n][1] = acc[n][2 * h + 1];
         if (cos) {
 #pragma unroll
-            for (int n = 0; n < D / 16; n++) {
-                size_t j = (size_t)rows[h] * (D / 2) + 8 * n + 2 * c;
+            for (int n = 0; n < W / 16; n++) {
+                size_t j = (size_t)rows[h] * (D / 2) + col0 + 8 * n + 2 * c;
                 float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + j));
                 float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + j));
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    float x1 = y[n][e], x2 = y[n + D / 16][e], ce = e ? cs.y : cs.x, se = e ? sn.y : sn.x;
+                    float x1 = y[n][e], x2 = y[n + W / 16][e], ce = e ? cs.y : cs.x, se = e ? sn.y : sn.x;
                     y[n][e] = x1 * ce + x2 * se;
-                    y[n + D / 16][e] = x2 * ce - x1 * se;
+                    y[n + W / 16][e] = x2 * ce - x1 * se;
                 }
             }
         }
-        bf16* at = out + rows[h] * row + 2 * c;
+        bf16* at = out + rows[h] * row + col0 + 2 * c;
 #pragma unroll
-        for (int n = 0; n < D / 8; n++) *reinterpret_cast<uint32_t*>(at + n * 8) = pack(y[n][0], y[n][1]);
+        for (int n = 0; n < W / 8; n++)
+            *reinterpret_cast<uint32_t*>(at + (n < W / 16 ? 0 : D / 2 - W / 2) + n * 8) = pack(y[n][0], y[n][1]);
     }
 }
 

@@ -1,5 +1,5 @@
-// Flash attention's backward on Hopper's warpgroup products (wgmma), for heads of 64, 96 and 128 dims: the
-// same work as flash_attention.cu's backward_kv and backward_q (which other cards and head_dim 256 run), whose
+// Flash attention's backward on Hopper's warpgroup products (wgmma), for heads of 64, 96, 128 and 256 dims: the
+// same work as flash_attention.cu's backward_kv and backward_q (which other cards run), whose
 // products are per-warp mma.syncs that each read their B operand from shared memory through ldmatrix: each of
 // a block's four warps reads the whole tile of the other side for every product. A wgmma reads its shared
 // operands once for the warpgroup's 64 rows. Against the portable kernels (H100, BENCHMARKS.md): 1.7x at head
@@ -17,18 +17,29 @@
 // the second panel's rows are half used), loaded by cp.async; the next tile's loads run during this one's
 // products. Sums are in f32 in a fixed order (the same inputs give the same bits), not the portable kernels'
 // order, so the two differ in rounding. Reference: train::layers::flash_attention_backward_reference.
+//
+// At head dim 256 one warpgroup cannot hold a block's sums (dK and dV: 256 registers a thread), so a block is a
+// pair of warpgroups over the same 64 rows (`PAIR`). For each tile of the other side warpgroup 0 takes the
+// scores (S^T = K Q^T, or S = Q K^T) and their probabilities, warpgroup 1 the product with dO (dP^T = V dO^T,
+// or dP = dO V^T) and the score gradients; they hand P (f32) and dS (bf16) to each other through shared memory,
+// and each sums half of D's columns: panels 0 and 2, or 1 and 3, so that RoPE's channel pairs (j, j + 128) are
+// one thread's. The arithmetic is the one-warpgroup kernels'.
 #include "flash_common.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #include "hopper.cuh"
 
-// Both kernels' shape and dynamic shared memory (flash_attention.rs's `hopper_shared` sizes the launch by the
+// Both kernels' shape and dynamic shared memory (flash_attention.rs's `hopper_shape` sizes the launch by the
 // same formula): two resident tiles (K and V, or Q and dO), then STAGES stages of two tiles of the other side,
-// each PANELS panels of 64 rows x 128 bytes, then each stage's per-row values (3 x 64), after 1024 bytes of
-// room to align the tiles.
+// each PANELS panels of 64 rows x 128 bytes, under a pair the tiles it hands over (P: 64 x 64 f32, dS: bf16),
+// then each stage's per-row values (3 x 64), after 1024 bytes of room to align the tiles.
 template <int D, int STAGES = 2> struct HopperTiles {
-    static constexpr int ROWS = 64, PANELS = (D + 63) / 64, THREADS = 128;
-    static constexpr int TILE = PANELS * ROWS * 128, TILES = (2 + 2 * STAGES) * TILE;
+    static constexpr bool PAIR = D > 128;
+    static constexpr int ROWS = 64, PANELS = (D + 63) / 64, THREADS = PAIR ? 256 : 128;
+    static constexpr int TILE = PANELS * ROWS * 128, HANDED = PAIR ? ROWS * 64 * (4 + 2) : 0;
+    static constexpr int TILES = (2 + 2 * STAGES) * TILE + HANDED;
+    // The columns of D a warpgroup's sums hold: all, or half under a pair.
+    static constexpr int WIDTH = PAIR ? D / 2 : D;
     unsigned char* base;
     // The block's dynamic shared memory, aligned for the swizzle.
     __device__ static HopperTiles here() {
@@ -37,11 +48,48 @@ template <int D, int STAGES = 2> struct HopperTiles {
     }
     __device__ unsigned char* resident(int i) const { return base + i * TILE; }
     __device__ unsigned char* staged(int stage, int i) const { return base + (2 + 2 * stage + i) * TILE; }
+    __device__ float2* handed_p() const { return reinterpret_cast<float2*>(base + (2 + 2 * STAGES) * TILE); }
+    __device__ uint32_t* handed_ds() const { return reinterpret_cast<uint32_t*>(handed_p() + ROWS * 32); }
     __device__ float* values() const { return reinterpret_cast<float*>(base + TILES); }
 };
 
+// A pair's hand-over of a 64 x 64 tile in the accumulator layout (x[n][2 h + e]: row 16 warp + lane / 4 + 8 h,
+// column 8 n + 2 (lane % 4) + e) through shared memory, each column pair one slot (float2, or bf16 pair as
+// uint32_t) that the other warpgroup's thread of the same place reads back. Row r's 32 slots in chunks of 4,
+// chunk n at n ^ r % 8: a warp's eight rows take different banks.
+template <class T> __device__ __forceinline__ T* pair_slot(T* tile, int r, int n) {
+    return tile + r * 32 + ((n ^ r % 8) << 2) + threadIdx.x % 4;
+}
+__device__ __forceinline__ int pair_row() { return threadIdx.x % 128 / 32 * 16 + threadIdx.x % 32 / 4; }
+__device__ __forceinline__ void store_pair(float2* at, float a, float b) { *at = make_float2(a, b); }
+__device__ __forceinline__ void store_pair(uint32_t* at, float a, float b) { *at = pack(a, b); }
+__device__ __forceinline__ float2 load_pair(const float2* at) { return *at; }
+__device__ __forceinline__ float2 load_pair(const uint32_t* at) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
+}
+template <class T> __device__ __forceinline__ void hand_over(T* tile, const float (&x)[8][4]) {
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) store_pair(pair_slot(tile, pair_row() + 8 * h, n), x[n][2 * h], x[n][2 * h + 1]);
+}
+template <class T> __device__ __forceinline__ void take_over(float (&x)[8][4], const T* tile) {
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float2 v = load_pair(pair_slot(tile, pair_row() + 8 * h, n));
+            x[n][2 * h] = v.x, x[n][2 * h + 1] = v.y;
+        }
+}
+// The pair's named barriers (0 is __syncthreads'): one warpgroup arrives when its tile is handed over, the
+// other waits for it.
+__device__ __forceinline__ void pair_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void pair_wait(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+
 // Rows row0 .. row0 + 64 of a [t, D] head (zeros past t) into a swizzled tile: 16-byte chunk c of row r to
 // panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16.
+// Every thread of the block takes part.
 template <int D> __device__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int t) {
     using H = HopperTiles<D>;
     for (int ch = threadIdx.x; ch < H::ROWS * D / 8; ch += H::THREADS) {
@@ -53,45 +101,48 @@ template <int D> __device__ void load_swizzled(unsigned char* tile, const bf16* 
     }
 }
 
-// x = A1 B1^T and y = A2 B2^T (64 x 64, f32, the accumulator layout) for swizzled tiles A and B of 64 rows
-// x D: k runs along D, 16 at a time (32 bytes within a panel's rows). Issued, committed and waited for.
-template <int D>
-__device__ __forceinline__ void scores(float (&x)[8][4], float (&y)[8][4], unsigned a1, unsigned b1, unsigned a2,
-                                       unsigned b2) {
+// x[i] = A[i] B[i]^T for i < N (64 x 64, f32, the accumulator layout) for swizzled tiles A and B of 64 rows x
+// D: k runs along D, 16 at a time (32 bytes within a panel's rows). Issued, committed and waited for.
+template <int D, int N>
+__device__ __forceinline__ void scores(float (*const (&x)[N])[4], const unsigned (&a)[N], const unsigned (&b)[N]) {
     constexpr int PANEL = HopperTiles<D>::ROWS * 128;
-    auto& xf = reinterpret_cast<float(&)[32]>(x);
-    auto& yf = reinterpret_cast<float(&)[32]>(y);
 #pragma unroll
-    for (int i = 0; i < 32; i++) xf[i] = 0.f, yf[i] = 0.f;
-    keep_in_place(xf);
-    keep_in_place(yf);
+    for (int i = 0; i < N; i++) {
+        auto& xf = reinterpret_cast<float(&)[32]>(*x[i]);
+#pragma unroll
+        for (int j = 0; j < 32; j++) xf[j] = 0.f;
+        keep_in_place(xf);
+    }
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         unsigned at = kk / 4 * PANEL + kk % 4 * 32;
-        wgmma_bf16(xf, sw128_descriptor(a1 + at, 16, 1024), sw128_descriptor(b1 + at, 16, 1024));
-        wgmma_bf16(yf, sw128_descriptor(a2 + at, 16, 1024), sw128_descriptor(b2 + at, 16, 1024));
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            wgmma_bf16(reinterpret_cast<float(&)[32]>(*x[i]), sw128_descriptor(a[i] + at, 16, 1024),
+                       sw128_descriptor(b[i] + at, 16, 1024));
     }
     wgmma_commit();
     wgmma_wait<0>();
-    keep_in_place(xf);
-    keep_in_place(yf);
+#pragma unroll
+    for (int i = 0; i < N; i++) keep_in_place(reinterpret_cast<float(&)[32]>(*x[i]));
 }
 
-// acc[i] += X[i] B[i] for i < N (64 x D sums) for X[i] 64 x 64 in registers (scores' layout, made A
+// acc[i] += X[i] B[i] for i < N (64 x W sums) for X[i] 64 x 64 in registers (scores' layout, made A
 // fragments) and B[i] swizzled tiles of 64 rows x D read MN-major: k runs along their rows, 16 (2048 bytes of
-// a panel) at a time; n along D, a panel (64 columns, or the 32 left at D = 96) a product.
-template <int D, int N>
+// a panel) at a time; n along D, a panel (64 columns, or the 32 left at D = 96) a product. The sums hold panels
+// `first`, `first + step`, ... of B: all of them (W = D), or every second one under a pair.
+template <int D, int N, int W = D>
 __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*const (&x)[N])[4],
-                                     const unsigned (&b)[N]) {
-    constexpr int PANEL = HopperTiles<D>::ROWS * 128, P = HopperTiles<D>::PANELS;
+                                     const unsigned (&b)[N], int first = 0, int step = 1) {
+    constexpr int PANEL = HopperTiles<D>::ROWS * 128, P = (W + 63) / 64;
     uint32_t a[N][4][4];
 #pragma unroll
     for (int i = 0; i < N; i++)
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) as_a(a[i][kk], x[i][2 * kk], x[i][2 * kk + 1]);
 #pragma unroll
-    for (int i = 0; i < N; i++) keep_in_place(reinterpret_cast<float(&)[D / 2]>(*acc[i]));
+    for (int i = 0; i < N; i++) keep_in_place(reinterpret_cast<float(&)[W / 2]>(*acc[i]));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++)
@@ -99,8 +150,8 @@ __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*
         for (int p = 0; p < P; p++)
 #pragma unroll
             for (int i = 0; i < N; i++) {
-                auto desc = sw128_descriptor(b[i] + p * PANEL + kk * 2048, PANEL, 1024);
-                if (D - 64 * p >= 64)
+                auto desc = sw128_descriptor(b[i] + (first + p * step) * PANEL + kk * 2048, PANEL, 1024);
+                if (W - 64 * p >= 64)
                     wgmma_bf16_t(reinterpret_cast<float(&)[32]>(acc[i][8 * p]), a[i][kk], desc);
                 else
                     wgmma_bf16_t(reinterpret_cast<float(&)[16]>(acc[i][8 * p]), a[i][kk], desc);
@@ -109,7 +160,7 @@ __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < N; i++) {
-        keep_in_place(reinterpret_cast<float(&)[D / 2]>(*acc[i]));
+        keep_in_place(reinterpret_cast<float(&)[W / 2]>(*acc[i]));
         // The A fragments stay in their registers until the products have read them.
         keep_in_place(reinterpret_cast<uint32_t(&)[16]>(a[i]));
     }
@@ -122,11 +173,12 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
                                    const float* delta, const float* start, GradRows dst, int t, int heads,
                                    int group, float scale2) {
     using H = HopperTiles<D>;
-    constexpr int BK = H::ROWS, BQ = H::ROWS;
-    H sm = H::here();  // K, V; each stage's Q, dO; then per stage lse2[BQ], delta[BQ], lo[BQ]
+    constexpr int BK = H::ROWS, BQ = H::ROWS, W = H::WIDTH;
+    H sm = H::here();  // K, V; each stage's Q, dO; P and dS handed over; then per stage lse2[BQ], delta[BQ], lo[BQ]
     unsigned char *ks = sm.resident(0), *vs = sm.resident(1);
     float* small = sm.values();
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    // wg: this thread's warpgroup of a pair (0 where there is one).
+    int wg = H::PAIR ? threadIdx.x / 128 : 0, warp = threadIdx.x / 32 - 4 * wg, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
     int kv_heads = heads / group, bi = blockIdx.y / kv_heads;
     size_t head = (size_t)blockIdx.y * t * D;
@@ -151,7 +203,7 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     };
     if (n_tiles > 0) load_tile(0);
 
-    float dv_acc[D / 8][4] = {}, dk_acc[D / 8][4] = {};
+    float dv_acc[W / 8][4] = {}, dk_acc[W / 8][4] = {};
     if (n_tiles == 0) wait_loads<0>();  // no copy outlives the block
     for (int it = 0; it < group * n_tiles; it++) {
         int q0 = k0 + it % n_tiles * BQ, stage = it % 2;
@@ -163,22 +215,47 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
         const int* lo_of = reinterpret_cast<const int*>(lse2 + 2 * BQ);
         unsigned qs = shared_addr(sm.staged(stage, 0)), dos = shared_addr(sm.staged(stage, 1));
         float s[BQ / 8][4], dp[BQ / 8][4];
-        scores<D>(s, dp, shared_addr(ks), qs, shared_addr(vs), dos);  // S^T = K Q^T, dP^T = V dO^T
-        auto grads = [&](auto tag) {
-            key_grads<BQ, decltype(tag)::value>(s, dp, keys, q0, c, lse2, dl, lo_of, scale2, [](int, float&) {});
+        // P from S, dS from P and dP, or one of the two (a pair's roles).
+        auto grads = [&](auto p, auto ds) {
+            auto masked = [&](auto m) {
+                key_grads<BQ, decltype(m)::value, decltype(p)::value, decltype(ds)::value>(
+                    s, dp, keys, q0, c, lse2, dl, lo_of, scale2, [](int, float&) {});
+            };
+            if (all_seen(q0, BQ, lo_of[BQ - 1], k0, BK, t)) masked(Flag<false>{}); else masked(Flag<true>{});
         };
-        if (all_seen(q0, BQ, lo_of[BQ - 1], k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
-        sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs});  // dV += P^T dO, dK += dS^T Q
+        if constexpr (!H::PAIR) {
+            scores<D, 2>({s, dp}, {shared_addr(ks), shared_addr(vs)}, {qs, dos});  // S^T = K Q^T, dP^T = V dO^T
+            grads(Flag<true>{}, Flag<true>{});
+            sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs});  // dV += P^T dO, dK += dS^T Q
+        } else if (wg == 0) {
+            scores<D, 1>({s}, {shared_addr(ks)}, {qs});
+            grads(Flag<true>{}, Flag<false>{});
+            hand_over(sm.handed_p(), s);
+            pair_arrive(1);
+            sums<D, 1, W>({dv_acc}, {s}, {dos}, 0, 2);
+            pair_wait(2);
+            take_over(dp, sm.handed_ds());
+            sums<D, 1, W>({dk_acc}, {dp}, {qs}, 0, 2);
+        } else {
+            scores<D, 1>({dp}, {shared_addr(vs)}, {dos});
+            pair_wait(1);
+            take_over(s, sm.handed_p());
+            grads(Flag<false>{}, Flag<true>{});
+            hand_over(sm.handed_ds(), dp);
+            pair_arrive(2);
+            sums<D, 2, W>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 1, 2);
+        }
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
     }
-    store_grads<D>(dst.k_rows(blockIdx.y, kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
-                   dst.sin_of(bi, t, D));
-    store_grads<D>(dst.v_rows(blockIdx.y, kv_heads), dst.row, dv_acc, keys, t);
+    store_grads<D, W>(dst.k_rows(blockIdx.y, kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
+                      dst.sin_of(bi, t, D), 64 * wg);
+    store_grads<D, W>(dst.v_rows(blockIdx.y, kv_heads), dst.row, dv_acc, keys, t, nullptr, nullptr, 64 * wg);
 }
 
-// The dQ kernel's stages of K and V tiles (flash_attention.rs's `Q_STAGES`): one from head dim 96, where it
-// leaves room for three blocks an SM (its registers allow three), whose loads and products interleave instead.
-template <int D> __device__ constexpr int q_stages() { return D >= 96 ? 1 : 2; }
+// The dQ kernel's stages of K and V tiles (flash_attention.rs's `q_stages`): one at head dims 96 and 128, where
+// it leaves room for three blocks an SM (its registers allow three), whose loads and products interleave
+// instead; two at 256, where a pair's block fills the SM's registers either way.
+template <int D> __device__ constexpr int q_stages() { return D == 96 || D == 128 ? 1 : 2; }
 
 // dQ for 64 queries (blockIdx.y = batch * heads + query head), over the key tiles they see. First each row's
 // delta = sum over d of dO O (dS = P (dP - delta)), written for the dK/dV kernel, which runs after this one.
@@ -188,11 +265,11 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
                                   int heads, int group, float scale2) {
     constexpr int STAGES = q_stages<D>();
     using H = HopperTiles<D, STAGES>;
-    constexpr int BK = H::ROWS, BQ = H::ROWS;
-    H sm = H::here();  // Q, dO; each stage's K, V; then each row's delta
+    constexpr int BK = H::ROWS, BQ = H::ROWS, W = H::WIDTH;
+    H sm = H::here();  // Q, dO; each stage's K, V; P and dS handed over; then each row's delta
     unsigned char *qs = sm.resident(0), *dos = sm.resident(1);
     float* dl_rows = sm.values();
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int wg = H::PAIR ? threadIdx.x / 128 : 0, warp = threadIdx.x / 32 - 4 * wg, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
     size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t;
     size_t kv = kv_head<D>(blockIdx.y, t, heads, group);
@@ -216,20 +293,23 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
         lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
     }
-    // delta: two threads a row, each over half of its channels, from global memory.
+    // delta: SPLIT threads a row (two, or four under a pair), each over its part of the channels, from global
+    // memory.
     {
-        int r = threadIdx.x / 2, half = threadIdx.x % 2, i = q0 + r;
+        constexpr int SPLIT = H::THREADS / BQ;
+        int r = threadIdx.x / SPLIT, part = threadIdx.x % SPLIT, i = q0 + r;
         float sum = 0.f;
         if (i < t)
-            for (int j = half * D / 2; j < (half + 1) * D / 2; j += 8) {
+            for (int j = part * D / SPLIT; j < (part + 1) * D / SPLIT; j += 8) {
                 float a[8], b[8];
                 load8(dout + head + (size_t)i * D + j, a);
                 load8(o + head + (size_t)i * D + j, b);
 #pragma unroll
                 for (int e = 0; e < 8; e++) sum += a[e] * b[e];
             }
-        sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        if (half == 0) {
+#pragma unroll
+        for (int m = 1; m < SPLIT; m *= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
+        if (part == 0) {
             dl_rows[r] = sum;
             if (i < t) delta[rows0 + i] = sum;
         }
@@ -238,7 +318,7 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
 #pragma unroll
     for (int h = 0; h < 2; h++) dl[h] = dl_rows[rows[h] - q0];
 
-    float acc[D / 8][4] = {};
+    float acc[W / 8][4] = {};
     for (int it = 0, k0 = k_first; k0 < k_end; it++, k0 += BK) {
         bool more = k0 + BK < k_end;
         load_next_wait(STAGES == 2 && more, [&] { load(it + 1, k0 + BK); });
@@ -246,18 +326,39 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         __syncthreads();
         unsigned ks = shared_addr(sm.staged(it % STAGES, 0)), vs = shared_addr(sm.staged(it % STAGES, 1));
         float s[BK / 8][4], dp[BK / 8][4];
-        scores<D>(s, dp, shared_addr(qs), ks, shared_addr(dos), vs);  // S = Q K^T, dP = dO V^T
-        auto grads = [&](auto tag) {
-            query_grads<BK, decltype(tag)::value>(s, dp, rows, lo, lse2, dl, k0, c, scale2);
+        // P from S, dS from P and dP, or one of the two (a pair's roles).
+        auto grads = [&](auto p, auto ds) {
+            auto masked = [&](auto m) {
+                query_grads<BK, decltype(m)::value, decltype(p)::value, decltype(ds)::value>(s, dp, rows, lo, lse2,
+                                                                                            dl, k0, c, scale2);
+            };
+            if (all_seen(q0, BQ, lo_last, k0, BK, t)) masked(Flag<false>{}); else masked(Flag<true>{});
         };
-        if (all_seen(q0, BQ, lo_last, k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
-        sums<D, 1>({acc}, {dp}, {ks});  // dQ += dS K
+        if constexpr (!H::PAIR) {
+            scores<D, 2>({s, dp}, {shared_addr(qs), shared_addr(dos)}, {ks, vs});  // S = Q K^T, dP = dO V^T
+            grads(Flag<true>{}, Flag<true>{});
+        } else if (wg == 0) {
+            scores<D, 1>({s}, {shared_addr(qs)}, {ks});
+            grads(Flag<true>{}, Flag<false>{});
+            hand_over(sm.handed_p(), s);
+            pair_arrive(1);
+            pair_wait(2);
+            take_over(dp, sm.handed_ds());
+        } else {
+            scores<D, 1>({dp}, {shared_addr(dos)}, {vs});
+            pair_wait(1);
+            take_over(s, sm.handed_p());
+            grads(Flag<false>{}, Flag<true>{});
+            hand_over(sm.handed_ds(), dp);
+            pair_arrive(2);
+        }
+        sums<D, 1, W>({acc}, {dp}, {ks}, wg, H::PAIR ? 2 : 1);  // dQ += dS K
         __syncthreads();  // every product has read this stage before a later tile overwrites it
         if (STAGES == 1 && more) load(it + 1, k0 + BK);
     }
     int bi = blockIdx.y / heads;
-    store_grads<D>(dst.q_rows(blockIdx.y, heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
-                   dst.sin_of(bi, t, D));
+    store_grads<D, W>(dst.q_rows(blockIdx.y, heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
+                      dst.sin_of(bi, t, D), 64 * wg);
 }
 #define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dst, t, heads, group, scale2);
 #define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, dst, t, heads, group, scale2);
@@ -266,16 +367,17 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
 #define HOPPER_Q(D)
 #endif
 
-// flash_backward_{kv,q}_hopper_{64,96,128}, with flash_backward_{kv,q}_{D}'s arguments.
+// flash_backward_{kv,q}_hopper_{64,96,128,256}, with flash_backward_{kv,q}_{D}'s arguments; 128 threads a
+// block, 256 (a pair) at head dim 256.
 #define FLASH_HOPPER(D)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(128)                                                             \
+    extern "C" __global__ void __launch_bounds__(D > 128 ? 256 : 128)                                             \
         flash_backward_kv_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
                                      const float* lse, const float* delta, const float* start, GradRows dst,      \
                                      int t, int heads, int group, float scale2) {                                 \
         follow_previous();                                                                                        \
         HOPPER_KV(D)                                                                                              \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(128)                                                             \
+    extern "C" __global__ void __launch_bounds__(D > 128 ? 256 : 128)                                             \
         flash_backward_q_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o, \
                                     const float* lse, float* delta, const float* start, GradRows dst, int t,      \
                                     int heads, int group, float scale2) {                                         \
@@ -285,3 +387,4 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
 FLASH_HOPPER(64)
 FLASH_HOPPER(96)
 FLASH_HOPPER(128)
+FLASH_HOPPER(256)

@@ -19,8 +19,8 @@ pub struct HeadShape {
 /// Which kernels flash attention's backward takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashBackward {
-    /// Hopper's warpgroup-product kernels where the card (sm_90) and the head dim (up to 128) allow them, else
-    /// the portable ones: what training runs.
+    /// Hopper's warpgroup-product kernels where the card (sm_90) allows them, else the portable ones: what
+    /// training runs.
     Fastest,
     /// The mma.sync kernels every card runs; on Hopper, the tests' check of them.
     Portable,
