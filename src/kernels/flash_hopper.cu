@@ -1,13 +1,13 @@
 // Flash attention's backward on Hopper's warpgroup products (wgmma), for heads of 64, 96, 128 and 256 dims: the
-// same work as flash_attention.cu's backward_kv and backward_q (which other cards run), whose
-// products are per-warp mma.syncs that each read their B operand from shared memory through ldmatrix: each of
-// a block's four warps reads the whole tile of the other side for every product. A wgmma reads its shared
-// operands once for the warpgroup's 64 rows. Against the portable kernels (H100, BENCHMARKS.md): 1.7x at head
-// dim 128, whose portable dK/dV kernel takes 16-query tiles to fit its registers, and 1.08-1.13x at 96. What
-// bounds both now is each warpgroup's serial chain (products, softmax, products) with two blocks an SM: two
+// same work as flash_attention.cu's backward_kv and backward_q (which other cards run), whose products are
+// per-warp mma.syncs that each read their B operand from shared memory through ldmatrix: each of a block's four
+// warps reads the whole tile of the other side for every product. A wgmma reads its shared operands once for
+// the warpgroup's 64 rows. Against the portable kernels (H100, BENCHMARKS.md): 1.7x at head dim 128, whose
+// portable dK/dV kernel takes 16-query tiles to fit its registers, 1.15-1.23x at 96 and 1.33x at 256. What
+// bounds them now is each warpgroup's serial chain (products, softmax, products) with two warpgroups an SM: two
 // warpgroups a block sharing each tile measured no faster.
 //
-// A block is one warpgroup and takes 64 rows of its side: keys (dK/dV) or queries (dQ). Over the tiles of 64
+// Below head dim 256 a block is one warpgroup and takes 64 rows of its side: keys (dK/dV) or queries (dQ). Over the tiles of 64
 // rows of the other side that it meets, two products over D with both operands in shared memory give the
 // scores and their gradients' inputs in registers (the dK/dV kernel: S^T = K Q^T and dP^T = V dO^T, keys as
 // rows; dQ: S = Q K^T and dP = dO V^T), then the probabilities and score gradients as the portable kernels
@@ -88,8 +88,7 @@ __device__ __forceinline__ void pair_arrive(int id) { asm volatile("bar.arrive %
 __device__ __forceinline__ void pair_wait(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 
 // Rows row0 .. row0 + 64 of a [t, D] head (zeros past t) into a swizzled tile: 16-byte chunk c of row r to
-// panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16.
-// Every thread of the block takes part.
+// panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16, by every thread of the block.
 template <int D> __device__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int t) {
     using H = HopperTiles<D>;
     for (int ch = threadIdx.x; ch < H::ROWS * D / 8; ch += H::THREADS) {
@@ -177,8 +176,9 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     H sm = H::here();  // K, V; each stage's Q, dO; P and dS handed over; then per stage lse2[BQ], delta[BQ], lo[BQ]
     unsigned char *ks = sm.resident(0), *vs = sm.resident(1);
     float* small = sm.values();
-    // wg: this thread's warpgroup of a pair (0 where there is one).
-    int wg = H::PAIR ? threadIdx.x / 128 : 0, warp = threadIdx.x / 32 - 4 * wg, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    // wg: this thread's warpgroup of a pair (0 where there is one); warp: its warp in the warpgroup.
+    int wg = H::PAIR ? threadIdx.x / 128 : 0, warp = threadIdx.x / 32 - 4 * wg;
+    int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
     int kv_heads = heads / group, bi = blockIdx.y / kv_heads;
     size_t head = (size_t)blockIdx.y * t * D;
@@ -269,7 +269,8 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     H sm = H::here();  // Q, dO; each stage's K, V; P and dS handed over; then each row's delta
     unsigned char *qs = sm.resident(0), *dos = sm.resident(1);
     float* dl_rows = sm.values();
-    int wg = H::PAIR ? threadIdx.x / 128 : 0, warp = threadIdx.x / 32 - 4 * wg, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int wg = H::PAIR ? threadIdx.x / 128 : 0, warp = threadIdx.x / 32 - 4 * wg;  // as in backward_kv_hopper
+    int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
     size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t;
     size_t kv = kv_head<D>(blockIdx.y, t, heads, group);
