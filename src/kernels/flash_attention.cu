@@ -6,8 +6,8 @@
 // key/value head for dK and dV, summed over the group's query heads, and one per 64 queries for dQ, each
 // summing in registers in a fixed order (no atomics: the same inputs give the same bits). The dQ kernel runs
 // first: it also writes each row's rowsum(dO O), which the dK/dV kernel reads. On Hopper the backward runs
-// flash_hopper.cu's kernels instead (flash_attention.rs chooses); these are the portable
-// ones. The plain reference is train::layers::flash_attention_{forward,backward}_reference.
+// flash_hopper.cu's kernels instead (flash_attention.rs chooses); these are the portable ones. The plain
+// reference is train::layers::flash_attention_{forward,backward}_reference.
 #include "flash_common.cuh"
 
 #define THREADS 128  // four warps, each owning 16 rows of the block's tile (the dK/dV kernel: KvShared)
