@@ -165,6 +165,32 @@ __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*
     }
 }
 
+// A pair's products and softmax for one tile: warpgroup 0 takes S = A[0] B[0]^T into s and the probabilities
+// (grads' P role), which it hands over, then runs `meanwhile`; warpgroup 1 takes dP = A[1] B[1]^T into dp, then
+// from the P handed to it (into its s) the score gradients (grads' DS role), which it hands back. After it
+// s holds P and dp holds dS in both.
+template <int D, class H, class Grads, class Meanwhile>
+__device__ __forceinline__ void pair_scores(const H& sm, int wg, float (&s)[8][4], float (&dp)[8][4],
+                                            const unsigned (&a)[2], const unsigned (&b)[2], Grads grads,
+                                            Meanwhile meanwhile) {
+    if (wg == 0) {
+        scores<D, 1>({s}, {a[0]}, {b[0]});
+        grads(Flag<true>{}, Flag<false>{});
+        hand_over(sm.handed_p(), s);
+        pair_arrive(1);
+        meanwhile();
+        pair_wait(2);
+        take_over(dp, sm.handed_ds());
+    } else {
+        scores<D, 1>({dp}, {a[1]}, {b[1]});
+        pair_wait(1);
+        take_over(s, sm.handed_p());
+        grads(Flag<false>{}, Flag<true>{});
+        hand_over(sm.handed_ds(), dp);
+        pair_arrive(2);
+    }
+}
+
 // dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head), over each query
 // tile of each query head of the group that sees them, the sums over the group in registers.
 template <int D>
@@ -227,23 +253,14 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
             scores<D, 2>({s, dp}, {shared_addr(ks), shared_addr(vs)}, {qs, dos});  // S^T = K Q^T, dP^T = V dO^T
             grads(Flag<true>{}, Flag<true>{});
             sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs});  // dV += P^T dO, dK += dS^T Q
-        } else if (wg == 0) {
-            scores<D, 1>({s}, {shared_addr(ks)}, {qs});
-            grads(Flag<true>{}, Flag<false>{});
-            hand_over(sm.handed_p(), s);
-            pair_arrive(1);
-            sums<D, 1, W>({dv_acc}, {s}, {dos}, 0, 2);
-            pair_wait(2);
-            take_over(dp, sm.handed_ds());
-            sums<D, 1, W>({dk_acc}, {dp}, {qs}, 0, 2);
         } else {
-            scores<D, 1>({dp}, {shared_addr(vs)}, {dos});
-            pair_wait(1);
-            take_over(s, sm.handed_p());
-            grads(Flag<false>{}, Flag<true>{});
-            hand_over(sm.handed_ds(), dp);
-            pair_arrive(2);
-            sums<D, 2, W>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 1, 2);
+            // Warpgroup 0 sums its half of dV while the other takes dS.
+            pair_scores<D>(sm, wg, s, dp, {shared_addr(ks), shared_addr(vs)}, {qs, dos}, grads,
+                           [&] { sums<D, 1, W>({dv_acc}, {s}, {dos}, 0, 2); });
+            if (wg == 0)
+                sums<D, 1, W>({dk_acc}, {dp}, {qs}, 0, 2);
+            else
+                sums<D, 2, W>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 1, 2);
         }
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
     }
@@ -338,20 +355,8 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         if constexpr (!H::PAIR) {
             scores<D, 2>({s, dp}, {shared_addr(qs), shared_addr(dos)}, {ks, vs});  // S = Q K^T, dP = dO V^T
             grads(Flag<true>{}, Flag<true>{});
-        } else if (wg == 0) {
-            scores<D, 1>({s}, {shared_addr(qs)}, {ks});
-            grads(Flag<true>{}, Flag<false>{});
-            hand_over(sm.handed_p(), s);
-            pair_arrive(1);
-            pair_wait(2);
-            take_over(dp, sm.handed_ds());
         } else {
-            scores<D, 1>({dp}, {shared_addr(dos)}, {vs});
-            pair_wait(1);
-            take_over(s, sm.handed_p());
-            grads(Flag<false>{}, Flag<true>{});
-            hand_over(sm.handed_ds(), dp);
-            pair_arrive(2);
+            pair_scores<D>(sm, wg, s, dp, {shared_addr(qs), shared_addr(dos)}, {ks, vs}, grads, [] {});
         }
         sums<D, 1, W>({acc}, {dp}, {ks}, wg, H::PAIR ? 2 : 1);  // dQ += dS K
         __syncthreads();  // every product has read this stage before a later tile overwrites it
