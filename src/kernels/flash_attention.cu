@@ -135,9 +135,9 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
     __shared__ __align__(16) bf16 kvs[2 * BK * LD];
     bf16 *ks = kvs, *vs = kvs + BK * LD, *qs = Q_IN_V ? vs : kvs;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-    int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
-    size_t head = (size_t)blockIdx.y * t * D, kv = kv_head<D>(blockIdx.y, t, heads, group);
-    start += (size_t)(blockIdx.y / heads) * t;
+    int q0 = first_query(BQ);
+    size_t head = (size_t)grid_head() * t * D, kv = kv_head<D>(grid_head(), t, heads, group);
+    start += (size_t)(grid_head() / heads) * t;
 
     load_rows<D>(qs, q + head, q0, BQ, t);
     commit();
@@ -220,7 +220,7 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
 #pragma unroll
         for (int n = 0; n < D / 8; n++)
             *reinterpret_cast<uint32_t*>(out + n * 8) = pack(acc[n][2 * h] * inv, acc[n][2 * h + 1] * inv);
-        if (c == 0) lse[(size_t)blockIdx.y * t + rows[h]] = (m[h] + log2f(l[h])) * 0.69314718056f;
+        if (c == 0) lse[(size_t)grid_head() * t + rows[h]] = (m[h] + log2f(l[h])) * 0.69314718056f;
     }
 }
 
@@ -259,7 +259,7 @@ template <int D> struct KvShared {
     }
 };
 
-// dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head), 16 keys a warp (or a
+// dK and dV for 64 keys of one key/value head (grid_head() = batch * kv_heads + kv head), 16 keys a warp (or a
 // pair of warps, KvShared::SPLIT): for each of the group's query heads and each tile of BQ queries that sees
 // the keys, S^T = K Q^T and dP^T = V dO^T in registers (keys as rows), then dV += P^T dO and dK += dS^T Q: the
 // sum over the group stays in registers.
@@ -276,12 +276,12 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
     int rows = warp % 4 * 16;  // this warp's keys in the tile
     // Under SPLIT, this lane's probabilities, entry i at [i * 32]: a layout without bank conflicts.
     float* handed = S::probs(smem) + warp % 4 * (BQ / 2) * 32 + lane;
-    int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
-    int kv_heads = heads / group, bi = blockIdx.y / kv_heads;
-    size_t head = (size_t)blockIdx.y * t * D;
+    int k0 = first_key(BK);
+    int kv_heads = heads / group, bi = grid_head() / kv_heads;
+    size_t head = (size_t)grid_head() * t * D;
     // The group's first query head (of [batch * heads]): step `it` of the loop below takes query head
     // qh0 + it / n_tiles and its query tile it % n_tiles.
-    int qh0 = bi * heads + blockIdx.y % kv_heads * group;
+    int qh0 = bi * heads + grid_head() % kv_heads * group;
     start += (size_t)bi * t;
     int keys[2] = {k0 + rows + g, k0 + rows + g + 8};
     // The query tiles that see these keys: from k0 on, those whose first row's window starts in them.
@@ -343,9 +343,9 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
                               // after next overwrites it
         }
         if (DS)
-            store_grads<D>(dst.k_rows(blockIdx.y, kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
+            store_grads<D>(dst.k_rows(grid_head(), kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
                            dst.sin_of(bi, t, D));
-        if (P) store_grads<D>(dst.v_rows(blockIdx.y, kv_heads), dst.row, dv_acc, keys, t);
+        if (P) store_grads<D>(dst.v_rows(grid_head(), kv_heads), dst.row, dv_acc, keys, t);
     };
     if (!S::SPLIT) pass(Flag<true>{}, Flag<true>{});
     else if (warp >= 4) pass(Flag<false>{}, Flag<true>{});
@@ -397,9 +397,9 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
     bf16* resident = reinterpret_cast<bf16*>(dq_smem);  // under RESIDENT: Q, then dO
     bf16* buf = resident + (RESIDENT ? 2 * BQ * LD : 0);  // (Q, dO and) O, then two stages of K and V
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-    int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
-    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t, kv = kv_head<D>(blockIdx.y, t, heads, group);
-    start += (size_t)(blockIdx.y / heads) * t;
+    int q0 = first_query(BQ);
+    size_t head = (size_t)grid_head() * t * D, rows0 = (size_t)grid_head() * t, kv = kv_head<D>(grid_head(), t, heads, group);
+    start += (size_t)(grid_head() / heads) * t;
 
     // This warp's A fragments of 64 rows of a head, through the buffer at row `at`.
     auto fragments = [&](uint32_t (*f)[4], int at) {
@@ -477,8 +477,8 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         mma_cb<D, BK>(acc, dp, ks, lane);
         __syncthreads();  // every warp is done with this stage before the one after next overwrites it
     }
-    int bi = blockIdx.y / heads;
-    store_grads<D>(dst.q_rows(blockIdx.y, heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
+    int bi = grid_head() / heads;
+    store_grads<D>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
                    dst.sin_of(bi, t, D));
 }
 

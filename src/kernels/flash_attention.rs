@@ -16,10 +16,11 @@ const HOPPER: Ptx = ptx!("flash_hopper");
 const THREADS: u32 = 128;
 const TILE: usize = 64;
 
-/// One block per 64 rows of each `(batch, head)`.
+/// One block per 64 rows of each `(batch, head)`: heads along x, the rows' tiles along y, so that the card
+/// starts every head's longest block first (`grid_head` in `flash_common.cuh`).
 fn tiles(t: usize, heads: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (t.div_ceil(TILE) as u32, heads as u32, 1),
+        grid_dim: (heads as u32, t.div_ceil(TILE) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }

@@ -2,8 +2,8 @@
 // same work as flash_attention.cu's backward_kv and backward_q (which other cards run), whose products are
 // per-warp mma.syncs that each read their B operand from shared memory through ldmatrix: each of a block's four
 // warps reads the whole tile of the other side for every product. A wgmma reads its shared operands once for
-// the warpgroup's 64 rows. Against the portable kernels (H100, BENCHMARKS.md): 1.7x at head dim 128, whose
-// portable dK/dV kernel takes 16-query tiles to fit its registers, 1.15-1.23x at 96 and 1.33x at 256. What
+// the warpgroup's 64 rows. Against the portable kernels (H100, BENCHMARKS.md): 1.75x at head dim 128, whose
+// portable dK/dV kernel takes 16-query tiles to fit its registers, 1.11-1.15x at 96 and 1.28x at 256. What
 // bounds them now is each warpgroup's serial chain (products, softmax, products) with two warpgroups an SM: two
 // warpgroups a block sharing each tile measured no faster.
 //
@@ -191,7 +191,7 @@ __device__ __forceinline__ void pair_scores(const H& sm, int wg, float (&s)[8][4
     }
 }
 
-// dK and dV for 64 keys of one key/value head (blockIdx.y = batch * kv_heads + kv head), over each query
+// dK and dV for 64 keys of one key/value head (grid_head() = batch * kv_heads + kv head), over each query
 // tile of each query head of the group that sees them, the sums over the group in registers.
 template <int D>
 __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
@@ -205,10 +205,10 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     // wg: this thread's warpgroup of a pair (0 where there is one); warp: its warp in the warpgroup.
     int wg = H::PAIR ? threadIdx.x / 128 : 0, warp = threadIdx.x / 32 - 4 * wg;
     int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-    int k0 = blockIdx.x * BK;  // the keys seen by the most queries first
-    int kv_heads = heads / group, bi = blockIdx.y / kv_heads;
-    size_t head = (size_t)blockIdx.y * t * D;
-    int qh0 = bi * heads + blockIdx.y % kv_heads * group;  // the group's first query head, of [batch * heads]
+    int k0 = first_key(BK);
+    int kv_heads = heads / group, bi = grid_head() / kv_heads;
+    size_t head = (size_t)grid_head() * t * D;
+    int qh0 = bi * heads + grid_head() % kv_heads * group;  // the group's first query head, of [batch * heads]
     start += (size_t)bi * t;
     int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
     load_swizzled<D>(ks, k + head, k0, t);  // while the window starts are read
@@ -264,9 +264,9 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
         }
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
     }
-    store_grads<D, W>(dst.k_rows(blockIdx.y, kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
+    store_grads<D, W>(dst.k_rows(grid_head(), kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
                       dst.sin_of(bi, t, D), 64 * wg);
-    store_grads<D, W>(dst.v_rows(blockIdx.y, kv_heads), dst.row, dv_acc, keys, t, nullptr, nullptr, 64 * wg);
+    store_grads<D, W>(dst.v_rows(grid_head(), kv_heads), dst.row, dv_acc, keys, t, nullptr, nullptr, 64 * wg);
 }
 
 // The dQ kernel's stages of K and V tiles (flash_attention.rs's `q_stages`): one at head dims 96 and 128, where
@@ -274,7 +274,7 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
 // instead; two at 256, where a pair's block fills the SM's registers either way.
 template <int D> __device__ constexpr int q_stages() { return D == 96 || D == 128 ? 1 : 2; }
 
-// dQ for 64 queries (blockIdx.y = batch * heads + query head), over the key tiles they see. First each row's
+// dQ for 64 queries (grid_head() = batch * heads + query head), over the key tiles they see. First each row's
 // delta = sum over d of dO O (dS = P (dP - delta)), written for the dK/dV kernel, which runs after this one.
 template <int D>
 __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
@@ -288,10 +288,10 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     float* dl_rows = sm.values();
     int wg = H::PAIR ? threadIdx.x / 128 : 0, warp = threadIdx.x / 32 - 4 * wg;  // as in backward_kv_hopper
     int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-    int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
-    size_t head = (size_t)blockIdx.y * t * D, rows0 = (size_t)blockIdx.y * t;
-    size_t kv = kv_head<D>(blockIdx.y, t, heads, group);
-    start += (size_t)(blockIdx.y / heads) * t;
+    int q0 = first_query(BQ);
+    size_t head = (size_t)grid_head() * t * D, rows0 = (size_t)grid_head() * t;
+    size_t kv = kv_head<D>(grid_head(), t, heads, group);
+    start += (size_t)(grid_head() / heads) * t;
     load_swizzled<D>(qs, q + head, q0, t);
     load_swizzled<D>(dos, dout + head, q0, t);
     int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
@@ -362,8 +362,8 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         __syncthreads();  // every product has read this stage before a later tile overwrites it
         if (STAGES == 1 && more) load(it + 1, k0 + BK);
     }
-    int bi = blockIdx.y / heads;
-    store_grads<D, W>(dst.q_rows(blockIdx.y, heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
+    int bi = grid_head() / heads;
+    store_grads<D, W>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
                       dst.sin_of(bi, t, D), 64 * wg);
 }
 #define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dst, t, heads, group, scale2);
