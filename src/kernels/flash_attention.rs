@@ -17,13 +17,24 @@ const THREADS: u32 = 128;
 const TILE: usize = 64;
 
 /// One block per 64 rows of each `(batch, head)`: heads along x, the rows' tiles along y, so that the card
-/// starts every head's longest block first (`grid_head` in `flash_common.cuh`).
-fn tiles(t: usize, heads: usize) -> LaunchConfig {
+/// starts every head's longest block first (`grid_head` in `flash_common.cuh`), and the heads in sections of
+/// `section` along z (a divisor of `heads`; `heads` for one section).
+fn tiles(t: usize, heads: usize, section: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (heads as u32, t.div_ceil(TILE) as u32, 1),
+        grid_dim: (section as u32, t.div_ceil(TILE) as u32, (heads / section) as u32),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// The backward's sections of heads: the most heads, a divisor of `heads`, of which at least 8 blocks each run
+/// at once among the `wave` that the card holds, so that they read each tile of their head together (from L2
+/// after the first). With all heads in one section, -large's 128 heads at 768 x 8 ran two blocks each at once
+/// and the backward took 8% longer; the forward, sectioned, ran no faster there and 27% slower at 2B4T
+/// (BENCHMARKS.md), so it takes one section.
+fn backward_section(heads: usize, wave: usize) -> usize {
+    let most = (wave / 8).max(1);
+    (1..=heads.min(most)).rev().find(|s| heads.is_multiple_of(*s)).unwrap_or(1)
 }
 
 /// The portable dK/dV kernel's threads and dynamic shared memory (`KvShared` in the kernel): from d = 256 two
@@ -104,7 +115,7 @@ pub fn try_forward(q: &Tensor, k: &Tensor, v: &Tensor, start: &Tensor) -> Result
     let dev = cuda_device(&q)?;
     let (o, lse) = (uninit(q.shape(), DType::BF16, &dev)?, uninit((b, h, t, 1), DType::F32, &dev)?);
     let name = format!("flash_forward_{d}");
-    launch!(dev, PTX, &name, tiles(t, b * h);
+    launch!(dev, PTX, &name, tiles(t, b * h, b * h);
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, ptr(&start)?, aligned_ptr(&o)?, ptr(&lse)?,
         t as i32, h as i32, group as i32, scale2(d));
     Ok(Some((o, lse)))
@@ -164,7 +175,8 @@ impl Backward {
             None => (PTX, format!("flash_backward_q_{d}"), (THREADS, q_shared_bytes(d))),
         };
         super::opt_in_shared(dev, module, &name, bytes as usize)?;
-        let blocks = tiles(t, b * h);
+        let wave = super::one_wave(dev, module, &name, threads, bytes)?;
+        let blocks = tiles(t, b * h, backward_section(b * h, wave));
         launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
             aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, aligned_ptr(o)?, ptr(lse)?,
             ptr(&delta)?, ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
@@ -174,7 +186,8 @@ impl Backward {
             None => (PTX, format!("flash_backward_kv_{d}"), kv_shape(d)),
         };
         super::opt_in_shared(dev, module, &name, bytes as usize)?;
-        let blocks = tiles(t, b * h / group);
+        let wave = super::one_wave(dev, module, &name, threads, bytes)?;
+        let blocks = tiles(t, b * h / group, backward_section(b * h / group, wave));
         launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
             aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?,
             ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));

@@ -51,13 +51,15 @@ __device__ __forceinline__ bool all_seen(int q0, int nq, int lo_last, int k0, in
     return q0 >= k0 + nk - 1 && lo_last <= k0 && q0 + nq <= t;
 }
 
-// Every flash kernel's grid is (heads, tiles): blockIdx.x is the head (of batch * heads, or of batch * kv_heads),
-// blockIdx.y the block's rank by its work, 0 the most. The card starts blocks in the order of their linear index,
-// so every head's longest block starts before any head's next: under the causal mask a block meets from one to
-// all of the other side's tiles, and with the grid the other way round (each head's blocks longest first, the
-// heads in turn) the last heads' longest blocks ran on alone at the end. This order measured 10-12% faster in the forward and
-// 15-18% in 2B4T's and Falcon3-1B's backward (BENCHMARKS.md). The rows of a head that a block takes start at:
-__device__ __forceinline__ int grid_head() { return blockIdx.x; }
+// Every flash kernel's grid is (heads, tiles, sections): the head is blockIdx.z * gridDim.x + blockIdx.x (of
+// batch * heads, or of batch * kv_heads), blockIdx.y the block's rank by its work, 0 the most. The card starts
+// blocks in the order of their linear index, so every head of a section starts its longest block before any of
+// them its next: under the causal mask a block meets from one to all of the other side's tiles, and with the grid
+// the other way round (each head's blocks longest first, the heads in turn) the last heads' longest blocks ran on
+// alone at the end. The forward ran 10-12% faster so, 2B4T's and Falcon3-1B's backward 15-18%; sections of
+// heads (flash_attention.rs's `backward_section`) took -large's backward 6-8% further (BENCHMARKS.md). The rows
+// of a head that a block takes start at:
+__device__ __forceinline__ int grid_head() { return blockIdx.z * gridDim.x + blockIdx.x; }
 // the queries: the last see the most keys;
 __device__ __forceinline__ int first_query(int rows) { return (gridDim.y - 1 - blockIdx.y) * rows; }
 // the keys: the first are seen by the most queries.
