@@ -30,8 +30,8 @@ fn tiles(t: usize, heads: usize, section: usize) -> LaunchConfig {
 /// The backward's sections of heads: the most heads, a divisor of `heads`, of which at least 8 blocks each run
 /// at once among the `wave` that the card holds, so that they read each tile of their head together (from L2
 /// after the first). With all heads in one section, -large's 128 heads at 768 x 8 ran two blocks each at once
-/// and the backward took 8% longer; the forward, sectioned, ran no faster there and 27% slower at 2B4T
-/// (BENCHMARKS.md), so it takes one section.
+/// and the backward took 8% longer (BENCHMARKS.md); the forward, sectioned, ran no faster there (0.084 ms
+/// against 0.085), so it takes one section.
 fn backward_section(heads: usize, wave: usize) -> usize {
     let most = (wave / 8).max(1);
     (1..=heads.min(most)).rev().find(|s| heads.is_multiple_of(*s)).unwrap_or(1)
