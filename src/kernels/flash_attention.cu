@@ -400,7 +400,8 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
     bf16* buf = resident + (RESIDENT ? 2 * BQ * LD : 0);  // (Q, dO and) O, then two stages of K and V
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int q0 = first_query(BQ);
-    size_t head = (size_t)grid_head() * t * D, rows0 = (size_t)grid_head() * t, kv = kv_head<D>(grid_head(), t, heads, group);
+    size_t head = (size_t)grid_head() * t * D, rows0 = (size_t)grid_head() * t;
+    size_t kv = kv_head<D>(grid_head(), t, heads, group);
     start += (size_t)(grid_head() / heads) * t;
 
     // This warp's A fragments of 64 rows of a head, through the buffer at row `at`.

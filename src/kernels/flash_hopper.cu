@@ -7,16 +7,16 @@
 // bounds them now is each warpgroup's serial chain (products, softmax, products) with two warpgroups an SM: two
 // warpgroups a block sharing each tile measured no faster.
 //
-// Below head dim 256 a block is one warpgroup and takes 64 rows of its side: keys (dK/dV) or queries (dQ). Over the tiles of 64
-// rows of the other side that it meets, two products over D with both operands in shared memory give the
-// scores and their gradients' inputs in registers (the dK/dV kernel: S^T = K Q^T and dP^T = V dO^T, keys as
-// rows; dQ: S = Q K^T and dP = dO V^T), then the probabilities and score gradients as the portable kernels
-// take them (flash_common.cuh), then sums over the other side's rows with the left operand from registers
-// and the right read transposed (MN-major) from the same tiles (dV += P^T dO and dK += dS^T Q; dQ += dS K).
-// Tiles sit in shared memory under the 128-byte swizzle, in panels of 64 columns (128 bytes a row; at D = 96
-// the second panel's rows are half used), loaded by cp.async; the next tile's loads run during this one's
-// products. Sums are in f32 in a fixed order (the same inputs give the same bits), not the portable kernels'
-// order, so the two differ in rounding. Reference: train::layers::flash_attention_backward_reference.
+// Below head dim 256 a block is one warpgroup and takes 64 rows of its side: keys (dK/dV) or queries (dQ). Over the
+// tiles of 64 rows of the other side that it meets, two products over D with both operands in shared memory give the
+// scores and their gradients' inputs in registers (the dK/dV kernel: S^T = K Q^T and dP^T = V dO^T, keys as rows; dQ:
+// S = Q K^T and dP = dO V^T), then the probabilities and score gradients as the portable kernels take them
+// (flash_common.cuh), then sums over the other side's rows with the left operand from registers and the right read
+// transposed (MN-major) from the same tiles (dV += P^T dO and dK += dS^T Q; dQ += dS K). Tiles sit in shared memory
+// under the 128-byte swizzle, in panels of 64 columns (128 bytes a row; at D = 96 the second panel's rows are half
+// used), loaded by cp.async; the next tile's loads run during this one's products. Sums are in f32 in a fixed order
+// (the same inputs give the same bits), not the portable kernels' order, so the two differ in rounding. Reference:
+// train::layers::flash_attention_backward_reference.
 //
 // At head dim 256 one warpgroup cannot hold a block's sums (dK and dV: 256 registers a thread), so a block is a
 // pair of warpgroups over the same 64 rows (`PAIR`). For each tile of the other side warpgroup 0 takes the
