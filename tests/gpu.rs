@@ -1536,15 +1536,21 @@ mod fused {
             if d == 100 {
                 continue;
             }
-            // The flash kernels directly: their forward's output and log-sum-exp, then the backward.
-            use bessie::kernels::{flash_attention, shapes::FlashBackward, shapes::FlashInputs};
+            // The flash kernels directly: their forward's output and log-sum-exp, both kernel sets (on Hopper the
+            // forward above took the warpgroup kernel; the portable one is what other cards run), then the
+            // backward. The log-sum-exps differ only in the order of f32 sums.
+            use bessie::kernels::{flash_attention, shapes::FlashInputs, shapes::FlashKernels};
             let start = Tensor::from_vec(packed_starts(b, t), (b, t), &gpu()).unwrap();
-            let (o, lse) = flash_attention::try_forward(&q, &k, &v, &start).unwrap().expect("the flash kernel");
+            let forward =
+                |kernels| flash_attention::try_forward(&q, &k, &v, &start, kernels).unwrap().expect("a kernel");
+            let ((o_fast, lse_fast), (o, lse)) = (forward(FlashKernels::Fastest), forward(FlashKernels::Portable));
+            let (ef, ep, el) = (rel_l2(&o_fast, &y_ref), rel_l2(&o, &y_ref), rel_l2(&lse_fast, &lse));
+            println!("  forward kernels: fastest y {ef:.2e}, portable y {ep:.2e}; their log-sum-exps {el:.2e} apart");
+            assert!(ef < 1e-2 && ep < 1e-2 && el < 1e-5);
             let x = FlashInputs { dy: &dy, q: &q, k: &k, v: &v, o: &o, lse: &lse, start: &start };
             // On Hopper the backward above took the warpgroup kernels: the portable ones, which other cards run,
             // against the same reference.
-            let (dq, dk, dv) =
-                flash_attention::try_backward(&x, FlashBackward::Portable).unwrap().expect("the kernels");
+            let (dq, dk, dv) = flash_attention::try_backward(&x, FlashKernels::Portable).unwrap().expect("the kernels");
             let (eq, ek, ev) = (rel_l2(&dq, &grads_ref.0), rel_l2(&dk, &grads_ref.1), rel_l2(&dv, &grads_ref.2));
             println!("  the portable kernels: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
             assert!(eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
@@ -1556,7 +1562,7 @@ mod fused {
             let sin = angles.sin().unwrap().to_dtype(DType::BF16).unwrap();
             let want =
                 qkv_heads_backward_reference(&grads_ref.0, &grads_ref.1, &grads_ref.2, shape, &cos, &sin).unwrap();
-            for kernels in [FlashBackward::Fastest, FlashBackward::Portable] {
+            for kernels in [FlashKernels::Fastest, FlashKernels::Portable] {
                 let got =
                     flash_attention::try_backward_rows(&x, (&cos, &sin), kernels).unwrap().expect("the flash kernel");
                 let part = |x: &Tensor, from: usize, heads: usize| x.narrow(1, from * d, heads * d).unwrap();
@@ -1656,14 +1662,20 @@ mod fused {
                 backward_us / 1e3,
                 2.5 * flops / backward_us / 1e6
             );
-            // The backward with the portable kernels (on Hopper training takes the warpgroup kernels).
-            use bessie::kernels::{flash_attention, shapes::FlashBackward, shapes::FlashInputs};
+            // The portable kernels (on Hopper training takes the warpgroup kernels).
+            use bessie::kernels::{flash_attention, shapes::FlashInputs, shapes::FlashKernels};
             let start = Tensor::zeros((b, t), DType::F32, &gpu()).unwrap();
-            let (o, lse) = flash_attention::try_forward(&q, &k, &v, &start).unwrap().expect("the flash kernel");
+            let forward = || flash_attention::try_forward(&q, &k, &v, &start, FlashKernels::Portable);
+            let (o, lse) = forward().unwrap().expect("the flash kernel");
+            let forward_us = mean_us(&|| drop(forward().unwrap()));
             let x = FlashInputs { dy: &dy, q: &q, k: &k, v: &v, o: &o, lse: &lse, start: &start };
-            let portable = || flash_attention::try_backward(&x, FlashBackward::Portable);
+            let portable = || flash_attention::try_backward(&x, FlashKernels::Portable);
             let portable_us = mean_us(&|| drop(portable().unwrap()));
-            println!("flash {name}: backward with the portable kernels {:.3} ms", portable_us / 1e3);
+            println!(
+                "flash {name}: the portable kernels: forward {:.3} ms, backward {:.3} ms",
+                forward_us / 1e3,
+                portable_us / 1e3
+            );
         }
     }
 

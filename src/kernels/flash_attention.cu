@@ -174,36 +174,7 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
         commit();
         float s[BK / 8][4] = {};
         mma_abt<D, BK>(s, held(qf), ks, lane);
-        bool masked = !all_seen(q0, BQ, lo_last, k0, BK, t);
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int n = 0; n < BK / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float& x = s[n][2 * h + e];
-                    x = masked && !sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e) ? -INFINITY : x * scale2;
-                    mx = fmaxf(mx, x);
-                }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            float m_new = fmaxf(m[h], mx);
-            float base = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: keep everything at 0, not NaN
-            float alpha = exp2_ftz(m[h] - base);
-            m[h] = m_new;
-            l[h] *= alpha;
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) acc[n][2 * h] *= alpha, acc[n][2 * h + 1] *= alpha;
-#pragma unroll
-            for (int n = 0; n < BK / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float& x = s[n][2 * h + e];
-                    x = exp2_ftz(x - base);
-                    l[h] += x;
-                }
-        }
+        online_softmax<BK, D>(s, acc, m, l, rows, lo, k0, c, !all_seen(q0, BQ, lo_last, k0, BK, t), scale2);
         wait_loads<0>();
         __syncthreads();  // V is in; every warp is done with K
         if (k0 + BK < k_end) {
@@ -212,18 +183,7 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
         }
         mma_cb<D, BK>(acc, s, vs, lane);
     }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
-        l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
-        if (rows[h] >= t) continue;
-        float inv = 1.f / l[h];
-        bf16* out = o + head + (size_t)rows[h] * D + 2 * c;
-#pragma unroll
-        for (int n = 0; n < D / 8; n++)
-            *reinterpret_cast<uint32_t*>(out + n * 8) = pack(acc[n][2 * h] * inv, acc[n][2 * h + 1] * inv);
-        if (c == 0) lse[(size_t)grid_head() * t + rows[h]] = (m[h] + log2f(l[h])) * 0.69314718056f;
-    }
+    store_output<D>(acc, m, l, rows, c, o + head, lse + (size_t)grid_head() * t, t);
 }
 
 // The query tile of the dK/dV kernel: Q and dO rows, and per row lse (base 2), delta and window start.

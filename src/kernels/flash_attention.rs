@@ -1,11 +1,11 @@
 //! Flash attention on tensor cores, forward and backward: no `[seq, seq]` scores in memory, grouped-query
 //! heads read in place (no expanded K and V). `flash_attention.cu`'s kernels run on every card;
-//! on Hopper the backward runs `flash_hopper.cu`'s (warpgroup products), which [`FlashBackward`] chooses.
+//! on Hopper both directions run `flash_hopper.cu`'s (warpgroup products), which [`FlashKernels`] chooses.
 
 use candle_core::{DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
-use super::shapes::{FlashBackward, FlashInputs};
+use super::shapes::{FlashInputs, FlashKernels};
 use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flash_attention");
@@ -67,6 +67,14 @@ fn hopper_shape(dev: &candle_core::CudaDevice, d: usize, stages: usize) -> Optio
     super::runs_sm90a(dev).then_some((if pair { 2 * THREADS } else { THREADS }, bytes as u32))
 }
 
+/// The Hopper forward's threads and dynamic shared memory (`forward_hopper` in `flash_hopper.cu`), where it
+/// runs: one warpgroup, the Q, K and V tiles of 64 rows in panels of 64 columns, and 1,024 bytes to align them
+/// (48 KB at d = 96 and 128).
+fn hopper_forward_shape(dev: &candle_core::CudaDevice, d: usize) -> Option<(u32, u32)> {
+    let bytes = 3 * d.div_ceil(64) * TILE * 128 + 1024;
+    super::runs_sm90a(dev).then_some((THREADS, bytes as u32))
+}
+
 /// The Hopper dQ kernel's stages (`q_stages` in `flash_hopper.cu`).
 fn q_stages(d: usize) -> usize {
     if d == 96 || d == 128 {
@@ -107,15 +115,27 @@ pub fn takes_heads(x: &Tensor, head_dim: usize) -> bool {
 
 /// `q: [b, h, t, d]`, `k, v: [b, h / group, t, d]` (bf16; grouped-query heads: query head `i` attends with key
 /// and value head `i / group`), `start: [b, t]` (f32, see `train::layers::Windows`): the output
-/// `[b, h, t, d]` and each row's softmax log-sum-exp (f32 `[b, h, t, 1]`). `Ok(None)` where the kernels do not
-/// apply.
-pub fn try_forward(q: &Tensor, k: &Tensor, v: &Tensor, start: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+/// `[b, h, t, d]` and each row's softmax log-sum-exp (f32 `[b, h, t, 1]`), by the kernel `kernels` names.
+/// `Ok(None)` where the kernels do not apply.
+pub fn try_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: &Tensor,
+    kernels: FlashKernels,
+) -> Result<Option<(Tensor, Tensor)>> {
     let Some((b, h, t, d, group)) = takes(q, k) else { return Ok(None) };
     let (q, k, v, start) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, start.contiguous()?);
     let dev = cuda_device(&q)?;
     let (o, lse) = (uninit(q.shape(), DType::BF16, &dev)?, uninit((b, h, t, 1), DType::F32, &dev)?);
-    let name = format!("flash_forward_{d}");
-    launch!(dev, PTX, &name, tiles(t, b * h, b * h);
+    let (module, name, (threads, bytes)) =
+        match hopper_forward_shape(&dev, d).filter(|_| kernels == FlashKernels::Fastest) {
+            Some(shape) => (HOPPER, format!("flash_forward_hopper_{d}"), shape),
+            None => (PTX, format!("flash_forward_{d}"), (THREADS, 0)),
+        };
+    super::opt_in_shared(&dev, module, &name, bytes as usize)?;
+    let blocks = tiles(t, b * h, b * h);
+    launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
         aligned_ptr(&q)?, aligned_ptr(&k)?, aligned_ptr(&v)?, ptr(&start)?, aligned_ptr(&o)?, ptr(&lse)?,
         t as i32, h as i32, group as i32, scale2(d));
     Ok(Some((o, lse)))
@@ -163,13 +183,13 @@ impl Backward {
     }
 
     /// Both kernels, `kernels`' set, writing into `grads`.
-    fn launch(&self, kernels: FlashBackward, grads: GradRows) -> Result<()> {
+    fn launch(&self, kernels: FlashKernels, grads: GradRows) -> Result<()> {
         let (b, h, t, d, group, dev) = (self.b, self.h, self.t, self.d, self.group, &self.dev);
         let [dy, q, k, v, o, lse, start] = &self.inputs;
         let delta = uninit(b * h * t, DType::F32, dev)?;
         // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes
         // each row's delta = rowsum(dO O), which both need. Both on Hopper's warpgroup products where they run.
-        let hopper = kernels == FlashBackward::Fastest;
+        let hopper = kernels == FlashKernels::Fastest;
         let (module, name, (threads, bytes)) = match hopper_shape(dev, d, q_stages(d)).filter(|_| hopper) {
             Some(shape) => (HOPPER, format!("flash_backward_q_hopper_{d}"), shape),
             None => (PTX, format!("flash_backward_q_{d}"), (THREADS, q_shared_bytes(d))),
@@ -198,7 +218,7 @@ impl Backward {
 /// The gradients `(dq, dk, dv)` of [`try_forward`] from `x.dy`, the gradient at its output `x.o`; `dk` and `dv`
 /// in `k`'s shape, each summed over the query heads of its group, by the kernels `kernels` names. `Ok(None)`
 /// where the kernels do not apply.
-pub fn try_backward(x: &FlashInputs, kernels: FlashBackward) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+pub fn try_backward(x: &FlashInputs, kernels: FlashKernels) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some(x) = Backward::new(x)? else { return Ok(None) };
     let (b, h, t, d, kv_heads) = (x.b, x.h, x.t, x.d, x.h / x.group);
     let dq = uninit((b, h, t, d), DType::BF16, &x.dev)?;
@@ -223,7 +243,7 @@ pub fn try_backward(x: &FlashInputs, kernels: FlashBackward) -> Result<Option<(T
 /// [`try_backward`]'s gradients written as those rows, dQ and dK turned back by RoPE's angles `cos, sin: [b, t,
 /// d / 2]` (bf16, the forward's), as `train::layers::qkv_heads_backward` makes them from the heads' gradients,
 /// rounded once after the turn. `Ok(None)` where the kernels do not apply.
-pub fn try_backward_rows(x: &FlashInputs, rope: (&Tensor, &Tensor), kernels: FlashBackward) -> Result<Option<Tensor>> {
+pub fn try_backward_rows(x: &FlashInputs, rope: (&Tensor, &Tensor), kernels: FlashKernels) -> Result<Option<Tensor>> {
     let Some(x) = Backward::new(x)? else { return Ok(None) };
     let (b, h, t, d, kv_heads) = (x.b, x.h, x.t, x.d, x.h / x.group);
     let (cos, sin) = (rope.0.contiguous()?, rope.1.contiguous()?);

@@ -72,6 +72,66 @@ template <int D> __device__ __forceinline__ size_t kv_head(int qh, int t, int he
     return ((size_t)b * (heads / group) + qh % heads / group) * t * D;
 }
 
+// The forward's online softmax over a tile of BK keys from k0 for this thread's two queries (rows[h], window
+// starts lo[h]; every key seen where !masked): s, the tile's scores in the mma C layout (s[n][2 h + e] at key
+// k0 + 8 n + 2 c + e, c = lane % 4), becomes the probabilities against the new running maximum m[h] (base 2,
+// scale2 applied), after the sums acc (D / 8 fragments of the same rows) and the running total l[h] are
+// rescaled to it. A row's four threads (c) hold its columns; the maximum is reduced across them, l at the end.
+template <int BK, int D>
+__device__ __forceinline__ void online_softmax(float (&s)[BK / 8][4], float (&acc)[D / 8][4], float (&m)[2],
+                                               float (&l)[2], const int (&rows)[2], const int (&lo)[2], int k0,
+                                               int c, bool masked, float scale2) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float& x = s[n][2 * h + e];
+                x = masked && !sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e) ? -INFINITY : x * scale2;
+                mx = fmaxf(mx, x);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        float m_new = fmaxf(m[h], mx);
+        float base = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: keep everything at 0, not NaN
+        float alpha = exp2_ftz(m[h] - base);
+        m[h] = m_new;
+        l[h] *= alpha;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) acc[n][2 * h] *= alpha, acc[n][2 * h + 1] *= alpha;
+#pragma unroll
+        for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float& x = s[n][2 * h + e];
+                x = exp2_ftz(x - base);
+                l[h] += x;
+            }
+    }
+}
+
+// The forward's end for this thread's two queries: the total l[h] summed over the row's four threads, the sums
+// acc divided by it into row rows[h] (below t) of `o` (a head's [t, D], bf16) and the row's log-sum-exp
+// (natural log) into lse[rows[h]].
+template <int D>
+__device__ __forceinline__ void store_output(const float (&acc)[D / 8][4], const float (&m)[2], float (&l)[2],
+                                             const int (&rows)[2], int c, bf16* o, float* lse, int t) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
+        if (rows[h] >= t) continue;
+        float inv = 1.f / l[h];
+        bf16* out = o + (size_t)rows[h] * D + 2 * c;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *reinterpret_cast<uint32_t*>(out + n * 8) = pack(acc[n][2 * h] * inv, acc[n][2 * h + 1] * inv);
+        if (c == 0) lse[rows[h]] = (m[h] + log2f(l[h])) * 0.69314718056f;
+    }
+}
+
 // Softmax gradient of one score in two steps: the probability p from the score s (unscaled), then dS / sqrt(D)
 // from p and dp (the scale folded in for dQ and dK). A query that sees one key (each example's first token)
 // has dS = 0 exactly, as the plain backward gives. The backward kernels call them for a whole tile with

@@ -29,15 +29,15 @@
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #include "hopper.cuh"
 
-// Both kernels' shape and dynamic shared memory (flash_attention.rs's `hopper_shape` sizes the launch by the
-// same formula): two resident tiles (K and V, or Q and dO), then STAGES stages of two tiles of the other side,
-// each PANELS panels of 64 rows x 128 bytes, under a pair the tiles it hands over (P: 64 x 64 f32, dS: bf16),
-// then each stage's per-row values (3 x 64), after 1024 bytes of room to align the tiles.
-template <int D, int STAGES = 2> struct HopperTiles {
+// The kernels' shape and dynamic shared memory (flash_attention.rs's `hopper_shape` sizes the backward's launch by
+// the same formula): RESIDENT tiles (K and V, or Q and dO; the forward's Q), then STAGES stages of two tiles of the
+// other side, each PANELS panels of 64 rows x 128 bytes, under a pair the tiles it hands over (P: 64 x 64 f32,
+// dS: bf16), then each stage's per-row values (3 x 64), after 1024 bytes of room to align the tiles.
+template <int D, int STAGES = 2, int RESIDENT = 2> struct HopperTiles {
     static constexpr bool PAIR = D > 128;
     static constexpr int ROWS = 64, PANELS = (D + 63) / 64, THREADS = PAIR ? 256 : 128;
     static constexpr int TILE = PANELS * ROWS * 128, HANDED = PAIR ? ROWS * 64 * (4 + 2) : 0;
-    static constexpr int TILES = (2 + 2 * STAGES) * TILE + HANDED;
+    static constexpr int TILES = (RESIDENT + 2 * STAGES) * TILE + HANDED;
     // The columns of D a warpgroup's sums hold: all, or half under a pair.
     static constexpr int WIDTH = PAIR ? D / 2 : D;
     unsigned char* base;
@@ -47,8 +47,8 @@ template <int D, int STAGES = 2> struct HopperTiles {
         return {reinterpret_cast<unsigned char*>(((uintptr_t)hopper_smem_raw + 1023) & ~(uintptr_t)1023)};
     }
     __device__ unsigned char* resident(int i) const { return base + i * TILE; }
-    __device__ unsigned char* staged(int stage, int i) const { return base + (2 + 2 * stage + i) * TILE; }
-    __device__ float2* handed_p() const { return reinterpret_cast<float2*>(base + (2 + 2 * STAGES) * TILE); }
+    __device__ unsigned char* staged(int stage, int i) const { return base + (RESIDENT + 2 * stage + i) * TILE; }
+    __device__ float2* handed_p() const { return reinterpret_cast<float2*>(base + (RESIDENT + 2 * STAGES) * TILE); }
     __device__ uint32_t* handed_ds() const { return reinterpret_cast<uint32_t*>(handed_p() + ROWS * 32); }
     __device__ float* values() const { return reinterpret_cast<float*>(base + TILES); }
 };
@@ -88,10 +88,11 @@ __device__ __forceinline__ void pair_arrive(int id) { asm volatile("bar.arrive %
 __device__ __forceinline__ void pair_wait(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 
 // Rows row0 .. row0 + 64 of a [t, D] head (zeros past t) into a swizzled tile: 16-byte chunk c of row r to
-// panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16, by every thread of the block.
-template <int D> __device__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int t) {
+// panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16, by every thread of the block (NT).
+template <int D, int NT = HopperTiles<D>::THREADS>
+__device__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int t) {
     using H = HopperTiles<D>;
-    for (int ch = threadIdx.x; ch < H::ROWS * D / 8; ch += H::THREADS) {
+    for (int ch = threadIdx.x; ch < H::ROWS * D / 8; ch += NT) {
         int r = ch / (D / 8), c = ch % (D / 8);
         bool in = row0 + r < t;
         unsigned dst = shared_addr(tile + c / 8 * H::ROWS * 128 + r * 128 + ((c % 8 ^ r % 8) << 4));
@@ -366,16 +367,80 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     store_grads<D, W>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
                       dst.sin_of(bi, t, D), 64 * wg);
 }
+// The forward for 64 queries (grid_head() = batch * heads + query head), one warpgroup, over the key tiles they
+// see: S = Q K^T with both operands in shared memory, the online softmax in registers (flash_common.cuh, the
+// portable forward's), O += P V with P from registers and V read MN-major (`sums`). Q stays resident; K and V
+// have a tile each, loaded in flash attention 2's order: the next K during this tile's softmax and P V, the next
+// V during the next S. Three blocks an SM up to D = 128 (48 KB of tiles, 168 registers) interleave one
+// another's products and softmax. Reference: train::layers::flash_attention_forward_reference.
+template <int D>
+__device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o, float* lse,
+                               int t, int heads, int group, float scale2) {
+    using H = HopperTiles<D, 1, 1>;
+    constexpr int BQ = H::ROWS, BK = H::ROWS, NT = 128;
+    H sm = H::here();  // Q; K, V
+    unsigned char *qs = sm.resident(0), *ks = sm.staged(0, 0), *vs = sm.staged(0, 1);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int q0 = first_query(BQ);
+    size_t head = (size_t)grid_head() * t * D, kv = kv_head<D>(grid_head(), t, heads, group);
+    start += (size_t)(grid_head() / heads) * t;
+    load_swizzled<D, NT>(qs, q + head, q0, t);
+    commit();
+    // The window starts while Q loads: the first key tile depends on them.
+    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) lo[h] = rows[h] < t ? (int)start[rows[h]] : NO_KEYS;
+    int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
+    int k_first = (int)start[q0] / BK * BK;
+    load_swizzled<D, NT>(ks, k + kv, k_first, t);
+    commit();
+    load_swizzled<D, NT>(vs, v + kv, k_first, t);
+    commit();
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[D / 8][4] = {};
+    for (int k0 = k_first; k0 < k_end; k0 += BK) {
+        bool more = k0 + BK < k_end;
+        wait_loads<1>();  // Q and this K; V may be in flight
+        fence_to_wgmma();
+        __syncthreads();
+        float s[BK / 8][4];
+        scores<D, 1>({s}, {shared_addr(qs)}, {shared_addr(ks)});  // S = Q K^T
+        __syncthreads();  // every warp's products have read K
+        if (more) {
+            load_swizzled<D, NT>(ks, k + kv, k0 + BK, t);
+            commit();
+        }
+        online_softmax<BK, D>(s, acc, m, l, rows, lo, k0, c, !all_seen(q0, BQ, lo_last, k0, BK, t), scale2);
+        if (more) wait_loads<1>(); else wait_loads<0>();  // V; the next K may be in flight
+        fence_to_wgmma();
+        __syncthreads();
+        sums<D, 1>({acc}, {s}, {shared_addr(vs)});  // O += P V
+        __syncthreads();  // every warp's products have read V
+        if (more) {
+            load_swizzled<D, NT>(vs, v + kv, k0 + BK, t);
+            commit();
+        }
+    }
+    store_output<D>(acc, m, l, rows, c, o + head, lse + (size_t)grid_head() * t, t);
+}
+#define HOPPER_FORWARD(D) forward_hopper<D>(q, k, v, start, o, lse, t, heads, group, scale2);
 #define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dst, t, heads, group, scale2);
 #define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, dst, t, heads, group, scale2);
 #else
+#define HOPPER_FORWARD(D)
 #define HOPPER_KV(D)
 #define HOPPER_Q(D)
 #endif
 
-// flash_backward_{kv,q}_hopper_{64,96,128,256}, with flash_backward_{kv,q}_{D}'s arguments; 128 threads a
-// block, 256 (a pair) at head dim 256.
+// flash_forward_hopper_{64,96,128,256} and flash_backward_{kv,q}_hopper_{D}, with flash_forward_{D}'s and
+// flash_backward_{kv,q}_{D}'s arguments; 128 threads a block, the backward's 256 (a pair) at head dim 256.
 #define FLASH_HOPPER(D)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                                             \
+        flash_forward_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o,        \
+                                 float* lse, int t, int heads, int group, float scale2) {                         \
+        follow_previous();                                                                                        \
+        HOPPER_FORWARD(D)                                                                                         \
+    }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(D > 128 ? 256 : 128)                                             \
         flash_backward_kv_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
                                      const float* lse, const float* delta, const float* start, GradRows dst,      \

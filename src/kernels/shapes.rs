@@ -16,11 +16,11 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
-/// Which kernels flash attention's backward takes.
+/// Which kernels flash attention takes, forward and backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlashBackward {
+pub enum FlashKernels {
     /// Hopper's warpgroup-product kernels where the card (sm_90) allows them, else the portable ones: what
-    /// training runs.
+    /// training and inference run.
     Fastest,
     /// The mma.sync kernels every card runs; on Hopper, the tests' check of them.
     Portable,

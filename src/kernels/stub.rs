@@ -43,22 +43,28 @@ pub mod embedding {
 }
 
 pub mod flash_attention {
-    use crate::kernels::shapes::{FlashBackward, FlashInputs};
+    use crate::kernels::shapes::{FlashInputs, FlashKernels};
     use candle_core::{Result, Tensor};
 
     pub fn takes_heads(_: &Tensor, _: usize) -> bool {
         false
     }
 
-    pub fn try_forward(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn try_forward(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: FlashKernels,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
 
-    pub fn try_backward(_: &FlashInputs, _: FlashBackward) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    pub fn try_backward(_: &FlashInputs, _: FlashKernels) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         Ok(None)
     }
 
-    pub fn try_backward_rows(_: &FlashInputs, _: (&Tensor, &Tensor), _: FlashBackward) -> Result<Option<Tensor>> {
+    pub fn try_backward_rows(_: &FlashInputs, _: (&Tensor, &Tensor), _: FlashKernels) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

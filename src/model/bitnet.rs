@@ -12,7 +12,7 @@ use super::step_graph::{StepGraphs, StepOutput};
 use super::ternary::PackedTernary;
 use crate::config::model::{RopeScaling, RopeScalingType};
 use crate::config::ModelConfig;
-use crate::kernels::shapes::{BitLinearStep, DecodeAttention, HeadShape, GEMV_ROWS};
+use crate::kernels::shapes::{BitLinearStep, DecodeAttention, FlashKernels, HeadShape, GEMV_ROWS};
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
 /// How a BitLinear layer holds its ternary weight.
@@ -485,7 +485,7 @@ impl Attention {
         let y = match flash {
             // The flash kernel reads grouped heads in place; `place` chose it only where it applies.
             Some(start) => {
-                crate::kernels::flash_attention::try_forward(&q, &k, &v, start)?
+                crate::kernels::flash_attention::try_forward(&q, &k, &v, start, FlashKernels::Fastest)?
                     .ok_or_else(|| candle_core::Error::msg("the flash kernel declined a prefill it was chosen for"))?
                     .0
             }

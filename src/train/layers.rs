@@ -11,7 +11,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::kernels;
 pub use crate::kernels::flat::TernaryCodes;
-pub use crate::kernels::shapes::{FlashBackward, FlashInputs, HeadShape, Int8Operand, TokenRows};
+pub use crate::kernels::shapes::{FlashInputs, FlashKernels, HeadShape, Int8Operand, TokenRows};
 use crate::model::arch::Activation;
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
 
@@ -691,7 +691,7 @@ pub fn flash_attention_forward(
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, FlashSaved)> {
-    if let Some((o, lse)) = kernels::flash_attention::try_forward(q, k, v, &windows.start)? {
+    if let Some((o, lse)) = kernels::flash_attention::try_forward(q, k, v, &windows.start, FlashKernels::Fastest)? {
         return Ok((o.clone(), FlashSaved { q: q.clone(), k: k.clone(), v: v.clone(), o, lse }));
     }
     blocked_attention_forward(q, k, v, windows, block, true)
@@ -741,7 +741,7 @@ pub fn flash_attention_backward(
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    if let Some(grads) = kernels::flash_attention::try_backward(&s.inputs(dy, windows), FlashBackward::Fastest)? {
+    if let Some(grads) = kernels::flash_attention::try_backward(&s.inputs(dy, windows), FlashKernels::Fastest)? {
         return Ok(grads);
     }
     blocked_attention_backward(dy, s, windows, block, true)
@@ -760,7 +760,7 @@ pub fn qkv_attention_backward(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Tensor> {
-    let (x, fastest) = (s.inputs(dy, windows), FlashBackward::Fastest);
+    let (x, fastest) = (s.inputs(dy, windows), FlashKernels::Fastest);
     if let Some(dqkv) = kernels::flash_attention::try_backward_rows(&x, (cos, sin), fastest)? {
         return Ok(dqkv);
     }
