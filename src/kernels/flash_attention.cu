@@ -144,13 +144,9 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
     load_rows<D>(qs, q + head, q0, BQ, t);
     commit();
     // The window starts while Q loads: the first K tile's rows depend on them.
-    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) lo[h] = rows[h] < t ? (int)start[rows[h]] : NO_KEYS;
-    int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
-    int k_first = (int)start[q0] / BK * BK;
+    QueryRows w(start, q0, BQ, BK, warp, g, t);
     auto load_first_k = [&] {
-        load_rows<D>(ks, k + kv, k_first, BK, t);
+        load_rows<D>(ks, k + kv, w.k_first, BK, t);
         commit();
     };
     if (Q_IN_V) {
@@ -167,23 +163,23 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
     if (!Q_IN_V) load_first_k();
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[D / 8][4] = {};
-    for (int k0 = k_first; k0 < k_end; k0 += BK) {
+    for (int k0 = w.k_first; k0 < w.k_end; k0 += BK) {
         wait_loads<0>();
         __syncthreads();  // K is in; every warp is done with the last V
         load_rows<D>(vs, v + kv, k0, BK, t);
         commit();
         float s[BK / 8][4] = {};
         mma_abt<D, BK>(s, held(qf), ks, lane);
-        online_softmax<BK, D>(s, acc, m, l, rows, lo, k0, c, !all_seen(q0, BQ, lo_last, k0, BK, t), scale2);
+        online_softmax<BK, D>(s, acc, m, l, w.rows, w.lo, k0, c, !all_seen(q0, BQ, w.lo_last, k0, BK, t), scale2);
         wait_loads<0>();
         __syncthreads();  // V is in; every warp is done with K
-        if (k0 + BK < k_end) {
+        if (k0 + BK < w.k_end) {
             load_rows<D>(ks, k + kv, k0 + BK, BK, t);
             commit();
         }
         mma_cb<D, BK>(acc, s, vs, lane);
     }
-    store_output<D>(acc, m, l, rows, c, o + head, lse + (size_t)grid_head() * t, t);
+    store_output<D>(acc, m, l, w.rows, c, o + head, lse + (size_t)grid_head() * t, t);
 }
 
 // The query tile of the dK/dV kernel: Q and dO rows, and per row lse (base 2), delta and window start.

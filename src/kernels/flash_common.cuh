@@ -72,6 +72,21 @@ template <int D> __device__ __forceinline__ size_t kv_head(int qh, int t, int he
     return ((size_t)b * (heads / group) + qh % heads / group) * t * D;
 }
 
+// A forward block's queries q0 .. q0 + bq as this thread holds them: its two rows (the mma C layout's for its
+// warp) and their window starts, the range of keys the block sees, from the first tile of `bk` keys that holds
+// its first window start to its last query, and the last row's window start (with all_seen: which tiles need
+// the mask).
+struct QueryRows {
+    int rows[2], lo[2], k_first, k_end, lo_last;
+    __device__ __forceinline__ QueryRows(const float* start, int q0, int bq, int bk, int warp, int g, int t)
+        : rows{q0 + warp * 16 + g, q0 + warp * 16 + g + 8} {
+#pragma unroll
+        for (int h = 0; h < 2; h++) lo[h] = rows[h] < t ? (int)start[rows[h]] : NO_KEYS;
+        k_end = min(q0 + bq, t), lo_last = (int)start[k_end - 1];
+        k_first = (int)start[q0] / bk * bk;
+    }
+};
+
 // The forward's online softmax over a tile of BK keys from k0 for this thread's two queries (rows[h], window
 // starts lo[h]; every key seen where !masked): s, the tile's scores in the mma C layout (s[n][2 h + e] at key
 // k0 + 8 n + 2 c + e, c = lane % 4), becomes the probabilities against the new running maximum m[h] (base 2,

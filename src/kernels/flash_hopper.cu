@@ -387,19 +387,15 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
     load_swizzled<D, NT>(qs, q + head, q0, t);
     commit();
     // The window starts while Q loads: the first key tile depends on them.
-    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8}, lo[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) lo[h] = rows[h] < t ? (int)start[rows[h]] : NO_KEYS;
-    int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];
-    int k_first = (int)start[q0] / BK * BK;
-    load_swizzled<D, NT>(ks, k + kv, k_first, t);
+    QueryRows w(start, q0, BQ, BK, warp, g, t);
+    load_swizzled<D, NT>(ks, k + kv, w.k_first, t);
     commit();
-    load_swizzled<D, NT>(vs, v + kv, k_first, t);
+    load_swizzled<D, NT>(vs, v + kv, w.k_first, t);
     commit();
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[D / 8][4] = {};
-    for (int k0 = k_first; k0 < k_end; k0 += BK) {
-        bool more = k0 + BK < k_end;
+    for (int k0 = w.k_first; k0 < w.k_end; k0 += BK) {
+        bool more = k0 + BK < w.k_end;
         wait_loads<1>();  // Q and this K; V may be in flight
         fence_to_wgmma();
         __syncthreads();
@@ -410,7 +406,7 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
             load_swizzled<D, NT>(ks, k + kv, k0 + BK, t);
             commit();
         }
-        online_softmax<BK, D>(s, acc, m, l, rows, lo, k0, c, !all_seen(q0, BQ, lo_last, k0, BK, t), scale2);
+        online_softmax<BK, D>(s, acc, m, l, w.rows, w.lo, k0, c, !all_seen(q0, BQ, w.lo_last, k0, BK, t), scale2);
         if (more) wait_loads<1>(); else wait_loads<0>();  // V; the next K may be in flight
         fence_to_wgmma();
         __syncthreads();
@@ -421,7 +417,7 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
             commit();
         }
     }
-    store_output<D>(acc, m, l, rows, c, o + head, lse + (size_t)grid_head() * t, t);
+    store_output<D>(acc, m, l, w.rows, c, o + head, lse + (size_t)grid_head() * t, t);
 }
 #define HOPPER_FORWARD(D) forward_hopper<D>(q, k, v, start, o, lse, t, heads, group, scale2);
 #define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dst, t, heads, group, scale2);
