@@ -5,9 +5,9 @@
 // [batch, kv_heads, t, D] in memory. Forward: one block per 64 queries; backward: one kernel per 64 keys of a
 // key/value head for dK and dV, summed over the group's query heads, and one per 64 queries for dQ, each
 // summing in registers in a fixed order (no atomics: the same inputs give the same bits). The dQ kernel runs
-// first: it also writes each row's rowsum(dO O), which the dK/dV kernel reads. On Hopper the backward runs
-// flash_hopper.cu's kernels instead (flash_attention.rs chooses); these are the portable ones. The plain
-// reference is train::layers::flash_attention_{forward,backward}_reference.
+// first: it also writes each row's rowsum(dO O), which the dK/dV kernel reads. On Hopper the forward and the
+// backward run flash_hopper.cu's kernels instead (flash_attention.rs chooses); these are the portable ones.
+// The plain reference is train::layers::flash_attention_{forward,backward}_reference.
 #include "flash_common.cuh"
 
 #define THREADS 128  // four warps, each owning 16 rows of the block's tile (the dK/dV kernel: KvShared)

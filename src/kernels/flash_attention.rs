@@ -68,8 +68,8 @@ fn hopper_shape(dev: &candle_core::CudaDevice, d: usize, stages: usize) -> Optio
 }
 
 /// The Hopper forward's threads and dynamic shared memory (`forward_hopper` in `flash_hopper.cu`), where it
-/// runs: one warpgroup, the Q, K and V tiles of 64 rows in panels of 64 columns, and 1,024 bytes to align them
-/// (48 KB at d = 96 and 128).
+/// runs: one warpgroup, the Q, K and V tiles of 64 rows in panels of 64 columns (48 KB at d = 96 and 128), and
+/// 1,024 bytes to align them.
 fn hopper_forward_shape(dev: &candle_core::CudaDevice, d: usize) -> Option<(u32, u32)> {
     let bytes = 3 * d.div_ceil(64) * TILE * 128 + 1024;
     super::runs_sm90a(dev).then_some((THREADS, bytes as u32))

@@ -1,11 +1,11 @@
-// Flash attention's backward on Hopper's warpgroup products (wgmma), for heads of 64, 96, 128 and 256 dims: the
-// same work as flash_attention.cu's backward_kv and backward_q (which other cards run), whose products are
-// per-warp mma.syncs that each read their B operand from shared memory through ldmatrix: each of a block's four
-// warps reads the whole tile of the other side for every product. A wgmma reads its shared operands once for
-// the warpgroup's 64 rows. Against the portable kernels (H100, BENCHMARKS.md): 1.75x at head dim 128, whose
-// portable dK/dV kernel takes 16-query tiles to fit its registers, 1.11-1.15x at 96 and 1.28x at 256. What
-// bounds them now is each warpgroup's serial chain (products, softmax, products) with two warpgroups an SM: two
-// warpgroups a block sharing each tile measured no faster.
+// Flash attention on Hopper's warpgroup products (wgmma), for heads of 64, 96, 128 and 256 dims: the forward
+// (forward_hopper, at the end) and the backward. The backward does the same work as flash_attention.cu's backward_kv
+// and backward_q (which other cards run), whose products are per-warp mma.syncs that each read their B operand from
+// shared memory through ldmatrix: each of a block's four warps reads the whole tile of the other side for every
+// product. A wgmma reads its shared operands once for the warpgroup's 64 rows. Against the portable kernels (H100,
+// BENCHMARKS.md): 1.75x at head dim 128, whose portable dK/dV kernel takes 16-query tiles to fit its registers,
+// 1.11-1.15x at 96 and 1.28x at 256. What bounds them now is each warpgroup's serial chain (products, softmax,
+// products) with two warpgroups an SM: two warpgroups a block sharing each tile measured no faster.
 //
 // Below head dim 256 a block is one warpgroup and takes 64 rows of its side: keys (dK/dV) or queries (dQ). Over the
 // tiles of 64 rows of the other side that it meets, two products over D with both operands in shared memory give the
@@ -367,12 +367,15 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     store_grads<D, W>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
                       dst.sin_of(bi, t, D), 64 * wg);
 }
+
 // The forward for 64 queries (grid_head() = batch * heads + query head), one warpgroup, over the key tiles they
 // see: S = Q K^T with both operands in shared memory, the online softmax in registers (flash_common.cuh, the
 // portable forward's), O += P V with P from registers and V read MN-major (`sums`). Q stays resident; K and V
 // have a tile each, loaded in flash attention 2's order: the next K during this tile's softmax and P V, the next
-// V during the next S. Three blocks an SM up to D = 128 (48 KB of tiles, 168 registers) interleave one
-// another's products and softmax. Reference: train::layers::flash_attention_forward_reference.
+// V during the next S. Blocks an SM interleave one another's products and softmax: four at D = 64 and 96 (up to
+// 48 KB of tiles and 128 registers), three at 128 (157 registers), two at 256 (97 KB); two stages of K and V,
+// half as many blocks, ran 16-38% slower (BENCHMARKS.md). Reference:
+// train::layers::flash_attention_forward_reference.
 template <int D>
 __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o, float* lse,
                                int t, int heads, int group, float scale2) {
