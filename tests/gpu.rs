@@ -1667,14 +1667,14 @@ mod fused {
             let start = Tensor::zeros((b, t), DType::F32, &gpu()).unwrap();
             let forward = || flash_attention::try_forward(&q, &k, &v, &start, FlashKernels::Portable);
             let (o, lse) = forward().unwrap().expect("the flash kernel");
-            let forward_us = mean_us(&|| drop(forward().unwrap()));
+            let portable_forward_us = mean_us(&|| drop(forward().unwrap()));
             let x = FlashInputs { dy: &dy, q: &q, k: &k, v: &v, o: &o, lse: &lse, start: &start };
-            let portable = || flash_attention::try_backward(&x, FlashKernels::Portable);
-            let portable_us = mean_us(&|| drop(portable().unwrap()));
+            let backward = || flash_attention::try_backward(&x, FlashKernels::Portable);
+            let portable_backward_us = mean_us(&|| drop(backward().unwrap()));
             println!(
                 "flash {name}: the portable kernels: forward {:.3} ms, backward {:.3} ms",
-                forward_us / 1e3,
-                portable_us / 1e3
+                portable_forward_us / 1e3,
+                portable_backward_us / 1e3
             );
         }
     }

@@ -54,6 +54,12 @@ fn kv_shape(d: usize) -> (u32, u32) {
     (if split { 2 * THREADS } else { THREADS }, ((2 * TILE + 4 * bq) * (d + 8) * 2 + 2 * 3 * bq * 4 + handed) as u32)
 }
 
+/// The bytes of one of the Hopper kernels' tiles (`HopperTiles::TILE`): 64 rows of d in panels of 64 columns,
+/// 128 bytes a row.
+fn hopper_tile(d: usize) -> usize {
+    d.div_ceil(64) * TILE * 128
+}
+
 /// The Hopper kernels' threads and dynamic shared memory (`HopperTiles` in `flash_hopper.cu`) for `stages`
 /// stages, where they run: on an sm_90 card. Two resident tiles of 64 rows and two a stage, in panels of 64
 /// columns (128 bytes a row); at d = 256, where a block is a pair of warpgroups (256 threads), the tiles they
@@ -61,9 +67,9 @@ fn kv_shape(d: usize) -> (u32, u32) {
 /// bytes to align the tiles. With two stages 98.5 KB at d = 96 and 128, two blocks an SM; with one 66 KB,
 /// three; 218.5 KB at d = 256, one.
 fn hopper_shape(dev: &candle_core::CudaDevice, d: usize, stages: usize) -> Option<(u32, u32)> {
-    let (panels, pair) = (d.div_ceil(64), d > 128);
+    let pair = d > 128;
     let handed = if pair { TILE * TILE * (4 + 2) } else { 0 };
-    let bytes = (2 + 2 * stages) * panels * TILE * 128 + handed + stages * 3 * TILE * 4 + 1024;
+    let bytes = (2 + 2 * stages) * hopper_tile(d) + handed + stages * 3 * TILE * 4 + 1024;
     super::runs_sm90a(dev).then_some((if pair { 2 * THREADS } else { THREADS }, bytes as u32))
 }
 
@@ -71,7 +77,7 @@ fn hopper_shape(dev: &candle_core::CudaDevice, d: usize, stages: usize) -> Optio
 /// runs: one warpgroup, the Q, K and V tiles of 64 rows in panels of 64 columns (48 KB at d = 96 and 128), and
 /// 1,024 bytes to align them.
 fn hopper_forward_shape(dev: &candle_core::CudaDevice, d: usize) -> Option<(u32, u32)> {
-    let bytes = 3 * d.div_ceil(64) * TILE * 128 + 1024;
+    let bytes = 3 * hopper_tile(d) + 1024;
     super::runs_sm90a(dev).then_some((THREADS, bytes as u32))
 }
 
