@@ -81,6 +81,14 @@ fn hopper_forward_shape(dev: &candle_core::CudaDevice, d: usize) -> Option<(u32,
     super::runs_sm90a(dev).then_some((THREADS, bytes as u32))
 }
 
+/// The Hopper dQ kernel that reads the dK/dV kernel's score gradients (`backward_q_from_ds` in
+/// `flash_hopper.cu`): one warpgroup, `DS_STAGES` stages of a K tile and a dS tile (64 x 64 bf16), and 1,024
+/// bytes to align them: 73 KB at d = 96 and 128, three blocks an SM.
+fn hopper_q_ds_shape(d: usize) -> (u32, u32) {
+    const DS_STAGES: usize = 3;
+    (THREADS, (DS_STAGES * (hopper_tile(d) + TILE * TILE * 2) + 1024) as u32)
+}
+
 /// The Hopper dQ kernel's stages (`q_stages` in `flash_hopper.cu`).
 fn q_stages(d: usize) -> usize {
     if d == 96 || d == 128 {
@@ -135,7 +143,7 @@ pub fn try_forward(
     let dev = cuda_device(&q)?;
     let (o, lse) = (uninit(q.shape(), DType::BF16, &dev)?, uninit((b, h, t, 1), DType::F32, &dev)?);
     let (module, name, (threads, bytes)) =
-        match hopper_forward_shape(&dev, d).filter(|_| kernels == FlashKernels::Fastest) {
+        match hopper_forward_shape(&dev, d).filter(|_| kernels != FlashKernels::Portable) {
             Some(shape) => (HOPPER, format!("flash_forward_hopper_{d}"), shape),
             None => (PTX, format!("flash_forward_{d}"), (THREADS, 0)),
         };
@@ -188,35 +196,77 @@ impl Backward {
         Ok(Some(Self { b, h, t, d, group, dev, inputs }))
     }
 
-    /// Both kernels, `kernels`' set, writing into `grads`.
+    /// The kernels of `kernels`' set, writing into `grads`. dQ in one kernel, dK and dV in another, so that no
+    /// sum crosses blocks. Either the dQ kernel first, recomputing the scores and writing each row's delta =
+    /// rowsum(dO O), which both need; or on Hopper where the score gradients are handed over
+    /// ([`super::flash_ds_bytes`]), the deltas, the dK/dV kernel writing dS, and the dQ kernel reading it.
     fn launch(&self, kernels: FlashKernels, grads: GradRows) -> Result<()> {
         let (b, h, t, d, group, dev) = (self.b, self.h, self.t, self.d, self.group, &self.dev);
         let [dy, q, k, v, o, lse, start] = &self.inputs;
         let delta = uninit(b * h * t, DType::F32, dev)?;
-        // dQ in one kernel, dK and dV in the other, so no sum crosses blocks; the dQ kernel first, as it writes
-        // each row's delta = rowsum(dO O), which both need. Both on Hopper's warpgroup products where they run.
-        let hopper = kernels == FlashKernels::Fastest;
-        let (module, name, (threads, bytes)) = match hopper_shape(dev, d, q_stages(d)).filter(|_| hopper) {
-            Some(shape) => (HOPPER, format!("flash_backward_q_hopper_{d}"), shape),
-            None => (PTX, format!("flash_backward_q_{d}"), (THREADS, q_shared_bytes(d))),
+        let hopper = kernels != FlashKernels::Portable && super::runs_sm90a(dev);
+        let ds_bytes = super::flash_ds_bytes(b * h, t, d);
+        let ds = match hopper && kernels == FlashKernels::Fastest && ds_bytes > 0 {
+            true => Some(uninit(ds_bytes / 2, DType::BF16, dev)?),
+            false => None,
         };
-        super::opt_in_shared(dev, module, &name, bytes as usize)?;
-        let wave = super::one_wave(dev, module, &name, threads, bytes)?;
-        let blocks = tiles(t, b * h, backward_section(b * h, wave));
-        launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
-            aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, aligned_ptr(o)?, ptr(lse)?,
-            ptr(&delta)?, ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
+        // A kernel with its threads and shared memory over `heads` heads' tiles (sections of them when `sectioned`).
+        let run = |module: Ptx, name: &str, (threads, bytes): (u32, u32), heads: usize, sectioned: bool| {
+            super::opt_in_shared(dev, module, name, bytes as usize)?;
+            let section = match sectioned {
+                true => backward_section(heads, super::one_wave(dev, module, name, threads, bytes)?),
+                false => heads,
+            };
+            Ok::<_, candle_core::Error>(LaunchConfig {
+                shared_mem_bytes: bytes,
+                block_dim: (threads, 1, 1),
+                ..tiles(t, heads, section)
+            })
+        };
+        match &ds {
+            Some(_) => {
+                let name = format!("flash_deltas_hopper_{d}");
+                let cfg = run(HOPPER, &name, (THREADS, 0), b * h, false)?;
+                launch!(dev, HOPPER, &name, cfg; aligned_ptr(dy)?, aligned_ptr(o)?, ptr(&delta)?, t as i32);
+            }
+            None => {
+                let (module, name, shape) = match hopper_shape(dev, d, q_stages(d)).filter(|_| hopper) {
+                    Some(shape) => (HOPPER, format!("flash_backward_q_hopper_{d}"), shape),
+                    None => (PTX, format!("flash_backward_q_{d}"), (THREADS, q_shared_bytes(d))),
+                };
+                let cfg = run(module, &name, shape, b * h, true)?;
+                launch!(dev, module, &name, cfg;
+                    aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, aligned_ptr(o)?, ptr(lse)?,
+                    ptr(&delta)?, ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
+            }
+        }
         // A block per 64 keys of each key/value head.
-        let (module, name, (threads, bytes)) = match hopper_shape(dev, d, 2).filter(|_| hopper) {
-            Some(shape) => (HOPPER, format!("flash_backward_kv_hopper_{d}"), shape),
-            None => (PTX, format!("flash_backward_kv_{d}"), kv_shape(d)),
-        };
-        super::opt_in_shared(dev, module, &name, bytes as usize)?;
-        let wave = super::one_wave(dev, module, &name, threads, bytes)?;
-        let blocks = tiles(t, b * h / group, backward_section(b * h / group, wave));
-        launch!(dev, module, &name, LaunchConfig { shared_mem_bytes: bytes, block_dim: (threads, 1, 1), ..blocks };
-            aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?,
-            ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
+        match hopper_shape(dev, d, 2).filter(|_| hopper) {
+            Some(shape) => {
+                let name = format!("flash_backward_kv_hopper_{d}");
+                let cfg = run(HOPPER, &name, shape, b * h / group, true)?;
+                let ds = match &ds {
+                    Some(ds) => aligned_ptr(ds)?,
+                    None => 0,
+                };
+                launch!(dev, HOPPER, &name, cfg;
+                    aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?,
+                    ptr(start)?, grads, ds, t as i32, h as i32, group as i32, scale2(d));
+            }
+            None => {
+                let name = format!("flash_backward_kv_{d}");
+                let cfg = run(PTX, &name, kv_shape(d), b * h / group, true)?;
+                launch!(dev, PTX, &name, cfg;
+                    aligned_ptr(q)?, aligned_ptr(k)?, aligned_ptr(v)?, aligned_ptr(dy)?, ptr(lse)?, ptr(&delta)?,
+                    ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
+            }
+        }
+        if let Some(ds) = &ds {
+            let name = format!("flash_backward_q_ds_hopper_{d}");
+            let cfg = run(HOPPER, &name, hopper_q_ds_shape(d), b * h, true)?;
+            launch!(dev, HOPPER, &name, cfg;
+                aligned_ptr(k)?, aligned_ptr(ds)?, ptr(start)?, grads, t as i32, h as i32, group as i32);
+        }
         Ok(())
     }
 }

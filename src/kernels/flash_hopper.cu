@@ -88,16 +88,23 @@ __device__ __forceinline__ void pair_arrive(int id) { asm volatile("bar.arrive %
 __device__ __forceinline__ void pair_wait(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 
 // Rows row0 .. row0 + 64 of a [t, D] head (zeros past t) into a swizzled tile: 16-byte chunk c of row r to
-// panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16, by every thread of the block (NT).
-template <int D, int NT = HopperTiles<D>::THREADS>
+// panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16, by every thread of the block (NT). `ONCE`: data read once,
+// marked to leave L2 first.
+template <int D, int NT = HopperTiles<D>::THREADS, bool ONCE = false>
 __device__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int t) {
     using H = HopperTiles<D>;
+    unsigned long long policy = 0;
+    if (ONCE) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
     for (int ch = threadIdx.x; ch < H::ROWS * D / 8; ch += NT) {
         int r = ch / (D / 8), c = ch % (D / 8);
         bool in = row0 + r < t;
         unsigned dst = shared_addr(tile + c / 8 * H::ROWS * 128 + r * 128 + ((c % 8 ^ r % 8) << 4));
         const bf16* src = g + (size_t)(in ? row0 + r : 0) * D + c * 8;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
+        if (ONCE)
+            asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                         "r"(in ? 16 : 0), "l"(policy));
+        else
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
     }
 }
 
@@ -128,13 +135,20 @@ __device__ __forceinline__ void scores(float (*const (&x)[N])[4], const unsigned
     for (int i = 0; i < N; i++) keep_in_place(reinterpret_cast<float(&)[32]>(*x[i]));
 }
 
+// A `sums` that does nothing while its products run.
+struct NoWork {
+    template <class A> __device__ void operator()(const A&) const {}
+};
+
 // acc[i] += X[i] B[i] for i < N (64 x W sums) for X[i] 64 x 64 in registers (scores' layout, made A
 // fragments) and B[i] swizzled tiles of 64 rows x D read MN-major: k runs along their rows, 16 (2048 bytes of
 // a panel) at a time; n along D, a panel (64 columns, or the 32 left at D = 96) a product. The sums hold panels
-// `first`, `first + step`, ... of B: all of them (W = D), or every second one under a pair.
-template <int D, int N, int W = D>
+// `first`, `first + step`, ... of B: all of them (W = D), or every second one under a pair. `meanwhile(a)` runs
+// while the products do, with the A fragments (a[i][kk]: X[i]'s columns 16 kk .. 16 kk + 16, as_a's).
+template <int D, int N, int W = D, class Meanwhile = NoWork>
 __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*const (&x)[N])[4],
-                                     const unsigned (&b)[N], int first = 0, int step = 1) {
+                                     const unsigned (&b)[N], int first = 0, int step = 1,
+                                     Meanwhile meanwhile = {}) {
     constexpr int PANEL = HopperTiles<D>::ROWS * 128, P = (W + 63) / 64;
     uint32_t a[N][4][4];
 #pragma unroll
@@ -157,6 +171,7 @@ __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*
                     wgmma_bf16_t(reinterpret_cast<float(&)[16]>(acc[i][8 * p]), a[i][kk], desc);
             }
     wgmma_commit();
+    meanwhile(a);
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < N; i++) {
@@ -192,12 +207,61 @@ __device__ __forceinline__ void pair_scores(const H& sm, int wg, float (&s)[8][4
     }
 }
 
+// The score gradients dS / sqrt(D) that the dK/dV kernel hands to the dQ kernel (`backward_q_from_ds`), so that
+// dQ is one product a tile instead of three (S and dP again, then dS K). Per query head (of batch * heads) the
+// causal pairs of query tile m and key tile n <= m, at m (m + 1) / 2 + n, each 64 x 64 bf16: a row per key, 128
+// bytes, its 64 queries in the order of the dK/dV kernel's A fragments, so that each thread stores its 16 values
+// of a row as two 16-byte chunks and a warp's stores fill whole sectors: query 8 n + 2 c + e (c = lane % 4) at
+// element 32 (n / 4) + 8 c + 2 (n % 4) + e. The dQ kernel reads the tiles back as they are (its product's rows
+// in that order).
+template <class T> __device__ __forceinline__ T* ds_tile(T* ds, size_t qh, int m, int n, int t) {
+    size_t tiles = (size_t)(t + 63) / 64;
+    return ds + (qh * (tiles * (tiles + 1) / 2) + (size_t)m * (m + 1) / 2 + n) * 64 * 64;
+}
+// This thread's part of a tile (dS^T in a[kk], the dK sum's A fragments, as_a's: rows 16 warp + g and + 8).
+__device__ __forceinline__ void store_ds(bf16* tile, const uint32_t (&a)[4][4], int warp, int g, int c) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        // Streaming stores (evict first): the tiles would push the Q and dO tiles that blocks share out of L2.
+        uint4* row = reinterpret_cast<uint4*>(tile + (16 * warp + g + 8 * h) * 64);
+        __stcs(row + c, make_uint4(a[0][h], a[0][2 + h], a[1][h], a[1][2 + h]));
+        __stcs(row + 4 + c, make_uint4(a[2][h], a[2][2 + h], a[3][h], a[3][2 + h]));
+    }
+}
+// The query (from the tile's first) of row r of the dQ kernel's product, which reads store_ds' order.
+__device__ __forceinline__ int ds_query(int r) { return 8 * (4 * (r / 32) + r % 8 / 2) + 2 * (r % 32 / 8) + r % 2; }
+
+// Each row's delta = sum over d of dO O (dS = P (dP - delta)) for the 64 rows from q0 of a head (at `head` in dO
+// and O, at `rows0` in delta), NT threads splitting each row's channels, from global memory; into delta and,
+// where given, into `rows` in shared memory.
+template <int D, int NT>
+__device__ __forceinline__ void row_deltas(const bf16* dout, const bf16* o, float* delta, size_t head, size_t rows0,
+                                           int q0, int t, float* rows) {
+    constexpr int SPLIT = NT / 64;
+    int r = threadIdx.x / SPLIT, part = threadIdx.x % SPLIT, i = q0 + r;
+    float sum = 0.f;
+    if (i < t)
+        for (int j = part * D / SPLIT; j < (part + 1) * D / SPLIT; j += 8) {
+            float a[8], b[8];
+            load8(dout + head + (size_t)i * D + j, a);
+            load8(o + head + (size_t)i * D + j, b);
+#pragma unroll
+            for (int e = 0; e < 8; e++) sum += a[e] * b[e];
+        }
+#pragma unroll
+    for (int m = 1; m < SPLIT; m *= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
+    if (part == 0) {
+        if (rows) rows[r] = sum;
+        if (i < t) delta[rows0 + i] = sum;
+    }
+}
+
 // dK and dV for 64 keys of one key/value head (grid_head() = batch * kv_heads + kv head), over each query
 // tile of each query head of the group that sees them, the sums over the group in registers.
 template <int D>
 __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                                   const float* delta, const float* start, GradRows dst, int t, int heads,
-                                   int group, float scale2) {
+                                   const float* delta, const float* start, GradRows dst, bf16* ds, int t,
+                                   int heads, int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BK = H::ROWS, BQ = H::ROWS, W = H::WIDTH;
     H sm = H::here();  // K, V; each stage's Q, dO; P and dS handed over; then per stage lse2[BQ], delta[BQ], lo[BQ]
@@ -253,7 +317,10 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
         if constexpr (!H::PAIR) {
             scores<D, 2>({s, dp}, {shared_addr(ks), shared_addr(vs)}, {qs, dos});  // S^T = K Q^T, dP^T = V dO^T
             grads(Flag<true>{}, Flag<true>{});
-            sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs});  // dV += P^T dO, dK += dS^T Q
+            // dV += P^T dO, dK += dS^T Q; meanwhile dS for the dQ kernel, where it reads them.
+            sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 0, 1, [&](const uint32_t (&a)[2][4][4]) {
+                if (ds) store_ds(ds_tile(ds, qh0 + it / n_tiles, q0 / BQ, k0 / BK, t), a[1], warp, g, c);
+            });
         } else {
             // Warpgroup 0 sums its half of dV while the other takes dS.
             pair_scores<D>(sm, wg, s, dp, {shared_addr(ks), shared_addr(vs)}, {qs, dos}, grads,
@@ -312,27 +379,8 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
         lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
     }
-    // delta: SPLIT threads a row (two, or four under a pair), each over its part of the channels, from global
-    // memory.
-    {
-        constexpr int SPLIT = H::THREADS / BQ;
-        int r = threadIdx.x / SPLIT, part = threadIdx.x % SPLIT, i = q0 + r;
-        float sum = 0.f;
-        if (i < t)
-            for (int j = part * D / SPLIT; j < (part + 1) * D / SPLIT; j += 8) {
-                float a[8], b[8];
-                load8(dout + head + (size_t)i * D + j, a);
-                load8(o + head + (size_t)i * D + j, b);
-#pragma unroll
-                for (int e = 0; e < 8; e++) sum += a[e] * b[e];
-            }
-#pragma unroll
-        for (int m = 1; m < SPLIT; m *= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
-        if (part == 0) {
-            dl_rows[r] = sum;
-            if (i < t) delta[rows0 + i] = sum;
-        }
-    }
+    // delta: two threads a row, or four under a pair.
+    row_deltas<D, H::THREADS>(dout, o, delta, head, rows0, q0, t, dl_rows);
     __syncthreads();  // the deltas are in
 #pragma unroll
     for (int h = 0; h < 2; h++) dl[h] = dl_rows[rows[h] - q0];
@@ -366,6 +414,72 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     int bi = grid_head() / heads;
     store_grads<D, W>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
                       dst.sin_of(bi, t, D), 64 * wg);
+}
+
+// Below head dim 256, where the dK/dV kernel hands over dS (ds_tile): the deltas first, for the dK/dV kernel,
+// by a block per 64 rows of each head (grid_head() = batch * heads + query head)...
+template <int D> __device__ void deltas_hopper(const bf16* dout, const bf16* o, float* delta, int t) {
+    row_deltas<D, 128>(dout, o, delta, (size_t)grid_head() * t * D, (size_t)grid_head() * t, first_query(64), t,
+                       nullptr);
+}
+
+// ... and after it, dQ for 64 queries from its tiles of dS: dQ += dS K over the key tiles they see, one product a
+// tile with both operands in shared memory and read MN-major (dS's rows are keys, K's rows keys), DS_STAGES tiles
+// of each in flight; its rows are the queries in ds_tile's order. The tiles of the two kernels are the same
+// pairs (the first key tile of the first query's window to the diagonal).
+#define DS_STAGES 3
+template <int D>
+__device__ void backward_q_from_ds(const bf16* k, const bf16* ds, const float* start, GradRows dst, int t, int heads,
+                                   int group) {
+    using H = HopperTiles<D>;
+    constexpr int BQ = H::ROWS, BK = H::ROWS, PANEL = H::ROWS * 128, DS_TILE = H::ROWS * 128;
+    unsigned char* base = H::here().base;  // DS_STAGES K tiles, then as many of dS
+    auto k_tile = [&](int i) { return base + i % DS_STAGES * H::TILE; };
+    auto ds_at = [&](int i) { return base + DS_STAGES * H::TILE + i % DS_STAGES * DS_TILE; };
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
+    int q0 = first_query(BQ);
+    size_t kv = kv_head<D>(grid_head(), t, heads, group);
+    start += (size_t)(grid_head() / heads) * t;
+    int k_first = (int)start[q0] / BK * BK, k_end = min(q0 + BQ, t), tiles = (k_end - k_first + BK - 1) / BK;
+    auto load = [&](int i) {
+        if (i < tiles) {
+            int k0 = k_first + i * BK;
+            load_swizzled<D>(k_tile(i), k + kv, k0, t);
+            load_swizzled<64, 128, true>(ds_at(i), ds_tile(ds, grid_head(), q0 / BQ, k0 / BK, t), 0, BK);
+        }
+        commit();  // empty past the last tile, so that every step waits for the same count
+    };
+#pragma unroll
+    for (int i = 0; i < DS_STAGES - 1; i++) load(i);
+    float acc[D / 8][4] = {};
+    for (int i = 0; i < tiles; i++) {
+        load(i + DS_STAGES - 1);
+        wait_loads<DS_STAGES - 1>();
+        fence_to_wgmma();
+        __syncthreads();
+        unsigned a = shared_addr(ds_at(i)), b = shared_addr(k_tile(i));
+        keep_in_place(reinterpret_cast<float(&)[D / 2]>(acc));
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++)
+#pragma unroll
+            for (int p = 0; p < H::PANELS; p++) {
+                auto ad = sw128_descriptor(a + kk * 2048, PANEL, 1024);
+                auto bd = sw128_descriptor(b + p * PANEL + kk * 2048, PANEL, 1024);
+                if (D - 64 * p >= 64)
+                    wgmma_bf16<1, 1>(reinterpret_cast<float(&)[32]>(acc[8 * p]), ad, bd);
+                else
+                    wgmma_bf16<1, 1>(reinterpret_cast<float(&)[16]>(acc[8 * p]), ad, bd);
+            }
+        wgmma_commit();
+        wgmma_wait<0>();
+        keep_in_place(reinterpret_cast<float(&)[D / 2]>(acc));
+        __syncthreads();  // every product has read this stage before a later tile's loads overwrite it
+    }
+    wait_loads<0>();  // no copy outlives the block
+    int rows[2] = {q0 + ds_query(16 * warp + g), q0 + ds_query(16 * warp + g + 8)};
+    int bi = grid_head() / heads;
+    store_grads<D>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D), dst.sin_of(bi, t, D));
 }
 
 // The forward for 64 queries (grid_head() = batch * heads + query head), one warpgroup, over the key tiles they
@@ -423,16 +537,21 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
     store_output<D>(acc, m, l, w.rows, c, o + head, lse + (size_t)grid_head() * t, t);
 }
 #define HOPPER_FORWARD(D) forward_hopper<D>(q, k, v, start, o, lse, t, heads, group, scale2);
-#define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dst, t, heads, group, scale2);
+#define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dst, ds, t, heads, group, scale2);
 #define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, dst, t, heads, group, scale2);
+#define HOPPER_DELTAS(D) deltas_hopper<D>(dout, o, delta, t);
+#define HOPPER_Q_DS(D) backward_q_from_ds<D>(k, ds, start, dst, t, heads, group);
 #else
 #define HOPPER_FORWARD(D)
 #define HOPPER_KV(D)
 #define HOPPER_Q(D)
+#define HOPPER_DELTAS(D)
+#define HOPPER_Q_DS(D)
 #endif
 
 // flash_forward_hopper_{64,96,128,256} and flash_backward_{kv,q}_hopper_{D}, with flash_forward_{D}'s and
-// flash_backward_{kv,q}_{D}'s arguments; 128 threads a block, the backward's 256 (a pair) at head dim 256.
+// flash_backward_{kv,q}_{D}'s arguments (the dK/dV kernel's `ds` after `dst`: where not null, the dS tiles it
+// writes); 128 threads a block, the backward's 256 (a pair) at head dim 256.
 #define FLASH_HOPPER(D)                                                                                           \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_forward_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const float* start, bf16* o,        \
@@ -443,7 +562,7 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
     extern "C" __global__ void __launch_bounds__(D > 128 ? 256 : 128)                                             \
         flash_backward_kv_hopper_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
                                      const float* lse, const float* delta, const float* start, GradRows dst,      \
-                                     int t, int heads, int group, float scale2) {                                 \
+                                     bf16* ds, int t, int heads, int group, float scale2) {                       \
         follow_previous();                                                                                        \
         HOPPER_KV(D)                                                                                              \
     }                                                                                                             \
@@ -454,7 +573,23 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
         follow_previous();                                                                                        \
         HOPPER_Q(D)                                                                                               \
     }
+// flash_deltas_hopper_{D} and flash_backward_q_ds_hopper_{D} below head dim 256, a warpgroup a block.
+#define FLASH_HOPPER_DS(D)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                                             \
+        flash_deltas_hopper_##D(const bf16* dout, const bf16* o, float* delta, int t) {                           \
+        follow_previous();                                                                                        \
+        HOPPER_DELTAS(D)                                                                                          \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128)                                                             \
+        flash_backward_q_ds_hopper_##D(const bf16* k, const bf16* ds, const float* start, GradRows dst, int t,    \
+                                       int heads, int group) {                                                    \
+        follow_previous();                                                                                        \
+        HOPPER_Q_DS(D)                                                                                            \
+    }
 FLASH_HOPPER(64)
 FLASH_HOPPER(96)
 FLASH_HOPPER(128)
 FLASH_HOPPER(256)
+FLASH_HOPPER_DS(64)
+FLASH_HOPPER_DS(96)
+FLASH_HOPPER_DS(128)

@@ -19,9 +19,13 @@ pub struct HeadShape {
 /// Which kernels flash attention takes, forward and backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashKernels {
-    /// Hopper's warpgroup-product kernels where the card (sm_90) allows them, else the portable ones: what
-    /// training and inference run.
+    /// Hopper's warpgroup-product kernels where the card (sm_90) allows them, the backward's dQ kernel reading
+    /// the score gradients of its dK/dV kernel where they are handed over (`flash_ds_bytes`); else the portable
+    /// ones: what training and inference run.
     Fastest,
+    /// Hopper's kernels with the dQ kernel recomputing the scores: what `Fastest` runs where no score gradients
+    /// are handed over; at the other shapes, the tests' check of it.
+    HopperRecompute,
     /// The mma.sync kernels every card runs; on Hopper, the tests' check of them.
     Portable,
 }

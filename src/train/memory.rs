@@ -163,10 +163,14 @@ pub fn estimate(s: &StepShape) -> Estimate {
     // Score-sized temporaries of one query block: probabilities (f32 and e), dP, dP P, dP - rowsum, dS (f32
     // and e); fused: the scores, P, dP and dS in e. Then dK, dV in f32 and the sum written back; dY and dQ;
     // with grouped-query heads, K and V expanded to a head per query head.
-    // The flash kernel keeps no scores and reads K and V in place: dY, dQ, dK, dV in e and one f32 per row.
+    // The flash kernel keeps no scores and reads K and V in place: dY, dQ, dK, dV in e and one f32 per row, and
+    // the score gradients its dK/dV kernel hands to its dQ kernel.
     let (q, kv) = attention_widths(cfg);
     let attention = match fused && flash_kernel_takes(cfg.head_dim()) {
-        true => n * (e * (2.0 * q + 2.0 * kv) + 4.0 * heads),
+        true => {
+            let ds = crate::kernels::flash_ds_bytes(s.micro_batch * cfg.num_attention_heads, s.seq, cfg.head_dim());
+            n * (e * (2.0 * q + 2.0 * kv) + 4.0 * heads) + ds as f64
+        }
         false => {
             let expanded = if kv < q { 2.0 * e * n * q } else { 0.0 };
             scores * if fused { 4.0 * e } else { 20.0 + 2.0 * e } + n * h * (12.0 + 2.0 * e) + expanded
