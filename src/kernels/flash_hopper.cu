@@ -18,6 +18,11 @@
 // (the same inputs give the same bits), not the portable kernels' order, so the two differ in rounding. Reference:
 // train::layers::flash_attention_backward_reference.
 //
+// The dQ kernel comes in two forms. One recomputes S and dP for its dS (three products a tile) and writes each
+// row's delta for the dK/dV kernel, which runs after it. The other (backward_q_from_ds) reads the dS tiles the
+// dK/dV kernel stored (ds_tile) and runs one product a tile; the deltas then come from a kernel of their own,
+// first. flash_attention.rs picks (kernels::flash_ds_bytes): the second below head dim 256 while the tiles fit.
+//
 // At head dim 256 one warpgroup cannot hold a block's sums (dK and dV: 256 registers a thread), so a block is a
 // pair of warpgroups over the same 64 rows (`PAIR`). For each tile of the other side warpgroup 0 takes the
 // scores (S^T = K Q^T, or S = Q K^T) and their probabilities, warpgroup 1 the product with dO (dP^T = V dO^T,
