@@ -9,7 +9,7 @@ use super::shapes::{FlashInputs, FlashKernels};
 use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flash_attention");
-/// The backward's kernels on Hopper's warpgroup products (`flash_hopper.cu`), built for sm_90a only.
+/// The forward's and the backward's kernels on Hopper's warpgroup products (`flash_hopper.cu`), built for sm_90a only.
 const HOPPER: Ptx = ptx!("flash_hopper");
 
 /// Threads per block (`THREADS` in the kernel) and rows per block (64 queries or keys).
