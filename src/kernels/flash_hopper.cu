@@ -445,10 +445,11 @@ __device__ void backward_q_from_ds(const bf16* k, const bf16* ds, const float* s
     int q0 = first_query(BQ);
     size_t kv = kv_head<D>(grid_head(), t, heads, group);
     start += (size_t)(grid_head() / heads) * t;
-    int k_first = (int)start[q0] / BK * BK, k_end = min(q0 + BQ, t), tiles = (k_end - k_first + BK - 1) / BK;
+    QueryRows w(start, q0, BQ, BK, warp, g, t);  // its key range (its rows are the stored order's, below)
+    int tiles = (w.k_end - w.k_first + BK - 1) / BK;
     auto load = [&](int i) {
         if (i < tiles) {
-            int k0 = k_first + i * BK;
+            int k0 = w.k_first + i * BK;
             load_swizzled<D>(k_tile(i), k + kv, k0, t);
             load_swizzled<64, 128, true>(ds_at(i), ds_tile(ds, grid_head(), q0 / BQ, k0 / BK, t), 0, BK);
         }
