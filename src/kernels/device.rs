@@ -72,8 +72,12 @@ pub(crate) fn runs_sm90a(dev: &CudaDevice) -> bool {
 }
 
 /// Lets kernel `name` of module `ptx` take `bytes` of dynamic shared memory a block: above 48 KB (the static
-/// arrays count too) a block's shared memory must be opted into, per function.
+/// arrays count too) a block's shared memory must be opted into, per function. Nothing to do for none (static
+/// arrays alone cannot pass 48 KB), which spares the launches of such kernels a driver call each.
 pub(crate) fn opt_in_shared(dev: &CudaDevice, ptx: Ptx, name: &str, bytes: usize) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
     use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
     let func = dev.get_or_load_custom_func(name, ptx.0, ptx.1)?;
     func.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
