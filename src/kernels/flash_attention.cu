@@ -182,17 +182,16 @@ __device__ void forward(const bf16* q, const bf16* k, const bf16* v, const float
     store_output<D>(acc, m, l, w.rows, c, o + head, lse + (size_t)grid_head() * t, t);
 }
 
-// The query tile of the dK/dV kernel: Q and dO rows, and per row lse (base 2), delta and window start.
+// The query tile of the dK/dV kernel: Q and dO rows, and per row lse, delta and window start (load_row_values').
 template <int D, int BQ, int NT> struct QueryTile {
     bf16 *q, *dout;
-    float *lse2, *delta;
-    int* lo;
+    float *lse, *delta, *lo;
     __device__ void load(const bf16* gq, const bf16* gdo, const float* glse, const float* gdelta, const float* start,
                          int q0, int t) {
         load_rows<D, NT>(q, gq, q0, BQ, t);
         load_rows<D, NT>(dout, gdo, q0, BQ, t);
+        load_row_values(lse, delta, lo, glse, gdelta, start, q0, BQ, t);
         commit();
-        load_row_values(lse2, delta, lo, glse, gdelta, start, q0, BQ, t);
     }
 };
 
@@ -210,7 +209,7 @@ template <int D> struct KvShared {
     static __device__ QueryTile<D, BQ, NT> tile(unsigned char* smem, int stage) {
         bf16* rows = reinterpret_cast<bf16*>(smem) + (2 * BK + 2 * stage * BQ) * LD;
         float* small = reinterpret_cast<float*>(reinterpret_cast<bf16*>(smem) + (2 * BK + 4 * BQ) * LD) + 3 * stage * BQ;
-        return {rows, rows + BQ * LD, small, small + BQ, reinterpret_cast<int*>(small + 2 * BQ)};
+        return {rows, rows + BQ * LD, small, small + BQ, small + 2 * BQ};
     }
     static __device__ float* probs(unsigned char* smem) {
         return reinterpret_cast<float*>(reinterpret_cast<bf16*>(smem) + (2 * BK + 4 * BQ) * LD) + 6 * BQ;
@@ -289,11 +288,11 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
                 if (DS && HANDED) p = handed[i * 32];
             };
             auto grads = [&](auto tag) {
-                key_grads<BQ, decltype(tag)::value, P, DS>(s, dp, keys, q0, c, tile.lse2, tile.delta, tile.lo, scale2,
-                                                           hand);
+                key_grads<BQ, decltype(tag)::value, P, DS>(s, dp, keys, q0, c, t, tile.lse, tile.delta, tile.lo,
+                                                           scale2, hand);
             };
             if (DS && HANDED) named_sync<64>(1 + warp % 4);  // the pair's barrier: the partner's probabilities are in
-            if (all_seen(q0, BQ, tile.lo[BQ - 1], k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
+            if (all_seen(q0, BQ, (int)tile.lo[BQ - 1], k0, BK, t)) grads(Flag<false>{}); else grads(Flag<true>{});
             if (P && HANDED) named_sync<64>(1 + warp % 4);
             if (P) mma_cb<D, BQ>(dv_acc, s, tile.dout, lane);
             if (DS) mma_cb<D, BQ>(dk_acc, dp, tile.q, lane);
@@ -301,9 +300,9 @@ __device__ void backward_kv(const bf16* q, const bf16* k, const bf16* v, const b
                               // after next overwrites it
         }
         if (DS)
-            store_grads<D>(dst.k_rows(grid_head(), kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
-                           dst.sin_of(bi, t, D));
-        if (P) store_grads<D>(dst.v_rows(grid_head(), kv_heads), dst.row, dv_acc, keys, t);
+            store_grads<D>(dst.k_rows(grid_head(), kv_heads), dst.row, dk_acc, keys, t, grad_scale(scale2),
+                           dst.cos_of(bi, t, D), dst.sin_of(bi, t, D));
+        if (P) store_grads<D>(dst.v_rows(grid_head(), kv_heads), dst.row, dv_acc, keys, t, 1.f);
     };
     if (!S::SPLIT) pass(Flag<true>{}, Flag<true>{});
     else if (warp >= 4) pass(Flag<false>{}, Flag<true>{});
@@ -437,7 +436,7 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         __syncthreads();  // every warp is done with this stage before the one after next overwrites it
     }
     int bi = grid_head() / heads;
-    store_grads<D>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
+    store_grads<D>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, grad_scale(scale2), dst.cos_of(bi, t, D),
                    dst.sin_of(bi, t, D));
 }
 

@@ -265,7 +265,7 @@ impl Backward {
             let name = format!("flash_backward_q_ds_hopper_{d}");
             let cfg = run(HOPPER, &name, hopper_q_ds_shape(d), b * h, true)?;
             launch!(dev, HOPPER, &name, cfg;
-                aligned_ptr(k)?, aligned_ptr(ds)?, ptr(start)?, grads, t as i32, h as i32, group as i32);
+                aligned_ptr(k)?, aligned_ptr(ds)?, ptr(start)?, grads, t as i32, h as i32, group as i32, scale2(d));
         }
         Ok(())
     }

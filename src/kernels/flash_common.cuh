@@ -147,8 +147,9 @@ __device__ __forceinline__ void store_output(const float (&acc)[D / 8][4], const
     }
 }
 
-// Softmax gradient of one score in two steps: the probability p from the score s (unscaled), then dS / sqrt(D)
-// from p and dp (the scale folded in for dQ and dK). A query that sees one key (each example's first token)
+// Softmax gradient of one score in two steps: the probability p from the score s (unscaled), then dS from p
+// and dp. The kernels scale their dQ and dK sums by 1 / sqrt(D) once, when they store them (store_grads'
+// `scale`), not each score (an instruction a score in the dK/dV kernel's loop). A query that sees one key (each example's first token)
 // has dS = 0 exactly, as the plain backward gives. The backward kernels call them for a whole tile with
 // `masked` a compile-time constant: a tile whose queries all see all its keys (so none sees only one) skips
 // the tests per score, which made the integer pipe the busiest of the dK/dV kernel.
@@ -158,14 +159,16 @@ template <bool B> struct Flag {  // a compile-time bool as an argument's type
 __device__ __forceinline__ float prob(float s, bool seen, float lse2, float scale2) {
     return seen ? exp2_ftz(s * scale2 - lse2) : 0.f;
 }
-__device__ __forceinline__ float score_grad(float p, float dp, bool seen, bool alone, float delta, float scale2) {
-    return seen && !alone ? p * (dp - delta) * (scale2 * 0.69314718056f) : 0.f;
+__device__ __forceinline__ float score_grad(float p, float dp, bool seen, bool alone, float delta) {
+    return seen && !alone ? p * (dp - delta) : 0.f;
 }
+// The factor of the dQ and dK sums: 1 / sqrt(D) from the kernels' scale2 = log2(e) / sqrt(D).
+__device__ __forceinline__ float grad_scale(float scale2) { return scale2 * 0.69314718056f; }
 
 
 // The probabilities and score gradients of a tile whose rows are this thread's two queries (rows[h], window
 // starts lo[h], log-sum-exp lse2[h] in base 2, delta dl[h]) and whose columns are the keys k0 + 8 n + 2 c +
-// e % 2 (c = lane % 4) of s[n][e] (the mma C layout): s becomes P, dp becomes dS / sqrt(D). The dQ kernels'.
+// e % 2 (c = lane % 4) of s[n][e] (the mma C layout): s becomes P, dp becomes dS. The dQ kernels'.
 // P computes the probabilities, DS the score gradients (from s, already P where P is false): a pair of
 // warpgroups at head dim 256 (flash_hopper.cu) takes one role each.
 template <int N, bool MASKED, bool P = true, bool DS = true>
@@ -178,28 +181,29 @@ __device__ __forceinline__ void query_grads(float (*s)[4], float (*dp)[4], const
             int h = e / 2;
             bool seen = !MASKED || sees(rows[h], lo[h], k0 + n * 8 + 2 * c + e % 2);
             if (P) s[n][e] = prob(s[n][e], seen, lse2[h], scale2);
-            if (DS) dp[n][e] = score_grad(s[n][e], dp[n][e], seen, MASKED && lo[h] == rows[h], dl[h], scale2);
+            if (DS) dp[n][e] = score_grad(s[n][e], dp[n][e], seen, MASKED && lo[h] == rows[h], dl[h]);
         }
 }
 
 // The same for a tile whose rows are this thread's two keys (keys[h]) and whose columns are the queries q0 +
-// col, each column's values in shared memory (lse2, delta dl, window start lo_of). The dK/dV kernels': P
-// computes the probabilities, DS the score gradients (a warp may take one role, flash_attention.cu's SPLIT),
-// and hand(i, p) runs between the two for entry i = 4 n + e (where the roles' warps hand p over).
+// col, each column's values in shared memory as load_row_values puts them (lse, delta dl, window start lo_of;
+// a column at or past t sees nothing). The dK/dV kernels': P computes the probabilities, DS the score
+// gradients (a warp may take one role, flash_attention.cu's SPLIT), and hand(i, p) runs between the two for
+// entry i = 4 n + e (where the roles' warps hand p over).
 template <int N, bool MASKED, bool P = true, bool DS = true, class Hand>
-__device__ __forceinline__ void key_grads(float (*s)[4], float (*dp)[4], const int* keys, int q0, int c,
-                                          const float* lse2, const float* dl, const int* lo_of, float scale2,
+__device__ __forceinline__ void key_grads(float (*s)[4], float (*dp)[4], const int* keys, int q0, int c, int t,
+                                          const float* lse, const float* dl, const float* lo_of, float scale2,
                                           Hand hand) {
 #pragma unroll
     for (int n = 0; n < N / 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = MASKED ? lo_of[col] : 0;
-            bool seen = !MASKED || sees(qi, lo, keys[e / 2]);
+            int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = MASKED ? (int)lo_of[col] : 0;
+            bool seen = !MASKED || (qi < t && sees(qi, lo, keys[e / 2]));
             float& p = s[n][e];
-            if (P) p = prob(p, seen, lse2[col], scale2);
+            if (P) p = prob(p, seen, lse[col] * 1.44269504089f, scale2);
             hand(4 * n + e, p);
-            if (DS) dp[n][e] = score_grad(p, dp[n][e], seen, MASKED && lo == qi, dl[col], scale2);
+            if (DS) dp[n][e] = score_grad(p, dp[n][e], seen, MASKED && lo == qi, dl[col]);
         }
 }
 
@@ -230,10 +234,11 @@ struct GradRows {
 // e], c = lane % 4) as bf16 to `out` (row 0; rows `row` apart): the first W/2 columns from col0 on and as many
 // from D/2 + col0 (all of D where W = D: column 8 n + 2 c + e), turned back by RoPE where `cos` is given (the
 // angles of the rows' sequence, [t, D/2]): channel j with j + D/2, which this thread holds in acc[n] and
-// acc[n + W/16]; rounded once, after the turn. Reference: train::layers::qkv_heads_backward.
+// acc[n + W/16]; times `scale` (grad_scale's for dQ and dK, 1 for dV); rounded once, after the turn.
+// Reference: train::layers::qkv_heads_backward.
 template <int D, int W = D>
 __device__ __forceinline__ void store_grads(bf16* out, long long row, const float (&acc)[W / 8][4],
-                                            const int (&rows)[2], int t, const bf16* cos = nullptr,
+                                            const int (&rows)[2], int t, float scale, const bf16* cos = nullptr,
                                             const bf16* sin = nullptr, int col0 = 0) {
     int c = threadIdx.x % 4;
 #pragma unroll
@@ -241,7 +246,7 @@ __device__ __forceinline__ void store_grads(bf16* out, long long row, const floa
         if (rows[h] >= t) continue;
         float y[W / 8][2];
 #pragma unroll
-        for (int n = 0; n < W / 8; n++) y[n][0] = acc[n][2 * h], y[n][1] = acc[n][2 * h + 1];
+        for (int n = 0; n < W / 8; n++) y[n][0] = acc[n][2 * h] * scale, y[n][1] = acc[n][2 * h + 1] * scale;
         if (cos) {
 #pragma unroll
             for (int n = 0; n < W / 16; n++) {
@@ -276,15 +281,20 @@ template <int NT> __device__ int query_tiles_seeing(int k0, int bk, int bq, int 
     return n_tiles;
 }
 
-// Each of the query rows q0 .. q0 + bq's lse (in base 2), delta and window start into shared memory, by the
-// block's first bq threads (rows past t: 0, 0 and a start that sees no key).
-__device__ __forceinline__ void load_row_values(float* lse2, float* delta, int* lo, const float* glse,
+// Each of the query rows q0 .. q0 + bq's lse (natural log), delta and window start into shared memory, copied
+// by the block's first bq threads with cp.async in the caller's group: a plain load there held every warp of
+// the dK/dV kernels for a round trip to L2 before each tile's products (three, one after another: a third of
+// the Hopper kernel's stall samples, Nsight Compute). Rows past t get zeros; key_grads masks them.
+__device__ __forceinline__ void load_row_values(float* lse, float* delta, float* lo, const float* glse,
                                                 const float* gdelta, const float* start, int q0, int bq, int t) {
     int i = q0 + threadIdx.x;
     if (threadIdx.x < bq) {
-        bool in = i < t;
-        lse2[threadIdx.x] = in ? glse[i] * 1.44269504089f : 0.f;
-        delta[threadIdx.x] = in ? gdelta[i] : 0.f;
-        lo[threadIdx.x] = in ? (int)start[i] : NO_KEYS;
+        int n = i < t ? 4 : 0, at = i < t ? i : 0;
+        const float* src[3] = {glse + at, gdelta + at, start + at};
+        float* dst[3] = {lse + threadIdx.x, delta + threadIdx.x, lo + threadIdx.x};
+#pragma unroll
+        for (int j = 0; j < 3; j++)
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst[j])),
+                         "l"(src[j]), "r"(n));
     }
 }

@@ -5,7 +5,9 @@
 // product. A wgmma reads its shared operands once for the warpgroup's 64 rows. Against the portable kernels (H100,
 // BENCHMARKS.md): 1.75x at head dim 128, whose portable dK/dV kernel takes 16-query tiles to fit its registers,
 // 1.11-1.15x at 96 and 1.28x at 256. What bounds them now is each warpgroup's serial chain (products, softmax,
-// products) with two warpgroups an SM: two warpgroups a block sharing each tile measured no faster.
+// products) with two warpgroups an SM: two warpgroups a block sharing each tile measured no faster. In Nsight
+// Compute (BENCHMARKS.md) the dK/dV kernel's warps wait mostly on the latency of the instruction before and
+// on the block barrier, with a scheduler issuing in 37% of cycles: every instruction of the loop counts.
 //
 // Below head dim 256 a block is one warpgroup and takes 64 rows of its side: keys (dK/dV) or queries (dQ). Over the
 // tiles of 64 rows of the other side that it meets, two products over D with both operands in shared memory give the
@@ -49,7 +51,9 @@ template <int D, int STAGES = 2, int RESIDENT = 2> struct HopperTiles {
     // The block's dynamic shared memory, aligned for the swizzle.
     __device__ static HopperTiles here() {
         extern __shared__ unsigned char hopper_smem_raw[];
-        return {reinterpret_cast<unsigned char*>(((uintptr_t)hopper_smem_raw + 1023) & ~(uintptr_t)1023)};
+        // An offset into the array rather than an integer cast back to a pointer: the compiler then knows every
+        // access is to shared memory (LDS/STS, not generic loads and stores).
+        return {hopper_smem_raw + (1024 - shared_addr(hopper_smem_raw) % 1024) % 1024};
     }
     __device__ unsigned char* resident(int i) const { return base + i * TILE; }
     __device__ unsigned char* staged(int stage, int i) const { return base + (RESIDENT + 2 * stage + i) * TILE; }
@@ -94,22 +98,32 @@ __device__ __forceinline__ void pair_wait(int id) { asm volatile("bar.sync %0, 2
 
 // Rows row0 .. row0 + 64 of a [t, D] head (zeros past t) into a swizzled tile: 16-byte chunk c of row r to
 // panel c / 8, at r * 128 + (c % 8 ^ r % 8) * 16, by every thread of the block (NT). `ONCE`: data read once,
-// marked to leave L2 first.
+// marked to leave L2 first. Each thread keeps one chunk column c and takes every STEP-th row from its first, so
+// that its copies differ by constant offsets: a thread a chunk in turn (ch / (D / 8), ch % (D / 8)) spent
+// about 35 instructions a copy on addresses, two fifths of the dK/dV kernel's instructions (Nsight Compute).
+// A row's D / 8 chunks take a power of two of threads (SLOTS); at D = 96 a quarter of them idle.
 template <int D, int NT = HopperTiles<D>::THREADS, bool ONCE = false>
-__device__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int t) {
-    using H = HopperTiles<D>;
+__device__ __forceinline__ void load_swizzled(unsigned char* tile, const bf16* g, int row0, int t) {
+    constexpr int ROWS = HopperTiles<D>::ROWS, CHUNKS = D / 8;
+    constexpr int SLOTS = CHUNKS <= 8 ? 8 : CHUNKS <= 16 ? 16 : 32, STEP = NT / SLOTS;
+    static_assert(NT % SLOTS == 0 && ROWS % STEP == 0, "a pass of the block covers whole rows");
+    int c = threadIdx.x % SLOTS, r0 = threadIdx.x / SLOTS;
+    if (c >= CHUNKS) return;
     unsigned long long policy = 0;
     if (ONCE) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-    for (int ch = threadIdx.x; ch < H::ROWS * D / 8; ch += NT) {
-        int r = ch / (D / 8), c = ch % (D / 8);
-        bool in = row0 + r < t;
-        unsigned dst = shared_addr(tile + c / 8 * H::ROWS * 128 + r * 128 + ((c % 8 ^ r % 8) << 4));
-        const bf16* src = g + (size_t)(in ? row0 + r : 0) * D + c * 8;
+    unsigned dst = shared_addr(tile + c / 8 * ROWS * 128 + r0 * 128);
+    const bf16* src = g + (size_t)(row0 + r0) * D + c * 8;
+    int left = t - row0 - r0;  // rows of this thread's that are in: j * STEP < left
+#pragma unroll
+    for (int j = 0; j < ROWS / STEP; j++) {
+        bool in = j * STEP < left;
+        unsigned at = dst + j * STEP * 128 + ((c % 8 ^ (r0 + j * STEP) % 8) << 4);
+        const bf16* from = in ? src + j * STEP * D : g;
         if (ONCE)
-            asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+            asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(at), "l"(from),
                          "r"(in ? 16 : 0), "l"(policy));
         else
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(at), "l"(from), "r"(in ? 16 : 0));
     }
 }
 
@@ -125,14 +139,16 @@ __device__ __forceinline__ void scores(float (*const (&x)[N])[4], const unsigned
         for (int j = 0; j < 32; j++) xf[j] = 0.f;
         keep_in_place(xf);
     }
+    unsigned long long da[N], db[N];
+#pragma unroll
+    for (int i = 0; i < N; i++) da[i] = sw128_descriptor(a[i], 16, 1024), db[i] = sw128_descriptor(b[i], 16, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         unsigned at = kk / 4 * PANEL + kk % 4 * 32;
 #pragma unroll
         for (int i = 0; i < N; i++)
-            wgmma_bf16(reinterpret_cast<float(&)[32]>(*x[i]), sw128_descriptor(a[i] + at, 16, 1024),
-                       sw128_descriptor(b[i] + at, 16, 1024));
+            wgmma_bf16(reinterpret_cast<float(&)[32]>(*x[i]), advance(da[i], at), advance(db[i], at));
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -160,6 +176,9 @@ __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*
     for (int i = 0; i < N; i++)
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) as_a(a[i][kk], x[i][2 * kk], x[i][2 * kk + 1]);
+    unsigned long long db[N];
+#pragma unroll
+    for (int i = 0; i < N; i++) db[i] = sw128_descriptor(b[i] + first * PANEL, PANEL, 1024);
 #pragma unroll
     for (int i = 0; i < N; i++) keep_in_place(reinterpret_cast<float(&)[W / 2]>(*acc[i]));
     wgmma_fence();
@@ -169,7 +188,7 @@ __device__ __forceinline__ void sums(float (*const (&acc)[N])[4], const float (*
         for (int p = 0; p < P; p++)
 #pragma unroll
             for (int i = 0; i < N; i++) {
-                auto desc = sw128_descriptor(b[i] + (first + p * step) * PANEL + kk * 2048, PANEL, 1024);
+                auto desc = advance(db[i], p * step * PANEL + kk * 2048);
                 if (W - 64 * p >= 64)
                     wgmma_bf16_t(reinterpret_cast<float(&)[32]>(acc[i][8 * p]), a[i][kk], desc);
                 else
@@ -212,13 +231,13 @@ __device__ __forceinline__ void pair_scores(const H& sm, int wg, float (&s)[8][4
     }
 }
 
-// The score gradients dS / sqrt(D) that the dK/dV kernel hands to the dQ kernel (`backward_q_from_ds`), so that
-// dQ is one product a tile instead of three (S and dP again, then dS K). Per query head (of batch * heads) the
-// causal pairs of query tile m and key tile n <= m, at m (m + 1) / 2 + n, each 64 x 64 bf16: a row per key, 128
-// bytes, its 64 queries in the order of the dK/dV kernel's A fragments, so that each thread stores its 16 values
-// of a row as two 16-byte chunks and a warp's stores fill whole sectors: query 8 n + 2 c + e (c = lane % 4) at
-// element 32 (n / 4) + 8 c + 2 (n % 4) + e. The dQ kernel reads the tiles back as they are (its product's rows
-// in that order).
+// The score gradients dS that the dK/dV kernel hands to the dQ kernel (`backward_q_from_ds`, which applies 1 /
+// sqrt(D) at its store), so that dQ is one product a tile instead of three (S and dP again, then dS K). Per query
+// head (of batch * heads) the causal pairs of query tile m and key tile n <= m, at m (m + 1) / 2 + n, each 64 x 64
+// bf16: a row per key, 128 bytes, its 64 queries in the order of the dK/dV kernel's A fragments, so that each
+// thread stores its 16 values of a row as two 16-byte chunks and a warp's stores fill whole sectors: query 8 n + 2
+// c + e (c = lane % 4) at element 32 (n / 4) + 8 c + 2 (n % 4) + e. The dQ kernel reads the tiles back as they
+// are (its product's rows in that order).
 template <class T> __device__ __forceinline__ T* ds_tile(T* ds, size_t qh, int m, int n, int t) {
     size_t tiles = (size_t)(t + 63) / 64;
     return ds + (qh * (tiles * (tiles + 1) / 2) + (size_t)m * (m + 1) / 2 + n) * 64 * 64;
@@ -286,45 +305,46 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
     commit();
     // The query tiles that see these keys: from k0 on, those whose first row's window starts in them.
     int n_tiles = query_tiles_seeing<H::THREADS>(k0, BK, BQ, t, start);
-    // Step `it` takes query head qh0 + it / n_tiles and its query tile it % n_tiles, into stage it % 2.
-    auto load_tile = [&](int it) {
-        size_t qh = qh0 + it / n_tiles;
-        int q0 = k0 + it % n_tiles * BQ, stage = it % 2;
-        load_swizzled<D>(sm.staged(stage, 0), q + qh * t * D, q0, t);
-        load_swizzled<D>(sm.staged(stage, 1), dout + qh * t * D, q0, t);
-        commit();
+    // Step `it` takes query head qh0 + it / n_tiles and its query tile it % n_tiles (counted as they go, not
+    // divided), into stage it % 2.
+    auto load_tile = [&](int it, int qh, int q0) {
+        int stage = it % 2;
+        size_t at = (size_t)qh * t;
         float* row = small + stage * 3 * BQ;
-        load_row_values(row, row + BQ, reinterpret_cast<int*>(row + 2 * BQ), lse + qh * t, delta + qh * t, start, q0,
-                        BQ, t);
+        load_swizzled<D>(sm.staged(stage, 0), q + at * D, q0, t);
+        load_swizzled<D>(sm.staged(stage, 1), dout + at * D, q0, t);
+        load_row_values(row, row + BQ, row + 2 * BQ, lse + at, delta + at, start, q0, BQ, t);
+        commit();
     };
-    if (n_tiles > 0) load_tile(0);
+    if (n_tiles > 0) load_tile(0, qh0, k0);
 
     float dv_acc[W / 8][4] = {}, dk_acc[W / 8][4] = {};
     if (n_tiles == 0) wait_loads<0>();  // no copy outlives the block
-    for (int it = 0; it < group * n_tiles; it++) {
-        int q0 = k0 + it % n_tiles * BQ, stage = it % 2;
-        load_next_wait(it + 1 < group * n_tiles, [&] { load_tile(it + 1); });
+    for (int it = 0, qh = qh0, q0 = k0; it < group * n_tiles; it++) {
+        int stage = it % 2, next_qh = qh, next_q0 = q0 + BQ;
+        if (next_q0 == k0 + n_tiles * BQ) next_qh++, next_q0 = k0;
+        load_next_wait(it + 1 < group * n_tiles, [&] { load_tile(it + 1, next_qh, next_q0); });
         fence_to_wgmma();
         __syncthreads();
-        const float* lse2 = small + stage * 3 * BQ;
-        const float* dl = lse2 + BQ;
-        const int* lo_of = reinterpret_cast<const int*>(lse2 + 2 * BQ);
+        const float* lse_of = small + stage * 3 * BQ;
+        const float* dl = lse_of + BQ;
+        const float* lo_of = lse_of + 2 * BQ;
         unsigned qs = shared_addr(sm.staged(stage, 0)), dos = shared_addr(sm.staged(stage, 1));
         float s[BQ / 8][4], dp[BQ / 8][4];
         // P from S, dS from P and dP, or one of the two (a pair's roles).
         auto grads = [&](auto p, auto ds) {
             auto masked = [&](auto m) {
                 key_grads<BQ, decltype(m)::value, decltype(p)::value, decltype(ds)::value>(
-                    s, dp, keys, q0, c, lse2, dl, lo_of, scale2, [](int, float&) {});
+                    s, dp, keys, q0, c, t, lse_of, dl, lo_of, scale2, [](int, float&) {});
             };
-            if (all_seen(q0, BQ, lo_of[BQ - 1], k0, BK, t)) masked(Flag<false>{}); else masked(Flag<true>{});
+            if (all_seen(q0, BQ, (int)lo_of[BQ - 1], k0, BK, t)) masked(Flag<false>{}); else masked(Flag<true>{});
         };
         if constexpr (!H::PAIR) {
             scores<D, 2>({s, dp}, {shared_addr(ks), shared_addr(vs)}, {qs, dos});  // S^T = K Q^T, dP^T = V dO^T
             grads(Flag<true>{}, Flag<true>{});
             // dV += P^T dO, dK += dS^T Q; meanwhile dS for the dQ kernel, where it reads them.
             sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 0, 1, [&](const uint32_t (&a)[2][4][4]) {
-                if (ds) store_ds(ds_tile(ds, qh0 + it / n_tiles, q0 / BQ, k0 / BK, t), a[1], warp, g, c);
+                if (ds) store_ds(ds_tile(ds, qh, q0 / BQ, k0 / BK, t), a[1], warp, g, c);
             });
         } else {
             // Warpgroup 0 sums its half of dV while the other takes dS.
@@ -336,10 +356,11 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
                 sums<D, 2, W>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 1, 2);
         }
         __syncthreads();  // every product has read this stage before the tile after next overwrites it
+        qh = next_qh, q0 = next_q0;
     }
-    store_grads<D, W>(dst.k_rows(grid_head(), kv_heads), dst.row, dk_acc, keys, t, dst.cos_of(bi, t, D),
-                      dst.sin_of(bi, t, D), 64 * wg);
-    store_grads<D, W>(dst.v_rows(grid_head(), kv_heads), dst.row, dv_acc, keys, t, nullptr, nullptr, 64 * wg);
+    store_grads<D, W>(dst.k_rows(grid_head(), kv_heads), dst.row, dk_acc, keys, t, grad_scale(scale2),
+                      dst.cos_of(bi, t, D), dst.sin_of(bi, t, D), 64 * wg);
+    store_grads<D, W>(dst.v_rows(grid_head(), kv_heads), dst.row, dv_acc, keys, t, 1.f, nullptr, nullptr, 64 * wg);
 }
 
 // The dQ kernel's stages of K and V tiles (flash_attention.rs's `q_stages`): one at head dims 96 and 128, where
@@ -417,8 +438,8 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
         if (STAGES == 1 && more) load(it + 1, k0 + BK);
     }
     int bi = grid_head() / heads;
-    store_grads<D, W>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D),
-                      dst.sin_of(bi, t, D), 64 * wg);
+    store_grads<D, W>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, grad_scale(scale2),
+                      dst.cos_of(bi, t, D), dst.sin_of(bi, t, D), 64 * wg);
 }
 
 // Below head dim 256, where the dK/dV kernel hands over dS (ds_tile): the deltas first, for the dK/dV kernel,
@@ -435,7 +456,7 @@ template <int D> __device__ void deltas_hopper(const bf16* dout, const bf16* o, 
 #define DS_STAGES 3
 template <int D>
 __device__ void backward_q_from_ds(const bf16* k, const bf16* ds, const float* start, GradRows dst, int t, int heads,
-                                   int group) {
+                                   int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BQ = H::ROWS, BK = H::ROWS, PANEL = H::ROWS * 128, DS_TILE = H::ROWS * 128;
     unsigned char* base = H::here().base;  // DS_STAGES K tiles, then as many of dS
@@ -464,14 +485,14 @@ __device__ void backward_q_from_ds(const bf16* k, const bf16* ds, const float* s
         fence_to_wgmma();
         __syncthreads();
         unsigned a = shared_addr(ds_at(i)), b = shared_addr(k_tile(i));
+        auto da = sw128_descriptor(a, PANEL, 1024), db = sw128_descriptor(b, PANEL, 1024);
         keep_in_place(reinterpret_cast<float(&)[D / 2]>(acc));
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++)
 #pragma unroll
             for (int p = 0; p < H::PANELS; p++) {
-                auto ad = sw128_descriptor(a + kk * 2048, PANEL, 1024);
-                auto bd = sw128_descriptor(b + p * PANEL + kk * 2048, PANEL, 1024);
+                auto ad = advance(da, kk * 2048), bd = advance(db, p * PANEL + kk * 2048);
                 if (D - 64 * p >= 64)
                     wgmma_bf16<1, 1>(reinterpret_cast<float(&)[32]>(acc[8 * p]), ad, bd);
                 else
@@ -485,7 +506,8 @@ __device__ void backward_q_from_ds(const bf16* k, const bf16* ds, const float* s
     wait_loads<0>();  // no copy outlives the block
     int rows[2] = {q0 + ds_query(16 * warp + g), q0 + ds_query(16 * warp + g + 8)};
     int bi = grid_head() / heads;
-    store_grads<D>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, dst.cos_of(bi, t, D), dst.sin_of(bi, t, D));
+    store_grads<D>(dst.q_rows(grid_head(), heads), dst.row, acc, rows, t, grad_scale(scale2), dst.cos_of(bi, t, D),
+                   dst.sin_of(bi, t, D));
 }
 
 // The forward for 64 queries (grid_head() = batch * heads + query head), one warpgroup, over the key tiles they
@@ -546,7 +568,7 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
 #define HOPPER_KV(D) backward_kv_hopper<D>(q, k, v, dout, lse, delta, start, dst, ds, t, heads, group, scale2);
 #define HOPPER_Q(D) backward_q_hopper<D>(q, k, v, dout, o, lse, delta, start, dst, t, heads, group, scale2);
 #define HOPPER_DELTAS(D) deltas_hopper<D>(dout, o, delta, t);
-#define HOPPER_Q_DS(D) backward_q_from_ds<D>(k, ds, start, dst, t, heads, group);
+#define HOPPER_Q_DS(D) backward_q_from_ds<D>(k, ds, start, dst, t, heads, group, scale2);
 #else
 #define HOPPER_FORWARD(D)
 #define HOPPER_KV(D)
@@ -588,7 +610,7 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_backward_q_ds_hopper_##D(const bf16* k, const bf16* ds, const float* start, GradRows dst, int t,    \
-                                       int heads, int group) {                                                    \
+                                       int heads, int group, float scale2) {                                      \
         follow_previous();                                                                                        \
         HOPPER_Q_DS(D)                                                                                            \
     }

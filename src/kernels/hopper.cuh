@@ -19,6 +19,12 @@ __device__ __forceinline__ unsigned long long sw128_descriptor(unsigned addr, un
     d |= 1ull << 62;  // 128-byte swizzle
     return d;
 }
+// The descriptor of the same tile `bytes` (a multiple of 16) further on. The start address is the low field, in
+// 16-byte units, and shared memory's addresses (below 256 KB) never carry out of it: one add to the low word,
+// where building each descriptor anew cost about eight instructions a product in the flash kernels.
+__device__ __forceinline__ unsigned long long advance(unsigned long long desc, unsigned bytes) {
+    return (desc & ~0xFFFFFFFFull) | (unsigned)(desc + (bytes >> 4));
+}
 
 // Holds the sums where they are across the products in flight (as CUTLASS's warpgroup_fence_operand): without
 // it the compiler moves them between registers, reading them while a wgmma writes them, and ptxas serializes
