@@ -288,7 +288,8 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
                                    int heads, int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BK = H::ROWS, BQ = H::ROWS, W = H::WIDTH;
-    H sm = H::here();  // K, V; each stage's Q, dO; P and dS handed over; then per stage lse2[BQ], delta[BQ], lo[BQ]
+    // K, V; each stage's Q, dO; P and dS handed over; then per stage its rows' lse, delta, window start
+    H sm = H::here();
     unsigned char *ks = sm.resident(0), *vs = sm.resident(1);
     float* small = sm.values();
     // wg: this thread's warpgroup of a pair (0 where there is one); warp: its warp in the warpgroup.
