@@ -149,10 +149,10 @@ __device__ __forceinline__ void store_output(const float (&acc)[D / 8][4], const
 
 // Softmax gradient of one score in two steps: the probability p from the score s (unscaled), then dS from p
 // and dp. The kernels scale their dQ and dK sums by 1 / sqrt(D) once, when they store them (store_grads'
-// `scale`), not each score (an instruction a score in the dK/dV kernel's loop). A query that sees one key (each example's first token)
-// has dS = 0 exactly, as the plain backward gives. The backward kernels call them for a whole tile with
-// `masked` a compile-time constant: a tile whose queries all see all its keys (so none sees only one) skips
-// the tests per score, which made the integer pipe the busiest of the dK/dV kernel.
+// `scale`), not each score (an instruction a score in the dK/dV kernel's loop). A query that sees one key
+// (each example's first token) has dS = 0 exactly, as the plain backward gives. The backward kernels call them
+// for a whole tile with `masked` a compile-time constant: a tile whose queries all see all its keys (so none
+// sees only one) skips the tests per score, which made the integer pipe the busiest of the dK/dV kernel.
 template <bool B> struct Flag {  // a compile-time bool as an argument's type
     static constexpr bool value = B;
 };
@@ -293,8 +293,9 @@ __device__ __forceinline__ void load_row_values(float* lse, float* delta, float*
         const float* src[3] = {glse + at, gdelta + at, start + at};
         float* dst[3] = {lse + threadIdx.x, delta + threadIdx.x, lo + threadIdx.x};
 #pragma unroll
-        for (int j = 0; j < 3; j++)
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst[j])),
-                         "l"(src[j]), "r"(n));
+        for (int j = 0; j < 3; j++) {
+            unsigned to = (unsigned)__cvta_generic_to_shared(dst[j]);
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(to), "l"(src[j]), "r"(n));
+        }
     }
 }
