@@ -3,8 +3,6 @@
 // train::layers::cross_entropy_forward_backward.
 #include "common.cuh"
 
-#define LOG2E 1.44269504089f
-
 // One block per row: loss[row] = (logsumexp(l) - l[target]) mask, dlogits = (softmax(l) - onehot) mask, over
 // the first v of each row's `stride` logits (a multiple of 8); the padding's gradient is 0. Two passes over
 // the row in 16-byte accesses: the max and the sum of exponentials together (each thread rescales its sum

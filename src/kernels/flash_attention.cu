@@ -64,7 +64,7 @@ template <int D, int NT = THREADS> __device__ void load_rows(bf16* s, const bf16
         bool in = row0 + r < t;
         uint32_t dst = (uint32_t)__cvta_generic_to_shared(s + r * Tile<D>::LD + col);
         const bf16* src = g + (size_t)(in ? row0 + r : 0) * D + col;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
+        copy_async<16>(dst, src, in ? 16 : 0);
     }
 }
 // c[0 .. N/8) += A B^T: A 16 rows x D (a(f, kk) puts the fragment of columns 16 kk.. in f, from registers
@@ -406,7 +406,7 @@ __device__ void backward_q(const bf16* q, const bf16* k, const bf16* v, const bf
         dl[h] += __shfl_xor_sync(0xffffffff, dl[h], 2);
         bool in = rows[h] < t;
         lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
-        lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
+        lse2[h] = in ? lse[rows0 + rows[h]] * LOG2E : 0.f;
         if (in && c == 0) delta[rows0 + rows[h]] = dl[h];
     }
     int k_end = min(q0 + BQ, t), lo_last = (int)start[k_end - 1];

@@ -22,6 +22,14 @@ __device__ __forceinline__ void as_a(uint32_t* a, const float* lo, const float* 
     a[0] = pack(lo[0], lo[1]), a[1] = pack(lo[2], lo[3]), a[2] = pack(hi[0], hi[1]), a[3] = pack(hi[2], hi[3]);
 }
 
+// cp.async of N bytes (16: through L2 alone; 4: through L1) to shared address `dst`, the first `bytes` of them
+// (N or 0) from `src`, the rest zeros.
+template <int N> __device__ __forceinline__ void copy_async(unsigned dst, const void* src, int bytes) {
+    if constexpr (N == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
 __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n"); }
 // Waits until at most N committed groups are in flight; a barrier then makes the data visible to all.
 template <int N> __device__ __forceinline__ void wait_loads() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -143,7 +151,7 @@ __device__ __forceinline__ void store_output(const float (&acc)[D / 8][4], const
 #pragma unroll
         for (int n = 0; n < D / 8; n++)
             *reinterpret_cast<uint32_t*>(out + n * 8) = pack(acc[n][2 * h] * inv, acc[n][2 * h + 1] * inv);
-        if (c == 0) lse[rows[h]] = (m[h] + log2f(l[h])) * 0.69314718056f;
+        if (c == 0) lse[rows[h]] = (m[h] + log2f(l[h])) * LN2;
     }
 }
 
@@ -163,7 +171,7 @@ __device__ __forceinline__ float score_grad(float p, float dp, bool seen, bool a
     return seen && !alone ? p * (dp - delta) : 0.f;
 }
 // The factor of the dQ and dK sums: 1 / sqrt(D) from the kernels' scale2 = log2(e) / sqrt(D).
-__device__ __forceinline__ float grad_scale(float scale2) { return scale2 * 0.69314718056f; }
+__device__ __forceinline__ float grad_scale(float scale2) { return scale2 * LN2; }
 
 
 // The probabilities and score gradients of a tile whose rows are this thread's two queries (rows[h], window
@@ -201,7 +209,7 @@ __device__ __forceinline__ void key_grads(float (*s)[4], float (*dp)[4], const i
             int col = n * 8 + 2 * c + e % 2, qi = q0 + col, lo = MASKED ? (int)lo_of[col] : 0;
             bool seen = !MASKED || (qi < t && sees(qi, lo, keys[e / 2]));
             float& p = s[n][e];
-            if (P) p = prob(p, seen, lse[col] * 1.44269504089f, scale2);
+            if (P) p = prob(p, seen, lse[col] * LOG2E, scale2);
             hand(4 * n + e, p);
             if (DS) dp[n][e] = score_grad(p, dp[n][e], seen, MASKED && lo == qi, dl[col]);
         }
@@ -293,9 +301,6 @@ __device__ __forceinline__ void load_row_values(float* lse, float* delta, float*
         const float* src[3] = {glse + at, gdelta + at, start + at};
         float* dst[3] = {lse + threadIdx.x, delta + threadIdx.x, lo + threadIdx.x};
 #pragma unroll
-        for (int j = 0; j < 3; j++) {
-            unsigned to = (unsigned)__cvta_generic_to_shared(dst[j]);
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(to), "l"(src[j]), "r"(n));
-        }
+        for (int j = 0; j < 3; j++) copy_async<4>((unsigned)__cvta_generic_to_shared(dst[j]), src[j], n);
     }
 }

@@ -123,7 +123,7 @@ __device__ __forceinline__ void load_swizzled(unsigned char* tile, const bf16* g
             asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(at), "l"(from),
                          "r"(in ? 16 : 0), "l"(policy));
         else
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(at), "l"(from), "r"(in ? 16 : 0));
+            copy_async<16>(at, from, in ? 16 : 0);
     }
 }
 
@@ -404,7 +404,7 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
     for (int h = 0; h < 2; h++) {
         bool in = rows[h] < t;
         lo[h] = in ? (int)start[rows[h]] : NO_KEYS;
-        lse2[h] = in ? lse[rows0 + rows[h]] * 1.44269504089f : 0.f;
+        lse2[h] = in ? lse[rows0 + rows[h]] * LOG2E : 0.f;
     }
     // delta: two threads a row, or four under a pair.
     row_deltas<D, H::THREADS>(dout, o, delta, head, rows0, q0, t, dl_rows);
