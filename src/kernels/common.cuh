@@ -115,11 +115,11 @@ __device__ __forceinline__ void store8(bf16* p, const float* in) {
 __device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.f, 1.f + __expf(-g)); }
 __device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
 
-// The gated activations (`act`), as rmsnorm.rs numbers them.
 // e's base-2 logarithm and 2's natural one: the softmax kernels run in base 2 (exp2, log2).
 #define LOG2E 1.44269504089f
 #define LN2 0.69314718056f
 
+// The gated activations (`act`), as rmsnorm.rs numbers them.
 #define ACT_SILU 0
 #define ACT_RELU2 1
 
