@@ -111,19 +111,26 @@ __device__ __forceinline__ void load_swizzled(unsigned char* tile, const bf16* g
     if (c >= CHUNKS) return;
     unsigned long long policy = 0;
     if (ONCE) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    auto copy = [&](unsigned at, const bf16* from, int bytes) {
+        if (ONCE)
+            asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(at), "l"(from),
+                         "r"(bytes), "l"(policy));
+        else
+            copy_async<16>(at, from, bytes);
+    };
     unsigned dst = shared_addr(tile + c / 8 * ROWS * 128 + r0 * 128);
     const bf16* src = g + (size_t)(row0 + r0) * D + c * 8;
+    auto at = [&](int j) { return dst + j * STEP * 128 + ((c % 8 ^ (r0 + j * STEP) % 8) << 4); };
+    if (row0 + ROWS <= t) {  // the whole tile in (all but a sequence's last): no tests, no selects
+#pragma unroll
+        for (int j = 0; j < ROWS / STEP; j++) copy(at(j), src + j * STEP * D, 16);
+        return;
+    }
     int left = t - row0 - r0;  // rows of this thread's that are in: j * STEP < left
 #pragma unroll
     for (int j = 0; j < ROWS / STEP; j++) {
         bool in = j * STEP < left;
-        unsigned at = dst + j * STEP * 128 + ((c % 8 ^ (r0 + j * STEP) % 8) << 4);
-        const bf16* from = in ? src + j * STEP * D : g;
-        if (ONCE)
-            asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(at), "l"(from),
-                         "r"(in ? 16 : 0), "l"(policy));
-        else
-            copy_async<16>(at, from, in ? 16 : 0);
+        copy(at(j), in ? src + j * STEP * D : g, in ? 16 : 0);
     }
 }
 
