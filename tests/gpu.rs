@@ -1102,6 +1102,29 @@ mod fused {
         assert!(ey < 5e-3 && ex < 1e-2 && ew < 1e-4);
     }
 
+    /// The attention sub-norm's backward also gives each head row's delta = rowsum(dx x) for the flash backward, at
+    /// the families' head dims (Falcon3's heads of 256 without a sub-norm), against the sums of its own dx and x
+    /// in f32; dx is the plain backward's, bit for bit.
+    #[test]
+    fn attention_sub_norm_backward_gives_the_deltas() {
+        for (b, h, t, d, normed) in
+            [(2, 16, 70, 96, true), (2, 20, 33, 128, true), (1, 8, 40, 256, false), (3, 4, 9, 64, true)]
+        {
+            let (x, dy) = (randn(&[b, h, t, d], DType::BF16), randn(&[b * t, h * d], DType::BF16));
+            let w = normed.then(|| randn(&[h * d], DType::BF16));
+            let (_, s, _) = sub_norm_quant_forward(&x, None, w.as_ref(), 1e-6, 1.0, true).unwrap();
+            let (dx, _, delta) = attention_sub_norm_backward(&dy, w.as_ref(), &s).unwrap();
+            let delta = delta.expect("the kernel gave the deltas");
+            let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let want = (f32(&dx) * f32(&x)).unwrap().sum(3).unwrap();
+            assert_eq!(delta.dims(), &[b, h, t]);
+            let (plain, _) = sub_norm_backward(&dy, w.as_ref(), &s).unwrap();
+            let e = rel_l2(&delta, &want);
+            println!("deltas of {h} heads of {d}, {t} tokens, normed {normed}: rel L2 {e:.2e}");
+            assert!(e < 1e-5 && mismatched(&dx, &plain) == 0.0);
+        }
+    }
+
     #[test]
     fn residual_add_matches_reference() {
         let (x, branch) = (randn(&[37, 1000], DType::BF16), randn(&[37, 1000], DType::BF16));
@@ -1547,14 +1570,23 @@ mod fused {
             let (ef, ep, el) = (rel_l2(&o_fast, &y_ref), rel_l2(&o, &y_ref), rel_l2(&lse_fast, &lse));
             println!("  forward kernels: fastest y {ef:.2e}, portable y {ep:.2e}; their log-sum-exps {el:.2e} apart");
             assert!(ef < 1e-2 && ep < 1e-2 && el < 1e-5);
-            let x = FlashInputs { dy: &dy, q: &q, k: &k, v: &v, o: &o, lse: &lse, start: &start };
+            let x = FlashInputs { dy: &dy, q: &q, k: &k, v: &v, o: &o, lse: &lse, start: &start, delta: None };
+            // Each row's delta as the attention sub-norm's backward gives it, which the kernels that hand dS over
+            // read instead of computing them in a kernel of their own.
+            let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let delta = (f32(&dy) * f32(&o)).unwrap().sum(3).unwrap();
+            let given = FlashInputs { delta: Some(&delta), ..x };
             // On Hopper the backward above took the warpgroup kernels, below head dim 256 the dQ kernel reading the
             // dK/dV kernel's score gradients: the one recomputing them, and the portable kernels, which other cards
             // run, against the same reference.
-            for kernels in [FlashKernels::HopperRecompute, FlashKernels::Portable] {
-                let (dq, dk, dv) = flash_attention::try_backward(&x, kernels).unwrap().expect("the kernels");
+            for (kernels, x, what) in [
+                (FlashKernels::Fastest, &given, " (deltas given)"),
+                (FlashKernels::HopperRecompute, &x, ""),
+                (FlashKernels::Portable, &x, ""),
+            ] {
+                let (dq, dk, dv) = flash_attention::try_backward(x, kernels).unwrap().expect("the kernels");
                 let (eq, ek, ev) = (rel_l2(&dq, &grads_ref.0), rel_l2(&dk, &grads_ref.1), rel_l2(&dv, &grads_ref.2));
-                println!("  {kernels:?} kernels: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
+                println!("  {kernels:?} kernels{what}: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
                 assert!(eq < 2e-2 && ek < 2e-2 && ev < 1e-2);
             }
             // The kernels writing the q/k/v projection's rows, dQ and dK turned back by RoPE (each token its own
@@ -1672,7 +1704,7 @@ mod fused {
             let forward = || flash_attention::try_forward(&q, &k, &v, &start, FlashKernels::Portable);
             let (o, lse) = forward().unwrap().expect("the flash kernel");
             let portable_forward_us = mean_us(&|| drop(forward().unwrap()));
-            let x = FlashInputs { dy: &dy, q: &q, k: &k, v: &v, o: &o, lse: &lse, start: &start };
+            let x = FlashInputs { dy: &dy, q: &q, k: &k, v: &v, o: &o, lse: &lse, start: &start, delta: None };
             let backward_us = |kernels| mean_us(&|| drop(flash_attention::try_backward(&x, kernels).unwrap()));
             let (recompute_us, portable_us) =
                 (backward_us(FlashKernels::HopperRecompute), backward_us(FlashKernels::Portable));

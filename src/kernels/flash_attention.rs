@@ -185,6 +185,8 @@ struct Backward {
     dev: candle_core::CudaDevice,
     /// `dy, q, k, v, o, lse, start`.
     inputs: [Tensor; 7],
+    /// Each row's delta where given.
+    delta: Option<Tensor>,
 }
 
 impl Backward {
@@ -193,22 +195,34 @@ impl Backward {
         let c = |x: &Tensor| x.contiguous();
         let inputs = [c(x.dy)?, c(x.q)?, c(x.k)?, c(x.v)?, c(x.o)?, c(x.lse)?, c(x.start)?];
         let dev = cuda_device(&inputs[1])?;
-        Ok(Some(Self { b, h, t, d, group, dev, inputs }))
+        if let Some(delta) = x.delta {
+            if delta.dtype() != DType::F32 || delta.elem_count() != b * h * t {
+                candle_core::bail!("flash backward: deltas {:?} {:?} for [{b}, {h}, {t}]", delta.dims(), delta.dtype());
+            }
+        }
+        let delta = x.delta.map(|d| d.contiguous()).transpose()?;
+        Ok(Some(Self { b, h, t, d, group, dev, inputs, delta }))
     }
 
     /// The kernels of `kernels`' set, writing into `grads`. dQ in one kernel, dK and dV in another, so that no
     /// sum crosses blocks. Either the dQ kernel first, recomputing the scores and writing each row's delta =
     /// rowsum(dO O), which both need; or on Hopper where the score gradients are handed over
-    /// ([`super::flash_ds_bytes`]), the deltas, the dK/dV kernel writing dS, and the dQ kernel reading it.
+    /// ([`super::flash_ds_bytes`]), the deltas (unless given), the dK/dV kernel writing dS, and the dQ kernel
+    /// reading it.
     fn launch(&self, kernels: FlashKernels, grads: GradRows) -> Result<()> {
         let (b, h, t, d, group, dev) = (self.b, self.h, self.t, self.d, self.group, &self.dev);
         let [dy, q, k, v, o, lse, start] = &self.inputs;
-        let delta = uninit(b * h * t, DType::F32, dev)?;
         let hopper = kernels != FlashKernels::Portable && super::runs_sm90a(dev);
         let ds_bytes = super::flash_ds_bytes(b * h, t, d);
         let ds = match hopper && kernels == FlashKernels::Fastest && ds_bytes > 0 {
             true => Some(uninit(ds_bytes / 2, DType::BF16, dev)?),
             false => None,
+        };
+        // The dQ kernel that recomputes the scores writes the deltas itself: given ones serve the hand-over only.
+        let given = self.delta.as_ref().filter(|_| ds.is_some());
+        let delta = match given {
+            Some(delta) => delta.clone(),
+            None => uninit(b * h * t, DType::F32, dev)?,
         };
         // A kernel with its threads and shared memory over `heads` heads' tiles (sections of them when `sectioned`).
         let run = |module: Ptx, name: &str, (threads, bytes): (u32, u32), heads: usize, sectioned: bool| {
@@ -224,6 +238,7 @@ impl Backward {
             })
         };
         match &ds {
+            Some(_) if given.is_some() => {}
             Some(_) => {
                 let name = format!("flash_deltas_hopper_{d}");
                 let cfg = run(HOPPER, &name, (THREADS, 0), b * h, false)?;

@@ -179,11 +179,17 @@ template <bool GLU> struct RowVector {
 // that they are in flight during it and the pass after: rereading the row from L2 after the reduction left
 // the memory idle meanwhile (126 us a call at -large's gate/up, 6144 rows, H100: 2/3 of the bandwidth). With
 // more vectors two held rows spill (two blocks of 512 threads an SM): the row is loaded for each pass.
+// With `deltas` (x is attention's output heads, hd != 0) each head row's delta = sum over its channels of dx x (dx
+// as stored, bf16) goes to deltas [b, c / hd, t]: flash attention's backward reads them (dS = P (dP - delta)),
+// and both operands are in registers here, where a kernel of their own read them again.
 template <int K, bool GLU>
 __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual,
-                                 bf16* dx, float* dw_partial, int n, int c, float inv_c, int t, int hd, int act) {
+                                 bf16* dx, float* dw_partial, float* deltas, int n, int c, float inv_c, int t, int hd,
+                                 int act) {
     using R = Group<0>;  // a block per row
     constexpr bool AHEAD = K == 1;
+    // Each 8-channel vector's share of its head's delta, summed per head in order after the row.
+    __shared__ float delta_parts[GLU ? 1 : 4 * 512];
     auto load = [&](int row, int k) {
         int i = R::column(k, c);
         return i == c ? RowVector<GLU>{} : RowVector<GLU>::load(dy, x, residual, row, i, c, t, hd);
@@ -260,7 +266,24 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
                 store8(dx + (size_t)row * 2 * c + c + i, du);
             } else {
                 store8(dx + at(row, i, c, t, hd), o);
+                if (deltas) {
+                    float xv[8], part = 0.f;
+                    load8(reinterpret_cast<const bf16*>(&rv.x), xv);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) part += round_bf16(o[e]) * xv[e];
+                    delta_parts[i / 8] = part;
+                }
             }
+        }
+        if (!GLU && deltas) {
+            __syncthreads();  // the parts are in
+            int per = hd / 8, heads = c / hd, bi = row / t;
+            for (int h = threadIdx.x; h < heads; h += blockDim.x) {
+                float sum = 0.f;
+                for (int j = 0; j < per; j++) sum += delta_parts[h * per + j];
+                deltas[((size_t)bi * heads + h) * t + row - bi * t] = sum;
+            }
+            __syncthreads();  // read before the next row's overwrite them
         }
         if constexpr (AHEAD)
 #pragma unroll
@@ -290,9 +313,9 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
 #define RMSNORM_BACKWARD(K, GLU, NAME)                                                                             \
     extern "C" __global__ void __launch_bounds__(512, 2)                                                           \
         NAME(const bf16* dy, const bf16* x, const bf16* w, const float* rrms, const bf16* residual, bf16* dx,     \
-             float* dw_partial, int n, int c, float inv_c, int t, int hd, int act) {                               \
+             float* dw_partial, float* deltas, int n, int c, float inv_c, int t, int hd, int act) {               \
         follow_previous();                                                                                         \
-        rmsnorm_backward<K, GLU>(dy, x, w, rrms, residual, dx, dw_partial, n, c, inv_c, t, hd, act);               \
+        rmsnorm_backward<K, GLU>(dy, x, w, rrms, residual, dx, dw_partial, deltas, n, c, inv_c, t, hd, act);       \
     }
 // The forward: a warp per row with 1, 2, 4 or 6 vectors per lane, or a block per row with 4; the backward: a
 // block per row (at most 512 threads) with 1, 2 or 4.

@@ -137,7 +137,9 @@ fn rmsnorm_quant_forward(
 /// [`row_shape`]), `w: [c]` (None: no norm, the gradient passes through), `rrms: [n, 1]` (f32); `dx` in `x`'s
 /// shape (with `glu`, `[dgate | dup]`) with
 /// `residual` (the same shape) added; the weight's gradient as rows of partial sums (f32 `[blocks, c]`), for
-/// [`try_column_sums`]. `Ok(None)` where the kernels do not apply.
+/// [`try_column_sums`]; with `deltas`, where `x` is attention's output heads `[b, h, t, d]`, each head row's
+/// `delta = sum over d of dx x` (f32 `[b, h, t]`) that flash attention's backward reads (`FlashInputs::delta`).
+/// `Ok(None)` where the kernels do not apply.
 pub fn try_rmsnorm_backward(
     dy: &Tensor,
     x: &Tensor,
@@ -145,15 +147,20 @@ pub fn try_rmsnorm_backward(
     w: Option<&Tensor>,
     rrms: &Tensor,
     residual: Option<&Tensor>,
-) -> Result<Option<(Tensor, Tensor)>> {
+    deltas: bool,
+) -> Result<Option<NormBackward>> {
     if !(super::applies(dy) && takes(x, glu.is_some())) {
         return Ok(None);
     }
     let (dy, x, rrms) = (dy.contiguous()?, x.contiguous()?, rrms.contiguous()?);
     let w = w.map(|w| w.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
-    rmsnorm_backward(&dy, &x, glu, w.as_ref(), &rrms, residual.as_ref()).map(Some)
+    rmsnorm_backward(&dy, &x, glu, w.as_ref(), &rrms, residual.as_ref(), deltas).map(Some)
 }
+
+/// What [`try_rmsnorm_backward`] gives: `dx`, the weight gradient's partial sums, and the heads' deltas where
+/// asked for.
+pub type NormBackward = (Tensor, Tensor, Option<Tensor>);
 
 fn rmsnorm_backward(
     dy: &Tensor,
@@ -162,7 +169,8 @@ fn rmsnorm_backward(
     w: Option<&Tensor>,
     rrms: &Tensor,
     residual: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+    deltas: bool,
+) -> Result<NormBackward> {
     let (n, c, t, d) = row_shape(x, glu.is_some())?;
     let v = variant(c, true)?;
     // Groups share the rows, at least 4 each: each group writes one row of dw partial sums, which
@@ -172,12 +180,16 @@ fn rmsnorm_backward(
     let blocks = n.div_ceil(4 * v.groups).clamp(1, super::one_wave(&dev, PTX, &name, v.threads, 0)?);
     let partial = uninit((blocks * v.groups, c), DType::F32, &dev)?;
     let dx = uninit(x.shape(), DType::BF16, &dev)?;
+    let delta = match deltas && d > 0 && glu.is_none() {
+        true => Some(uninit((n / t, c / d, t), DType::F32, &dev)?),
+        false => None,
+    };
     let inv_c = (1.0 / c as f64) as f32;
     launch!(dev, PTX, &name, super::per_row(blocks, v.threads);
         aligned_ptr(dy)?, aligned_ptr(x)?, weight_ptr(w)?, ptr(rrms)?, residual.map_or(Ok(0), aligned_ptr)?,
-        aligned_ptr(&dx)?, ptr(&partial)?,
+        aligned_ptr(&dx)?, ptr(&partial)?, delta.as_ref().map_or(Ok(0), ptr)?,
         n as i32, c as i32, inv_c, t as i32, d as i32, act_arg(glu));
-    Ok((dx, partial))
+    Ok((dx, partial, delta))
 }
 
 /// `dst += sum over rows of partial` (`add`), or `dst = ` it (not reading `dst`), for `partial: [rows, c]` (f32)

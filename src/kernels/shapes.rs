@@ -32,7 +32,9 @@ pub enum FlashKernels {
 
 /// What flash attention's backward reads: the gradient at the output `dy` and the forward's output `o`
 /// (`[b, h, t, d]`), its inputs `q` (`[b, h, t, d]`), `k` and `v` (`[b, h / group, t, d]`), each row's softmax
-/// log-sum-exp `lse` (f32 `[b, h, t, 1]`) and window start `start` (f32 `[b, t]`, `train::layers::Windows`).
+/// log-sum-exp `lse` (f32 `[b, h, t, 1]`) and window start `start` (f32 `[b, t]`, `train::layers::Windows`);
+/// where the norm's backward before it computed them (`rmsnorm::try_rmsnorm_backward`), each row's `delta =
+/// rowsum(dy o)` (f32 `[b, h, t]`), which the kernels that would compute them in a pass of their own then read.
 #[derive(Clone, Copy)]
 pub struct FlashInputs<'a> {
     pub dy: &'a Tensor,
@@ -42,6 +44,7 @@ pub struct FlashInputs<'a> {
     pub o: &'a Tensor,
     pub lse: &'a Tensor,
     pub start: &'a Tensor,
+    pub delta: Option<&'a Tensor>,
 }
 
 /// Which rows of a batch hold each token id, for the embedding's backward: the rows sorted by id (stable),

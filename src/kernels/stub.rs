@@ -182,7 +182,8 @@ pub mod rmsnorm {
         _: Option<&Tensor>,
         _: &Tensor,
         _: Option<&Tensor>,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+        _: bool,
+    ) -> Result<Option<(Tensor, Tensor, Option<Tensor>)>> {
         Ok(None)
     }
 

@@ -287,14 +287,26 @@ pub fn rmsnorm_backward(
     s: &RmsNormSaved,
     residual: Option<&Tensor>,
 ) -> Result<(Tensor, WeightGrad)> {
-    let (dx, dw) = norm_backward(dy, Some(w), s, residual)?;
+    let (dx, dw, _) = norm_backward(dy, Some(w), s, residual, false)?;
     Ok((dx, dw.expect("a norm with a weight has its gradient")))
 }
 
 /// The backward of [`sub_norm_quant_forward`]: the gradient at its input and, where there is a norm, at its
 /// weight. Without a norm the quantization's straight-through gradient passes as it is (through the gate).
 pub fn sub_norm_backward(dy: &Tensor, w: Option<&Tensor>, s: &RmsNormSaved) -> Result<(Tensor, Option<WeightGrad>)> {
-    norm_backward(dy, w, s, None)
+    let (dx, dw, _) = norm_backward(dy, w, s, None, false)?;
+    Ok((dx, dw))
+}
+
+/// [`sub_norm_backward`] at attention's output (its input `x`: the heads `[b, h, t, d]`), with each head row's
+/// `delta = rowsum(dx x)` (f32 `[b, h, t]`) that [`qkv_attention_backward`] reads, where the kernel ran (else
+/// `None`, and the flash backward computes them): the norm has both in registers.
+pub fn attention_sub_norm_backward(
+    dy: &Tensor,
+    w: Option<&Tensor>,
+    s: &RmsNormSaved,
+) -> Result<(Tensor, Option<WeightGrad>, Option<Tensor>)> {
+    norm_backward(dy, w, s, None, true)
 }
 
 fn norm_backward(
@@ -302,10 +314,14 @@ fn norm_backward(
     w: Option<&Tensor>,
     s: &RmsNormSaved,
     residual: Option<&Tensor>,
-) -> Result<(Tensor, Option<WeightGrad>)> {
-    match kernels::rmsnorm::try_rmsnorm_backward(dy, &s.x, s.glu, w, &s.rrms, residual)? {
-        Some((dx, partial)) => Ok((dx, w.map(|_| WeightGrad::RowSums(partial)))),
-        None => norm_backward_reference(dy, w, s, residual),
+    deltas: bool,
+) -> Result<(Tensor, Option<WeightGrad>, Option<Tensor>)> {
+    match kernels::rmsnorm::try_rmsnorm_backward(dy, &s.x, s.glu, w, &s.rrms, residual, deltas)? {
+        Some((dx, partial, delta)) => Ok((dx, w.map(|_| WeightGrad::RowSums(partial)), delta)),
+        None => {
+            let (dx, dw) = norm_backward_reference(dy, w, s, residual)?;
+            Ok((dx, dw, None))
+        }
     }
 }
 
@@ -568,9 +584,11 @@ pub struct FlashSaved {
 }
 
 impl FlashSaved {
-    /// What the flash kernels' backward reads, with the gradient at the output `dy`.
-    fn inputs<'a>(&'a self, dy: &'a Tensor, windows: &'a Windows) -> FlashInputs<'a> {
-        FlashInputs { dy, q: &self.q, k: &self.k, v: &self.v, o: &self.o, lse: &self.lse, start: &windows.start }
+    /// What the flash kernels' backward reads, with the gradient at the output `dy` (and its rows' deltas where
+    /// computed).
+    fn inputs<'a>(&'a self, dy: &'a Tensor, delta: Option<&'a Tensor>, windows: &'a Windows) -> FlashInputs<'a> {
+        let (q, k, v, o, lse) = (&self.q, &self.k, &self.v, &self.o, &self.lse);
+        FlashInputs { dy, q, k, v, o, lse, start: &windows.start, delta }
     }
 
     /// The same with K and V expanded to a head per query head ([`repeat_kv`]), for the blocked path.
@@ -741,18 +759,21 @@ pub fn flash_attention_backward(
     windows: &Windows,
     block: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    if let Some(grads) = kernels::flash_attention::try_backward(&s.inputs(dy, windows), FlashKernels::Fastest)? {
+    if let Some(grads) = kernels::flash_attention::try_backward(&s.inputs(dy, None, windows), FlashKernels::Fastest)? {
         return Ok(grads);
     }
     blocked_attention_backward(dy, s, windows, block, true)
 }
 
 /// The gradient at the q/k/v projection's rows (`[batch * seq, (q_heads + 2 kv_heads) head_dim]`) from the
-/// attention output's `dy`: [`flash_attention_backward`] then [`qkv_heads_backward`], which on CUDA, for the
-/// flash kernel's head dims, its backward kernels do at once: they write the rows, dQ and dK turned back by
-/// RoPE, in place of the heads (a pass over all three gradients fewer).
+/// attention output's `dy` (and its rows' `delta`, where [`attention_sub_norm_backward`] gave them):
+/// [`flash_attention_backward`] then [`qkv_heads_backward`], which on CUDA, for the flash kernel's head dims, its
+/// backward kernels do at once: they write the rows, dQ and dK turned back by RoPE, in place of the heads (a pass
+/// over all three gradients fewer).
+#[allow(clippy::too_many_arguments)]
 pub fn qkv_attention_backward(
     dy: &Tensor,
+    delta: Option<&Tensor>,
     s: &FlashSaved,
     windows: &Windows,
     block: usize,
@@ -760,7 +781,7 @@ pub fn qkv_attention_backward(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Tensor> {
-    let (x, fastest) = (s.inputs(dy, windows), FlashKernels::Fastest);
+    let (x, fastest) = (s.inputs(dy, delta, windows), FlashKernels::Fastest);
     if let Some(dqkv) = kernels::flash_attention::try_backward_rows(&x, (cos, sin), fastest)? {
         return Ok(dqkv);
     }

@@ -564,7 +564,8 @@ impl<'a> Pass<'a> {
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p(s.o)?)?;
         add(s.o..=s.o, &do_w)?;
         // The attention output's gradient, in its heads.
-        let (dy, dsub) = sub_norm_backward(&do_, self.sub_norm(bw, s.attn_sub_norm)?.as_ref(), &sv.attn_sub_norm)?;
+        let w = self.sub_norm(bw, s.attn_sub_norm)?;
+        let (dy, dsub, delta) = attention_sub_norm_backward(&do_, w.as_ref(), &sv.attn_sub_norm)?;
         if let (Some(slot), Some(g)) = (s.attn_sub_norm, dsub) {
             norm(slot, g)?;
         }
@@ -577,7 +578,7 @@ impl<'a> Pass<'a> {
             }
         };
         let (windows, block, shape) = (&self.b.windows, self.plan.attention_block, self.head_shape());
-        let dqkv = qkv_attention_backward(&dy, attn, windows, block, shape, &self.b.cos, &self.b.sin)?;
+        let dqkv = qkv_attention_backward(&dy, delta.as_ref(), attn, windows, block, shape, &self.b.cos, &self.b.sin)?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &bw.stacked(layout, s.q..=s.v)?)?;
         add(s.q..=s.v, &dqkv_w)?;
         let (dx, dinput) = rmsnorm_backward(&da1, &p(s.input_norm)?, &sv.input_norm, Some(&dx))?;
