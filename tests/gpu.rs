@@ -759,6 +759,88 @@ mod fused {
         }
     }
 
+    /// The int8 GEMM writing the q/k/v projection as attention's heads, q and k turned by RoPE: at each family's
+    /// q/k/v shape (and heads of 64), 2 x 150 tokens (a partial tile of rows), every heads tile, equal bit for bit
+    /// to the rows' GEMM followed by the RoPE kernel (`try_qkv_heads`), which the unfused forward runs.
+    #[test]
+    fn int8_gemm_into_heads_matches_rows_then_rope() {
+        use bessie::kernels::int8_gemm::{try_int8_gemm, try_int8_gemm_heads, Tile};
+        use bessie::kernels::{rope::try_qkv_heads, shapes::HeadShape};
+        let (batch, seq) = (2, 150);
+        let m = batch * seq;
+        let mut shapes: Vec<(usize, usize, usize, usize)> = FAMILY_SHAPES
+            .iter()
+            .map(|name| {
+                let c = bessie::config::ModelConfig::shape(name, 1000).unwrap();
+                (c.hidden_size, c.num_attention_heads, c.num_kv_heads(), c.head_dim())
+            })
+            .collect();
+        shapes.push((1024, 8, 4, 64));
+        for (i, &(k, q_heads, kv_heads, head_dim)) in shapes.iter().enumerate() {
+            let shape = HeadShape { batch, seq, q_heads, kv_heads, head_dim };
+            let n = (q_heads + 2 * kv_heads) * head_dim;
+            let (a, _) = int8s(m, k, 20 + 2 * i as u64);
+            let (b, _) = int8s(n, k, 21 + 2 * i as u64);
+            let (sa, sb) = ((randn(&[m], DType::F32) * 0.01).unwrap(), (randn(&[n], DType::F32) * 0.1).unwrap());
+            let angles = (randn(&[batch, seq, head_dim / 2], DType::F32) * 3.0).unwrap();
+            let cos = angles.cos().unwrap().to_dtype(DType::BF16).unwrap();
+            let sin = angles.sin().unwrap().to_dtype(DType::BF16).unwrap();
+            let rows = try_int8_gemm(&a, &b, Some(&sa), Some(&sb), None, Tile::for_shape(m, n)).unwrap().unwrap();
+            let want = try_qkv_heads(&rows, shape, &cos, &sin).unwrap().expect("the RoPE kernel takes it");
+            let tiles = Tile::all_heads(head_dim);
+            assert!(!tiles.is_empty(), "a heads kernel for heads of {head_dim}");
+            for tile in tiles {
+                let got = try_int8_gemm_heads(&a, &b, Some(&sa), Some(&sb), shape, (&cos, &sin), tile)
+                    .unwrap()
+                    .expect("a Hopper GPU takes it");
+                let differ = [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)].map(|(g, w)| mismatched(g, w));
+                println!("int8 GEMM into heads, {shape:?}, {tile:?}: q/k/v values differing {differ:?}");
+                assert_eq!(differ, [0.0; 3], "{shape:?} on {tile:?}");
+            }
+        }
+    }
+
+    /// The q/k/v projection into heads (`try_bitlinear_heads`' kernel) against the rows' GEMM and then the RoPE
+    /// kernel, at -large's shapes of 768 (`configs/large.toml`'s micro-batch, where 192-column tiles make 144 for
+    /// 132 SMs), 6,144 and 8,192 tokens and 2B4T's and Falcon3-1B's of 8,192: microseconds. Prints; asserts
+    /// nothing.
+    #[test]
+    #[ignore = "timing: run with --ignored on a GPU machine"]
+    fn int8_gemm_heads_timing() {
+        use bessie::kernels::int8_gemm::{try_int8_gemm, try_int8_gemm_heads, Tile};
+        use bessie::kernels::{rope::try_qkv_heads, shapes::HeadShape};
+        let shapes =
+            [("large", 768, 1), ("large", 768, 8), ("large", 2048, 4), ("2b4t", 2048, 4), ("falcon3-1b", 2048, 4)];
+        for (name, seq, batch) in shapes {
+            let c = bessie::config::ModelConfig::shape(name, 1000).unwrap();
+            let (q_heads, kv_heads, head_dim) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+            let shape = HeadShape { batch, seq, q_heads, kv_heads, head_dim };
+            let (m, n, k) = (batch * seq, (q_heads + 2 * kv_heads) * head_dim, c.hidden_size);
+            let (a, _) = int8s(m, k, 1);
+            let (b, _) = int8s(n, k, 2);
+            let (sa, sb) = (randn(&[m], DType::F32), randn(&[n], DType::F32));
+            let cos = randn(&[batch, seq, head_dim / 2], DType::BF16);
+            let sin = randn(&[batch, seq, head_dim / 2], DType::BF16);
+            let rows_tile = Tile::for_shape(m, n);
+            let apart = mean_us(&|| {
+                let rows = try_int8_gemm(&a, &b, Some(&sa), Some(&sb), None, rows_tile).unwrap().unwrap();
+                drop(try_qkv_heads(&rows, shape, &cos, &sin).unwrap().unwrap())
+            });
+            let gemm =
+                mean_us(&|| drop(try_int8_gemm(&a, &b, Some(&sa), Some(&sb), None, rows_tile).unwrap().unwrap()));
+            for tile in Tile::all_heads(head_dim) {
+                let heads = mean_us(&|| {
+                    drop(try_int8_gemm_heads(&a, &b, Some(&sa), Some(&sb), shape, (&cos, &sin), tile).unwrap().unwrap())
+                });
+                println!(
+                    "q/k/v {name} {m} x {n} x {k}: into heads {tile:?} {heads:.1} us; rows {rows_tile:?} {gemm:.1} us, \
+                     then RoPE {apart:.1} us in all{}",
+                    if tile == Tile::for_heads(m, n, head_dim).unwrap() { " (picked)" } else { "" }
+                );
+            }
+        }
+    }
+
     /// The int8 GEMM, with its row and column scales as a BitLinear calls it, against cuBLAS's bf16 GEMM
     /// (candle's matmul, f32 sums) at the forward BitLinears' shapes of bitnet_b1_58-large and 2B4T, 6,144
     /// tokens (768 x 8), 2,048 (a micro-batch of one 2,048-token row) and -large's at 768

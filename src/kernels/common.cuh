@@ -131,6 +131,15 @@ __device__ __forceinline__ float act_of(int act, float g) {
     return silu(g);
 }
 
+// RoPE's turn of a channel pair (x1, x2) = (j, j + d / 2) by the angle of cosine c and sine s, in f32, each sum
+// one fused multiply-add after a product (pinned, not left to contraction): qkv_rope and the int8 GEMM's heads
+// epilogue share it, so the two round alike.
+__device__ __forceinline__ void rope_turn(float& x1, float& x2, float c, float s) {
+    float y1 = __fmaf_rn(x1, c, -__fmul_rn(x2, s));
+    x2 = __fmaf_rn(x1, s, __fmul_rn(x2, c));
+    x1 = y1;
+}
+
 // h = act(gate) up, rounded to bf16 where the unfused ops stored it (the activation, then the product).
 __device__ __forceinline__ float glu_h(int act, float g, float u) { return round_bf16(round_bf16(act_of(act, g)) * u); }
 

@@ -20,6 +20,14 @@
 // multicast into both blocks' stages, so it reads 3/4 (BN 128) or 2/3 (BN 256) of the bytes it multiplies
 // from L2. A stage's `full` then counts the peer's half of b too, and its `empty` the peer's products (the
 // peer's producer writes into it). One kernel for each BN and CLUSTER (int8_gemm.rs picks by the shape).
+//
+// The `heads` kernels (HD > 0) write the q/k/v projection's output as attention reads it instead of rows: its
+// columns are the q heads, then the k heads, then the v heads, of HD channels each, and each goes to its own
+// [b, heads, t, HD] tensor, q and k turned by RoPE (what qkv_rope did in a pass over all three after the GEMM).
+// A tile holds whole heads (BN a multiple of HD: 192 columns for heads of 96), and a head's channel pair (j, j +
+// HD / 2) is one thread's: the accumulators of columns 8 g + 2 (lane % 4) and 8 (g + HD / 16) + 2 (lane % 4).
+// Each value is scaled and rounded to bf16 as the rows' epilogue writes it, then turned and rounded once, as
+// qkv_rope does: the same bits as the two passes.
 #include "common.cuh"
 
 #define IG_BM 128
@@ -32,7 +40,9 @@ struct alignas(64) TensorMap {
 
 // Mirrors int8_gemm.rs's `GemmParams`: the operands as TMA descriptors (cuTensorMapEncodeTiled), each row's
 // and each column's scale (f32) or null (1), the output, and what it adds to (bf16 [m, n], not `out`) or null
-// (ignored by the kernels of 256 columns, whose sums leave no registers for it).
+// (ignored by the kernels of 256 columns, whose sums leave no registers for it); for the heads kernels the three
+// outputs instead of `out`, RoPE's angles of each row (cos and sin [m, HD / 2], bf16), the rows' sequence length
+// t (row = batch row t + position) and the q and k/v heads.
 struct Int8Gemm {
     TensorMap a;
     TensorMap b;
@@ -41,6 +51,10 @@ struct Int8Gemm {
     bf16* out;
     const bf16* residual;
     int m, n, k;
+    bf16* heads[3];
+    const bf16* cos;
+    const bf16* sin;
+    int t, q_heads, kv_heads;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -55,6 +69,14 @@ __device__ __forceinline__ void wgmma_k32(int (&d)[64], unsigned long long a, un
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n}\n"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+        : "l"(a), "l"(b), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_k32(int (&d)[96], unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, %96, %97, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]), "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]), "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]), "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]), "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95])
         : "l"(a), "l"(b), "r"(1));
 }
 
@@ -131,7 +153,85 @@ __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
-template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
+// RoPE's angles of this thread's channel pairs 8 g + 2 (lane % 4), + 1 (g < HD / 16) in rows r0 and r0 + 8 (as
+// bf16 pairs: cos, sin), where the tile from column n0 holds q or k heads. Read before the epilogue's stores, which
+// might alias them: read between them, each load would wait for the stores before it.
+template <int HD> struct Angles {
+    uint32_t at[2][HD / 16][2];
+    static_assert(HD % 16 == 0, "a head's halves of whole 8-column groups");
+    __device__ __forceinline__ void load(const Int8Gemm& p, int n0, int r0, int lane) {
+        bool turned = n0 < (p.q_heads + p.kv_heads) * HD;
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int g = 0; g < HD / 16; g++) {
+                int row = r0 + 8 * h;
+                size_t i = (size_t)row * (HD / 2) + 8 * g + 2 * (lane % 4);
+                bool in = turned && row < p.m;
+                at[h][g][0] = in ? *reinterpret_cast<const uint32_t*>(p.cos + i) : 0u;
+                at[h][g][1] = in ? *reinterpret_cast<const uint32_t*>(p.sin + i) : 0u;
+            }
+    }
+};
+// The rows' kernels turn nothing.
+template <> struct Angles<0> {
+    __device__ __forceinline__ void load(const Int8Gemm&, int, int, int) {}
+};
+
+// The heads kernels' epilogue for one tile (see the top): accumulators d of rows r0 and r0 + 8, each row's
+// scale sa, the tile's column scales (from column n0) in shared memory, the rows' angles.
+template <int BN, int HD>
+__device__ __forceinline__ void store_heads(const Int8Gemm& p, const int (&d)[BN / 2], const float (&sa)[2],
+                                            const float* col_scales, const Angles<HD>& angles, int n0, int r0,
+                                            int lane) {
+    constexpr int HALF = HD / 16;  // a head's first half in 8-column groups; the second half lies HALF further
+    int c2 = 2 * (lane % 4), t = p.t, q_heads = p.q_heads, kv_heads = p.kv_heads;
+    // Each row's batch row and position, once (the parameters are read once: a store might alias a load).
+    int bi[2], ti[2];
+    bool in[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int row = r0 + 8 * h;
+        in[h] = row < p.m, bi[h] = row / t, ti[h] = row - bi[h] * t;
+    }
+#pragma unroll
+    for (int hh = 0; hh < BN / HD; hh++) {
+        int head = n0 / HD + hh;  // of the projection's q, k and v heads
+        if (n0 + hh * HD >= p.n) continue;
+        int part = head < q_heads ? 0 : head < q_heads + kv_heads ? 1 : 2;
+        int of_part = head - (part > 0 ? q_heads : 0) - (part > 1 ? kv_heads : 0);
+        int heads = part == 0 ? q_heads : kv_heads;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (!in[h]) continue;
+            // Channel 0 of this head in this row, then the thread's pairs at constant offsets from it.
+            bf16* out = p.heads[part] + (((size_t)bi[h] * heads + of_part) * t + ti[h]) * HD + c2;
+#pragma unroll
+            for (int g = 0; g < HALF; g++) {
+                int g1 = hh * HD / 8 + g, g2 = g1 + HALF;
+                float2 s1 = *reinterpret_cast<const float2*>(col_scales + 8 * g1 + c2);
+                float2 s2 = *reinterpret_cast<const float2*>(col_scales + 8 * g2 + c2);
+                float x1[2], x2[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    x1[e] = round_bf16((float)d[4 * g1 + 2 * h + e] * sa[h] * (e ? s1.y : s1.x));
+                    x2[e] = round_bf16((float)d[4 * g2 + 2 * h + e] * sa[h] * (e ? s2.y : s2.x));
+                }
+                if (part < 2) {
+                    float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&angles.at[h][g][0]));
+                    float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&angles.at[h][g][1]));
+                    rope_turn(x1[0], x2[0], c.x, s.x);
+                    rope_turn(x1[1], x2[1], c.y, s.y);
+                }
+                *reinterpret_cast<__nv_bfloat162*>(out + 8 * g) = __floats2bfloat162_rn(x1[0], x1[1]);
+                *reinterpret_cast<__nv_bfloat162*>(out + 8 * g + HD / 2) = __floats2bfloat162_rn(x2[0], x2[1]);
+            }
+        }
+    }
+}
+
+template <int BN, int STAGES, int CLUSTER, int HD>
+__device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
     constexpr int A_BYTES = IG_BM * IG_BK, STAGE_BYTES = (IG_BM + BN) * IG_BK, B_PART = BN / CLUSTER * IG_BK;
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
@@ -203,11 +303,12 @@ template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_
         // which might alias them, each waited in turn, they cost the scaled GEMM 1.2-1.4x its time.
         // Rows r0 and r0 + 8 are this thread's; columns n0 + wt + 128 j its share of the warpgroup's.
         int r0 = m0 + 64 * c + 16 * warp + lane / 4;
-        float sa[2], sb[BN / 128];
+        constexpr int SB = (BN + 127) / 128;  // the columns' scales a thread reads (wt + 128 j < BN)
+        float sa[2], sb[SB];
 #pragma unroll
         for (int h = 0; h < 2; h++) sa[h] = p.a_scale && r0 + 8 * h < p.m ? p.a_scale[r0 + 8 * h] : 1.f;
 #pragma unroll
-        for (int j = 0; j < BN / 128; j++) {
+        for (int j = 0; j < SB; j++) {
             int col = n0 + wt + 128 * j;
             sb[j] = p.b_scale && col < p.n ? p.b_scale[col] : 1.f;
         }
@@ -217,7 +318,7 @@ template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_
         // The residuals this thread's outputs add to (its rows and column pairs, as the epilogue stores them),
         // asked for before the products, as the scales are: loaded in the epilogue, each would wait in turn
         // between its stores. At 256 columns the 64 registers they take made the products spill.
-        constexpr bool ADDS = BN == 128;
+        constexpr bool ADDS = BN == 128 && HD == 0;
         uint32_t res[BN / 8][2];
         if (ADDS && p.residual)
 #pragma unroll
@@ -244,6 +345,9 @@ template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
             if (kt > 0) release((it - 1) % STAGES);
         }
+        // The heads' angles asked for while the last products run.
+        Angles<HD> angles;
+        angles.load(p, n0, r0, lane);
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         keep_in_place(d);
         release((it - 1) % STAGES);
@@ -251,45 +355,56 @@ template <int BN, int STAGES, int CLUSTER> __device__ __forceinline__ void int8_
         // The column scales through shared memory to the threads that hold those columns' sums: rows r0 and
         // r0 + 8, column pairs col, col + 1 of 8-column groups g, at d[4 g + 2 h] (h: the row).
 #pragma unroll
-        for (int j = 0; j < BN / 128; j++) col_scales[wt + 128 * j] = sb[j];
+        for (int j = 0; j < SB; j++)
+            if (wt + 128 * j < BN) col_scales[wt + 128 * j] = sb[j];
         named_sync<128>(1 + c);  // the warpgroup's barrier
+        if constexpr (HD > 0) {
+            store_heads<BN, HD>(p, d, sa, col_scales, angles, n0, r0, lane);
+        } else {
 #pragma unroll
-        for (int g = 0; g < BN / 8; g++) {
-            int col = n0 + 8 * g + 2 * (lane % 4);
-            if (col >= p.n) continue;
-            float2 sc = *reinterpret_cast<const float2*>(col_scales + 8 * g + 2 * (lane % 4));
+            for (int g = 0; g < BN / 8; g++) {
+                int col = n0 + 8 * g + 2 * (lane % 4);
+                if (col >= p.n) continue;
+                float2 sc = *reinterpret_cast<const float2*>(col_scales + 8 * g + 2 * (lane % 4));
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                int row = r0 + 8 * h;
-                if (row >= p.m) continue;
-                float y0 = (float)d[4 * g + 2 * h] * sa[h] * sc.x, y1 = (float)d[4 * g + 2 * h + 1] * sa[h] * sc.y;
-                if (ADDS && p.residual) {
-                    float2 r = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&res[g][h]));
-                    y0 = round_bf16(y0) + r.x, y1 = round_bf16(y1) + r.y;
+                for (int h = 0; h < 2; h++) {
+                    int row = r0 + 8 * h;
+                    if (row >= p.m) continue;
+                    float y0 = (float)d[4 * g + 2 * h] * sa[h] * sc.x, y1 = (float)d[4 * g + 2 * h + 1] * sa[h] * sc.y;
+                    if (ADDS && p.residual) {
+                        float2 r = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&res[g][h]));
+                        y0 = round_bf16(y0) + r.x, y1 = round_bf16(y1) + r.y;
+                    }
+                    *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)row * p.n + col) = __floats2bfloat162_rn(y0, y1);
                 }
-                *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)row * p.n + col) = __floats2bfloat162_rn(y0, y1);
             }
         }
         named_sync<128>(1 + c);  // every thread has read the scales before the next tile's overwrite them
     }
 }
-#define IG_BODY(BN, STAGES, CLUSTER) int8_gemm_tiles<BN, STAGES, CLUSTER>(p);
+#define IG_BODY(BN, STAGES, CLUSTER, HD) int8_gemm_tiles<BN, STAGES, CLUSTER, HD>(p);
 #else
-#define IG_BODY(BN, STAGES, CLUSTER)
+#define IG_BODY(BN, STAGES, CLUSTER, HD)
 #endif
 
-// The kernels of each tile width, with as many stages as fit 227 KB: 6 of 32 KB for 128 columns, 4 of 48 KB
-// for 256 (int8_gemm.rs's `Tile`), alone or in clusters of two. Three warpgroups: the loads' registers go to
-// the products (setmaxnreg).
-#define IG_KERNEL(name, BN, STAGES)                                                                        \
+// The kernels of each tile width, with as many stages as fit 227 KB: 6 of 32 KB for 128 columns, 5 of 40 KB for
+// 192, 4 of 48 KB for 256 (int8_gemm.rs's `Tile`), alone or in clusters of two, writing rows (HD 0) or heads of
+// HD channels. Three warpgroups: the loads' registers go to the products (setmaxnreg).
+#define IG_KERNEL(name, BN, STAGES, HD)                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1) name(const __grid_constant__ Int8Gemm p) {        \
         follow_previous();                                                                                 \
-        IG_BODY(BN, STAGES, 1)                                                                             \
+        IG_BODY(BN, STAGES, 1, HD)                                                                         \
     }                                                                                                      \
     extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)                         \
         name##_pair(const __grid_constant__ Int8Gemm p) {                                                  \
         follow_previous();                                                                                 \
-        IG_BODY(BN, STAGES, 2)                                                                             \
+        IG_BODY(BN, STAGES, 2, HD)                                                                         \
     }
-IG_KERNEL(int8_gemm_n128, 128, 6)
-IG_KERNEL(int8_gemm_n256, 256, 4)
+IG_KERNEL(int8_gemm_n128, 128, 6, 0)
+IG_KERNEL(int8_gemm_n256, 256, 4, 0)
+IG_KERNEL(int8_gemm_heads64_n128, 128, 6, 64)
+IG_KERNEL(int8_gemm_heads64_n256, 256, 4, 64)
+IG_KERNEL(int8_gemm_heads96_n192, 192, 5, 96)
+IG_KERNEL(int8_gemm_heads128_n128, 128, 6, 128)
+IG_KERNEL(int8_gemm_heads128_n256, 256, 4, 128)
+IG_KERNEL(int8_gemm_heads256_n256, 256, 4, 256)

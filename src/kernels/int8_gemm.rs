@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
-use super::shapes::Int8Operand;
+use super::shapes::{HeadShape, Int8Operand};
 use super::{cuda_device, launch, opt_in_shared, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("int8_gemm");
@@ -24,22 +24,46 @@ const ROWS: usize = 128;
 const STAGE_K: usize = 128;
 const THREADS: u32 = 384;
 
-/// How the blocks take the output: tiles of 128 rows and `columns` (128 or 256) columns, each block alone
+/// How the blocks take the output: tiles of 128 rows and `columns` (128, 192 or 256) columns, each block alone
 /// (`cluster` 1) or in clusters of two taking the tiles above each other, the weight's columns loaded once
-/// for both. A kernel each (int8_gemm.cu's `IG_KERNEL`).
+/// for both; written as rows, or (`head_dim` > 0) as attention's heads of that many channels
+/// ([`try_bitlinear_heads`]). A kernel each (int8_gemm.cu's `IG_KERNEL`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tile {
     columns: usize,
     cluster: usize,
+    head_dim: usize,
 }
 
 impl Tile {
+    /// The tiles that write rows.
     pub const ALL: [Tile; 4] = [
-        Tile { columns: 128, cluster: 1 },
-        Tile { columns: 256, cluster: 1 },
-        Tile { columns: 128, cluster: 2 },
-        Tile { columns: 256, cluster: 2 },
+        Tile { columns: 128, cluster: 1, head_dim: 0 },
+        Tile { columns: 256, cluster: 1, head_dim: 0 },
+        Tile { columns: 128, cluster: 2, head_dim: 0 },
+        Tile { columns: 256, cluster: 2, head_dim: 0 },
     ];
+
+    /// The head dims the heads kernels are built for, each with its tile widths (whole heads a tile).
+    pub const HEADS: [(usize, &'static [usize]); 4] =
+        [(64, &[128, 256]), (96, &[192]), (128, &[128, 256]), (256, &[256])];
+
+    /// Every heads tile of `head_dim` (none where no kernel is built for it), alone and in clusters.
+    pub fn all_heads(head_dim: usize) -> Vec<Tile> {
+        let widths = Self::HEADS.iter().find(|(d, _)| *d == head_dim).map_or(&[][..], |(_, w)| *w);
+        let tiles = widths.iter().flat_map(|&columns| [1, 2].map(|cluster| Tile { columns, cluster, head_dim }));
+        tiles.collect()
+    }
+
+    /// The heads tile for `m` rows of `n` outputs in heads of `head_dim`: [`Tile::for_shape`]'s where its width
+    /// holds whole heads, else the one width built for them (192 for heads of 96, 256 for 256). None where no
+    /// kernel takes the heads.
+    pub fn for_heads(m: usize, n: usize, head_dim: usize) -> Option<Tile> {
+        let rows = Self::for_shape(m, n);
+        let (_, widths) = Self::HEADS.iter().find(|(d, _)| *d == head_dim)?;
+        let columns = if widths.contains(&rows.columns) { rows.columns } else { widths[0] };
+        Some(Tile { columns, cluster: rows.cluster, head_dim })
+    }
 
     /// The tile for `m` rows of `n` outputs, from `int8_gemm_timing` at the training forward's
     /// shapes (-large and 2B4T at 768, 2,048 and 6,144 rows; BENCHMARKS.md's int8 table, H100): 256 columns
@@ -50,30 +74,30 @@ impl Tile {
     pub fn for_shape(m: usize, n: usize) -> Tile {
         let columns = if m.div_ceil(ROWS) * n.div_ceil(256) >= 400 { 256 } else { 128 };
         let cluster = if n > 1536 && m > 1024 { 2 } else { 1 };
-        Tile { columns, cluster }
+        Tile { columns, cluster, head_dim: 0 }
     }
 
-    /// Whether the tile's kernel adds a residual in its epilogue: 128 columns (at 256 the residuals' registers
-    /// made the products spill).
+    /// Whether the tile's kernel adds a residual in its epilogue: 128 columns of rows (at 256 the residuals'
+    /// registers made the products spill).
     pub fn adds_residual(self) -> bool {
-        self.columns == 128
+        self.columns == 128 && self.head_dim == 0
     }
 
-    fn kernel(self) -> &'static str {
-        match (self.columns, self.cluster) {
-            (128, 1) => "int8_gemm_n128",
-            (256, 1) => "int8_gemm_n256",
-            (128, _) => "int8_gemm_n128_pair",
-            _ => "int8_gemm_n256_pair",
-        }
+    fn kernel(self) -> String {
+        let heads = match self.head_dim {
+            0 => String::new(),
+            d => format!("heads{d}_"),
+        };
+        let pair = if self.cluster > 1 { "_pair" } else { "" };
+        format!("int8_gemm_{heads}n{}{pair}", self.columns)
     }
 
     /// As many stages as fit 227 KB (int8_gemm.cu's kernels).
     fn stages(self) -> usize {
-        if self.columns == 128 {
-            6
-        } else {
-            4
+        match self.columns {
+            128 => 6,
+            192 => 5,
+            _ => 4,
         }
     }
 
@@ -85,7 +109,8 @@ impl Tile {
 }
 
 /// `int8_gemm`'s parameters, as int8_gemm.cu's `Int8Gemm` lays them out: the operands' TMA descriptors,
-/// the scales' device addresses (0 for none), the output's, the residual's (0 for none), the sizes.
+/// the scales' device addresses (0 for none), the output's, the residual's (0 for none), the sizes; then
+/// where the heads kernels write ([`Output`]).
 #[repr(C, align(64))]
 struct GemmParams {
     a: cudarc::driver::sys::CUtensorMap,
@@ -97,6 +122,19 @@ struct GemmParams {
     m: i32,
     n: i32,
     k: i32,
+    heads: [u64; 3],
+    cos: u64,
+    sin: u64,
+    t: i32,
+    q_heads: i32,
+    kv_heads: i32,
+}
+
+/// The device addresses a GEMM writes to: rows `out` (`[m, n]`, plus `residual` where not 0), or `heads` (q, k
+/// and v) turned by RoPE's `cos` and `sin` (`shape` gives the rows' sequence length and the heads).
+enum Output {
+    Rows { out: u64, residual: u64 },
+    Heads { heads: [u64; 3], cos: u64, sin: u64, shape: HeadShape },
 }
 
 // SAFETY: a `#[repr(C)]` struct of plain data, which the kernel takes by value (`__grid_constant__`).
@@ -160,6 +198,54 @@ pub fn try_bitlinear_forward(
     Ok(y.map(|y| (y, fused.is_some())))
 }
 
+/// The q/k/v projection's BitLinear forward as attention reads it: q `[b, q_heads, t, d]`, k and v `[b, kv_heads,
+/// t, d]` (bf16), q and k turned by RoPE's angles `cos, sin: [b, t, d / 2]` (bf16), from the int8 forms of the
+/// input `[b t, k]` and the weight `[(q_heads + 2 kv_heads) d, k]`, with the heads tile for the shape
+/// ([`Tile::for_heads`]): the bits of [`try_bitlinear_forward`]'s rows through `rope::try_qkv_heads`, in one
+/// pass. `Ok(None)` where it does not apply (no kernel for the head dim, or the GEMM's own conditions).
+pub fn try_bitlinear_heads(
+    x: &Int8Operand,
+    w: &Int8Operand,
+    shape: HeadShape,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let ((m, _), (n, _)) = (x.codes.dims2()?, w.codes.dims2()?);
+    let Some(tile) = Tile::for_heads(m, n, shape.head_dim) else { return Ok(None) };
+    try_int8_gemm_heads(&x.codes, &w.codes, Some(&x.scales), Some(&w.scales), shape, (cos, sin), tile)
+}
+
+/// [`try_int8_gemm`]'s product written as attention's heads (see [`try_bitlinear_heads`]) by the heads `tile`.
+pub fn try_int8_gemm_heads(
+    a: &Tensor,
+    b: &Tensor,
+    a_scale: Option<&Tensor>,
+    b_scale: Option<&Tensor>,
+    shape: HeadShape,
+    (cos, sin): (&Tensor, &Tensor),
+    tile: Tile,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let HeadShape { batch, seq, q_heads, kv_heads, head_dim } = shape;
+    let ((m, _), (n, _)) = (a.dims2()?, b.dims2()?);
+    let angles_ok = |x: &Tensor| x.dtype() == DType::BF16 && x.dims() == [batch, seq, head_dim / 2];
+    if tile.head_dim != head_dim || m != batch * seq || n != (q_heads + 2 * kv_heads) * head_dim {
+        candle_core::bail!("int8 GEMM into heads: [{m}, {n}] for {shape:?} on {tile:?}");
+    }
+    if !(angles_ok(cos) && angles_ok(sin)) {
+        candle_core::bail!("int8 GEMM into heads: RoPE angles {:?} {:?} for {shape:?}", cos.dims(), cos.dtype());
+    }
+    if !applies(a, b, a_scale, b_scale)? {
+        return Ok(None);
+    }
+    let dev = cuda_device(a)?;
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let heads = [q_heads, kv_heads, kv_heads].map(|h| uninit((batch, h, seq, head_dim), DType::BF16, &dev));
+    let [q, k, v] = heads;
+    let (q, k, v) = (q?, k?, v?);
+    let output = Output::Heads { heads: [ptr(&q)?, ptr(&k)?, ptr(&v)?], cos: ptr(&cos)?, sin: ptr(&sin)?, shape };
+    Ok(gemm(a, b, a_scale, b_scale, output, tile)?.then_some((q, k, v)))
+}
+
 /// `out[m, n] = round_bf16(sum_k a[m, k] b[n, k] * a_scale[m] * b_scale[n])` (bf16 `[m, n]`) for `a: [m, k]`
 /// and `b: [n, k]`, u8 tensors holding int8 values (two's complement), and f32 scales `[m]` and `[n]` (None:
 /// 1), plus `residual` (bf16 `[m, n]`, rounded again after the add; only where `tile` adds one), each block
@@ -173,43 +259,69 @@ pub fn try_int8_gemm(
     residual: Option<&Tensor>,
     tile: Tile,
 ) -> Result<Option<Tensor>> {
-    let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
-    if !available(a.device()) || k != kb || !k.is_multiple_of(STAGE_K) || !n.is_multiple_of(2) || m == 0 {
+    let ((m, _), (n, _)) = (a.dims2()?, b.dims2()?);
+    let residual_ok = residual.is_none_or(|r| tile.adds_residual() && r.dtype() == DType::BF16 && r.dims() == [m, n]);
+    if !residual_ok || tile.head_dim != 0 {
+        let residual = residual.map(|r| (r.dims().to_vec(), r.dtype()));
+        candle_core::bail!("int8 GEMM: residual {residual:?} for [{m}, {n}] on {tile:?}");
+    }
+    if !applies(a, b, a_scale, b_scale)? {
         return Ok(None);
     }
     let dev = cuda_device(a)?;
+    // Read a column pair (4 bytes) at a time.
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    if residual.as_ref().map_or(Ok(0), ptr)? % 4 != 0 {
+        return Ok(None);
+    }
+    let out = uninit((m, n), DType::BF16, &dev)?;
+    let output = Output::Rows { out: ptr(&out)?, residual: residual.as_ref().map_or(Ok(0), ptr)? };
+    Ok(gemm(a, b, a_scale, b_scale, output, tile)?.then_some(out))
+}
+
+/// Whether the GEMM applies to the operands (see [`try_int8_gemm`]); an error where their types or the scales'
+/// sizes are wrong.
+fn applies(a: &Tensor, b: &Tensor, a_scale: Option<&Tensor>, b_scale: Option<&Tensor>) -> Result<bool> {
+    let ((m, k), (n, kb)) = (a.dims2()?, b.dims2()?);
+    if !available(a.device()) || k != kb || !k.is_multiple_of(STAGE_K) || !n.is_multiple_of(2) || m == 0 {
+        return Ok(false);
+    }
     let scale_ok = |s: Option<&Tensor>, len: usize| s.is_none_or(|s| s.dtype() == DType::F32 && s.elem_count() == len);
-    let residual_ok = residual.is_none_or(|r| tile.adds_residual() && r.dtype() == DType::BF16 && r.dims() == [m, n]);
-    if a.dtype() != DType::U8
-        || b.dtype() != DType::U8
-        || !scale_ok(a_scale, m)
-        || !scale_ok(b_scale, n)
-        || !residual_ok
-    {
+    if a.dtype() != DType::U8 || b.dtype() != DType::U8 || !scale_ok(a_scale, m) || !scale_ok(b_scale, n) {
         candle_core::bail!(
-            "int8 GEMM: a {:?} {:?}, b {:?} {:?}, scales {:?} {:?}, residual {:?} on {tile:?}",
+            "int8 GEMM: a {:?} {:?}, b {:?} {:?}, scales {:?} {:?}",
             a.dims(),
             a.dtype(),
             b.dims(),
             b.dtype(),
             a_scale.map(|s| (s.dims().to_vec(), s.dtype())),
             b_scale.map(|s| (s.dims().to_vec(), s.dtype())),
-            residual.map(|r| (r.dims().to_vec(), r.dtype()))
         );
     }
+    Ok(true)
+}
+
+/// Launches the GEMM of `tile` into `output` for the operands and scales [`applies`] took; false
+/// where the kernel does not apply (an operand not 16-byte aligned, no cluster at once on the card).
+fn gemm(
+    a: &Tensor,
+    b: &Tensor,
+    a_scale: Option<&Tensor>,
+    b_scale: Option<&Tensor>,
+    output: Output,
+    tile: Tile,
+) -> Result<bool> {
+    let ((m, k), (n, _)) = (a.dims2()?, b.dims2()?);
+    let dev = cuda_device(a)?;
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     // The TMA reads from 16-byte aligned addresses only.
     if ptr(&a)? % 16 != 0 || ptr(&b)? % 16 != 0 {
-        return Ok(None);
+        return Ok(false);
     }
     let a_scale = a_scale.map(|s| s.contiguous()).transpose()?;
     let b_scale = b_scale.map(|s| s.contiguous()).transpose()?;
-    // Read a column pair (4 bytes) at a time.
-    let residual = residual.map(|r| r.contiguous()).transpose()?;
-    if residual.as_ref().map_or(Ok(0), ptr)? % 4 != 0 {
-        return Ok(None);
-    }
     let (name, shared) = (tile.kernel(), tile.shared());
+    let name = name.as_str();
     opt_in_shared(&dev, PTX, name, shared)?;
     // As many blocks (clusters) as run at once, each taking tiles (groups of tiles) in turn: a block's loads
     // run on into its next tile while it writes the last one's outputs. No cluster at once (a partitioned
@@ -221,9 +333,8 @@ pub fn try_int8_gemm(
     };
     let clusters = groups.min(at_once);
     if clusters == 0 {
-        return Ok(None);
+        return Ok(false);
     }
-    let out = uninit((m, n), DType::BF16, &dev)?;
     let cfg = LaunchConfig {
         grid_dim: ((tile.cluster * clusters) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -235,12 +346,30 @@ pub fn try_int8_gemm(
         b: tensor_map(ptr(&b)?, n, k, tile.columns / tile.cluster)?,
         a_scale: a_scale.as_ref().map_or(Ok(0), ptr)?,
         b_scale: b_scale.as_ref().map_or(Ok(0), ptr)?,
-        out: ptr(&out)?,
-        residual: residual.as_ref().map_or(Ok(0), ptr)?,
+        out: 0,
+        residual: 0,
         m: m as i32,
         n: n as i32,
         k: k as i32,
+        heads: [0; 3],
+        cos: 0,
+        sin: 0,
+        t: 0,
+        q_heads: 0,
+        kv_heads: 0,
+    };
+    let params = match output {
+        Output::Rows { out, residual } => GemmParams { out, residual, ..params },
+        Output::Heads { heads, cos, sin, shape } => GemmParams {
+            heads,
+            cos,
+            sin,
+            t: shape.seq as i32,
+            q_heads: shape.q_heads as i32,
+            kv_heads: shape.kv_heads as i32,
+            ..params
+        },
     };
     launch!(dev, PTX, name, cfg; params);
-    Ok(Some(out))
+    Ok(true)
 }

@@ -38,12 +38,7 @@ extern "C" __global__ void qkv_rope(bf16* qkv, bf16* q, bf16* k, bf16* v, const 
                 load8(cos + (size_t)row * half + j, c);
                 load8(sin + (size_t)row * half + j, s);
 #pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    float sn = backward ? -s[e] : s[e];
-                    float y1 = x1[e] * c[e] - x2[e] * sn;
-                    x2[e] = x1[e] * sn + x2[e] * c[e];
-                    x1[e] = y1;
-                }
+                for (int e = 0; e < 8; e++) rope_turn(x1[e], x2[e], c[e], backward ? -s[e] : s[e]);
             }
             store8(dst + j, x1);
             store8(dst + j + half, x2);

@@ -107,7 +107,7 @@ pub mod gemm {
 }
 
 pub mod int8_gemm {
-    use crate::kernels::shapes::Int8Operand;
+    use crate::kernels::shapes::{HeadShape, Int8Operand};
     use candle_core::{Device, Result, Tensor};
 
     pub fn available(_: &Device) -> bool {
@@ -119,6 +119,16 @@ pub mod int8_gemm {
         _: &Int8Operand,
         _: Option<&Tensor>,
     ) -> Result<Option<(Tensor, bool)>> {
+        Ok(None)
+    }
+
+    pub fn try_bitlinear_heads(
+        _: &Int8Operand,
+        _: &Int8Operand,
+        _: HeadShape,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         Ok(None)
     }
 }

@@ -419,6 +419,25 @@ pub fn qkv_heads(qkv: &Tensor, s: HeadShape, cos: &Tensor, sin: &Tensor) -> Resu
     }
 }
 
+/// The q/k/v projection of `x_eff` by the stacked weight `w` as attention reads it: [`linear_forward`], then
+/// [`qkv_heads`]. With both operands' int8 forms (as [`linear_forward`] takes them) one int8 GEMM writes the
+/// heads, q and k turned, with the same bits: the pass over the projection's rows that RoPE took is gone.
+pub fn qkv_forward(
+    x_eff: &Tensor,
+    w: &Tensor,
+    int8: Option<(&Int8Operand, &Int8Operand)>,
+    s: HeadShape,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if let Some((x8, w8)) = int8 {
+        if let Some(heads) = kernels::int8_gemm::try_bitlinear_heads(x8, w8, s, cos, sin)? {
+            return Ok(heads);
+        }
+    }
+    qkv_heads(&linear_forward(x_eff, w, int8, None)?, s, cos, sin)
+}
+
 /// [`qkv_heads`] in candle ops.
 pub fn qkv_heads_reference(qkv: &Tensor, s: HeadShape, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let d = s.head_dim;

@@ -464,16 +464,27 @@ impl<'a> Pass<'a> {
         x8: Option<&Int8Operand>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let w8 = match x8 {
-            Some(_) => bw.stacked_int8(self.layout, slots.clone())?,
-            None => None,
+        let (w, w8) = self.weights(bw, slots, x8.is_some())?;
+        Ok(linear_forward(x, &w, x8.zip(w8.as_ref()), residual)?)
+    }
+
+    /// The stacked weight of `slots` and, with `int8` (the input has its int8 form), the part's codes where there.
+    fn weights(
+        &self,
+        bw: &WeightPart,
+        slots: RangeInclusive<usize>,
+        int8: bool,
+    ) -> Result<(Tensor, Option<Int8Operand>)> {
+        let w8 = match int8 {
+            true => bw.stacked_int8(self.layout, slots.clone())?,
+            false => None,
         };
-        Ok(linear_forward(x, &bw.stacked(self.layout, slots)?, x8.zip(w8.as_ref()), residual)?)
+        Ok((bw.stacked(self.layout, slots)?, w8))
     }
 
     /// A block's attention from its normed, quantized input `a1` (and its int8 form, where there is one): the
     /// output heads `[b, h, t, d]` (before the sub-norm, which reads them as rows) and what attention's
-    /// backward needs. q, k and v are one GEMM.
+    /// backward needs. q, k and v are one GEMM (on Hopper's int8 path writing the heads, turned by RoPE).
     fn attention(
         &self,
         s: &BlockSlots,
@@ -481,8 +492,8 @@ impl<'a> Pass<'a> {
         a1: &Tensor,
         a1_int8: Option<&Int8Operand>,
     ) -> Result<(Tensor, FlashSaved)> {
-        let qkv = self.bitlinear(bw, s.q..=s.v, a1, a1_int8, None)?;
-        let (q, k, v) = qkv_heads(&qkv, self.head_shape(), &self.b.cos, &self.b.sin)?;
+        let (w, w8) = self.weights(bw, s.q..=s.v, a1_int8.is_some())?;
+        let (q, k, v) = qkv_forward(a1, &w, a1_int8.zip(w8.as_ref()), self.head_shape(), &self.b.cos, &self.b.sin)?;
         Ok(flash_attention_forward(&q, &k, &v, &self.b.windows, self.plan.attention_block)?)
     }
 
