@@ -788,8 +788,7 @@ pub fn flash_attention_backward(
 /// attention output's `dy` (and its rows' `delta`, where [`attention_sub_norm_backward`] gave them):
 /// [`flash_attention_backward`] then [`qkv_heads_backward`], which on CUDA, for the flash kernel's head dims, its
 /// backward kernels do at once: they write the rows, dQ and dK turned back by RoPE, in place of the heads (a pass
-/// over all three gradients fewer).
-#[allow(clippy::too_many_arguments)]
+/// over all three gradients fewer). `(cos, sin)`: RoPE's angles, as the kernels take them.
 pub fn qkv_attention_backward(
     dy: &Tensor,
     delta: Option<&Tensor>,
@@ -797,8 +796,7 @@ pub fn qkv_attention_backward(
     windows: &Windows,
     block: usize,
     shape: HeadShape,
-    cos: &Tensor,
-    sin: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
 ) -> Result<Tensor> {
     let (x, fastest) = (s.inputs(dy, delta, windows), FlashKernels::Fastest);
     if let Some(dqkv) = kernels::flash_attention::try_backward_rows(&x, (cos, sin), fastest)? {

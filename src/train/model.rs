@@ -589,7 +589,8 @@ impl<'a> Pass<'a> {
             }
         };
         let (windows, block, shape) = (&self.b.windows, self.plan.attention_block, self.head_shape());
-        let dqkv = qkv_attention_backward(&dy, delta.as_ref(), attn, windows, block, shape, &self.b.cos, &self.b.sin)?;
+        let dqkv =
+            qkv_attention_backward(&dy, delta.as_ref(), attn, windows, block, shape, (&self.b.cos, &self.b.sin))?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &bw.stacked(layout, s.q..=s.v)?)?;
         add(s.q..=s.v, &dqkv_w)?;
         let (dx, dinput) = rmsnorm_backward(&da1, &p(s.input_norm)?, &sv.input_norm, Some(&dx))?;
