@@ -239,8 +239,7 @@ pub fn try_int8_gemm_heads(
     }
     let dev = cuda_device(a)?;
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-    let heads = [q_heads, kv_heads, kv_heads].map(|h| uninit((batch, h, seq, head_dim), DType::BF16, &dev));
-    let [q, k, v] = heads;
+    let [q, k, v] = [q_heads, kv_heads, kv_heads].map(|h| uninit((batch, h, seq, head_dim), DType::BF16, &dev));
     let (q, k, v) = (q?, k?, v?);
     let output = Output::Heads { heads: [ptr(&q)?, ptr(&k)?, ptr(&v)?], cos: ptr(&cos)?, sin: ptr(&sin)?, shape };
     Ok(gemm(a, b, a_scale, b_scale, output, tile)?.then_some((q, k, v)))
@@ -271,11 +270,12 @@ pub fn try_int8_gemm(
     let dev = cuda_device(a)?;
     // Read a column pair (4 bytes) at a time.
     let residual = residual.map(|r| r.contiguous()).transpose()?;
-    if residual.as_ref().map_or(Ok(0), ptr)? % 4 != 0 {
+    let residual_ptr = residual.as_ref().map_or(Ok(0), ptr)?;
+    if residual_ptr % 4 != 0 {
         return Ok(None);
     }
     let out = uninit((m, n), DType::BF16, &dev)?;
-    let output = Output::Rows { out: ptr(&out)?, residual: residual.as_ref().map_or(Ok(0), ptr)? };
+    let output = Output::Rows { out: ptr(&out)?, residual: residual_ptr };
     Ok(gemm(a, b, a_scale, b_scale, output, tile)?.then_some(out))
 }
 
