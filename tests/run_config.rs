@@ -73,7 +73,7 @@ fn every_shipped_config_loads() {
             cuda: true,
             optimizer_shards: 1,
             optimizer_state: cfg.train.optimizer_state,
-            grad_buffer: cfg.train.grad_buffer,
+            grad_buffer: cfg.train.grad_buffer_dtype(true, 1),
         };
         memory::estimate(&shape).gib()
     };

@@ -97,9 +97,10 @@ pub struct TrainSection {
     /// The dtype gradients are all-reduced in (bf16 whenever the buffer is).
     pub grad_dtype: GradDtype,
     /// The dtype of the step's gradient buffer on the device, where each layer's gradient is summed (in f32,
-    /// then stored): `"f32"`, or `"bf16"`, half the bytes (2 a parameter instead of 4, for the largest models
-    /// on the smallest cards), each micro-batch's sum rounded to bf16 as a bf16 all-reduce rounds it.
-    pub grad_buffer: GradDtype,
+    /// then stored): `"f32"`; `"bf16"`, half the bytes (2 a parameter instead of 4, for the largest models
+    /// on the smallest cards), each micro-batch's sum rounded to bf16 as a bf16 all-reduce rounds it; or
+    /// `"auto"` ([`TrainSection::grad_buffer_dtype`]).
+    pub grad_buffer: GradBuffer,
     /// With several ranks: seconds without a finished optimizer step (or checkpoint, or dev loss) after
     /// which a rank ends the job, so a hung rank cannot hang the others forever; 0 turns it off.
     pub step_timeout: u64,
@@ -197,6 +198,16 @@ pub enum GradDtype {
     Bf16,
 }
 
+/// `train.grad_buffer`: what the step's gradient buffer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GradBuffer {
+    /// bf16 where nothing is summed in it, else f32 ([`TrainSection::grad_buffer_dtype`]).
+    Auto,
+    F32,
+    Bf16,
+}
+
 impl GradDtype {
     pub fn dtype(self) -> candle_core::DType {
         match self {
@@ -262,7 +273,7 @@ impl Default for TrainSection {
             seed: 42,
             device: "auto".into(),
             grad_dtype: GradDtype::F32,
-            grad_buffer: GradDtype::F32,
+            grad_buffer: GradBuffer::Auto,
             step_timeout: 900,
             recompute: Recompute::None,
             attention_block: 1024,
@@ -271,6 +282,22 @@ impl Default for TrainSection {
             zero1: false,
             optimizer_state: OptimizerState::F32,
             step_weights: StepWeightsPlan::Kept,
+        }
+    }
+}
+
+impl TrainSection {
+    /// The gradient buffer's dtype for a step on `world` ranks, on a GPU (`cuda`) or not. `auto` is bf16 on
+    /// a GPU when a step is one micro-batch on one rank: each weight gradient is then stored once, rounded to
+    /// bf16 as PyTorch's autocast GEMMs round theirs (a tied embedding's two parts are added in it), in half
+    /// the memory and with fewer bytes for the gradient norm and AdamW to read. Elsewhere it is f32, which
+    /// sums micro-batches and ranks without rounding, and keeps the CPU's step in f32 throughout.
+    pub fn grad_buffer_dtype(&self, cuda: bool, world: usize) -> GradDtype {
+        match self.grad_buffer {
+            GradBuffer::F32 => GradDtype::F32,
+            GradBuffer::Bf16 => GradDtype::Bf16,
+            GradBuffer::Auto if cuda && self.grad_accum == 1 && world == 1 => GradDtype::Bf16,
+            GradBuffer::Auto => GradDtype::F32,
         }
     }
 }
@@ -524,6 +551,24 @@ mod tests {
         // An empty file means the defaults.
         assert_eq!(toml::from_str::<RunConfig>("").unwrap(), RunConfig::default());
         valid().validate().unwrap();
+    }
+
+    /// `auto` is bf16 only where nothing but the tied embedding is summed in the buffer: a GPU step of one
+    /// micro-batch on one rank; the named dtypes hold everywhere.
+    #[test]
+    fn auto_grad_buffer_is_bf16_only_for_one_micro_batch_on_one_gpu() {
+        let with = |grad_buffer, grad_accum| TrainSection { grad_buffer, grad_accum, ..TrainSection::default() };
+        let auto = |grad_accum, cuda, world| with(GradBuffer::Auto, grad_accum).grad_buffer_dtype(cuda, world);
+        assert_eq!(auto(1, true, 1), GradDtype::Bf16);
+        assert_eq!([auto(2, true, 1), auto(1, true, 2), auto(1, false, 1)], [GradDtype::F32; 3]);
+        for (cuda, world) in [(true, 1), (true, 4), (false, 1)] {
+            assert_eq!(with(GradBuffer::F32, 1).grad_buffer_dtype(cuda, world), GradDtype::F32);
+            assert_eq!(with(GradBuffer::Bf16, 4).grad_buffer_dtype(cuda, world), GradDtype::Bf16);
+        }
+        let parsed = |v: &str| toml::from_str::<RunConfig>(&format!("[train]\ngrad_buffer = \"{v}\"")).unwrap();
+        assert_eq!(RunConfig::default().train.grad_buffer, GradBuffer::Auto);
+        assert_eq!(parsed("auto").train.grad_buffer, GradBuffer::Auto);
+        assert_eq!(parsed("f32").train.grad_buffer, GradBuffer::F32);
     }
 
     #[test]

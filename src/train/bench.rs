@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::{memory, metrics, optim::AdamW, train_step, PhaseTimer, StepContext};
-use crate::config::run::{GradDtype, OptimizerState, Recompute, RunConfig, StepWeightsPlan};
+use crate::config::run::{GradDtype, OptimizerState, Recompute, RunConfig, StepWeightsPlan, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::dist::Communicator;
@@ -93,7 +93,8 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
     if let Some(scaling) = o.config.model.rope() {
         cfg.set_rope_scaling(Some(scaling));
     }
-    let train = o.config.train.clone();
+    // The step's micro-batches are the bench's, whatever the config says (`train.grad_buffer = "auto"` asks).
+    let train = TrainSection { grad_accum: o.accum, ..o.config.train.clone() };
     let shape = memory::StepShape::of_run(&cfg, &train, o.batch, o.seq, &device, comm.world());
     let estimated_peak_gib = memory::estimate(&shape).gib();
     memory::check_device(&shape, &device, train.check_memory)?;
@@ -132,7 +133,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         recompute: train.recompute,
         optimizer_state: train.optimizer_state,
         step_weights: train.step_weights,
-        grad_buffer: train.grad_buffer,
+        grad_buffer: train.grad_buffer_dtype(device.is_cuda(), comm.world()),
         world: comm.world(),
         device: crate::device::gpu_name(&device).unwrap_or_else(|| format!("{device:?}")),
         tokens_per_sec,

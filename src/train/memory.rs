@@ -80,7 +80,7 @@ impl<'a> StepShape<'a> {
             cuda: device.is_cuda(),
             optimizer_shards: if train.zero1 { world } else { 1 },
             optimizer_state: train.optimizer_state,
-            grad_buffer: train.grad_buffer,
+            grad_buffer: train.grad_buffer_dtype(device.is_cuda(), world),
         }
     }
 }

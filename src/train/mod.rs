@@ -241,7 +241,7 @@ pub fn train_step(
     let w = step_weights(ctx, comm, params, &adam.shard, sums, lambda)?;
     PhaseTimer::mark(&mut timer, "quantize weights")?;
     // A bf16 buffer is summed over the ranks as it is.
-    let buffer = train.grad_buffer.dtype();
+    let buffer = train.grad_buffer_dtype(ctx.device.is_cuda(), comm.world()).dtype();
     let wire = match buffer {
         DType::BF16 => buffer,
         _ => train.grad_dtype.dtype(),
