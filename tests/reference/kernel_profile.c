@@ -39,6 +39,21 @@ static void add(Records *rs, const char *name, unsigned long long start, unsigne
   rs->at[rs->count++] = (Record){name, start, end};
 }
 
+// A memset's name with its size, which tells which buffer it zeroes (the first 64 sizes; the rest as one).
+static const char *memset_name(unsigned long long bytes) {
+  static struct {
+    unsigned long long bytes;
+    char name[40];
+  } seen[64];
+  static int count;
+  for (int i = 0; i < count; i++)
+    if (seen[i].bytes == bytes) return seen[i].name;
+  if (count == 64) return "[memset, other sizes]";
+  seen[count].bytes = bytes;
+  snprintf(seen[count].name, sizeof seen[count].name, "[memset %llu bytes]", bytes);
+  return seen[count++].name;
+}
+
 static void CUPTIAPI requested(uint8_t **buffer, size_t *size, size_t *max_records) {
   *size = 16 << 20;
   *buffer = aligned_alloc(8, *size);
@@ -60,7 +75,7 @@ static void CUPTIAPI completed(CUcontext ctx, uint32_t stream, uint8_t *buffer, 
           m->start, m->end);
     } else if (r->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
       CUpti_ActivityMemset4 *m = (CUpti_ActivityMemset4 *)r;
-      add(&device, "[memset]", m->start, m->end);
+      add(&device, memset_name(m->bytes), m->start, m->end);
     } else if (r->kind == CUPTI_ACTIVITY_KIND_DRIVER) {
       CUpti_ActivityAPI *a = (CUpti_ActivityAPI *)r;
       const char *name = "?";
