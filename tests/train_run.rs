@@ -453,7 +453,10 @@ fn resume_without_checkpoint_starts_fresh() {
     let out = run_ok(train(resumed.path(), 3, &[]).arg("--resume"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no checkpoint in"), "{stderr}");
-    run_ok(&mut train(fresh.path(), 3, &[]));
+    let out = run_ok(&mut train(fresh.path(), 3, &[]));
+    // The run names its gradient buffer: `auto` keeps f32 on the CPU.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("x 1 ranks); gradient buffer f32 (auto)"), "{stderr}");
     assert_same_weights(&final_weights(resumed.path()), &final_weights(fresh.path()));
     assert_same_metrics(&metrics(resumed.path()), &metrics(fresh.path()));
     eprintln!("resume_without_checkpoint_starts_fresh: {:.1?}", started.elapsed());

@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointWriter, RunIdentity};
-use crate::config::run::{RunConfig, StepWeightsPlan, TrainSection};
+use crate::config::run::{GradBuffer, RunConfig, StepWeightsPlan, TrainSection};
 use crate::config::ModelConfig;
 use crate::data::{self, Batch, DataOptions, Dataset, Row};
 use crate::dist::{Communicator, GradReducer, Watchdog};
@@ -500,10 +500,13 @@ pub fn run(cfg: &RunConfig, comm: &Communicator, start: Start) -> Result<RunSumm
 
     let rows_per_step = t.micro_batch * t.grad_accum * comm.world();
     note(format!(
-        "global batch: {rows_per_step} sequences per step (micro-batch {} x accumulation {} x {} ranks)",
+        "global batch: {rows_per_step} sequences per step (micro-batch {} x accumulation {} x {} ranks); \
+         gradient buffer {}{}",
         t.micro_batch,
         t.grad_accum,
-        comm.world()
+        comm.world(),
+        t.grad_buffer_dtype(device.is_cuda(), comm.world()).dtype().as_str(),
+        if t.grad_buffer == GradBuffer::Auto { " (auto)" } else { "" },
     ));
     let total = cursor::total_steps(&data.train, &data.opts, t.seed, t.epochs, rows_per_step, t.max_steps);
     if total == 0 {
