@@ -202,7 +202,7 @@ pub enum GradDtype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GradBuffer {
-    /// bf16 where nothing is summed in it, else f32 ([`TrainSection::grad_buffer_dtype`]).
+    /// bf16 on a GPU at one micro-batch a step on one rank, else f32 ([`TrainSection::grad_buffer_dtype`]).
     Auto,
     F32,
     Bf16,
