@@ -133,7 +133,7 @@ pub fn bench(o: &BenchOptions, comm: &Communicator) -> Result<BenchResult> {
         recompute: train.recompute,
         optimizer_state: train.optimizer_state,
         step_weights: train.step_weights,
-        grad_buffer: train.grad_buffer_dtype(device.is_cuda(), comm.world()),
+        grad_buffer: shape.grad_buffer,
         world: comm.world(),
         device: crate::device::gpu_name(&device).unwrap_or_else(|| format!("{device:?}")),
         tokens_per_sec,
