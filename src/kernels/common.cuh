@@ -8,7 +8,11 @@
 typedef __nv_bfloat16 bf16;
 
 __device__ __forceinline__ float f32(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16(x); }
+// Rounded to nearest even through the packed conversion (cvt.rn.bf16x2.f32: F2FP, an ALU instruction on Hopper)
+// rather than the scalar one (F2F), which issues on the 16-lanes-a-clock unit that also runs the exponentials and
+// reciprocals: the same bits, and the gated norm kernels, which round up to five times an element, leave that
+// unit to their sigmoids.
+__device__ __forceinline__ bf16 to_bf16(float x) { return __low2bfloat16(__floats2bfloat162_rn(x, x)); }
 // The value a cast to bf16 and back gives: fused kernels round where the unfused ops stored bf16.
 __device__ __forceinline__ float round_bf16(float x) { return f32(to_bf16(x)); }
 
