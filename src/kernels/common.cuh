@@ -167,11 +167,23 @@ __device__ __forceinline__ void load_weights(const bf16* w, int i, float* out) {
     load8(reinterpret_cast<const bf16*>(&u), out);
 }
 
+// roundf(x) (ties away from zero, the sign of zero kept) for a caller that clamps it to a range within +-2^22,
+// on the FMA pipe: adding and taking away 1.5 * 2^23 rounds to the nearest integer with ties to even where
+// |x| < 2^22, and a tie (x - r = +-1/2, exact) is moved away from zero; past 2^22 the result keeps x's sign and
+// is at least 2^22 - 1 in magnitude, which the clamp takes to roundf's end of the range. The int8 codes' and
+// the ternary weights' clamps give roundf's bits for every f32 (tests/reference/round_for_clamp.c checks all
+// 2^32). roundf's FRND and F2I issue on the 16-lane conversion unit.
+#define ONE_AND_A_HALF_2_23 12582912.f
+__device__ __forceinline__ float round_for_clamp(float x) {
+    float r = copysignf(__fsub_rn(__fadd_rn(x, ONE_AND_A_HALF_2_23), ONE_AND_A_HALF_2_23), x);
+    return fabsf(__fsub_rn(x, r)) == 0.5f ? __fadd_rn(x, copysignf(0.5f, x)) : r;
+}
+
 // A row's int8 quantization (the BitLinear input's, per token): the scale from the row's largest magnitude,
 // and each value's code, round(v / scale) clamped to [-128, 127].
 __device__ __forceinline__ float int8_scale(float amax) { return fmaxf(amax, 1e-5f) * (1.f / 127.f); }
 __device__ __forceinline__ float int8_code(float v, float scale) {
-    return fminf(fmaxf(roundf(__fdividef(v, scale)), -128.f), 127.f);
+    return fminf(fmaxf(round_for_clamp(__fdividef(v, scale)), -128.f), 127.f);
 }
 // Waits at named barrier `id` (1..15; 0 is __syncthreads') for N threads (whole warps): a group of
 // warps, not the whole block. Like __syncthreads it orders the group's shared-memory accesses, so the
@@ -180,7 +192,8 @@ template <int N> __device__ __forceinline__ void named_sync(int id) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(N) : "memory");
 }
 
-// Code q as byte e of eight codes held in two words (one 8-byte store, the int8 GEMM's row-major layout).
-__device__ __forceinline__ void pack_code(unsigned (&packed)[2], int e, int q) {
-    packed[e / 4] |= (unsigned)(q & 0xff) << (8 * (e % 4));
+// Code q (int8_code's) as byte e of eight codes held in two words (one 8-byte store, the int8 GEMM's row-major
+// layout). q + 1.5 * 2^23 holds the integer q in its low bits, two's complement: an add instead of a conversion.
+__device__ __forceinline__ void pack_code(unsigned (&packed)[2], int e, float q) {
+    packed[e / 4] |= ((unsigned)__float_as_int(__fadd_rn(q, ONE_AND_A_HALF_2_23)) & 0xffu) << (8 * (e % 4));
 }

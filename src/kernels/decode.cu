@@ -248,8 +248,8 @@ extern "C" __global__ void __launch_bounds__(32 * STEP_WARPS) bitlinear_step(con
             unsigned packed[2] = {0u, 0u};
 #pragma unroll
             for (int e = 0; e < 8; e++) {
-                int q = (int)int8_code(v[c][e], scale);
-                sum += q;
+                float q = int8_code(v[c][e], scale);
+                sum += (int)q;
                 pack_code(packed, e, q);
             }
             *reinterpret_cast<uint2*>(q8 + (size_t)r * p.k + chunk(c)) = make_uint2(packed[0], packed[1]);

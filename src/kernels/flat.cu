@@ -82,7 +82,9 @@ extern "C" __global__ void slot_absmean_partials(const float* flat, const long l
     if (threadIdx.x == 0) partials[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
 
-__device__ __forceinline__ float ternary(float x, float s) { return fminf(fmaxf(roundf(x * s), -1.f), 1.f); }
+__device__ __forceinline__ float ternary(float x, float s) {
+    return fminf(fmaxf(round_for_clamp(x * s), -1.f), 1.f);
+}
 __device__ __forceinline__ bf16 step_weight(float x, float s, float inv, float lambda, bool matrix) {
     return to_bf16(matrix ? blend(x, ternary(x, s) * inv, lambda) : x);
 }

@@ -119,7 +119,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             float q = int8_code(v[k][e], scale);
-            pack_code(packed, e, (int)q);
+            pack_code(packed, e, q);
             v[k][e] = blend(v[k][e], q * scale, lambda);
         }
         store8(y + row + i, v[k]);
