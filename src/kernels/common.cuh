@@ -117,7 +117,6 @@ __device__ __forceinline__ void store8(bf16* p, const float* in) {
 // intrinsics (a few ulp of f32, below the bf16 rounding that follows; the tests compare against the exact
 // reference).
 __device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.f, 1.f + __expf(-g)); }
-__device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
 
 // e's base-2 logarithm and 2's natural one: the softmax kernels run in base 2 (exp2, log2).
 #define LOG2E 1.44269504089f
@@ -127,12 +126,16 @@ __device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
 #define ACT_SILU 0
 #define ACT_RELU2 1
 
-__device__ __forceinline__ float act_of(int act, float g) {
+// The gate's sigmoid where the activation is SiLU (relu^2 needs none): the backward computes it once for its
+// passes and the gradient, since its exponential and division run on the unit the gated norms are bound by.
+__device__ __forceinline__ float gate_sigmoid(int act, float g) { return act == ACT_RELU2 ? 0.f : sigmoid(g); }
+// act(g), given s = gate_sigmoid(act, g).
+__device__ __forceinline__ float act_of(int act, float g, float s) {
     if (act == ACT_RELU2) {
         float r = fmaxf(g, 0.f);
         return r * r;
     }
-    return silu(g);
+    return g * s;
 }
 
 // RoPE's turn of a channel pair (x1, x2) = (j, j + d / 2) by the angle of cosine c and sine s, in f32, each sum
@@ -145,7 +148,10 @@ __device__ __forceinline__ void rope_turn(float& x1, float& x2, float c, float s
 }
 
 // h = act(gate) up, rounded to bf16 where the unfused ops stored it (the activation, then the product).
-__device__ __forceinline__ float glu_h(int act, float g, float u) { return round_bf16(round_bf16(act_of(act, g)) * u); }
+__device__ __forceinline__ float glu_h(int act, float g, float u, float s) {
+    return round_bf16(round_bf16(act_of(act, g, s)) * u);
+}
+__device__ __forceinline__ float glu_h(int act, float g, float u) { return glu_h(act, g, u, gate_sigmoid(act, g)); }
 
 // Eight bf16 at w + i as raw bits (16 bytes), in one access where the address lies on the 16-byte grid, else
 // one by one (a norm weight is a view into the step's flat weight buffer, so it may not).

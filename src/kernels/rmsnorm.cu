@@ -59,15 +59,14 @@ template <int G> struct Group {
 };
 
 // The gated activation's gradients: dgate = dh up act'(g), dup = dh act(g), with silu'(g) = s (1 + g (1 - s))
-// (s = sigmoid(g)) and (relu(g)^2)' = 2 relu(g).
-__device__ __forceinline__ void glu_grad(int act, float dh, float g, float u, float& dg, float& du) {
+// (s = sigmoid(g), gate_sigmoid's) and (relu(g)^2)' = 2 relu(g).
+__device__ __forceinline__ void glu_grad(int act, float dh, float g, float u, float s, float& dg, float& du) {
     if (act == ACT_RELU2) {
         float r = fmaxf(g, 0.f);
         dg = dh * u * (2.f * r);
         du = dh * (r * r);
         return;
     }
-    float s = sigmoid(g);
     dg = dh * u * (s * (g * (1.f - s) + 1.f));
     du = dh * g * s;
 }
@@ -149,21 +148,17 @@ template <bool GLU> struct RowVector {
         }
         return v;
     }
-    // dy, the norm's input (with GLU h = act(gate) up, and the halves in g and u), widened.
-    __device__ void widen(int act, float* d, float* v, float* g, float* u) const {
-        load8(reinterpret_cast<const bf16*>(&dy), d);
-        input(act, v, g, u);
-    }
-    __device__ void widen(int act, float* d, float* v) const {
-        float g[8], u[8];
-        widen(act, d, v, g, u);
-    }
-    __device__ void input(int act, float* v, float* g, float* u) const {
+    // The norm's input, widened: x, or with GLU h = act(gate) up with the halves in g and u and the gate's
+    // sigmoids in s (computed here where `fresh`, else as an earlier call left them).
+    __device__ void input(int act, float* v, float* g, float* u, float* s, bool fresh) const {
         if constexpr (GLU) {
             load8(reinterpret_cast<const bf16*>(&x), g);
             load8(reinterpret_cast<const bf16*>(&third), u);
 #pragma unroll
-            for (int e = 0; e < 8; e++) v[e] = glu_h(act, g[e], u[e]);
+            for (int e = 0; e < 8; e++) {
+                if (fresh) s[e] = gate_sigmoid(act, g[e]);
+                v[e] = glu_h(act, g[e], u[e], s[e]);
+            }
         } else {
             load8(reinterpret_cast<const bf16*>(&x), v);
         }
@@ -188,6 +183,10 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
                                  int act) {
     using R = Group<0>;  // a block per row
     constexpr bool AHEAD = K == 1;
+    // With GLU and one vector a thread the gate's sigmoids are kept from the first pass to the second (8
+    // registers: 24 bytes spill); with more, the second pass computes them again for h and for the gradient
+    // (kept alive there, they made the b2 variant spill).
+    constexpr bool HOLD = GLU && AHEAD;
     // Each 8-channel vector's share of its head's delta, summed per head in order after the row.
     __shared__ float delta_parts[GLU ? 1 : 4 * 512];
     auto load = [&](int row, int k) {
@@ -204,13 +203,19 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
         auto vector = [&](int k) { return AHEAD ? held[k] : load(row, k); };
         float r = rrms[row];
         float dot = 0.f;
+        float held_s[HOLD ? K : 1][8];
 #pragma unroll
         for (int k = 0; k < K; k++) {
             int i = R::column(k, c);
             if (i == c) continue;
             // The same sums as one loop over e, in an order that keeps fewer arrays of 8 alive.
             float d[8], xh[8];
-            vector(k).widen(act, d, xh);
+            {
+                RowVector<GLU> rv = vector(k);
+                float g[8], u[8], fresh_s[8];
+                load8(reinterpret_cast<const bf16*>(&rv.dy), d);
+                rv.input(act, xh, g, u, HOLD ? held_s[k] : fresh_s, true);
+            }
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 xh[e] *= r;
@@ -237,7 +242,8 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             // Built in place so that few arrays of 8 live at once (the gated kernels' gate and up halves stay to
             // the end): the b2 and b4 variants spilled otherwise.
             RowVector<GLU> rv = vector(k);
-            float o[8], g[8], u[8];
+            float o[8], g[8], u[8], fresh_s[8];
+            float* gs = HOLD ? held_s[k] : fresh_s;
             load8(reinterpret_cast<const bf16*>(&rv.dy), o);
             {
                 float wv[8];
@@ -247,7 +253,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             }
             {
                 float xh[8];
-                rv.input(act, xh, g, u);
+                rv.input(act, xh, g, u, gs, !HOLD);
 #pragma unroll
                 for (int e = 0; e < 8; e++) o[e] = (o[e] - xh[e] * r * proj) * r;
             }
@@ -261,7 +267,8 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
                 // dh rounded to bf16 as the unfused norm stored it, then through the activation into [dgate | dup].
                 float dg[8], du[8];
 #pragma unroll
-                for (int e = 0; e < 8; e++) glu_grad(act, round_bf16(o[e]), g[e], u[e], dg[e], du[e]);
+                for (int e = 0; e < 8; e++)
+                    glu_grad(act, round_bf16(o[e]), g[e], u[e], HOLD ? gs[e] : gate_sigmoid(act, g[e]), dg[e], du[e]);
                 store8(dx + (size_t)row * 2 * c + i, dg);
                 store8(dx + (size_t)row * 2 * c + c + i, du);
             } else {
