@@ -166,6 +166,20 @@ static void report(void) {
   for (size_t t = 0; t < wait_kinds && t < n / 2; t++)
     fprintf(stderr, "kprof: idle before: %8zu %10.2f %9.2f  %.150s\n", waits[t].calls, waits[t].ns / 1e6,
             waits[t].ns / 1e3 / waits[t].calls, waits[t].name);
+  // What runs right after each memset (the launch that asked for it is its neighbour on the stream).
+  Total *after = calloc(count - first, sizeof(Total));
+  size_t after_kinds = 0;
+  for (size_t i = first; i + 1 < count; i++) {
+    if (strncmp(records[i].name, "[memset", 7)) continue;
+    char *pair = malloc(256);
+    snprintf(pair, 256, "%s -> %.200s", records[i].name, records[i + 1].name);
+    size_t before = after_kinds;
+    tally(after, &after_kinds, pair, records[i].end - records[i].start);
+    if (after_kinds == before) free(pair);
+  }
+  qsort(after, after_kinds, sizeof(Total), by_time);
+  for (size_t t = 0; t < after_kinds && t < n / 2; t++)
+    fprintf(stderr, "kprof: memset then: %8zu  %.230s\n", after[t].calls, after[t].name);
   // The host's driver calls in the same window.
   Total *calls = calloc(host.count + 1, sizeof(Total));
   size_t call_kinds = 0;
