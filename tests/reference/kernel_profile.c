@@ -2,7 +2,8 @@
 // API, loaded by the CUDA driver through CUDA_INJECTION64_PATH, records every kernel, memcpy and memset, and at
 // exit prints the time per kernel name and how long the GPU sat idle between them (launch-bound time), with the
 // kernels the idle time came before (what the GPU was waiting to be given: after a host sync, the next launch),
-// and the host's time in each CUDA driver call (where the host spends a launch-bound step: a graph launch, a
+// the launch after each memset by size (a library's memset comes right before the kernel it serves), and the
+// host's time in each CUDA driver call (where the host spends a launch-bound step: a graph launch, a
 // copy that waits).
 //
 // Build (here, against the CUPTI wheel's headers; `pip download nvidia-cuda-cupti==13.0.*`):
