@@ -126,8 +126,8 @@ __device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.f, 1.f +
 #define ACT_SILU 0
 #define ACT_RELU2 1
 
-// The gate's sigmoid where the activation is SiLU (relu^2 needs none): the backward computes it once for its
-// passes and the gradient, since its exponential and division run on the unit the gated norms are bound by.
+// The gate's sigmoid where the activation is SiLU (relu^2 needs none): the backward can compute it once for its
+// passes and the gradient (its exponential and reciprocal are two instructions of the 16-lane unit).
 __device__ __forceinline__ float gate_sigmoid(int act, float g) { return act == ACT_RELU2 ? 0.f : sigmoid(g); }
 // act(g), given s = gate_sigmoid(act, g).
 __device__ __forceinline__ float act_of(int act, float g, float s) {
