@@ -203,7 +203,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
         auto vector = [&](int k) { return AHEAD ? held[k] : load(row, k); };
         float r = rrms[row];
         float dot = 0.f;
-        float held_s[HOLD ? K : 1][8];
+        float held_s[8];  // under HOLD (K = 1), vector 0's
 #pragma unroll
         for (int k = 0; k < K; k++) {
             int i = R::column(k, c);
@@ -214,7 +214,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
                 RowVector<GLU> rv = vector(k);
                 float g[8], u[8], fresh_s[8];
                 load8(reinterpret_cast<const bf16*>(&rv.dy), d);
-                rv.input(act, xh, g, u, HOLD ? held_s[k] : fresh_s, true);
+                rv.input(act, xh, g, u, HOLD ? held_s : fresh_s, true);
             }
 #pragma unroll
             for (int e = 0; e < 8; e++) {
@@ -243,7 +243,7 @@ __device__ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, c
             // the end): the b2 and b4 variants spilled otherwise.
             RowVector<GLU> rv = vector(k);
             float o[8], g[8], u[8], fresh_s[8];
-            float* gs = HOLD ? held_s[k] : fresh_s;
+            float* gs = HOLD ? held_s : fresh_s;
             load8(reinterpret_cast<const bf16*>(&rv.dy), o);
             {
                 float wv[8];
