@@ -13,29 +13,20 @@ use super::{cuda_device, grid_stride, launch, ptr, ptx, uninit, Ptx};
 
 const PTX: Ptx = ptx!("flat");
 
-/// One f64 partial sum per block of `sum(|x|)` or `sum(x^2)` over the contiguous f32 tensor `x`.
-fn sum_partials(x: &Tensor, square: bool) -> Result<(Tensor, usize)> {
+/// `sum(x^2)` of a contiguous f32 or bf16 tensor (the gradient buffer), accumulated in f64: an f64 scalar left
+/// on the device. One partial sum a block, then candle's sum of those.
+pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
+    let name = match x.dtype() {
+        DType::F32 => "sum_squares_f32",
+        DType::BF16 => "sum_squares_bf16",
+        d => candle_core::bail!("sum_squares: no {d:?} kernel (f32 or bf16 only)"),
+    };
     let n = x.elem_count();
     let cfg = grid_stride(n);
-    let blocks = cfg.grid_dim.0 as usize;
     let dev = cuda_device(x)?;
-    let partials = uninit(blocks, DType::F64, &dev)?;
-    launch!(dev, PTX, "sum_partials", cfg; ptr(x)?, n as u64, square as i32, ptr(&partials)?);
-    Ok((partials, blocks))
-}
-
-/// `sum(x^2)` of a contiguous f32 or bf16 tensor (the gradient buffer), accumulated in f64: an f64 scalar left
-/// on the device.
-pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::BF16 {
-        let n = x.elem_count();
-        let cfg = grid_stride(n);
-        let dev = cuda_device(x)?;
-        let partials = uninit(cfg.grid_dim.0 as usize, DType::F64, &dev)?;
-        launch!(dev, PTX, "sum_partials_bf16", cfg; ptr(x)?, n as u64, 1i32, ptr(&partials)?);
-        return partials.sum_all();
-    }
-    sum_partials(x, true)?.0.sum_all()
+    let partials = uninit(cfg.grid_dim.0 as usize, DType::F64, &dev)?;
+    launch!(dev, PTX, name, cfg; ptr(x)?, n as u64, ptr(&partials)?);
+    partials.sum_all()
 }
 
 /// Partial sums of `|W|` per slot in [`absmean_partials`] (the same count on every rank, so that ZeRO-1's
