@@ -1848,6 +1848,72 @@ mod fused {
     }
 
     #[test]
+    fn gemm_matches_reference() {
+        // c (+)= op(a) op(b) for every pair of transposes, into the first columns of wider rows (as the head's
+        // logits), m, n and k each off the multiples of 8 (each is then two products); fresh inputs each case.
+        use bessie::kernels::gemm::{try_gemm, Gemm};
+        let (m, n, k, width) = (37, 1003, 131, 1010);
+        for (a_t, b_t, add) in [(false, false, false), (false, true, true), (true, false, true), (true, true, false)] {
+            let a = randn(&if a_t { [k, m] } else { [m, k] }, DType::BF16);
+            let b = randn(&if b_t { [n, k] } else { [k, n] }, DType::BF16);
+            let wide = randn(&[m, width], DType::F32);
+            let got = wide.copy().unwrap();
+            let g = Gemm { a: &a, a_t, b: &b, b_t, add };
+            try_gemm(&got.narrow(1, 0, n).unwrap(), g).unwrap().expect("the GEMM applies to bf16 on CUDA");
+            let f32 = |x: &Tensor, t: bool| {
+                let x = x.to_dtype(DType::F32).unwrap();
+                if t {
+                    x.t().unwrap()
+                } else {
+                    x
+                }
+            };
+            let product = f32(&a, a_t).matmul(&f32(&b, b_t)).unwrap();
+            let base = wide.narrow(1, 0, n).unwrap();
+            let want = if add { (&base + &product).unwrap() } else { product };
+            let e = rel_l2(&got.narrow(1, 0, n).unwrap(), &want);
+            println!("gemm a_t {a_t} b_t {b_t} add {add}: rel L2 {e:.2e}");
+            assert!(e < 1e-4, "a_t {a_t} b_t {b_t} add {add}: rel L2 {e}");
+            let rest = |t: &Tensor| values(&t.narrow(1, n, width - n).unwrap());
+            assert_eq!(rest(&got), rest(&wide), "a_t {a_t} b_t {b_t}: wrote past the view's columns");
+        }
+    }
+
+    #[test]
+    fn head_products_match_reference() {
+        // The loss's logits in padded rows and the input gradient into its chunk of rows, at a vocabulary off
+        // the multiples of 8, against the bf16 matmuls they replace.
+        let (n, c, vocab, first) = (45, 96, 32002, 7);
+        let (h, w) = (randn(&[n, c], DType::BF16), randn(&[vocab, c], DType::BF16));
+        let logits = head_logits(&h, &w).unwrap();
+        assert_eq!(logits.dims(), [n, 32008], "rows padded to a multiple of 8");
+        let want = h.matmul(&w.t().unwrap()).unwrap();
+        let e = rel_l2(&logits.narrow(1, 0, vocab).unwrap(), &want);
+        println!("head logits: rel L2 {e:.2e}");
+        assert!(e < 1e-2, "logits: rel L2 {e}");
+        let dlogits = randn(&[n, 32008], DType::BF16).narrow(1, 0, vocab).unwrap();
+        let dx = Tensor::full(f32::NAN, (first + n + 3, c), &gpu()).unwrap().to_dtype(DType::BF16).unwrap();
+        head_input_grad(&dlogits, &w, &dx, first).unwrap();
+        let want = dlogits.contiguous().unwrap().matmul(&w).unwrap();
+        let e = rel_l2(&dx.narrow(0, first, n).unwrap(), &want);
+        println!("head input gradient: rel L2 {e:.2e}");
+        assert!(e < 1e-2, "input gradient: rel L2 {e}");
+        let outside = [values(&dx.narrow(0, 0, first).unwrap()), values(&dx.narrow(0, first + n, 3).unwrap())];
+        assert!(outside.iter().flatten().all(|v| v.is_nan()), "wrote outside the chunk's rows");
+    }
+
+    #[test]
+    fn embedding_rows_match_index_select() {
+        let (vocab, c) = (1001, 264);
+        let table = randn(&[vocab, c], DType::BF16);
+        let ids: Vec<u32> =
+            (0..777u32).map(|i| (i * 613 + 5) % vocab as u32).chain([0, vocab as u32 - 1, 3, 3]).collect();
+        let ids = Tensor::new(ids.as_slice(), &gpu()).unwrap();
+        let got = embedding_forward(&table, &ids).unwrap();
+        assert_eq!(values(&got), values(&table.index_select(&ids, 0).unwrap()), "the gathered rows differ");
+    }
+
+    #[test]
     fn overwrite_then_add_matches_reference() {
         // Each kind of weight gradient written into a buffer of NaN (the step's buffer is uninitialized), then
         // added: the first write must not read the buffer, and the embedding's rows of absent ids must be 0.

@@ -69,6 +69,20 @@ pub mod rmsnorm;
 #[cfg(feature = "cuda")]
 pub mod rope;
 
+/// A tensor on `device` whose every element the caller writes before anything reads it: uninitialized on a
+/// GPU (no zero-fill pass), zeros elsewhere.
+pub fn for_writing(
+    shape: impl Into<candle_core::Shape>,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return uninit(shape, dtype, dev);
+    }
+    candle_core::Tensor::zeros(shape, dtype, device)
+}
+
 #[cfg(not(feature = "cuda"))]
 pub mod stub;
 #[cfg(not(feature = "cuda"))]

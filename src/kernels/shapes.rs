@@ -5,6 +5,31 @@ use candle_core::{Result, Tensor};
 
 use crate::model::arch::Activation;
 
+/// The operands of `c (+)= op(a) op(b)`, bf16 and row-major, their rows contiguous: `a` is `[m, k]`, or `[k,
+/// m]` when `a_t` (its transpose is the operand); `b` is `[k, n]`, or `[n, k]` when `b_t`.
+#[derive(Clone, Copy)]
+pub struct Gemm<'a> {
+    pub a: &'a Tensor,
+    pub a_t: bool,
+    pub b: &'a Tensor,
+    pub b_t: bool,
+    /// Add the product to `c` (beta = 1); else overwrite it (beta = 0: `c` is not read).
+    pub add: bool,
+}
+
+impl Gemm<'_> {
+    /// `(m, n, k)`.
+    pub fn dims(&self) -> Result<(usize, usize, usize)> {
+        let ((a0, a1), (b0, b1)) = (self.a.dims2()?, self.b.dims2()?);
+        let (m, ka) = if self.a_t { (a1, a0) } else { (a0, a1) };
+        let (kb, n) = if self.b_t { (b1, b0) } else { (b0, b1) };
+        if ka != kb {
+            candle_core::bail!("gemm: op(a) is {m} x {ka} but op(b) is {kb} x {n}");
+        }
+        Ok((m, n, ka))
+    }
+}
+
 /// The shape of attention's heads: `[batch, heads, seq, head_dim]`, `q_heads` for queries, `kv_heads` for
 /// keys and values.
 #[derive(Debug, Clone, Copy)]

@@ -40,6 +40,10 @@ pub mod embedding {
     pub fn try_add_embedding_rows(_: &Tensor, _: &Tensor, _: &TokenRows, _: bool) -> Result<Option<()>> {
         Ok(None)
     }
+
+    pub fn try_embedding_rows(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 pub mod flash_attention {
@@ -99,9 +103,14 @@ pub mod flat {
 }
 
 pub mod gemm {
+    pub use crate::kernels::shapes::Gemm;
     use candle_core::{Result, Tensor};
 
-    pub fn try_gemm_at_b(_: &Tensor, _: &Tensor, _: &Tensor, _: bool) -> Result<Option<()>> {
+    pub fn try_gemm(_: &Tensor, _: Gemm) -> Result<Option<()>> {
+        Ok(None)
+    }
+
+    pub fn try_padded_logits(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

@@ -22,11 +22,7 @@ pub struct Gradients {
 impl Gradients {
     /// A buffer of `dtype` (f32 or bf16).
     pub fn new(layout: &ParamLayout, device: &Device, dtype: DType) -> Result<Self> {
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(dev) = device {
-            return Ok(Self::over(layout, crate::kernels::uninit(layout.total, dtype, dev)?));
-        }
-        Ok(Self::over(layout, Tensor::zeros(layout.total, dtype, device)?))
+        Ok(Self::over(layout, crate::kernels::for_writing(layout.total, dtype, device)?))
     }
 
     /// Over `flat` (f32 or bf16, `layout.total` elements) whatever it holds, as if uninitialized: tests fill it with

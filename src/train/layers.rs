@@ -11,6 +11,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::kernels;
 pub use crate::kernels::flat::TernaryCodes;
+use crate::kernels::shapes::Gemm;
 pub use crate::kernels::shapes::{FlashInputs, FlashKernels, HeadShape, Int8Operand, TokenRows};
 use crate::model::arch::Activation;
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
@@ -105,6 +106,26 @@ pub fn linear_forward(
     }
 }
 
+/// The head's logits `h w^T` for the loss (`h: [n, c]`, `w: [vocab, c]`): on CUDA bf16 rows padded to a
+/// multiple of 8 columns, the padding unset (the cross-entropy kernel reads aligned rows, and ignores it);
+/// elsewhere `[n, vocab]`. No padded copy of the head: a vocabulary such as 32002 is two products.
+pub fn head_logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match kernels::gemm::try_padded_logits(h, w)? {
+        Some(logits) => Ok(logits),
+        None => h.matmul(&w.t()?),
+    }
+}
+
+/// The head's input gradient `dlogits w` (`dlogits: [n, vocab]`, its rows may lie further apart: the
+/// vocabulary's columns of [`head_logits`]' rows) into rows `first..first + n` of `dx`.
+pub fn head_input_grad(dlogits: &Tensor, w: &Tensor, dx: &Tensor, first: usize) -> Result<()> {
+    let rows = dx.narrow(0, first, dlogits.dim(0)?)?;
+    match kernels::gemm::try_gemm(&rows, Gemm { a: dlogits, a_t: false, b: w, b_t: false, add: false })? {
+        Some(()) => Ok(()),
+        None => dx.slice_set(&dlogits.matmul(w)?, 0, first),
+    }
+}
+
 /// Straight-through estimator: both quantizers pass gradients unchanged, so the gradients are those of a
 /// plain linear layer at the effective weight and input. Returns `dx` in the compute dtype and `dW` as the
 /// product still to take ([`WeightGrad::Product`]), which the gradient buffer takes in place.
@@ -140,7 +161,7 @@ impl WeightGrad {
         let add = mode == Mode::Add;
         let fused = match self {
             Self::Tensor(g) => kernels::flat::try_accumulate(&dst, g, add)?,
-            Self::Product { dy, x } => kernels::gemm::try_gemm_at_b(&dst, dy, x, add)?,
+            Self::Product { dy, x } => kernels::gemm::try_gemm(&dst, Gemm { a: dy, a_t: true, b: x, b_t: false, add })?,
             Self::RowSums(p) => kernels::rmsnorm::try_column_sums(&dst, p, add)?,
             Self::Scatter { dx, rows, .. } => kernels::embedding::try_add_embedding_rows(&dst, dx, rows, add)?,
         };
@@ -549,6 +570,15 @@ pub fn cross_entropy_forward_backward_reference(
     match stride - vocab {
         0 => Ok((loss, dlogits)),
         pad => Ok((loss, Tensor::cat(&[dlogits, Tensor::zeros((n, pad), DType::F32, logits.device())?], 1)?)),
+    }
+}
+
+/// The embedding's rows of the tokens `ids` (u32 on the device): `table.index_select(ids, 0)`, on CUDA one
+/// kernel of 16-byte copies.
+pub fn embedding_forward(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    match kernels::embedding::try_embedding_rows(table, ids)? {
+        Some(rows) => Ok(rows),
+        None => table.index_select(ids, 0),
     }
 }
 

@@ -147,17 +147,13 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let chunk = s.plan.loss_chunk.min(s.micro_batch * s.seq) as f64;
     // On CUDA the fused kernels (crate::kernels) replace chains of f32 temporaries with one bf16 output.
     let fused = s.cuda;
-    // The loss chunk: logits, exp and two gradient copies in f32 (fused: bf16 logits and their gradient);
-    // dhidden's chunks while they are joined. On CUDA the head's and the embedding's gradients go straight
-    // into the buffer; elsewhere each is a dense f32 table first, then its sum with the buffer.
-    let logits = if fused { 2.0 * e } else { 16.0 };
+    // The loss chunk: logits, exp and two gradient copies in f32 (fused: bf16 logits and their gradient, in
+    // rows padded to a multiple of 8); the gradient at the hidden rows, which the chunks write. On CUDA the
+    // head's and the embedding's gradients go straight into the buffer; elsewhere each is a dense f32 table
+    // first, then its sum with the buffer.
+    let (logits, row) = if fused { (2.0 * e, cfg.vocab_size.next_multiple_of(8) as f64) } else { (16.0, v) };
     let dense_grads = if fused { 0.0 } else { 8.0 * v * h };
-    // A copy of the head padded to a multiple of 8 rows when the vocabulary is not, kept for the step.
-    let padded_head = match cfg.vocab_size % 8 {
-        0 => 0.0,
-        _ => e * cfg.vocab_size.next_multiple_of(8) as f64 * h,
-    };
-    let loss = logits * chunk * v + dense_grads + e * n * h;
+    let loss = logits * chunk * row + dense_grads + e * n * h;
     let query_block = s.plan.attention_block.min(s.seq) as f64;
     let scores = s.micro_batch as f64 * heads * query_block * s.seq as f64;
     // Score-sized temporaries of one query block: probabilities (f32 and e), dP, dP P, dP - rowsum, dS (f32
@@ -212,7 +208,7 @@ pub fn estimate(s: &StepShape) -> Estimate {
         ("latent weights (f32)", 4.0 * p),
         (grads_part, grads),
         (moments_part, moments),
-        ("this step's weights", step_weights + padded_head),
+        ("this step's weights", step_weights),
         ("saved activations", saved),
         ("largest transient", transient),
     ];
@@ -418,10 +414,10 @@ mod tests {
         let p = cfg.num_parameters() as f64;
         let est = estimate(&shape(&cfg, 2, 64, Recompute::None));
         assert_eq!(est.part("latent weights (f32)"), 4.0 * p);
-        // With the head (vocabulary 97) padded to 104 rows, and the blocks' ternary codes, a byte a weight.
+        // With the blocks' ternary codes, a byte a weight (no copy of the head: its products take it as it is).
         let block_params: usize =
             cfg.block_tensors(cfg.family().unwrap(), 0).iter().map(|t| t.shape.iter().product::<usize>()).sum();
-        assert_eq!(est.part("this step's weights"), 2.0 * p + 2.0 * 104.0 * 64.0 + 2.0 * block_params as f64);
+        assert_eq!(est.part("this step's weights"), 2.0 * p + 2.0 * block_params as f64);
         // hidden 64, intermediate 176, 4 heads, 2 layers: (9 x 64 + 3 x 176) x 2 + 4 x 8 = 2240 bytes a
         // token and block; 128 tokens; the final norm's 2 x 2 x 64 + 4.
         assert_eq!(saved_per_token(&cfg, Recompute::None, 2.0, true), 2240.0);

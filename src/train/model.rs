@@ -71,9 +71,6 @@ pub struct StepWeights {
     /// The whole buffer, or (per block) the slots before the blocks and those after them.
     kept: Vec<WeightPart>,
     per_block: Option<BlockSource>,
-    /// The head padded to a multiple of 8 rows ([`Pass::head_loss`]), made by the step's first micro-batch
-    /// and kept for the others.
-    padded_head: std::sync::OnceLock<Tensor>,
 }
 
 /// What per-block weights are built from: the f32 latents, every BitLinear matrix's sum of `|W|` (as
@@ -99,7 +96,7 @@ impl StepWeights {
     /// The step weights in `flat`, built whole (with their codes where [`int8_forward`]) or gathered from the
     /// ZeRO-1 shards ([`shard_step_weights`]; no codes).
     pub fn from_flat(flat: Tensor, int8: Option<TernaryCodes>) -> Result<Self> {
-        Ok(Self { kept: vec![WeightPart { flat, base: 0, int8 }], per_block: None, padded_head: Default::default() })
+        Ok(Self { kept: vec![WeightPart { flat, base: 0, int8 }], per_block: None })
     }
 
     /// `train.step_weights = "per_block"`: the slots outside the blocks built now from the whole f32 latents
@@ -130,7 +127,7 @@ impl StepWeights {
             .filter(|r| !r.is_empty())
             .map(|r| source.build(layout, r))
             .collect::<Result<_>>()?;
-        Ok(Self { kept, per_block: Some(source), padded_head: Default::default() })
+        Ok(Self { kept, per_block: Some(source) })
     }
 
     /// Slot `i` outside the blocks (any slot when the weights are kept whole).
@@ -601,7 +598,7 @@ impl<'a> Pass<'a> {
     /// The embedding, every block and the final norm: the hidden rows the head reads, what was kept of each
     /// block (`keep`; nothing when `None`) and the final norm's saved statistics.
     fn trunk(&self, keep: Option<Recompute>) -> Result<(Tensor, Vec<LayerSaved>, RmsNormSaved)> {
-        let mut x = self.w.slot(self.layout, self.layout.index(arch::EMBEDDING))?.index_select(&self.b.ids, 0)?;
+        let mut x = embedding_forward(&self.w.slot(self.layout, self.layout.index(arch::EMBEDDING))?, &self.b.ids)?;
         let mut layers = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
             let bw = self.w.block(self.layout, l)?;
@@ -625,37 +622,29 @@ impl<'a> Pass<'a> {
         let slot = head_slot(self.cfg, self.layout);
         let head = &self.w.slot(self.layout, slot)?;
         let (vocab, channels) = head.dims2()?;
-        // The head's rows padded to a multiple of 8: cuBLAS's fast kernels need the logits' rows aligned, and
-        // vocabularies such as 32002 are not. The loss ignores the padding's logits; its gradient is dropped.
-        let rows = vocab.next_multiple_of(8);
-        let head = match (rows - vocab, self.w.padded_head.get()) {
-            (0, _) => head.clone(),
-            (_, Some(padded)) => padded.clone(),
-            (pad, None) => {
-                let padded = Tensor::cat(&[head, &Tensor::zeros((pad, channels), head.dtype(), head.device())?], 0)?;
-                self.w.padded_head.get_or_init(|| padded).clone()
-            }
-        };
-        let (mut loss, mut dhidden) = (Tensor::zeros((), DType::F64, hidden.device())?, Vec::new());
         let n = hidden.dim(0)?;
+        let mut loss = Tensor::zeros((), DType::F64, hidden.device())?;
+        // The gradient at the hidden rows, each chunk's rows written in place.
+        let dhidden = match grads {
+            Some(_) => Some(crate::kernels::for_writing((n, channels), hidden.dtype(), hidden.device())?),
+            None => None,
+        };
         for r0 in (0..n).step_by(self.plan.loss_chunk) {
             let nr = self.plan.loss_chunk.min(n - r0);
             let h = hidden.narrow(0, r0, nr)?;
-            let logits = linear_forward(&h, &head, None, None)?;
+            let logits = head_logits(&h, head)?;
             let targets = self.b.targets.narrow(0, r0, nr)?;
             let mask = self.b.loss_mask.narrow(0, r0, nr)?;
             let (l, dlogits) = cross_entropy_forward_backward(&logits, vocab, &targets, &mask)?;
             loss = (loss + l)?;
-            if let Some(grads) = grads {
-                let dlogits = dlogits.to_dtype(hidden.dtype())?;
-                let (dh, _) = linear_backward(&dlogits, &h, &head)?;
-                // The weight's gradient from the vocabulary's columns only: the padding rows have none.
-                let dw = WeightGrad::Product { dy: dlogits.narrow(1, 0, vocab)?, x: h };
-                grads.add(self.layout, slot..=slot, &dw)?;
-                dhidden.push(dh);
+            if let (Some(grads), Some(dhidden)) = (grads, &dhidden) {
+                // The vocabulary's columns: the padding's gradient is dropped.
+                let dlogits = dlogits.to_dtype(hidden.dtype())?.narrow(1, 0, vocab)?;
+                head_input_grad(&dlogits, head, dhidden, r0)?;
+                grads.add(self.layout, slot..=slot, &WeightGrad::Product { dy: dlogits, x: h })?;
             }
         }
-        Ok((loss, grads.map(|_| Tensor::cat(&dhidden, 0)).transpose()?))
+        Ok((loss, dhidden))
     }
 }
 
