@@ -8,7 +8,8 @@ use super::{aligned_ptr, cuda_device, grid_stride, launch, ptr, ptx, uninit, Ptx
 
 const PTX: Ptx = ptx!("embedding");
 
-/// The rows of `table` (`[vocab, c]`, bf16) at `ids` (u32): `[n, c]`, as `table.index_select(ids, 0)`.
+/// The rows of `table` (`[vocab, c]`, bf16) at `ids` (u32, each below `vocab`, as the trainer checks its data
+/// before the first step): `[n, c]`, as `table.index_select(ids, 0)`.
 /// `Ok(None)` where the kernel does not apply (not bf16 on CUDA, `c` not a multiple of 8, a table that does
 /// not start on the 16-byte grid).
 pub fn try_embedding_rows(table: &Tensor, ids: &Tensor) -> Result<Option<Tensor>> {

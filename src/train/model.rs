@@ -625,10 +625,8 @@ impl<'a> Pass<'a> {
         let n = hidden.dim(0)?;
         let mut loss = Tensor::zeros((), DType::F64, hidden.device())?;
         // The gradient at the hidden rows, each chunk's rows written in place.
-        let dhidden = match grads {
-            Some(_) => Some(crate::kernels::for_writing((n, channels), hidden.dtype(), hidden.device())?),
-            None => None,
-        };
+        let dhidden =
+            grads.map(|_| crate::kernels::for_writing((n, channels), hidden.dtype(), hidden.device())).transpose()?;
         for r0 in (0..n).step_by(self.plan.loss_chunk) {
             let nr = self.plan.loss_chunk.min(n - r0);
             let h = hidden.narrow(0, r0, nr)?;
