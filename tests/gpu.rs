@@ -1860,7 +1860,7 @@ mod fused {
             let got = wide.copy().unwrap();
             let g = Gemm { a: &a, a_t, b: &b, b_t, add };
             try_gemm(&got.narrow(1, 0, n).unwrap(), g).unwrap().expect("the GEMM applies to bf16 on CUDA");
-            let f32 = |x: &Tensor, t: bool| {
+            let operand = |x: &Tensor, t: bool| {
                 let x = x.to_dtype(DType::F32).unwrap();
                 if t {
                     x.t().unwrap()
@@ -1868,7 +1868,7 @@ mod fused {
                     x
                 }
             };
-            let product = f32(&a, a_t).matmul(&f32(&b, b_t)).unwrap();
+            let product = operand(&a, a_t).matmul(&operand(&b, b_t)).unwrap();
             let base = wide.narrow(1, 0, n).unwrap();
             let want = if add { (&base + &product).unwrap() } else { product };
             let e = rel_l2(&got.narrow(1, 0, n).unwrap(), &want);

@@ -44,20 +44,20 @@ pub fn gemm(c: &Tensor, g: Gemm) -> Result<()> {
     // not one, and a product over it ran on a generic kernel at half the rate (the head's weight gradient: 321
     // us a loss chunk of 1024 rows, H100): the bulk of such a dimension and its last few are two products.
     let bulk = |len: usize| Some(len / 8 * 8).filter(|&b| b != len && b > 0);
-    if let Some(b) = bulk(m) {
-        for (at, len) in [(0, b), (b, m - b)] {
+    if let Some(split) = bulk(m) {
+        for (at, len) in [(0, split), (split, m - split)] {
             gemm(&c.narrow(0, at, len)?, Gemm { a: &g.a.narrow(g.a_t as usize, at, len)?, ..g })?;
         }
         return Ok(());
     }
-    if let Some(b) = bulk(n) {
-        for (at, len) in [(0, b), (b, n - b)] {
+    if let Some(split) = bulk(n) {
+        for (at, len) in [(0, split), (split, n - split)] {
             gemm(&c.narrow(1, at, len)?, Gemm { b: &g.b.narrow(!g.b_t as usize, at, len)?, ..g })?;
         }
         return Ok(());
     }
-    if let Some(b) = bulk(k) {
-        for (at, len, add) in [(0, b, g.add), (b, k - b, true)] {
+    if let Some(split) = bulk(k) {
+        for (at, len, add) in [(0, split, g.add), (split, k - split, true)] {
             let (a, b) = (g.a.narrow(!g.a_t as usize, at, len)?, g.b.narrow(g.b_t as usize, at, len)?);
             gemm(&c, Gemm { a: &a, b: &b, add, ..g })?;
         }
