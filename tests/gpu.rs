@@ -672,11 +672,18 @@ mod fused {
     /// the forward BitLinears' shapes of each family (q/k/v and gate/up stacked, as the forward runs them) at
     /// 300 tokens (a partial tile of rows; a cluster's lower tile past the end), with and without scales, with
     /// a residual added in the epilogue where the tile adds one (rounded after the product and after the add),
-    /// and a block of 128 rows whose sums are all at their extremes.
+    /// and a block of 128 rows whose sums are all at their extremes; 200 outputs (the last tile's and its
+    /// last output buffer's columns partly past the end); and no launch where the outputs are not a multiple
+    /// of 8 (the rows' stores need them 16-byte aligned).
     #[test]
     fn int8_gemm_matches_integer_products() {
         use bessie::kernels::int8_gemm::{try_int8_gemm, Tile};
-        let mut shapes: Vec<(usize, usize)> = Vec::new();
+        let (a, _) = int8s(64, 128, 5);
+        let (b, _) = int8s(202, 128, 6);
+        for tile in Tile::ALL {
+            assert!(try_int8_gemm(&a, &b, None, None, None, tile).unwrap().is_none(), "202 outputs on {tile:?}");
+        }
+        let mut shapes: Vec<(usize, usize)> = vec![(200, 256)];
         for name in FAMILY_SHAPES {
             for (_, k, rows) in bitlinear_gemms(name) {
                 let nk = (rows.iter().sum(), k);

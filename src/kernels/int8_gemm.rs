@@ -23,6 +23,9 @@ const PTX: Ptx = ptx!("int8_gemm");
 const ROWS: usize = 128;
 const STAGE_K: usize = 128;
 const THREADS: u32 = 384;
+/// The columns of a rows kernel's output buffers (int8_gemm.cu's `IG_OUT_COLS`): each multiplying warpgroup
+/// has two of 64 rows of bf16.
+const OUT_COLS: usize = 32;
 
 /// How the blocks take the output: tiles of 128 rows and `columns` (128, 192 or 256) columns, each block alone
 /// (`cluster` 1) or in clusters of two taking the tiles above each other, the weight's columns loaded once
@@ -70,7 +73,10 @@ impl Tile {
     /// where they still make about three waves of tiles on 132 SMs (400; -large's q/k/v at 2,048 rows, 288
     /// such tiles, ran 1.09x slower on them), clusters where the output is wider than 1,536 and the rows more
     /// than 1,024 (alone, -large's `o_proj` and `down` ran 1.02-1.07x faster, and the two were even at 768
-    /// rows). Within 5% of the fastest of the four at every measured shape.
+    /// rows). Measured again with the outputs stored by the TMA (H100, 2026-12-07): within 2.1% of the fastest
+    /// at every 6,144-row shape and for every wider output at 2,048 rows (gate/up), where 256 columns now run
+    /// 1.11-1.18x faster than the picked 128 on outputs of 1,536, 3,840 and 4,608 (o_proj and down, which
+    /// add the residual on 128 columns only; q/k/v, which goes to the heads kernels).
     pub fn for_shape(m: usize, n: usize) -> Tile {
         let columns = if m.div_ceil(ROWS) * n.div_ceil(256) >= 400 { 256 } else { 128 };
         let cluster = if n > 1536 && m > 1024 { 2 } else { 1 };
@@ -101,23 +107,24 @@ impl Tile {
         }
     }
 
-    /// The stages' operands, room to align them to 1,024 bytes (the swizzle's period), two mbarriers a
-    /// stage, and each multiplying warpgroup's column scales (f32).
+    /// The stages' operands, room to align them to 1,024 bytes (the swizzle's period), the rows kernels'
+    /// output buffers, two mbarriers a stage, and each multiplying warpgroup's column scales (f32).
     fn shared(self) -> usize {
-        self.stages() * (ROWS + self.columns) * STAGE_K + 1024 + 16 * self.stages() + 2 * 4 * self.columns
+        let out_buffers = if self.head_dim == 0 { 2 * 2 * 64 * OUT_COLS * 2 } else { 0 };
+        self.stages() * (ROWS + self.columns) * STAGE_K + 1024 + out_buffers + 16 * self.stages() + 2 * 4 * self.columns
     }
 }
 
-/// `int8_gemm`'s parameters, as int8_gemm.cu's `Int8Gemm` lays them out: the operands' TMA descriptors,
-/// the scales' device addresses (0 for none), the output's, the residual's (0 for none), the sizes; then
-/// where the heads kernels write ([`Output`]).
+/// `int8_gemm`'s parameters, as int8_gemm.cu's `Int8Gemm` lays them out: the operands' TMA descriptors and
+/// the rows' output's (zeros for heads), the scales' device addresses (0 for none), the residual's (0 for
+/// none), the sizes; then where the heads kernels write ([`Output`]).
 #[repr(C, align(64))]
 struct GemmParams {
     a: cudarc::driver::sys::CUtensorMap,
     b: cudarc::driver::sys::CUtensorMap,
+    out: cudarc::driver::sys::CUtensorMap,
     a_scale: u64,
     b_scale: u64,
-    out: u64,
     residual: u64,
     m: i32,
     n: i32,
@@ -140,20 +147,48 @@ enum Output {
 // SAFETY: a `#[repr(C)]` struct of plain data, which the kernel takes by value (`__grid_constant__`).
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
 
-/// The TMA descriptor of a row-major int8 matrix `[rows, k]` at `address`, loaded in boxes of `box_rows`
-/// rows and 128 bytes of k, under the 128-byte swizzle the kernel's wgmma reads; rows past the end read 0.
-fn tensor_map(address: u64, rows: usize, k: usize, box_rows: usize) -> Result<cudarc::driver::sys::CUtensorMap> {
+/// How the TMA moves a row-major matrix: its element, the box it moves (columns, rows), and the swizzle the
+/// shared side is laid out in.
+struct TmaBox {
+    dtype: cudarc::driver::sys::CUtensorMapDataType,
+    bytes: usize,
+    columns: usize,
+    rows: usize,
+    swizzle: cudarc::driver::sys::CUtensorMapSwizzle,
+}
+
+impl TmaBox {
+    /// An int8 operand, loaded in boxes of `rows` rows and 128 bytes of k under the 128-byte swizzle the
+    /// kernel's wgmma reads; rows past the end read 0.
+    fn operand(rows: usize) -> TmaBox {
+        use cudarc::driver::sys::*;
+        let dtype = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8;
+        TmaBox { dtype, bytes: 1, columns: STAGE_K, rows, swizzle: CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B }
+    }
+
+    /// The bf16 rows' output, stored from the kernel's buffers of 64 rows x [`OUT_COLS`] (64 bytes a row)
+    /// under the 64-byte swizzle; what lies past m or n is not written.
+    fn output() -> TmaBox {
+        use cudarc::driver::sys::*;
+        let dtype = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+        TmaBox { dtype, bytes: 2, columns: OUT_COLS, rows: 64, swizzle: CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B }
+    }
+}
+
+/// The TMA descriptor of the row-major matrix `[rows, columns]` at `address` (16-byte aligned, rows a multiple of
+/// 16 bytes apart), moved in `tma`'s boxes.
+fn tensor_map(address: u64, rows: usize, columns: usize, tma: TmaBox) -> Result<cudarc::driver::sys::CUtensorMap> {
     use cudarc::driver::sys::*;
     let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
-    let dims: [u64; 2] = [k as u64, rows as u64];
-    let strides: [u64; 1] = [k as u64];
-    let boxes: [u32; 2] = [STAGE_K as u32, box_rows as u32];
+    let dims: [u64; 2] = [columns as u64, rows as u64];
+    let strides: [u64; 1] = [(columns * tma.bytes) as u64];
+    let boxes: [u32; 2] = [tma.columns as u32, tma.rows as u32];
     let unit: [u32; 2] = [1, 1];
     // SAFETY: the arrays hold rank (2) entries (strides rank - 1), and `map` is written before it is read.
     let status = unsafe {
         cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            tma.dtype,
             2,
             address as *mut std::ffi::c_void,
             dims.as_ptr(),
@@ -161,13 +196,13 @@ fn tensor_map(address: u64, rows: usize, k: usize, box_rows: usize) -> Result<cu
             boxes.as_ptr(),
             unit.as_ptr(),
             CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            tma.swizzle,
             CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
     };
     if status != CUresult::CUDA_SUCCESS {
-        candle_core::bail!("int8 GEMM: encoding a TMA descriptor for [{rows}, {k}]: {status:?}");
+        candle_core::bail!("int8 GEMM: encoding a TMA descriptor for [{rows}, {columns}]: {status:?}");
     }
     // SAFETY: written by the successful call above.
     Ok(unsafe { map.assume_init() })
@@ -249,7 +284,8 @@ pub fn try_int8_gemm_heads(
 /// and `b: [n, k]`, u8 tensors holding int8 values (two's complement), and f32 scales `[m]` and `[n]` (None:
 /// 1), plus `residual` (bf16 `[m, n]`, rounded again after the add; only where `tile` adds one), each block
 /// taking `tile`'s columns. `Ok(None)` where the kernel does not apply: not on a Hopper GPU, `k` not a
-/// multiple of 128, `n` odd, an operand not 16-byte aligned.
+/// multiple of 128, `n` not a multiple of 8 (the TMA stores rows 16-byte aligned), an operand not 16-byte
+/// aligned.
 pub fn try_int8_gemm(
     a: &Tensor,
     b: &Tensor,
@@ -264,7 +300,7 @@ pub fn try_int8_gemm(
         let residual = residual.map(|r| (r.dims().to_vec(), r.dtype()));
         candle_core::bail!("int8 GEMM: residual {residual:?} for [{m}, {n}] on {tile:?}");
     }
-    if !applies(a, b, a_scale, b_scale)? {
+    if !applies(a, b, a_scale, b_scale)? || !n.is_multiple_of(8) {
         return Ok(None);
     }
     let dev = cuda_device(a)?;
@@ -341,12 +377,12 @@ fn gemm(
         shared_mem_bytes: shared as u32,
     };
     let params = GemmParams {
-        a: tensor_map(ptr(&a)?, m, k, ROWS)?,
+        a: tensor_map(ptr(&a)?, m, k, TmaBox::operand(ROWS))?,
         // Each block of a cluster loads its share of the tile's columns, for all.
-        b: tensor_map(ptr(&b)?, n, k, tile.columns / tile.cluster)?,
+        b: tensor_map(ptr(&b)?, n, k, TmaBox::operand(tile.columns / tile.cluster))?,
+        out: cudarc::driver::sys::CUtensorMap { opaque: [0; 16] }, // the heads kernels never read it
         a_scale: a_scale.as_ref().map_or(Ok(0), ptr)?,
         b_scale: b_scale.as_ref().map_or(Ok(0), ptr)?,
-        out: 0,
         residual: 0,
         m: m as i32,
         n: n as i32,
@@ -359,7 +395,9 @@ fn gemm(
         kv_heads: 0,
     };
     let params = match output {
-        Output::Rows { out, residual } => GemmParams { out, residual, ..params },
+        Output::Rows { out, residual } => {
+            GemmParams { out: tensor_map(out, m, n, TmaBox::output())?, residual, ..params }
+        }
         Output::Heads { heads, cos, sin, shape } => GemmParams {
             heads,
             cos,
