@@ -50,14 +50,15 @@ struct alignas(64) TensorMap {
 
 // Mirrors int8_gemm.rs's `GemmParams`: the operands as TMA descriptors (cuTensorMapEncodeTiled), and the rows
 // kernels' output `out` (bf16 [m, n], in boxes of 64 rows x IG_OUT_COLS under the 64-byte swizzle); each row's
-// and each column's scale (f32) or null (1), and what the output adds to (bf16 [m, n], not `out`) or null
-// (ignored by the kernels of 256 columns, whose sums leave no registers for it); for the heads kernels the three
-// outputs instead of `out`, RoPE's angles of each row (cos and sin [m, HD / 2], bf16), the rows' sequence length
-// t (row = batch row t + position) and the q and k/v heads.
+// and each column's scale (f32) or null (1), and what the output adds to (bf16 [m, n], not `out`; its TMA
+// descriptor as `out`'s) or null (ignored by the kernels of 256 columns, which have no room for its slabs); for
+// the heads kernels the three outputs instead of `out`, RoPE's angles of each row (cos and sin [m, HD / 2],
+// bf16), the rows' sequence length t (row = batch row t + position) and the q and k/v heads.
 struct Int8Gemm {
     TensorMap a;
     TensorMap b;
     TensorMap out;
+    TensorMap residual_map;
     const float* a_scale;
     const float* b_scale;
     const bf16* residual;
@@ -129,9 +130,9 @@ __device__ __forceinline__ void barrier_arrive_in(unsigned bar, unsigned rank) {
 __device__ __forceinline__ void barrier_expect(unsigned bar, int bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-// Rows row .. row + box of the operand `map` describes, bytes kb .. kb + 128 of each, into `dst`, the
-// barrier at `bar` told of its bytes: of this block only (`blocks` 0), or of every block of the cluster in
-// `blocks` (a bit each), at the same places.
+// The box at column (or byte of k) kb, row `row` of the matrix `map` describes (an operand's rows and 128 bytes
+// of k; the residual's 64 rows and IG_OUT_COLS columns) into `dst`, the barrier at `bar` told of its bytes: of
+// this block only (`blocks` 0), or of every block of the cluster in `blocks` (a bit each), at the same places.
 __device__ __forceinline__ void tma_load(unsigned dst, const TensorMap* map, int kb, int row, unsigned bar,
                                          unsigned short blocks = 0) {
     auto m = reinterpret_cast<unsigned long long>(map);
@@ -259,16 +260,22 @@ __device__ __forceinline__ void store_heads(const Int8Gemm& p, const int (&d)[BN
 template <int BN, int STAGES, int CLUSTER, int HD>
 __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
     constexpr int A_BYTES = IG_BM * IG_BK, STAGE_BYTES = (IG_BM + BN) * IG_BK, B_PART = BN / CLUSTER * IG_BK;
-    // The rows kernels' output buffers: two for each multiplying warpgroup.
-    constexpr int OUT_BYTES = HD == 0 ? 2 * 2 * IG_OUT_BYTES : 0;
+    // The rows kernels' output buffers: two for each multiplying warpgroup. The 128-column ones add the residual
+    // (ADDS): each multiplying warpgroup's 64 rows of it come into its slab (as IG_OUT_COLS-column boxes laid out
+    // as the buffers are) by the TMA while the products run.
+    constexpr bool ADDS = BN == 128 && HD == 0;
+    constexpr int OUT_BYTES = HD == 0 ? 2 * 2 * IG_OUT_BYTES : 0, SLAB = 64 * BN * 2, SLABS = ADDS ? 2 * SLAB : 0;
     static_assert(BN % (2 * IG_OUT_COLS) == 0, "a tile's buffers alternate alike in every tile");
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
-    // The stages, the output buffers, then the barriers: full[s] at 8 s, empty[s] at 8 (STAGES + s).
+    // The stages, the output buffers, the residual slabs, then the barriers: full[s] at 8 s, empty[s] at 8
+    // (STAGES + s), each multiplying warpgroup's residual barrier at 8 (2 STAGES + c).
     unsigned char* out_buffers = smem + STAGES * STAGE_BYTES;
-    unsigned bars = shared_addr(out_buffers + OUT_BYTES);
+    unsigned char* slabs = out_buffers + OUT_BYTES;
+    unsigned bars = shared_addr(slabs + SLABS);
     auto full = [&](int s) { return bars + 8 * s; };
     auto empty = [&](int s) { return bars + 8 * (STAGES + s); };
+    auto residual_in = [&](int c) { return bars + 8 * (2 * STAGES + c); };
     int t = threadIdx.x, wg = t / 128, rank = CLUSTER > 1 ? cluster_rank() : 0;
     int first = CLUSTER > 1 ? cluster_index() : blockIdx.x, stride = CLUSTER > 1 ? cluster_count() : gridDim.x;
     int n_tiles = (p.n + BN - 1) / BN, steps = p.k / IG_BK;
@@ -279,6 +286,7 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
             // Alone, every multiplying thread; in a cluster, lane 0 of each multiplying warp of every block.
             barrier_init(empty(s), CLUSTER == 1 ? 2 * 128 : CLUSTER * 2 * 4);
         }
+        for (int c = 0; c < 2; c++) barrier_init(residual_in(c), 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     if (CLUSTER > 1)
@@ -325,8 +333,9 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
         if (CLUSTER > 1 && lane < CLUSTER) barrier_arrive_in(empty(s), lane);
     };
     // Each multiplying warpgroup's column scales of its tile, after the barriers.
-    float* col_scales = reinterpret_cast<float*>(out_buffers + OUT_BYTES + 16 * STAGES) + c * BN;
-    for (int group = first; group < groups; group += stride) {
+    float* col_scales = reinterpret_cast<float*>(slabs + SLABS + 16 * STAGES + 16) + c * BN;
+    unsigned char* slab = slabs + c * SLAB;
+    for (int group = first, tile = 0; group < groups; group += stride, tile++) {
         int m0 = (group / n_tiles * CLUSTER + rank) * IG_BM, n0 = group % n_tiles * BN;
         // The scales are read from global memory before the products (whose asm clobbers memory, so the
         // loads stay here) and their latency hides under them: read in the epilogue, between its stores,
@@ -345,21 +354,16 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
         int d[BN / 2];
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) d[i] = 0;
-        // The residuals this thread's outputs add to (its rows and column pairs, as the epilogue stores them),
-        // asked for before the products, as the scales are: loaded in the epilogue, each would wait in turn
-        // between its stores. At 256 columns the 64 registers they take made the products spill.
-        constexpr bool ADDS = BN == 128 && HD == 0;
-        uint32_t res[BN / 8][2];
-        if (ADDS && p.residual)
+        // The residual this warpgroup's outputs add to, asked for before the products, which its loads run
+        // under (each thread loading its column pairs, four bytes a load, cost -large's o_proj at 6,144 rows
+        // 1.44x its time without the add). The slab is free: the tile before ended with the warpgroup's barrier.
+        if (ADDS && p.residual && wt == 0) {
+            barrier_expect(residual_in(c), SLAB);
 #pragma unroll
-            for (int g = 0; g < BN / 8; g++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    int row = r0 + 8 * h, col = n0 + 8 * g + 2 * (lane % 4);
-                    res[g][h] = row < p.m && col < p.n
-                                    ? *reinterpret_cast<const uint32_t*>(p.residual + (size_t)row * p.n + col)
-                                    : 0u;
-                }
+            for (int j = 0; j < BN / IG_OUT_COLS; j++)
+                tma_load(shared_addr(slab + j * IG_OUT_BYTES), &p.residual_map, n0 + j * IG_OUT_COLS, m0 + 64 * c,
+                         residual_in(c));
+        }
         for (int kt = 0; kt < steps; kt++, it++) {
             int s = it % STAGES;
             barrier_wait(full(s), it / STAGES % 2);
@@ -388,6 +392,7 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
         for (int j = 0; j < SB; j++)
             if (wt + 128 * j < BN) col_scales[wt + 128 * j] = sb[j];
         named_sync<128>(1 + c);  // the warpgroup's barrier
+        if (ADDS && p.residual) barrier_wait(residual_in(c), tile % 2);
         if constexpr (HD > 0) {
             store_heads<BN, HD>(p, d, sa, col_scales, angles, n0, r0, lane);
         } else {
@@ -405,12 +410,14 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
                         int r = rl + 8 * h;
                         float y0 = (float)d[4 * g + 2 * h] * sa[h] * sc.x;
                         float y1 = (float)d[4 * g + 2 * h + 1] * sa[h] * sc.y;
+                        // Where this thread's pair lies in a buffer, and in the slab's box of the same columns.
+                        int at = r * 64 + ((q ^ r / 2 % 4) << 4) + 4 * (lane % 4);
                         if (ADDS && p.residual) {
-                            float2 res2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&res[g][h]));
+                            float2 res2 = __bfloat1622float2(
+                                *reinterpret_cast<const __nv_bfloat162*>(slab + j * IG_OUT_BYTES + at));
                             y0 = round_bf16(y0) + res2.x, y1 = round_bf16(y1) + res2.y;
                         }
-                        *reinterpret_cast<__nv_bfloat162*>(buf + r * 64 + ((q ^ r / 2 % 4) << 4) + 4 * (lane % 4)) =
-                            __floats2bfloat162_rn(y0, y1);
+                        *reinterpret_cast<__nv_bfloat162*>(buf + at) = __floats2bfloat162_rn(y0, y1);
                     }
                 }
                 fence_to_tma();
@@ -420,7 +427,9 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
                 if (wt == 0) tma_store(&p.out, n0 + j * IG_OUT_COLS, m0 + 64 * c, shared_addr(buf));
             }
         }
-        named_sync<128>(1 + c);  // every thread has read the scales before the next tile's overwrite them
+        // Every thread has read the scales and the slab before the next tile's overwrite them (the slab by the TMA).
+        fence_to_tma();
+        named_sync<128>(1 + c);
     }
     if (HD == 0 && wt == 0) tma_stores_read<0>();  // the shared memory outlives the stores' reads of it
 }
@@ -430,8 +439,9 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
 #endif
 
 // The kernels of each tile width, with as many stages as fit 227 KB beside the rows kernels' 16 KB of output
-// buffers: 6 of 32 KB for 128 columns, 5 of 40 KB for 192, 4 of 48 KB for 256 (int8_gemm.rs's `Tile`), alone or
-// in clusters of two, writing rows (HD 0) or heads of HD channels. Three warpgroups: the loads' registers go to
+// buffers (and at 128 columns their 32 KB of residual slabs): 6 of 32 KB for 128 columns (5 for rows), 5 of 40 KB
+// for 192, 4 of 48 KB for 256 (int8_gemm.rs's `Tile`), alone or in clusters of two, writing rows (HD 0) or heads
+// of HD channels. Three warpgroups: the loads' registers go to
 // the products (setmaxnreg).
 #define IG_KERNEL(name, BN, STAGES, HD)                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1) name(const __grid_constant__ Int8Gemm p) {        \
@@ -443,7 +453,7 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
         follow_previous();                                                                                 \
         IG_BODY(BN, STAGES, 2, HD)                                                                         \
     }
-IG_KERNEL(int8_gemm_n128, 128, 6, 0)
+IG_KERNEL(int8_gemm_n128, 128, 5, 0)
 IG_KERNEL(int8_gemm_n256, 256, 4, 0)
 IG_KERNEL(int8_gemm_heads64_n128, 128, 6, 64)
 IG_KERNEL(int8_gemm_heads64_n256, 256, 4, 64)

@@ -98,9 +98,10 @@ impl Tile {
         format!("int8_gemm_{heads}n{}{pair}", self.columns)
     }
 
-    /// As many stages as fit 227 KB (int8_gemm.cu's kernels).
+    /// As many stages as fit 227 KB beside the rest (int8_gemm.cu's kernels).
     fn stages(self) -> usize {
         match self.columns {
+            128 if self.adds_residual() => 5,
             128 => 6,
             192 => 5,
             _ => 4,
@@ -108,10 +109,14 @@ impl Tile {
     }
 
     /// The stages' operands, room to align them to 1,024 bytes (the swizzle's period), the rows kernels'
-    /// output buffers, two mbarriers a stage, and each multiplying warpgroup's column scales (f32).
+    /// output buffers, the residual's slabs (64 rows of the tile's columns for each multiplying warpgroup)
+    /// where the tile adds it, two mbarriers a stage and one for each slab, and each multiplying warpgroup's
+    /// column scales (f32).
     fn shared(self) -> usize {
         let out_buffers = if self.head_dim == 0 { 2 * 2 * 64 * OUT_COLS * 2 } else { 0 };
-        self.stages() * (ROWS + self.columns) * STAGE_K + 1024 + out_buffers + 16 * self.stages() + 2 * 4 * self.columns
+        let slabs = if self.adds_residual() { 2 * 64 * self.columns * 2 } else { 0 };
+        let barriers = 16 * self.stages() + 16;
+        self.stages() * (ROWS + self.columns) * STAGE_K + 1024 + out_buffers + slabs + barriers + 2 * 4 * self.columns
     }
 }
 
@@ -123,6 +128,7 @@ struct GemmParams {
     a: cudarc::driver::sys::CUtensorMap,
     b: cudarc::driver::sys::CUtensorMap,
     out: cudarc::driver::sys::CUtensorMap,
+    residual_map: cudarc::driver::sys::CUtensorMap,
     a_scale: u64,
     b_scale: u64,
     residual: u64,
@@ -167,7 +173,8 @@ impl TmaBox {
     }
 
     /// The bf16 rows' output, stored from the kernel's buffers of 64 rows x [`OUT_COLS`] (64 bytes a row)
-    /// under the 64-byte swizzle; what lies past m or n is not written.
+    /// under the 64-byte swizzle, what lies past m or n not written; and the residual, loaded into slabs of
+    /// such boxes, zeros past the ends.
     fn output() -> TmaBox {
         use cudarc::driver::sys::*;
         let dtype = CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
@@ -304,10 +311,10 @@ pub fn try_int8_gemm(
         return Ok(None);
     }
     let dev = cuda_device(a)?;
-    // Read a column pair (4 bytes) at a time.
+    // Loaded by the TMA, from a 16-byte aligned address only.
     let residual = residual.map(|r| r.contiguous()).transpose()?;
     let residual_ptr = residual.as_ref().map_or(Ok(0), ptr)?;
-    if residual_ptr % 4 != 0 {
+    if residual_ptr % 16 != 0 {
         return Ok(None);
     }
     let out = uninit((m, n), DType::BF16, &dev)?;
@@ -381,6 +388,7 @@ fn gemm(
         // Each block of a cluster loads its share of the tile's columns, for all.
         b: tensor_map(ptr(&b)?, n, k, TmaBox::operand(tile.columns / tile.cluster))?,
         out: cudarc::driver::sys::CUtensorMap { opaque: [0; 16] }, // the heads kernels never read it
+        residual_map: cudarc::driver::sys::CUtensorMap { opaque: [0; 16] }, // read where `residual` is given
         a_scale: a_scale.as_ref().map_or(Ok(0), ptr)?,
         b_scale: b_scale.as_ref().map_or(Ok(0), ptr)?,
         residual: 0,
@@ -396,7 +404,12 @@ fn gemm(
     };
     let params = match output {
         Output::Rows { out, residual } => {
-            GemmParams { out: tensor_map(out, m, n, TmaBox::output())?, residual, ..params }
+            let out = tensor_map(out, m, n, TmaBox::output())?;
+            let residual_map = match residual {
+                0 => params.residual_map,
+                at => tensor_map(at, m, n, TmaBox::output())?,
+            };
+            GemmParams { out, residual_map, residual, ..params }
         }
         Output::Heads { heads, cos, sin, shape } => GemmParams {
             heads,
