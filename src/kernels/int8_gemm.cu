@@ -442,8 +442,7 @@ __device__ __forceinline__ void int8_gemm_tiles(const Int8Gemm& p) {
 // The kernels of each tile width, with as many stages as fit 227 KB beside the rows kernels' 16 KB of output
 // buffers (and at 128 columns their 32 KB of residual slabs): 6 of 32 KB for 128 columns (5 for rows), 5 of 40 KB
 // for 192, 4 of 48 KB for 256 (int8_gemm.rs's `Tile`), alone or in clusters of two, writing rows (HD 0) or heads
-// of HD channels. Three warpgroups: the loads' registers go to
-// the products (setmaxnreg).
+// of HD channels. Three warpgroups: the loads' registers go to the products (setmaxnreg).
 #define IG_KERNEL(name, BN, STAGES, HD)                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1) name(const __grid_constant__ Int8Gemm p) {        \
         follow_previous();                                                                                 \
