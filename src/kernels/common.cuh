@@ -7,6 +7,10 @@
 
 typedef __nv_bfloat16 bf16;
 
+template <bool B> struct Flag {  // a compile-time bool as an argument's type
+    static constexpr bool value = B;
+};
+
 __device__ __forceinline__ float f32(bf16 x) { return __bfloat162float(x); }
 // Rounded to nearest even through the packed conversion (cvt.rn.bf16x2.f32: F2FP, an ALU instruction on Hopper)
 // rather than the scalar one (F2F), which issues on the 16-lanes-a-clock unit that also runs the exponentials and
@@ -105,13 +109,14 @@ __device__ __forceinline__ void load8(const bf16* p, float* out) {
         out[2 * e + 1] = f.y;
     }
 }
-__device__ __forceinline__ void store8(bf16* p, const float* in) {
+__device__ __forceinline__ uint4 pack8(const float* in) {
     uint4 u;
     __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
 #pragma unroll
     for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(in[2 * e], in[2 * e + 1]);
-    *reinterpret_cast<uint4*>(p) = u;
+    return u;
 }
+__device__ __forceinline__ void store8(bf16* p, const float* in) { *reinterpret_cast<uint4*>(p) = pack8(in); }
 
 // The norm kernels are as much arithmetic as memory traffic, so the exponentials and divisions are the fast
 // intrinsics (a few ulp of f32, below the bf16 rounding that follows; the tests compare against the exact
