@@ -122,28 +122,23 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
         held[k] = pack8(v);
     }
     float scale = int8_scale(R::reduce(amax, Max()));
-    // lambda = 1 (training's, past any warm-up) taken apart, a uniform branch: the blend's tests leave the loop,
-    // 151 instructions a vector of 8 in the SASS of the w6 variant against 154.
-    auto quantize = [&](auto full) {
 #pragma unroll
-        for (int k = 0; k < K; k++) {
-            int i = R::column(k, c);
-            if (i == c) continue;
-            float v[8];
-            load8(reinterpret_cast<const bf16*>(&held[k]), v);
-            unsigned packed[2] = {0u, 0u};
+    for (int k = 0; k < K; k++) {
+        int i = R::column(k, c);
+        if (i == c) continue;
+        float v[8];
+        load8(reinterpret_cast<const bf16*>(&held[k]), v);
+        unsigned packed[2] = {0u, 0u};
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
-                float q = int8_code(v[e], scale);
-                pack_code(packed, e, q);
-                v[e] = decltype(full)::value ? q * scale : blend(v[e], q * scale, lambda);
-            }
-            store8(y + row + i, v);
-            // c % 8 == 0: the 8 codes lie on the 8-byte grid.
-            if (codes) *reinterpret_cast<uint2*>(codes + row + i) = make_uint2(packed[0], packed[1]);
+        for (int e = 0; e < 8; e++) {
+            float q = int8_code(v[e], scale);
+            pack_code(packed, e, q);
+            v[e] = blend(v[e], q * scale, lambda);
         }
-    };
-    if (lambda >= 1.f) quantize(Flag<true>{}); else quantize(Flag<false>{});
+        store8(y + row + i, v);
+        // c % 8 == 0: the 8 codes lie on the 8-byte grid.
+        if (codes) *reinterpret_cast<uint2*>(codes + row + i) = make_uint2(packed[0], packed[1]);
+    }
     if (R::lane() == 0) {
         rrms[rw] = r;
         if (scales) scales[rw] = scale;
