@@ -7,10 +7,6 @@
 
 typedef __nv_bfloat16 bf16;
 
-template <bool B> struct Flag {  // a compile-time bool as an argument's type
-    static constexpr bool value = B;
-};
-
 __device__ __forceinline__ float f32(bf16 x) { return __bfloat162float(x); }
 // Rounded to nearest even through the packed conversion (cvt.rn.bf16x2.f32: F2FP, an ALU instruction on Hopper)
 // rather than the scalar one (F2F), which issues on the 16-lanes-a-clock unit that also runs the exponentials and

@@ -161,6 +161,9 @@ __device__ __forceinline__ void store_output(const float (&acc)[D / 8][4], const
 // (each example's first token) has dS = 0 exactly, as the plain backward gives. The backward kernels call them
 // for a whole tile with `masked` a compile-time constant: a tile whose queries all see all its keys (so none
 // sees only one) skips the tests per score, which made the integer pipe the busiest of the dK/dV kernel.
+template <bool B> struct Flag {  // a compile-time bool as an argument's type
+    static constexpr bool value = B;
+};
 __device__ __forceinline__ float prob(float s, bool seen, float lse2, float scale2) {
     return seen ? exp2_ftz(s * scale2 - lse2) : 0.f;
 }
