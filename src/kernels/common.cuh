@@ -113,6 +113,8 @@ __device__ __forceinline__ uint4 pack8(const float* in) {
     return u;
 }
 __device__ __forceinline__ void store8(bf16* p, const float* in) { *reinterpret_cast<uint4*>(p) = pack8(in); }
+// Eight bf16 of a 16-byte chunk held in registers (pack8's), widened to f32.
+__device__ __forceinline__ void unpack8(const uint4& u, float* out) { load8(reinterpret_cast<const bf16*>(&u), out); }
 
 // The norm kernels are as much arithmetic as memory traffic, so the exponentials and divisions are the fast
 // intrinsics (a few ulp of f32, below the bf16 rounding that follows; the tests compare against the exact

@@ -7,9 +7,6 @@
 
 #include "common.cuh"
 
-// Eight bf16 of a 16-byte chunk held in registers, widened to f32.
-__device__ __forceinline__ void unpack8(const uint4& u, float* out) { load8(reinterpret_cast<const bf16*>(&u), out); }
-
 // Rows a product takes at a time (bessie-prompt decodes 1; continuous batching's small batches).
 #define GEMV_ROWS 8
 

@@ -99,7 +99,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
             held[k] = pack8(v);
         } else {
             held[k] = *reinterpret_cast<const uint4*>(x + at(rw, i, c, t, hd));
-            load8(reinterpret_cast<const bf16*>(&held[k]), v);
+            unpack8(held[k], v);
         }
 #pragma unroll
         for (int e = 0; e < 8; e++) ss += v[e] * v[e];
@@ -112,7 +112,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
         int i = R::column(k, c);
         if (i == c) continue;
         float v[8], wv[8];
-        load8(reinterpret_cast<const bf16*>(&held[k]), v);
+        unpack8(held[k], v);
         load_weights(w, i, wv);
 #pragma unroll
         for (int e = 0; e < 8; e++) {
@@ -127,7 +127,7 @@ __device__ void rmsnorm_quant_forward(const bf16* x, const bf16* w, bf16* y, flo
         int i = R::column(k, c);
         if (i == c) continue;
         float v[8];
-        load8(reinterpret_cast<const bf16*>(&held[k]), v);
+        unpack8(held[k], v);
         unsigned packed[2] = {0u, 0u};
 #pragma unroll
         for (int e = 0; e < 8; e++) {
