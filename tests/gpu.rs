@@ -1678,7 +1678,7 @@ mod fused {
             let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
             let delta = (f32(&dy) * f32(&o)).unwrap().sum(3).unwrap();
             let given = FlashInputs { delta: Some(&delta), ..x };
-            // On Hopper the backward above took the warpgroup kernels, below head dim 256 the dQ kernel reading the
+            // On Hopper the backward above took the warpgroup kernels, with the dQ kernel reading the
             // dK/dV kernel's score gradients: the one recomputing them, and the portable kernels, which other cards
             // run, against the same reference.
             for (kernels, x, what) in [
@@ -1799,8 +1799,8 @@ mod fused {
                 backward_us / 1e3,
                 2.5 * flops / backward_us / 1e6
             );
-            // The other kernels (on Hopper training takes the warpgroup kernels, below head dim 256 with the score
-            // gradients handed over).
+            // The other kernels (on Hopper training takes the warpgroup kernels, with the score gradients handed
+            // over).
             use bessie::kernels::{flash_attention, shapes::FlashInputs, shapes::FlashKernels};
             let start = Tensor::zeros((b, t), DType::F32, &gpu()).unwrap();
             let forward = || flash_attention::try_forward(&q, &k, &v, &start, FlashKernels::Portable);

@@ -82,11 +82,11 @@ fn hopper_forward_shape(dev: &candle_core::CudaDevice, d: usize) -> Option<(u32,
 }
 
 /// The Hopper dQ kernel that reads the dK/dV kernel's score gradients (`backward_q_from_ds` in
-/// `flash_hopper.cu`): one warpgroup, `DS_STAGES` stages of a K tile and a dS tile (64 x 64 bf16), and 1,024
-/// bytes to align them: 73 KB at d = 96 and 128, three blocks an SM.
+/// `flash_hopper.cu`): one warpgroup, stages of a K tile and a dS tile (64 x 64 bf16; `ds_stages`: three,
+/// two at d = 256), and 1,024 bytes to align them: 73 KB at d = 96 and 128, three blocks an SM; 81 KB at 256, two.
 fn hopper_q_ds_shape(d: usize) -> (u32, u32) {
-    const DS_STAGES: usize = 3;
-    (THREADS, (DS_STAGES * (hopper_tile(d) + TILE * TILE * 2) + 1024) as u32)
+    let stages = if d > 128 { 2 } else { 3 };
+    (THREADS, (stages * (hopper_tile(d) + TILE * TILE * 2) + 1024) as u32)
 }
 
 /// The Hopper dQ kernel's stages (`q_stages` in `flash_hopper.cu`).
@@ -213,7 +213,7 @@ impl Backward {
         let (b, h, t, d, group, dev) = (self.b, self.h, self.t, self.d, self.group, &self.dev);
         let [dy, q, k, v, o, lse, start] = &self.inputs;
         let hopper = kernels != FlashKernels::Portable && super::runs_sm90a(dev);
-        let ds_bytes = super::flash_ds_bytes(b * h, t, d);
+        let ds_bytes = super::flash_ds_bytes(b * h, t);
         let ds = match hopper && kernels == FlashKernels::Fastest && ds_bytes > 0 {
             true => Some(uninit(ds_bytes / 2, DType::BF16, dev)?),
             false => None,

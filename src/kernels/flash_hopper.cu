@@ -23,7 +23,7 @@
 // The dQ kernel comes in two forms. One recomputes S and dP for its dS (three products a tile) and writes each
 // row's delta for the dK/dV kernel, which runs after it. The other (backward_q_from_ds) reads the dS tiles the
 // dK/dV kernel stored (ds_tile) and runs one product a tile; the deltas then come from a kernel of their own,
-// first. flash_attention.rs picks (kernels::flash_ds_bytes): the second below head dim 256 while the tiles fit.
+// first. flash_attention.rs picks (kernels::flash_ds_bytes): the second while the tiles fit.
 //
 // At head dim 256 one warpgroup cannot hold a block's sums (dK and dV: 256 registers a thread), so a block is a
 // pair of warpgroups over the same 64 rows (`PAIR`). For each tile of the other side warpgroup 0 takes the
@@ -358,8 +358,11 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
             // Warpgroup 0 sums its half of dV while the other takes dS.
             pair_scores<D>(sm, wg, s, dp, {shared_addr(ks), shared_addr(vs)}, {qs, dos}, grads,
                            [&] { sums<D, 1, W>({dv_acc}, {s}, {dos}, 0, 2); });
+            // Warpgroup 0 stores dS for the dQ kernel while its dK products run.
             if (wg == 0)
-                sums<D, 1, W>({dk_acc}, {dp}, {qs}, 0, 2);
+                sums<D, 1, W>({dk_acc}, {dp}, {qs}, 0, 2, [&](const uint32_t (&a)[1][4][4]) {
+                    if (ds) store_ds(ds_tile(ds, qh, q0 / BQ, k0 / BK, t), a[0], warp, g, c);
+                });
             else
                 sums<D, 2, W>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 1, 2);
         }
@@ -450,7 +453,7 @@ __device__ void backward_q_hopper(const bf16* q, const bf16* k, const bf16* v, c
                       dst.cos_of(bi, t, D), dst.sin_of(bi, t, D), 64 * wg);
 }
 
-// Below head dim 256, where the dK/dV kernel hands over dS (ds_tile): the deltas first, for the dK/dV kernel,
+// Where the dK/dV kernel hands over dS (ds_tile): the deltas first, for the dK/dV kernel,
 // by a block per 64 rows of each head (grid_head() = batch * heads + query head)...
 template <int D> __device__ void deltas_hopper(const bf16* dout, const bf16* o, float* delta, int t) {
     row_deltas<D, 128>(dout, o, delta, (size_t)grid_head() * t * D, (size_t)grid_head() * t, first_query(64), t,
@@ -458,15 +461,18 @@ template <int D> __device__ void deltas_hopper(const bf16* dout, const bf16* o, 
 }
 
 // ... and after it, dQ for 64 queries from its tiles of dS: dQ += dS K over the key tiles they see, one product a
-// tile with both operands in shared memory and read MN-major (dS's rows are keys, K's rows keys), DS_STAGES tiles
-// of each in flight; its rows are the queries in ds_tile's order. The tiles of the two kernels are the same
-// pairs (the first key tile of the first query's window to the diagonal).
-#define DS_STAGES 3
+// tile with both operands in shared memory and read MN-major (dS's rows are keys, K's rows keys), ds_stages
+// tiles of each in flight; its rows are the queries in ds_tile's order. The tiles of the two kernels are the same
+// pairs (the first key tile of the first query's window to the diagonal). One warpgroup holds all D columns of
+// its sums (128 registers a thread at D = 256: no pair is needed, as there are no dK and dV to hold beside them).
+// Three stages (73 KB, three blocks an SM) to head dim 128; two at 256 (81 KB), so that two blocks share an SM.
+template <int D> __device__ constexpr int ds_stages() { return D > 128 ? 2 : 3; }
 template <int D>
 __device__ void backward_q_from_ds(const bf16* k, const bf16* ds, const float* start, GradRows dst, int t, int heads,
                                    int group, float scale2) {
     using H = HopperTiles<D>;
     constexpr int BQ = H::ROWS, BK = H::ROWS, PANEL = H::ROWS * 128, DS_TILE = H::ROWS * 128;
+    constexpr int DS_STAGES = ds_stages<D>();
     unsigned char* base = H::here().base;  // DS_STAGES K tiles, then as many of dS
     auto k_tile = [&](int i) { return base + i % DS_STAGES * H::TILE; };
     auto ds_at = [&](int i) { return base + DS_STAGES * H::TILE + i % DS_STAGES * DS_TILE; };
@@ -479,7 +485,7 @@ __device__ void backward_q_from_ds(const bf16* k, const bf16* ds, const float* s
     auto load = [&](int i) {
         if (i < tiles) {
             int k0 = w.k_first + i * BK;
-            load_swizzled<D>(k_tile(i), k + kv, k0, t);
+            load_swizzled<D, 128>(k_tile(i), k + kv, k0, t);
             load_swizzled<64, 128, true>(ds_at(i), ds_tile(ds, grid_head(), q0 / BQ, k0 / BK, t), 0, BK);
         }
         commit();  // empty past the last tile, so that every step waits for the same count
@@ -609,7 +615,7 @@ __device__ void forward_hopper(const bf16* q, const bf16* k, const bf16* v, cons
         follow_previous();                                                                                        \
         HOPPER_Q(D)                                                                                               \
     }
-// flash_deltas_hopper_{D} and flash_backward_q_ds_hopper_{D} below head dim 256, a warpgroup a block.
+// flash_deltas_hopper_{D} and flash_backward_q_ds_hopper_{D}, a warpgroup a block.
 #define FLASH_HOPPER_DS(D)                                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                                             \
         flash_deltas_hopper_##D(const bf16* dout, const bf16* o, float* delta, int t) {                           \
@@ -629,3 +635,4 @@ FLASH_HOPPER(256)
 FLASH_HOPPER_DS(64)
 FLASH_HOPPER_DS(96)
 FLASH_HOPPER_DS(128)
+FLASH_HOPPER_DS(256)

@@ -27,12 +27,12 @@ pub const FLASH_DS_LIMIT: usize = 1 << 30;
 /// The bytes of score gradients dS that flash attention's backward on Hopper hands from its dK/dV kernel to its
 /// dQ kernel, which then runs one product a tile instead of three (S and dP again, then dS K): a bf16 tile of 64 x
 /// 64 for each causal pair of 64-row tiles of each of `heads` query heads (batch x heads) of `seq` tokens. 0 where
-/// the dQ kernel recomputes them: at head dim 256 (where a block is a pair of warpgroups) and past
-/// [`FLASH_DS_LIMIT`]. A constant of every build, for the memory estimate, which counts them on every card.
-pub fn flash_ds_bytes(heads: usize, seq: usize, head_dim: usize) -> usize {
+/// the dQ kernel recomputes them: past [`FLASH_DS_LIMIT`]. A constant of every build, for the memory estimate,
+/// which counts them on every card.
+pub fn flash_ds_bytes(heads: usize, seq: usize) -> usize {
     let tiles = seq.div_ceil(64);
     let bytes = heads * tiles * (tiles + 1) / 2 * 64 * 64 * 2;
-    if head_dim <= 128 && bytes <= FLASH_DS_LIMIT {
+    if bytes <= FLASH_DS_LIMIT {
         bytes
     } else {
         0

@@ -164,7 +164,7 @@ pub fn estimate(s: &StepShape) -> Estimate {
     let (q, kv) = attention_widths(cfg);
     let attention = match fused && flash_kernel_takes(cfg.head_dim()) {
         true => {
-            let ds = crate::kernels::flash_ds_bytes(s.micro_batch * cfg.num_attention_heads, s.seq, cfg.head_dim());
+            let ds = crate::kernels::flash_ds_bytes(s.micro_batch * cfg.num_attention_heads, s.seq);
             n * (e * (2.0 * q + 2.0 * kv) + 4.0 * heads) + ds as f64
         }
         false => {
