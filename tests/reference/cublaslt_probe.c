@@ -49,6 +49,14 @@ static void run_lt(void *p) {
                     j->ws, j->ws_size, 0));
 }
 
+typedef struct { const char *name; int m, n, k, a_t, b_t; } Shape;
+
+// `j` with the product of shape `s`: its sizes and which operands are transposed.
+static Job shaped(Job j, const Shape *s) {
+  j.m = s->m; j.n = s->n; j.k = s->k; j.a_t = s->a_t; j.b_t = s->b_t;
+  return j;
+}
+
 int main(void) {
   Job j = {0};
   printf("cublasLt version %zu\n", cublasLtGetVersion());
@@ -58,8 +66,7 @@ int main(void) {
   CK(cudaMalloc(&j.A, most * 2)); CK(cudaMalloc(&j.B, most * 2)); CK(cudaMalloc(&j.C, most * 2));
   CK(cudaMemset(j.A, 0x3c, most * 2)); CK(cudaMemset(j.B, 0x3c, most * 2));
   cudaEvent_t ea, eb; CK(cudaEventCreate(&ea)); CK(cudaEventCreate(&eb));
-  // name, m, n, k, a_t, b_t
-  struct { const char *name; int m, n, k, a_t, b_t; } shapes[] = {
+  Shape shapes[] = {
 #define LAYER(tag, T, h, qkv, inter)                                                                            \
     {tag " dX qkv", T, h, qkv, 0, 0}, {tag " dW qkv", qkv, h, T, 1, 0}, {tag " dX o", T, h, h, 0, 0},            \
     {tag " dW o", h, h, T, 1, 0}, {tag " dX gate/up", T, h, 2 * inter, 0, 0}, {tag " dW gate/up", 2 * inter, h, T, 1, 0}, \
@@ -70,7 +77,7 @@ int main(void) {
   int ns = sizeof(shapes) / sizeof(shapes[0]);
   double tot_def = 0, tot_best = 0, tot_h0 = 0;
   for (int s = 0; s < ns; s++) {
-    j.m = shapes[s].m; j.n = shapes[s].n; j.k = shapes[s].k; j.a_t = shapes[s].a_t; j.b_t = shapes[s].b_t;
+    j = shaped(j, &shapes[s]);
     float def = time_it(run_default, &j, 20, ea, eb);
     CK(cublasLtMatmulDescCreate(&j.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t ta = j.b_t ? CUBLAS_OP_T : CUBLAS_OP_N, tb = j.a_t ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -121,10 +128,7 @@ int main(void) {
       for (int rep = 0; rep < 12; rep++) {
         if (rep == 2) CK(cudaEventRecord(ea, 0));
         for (int p = 0; p < 4; p++) {
-          int sx = layer * 8 + 2 * p, sw = sx + 1;
-          Job x = j, w = j;
-          x.m = shapes[sx].m; x.n = shapes[sx].n; x.k = shapes[sx].k; x.a_t = shapes[sx].a_t; x.b_t = shapes[sx].b_t;
-          w.m = shapes[sw].m; w.n = shapes[sw].n; w.k = shapes[sw].k; w.a_t = shapes[sw].a_t; w.b_t = shapes[sw].b_t;
+          Job x = shaped(j, &shapes[layer * 8 + 2 * p]), w = shaped(j, &shapes[layer * 8 + 2 * p + 1]);
           if (mode == 0) { run_default(&x); run_default(&w); }
           else {
             CK(cudaEventRecord(fork, 0)); CK(cudaStreamWaitEvent(s2, fork, 0));
