@@ -82,11 +82,19 @@ fn hopper_forward_shape(dev: &candle_core::CudaDevice, d: usize) -> Option<(u32,
 }
 
 /// The Hopper dQ kernel that reads the dK/dV kernel's score gradients (`backward_q_from_ds` in
-/// `flash_hopper.cu`): one warpgroup, stages of a K tile and a dS tile (64 x 64 bf16; `ds_stages`: three,
-/// two at d = 256), and 1,024 bytes to align them: 73 KB at d = 96 and 128, three blocks an SM; 81 KB at 256, two.
+/// `flash_hopper.cu`): one warpgroup, [`ds_stages`] stages of a K tile and a dS tile (64 x 64 bf16), and 1,024
+/// bytes to align them: 73 KB at d = 96 and 128, three blocks an SM; 81 KB at 256, two.
 fn hopper_q_ds_shape(d: usize) -> (u32, u32) {
-    let stages = if d > 128 { 2 } else { 3 };
-    (THREADS, (stages * (hopper_tile(d) + TILE * TILE * 2) + 1024) as u32)
+    (THREADS, (ds_stages(d) * (hopper_tile(d) + TILE * TILE * 2) + 1024) as u32)
+}
+
+/// The stages of the dQ kernel that reads dS (`ds_stages` in `flash_hopper.cu`): three, two at d = 256.
+fn ds_stages(d: usize) -> usize {
+    if d > 128 {
+        2
+    } else {
+        3
+    }
 }
 
 /// The Hopper dQ kernel's stages (`q_stages` in `flash_hopper.cu`).

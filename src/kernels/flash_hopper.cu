@@ -466,7 +466,8 @@ template <int D> __device__ void deltas_hopper(const bf16* dout, const bf16* o, 
 // pairs (the first key tile of the first query's window to the diagonal). One warpgroup holds all D columns of
 // its sums (128 registers a thread at D = 256: no pair is needed, as there are no dK and dV to hold beside them).
 // Three stages (73 KB, three blocks an SM) to head dim 128; two at 256 (81 KB), so that two blocks share an SM
-// (three there, one block an SM, trained Falcon3-1B 0.4% slower: BENCHMARKS.md).
+// (three there, one block an SM, trained Falcon3-1B 0.4% slower: BENCHMARKS.md). flash_attention.rs's
+// `ds_stages` sizes the shared memory to match.
 template <int D> __device__ constexpr int ds_stages() { return D > 128 ? 2 : 3; }
 template <int D>
 __device__ void backward_q_from_ds(const bf16* k, const bf16* ds, const float* start, GradRows dst, int t, int heads,
