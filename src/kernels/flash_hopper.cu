@@ -347,22 +347,23 @@ __device__ void backward_kv_hopper(const bf16* q, const bf16* k, const bf16* v, 
             };
             if (all_seen(q0, BQ, (int)lo_of[BQ - 1], k0, BK, t)) masked(Flag<false>{}); else masked(Flag<true>{});
         };
+        // dS for the dQ kernel, where it reads them, from the A fragments of the dK products.
+        auto hand_over = [&](const uint32_t (&ds_frags)[4][4]) {
+            if (ds) store_ds(ds_tile(ds, qh, q0 / BQ, k0 / BK, t), ds_frags, warp, g, c);
+        };
         if constexpr (!H::PAIR) {
             scores<D, 2>({s, dp}, {shared_addr(ks), shared_addr(vs)}, {qs, dos});  // S^T = K Q^T, dP^T = V dO^T
             grads(Flag<true>{}, Flag<true>{});
-            // dV += P^T dO, dK += dS^T Q; meanwhile dS for the dQ kernel, where it reads them.
-            sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 0, 1, [&](const uint32_t (&a)[2][4][4]) {
-                if (ds) store_ds(ds_tile(ds, qh, q0 / BQ, k0 / BK, t), a[1], warp, g, c);
-            });
+            // dV += P^T dO, dK += dS^T Q; meanwhile dS handed over.
+            sums<D, 2>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 0, 1,
+                       [&](const uint32_t (&a)[2][4][4]) { hand_over(a[1]); });
         } else {
             // Warpgroup 0 sums its half of dV while the other takes dS.
             pair_scores<D>(sm, wg, s, dp, {shared_addr(ks), shared_addr(vs)}, {qs, dos}, grads,
                            [&] { sums<D, 1, W>({dv_acc}, {s}, {dos}, 0, 2); });
             // Warpgroup 0 stores dS for the dQ kernel while its dK products run.
             if (wg == 0)
-                sums<D, 1, W>({dk_acc}, {dp}, {qs}, 0, 2, [&](const uint32_t (&a)[1][4][4]) {
-                    if (ds) store_ds(ds_tile(ds, qh, q0 / BQ, k0 / BK, t), a[0], warp, g, c);
-                });
+                sums<D, 1, W>({dk_acc}, {dp}, {qs}, 0, 2, [&](const uint32_t (&a)[1][4][4]) { hand_over(a[0]); });
             else
                 sums<D, 2, W>({dv_acc, dk_acc}, {s, dp}, {dos, qs}, 1, 2);
         }
