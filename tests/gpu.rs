@@ -1971,6 +1971,55 @@ mod fused {
             assert!(e < 1e-2, "gradient kind {k}: rel L2 {e}");
         }
     }
+
+    #[test]
+    fn norm_gradients_together_match_one_by_one() {
+        // Six norms' row sums of different widths (more than one launch takes), overwriting and adding, into
+        // one f32 and one bf16 buffer of NaN, between gradients of the other kinds: each slot as its reference
+        // writes it, nothing outside the slots.
+        let dev = gpu();
+        let widths = [1536, 24, 4096, 40, 8, 1000];
+        let rows = [264, 7, 264, 33, 1, 50];
+        let partials: Vec<Tensor> = widths.iter().zip(rows).map(|(&c, r)| randn(&[r, c], DType::F32)).collect();
+        let sums: Vec<WeightGrad> = partials.iter().map(|p| WeightGrad::RowSums(p.clone())).collect();
+        let other = WeightGrad::Tensor(randn(&[64], DType::F32));
+        let (mut at, mut items) = (3, Vec::new());
+        for (k, (g, &c)) in sums.iter().zip(&widths).enumerate() {
+            let mode = if k % 2 == 0 { Mode::Overwrite } else { Mode::Add };
+            items.push((g, at..at + c, mode));
+            at += c + 5;
+            if k == 2 {
+                items.push((&other, at..at + 64, Mode::Overwrite));
+                at += 64;
+            }
+        }
+        for dtype in [DType::F32, DType::BF16] {
+            // Slots that add start from 1s, as an earlier gradient left them; the rest from NaN.
+            let fresh = || {
+                let f = Tensor::full(f32::NAN, at + 3, &dev).unwrap().to_dtype(dtype).unwrap();
+                for (_, r, mode) in &items {
+                    if *mode == Mode::Add {
+                        f.slice_set(&Tensor::ones(r.len(), dtype, &dev).unwrap(), 0, r.start).unwrap();
+                    }
+                }
+                f
+            };
+            let (got, want) = (fresh(), fresh());
+            WeightGrad::add_all_to(&got, &items).unwrap();
+            for (g, r, mode) in &items {
+                g.add_to_reference(&want, r.clone(), *mode).unwrap();
+            }
+            for (k, (_, r, _)) in items.iter().enumerate() {
+                let (g, w) = (got.narrow(0, r.start, r.len()).unwrap(), want.narrow(0, r.start, r.len()).unwrap());
+                let e = rel_l2(&g, &w);
+                assert!(e < 1e-5 || (dtype == DType::BF16 && e < 1e-2), "{dtype:?} gradient {k}: rel L2 {e}");
+            }
+            let (gv, wv) = (values(&got), values(&want));
+            let inside = |i: usize| items.iter().any(|(_, r, _)| r.contains(&i));
+            assert!((0..gv.len()).all(|i| inside(i) || (gv[i].is_nan() && wv[i].is_nan())), "wrote outside a slot");
+            assert!((0..gv.len()).all(|i| !inside(i) || gv[i].is_finite()), "{dtype:?}: a slot read NaN");
+        }
+    }
 }
 
 /// A whole training step on the GPU (bf16, every fused kernel, the int8 forward GEMM on Hopper) against the

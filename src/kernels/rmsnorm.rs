@@ -6,6 +6,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 use cudarc::driver::LaunchConfig;
 
+pub use super::shapes::ColumnSum;
 use super::shapes::Int8Operand;
 use super::{aligned_ptr, cuda_device, launch, ptr, ptx, uninit, Ptx};
 use crate::model::arch::Activation;
@@ -192,21 +193,58 @@ fn rmsnorm_backward(
     Ok((dx, partial, delta))
 }
 
-/// `dst += sum over rows of partial` (`add`), or `dst = ` it (not reading `dst`), for `partial: [rows, c]` (f32)
-/// and a contiguous f32 or bf16 `dst` of `c` elements (a slot of the flat gradient buffer): rows added in a
-/// fixed order. `Ok(None)` off CUDA.
-pub fn try_column_sums(dst: &Tensor, partial: &Tensor, add: bool) -> Result<Option<()>> {
-    if !super::on_cuda(partial) {
+/// The sums `rmsnorm.cu`'s `column_sums` takes in one launch.
+const COLUMN_JOBS: usize = 4;
+
+/// `rmsnorm.cu`'s `ColumnSums`: each job's partial sums, destination, rows, columns, whether it adds, and its
+/// first block; the number of jobs.
+#[repr(C)]
+#[derive(Default)]
+struct ColumnSumsParams {
+    x: [u64; COLUMN_JOBS],
+    out: [u64; COLUMN_JOBS],
+    rows: [i32; COLUMN_JOBS],
+    cols: [i32; COLUMN_JOBS],
+    add: [i32; COLUMN_JOBS],
+    first: [i32; COLUMN_JOBS],
+    jobs: i32,
+}
+
+// SAFETY: plain data, laid out as the kernel's struct.
+unsafe impl cudarc::driver::DeviceRepr for ColumnSumsParams {}
+
+/// Each of `sums` written, its rows added in a fixed order, up to four in one launch (a block's norms); every
+/// `dst` of one dtype. `Ok(None)` off CUDA.
+pub fn try_column_sums(sums: &[ColumnSum]) -> Result<Option<()>> {
+    let Some(first) = sums.first() else { return Ok(Some(())) };
+    if !super::on_cuda(first.partial) {
         return Ok(None);
     }
-    let partial = partial.contiguous()?;
-    let (rows, c) = partial.dims2()?;
-    let dev = cuda_device(&partial)?;
-    let cfg = LaunchConfig { grid_dim: (c.div_ceil(32) as u32, 1, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
-    let name = match dst.dtype() {
+    let dtype = first.dst.dtype();
+    if sums.iter().any(|s| s.dst.dtype() != dtype) {
+        bail!("column sums into gradient buffers of different dtypes");
+    }
+    let dev = cuda_device(first.partial)?;
+    let name = match dtype {
         DType::BF16 => "column_sums_bf16",
         _ => "column_sums_f32",
     };
-    launch!(dev, PTX, name, cfg; ptr(&partial)?, rows as i32, c as i32, add as i32, ptr(dst)?);
+    for chunk in sums.chunks(COLUMN_JOBS) {
+        let mut p = ColumnSumsParams { jobs: chunk.len() as i32, ..Default::default() };
+        let mut blocks = 0;
+        // The partials made contiguous (they are, as the norms' kernels write them) live until the launch.
+        let partials = chunk.iter().map(|s| s.partial.contiguous()).collect::<Result<Vec<_>>>()?;
+        for (j, (s, partial)) in chunk.iter().zip(&partials).enumerate() {
+            let (rows, c) = partial.dims2()?;
+            if s.dst.elem_count() != c {
+                bail!("column sums of {c} columns into a gradient of {} elements", s.dst.elem_count());
+            }
+            (p.x[j], p.out[j]) = (ptr(partial)?, ptr(&s.dst)?);
+            (p.rows[j], p.cols[j], p.add[j], p.first[j]) = (rows as i32, c as i32, s.add as i32, blocks as i32);
+            blocks += c.div_ceil(32);
+        }
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 };
+        launch!(dev, PTX, name, cfg; p);
+    }
     Ok(Some(()))
 }

@@ -30,6 +30,15 @@ impl Gemm<'_> {
     }
 }
 
+/// One weight gradient of RMSNorm for `rmsnorm::try_column_sums`: `dst += sum over rows of partial` (`add`),
+/// or `dst = ` it (not reading `dst`), for `partial: [rows, c]` (f32) and a contiguous f32 or bf16 `dst` of `c`
+/// elements (a slot of the flat gradient buffer).
+pub struct ColumnSum<'a> {
+    pub dst: Tensor,
+    pub partial: &'a Tensor,
+    pub add: bool,
+}
+
 /// The shape of attention's heads: `[batch, heads, seq, head_dim]`, `q_heads` for queries, `kv_heads` for
 /// keys and values.
 #[derive(Debug, Clone, Copy)]

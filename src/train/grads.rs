@@ -40,17 +40,31 @@ impl Gradients {
     /// `grads[slots] += g` in place: one parameter's gradient, or the stacked gradient of neighbouring matrices
     /// that one GEMM computed (q, k, v; gate, up). The slots' first gradient in the step overwrites them.
     pub fn add(&self, layout: &ParamLayout, slots: RangeInclusive<usize>, g: &WeightGrad) -> Result<()> {
-        let mode = if slots.clone().all(|i| !self.written[i].get()) {
-            Mode::Overwrite
-        } else {
-            // Stacked slots are written together, so all are written here; were some not, they would need
-            // their zeros before the addition.
-            self.settle(layout, layout.span(slots.clone()))?;
-            Mode::Add
-        };
-        g.add_to(&self.flat, layout.span(slots.clone()), mode)?;
-        slots.for_each(|i| self.written[i].set(true));
-        Ok(())
+        self.add_all(layout, &[(slots, g)])
+    }
+
+    /// [`Gradients::add`] for several gradients of distinct slots at once, so that the kernels may take them
+    /// together (a block's norms: [`WeightGrad::add_all_to`]).
+    pub fn add_all(&self, layout: &ParamLayout, grads: &[(RangeInclusive<usize>, &WeightGrad)]) -> Result<()> {
+        let mut batch = Vec::with_capacity(grads.len());
+        let mut seen = Vec::new();
+        for (slots, g) in grads {
+            if slots.clone().any(|i| seen.contains(&i)) {
+                candle_core::bail!("a slot's gradient added twice in one batch: {slots:?}");
+            }
+            seen.extend(slots.clone());
+            let mode = if slots.clone().all(|i| !self.written[i].get()) {
+                Mode::Overwrite
+            } else {
+                // Stacked slots are written together, so all are written here; were some not, they would need
+                // their zeros before the addition.
+                self.settle(layout, layout.span(slots.clone()))?;
+                Mode::Add
+            };
+            slots.clone().for_each(|i| self.written[i].set(true));
+            batch.push((*g, layout.span(slots.clone()), mode));
+        }
+        WeightGrad::add_all_to(&self.flat, &batch)
     }
 
     /// Zero-fills every slot that meets `range` and has no gradient yet (whole slots, neighbours in one

@@ -11,7 +11,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::kernels;
 pub use crate::kernels::flat::TernaryCodes;
-use crate::kernels::shapes::Gemm;
+use crate::kernels::shapes::{ColumnSum, Gemm};
 pub use crate::kernels::shapes::{FlashInputs, FlashKernels, HeadShape, Int8Operand, TokenRows};
 use crate::model::arch::Activation;
 use crate::ops::{activate, quantize_activations, quantize_weight, repeat_kv};
@@ -157,18 +157,37 @@ impl WeightGrad {
     /// `flat[range] = self` or `flat[range] += self` as `mode` says, in place, for the gradient buffer `flat`
     /// (f32 or bf16: the sum is taken in f32 and stored once). Overwriting never reads `flat[range]`.
     pub fn add_to(&self, flat: &Tensor, range: std::ops::Range<usize>, mode: Mode) -> Result<()> {
-        let dst = flat.narrow(0, range.start, range.len())?;
-        let add = mode == Mode::Add;
-        let fused = match self {
-            Self::Tensor(g) => kernels::flat::try_accumulate(&dst, g, add)?,
-            Self::Product { dy, x } => kernels::gemm::try_gemm(&dst, Gemm { a: dy, a_t: true, b: x, b_t: false, add })?,
-            Self::RowSums(p) => kernels::rmsnorm::try_column_sums(&dst, p, add)?,
-            Self::Scatter { dx, rows, .. } => kernels::embedding::try_add_embedding_rows(&dst, dx, rows, add)?,
-        };
-        match fused {
-            Some(()) => Ok(()),
-            None => self.add_to_reference(flat, range, mode),
+        Self::add_all_to(flat, &[(self, range, mode)])
+    }
+
+    /// [`Self::add_to`] for each of `grads`, whose ranges do not overlap: the others in turn, then RMSNorm's row
+    /// sums together (on CUDA a block's norms in one launch).
+    pub fn add_all_to(flat: &Tensor, grads: &[(&WeightGrad, std::ops::Range<usize>, Mode)]) -> Result<()> {
+        let mut sums = Vec::new();
+        for (g, range, mode) in grads {
+            let dst = flat.narrow(0, range.start, range.len())?;
+            let add = *mode == Mode::Add;
+            let fused = match g {
+                Self::Tensor(t) => kernels::flat::try_accumulate(&dst, t, add)?,
+                Self::Product { dy, x } => {
+                    kernels::gemm::try_gemm(&dst, Gemm { a: dy, a_t: true, b: x, b_t: false, add })?
+                }
+                Self::RowSums(partial) => {
+                    sums.push(ColumnSum { dst, partial, add });
+                    continue;
+                }
+                Self::Scatter { dx, rows, .. } => kernels::embedding::try_add_embedding_rows(&dst, dx, rows, add)?,
+            };
+            if fused.is_none() {
+                g.add_to_reference(flat, range.clone(), *mode)?;
+            }
         }
+        if kernels::rmsnorm::try_column_sums(&sums)?.is_none() {
+            for (g, range, mode) in grads.iter().filter(|(g, ..)| matches!(g, Self::RowSums(_))) {
+                g.add_to_reference(flat, range.clone(), *mode)?;
+            }
+        }
+        Ok(())
     }
 
     /// [`Self::add_to`] in candle ops.

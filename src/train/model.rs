@@ -542,13 +542,14 @@ impl<'a> Pass<'a> {
         bw: &WeightPart,
         sv: &BlockSaved,
         dx: Tensor,
-        add: &impl Fn(RangeInclusive<usize>, &WeightGrad) -> candle_core::Result<()>,
+        add: &impl Fn(&[(RangeInclusive<usize>, &WeightGrad)]) -> candle_core::Result<()>,
     ) -> Result<Tensor> {
         let layout = self.layout;
         let s = &layout.blocks[l];
         let p = |i: usize| bw.slot(layout, i);
-        // Each gradient is added as soon as it exists, so that what it holds (a GEMM's inputs) is freed.
-        let norm = |slot: usize, g: WeightGrad| add(slot..=slot, &g);
+        // Each matrix's gradient is added as soon as it exists, so that what it holds (a GEMM's inputs) is freed;
+        // the norms' (a few rows of partial sums each) at the block's end, in one launch.
+        let mut norms = Vec::new();
         let recomputed_ffn;
         let (h, ffn_norm) = match &sv.ffn {
             Some((h, n)) => (h, n),
@@ -558,24 +559,24 @@ impl<'a> Pass<'a> {
             }
         };
         let (dhq, ddown) = linear_backward(&dx, h, &p(s.down)?)?;
-        add(s.down..=s.down, &ddown)?;
+        add(&[(s.down..=s.down, &ddown)])?;
         // Through the MLP's sub-norm and the gate at once: the gate/up gradient.
         let (dgu, dffn) = sub_norm_backward(&dhq, self.sub_norm(bw, s.ffn_sub_norm)?.as_ref(), ffn_norm)?;
         if let (Some(slot), Some(g)) = (s.ffn_sub_norm, dffn) {
-            norm(slot, g)?;
+            norms.push((slot, g));
         }
         let (da2, dgu_w) = linear_backward(&dgu, &sv.a2, &bw.stacked(layout, s.gate..=s.up)?)?;
-        add(s.gate..=s.up, &dgu_w)?;
+        add(&[(s.gate..=s.up, &dgu_w)])?;
         let (dx, dpost) = rmsnorm_backward(&da2, &p(s.post_norm)?, &sv.post_norm, Some(&dx))?;
-        norm(s.post_norm, dpost)?;
+        norms.push((s.post_norm, dpost));
 
         let (do_, do_w) = linear_backward(&dx, &sv.o, &p(s.o)?)?;
-        add(s.o..=s.o, &do_w)?;
+        add(&[(s.o..=s.o, &do_w)])?;
         // The attention output's gradient, in its heads.
         let w = self.sub_norm(bw, s.attn_sub_norm)?;
         let (dy, dsub, delta) = attention_sub_norm_backward(&do_, w.as_ref(), &sv.attn_sub_norm)?;
         if let (Some(slot), Some(g)) = (s.attn_sub_norm, dsub) {
-            norm(slot, g)?;
+            norms.push((slot, g));
         }
         let recomputed;
         let attn = match &sv.attn {
@@ -589,9 +590,10 @@ impl<'a> Pass<'a> {
         let dqkv =
             qkv_attention_backward(&dy, delta.as_ref(), attn, windows, block, shape, (&self.b.cos, &self.b.sin))?;
         let (da1, dqkv_w) = linear_backward(&dqkv, &sv.a1, &bw.stacked(layout, s.q..=s.v)?)?;
-        add(s.q..=s.v, &dqkv_w)?;
+        add(&[(s.q..=s.v, &dqkv_w)])?;
         let (dx, dinput) = rmsnorm_backward(&da1, &p(s.input_norm)?, &sv.input_norm, Some(&dx))?;
-        norm(s.input_norm, dinput)?;
+        norms.push((s.input_norm, dinput));
+        add(&norms.iter().map(|(slot, g)| (*slot..=*slot, g)).collect::<Vec<_>>())?;
         Ok(dx)
     }
 
@@ -699,10 +701,10 @@ pub fn backward(
     done: &mut dyn FnMut(Range<usize>) -> Result<()>,
 ) -> Result<()> {
     let pass = Pass::new(cfg, layout, w, b, saved.lambda, plan)?;
-    let add = |slots: RangeInclusive<usize>, g: &WeightGrad| grads.add(layout, slots, g);
+    let add = |grads_of: &[(RangeInclusive<usize>, &WeightGrad)]| grads.add_all(layout, grads_of);
     let norm = layout.index(arch::FINAL_NORM);
     let (mut dx, dnorm) = rmsnorm_backward(&saved.dhidden, &w.slot(layout, norm)?, &saved.final_norm, None)?;
-    add(norm..=norm, &dnorm)?;
+    add(&[(norm..=norm, &dnorm)])?;
     // What follows the blocks (the final norm, an untied head, whose gradient the forward added) is final
     // already: its sum can run under the whole backward instead of after it.
     let blocks = blocks_span(layout);
@@ -719,7 +721,7 @@ pub fn backward(
     }
     // The embedding gathers rows; its gradient scatters them back (and adds the tied head's).
     let embed = layout.index(arch::EMBEDDING);
-    add(embed..=embed, &embedding_backward(&dx, &b.ids, &b.token_rows))?;
+    add(&[(embed..=embed, &embedding_backward(&dx, &b.ids, &b.token_rows))])?;
     // The embedding, before the blocks (and a tied head with it).
     done(0..blocks.start)
 }
