@@ -172,7 +172,8 @@ ACCUMULATE(accumulate_bf16_bf16, bf16, bf16)
 
 // torch.optim.AdamW (single-tensor path) on p, m, v in place, with the gradient scaled first (the 1 / tokens
 // normalisation and the clip factor): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p = p decay,
-// p -= step_size m / (sqrt(v) inv_sqrt_bc2 + eps).
+// p -= step_size m / (sqrt(v) inv_sqrt_bc2 + eps). The kernels take it as one parameter (flat.rs's AdamWStep, in
+// this order), `decay` being what weight decay multiplies by where it applies.
 struct AdamW {
     float grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, inv_sqrt_bc2, eps, step_size;
     __device__ __forceinline__ void update(float& p, float g, float& m, float& v) const {
@@ -193,15 +194,13 @@ struct AdamW {
 // The gradients G are f32 or bf16 (train.grad_buffer): adamw_f32, adamw_bf16.
 template <typename G>
 __device__ void adamw(float* p, const G* g, float* m, float* v, size_t shard_start, const long long* slots,
-                      int n_slots, float grad_scale, float beta1, float one_minus_beta1, float beta2,
-                      float one_minus_beta2, float decay, float inv_sqrt_bc2, float eps, float step_size,
-                      double* partials) {
+                      int n_slots, const AdamW& step, double* partials) {
     follow_previous();
     SlotPart sp(slots, n_slots, blockIdx.x, gridDim.x);
     const long long* sl = slots + SLOT_COLS * sp.slot;
     size_t first = sl[0], n = sl[1];
-    const AdamW h{grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, sl[4] ? decay : 1.f, inv_sqrt_bc2,
-                  eps, step_size};
+    AdamW h = step;
+    if (!sl[4]) h.decay = 1.f;
     p += first, g += first, m += first - shard_start, v += first - shard_start;
     bool vectors = shard_start % 4 == 0;
     size_t head = vectors ? min(n, (4 - first % 4) % 4) : n, quads = vectors ? (n - head) / 4 : 0;
@@ -232,11 +231,8 @@ __device__ void adamw(float* p, const G* g, float* m, float* v, size_t shard_sta
 }
 #define ADAMW(NAME, G)                                                                                          \
     extern "C" __global__ void NAME(float* p, const G* g, float* m, float* v, size_t shard_start,              \
-                                    const long long* slots, int n_slots, float grad_scale, float beta1,         \
-                                    float one_minus_beta1, float beta2, float one_minus_beta2, float decay,     \
-                                    float inv_sqrt_bc2, float eps, float step_size, double* partials) {         \
-        adamw(p, g, m, v, shard_start, slots, n_slots, grad_scale, beta1, one_minus_beta1, beta2,               \
-              one_minus_beta2, decay, inv_sqrt_bc2, eps, step_size, partials);                                  \
+                                    const long long* slots, int n_slots, AdamW step, double* partials) {        \
+        adamw(p, g, m, v, shard_start, slots, n_slots, step, partials);                                         \
     }
 ADAMW(adamw_f32, float)
 ADAMW(adamw_bf16, bf16)
@@ -259,7 +255,7 @@ __device__ __forceinline__ float root_v(float code, float scale) {
 template <typename G>
 __device__ void adamw_int8(float* p, const G* g, unsigned char* u, float* u_scale, unsigned char* v,
                            float* v_scale, size_t n, size_t shard_start, const long long* runs, int n_runs,
-                           AdamW h, float decay) {
+                           const AdamW& h) {
     follow_previous();
     size_t i = (size_t)blockIdx.x * MOMENT_BLOCK + threadIdx.x;
     bool live = i < n;
@@ -273,7 +269,7 @@ __device__ void adamw_int8(float* p, const G* g, unsigned char* u, float* u_scal
             if ((size_t)runs[2 * mid] <= at) lo = mid; else hi = mid - 1;
         }
         AdamW step = h;
-        step.decay = runs[2 * lo + 1] ? decay : 1.f;
+        if (!runs[2 * lo + 1]) step.decay = 1.f;
         float pp = p[at];
         step.update(pp, load_f32(g + at), mm, vv);
         p[at] = pp;
@@ -294,11 +290,8 @@ __device__ void adamw_int8(float* p, const G* g, unsigned char* u, float* u_scal
 #define ADAMW_INT8(NAME, G)                                                                                     \
     extern "C" __global__ void NAME(float* p, const G* g, unsigned char* u, float* u_scale, unsigned char* v,   \
                                     float* v_scale, size_t n, size_t shard_start, const long long* runs,        \
-                                    int n_runs, float grad_scale, float beta1, float one_minus_beta1,           \
-                                    float beta2, float one_minus_beta2, float decay, float inv_sqrt_bc2,        \
-                                    float eps, float step_size) {                                               \
-        AdamW h{grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, 1.f, inv_sqrt_bc2, eps, step_size}; \
-        adamw_int8(p, g, u, u_scale, v, v_scale, n, shard_start, runs, n_runs, h, decay);                       \
+                                    int n_runs, AdamW step) {                                                   \
+        adamw_int8(p, g, u, u_scale, v, v_scale, n, shard_start, runs, n_runs, step);                           \
     }
 ADAMW_INT8(adamw_int8_f32, float)
 ADAMW_INT8(adamw_int8_bf16, bf16)

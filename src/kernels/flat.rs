@@ -308,12 +308,14 @@ pub fn adamw_int8(
     // them between this launch and the next op on the same stream.
     launch!(dev, PTX, name, cfg;
         ptr(params)?, ptr(grads)?, ptr(mo.u)?, ptr(mo.u_scale)?, ptr(mo.v)?, ptr(mo.v_scale)?, mo.len as u64,
-        shard_start as u64, ptr(runs)?, (runs.elem_count() / 2) as i32, s.grad_scale, s.beta1, s.one_minus_beta1,
-        s.beta2, s.one_minus_beta2, s.decay, s.inv_sqrt_bc2, s.eps, s.step_size);
+        shard_start as u64, ptr(runs)?, (runs.elem_count() / 2) as i32, *s);
     Ok(())
 }
 
-/// AdamW's constants for one step, in the f32 the kernel computes with.
+/// AdamW's constants for one step, in the f32 the kernel computes with: one parameter of the kernels (flat.cu's
+/// `AdamW`, laid out alike).
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct AdamWStep {
     pub grad_scale: f32,
     pub beta1: f32,
@@ -326,6 +328,9 @@ pub struct AdamWStep {
     pub eps: f32,
     pub step_size: f32,
 }
+
+// SAFETY: nine f32, as the kernel's struct.
+unsafe impl cudarc::driver::DeviceRepr for AdamWStep {}
 
 /// AdamW in place over the table's range of `params` and `grads` (the flat f32 buffers; the gradients f32 or
 /// bf16, `train.grad_buffer`) and over `m, v` (that
@@ -354,8 +359,7 @@ pub fn adamw(
     if table.blocks > 0 {
         launch!(dev, PTX, name, table.grid();
             ptr(params)?, ptr(grads)?, ptr(m)?, ptr(v)?, shard_start as u64, ptr(&table.table)?, table.slots as i32,
-            s.grad_scale, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.decay, s.inv_sqrt_bc2, s.eps,
-            s.step_size, ptr(&partials)?);
+            *s, ptr(&partials)?);
     }
     let cfg = LaunchConfig { grid_dim: (table.slots as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     launch!(dev, PTX, "slot_totals", cfg;
