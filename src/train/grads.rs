@@ -175,4 +175,32 @@ mod tests {
         grads.add(&layout, 6..=6, &WeightGrad::Tensor(tensor(vec![1., 1., 1.], &[3]))).unwrap();
         assert_eq!(slot(6), [1., 1., 1.]);
     }
+
+    /// Gradients added together (a block's norms with another kind between them) land as when added one at a
+    /// time, overwriting first and adding after; one slot twice in one batch is refused, since one launch
+    /// would write it twice at once.
+    #[test]
+    fn gradients_added_together_match_one_at_a_time() {
+        let layout = ParamLayout::from_shapes(vec![
+            ("norm".into(), vec![3]),
+            ("w".into(), vec![2, 2]),
+            ("other norm".into(), vec![2]),
+        ]);
+        let sums = WeightGrad::RowSums(tensor(vec![1., 2., 3., 10., 20., 30.], &[2, 3]));
+        let w = WeightGrad::Tensor(tensor(vec![1., 2., 3., 4.], &[2, 2]));
+        let other = WeightGrad::RowSums(tensor(vec![5., 6.], &[1, 2]));
+        let nan = || Gradients::over(&layout, Tensor::full(f32::NAN, layout.total, &Device::Cpu).unwrap());
+        let (together, apart) = (nan(), nan());
+        for _ in 0..2 {
+            together.add_all(&layout, &[(0..=0, &sums), (1..=1, &w), (2..=2, &other)]).unwrap();
+            for (i, g) in [&sums, &w, &other].into_iter().enumerate() {
+                apart.add(&layout, i..=i, g).unwrap();
+            }
+        }
+        let want = [22., 44., 66., 2., 4., 6., 8., 10., 12.];
+        assert_eq!(values(together.tensor()), want);
+        assert_eq!(values(apart.tensor()), want);
+        let twice = nan().add_all(&layout, &[(0..=0, &sums), (0..=0, &sums)]);
+        assert!(twice.is_err_and(|e| e.to_string().contains("twice")), "one slot twice in a batch was taken");
+    }
 }
