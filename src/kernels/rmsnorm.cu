@@ -358,8 +358,9 @@ BACKWARDS(true, glu_rmsnorm_backward_)
 // out[j] += sum over rows of x[:, j] (add = 1; add = 0: out[j] = the sum, out not read) for x [rows, cols] f32,
 // rows in order: the weight's gradient straight into the gradient buffer. Up to COLUMN_JOBS such sums in one
 // launch (a block's norms at once: a launch each took 3.2 us and left the GPU idle 1.6 us before it without
-// early launches, 97 a step at -large, H100), job j on the blocks from first[j] on. Block (32, 32): 32 columns, the 32 thread rows take
-// every 32nd row (many loads in flight: the grid is only cols / 32 blocks a job), then the first adds the 32 sums.
+// early launches, 97 a step at -large, H100), job j on the blocks from first[j] on. Block (32, 32): 32 columns,
+// the 32 thread rows take every 32nd row (many loads in flight: the grid is only cols / 32 blocks a job), then
+// the first adds the 32 sums.
 #define COLUMN_JOBS 4
 struct ColumnSums {
     const float* x[COLUMN_JOBS];
