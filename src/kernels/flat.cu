@@ -182,6 +182,12 @@ struct AdamW {
         v = v * beta2 + g * g * one_minus_beta2;
         p = p * decay - m / (sqrtf(v) * inv_sqrt_bc2 + eps) * step_size;
     }
+    // This step for a parameter that weight decay applies to (`decays`) or skips (decay 1).
+    __device__ __forceinline__ AdamW for_decay(bool decays) const {
+        AdamW step = *this;
+        if (!decays) step.decay = 1.f;
+        return step;
+    }
 };
 
 // AdamW over every slot's part of this rank's shard in one launch, on the table's grid, each slot with its own
@@ -199,8 +205,7 @@ __device__ void adamw(float* p, const G* g, float* m, float* v, size_t shard_sta
     SlotPart sp(slots, n_slots, blockIdx.x, gridDim.x);
     const long long* sl = slots + SLOT_COLS * sp.slot;
     size_t first = sl[0], n = sl[1];
-    AdamW h = step;
-    if (!sl[4]) h.decay = 1.f;
+    AdamW h = step.for_decay(sl[4]);
     p += first, g += first, m += first - shard_start, v += first - shard_start;
     bool vectors = shard_start % 4 == 0;
     size_t head = vectors ? min(n, (4 - first % 4) % 4) : n, quads = vectors ? (n - head) / 4 : 0;
@@ -268,10 +273,8 @@ __device__ void adamw_int8(float* p, const G* g, unsigned char* u, float* u_scal
             int mid = (lo + hi + 1) / 2;
             if ((size_t)runs[2 * mid] <= at) lo = mid; else hi = mid - 1;
         }
-        AdamW step = h;
-        if (!runs[2 * lo + 1]) step.decay = 1.f;
         float pp = p[at];
-        step.update(pp, load_f32(g + at), mm, vv);
+        h.for_decay(runs[2 * lo + 1]).update(pp, load_f32(g + at), mm, vv);
         p[at] = pp;
     } else {
         mm = vv = 0.f;
