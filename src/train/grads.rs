@@ -61,10 +61,12 @@ impl Gradients {
                 self.settle(layout, layout.span(slots.clone()))?;
                 Mode::Add
             };
-            slots.clone().for_each(|i| self.written[i].set(true));
             batch.push((*g, layout.span(slots.clone()), mode));
         }
-        WeightGrad::add_all_to(&self.flat, &batch)
+        WeightGrad::add_all_to(&self.flat, &batch)?;
+        // Marked once written: a failed write leaves its slots as they were counted.
+        seen.into_iter().for_each(|i| self.written[i].set(true));
+        Ok(())
     }
 
     /// Zero-fills every slot that meets `range` and has no gradient yet (whole slots, neighbours in one
